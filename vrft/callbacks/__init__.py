@@ -1,0 +1,7 @@
+"""Lightning callbacks of a vrft run."""
+
+from vrft.callbacks.adapter import AdapterExport
+from vrft.callbacks.samples import CompletionSamples
+from vrft.callbacks.summary import RunSummary
+
+__all__ = ["AdapterExport", "CompletionSamples", "RunSummary"]

@@ -1,0 +1,55 @@
+"""`run_summary.json`: what was trained, how, and where its metrics and checkpoints are."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import lightning as L
+from typing_extensions import override
+
+log = logging.getLogger(__name__)
+
+
+class RunSummary(L.Callback):
+    """Write the run summary at fit start and complete it at fit end.
+
+    Args:
+        dirpath: run folder (the file is `<dirpath>/run_summary.json`).
+        info: fields known before training (config hash, model, precision name, ...).
+    """
+
+    def __init__(self, dirpath: str, info: dict | None = None):
+        self.path = Path(dirpath) / "run_summary.json"
+        self.summary: dict = dict(info or {})
+
+    def write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.summary, indent=2, default=str))
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        params = list(pl_module.policy.parameters())
+        self.summary["trainable_parameters"] = sum(p.numel() for p in params if p.requires_grad)
+        self.summary["total_parameters"] = sum(p.numel() for p in params)
+        plugin = trainer.precision_plugin
+        if hasattr(plugin, "summary"):
+            self.summary["precision_details"] = plugin.summary(pl_module)
+        self.summary["device"] = str(pl_module.device)
+        self.summary["metrics_dir"] = trainer.logger.log_dir if trainer.logger is not None else None
+        for callback in trainer.checkpoint_callbacks:
+            self.summary["checkpoint_dir"] = callback.dirpath
+        datamodule = trainer.datamodule
+        if datamodule is not None and hasattr(datamodule, "skipped_rows"):
+            self.summary["skipped_rows"] = datamodule.skipped_rows
+            if trainer.logger is not None and any(datamodule.skipped_rows.values()):
+                trainer.logger.log_metrics({f"data/skipped_rows_{k}": v for k, v in datamodule.skipped_rows.items()})
+        self.write()
+
+    @override
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.summary["global_step"] = trainer.global_step
+        self.summary["final_metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        self.write()
+        log.info("run summary written to %s", self.path)

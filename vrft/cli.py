@@ -1,0 +1,51 @@
+"""What every vrft command does around its work: readable errors for bad input, and the config hash."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import sys
+from collections.abc import Callable
+
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig, OmegaConf
+
+# Errors that mean "the input is wrong": shown as one line naming the value and the fix, no traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """The innermost cause (Hydra wraps errors raised inside instantiated constructors)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return error
+
+
+def user_errors(main: Callable) -> Callable:
+    """Turn input errors into `vrft: error: ...` and exit code 2; `VRFT_TRACEBACK=1` shows the traceback."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except (InstantiationException, *USER_ERRORS) as error:
+            if os.environ.get("VRFT_TRACEBACK"):
+                raise
+            cause = root_cause(error)
+            if isinstance(error, InstantiationException) and not isinstance(cause, USER_ERRORS):
+                raise
+            message = cause.args[0] if isinstance(cause, KeyError) and cause.args else str(cause)
+            print(f"vrft: error: {message}", file=sys.stderr)
+            print("(set VRFT_TRACEBACK=1 to see the traceback)", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """A short hash of the resolved config, identical for identical runs (run dir excluded)."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("run_dir", "ckpt_path"):
+        resolved.pop(key, None)
+    return hashlib.sha256(OmegaConf.to_yaml(OmegaConf.create(resolved)).encode()).hexdigest()[:12]

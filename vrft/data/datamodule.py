@@ -1,0 +1,174 @@
+"""The Lightning data module: Visual-RFT rows, validated before the first step, batched as lists of dicts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from vrft.data.loading import decode_image, load_visual_rft
+from vrft.modules.presets import cache_root
+
+log = logging.getLogger(__name__)
+
+
+class RowDataset(Dataset):
+    """Rows of one split as dicts with a decoded RGB `image`; `indices` selects the rows kept."""
+
+    def __init__(self, table, indices: list[int]):
+        self.table = table
+        self.indices = indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict:
+        row = dict(self.table[self.indices[index]])
+        row["image"] = decode_image(row["image"])
+        return row
+
+
+def _as_list(batch: list[dict]) -> list[dict]:
+    # Rows stay Python dicts: the policy's processor turns them into tensors (it owns the image budget).
+    return batch
+
+
+class VisualRFTDataModule(L.LightningDataModule):
+    """Visual-RFT data (columns `image`, `problem`, `solution`) for training and validation.
+
+    Args:
+        path: a `save_to_disk` folder, parquet file/folder or JSON/JSONL file (see `load_visual_rft`).
+        synthetic: instead of `path`, settings for `vrft.data.synthetic.write_synthetic_dataset`; the set is
+            generated once into the vrft cache and then read from disk like any other.
+        batch_size: prompts per training batch (the GRPO rollout batch).
+        check_solution: the task's solution checker; raises `ValueError` for a ground truth the reward
+            cannot parse.
+        on_bad_row: `error` stops before training and lists the bad rows; `skip` drops them and logs the count.
+        verify_images: decode every training image once at setup, so a bad file is found before step one.
+        max_train_rows / max_val_rows: use only the first rows of each split (quick runs).
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        synthetic: dict | None = None,
+        train_split: str = "train",
+        val_split: str | None = None,
+        batch_size: int = 2,
+        val_batch_size: int = 8,
+        check_solution: Callable[[str], None] | None = None,
+        on_bad_row: str = "error",
+        verify_images: bool = True,
+        max_train_rows: int | None = None,
+        max_val_rows: int | None = None,
+        num_workers: int = 0,
+        shuffle: bool = True,
+    ):
+        super().__init__()
+        if (path is None) == (synthetic is None):
+            raise ValueError("set exactly one of data.path (a dataset on disk) or data.synthetic (generated data)")
+        if on_bad_row not in ("error", "skip"):
+            raise ValueError(f"data.on_bad_row='{on_bad_row}' is not one of: error, skip")
+        self.path = path
+        self.synthetic = dict(synthetic) if synthetic is not None else None
+        self.train_split = train_split
+        self.val_split = val_split
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size
+        self.check_solution = check_solution
+        self.on_bad_row = on_bad_row
+        self.verify_images = verify_images
+        self.max_rows = {"train": max_train_rows, "val": max_val_rows}
+        self.num_workers = num_workers
+        self.shuffle = shuffle
+        self.skipped_rows: dict[str, int] = {}
+        self.splits: dict[str, RowDataset] = {}
+
+    def dataset_path(self) -> Path:
+        """Where the data is read from (generating the synthetic set on first use)."""
+        if self.synthetic is None:
+            return Path(self.path)
+        from vrft.data.synthetic import write_synthetic_dataset
+
+        key = hashlib.sha256(json.dumps(self.synthetic, sort_keys=True).encode()).hexdigest()[:12]
+        folder = cache_root() / f"synthetic-{self.synthetic.get('task', 'data')}-{key}"
+        if not (folder / "dataset_dict.json").exists():
+            log.info("writing synthetic dataset %s to %s (once)", self.synthetic, folder)
+            write_synthetic_dataset(folder, **self.synthetic)
+        return folder
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        path = self.dataset_path()
+        dataset = load_visual_rft(path)
+        for role, split in (("train", self.train_split), ("val", self.val_split)):
+            if split is None:
+                continue
+            if split not in dataset:
+                raise ValueError(
+                    f"dataset '{path}' has no split '{split}' (splits: {list(dataset)}); set data.{role}_split"
+                )
+            table = dataset[split]
+            limit = self.max_rows[role]
+            count = len(table) if limit is None else min(limit, len(table))
+            if count == 0:
+                raise ValueError(f"split '{split}' of dataset '{path}' is empty; point data.path at a dataset with rows")
+            self.splits[role] = RowDataset(table, self._good_rows(table, count, split, verify=role == "train"))
+
+    def _good_rows(self, table, count: int, split: str, verify: bool) -> list[int]:
+        bad: list[tuple[int, str]] = []
+        solutions = table.select_columns(["solution"])[:count]["solution"]
+        for index in range(count):
+            reason = None
+            if self.check_solution is not None:
+                try:
+                    self.check_solution(solutions[index])
+                except ValueError as error:
+                    reason = str(error)
+            if reason is None and verify and self.verify_images:
+                try:
+                    decode_image(table[index]["image"])
+                except ValueError as error:
+                    reason = str(error)
+            if reason is not None:
+                bad.append((index, reason))
+        if bad and self.on_bad_row == "error":
+            listed = "; ".join(f"row {i}: {reason}" for i, reason in bad[:5])
+            raise ValueError(
+                f"{len(bad)} bad row(s) in split '{split}': {listed}. Fix the data, or set data.on_bad_row=skip "
+                "to drop them (the count is logged)"
+            )
+        if bad:
+            log.warning("skipping %d bad row(s) of split '%s' (data.on_bad_row=skip); first: %s", len(bad), split, bad[0])
+        self.skipped_rows[split] = len(bad)
+        skipped = {i for i, _ in bad}
+        kept = [i for i in range(count) if i not in skipped]
+        if not kept:
+            raise ValueError(f"every row of split '{split}' is bad; first problem: {bad[0][1]}")
+        return kept
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(torch.initial_seed() % 2**63)
+        return DataLoader(
+            self.splits["train"],
+            batch_size=self.batch_size,
+            shuffle=self.shuffle,
+            drop_last=True,
+            collate_fn=_as_list,
+            num_workers=self.num_workers,
+            generator=generator,
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        if "val" not in self.splits:
+            return []
+        return DataLoader(
+            self.splits["val"], batch_size=self.val_batch_size, collate_fn=_as_list, num_workers=self.num_workers
+        )

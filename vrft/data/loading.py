@@ -1,0 +1,95 @@
+"""Reading Visual-RFT datasets as users have them: `save_to_disk` folders, parquet files, JSON/JSONL."""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+
+import datasets
+from PIL import Image
+
+REQUIRED_COLUMNS = ("image", "problem", "solution")
+_SPLIT_FROM_FILE = re.compile(r"^(?P<split>[A-Za-z0-9_]+?)(-\d+-of-\d+)?$")
+
+
+def load_visual_rft(path: str | Path) -> datasets.DatasetDict:
+    """Load a dataset with columns `image`, `problem`, `solution` from any of the published layouts.
+
+    - a `DatasetDict.save_to_disk` folder (as the reference loads) or a single saved `Dataset` (split `train`);
+    - a parquet file, or a folder of them as downloaded from the Hub (`data/train-00000-of-00001.parquet`),
+      the split taken from each file name;
+    - a JSON or JSONL file whose `image` column holds paths relative to the file (split `train`).
+    Images are kept undecoded (`{"bytes", "path"}`) so that a bad file is reported per row, not by pyarrow.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"data.path='{path}' does not exist; point it at a save_to_disk folder, a parquet file or folder, "
+            "or a JSON/JSONL file with image, problem and solution"
+        )
+    if (path / "dataset_dict.json").exists():
+        dataset = datasets.load_from_disk(str(path))
+    elif (path / "state.json").exists():
+        dataset = datasets.DatasetDict({"train": datasets.load_from_disk(str(path))})
+    elif path.suffix == ".parquet" or (path.is_dir() and any(path.rglob("*.parquet"))):
+        dataset = _load_parquet(path)
+    elif path.suffix in (".json", ".jsonl"):
+        dataset = _load_json(path)
+    else:
+        raise ValueError(
+            f"data.path='{path}' is neither a save_to_disk folder, parquet, nor JSON/JSONL; "
+            "convert it to one of those (see README, 'Data')"
+        )
+    for split, table in dataset.items():
+        missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+        if missing:
+            raise ValueError(
+                f"dataset '{path}' split '{split}' lacks column(s) {missing} (has {table.column_names}); vrft reads "
+                "the Visual-RFT schema image/problem/solution: rename your columns with "
+                "Dataset.rename_column or build the rows with vrft.data.builders"
+            )
+        if isinstance(table.features["image"], datasets.Image):
+            dataset[split] = table.cast_column("image", datasets.Image(decode=False))
+    return dataset
+
+
+def _load_parquet(path: Path) -> datasets.DatasetDict:
+    files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
+    by_split: dict[str, list[str]] = {}
+    for file in files:
+        match = _SPLIT_FROM_FILE.match(file.stem)
+        split = match.group("split") if match and path.is_dir() else "train"
+        by_split.setdefault(split, []).append(str(file))
+    return datasets.load_dataset("parquet", data_files=by_split)
+
+
+def _load_json(path: Path) -> datasets.DatasetDict:
+    dataset = datasets.load_dataset("json", data_files={"train": str(path)})
+    base = path.parent
+
+    def absolute(row):
+        image = Path(row["image"]).expanduser()
+        return {"image": str(image if image.is_absolute() else base / image)}
+
+    dataset = dataset.map(absolute)
+    return dataset.cast_column("image", datasets.Image(decode=False))
+
+
+def decode_image(image) -> Image.Image:
+    """An RGB PIL image from a PIL image, an undecoded `{"bytes", "path"}` dict, or a path.
+
+    Raises `ValueError` naming the file and the cause when it cannot be decoded.
+    """
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    source = image.get("path") if isinstance(image, dict) else str(image)
+    try:
+        if isinstance(image, dict) and image.get("bytes"):
+            opened = Image.open(io.BytesIO(image["bytes"]))
+        else:
+            opened = Image.open(source)
+        opened.load()
+        return opened.convert("RGB")
+    except (OSError, ValueError, TypeError, AttributeError) as error:
+        raise ValueError(f"image '{source}' could not be decoded ({error})") from None

@@ -1,0 +1,350 @@
+"""GRPO as Visual-RFT runs it, as a Lightning module: rollout, scoring, policy update.
+
+One `training_step` takes a batch of prompts through rollout and scoring and stores the result; once the
+optimizer step's worth of prompts is in (`prompts_per_step`), the policy update runs `num_iterations`
+optimizer steps over the stored rollouts in micro-batches. The reference policy is the same model with the
+LoRA adapter disabled, so there is no second copy of the weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+from typing_extensions import override
+
+from vrft.modules.logprobs import selective_logprobs
+from vrft.modules.losses import PolicyLoss, StepTotals
+from vrft.modules.policy import LoraSpec, ModelSpec, attach_lora, load_base_model, load_processor_for
+from vrft.modules.rollout import Rollout, generate_rollout
+from vrft.modules.scoring import RewardSet, group_advantages
+from vrft.modules.telemetry import peak_memory_gb, reset_peak_memory
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GRPOSettings:
+    """Knobs of the GRPO loop (the `algorithm` config group).
+
+    Memory: `group_size x rollout_batch_size` sequences share one generation (KV cache grows with it);
+    `update_micro_batch_size` completions share one forward/backward (activations grow with it);
+    `logprob_chunk_size` positions share one fp32 logits buffer (chunk x vocab x 4 bytes).
+    """
+
+    group_size: int = 8  # G completions per prompt; Visual-RFT: 8 for 2B, 4 for 7B
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    min_new_tokens: int = 0  # >0 forces long completions (worst-case memory benchmarks)
+    num_iterations: int = 1  # optimizer steps per rollout batch; >1 makes the ratio clipping bite
+    prompts_per_step: int = 16  # prompts per optimizer step, by accumulation (Visual-RFT: 16)
+    rollout_batch_size: int = 2  # prompts generated together (times G sequences)
+    update_micro_batch_size: int = 4  # completions per forward/backward in the update
+    logprob_chunk_size: int = 1024  # positions per lm_head chunk
+    scale_rewards: bool = True  # divide advantages by the group std (False: Dr. GRPO)
+    advantage_eps: float = 1e-4
+    max_grad_norm: float | None = 1.0
+    prompt_template: str = "{problem}"  # formatted with the dataset row's columns
+    num_logged_samples: int = 4  # completions kept per step for the sample table
+
+    def __post_init__(self):
+        if self.group_size < 2:
+            raise ValueError(
+                f"algorithm.group_size={self.group_size}: group-normalised advantages need at least 2 "
+                "completions per prompt; set algorithm.group_size>=2 (Visual-RFT uses 8)"
+            )
+        if self.prompts_per_step % self.rollout_batch_size:
+            raise ValueError(
+                f"algorithm.prompts_per_step={self.prompts_per_step} is not a multiple of "
+                f"algorithm.rollout_batch_size={self.rollout_batch_size}; make it one (e.g. "
+                f"{max(1, self.prompts_per_step // self.rollout_batch_size) * self.rollout_batch_size})"
+            )
+        sequences = self.rollout_batch_size * self.group_size
+        if sequences % self.update_micro_batch_size:
+            raise ValueError(
+                f"algorithm.update_micro_batch_size={self.update_micro_batch_size} does not divide the "
+                f"{sequences} sequences of a rollout (rollout_batch_size x group_size); pick a divisor of {sequences}"
+            )
+        if self.num_iterations < 1:
+            raise ValueError(f"algorithm.num_iterations={self.num_iterations} must be >= 1")
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(
+                f"algorithm.min_new_tokens={self.min_new_tokens} exceeds max_new_tokens={self.max_new_tokens}"
+            )
+
+    @property
+    def rollouts_per_step(self) -> int:
+        """Training batches (each a rollout) accumulated into one optimizer step."""
+        return self.prompts_per_step // self.rollout_batch_size
+
+
+class GRPOModule(L.LightningModule):
+    """GRPO fine-tuning of a Qwen2-VL policy with LoRA and verifiable rewards.
+
+    Args:
+        model: which checkpoint and image budget.
+        lora: adapter settings.
+        loss: a `PolicyLoss` (its class picks the aggregation).
+        rewards: reward name -> `{fn, weight}`; the weighted sum is the reward.
+        optimizer: partial optimizer taking the trainable parameters.
+        scheduler: optional partial LR scheduler taking the optimizer (stepped per optimizer step).
+        **settings: `GRPOSettings` fields.
+    """
+
+    def __init__(
+        self,
+        model: ModelSpec,
+        lora: LoraSpec,
+        loss: PolicyLoss,
+        rewards: RewardSet | Mapping,
+        optimizer: Callable,
+        scheduler: Callable | None = None,
+        **settings,
+    ):
+        super().__init__()
+        self.model_spec = model
+        self.lora_spec = lora
+        self.loss = loss
+        self.rewards = rewards if isinstance(rewards, RewardSet) else RewardSet(rewards)
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.settings = GRPOSettings(**settings)
+        self.automatic_optimization = False  # micro-batched updates and rollout reuse need manual steps
+        self.strict_loading = False  # checkpoints hold the adapter only; checked in on_load_checkpoint
+        self.policy = None
+        self.processor = None
+        self._pending: list[Rollout] = []
+        self._last_grad_norm = float("nan")
+        self.samples: list[dict] = []  # latest completions, read by the sample-logging callback
+
+    # ----------------------------------------------------------------------------------------------- setup
+    def build_policy(self, dtype: torch.dtype = torch.float32) -> None:
+        """Load the base model in `dtype` and attach a fresh adapter (idempotent)."""
+        if self.policy is not None:
+            return
+        base = load_base_model(self.model_spec, dtype)
+        self.policy = attach_lora(base, self.lora_spec, self.model_spec.gradient_checkpointing)
+        self.policy.train()  # from_pretrained returns eval mode; training mode turns gradient checkpointing on
+        self.processor = load_processor_for(self.model_spec)
+
+    @override
+    def configure_model(self) -> None:
+        # The precision plugin decides the dtype weights load in; quantisation follows in its convert_module.
+        self.build_policy(getattr(self.trainer.precision_plugin, "load_dtype", torch.float32))
+
+    @override
+    def configure_optimizers(self):
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer)}}
+
+    # ------------------------------------------------------------------------------------------ the loop
+    @override
+    def training_step(self, batch: list[dict], batch_idx: int) -> None:
+        rollout = self.rollout(batch)
+        self.score(rollout)
+        self._pending.append(rollout)
+        if len(self._pending) == self.settings.rollouts_per_step:
+            self.policy_update(self._pending)
+            self._pending = []
+
+    def rollout(self, rows: list[dict]) -> Rollout:
+        """Stage 1: sample G completions per prompt with the current adapter."""
+        s = self.settings
+        reset_peak_memory(self.device)
+        start = time.perf_counter()
+        # Eval mode for generation: gradient checkpointing would otherwise switch the KV cache off.
+        self.policy.eval()
+        generation = dict(
+            max_new_tokens=s.max_new_tokens, min_new_tokens=s.min_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=0
+        )
+        rollout = generate_rollout(
+            self.policy, self.processor, rows, s.prompt_template, s.group_size, generation, self.device
+        )
+        self.policy.train()
+        seconds = time.perf_counter() - start
+        lengths = rollout.completion_mask.sum(1).float()
+        rollout.stats.update(
+            rollout_seconds=seconds,
+            generated_tokens=float(lengths.sum()),
+            completion_length_sum=float(lengths.sum()),
+            completion_length_max=float(lengths.max()),
+            truncated_count=float((lengths >= s.max_new_tokens).sum()),
+            rollout_peak_gb=peak_memory_gb(self.device),
+        )
+        return rollout
+
+    def score(self, rollout: Rollout) -> None:
+        """Stage 2: rewards, group advantages, and the fixed log-probs the loss compares against."""
+        s = self.settings
+        rows = [row for row in rollout.rows for _ in range(s.group_size)]
+        solutions = [row["solution"] for row in rows]
+        columns = {key: [row[key] for row in rows] for key in rows[0] if key not in ("image", "solution")}
+        total, per_reward = self.rewards(rollout.completions, solutions, columns)
+        rollout.advantages = group_advantages(total, s.group_size, s.advantage_eps, s.scale_rewards).to(self.device)
+        rollout.stats.update({f"reward_sum/{name}": float(v.sum()) for name, v in per_reward.items()})
+        rollout.stats["reward_sum/total"] = float(total.sum())
+        rollout.stats["reward_sq_sum/total"] = float((total**2).sum())
+        rollout.stats["advantage_sq_sum"] = float((rollout.advantages**2).sum())
+        rollout.stats["group_zero_std_count"] = float((total.view(-1, s.group_size).std(1) == 0).sum())
+        self.samples = [
+            {"problem": rows[i].get("problem", ""), "completion": rollout.completions[i], "solution": solutions[i],
+             "reward": float(total[i])}
+            for i in range(min(s.num_logged_samples, len(rows)))
+        ]
+        start = time.perf_counter()
+        with torch.no_grad():
+            if self.loss.beta > 0:
+                with self.policy.disable_adapter():
+                    rollout.ref_logprobs = self.rollout_logprobs(rollout)
+            if s.num_iterations > 1:
+                rollout.old_logprobs = self.rollout_logprobs(rollout)
+        rollout.stats["reference_seconds"] = time.perf_counter() - start
+
+    def policy_update(self, rollouts: list[Rollout]) -> None:
+        """Stage 3: `num_iterations` optimizer steps over the stored rollouts, micro-batched."""
+        s = self.settings
+        optimizer = self.optimizers()
+        scheduler = self.lr_schedulers()
+        totals = StepTotals(
+            num_sequences=sum(r.num_sequences for r in rollouts),
+            num_tokens=int(sum(r.completion_mask.sum() for r in rollouts)),
+            max_completion_length=s.max_new_tokens,
+        )
+        reset_peak_memory(self.device)
+        start = time.perf_counter()
+        for _ in range(s.num_iterations):
+            loss_total, stat_sums = 0.0, {}
+            for rollout in rollouts:
+                for first in range(0, rollout.num_sequences, s.update_micro_batch_size):
+                    last = first + s.update_micro_batch_size
+                    logprobs = self.sequence_logprobs(rollout, first, last)
+                    old = logprobs.detach() if rollout.old_logprobs is None else rollout.old_logprobs[first:last]
+                    ref = None if rollout.ref_logprobs is None else rollout.ref_logprobs[first:last]
+                    loss, stats = self.loss(
+                        logprobs, old, ref, rollout.advantages[first:last], rollout.completion_mask[first:last], totals
+                    )
+                    self.manual_backward(loss)
+                    loss_total += float(loss.detach())
+                    for key, value in stats.items():
+                        stat_sums[key] = stat_sums.get(key, 0.0) + float(value)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if scheduler is not None:
+                scheduler.step()
+        update_seconds = time.perf_counter() - start
+        self.log_step(rollouts, totals, loss_total, stat_sums, update_seconds)
+
+    # --------------------------------------------------------------------------------------- log-probs
+    def sequence_logprobs(self, rollout: Rollout, first: int, last: int) -> Tensor:
+        """`[last - first, C]` fp32 log-probs of completions `[first, last)` under the current model state."""
+        inputs = rollout.sequence_inputs(first, last)
+        model = self.policy.get_base_model()
+        hidden = model.model(**inputs, use_cache=False).last_hidden_state
+        length = rollout.completion_ids.shape[1]
+        # Position t predicts token t + 1, so the completion is predicted from the C positions before it.
+        hidden = hidden[:, -length - 1 : -1]
+        return selective_logprobs(
+            hidden, rollout.completion_ids[first:last], model.lm_head, self.settings.temperature,
+            self.settings.logprob_chunk_size,
+        )
+
+    def rollout_logprobs(self, rollout: Rollout) -> Tensor:
+        """`[N, C]` log-probs of a whole rollout, micro-batched like the update (call under no_grad)."""
+        step = self.settings.update_micro_batch_size
+        return torch.cat(
+            [self.sequence_logprobs(rollout, i, i + step) for i in range(0, rollout.num_sequences, step)]
+        )
+
+    @override
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Lightning calls this after the precision plugin unscaled fp16 gradients, so the norm is real.
+        params = [p for p in self.policy.parameters() if p.grad is not None]
+        max_norm = self.settings.max_grad_norm or float("inf")
+        self._last_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
+
+    # ----------------------------------------------------------------------------------------- logging
+    def log_step(self, rollouts, totals: StepTotals, loss_total: float, stat_sums: dict, update_seconds: float):
+        """Per optimizer step: rewards, KL, lengths, timing, throughput, memory."""
+        s = self.settings
+
+        def total(key: str) -> float:
+            return sum(r.stats.get(key, 0.0) for r in rollouts)
+
+        n = totals.num_sequences
+        mean_reward = total("reward_sum/total") / n
+        metrics = {
+            "train/loss": loss_total,
+            "train/reward": mean_reward,
+            "train/reward_std": max(total("reward_sq_sum/total") / n - mean_reward**2, 0.0) ** 0.5,
+            "train/advantage_std": (total("advantage_sq_sum") / n) ** 0.5,
+            "train/zero_std_groups": total("group_zero_std_count") / (n / s.group_size),
+            "train/kl": stat_sums.get("kl_sum", 0.0) / max(stat_sums.get("token_count", 1.0), 1.0),
+            "train/clip_fraction": stat_sums.get("clipped_sum", 0.0) / max(stat_sums.get("token_count", 1.0), 1.0),
+            "train/grad_norm": self._last_grad_norm,
+            "train/completion_length": total("completion_length_sum") / n,
+            "train/completion_length_max": max(r.stats["completion_length_max"] for r in rollouts),
+            "train/truncated_fraction": total("truncated_count") / n,
+            "train/lr": self.optimizers().param_groups[0]["lr"],
+            "time/rollout_s": total("rollout_seconds"),
+            "time/reference_s": total("reference_seconds"),
+            "time/update_s": update_seconds,
+            "throughput/generated_tokens_per_s": total("generated_tokens") / max(total("rollout_seconds"), 1e-9),
+            "memory/rollout_peak_gb": max(r.stats["rollout_peak_gb"] for r in rollouts),
+            "memory/update_peak_gb": peak_memory_gb(self.device),
+        }
+        for name in self.rewards.names:
+            metrics[f"reward/{name}"] = total(f"reward_sum/{name}") / n
+        skipped = getattr(self.trainer.precision_plugin, "skipped_steps", None)
+        if skipped is not None:
+            metrics["train/skipped_steps"] = float(skipped)
+        # Loggers get one row per optimizer step (Lightning's own step counter counts batches under manual
+        # optimization); `self.log` only feeds the progress bar and `trainer.callback_metrics`.
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=self.global_step)
+        progress = {"train/reward", "train/kl", "train/completion_length", "memory/update_peak_gb"}
+        for key, value in metrics.items():
+            self.log(key, value, prog_bar=key in progress, logger=False, on_step=True, batch_size=n)
+
+    # -------------------------------------------------------------------------------------- checkpoints
+    def trainable_state_keys(self) -> set[str]:
+        return {f"policy.{name}" for name, p in self.policy.named_parameters() if p.requires_grad}
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Frozen base weights are the checkpoint folder's business: keep only the adapter (MBs, not GBs).
+        keep = self.trainable_state_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["rng_states"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+        }
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved, expected = set(checkpoint["state_dict"]), self.trainable_state_keys()
+        if saved != expected:
+            missing, unexpected = sorted(expected - saved)[:3], sorted(saved - expected)[:3]
+            raise ValueError(
+                f"checkpoint adapter does not match this run's LoRA (missing {missing}, unexpected {unexpected}); "
+                "resume with the same model and lora settings the checkpoint was trained with"
+            )
+        rng = checkpoint.get("rng_states")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+            np.random.set_state(rng["numpy"])
+            random.setstate(rng["python"])

@@ -1,0 +1,73 @@
+"""`python -m vrft.train`: compose the config, build module, data, precision and trainer, and fit."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from vrft.callbacks import RunSummary
+from vrft.cli import config_hash, user_errors
+
+log = logging.getLogger(__name__)
+
+
+def build_trainer(cfg: DictConfig, precision, extra_callbacks: list | None = None) -> L.Trainer:
+    """The Lightning trainer of a run: precision plugin, callbacks and logger from the config."""
+    callbacks = [instantiate(node) for node in (cfg.get("callbacks") or {}).values()]
+    callbacks += extra_callbacks or []
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    return instantiate(cfg.trainer, plugins=[precision], callbacks=callbacks, logger=logger)
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Run one training job described by `cfg`; returns the final logged metrics."""
+    L.seed_everything(cfg.seed, workers=True)
+    run_dir = Path(cfg.run_dir)
+    if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
+        raise FileNotFoundError(
+            f"ckpt_path='{cfg.ckpt_path}' is not a file; pass a Lightning checkpoint such as "
+            "<run_dir>/checkpoints/last.ckpt"
+        )
+    precision = instantiate(cfg.precision)
+    datamodule = instantiate(cfg.data)
+    module = instantiate(cfg.algorithm, _convert_="object")
+    summary = RunSummary(
+        run_dir,
+        info={
+            "config_hash": config_hash(cfg),
+            "model": cfg.model.name_or_path,
+            "precision": getattr(precision, "name", type(precision).__name__),
+            "task": cfg.task.name,
+            "algorithm": cfg.algorithm._target_,
+            "seed": cfg.seed,
+            "run_dir": str(run_dir),
+            "resumed_from": cfg.ckpt_path,
+        },
+    )
+    trainer = build_trainer(cfg, precision, [summary])
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=False) if run_dir.exists() else None
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    log.info("metrics: %s", summary.summary.get("metrics_dir"))
+    log.info("checkpoints: %s", summary.summary.get("checkpoint_dir"))
+    print(f"\nrun folder: {run_dir}\n  metrics: {summary.summary.get('metrics_dir')}\n"
+          f"  checkpoints: {summary.summary.get('checkpoint_dir')}\n  adapter: {run_dir / 'adapter' / 'final'}\n"
+          f"  summary: {summary.path}")
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@user_errors
+def main(cfg: DictConfig) -> float | None:
+    """Hydra entry point; returns the metric a sweep optimises (`optimized_metric`)."""
+    metrics = train(cfg)
+    return metrics.get(cfg.get("optimized_metric"))
+
+
+if __name__ == "__main__":
+    main()
