@@ -1,0 +1,91 @@
+"""The GRPO module's stages on the tiny model: rollout shapes, reference KL, settings validation."""
+
+import pytest
+import torch
+from PIL import Image
+
+from vrft.modules.grpo import GRPOModule, GRPOSettings
+from vrft.modules.losses import SequenceMeanLoss, k3_kl
+from vrft.modules.policy import LoraSpec, ModelSpec
+from vrft.modules.scoring import WeightedReward
+from vrft.rewards import AccuracyReward, format_reward
+
+
+@pytest.fixture(scope="module")
+def module():
+    torch.manual_seed(0)
+    grpo = GRPOModule(
+        model=ModelSpec(name_or_path="tiny", max_pixels=12544),
+        lora=LoraSpec(r=4, alpha=8),
+        loss=SequenceMeanLoss(beta=0.04),
+        rewards={"format": WeightedReward(format_reward), "accuracy": WeightedReward(AccuracyReward())},
+        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3),
+        group_size=3,
+        max_new_tokens=6,
+        rollout_batch_size=2,
+        prompts_per_step=2,
+        update_micro_batch_size=2,
+    )
+    grpo.build_policy(torch.float32)
+    return grpo
+
+
+def rows():
+    return [
+        {"image": Image.new("RGB", (56, 84), (255, 0, 0)), "problem": "What colour?", "solution": "<answer>red</answer>"},
+        {"image": Image.new("RGB", (112, 112), (0, 0, 255)), "problem": "Colour?", "solution": "<answer>blue</answer>"},
+    ]
+
+
+def test_rollout_has_group_size_completions_per_prompt(module):
+    rollout = module.rollout(rows())
+    assert rollout.completion_ids.shape[0] == 6
+    assert rollout.completion_ids.shape[1] <= 6
+    assert len(rollout.completions) == 6
+    assert rollout.completion_mask[:, 0].eq(1).all()
+    inputs = rollout.sequence_inputs(2, 4)
+    # completions 2 and 3 belong to prompts 0 and 1: both images, each patch grid once.
+    assert inputs["image_grid_thw"].shape == (2, 3)
+    assert inputs["pixel_values"].shape[0] == int(inputs["image_grid_thw"].prod(-1).sum())
+
+
+def test_reference_kl_is_exactly_zero_with_fresh_adapter(module):
+    # peft initialises lora_B to zero: the adapter-disabled reference equals the policy exactly.
+    rollout = module.rollout(rows())
+    module.score(rollout)
+    with torch.no_grad():
+        logprobs = module.rollout_logprobs(rollout)
+    assert torch.equal(rollout.ref_logprobs, logprobs)
+    assert torch.count_nonzero(k3_kl(logprobs, rollout.ref_logprobs)) == 0
+    assert rollout.advantages.shape == (6,)
+
+
+def test_disabled_adapter_gives_base_model_logprobs(module):
+    rollout = module.rollout(rows())
+    with torch.no_grad():
+        before = module.rollout_logprobs(rollout)
+        for name, param in module.policy.named_parameters():
+            if "lora_B" in name:
+                param.add_(0.05)
+        changed = module.rollout_logprobs(rollout)
+        with module.policy.disable_adapter():
+            reference = module.rollout_logprobs(rollout)
+        for name, param in module.policy.named_parameters():
+            if "lora_B" in name:
+                param.sub_(0.05)
+    assert not torch.allclose(changed, before)
+    torch.testing.assert_close(reference, before)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"group_size": 1}, "group_size=1"),
+        ({"prompts_per_step": 3, "rollout_batch_size": 2}, "prompts_per_step=3"),
+        ({"group_size": 3, "rollout_batch_size": 1, "update_micro_batch_size": 2}, "update_micro_batch_size=2"),
+        ({"num_iterations": 0}, "num_iterations=0"),
+    ],
+)
+def test_bad_settings_are_named(settings, message):
+    with pytest.raises(ValueError, match=message):
+        GRPOSettings(**settings)

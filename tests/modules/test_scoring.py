@@ -1,0 +1,49 @@
+"""Rewards summed per completion and group-normalised advantages, against hand-computed values."""
+
+import math
+
+import pytest
+import torch
+
+from vrft.modules.scoring import RewardSet, WeightedReward, group_advantages
+
+
+def test_group_advantages_hand_computed():
+    rewards = torch.tensor([1.0, 0.0, 2.0, 1.0, 3.0, 3.0, 3.0, 3.0])
+    adv = group_advantages(rewards, group_size=4, eps=1e-4)
+    # group 1: mean 1, sample std sqrt((0 + 1 + 1 + 0) / 3) = 0.8165
+    std = math.sqrt(2 / 3)
+    expected_first = torch.tensor([0.0, -1.0, 1.0, 0.0]) / (std + 1e-4)
+    torch.testing.assert_close(adv[:4], expected_first)
+    # group 2: all equal -> zero advantage, not NaN
+    assert torch.equal(adv[4:], torch.zeros(4))
+
+
+def test_group_advantages_without_scaling_is_centred_reward():
+    adv = group_advantages(torch.tensor([1.0, 3.0]), group_size=2, scale=False)
+    assert adv.tolist() == [-1.0, 1.0]
+
+
+def test_group_advantages_rejects_partial_groups():
+    with pytest.raises(ValueError, match="group_size=3"):
+        group_advantages(torch.zeros(4), group_size=3)
+
+
+def test_reward_set_weighted_sum_and_none():
+    def length_reward(completions, solutions, **columns):
+        return [float(len(c)) for c in completions]
+
+    def no_opinion(completions, solutions, **columns):
+        return [None, 1.0]
+
+    rewards = RewardSet({"length": WeightedReward(length_reward, 0.5), "maybe": {"fn": no_opinion, "weight": 2.0}})
+    total, per = rewards(["ab", "abcd"], ["x", "y"], {"problem": ["p", "q"]})
+    assert per["length"].tolist() == [2.0, 4.0]
+    assert per["maybe"].tolist() == [0.0, 1.0]
+    assert total.tolist() == [1.0, 4.0]
+
+
+def test_reward_set_rejects_nan_naming_the_reward():
+    rewards = RewardSet({"broken": WeightedReward(lambda c, s, **k: [float("nan")] * len(c))})
+    with pytest.raises(ValueError, match="reward 'broken' returned nan"):
+        rewards(["a"], ["b"], {})
