@@ -9,20 +9,18 @@ LoRA adapter disabled, so there is no second copy of the weights.
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-import lightning as L
-import numpy as np
 import torch
 from torch import Tensor
 from typing_extensions import override
 
 from vrft.modules.logprobs import selective_logprobs
 from vrft.modules.losses import PolicyLoss, StepTotals
-from vrft.modules.policy import LoraSpec, ModelSpec, attach_lora, load_base_model, load_processor_for
+from vrft.modules.policy import LoraSpec, ModelSpec
+from vrft.modules.policy_module import PolicyModule
 from vrft.modules.rollout import Rollout, generate_rollout
 from vrft.modules.scoring import RewardSet, group_advantages
 from vrft.modules.telemetry import peak_memory_gb, reset_peak_memory
@@ -86,7 +84,7 @@ class GRPOSettings:
         return self.prompts_per_step // self.rollout_batch_size
 
 
-class GRPOModule(L.LightningModule):
+class GRPOModule(PolicyModule):
     """GRPO fine-tuning of a Qwen2-VL policy with LoRA and verifiable rewards.
 
     Args:
@@ -109,44 +107,14 @@ class GRPOModule(L.LightningModule):
         scheduler: Callable | None = None,
         **settings,
     ):
-        super().__init__()
-        self.model_spec = model
-        self.lora_spec = lora
+        super().__init__(model, lora, optimizer, scheduler)
         self.loss = loss
         self.rewards = rewards if isinstance(rewards, RewardSet) else RewardSet(rewards)
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = scheduler
         self.settings = GRPOSettings(**settings)
         self.automatic_optimization = False  # micro-batched updates and rollout reuse need manual steps
-        self.strict_loading = False  # checkpoints hold the adapter only; checked in on_load_checkpoint
-        self.policy = None
-        self.processor = None
         self._pending: list[Rollout] = []
         self._last_grad_norm = float("nan")
         self.samples: list[dict] = []  # latest completions, read by the sample-logging callback
-
-    # ----------------------------------------------------------------------------------------------- setup
-    def build_policy(self, dtype: torch.dtype = torch.float32) -> None:
-        """Load the base model in `dtype` and attach a fresh adapter (idempotent)."""
-        if self.policy is not None:
-            return
-        base = load_base_model(self.model_spec, dtype)
-        self.policy = attach_lora(base, self.lora_spec, self.model_spec.gradient_checkpointing)
-        self.policy.train()  # from_pretrained returns eval mode; training mode turns gradient checkpointing on
-        self.processor = load_processor_for(self.model_spec)
-
-    @override
-    def configure_model(self) -> None:
-        # The precision plugin decides the dtype weights load in; quantisation follows in its convert_module.
-        self.build_policy(getattr(self.trainer.precision_plugin, "load_dtype", torch.float32))
-
-    @override
-    def configure_optimizers(self):
-        params = [p for p in self.policy.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params)
-        if self.scheduler_factory is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer)}}
 
     # ------------------------------------------------------------------------------------------ the loop
     @override
@@ -315,36 +283,3 @@ class GRPOModule(L.LightningModule):
         progress = {"train/reward", "train/kl", "train/completion_length", "memory/update_peak_gb"}
         for key, value in metrics.items():
             self.log(key, value, prog_bar=key in progress, logger=False, on_step=True, batch_size=n)
-
-    # -------------------------------------------------------------------------------------- checkpoints
-    def trainable_state_keys(self) -> set[str]:
-        return {f"policy.{name}" for name, p in self.policy.named_parameters() if p.requires_grad}
-
-    @override
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # Frozen base weights are the checkpoint folder's business: keep only the adapter (MBs, not GBs).
-        keep = self.trainable_state_keys()
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        checkpoint["rng_states"] = {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": np.random.get_state(),
-            "python": random.getstate(),
-        }
-
-    @override
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        saved, expected = set(checkpoint["state_dict"]), self.trainable_state_keys()
-        if saved != expected:
-            missing, unexpected = sorted(expected - saved)[:3], sorted(saved - expected)[:3]
-            raise ValueError(
-                f"checkpoint adapter does not match this run's LoRA (missing {missing}, unexpected {unexpected}); "
-                "resume with the same model and lora settings the checkpoint was trained with"
-            )
-        rng = checkpoint.get("rng_states")
-        if rng:
-            torch.set_rng_state(rng["torch"])
-            if rng["cuda"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
-            np.random.set_state(rng["numpy"])
-            random.setstate(rng["python"])

@@ -74,6 +74,8 @@ class LoraSpec:
             policy and the policy being updated identical, so the on-policy ratio is exactly 1.
         target_modules: regex (full match) over module names; default every language-model projection.
         train_vision: also adapt the vision tower and merger.
+        init_adapter: a peft adapter folder to start from (e.g. an SFT warm start) instead of a fresh
+            adapter; its own r/alpha/targets then apply.
     """
 
     r: int = 64
@@ -81,6 +83,7 @@ class LoraSpec:
     dropout: float = 0.0
     target_modules: str = LANGUAGE_MODEL_TARGETS
     train_vision: bool = False
+    init_adapter: str | None = None
 
     def peft_config(self) -> LoraConfig:
         target = self.target_modules
@@ -114,10 +117,18 @@ def load_processor_for(spec: ModelSpec):
 
 
 def attach_lora(model: torch.nn.Module, lora: LoraSpec, gradient_checkpointing: bool) -> PeftModel:
-    """Wrap `model` with a fresh LoRA adapter; only adapter weights require grad."""
+    """Wrap `model` with a LoRA adapter (fresh, or `lora.init_adapter`); only adapter weights require grad."""
     if gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen inputs, so no input-embedding grad hook is needed.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora.init_adapter is not None:
+        folder = Path(lora.init_adapter).expanduser()
+        if not (folder / "adapter_config.json").exists():
+            raise FileNotFoundError(
+                f"lora.init_adapter='{lora.init_adapter}' has no adapter_config.json; point it at a peft adapter "
+                "folder such as <run_dir>/adapter/final"
+            )
+        return PeftModel.from_pretrained(model, folder, is_trainable=True)
     peft_model = get_peft_model(model, lora.peft_config())
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     if not trainable:

@@ -1,0 +1,92 @@
+"""What every vrft training algorithm shares: the LoRA policy, its optimizer, adapter-only checkpoints."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+import lightning as L
+import numpy as np
+import torch
+from typing_extensions import override
+
+from vrft.modules.policy import LoraSpec, ModelSpec, attach_lora, load_base_model, load_processor_for
+
+
+class PolicyModule(L.LightningModule):
+    """Base Lightning module owning a Qwen2-VL policy with a LoRA adapter.
+
+    The model is built in `configure_model`, in the dtype the precision plugin asks for; the plugin then
+    quantises the base weights in its `convert_module`. Checkpoints keep only the trainable (adapter) weights
+    plus RNG state; the frozen base comes from the model folder again on resume.
+
+    Args:
+        model: which checkpoint and image budget.
+        lora: adapter settings.
+        optimizer: partial optimizer taking the trainable parameters.
+        scheduler: optional partial LR scheduler taking the optimizer (stepped per optimizer step).
+    """
+
+    def __init__(self, model: ModelSpec, lora: LoraSpec, optimizer: Callable, scheduler: Callable | None = None):
+        super().__init__()
+        self.model_spec = model
+        self.lora_spec = lora
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.strict_loading = False  # checkpoints hold the adapter only; checked in on_load_checkpoint
+        self.policy = None
+        self.processor = None
+
+    def build_policy(self, dtype: torch.dtype = torch.float32) -> None:
+        """Load the base model in `dtype` and attach the adapter (idempotent)."""
+        if self.policy is not None:
+            return
+        base = load_base_model(self.model_spec, dtype)
+        self.policy = attach_lora(base, self.lora_spec, self.model_spec.gradient_checkpointing)
+        self.policy.train()  # from_pretrained returns eval mode; training mode turns gradient checkpointing on
+        self.processor = load_processor_for(self.model_spec)
+
+    @override
+    def configure_model(self) -> None:
+        # The precision plugin decides the dtype weights load in; quantisation follows in its convert_module.
+        self.build_policy(getattr(self.trainer.precision_plugin, "load_dtype", torch.float32))
+
+    @override
+    def configure_optimizers(self):
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer)}}
+
+    def trainable_state_keys(self) -> set[str]:
+        return {f"policy.{name}" for name, p in self.policy.named_parameters() if p.requires_grad}
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Frozen base weights are the model folder's business: keep only the adapter (MBs, not GBs).
+        keep = self.trainable_state_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["rng_states"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+        }
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved, expected = set(checkpoint["state_dict"]), self.trainable_state_keys()
+        if saved != expected:
+            missing, unexpected = sorted(expected - saved)[:3], sorted(saved - expected)[:3]
+            raise ValueError(
+                f"checkpoint adapter does not match this run's LoRA (missing {missing}, unexpected {unexpected}); "
+                "resume with the same model and lora settings the checkpoint was trained with"
+            )
+        rng = checkpoint.get("rng_states")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+            np.random.set_state(rng["numpy"])
+            random.setstate(rng["python"])
