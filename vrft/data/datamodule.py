@@ -121,6 +121,12 @@ class VisualRFTDataModule(L.LightningDataModule):
             if count == 0:
                 raise ValueError(f"split '{split}' of dataset '{path}' is empty; point data.path at a dataset with rows")
             self.splits[role] = RowDataset(table, self._good_rows(table, count, split, verify=role == "train"))
+        train = self.splits.get("train")
+        if train is not None and len(train) < self.batch_size:
+            raise ValueError(
+                f"split '{self.train_split}' has {len(train)} usable row(s), fewer than one batch of "
+                f"{self.batch_size} prompts; lower algorithm.rollout_batch_size or add data"
+            )
 
     def _good_rows(self, table, count: int, split: str, verify: bool) -> list[int]:
         bad: list[tuple[int, str]] = []

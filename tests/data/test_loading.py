@@ -1,0 +1,106 @@
+"""Visual-RFT data as users have it: save_to_disk folders, Hub parquet layouts, JSON with image paths."""
+
+import json
+
+import datasets
+import pytest
+from PIL import Image
+
+from vrft.data.datamodule import VisualRFTDataModule
+from vrft.data.loading import decode_image, load_visual_rft
+from vrft.rewards import check_classification_solution
+
+FEATURES = datasets.Features(
+    {"image": datasets.Image(), "problem": datasets.Value("string"), "solution": datasets.Value("string")}
+)
+
+
+def make_rows(count=4):
+    colours = [(255, 0, 0), (0, 0, 255)]
+    return {
+        "image": [Image.new("RGB", (32, 24), colours[i % 2]) for i in range(count)],
+        "problem": [f"question {i}" for i in range(count)],
+        "solution": [f"<answer>{'red' if i % 2 == 0 else 'blue'}</answer>" for i in range(count)],
+    }
+
+
+@pytest.fixture
+def saved(tmp_path):
+    dataset = datasets.DatasetDict({"train": datasets.Dataset.from_dict(make_rows(), features=FEATURES)})
+    dataset.save_to_disk(tmp_path / "saved")
+    return tmp_path / "saved", dataset
+
+
+def test_save_to_disk_folder(saved):
+    path, _ = saved
+    loaded = load_visual_rft(path)
+    assert list(loaded) == ["train"] and len(loaded["train"]) == 4
+    assert decode_image(loaded["train"][0]["image"]).size == (32, 24)
+
+
+def test_hub_parquet_layout_loads_like_save_to_disk(saved, tmp_path):
+    _, dataset = saved
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    dataset["train"].to_parquet(tmp_path / "hub" / "data" / "train-00000-of-00001.parquet")
+    dataset["train"].select(range(2)).to_parquet(tmp_path / "hub" / "data" / "test-00000-of-00001.parquet")
+    loaded = load_visual_rft(tmp_path / "hub")
+    assert sorted(loaded) == ["test", "train"]
+    assert len(loaded["train"]) == 4 and len(loaded["test"]) == 2
+    assert decode_image(loaded["train"][1]["image"]).getpixel((0, 0)) == (0, 0, 255)
+    assert loaded["train"][1]["solution"] == "<answer>blue</answer>"
+
+
+def test_jsonl_with_relative_image_paths(tmp_path):
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (10, 10), (0, 255, 0)).save(tmp_path / "images" / "a.png")
+    rows = [{"image": "images/a.png", "problem": "what?", "solution": "<answer>green</answer>"}]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    loaded = load_visual_rft(tmp_path / "data.jsonl")
+    assert decode_image(loaded["train"][0]["image"]).getpixel((5, 5)) == (0, 255, 0)
+
+
+def test_missing_columns_are_named(tmp_path):
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"image": ["x"], "question": ["q"]})}).save_to_disk(
+        tmp_path / "bad"
+    )
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['problem', 'solution'\]"):
+        load_visual_rft(tmp_path / "bad")
+
+
+def test_missing_path_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data.path='.*nowhere' does not exist"):
+        load_visual_rft(tmp_path / "nowhere")
+
+
+def write_with_bad_rows(tmp_path):
+    rows = make_rows(4)
+    dataset = datasets.Dataset.from_dict(rows, features=FEATURES).cast_column("image", datasets.Image(decode=False))
+    table = dataset.to_dict()
+    table["image"][1] = {"bytes": b"not an image", "path": "broken.jpg"}
+    table["solution"][2] = "red"  # no <answer> tags
+    bad = datasets.Dataset.from_dict(table, features=dataset.features)
+    datasets.DatasetDict({"train": bad}).save_to_disk(tmp_path / "bad_rows")
+    return tmp_path / "bad_rows"
+
+
+def test_bad_rows_stop_before_training_with_the_fix(tmp_path):
+    module = VisualRFTDataModule(path=str(write_with_bad_rows(tmp_path)), check_solution=check_classification_solution)
+    with pytest.raises(ValueError) as error:
+        module.setup("fit")
+    message = str(error.value)
+    assert "2 bad row(s)" in message and "row 1: image 'broken.jpg' could not be decoded" in message
+    assert "row 2:" in message and "data.on_bad_row=skip" in message
+
+
+def test_bad_rows_skipped_and_counted(tmp_path):
+    module = VisualRFTDataModule(
+        path=str(write_with_bad_rows(tmp_path)),
+        check_solution=check_classification_solution,
+        on_bad_row="skip",
+        batch_size=1,
+    )
+    module.setup("fit")
+    assert module.skipped_rows == {"train": 2}
+    batch = next(iter(module.train_dataloader()))
+    assert isinstance(batch, list) and isinstance(batch[0]["image"], Image.Image)
+    assert len(module.splits["train"]) == 2
