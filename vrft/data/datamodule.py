@@ -29,8 +29,12 @@ class RowDataset(Dataset):
         return len(self.indices)
 
     def __getitem__(self, index: int) -> dict:
-        row = dict(self.table[self.indices[index]])
+        row_index = self.indices[index]
+        row = dict(self.table[row_index])
         row["image"] = decode_image(row["image"])
+        # Evaluation needs to know which row and what image size a completion answers.
+        row["row_index"] = row_index
+        row["image_size"] = row["image"].size
         return row
 
 

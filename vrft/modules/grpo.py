@@ -50,7 +50,6 @@ class GRPOSettings:
     scale_rewards: bool = True  # divide advantages by the group std (False: Dr. GRPO)
     advantage_eps: float = 1e-4
     max_grad_norm: float | None = 1.0
-    prompt_template: str = "{problem}"  # formatted with the dataset row's columns
     num_logged_samples: int = 4  # completions kept per step for the sample table
 
     def __post_init__(self):
@@ -94,6 +93,7 @@ class GRPOModule(PolicyModule):
         rewards: reward name -> `{fn, weight}`; the weighted sum is the reward.
         optimizer: partial optimizer taking the trainable parameters.
         scheduler: optional partial LR scheduler taking the optimizer (stepped per optimizer step).
+        prompt_template / evaluator / eval_max_new_tokens: see `PolicyModule`.
         **settings: `GRPOSettings` fields.
     """
 
@@ -105,9 +105,12 @@ class GRPOModule(PolicyModule):
         rewards: RewardSet | Mapping,
         optimizer: Callable,
         scheduler: Callable | None = None,
+        prompt_template: str = "{problem}",
+        evaluator: Callable | None = None,
+        eval_max_new_tokens: int = 256,
         **settings,
     ):
-        super().__init__(model, lora, optimizer, scheduler)
+        super().__init__(model, lora, optimizer, scheduler, prompt_template, evaluator, eval_max_new_tokens)
         self.loss = loss
         self.rewards = rewards if isinstance(rewards, RewardSet) else RewardSet(rewards)
         self.settings = GRPOSettings(**settings)
@@ -134,10 +137,15 @@ class GRPOModule(PolicyModule):
         # Eval mode for generation: gradient checkpointing would otherwise switch the KV cache off.
         self.policy.eval()
         generation = dict(
-            max_new_tokens=s.max_new_tokens, min_new_tokens=s.min_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=0
+            do_sample=True,
+            max_new_tokens=s.max_new_tokens,
+            min_new_tokens=s.min_new_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=0,
         )
         rollout = generate_rollout(
-            self.policy, self.processor, rows, s.prompt_template, s.group_size, generation, self.device
+            self.policy, self.processor, rows, self.prompt_template, s.group_size, generation, self.device
         )
         self.policy.train()
         seconds = time.perf_counter() - start

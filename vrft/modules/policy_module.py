@@ -11,6 +11,7 @@ import torch
 from typing_extensions import override
 
 from vrft.modules.policy import LoraSpec, ModelSpec, attach_lora, load_base_model, load_processor_for
+from vrft.modules.rollout import generate_rollout
 
 
 class PolicyModule(L.LightningModule):
@@ -25,10 +26,26 @@ class PolicyModule(L.LightningModule):
         lora: adapter settings.
         optimizer: partial optimizer taking the trainable parameters.
         scheduler: optional partial LR scheduler taking the optimizer (stepped per optimizer step).
+        prompt_template: the question shown with the image, formatted with the row's columns.
+        evaluator: the task's metric `(completions, rows) -> dict`, run on greedy completions in validation.
+        eval_max_new_tokens: completion budget of validation / evaluation decoding.
     """
 
-    def __init__(self, model: ModelSpec, lora: LoraSpec, optimizer: Callable, scheduler: Callable | None = None):
+    def __init__(
+        self,
+        model: ModelSpec,
+        lora: LoraSpec,
+        optimizer: Callable,
+        scheduler: Callable | None = None,
+        prompt_template: str = "{problem}",
+        evaluator: Callable | None = None,
+        eval_max_new_tokens: int = 256,
+    ):
         super().__init__()
+        self.prompt_template = prompt_template
+        self.evaluator = evaluator
+        self.eval_max_new_tokens = eval_max_new_tokens
+        self.predictions: list[dict] = []  # greedy completions of the last validation pass, with their rows
         self.model_spec = model
         self.lora_spec = lora
         self.optimizer_factory = optimizer
@@ -59,6 +76,30 @@ class PolicyModule(L.LightningModule):
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer)}}
 
+    # ------------------------------------------------------------------------------------- validation
+    @override
+    def on_validation_epoch_start(self) -> None:
+        self.predictions = []
+
+    @override
+    def validation_step(self, batch: list[dict], batch_idx: int) -> None:
+        was_training = self.policy.training
+        self.policy.eval()
+        generation = dict(max_new_tokens=self.eval_max_new_tokens, do_sample=False)
+        rollout = generate_rollout(self.policy, self.processor, batch, self.prompt_template, 1, generation, self.device)
+        self.policy.train(was_training)
+        for completion, row in zip(rollout.completions, batch, strict=True):
+            self.predictions.append({"completion": completion, **{k: v for k, v in row.items() if k != "image"}})
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        if self.evaluator is None or not self.predictions:
+            return
+        metrics = self.evaluator([p["completion"] for p in self.predictions], self.predictions)
+        for key, value in metrics.items():
+            self.log(f"val/{key}", float(value), prog_bar=key in ("accuracy", "map", "miou"), batch_size=len(self.predictions))
+
+    # ------------------------------------------------------------------------------------ checkpoints
     def trainable_state_keys(self) -> set[str]:
         return {f"policy.{name}" for name, p in self.policy.named_parameters() if p.requires_grad}
 

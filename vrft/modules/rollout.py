@@ -100,9 +100,10 @@ def generate_rollout(
     generation_kwargs: dict,
     device: torch.device,
 ) -> Rollout:
-    """Sample `group_size` completions for each row with the current policy (adapter active).
+    """Generate `group_size` completions for each row with the current policy (adapter active).
 
-    All `len(rows) * group_size` sequences are generated together with a KV cache.
+    All `len(rows) * group_size` sequences are generated together with a KV cache. `generation_kwargs`
+    go to `generate` (sampling settings, `max_new_tokens`, ...).
     """
     prompts = build_prompts(processor, rows, prompt_template, device)
     tokenizer = processor.tokenizer
@@ -114,7 +115,6 @@ def generate_rollout(
         pixel_values=prompts.pixel_values,
         image_grid_thw=prompts.image_grid_thw,
         num_return_sequences=group_size,
-        do_sample=True,
         eos_token_id=eos_ids,
         pad_token_id=tokenizer.pad_token_id,
         **generation_kwargs,
