@@ -1,0 +1,303 @@
+"""Visual-RFT rows from real data: the prompts, COCO/LVIS detection, LISA grounding, k-shot subsets.
+
+Builders return a ``datasets.DatasetDict`` in the Visual-RFT schema (``image`` as a lazily decoded
+path, ``problem``, ``solution``) plus what evaluation needs (``category``, ``width``, ...). Boxes are
+written as integers in the model's convention: "qwen2vl" (0..1000 grid) or "absolute" (pixels).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import datasets
+from PIL import Image
+
+from vrft.rewards.boxes import check_coord_convention, pixels_to_convention
+from vrft.rewards.parsing import extract_answer, format_detection_answer, format_grounding_answer
+
+# The reference prompts, verbatim (including "tags.The" and, for grounding, "grouding" and the stray
+# ")"): the published checkpoints were trained on exactly this text.
+_DETECTION_PROMPT = (
+    "Detect all objects belonging to the category '{category}' in the image, and provide the bounding boxes "
+    "({range}) and confidence (between 0 and 1, with two decimal places). If no object belonging to the "
+    "category '{category}' in the image, return 'No Objects'. Output the thinking process in <think> </think> "
+    "and final answer in <answer> </answer> tags.The output answer format should be as follows: <think> ... "
+    "</think> <answer>[{{'Position': [x1, y1, x2, y2], 'Confidence': number}}, ...]</answer> Please strictly "
+    "follow the format."
+)
+_BOX_RANGE = {"qwen2vl": "between 0 and 1000, integer", "absolute": "in pixels, integer"}
+_CLASSIFICATION_PROMPT = (
+    "This is an image containing a {subject}. Please identify the {question} based on the image. Output the "
+    "thinking process in <think> </think> and final answer in <answer> </answer> tags. The output answer "
+    "format should be as follows: <think> ... </think> <answer>{answer_hint}</answer> Please strictly follow "
+    "the format."
+)
+_GROUNDING_PROMPT = (
+    "Output the bounding box in the image corresponding to the instruction: {instruction} Output the thinking "
+    'process in <think> </think> and your grouding box. Following "<think> thinking process </think>\n'
+    '<answer>(x1,y1),(x2,y2)</answer>)" format.'
+)
+ON_MISSING = ("error", "skip")
+_GROUNDING_KEYS = {"image", "instruction", "box"}
+
+
+def detection_prompt(category: str, coord_convention: str = "qwen2vl") -> str:
+    """The Visual-RFT detection question for one category (the 0..1000 wording for "qwen2vl")."""
+    check_coord_convention(coord_convention)
+    return _DETECTION_PROMPT.format(category=category, range=_BOX_RANGE[coord_convention])
+
+
+def classification_prompt(
+    subject: str = "plant", question: str = "species of the plant", answer_hint: str = "species name"
+) -> str:
+    """The Visual-RFT classification question; the defaults give the Flowers102 prompt verbatim."""
+    return _CLASSIFICATION_PROMPT.format(subject=subject, question=question, answer_hint=answer_hint)
+
+
+def grounding_prompt(instruction: str) -> str:
+    """The Visual-RFT reasoning-grounding question for one referring instruction."""
+    return _GROUNDING_PROMPT.format(instruction=instruction)
+
+
+def _missing_files(paths: dict, on_missing: str, source: str | Path) -> set:
+    if on_missing not in ON_MISSING:
+        raise ValueError(f"on_missing={on_missing!r} is not one of {ON_MISSING}")
+    missing = [key for key, path in paths.items() if not path.is_file()]
+    if missing and on_missing == "error":
+        examples = ", ".join(repr(str(paths[key])) for key in missing[:3])
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(paths)} images listed in '{source}' are missing, e.g. {examples}; "
+            "fix the image folder or pass on_missing='skip' to drop their rows"
+        )
+    return set(missing)
+
+
+def _nested_sample(pool: list, count: int, seed: int, key: str) -> list:
+    # `count` items in pool order. A shuffle seeded per class (not one shared stream) makes the 1-shot set
+    # a subset of the 2-shot set of one seed, and each class's sample independent of the other classes.
+    shuffled = list(pool)
+    random.Random(f"{seed}:{key}").shuffle(shuffled)
+    chosen = set(shuffled[:count])
+    return [item for item in pool if item in chosen]
+
+
+def _to_dataset(rows: list[dict], split: str) -> datasets.DatasetDict:
+    # Paths become a lazily decoded Image column; every other column's type is inferred.
+    return datasets.DatasetDict(
+        {split: datasets.Dataset.from_list(rows).cast_column("image", datasets.Image())}
+    )
+
+
+def _image_path(image: dict, image_dir: Path) -> Path:
+    # COCO names the file; LVIS only gives coco_url, whose last part is the file name.
+    name = image.get("file_name") or str(image.get("coco_url", "")).rsplit("/", 1)[-1]
+    if not name:
+        raise ValueError(f"image {image.get('id')!r} has neither file_name nor coco_url; add its file name")
+    return image_dir / name
+
+
+def _known_absent(image: dict, category_id: int) -> bool:
+    # LVIS is federated: a category is known to be absent only where the image lists it as negative.
+    return category_id in image.get("neg_category_ids", [category_id])
+
+
+def build_detection_rows(
+    annotation_json: str | Path,
+    image_dir: str | Path,
+    categories: Sequence[str] | None = None,
+    shots: int | None = None,
+    seed: int = 0,
+    coord_convention: str = "qwen2vl",
+    no_objects: int = 0,
+    on_missing: str = "error",
+    split: str = "train",
+) -> datasets.DatasetDict:
+    """Visual-RFT detection rows (one per image and category) from a COCO or LVIS annotation file.
+
+    Args:
+        annotation_json: COCO-format JSON (``images``, ``annotations`` with xywh pixel ``bbox``,
+            ``categories``); LVIS files work too (file names from ``coco_url``).
+        image_dir: folder holding the images named in the file.
+        categories: category names to keep, in order; None keeps all.
+        shots: images sampled per category (k-shot, seeded); None keeps every image with a box.
+        no_objects: also add this many "No Objects" rows per category, from images where the
+            category is absent (for LVIS: listed in ``neg_category_ids``); 0 adds none.
+        on_missing: "error" stops on missing image files; "skip" drops their rows.
+
+    Crowd annotations are left out, as COCO evaluation ignores them. Rows carry ``category``,
+    ``image_id``, ``width`` and ``height`` for ``vrft.evaluation.metrics.detection_map``.
+    """
+    check_coord_convention(coord_convention)
+    with open(annotation_json) as file:
+        coco = json.load(file)
+    ids_by_name = {category["name"]: category["id"] for category in coco.get("categories", [])}
+    chosen = list(ids_by_name) if categories is None else list(categories)
+    if unknown := [name for name in chosen if name not in ids_by_name]:
+        available = ", ".join(sorted(ids_by_name)[:50]) + (" ..." if len(ids_by_name) > 50 else "")
+        raise ValueError(f"categories {unknown} are not in '{annotation_json}'; available: {available}")
+    images = {image["id"]: image for image in coco.get("images", [])}
+    boxes = _boxes_by_image_and_category(
+        coco, images, {ids_by_name[name] for name in chosen}, coord_convention
+    )
+    used = sorted(images) if no_objects else sorted({image_id for image_id, _ in boxes})
+    paths = {image_id: _image_path(images[image_id], Path(image_dir)) for image_id in used}
+    missing = _missing_files(paths, on_missing, annotation_json)
+    present = [image_id for image_id in paths if image_id not in missing]
+    rows = []
+    for name in chosen:
+        category_id = ids_by_name[name]
+        positives = [i for i in present if (i, category_id) in boxes]
+        if shots is not None and shots > len(positives):
+            raise ValueError(
+                f"category '{name}' has {len(positives)} images with boxes, fewer than shots={shots}; "
+                f"lower shots to {len(positives)} or drop '{name}' from categories"
+            )
+        for i in _nested_sample(positives, len(positives) if shots is None else shots, seed, name):
+            rows.append(_detection_row(images[i], paths[i], name, boxes[(i, category_id)], coord_convention))
+        negatives = [
+            i for i in present if (i, category_id) not in boxes and _known_absent(images[i], category_id)
+        ]
+        if no_objects > len(negatives):
+            raise ValueError(
+                f"category '{name}' is absent from only {len(negatives)} images, fewer than "
+                f"no_objects={no_objects}; lower no_objects to {len(negatives)}"
+            )
+        for i in _nested_sample(negatives, no_objects, seed, f"{name}:absent"):
+            rows.append(_detection_row(images[i], paths[i], name, [], coord_convention))
+    if not rows:
+        raise ValueError(
+            f"no detection rows: none of {chosen} has a box in an image found in '{image_dir}'; "
+            "check the categories and the image folder"
+        )
+    return _to_dataset(rows, split)
+
+
+def _boxes_by_image_and_category(coco: dict, images: dict, wanted: set, coord_convention: str) -> dict:
+    """``{(image_id, category_id): [[x1, y1, x2, y2] in the convention, ...]}`` for the wanted categories."""
+    boxes: dict[tuple, list[list[int]]] = {}
+    for annotation in coco.get("annotations", []):
+        if annotation["category_id"] not in wanted or annotation.get("iscrowd", 0):
+            continue
+        image = images.get(annotation["image_id"])
+        if image is None:
+            raise ValueError(
+                f"annotation {annotation.get('id')!r} refers to image {annotation['image_id']!r}, which the "
+                "file does not list under 'images'; fix the annotation file"
+            )
+        x, y, w, h = annotation["bbox"]
+        box = pixels_to_convention([x, y, x + w, y + h], image["width"], image["height"], coord_convention)
+        if box[2] > box[0] and box[3] > box[1]:  # boxes thinner than one grid step vanish when rounded
+            boxes.setdefault((image["id"], annotation["category_id"]), []).append(box)
+    return boxes
+
+
+def _detection_row(image: dict, path: Path, category: str, boxes: list, coord_convention: str) -> dict:
+    return {
+        "image": str(path),
+        "problem": detection_prompt(category, coord_convention),
+        "solution": format_detection_answer(boxes),
+        "category": category,
+        "image_id": image["id"],
+        "width": image["width"],
+        "height": image["height"],
+    }
+
+
+def subsample_k_shot(
+    dataset: datasets.Dataset, k: int, seed: int = 0, label_fn: Callable[[str], str] | None = None
+) -> datasets.Dataset:
+    """Keep ``k`` rows per class, sampled with ``seed``; rows keep their original order.
+
+    The class of a row is ``label_fn(solution)``, by default the text inside ``<answer>``. Sets
+    are nested: with one seed the 1-shot rows are among the 2-shot rows, which are among the 4-shot.
+    Raises ``ValueError`` naming every class with fewer than ``k`` rows.
+    """
+    if isinstance(dataset, datasets.DatasetDict):
+        raise TypeError(
+            f"subsample_k_shot takes one split, not splits {list(dataset)}; pass dataset['train']"
+        )
+    if k < 1:
+        raise ValueError(f"k={k} must be at least 1 (rows per class)")
+    label_fn = label_fn or (lambda solution: extract_answer(solution) or solution.strip())
+    by_label: dict[str, list[int]] = {}
+    for index, solution in enumerate(dataset["solution"]):  # one column: no image is decoded
+        by_label.setdefault(label_fn(solution), []).append(index)
+    short = {label: len(indices) for label, indices in by_label.items() if len(indices) < k}
+    if short:
+        listed = ", ".join(f"'{label}' ({count})" for label, count in sorted(short.items()))
+        raise ValueError(
+            f"{len(short)} class(es) have fewer than k={k} rows: {listed}; lower k to {min(short.values())} "
+            "or drop those classes first with Dataset.filter"
+        )
+    chosen = [i for label in by_label for i in _nested_sample(by_label[label], k, seed, label)]
+    return dataset.select(sorted(chosen))
+
+
+def _pixel_box(value: object, where: str, width: int, height: int) -> list[float]:
+    numbers = list(value) if isinstance(value, list | tuple) else []
+    if len(numbers) != 4 or not all(isinstance(n, int | float) and math.isfinite(n) for n in numbers):
+        raise ValueError(f"{where}: box {value!r} is not [x1, y1, x2, y2] in pixels; fix the entry")
+    # Boxes traced from masks may overshoot the border by rounding; clamping keeps them on the image.
+    x1, y1, x2, y2 = (min(max(0.0, n), limit) for n, limit in zip(numbers, (width, height) * 2, strict=True))
+    if x2 <= x1 or y2 <= y1:
+        raise ValueError(
+            f"{where}: box {value!r} has no area inside the {width}x{height} image; fix the entry"
+        )
+    return [x1, y1, x2, y2]
+
+
+def build_grounding_rows(
+    json_path: str | Path,
+    image_dir: str | Path | None = None,
+    coord_convention: str = "qwen2vl",
+    on_missing: str = "error",
+    split: str = "train",
+) -> datasets.DatasetDict:
+    """Visual-RFT grounding rows from a LISA-style JSON list of ``{"image", "instruction", "box"}``.
+
+    ``box`` is ``[x1, y1, x2, y2]`` in pixels; it is written in ``coord_convention`` as
+    ``<answer>(x1,y1),(x2,y2)</answer>``. Image paths are relative to ``image_dir`` (default: the
+    JSON file's folder). Only image headers are read (for width and height).
+    """
+    check_coord_convention(coord_convention)
+    with open(json_path) as file:
+        entries = json.load(file)
+    if not isinstance(entries, list):
+        raise ValueError(f"'{json_path}' holds a {type(entries).__name__}; expected a list of entries")
+    bad = [
+        i
+        for i, entry in enumerate(entries)
+        if not (isinstance(entry, dict) and _GROUNDING_KEYS <= entry.keys())
+    ]
+    if bad:
+        raise ValueError(
+            f"entries {bad[:5]} of '{json_path}' lack image, instruction or box; each entry needs all three "
+            "(box as [x1, y1, x2, y2] in pixels)"
+        )
+    base = Path(image_dir) if image_dir is not None else Path(json_path).parent
+    paths = {index: base / entry["image"] for index, entry in enumerate(entries)}
+    missing = _missing_files(paths, on_missing, json_path)
+    rows = []
+    for index, entry in enumerate(entries):
+        if index in missing:
+            continue
+        try:
+            with Image.open(paths[index]) as image:
+                width, height = image.size
+        except OSError as error:
+            raise ValueError(f"image '{paths[index]}' of entry {index} could not be read ({error})") from None
+        box = _pixel_box(entry["box"], f"entry {index} of '{json_path}'", width, height)
+        answer = format_grounding_answer(pixels_to_convention(box, width, height, coord_convention))
+        row = {
+            "image": str(paths[index]),
+            "problem": grounding_prompt(entry["instruction"]),
+            "solution": answer,
+        }
+        rows.append({**row, "instruction": entry["instruction"], "width": width, "height": height})
+    if not rows:
+        raise ValueError(f"no grounding rows from '{json_path}': it lists no entries whose image exists")
+    return _to_dataset(rows, split)

@@ -1,0 +1,225 @@
+"""Synthetic Visual-RFT data: coloured shapes on a light background, in the schema of each task.
+
+Small enough for a tiny model to learn on CPU: 4 shapes in 4 colours, one ``image_size`` square
+image per row, boxes written in the model's convention. Deterministic given the seed: each split
+draws from its own generator, so the test rows do not change when ``num_train`` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+from PIL import Image, ImageDraw
+
+from vrft.data.builders import classification_prompt, detection_prompt, grounding_prompt
+from vrft.rewards.boxes import check_coord_convention, pixels_to_convention
+from vrft.rewards.parsing import format_detection_answer, format_grounding_answer
+
+TASKS = ("classification", "detection", "grounding")
+SHAPES = (
+    "circle",
+    "square",
+    "triangle",
+    "diamond",
+)  # no label contains another (the reward matches substrings)
+COLORS = {"red": (220, 40, 40), "green": (30, 160, 60), "blue": (40, 80, 220), "yellow": (235, 190, 20)}
+MIN_IMAGE_SIZE = 32
+_SPLIT_INDEX = {"train": 0, "test": 1}
+_FEATURES = datasets.Features(
+    {
+        "image": datasets.Image(),
+        "problem": datasets.Value("string"),
+        "solution": datasets.Value("string"),
+        "category": datasets.Value(
+            "string"
+        ),  # class, queried category, or the referred object ("red square")
+        "width": datasets.Value("int32"),
+        "height": datasets.Value("int32"),
+    }
+)
+_CLASSIFICATION_PROBLEM = classification_prompt(subject="shape", question="shape", answer_hint="shape name")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One filled shape of a synthetic image."""
+
+    kind: str  # one of SHAPES
+    color: str  # one of COLORS
+    box: tuple[int, int, int, int]  # pixel (x1, y1, x2, y2), end-exclusive; the shape touches all four sides
+
+
+def _polygon(points: Callable[[float, float, float, float], list]) -> Callable:
+    def draw(canvas: ImageDraw.ImageDraw, corners: tuple, fill: tuple) -> None:
+        canvas.polygon(points(*corners), fill=fill)
+
+    return draw
+
+
+_DRAW = {
+    "circle": lambda canvas, corners, fill: canvas.ellipse(corners, fill=fill),
+    "square": lambda canvas, corners, fill: canvas.rectangle(corners, fill=fill),
+    "triangle": _polygon(lambda x1, y1, x2, y2: [(x1, y2), (x2, y2), ((x1 + x2) / 2, y1)]),
+    "diamond": _polygon(
+        lambda x1, y1, x2, y2: [
+            ((x1 + x2) / 2, y1),
+            (x2, (y1 + y2) / 2),
+            ((x1 + x2) / 2, y2),
+            (x1, (y1 + y2) / 2),
+        ]
+    ),
+}
+
+
+def draw_shapes(shapes: list[Shape], image_size: int, background: tuple[int, int, int]) -> Image.Image:
+    """An RGB ``image_size`` x ``image_size`` image with ``shapes`` drawn in order."""
+    image = Image.new("RGB", (image_size, image_size), background)
+    canvas = ImageDraw.Draw(image)
+    for shape in shapes:
+        x1, y1, x2, y2 = shape.box
+        # PIL includes the last pixel, so drawing to x2 - 1 fills exactly [x1, x2).
+        _DRAW[shape.kind](canvas, (x1, y1, x2 - 1, y2 - 1), COLORS[shape.color])
+    return image
+
+
+def _square_in(rng: np.random.Generator, left: int, top: int, span: int, fill: tuple[float, float]) -> tuple:
+    side = int(rng.integers(max(4, int(span * fill[0])), max(5, int(span * fill[1])) + 1))
+    x, y = (int(v) for v in rng.integers(0, span - side + 1, size=2))
+    return (left + x, top + y, left + x + side, top + y + side)
+
+
+def _grid_boxes(rng: np.random.Generator, count: int, image_size: int) -> list[tuple]:
+    # One shape per cell of a 2x2 grid: boxes never overlap, so every box is the shape's true extent.
+    cell = image_size // 2
+    cells = rng.choice(4, size=count, replace=False)
+    return [_square_in(rng, int(c % 2) * cell, int(c // 2) * cell, cell, (0.45, 0.9)) for c in cells]
+
+
+def _pick(rng: np.random.Generator, options: tuple | list) -> str:
+    return options[int(rng.integers(len(options)))]
+
+
+# Row makers share one signature so that the task picks one from a table; each returns
+# (shapes, problem, solution, category).
+def _classification_row(
+    rng: np.random.Generator, image_size: int, coord_convention: str, no_objects_rate: float
+):
+    shape = Shape(
+        _pick(rng, SHAPES), _pick(rng, tuple(COLORS)), _square_in(rng, 0, 0, image_size, (0.3, 0.7))
+    )
+    return [shape], _CLASSIFICATION_PROBLEM, f"<answer>{shape.kind}</answer>", shape.kind
+
+
+def _detection_row(rng: np.random.Generator, image_size: int, coord_convention: str, no_objects_rate: float):
+    boxes = _grid_boxes(rng, int(rng.integers(1, 4)), image_size)
+    shapes = [Shape(_pick(rng, SHAPES), _pick(rng, tuple(COLORS)), box) for box in boxes]
+    present = sorted({shape.kind for shape in shapes})
+    absent = [kind for kind in SHAPES if kind not in present]
+    category = _pick(rng, absent) if absent and rng.random() < no_objects_rate else _pick(rng, present)
+    answer_boxes = [
+        pixels_to_convention(shape.box, image_size, image_size, coord_convention)
+        for shape in shapes
+        if shape.kind == category
+    ]
+    return (
+        shapes,
+        detection_prompt(category, coord_convention),
+        format_detection_answer(answer_boxes),
+        category,
+    )
+
+
+def _grounding_row(rng: np.random.Generator, image_size: int, coord_convention: str, no_objects_rate: float):
+    # Distinct (colour, shape) pairs, so that "the red square" names exactly one object.
+    pairs = [(color, kind) for color in COLORS for kind in SHAPES]
+    boxes = _grid_boxes(rng, int(rng.integers(2, 4)), image_size)
+    chosen = rng.choice(len(pairs), size=len(boxes), replace=False)
+    shapes = [Shape(pairs[p][1], pairs[p][0], box) for p, box in zip(chosen, boxes, strict=True)]
+    target = shapes[int(rng.integers(len(shapes)))]
+    described = f"{target.color} {target.kind}"
+    box = pixels_to_convention(target.box, image_size, image_size, coord_convention)
+    return shapes, grounding_prompt(f"the {described}"), format_grounding_answer(box), described
+
+
+_ROW_MAKERS = {
+    "classification": _classification_row,
+    "detection": _detection_row,
+    "grounding": _grounding_row,
+}
+
+
+def _split(
+    task: str, num_rows: int, image_size: int, rng: np.random.Generator, **options
+) -> datasets.Dataset:
+    columns: dict[str, list] = {name: [] for name in _FEATURES}
+    for _ in range(num_rows):
+        background = tuple(int(v) for v in rng.integers(205, 256, size=3))
+        shapes, problem, solution, category = _ROW_MAKERS[task](rng, image_size, **options)
+        columns["image"].append(draw_shapes(shapes, image_size, background))
+        columns["problem"].append(problem)
+        columns["solution"].append(solution)
+        columns["category"].append(category)
+        columns["width"].append(image_size)
+        columns["height"].append(image_size)
+    return datasets.Dataset.from_dict(columns, features=_FEATURES)
+
+
+def make_synthetic_dataset(
+    task: str,
+    num_train: int,
+    num_test: int,
+    image_size: int = 112,
+    seed: int = 0,
+    coord_convention: str = "qwen2vl",
+    no_objects_rate: float = 0.25,
+) -> datasets.DatasetDict:
+    """Generate a Visual-RFT dataset of coloured shapes with splits ``train`` (and ``test`` if ``num_test``).
+
+    Columns: ``image`` (PIL, ``datasets.Image``), ``problem`` (the Visual-RFT prompt of the task),
+    ``solution`` (``<answer>...</answer>``), ``category``, ``width``, ``height``.
+
+    - classification: one shape; the label is its kind (circle, square, triangle, diamond).
+    - detection: 1-3 shapes; each row asks for one kind. With probability ``no_objects_rate`` it
+      asks for a kind that is absent, whose answer is "No Objects".
+    - grounding: 2-3 shapes of distinct colour and kind; the instruction names one ("the red
+      square") and the answer is its box as ``(x1,y1),(x2,y2)``.
+    """
+    if task not in TASKS:
+        raise ValueError(f"task {task!r} is not one of {TASKS}")
+    if num_train < 1 or num_test < 0:
+        raise ValueError(f"num_train={num_train}, num_test={num_test}: need num_train >= 1 and num_test >= 0")
+    if image_size < MIN_IMAGE_SIZE:
+        raise ValueError(
+            f"image_size={image_size} is too small to draw shapes; use at least {MIN_IMAGE_SIZE}"
+        )
+    if not 0.0 <= no_objects_rate <= 1.0:
+        raise ValueError(f"no_objects_rate={no_objects_rate} is not a probability; use a value in [0, 1]")
+    check_coord_convention(coord_convention)
+    sizes = {"train": num_train, "test": num_test}
+    return datasets.DatasetDict(
+        {
+            split: _split(
+                task,
+                count,
+                image_size,
+                np.random.default_rng([seed, _SPLIT_INDEX[split]]),
+                coord_convention=coord_convention,
+                no_objects_rate=no_objects_rate,
+            )
+            for split, count in sizes.items()
+            if count > 0
+        }
+    )
+
+
+def write_synthetic_dataset(
+    path: str | Path, task: str, num_train: int, num_test: int, **options
+) -> datasets.DatasetDict:
+    """``make_synthetic_dataset`` and ``save_to_disk(path)``; returns the dataset."""
+    dataset = make_synthetic_dataset(task, num_train, num_test, **options)
+    dataset.save_to_disk(str(path))
+    return dataset

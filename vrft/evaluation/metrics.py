@@ -1,0 +1,211 @@
+"""Evaluation metrics of Visual-RFT: COCO detection mAP, classification accuracy, grounding mIoU.
+
+Pure functions over answer text and boxes; no model code. Answers are read exactly as the rewards
+read them (``compat`` chooses the reference's fallback to the whole completion).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torchmetrics.aggregation import MeanMetric
+
+from vrft.rewards.boxes import Box, box_iou, check_coord_convention, convention_to_pixels, normalize_box
+from vrft.rewards.classification import AccuracyReward
+from vrft.rewards.parsing import extract_answer, parse_detection_answer, parse_grounding_box, read_answer
+
+
+@dataclass(frozen=True)
+class BoxSet:
+    """Boxes of one category in one image: a ground-truth row or the model's answer to it.
+
+    Visual-RFT asks one question per (image, category), so both predictions and ground truth come
+    as one ``BoxSet`` per row; a ground-truth set with no boxes ("No Objects") still registers the
+    image, so that false positives on it are counted.
+    """
+
+    image_id: int | str
+    category: str
+    width: int  # image width in pixels; turns 0..1000 coordinates into pixels
+    height: int  # image height in pixels
+    boxes: Sequence[Sequence[float]] = ()  # [N, 4] (x1, y1, x2, y2) in the coordinate convention of the task
+    scores: Sequence[float] | None = None  # [N] model confidences in [0, 1]; None (ground truth) means 1.0
+
+    def __post_init__(self) -> None:
+        if self.width <= 0 or self.height <= 0:
+            raise ValueError(
+                f"image {self.image_id!r} has size {self.width}x{self.height}; pass its pixel size"
+            )
+        if any(len(box) != 4 for box in self.boxes):
+            raise ValueError(
+                f"boxes of image {self.image_id!r} must be [x1, y1, x2, y2], got {list(self.boxes)}"
+            )
+        if self.scores is not None and len(self.scores) != len(self.boxes):
+            raise ValueError(
+                f"image {self.image_id!r} has {len(self.boxes)} boxes but {len(self.scores)} scores; "
+                "give one score per box"
+            )
+
+    @classmethod
+    def from_answer(
+        cls, text: str, image_id: int | str, category: str, width: int, height: int, compat: bool = False
+    ) -> BoxSet:
+        """Read a completion or solution (``<answer>[{'Position': ..., 'Confidence': ...}]</answer>``).
+
+        Unreadable answers give no boxes, as does "No Objects". Confidences become the scores.
+        """
+        answer = read_answer(text, compat, allow_unclosed=True)
+        detections = (parse_detection_answer(answer, None, None) if answer is not None else None) or []
+        return cls(
+            image_id,
+            category,
+            width,
+            height,
+            boxes=[detection.box for detection in detections],
+            scores=[detection.confidence for detection in detections],
+        )
+
+
+def _coco(images: list[dict], categories: list[dict], annotations: list[dict]) -> COCO:
+    coco = COCO()
+    coco.dataset = {"images": images, "categories": categories, "annotations": annotations}
+    coco.createIndex()
+    return coco
+
+
+def _annotations(
+    box_sets: Sequence[BoxSet], image_ids: dict, category_ids: dict, convention: str
+) -> list[dict]:
+    annotations = []
+    for box_set in box_sets:
+        if box_set.category not in category_ids:
+            continue
+        scores = box_set.scores if box_set.scores is not None else [1.0] * len(box_set.boxes)
+        for box, score in zip(box_set.boxes, scores, strict=True):
+            x1, y1, x2, y2 = convention_to_pixels(
+                normalize_box(box), box_set.width, box_set.height, convention
+            )
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,  # COCOeval treats id 0 as "unmatched"
+                    "image_id": image_ids[box_set.image_id],
+                    "category_id": category_ids[box_set.category],
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],  # COCO boxes are absolute xywh
+                    "area": (x2 - x1) * (y2 - y1),
+                    "iscrowd": 0,
+                    "score": float(score),
+                }
+            )
+    return annotations
+
+
+def detection_map(
+    predictions: Sequence[BoxSet],
+    ground_truth: Sequence[BoxSet],
+    categories: Sequence[str],
+    coord_convention: str = "qwen2vl",
+) -> dict[str, Any]:
+    """COCO bbox mAP with the official pycocotools evaluation, per class and averaged.
+
+    Boxes are converted from ``coord_convention`` ("qwen2vl": 0..1000 grid, "absolute": pixels)
+    to absolute xywh with each image's size; the score is the model's confidence. Only
+    ``categories`` are evaluated; sets of other categories are ignored. Images are the union of
+    those named in ``ground_truth`` and ``predictions``.
+
+    Returns ``{"map": mAP@[.50:.95], "map_50": mAP@.50, "per_class": {name: {"map", "map_50"}},
+    "num_classes": classes averaged}``. A class with no ground-truth box has no defined AP: its
+    per-class values are NaN and it is left out of the averages; when no class has a box the
+    averages are NaN too.
+    """
+    check_coord_convention(coord_convention)
+    sizes: dict[int | str, tuple[int, int]] = {}
+    for box_set in [*ground_truth, *predictions]:
+        size = sizes.setdefault(box_set.image_id, (box_set.width, box_set.height))
+        if size != (box_set.width, box_set.height):
+            raise ValueError(
+                f"image {box_set.image_id!r} is given as {size[0]}x{size[1]} and as "
+                f"{box_set.width}x{box_set.height}; every row of one image needs the same width and height"
+            )
+    image_ids = {image_id: index + 1 for index, image_id in enumerate(sizes)}
+    category_ids = {name: index + 1 for index, name in enumerate(dict.fromkeys(categories))}
+    images = [{"id": image_ids[i], "width": w, "height": h} for i, (w, h) in sizes.items()]
+    coco_categories = [{"id": cid, "name": name} for name, cid in category_ids.items()]
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress on every call
+        truth = _coco(
+            images, coco_categories, _annotations(ground_truth, image_ids, category_ids, coord_convention)
+        )
+        detections = _coco(
+            images, coco_categories, _annotations(predictions, image_ids, category_ids, coord_convention)
+        )
+        evaluator = COCOeval(truth, detections, iouType="bbox")
+        evaluator.params.imgIds = sorted(image_ids.values())
+        evaluator.params.catIds = sorted(category_ids.values())
+        evaluator.evaluate()
+        evaluator.accumulate()
+    # [T IoU thresholds, R recall thresholds, K classes, A area ranges ("all" first), M max-dets (100 last)];
+    # -1 marks "no ground truth", as in COCOeval.summarize.
+    precision = evaluator.eval["precision"][:, :, :, 0, -1]
+    per_class = {}
+    for index, name in enumerate(category_ids):
+        curve = precision[:, :, index]
+        defined = bool((curve > -1).any())
+        per_class[name] = {
+            "map": float(np.mean(curve)) if defined else math.nan,
+            "map_50": float(np.mean(curve[0])) if defined else math.nan,
+        }
+    evaluated = [values for values in per_class.values() if not math.isnan(values["map"])]
+    return {
+        "map": float(np.mean([v["map"] for v in evaluated])) if evaluated else math.nan,
+        "map_50": float(np.mean([v["map_50"] for v in evaluated])) if evaluated else math.nan,
+        "per_class": per_class,
+        "num_classes": len(evaluated),
+    }
+
+
+def _mean(values: list[float]) -> float:
+    # MeanMetric rather than a Python mean so that the same code can sync across ranks in a Lightning loop.
+    metric = MeanMetric()
+    metric.update(torch.tensor(values, dtype=torch.float64))
+    return float(metric.compute())
+
+
+def _check_pairs(completions: Sequence[str], solutions: Sequence[str]) -> None:
+    if len(completions) != len(solutions) or not completions:
+        raise ValueError(
+            f"got {len(completions)} completions and {len(solutions)} solutions; pass one completion per "
+            "solution, at least one"
+        )
+
+
+def classification_accuracy(
+    completions: Sequence[str], solutions: Sequence[str], compat: bool = False
+) -> float:
+    """Fraction of completions whose answer matches the solution by the accuracy reward's rule, in [0, 1]."""
+    _check_pairs(completions, solutions)
+    return _mean(AccuracyReward(compat=compat)(completions, solutions))
+
+
+def grounding_miou(completions: Sequence[str], solutions: Sequence[str], compat: bool = False) -> float:
+    """Mean IoU of each completion's first box against its solution's box; unreadable answers count 0.
+
+    Boxes are read as the grounding reward reads them (``(x1,y1),(x2,y2)`` or ``[x1, y1, x2, y2]``);
+    both sides must use the same coordinate convention.
+    """
+    _check_pairs(completions, solutions)
+    ious = []
+    for completion, solution in zip(completions, solutions, strict=True):
+        truth_text = extract_answer(solution, allow_unclosed=True)
+        truth = parse_grounding_box(truth_text, None) if truth_text is not None else None
+        answer = read_answer(completion, compat, allow_unclosed=True)
+        predicted: Box | None = parse_grounding_box(answer) if answer is not None else None
+        ious.append(box_iou(predicted, truth) if predicted is not None and truth is not None else 0.0)
+    return _mean(ious)

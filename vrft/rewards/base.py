@@ -1,0 +1,62 @@
+"""The reward interface the trainer calls, and how it names rewards in logs."""
+
+from __future__ import annotations
+
+import functools
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from vrft.rewards.parsing import completion_text
+
+RewardFn = Callable[..., list[float]]
+
+
+class Reward(ABC):
+    """A verifiable reward: one float per completion, computed from the text alone.
+
+    Called as ``reward(completions, solutions, **columns)`` where ``completions[i]`` is generated
+    text (or TRL-style chat messages) and ``solutions[i]`` the ground truth wrapped in
+    ``<answer>...</answer>``. Extra dataset columns (``problem``, ``image``, ...) arrive as keyword
+    lists and are ignored. Subclasses implement ``score`` for one pair; it must not raise on any
+    string, and its value is clipped into ``[low, high]`` with non-finite values read as ``low``.
+    """
+
+    name: str = "reward"  # shown in logs, e.g. "rewards/accuracy"
+    low: float = 0.0
+    high: float = 1.0
+
+    def __call__(self, completions: Sequence[Any], solutions: Sequence[str], **columns: Any) -> list[float]:
+        if len(completions) != len(solutions):
+            raise ValueError(
+                f"reward '{self.name}' got {len(completions)} completions but {len(solutions)} solutions; "
+                "repeat each solution once per sampled completion (group_size times)"
+            )
+        pairs = zip(completions, solutions, strict=True)
+        return [self._bounded(self.score(completion_text(c), str(s))) for c, s in pairs]
+
+    @abstractmethod
+    def score(self, completion: str, solution: str) -> float:
+        """Score one completion text against one solution string."""
+
+    def _bounded(self, value: float) -> float:
+        # Last line of defence: a NaN reward would poison the group's advantage normalisation.
+        return min(self.high, max(self.low, value)) if math.isfinite(value) else self.low
+
+    def __repr__(self) -> str:
+        options = ", ".join(f"{key}={value!r}" for key, value in vars(self).items())
+        return f"{type(self).__name__}({options})"
+
+
+def reward_name(fn: RewardFn) -> str:
+    """Name under which the trainer logs a reward: its ``name``, else its ``__name__``.
+
+    Works for ``Reward`` objects, plain functions and ``functools.partial`` of either.
+    """
+    name = getattr(fn, "name", None)
+    if isinstance(name, str) and name:
+        return name
+    if isinstance(fn, functools.partial):
+        return reward_name(fn.func)
+    return getattr(fn, "__name__", type(fn).__name__)
