@@ -1,0 +1,74 @@
+"""Solution checkers: valid ground truth passes, bad ground truth names the value and the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from vrft.rewards import check_classification_solution, check_detection_solution, check_grounding_solution
+
+
+@pytest.mark.parametrize("solution", ["<answer>daisy</answer>", "<answer> Pink Primrose </answer>"])
+def test_classification_valid(solution):
+    check_classification_solution(solution)
+
+
+@pytest.mark.parametrize(
+    ("solution", "message"),
+    [
+        ("daisy", "wrap the ground truth as <answer>label</answer>"),
+        ("<answer>daisy", "wrap the ground truth"),
+        ("<answer> _ </answer>", "empty label"),
+    ],
+)
+def test_classification_invalid(solution, message):
+    with pytest.raises(ValueError, match=message) as error:
+        check_classification_solution(solution)
+    assert repr(solution) in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "solution",
+    [
+        "<answer>[{'Position': [1, 2, 30, 40], 'Confidence': 1}]</answer>",
+        "<answer>[{'Position': [1, 2, 30, 40], 'Confidence': 1}, {'Position': [5, 5, 9, 9], 'Confidence': 1}]</answer>",
+        "<answer>No Objects</answer>",
+        "<answer>[]</answer>",
+    ],
+)
+def test_detection_valid(solution):
+    check_detection_solution(solution)
+
+
+@pytest.mark.parametrize(
+    ("solution", "message"),
+    [
+        ("[{'Position': [1, 2, 30, 40], 'Confidence': 1}]", "has no <answer>"),
+        (
+            "<answer>[{'Position': [1, 2, 30, 40], 'Confidence': 1}, {'Posi</answer>",
+            "not a complete detection list",
+        ),
+        ("<answer>a cat</answer>", "not a complete detection list"),
+        ("<answer>[{'Position': [1, 2, 1, 40], 'Confidence': 1}]</answer>", "zero area"),
+    ],
+)
+def test_detection_invalid(solution, message):
+    with pytest.raises(ValueError, match=message):
+        check_detection_solution(solution)
+
+
+@pytest.mark.parametrize("solution", ["<answer>(1,2),(30,40)</answer>", "<answer>[1, 2, 30, 40]</answer>"])
+def test_grounding_valid(solution):
+    check_grounding_solution(solution)
+
+
+@pytest.mark.parametrize(
+    ("solution", "message"),
+    [
+        ("(1,2),(30,40)", "has no <answer>"),
+        ("<answer>the cat</answer>", "has no box"),
+        ("<answer>(1,2),(1,40)</answer>", "zero area"),
+    ],
+)
+def test_grounding_invalid(solution, message):
+    with pytest.raises(ValueError, match=message):
+        check_grounding_solution(solution)
