@@ -30,9 +30,13 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     precision = instantiate(cfg.precision)
     datamodule = instantiate(cfg.data, val_split=cfg.split, max_val_rows=cfg.max_rows)
     module = instantiate(cfg.algorithm, _convert_="object")
-    trainer = instantiate(cfg.trainer, plugins=[precision], logger=False, callbacks=[], limit_val_batches=None)
+    trainer = instantiate(
+        cfg.trainer, plugins=[precision], logger=False, callbacks=[], limit_val_batches=None
+    )
     trainer.validate(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, verbose=False)
-    metrics = {k.removeprefix("val/"): float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    metrics = {
+        k.removeprefix("val/"): float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")
+    }
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "predictions.json").write_text(json.dumps(module.predictions, indent=1, default=str))
     report = {

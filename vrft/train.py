@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import hydra
@@ -14,6 +15,8 @@ from vrft.callbacks import RunSummary
 from vrft.cli import config_hash, user_errors
 
 log = logging.getLogger(__name__)
+# vrft checkpoints are written after the optimizer step on purpose (adapter + optimizer state of that step).
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
 
 def build_trainer(cfg: DictConfig, precision, extra_callbacks: list | None = None) -> L.Trainer:
@@ -24,8 +27,8 @@ def build_trainer(cfg: DictConfig, precision, extra_callbacks: list | None = Non
     return instantiate(cfg.trainer, plugins=[precision], callbacks=callbacks, logger=logger)
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Run one training job described by `cfg`; returns the final logged metrics."""
+def fit(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, RunSummary]:
+    """Build the run described by `cfg` and fit it; returns the trainer, the module and the run summary."""
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.run_dir)
     if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
@@ -50,15 +53,22 @@ def train(cfg: DictConfig) -> dict[str, float]:
         },
     )
     trainer = build_trainer(cfg, precision, [summary])
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=False) if run_dir.exists() else None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=False)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    log.info("metrics: %s", summary.summary.get("metrics_dir"))
-    log.info("checkpoints: %s", summary.summary.get("checkpoint_dir"))
-    print(f"\nrun folder: {run_dir}\n  metrics: {summary.summary.get('metrics_dir')}\n"
-          f"  checkpoints: {summary.summary.get('checkpoint_dir')}\n  adapter: {run_dir / 'adapter' / 'final'}\n"
-          f"  summary: {summary.path}")
-    return metrics
+    return trainer, module, summary
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Run one training job described by `cfg`; prints where its outputs are and returns the final metrics."""
+    trainer, _, summary = fit(cfg)
+    info = summary.summary
+    print(
+        f"\nrun folder: {cfg.run_dir}\n  metrics: {info.get('metrics_dir')}\n"
+        f"  checkpoints: {info.get('checkpoint_dir')}\n  adapter: {Path(cfg.run_dir) / 'adapter' / 'final'}\n"
+        f"  summary: {summary.path}"
+    )
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")

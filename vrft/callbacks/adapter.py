@@ -24,7 +24,9 @@ class AdapterExport(L.Callback):
     def export(self, pl_module: L.LightningModule, name: str) -> Path:
         folder = self.dirpath / name
         pl_module.policy.save_pretrained(folder)
-        pl_module.processor.save_pretrained(folder) if hasattr(pl_module.processor, "save_pretrained") else None
+        pl_module.processor.save_pretrained(folder) if hasattr(
+            pl_module.processor, "save_pretrained"
+        ) else None
         return folder
 
     @override

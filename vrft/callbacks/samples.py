@@ -27,7 +27,12 @@ class CompletionSamples(L.Callback):
     @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if step == self._last_step or step % self.every_n_steps or not pl_module.samples or not trainer.is_global_zero:
+        if (
+            step == self._last_step
+            or step % self.every_n_steps
+            or not pl_module.samples
+            or not trainer.is_global_zero
+        ):
             return
         self._last_step = step
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -36,7 +41,12 @@ class CompletionSamples(L.Callback):
                 file.write(json.dumps({"step": step, **sample}) + "\n")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                self._table_rows += [[step, s["problem"], s["completion"], s["solution"], s["reward"]] for s in pl_module.samples]
+                self._table_rows += [
+                    [step, s["problem"], s["completion"], s["solution"], s["reward"]]
+                    for s in pl_module.samples
+                ]
                 logger.log_table(
-                    "samples", columns=["step", "problem", "completion", "solution", "reward"], data=self._table_rows
+                    "samples",
+                    columns=["step", "problem", "completion", "solution", "reward"],
+                    data=self._table_rows,
                 )

@@ -44,7 +44,9 @@ class RunSummary(L.Callback):
         if datamodule is not None and hasattr(datamodule, "skipped_rows"):
             self.summary["skipped_rows"] = datamodule.skipped_rows
             if trainer.logger is not None and any(datamodule.skipped_rows.values()):
-                trainer.logger.log_metrics({f"data/skipped_rows_{k}": v for k, v in datamodule.skipped_rows.items()})
+                trainer.logger.log_metrics(
+                    {f"data/skipped_rows_{k}": v for k, v in datamodule.skipped_rows.items()}
+                )
         self.write()
 
     @override

@@ -76,7 +76,9 @@ class VisualRFTDataModule(L.LightningDataModule):
     ):
         super().__init__()
         if (path is None) == (synthetic is None):
-            raise ValueError("set exactly one of data.path (a dataset on disk) or data.synthetic (generated data)")
+            raise ValueError(
+                "set exactly one of data.path (a dataset on disk) or data.synthetic (generated data)"
+            )
         if on_bad_row not in ("error", "skip"):
             raise ValueError(f"data.on_bad_row='{on_bad_row}' is not one of: error, skip")
         self.path = path
@@ -123,8 +125,12 @@ class VisualRFTDataModule(L.LightningDataModule):
             limit = self.max_rows[role]
             count = len(table) if limit is None else min(limit, len(table))
             if count == 0:
-                raise ValueError(f"split '{split}' of dataset '{path}' is empty; point data.path at a dataset with rows")
-            self.splits[role] = RowDataset(table, self._good_rows(table, count, split, verify=role == "train"))
+                raise ValueError(
+                    f"split '{split}' of dataset '{path}' is empty; point data.path at a dataset with rows"
+                )
+            self.splits[role] = RowDataset(
+                table, self._good_rows(table, count, split, verify=role == "train")
+            )
         train = self.splits.get("train")
         if train is not None and len(train) < self.batch_size:
             raise ValueError(
@@ -156,7 +162,12 @@ class VisualRFTDataModule(L.LightningDataModule):
                 "to drop them (the count is logged)"
             )
         if bad:
-            log.warning("skipping %d bad row(s) of split '%s' (data.on_bad_row=skip); first: %s", len(bad), split, bad[0])
+            log.warning(
+                "skipping %d bad row(s) of split '%s' (data.on_bad_row=skip); first: %s",
+                len(bad),
+                split,
+                bad[0],
+            )
         self.skipped_rows[split] = len(bad)
         skipped = {i for i, _ in bad}
         kept = [i for i in range(count) if i not in skipped]
@@ -180,5 +191,8 @@ class VisualRFTDataModule(L.LightningDataModule):
         if "val" not in self.splits:
             return []
         return DataLoader(
-            self.splits["val"], batch_size=self.val_batch_size, collate_fn=_as_list, num_workers=self.num_workers
+            self.splits["val"],
+            batch_size=self.val_batch_size,
+            collate_fn=_as_list,
+            num_workers=self.num_workers,
         )

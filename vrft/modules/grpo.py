@@ -167,15 +167,21 @@ class GRPOModule(PolicyModule):
         solutions = [row["solution"] for row in rows]
         columns = {key: [row[key] for row in rows] for key in rows[0] if key not in ("image", "solution")}
         total, per_reward = self.rewards(rollout.completions, solutions, columns)
-        rollout.advantages = group_advantages(total, s.group_size, s.advantage_eps, s.scale_rewards).to(self.device)
+        rollout.advantages = group_advantages(total, s.group_size, s.advantage_eps, s.scale_rewards).to(
+            self.device
+        )
         rollout.stats.update({f"reward_sum/{name}": float(v.sum()) for name, v in per_reward.items()})
         rollout.stats["reward_sum/total"] = float(total.sum())
         rollout.stats["reward_sq_sum/total"] = float((total**2).sum())
         rollout.stats["advantage_sq_sum"] = float((rollout.advantages**2).sum())
         rollout.stats["group_zero_std_count"] = float((total.view(-1, s.group_size).std(1) == 0).sum())
         self.samples = [
-            {"problem": rows[i].get("problem", ""), "completion": rollout.completions[i], "solution": solutions[i],
-             "reward": float(total[i])}
+            {
+                "problem": rows[i].get("problem", ""),
+                "completion": rollout.completions[i],
+                "solution": solutions[i],
+                "reward": float(total[i]),
+            }
             for i in range(min(s.num_logged_samples, len(rows)))
         ]
         start = time.perf_counter()
@@ -205,10 +211,19 @@ class GRPOModule(PolicyModule):
                 for first in range(0, rollout.num_sequences, s.update_micro_batch_size):
                     last = first + s.update_micro_batch_size
                     logprobs = self.sequence_logprobs(rollout, first, last)
-                    old = logprobs.detach() if rollout.old_logprobs is None else rollout.old_logprobs[first:last]
+                    old = (
+                        logprobs.detach()
+                        if rollout.old_logprobs is None
+                        else rollout.old_logprobs[first:last]
+                    )
                     ref = None if rollout.ref_logprobs is None else rollout.ref_logprobs[first:last]
                     loss, stats = self.loss(
-                        logprobs, old, ref, rollout.advantages[first:last], rollout.completion_mask[first:last], totals
+                        logprobs,
+                        old,
+                        ref,
+                        rollout.advantages[first:last],
+                        rollout.completion_mask[first:last],
+                        totals,
                     )
                     self.manual_backward(loss)
                     loss_total += float(loss.detach())
@@ -231,7 +246,10 @@ class GRPOModule(PolicyModule):
         # Position t predicts token t + 1, so the completion is predicted from the C positions before it.
         hidden = hidden[:, -length - 1 : -1]
         return selective_logprobs(
-            hidden, rollout.completion_ids[first:last], model.lm_head, self.settings.temperature,
+            hidden,
+            rollout.completion_ids[first:last],
+            model.lm_head,
+            self.settings.temperature,
             self.settings.logprob_chunk_size,
         )
 
@@ -250,7 +268,9 @@ class GRPOModule(PolicyModule):
         self._last_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
 
     # ----------------------------------------------------------------------------------------- logging
-    def log_step(self, rollouts, totals: StepTotals, loss_total: float, stat_sums: dict, update_seconds: float):
+    def log_step(
+        self, rollouts, totals: StepTotals, loss_total: float, stat_sums: dict, update_seconds: float
+    ):
         """Per optimizer step: rewards, KL, lengths, timing, throughput, memory."""
         s = self.settings
 
@@ -266,7 +286,8 @@ class GRPOModule(PolicyModule):
             "train/advantage_std": (total("advantage_sq_sum") / n) ** 0.5,
             "train/zero_std_groups": total("group_zero_std_count") / (n / s.group_size),
             "train/kl": stat_sums.get("kl_sum", 0.0) / max(stat_sums.get("token_count", 1.0), 1.0),
-            "train/clip_fraction": stat_sums.get("clipped_sum", 0.0) / max(stat_sums.get("token_count", 1.0), 1.0),
+            "train/clip_fraction": stat_sums.get("clipped_sum", 0.0)
+            / max(stat_sums.get("token_count", 1.0), 1.0),
             "train/grad_norm": self._last_grad_norm,
             "train/completion_length": total("completion_length_sum") / n,
             "train/completion_length_max": max(r.stats["completion_length_max"] for r in rollouts),
@@ -275,7 +296,8 @@ class GRPOModule(PolicyModule):
             "time/rollout_s": total("rollout_seconds"),
             "time/reference_s": total("reference_seconds"),
             "time/update_s": update_seconds,
-            "throughput/generated_tokens_per_s": total("generated_tokens") / max(total("rollout_seconds"), 1e-9),
+            "throughput/generated_tokens_per_s": total("generated_tokens")
+            / max(total("rollout_seconds"), 1e-9),
             "memory/rollout_peak_gb": max(r.stats["rollout_peak_gb"] for r in rollouts),
             "memory/update_peak_gb": peak_memory_gb(self.device),
         }

@@ -49,7 +49,9 @@ class PolicyLoss:
 
     def __init__(self, beta: float = 0.04, epsilon: float = 0.2, epsilon_high: float | None = None):
         if beta < 0:
-            raise ValueError(f"loss.beta={beta} is negative; use 0 to disable the KL penalty or a value like 0.04")
+            raise ValueError(
+                f"loss.beta={beta} is negative; use 0 to disable the KL penalty or a value like 0.04"
+            )
         if epsilon <= 0:
             raise ValueError(f"loss.epsilon={epsilon} must be > 0 (PPO uses 0.2)")
         self.beta = beta

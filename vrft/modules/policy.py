@@ -104,7 +104,9 @@ def load_base_model(spec: ModelSpec, dtype: torch.dtype) -> torch.nn.Module:
                 f"model.name_or_path='{spec.name_or_path}' is a '{config.model_type}' checkpoint; vrft trains "
                 "Qwen2-VL ('qwen2_vl') and Qwen2.5-VL ('qwen2_5_vl') models"
             )
-        model = model_class(config).from_pretrained(folder, dtype=dtype, attn_implementation=spec.attn_implementation)
+        model = model_class(config).from_pretrained(
+            folder, dtype=dtype, attn_implementation=spec.attn_implementation
+        )
     model.requires_grad_(False)
     return model
 

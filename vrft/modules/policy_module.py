@@ -86,10 +86,14 @@ class PolicyModule(L.LightningModule):
         was_training = self.policy.training
         self.policy.eval()
         generation = dict(max_new_tokens=self.eval_max_new_tokens, do_sample=False)
-        rollout = generate_rollout(self.policy, self.processor, batch, self.prompt_template, 1, generation, self.device)
+        rollout = generate_rollout(
+            self.policy, self.processor, batch, self.prompt_template, 1, generation, self.device
+        )
         self.policy.train(was_training)
         for completion, row in zip(rollout.completions, batch, strict=True):
-            self.predictions.append({"completion": completion, **{k: v for k, v in row.items() if k != "image"}})
+            self.predictions.append(
+                {"completion": completion, **{k: v for k, v in row.items() if k != "image"}}
+            )
 
     @override
     def on_validation_epoch_end(self) -> None:
@@ -97,7 +101,12 @@ class PolicyModule(L.LightningModule):
             return
         metrics = self.evaluator([p["completion"] for p in self.predictions], self.predictions)
         for key, value in metrics.items():
-            self.log(f"val/{key}", float(value), prog_bar=key in ("accuracy", "map", "miou"), batch_size=len(self.predictions))
+            self.log(
+                f"val/{key}",
+                float(value),
+                prog_bar=key in ("accuracy", "map", "miou"),
+                batch_size=len(self.predictions),
+            )
 
     # ------------------------------------------------------------------------------------ checkpoints
     def trainable_state_keys(self) -> set[str]:
@@ -111,7 +120,10 @@ class PolicyModule(L.LightningModule):
         checkpoint["rng_states"] = {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": np.random.get_state(),
+            # Plain lists, so the checkpoint loads under torch.load(weights_only=True).
+            "numpy": [
+                value.tolist() if isinstance(value, np.ndarray) else value for value in np.random.get_state()
+            ],
             "python": random.getstate(),
         }
 
@@ -129,5 +141,6 @@ class PolicyModule(L.LightningModule):
             torch.set_rng_state(rng["torch"])
             if rng["cuda"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
-            np.random.set_state(rng["numpy"])
+            kind, keys, position, has_gauss, cached = rng["numpy"]
+            np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
             random.setstate(rng["python"])

@@ -60,14 +60,20 @@ def preset_config(name: str) -> PretrainedConfig:
     if name == "tiny":
         text, _ = _qwen2vl(64, 128, 2, 4, 2, tie=True)
         vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2)
-        return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **VISION_TOKEN_IDS)
+        return Qwen2VLConfig(
+            text_config=text, vision_config=vision, tie_word_embeddings=True, **VISION_TOKEN_IDS
+        )
     if name in ("qwen2vl-2b", "qwen2vl-7b"):
-        hidden, inter, heads, kv, tie = (1536, 8960, 12, 2, True) if name == "qwen2vl-2b" else (3584, 18944, 28, 4, False)
+        hidden, inter, heads, kv, tie = (
+            (1536, 8960, 12, 2, True) if name == "qwen2vl-2b" else (3584, 18944, 28, 4, False)
+        )
         text, _ = _qwen2vl(hidden, inter, 28, heads, kv, tie)
         # mrope of the released checkpoints is [16, 24, 24] for head_dim 128.
         text["rope_scaling"]["mrope_section"] = [16, 24, 24]
         vision = dict(depth=32, embed_dim=1280, hidden_size=hidden, num_heads=16, mlp_ratio=4)
-        return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie, **VISION_TOKEN_IDS)
+        return Qwen2VLConfig(
+            text_config=text, vision_config=vision, tie_word_embeddings=tie, **VISION_TOKEN_IDS
+        )
     if name in ("qwen25vl-3b", "qwen25vl-7b"):
         if name == "qwen25vl-3b":
             hidden, inter, layers, heads, kv, tie = 2048, 11008, 36, 16, 2, True
@@ -85,7 +91,9 @@ def preset_config(name: str) -> PretrainedConfig:
             fullatt_block_indexes=[7, 15, 23, 31],
             tokens_per_second=2,
         )
-        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie, **VISION_TOKEN_IDS)
+        return Qwen2_5_VLConfig(
+            text_config=text, vision_config=vision, tie_word_embeddings=tie, **VISION_TOKEN_IDS
+        )
     raise ValueError(
         f"unknown model preset '{name}'; choose one of {sorted(PRESETS)} or set model.name_or_path to a local "
         "Hugging Face checkpoint folder"
@@ -97,7 +105,11 @@ PRESETS = ("tiny", "qwen2vl-2b", "qwen2vl-7b", "qwen25vl-3b", "qwen25vl-7b")
 
 def model_class(config: PretrainedConfig) -> type:
     """The generation class for a Qwen2-VL or Qwen2.5-VL config."""
-    return Qwen2_5_VLForConditionalGeneration if isinstance(config, Qwen2_5_VLConfig) else Qwen2VLForConditionalGeneration
+    return (
+        Qwen2_5_VLForConditionalGeneration
+        if isinstance(config, Qwen2_5_VLConfig)
+        else Qwen2VLForConditionalGeneration
+    )
 
 
 def cache_root() -> Path:
@@ -109,7 +121,8 @@ def random_preset(name: str, dtype: torch.dtype, seed: int = 0) -> torch.nn.Modu
     """Instantiate an architecture-exact preset with random weights (on CPU, in `dtype`)."""
     config = preset_config(name)
     log.warning(
-        "model preset '%s' has RANDOM WEIGHTS: fine for memory and speed figures, meaningless for accuracy", name
+        "model preset '%s' has RANDOM WEIGHTS: fine for memory and speed figures, meaningless for accuracy",
+        name,
     )
     torch.manual_seed(seed)
     return model_class(config)._from_config(config, dtype=dtype)
@@ -119,7 +132,9 @@ def build_processor(min_pixels: int, max_pixels: int) -> ImageOnlyQwen2VLProcess
     """A Qwen2-VL processor (PIL image backend, real tokenizer) for the built-in presets."""
     image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
     return ImageOnlyQwen2VLProcessor(
-        image_processor=image_processor, tokenizer=build_qwen2_tokenizer(), chat_template=QWEN2_VL_CHAT_TEMPLATE
+        image_processor=image_processor,
+        tokenizer=build_qwen2_tokenizer(),
+        chat_template=QWEN2_VL_CHAT_TEMPLATE,
     )
 
 

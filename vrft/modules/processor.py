@@ -29,10 +29,14 @@ class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
 def load_processor(folder: str | Path, min_pixels: int, max_pixels: int) -> ImageOnlyQwen2VLProcessor:
     """The processor of a local checkpoint folder, with the image budget (pixels) of the run."""
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    image_processor = Qwen2VLImageProcessorPil.from_pretrained(folder, min_pixels=min_pixels, max_pixels=max_pixels)
+    image_processor = Qwen2VLImageProcessorPil.from_pretrained(
+        folder, min_pixels=min_pixels, max_pixels=max_pixels
+    )
     chat_template = getattr(tokenizer, "chat_template", None) or _folder_chat_template(Path(folder))
     return ImageOnlyQwen2VLProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template or QWEN2_VL_CHAT_TEMPLATE
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=chat_template or QWEN2_VL_CHAT_TEMPLATE,
     )
 
 

@@ -52,7 +52,9 @@ class Rollout:
         completion_ids = self.completion_ids[start:stop]
         return dict(
             input_ids=torch.cat([p.input_ids[prompt_index], completion_ids], dim=1),
-            attention_mask=torch.cat([p.attention_mask[prompt_index], self.completion_mask[start:stop]], dim=1),
+            attention_mask=torch.cat(
+                [p.attention_mask[prompt_index], self.completion_mask[start:stop]], dim=1
+            ),
             mm_token_type_ids=torch.cat(
                 [p.mm_token_type_ids[prompt_index], torch.zeros_like(completion_ids)], dim=1
             ),
@@ -85,7 +87,9 @@ def completion_mask(completion_ids: Tensor, eos_token_ids: Sequence[int]) -> Ten
     """`[N, C]` mask that is 1 up to and including each row's first EOS token (all ones if none)."""
     is_eos = torch.isin(completion_ids, torch.tensor(list(eos_token_ids), device=completion_ids.device))
     length = completion_ids.shape[1]
-    first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(is_eos[:, 0], length, dtype=torch.long))
+    first_eos = torch.where(
+        is_eos.any(1), is_eos.int().argmax(1), torch.full_like(is_eos[:, 0], length, dtype=torch.long)
+    )
     positions = torch.arange(length, device=completion_ids.device).unsqueeze(0)
     return (positions <= first_eos.unsqueeze(1)).long()
 
@@ -107,7 +111,10 @@ def generate_rollout(
     """
     prompts = build_prompts(processor, rows, prompt_template, device)
     tokenizer = processor.tokenizer
-    eos_ids = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+    eos_ids = [
+        tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+    ]
     output = policy.generate(
         input_ids=prompts.input_ids,
         attention_mask=prompts.attention_mask,

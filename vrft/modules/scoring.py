@@ -29,7 +29,9 @@ class RewardSet:
 
     def __init__(self, rewards: Mapping[str, WeightedReward | Mapping]):
         if not rewards:
-            raise ValueError("task.rewards is empty; a GRPO run needs at least one reward (e.g. format, accuracy)")
+            raise ValueError(
+                "task.rewards is empty; a GRPO run needs at least one reward (e.g. format, accuracy)"
+            )
         self.rewards = {
             name: r if isinstance(r, WeightedReward) else WeightedReward(**r) for name, r in rewards.items()
         }
@@ -46,7 +48,9 @@ class RewardSet:
         for name, reward in self.rewards.items():
             values = reward.fn(list(completions), list(solutions), **columns)
             if len(values) != len(completions):
-                raise ValueError(f"reward '{name}' returned {len(values)} values for {len(completions)} completions")
+                raise ValueError(
+                    f"reward '{name}' returned {len(values)} values for {len(completions)} completions"
+                )
             for i, value in enumerate(values):
                 if value is not None and not math.isfinite(value):
                     raise ValueError(

@@ -1,0 +1,133 @@
+"""The real CLI on the tiny model: a short run, its outputs, resume, and the exported adapter."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForImageTextToText
+
+from tests.support import LENGTH_REWARD
+from vrft.modules.presets import tiny_checkpoint
+from vrft.train import fit
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+# Small enough for a few seconds per optimizer step on 2 CPU cores.
+FAST = [
+    "trainer.max_steps=2",
+    "algorithm.max_new_tokens=8",
+    "algorithm.group_size=2",
+    "algorithm.rollout_batch_size=2",
+    "algorithm.prompts_per_step=2",
+    "algorithm.update_micro_batch_size=2",
+    "data.synthetic.num_train=8",
+    "data.synthetic.num_test=4",
+    "callbacks.checkpoint.every_n_train_steps=1",
+    "lora.r=4",
+    "lora.alpha=8",
+    "optimizer.lr=1e-2",
+    "~callbacks.progress",
+    *LENGTH_REWARD,
+]
+
+
+def run_cli(run_dir: Path, *overrides: str, module: str = "vrft.train") -> subprocess.CompletedProcess:
+    env = dict(os.environ, HYDRA_FULL_ERROR="1")
+    command = [sys.executable, "-m", module, f"hydra.run.dir={run_dir}", *FAST, *overrides]
+    root = Path(__file__).resolve().parents[1]
+    # cwd = the repository root, so that the CLI process can import `tests.support`.
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=900, cwd=root)
+
+
+def metric_rows(run_dir: Path) -> list[dict]:
+    with (run_dir / "logs" / "metrics.csv").open() as file:
+        return [row for row in csv.DictReader(file) if row.get("train/reward")]
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("cli") / "first"
+    result = run_cli(run_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"run folder: {run_dir}" in result.stdout
+    return run_dir
+
+
+def test_cli_run_writes_metrics_checkpoints_adapter_and_summary(first_run):
+    rows = metric_rows(first_run)
+    assert [int(r["step"]) for r in rows] == [1, 2]
+    for key in (
+        "train/kl",
+        "reward/format",
+        "reward/accuracy",
+        "train/completion_length",
+        "memory/update_peak_gb",
+    ):
+        assert rows[-1][key] != ""
+    assert (first_run / "checkpoints" / "last.ckpt").is_file()
+    summary = json.loads((first_run / "run_summary.json").read_text())
+    assert summary["global_step"] == 2
+    assert 0 < summary["trainable_parameters"] < summary["total_parameters"]
+    adapter = load_file(first_run / "adapter" / "final" / "adapter_model.safetensors")
+    # peft starts lora_B at zero: a non-zero lora_B means the adapter trained.
+    assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
+    assert (first_run / "samples.jsonl").read_text().strip()
+
+
+def test_resume_continues_step_count_and_optimizer_state(first_run, tmp_path):
+    checkpoint = torch.load(first_run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == 2
+    # Only adapter weights are stored: the frozen base comes from the model folder again.
+    assert all("lora_" in key for key in checkpoint["state_dict"])
+    adam_step = next(iter(checkpoint["optimizer_states"][0]["state"].values()))["step"]
+    assert float(adam_step) == 2
+
+    resumed = tmp_path / "resumed"
+    result = run_cli(resumed, f"ckpt_path={first_run / 'checkpoints' / 'last.ckpt'}", "trainer.max_steps=3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [int(r["step"]) for r in metric_rows(resumed)] == [3]
+    last = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 3
+    assert float(next(iter(last["optimizer_states"][0]["state"].values()))["step"]) == 3
+
+
+def test_bad_input_is_one_line_naming_the_fix(tmp_path):
+    result = run_cli(tmp_path / "bad", "algorithm.group_size=1")
+    assert result.returncode == 2
+    assert "vrft: error: algorithm.group_size=1" in result.stderr
+    assert "Traceback" not in result.stderr
+    missing = run_cli(tmp_path / "bad2", "model=local", "model.name_or_path=/no/such/model")
+    assert missing.returncode == 2
+    assert "model.name_or_path='/no/such/model' does not exist" in missing.stderr
+
+
+def test_in_process_fit_trains_lora_only_and_adapter_reloads(tmp_path):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("train", overrides=FAST)
+    cfg.run_dir = str(tmp_path)
+    base = AutoModelForImageTextToText.from_pretrained(tiny_checkpoint(), dtype=torch.float32)
+    trainer, module, _ = fit(cfg)
+    assert trainer.global_step == 2
+
+    trained = dict(module.policy.get_base_model().named_parameters())
+    for name, original in base.named_parameters():
+        # peft moves the parameters of each adapted Linear under `.base_layer`.
+        prefix, leaf = name.rsplit(".", 1)
+        current = trained[name] if name in trained else trained[f"{prefix}.base_layer.{leaf}"]
+        assert torch.equal(current, original), f"frozen weight {name} changed"
+    assert any(p.abs().sum() > 0 for n, p in module.policy.named_parameters() if "lora_B" in n)
+
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter" / "final").eval()
+    module.policy.eval()
+    ids = torch.tensor([[151644, 872, 198, 3838, 374, 419, 30, 151645]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, module.policy(input_ids=ids).logits)
