@@ -244,9 +244,7 @@ def _pixel_box(value: object, where: str, width: int, height: int) -> list[float
     # Boxes traced from masks may overshoot the border by rounding; clamping keeps them on the image.
     x1, y1, x2, y2 = (min(max(0.0, n), limit) for n, limit in zip(numbers, (width, height) * 2, strict=True))
     if x2 <= x1 or y2 <= y1:
-        raise ValueError(
-            f"{where}: box {value!r} has no area inside the {width}x{height} image; fix the entry"
-        )
+        raise ValueError(f"{where}: box {value!r} has no area inside the {width}x{height} image; fix it")
     return [x1, y1, x2, y2]
 
 
@@ -268,11 +266,7 @@ def build_grounding_rows(
         entries = json.load(file)
     if not isinstance(entries, list):
         raise ValueError(f"'{json_path}' holds a {type(entries).__name__}; expected a list of entries")
-    bad = [
-        i
-        for i, entry in enumerate(entries)
-        if not (isinstance(entry, dict) and _GROUNDING_KEYS <= entry.keys())
-    ]
+    bad = [i for i, e in enumerate(entries) if not (isinstance(e, dict) and _GROUNDING_KEYS <= e.keys())]
     if bad:
         raise ValueError(
             f"entries {bad[:5]} of '{json_path}' lack image, instruction or box; each entry needs all three "

@@ -10,6 +10,7 @@ from vrft.rewards.classification import (
 )
 from vrft.rewards.detection import (
     ConfidenceReward,
+    DetectionReward,
     IoUReward,
     check_detection_solution,
     confidence_reward,
@@ -24,6 +25,7 @@ __all__ = [
     "Box",
     "ConfidenceReward",
     "Detection",
+    "DetectionReward",
     "FormatReward",
     "GroundingReward",
     "IoUReward",

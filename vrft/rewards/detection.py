@@ -23,6 +23,7 @@ any                    unreadable          0 / 0
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from dataclasses import dataclass
 
 from vrft.rewards.base import Reward
@@ -69,8 +70,8 @@ def match_detections(
     return results
 
 
-class _DetectionReward(Reward):
-    """Shared reading and matching; subclasses turn the matches into a value in [0, 1].
+class DetectionReward(Reward):
+    """Base of the detection rewards: reads both answers, matches, and lets ``combine`` score in [0, 1].
 
     Args:
         compat: read a completion without ``<answer>`` as a whole, as the reference does. By
@@ -102,14 +103,16 @@ class _DetectionReward(Reward):
             match_detections(predictions, ground_truth, self.iou_threshold), len(ground_truth)
         )
 
+    @abstractmethod
     def combine(self, matches: list[MatchedPrediction], num_ground_truth: int) -> float:
-        raise NotImplementedError
+        """Reward in [0, 1] from the matches of the predictions (in confidence order)."""
 
 
-class IoUReward(_DetectionReward):
+class IoUReward(DetectionReward):
     """``sum(matched IoU) / max(N_gt, N_pred)``, capped at 1; 1.0 for "No Objects" vs "No Objects".
 
     Extra boxes dilute the reward through the denominator, missed boxes through the missing IoU.
+    Options (``compat``, ``coord_max``, ``iou_threshold``) as in ``DetectionReward``.
     """
 
     name = "iou"
@@ -120,11 +123,11 @@ class IoUReward(_DetectionReward):
         return min(1.0, sum(match.iou for match in matches) / max(num_ground_truth, len(matches)))
 
 
-class ConfidenceReward(_DetectionReward):
+class ConfidenceReward(DetectionReward):
     """Mean over predictions of ``c`` if matched else ``1 - c``, clipped to [0, 1].
 
     Rewards calibrated confidences: high on true positives, low on false positives. With no
-    predictions it is 1.0 when the ground truth is empty too, else 0.0.
+    predictions it is 1.0 when the ground truth is empty too, else 0.0. Options as in ``DetectionReward``.
     """
 
     name = "confidence"
