@@ -1,0 +1,51 @@
+"""Task evaluators over completions and dataset rows, as the validation loop and vrft.evaluate call them."""
+
+import pytest
+
+from vrft.evaluation.evaluators import ClassificationEvaluator, DetectionEvaluator, GroundingEvaluator
+
+ROWS = [
+    {
+        "solution": "<answer>[{'Position': [100, 100, 400, 400], 'Confidence': 1}]</answer>",
+        "category": "circle",
+        "row_index": 0,
+        "image_size": (112, 112),
+    },
+    {
+        "solution": "<answer>[{'Position': [500, 500, 900, 900], 'Confidence': 1}]</answer>",
+        "category": "square",
+        "row_index": 1,
+        "image_size": (112, 112),
+    },
+]
+
+
+def test_detection_perfect_answers_score_one():
+    completions = [f"<think>x</think>{row['solution'].replace('1}', '0.9}')}" for row in ROWS]
+    metrics = DetectionEvaluator()(completions, ROWS)
+    assert metrics["map"] == pytest.approx(1.0)
+    assert metrics["map_50"] == pytest.approx(1.0)
+    assert metrics["map/circle"] == pytest.approx(1.0)
+
+
+def test_detection_half_right_averages_classes():
+    completions = [ROWS[0]["solution"], "<answer>No Objects</answer>"]
+    metrics = DetectionEvaluator()(completions, ROWS)
+    # circle perfect (AP 1), square missed (AP 0): the class average is 0.5.
+    assert metrics["map"] == pytest.approx(0.5)
+
+
+def test_detection_needs_category_column():
+    with pytest.raises(ValueError, match="'category' column"):
+        DetectionEvaluator()(
+            ["x"], [{"solution": "<answer>No Objects</answer>", "row_index": 0, "image_size": (8, 8)}]
+        )
+
+
+def test_classification_and_grounding():
+    rows = [{"solution": "<answer>red circle</answer>"}, {"solution": "<answer>blue square</answer>"}]
+    assert ClassificationEvaluator()(["<answer>Red_Circle</answer>", "<answer>green</answer>"], rows) == {
+        "accuracy": 0.5
+    }
+    boxes = [{"solution": "<answer>(0,0),(100,100)</answer>"}]
+    assert GroundingEvaluator()(["<answer>(0,0),(100,100)</answer>"], boxes)["miou"] == pytest.approx(1.0)
