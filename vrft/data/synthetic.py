@@ -7,9 +7,9 @@ draws from its own generator, so the test rows do not change when ``num_train`` 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import datasets
 import numpy as np
@@ -53,26 +53,36 @@ class Shape:
     box: tuple[int, int, int, int]  # pixel (x1, y1, x2, y2), end-exclusive; the shape touches all four sides
 
 
-def _polygon(points: Callable[[float, float, float, float], list]) -> Callable:
-    def draw(canvas: ImageDraw.ImageDraw, corners: tuple, fill: tuple) -> None:
-        canvas.polygon(points(*corners), fill=fill)
+class _Row(NamedTuple):
+    """One generated row; its image is drawn from ``shapes``."""
 
-    return draw
+    shapes: list[Shape]
+    problem: str
+    solution: str
+    category: str
 
 
-_DRAW = {
-    "circle": lambda canvas, corners, fill: canvas.ellipse(corners, fill=fill),
-    "square": lambda canvas, corners, fill: canvas.rectangle(corners, fill=fill),
-    "triangle": _polygon(lambda x1, y1, x2, y2: [(x1, y2), (x2, y2), ((x1 + x2) / 2, y1)]),
-    "diamond": _polygon(
-        lambda x1, y1, x2, y2: [
-            ((x1 + x2) / 2, y1),
-            (x2, (y1 + y2) / 2),
-            ((x1 + x2) / 2, y2),
-            (x1, (y1 + y2) / 2),
-        ]
-    ),
-}
+# Each drawer fills the shape inside inclusive pixel corners (x1, y1, x2, y2).
+def _draw_circle(canvas: ImageDraw.ImageDraw, corners: tuple, fill: tuple) -> None:
+    canvas.ellipse(corners, fill=fill)
+
+
+def _draw_square(canvas: ImageDraw.ImageDraw, corners: tuple, fill: tuple) -> None:
+    canvas.rectangle(corners, fill=fill)
+
+
+def _draw_triangle(canvas: ImageDraw.ImageDraw, corners: tuple, fill: tuple) -> None:
+    x1, y1, x2, y2 = corners
+    canvas.polygon([(x1, y2), (x2, y2), ((x1 + x2) / 2, y1)], fill=fill)
+
+
+def _draw_diamond(canvas: ImageDraw.ImageDraw, corners: tuple, fill: tuple) -> None:
+    x1, y1, x2, y2 = corners
+    center_x, center_y = (x1 + x2) / 2, (y1 + y2) / 2
+    canvas.polygon([(center_x, y1), (x2, center_y), (center_x, y2), (x1, center_y)], fill=fill)
+
+
+_DRAW = {"circle": _draw_circle, "square": _draw_square, "triangle": _draw_triangle, "diamond": _draw_diamond}
 
 
 def draw_shapes(shapes: list[Shape], image_size: int, background: tuple[int, int, int]) -> Image.Image:
@@ -103,18 +113,19 @@ def _pick(rng: np.random.Generator, options: tuple | list) -> str:
     return options[int(rng.integers(len(options)))]
 
 
-# Row makers share one signature so that the task picks one from a table; each returns
-# (shapes, problem, solution, category).
+# Row makers share one signature so that the task picks one from a table.
 def _classification_row(
     rng: np.random.Generator, image_size: int, coord_convention: str, no_objects_rate: float
-):
+) -> _Row:
     shape = Shape(
         _pick(rng, SHAPES), _pick(rng, tuple(COLORS)), _square_in(rng, 0, 0, image_size, (0.3, 0.7))
     )
-    return [shape], _CLASSIFICATION_PROBLEM, f"<answer>{shape.kind}</answer>", shape.kind
+    return _Row([shape], _CLASSIFICATION_PROBLEM, f"<answer>{shape.kind}</answer>", shape.kind)
 
 
-def _detection_row(rng: np.random.Generator, image_size: int, coord_convention: str, no_objects_rate: float):
+def _detection_row(
+    rng: np.random.Generator, image_size: int, coord_convention: str, no_objects_rate: float
+) -> _Row:
     boxes = _grid_boxes(rng, int(rng.integers(1, 4)), image_size)
     shapes = [Shape(_pick(rng, SHAPES), _pick(rng, tuple(COLORS)), box) for box in boxes]
     present = sorted({shape.kind for shape in shapes})
@@ -125,15 +136,14 @@ def _detection_row(rng: np.random.Generator, image_size: int, coord_convention: 
         for shape in shapes
         if shape.kind == category
     ]
-    return (
-        shapes,
-        detection_prompt(category, coord_convention),
-        format_detection_answer(answer_boxes),
-        category,
+    return _Row(
+        shapes, detection_prompt(category, coord_convention), format_detection_answer(answer_boxes), category
     )
 
 
-def _grounding_row(rng: np.random.Generator, image_size: int, coord_convention: str, no_objects_rate: float):
+def _grounding_row(
+    rng: np.random.Generator, image_size: int, coord_convention: str, no_objects_rate: float
+) -> _Row:
     # Distinct (colour, shape) pairs, so that "the red square" names exactly one object.
     pairs = [(color, kind) for color in COLORS for kind in SHAPES]
     boxes = _grid_boxes(rng, int(rng.integers(2, 4)), image_size)
@@ -142,7 +152,7 @@ def _grounding_row(rng: np.random.Generator, image_size: int, coord_convention: 
     target = shapes[int(rng.integers(len(shapes)))]
     described = f"{target.color} {target.kind}"
     box = pixels_to_convention(target.box, image_size, image_size, coord_convention)
-    return shapes, grounding_prompt(f"the {described}"), format_grounding_answer(box), described
+    return _Row(shapes, grounding_prompt(f"the {described}"), format_grounding_answer(box), described)
 
 
 _ROW_MAKERS = {
@@ -158,11 +168,11 @@ def _split(
     columns: dict[str, list] = {name: [] for name in _FEATURES}
     for _ in range(num_rows):
         background = tuple(int(v) for v in rng.integers(205, 256, size=3))
-        shapes, problem, solution, category = _ROW_MAKERS[task](rng, image_size, **options)
-        columns["image"].append(draw_shapes(shapes, image_size, background))
-        columns["problem"].append(problem)
-        columns["solution"].append(solution)
-        columns["category"].append(category)
+        row = _ROW_MAKERS[task](rng, image_size, **options)
+        columns["image"].append(draw_shapes(row.shapes, image_size, background))
+        columns["problem"].append(row.problem)
+        columns["solution"].append(row.solution)
+        columns["category"].append(row.category)
         columns["width"].append(image_size)
         columns["height"].append(image_size)
     return datasets.Dataset.from_dict(columns, features=_FEATURES)
