@@ -1,7 +1,8 @@
 """Lightning callbacks of a vrft run."""
 
 from vrft.callbacks.adapter import AdapterExport
+from vrft.callbacks.progress import StepProgressBar
 from vrft.callbacks.samples import CompletionSamples
 from vrft.callbacks.summary import RunSummary
 
-__all__ = ["AdapterExport", "CompletionSamples", "RunSummary"]
+__all__ = ["AdapterExport", "CompletionSamples", "RunSummary", "StepProgressBar"]

@@ -119,6 +119,11 @@ class GRPOModule(PolicyModule):
         self._last_grad_norm = float("nan")
         self.samples: list[dict] = []  # latest completions, read by the sample-logging callback
 
+    @property
+    def batches_per_step(self) -> int:
+        """Training batches per optimizer step (read by the progress bar)."""
+        return self.settings.rollouts_per_step
+
     # ------------------------------------------------------------------------------------------ the loop
     @override
     def training_step(self, batch: list[dict], batch_idx: int) -> None:
