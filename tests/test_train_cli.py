@@ -40,8 +40,10 @@ FAST = [
 ]
 
 
-def run_cli(run_dir: Path, *overrides: str, module: str = "vrft.train") -> subprocess.CompletedProcess:
-    env = dict(os.environ, HYDRA_FULL_ERROR="1")
+def run_cli(
+    run_dir: Path, *overrides: str, module: str = "vrft.train", env: dict | None = None
+) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HYDRA_FULL_ERROR="1", **(env or {}))
     command = [sys.executable, "-m", module, f"hydra.run.dir={run_dir}", *FAST, *overrides]
     root = Path(__file__).resolve().parents[1]
     # cwd = the repository root, so that the CLI process can import `tests.support`.
@@ -131,3 +133,13 @@ def test_in_process_fit_trains_lora_only_and_adapter_reloads(tmp_path):
     ids = torch.tensor([[151644, 872, 198, 3838, 374, 419, 30, 151645]])
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, module.policy(input_ids=ids).logits)
+
+
+def test_wandb_logger_works_offline_with_sample_table(tmp_path):
+    run_dir = tmp_path / "wandb"
+    env_run = run_cli(run_dir, "logger=wandb", "trainer.max_steps=1", env={"WANDB_MODE": "offline"})
+    assert env_run.returncode == 0, env_run.stderr[-3000:]
+    offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 1
+    assert list(offline_runs[0].rglob("*.wandb")), "no W&B event file written"
+    assert list(offline_runs[0].rglob("samples*.table.json")), "no sample-completion table written"

@@ -37,7 +37,8 @@ class RunSummary(L.Callback):
         if hasattr(plugin, "summary"):
             self.summary["precision_details"] = plugin.summary(pl_module)
         self.summary["device"] = str(pl_module.device)
-        self.summary["metrics_dir"] = trainer.logger.log_dir if trainer.logger is not None else None
+        logger = trainer.logger
+        self.summary["metrics_dir"] = (logger.log_dir or logger.save_dir) if logger is not None else None
         for callback in trainer.checkpoint_callbacks:
             self.summary["checkpoint_dir"] = callback.dirpath
         datamodule = trainer.datamodule
