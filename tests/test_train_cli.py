@@ -143,3 +143,15 @@ def test_wandb_logger_works_offline_with_sample_table(tmp_path):
     assert len(offline_runs) == 1
     assert list(offline_runs[0].rglob("*.wandb")), "no W&B event file written"
     assert list(offline_runs[0].rglob("samples*.table.json")), "no sample-completion table written"
+
+
+def test_evaluate_cli_writes_predictions_and_metrics(first_run, tmp_path):
+    out = tmp_path / "eval"
+    adapter = first_run / "adapter" / "final"
+    result = run_cli(out, f"adapter={adapter}", "split=test", "max_rows=4", module="vrft.evaluate")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["rows"] == 4 and report["adapter"] == str(adapter)
+    assert 0.0 <= report["metrics"]["accuracy"] <= 1.0
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert len(predictions) == 4 and {"completion", "solution", "problem"} <= set(predictions[0])

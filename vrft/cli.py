@@ -11,6 +11,11 @@ from collections.abc import Callable
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
+from vrft.modules.presets import box_convention
+
+# `${box_convention:${model.name_or_path}}` lets a task follow the model's box coordinates.
+OmegaConf.register_new_resolver("box_convention", box_convention, replace=True)
+
 # Errors that mean "the input is wrong": shown as one line naming the value and the fix, no traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
 

@@ -161,3 +161,19 @@ def tiny_checkpoint(seed: int = 0) -> Path:
         if not (folder / "config.json").exists():
             raise
     return folder
+
+
+def box_convention(name_or_path: str) -> str:
+    """How the model writes boxes: `qwen2vl` (0..1000 grid) for Qwen2-VL, `absolute` (pixels) for Qwen2.5-VL.
+
+    Read from the preset name or the checkpoint's `config.json`; an unreadable folder defaults to `qwen2vl`
+    (loading the model reports the real problem later).
+    """
+    if name_or_path in PRESETS:
+        return "absolute" if name_or_path.startswith("qwen25") else "qwen2vl"
+    config = Path(name_or_path).expanduser() / "config.json"
+    try:
+        model_type = json.loads(config.read_text()).get("model_type", "")
+    except (OSError, ValueError):
+        return "qwen2vl"
+    return "absolute" if model_type == "qwen2_5_vl" else "qwen2vl"
