@@ -8,11 +8,16 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from vrft.callbacks import RunSummary
 from vrft.cli import config_hash, user_errors
+from vrft.memory.cuda import apply_memory_cap, configure_allocator
+from vrft.memory.oom import explain_out_of_memory
+from vrft.memory.planning import resolve_precision
+from vrft.memory.report import enforce_plan
 
 log = logging.getLogger(__name__)
 # vrft checkpoints are written after the optimizer step on purpose (adapter + optimizer state of that step).
@@ -29,6 +34,7 @@ def build_trainer(cfg: DictConfig, precision, extra_callbacks: list | None = Non
 
 def fit(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, RunSummary]:
     """Build the run described by `cfg` and fit it; returns the trainer, the module and the run summary."""
+    configure_allocator()  # expandable segments, before anything touches CUDA
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.run_dir)
     if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
@@ -36,6 +42,9 @@ def fit(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, RunSummary]:
             f"ckpt_path='{cfg.ckpt_path}' is not a file; pass a Lightning checkpoint such as "
             "<run_dir>/checkpoints/last.ckpt"
         )
+    cfg = resolve_precision(cfg)  # precision=auto -> the most precise mode that fits
+    enforce_plan(cfg)  # refuse, before the model loads, a run the planner says will not fit
+    apply_memory_cap(cfg.get("memory_cap_gb"))  # a bigger GPU behaves like the profile's card
     precision = instantiate(cfg.precision)
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.algorithm, _convert_="object")
@@ -55,7 +64,11 @@ def fit(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, RunSummary]:
     trainer = build_trainer(cfg, precision, [summary])
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=False)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    except torch.OutOfMemoryError as error:
+        # Raised in the except block (not `from`): the CLI prints this message, VRFT_TRACEBACK shows both.
+        raise explain_out_of_memory(error, module, run_dir, trainer.global_step)  # noqa: B904
     return trainer, module, summary
 
 

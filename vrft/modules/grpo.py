@@ -17,6 +17,8 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
+from vrft.memory.fast_rollout import build_rollout_engine
+from vrft.memory.phases import PhaseTracker
 from vrft.modules.logprobs import selective_logprobs
 from vrft.modules.losses import PolicyLoss, StepTotals
 from vrft.modules.policy import LoraSpec, ModelSpec
@@ -47,6 +49,7 @@ class GRPOSettings:
     rollout_batch_size: int = 2  # prompts generated together (times G sequences)
     update_micro_batch_size: int = 4  # completions per forward/backward in the update
     logprob_chunk_size: int = 1024  # positions per lm_head chunk
+    rollout_engine: str = "hf"  # hf | bf16_copy | dequant, see vrft.memory.fast_rollout
     scale_rewards: bool = True  # divide advantages by the group std (False: Dr. GRPO)
     advantage_eps: float = 1e-4
     max_grad_norm: float | None = 1.0
@@ -118,6 +121,8 @@ class GRPOModule(PolicyModule):
         self._pending: list[Rollout] = []
         self._last_grad_norm = float("nan")
         self.samples: list[dict] = []  # latest completions, read by the sample-logging callback
+        self.rollout_engine = build_rollout_engine(self.settings.rollout_engine)
+        self.phases = PhaseTracker()  # names the running phase (OOM messages) and records its peak memory
 
     @property
     def batches_per_step(self) -> int:
@@ -127,7 +132,10 @@ class GRPOModule(PolicyModule):
     # ------------------------------------------------------------------------------------------ the loop
     @override
     def training_step(self, batch: list[dict], batch_idx: int) -> None:
-        rollout = self.rollout(batch)
+        if not self._pending:
+            self.phases.reset()
+        with self.phases("rollout", self.device):
+            rollout = self.rollout(batch)
         self.score(rollout)
         self._pending.append(rollout)
         if len(self._pending) == self.settings.rollouts_per_step:
@@ -150,7 +158,14 @@ class GRPOModule(PolicyModule):
             top_k=0,
         )
         rollout = generate_rollout(
-            self.policy, self.processor, rows, self.prompt_template, s.group_size, generation, self.device
+            self.policy,
+            self.processor,
+            rows,
+            self.prompt_template,
+            s.group_size,
+            generation,
+            self.device,
+            engine=self.rollout_engine,
         )
         self.policy.train()
         seconds = time.perf_counter() - start
@@ -190,7 +205,7 @@ class GRPOModule(PolicyModule):
             for i in range(min(s.num_logged_samples, len(rows)))
         ]
         start = time.perf_counter()
-        with torch.no_grad():
+        with self.phases("reference", self.device), torch.no_grad():
             if self.loss.beta > 0:
                 with self.policy.disable_adapter():
                     rollout.ref_logprobs = self.rollout_logprobs(rollout)
@@ -208,38 +223,39 @@ class GRPOModule(PolicyModule):
             num_tokens=int(sum(r.completion_mask.sum() for r in rollouts)),
             max_completion_length=s.max_new_tokens,
         )
-        reset_peak_memory(self.device)
-        start = time.perf_counter()
-        for _ in range(s.num_iterations):
-            loss_total, stat_sums = 0.0, {}
-            for rollout in rollouts:
-                for first in range(0, rollout.num_sequences, s.update_micro_batch_size):
-                    last = first + s.update_micro_batch_size
-                    logprobs = self.sequence_logprobs(rollout, first, last)
-                    old = (
-                        logprobs.detach()
-                        if rollout.old_logprobs is None
-                        else rollout.old_logprobs[first:last]
-                    )
-                    ref = None if rollout.ref_logprobs is None else rollout.ref_logprobs[first:last]
-                    loss, stats = self.loss(
-                        logprobs,
-                        old,
-                        ref,
-                        rollout.advantages[first:last],
-                        rollout.completion_mask[first:last],
-                        totals,
-                    )
-                    self.manual_backward(loss)
-                    loss_total += float(loss.detach())
-                    for key, value in stats.items():
-                        stat_sums[key] = stat_sums.get(key, 0.0) + float(value)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if scheduler is not None:
-                scheduler.step()
-        update_seconds = time.perf_counter() - start
-        self.log_step(rollouts, totals, loss_total, stat_sums, update_seconds)
+        with self.phases("update", self.device):
+            reset_peak_memory(self.device)
+            start = time.perf_counter()
+            for _ in range(s.num_iterations):
+                loss_total, stat_sums = 0.0, {}
+                for rollout in rollouts:
+                    for first in range(0, rollout.num_sequences, s.update_micro_batch_size):
+                        last = first + s.update_micro_batch_size
+                        logprobs = self.sequence_logprobs(rollout, first, last)
+                        old = (
+                            logprobs.detach()
+                            if rollout.old_logprobs is None
+                            else rollout.old_logprobs[first:last]
+                        )
+                        ref = None if rollout.ref_logprobs is None else rollout.ref_logprobs[first:last]
+                        loss, stats = self.loss(
+                            logprobs,
+                            old,
+                            ref,
+                            rollout.advantages[first:last],
+                            rollout.completion_mask[first:last],
+                            totals,
+                        )
+                        self.manual_backward(loss)
+                        loss_total += float(loss.detach())
+                        for key, value in stats.items():
+                            stat_sums[key] = stat_sums.get(key, 0.0) + float(value)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if scheduler is not None:
+                    scheduler.step()
+            update_seconds = time.perf_counter() - start
+            self.log_step(rollouts, totals, loss_total, stat_sums, update_seconds)
 
     # --------------------------------------------------------------------------------------- log-probs
     def sequence_logprobs(self, rollout: Rollout, first: int, last: int) -> Tensor:
@@ -308,6 +324,7 @@ class GRPOModule(PolicyModule):
         }
         for name in self.rewards.names:
             metrics[f"reward/{name}"] = total(f"reward_sum/{name}") / n
+        metrics.update(self.phases.metrics())  # rollout/reference peaks (update: memory/update_peak_gb)
         skipped = getattr(self.trainer.precision_plugin, "skipped_steps", None)
         if skipped is not None:
             metrics["train/skipped_steps"] = float(skipped)

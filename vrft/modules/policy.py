@@ -10,6 +10,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoConfig
 
+from vrft.memory.frozen import run_without_autograd
 from vrft.modules.presets import PRESETS, build_processor, model_class, random_preset, tiny_checkpoint
 from vrft.modules.processor import load_processor
 
@@ -120,6 +121,9 @@ def load_processor_for(spec: ModelSpec):
 
 def attach_lora(model: torch.nn.Module, lora: LoraSpec, gradient_checkpointing: bool) -> PeftModel:
     """Wrap `model` with a LoRA adapter (fresh, or `lora.init_adapter`); only adapter weights require grad."""
+    if not lora.train_vision:
+        # A frozen vision tower runs under no_grad: none of its activations can be kept for a backward.
+        run_without_autograd(model.model.visual)
     if gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen inputs, so no input-embedding grad hook is needed.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

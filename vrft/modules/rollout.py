@@ -9,6 +9,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from vrft.memory.fast_rollout import HFGenerate, RolloutEngine
+
 
 @dataclass
 class PromptBatch:
@@ -103,11 +105,13 @@ def generate_rollout(
     group_size: int,
     generation_kwargs: dict,
     device: torch.device,
+    engine: RolloutEngine | None = None,
 ) -> Rollout:
     """Generate `group_size` completions for each row with the current policy (adapter active).
 
     All `len(rows) * group_size` sequences are generated together with a KV cache. `generation_kwargs`
-    go to `generate` (sampling settings, `max_new_tokens`, ...).
+    go to `generate` (sampling settings, `max_new_tokens`, ...). `engine` picks how (`vrft.memory.fast_rollout`;
+    default plain `generate`).
     """
     prompts = build_prompts(processor, rows, prompt_template, device)
     tokenizer = processor.tokenizer
@@ -115,18 +119,10 @@ def generate_rollout(
         tokenizer.convert_tokens_to_ids("<|im_end|>"),
         tokenizer.convert_tokens_to_ids("<|endoftext|>"),
     ]
-    output = policy.generate(
-        input_ids=prompts.input_ids,
-        attention_mask=prompts.attention_mask,
-        mm_token_type_ids=prompts.mm_token_type_ids,
-        pixel_values=prompts.pixel_values,
-        image_grid_thw=prompts.image_grid_thw,
-        num_return_sequences=group_size,
-        eos_token_id=eos_ids,
-        pad_token_id=tokenizer.pad_token_id,
-        **generation_kwargs,
+    engine = engine or HFGenerate()
+    completion_ids = engine.generate(
+        policy, prompts, group_size, generation_kwargs, eos_ids, tokenizer.pad_token_id
     )
-    completion_ids = output[:, prompts.input_ids.shape[1] :]
     mask = completion_mask(completion_ids, eos_ids)
     completion_ids = completion_ids.masked_fill(mask == 0, tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)

@@ -1,0 +1,236 @@
+"""Peak CUDA memory of a GRPO step, by component and phase, from sizes alone (nothing is allocated).
+
+All figures are bytes unless a name says GiB. The model is a sum of terms with a physical meaning
+(weights, adapter, gradients, optimizer state, KV cache, activations, log-prob buffers, vision tower);
+the few coefficients that depend on how PyTorch and transformers hold intermediates are the `Calibration`
+fields, fitted to the benchmark measurements in `bench/memory/` (see `bench/README.md`).
+
+Phases (steady state, i.e. after the first optimizer step created the optimizer state):
+- rollout: resident + rollout engine's weights + KV cache + prefill work (vision tower, prompt activations)
+- reference: resident + stored rollouts + a no-grad forward of one micro-batch + log-prob chunk
+- update: resident + gradients + stored rollouts + checkpointed activations + one layer's recompute
+  + log-prob chunk backward
+where resident = weights + adapter + optimizer state (paged optimizer state lives outside PyTorch's pool).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+GIB = 2**30
+ACTIVATION_BYTES = 2  # bf16/fp16 activations; fp32 runs pass 4
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Language-model and vision-tower sizes of a Qwen2-VL / Qwen2.5-VL config."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    vision_dim: int  # width of the vision blocks
+    vision_mlp: int  # hidden width of a vision block's MLP
+    vision_depth: int
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge: int = 2
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def kv_width(self) -> int:
+        """Key (= value) width per token and layer."""
+        return self.kv_heads * self.head_dim
+
+
+@dataclass(frozen=True)
+class WeightFootprint:
+    """What the model holds on the device, as the precision plugin stores it."""
+
+    weight_bytes: int  # every frozen parameter, packed 4-bit/int8 storage and quantisation state included
+    lm_linear_params: int  # parameters of the language model's projections (what a bf16 copy holds)
+    largest_linear_params: int  # the largest single projection (scratch of an on-the-fly dequantisation)
+    adapter_params: int  # trainable LoRA parameters
+    adapter_bytes_per_param: int  # 4 for fp32 adapters, 2 for bf16
+    optimizer_bytes_per_param: float  # optimizer state per trainable parameter
+    optimizer_paged: bool  # paged (managed) state sits outside PyTorch's reserved pool
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The GRPO settings that size the activations."""
+
+    group_size: int
+    rollout_batch_size: int
+    update_micro_batch_size: int
+    max_new_tokens: int
+    logprob_chunk_size: int
+    image_tokens: int  # visual tokens per image after merging (max_pixels / 784 at most)
+    prompt_text_tokens: int  # chat template + question tokens besides the image
+    rollouts_per_step: int  # rollouts stored until the update (prompts_per_step / rollout_batch_size)
+    gradient_checkpointing: bool = True
+    reference: bool = True  # beta > 0: a reference forward per rollout
+    rollout_engine: str = "hf"
+    activation_bytes: int = ACTIVATION_BYTES
+
+    @property
+    def sequences(self) -> int:
+        return self.group_size * self.rollout_batch_size
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.image_tokens + self.prompt_text_tokens
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.max_new_tokens
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Coefficients fitted to measured peaks (GRPO on an H200 under a memory cap, torch 2.11, bnb 0.50)."""
+
+    layer_recompute_hidden: float = 24.0  # one layer's autograd tensors per token, in hidden widths
+    layer_recompute_mlp: float = 4.0  # ... and in MLP widths
+    layer_saved_hidden: float = 20.0  # per token per layer without checkpointing, hidden widths
+    layer_saved_mlp: float = 4.0  # ... MLP widths
+    forward_hidden: float = 4.0  # live tensors of a no-grad layer forward per token, hidden widths
+    forward_mlp: float = 3.0  # ... MLP widths
+    vision_width: float = 14.0  # live tensors per patch in a vision block, in vision widths
+    logits_forward_bytes: float = 10.0  # per chunk position and vocab entry, no grad (bf16 + fp32 + exp)
+    logits_backward_bytes: float = 16.0  # ... with the backward (recomputed logits, softmax, gradients)
+    dynamic_kv_factor: float = 1.5  # generate's growing cache: copies while concatenating, fragmentation
+    reserved_factor: float = 1.05  # reserved / allocated at the peak (allocator rounding, fragmentation)
+    reserved_extra_gb: float = 0.25  # cuBLAS workspaces, small-block pools
+    cuda_context_gb: float = 0.6  # CUDA context and kernels: outside PyTorch's pool, but on the card
+
+
+@dataclass
+class MemoryPlan:
+    """Predicted peak memory: per component and phase (bytes), the overall peak reserved in GiB."""
+
+    components: dict[str, float]  # name -> bytes
+    phases: dict[str, float]  # phase -> predicted peak allocated bytes
+    peak_phase: str
+    peak_reserved_gb: float
+    cuda_context_gb: float
+    paged_gb: float = 0.0  # paged optimizer state (managed memory, not in the reserved figure)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def device_gb(self) -> float:
+        """What the card must hold: reserved pool + CUDA context + paged state."""
+        return self.peak_reserved_gb + self.cuda_context_gb + self.paged_gb
+
+    def components_gb(self) -> dict[str, float]:
+        return {name: value / GIB for name, value in self.components.items()}
+
+
+def vision_patches(image_tokens: int, shape: ModelShape) -> int:
+    """Patches the vision tower sees per image (each merged token is spatial_merge^2 patches)."""
+    return image_tokens * shape.spatial_merge**2
+
+
+def kv_cache_bytes(shape: ModelShape, sequences: int, tokens: int, activation_bytes: int = 2) -> int:
+    """Keys and values of `sequences` x `tokens` over all layers."""
+    return 2 * shape.layers * sequences * tokens * shape.kv_width * activation_bytes
+
+
+def vision_bytes(shape: ModelShape, images: int, image_tokens: int, cal: Calibration, a: int) -> float:
+    """Live tensors of one vision block over `images` images (no autograd), plus the merged output."""
+    patches = images * vision_patches(image_tokens, shape)
+    return patches * shape.vision_dim * cal.vision_width * a + images * image_tokens * shape.hidden * a
+
+
+def layer_forward_bytes(shape: ModelShape, tokens: int, cal: Calibration, a: int) -> float:
+    """Live tensors of one decoder layer's forward without autograd over `tokens` tokens."""
+    return tokens * (cal.forward_hidden * shape.hidden + cal.forward_mlp * shape.intermediate) * a
+
+
+def estimate(shape: ModelShape, weights: WeightFootprint, work: Workload, cal: Calibration) -> MemoryPlan:
+    """The memory plan of one GRPO step; see the module docstring for the phase model."""
+    a = work.activation_bytes
+    notes = []
+    adapter = weights.adapter_params * weights.adapter_bytes_per_param
+    optimizer = weights.adapter_params * weights.optimizer_bytes_per_param
+    resident = weights.weight_bytes + adapter + (0 if weights.optimizer_paged else optimizer)
+    scratch_matrix = weights.largest_linear_params * 2 * a  # a dequantised matrix (+ its cast copy)
+
+    # ---- rollout
+    n, lp, lt = work.sequences, work.prompt_tokens, work.total_tokens
+    static = work.rollout_engine != "hf"
+    if static:
+        kv = kv_cache_bytes(shape, n, lt, a)
+        prefill_rows = work.rollout_batch_size  # one prefill per prompt, cache copied to its G rows
+    else:
+        kv = kv_cache_bytes(shape, n, lt, a) * cal.dynamic_kv_factor
+        prefill_rows = n  # generate expands the inputs G times before the prefill
+    prefill = (
+        max(
+            vision_bytes(shape, prefill_rows, work.image_tokens, cal, a),
+            layer_forward_bytes(shape, prefill_rows * lp, cal, a)
+            + kv_cache_bytes(shape, prefill_rows, lp, a) * (1 if static else 0),
+        )
+        + scratch_matrix
+    )
+    engine = {"bf16_copy": weights.lm_linear_params * a, "dequant": scratch_matrix}.get(
+        work.rollout_engine, 0
+    )
+    sampling = n * shape.vocab * 4 * 3  # fp32 logits, probabilities, noise of one step
+    rollout = resident + engine + kv + prefill + sampling
+
+    # ---- stored rollouts (pixel values in fp32 dominate) and the update micro-batch
+    patch_dim = 3 * shape.temporal_patch_size * shape.patch_size**2
+    stored = work.rollouts_per_step * work.rollout_batch_size * vision_patches(work.image_tokens, shape)
+    stored = stored * patch_dim * 4 + work.rollouts_per_step * n * work.max_new_tokens * 4 * 3
+    m = work.update_micro_batch_size
+    tokens = m * lt
+    chunk = min(work.logprob_chunk_size, m * work.max_new_tokens)
+    vision = vision_bytes(shape, m, work.image_tokens, cal, a)
+    forward = layer_forward_bytes(shape, tokens, cal, a) + scratch_matrix
+    reference = resident + stored + max(vision, forward + chunk * shape.vocab * cal.logits_forward_bytes)
+    if not work.reference:
+        reference = 0.0
+
+    gradients = adapter
+    if work.gradient_checkpointing:
+        saved = shape.layers * tokens * shape.hidden * a
+        width = cal.layer_recompute_hidden * shape.hidden + cal.layer_recompute_mlp * shape.intermediate
+        activations = saved + tokens * width * a
+    else:
+        width = cal.layer_saved_hidden * shape.hidden + cal.layer_saved_mlp * shape.intermediate
+        activations = shape.layers * tokens * width * a
+        notes.append("gradient checkpointing is off: activations of every layer are kept for the backward")
+    logits = chunk * shape.vocab * cal.logits_backward_bytes
+    update = resident + gradients + stored + activations + logits + scratch_matrix
+
+    phases = {"rollout": rollout, "reference": reference, "update": update}
+    peak_phase = max(phases, key=phases.get)
+    peak_reserved = phases[peak_phase] * cal.reserved_factor + cal.reserved_extra_gb * GIB
+    components = {
+        "weights": weights.weight_bytes,
+        "adapter": adapter,
+        "gradients": gradients,
+        "optimizer": optimizer,
+        "kv_cache": kv,
+        "rollout_engine": engine,
+        "prefill": prefill,
+        "stored_rollouts": stored,
+        "activations": activations,
+        "logprob_buffers": logits,
+        "vision_tower": vision,
+    }
+    return MemoryPlan(
+        components=components,
+        phases=phases,
+        peak_phase=peak_phase,
+        peak_reserved_gb=peak_reserved / GIB,
+        cuda_context_gb=cal.cuda_context_gb,
+        paged_gb=optimizer / GIB if weights.optimizer_paged else 0.0,
+        notes=notes,
+    )

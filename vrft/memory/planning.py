@@ -1,0 +1,339 @@
+"""The planner on a Hydra config: footprint of the model as the precision plugin stores it, the workload,
+the budget of the hardware profile, the verdict, and the change that makes a config fit.
+
+The model is instantiated on the meta device (no memory, well under a second) and passed through the
+precision plugin's own `convert_module`, so the planner counts exactly the layers the plugin quantises.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from vrft.memory.cuda import device_total_gb
+from vrft.memory.estimator import (
+    GIB,
+    Calibration,
+    MemoryPlan,
+    ModelShape,
+    WeightFootprint,
+    Workload,
+    estimate,
+)
+
+log = logging.getLogger(__name__)
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+PIXELS_PER_TOKEN = 28 * 28  # one merged visual token covers 2 x 2 patches of 14 x 14 pixels
+PROMPT_TEXT_TOKENS = 128  # chat template + a Visual-RFT question (the detection prompt is the longest)
+AUTO_ORDER = ("bf16", "int8", "mixed", "int4")  # most precise first, as users are advised to try them
+
+
+class AutoPrecision:
+    """`precision=auto`: stands for the mode `resolve_precision` picks before anything is instantiated."""
+
+    name = "auto"
+
+    def __init__(self, candidates=AUTO_ORDER):
+        raise ValueError(
+            "precision=auto must be resolved before the plugin is built (vrft.train and vrft.plan do it); "
+            f"pick one of {', '.join(candidates)} when instantiating the config yourself"
+        )
+
+
+def precision_name(precision_cfg) -> str:
+    """The mode name (`int4`, `bf16`, `auto`, ...) of a precision config, from its class's `name`."""
+    from hydra.utils import get_class
+
+    target = (precision_cfg or {}).get("_target_")
+    return str(getattr(get_class(target), "name", target)) if target else ""
+
+
+# ------------------------------------------------------------------------------------------- model
+def model_config(name_or_path: str):
+    """The `PretrainedConfig` of a preset or a checkpoint folder (reads config.json only)."""
+    from transformers import AutoConfig
+
+    from vrft.modules.presets import PRESETS, preset_config
+
+    if name_or_path in PRESETS:
+        return preset_config(name_or_path)
+    folder = Path(name_or_path).expanduser()
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(
+            f"model.name_or_path='{name_or_path}' has no config.json to plan from; point it at a Qwen2-VL / "
+            f"Qwen2.5-VL checkpoint folder or a preset: {', '.join(PRESETS)}"
+        )
+    return AutoConfig.from_pretrained(folder)
+
+
+def model_shape(config) -> ModelShape:
+    """Sizes the estimator needs, from a Qwen2-VL (`embed_dim`) or Qwen2.5-VL (`hidden_size`) config."""
+    text, vision = getattr(config, "text_config", config), config.vision_config
+    vision_dim = getattr(vision, "embed_dim", None) or vision.hidden_size
+    vision_mlp = getattr(vision, "intermediate_size", None) or int(vision_dim * vision.mlp_ratio)
+    return ModelShape(
+        hidden=text.hidden_size,
+        intermediate=text.intermediate_size,
+        layers=text.num_hidden_layers,
+        heads=text.num_attention_heads,
+        kv_heads=text.num_key_value_heads,
+        vocab=text.vocab_size,
+        vision_dim=vision_dim,
+        vision_mlp=vision_mlp,
+        vision_depth=vision.depth,
+        patch_size=vision.patch_size,
+        temporal_patch_size=vision.temporal_patch_size,
+        spatial_merge=vision.spatial_merge_size,
+    )
+
+
+def _scheme_bytes(layer: torch.nn.Module) -> int:
+    """Device bytes of a bitsandbytes layer once quantised: codes, scales and bias."""
+    from vrft.precision.schemes import Int4Scheme, scheme_of
+
+    scheme = scheme_of(layer)
+    out_features, in_features = layer.out_features, layer.in_features
+    count = out_features * in_features
+    bias = 0 if layer.bias is None else layer.bias.numel() * layer.bias.element_size()
+    if isinstance(scheme, Int4Scheme):
+        blocks = math.ceil(count / scheme.blocksize)
+        # Double quantisation stores each block's absmax in 8 bits, plus fp32 absmax per 256 blocks,
+        # a 256-entry fp32 code and an offset; without it the absmax stays fp32. The 16-entry NF4 code.
+        scales = blocks + math.ceil(blocks / 256) * 4 + 256 * 4 + 4 if scheme.double_quant else blocks * 4
+        return math.ceil(count / 2) + scales + 16 * 4 + bias
+    return count + out_features * 4 + bias  # int8 rows + one fp32 scale per row
+
+
+@functools.lru_cache(maxsize=32)
+def _footprint(name_or_path: str, precision_yaml: str, target_modules: str, rank: int) -> tuple[int, ...]:
+    precision = instantiate(OmegaConf.create(precision_yaml))
+    config = model_config(name_or_path)
+    from vrft.modules.presets import model_class
+
+    with torch.device("meta"):
+        model = model_class(config)._from_config(config, dtype=precision.load_dtype)
+    model.requires_grad_(False)
+    precision.convert_module(model)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if not _is_bnb(p))
+    lm_params, largest, adapter = 0, 0, 0
+    target = re.compile(target_modules)
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        if _is_bnb(module):
+            weight_bytes += _scheme_bytes(module)
+        count = module.in_features * module.out_features
+        if ".language_model." in f".{name}" and "lm_head" not in name:
+            lm_params += count
+            largest = max(largest, count)
+        if target.fullmatch(name):
+            adapter += rank * (module.in_features + module.out_features)
+    adapter_bytes = torch.empty(0, dtype=precision.adapter_dtype).element_size()
+    compute_bytes = torch.empty(0, dtype=precision.compute_dtype).element_size()
+    return weight_bytes, lm_params, largest, adapter, adapter_bytes, compute_bytes
+
+
+def _is_bnb(obj) -> bool:
+    return type(obj).__module__.startswith("bitsandbytes")
+
+
+# Optimizer state per trainable parameter, by class name: (bytes per fp32 parameter, paged).
+OPTIMIZER_STATE = {
+    "AdamW": (8.0, False),
+    "Adam": (8.0, False),
+    "AdamW8bit": (2.0 + 8 / 256, False),
+    "Adam8bit": (2.0 + 8 / 256, False),
+    "PagedAdamW8bit": (2.0 + 8 / 256, True),
+    "PagedAdamW": (8.0, True),
+    "PagedAdamW32bit": (8.0, True),
+    "SGD": (4.0, False),
+}
+
+
+def optimizer_state(optimizer_cfg) -> tuple[float, bool]:
+    """Bytes of state per trainable parameter and whether it is paged, from the optimizer's `_target_`."""
+    target = str((optimizer_cfg or {}).get("_target_", "torch.optim.AdamW")).rsplit(".", 1)[-1]
+    if target not in OPTIMIZER_STATE:
+        log.warning("planner: unknown optimizer %s, assuming AdamW's 8 bytes per parameter", target)
+    return OPTIMIZER_STATE.get(target, (8.0, False))
+
+
+def weight_footprint(cfg: DictConfig) -> tuple[WeightFootprint, int]:
+    """The model's footprint under `cfg.precision` and `cfg.lora`, and the activation element size."""
+    precision_yaml = OmegaConf.to_yaml(cfg.precision, resolve=True)
+    lora = cfg.lora
+    target = str(lora.target_modules)
+    if lora.get("train_vision"):
+        from vrft.modules.policy import VISION_TARGETS
+
+        target = f"({target})|({VISION_TARGETS})"
+    weight_bytes, lm_params, largest, adapter, adapter_bytes, compute_bytes = _footprint(
+        str(cfg.model.name_or_path), precision_yaml, target, int(lora.r)
+    )
+    state, paged = optimizer_state(cfg.get("optimizer"))
+    footprint = WeightFootprint(
+        weight_bytes=weight_bytes,
+        lm_linear_params=lm_params,
+        largest_linear_params=largest,
+        adapter_params=adapter,
+        adapter_bytes_per_param=adapter_bytes,
+        optimizer_bytes_per_param=state * adapter_bytes / 4,  # state follows the parameter dtype
+        optimizer_paged=paged,
+    )
+    return footprint, compute_bytes
+
+
+def workload(cfg: DictConfig, shape: ModelShape, activation_bytes: int) -> Workload:
+    """The GRPO workload of `cfg` (image tokens from `model.max_pixels` unless `plan.image_tokens` is set)."""
+    algorithm, settings = cfg.algorithm, cfg.get("plan") or {}
+    image_tokens = settings.get("image_tokens") or int(cfg.model.max_pixels) // PIXELS_PER_TOKEN
+    return Workload(
+        group_size=int(algorithm.group_size),
+        rollout_batch_size=int(algorithm.rollout_batch_size),
+        update_micro_batch_size=int(algorithm.update_micro_batch_size),
+        max_new_tokens=int(algorithm.max_new_tokens),
+        logprob_chunk_size=int(algorithm.logprob_chunk_size),
+        image_tokens=int(image_tokens),
+        prompt_text_tokens=int(settings.get("prompt_text_tokens") or PROMPT_TEXT_TOKENS),
+        rollouts_per_step=max(1, int(algorithm.prompts_per_step) // int(algorithm.rollout_batch_size)),
+        gradient_checkpointing=bool(cfg.model.gradient_checkpointing),
+        reference=float(cfg.loss.get("beta", 0.0)) > 0,
+        rollout_engine=str(algorithm.get("rollout_engine", "hf")),
+        activation_bytes=activation_bytes,
+    )
+
+
+def plan_config(cfg: DictConfig, calibration: Calibration | None = None) -> MemoryPlan:
+    """Predict the peak memory of training `cfg` (resolves `precision=auto` first)."""
+    cfg = resolve_precision(cfg, quiet=True)
+    shape = model_shape(model_config(str(cfg.model.name_or_path)))
+    footprint, activation_bytes = weight_footprint(cfg)
+    return estimate(shape, footprint, workload(cfg, shape, activation_bytes), calibration or Calibration())
+
+
+# ------------------------------------------------------------------------------------------ budget
+def budget_gb(cfg: DictConfig) -> tuple[float | None, str]:
+    """The memory budget (GiB) and where it comes from: hw profile, memory cap, or the CUDA device."""
+    hw = cfg.get("hw") or {}
+    if hw.get("memory_gb"):
+        return float(hw.memory_gb), f"hw={hw.get('name', '?')}"
+    if cfg.get("memory_cap_gb"):
+        return float(cfg.memory_cap_gb), "memory_cap_gb"
+    accelerator = str(OmegaConf.select(cfg, "trainer.accelerator", default="auto"))
+    total = device_total_gb() if accelerator in ("auto", "gpu", "cuda") else None
+    return (total, "this CUDA device") if total else (None, "no hw profile and no CUDA device")
+
+
+@dataclass
+class Verdict:
+    """A plan against a budget, with the change that makes it fit when it does not."""
+
+    plan: MemoryPlan
+    budget_gb: float | None
+    budget_source: str
+    suggestion: list[str]
+
+    @property
+    def fits(self) -> bool:
+        return self.budget_gb is None or self.plan.device_gb <= self.budget_gb
+
+
+def _with(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """A copy of `cfg` with `key=value` overrides; `precision=` / `optimizer=` load that config file."""
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        for override in overrides:
+            key, value = override.split("=", 1)
+            if key in ("precision", "optimizer"):
+                cfg[key] = OmegaConf.load(CONF_DIR / key / f"{value}.yaml")
+            else:
+                OmegaConf.update(cfg, key, OmegaConf.create({"v": value}).v, merge=False)
+    return cfg
+
+
+def _candidates(cfg: DictConfig) -> list[str]:
+    """Single changes that shrink memory, least harmful to training first."""
+    algorithm, changes = cfg.algorithm, []
+    if algorithm.get("rollout_engine", "hf") == "bf16_copy":
+        changes.append("algorithm.rollout_engine=dequant")
+    if int(algorithm.logprob_chunk_size) > 256:
+        changes.append("algorithm.logprob_chunk_size=256")
+    if not cfg.model.gradient_checkpointing:
+        changes.append("model.gradient_checkpointing=true")
+    micro = int(algorithm.update_micro_batch_size)
+    if micro > 1:
+        changes.append(f"algorithm.update_micro_batch_size={micro // 2 if micro % 2 == 0 else 1}")
+    if "Paged" not in str((cfg.get("optimizer") or {}).get("_target_", "")):
+        changes.append("optimizer=paged_adamw8bit")
+    name = precision_name(cfg.precision)
+    lower = {"fp32": "bf16", "fp16": "int8", "bf16": "int8", "int8": "mixed", "mixed": "int4"}.get(name)
+    if lower and (CONF_DIR / "precision" / f"{lower}.yaml").exists():
+        changes.append(f"precision={lower}")
+    if int(algorithm.rollout_batch_size) > 1:
+        changes.append("algorithm.rollout_batch_size=1")
+    if int(cfg.model.max_pixels) > 200704:
+        changes.append(f"model.max_pixels={int(cfg.model.max_pixels) // 2}")
+    if int(algorithm.group_size) > 4:
+        changes.append(f"algorithm.group_size={int(algorithm.group_size) // 2}")
+    return changes
+
+
+def verdict(cfg: DictConfig, calibration: Calibration | None = None, max_changes: int = 6) -> Verdict:
+    """Plan `cfg` against its budget; when it does not fit, find the smallest change set (greedy) that does."""
+    cfg = resolve_precision(cfg, quiet=True)
+    plan = plan_config(cfg, calibration)
+    budget, source = budget_gb(cfg)
+    result = Verdict(plan, budget, source, [])
+    if result.fits:
+        return result
+    applied: list[str] = []
+    current = cfg
+    for _ in range(max_changes):
+        options = _candidates(current)
+        for change in options:  # a single change that is enough, least harmful first
+            if plan_config(_with(current, [change]), calibration).device_gb <= budget:
+                result.suggestion = [*applied, change]
+                return result
+        if not options:
+            break
+        applied.append(options[0])  # otherwise take the least harmful and look again
+        current = _with(current, [options[0]])
+    result.suggestion = applied
+    return result
+
+
+def resolve_precision(cfg: DictConfig, quiet: bool = False) -> DictConfig:
+    """Replace `precision=auto` by the most precise mode (bf16, int8, mixed, int4) the planner says fits."""
+    precision = cfg.get("precision") or {}
+    if precision_name(precision) != AutoPrecision.name:
+        return cfg
+    order = list(precision.get("candidates") or AUTO_ORDER)
+    budget, source = budget_gb(cfg)
+    chosen, reasons = order[-1], []
+    for name in order:
+        plan = plan_config(_with(cfg, [f"precision={name}"]))
+        reasons.append(f"{name}: {plan.device_gb:.1f} GiB")
+        if budget is None or plan.device_gb <= budget:
+            chosen = name
+            break
+    if not quiet:
+        budget_text = f"{budget:.1f} GiB ({source})" if budget else source
+        log.info("precision=auto picked %s for a budget of %s [%s]", chosen, budget_text, ", ".join(reasons))
+    resolved = copy.deepcopy(cfg)
+    with open_dict(resolved):
+        resolved.precision = OmegaConf.load(CONF_DIR / "precision" / f"{chosen}.yaml")
+    return resolved
+
+
+def gib(value: float) -> str:
+    return f"{value / GIB:6.2f}"
