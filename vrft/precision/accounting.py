@@ -35,7 +35,8 @@ def _quantization_statistics(module: torch.nn.Module) -> Iterator[Tensor]:
     # Tensors bitsandbytes keeps outside parameters and buffers: 4-bit block absmax (and, with double
     # quantisation, its own absmax and code) in the weight's quant_state; int8 row scales (SCB).
     for m in module.modules():
-        weight = getattr(m, "weight", None)
+        # Own parameters only: peft's LoRA wrappers expose their base layer's weight as `.weight` too.
+        weight = dict(m.named_parameters(recurse=False)).get("weight")
         state = getattr(weight, "quant_state", None)
         if state is not None:
             yield from (t for t in (state.absmax, state.code, state.offset) if isinstance(t, Tensor))

@@ -38,8 +38,11 @@ def _single_adapter(layer: LoraLayer) -> str:
 
 
 def _delta(lora_a: Tensor, lora_b: Tensor, scaling: float) -> Tensor:
-    # In fp32 whatever the adapter dtype, identically for the QAT forward and the deployed merge.
-    return scaling * (lora_b.float() @ lora_a.float())
+    # In fp32 whatever the adapter dtype, identically for the QAT forward and the deployed merge. Autocast
+    # (active in the training forward) would round the product to bf16 and move weights across quantisation
+    # bins, so that the QAT weight no longer equals the deployed one.
+    with torch.autocast(lora_a.device.type, enabled=False):
+        return scaling * (lora_b.float() @ lora_a.float())
 
 
 def _dense(base: torch.nn.Module) -> Tensor:

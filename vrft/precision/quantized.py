@@ -38,12 +38,13 @@ def quantize_pending(module: torch.nn.Module) -> int:
     """
     count = 0
     for layer in module.modules():
-        weight = getattr(layer, "weight", None)
-        pending_4bit = hasattr(weight, "bnb_quantized") and not weight.bnb_quantized
-        pending_int8 = hasattr(weight, "SCB") and weight.dtype != torch.int8
-        if pending_4bit or pending_int8:
-            layer.weight = weight.to(weight.device)  # bitsandbytes quantises inside Parameter.to
-            count += 1
+        # Own parameters only: peft's LoRA wrappers expose their base layer's weight as `.weight` too.
+        for name, param in list(layer.named_parameters(recurse=False)):
+            pending_4bit = hasattr(param, "bnb_quantized") and not param.bnb_quantized
+            pending_int8 = hasattr(param, "SCB") and param.dtype != torch.int8
+            if pending_4bit or pending_int8:
+                setattr(layer, name, param.to(param.device))  # bitsandbytes quantises inside Parameter.to
+                count += 1
     return count
 
 
