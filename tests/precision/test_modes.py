@@ -123,12 +123,14 @@ def test_logits_within_tolerance_of_fp32(setup, fp32_logits):
 
 
 def test_summary_counts_parameters_and_bytes(setup):
-    plugin, model, _, _ = setup
+    plugin, model, expected, _ = setup
     summary = plugin.summary(model)
     assert summary["mode"] == plugin.name
     # LoRA r=8 on every projection of both layers: 8 * (in + out) each.
     shapes = [(64, 64), (64, 32), (64, 32), (64, 64), (64, 128), (64, 128), (128, 64)]
     assert summary["trainable_params"] == 2 * sum(8 * (i + o) for i, o in shapes)
+    dense = VISION_LINEARS + 1 + 2 * LM_LINEARS_PER_LAYER - sum(expected.values())  # + 1: lm_head
+    assert sum(summary["high_precision_layers"].values()) == dense
     reference = Fp32Precision().summary(lora_model(torch.float32))
     assert summary["total_params"] == reference["total_params"]
     if plugin.name == "fp32":

@@ -9,7 +9,7 @@ from tiny_lora import LM_LINEARS_PER_LAYER, MERGER_LINEARS, VISION_LINEARS, base
 from vrft.precision import Int4Precision, Int8Precision, MixedInt8Precision
 from vrft.precision import backend as backend_module
 from vrft.precision.accounting import weight_bytes
-from vrft.precision.quantized import quantize_pending
+from vrft.precision.schemes import quantize_pending
 
 
 def layers_of(model, type_name: str) -> dict[str, torch.nn.Module]:

@@ -35,6 +35,7 @@ from vrft.precision.accounting import (
     quantized_layer_counts,
     weight_bytes,
 )
+from vrft.precision.selection import quantizable_linears
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +242,8 @@ class VrftPrecision(Precision):
             "compute_dtype": SHORT_NAMES[self.compute_dtype],
             "adapter_dtype": SHORT_NAMES[self.adapter_dtype],
             "quantized_layers": quantized_layer_counts(module),
+            # Frozen linear layers left dense (the quantised modes break this down by keep rule).
+            "high_precision_layers": {"all": len(quantizable_linears(module))},
             "weight_bytes": weight_bytes(module),
             "trainable_params": trainable,
             "total_params": total,

@@ -24,7 +24,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import Tensor
 
-from vrft.precision.schemes import Int4Scheme, Int8Scheme, scheme_of
+from vrft.precision.schemes import Int4Scheme, Int8Scheme, quantize_pending, scheme_of
 
 
 def _single_adapter(layer: LoraLayer) -> str:
@@ -132,7 +132,7 @@ class QatForward:
 def _qat_class(cls: type) -> type:
     # One subclass per peft layer class, as torch.nn.utils.parametrize does: isinstance checks, peft's
     # adapter saving and state-dict keys all stay as they were.
-    return type(f"Qat{cls.__name__}", (QatForward, cls), {})
+    return type(f"Qat{cls.__name__}", (QatForward, cls), {"__module__": __name__})
 
 
 def enable_qat(module: torch.nn.Module) -> int:
@@ -181,6 +181,10 @@ def merge_and_requantize(peft_model: torch.nn.Module, inplace: bool = False) -> 
     with torch.no_grad():
         for name, layer in layers:
             base = layer.get_base_layer()
+            if not isinstance(base, torch.nn.Linear):  # bitsandbytes layers subclass nn.Linear
+                raise ValueError(
+                    f"merge_and_requantize merges LoRA on linear layers; {name} wraps a {type(base).__name__}"
+                )
             weight = merged_weight(layer)
             bias = None if base.bias is None else base.bias.detach()
             scheme = scheme_of(base)
@@ -191,7 +195,8 @@ def merge_and_requantize(peft_model: torch.nn.Module, inplace: bool = False) -> 
                 if bias is not None:
                     merged.bias.copy_(bias)
             else:
-                merged = scheme.quantized_layer(weight, bias).to(weight.device)  # .to quantises
+                merged = scheme.quantized_layer(weight, bias)
+                quantize_pending(merged)
             merged.train(base.training)
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, merged)

@@ -31,23 +31,6 @@ from vrft.precision.selection import KeepRules, plan_quantization, quantizable_l
 log = logging.getLogger(__name__)
 
 
-def quantize_pending(module: torch.nn.Module) -> int:
-    """Quantise, on the device they sit on, bitsandbytes weights not quantised yet; returns how many.
-
-    `module.to(device)` does this as a side effect; call it when a model was converted but not moved.
-    """
-    count = 0
-    for layer in module.modules():
-        # Own parameters only: peft's LoRA wrappers expose their base layer's weight as `.weight` too.
-        for name, param in list(layer.named_parameters(recurse=False)):
-            pending_4bit = hasattr(param, "bnb_quantized") and not param.bnb_quantized
-            pending_int8 = hasattr(param, "SCB") and param.dtype != torch.int8
-            if pending_4bit or pending_int8:
-                setattr(layer, name, param.to(param.device))  # bitsandbytes quantises inside Parameter.to
-                count += 1
-    return count
-
-
 class QuantizedPrecision(VrftPrecision):
     """Base of the bitsandbytes modes; see the module docstring for what `convert_module` does.
 
@@ -108,6 +91,11 @@ class QuantizedPrecision(VrftPrecision):
                 parent, _, child = name.rpartition(".")
                 setattr(module.get_submodule(parent), child, layer)
             self.cast_parameters(module, frozen_dtype=self.compute_dtype)
+        for layer in module.modules():
+            # Also 4-bit layers this plugin did not build (a checkpoint loaded pre-quantised): see schemes.py
+            # for why the CPU inference repacking must stay off.
+            if hasattr(layer, "support_avx512bf16_for_cpu"):
+                layer.support_avx512bf16_for_cpu = False
         kept = {label: len(names) for label, names in plan.kept.items() if names}
         log.info(
             "precision=%s: %d linear layers -> %s (quantised on the move to the device); kept in %s: %s",
@@ -135,6 +123,8 @@ class QuantizedPrecision(VrftPrecision):
     def connect(
         self, model: torch.nn.Module, optimizers: list[Optimizer], lr_schedulers: list[Any]
     ) -> tuple[torch.nn.Module, list[Optimizer], list[Any]]:
+        from vrft.precision.schemes import quantize_pending  # imports bitsandbytes, checked in __init__
+
         pending = quantize_pending(model)
         if pending:
             log.warning(

@@ -182,3 +182,24 @@ def scheme_of(layer: torch.nn.Module) -> Int4Scheme | Int8Scheme | None:
     if isinstance(layer, bnb.nn.Linear8bitLt):
         return Int8Scheme.of(layer)
     return None
+
+
+def quantize_pending(module: torch.nn.Module) -> int:
+    """Quantise, on the device they sit on, bitsandbytes weights not quantised yet; returns how many.
+
+    `module.to(device)` does this as a side effect; call it when a model was built or converted but not moved.
+    """
+    count = 0
+    for layer in module.modules():
+        # Own parameters only: peft's LoRA wrappers expose their base layer's weight as `.weight` too.
+        for name, param in list(layer.named_parameters(recurse=False)):
+            if isinstance(param, bnb.nn.Params4bit) and not param.bnb_quantized:
+                quantized = param.to(param.device)  # Params4bit quantises on any .to(device)
+            elif isinstance(param, bnb.nn.Int8Params) and param.dtype != torch.int8:
+                # Int8Params quantises only on its way out of the CPU.
+                quantized = param.to("cpu") if param.device.type == "cpu" else param.cpu().to(param.device)
+            else:
+                continue
+            setattr(layer, name, quantized)
+            count += 1
+    return count
