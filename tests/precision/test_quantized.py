@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from tiny_lora import LM_LINEARS_PER_LAYER, MERGER_LINEARS, VISION_LINEARS, base_model, converted, lora_model
@@ -141,12 +143,31 @@ def test_bad_options_fail_at_construction(make, message):
 
 
 def test_missing_bitsandbytes_fails_at_construction_with_the_fix(monkeypatch):
-    def broken():
+    def broken(device):
         raise ImportError("libbitsandbytes_cpu.so: cannot open shared object file")
 
     monkeypatch.setattr(backend_module, "_probe", broken)
-    with pytest.raises(RuntimeError, match=r"precision=int4 needs bitsandbytes.*choose precision=bf16"):
+    with pytest.raises(
+        RuntimeError, match=r"precision=int4 needs bitsandbytes.* working on cpu.*choose precision=bf16"
+    ):
         Int4Precision()
+
+
+def test_bitsandbytes_failing_on_the_target_device_fails_in_convert_module(monkeypatch):
+    plugin = Int4Precision()
+    working = backend_module._probe
+
+    def cpu_only(device="cpu"):
+        if device != "cpu":
+            raise RuntimeError("CUDA Setup failed despite GPU being available")
+        return working(device)
+
+    monkeypatch.setattr(backend_module, "_probe", cpu_only)
+    model = lora_model(torch.bfloat16)
+    # Lightning hands convert_module the LightningModule, whose trainer's strategy knows the device.
+    model._trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)))
+    with pytest.raises(RuntimeError, match=r"precision=int4 needs bitsandbytes.* working on cuda"):
+        plugin.convert_module(model)
 
 
 def test_qat_without_adapters_on_quantised_layers_is_an_error():

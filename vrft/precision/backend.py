@@ -12,28 +12,28 @@ log = logging.getLogger(__name__)
 
 
 @functools.cache
-def _probe() -> ModuleType:
+def _probe(device: str = "cpu") -> ModuleType:
     import bitsandbytes
     import bitsandbytes.functional as F
 
-    # Importing can succeed while the native library or the CPU backend is broken (the failure then only
-    # shows at the first quantised forward); a 4-bit and an int8 round trip of 64 numbers prove both work.
-    weight = torch.linspace(-1, 1, 64).reshape(1, 64)
+    # Importing succeeds even when the native library for this device failed to load (bitsandbytes then
+    # raises at the first quantised op); a 4-bit and an int8 round trip of 64 numbers prove both work.
+    weight = torch.linspace(-1, 1, 64, device=device).reshape(1, 64)
     packed, state = F.quantize_4bit(weight, blocksize=64, quant_type="nf4")
     F.dequantize_4bit(packed, state)
     F.int8_vectorwise_quant(weight.half())
     return bitsandbytes
 
 
-def require_bitsandbytes(mode: str) -> ModuleType:
-    """The `bitsandbytes` module, or a RuntimeError naming `mode` and the fix if it cannot quantise."""
+def require_bitsandbytes(mode: str, device: str = "cpu") -> ModuleType:
+    """The `bitsandbytes` module, or a RuntimeError naming `mode` and the fix if it cannot quantise on `device`."""
     try:
-        return _probe()
+        return _probe(device)
     except Exception as error:  # ImportError, OSError from the native library, backend errors
         raise RuntimeError(
-            f"precision={mode} needs bitsandbytes>=0.50.2, which could not be loaded here "
-            f"({type(error).__name__}: {error}); install it with `pip install 'bitsandbytes>=0.50.2,<0.51'` "
-            "or choose precision=bf16, fp16 or fp32"
+            f"precision={mode} needs bitsandbytes>=0.50.2 working on {device}, which failed here "
+            f"({type(error).__name__}: {error}); install a build for this machine with "
+            "`pip install 'bitsandbytes>=0.50.2,<0.51'` or choose precision=bf16, fp16 or fp32"
         ) from error
 
 

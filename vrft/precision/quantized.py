@@ -31,6 +31,12 @@ from vrft.precision.selection import KeepRules, plan_quantization, quantizable_l
 log = logging.getLogger(__name__)
 
 
+def _target_device(module: torch.nn.Module) -> torch.device | None:
+    # Lightning hands convert_module the LightningModule, whose trainer knows where the model will go.
+    trainer = getattr(module, "_trainer", None)
+    return getattr(getattr(trainer, "strategy", None), "root_device", None)
+
+
 class QuantizedPrecision(VrftPrecision):
     """Base of the bitsandbytes modes; see the module docstring for what `convert_module` does.
 
@@ -81,6 +87,10 @@ class QuantizedPrecision(VrftPrecision):
 
     @override
     def convert_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        device = _target_device(module)
+        if device is not None and device.type != "cpu":
+            # The CUDA library is only exercised by the move; fail here with the fix rather than there.
+            require_bitsandbytes(self.name, device.type)
         plan = plan_quantization(module, self.keep, self.name)
         linears = quantizable_linears(module)
         with torch.no_grad():
