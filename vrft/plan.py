@@ -13,7 +13,7 @@ import hydra
 from omegaconf import DictConfig
 
 from vrft.cli import user_errors
-from vrft.memory.planning import resolve_precision, verdict
+from vrft.memory.planning import resolve_auto, verdict
 from vrft.memory.report import format_verdict
 
 # The plan writes no run folder or log file: it only reads the config.
@@ -24,7 +24,7 @@ QUIET_HYDRA = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging
 @user_errors
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: print the plan; exit 1 if it does not fit the budget."""
-    cfg = resolve_precision(cfg)
+    cfg = resolve_auto(cfg)
     result = verdict(cfg)
     print(format_verdict(cfg, result))
     if not result.fits:

@@ -16,7 +16,7 @@ from vrft.callbacks import RunSummary
 from vrft.cli import config_hash, user_errors
 from vrft.memory.cuda import apply_memory_cap, configure_allocator
 from vrft.memory.oom import explain_out_of_memory
-from vrft.memory.planning import resolve_precision
+from vrft.memory.planning import resolve_auto
 from vrft.memory.report import enforce_plan
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def fit(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, RunSummary]:
             f"ckpt_path='{cfg.ckpt_path}' is not a file; pass a Lightning checkpoint such as "
             "<run_dir>/checkpoints/last.ckpt"
         )
-    cfg = resolve_precision(cfg)  # precision=auto -> the most precise mode that fits
+    cfg = resolve_auto(cfg)  # precision=auto / rollout_engine=auto -> what the planner says fits
     enforce_plan(cfg)  # refuse, before the model loads, a run the planner says will not fit
     apply_memory_cap(cfg.get("memory_cap_gb"))  # a bigger GPU behaves like the profile's card
     precision = instantiate(cfg.precision)

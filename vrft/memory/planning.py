@@ -214,8 +214,8 @@ def workload(cfg: DictConfig, shape: ModelShape, activation_bytes: int) -> Workl
 
 
 def plan_config(cfg: DictConfig, calibration: Calibration | None = None) -> MemoryPlan:
-    """Predict the peak memory of training `cfg` (resolves `precision=auto` first)."""
-    cfg = resolve_precision(cfg, quiet=True)
+    """Predict the peak memory of training `cfg` (resolves `auto` settings first)."""
+    cfg = resolve_auto(cfg, quiet=True)
     shape = model_shape(model_config(str(cfg.model.name_or_path)))
     footprint, activation_bytes = weight_footprint(cfg)
     return estimate(shape, footprint, workload(cfg, shape, activation_bytes), calibration or Calibration())
@@ -290,7 +290,7 @@ def _candidates(cfg: DictConfig) -> list[str]:
 
 def verdict(cfg: DictConfig, calibration: Calibration | None = None, max_changes: int = 6) -> Verdict:
     """Plan `cfg` against its budget; when it does not fit, find the smallest change set (greedy) that does."""
-    cfg = resolve_precision(cfg, quiet=True)
+    cfg = resolve_auto(cfg, quiet=True)
     plan = plan_config(cfg, calibration)
     budget, source = budget_gb(cfg)
     result = Verdict(plan, budget, source, [])
@@ -335,5 +335,26 @@ def resolve_precision(cfg: DictConfig, quiet: bool = False) -> DictConfig:
     return resolved
 
 
-def gib(value: float) -> str:
-    return f"{value / GIB:6.2f}"
+def resolve_rollout_engine(cfg: DictConfig, quiet: bool = False) -> DictConfig:
+    """Replace `algorithm.rollout_engine=auto` by `bf16_copy` when the planner says it fits, else `dequant`.
+
+    Without CUDA the static engines have no graphs to replay, so `auto` means `hf` there.
+    """
+    if OmegaConf.select(cfg, "algorithm.rollout_engine") != "auto":
+        return cfg
+    budget, source = budget_gb(cfg)
+    if budget is None and not torch.cuda.is_available():
+        chosen, why = "hf", "no CUDA device"
+    else:
+        plan = plan_config(_with(cfg, ["algorithm.rollout_engine=bf16_copy"]))
+        fits = budget is None or plan.device_gb <= budget
+        chosen = "bf16_copy" if fits else "dequant"
+        why = f"bf16_copy needs {plan.device_gb:.1f} GiB of {budget:.1f} GiB ({source})" if budget else source
+    if not quiet:
+        log.info("algorithm.rollout_engine=auto picked %s (%s)", chosen, why)
+    return _with(cfg, [f"algorithm.rollout_engine={chosen}"])
+
+
+def resolve_auto(cfg: DictConfig, quiet: bool = False) -> DictConfig:
+    """Resolve `precision=auto`, then `algorithm.rollout_engine=auto`, with the planner."""
+    return resolve_rollout_engine(resolve_precision(cfg, quiet), quiet)

@@ -1,0 +1,128 @@
+"""Decode speed of rollout engines on one trained policy, and how well their log-probs match training's.
+
+Time per decode step = (time for N new tokens - time for 1) / (N - 1): prefill, weight preparation and
+graph capture of the static engines are in both terms or amortised over N, as in a real rollout.
+Bandwidth: the bytes of weights one decode step must read, as the engine stores them (packed 4-bit for
+`hf` and `dequant`, bf16 for `bf16_copy`), divided by the step time, against the GPU's bandwidth.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from vrft.memory.decoder import text_parts
+from vrft.memory.fast_rollout import build_rollout_engine
+from vrft.modules.rollout import build_prompts, generate_rollout
+from vrft.precision.accounting import weight_bytes
+
+H200_BANDWIDTH = 4.8e12  # bytes/s, datasheet (a device-to-device copy measured ~4.3e12 here)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def step_weight_bytes(policy, dense: bool) -> int:
+    """Weight bytes one decode step reads: decoder layers, final norm and lm_head (not the embedding)."""
+    _, language_model, lm_head = text_parts(policy)
+    modules = [language_model.layers, language_model.norm, lm_head]
+    if not dense:
+        return sum(weight_bytes(m) for m in modules)
+    total = 0
+    for module in modules:
+        for name, param in module.named_parameters():
+            if "lora_" in name:
+                continue  # merged into the dense copy
+            count = param.numel() * (2 if param.dtype == torch.uint8 else 1)  # packed 4-bit: two per byte
+            total += count * 2
+    return total
+
+
+def sampling(tokens: int) -> dict:
+    return dict(
+        do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=tokens, min_new_tokens=tokens
+    )
+
+
+def decode_speed(module, rows: list[dict], engines: list[str], tokens: int) -> dict:
+    """Per engine: ms per decode step, tokens/s over the batch, weight bytes per step and bandwidth fraction."""
+    policy, processor = module.policy, module.processor
+    policy.eval()
+    prompts = build_prompts(processor, rows, module.prompt_template, module.device)
+    tokenizer = processor.tokenizer
+    eos = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+    group = module.settings.group_size
+    count = prompts.input_ids.shape[0] * group
+    text = module.policy.config.text_config
+    kv_width = 2 * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads)  # keys + values
+    layers = text.num_hidden_layers
+    results = {}
+    for name in engines:
+        engine = build_rollout_engine(name)
+        try:
+            engine.generate(policy, prompts, group, sampling(8), eos, tokenizer.pad_token_id)  # warm-up
+            seconds = {}
+            for n in (1, tokens):
+                _sync()
+                start = time.perf_counter()
+                engine.generate(policy, prompts, group, sampling(n), eos, tokenizer.pad_token_id)
+                _sync()
+                seconds[n] = time.perf_counter() - start
+            step = (seconds[tokens] - seconds[1]) / (tokens - 1)
+            weights = step_weight_bytes(policy, dense=name == "bf16_copy")
+            kv = layers * count * (prompts.input_ids.shape[1] + tokens / 2) * kv_width * 2
+            results[name] = {
+                "step_ms": step * 1e3,
+                "tokens_per_s": count / step,
+                "rollout_seconds": seconds[tokens],
+                "weight_bytes_per_step": weights,
+                "kv_bytes_per_step": kv,
+                "weight_bandwidth_fraction": weights / step / H200_BANDWIDTH,
+                "weight_and_kv_bandwidth_fraction": (weights + kv) / step / H200_BANDWIDTH,
+                "engine_stats": dict(engine.last_stats),
+            }
+        except torch.OutOfMemoryError as error:
+            results[name] = {"error": f"OutOfMemoryError: {str(error).splitlines()[0]}"}
+        finally:
+            del engine
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    if "hf" in results and "step_ms" in results["hf"]:
+        for result in results.values():
+            if "step_ms" in result:
+                result["speedup_vs_hf"] = results["hf"]["step_ms"] / result["step_ms"]
+    return results
+
+
+def logprob_agreement(module, rows: list[dict], engines: list[str], tokens: int = 32) -> dict:
+    """Per static engine: |engine log-prob - training-forward log-prob| of the sampled tokens (mean, max)."""
+    results = {}
+    for name in engines:
+        engine = build_rollout_engine(name)
+        try:
+            module.policy.eval()
+            rollout = generate_rollout(
+                module.policy,
+                module.processor,
+                rows,
+                module.prompt_template,
+                module.settings.group_size,
+                sampling(tokens),
+                module.device,
+                engine=engine,
+            )
+            with torch.no_grad():
+                trained = module.rollout_logprobs(rollout)
+            mask = rollout.completion_mask.bool()
+            diff = (engine.last_logprobs[:, : trained.shape[1]] - trained)[mask].abs()
+            results[name] = {
+                "mean_abs_logprob_diff": float(diff.mean()),
+                "max_abs_logprob_diff": float(diff.max()),
+                "mean_logprob": float(trained[mask].mean()),
+                "tokens": int(mask.sum()),
+            }
+        except torch.OutOfMemoryError as error:
+            results[name] = {"error": f"OutOfMemoryError: {str(error).splitlines()[0]}"}
+    return results
