@@ -54,7 +54,12 @@ def fast_random_preset(name: str, dtype: torch.dtype, seed: int = 0) -> nn.Modul
     with parameters_on_meta():
         model = model_class(config)._from_config(config, dtype=dtype)
     generator = torch.Generator().manual_seed(seed)
-    block = (torch.randn(BLOCK, generator=generator) * 0.02).to(dtype)
+    # Explicit devices: Lightning calls configure_model under a CUDA default-device context.
+    block = (
+        None
+        if device.type == "cuda"
+        else (torch.randn(BLOCK, generator=generator, device="cpu") * 0.02).to(dtype)
+    )
     materialised: dict[int, nn.Parameter] = {}  # tied weights (2B's embedding and lm_head) stay tied
     for module in model.modules():
         for param_name, param in list(module._parameters.items()):
@@ -67,7 +72,7 @@ def fast_random_preset(name: str, dtype: torch.dtype, seed: int = 0) -> nn.Modul
                 elif device.type == "cuda":
                     data.normal_(0.0, 0.02)
                 else:
-                    offset = int(torch.randint(0, BLOCK, (1,), generator=generator))
+                    offset = int(torch.randint(0, BLOCK, (1,), generator=generator, device="cpu"))
                     _fill(data, block, offset)
                 materialised[id(param)] = nn.Parameter(data, requires_grad=param.requires_grad)
             module._parameters[param_name] = materialised[id(param)]

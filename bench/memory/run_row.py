@@ -39,11 +39,23 @@ from vrft.train import fit  # noqa: E402
 
 
 class StepProbe(L.Callback):
-    """Per optimizer step: wall time, the module's phase peaks and the logged metrics."""
+    """Per optimizer step: wall time, the module's phase peaks and the logged metrics; at the end of training
+    (before Lightning's teardown moves the model back to the CPU) the decode-speed probe, if asked."""
 
-    def __init__(self):
+    def __init__(self, engines: list[str], tokens: int):
         self.steps: list[dict] = []
         self.start = 0.0
+        self.engines, self.tokens = engines, tokens
+        self.speed: dict | None = None
+        self.agreement: dict | None = None
+
+    def on_train_end(self, trainer, pl_module):
+        if not self.engines:
+            return
+        rows = [trainer.datamodule.splits["train"][i] for i in range(pl_module.settings.rollout_batch_size)]
+        with trainer.precision_plugin.forward_context():
+            self.speed = decode_speed(pl_module, rows, self.engines, self.tokens)
+            self.agreement = logprob_agreement(pl_module, rows, [e for e in self.engines if e != "hf"])
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if torch.cuda.is_available():
@@ -140,7 +152,10 @@ def main() -> None:
     parser.add_argument("--images", required=True)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--speed", default="", help="comma-separated rollout engines to time after training")
-    parser.add_argument("--speed-tokens", type=int, default=256)
+    parser.add_argument("--speed-tokens", type=int, default=128)
+    parser.add_argument(
+        "--concurrent", type=int, default=1, help="rows sharing the GPU (timings then overlap)"
+    )
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     vrft.modules.policy.random_preset = fast_random_preset  # seconds instead of minutes for 7B
@@ -157,7 +172,7 @@ def main() -> None:
             "bitsandbytes": __import__("bitsandbytes").__version__,
         },
     }
-    probe, module = StepProbe(), None
+    probe, module = StepProbe([e for e in args.speed.split(",") if e], args.speed_tokens), None
     start = time.perf_counter()
     try:
         from vrft import train as train_module
@@ -174,15 +189,9 @@ def main() -> None:
     record["config"] = settings(cfg, module if "error" not in record else None)
     record["measured"] = measured(probe.steps)
     record["plan"] = plan_record(cfg, record["config"]["prompt_tokens"], record["config"]["image_tokens"])
-    args.out.write_text(json.dumps(record, indent=2))  # before the speed probe, in case it runs out of time
-
-    if args.speed and "error" not in record:
-        engines = args.speed.split(",")
-        rows = [module.trainer.datamodule.splits["train"][i] for i in range(cfg.algorithm.rollout_batch_size)]
-        with trainer.precision_plugin.forward_context():
-            record["speed"] = decode_speed(module, rows, engines, args.speed_tokens)
-            record["agreement"] = logprob_agreement(module, rows, [e for e in engines if e != "hf"])
-        args.out.write_text(json.dumps(record, indent=2))
+    record["speed"], record["agreement"] = probe.speed, probe.agreement
+    record["concurrent_rows"] = args.concurrent
+    args.out.write_text(json.dumps(record, indent=2))
     print(
         json.dumps({k: record.get(k) for k in ("name", "measured", "plan", "speed", "error")}, default=str)[
             :3000

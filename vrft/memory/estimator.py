@@ -54,7 +54,7 @@ class WeightFootprint:
 
     weight_bytes: int  # every frozen parameter, packed 4-bit/int8 storage and quantisation state included
     lm_linear_params: int  # parameters of the language model's projections (what a bf16 copy holds)
-    largest_linear_params: int  # the largest single projection (scratch of an on-the-fly dequantisation)
+    dequant_params: int  # the largest quantised projection (0 if none): scratch of its dequantisation
     adapter_params: int  # trainable LoRA parameters
     adapter_bytes_per_param: int  # 4 for fp32 adapters, 2 for bf16
     optimizer_bytes_per_param: float  # optimizer state per trainable parameter
@@ -95,18 +95,18 @@ class Workload:
 class Calibration:
     """Coefficients fitted to measured peaks (GRPO on an H200 under a memory cap, torch 2.11, bnb 0.50)."""
 
-    layer_recompute_hidden: float = 24.0  # one layer's autograd tensors per token, in hidden widths
-    layer_recompute_mlp: float = 4.0  # ... and in MLP widths
+    layer_recompute_hidden: float = 30.0  # one layer's autograd tensors per token, in hidden widths
+    layer_recompute_mlp: float = 5.0  # ... and in MLP widths
     layer_saved_hidden: float = 20.0  # per token per layer without checkpointing, hidden widths
     layer_saved_mlp: float = 4.0  # ... MLP widths
     forward_hidden: float = 4.0  # live tensors of a no-grad layer forward per token, hidden widths
     forward_mlp: float = 3.0  # ... MLP widths
     vision_width: float = 14.0  # live tensors per patch in a vision block, in vision widths
     logits_forward_bytes: float = 10.0  # per chunk position and vocab entry, no grad (bf16 + fp32 + exp)
-    logits_backward_bytes: float = 16.0  # ... with the backward (recomputed logits, softmax, gradients)
+    logits_backward_bytes: float = 18.5  # ... with the backward (recomputed logits, softmax, gradients)
     dynamic_kv_factor: float = 1.5  # generate's growing cache: copies while concatenating, fragmentation
-    reserved_factor: float = 1.05  # reserved / allocated at the peak (allocator rounding, fragmentation)
-    reserved_extra_gb: float = 0.25  # cuBLAS workspaces, small-block pools
+    reserved_factor: float = 1.02  # reserved / allocated at the peak (allocator rounding, fragmentation)
+    reserved_extra_gb: float = 0.05  # cuBLAS workspaces, small-block pools
     cuda_context_gb: float = 0.6  # CUDA context and kernels: outside PyTorch's pool, but on the card
 
 
@@ -159,30 +159,27 @@ def estimate(shape: ModelShape, weights: WeightFootprint, work: Workload, cal: C
     adapter = weights.adapter_params * weights.adapter_bytes_per_param
     optimizer = weights.adapter_params * weights.optimizer_bytes_per_param
     resident = weights.weight_bytes + adapter + (0 if weights.optimizer_paged else optimizer)
-    scratch_matrix = weights.largest_linear_params * 2 * a  # a dequantised matrix (+ its cast copy)
+    scratch_matrix = weights.dequant_params * a  # one quantised matrix dequantised for its matmul
 
-    # ---- rollout
+    # ---- rollout: the prefill's transients, then the full KV cache while decoding
     n, lp, lt = work.sequences, work.prompt_tokens, work.total_tokens
-    static = work.rollout_engine != "hf"
-    if static:
-        kv = kv_cache_bytes(shape, n, lt, a)
-        prefill_rows = work.rollout_batch_size  # one prefill per prompt, cache copied to its G rows
-    else:
+    sampling = n * shape.vocab * 4 * 3  # fp32 logits, probabilities, noise of one step
+    if work.rollout_engine == "hf":
         kv = kv_cache_bytes(shape, n, lt, a) * cal.dynamic_kv_factor
-        prefill_rows = n  # generate expands the inputs G times before the prefill
-    prefill = (
-        max(
-            vision_bytes(shape, prefill_rows, work.image_tokens, cal, a),
-            layer_forward_bytes(shape, prefill_rows * lp, cal, a)
-            + kv_cache_bytes(shape, prefill_rows, lp, a) * (1 if static else 0),
-        )
-        + scratch_matrix
+        rows = n  # generate expands the inputs G times before its prefill
+        decode = kv + sampling
+    else:
+        kv = kv_cache_bytes(shape, n, lt, a)
+        rows = work.rollout_batch_size  # one prefill per prompt, its cache copied to the G rows
+        decode = kv + kv_cache_bytes(shape, rows, lp, a) + sampling
+    prefill = max(
+        vision_bytes(shape, rows, work.image_tokens, cal, a),
+        layer_forward_bytes(shape, rows * lp, cal, a) + kv_cache_bytes(shape, rows, lp, a) + scratch_matrix,
     )
     engine = {"bf16_copy": weights.lm_linear_params * a, "dequant": scratch_matrix}.get(
         work.rollout_engine, 0
     )
-    sampling = n * shape.vocab * 4 * 3  # fp32 logits, probabilities, noise of one step
-    rollout = resident + engine + kv + prefill + sampling
+    rollout = resident + engine + max(prefill, decode)
 
     # ---- stored rollouts (pixel values in fp32 dominate) and the update micro-batch
     patch_dim = 3 * shape.temporal_patch_size * shape.patch_size**2
@@ -192,22 +189,24 @@ def estimate(shape: ModelShape, weights: WeightFootprint, work: Workload, cal: C
     tokens = m * lt
     chunk = min(work.logprob_chunk_size, m * work.max_new_tokens)
     vision = vision_bytes(shape, m, work.image_tokens, cal, a)
+    hidden = tokens * shape.hidden * a  # the final hidden states the log-prob chunks read
+    # The layer stack and the log-prob chunks run one after the other: their transients never coexist.
     forward = layer_forward_bytes(shape, tokens, cal, a) + scratch_matrix
-    reference = resident + stored + max(vision, forward + chunk * shape.vocab * cal.logits_forward_bytes)
-    if not work.reference:
-        reference = 0.0
+    logits_forward = chunk * shape.vocab * cal.logits_forward_bytes + hidden
+    reference = resident + stored + max(vision, forward, logits_forward) if work.reference else 0.0
 
     gradients = adapter
     if work.gradient_checkpointing:
-        saved = shape.layers * tokens * shape.hidden * a
+        saved = shape.layers * tokens * shape.hidden * a  # each layer's input, kept for the recompute
         width = cal.layer_recompute_hidden * shape.hidden + cal.layer_recompute_mlp * shape.intermediate
-        activations = saved + tokens * width * a
+        live = tokens * width * a  # one layer recomputed with autograd during the backward
     else:
         width = cal.layer_saved_hidden * shape.hidden + cal.layer_saved_mlp * shape.intermediate
-        activations = shape.layers * tokens * width * a
+        saved, live = shape.layers * tokens * width * a, 0
         notes.append("gradient checkpointing is off: activations of every layer are kept for the backward")
+    activations = saved + live
     logits = chunk * shape.vocab * cal.logits_backward_bytes
-    update = resident + gradients + stored + activations + logits + scratch_matrix
+    update = resident + gradients + stored + saved + max(live + scratch_matrix, logits)
 
     phases = {"rollout": rollout, "reference": reference, "update": update}
     peak_phase = max(phases, key=phases.get)

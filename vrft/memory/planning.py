@@ -21,7 +21,6 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vrft.memory.cuda import device_total_gb
 from vrft.memory.estimator import (
-    GIB,
     Calibration,
     MemoryPlan,
     ModelShape,
@@ -125,17 +124,17 @@ def _footprint(name_or_path: str, precision_yaml: str, target_modules: str, rank
     model.requires_grad_(False)
     precision.convert_module(model)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if not _is_bnb(p))
-    lm_params, largest, adapter = 0, 0, 0
+    lm_params, largest, adapter = 0, 0, 0  # largest: the biggest quantised projection
     target = re.compile(target_modules)
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear):
             continue
+        count = module.in_features * module.out_features
         if _is_bnb(module):
             weight_bytes += _scheme_bytes(module)
-        count = module.in_features * module.out_features
+            largest = max(largest, count)
         if ".language_model." in f".{name}" and "lm_head" not in name:
             lm_params += count
-            largest = max(largest, count)
         if target.fullmatch(name):
             adapter += rank * (module.in_features + module.out_features)
     adapter_bytes = torch.empty(0, dtype=precision.adapter_dtype).element_size()
@@ -184,7 +183,7 @@ def weight_footprint(cfg: DictConfig) -> tuple[WeightFootprint, int]:
     footprint = WeightFootprint(
         weight_bytes=weight_bytes,
         lm_linear_params=lm_params,
-        largest_linear_params=largest,
+        dequant_params=largest,
         adapter_params=adapter,
         adapter_bytes_per_param=adapter_bytes,
         optimizer_bytes_per_param=state * adapter_bytes / 4,  # state follows the parameter dtype

@@ -95,6 +95,13 @@ class LoraSpec:
 
 def load_base_model(spec: ModelSpec, dtype: torch.dtype) -> torch.nn.Module:
     """The base model on CPU in `dtype`, frozen (quantisation, if any, is the precision plugin's job)."""
+    # Lightning calls configure_model under a CUDA default-device context: without this the full-precision
+    # model would materialise on the GPU before the precision plugin quantises it (7B bf16: 16.6 GB).
+    with torch.device("cpu"):
+        return _load_base_model(spec, dtype)
+
+
+def _load_base_model(spec: ModelSpec, dtype: torch.dtype) -> torch.nn.Module:
     if spec.is_random_preset:
         model = random_preset(spec.name_or_path, dtype, seed=spec.seed)
     else:
