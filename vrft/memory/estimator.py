@@ -59,6 +59,7 @@ class WeightFootprint:
     adapter_bytes_per_param: int  # 4 for fp32 adapters, 2 for bf16
     optimizer_bytes_per_param: float  # optimizer state per trainable parameter
     optimizer_paged: bool  # paged (managed) state sits outside PyTorch's reserved pool
+    int8_layers: int = 0  # decoder layers whose projections are bitsandbytes LLM.int8 (see Calibration)
 
 
 @dataclass(frozen=True)
@@ -104,8 +105,13 @@ class Calibration:
     vision_width: float = 14.0  # live tensors per patch in a vision block, in vision widths
     logits_forward_bytes: float = 10.0  # per chunk position and vocab entry, no grad (bf16 + fp32 + exp)
     logits_backward_bytes: float = 18.5  # ... with the backward (recomputed logits, softmax, gradients)
+    # bitsandbytes' int8 matmul keeps its inputs (fp16 copy + int8 codes) on the autograd context outside
+    # save_for_backward, so non-reentrant gradient checkpointing cannot drop them: every int8 layer keeps
+    # about this many bytes per input element of its projections (q, k, v, o, gate, up: hidden; down: MLP).
+    int8_input_bytes: float = 2.7
     dynamic_kv_factor: float = 1.5  # generate's growing cache: copies while concatenating, fragmentation
     reserved_factor: float = 1.02  # reserved / allocated at the peak (allocator rounding, fragmentation)
+    reserved_factor_int8: float = 1.11  # int8 matmuls' many differently sized temporaries fragment the pool
     reserved_extra_gb: float = 0.05  # cuBLAS workspaces, small-block pools
     cuda_context_gb: float = 0.6  # CUDA context and kernels: outside PyTorch's pool, but on the card
 
@@ -198,6 +204,8 @@ def estimate(shape: ModelShape, weights: WeightFootprint, work: Workload, cal: C
     gradients = adapter
     if work.gradient_checkpointing:
         saved = shape.layers * tokens * shape.hidden * a  # each layer's input, kept for the recompute
+        inputs = 6 * shape.hidden + shape.intermediate  # input widths of a layer's seven projections
+        saved += weights.int8_layers * tokens * inputs * cal.int8_input_bytes
         width = cal.layer_recompute_hidden * shape.hidden + cal.layer_recompute_mlp * shape.intermediate
         live = tokens * width * a  # one layer recomputed with autograd during the backward
     else:
@@ -210,7 +218,8 @@ def estimate(shape: ModelShape, weights: WeightFootprint, work: Workload, cal: C
 
     phases = {"rollout": rollout, "reference": reference, "update": update}
     peak_phase = max(phases, key=phases.get)
-    peak_reserved = phases[peak_phase] * cal.reserved_factor + cal.reserved_extra_gb * GIB
+    factor = cal.reserved_factor_int8 if weights.int8_layers else cal.reserved_factor
+    peak_reserved = phases[peak_phase] * factor + cal.reserved_extra_gb * GIB
     components = {
         "weights": weights.weight_bytes,
         "adapter": adapter,

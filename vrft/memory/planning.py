@@ -1,22 +1,18 @@
 """The planner on a Hydra config: footprint of the model as the precision plugin stores it, the workload,
 the budget of the hardware profile, the verdict, and the change that makes a config fit.
 
-The model is instantiated on the meta device (no memory, well under a second) and passed through the
-precision plugin's own `convert_module`, so the planner counts exactly the layers the plugin quantises.
+The model's footprint comes from `vrft.memory.footprint` (the precision plugin's own conversion, on the
+meta device); the workload from the `algorithm` and `model` settings.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 import logging
-import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vrft.memory.cuda import device_total_gb
@@ -24,10 +20,10 @@ from vrft.memory.estimator import (
     Calibration,
     MemoryPlan,
     ModelShape,
-    WeightFootprint,
     Workload,
     estimate,
 )
+from vrft.memory.footprint import model_config, model_shape, weight_footprint
 
 log = logging.getLogger(__name__)
 
@@ -55,141 +51,6 @@ def precision_name(precision_cfg) -> str:
 
     target = (precision_cfg or {}).get("_target_")
     return str(getattr(get_class(target), "name", target)) if target else ""
-
-
-# ------------------------------------------------------------------------------------------- model
-def model_config(name_or_path: str):
-    """The `PretrainedConfig` of a preset or a checkpoint folder (reads config.json only)."""
-    from transformers import AutoConfig
-
-    from vrft.modules.presets import PRESETS, preset_config
-
-    if name_or_path in PRESETS:
-        return preset_config(name_or_path)
-    folder = Path(name_or_path).expanduser()
-    if not (folder / "config.json").exists():
-        raise FileNotFoundError(
-            f"model.name_or_path='{name_or_path}' has no config.json to plan from; point it at a Qwen2-VL / "
-            f"Qwen2.5-VL checkpoint folder or a preset: {', '.join(PRESETS)}"
-        )
-    return AutoConfig.from_pretrained(folder)
-
-
-def model_shape(config) -> ModelShape:
-    """Sizes the estimator needs, from a Qwen2-VL (`embed_dim`) or Qwen2.5-VL (`hidden_size`) config."""
-    text, vision = getattr(config, "text_config", config), config.vision_config
-    vision_dim = getattr(vision, "embed_dim", None) or vision.hidden_size
-    vision_mlp = getattr(vision, "intermediate_size", None) or int(vision_dim * vision.mlp_ratio)
-    return ModelShape(
-        hidden=text.hidden_size,
-        intermediate=text.intermediate_size,
-        layers=text.num_hidden_layers,
-        heads=text.num_attention_heads,
-        kv_heads=text.num_key_value_heads,
-        vocab=text.vocab_size,
-        vision_dim=vision_dim,
-        vision_mlp=vision_mlp,
-        vision_depth=vision.depth,
-        patch_size=vision.patch_size,
-        temporal_patch_size=vision.temporal_patch_size,
-        spatial_merge=vision.spatial_merge_size,
-    )
-
-
-def _scheme_bytes(layer: torch.nn.Module) -> int:
-    """Device bytes of a bitsandbytes layer once quantised: codes, scales and bias."""
-    from vrft.precision.schemes import Int4Scheme, scheme_of
-
-    scheme = scheme_of(layer)
-    out_features, in_features = layer.out_features, layer.in_features
-    count = out_features * in_features
-    bias = 0 if layer.bias is None else layer.bias.numel() * layer.bias.element_size()
-    if isinstance(scheme, Int4Scheme):
-        blocks = math.ceil(count / scheme.blocksize)
-        # Double quantisation stores each block's absmax in 8 bits, plus fp32 absmax per 256 blocks,
-        # a 256-entry fp32 code and an offset; without it the absmax stays fp32. The 16-entry NF4 code.
-        scales = blocks + math.ceil(blocks / 256) * 4 + 256 * 4 + 4 if scheme.double_quant else blocks * 4
-        return math.ceil(count / 2) + scales + 16 * 4 + bias
-    return count + out_features * 4 + bias  # int8 rows + one fp32 scale per row
-
-
-@functools.lru_cache(maxsize=32)
-def _footprint(name_or_path: str, precision_yaml: str, target_modules: str, rank: int) -> tuple[int, ...]:
-    precision = instantiate(OmegaConf.create(precision_yaml))
-    config = model_config(name_or_path)
-    from vrft.modules.presets import model_class
-
-    with torch.device("meta"):
-        model = model_class(config)._from_config(config, dtype=precision.load_dtype)
-    model.requires_grad_(False)
-    precision.convert_module(model)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if not _is_bnb(p))
-    lm_params, largest, adapter = 0, 0, 0  # largest: the biggest quantised projection
-    target = re.compile(target_modules)
-    for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear):
-            continue
-        count = module.in_features * module.out_features
-        if _is_bnb(module):
-            weight_bytes += _scheme_bytes(module)
-            largest = max(largest, count)
-        if ".language_model." in f".{name}" and "lm_head" not in name:
-            lm_params += count
-        if target.fullmatch(name):
-            adapter += rank * (module.in_features + module.out_features)
-    adapter_bytes = torch.empty(0, dtype=precision.adapter_dtype).element_size()
-    compute_bytes = torch.empty(0, dtype=precision.compute_dtype).element_size()
-    return weight_bytes, lm_params, largest, adapter, adapter_bytes, compute_bytes
-
-
-def _is_bnb(obj) -> bool:
-    return type(obj).__module__.startswith("bitsandbytes")
-
-
-# Optimizer state per trainable parameter, by class name: (bytes per fp32 parameter, paged).
-OPTIMIZER_STATE = {
-    "AdamW": (8.0, False),
-    "Adam": (8.0, False),
-    "AdamW8bit": (2.0 + 8 / 256, False),
-    "Adam8bit": (2.0 + 8 / 256, False),
-    "PagedAdamW8bit": (2.0 + 8 / 256, True),
-    "PagedAdamW": (8.0, True),
-    "PagedAdamW32bit": (8.0, True),
-    "SGD": (4.0, False),
-}
-
-
-def optimizer_state(optimizer_cfg) -> tuple[float, bool]:
-    """Bytes of state per trainable parameter and whether it is paged, from the optimizer's `_target_`."""
-    target = str((optimizer_cfg or {}).get("_target_", "torch.optim.AdamW")).rsplit(".", 1)[-1]
-    if target not in OPTIMIZER_STATE:
-        log.warning("planner: unknown optimizer %s, assuming AdamW's 8 bytes per parameter", target)
-    return OPTIMIZER_STATE.get(target, (8.0, False))
-
-
-def weight_footprint(cfg: DictConfig) -> tuple[WeightFootprint, int]:
-    """The model's footprint under `cfg.precision` and `cfg.lora`, and the activation element size."""
-    precision_yaml = OmegaConf.to_yaml(cfg.precision, resolve=True)
-    lora = cfg.lora
-    target = str(lora.target_modules)
-    if lora.get("train_vision"):
-        from vrft.modules.policy import VISION_TARGETS
-
-        target = f"({target})|({VISION_TARGETS})"
-    weight_bytes, lm_params, largest, adapter, adapter_bytes, compute_bytes = _footprint(
-        str(cfg.model.name_or_path), precision_yaml, target, int(lora.r)
-    )
-    state, paged = optimizer_state(cfg.get("optimizer"))
-    footprint = WeightFootprint(
-        weight_bytes=weight_bytes,
-        lm_linear_params=lm_params,
-        dequant_params=largest,
-        adapter_params=adapter,
-        adapter_bytes_per_param=adapter_bytes,
-        optimizer_bytes_per_param=state * adapter_bytes / 4,  # state follows the parameter dtype
-        optimizer_paged=paged,
-    )
-    return footprint, compute_bytes
 
 
 def workload(cfg: DictConfig, shape: ModelShape, activation_bytes: int) -> Workload:
