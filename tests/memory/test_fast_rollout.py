@@ -138,3 +138,17 @@ def test_unsupported_generation_setting_names_the_fix(fp32_policy):
     prompts = build_prompts(processor, rows(), "{problem}", torch.device("cpu"))
     with pytest.raises(ValueError, match="rollout_engine=hf"):
         DequantEngine().generate(policy, prompts, 2, dict(max_new_tokens=4, num_beams=2), [151645], 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("engine_class", STATIC_ENGINES)
+def test_cuda_graph_decode_matches_generate(engine_class):
+    policy, processor = make_policy("fp32")
+    policy.to("cuda")
+    engine = engine_class()
+    greedy = dict(do_sample=False, max_new_tokens=40, min_new_tokens=40)
+    device = torch.device("cuda")
+    reference = generate_rollout(policy, processor, rows(), "{problem}", 1, greedy, device)
+    fast = generate_rollout(policy, processor, rows(), "{problem}", 1, greedy, device, engine=engine)
+    assert engine.last_stats["cuda_graph"] == 1.0
+    assert torch.equal(fast.completion_ids, reference.completion_ids)

@@ -60,20 +60,20 @@ def model_shape(config) -> ModelShape:
 
 
 def _scheme_bytes(layer: torch.nn.Module) -> int:
-    """Device bytes of a bitsandbytes layer once quantised: codes, scales and bias."""
+    """Device bytes of a bitsandbytes layer's weight once quantised: codes and scales (its bias is a plain
+    parameter, counted with the others)."""
     from vrft.precision.schemes import Int4Scheme, scheme_of
 
     scheme = scheme_of(layer)
     out_features, in_features = layer.out_features, layer.in_features
     count = out_features * in_features
-    bias = 0 if layer.bias is None else layer.bias.numel() * layer.bias.element_size()
     if isinstance(scheme, Int4Scheme):
         blocks = math.ceil(count / scheme.blocksize)
         # Double quantisation stores each block's absmax in 8 bits, plus fp32 absmax per 256 blocks,
         # a 256-entry fp32 code and an offset; without it the absmax stays fp32. The 16-entry NF4 code.
         scales = blocks + math.ceil(blocks / 256) * 4 + 256 * 4 + 4 if scheme.double_quant else blocks * 4
-        return math.ceil(count / 2) + scales + 16 * 4 + bias
-    return count + out_features * 4 + bias  # int8 rows + one fp32 scale per row
+        return math.ceil(count / 2) + scales + 16 * 4
+    return count + out_features * 4  # int8 rows + one fp32 scale per row
 
 
 @functools.lru_cache(maxsize=32)
@@ -86,7 +86,8 @@ def _footprint(name_or_path: str, precision_yaml: str, target_modules: str, rank
         model = model_class(config)._from_config(config, dtype=precision.load_dtype)
     model.requires_grad_(False)
     precision.convert_module(model)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if not _is_bnb(p))
+    tensors = [*(p for p in model.parameters() if not _is_bnb(p)), *model.buffers()]  # buffers: rotary tables
+    weight_bytes = sum(t.numel() * t.element_size() for t in tensors)
     lm_params, largest, adapter = 0, 0, 0  # largest: the biggest quantised projection
     int8_layers: set[str] = set()
     target = re.compile(target_modules)
