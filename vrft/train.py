@@ -18,6 +18,7 @@ from vrft.memory.cuda import apply_memory_cap, configure_allocator
 from vrft.memory.oom import explain_out_of_memory
 from vrft.memory.planning import resolve_auto
 from vrft.memory.report import enforce_plan
+from vrft.warmstart import apply_warm_start
 
 log = logging.getLogger(__name__)
 # vrft checkpoints are written after the optimizer step on purpose (adapter + optimizer state of that step).
@@ -45,6 +46,7 @@ def fit(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, RunSummary]:
     cfg = resolve_auto(cfg)  # precision=auto / rollout_engine=auto -> what the planner says fits
     enforce_plan(cfg)  # refuse, before the model loads, a run the planner says will not fit
     apply_memory_cap(cfg.get("memory_cap_gb"))  # a bigger GPU behaves like the profile's card
+    warm_start_callbacks = apply_warm_start(cfg)  # sets lora.init_adapter (made once, then cached)
     precision = instantiate(cfg.precision)
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.algorithm, _convert_="object")
@@ -61,7 +63,7 @@ def fit(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, RunSummary]:
             "resumed_from": cfg.ckpt_path,
         },
     )
-    trainer = build_trainer(cfg, precision, [summary])
+    trainer = build_trainer(cfg, precision, [summary, *warm_start_callbacks])
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=False)
     try:

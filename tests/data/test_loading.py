@@ -60,9 +60,9 @@ def test_jsonl_with_relative_image_paths(tmp_path):
 
 
 def test_missing_columns_are_named(tmp_path):
-    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"image": ["x"], "question": ["q"]})}).save_to_disk(
-        tmp_path / "bad"
-    )
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_dict({"image": ["x"], "question": ["q"]})}
+    ).save_to_disk(tmp_path / "bad")
     with pytest.raises(ValueError, match=r"lacks column\(s\) \['problem', 'solution'\]"):
         load_visual_rft(tmp_path / "bad")
 
@@ -74,7 +74,9 @@ def test_missing_path_is_named(tmp_path):
 
 def write_with_bad_rows(tmp_path):
     rows = make_rows(4)
-    dataset = datasets.Dataset.from_dict(rows, features=FEATURES).cast_column("image", datasets.Image(decode=False))
+    dataset = datasets.Dataset.from_dict(rows, features=FEATURES).cast_column(
+        "image", datasets.Image(decode=False)
+    )
     table = dataset.to_dict()
     table["image"][1] = {"bytes": b"not an image", "path": "broken.jpg"}
     table["solution"][2] = "red"  # no <answer> tags
@@ -84,7 +86,9 @@ def write_with_bad_rows(tmp_path):
 
 
 def test_bad_rows_stop_before_training_with_the_fix(tmp_path):
-    module = VisualRFTDataModule(path=str(write_with_bad_rows(tmp_path)), check_solution=check_classification_solution)
+    module = VisualRFTDataModule(
+        path=str(write_with_bad_rows(tmp_path)), check_solution=check_classification_solution
+    )
     with pytest.raises(ValueError) as error:
         module.setup("fit")
     message = str(error.value)

@@ -32,8 +32,16 @@ def module():
 
 def rows():
     return [
-        {"image": Image.new("RGB", (56, 84), (255, 0, 0)), "problem": "What colour?", "solution": "<answer>red</answer>"},
-        {"image": Image.new("RGB", (112, 112), (0, 0, 255)), "problem": "Colour?", "solution": "<answer>blue</answer>"},
+        {
+            "image": Image.new("RGB", (56, 84), (255, 0, 0)),
+            "problem": "What colour?",
+            "solution": "<answer>red</answer>",
+        },
+        {
+            "image": Image.new("RGB", (112, 112), (0, 0, 255)),
+            "problem": "Colour?",
+            "solution": "<answer>blue</answer>",
+        },
     ]
 
 
@@ -82,7 +90,10 @@ def test_disabled_adapter_gives_base_model_logprobs(module):
     [
         ({"group_size": 1}, "group_size=1"),
         ({"prompts_per_step": 3, "rollout_batch_size": 2}, "prompts_per_step=3"),
-        ({"group_size": 3, "rollout_batch_size": 1, "update_micro_batch_size": 2}, "update_micro_batch_size=2"),
+        (
+            {"group_size": 3, "rollout_batch_size": 1, "update_micro_batch_size": 2},
+            "update_micro_batch_size=2",
+        ),
         ({"num_iterations": 0}, "num_iterations=0"),
     ],
 )

@@ -92,7 +92,10 @@ def test_micro_batches_sum_to_the_full_batch_loss():
     totals = StepTotals(4, int(mask.sum()), 5)
     for loss_fn in (SequenceMeanLoss(beta=0.0), TokenMeanLoss(beta=0.0), ConstantNormLoss(beta=0.0)):
         full, _ = loss_fn(logp, logp, None, adv, mask, totals)
-        halves = sum(loss_fn(logp[i : i + 2], logp[i : i + 2], None, adv[i : i + 2], mask[i : i + 2], totals)[0] for i in (0, 2))
+        halves = sum(
+            loss_fn(logp[i : i + 2], logp[i : i + 2], None, adv[i : i + 2], mask[i : i + 2], totals)[0]
+            for i in (0, 2)
+        )
         assert full.item() == pytest.approx(halves.item(), abs=1e-6)
 
 

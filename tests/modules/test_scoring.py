@@ -36,7 +36,9 @@ def test_reward_set_weighted_sum_and_none():
     def no_opinion(completions, solutions, **columns):
         return [None, 1.0]
 
-    rewards = RewardSet({"length": WeightedReward(length_reward, 0.5), "maybe": {"fn": no_opinion, "weight": 2.0}})
+    rewards = RewardSet(
+        {"length": WeightedReward(length_reward, 0.5), "maybe": {"fn": no_opinion, "weight": 2.0}}
+    )
     total, per = rewards(["ab", "abcd"], ["x", "y"], {"problem": ["p", "q"]})
     assert per["length"].tolist() == [2.0, 4.0]
     assert per["maybe"].tolist() == [0.0, 1.0]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -106,7 +108,16 @@ class VisualRFTDataModule(L.LightningDataModule):
         folder = cache_root() / f"synthetic-{self.synthetic.get('task', 'data')}-{key}"
         if not (folder / "dataset_dict.json").exists():
             log.info("writing synthetic dataset %s to %s (once)", self.synthetic, folder)
-            write_synthetic_dataset(folder, **self.synthetic)
+            # Written aside and renamed into place: runs started together (a parallel sweep) never read a
+            # half-written folder, and the first rename wins.
+            partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+            write_synthetic_dataset(partial, **self.synthetic)
+            try:
+                partial.rename(folder)
+            except OSError:
+                shutil.rmtree(partial, ignore_errors=True)
+                if not (folder / "dataset_dict.json").exists():
+                    raise
         return folder
 
     def setup(self, stage: str | None = None) -> None:

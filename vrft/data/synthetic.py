@@ -42,6 +42,11 @@ _FEATURES = datasets.Features(
     }
 )
 _CLASSIFICATION_PROBLEM = classification_prompt(subject="shape", question="shape", answer_hint="shape name")
+# What a classification row asks for: the shape's kind, or its colour (far easier for a tiny random-weight model).
+CLASSIFY = ("shape", "color")
+_COLOR_PROBLEM = classification_prompt(
+    subject="shape", question="color of the shape", answer_hint="color name"
+)
 
 
 @dataclass(frozen=True)
@@ -113,13 +118,18 @@ def _pick(rng: np.random.Generator, options: tuple | list) -> str:
     return options[int(rng.integers(len(options)))]
 
 
-# Row makers share one signature so that the task picks one from a table.
+# Row makers share one signature so that the task picks one from a table (classification takes more).
 def _classification_row(
-    rng: np.random.Generator, image_size: int, coord_convention: str, no_objects_rate: float
+    rng: np.random.Generator,
+    image_size: int,
+    coord_convention: str,
+    no_objects_rate: float,
+    classify: str = "shape",
+    scale: tuple[float, float] = (0.3, 0.7),
 ) -> _Row:
-    shape = Shape(
-        _pick(rng, SHAPES), _pick(rng, tuple(COLORS)), _square_in(rng, 0, 0, image_size, (0.3, 0.7))
-    )
+    shape = Shape(_pick(rng, SHAPES), _pick(rng, tuple(COLORS)), _square_in(rng, 0, 0, image_size, scale))
+    if classify == "color":
+        return _Row([shape], _COLOR_PROBLEM, f"<answer>{shape.color}</answer>", shape.color)
     return _Row([shape], _CLASSIFICATION_PROBLEM, f"<answer>{shape.kind}</answer>", shape.kind)
 
 
@@ -186,13 +196,17 @@ def make_synthetic_dataset(
     seed: int = 0,
     coord_convention: str = "qwen2vl",
     no_objects_rate: float = 0.25,
+    classify: str = "shape",
+    min_scale: float = 0.3,
+    max_scale: float = 0.7,
 ) -> datasets.DatasetDict:
     """Generate a Visual-RFT dataset of coloured shapes with splits ``train`` (and ``test`` if ``num_test``).
 
     Columns: ``image`` (PIL, ``datasets.Image``), ``problem`` (the Visual-RFT prompt of the task),
     ``solution`` (``<answer>...</answer>``), ``category``, ``width``, ``height``.
 
-    - classification: one shape; the label is its kind (circle, square, triangle, diamond).
+    - classification: one shape whose side spans ``min_scale``..``max_scale`` of the image; the label
+      is its kind (circle, square, triangle, diamond), or with ``classify="color"`` its colour.
     - detection: 1-3 shapes; each row asks for one kind. With probability ``no_objects_rate`` it
       asks for a kind that is absent, whose answer is "No Objects".
     - grounding: 2-3 shapes of distinct colour and kind; the instruction names one ("the red
@@ -208,7 +222,17 @@ def make_synthetic_dataset(
         )
     if not 0.0 <= no_objects_rate <= 1.0:
         raise ValueError(f"no_objects_rate={no_objects_rate} is not a probability; use a value in [0, 1]")
+    if classify not in CLASSIFY:
+        raise ValueError(f"classify={classify!r} is not one of {CLASSIFY}")
+    if not 0.0 < min_scale <= max_scale <= 1.0:
+        raise ValueError(
+            f"min_scale={min_scale}, max_scale={max_scale}: need 0 < min_scale <= max_scale <= 1 "
+            "(fractions of the image side)"
+        )
     check_coord_convention(coord_convention)
+    options = dict(coord_convention=coord_convention, no_objects_rate=no_objects_rate)
+    if task == "classification":
+        options.update(classify=classify, scale=(min_scale, max_scale))
     sizes = {"train": num_train, "test": num_test}
     return datasets.DatasetDict(
         {
@@ -217,8 +241,7 @@ def make_synthetic_dataset(
                 count,
                 image_size,
                 np.random.default_rng([seed, _SPLIT_INDEX[split]]),
-                coord_convention=coord_convention,
-                no_objects_rate=no_objects_rate,
+                **options,
             )
             for split, count in sizes.items()
             if count > 0

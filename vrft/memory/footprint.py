@@ -79,6 +79,9 @@ def _scheme_bytes(layer: torch.nn.Module) -> int:
 @functools.lru_cache(maxsize=32)
 def _footprint(name_or_path: str, precision_yaml: str, target_modules: str, rank: int) -> tuple[int, ...]:
     precision = instantiate(OmegaConf.create(precision_yaml))
+    # The skeleton has no adapters, and QAT changes no storage: convert it as the plain mode.
+    if getattr(precision, "qat", False):
+        precision.qat = False
     config = model_config(name_or_path)
     from vrft.modules.presets import model_class
 

@@ -3,7 +3,8 @@
 One `training_step` takes a batch of prompts through rollout and scoring and stores the result; once the
 optimizer step's worth of prompts is in (`prompts_per_step`), the policy update runs `num_iterations`
 optimizer steps over the stored rollouts in micro-batches. The reference policy is the same model with the
-LoRA adapter disabled, so there is no second copy of the weights.
+LoRA adapter disabled, so there is no second copy of the weights; a run that starts from an adapter
+(`lora.init_adapter`, e.g. an SFT warm start) compares against a frozen copy of that adapter instead.
 """
 
 from __future__ import annotations
@@ -207,7 +208,7 @@ class GRPOModule(PolicyModule):
         start = time.perf_counter()
         with self.phases("reference", self.device), torch.no_grad():
             if self.loss.beta > 0:
-                with self.policy.disable_adapter():
+                with self.reference_policy():
                     rollout.ref_logprobs = self.rollout_logprobs(rollout)
             if s.num_iterations > 1:
                 rollout.old_logprobs = self.rollout_logprobs(rollout)

@@ -16,6 +16,8 @@ from vrft.modules.processor import load_processor
 
 log = logging.getLogger(__name__)
 
+# With `lora.init_adapter`, a frozen copy of the starting adapter under this name is GRPO's reference policy.
+REFERENCE_ADAPTER = "reference"
 # Every linear projection of the language model; the vision tower (Qwen2.5-VL's has gate/up/down_proj too)
 # and the merger stay frozen unless `lora.train_vision` is set.
 LANGUAGE_MODEL_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -141,7 +143,10 @@ def attach_lora(model: torch.nn.Module, lora: LoraSpec, gradient_checkpointing: 
                 f"lora.init_adapter='{lora.init_adapter}' has no adapter_config.json; point it at a peft adapter "
                 "folder such as <run_dir>/adapter/final"
             )
-        return PeftModel.from_pretrained(model, folder, is_trainable=True)
+        peft_model = PeftModel.from_pretrained(model, folder, is_trainable=True)
+        # The policy GRPO starts from is its KL reference, not the bare base: a frozen copy of the adapter.
+        peft_model.load_adapter(folder, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+        return peft_model
     peft_model = get_peft_model(model, lora.peft_config())
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     if not trainable:

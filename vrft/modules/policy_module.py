@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import lightning as L
 import numpy as np
 import torch
 from typing_extensions import override
 
-from vrft.modules.policy import LoraSpec, ModelSpec, attach_lora, load_base_model, load_processor_for
+from vrft.modules.policy import (
+    REFERENCE_ADAPTER,
+    LoraSpec,
+    ModelSpec,
+    attach_lora,
+    load_base_model,
+    load_processor_for,
+)
 from vrft.modules.rollout import generate_rollout
 
 
@@ -62,6 +70,21 @@ class PolicyModule(L.LightningModule):
         self.policy = attach_lora(base, self.lora_spec, self.model_spec.gradient_checkpointing)
         self.policy.train()  # from_pretrained returns eval mode; training mode turns gradient checkpointing on
         self.processor = load_processor_for(self.model_spec)
+
+    @contextlib.contextmanager
+    def reference_policy(self) -> Iterator[None]:
+        """Inside, the policy is the reference: the starting adapter (`lora.init_adapter`), else the bare base."""
+        if REFERENCE_ADAPTER not in self.policy.peft_config:
+            with self.policy.disable_adapter():
+                yield
+            return
+        active = self.policy.active_adapter
+        self.policy.set_adapter(REFERENCE_ADAPTER)
+        try:
+            yield
+        finally:
+            # set_adapter also moves requires_grad to the active adapter: switching back restores training.
+            self.policy.set_adapter(active)
 
     @override
     def configure_model(self) -> None:

@@ -1,0 +1,121 @@
+"""Learning experiments (bench/learning): many short `python -m vrft.train` runs in parallel, one device call.
+
+    python bench/learning/run_matrix.py --matrix parity --out $OUT [--jobs 10] [--deadline 540]
+
+Each cell is a `python -m vrft.train` command line; it is exactly one job of the Hydra multirun that the
+matrix stands for (printed by `--print-multirun`), run as its own process so that cells share the GPU.
+Cells that share a warm start wait while the first of them makes it (a lock in the vrft cache). Every cell
+writes its run folder (`metrics.csv`, `held_out.json`) under `<out>/runs/<cell>`; `report.py` turns the
+folders into the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+# name -> (sweep axes as Hydra overrides, fixed overrides)
+MATRICES: dict[str, tuple[dict[str, list[str]], list[str]]] = {
+    # The precision comparison: one warm start per task, GRPO under each precision, three seeds.
+    "parity": (
+        {
+            "+experiment": ["parity_classification", "parity_detection"],
+            "precision": ["bf16", "int8", "mixed_tiny", "int4", "int4_qat"],
+            "seed": ["1", "2", "3"],
+        },
+        [],
+    ),
+    # The default run's settings: warm start length and GRPO learning rate (bench/learning/README.md).
+    "tuning": (
+        {
+            "warm_start.steps": ["60", "110", "160"],
+            "optimizer.lr": ["3e-4", "6e-4", "1e-3"],
+            "seed": ["1", "2"],
+        },
+        ["+experiment=learning"],
+    ),
+}
+
+
+def cells(axes: dict[str, list[str]], fixed: list[str]) -> list[list[str]]:
+    """Every combination of the sweep axes as a list of overrides (a key with commas sets several keys)."""
+    result = []
+    for values in itertools.product(*axes.values()):
+        overrides = []
+        for key, value in zip(axes, values, strict=True):
+            overrides += [f"{k}={v}" for k, v in zip(key.split(","), value.split(","), strict=True)]
+        result.append(overrides + fixed)
+    return result
+
+
+def multirun_command(axes: dict[str, list[str]], fixed: list[str]) -> str:
+    """The Hydra multirun that runs the same cells one after another."""
+    sweeps = []
+    for key, values in axes.items():
+        if "," in key:
+            continue  # paired keys have no single-sweep spelling; listed in the README instead
+        sweeps.append(f"{key}={','.join(values)}")
+    return "python -m vrft.train -m " + " ".join(sweeps + fixed)
+
+
+def cell_name(overrides: list[str]) -> str:
+    keep = [o.split("=", 1)[1] if o.startswith(("+experiment=", "precision=")) else o for o in overrides]
+    return "_".join(keep).replace("/", "-").replace("=", "-").replace("+", "")
+
+
+def run_cell(overrides: list[str], folder: Path, deadline: float) -> str:
+    """Run one cell into `folder`, killed at `deadline` (time.monotonic()); returns its status."""
+    folder.mkdir(parents=True, exist_ok=True)
+    timeout = deadline - time.monotonic()
+    if timeout < 30:
+        (folder / "status.txt").write_text("skipped: no time left\n")
+        return "skipped"
+    command = [sys.executable, "-m", "vrft.train", *overrides, f"run_dir={folder}", f"hydra.run.dir={folder}"]
+    (folder / "command.txt").write_text(" ".join(command[1:]) + "\n")
+    start = time.perf_counter()
+    try:
+        with (folder / "train.log").open("w") as log:
+            code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
+        status = "ok" if code == 0 else f"exit {code}"
+    except subprocess.TimeoutExpired:
+        status = "timeout"
+    status += f" ({time.perf_counter() - start:.0f} s)"
+    (folder / "status.txt").write_text(status + "\n")
+    print(f"{folder.name}: {status}", flush=True)
+    return status
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--matrix", choices=sorted(MATRICES), required=True)
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
+    parser.add_argument("--jobs", type=int, default=8, help="cells run at once")
+    parser.add_argument("--deadline", type=float, default=540.0, help="seconds for the whole matrix")
+    parser.add_argument("--print-multirun", action="store_true", help="print the Hydra multirun and exit")
+    parser.add_argument("--only", default="", help="run only the cells whose name contains this text")
+    parser.add_argument("extra", nargs="*", help="overrides added to every cell")
+    args = parser.parse_args()
+    axes, fixed = MATRICES[args.matrix]
+    fixed = fixed + args.extra
+    if args.print_multirun:
+        print(multirun_command(axes, fixed))
+        return
+    todo = [cell for cell in cells(axes, fixed) if args.only in cell_name(cell)]
+    deadline = time.monotonic() + args.deadline
+    runs = args.out / "runs"
+    # Cells that share a warm start wait on its cache lock while the first of them makes it.
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for overrides in todo:
+            pool.submit(run_cell, overrides, runs / cell_name(overrides), deadline)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""SFT on the tiny model: the target text, prompt masking, and a loss that falls on a fixed batch."""
+
+import pytest
+import torch
+from PIL import Image
+
+from vrft.modules.policy import LANGUAGE_MODEL_TARGETS, LoraSpec, ModelSpec
+from vrft.modules.sft import SFTModule, sft_target, target_batch
+
+
+def rows():
+    return [
+        {
+            "image": Image.new("RGB", (56, 56), (220, 40, 40)),
+            "problem": "What colour?",
+            "solution": "<answer>red</answer>",
+            "category": "red",
+        },
+        {
+            "image": Image.new("RGB", (112, 84), (40, 80, 220)),
+            "problem": "Which colour is it?",
+            "solution": "<answer>blue</answer>",
+            "category": "blue",
+        },
+    ]
+
+
+@pytest.fixture(scope="module")
+def module():
+    torch.manual_seed(0)
+    sft = SFTModule(
+        model=ModelSpec(name_or_path="tiny", max_pixels=12544),
+        # lm_head too: the tiny model's frozen tied embeddings alone cannot put probability on a target.
+        lora=LoraSpec(r=4, alpha=8, target_modules=f"({LANGUAGE_MODEL_TARGETS})|lm_head"),
+        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2),
+    )
+    sft.build_policy(torch.float32)
+    return sft
+
+
+def test_target_wraps_the_answer_in_a_reasoning_span():
+    row = rows()[0]
+    assert sft_target(row, "The image shows a {answer}.") == (
+        "<think>The image shows a red.</think><answer>red</answer>"
+    )
+    assert sft_target(row, "It is {category}.") == "<think>It is red.</think><answer>red</answer>"
+    assert sft_target(row, None) == "<answer>red</answer>"
+
+
+def test_target_errors_name_the_bad_value():
+    with pytest.raises(ValueError, match="names column 'colour'"):
+        sft_target(rows()[0], "{colour}")
+    with pytest.raises(ValueError, match="no <answer>"):
+        sft_target({"solution": "red"}, "{answer}")
+
+
+def test_only_target_tokens_are_labels(module):
+    batch = target_batch(
+        module.processor, rows(), ["<answer>red</answer>", "<answer>x</answer>"], "{problem}", "cpu"
+    )
+    tokenizer = module.processor.tokenizer
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    for i, text in enumerate(["<answer>red</answer>", "<answer>x</answer>"]):
+        ids = batch.completion_ids[i][batch.completion_mask[i].bool()].tolist()
+        assert ids[-1] == end  # the model learns to stop
+        assert tokenizer.decode(ids[:-1]) == text
+    # The prompt ends with the assistant header: the targets start right after it.
+    assert tokenizer.decode(batch.prompts.input_ids[0][-3:]).endswith("assistant\n")
+    assert batch.completion_mask[1].sum() < batch.completion_mask[0].sum()
+
+
+def test_loss_falls_on_a_fixed_batch(module):
+    optimizer = torch.optim.AdamW([p for p in module.policy.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(6):
+        loss, stats = module.sft_loss(rows())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss.detach()))
+    assert stats["train/target_tokens"] > 0
+    assert losses[-1] < losses[0] - 1.0, losses
+
+
+def test_batch_size_must_be_positive():
+    with pytest.raises(ValueError, match="algorithm.batch_size=0"):
+        SFTModule(ModelSpec(name_or_path="tiny"), LoraSpec(), optimizer=None, batch_size=0)
