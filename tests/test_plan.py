@@ -49,6 +49,13 @@ def test_plan_cli_names_the_change_that_makes_it_fit():
     assert "suggestion: precision=bf16" in result.stdout
 
 
+def test_qat_plans_like_its_mode():
+    # The planner converts an adapter-less skeleton: QAT (which needs adapters) must not stop it.
+    qat = verdict(config("+hw=rtx4090", "model=qwen2vl-2b", "precision=int4_qat"))
+    plain = verdict(config("+hw=rtx4090", "model=qwen2vl-2b", "precision=int4"))
+    assert qat.fits and qat.plan.components["weights"] == plain.plan.components["weights"]
+
+
 @pytest.mark.parametrize("profile", PROFILES)
 def test_hardware_profiles_compose_with_a_precision_on_the_command_line(profile):
     cfg = config(f"+hw={profile}", "precision=int4")

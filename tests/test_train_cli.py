@@ -23,6 +23,7 @@ from vrft.train import fit
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 # Small enough for a few seconds per optimizer step on 2 CPU cores.
 FAST = [
+    "warm_start=null",
     "trainer.max_steps=2",
     "algorithm.max_new_tokens=8",
     "algorithm.group_size=2",
@@ -155,3 +156,23 @@ def test_evaluate_cli_writes_predictions_and_metrics(first_run, tmp_path):
     assert 0.0 <= report["metrics"]["accuracy"] <= 1.0
     predictions = json.loads((out / "predictions.json").read_text())
     assert len(predictions) == 4 and {"completion", "solution", "problem"} <= set(predictions[0])
+
+
+def test_sft_algorithm_logs_loss_and_writes_checkpoints_and_adapter(tmp_path):
+    run_dir = tmp_path / "sft"
+    command = [sys.executable, "-m", "vrft.train", f"hydra.run.dir={run_dir}", "algorithm=sft"]
+    command += ["algorithm.batch_size=2", "trainer.max_steps=3", "callbacks.checkpoint.every_n_train_steps=3"]
+    command += ["data.synthetic.num_train=8", "data.synthetic.num_test=4", "lora.r=4", "lora.alpha=8"]
+    command += ["~callbacks.progress"]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with (run_dir / "logs" / "metrics.csv").open() as file:
+        rows = [row for row in csv.DictReader(file) if row.get("train/loss")]
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    assert all(float(r["train/target_tokens"]) > 0 and float(r["train/loss"]) > 0 for r in rows)
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / "adapter" / "final" / "adapter_config.json").is_file()
+    summary = json.loads((run_dir / "run_summary.json").read_text())
+    assert summary["global_step"] == 3

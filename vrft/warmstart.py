@@ -40,8 +40,16 @@ def warm_start_key(cfg: DictConfig) -> str:
     The GRPO phase's precision, optimizer, seed and steps are left out on purpose: every run that differs only
     in those starts from the same warm start (the precision comparison relies on that).
     """
+    # Which models it applies to and how the GRPO run reports on it (callbacks) do not change the adapter.
+    warm = cfg.warm_start
     resolved = {
-        "warm_start": OmegaConf.to_container(cfg.warm_start, resolve=True),
+        "warm_start": {
+            key: OmegaConf.to_container(warm[key], resolve=True)
+            if OmegaConf.is_config(warm[key])
+            else warm[key]
+            for key in warm
+            if key not in ("callbacks", "models")
+        },
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "data": OmegaConf.to_container(cfg.data, resolve=True),
         "task": cfg.task.name,

@@ -7,7 +7,7 @@ export PYTHONPATH="$PWD:/tmp/site" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=fal
 OUT=${OUT:-bench-out}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 [ "${GPU_TESTS:-1}" = 1 ] && (python3 -m pytest -q -m gpu -p no:cacheprovider tests > "$OUT/gpu_tests.log" 2>&1; echo "exit $?" >> "$OUT/gpu_tests.log") &
-python3 bench/learning/run_matrix.py --matrix tuning --out /tmp/learning --jobs 18 --deadline 400
+python3 bench/learning/run_matrix.py --matrix "${MATRIX:-tuning-lr-beta}" --out /tmp/learning --jobs 18 --deadline 400
 wait
 python3 bench/learning/collect.py /tmp/learning /tmp/tuning && tar czf "$OUT/tuning.tgz" -C /tmp tuning
 tail -5 "$OUT/gpu_tests.log"

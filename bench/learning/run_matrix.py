@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import re
+import shlex
 import subprocess
 import sys
 import time
@@ -31,14 +33,27 @@ MATRICES: dict[str, tuple[dict[str, list[str]], list[str]]] = {
         },
         [],
     ),
-    # The default run's settings: warm start length and GRPO learning rate (bench/learning/README.md).
-    "tuning": (
+    # How the default run's GRPO settings were chosen (bench/learning/README.md): learning rate x KL weight ...
+    "tuning-lr-beta": (
+        {"optimizer.lr": ["3e-4", "1e-3", "3e-3"], "loss.beta": ["0.04", "0.0"]},
+        ["algorithm.max_new_tokens=24"],
+    ),
+    # ... learning rate x warmup over seeds (the default run's robustness) ...
+    "tuning-schedule": (
+        {
+            "optimizer.lr,scheduler.num_warmup_steps": ["3e-4,0", "5e-4,0", "5e-4,10", "1e-3,0", "1e-3,10"],
+            "seed": ["0", "1", "2"],
+        },
+        [],
+    ),
+    # ... and warm start length x learning rate with a fixed <think> sentence instead of one naming the answer.
+    "tuning-fixed-reasoning": (
         {
             "warm_start.steps": ["60", "110", "160"],
             "optimizer.lr": ["3e-4", "6e-4", "1e-3"],
             "seed": ["1", "2"],
         },
-        ["+experiment=learning"],
+        ["algorithm.max_new_tokens=24", "task.reasoning='I look at the shape in the image.'"],
     ),
 }
 
@@ -61,12 +76,14 @@ def multirun_command(axes: dict[str, list[str]], fixed: list[str]) -> str:
         if "," in key:
             continue  # paired keys have no single-sweep spelling; listed in the README instead
         sweeps.append(f"{key}={','.join(values)}")
-    return "python -m vrft.train -m " + " ".join(sweeps + fixed)
+    return "python -m vrft.train -m " + " ".join(shlex.quote(part) for part in sweeps + fixed)
 
 
-def cell_name(overrides: list[str]) -> str:
+def cell_name(overrides: list[str], fixed: list[str] = ()) -> str:
+    """A folder name from the overrides that vary (experiment and precision by value alone)."""
     keep = [o.split("=", 1)[1] if o.startswith(("+experiment=", "precision=")) else o for o in overrides]
-    return "_".join(keep).replace("/", "-").replace("=", "-").replace("+", "")
+    keep = [k for k, o in zip(keep, overrides, strict=True) if o not in fixed]
+    return re.sub(r"[^A-Za-z0-9._]+", "-", "_".join(keep))
 
 
 def run_cell(overrides: list[str], folder: Path, deadline: float) -> str:
@@ -108,13 +125,13 @@ def main() -> None:
     if args.print_multirun:
         print(multirun_command(axes, fixed))
         return
-    todo = [cell for cell in cells(axes, fixed) if args.only in cell_name(cell)]
+    todo = [cell for cell in cells(axes, fixed) if args.only in cell_name(cell, fixed)]
     deadline = time.monotonic() + args.deadline
     runs = args.out / "runs"
     # Cells that share a warm start wait on its cache lock while the first of them makes it.
     with ThreadPoolExecutor(args.jobs) as pool:
         for overrides in todo:
-            pool.submit(run_cell, overrides, runs / cell_name(overrides), deadline)
+            pool.submit(run_cell, overrides, runs / cell_name(overrides, fixed), deadline)
 
 
 if __name__ == "__main__":

@@ -152,3 +152,17 @@ def test_cuda_graph_decode_matches_generate(engine_class):
     fast = generate_rollout(policy, processor, rows(), "{problem}", 1, greedy, device, engine=engine)
     assert engine.last_stats["cuda_graph"] == 1.0
     assert torch.equal(fast.completion_ids, reference.completion_ids)
+
+
+def test_inverse_cdf_sampler_draws_from_the_softmax():
+    from vrft.memory.fast_rollout import InverseCdfSampler
+
+    torch.manual_seed(0)
+    logits = torch.tensor([[2.0, 1.0, 0.0, float("-inf"), -1.0]]).repeat(20000, 1)
+    chosen = InverseCdfSampler(temperature=0.7)(None, logits)
+    assert torch.isinf(chosen).sum(1).eq(4).all()  # exactly one finite score per row: greedy picks it
+    counts = torch.bincount(chosen.argmax(1), minlength=5).float() / len(chosen)
+    torch.testing.assert_close(counts, (logits[0] / 0.7).softmax(-1), atol=0.01, rtol=0)
+    assert counts[3] == 0  # a masked token is never drawn
+    top = InverseCdfSampler(temperature=1.0, top_p=0.5)(None, logits[:2000]).argmax(1)
+    assert top.eq(0).all()  # token 0 alone holds 66% of the mass

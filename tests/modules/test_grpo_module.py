@@ -57,6 +57,19 @@ def test_rollout_has_group_size_completions_per_prompt(module):
     assert inputs["pixel_values"].shape[0] == int(inputs["image_grid_thw"].prod(-1).sum())
 
 
+def test_repeated_prompts_keep_each_image_with_its_prompt(module):
+    from vrft.modules.rollout import build_prompts
+
+    prompts = build_prompts(module.processor, rows(), "{problem}", "cpu")
+    repeated = prompts.repeated(3)
+    assert repeated.input_ids.shape[0] == 6
+    assert torch.equal(repeated.input_ids[3], prompts.input_ids[1])
+    assert repeated.patch_counts == [prompts.patch_counts[0]] * 3 + [prompts.patch_counts[1]] * 3
+    chunks = torch.split(repeated.pixel_values, repeated.patch_counts)
+    first, second = torch.split(prompts.pixel_values, prompts.patch_counts)
+    assert all(torch.equal(c, first) for c in chunks[:3]) and all(torch.equal(c, second) for c in chunks[3:])
+
+
 def test_reference_kl_is_exactly_zero_with_fresh_adapter(module):
     # peft initialises lora_B to zero: the adapter-disabled reference equals the policy exactly.
     rollout = module.rollout(rows())

@@ -8,6 +8,8 @@ from pathlib import Path
 import lightning as L
 from typing_extensions import override
 
+from vrft.modules.policy import save_adapter
+
 log = logging.getLogger(__name__)
 
 
@@ -23,7 +25,7 @@ class AdapterExport(L.Callback):
 
     def export(self, pl_module: L.LightningModule, name: str) -> Path:
         folder = self.dirpath / name
-        pl_module.policy.save_pretrained(folder)
+        save_adapter(pl_module.policy, folder)
         pl_module.processor.save_pretrained(folder) if hasattr(
             pl_module.processor, "save_pretrained"
         ) else None

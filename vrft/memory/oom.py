@@ -61,7 +61,9 @@ def save_adapter_on_oom(module, run_dir: Path, step: int) -> Path | None:
     if folder.exists():
         return folder
     try:
-        policy.save_pretrained(folder)
+        from vrft.modules.policy import save_adapter
+
+        save_adapter(policy, folder)
     except Exception as error:  # saving must never hide the OOM itself
         log.warning("could not save the adapter after the OOM: %s", error)
         return None

@@ -155,3 +155,17 @@ def attach_lora(model: torch.nn.Module, lora: LoraSpec, gradient_checkpointing: 
             "use a regex over names like 'model.language_model.layers.0.self_attn.q_proj'"
         )
     return peft_model
+
+
+def save_adapter(policy: PeftModel, folder: str | Path) -> None:
+    """Write the trained adapter in peft format (`PeftModel.from_pretrained(base, folder)` loads it).
+
+    Only the trained adapter: a frozen reference copy (`REFERENCE_ADAPTER`) stays out, and so do embedding
+    matrices (peft would copy the whole tied embedding when `lm_head` is adapted; the base weights never
+    change, so the base checkpoint already holds it).
+    """
+    if not isinstance(policy, PeftModel):
+        policy.save_pretrained(str(folder))  # a fully trained model (lora disabled)
+        return
+    adapters = [name for name in policy.peft_config if name != REFERENCE_ADAPTER]
+    policy.save_pretrained(str(folder), selected_adapters=adapters, save_embedding_layers=False)

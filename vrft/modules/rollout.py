@@ -26,6 +26,17 @@ class PromptBatch:
     def patch_counts(self) -> list[int]:
         return self.image_grid_thw.prod(dim=-1).tolist()
 
+    def repeated(self, times: int) -> PromptBatch:
+        """Each prompt `times` times in a row (`[P*times, ...]`), its image patches with it."""
+        patches = torch.split(self.pixel_values, self.patch_counts)
+        return PromptBatch(
+            input_ids=self.input_ids.repeat_interleave(times, dim=0),
+            attention_mask=self.attention_mask.repeat_interleave(times, dim=0),
+            mm_token_type_ids=self.mm_token_type_ids.repeat_interleave(times, dim=0),
+            pixel_values=torch.cat([chunk for chunk in patches for _ in range(times)]),
+            image_grid_thw=self.image_grid_thw.repeat_interleave(times, dim=0),
+        )
+
 
 @dataclass
 class Rollout:
