@@ -23,7 +23,7 @@ from vrft.train import fit
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 # Small enough for a few seconds per optimizer step on 2 CPU cores.
 FAST = [
-    "warm_start=null",
+    "warm_start=none",
     "trainer.max_steps=2",
     "algorithm.max_new_tokens=8",
     "algorithm.group_size=2",

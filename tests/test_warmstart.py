@@ -65,9 +65,9 @@ def test_made_once_then_reused(tmp_path, monkeypatch):
     assert not list(tmp_path.glob("*.partial-*"))  # built aside, renamed into place
 
 
-def test_applies_to_the_tiny_model_only_and_never_over_a_users_adapter(monkeypatch):
+def test_applies_to_the_tiny_model_only_and_never_over_a_users_adapter(monkeypatch, tmp_path):
     monkeypatch.setattr(vrft.warmstart, "make_warm_start", lambda cfg: Path("/cache/warm/adapter/final"))
-    cfg = config()
+    cfg = config(f"run_dir={tmp_path}")
     callbacks = apply_warm_start(cfg)
     assert cfg.lora.init_adapter == "/cache/warm/adapter/final"
     assert [type(c).__name__ for c in callbacks] == ["HeldOutReward"]
@@ -76,7 +76,7 @@ def test_applies_to_the_tiny_model_only_and_never_over_a_users_adapter(monkeypat
     assert apply_warm_start(other) == [] and other.lora.init_adapter is None
     own = config("lora.init_adapter=/my/adapter")
     assert apply_warm_start(own) == [] and own.lora.init_adapter == "/my/adapter"
-    assert apply_warm_start(config("warm_start=null")) == []
+    assert apply_warm_start(config("warm_start=none")) == []
 
 
 @pytest.mark.slow

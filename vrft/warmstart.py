@@ -5,7 +5,7 @@ Visual-RFT starts GRPO from an instruction-tuned model that already answers in t
 would have nothing to learn from. Its stand-in for instruction tuning is a short SFT run on the run's own
 training data (`conf/warm_start/tiny_sft.yaml`), deliberately stopped early so that GRPO starts from a partial
 policy. The warm start is made once into the vrft cache, keyed by a hash of everything that determines it,
-and GRPO then starts from its adapter (`lora.init_adapter`); `warm_start=null` trains from a fresh adapter.
+and GRPO then starts from its adapter (`lora.init_adapter`); `warm_start=none` trains from a fresh adapter.
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ def apply_warm_start(cfg: DictConfig) -> list[L.Callback]:
     (`warm_start.callbacks`) report the reward before and after GRPO.
     """
     warm = cfg.get("warm_start")
-    if warm is None:
+    if not warm:  # warm_start=none (an empty node), or null
         return []
     name = cfg.model.name_or_path
     if name not in warm.models:

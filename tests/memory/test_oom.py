@@ -16,7 +16,7 @@ from vrft.train import fit
 
 CONF = str(Path(__file__).resolve().parents[2] / "conf")
 FAST = [
-    "warm_start=null",
+    "warm_start=none",
     "trainer.max_steps=3",
     "algorithm.max_new_tokens=4",
     "algorithm.group_size=2",

@@ -8,18 +8,21 @@ GRPO against exactly this baseline, and vrft uses it to give the tiny model a wa
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 from typing_extensions import override
 
+from vrft.modules.grpo import GRPOSettings
 from vrft.modules.logprobs import selective_logprobs
 from vrft.modules.policy import LoraSpec, ModelSpec
 from vrft.modules.policy_module import PolicyModule
 from vrft.modules.rollout import Rollout, build_prompts
 from vrft.rewards.parsing import extract_answer
 
+log = logging.getLogger(__name__)
 END_OF_TURN = "<|im_end|>"
 
 
@@ -91,6 +94,9 @@ class SFTModule(PolicyModule):
         max_grad_norm: gradient clipping (None: off).
         logprob_chunk_size: positions per fp32 logits chunk (chunk x vocab x 4 bytes).
         batch_size: rows per optimizer step (the data module reads it).
+        **rollout_settings: GRPO settings that a hardware profile or model preset sets under `algorithm` for
+            either algorithm (`group_size`, `max_new_tokens`, `rollout_engine`, ...). SFT generates nothing
+            while training: they are logged as ignored.
     """
 
     def __init__(
@@ -106,8 +112,16 @@ class SFTModule(PolicyModule):
         max_grad_norm: float | None = 1.0,
         logprob_chunk_size: int = 1024,
         batch_size: int = 8,
+        **rollout_settings,
     ):
         super().__init__(model, lora, optimizer, scheduler, prompt_template, evaluator, eval_max_new_tokens)
+        unknown = sorted(set(rollout_settings) - set(GRPOSettings.__dataclass_fields__))
+        if unknown:
+            raise TypeError(
+                f"algorithm=sft has no setting {unknown}; its settings are in conf/algorithm/sft.yaml"
+            )
+        if rollout_settings:
+            log.info("algorithm=sft ignores the GRPO rollout settings %s", rollout_settings)
         if batch_size < 1:
             raise ValueError(f"algorithm.batch_size={batch_size} must be >= 1")
         self.reasoning_template = reasoning_template
