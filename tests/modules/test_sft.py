@@ -85,3 +85,45 @@ def test_loss_falls_on_a_fixed_batch(module):
 def test_batch_size_must_be_positive():
     with pytest.raises(ValueError, match="algorithm.batch_size=0"):
         SFTModule(ModelSpec(name_or_path="tiny"), LoraSpec(), optimizer=None, batch_size=0)
+
+
+def test_full_fine_tuning_trains_the_projections_themselves():
+    torch.manual_seed(0)
+    full = SFTModule(
+        model=ModelSpec(name_or_path="tiny", max_pixels=12544),
+        lora=LoraSpec(full=True),
+        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2),
+    )
+    full.build_policy(torch.float32)
+    trainable = {n for n, p in full.policy.named_parameters() if p.requires_grad}
+    assert trainable and all("language_model" in n and "proj" in n for n in trainable)
+    assert not any("lora_" in n for n, _ in full.policy.named_parameters())
+    before = {n: p.detach().clone() for n, p in full.policy.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in full.policy.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for _ in range(4):
+        loss, _ = full.sft_loss(rows())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0]
+    after = dict(full.policy.named_parameters())
+    assert all(not torch.equal(after[n], before[n]) for n in trainable)
+    assert all(torch.equal(after[n], before[n]) for n in before if n not in trainable)
+
+
+def test_full_fine_tuning_is_refused_where_it_cannot_work():
+    from vrft.modules.grpo import GRPOModule
+    from vrft.precision import Int8Precision
+
+    with pytest.raises(ValueError, match="lora.full=true has no adapter"):
+        GRPOModule(ModelSpec(name_or_path="tiny"), LoraSpec(full=True), loss=None, rewards={}, optimizer=None)
+    with pytest.raises(ValueError, match="cannot start from lora.init_adapter"):
+        SFTModule(
+            ModelSpec(name_or_path="tiny"), LoraSpec(full=True, init_adapter="/a"), optimizer=None
+        ).build_policy()
+    full = SFTModule(ModelSpec(name_or_path="tiny"), LoraSpec(full=True), optimizer=None)
+    full.build_policy(torch.float32)
+    with pytest.raises(ValueError, match="quantised weights cannot train"):
+        Int8Precision().convert_module(full.policy)

@@ -22,7 +22,7 @@ from vrft.memory.fast_rollout import build_rollout_engine
 from vrft.memory.phases import PhaseTracker
 from vrft.modules.logprobs import selective_logprobs
 from vrft.modules.losses import PolicyLoss, StepTotals
-from vrft.modules.policy import LoraSpec, ModelSpec
+from vrft.modules.policy import LoraSpec, ModelSpec, base_model
 from vrft.modules.policy_module import PolicyModule
 from vrft.modules.rollout import Rollout, generate_rollout
 from vrft.modules.scoring import RewardSet, group_advantages
@@ -115,6 +115,11 @@ class GRPOModule(PolicyModule):
         **settings,
     ):
         super().__init__(model, lora, optimizer, scheduler, prompt_template, evaluator, eval_max_new_tokens)
+        if getattr(lora, "full", False):
+            raise ValueError(
+                "lora.full=true has no adapter to disable, and GRPO's KL reference is the model with its adapter "
+                "disabled; train GRPO with LoRA (lora=default), and full fine-tuning with algorithm=sft"
+            )
         self.loss = loss
         self.rewards = rewards if isinstance(rewards, RewardSet) else RewardSet(rewards)
         self.settings = GRPOSettings(**settings)
@@ -262,7 +267,7 @@ class GRPOModule(PolicyModule):
     def sequence_logprobs(self, rollout: Rollout, first: int, last: int) -> Tensor:
         """`[last - first, C]` fp32 log-probs of completions `[first, last)` under the current model state."""
         inputs = rollout.sequence_inputs(first, last)
-        model = self.policy.get_base_model()
+        model = base_model(self.policy)
         hidden = model.model(**inputs, use_cache=False).last_hidden_state
         length = rollout.completion_ids.shape[1]
         # Position t predicts token t + 1, so the completion is predicted from the C positions before it.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +80,8 @@ class LoraSpec:
         train_vision: also adapt the vision tower and merger.
         init_adapter: a peft adapter folder to start from (e.g. an SFT warm start) instead of a fresh
             adapter; its own r/alpha/targets then apply.
+        full: no adapter: train the weights of the `target_modules` themselves (full fine-tuning; SFT
+            only, in an unquantised precision). r/alpha/dropout/init_adapter do not apply.
     """
 
     r: int = 64
@@ -87,6 +90,7 @@ class LoraSpec:
     target_modules: str = LANGUAGE_MODEL_TARGETS
     train_vision: bool = False
     init_adapter: str | None = None
+    full: bool = False
 
     def peft_config(self) -> LoraConfig:
         target = self.target_modules
@@ -136,6 +140,8 @@ def attach_lora(model: torch.nn.Module, lora: LoraSpec, gradient_checkpointing: 
     if gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen inputs, so no input-embedding grad hook is needed.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora.full:
+        return _unfreeze_targets(model, lora)
     if lora.init_adapter is not None:
         folder = Path(lora.init_adapter).expanduser()
         if not (folder / "adapter_config.json").exists():
@@ -155,6 +161,34 @@ def attach_lora(model: torch.nn.Module, lora: LoraSpec, gradient_checkpointing: 
             "use a regex over names like 'model.language_model.layers.0.self_attn.q_proj'"
         )
     return peft_model
+
+
+def _unfreeze_targets(model: torch.nn.Module, lora: LoraSpec) -> torch.nn.Module:
+    """`lora.full`: the targeted modules' own weights train; everything else stays frozen."""
+    if lora.init_adapter is not None:
+        raise ValueError(
+            f"lora.full=true trains the weights themselves and cannot start from lora.init_adapter="
+            f"'{lora.init_adapter}'; merge that adapter into a checkpoint first, or set lora.full=false"
+        )
+    target = re.compile(lora.peft_config().target_modules)
+    unfrozen = 0
+    for name, module in model.named_modules():
+        if target.fullmatch(name):
+            module.requires_grad_(True)
+            unfrozen += 1
+    if unfrozen == 0:
+        raise ValueError(
+            f"lora.target_modules='{lora.target_modules}' matched no module of the model; "
+            "use a regex over names like 'model.language_model.layers.0.self_attn.q_proj'"
+        )
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("lora.full: %d modules train their own weights (%d parameters); no adapter", unfrozen, trainable)
+    return model
+
+
+def base_model(policy: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under the policy: inside the peft wrapper, or the policy itself (`lora.full`)."""
+    return policy.get_base_model() if isinstance(policy, PeftModel) else policy
 
 
 def save_adapter(policy: PeftModel, folder: str | Path) -> None:

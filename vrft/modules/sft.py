@@ -17,7 +17,7 @@ from typing_extensions import override
 
 from vrft.modules.grpo import GRPOSettings
 from vrft.modules.logprobs import selective_logprobs
-from vrft.modules.policy import LoraSpec, ModelSpec
+from vrft.modules.policy import LoraSpec, ModelSpec, base_model
 from vrft.modules.policy_module import PolicyModule
 from vrft.modules.rollout import Rollout, build_prompts
 from vrft.rewards.parsing import extract_answer
@@ -135,7 +135,7 @@ class SFTModule(PolicyModule):
     def target_logprobs(self, batch: Rollout) -> Tensor:
         """`[B, T]` fp32 log-probs of the target tokens given the prompt (with grad when enabled)."""
         inputs = batch.sequence_inputs(0, batch.num_sequences)
-        model = self.policy.get_base_model()
+        model = base_model(self.policy)
         hidden = model.model(**inputs, use_cache=False).last_hidden_state
         length = batch.completion_ids.shape[1]
         # Position t predicts token t + 1: the targets are predicted from the T positions before them.

@@ -91,6 +91,20 @@ class QuantizedPrecision(VrftPrecision):
         if device is not None and device.type != "cpu":
             # The CUDA library is only exercised by the move; fail here with the fix rather than there.
             require_bitsandbytes(self.name, device.type)
+        # Trainable plain linears (not LoRA's) are what full fine-tuning trains: no mode can quantise them.
+        training = [
+            name
+            for name, child in module.named_modules()
+            if isinstance(child, torch.nn.Linear)
+            and child.weight.requires_grad
+            and not any(part.startswith("lora_") for part in name.split("."))
+        ]
+        if training:
+            raise ValueError(
+                f"precision={self.name} has {len(training)} linear layers whose own weights train (e.g. "
+                f"{training[0]}, lora.full=true); quantised weights cannot train: use precision=bf16, fp16 or "
+                "fp32 for full fine-tuning, or LoRA adapters (lora.full=false) on the quantised base"
+            )
         plan = plan_quantization(module, self.keep, self.name)
         linears = quantizable_linears(module)
         with torch.no_grad():
