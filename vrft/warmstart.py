@@ -27,6 +27,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from typing_extensions import override
 
+from vrft.data.datamodule import RowDataset
 from vrft.data.loading import load_visual_rft
 from vrft.modules.presets import cache_root
 from vrft.modules.rollout import generate_rollout
@@ -222,8 +223,6 @@ class HeldOutReward(L.Callback):
                 "set its split to a held-out split"
             )
         table = dataset[self.split]
-        from vrft.data.datamodule import RowDataset
-
         rows = RowDataset(table, list(range(min(self.max_rows, len(table)))))
         return [rows[i] for i in range(len(rows))]
 

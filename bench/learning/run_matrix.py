@@ -70,13 +70,20 @@ def cells(axes: dict[str, list[str]], fixed: list[str]) -> list[list[str]]:
 
 
 def multirun_command(axes: dict[str, list[str]], fixed: list[str]) -> str:
-    """The Hydra multirun that runs the same cells one after another."""
-    sweeps = []
-    for key, values in axes.items():
-        if "," in key:
-            continue  # paired keys have no single-sweep spelling; listed in the README instead
-        sweeps.append(f"{key}={','.join(values)}")
-    return "python -m vrft.train -m " + " ".join(shlex.quote(part) for part in sweeps + fixed)
+    """The Hydra multirun(s) that run the same cells one after another: one per value of a paired axis
+    (keys joined by commas move together, which a single Hydra sweep cannot express)."""
+    paired = {key: values for key, values in axes.items() if "," in key}
+    sweeps = [f"{key}={','.join(values)}" for key, values in axes.items() if "," not in key]
+    commands = []
+    for values in itertools.product(*paired.values()):
+        pairs = [
+            f"{k}={v}"
+            for key, value in zip(paired, values, strict=True)
+            for k, v in zip(key.split(","), value.split(","), strict=True)
+        ]
+        parts = pairs + sweeps + fixed
+        commands.append("python -m vrft.train -m " + " ".join(shlex.quote(part) for part in parts))
+    return "\n".join(commands)
 
 
 def cell_name(overrides: list[str], fixed: list[str] = ()) -> str:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from vrft.memory.weights import LinearOp, linear_op
+from vrft.modules.policy import base_model
 
 
 @dataclass
@@ -60,7 +61,7 @@ class DecoderWeights:
 
 def text_parts(policy: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
     """`(multimodal model, language model, lm_head)` of a (peft-wrapped) Qwen2-VL / Qwen2.5-VL policy."""
-    model = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+    model = base_model(policy)
     return model.model, model.model.language_model, model.lm_head
 
 

@@ -20,9 +20,8 @@ from typing_extensions import override
 
 from vrft.memory.fast_rollout import build_rollout_engine
 from vrft.memory.phases import PhaseTracker
-from vrft.modules.logprobs import selective_logprobs
 from vrft.modules.losses import PolicyLoss, StepTotals
-from vrft.modules.policy import LoraSpec, ModelSpec, base_model
+from vrft.modules.policy import LoraSpec, ModelSpec
 from vrft.modules.policy_module import PolicyModule
 from vrft.modules.rollout import Rollout, generate_rollout
 from vrft.modules.scoring import RewardSet, group_advantages
@@ -115,7 +114,7 @@ class GRPOModule(PolicyModule):
         **settings,
     ):
         super().__init__(model, lora, optimizer, scheduler, prompt_template, evaluator, eval_max_new_tokens)
-        if getattr(lora, "full", False):
+        if lora.full:
             raise ValueError(
                 "lora.full=true has no adapter to disable, and GRPO's KL reference is the model with its adapter "
                 "disabled; train GRPO with LoRA (lora=default), and full fine-tuning with algorithm=sft"
@@ -123,9 +122,9 @@ class GRPOModule(PolicyModule):
         self.loss = loss
         self.rewards = rewards if isinstance(rewards, RewardSet) else RewardSet(rewards)
         self.settings = GRPOSettings(**settings)
+        self.max_grad_norm = self.settings.max_grad_norm
         self.automatic_optimization = False  # micro-batched updates and rollout reuse need manual steps
         self._pending: list[Rollout] = []
-        self._last_grad_norm = float("nan")
         self.samples: list[dict] = []  # latest completions, read by the sample-logging callback
         self.rollout_engine = build_rollout_engine(self.settings.rollout_engine)
         self.phases = PhaseTracker()  # names the running phase (OOM messages) and records its peak memory
@@ -266,19 +265,8 @@ class GRPOModule(PolicyModule):
     # --------------------------------------------------------------------------------------- log-probs
     def sequence_logprobs(self, rollout: Rollout, first: int, last: int) -> Tensor:
         """`[last - first, C]` fp32 log-probs of completions `[first, last)` under the current model state."""
-        inputs = rollout.sequence_inputs(first, last)
-        model = base_model(self.policy)
-        hidden = model.model(**inputs, use_cache=False).last_hidden_state
-        length = rollout.completion_ids.shape[1]
-        # Position t predicts token t + 1, so the completion is predicted from the C positions before it.
-        hidden = hidden[:, -length - 1 : -1]
-        return selective_logprobs(
-            hidden,
-            rollout.completion_ids[first:last],
-            model.lm_head,
-            self.settings.temperature,
-            self.settings.logprob_chunk_size,
-        )
+        s = self.settings
+        return self.completion_logprobs(rollout, first, last, s.temperature, s.logprob_chunk_size)
 
     def rollout_logprobs(self, rollout: Rollout) -> Tensor:
         """`[N, C]` log-probs of a whole rollout, micro-batched like the update (call under no_grad)."""
@@ -286,13 +274,6 @@ class GRPOModule(PolicyModule):
         return torch.cat(
             [self.sequence_logprobs(rollout, i, i + step) for i in range(0, rollout.num_sequences, step)]
         )
-
-    @override
-    def on_before_optimizer_step(self, optimizer) -> None:
-        # Lightning calls this after the precision plugin unscaled fp16 gradients, so the norm is real.
-        params = [p for p in self.policy.parameters() if p.grad is not None]
-        max_norm = self.settings.max_grad_norm or float("inf")
-        self._last_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
 
     # ----------------------------------------------------------------------------------------- logging
     def log_step(

@@ -9,17 +9,20 @@ from collections.abc import Callable, Iterator
 import lightning as L
 import numpy as np
 import torch
+from torch import Tensor
 from typing_extensions import override
 
+from vrft.modules.logprobs import selective_logprobs
 from vrft.modules.policy import (
     REFERENCE_ADAPTER,
     LoraSpec,
     ModelSpec,
     attach_lora,
+    base_model,
     load_base_model,
     load_processor_for,
 )
-from vrft.modules.rollout import generate_rollout
+from vrft.modules.rollout import Rollout, generate_rollout
 
 
 class PolicyModule(L.LightningModule):
@@ -61,6 +64,8 @@ class PolicyModule(L.LightningModule):
         self.strict_loading = False  # checkpoints hold the adapter only; checked in on_load_checkpoint
         self.policy = None
         self.processor = None
+        self.max_grad_norm: float | None = None  # gradient clipping, set by the algorithm (None: off)
+        self._last_grad_norm = float("nan")
 
     def build_policy(self, dtype: torch.dtype = torch.float32) -> None:
         """Load the base model in `dtype` and attach the adapter (idempotent)."""
@@ -90,6 +95,34 @@ class PolicyModule(L.LightningModule):
     def configure_model(self) -> None:
         # The precision plugin decides the dtype weights load in; quantisation follows in its convert_module.
         self.build_policy(getattr(self.trainer.precision_plugin, "load_dtype", torch.float32))
+
+    def completion_logprobs(
+        self, rollout: Rollout, first: int, last: int, temperature: float, chunk_size: int
+    ) -> Tensor:
+        """`[last - first, C]` fp32 log-probs of completions `[first, last)` given their prompts.
+
+        Never the full-vocabulary logits of the batch: `selective_logprobs` runs `lm_head` in chunks of
+        `chunk_size` positions. With grad when autograd is on (the update), without in the reference pass.
+        """
+        inputs = rollout.sequence_inputs(first, last)
+        model = base_model(self.policy)
+        hidden = model.model(**inputs, use_cache=False).last_hidden_state
+        length = rollout.completion_ids.shape[1]
+        # Position t predicts token t + 1, so the completion is predicted from the C positions before it.
+        return selective_logprobs(
+            hidden[:, -length - 1 : -1],
+            rollout.completion_ids[first:last],
+            model.lm_head,
+            temperature,
+            chunk_size,
+        )
+
+    @override
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Lightning calls this after the precision plugin unscaled fp16 gradients, so the norm is real.
+        params = [p for p in self.policy.parameters() if p.grad is not None]
+        max_norm = self.max_grad_norm or float("inf")
+        self._last_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
 
     @override
     def configure_optimizers(self):

@@ -26,16 +26,20 @@ class PromptBatch:
     def patch_counts(self) -> list[int]:
         return self.image_grid_thw.prod(dim=-1).tolist()
 
-    def repeated(self, times: int) -> PromptBatch:
-        """Each prompt `times` times in a row (`[P*times, ...]`), its image patches with it."""
+    def take(self, index: Tensor) -> PromptBatch:
+        """The prompts at `index` (repeats allowed), in that order, each with its image patches."""
         patches = torch.split(self.pixel_values, self.patch_counts)
         return PromptBatch(
-            input_ids=self.input_ids.repeat_interleave(times, dim=0),
-            attention_mask=self.attention_mask.repeat_interleave(times, dim=0),
-            mm_token_type_ids=self.mm_token_type_ids.repeat_interleave(times, dim=0),
-            pixel_values=torch.cat([chunk for chunk in patches for _ in range(times)]),
-            image_grid_thw=self.image_grid_thw.repeat_interleave(times, dim=0),
+            input_ids=self.input_ids[index],
+            attention_mask=self.attention_mask[index],
+            mm_token_type_ids=self.mm_token_type_ids[index],
+            pixel_values=torch.cat([patches[i] for i in index.tolist()]),
+            image_grid_thw=self.image_grid_thw[index],
         )
+
+    def repeated(self, times: int) -> PromptBatch:
+        """Each prompt `times` times in a row (`[P*times, ...]`), its image patches with it."""
+        return self.take(torch.arange(self.input_ids.shape[0]).repeat_interleave(times))
 
 
 @dataclass
@@ -59,20 +63,14 @@ class Rollout:
 
     def sequence_inputs(self, start: int, stop: int) -> dict[str, Tensor]:
         """Model inputs (prompt + completion) for completions `[start, stop)`, images repeated per group."""
-        prompt_index = torch.arange(start, stop) // self.group_size
-        p = self.prompts
-        patches = torch.split(p.pixel_values, p.patch_counts)
+        p = self.prompts.take(torch.arange(start, stop) // self.group_size)
         completion_ids = self.completion_ids[start:stop]
         return dict(
-            input_ids=torch.cat([p.input_ids[prompt_index], completion_ids], dim=1),
-            attention_mask=torch.cat(
-                [p.attention_mask[prompt_index], self.completion_mask[start:stop]], dim=1
-            ),
-            mm_token_type_ids=torch.cat(
-                [p.mm_token_type_ids[prompt_index], torch.zeros_like(completion_ids)], dim=1
-            ),
-            pixel_values=torch.cat([patches[i] for i in prompt_index.tolist()]),
-            image_grid_thw=p.image_grid_thw[prompt_index],
+            input_ids=torch.cat([p.input_ids, completion_ids], dim=1),
+            attention_mask=torch.cat([p.attention_mask, self.completion_mask[start:stop]], dim=1),
+            mm_token_type_ids=torch.cat([p.mm_token_type_ids, torch.zeros_like(completion_ids)], dim=1),
+            pixel_values=p.pixel_values,
+            image_grid_thw=p.image_grid_thw,
         )
 
 

@@ -16,8 +16,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from vrft.modules.grpo import GRPOSettings
-from vrft.modules.logprobs import selective_logprobs
-from vrft.modules.policy import LoraSpec, ModelSpec, base_model
+from vrft.modules.policy import LoraSpec, ModelSpec
 from vrft.modules.policy_module import PolicyModule
 from vrft.modules.rollout import Rollout, build_prompts
 from vrft.rewards.parsing import extract_answer
@@ -128,26 +127,14 @@ class SFTModule(PolicyModule):
         self.max_grad_norm = max_grad_norm
         self.logprob_chunk_size = logprob_chunk_size
         self.batch_size = batch_size
-        self._last_grad_norm = float("nan")
         self._last_stats: dict[str, float] = {}
         self.samples: list[dict] = []  # read by the sample-logging callback; SFT has no completions to show
-
-    def target_logprobs(self, batch: Rollout) -> Tensor:
-        """`[B, T]` fp32 log-probs of the target tokens given the prompt (with grad when enabled)."""
-        inputs = batch.sequence_inputs(0, batch.num_sequences)
-        model = base_model(self.policy)
-        hidden = model.model(**inputs, use_cache=False).last_hidden_state
-        length = batch.completion_ids.shape[1]
-        # Position t predicts token t + 1: the targets are predicted from the T positions before them.
-        return selective_logprobs(
-            hidden[:, -length - 1 : -1], batch.completion_ids, model.lm_head, 1.0, self.logprob_chunk_size
-        )
 
     def sft_loss(self, rows: Sequence[dict]) -> tuple[Tensor, dict[str, float]]:
         """Mean token cross-entropy over the batch's target tokens, and detached statistics."""
         targets = [sft_target(row, self.reasoning_template) for row in rows]
         batch = target_batch(self.processor, rows, targets, self.prompt_template, self.device)
-        logprobs = self.target_logprobs(batch)
+        logprobs = self.completion_logprobs(batch, 0, batch.num_sequences, 1.0, self.logprob_chunk_size)
         mask = batch.completion_mask.to(logprobs.dtype)
         tokens = mask.sum()
         loss = -(logprobs * mask).sum() / tokens.clamp(min=1)
@@ -159,13 +146,6 @@ class SFTModule(PolicyModule):
         loss, self._last_stats = self.sft_loss(batch)
         self._last_stats["train/loss"] = float(loss.detach())
         return loss
-
-    @override
-    def on_before_optimizer_step(self, optimizer) -> None:
-        # Lightning calls this after the precision plugin unscaled fp16 gradients, so the norm is real.
-        params = [p for p in self.policy.parameters() if p.grad is not None]
-        max_norm = self.max_grad_norm or float("inf")
-        self._last_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
 
     @override
     def on_train_batch_end(self, outputs, batch: list[dict], batch_idx: int) -> None:

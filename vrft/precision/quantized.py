@@ -26,7 +26,7 @@ from typing_extensions import override
 
 from vrft.precision.backend import quiet_int8_cast_warning, require_bitsandbytes
 from vrft.precision.base import VrftPrecision, parse_dtype
-from vrft.precision.selection import KeepRules, plan_quantization, quantizable_linears
+from vrft.precision.selection import KeepRules, is_lora_layer, plan_quantization, quantizable_linears
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +95,7 @@ class QuantizedPrecision(VrftPrecision):
         training = [
             name
             for name, child in module.named_modules()
-            if isinstance(child, torch.nn.Linear)
-            and child.weight.requires_grad
-            and not any(part.startswith("lora_") for part in name.split("."))
+            if isinstance(child, torch.nn.Linear) and child.weight.requires_grad and not is_lora_layer(name)
         ]
         if training:
             raise ValueError(

@@ -23,11 +23,14 @@ def path_pattern(path: str) -> re.Pattern:
     return re.compile(r"(?:^|\.)" + r"\.".join(segments) + r"(?:\.|$)")
 
 
+def is_lora_layer(name: str) -> bool:
+    """Whether `name` is inside a LoRA adapter (`lora_A`, `lora_B`, ...)."""
+    return any(segment.startswith("lora_") for segment in name.split("."))
+
+
 def is_adapter(name: str, module: torch.nn.Module) -> bool:
-    """LoRA adapter layers (`lora_A`, `lora_B`, ...) and anything trainable: never quantised."""
-    return any(segment.startswith("lora_") for segment in name.split(".")) or any(
-        p.requires_grad for p in module.parameters()
-    )
+    """LoRA adapter layers and anything trainable: never quantised."""
+    return is_lora_layer(name) or any(p.requires_grad for p in module.parameters())
 
 
 def quantizable_linears(module: torch.nn.Module) -> dict[str, torch.nn.Linear]:
