@@ -69,15 +69,21 @@ def test_only_target_tokens_are_labels(module):
     assert batch.completion_mask[1].sum() < batch.completion_mask[0].sum()
 
 
-def test_loss_falls_on_a_fixed_batch(module):
-    optimizer = torch.optim.AdamW([p for p in module.policy.parameters() if p.requires_grad], lr=1e-2)
+def train_on_fixed_batch(sft: SFTModule, steps: int, lr: float) -> tuple[list[float], dict]:
+    """`steps` AdamW steps on `rows()`; the loss of each step and the last step's statistics."""
+    optimizer = torch.optim.AdamW([p for p in sft.policy.parameters() if p.requires_grad], lr=lr)
     losses = []
-    for _ in range(6):
-        loss, stats = module.sft_loss(rows())
+    for _ in range(steps):
+        loss, stats = sft.sft_loss(rows())
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         losses.append(float(loss.detach()))
+    return losses, stats
+
+
+def test_loss_falls_on_a_fixed_batch(module):
+    losses, stats = train_on_fixed_batch(module, steps=6, lr=1e-2)
     assert stats["train/target_tokens"] > 0
     assert losses[-1] < losses[0] - 1.0, losses
 
@@ -99,14 +105,7 @@ def test_full_fine_tuning_trains_the_projections_themselves():
     assert trainable and all("language_model" in n and "proj" in n for n in trainable)
     assert not any("lora_" in n for n, _ in full.policy.named_parameters())
     before = {n: p.detach().clone() for n, p in full.policy.named_parameters()}
-    optimizer = torch.optim.AdamW([p for p in full.policy.parameters() if p.requires_grad], lr=1e-3)
-    losses = []
-    for _ in range(4):
-        loss, _ = full.sft_loss(rows())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(float(loss.detach()))
+    losses, _ = train_on_fixed_batch(full, steps=4, lr=1e-3)
     assert losses[-1] < losses[0]
     after = dict(full.policy.named_parameters())
     assert all(not torch.equal(after[n], before[n]) for n in trainable)
