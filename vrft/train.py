@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import warnings
 from pathlib import Path
 
 import hydra
@@ -12,25 +11,26 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from vrft.callbacks import RunSummary
+from vrft.callbacks import RunConfigLogging, RunSummary
+from vrft.callbacks.run_config import planner_prediction
 from vrft.cli import config_hash, user_errors
+from vrft.loggers import run_trainer_settings
 from vrft.memory.cuda import apply_memory_cap, configure_allocator
 from vrft.memory.oom import explain_out_of_memory
 from vrft.memory.planning import resolve_auto
 from vrft.memory.report import enforce_plan
+from vrft.quiet import silence_upstream_noise
 from vrft.warmstart import apply_warm_start
 
 log = logging.getLogger(__name__)
-# vrft checkpoints are written after the optimizer step on purpose (adapter + optimizer state of that step).
-warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+silence_upstream_noise()
 
 
 def build_trainer(cfg: DictConfig, precision, extra_callbacks: list | None = None) -> L.Trainer:
     """The Lightning trainer of a run: precision plugin, callbacks and logger from the config."""
     callbacks = [instantiate(node) for node in (cfg.get("callbacks") or {}).values()]
     callbacks += extra_callbacks or []
-    logger = instantiate(cfg.logger) if cfg.get("logger") else False
-    return instantiate(cfg.trainer, plugins=[precision], callbacks=callbacks, logger=logger)
+    return instantiate(cfg.trainer, plugins=[precision], callbacks=callbacks, **run_trainer_settings(cfg))
 
 
 def fit(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, RunSummary]:
@@ -44,7 +44,7 @@ def fit(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, RunSummary]:
             "<run_dir>/checkpoints/last.ckpt"
         )
     cfg = resolve_auto(cfg)  # precision=auto / rollout_engine=auto -> what the planner says fits
-    enforce_plan(cfg)  # refuse, before the model loads, a run the planner says will not fit
+    verdict = enforce_plan(cfg)  # refuse, before the model loads, a run the planner says will not fit
     apply_memory_cap(cfg.get("memory_cap_gb"))  # a bigger GPU behaves like the profile's card
     warm_start_callbacks = apply_warm_start(cfg)  # sets lora.init_adapter (made once, then cached)
     precision = instantiate(cfg.precision)
@@ -63,7 +63,8 @@ def fit(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, RunSummary]:
             "resumed_from": cfg.ckpt_path,
         },
     )
-    trainer = build_trainer(cfg, precision, [summary, *warm_start_callbacks])
+    described = RunConfigLogging(cfg, planner_prediction(cfg, verdict))  # hyperparameters for the loggers
+    trainer = build_trainer(cfg, precision, [summary, described, *warm_start_callbacks])
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=False)
     try:

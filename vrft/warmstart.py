@@ -27,6 +27,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from typing_extensions import override
 
+from vrft.callbacks.progress import progress_task
 from vrft.data.datamodule import RowDataset
 from vrft.data.loading import load_visual_rft
 from vrft.modules.presets import cache_root
@@ -82,16 +83,22 @@ def sft_run_config(cfg: DictConfig, run_dir: Path) -> DictConfig:
         sft.data.val_split = None
         sft.trainer.max_steps = warm.steps
         sft.trainer.val_check_interval = None
-        sft.trainer.enable_progress_bar = False
         # Only the adapter matters: no resumable checkpoints or samples for a run this short.
+        sft.trainer.enable_checkpointing = False
         sft.callbacks = {
             "adapter": {"_target_": "vrft.callbacks.AdapterExport", "dirpath": f"{run_dir}/adapter"}
         }
+        if (cfg.get("callbacks") or {}).get("progress"):  # the run shows bars: so does its warm start
+            sft.callbacks.progress = {"_target_": "vrft.callbacks.StepProgressBar", "description": "warm start"}
+        else:
+            sft.trainer.enable_progress_bar = False
         sft.logger = {
-            "_target_": "lightning.pytorch.loggers.CSVLogger",
-            "save_dir": str(run_dir),
-            "name": "logs",
-            "version": "",
+            "csv": {
+                "_target_": "lightning.pytorch.loggers.CSVLogger",
+                "save_dir": str(run_dir),
+                "name": "logs",
+                "version": "",
+            }
         }
     return sft
 
@@ -242,7 +249,8 @@ class HeldOutReward(L.Callback):
         greedy_completions: list[str] = []
         was_training = module.policy.training
         module.policy.eval()
-        with isolated_rng():
+        bar = progress_task(getattr(module, "_trainer", None), f"held-out {self.split}", len(rows))
+        with isolated_rng(), bar as advance:
             torch.manual_seed(0)  # the same samples before and after for an unchanged policy
             for start in range(0, len(rows), self.batch_size):
                 batch = rows[start : start + self.batch_size]
@@ -257,6 +265,7 @@ class HeldOutReward(L.Callback):
                     sums[name] = sums.get(name, 0.0) + float(values.sum())
                 count += len(repeated)
                 greedy_completions += generate_rollout(*args, 1, greedy, module.device).completions
+                advance(len(batch))
         module.policy.train(was_training)
         metrics = {f"reward/{name}": value / count for name, value in sums.items()}
         if module.evaluator is not None:

@@ -1,8 +1,17 @@
 """Lightning callbacks of a vrft run."""
 
 from vrft.callbacks.adapter import AdapterExport
+from vrft.callbacks.curves import CurvesPlot
 from vrft.callbacks.progress import StepProgressBar
+from vrft.callbacks.run_config import RunConfigLogging
 from vrft.callbacks.samples import CompletionSamples
 from vrft.callbacks.summary import RunSummary
 
-__all__ = ["AdapterExport", "CompletionSamples", "RunSummary", "StepProgressBar"]
+__all__ = [
+    "AdapterExport",
+    "CompletionSamples",
+    "CurvesPlot",
+    "RunConfigLogging",
+    "RunSummary",
+    "StepProgressBar",
+]

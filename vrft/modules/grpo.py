@@ -203,9 +203,12 @@ class GRPOModule(PolicyModule):
         self.samples = [
             {
                 "problem": rows[i].get("problem", ""),
+                "image": rows[i].get("image"),
                 "completion": rollout.completions[i],
                 "solution": solutions[i],
                 "reward": float(total[i]),
+                "rewards": {name: float(values[i]) for name, values in per_reward.items()},
+                "advantage": float(rollout.advantages[i]),
             }
             for i in range(min(s.num_logged_samples, len(rows)))
         ]

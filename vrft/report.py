@@ -1,0 +1,165 @@
+"""`python -m vrft.report <run or multirun folder>`: a table of a run's results and its curves, or of several.
+
+For one run (a folder with `logs/metrics.csv`) it prints the first and last value of the main metrics and
+writes `<run>/curves.png`: reward by component, KL, completion length and memory per optimizer step. For a
+folder of runs (a Hydra multirun) it prints one row per run and writes `<folder>/comparison.png`, each run's
+curves overlaid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display is needed or wanted (CI, SSH sessions)
+import matplotlib.pyplot as plt  # noqa: E402
+
+Curves = dict[str, list[tuple[int, float]]]
+# The four panels: title -> metric prefixes plotted in it (a run's own curves; comparisons use the first).
+PANELS = {
+    "reward": ("train/reward", "reward/"),
+    "KL to the reference": ("train/kl",),
+    "completion length (tokens)": ("train/completion_length",),
+    "peak memory (GiB)": ("memory/update_peak_gb", "memory/rollout_peak_gb"),
+}
+TIME_KEYS = ("time/rollout_s", "time/reference_s", "time/update_s")
+
+
+def read_curves(run_dir: Path) -> Curves:
+    """Every numeric column of `<run>/logs/metrics.csv` as (step, value) pairs, in step order."""
+    path = Path(run_dir) / "logs" / "metrics.csv"
+    curves: Curves = {}
+    if not path.is_file():
+        return curves
+    with path.open() as file:
+        for row in csv.DictReader(file):
+            if not row.get("step"):
+                continue
+            step = int(float(row["step"]))
+            for key, text in row.items():
+                if key != "step" and text not in ("", None):
+                    curves.setdefault(key, []).append((step, float(text)))
+    return curves
+
+
+def _last(curves: Curves, key: str) -> float | None:
+    return curves[key][-1][1] if curves.get(key) else None
+
+
+def run_results(run_dir: Path) -> dict[str, float | int | None]:
+    """A run's row: steps, last train metrics, peak memory, seconds per step, held-out results."""
+    curves = read_curves(run_dir)
+    steps = len(curves.get("train/reward", curves.get("train/loss", [])))
+    row: dict[str, float | int | None] = {"steps": steps}
+    for key in ("train/reward", "train/loss", "train/kl", "train/completion_length"):
+        if key in curves:
+            row[key] = _last(curves, key)
+    peaks = [value for key, points in curves.items() if key.endswith("peak_gb") for _, value in points]
+    row["peak_memory_gb"] = max(peaks) if peaks else None
+    per_step = [sum(v for _, v in curves.get(key, [])) for key in TIME_KEYS]
+    row["seconds_per_step"] = sum(per_step) / steps if steps and any(per_step) else None
+    held_out = Path(run_dir) / "held_out.json"
+    if held_out.is_file():
+        results = json.loads(held_out.read_text())
+        for stage in ("before", "after", "merged"):
+            for key, value in (results.get(stage) or {}).items():
+                row[f"held_out/{stage}/{key}"] = value
+    return row
+
+
+def _panel_keys(curves: Curves, prefixes: tuple[str, ...]) -> list[str]:
+    keys = [k for k in curves if any(k == p or (p.endswith("/") and k.startswith(p)) for p in prefixes)]
+    return sorted(keys, key=lambda k: (k != prefixes[0], k))
+
+
+def plot_runs(runs: dict[str, Curves], path: Path, title: str) -> Path:
+    """Write the four panels for `runs` (label -> curves); one run shows every component of each panel."""
+    figure, axes = plt.subplots(2, 2, figsize=(10, 6.5), constrained_layout=True)
+    single = len(runs) == 1
+    for axis, (panel, prefixes) in zip(axes.flat, PANELS.items()):
+        for label, curves in runs.items():
+            keys = _panel_keys(curves, prefixes) if single else [k for k in prefixes[:1] if k in curves]
+            for key in keys:
+                steps, values = zip(*curves[key])
+                axis.plot(steps, values, marker="." if len(steps) < 20 else None, label=key if single else label)
+        axis.set_title(panel)
+        axis.set_xlabel("optimizer step")
+        axis.grid(alpha=0.3)
+        if axis.lines:
+            axis.legend(fontsize=7)
+    figure.suptitle(title, fontsize=10)
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+    return path
+
+
+def find_runs(folder: Path) -> list[Path]:
+    """The run folders under `folder` (those with `logs/metrics.csv`), `folder` itself if it is one."""
+    if (folder / "logs" / "metrics.csv").is_file():
+        return [folder]
+    return sorted(path.parents[1] for path in folder.glob("*/logs/metrics.csv"))
+
+
+def format_table(rows: dict[str, dict]) -> str:
+    """Rows (label -> results) as aligned text: one `metric value` line each for one run, else a table.
+
+    A comparison keeps the held-out total and accuracy columns only, so that it fits a terminal.
+    """
+    if len(rows) == 1:
+        (label, row), = rows.items()
+        width = max(len(key) for key in row)
+        return "\n".join([label, *(f"  {key:<{width}}  {_cell(value)}" for key, value in row.items())])
+    columns = [
+        key
+        for key in dict.fromkeys(key for row in rows.values() for key in row)
+        if not key.startswith("held_out/") or key.endswith(("total", "accuracy"))
+    ]
+    width = max([len(label) for label in rows] + [4])
+    names = [c.removeprefix("held_out/").replace("/reward/", ":").replace("/greedy/", ":greedy_") for c in columns]
+    lines = [f"{'run':<{width}}  " + "  ".join(names)]
+    for label, row in rows.items():
+        cells = (f"{_cell(row.get(c)):>{len(n)}}" for c, n in zip(columns, names))
+        lines.append(f"{label:<{width}}  " + "  ".join(cells))
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def report(folder: Path, labels: dict[Path, str] | None = None) -> tuple[dict[str, dict], Path]:
+    """Results of the run(s) in `folder` and the plot written: `curves.png` (one run) or `comparison.png`."""
+    runs = find_runs(folder)
+    if not runs:
+        raise FileNotFoundError(f"'{folder}' holds no run (no logs/metrics.csv in it or its subfolders)")
+    labels = labels or {}
+    names = {run: labels.get(run, run.name if run != folder else folder.name) for run in runs}
+    rows = {names[run]: run_results(run) for run in runs}
+    curves = {names[run]: read_curves(run) for run in runs}
+    if len(runs) == 1 and runs[0] == folder:
+        return rows, plot_runs(curves, folder / "curves.png", str(folder))
+    return rows, plot_runs(curves, folder / "comparison.png", f"{folder} ({len(runs)} runs)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI entry point: print the table and the plot's path."""
+    parser = argparse.ArgumentParser(prog="python -m vrft.report", description=__doc__.splitlines()[0])
+    parser.add_argument("folder", type=Path, help="a run folder, or a folder of runs (Hydra multirun)")
+    args = parser.parse_args(argv)
+    try:
+        rows, plot = report(args.folder)
+    except FileNotFoundError as error:
+        parser.exit(2, f"vrft: error: {error}\n")
+    print(format_table(rows))
+    print(f"plot: {plot}")
+
+
+if __name__ == "__main__":
+    main()
