@@ -18,6 +18,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display is needed or wanted (CI, SSH sessions)
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 Curves = dict[str, list[tuple[int, float]]]
 # The four panels: title -> metric prefixes plotted in it (a run's own curves; comparisons use the first).
@@ -89,6 +90,7 @@ def plot_runs(runs: dict[str, Curves], path: Path, title: str) -> Path:
                 axis.plot(steps, values, marker="." if len(steps) < 20 else None, label=key if single else label)
         axis.set_title(panel)
         axis.set_xlabel("optimizer step")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
         if axis.lines:
             axis.legend(fontsize=7)

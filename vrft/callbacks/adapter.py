@@ -9,6 +9,7 @@ import lightning as L
 from typing_extensions import override
 
 from vrft.modules.policy import save_adapter
+from vrft.modules.processor import save_processor
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ class AdapterExport(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         processor = getattr(pl_module, "processor", None)
         if trainer.is_global_zero and self.processor_dirpath is not None and hasattr(processor, "save_pretrained"):
-            processor.save_pretrained(self.processor_dirpath)
+            save_processor(processor, self.processor_dirpath)
 
     @override
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:

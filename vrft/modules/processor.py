@@ -50,3 +50,17 @@ def _folder_chat_template(folder: Path) -> str | None:
             text = path.read_text()
             return json.loads(text)["chat_template"] if name.endswith(".json") else text
     return None
+
+
+def save_processor(processor: ImageOnlyQwen2VLProcessor, folder: str | Path) -> None:
+    """Write the processor as released checkpoints hold it: tokenizer files, `preprocessor_config.json`
+    (the image processor) and `chat_template.jinja`.
+
+    `processor.save_pretrained` would record the class `ImageOnlyQwen2VLProcessor`, which plain
+    transformers does not know; these files load with `AutoProcessor` there and with `load_processor` here.
+    """
+    folder = Path(folder)
+    processor.tokenizer.save_pretrained(folder)
+    processor.image_processor.save_pretrained(folder)
+    if processor.chat_template:
+        (folder / "chat_template.jinja").write_text(processor.chat_template)

@@ -1,0 +1,132 @@
+"""`python -m vrft.export <adapter> <output>`: a trained adapter merged into its base, as a model folder.
+
+The output loads with `AutoModelForImageTextToText.from_pretrained(output)` and `AutoProcessor` in plain
+transformers, with no peft and no vrft:
+
+- default: the merged weights in bf16 (`--dtype fp32` keeps full precision);
+- `--int4`: the merged weights quantised again to 4 bits with bitsandbytes (nf4, double quantisation, the
+  vision tower and lm_head kept in bf16: the defaults of `precision=int4`), saved pre-quantised.
+
+The merge is `merge_and_requantize` on the dense base, the same function the held-out check scores the
+deployed model with. The 4-bit folder is quantised by transformers' bitsandbytes integration at load and
+saved from there, because that is the layout (`quantization_config` in config.json, packed weights and
+quant-state tensors) that `from_pretrained` reads back; vrft's own quantised layers carry no such config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from transformers import BitsAndBytesConfig
+
+from vrft.modules.policy import ModelSpec, load_base_model
+from vrft.modules.processor import load_processor, save_processor
+from vrft.precision import merge_and_requantize
+from vrft.quiet import silence_upstream_noise
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def adapter_base(adapter: Path) -> str:
+    """The base checkpoint recorded in the adapter's `adapter_config.json`."""
+    config = adapter / "adapter_config.json"
+    if not config.is_file():
+        raise FileNotFoundError(
+            f"'{adapter}' has no adapter_config.json; pass a peft adapter folder such as <run>/adapter/final"
+        )
+    return json.loads(config.read_text())["base_model_name_or_path"]
+
+
+def untie_output_embeddings(model: torch.nn.Module) -> None:
+    """Record in the config that lm_head no longer shares the input embeddings (when a merge split them).
+
+    An adapter on a tied lm_head (the tiny warm start has one) merges into a new lm_head matrix; with
+    `tie_word_embeddings` left on, `from_pretrained` would tie it back to the unchanged input embeddings.
+    """
+    output, inputs = model.get_output_embeddings(), model.get_input_embeddings()
+    if output is None or output.weight.data_ptr() == inputs.weight.data_ptr():
+        return
+    for config in (model.config, getattr(model.config, "text_config", None)):
+        if config is not None and getattr(config, "tie_word_embeddings", False):
+            config.tie_word_embeddings = False
+
+
+def merged_model(adapter: Path, base: str | None = None) -> torch.nn.Module:
+    """The base (fp32, on CPU) with the adapter merged in; no peft wrappers left."""
+    spec = ModelSpec(name_or_path=base or adapter_base(adapter))
+    peft_model = PeftModel.from_pretrained(load_base_model(spec, torch.float32), adapter)
+    model = merge_and_requantize(peft_model, inplace=True)
+    untie_output_embeddings(model)
+    return model
+
+
+def processor_folder(adapter: Path, base: str) -> Path:
+    """The run's saved processor (`<run>/processor`, next to `<run>/adapter/<name>`), else the base's."""
+    run_processor = adapter.parent.parent / "processor"
+    return run_processor if (run_processor / "preprocessor_config.json").is_file() else ModelSpec(base).folder()
+
+
+def export(adapter: Path, output: Path, dtype: str = "bf16", int4: bool = False, base: str | None = None) -> Path:
+    """Write the merged model (and its processor) to `output`; returns `output`."""
+    base = base or adapter_base(adapter)
+    model = merged_model(adapter, base).to(DTYPES[dtype])
+    source = processor_folder(adapter, base)
+    size = json.loads((source / "preprocessor_config.json").read_text()).get("size", {})
+    processor = load_processor(source, size.get("shortest_edge", 3136), size.get("longest_edge", 401408))
+    if not int4:
+        model.save_pretrained(output)
+    else:
+        with tempfile.TemporaryDirectory() as staging:
+            model.save_pretrained(staging)
+            del model
+            quantization = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16,
+                llm_int8_skip_modules=["visual", "lm_head"],  # precision=int4's keep_vision / keep_lm_head
+            )
+            quantized = type_of_model(staging).from_pretrained(staging, quantization_config=quantization)
+            quantized.save_pretrained(output)
+    save_processor(processor, output)
+    return output
+
+
+def type_of_model(folder: str):
+    """The transformers class that loads the Qwen2-VL / Qwen2.5-VL checkpoint in `folder`."""
+    from transformers import AutoConfig
+
+    from vrft.modules.presets import model_class
+
+    return model_class(AutoConfig.from_pretrained(folder))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI entry point."""
+    parser = argparse.ArgumentParser(prog="python -m vrft.export", description=__doc__.splitlines()[0])
+    parser.add_argument("adapter", type=Path, help="a peft adapter folder, e.g. <run>/adapter/final")
+    parser.add_argument("output", type=Path, help="the model folder to write (must not exist)")
+    parser.add_argument("--int4", action="store_true", help="quantise the merged weights to 4 bits (nf4)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="dtype of the merged weights")
+    parser.add_argument("--base", help="base checkpoint folder (default: the one in adapter_config.json)")
+    args = parser.parse_args(argv)
+    silence_upstream_noise()
+    if args.output.exists():
+        parser.exit(2, f"vrft: error: output '{args.output}' exists; pass a new folder\n")
+    try:
+        folder = export(args.adapter, args.output, args.dtype, args.int4, args.base)
+    except FileNotFoundError as error:
+        shutil.rmtree(args.output, ignore_errors=True)
+        parser.exit(2, f"vrft: error: {error}\n")
+    kind = "4-bit (bitsandbytes nf4)" if args.int4 else args.dtype
+    print(f"merged model ({kind}) written to {folder}; load it with AutoModelForImageTextToText.from_pretrained")
+
+
+if __name__ == "__main__":
+    main()
