@@ -136,16 +136,6 @@ def test_in_process_fit_trains_lora_only_and_adapter_reloads(tmp_path):
         torch.testing.assert_close(reloaded(input_ids=ids).logits, module.policy(input_ids=ids).logits)
 
 
-def test_wandb_logger_works_offline_with_sample_table(tmp_path):
-    run_dir = tmp_path / "wandb"
-    env_run = run_cli(run_dir, "logger=wandb", "trainer.max_steps=1", env={"WANDB_MODE": "offline"})
-    assert env_run.returncode == 0, env_run.stderr[-3000:]
-    offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
-    assert len(offline_runs) == 1
-    assert list(offline_runs[0].rglob("*.wandb")), "no W&B event file written"
-    assert list(offline_runs[0].rglob("samples*.table.json")), "no sample-completion table written"
-
-
 def test_evaluate_cli_writes_predictions_and_metrics(first_run, tmp_path):
     out = tmp_path / "eval"
     adapter = first_run / "adapter" / "final"

@@ -69,10 +69,14 @@ def merged_model(adapter: Path, base: str | None = None) -> torch.nn.Module:
 def processor_folder(adapter: Path, base: str) -> Path:
     """The run's saved processor (`<run>/processor`, next to `<run>/adapter/<name>`), else the base's."""
     run_processor = adapter.parent.parent / "processor"
-    return run_processor if (run_processor / "preprocessor_config.json").is_file() else ModelSpec(base).folder()
+    return (
+        run_processor if (run_processor / "preprocessor_config.json").is_file() else ModelSpec(base).folder()
+    )
 
 
-def export(adapter: Path, output: Path, dtype: str = "bf16", int4: bool = False, base: str | None = None) -> Path:
+def export(
+    adapter: Path, output: Path, dtype: str = "bf16", int4: bool = False, base: str | None = None
+) -> Path:
     """Write the merged model (and its processor) to `output`; returns `output`."""
     base = base or adapter_base(adapter)
     model = merged_model(adapter, base).to(DTYPES[dtype])
@@ -125,7 +129,9 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(args.output, ignore_errors=True)
         parser.exit(2, f"vrft: error: {error}\n")
     kind = "4-bit (bitsandbytes nf4)" if args.int4 else args.dtype
-    print(f"merged model ({kind}) written to {folder}; load it with AutoModelForImageTextToText.from_pretrained")
+    print(
+        f"merged model ({kind}) written to {folder}; load it with AutoModelForImageTextToText.from_pretrained"
+    )
 
 
 if __name__ == "__main__":

@@ -17,7 +17,10 @@ IGNORED_WARNINGS = [
     # peft asks for `ensure_weight_tying` when lm_head (tied to the input embeddings) is adapted, as the tiny
     # warm start does. vrft never merges into the shared matrix in place: the adapter is saved without
     # embeddings (`save_adapter`) and `vrft.export` unties lm_head before merging.
-    (r"Model has `tie_word_embeddings=True` and a tied layer is part of the adapter", "handled in vrft.export"),
+    (
+        r"Model has `tie_word_embeddings=True` and a tied layer is part of the adapter",
+        "handled in vrft.export",
+    ),
     # peft 0.18 reads the deprecated property when wrapping a model (peft_model.py); fixed upstream in peft.
     (r"`is_gradient_checkpointing` is deprecated", "peft's call, not vrft's"),
     # Lightning 2.6's own pytree helper against torch 2.13 (lightning/pytorch/utilities/_pytree.py).

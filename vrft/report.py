@@ -82,12 +82,14 @@ def plot_runs(runs: dict[str, Curves], path: Path, title: str) -> Path:
     """Write the four panels for `runs` (label -> curves); one run shows every component of each panel."""
     figure, axes = plt.subplots(2, 2, figsize=(10, 6.5), constrained_layout=True)
     single = len(runs) == 1
-    for axis, (panel, prefixes) in zip(axes.flat, PANELS.items()):
+    for axis, (panel, prefixes) in zip(axes.flat, PANELS.items(), strict=True):
         for label, curves in runs.items():
             keys = _panel_keys(curves, prefixes) if single else [k for k in prefixes[:1] if k in curves]
             for key in keys:
-                steps, values = zip(*curves[key])
-                axis.plot(steps, values, marker="." if len(steps) < 20 else None, label=key if single else label)
+                steps, values = zip(*curves[key], strict=True)
+                axis.plot(
+                    steps, values, marker="." if len(steps) < 20 else None, label=key if single else label
+                )
         axis.set_title(panel)
         axis.set_xlabel("optimizer step")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -113,7 +115,7 @@ def format_table(rows: dict[str, dict]) -> str:
     A comparison keeps the held-out total and accuracy columns only, so that it fits a terminal.
     """
     if len(rows) == 1:
-        (label, row), = rows.items()
+        ((label, row),) = rows.items()
         width = max(len(key) for key in row)
         return "\n".join([label, *(f"  {key:<{width}}  {_cell(value)}" for key, value in row.items())])
     columns = [
@@ -122,10 +124,12 @@ def format_table(rows: dict[str, dict]) -> str:
         if not key.startswith("held_out/") or key.endswith(("total", "accuracy"))
     ]
     width = max([len(label) for label in rows] + [4])
-    names = [c.removeprefix("held_out/").replace("/reward/", ":").replace("/greedy/", ":greedy_") for c in columns]
+    names = [
+        c.removeprefix("held_out/").replace("/reward/", ":").replace("/greedy/", ":greedy_") for c in columns
+    ]
     lines = [f"{'run':<{width}}  " + "  ".join(names)]
     for label, row in rows.items():
-        cells = (f"{_cell(row.get(c)):>{len(n)}}" for c, n in zip(columns, names))
+        cells = (f"{_cell(row.get(c)):>{len(n)}}" for c, n in zip(columns, names, strict=True))
         lines.append(f"{label:<{width}}  " + "  ".join(cells))
     return "\n".join(lines)
 

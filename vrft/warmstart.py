@@ -89,7 +89,10 @@ def sft_run_config(cfg: DictConfig, run_dir: Path) -> DictConfig:
             "adapter": {"_target_": "vrft.callbacks.AdapterExport", "dirpath": f"{run_dir}/adapter"}
         }
         if (cfg.get("callbacks") or {}).get("progress"):  # the run shows bars: so does its warm start
-            sft.callbacks.progress = {"_target_": "vrft.callbacks.StepProgressBar", "description": "warm start"}
+            sft.callbacks.progress = {
+                "_target_": "vrft.callbacks.StepProgressBar",
+                "description": "warm start",
+            }
         else:
             sft.trainer.enable_progress_bar = False
         sft.logger = {

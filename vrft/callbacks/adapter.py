@@ -38,7 +38,11 @@ class AdapterExport(L.Callback):
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         processor = getattr(pl_module, "processor", None)
-        if trainer.is_global_zero and self.processor_dirpath is not None and hasattr(processor, "save_pretrained"):
+        if (
+            trainer.is_global_zero
+            and self.processor_dirpath is not None
+            and hasattr(processor, "save_pretrained")
+        ):
             save_processor(processor, self.processor_dirpath)
 
     @override

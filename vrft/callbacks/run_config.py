@@ -37,7 +37,11 @@ def planner_prediction(cfg: DictConfig, verdict=None) -> dict:
 
 def flat_results(results: dict[str, dict[str, float]], prefix: str) -> dict[str, float]:
     """`{"after": {"reward/total": 1.2}}` -> `{"<prefix>/after/reward/total": 1.2}`."""
-    return {f"{prefix}/{stage}/{key}": float(value) for stage, row in results.items() for key, value in row.items()}
+    return {
+        f"{prefix}/{stage}/{key}": float(value)
+        for stage, row in results.items()
+        for key, value in row.items()
+    }
 
 
 class RunConfigLogging(L.Callback):

@@ -38,7 +38,11 @@ class CompletionSamples(L.Callback):
     """
 
     def __init__(
-        self, dirpath: str, every_n_steps: int = 10, task: str = "classification", coord_convention: str = "qwen2vl"
+        self,
+        dirpath: str,
+        every_n_steps: int = 10,
+        task: str = "classification",
+        coord_convention: str = "qwen2vl",
     ):
         self.dirpath = Path(dirpath)
         self.path = self.dirpath / "samples.jsonl"
@@ -71,9 +75,11 @@ class CompletionSamples(L.Callback):
             if isinstance(logger, WandbLogger):
                 self.log_wandb(logger, step, samples, figures)
             elif isinstance(logger, TensorBoardLogger):
-                for index, (sample, figure) in enumerate(zip(samples, figures)):
+                for index, (sample, figure) in enumerate(zip(samples, figures, strict=True)):
                     if figure is not None:
-                        logger.experiment.add_image(f"samples/{index}", np.asarray(figure), step, dataformats="HWC")
+                        logger.experiment.add_image(
+                            f"samples/{index}", np.asarray(figure), step, dataformats="HWC"
+                        )
                     logger.experiment.add_text(f"samples/{index}", "  \n".join(_caption(sample)), step)
 
     def figure(self, sample: dict):
@@ -92,7 +98,7 @@ class CompletionSamples(L.Callback):
             columns = ["step", "image", "problem", "completion", "solution", "reward", *names, "advantage"]
             # INCREMENTAL: each log sends only the rows added since the last one, not the whole table again.
             self._table = wandb.Table(columns=columns, log_mode="INCREMENTAL")
-        for sample, figure in zip(samples, figures):
+        for sample, figure in zip(samples, figures, strict=True):
             image = wandb.Image(figure) if figure is not None else None
             row = [step, image, sample["problem"], sample["completion"], sample["solution"], sample["reward"]]
             self._table.add_data(*row, *(sample["rewards"].get(n) for n in names), sample["advantage"])
