@@ -12,12 +12,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from vrft.callbacks import RunConfigLogging, RunSummary
-from vrft.callbacks.run_config import planner_prediction
 from vrft.cli import config_hash, user_errors
 from vrft.loggers import run_trainer_settings
 from vrft.memory.cuda import apply_memory_cap, configure_allocator
 from vrft.memory.oom import explain_out_of_memory
-from vrft.memory.planning import resolve_auto
+from vrft.memory.planning import budget_gb, plan_config, resolve_auto
 from vrft.memory.report import enforce_plan
 from vrft.quiet import silence_upstream_noise
 from vrft.warmstart import apply_warm_start
@@ -31,6 +30,23 @@ def build_trainer(cfg: DictConfig, precision, extra_callbacks: list | None = Non
     callbacks = [instantiate(node) for node in (cfg.get("callbacks") or {}).values()]
     callbacks += extra_callbacks or []
     return instantiate(cfg.trainer, plugins=[precision], callbacks=callbacks, **run_trainer_settings(cfg))
+
+
+def planner_prediction(cfg: DictConfig, verdict=None) -> dict:
+    """The memory planner's prediction for `cfg` (the enforced verdict's plan when there is one)."""
+    try:
+        plan = verdict.plan if verdict is not None else plan_config(cfg)
+    except Exception as error:  # a prediction is a nicety of the dashboard, never a reason to stop a run
+        log.info("planner prediction not logged: %s", error)
+        return {}
+    budget, source = budget_gb(cfg)
+    return {
+        "device_gb": round(plan.device_gb, 3),
+        "peak_phase": plan.peak_phase,
+        "budget_gb": budget,
+        "budget_source": source,
+        "components_gb": {name: round(value, 3) for name, value in plan.components_gb().items()},
+    }
 
 
 def fit(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, RunSummary]:

@@ -6,33 +6,10 @@ tab (vrft adds the resolved YAML as a text entry, which is easier to read there)
 
 from __future__ import annotations
 
-import logging
-
 import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from typing_extensions import override
-
-log = logging.getLogger(__name__)
-
-
-def planner_prediction(cfg: DictConfig, verdict=None) -> dict:
-    """The memory planner's prediction for `cfg` (the enforced verdict's plan when there is one)."""
-    from vrft.memory.planning import budget_gb, plan_config
-
-    try:
-        plan = verdict.plan if verdict is not None else plan_config(cfg)
-    except Exception as error:  # a prediction is a nicety of the dashboard, never a reason to stop a run
-        log.info("planner prediction not logged: %s", error)
-        return {}
-    budget, source = budget_gb(cfg)
-    return {
-        "device_gb": round(plan.device_gb, 3),
-        "peak_phase": plan.peak_phase,
-        "budget_gb": budget,
-        "budget_source": source,
-        "components_gb": {name: round(value, 3) for name, value in plan.components_gb().items()},
-    }
 
 
 def flat_results(results: dict[str, dict[str, float]], prefix: str) -> dict[str, float]:
@@ -49,7 +26,7 @@ class RunConfigLogging(L.Callback):
 
     Args:
         config: the resolved run config (`config` in the hyperparameters).
-        plan: the planner's prediction (`planner_prediction`).
+        plan: the planner's prediction (`vrft.train.planner_prediction`).
     """
 
     def __init__(self, config: DictConfig, plan: dict | None = None):
