@@ -165,7 +165,8 @@ def report(cfg: DictConfig, out: Path, rows: EvalRows, results: dict[str, dict[s
     return results
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+# An absolute config path: main() also runs in-process (tests), where a relative one names a Python package.
+@hydra.main(version_base="1.3", config_path=str(Path(__file__).parents[1] / "conf"), config_name="evaluate")
 @user_errors
 def main(cfg: DictConfig) -> None:
     """Hydra entry point of `python -m vrft.evaluate`."""
