@@ -41,7 +41,9 @@ def evaluated_models(cfg: DictConfig) -> dict[str, dict]:
     if cfg.ckpt_path:
         models[str(cfg.ckpt_path)] = {"adapter": None, "ckpt_path": str(cfg.ckpt_path)}
     if not models:
-        raise ValueError("include_base=false and no adapters= or ckpt_path=: name at least one model to evaluate")
+        raise ValueError(
+            "include_base=false and no adapters= or ckpt_path=: name at least one model to evaluate"
+        )
     return models
 
 
@@ -55,7 +57,9 @@ def load_rows(cfg: DictConfig) -> EvalRows:
             f"split={next(iter(dataset))}"
         )
     check_solution = instantiate(cfg.task.check_solution) if cfg.task.get("check_solution") else None
-    return prepare_rows(dataset[cfg.split], cfg.split, cfg.task.name, check_solution, cfg.on_bad_row, cfg.max_rows)
+    return prepare_rows(
+        dataset[cfg.split], cfg.split, cfg.task.name, check_solution, cfg.on_bad_row, cfg.max_rows
+    )
 
 
 def output_dir(cfg: DictConfig) -> Path:
@@ -79,7 +83,9 @@ def output_dir(cfg: DictConfig) -> Path:
     }
     saved_file = out / "evaluation.json"
     if resume and not saved_file.exists():
-        raise FileNotFoundError(f"resume={resume}: '{out}' holds no evaluation.json; point resume= at an evaluation folder")
+        raise FileNotFoundError(
+            f"resume={resume}: '{out}' holds no evaluation.json; point resume= at an evaluation folder"
+        )
     if resume:
         saved = json.loads(saved_file.read_text())
         for key, value in settings.items():
@@ -89,29 +95,43 @@ def output_dir(cfg: DictConfig) -> Path:
                     f"same {key}, or evaluate into a new folder"
                 )
     elif (out / "predictions.jsonl").exists():
-        raise ValueError(f"'{out}' already holds predictions.jsonl; pass resume=true to continue it, or another hydra.run.dir")
+        raise ValueError(
+            f"'{out}' already holds predictions.jsonl; pass resume=true to continue it, or another hydra.run.dir"
+        )
     out.mkdir(parents=True, exist_ok=True)
     saved_file.write_text(json.dumps(settings, indent=2))
     return out
 
 
-def decode(cfg: DictConfig, model: dict, dataset: EvalRowDataset, writer: PredictionWriter) -> None:
-    """Greedy completions of `dataset` by one model (base + adapter or checkpoint), in batches of `batch_size`."""
+def decode(cfg: DictConfig, model: dict, dataset: EvalRowDataset, writer: PredictionWriter) -> str:
+    """Greedy completions of `dataset` by one model (base + adapter or checkpoint), in batches of `batch_size`.
+
+    Returns the rollout engine that decoded them.
+    """
     L.seed_everything(cfg.seed, workers=True)
     with open_dict(cfg):
         cfg.lora.init_adapter = model["adapter"]
     precision = instantiate(cfg.precision)
-    module = instantiate(cfg.algorithm, _convert_="object", evaluator=None, eval_max_new_tokens=cfg.max_new_tokens)
+    module = instantiate(
+        cfg.algorithm, _convert_="object", evaluator=None, eval_max_new_tokens=cfg.max_new_tokens
+    )
     trainer = instantiate(
-        cfg.trainer, plugins=[precision], logger=False, callbacks=[writer], limit_val_batches=None,
+        cfg.trainer,
+        plugins=[precision],
+        logger=False,
+        callbacks=[writer],
+        limit_val_batches=None,
         enable_progress_bar=False,
     )
     engine = cfg.rollout_engine
     if engine == "auto":  # the static engines pay off where kernel launches dominate: on a GPU
         engine = "bf16_copy" if trainer.strategy.root_device.type == "cuda" else "hf"
     module.eval_engine = build_rollout_engine(engine)
+    if cfg.min_new_tokens:
+        module.eval_generation = {"min_new_tokens": cfg.min_new_tokens}
     loader = DataLoader(dataset, batch_size=cfg.batch_size, collate_fn=list, num_workers=0)
     trainer.validate(module, dataloaders=loader, ckpt_path=model["ckpt_path"], verbose=False)
+    return engine
 
 
 def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
@@ -126,26 +146,35 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
     predictions = PredictionLog(out / "predictions.jsonl")
     evaluator = instantiate(cfg.task.evaluator)
     rewards = RewardSet(instantiate(cfg.task.rewards))
+    speed = {}
     for label, model in models.items():
         todo = [i for i in rows.indices if i not in predictions.done(label)]
         log.info("%s: %d of %d rows to decode", label, len(todo), len(rows.indices))
         if todo:
             writer = PredictionWriter(predictions, label, rewards, evaluator.answer, len(todo))
-            decode(cfg, model, EvalRowDataset(rows, todo), writer)
+            engine = decode(cfg, model, EvalRowDataset(rows, todo), writer)
+            speed[label] = {**writer.speed(), "rollout_engine": engine}
     kept = set(rows.indices)
     results = {}
     for label in models:
         records = [r for r in predictions.of(label) if r["row_index"] in kept]
         try:
-            results[label] = {k: float(v) for k, v in evaluator([r["completion"] for r in records], records).items()}
+            results[label] = {
+                k: float(v) for k, v in evaluator([r["completion"] for r in records], records).items()
+            }
         except Exception:
-            log.error("the metric failed; all %d predictions are in %s (rerun with resume=%s)", len(records), predictions.path, out)
+            log.error(
+                "the metric failed; all %d predictions are in %s (rerun with resume=%s)",
+                len(records),
+                predictions.path,
+                out,
+            )
             raise
-    return report(cfg, out, rows, results)
+    return report(cfg, out, rows, results, speed)
 
 
-def report(cfg: DictConfig, out: Path, rows: EvalRows, results: dict[str, dict[str, float]]) -> dict:
-    """Write `metrics.json` and `results.md`, print the table; returns `results`."""
+def report(cfg: DictConfig, out: Path, rows: EvalRows, results: dict, speed: dict) -> dict:
+    """Write `metrics.json` (with each decoding pass's rows/s) and `results.md`, print the table; returns `results`."""
     table = comparison_table(results, BASE)
     skipped = [index for index, _ in rows.bad]
     summary = {
@@ -155,6 +184,7 @@ def report(cfg: DictConfig, out: Path, rows: EvalRows, results: dict[str, dict[s
         "rows": len(rows.indices),
         "skipped_rows": skipped,
         "results": results,
+        "speed": speed,  # rows/s of the passes this run decoded
     }
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     (out / "results.md").write_text(table + "\n")

@@ -37,21 +37,38 @@ def schema_rows(task: str) -> list[dict]:
         return [
             {"image": red, "problem": detection_prompt("cat"), "solution": CAT},
             {"image": red, "problem": detection_prompt("dog"), "solution": NONE},
-            {"image": blue, "problem": detection_prompt("cat"), "solution": CAT.replace("500, 500", "600, 700")},
+            {
+                "image": blue,
+                "problem": detection_prompt("cat"),
+                "solution": CAT.replace("500, 500", "600, 700"),
+            },
             {"image": blue, "problem": detection_prompt("dog"), "solution": NONE},
         ]
     if task == "classification":
         prompt = classification_prompt()
-        return [{"image": c, "problem": prompt, "solution": f"<answer>{n}</answer>"} for c, n in ((red, "rose"), (blue, "tulip"))]
+        return [
+            {"image": c, "problem": prompt, "solution": f"<answer>{n}</answer>"}
+            for c, n in ((red, "rose"), (blue, "tulip"))
+        ]
     return [
-        {"image": red, "problem": grounding_prompt("the red square"), "solution": "<answer>(0,0),(1000,1000)</answer>"},
-        {"image": blue, "problem": grounding_prompt("the blue square"), "solution": "<answer>(100,100),(900,900)</answer>"},
+        {
+            "image": red,
+            "problem": grounding_prompt("the red square"),
+            "solution": "<answer>(0,0),(1000,1000)</answer>",
+        },
+        {
+            "image": blue,
+            "problem": grounding_prompt("the blue square"),
+            "solution": "<answer>(100,100),(900,900)</answer>",
+        },
     ]
 
 
 def write_dataset(rows: list[dict], folder: Path, layout: str, split: str = "test") -> Path:
     """`rows` as a `save_to_disk` folder or as a parquet shard named like the Hub's (`data/test-...`)."""
-    features = datasets.Features({"image": datasets.Image(), "problem": datasets.Value("string"), "solution": datasets.Value("string")})
+    features = datasets.Features(
+        {"image": datasets.Image(), "problem": datasets.Value("string"), "solution": datasets.Value("string")}
+    )
     table = datasets.Dataset.from_list(rows, features=features)
     if layout == "disk":
         datasets.DatasetDict({split: table}).save_to_disk(str(folder))

@@ -24,7 +24,10 @@ def test_lvis_asks_only_where_presence_or_absence_is_known(tmp_path):
     annotations, images = write_coco(tmp_path, lvis=True)
     rows = build_detection_eval_rows(annotations, images, ["dog"])["test"]
     # dog: boxes in image 1 (image 2's is a crowd box), known absent from image 4 only.
-    assert sorted(zip(rows["image_id"], rows["solution"], strict=True))[1] == (4, "<answer>No Objects</answer>")
+    assert sorted(zip(rows["image_id"], rows["solution"], strict=True))[1] == (
+        4,
+        "<answer>No Objects</answer>",
+    )
     assert rows["image_id"] == [1, 4]
 
 
@@ -32,9 +35,33 @@ def test_named_category_sets_and_the_command(tmp_path, capsys):
     assert category_list("coco-8") == CATEGORY_SETS["coco-8"] and len(CATEGORY_SETS["lvis-rare"]) == 6
     annotations, images = write_coco(tmp_path)
     out = tmp_path / "eval"
-    main(["detection-eval", "--annotations", str(annotations), "--images", str(images), "--categories", "cat,dog", "--max-images", "2", "--out", str(out)])
+    main(
+        [
+            "detection-eval",
+            "--annotations",
+            str(annotations),
+            "--images",
+            str(images),
+            "--categories",
+            "cat,dog",
+            "--max-images",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     assert f"data.path={out} split=test" in capsys.readouterr().out
     assert len(load_visual_rft(out)["test"]) == 4
     with pytest.raises(SystemExit):
-        main(["detection-eval", "--annotations", str(annotations), "--images", str(images), "--out", str(out / "x")])
+        main(
+            [
+                "detection-eval",
+                "--annotations",
+                str(annotations),
+                "--images",
+                str(images),
+                "--out",
+                str(out / "x"),
+            ]
+        )
     assert "not in" in capsys.readouterr().err

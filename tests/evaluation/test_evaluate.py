@@ -87,7 +87,14 @@ def test_hand_computed_map_through_the_cli_matches_pycocotools(tmp_path, monkeyp
     install(monkeypatch, StubDecoder(lambda row, adapted: answers[row["row_index"]]))
     data = write_dataset(rows, tmp_path / "data", "parquet")
     out = tmp_path / "out"
-    argv = ["vrft.evaluate", "task=detection", "data=disk", f"data.path={data}", f"hydra.run.dir={out}", "max_new_tokens=4"]
+    argv = [
+        "vrft.evaluate",
+        "task=detection",
+        "data=disk",
+        f"data.path={data}",
+        f"hydra.run.dir={out}",
+        "max_new_tokens=4",
+    ]
     monkeypatch.setattr(sys, "argv", argv)
     vrft.evaluate.main()
     cli = json.loads((out / "metrics.json").read_text())["results"]["base"]
@@ -101,11 +108,16 @@ def test_hand_computed_map_through_the_cli_matches_pycocotools(tmp_path, monkeyp
     truth.dataset = {
         "images": [{"id": 1, "width": 56, "height": 56}, {"id": 2, "width": 56, "height": 56}],
         "categories": [{"id": 1, "name": "cat"}],
-        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": box, "area": box[2] * box[3], "iscrowd": 0}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": box, "area": box[2] * box[3], "iscrowd": 0}
+        ],
     }
     truth.createIndex()
     found = truth.loadRes(
-        [{"image_id": 1, "category_id": 1, "bbox": box, "score": 0.6}, {"image_id": 2, "category_id": 1, "bbox": box, "score": 0.9}]
+        [
+            {"image_id": 1, "category_id": 1, "bbox": box, "score": 0.6},
+            {"image_id": 2, "category_id": 1, "bbox": box, "score": 0.9},
+        ]
     )
     direct = COCOeval(truth, found, iouType="bbox")
     direct.evaluate(), direct.accumulate(), direct.summarize()
@@ -139,7 +151,9 @@ def test_a_failing_metric_leaves_every_prediction_on_disk(tmp_path, monkeypatch)
 
 def test_adapters_share_one_table_with_differences_to_the_base(tmp_path, monkeypatch, capsys):
     adapter = random_adapter(tmp_path / "adapter")
-    install(monkeypatch, StubDecoder(lambda row, adapted: row["solution"] if adapted else "<answer>x</answer>"))
+    install(
+        monkeypatch, StubDecoder(lambda row, adapted: row["solution"] if adapted else "<answer>x</answer>")
+    )
     results, _ = run(tmp_path, "classification", "disk", None, f"adapters=[{adapter}]")
     assert results == {
         "base": {"accuracy": 0.0, "accuracy/rose": 0.0, "accuracy/tulip": 0.0},
@@ -154,7 +168,9 @@ def test_adapters_share_one_table_with_differences_to_the_base(tmp_path, monkeyp
 def test_missing_split_names_the_splits_and_split_key(tmp_path, monkeypatch):
     decoder = install(monkeypatch, StubDecoder(perfect))
     data = write_dataset(schema_rows("classification"), tmp_path / "data", "disk", split="train")
-    with pytest.raises(ValueError, match=r"no split 'test' \(splits: \['train'\]\); choose one with split=train"):
+    with pytest.raises(
+        ValueError, match=r"no split 'test' \(splits: \['train'\]\); choose one with split=train"
+    ):
         evaluate(eval_config(tmp_path / "out", "task=classification", "data=disk", f"data.path={data}"))
     assert decoder.rows == []
 
@@ -164,7 +180,9 @@ def test_bad_rows_are_listed_by_number_before_decoding_or_skipped(tmp_path, monk
     rows = schema_rows("detection")
     rows[1]["solution"] = "<answer>[{'Position': [1, 2</answer>"  # unparseable
     rows[2]["problem"] = "Find every object."  # names no category
-    with pytest.raises(ValueError, match=r"2 bad row\(s\) in split 'test' \(rows 1, 2\); row 1: .*on_bad_row=skip"):
+    with pytest.raises(
+        ValueError, match=r"2 bad row\(s\) in split 'test' \(rows 1, 2\); row 1: .*on_bad_row=skip"
+    ):
         run(tmp_path, "detection", rows=rows)
     assert decoder.rows == []
     results, _ = run(tmp_path / "skip", "detection", "disk", rows, "on_bad_row=skip")
@@ -176,9 +194,16 @@ def test_adapter_of_another_model_is_refused_before_loading(tmp_path, monkeypatc
     decoder = install(monkeypatch, StubDecoder(perfect))
     adapter = random_adapter(tmp_path / "adapter")
     data = write_dataset(schema_rows("classification"), tmp_path / "data", "disk")
-    cfg = eval_config(tmp_path / "out", "model=qwen2vl-2b", "data=disk", f"data.path={data}", f"adapters=[{adapter}]")
-    with pytest.raises(ValueError, match=rf"adapter '{adapter}' \(trained on '.*'\) does not fit model.name_or_path='qwen2vl-2b'"):
+    cfg = eval_config(
+        tmp_path / "out", "model=qwen2vl-2b", "data=disk", f"data.path={data}", f"adapters=[{adapter}]"
+    )
+    with pytest.raises(
+        ValueError,
+        match=rf"adapter '{adapter}' \(trained on '.*'\) does not fit model.name_or_path='qwen2vl-2b'",
+    ):
         evaluate(cfg)
     assert decoder.rows == []
     local = local_model(tmp_path / "local")
-    check_adapter(adapter, instantiate(eval_config(tmp_path, "model=local", f"model.name_or_path={local}").model))
+    check_adapter(
+        adapter, instantiate(eval_config(tmp_path, "model=local", f"model.name_or_path={local}").model)
+    )

@@ -47,8 +47,22 @@ def write_user_files(cwd: Path) -> None:
         entries.append({"id": image_id, "file_name": name, "width": 64, "height": 56})
     categories = [{"id": i + 1, "name": n} for i, n in enumerate(CATEGORY_SETS["coco-8"])]
     annotations = [
-        {"id": 1, "image_id": 1, "category_id": 5, "bbox": [8, 8, 32, 24], "area": 768, "iscrowd": 0},  # a cat
-        {"id": 2, "image_id": 2, "category_id": 6, "bbox": [16, 4, 40, 40], "area": 1600, "iscrowd": 0},  # a dog
+        {
+            "id": 1,
+            "image_id": 1,
+            "category_id": 5,
+            "bbox": [8, 8, 32, 24],
+            "area": 768,
+            "iscrowd": 0,
+        },  # a cat
+        {
+            "id": 2,
+            "image_id": 2,
+            "category_id": 6,
+            "bbox": [16, 4, 40, 40],
+            "area": 1600,
+            "iscrowd": 0,
+        },  # a dog
     ]
     (cwd / "coco" / "annotations").mkdir()
     coco = {"images": entries, "annotations": annotations, "categories": categories}

@@ -35,14 +35,17 @@ def _parser() -> argparse.ArgumentParser:
     detection.add_argument("--coord-convention", default="qwen2vl", choices=["qwen2vl", "absolute"])
 
     evaluation = commands.add_parser(
-        "detection-eval", help="COCO / LVIS annotations -> a test split: every (image, category), absent ones too"
+        "detection-eval",
+        help="COCO / LVIS annotations -> a test split: every (image, category), absent ones too",
     )
     evaluation.add_argument("--annotations", required=True, help="COCO or LVIS annotation JSON")
     evaluation.add_argument("--images", required=True, help="folder with the images the file names")
     evaluation.add_argument(
         "--categories", default="coco-8", help=f"{' | '.join(CATEGORY_SETS)} | comma-separated names"
     )
-    evaluation.add_argument("--max-images", type=int, help="a seeded sample of this many images (default: all)")
+    evaluation.add_argument(
+        "--max-images", type=int, help="a seeded sample of this many images (default: all)"
+    )
     evaluation.add_argument("--coord-convention", default="qwen2vl", choices=["qwen2vl", "absolute"])
 
     kshot = commands.add_parser("k-shot", help="keep k rows per class of a classification set")
@@ -106,7 +109,9 @@ def main(argv: list[str] | None = None) -> None:
     dataset.save_to_disk(args.out)
     sizes = ", ".join(f"{split}: {len(rows)} rows" for split, rows in dataset.items())
     if args.command == "detection-eval":
-        print(f"wrote {args.out} ({sizes}); evaluate with task=detection data=disk data.path={args.out} split=test")
+        print(
+            f"wrote {args.out} ({sizes}); evaluate with task=detection data=disk data.path={args.out} split=test"
+        )
     else:
         print(f"wrote {args.out} ({sizes}); train on it with data=disk data.path={args.out}")
 

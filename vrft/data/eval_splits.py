@@ -89,7 +89,11 @@ def build_detection_eval_rows(
             category_id = ids_by_name[name]
             present = (i, category_id) in boxes
             if present or _known_absent(images[i], category_id):
-                rows.append(_detection_row(images[i], paths[i], name, boxes.get((i, category_id), []), coord_convention))
+                rows.append(
+                    _detection_row(
+                        images[i], paths[i], name, boxes.get((i, category_id), []), coord_convention
+                    )
+                )
     if not rows:
         raise ValueError(f"no evaluation rows: no image of '{annotation_json}' was found in '{image_dir}'")
     return _to_dataset(rows, split)

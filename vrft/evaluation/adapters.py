@@ -70,5 +70,7 @@ def _mismatch(name: str, shape: tuple[int, ...], modules: dict) -> str | None:
             return f"the model has no module '{module_name}'"
         expected = getattr(module, feature, None)
         if expected is not None and shape[axis] != expected:
-            return f"'{module_name}' has {feature}={expected}, the adapter's {part.strip('.')} has {shape[axis]}"
+            return (
+                f"'{module_name}' has {feature}={expected}, the adapter's {part.strip('.')} has {shape[axis]}"
+            )
     return None

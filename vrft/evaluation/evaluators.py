@@ -65,7 +65,10 @@ class GroundingEvaluator:
 
     def __call__(self, completions: Sequence[str], rows: Sequence[dict]) -> dict[str, float]:
         solutions = [r["solution"] for r in rows]
-        return {"miou": grounding_miou(completions, solutions), "giou": grounding_giou(completions, solutions)}
+        return {
+            "miou": grounding_miou(completions, solutions),
+            "giou": grounding_giou(completions, solutions),
+        }
 
 
 class DetectionEvaluator:
@@ -103,7 +106,9 @@ class DetectionEvaluator:
             predictions.append(BoxSet.from_answer(completion, image_id, category, width, height))
             truth.append(BoxSet.from_answer(row["solution"], image_id, category, width, height))
             categories.append(category)
-        result = detection_map(predictions, truth, self.categories or sorted(set(categories)), self.coord_convention)
+        result = detection_map(
+            predictions, truth, self.categories or sorted(set(categories)), self.coord_convention
+        )
         metrics = {"map": result["map"], "map_50": result["map_50"]}
         for name, values in result["per_class"].items():
             if not math.isnan(values["map"]):

@@ -19,7 +19,14 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchmetrics.aggregation import MeanMetric
 
-from vrft.rewards.boxes import Box, box_giou, box_iou, check_coord_convention, convention_to_pixels, normalize_box
+from vrft.rewards.boxes import (
+    Box,
+    box_giou,
+    box_iou,
+    check_coord_convention,
+    convention_to_pixels,
+    normalize_box,
+)
 from vrft.rewards.classification import AccuracyReward
 from vrft.rewards.parsing import extract_answer, parse_detection_answer, parse_grounding_box, read_answer
 

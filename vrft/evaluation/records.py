@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -61,7 +62,9 @@ def _read_complete_lines(path: Path) -> list[dict]:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
-            log.warning("dropping unreadable line %d of %s (an interrupted write); it is decoded again", number, path)
+            log.warning(
+                "dropping unreadable line %d of %s (an interrupted write); it is decoded again", number, path
+            )
     return records
 
 
@@ -79,15 +82,26 @@ class PredictionWriter(L.Callback):
     """
 
     def __init__(self, log: PredictionLog, model: str, rewards: RewardSet, answer, total: int):
-        self.predictions, self.model, self.rewards, self.answer, self.total = log, model, rewards, answer, total
+        self.predictions, self.model, self.rewards, self.answer, self.total = (
+            log,
+            model,
+            rewards,
+            answer,
+            total,
+        )
         self.bar = None
+        self.batch_ends: list[tuple[float, int]] = []  # (perf_counter, rows) at the end of each batch
+        self.start = 0.0
 
     @override
     def on_validation_start(self, trainer, pl_module) -> None:
         self.bar = tqdm(total=self.total, unit=" rows", desc=f"decoding ({self.model})", dynamic_ncols=True)
+        self.start = time.perf_counter()
 
     @override
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
         decoded = pl_module.predictions[-len(batch) :]
         completions = [p["completion"] for p in decoded]
         columns = {k: [row.get(k) for row in batch] for k in batch[0] if k not in ("image", "solution")}
@@ -102,6 +116,20 @@ class PredictionWriter(L.Callback):
         self.predictions.append(records)
         pl_module.predictions.clear()  # the log holds them; keeps memory flat over a long split
         self.bar.update(len(batch))
+        self.batch_ends.append((time.perf_counter(), len(batch)))
+
+    def speed(self) -> dict[str, float | None]:
+        """Rows per second of this pass, and after its first batch (warm-up, graph capture excluded)."""
+        if not self.batch_ends:
+            return {"rows_per_s": None, "steady_rows_per_s": None}
+        total = sum(rows for _, rows in self.batch_ends) / (self.batch_ends[-1][0] - self.start)
+        if len(self.batch_ends) < 2:
+            return {"rows_per_s": total, "steady_rows_per_s": None}
+        after_first = sum(rows for _, rows in self.batch_ends[1:])
+        return {
+            "rows_per_s": total,
+            "steady_rows_per_s": after_first / (self.batch_ends[-1][0] - self.batch_ends[0][0]),
+        }
 
     @override
     def on_validation_end(self, trainer, pl_module) -> None:

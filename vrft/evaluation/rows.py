@@ -27,9 +27,13 @@ log = logging.getLogger(__name__)
 
 ON_BAD_ROW = ("error", "skip")
 # The reference prompt: "Detect all objects belonging to the category '{category}' in the image, ...".
-_PROMPT_CATEGORY = re.compile(r"\bcategor(?:y|ies)\s*[:=]?\s*['\"‘“]([^'\"’”\n]{1,100})['\"’”]", re.IGNORECASE)
+_PROMPT_CATEGORY = re.compile(
+    r"\bcategor(?:y|ies)\s*[:=]?\s*['\"‘“]([^'\"’”\n]{1,100})['\"’”]", re.IGNORECASE
+)
 # Solutions of other detection sets name the class in each entry: {'Position': [...], 'Category': 'dog'}.
-_SOLUTION_CLASS = re.compile(r"['\"]?(?:category|label|class)['\"]?\s*:\s*['\"]([^'\"]{1,100})['\"]", re.IGNORECASE)
+_SOLUTION_CLASS = re.compile(
+    r"['\"]?(?:category|label|class)['\"]?\s*:\s*['\"]([^'\"]{1,100})['\"]", re.IGNORECASE
+)
 
 
 def category_from_prompt(problem: str) -> str | None:
@@ -156,7 +160,9 @@ def _report_bad(rows: EvalRows, on_bad_row: str) -> None:
             f"{len(rows.bad)} bad row(s) in split '{rows.split}' (rows {numbers}); {first}. Fix the data, or "
             "set on_bad_row=skip to evaluate without them (they are counted in the report)"
         )
-    log.warning("skipping %d bad row(s) of split '%s' (on_bad_row=skip): rows %s", len(rows.bad), rows.split, numbers)
+    log.warning(
+        "skipping %d bad row(s) of split '%s' (on_bad_row=skip): rows %s", len(rows.bad), rows.split, numbers
+    )
 
 
 class EvalRowDataset(Dataset):

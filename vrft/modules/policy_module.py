@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
+from vrft.memory.fast_rollout import RolloutEngine
 from vrft.modules.logprobs import selective_logprobs
 from vrft.modules.policy import (
     REFERENCE_ADAPTER,
@@ -22,7 +23,6 @@ from vrft.modules.policy import (
     load_base_model,
     load_processor_for,
 )
-from vrft.memory.fast_rollout import RolloutEngine
 from vrft.modules.rollout import Rollout, generate_rollout
 
 
@@ -146,7 +146,14 @@ class PolicyModule(L.LightningModule):
         self.policy.eval()
         generation = dict(max_new_tokens=self.eval_max_new_tokens, do_sample=False, **self.eval_generation)
         rollout = generate_rollout(
-            self.policy, self.processor, batch, self.prompt_template, 1, generation, self.device, self.eval_engine
+            self.policy,
+            self.processor,
+            batch,
+            self.prompt_template,
+            1,
+            generation,
+            self.device,
+            self.eval_engine,
         )
         self.policy.train(was_training)
         for completion, row in zip(rollout.completions, batch, strict=True):
