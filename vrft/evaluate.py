@@ -12,28 +12,29 @@ import logging
 from pathlib import Path
 
 import hydra
-import lightning as L
-from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 from vrft.cli import user_errors
+from vrft.paths import config_dir
+from vrft.setup import build_run
 
 log = logging.getLogger(__name__)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Evaluate the model (+ adapter or checkpoint) of `cfg` on `cfg.split`; returns the metrics."""
-    L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.run_dir)
     with open_dict(cfg):
         cfg.lora.init_adapter = cfg.adapter
-    precision = instantiate(cfg.precision)
-    datamodule = instantiate(cfg.data, val_split=cfg.split, max_val_rows=cfg.max_rows)
-    module = instantiate(cfg.algorithm, _convert_="object")
-    trainer = instantiate(
-        cfg.trainer, plugins=[precision], logger=False, callbacks=[], limit_val_batches=None
+    run = build_run(
+        cfg,
+        data_overrides={"val_split": cfg.split, "max_val_rows": cfg.max_rows},
+        config_callbacks=False,
+        logger=False,
+        limit_val_batches=None,
     )
-    trainer.validate(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, verbose=False)
+    trainer, module, precision = run.trainer, run.module, run.precision
+    trainer.validate(module, datamodule=run.datamodule, ckpt_path=cfg.ckpt_path, verbose=False)
     metrics = {
         k.removeprefix("val/"): float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")
     }
@@ -57,7 +58,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="evaluate")
 @user_errors
 def main(cfg: DictConfig) -> None:
     """Hydra entry point of `python -m vrft.evaluate`."""

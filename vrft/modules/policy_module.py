@@ -12,8 +12,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from vrft.modules.logprobs import selective_logprobs
-from vrft.modules.policy import (
+from vrft.models.policy import (
     REFERENCE_ADAPTER,
     LoraSpec,
     ModelSpec,
@@ -22,7 +21,9 @@ from vrft.modules.policy import (
     load_base_model,
     load_processor_for,
 )
-from vrft.modules.rollout import Rollout, generate_rollout
+from vrft.modules.logprobs import selective_logprobs
+from vrft.rollout.batch import Rollout
+from vrft.rollout.generate import generate_rollout
 
 
 class PolicyModule(L.LightningModule):
