@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from vrft.models.policy import ModelSpec
 from vrft.modules.grpo import GRPOSettings
 from vrft.paths import config_dir
+from vrft.planner.auto import AUTO_ORDER, AutoPrecision
 from vrft.planner.estimator import (
     Calibration,
     MemoryPlan,
@@ -32,19 +33,6 @@ log = logging.getLogger(__name__)
 CONF_DIR = config_dir()
 PIXELS_PER_TOKEN = 28 * 28  # one merged visual token covers 2 x 2 patches of 14 x 14 pixels
 PROMPT_TEXT_TOKENS = 128  # chat template + a Visual-RFT question (the detection prompt is the longest)
-AUTO_ORDER = ("bf16", "int8", "mixed", "int4")  # most precise first, as users are advised to try them
-
-
-class AutoPrecision:
-    """`precision=auto`: stands for the mode `resolve_precision` picks before anything is instantiated."""
-
-    name = "auto"
-
-    def __init__(self, candidates=AUTO_ORDER):
-        raise ValueError(
-            "precision=auto must be resolved before the plugin is built (vrft.train and vrft.plan do it); "
-            f"pick one of {', '.join(candidates)} when instantiating the config yourself"
-        )
 
 
 def precision_name(precision_cfg) -> str:

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
-from vrft.rollout.batch import Rollout, build_prompts, completion_mask
 from vrft.rollout.base import RolloutEngine
+from vrft.rollout.batch import Rollout, build_prompts, completion_mask
 from vrft.rollout.hf import HFGenerate
 
 
