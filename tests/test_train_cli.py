@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
 from tests.support import LENGTH_REWARD
-from vrft.modules.presets import tiny_checkpoint
+from vrft.models.presets import tiny_checkpoint
 from vrft.train import fit
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")

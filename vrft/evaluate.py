@@ -14,7 +14,6 @@ import logging
 from pathlib import Path
 
 import hydra
-import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader
@@ -25,8 +24,10 @@ from vrft.evaluation.adapters import check_adapter
 from vrft.evaluation.records import PredictionLog, PredictionWriter
 from vrft.evaluation.rows import EvalRowDataset, EvalRows, prepare_rows
 from vrft.evaluation.table import comparison_table
-from vrft.memory.fast_rollout import build_rollout_engine
 from vrft.modules.scoring import RewardSet
+from vrft.paths import config_dir
+from vrft.rollout.engines import build_rollout_engine
+from vrft.setup import build_run
 
 log = logging.getLogger(__name__)
 
@@ -108,21 +109,19 @@ def decode(cfg: DictConfig, model: dict, dataset: EvalRowDataset, writer: Predic
 
     Returns the rollout engine that decoded them.
     """
-    L.seed_everything(cfg.seed, workers=True)
     with open_dict(cfg):
         cfg.lora.init_adapter = model["adapter"]
-    precision = instantiate(cfg.precision)
-    module = instantiate(
-        cfg.algorithm, _convert_="object", evaluator=None, eval_max_new_tokens=cfg.max_new_tokens
-    )
-    trainer = instantiate(
-        cfg.trainer,
-        plugins=[precision],
+    run = build_run(
+        cfg,
+        extra_callbacks=[writer],
+        config_callbacks=False,
         logger=False,
-        callbacks=[writer],
         limit_val_batches=None,
-        enable_progress_bar=False,
+        enable_progress_bar=False,  # the writer's bar counts rows
     )
+    trainer, module = run.trainer, run.module
+    module.evaluator = None  # the metric runs once over predictions.jsonl, resumed rows included
+    module.eval_max_new_tokens = cfg.max_new_tokens
     engine = cfg.rollout_engine
     if engine == "auto":  # the static engines pay off where kernel launches dominate: on a GPU
         engine = "bf16_copy" if trainer.strategy.root_device.type == "cuda" else "hf"
@@ -195,8 +194,7 @@ def report(cfg: DictConfig, out: Path, rows: EvalRows, results: dict, speed: dic
     return results
 
 
-# An absolute config path: main() also runs in-process (tests), where a relative one names a Python package.
-@hydra.main(version_base="1.3", config_path=str(Path(__file__).parents[1] / "conf"), config_name="evaluate")
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="evaluate")
 @user_errors
 def main(cfg: DictConfig) -> None:
     """Hydra entry point of `python -m vrft.evaluate`."""

@@ -15,8 +15,8 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText
 
 from vrft.data.builders import classification_prompt, detection_prompt, grounding_prompt
-from vrft.modules.policy import LoraSpec
-from vrft.modules.presets import tiny_checkpoint
+from vrft.models.policy import LoraSpec
+from vrft.models.presets import tiny_checkpoint
 
 ROOT = Path(__file__).parents[2]
 CONF = str(ROOT / "conf")

@@ -15,8 +15,8 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig
 
-from vrft.modules.policy import ModelSpec
-from vrft.modules.presets import PRESETS, model_class, preset_config
+from vrft.models.policy import ModelSpec
+from vrft.models.presets import PRESETS, model_class, preset_config
 
 _PREFIX = "base_model.model."
 

@@ -18,14 +18,15 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from vrft.memory.fast_rollout import build_rollout_engine
-from vrft.memory.phases import PhaseTracker
+from vrft.models.policy import LoraSpec, ModelSpec
 from vrft.modules.losses import PolicyLoss, StepTotals
-from vrft.modules.policy import LoraSpec, ModelSpec
 from vrft.modules.policy_module import PolicyModule
-from vrft.modules.rollout import Rollout, generate_rollout
 from vrft.modules.scoring import RewardSet, group_advantages
-from vrft.modules.telemetry import peak_memory_gb, reset_peak_memory
+from vrft.rollout.batch import Rollout
+from vrft.rollout.engines import build_rollout_engine
+from vrft.rollout.generate import generate_rollout
+from vrft.runtime.phases import PhaseTracker
+from vrft.runtime.telemetry import peak_memory_gb, reset_peak_memory
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ class GRPOSettings:
     rollout_batch_size: int = 2  # prompts generated together (times G sequences)
     update_micro_batch_size: int = 4  # completions per forward/backward in the update
     logprob_chunk_size: int = 1024  # positions per lm_head chunk
-    rollout_engine: str = "hf"  # hf | bf16_copy | dequant, see vrft.memory.fast_rollout
+    rollout_engine: str = "hf"  # hf | bf16_copy | dequant, see vrft.rollout.engines
     scale_rewards: bool = True  # divide advantages by the group std (False: Dr. GRPO)
     advantage_eps: float = 1e-4
     max_grad_norm: float | None = 1.0

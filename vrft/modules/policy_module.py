@@ -12,9 +12,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from vrft.memory.fast_rollout import RolloutEngine
-from vrft.modules.logprobs import selective_logprobs
-from vrft.modules.policy import (
+from vrft.models.policy import (
     REFERENCE_ADAPTER,
     LoraSpec,
     ModelSpec,
@@ -23,7 +21,10 @@ from vrft.modules.policy import (
     load_base_model,
     load_processor_for,
 )
-from vrft.modules.rollout import Rollout, generate_rollout
+from vrft.modules.logprobs import selective_logprobs
+from vrft.rollout.base import RolloutEngine
+from vrft.rollout.batch import Rollout
+from vrft.rollout.generate import generate_rollout
 
 
 class PolicyModule(L.LightningModule):

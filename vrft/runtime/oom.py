@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from vrft.models.policy import save_adapter
+
 log = logging.getLogger(__name__)
 
 # What shrinks each phase, most effective first.
@@ -61,8 +63,6 @@ def save_adapter_on_oom(module, run_dir: Path, step: int) -> Path | None:
     if folder.exists():
         return folder
     try:
-        from vrft.modules.policy import save_adapter
-
         save_adapter(policy, folder)
     except Exception as error:  # saving must never hide the OOM itself
         log.warning("could not save the adapter after the OOM: %s", error)

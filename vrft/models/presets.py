@@ -7,7 +7,6 @@ models with random weights: right for memory and speed work, useless for answers
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -23,8 +22,9 @@ from transformers import (
     Qwen2VLImageProcessorPil,
 )
 
-from vrft.modules.processor import ImageOnlyQwen2VLProcessor
-from vrft.modules.tokenizer import QWEN2_VL_CHAT_TEMPLATE, build_qwen2_tokenizer
+from vrft.models.processor import ImageOnlyQwen2VLProcessor
+from vrft.models.tokenizer import QWEN2_VL_CHAT_TEMPLATE, build_qwen2_tokenizer
+from vrft.paths import cache_key, cache_root
 
 log = logging.getLogger(__name__)
 
@@ -112,11 +112,6 @@ def model_class(config: PretrainedConfig) -> type:
     )
 
 
-def cache_root() -> Path:
-    """Where built presets are cached: `$VRFT_CACHE`, else `~/.cache/vrft`."""
-    return Path(os.environ.get("VRFT_CACHE", Path.home() / ".cache" / "vrft"))
-
-
 def random_preset(name: str, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
     """Instantiate an architecture-exact preset with random weights (on CPU, in `dtype`)."""
     config = preset_config(name)
@@ -141,7 +136,7 @@ def build_processor(min_pixels: int, max_pixels: int) -> ImageOnlyQwen2VLProcess
 def tiny_checkpoint(seed: int = 0) -> Path:
     """Path of the cached `tiny` checkpoint folder, written on first use (model + processor)."""
     config = preset_config("tiny")
-    key = hashlib.sha256((config.to_json_string() + f"seed={seed}").encode()).hexdigest()[:12]
+    key = cache_key(config.to_json_string() + f"seed={seed}")
     folder = cache_root() / f"tiny-{key}"
     if (folder / "config.json").exists() and (folder / "tokenizer.json").exists():
         return folder

@@ -3,7 +3,7 @@
 It computes what the policy's language model computes (same RMSNorm, multimodal RoPE, grouped-query
 attention, SwiGLU MLP and `lm_head`), but with fixed tensor shapes and in-place state updates, so that one
 decode step can be captured in a CUDA graph and replayed: the per-step cost becomes the GPU's work, not
-Python and kernel-launch overhead. Weights come from `vrft.memory.weights` (merged or packed).
+Python and kernel-launch overhead. Weights come from `vrft.rollout.weights` (merged or packed).
 
 Prompt embeddings and 3D positions (image features, M-RoPE) are taken from the policy itself, so the
 vision tower and the position rules are never re-implemented here.
@@ -18,8 +18,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from vrft.memory.weights import LinearOp, linear_op
-from vrft.modules.policy import base_model
+from vrft.models.policy import base_model
+from vrft.rollout.weights import LinearOp, linear_op
 
 
 @dataclass

@@ -158,16 +158,10 @@ def layer_forward_bytes(shape: ModelShape, tokens: int, cal: Calibration, a: int
     return tokens * (cal.forward_hidden * shape.hidden + cal.forward_mlp * shape.intermediate) * a
 
 
-def estimate(shape: ModelShape, weights: WeightFootprint, work: Workload, cal: Calibration) -> MemoryPlan:
-    """The memory plan of one GRPO step; see the module docstring for the phase model."""
+def _rollout_bytes(shape: ModelShape, weights: WeightFootprint, work: Workload, cal: Calibration) -> dict:
+    """Rollout phase: the prefill's transients, then the full KV cache while decoding (beyond resident)."""
     a = work.activation_bytes
-    notes = []
-    adapter = weights.adapter_params * weights.adapter_bytes_per_param
-    optimizer = weights.adapter_params * weights.optimizer_bytes_per_param
-    resident = weights.weight_bytes + adapter + (0 if weights.optimizer_paged else optimizer)
     scratch_matrix = weights.dequant_params * a  # one quantised matrix dequantised for its matmul
-
-    # ---- rollout: the prefill's transients, then the full KV cache while decoding
     n, lp, lt = work.sequences, work.prompt_tokens, work.total_tokens
     sampling = n * shape.vocab * 4 * 3  # fp32 logits, probabilities, noise of one step
     if work.rollout_engine == "hf":
@@ -185,12 +179,22 @@ def estimate(shape: ModelShape, weights: WeightFootprint, work: Workload, cal: C
     engine = {"bf16_copy": weights.lm_linear_params * a, "dequant": scratch_matrix}.get(
         work.rollout_engine, 0
     )
-    rollout = resident + engine + max(prefill, decode)
+    return {
+        "kv_cache": kv,
+        "prefill": prefill,
+        "rollout_engine": engine,
+        "peak": engine + max(prefill, decode),
+    }
 
-    # ---- stored rollouts (pixel values in fp32 dominate) and the update micro-batch
+
+def _update_bytes(shape: ModelShape, weights: WeightFootprint, work: Workload, cal: Calibration) -> dict:
+    """Stored rollouts (fp32 pixel values dominate), the reference forward and the update micro-batch's
+    forward/backward (beyond resident); `notes` says what the user should know."""
+    a, lt = work.activation_bytes, work.total_tokens
+    scratch_matrix = weights.dequant_params * a
     patch_dim = 3 * shape.temporal_patch_size * shape.patch_size**2
     stored = work.rollouts_per_step * work.rollout_batch_size * vision_patches(work.image_tokens, shape)
-    stored = stored * patch_dim * 4 + work.rollouts_per_step * n * work.max_new_tokens * 4 * 3
+    stored = stored * patch_dim * 4 + work.rollouts_per_step * work.sequences * work.max_new_tokens * 4 * 3
     m = work.update_micro_batch_size
     tokens = m * lt
     chunk = min(work.logprob_chunk_size, m * work.max_new_tokens)
@@ -199,9 +203,8 @@ def estimate(shape: ModelShape, weights: WeightFootprint, work: Workload, cal: C
     # The layer stack and the log-prob chunks run one after the other: their transients never coexist.
     forward = layer_forward_bytes(shape, tokens, cal, a) + scratch_matrix
     logits_forward = chunk * shape.vocab * cal.logits_forward_bytes + hidden
-    reference = resident + stored + max(vision, forward, logits_forward) if work.reference else 0.0
-
-    gradients = adapter
+    reference = stored + max(vision, forward, logits_forward) if work.reference else None
+    notes = []
     if work.gradient_checkpointing:
         saved = shape.layers * tokens * shape.hidden * a  # each layer's input, kept for the recompute
         inputs = 6 * shape.hidden + shape.intermediate  # input widths of a layer's seven projections
@@ -212,11 +215,30 @@ def estimate(shape: ModelShape, weights: WeightFootprint, work: Workload, cal: C
         width = cal.layer_saved_hidden * shape.hidden + cal.layer_saved_mlp * shape.intermediate
         saved, live = shape.layers * tokens * width * a, 0
         notes.append("gradient checkpointing is off: activations of every layer are kept for the backward")
-    activations = saved + live
     logits = chunk * shape.vocab * cal.logits_backward_bytes
-    update = resident + gradients + stored + saved + max(live + scratch_matrix, logits)
+    return {
+        "stored_rollouts": stored,
+        "vision_tower": vision,
+        "activations": saved + live,
+        "logprob_buffers": logits,
+        "reference": reference,
+        "update": stored + saved + max(live + scratch_matrix, logits),
+        "notes": notes,
+    }
 
-    phases = {"rollout": rollout, "reference": reference, "update": update}
+
+def estimate(shape: ModelShape, weights: WeightFootprint, work: Workload, cal: Calibration) -> MemoryPlan:
+    """The memory plan of one GRPO step; see the module docstring for the phase model."""
+    adapter = weights.adapter_params * weights.adapter_bytes_per_param
+    optimizer = weights.adapter_params * weights.optimizer_bytes_per_param
+    resident = weights.weight_bytes + adapter + (0 if weights.optimizer_paged else optimizer)
+    rollout, update = _rollout_bytes(shape, weights, work, cal), _update_bytes(shape, weights, work, cal)
+    gradients = adapter
+    phases = {
+        "rollout": resident + rollout["peak"],
+        "reference": resident + update["reference"] if update["reference"] is not None else 0.0,
+        "update": resident + gradients + update["update"],
+    }
     peak_phase = max(phases, key=phases.get)
     factor = cal.reserved_factor_int8 if weights.int8_layers else cal.reserved_factor
     peak_reserved = phases[peak_phase] * factor + cal.reserved_extra_gb * GIB
@@ -225,13 +247,8 @@ def estimate(shape: ModelShape, weights: WeightFootprint, work: Workload, cal: C
         "adapter": adapter,
         "gradients": gradients,
         "optimizer": optimizer,
-        "kv_cache": kv,
-        "rollout_engine": engine,
-        "prefill": prefill,
-        "stored_rollouts": stored,
-        "activations": activations,
-        "logprob_buffers": logits,
-        "vision_tower": vision,
+        **{key: rollout[key] for key in ("kv_cache", "rollout_engine", "prefill")},
+        **{key: update[key] for key in ("stored_rollouts", "activations", "logprob_buffers", "vision_tower")},
     }
     return MemoryPlan(
         components=components,
@@ -240,5 +257,5 @@ def estimate(shape: ModelShape, weights: WeightFootprint, work: Workload, cal: C
         peak_reserved_gb=peak_reserved / GIB,
         cuda_context_gb=cal.cuda_context_gb,
         paged_gb=optimizer / GIB if weights.optimizer_paged else 0.0,
-        notes=notes,
+        notes=update["notes"],
     )

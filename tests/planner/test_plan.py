@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-import vrft.modules.policy
+import vrft.models.policy
 import vrft.modules.policy_module
-from vrft.memory.planning import precision_name, resolve_auto, verdict
-from vrft.memory.report import PlanDoesNotFit
+from vrft.planner.planning import precision_name, resolve_auto, verdict
+from vrft.planner.report import PlanDoesNotFit
 from vrft.train import fit
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONF = str(ROOT / "conf")
 PROFILES = ["cpu", "rtx4090", "rtx4080-16g", "a100-80g", "h100-80g"]
 
@@ -92,7 +92,7 @@ def test_training_refuses_before_loading_the_model(tmp_path, monkeypatch):
     def must_not_load(*args, **kwargs):
         raise AssertionError("the model was loaded although the plan does not fit")
 
-    for module in (vrft.modules.policy, vrft.modules.policy_module):
+    for module in (vrft.models.policy, vrft.modules.policy_module):
         monkeypatch.setattr(module, "load_base_model", must_not_load)
     cfg = config("+hw=rtx4090", "model=qwen2vl-7b", "precision=fp32", f"run_dir={tmp_path}")
     with pytest.raises(
@@ -108,7 +108,7 @@ def test_enforce_false_starts_anyway(tmp_path, monkeypatch):
     def stop_at_loading(*args, **kwargs):
         raise Loaded
 
-    for module in (vrft.modules.policy, vrft.modules.policy_module):  # its import may predate the patch
+    for module in (vrft.models.policy, vrft.modules.policy_module):  # its import may predate the patch
         monkeypatch.setattr(module, "load_base_model", stop_at_loading)
     cfg = config(
         "+hw=rtx4090", "model=qwen2vl-7b", "precision=fp32", "plan.enforce=false", f"run_dir={tmp_path}"

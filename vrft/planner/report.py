@@ -6,8 +6,8 @@ import logging
 
 from omegaconf import DictConfig, OmegaConf
 
-from vrft.memory.estimator import GIB
-from vrft.memory.planning import Verdict, budget_gb, precision_name, verdict
+from vrft.planner.estimator import GIB
+from vrft.planner.planning import Verdict, budget_gb, precision_name, verdict
 
 log = logging.getLogger(__name__)
 

@@ -6,11 +6,26 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from vrft.memory.estimator import Calibration, ModelShape, WeightFootprint, Workload, estimate, kv_cache_bytes
-from vrft.memory.footprint import _footprint, _scheme_bytes, optimizer_state
-from vrft.modules.policy import LANGUAGE_MODEL_TARGETS, LoraSpec, ModelSpec, attach_lora, load_base_model
+from vrft.models.policy import LANGUAGE_MODEL_TARGETS, LoraSpec, ModelSpec, attach_lora, load_base_model
+from vrft.planner.estimator import (
+    Calibration,
+    ModelShape,
+    WeightFootprint,
+    Workload,
+    estimate,
+    kv_cache_bytes,
+)
+from vrft.planner.footprint import _footprint, optimizer_state
 from vrft.precision.accounting import weight_bytes
 from vrft.precision.schemes import Int4Scheme, Int8Scheme
+
+
+def _scheme_bytes(layer: torch.nn.Module) -> int:
+    """What the planner is told a quantised layer's weight occupies: the precision plugin's answer."""
+    from vrft.precision import Int4Precision
+
+    return Int4Precision().layer_storage(layer)[0]
+
 
 SHAPE = ModelShape(
     hidden=64,

@@ -12,7 +12,7 @@ from pathlib import Path
 from transformers import AutoTokenizer, Qwen2VLImageProcessorPil, Qwen2VLProcessor
 from transformers.processing_utils import ProcessorMixin
 
-from vrft.modules.tokenizer import QWEN2_VL_CHAT_TEMPLATE
+from vrft.models.tokenizer import QWEN2_VL_CHAT_TEMPLATE
 
 
 class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):

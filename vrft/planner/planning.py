@@ -1,7 +1,7 @@
 """The planner on a Hydra config: footprint of the model as the precision plugin stores it, the workload,
 the budget of the hardware profile, the verdict, and the change that makes a config fit.
 
-The model's footprint comes from `vrft.memory.footprint` (the precision plugin's own conversion, on the
+The model's footprint comes from `vrft.planner.footprint` (the precision plugin's own conversion, on the
 meta device); the workload from the `algorithm` and `model` settings.
 """
 
@@ -9,40 +9,30 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, fields
 
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from vrft.memory.cuda import device_total_gb
-from vrft.memory.estimator import (
+from vrft.models.policy import ModelSpec
+from vrft.modules.grpo import GRPOSettings
+from vrft.paths import config_dir
+from vrft.planner.auto import AUTO_ORDER, AutoPrecision
+from vrft.planner.estimator import (
     Calibration,
     MemoryPlan,
     ModelShape,
     Workload,
     estimate,
 )
-from vrft.memory.footprint import model_config, model_shape, weight_footprint
+from vrft.planner.footprint import model_config, model_shape, weight_footprint
+from vrft.runtime.cuda import device_total_gb
 
 log = logging.getLogger(__name__)
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+CONF_DIR = config_dir()
 PIXELS_PER_TOKEN = 28 * 28  # one merged visual token covers 2 x 2 patches of 14 x 14 pixels
 PROMPT_TEXT_TOKENS = 128  # chat template + a Visual-RFT question (the detection prompt is the longest)
-AUTO_ORDER = ("bf16", "int8", "mixed", "int4")  # most precise first, as users are advised to try them
-
-
-class AutoPrecision:
-    """`precision=auto`: stands for the mode `resolve_precision` picks before anything is instantiated."""
-
-    name = "auto"
-
-    def __init__(self, candidates=AUTO_ORDER):
-        raise ValueError(
-            "precision=auto must be resolved before the plugin is built (vrft.train and vrft.plan do it); "
-            f"pick one of {', '.join(candidates)} when instantiating the config yourself"
-        )
 
 
 def precision_name(precision_cfg) -> str:
@@ -53,22 +43,31 @@ def precision_name(precision_cfg) -> str:
     return str(getattr(get_class(target), "name", target)) if target else ""
 
 
+def settings_of(cls: type, node: DictConfig):
+    """The validated settings dataclass `cls` that the module builds from the config `node` (the planner
+    plans exactly what will run, and a bad value fails here with the module's own message)."""
+    names = {f.name for f in fields(cls)}
+    values = OmegaConf.to_container(node, resolve=True)
+    return cls(**{key: value for key, value in values.items() if key in names})
+
+
 def workload(cfg: DictConfig, shape: ModelShape, activation_bytes: int) -> Workload:
     """The GRPO workload of `cfg` (image tokens from `model.max_pixels` unless `plan.image_tokens` is set)."""
-    algorithm, settings = cfg.algorithm, cfg.get("plan") or {}
-    image_tokens = settings.get("image_tokens") or int(cfg.model.max_pixels) // PIXELS_PER_TOKEN
+    settings, plan = settings_of(GRPOSettings, cfg.algorithm), cfg.get("plan") or {}
+    model = settings_of(ModelSpec, cfg.model)
+    image_tokens = plan.get("image_tokens") or model.max_pixels // PIXELS_PER_TOKEN
     return Workload(
-        group_size=int(algorithm.group_size),
-        rollout_batch_size=int(algorithm.rollout_batch_size),
-        update_micro_batch_size=int(algorithm.update_micro_batch_size),
-        max_new_tokens=int(algorithm.max_new_tokens),
-        logprob_chunk_size=int(algorithm.logprob_chunk_size),
+        group_size=settings.group_size,
+        rollout_batch_size=settings.rollout_batch_size,
+        update_micro_batch_size=settings.update_micro_batch_size,
+        max_new_tokens=settings.max_new_tokens,
+        logprob_chunk_size=settings.logprob_chunk_size,
         image_tokens=int(image_tokens),
-        prompt_text_tokens=int(settings.get("prompt_text_tokens") or PROMPT_TEXT_TOKENS),
-        rollouts_per_step=max(1, int(algorithm.prompts_per_step) // int(algorithm.rollout_batch_size)),
-        gradient_checkpointing=bool(cfg.model.gradient_checkpointing),
+        prompt_text_tokens=int(plan.get("prompt_text_tokens") or PROMPT_TEXT_TOKENS),
+        rollouts_per_step=settings.rollouts_per_step,
+        gradient_checkpointing=model.gradient_checkpointing,
         reference=float(cfg.loss.get("beta", 0.0)) > 0,
-        rollout_engine=str(algorithm.get("rollout_engine", "hf")),
+        rollout_engine=settings.rollout_engine,
         activation_bytes=activation_bytes,
     )
 
@@ -117,7 +116,8 @@ def _with(cfg: DictConfig, overrides: list[str]) -> DictConfig:
             if key in ("precision", "optimizer"):
                 cfg[key] = OmegaConf.load(CONF_DIR / key / f"{value}.yaml")
             else:
-                OmegaConf.update(cfg, key, OmegaConf.create({"v": value}).v, merge=False)
+                # Parsed as YAML, as Hydra parses a command line: `8` is an int, `true` a bool.
+                OmegaConf.update(cfg, key, OmegaConf.create(f"v: {value}").v, merge=False)
     return cfg
 
 

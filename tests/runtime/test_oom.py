@@ -9,9 +9,9 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from tests.support import LENGTH_REWARD
-from vrft.memory.fast_rollout import HFGenerate
-from vrft.memory.oom import OutOfMemoryInPhase
 from vrft.modules.grpo import GRPOModule
+from vrft.rollout.engines import HFGenerate
+from vrft.runtime.oom import OutOfMemoryInPhase
 from vrft.train import fit
 
 CONF = str(Path(__file__).resolve().parents[2] / "conf")

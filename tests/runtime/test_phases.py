@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from vrft.memory.cuda import ALLOCATOR_SETTING, apply_memory_cap, configure_allocator
-from vrft.memory.frozen import run_without_autograd
-from vrft.memory.phases import PhaseTracker
+from vrft.models.frozen import run_without_autograd
+from vrft.runtime.cuda import ALLOCATOR_SETTING, apply_memory_cap, configure_allocator
+from vrft.runtime.phases import PhaseTracker
 
 
 def test_tracker_names_the_running_phase_and_keeps_it_on_error():

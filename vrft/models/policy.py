@@ -11,9 +11,9 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoConfig
 
-from vrft.memory.frozen import run_without_autograd
-from vrft.modules.presets import PRESETS, build_processor, model_class, random_preset, tiny_checkpoint
-from vrft.modules.processor import load_processor
+from vrft.models.frozen import run_without_autograd
+from vrft.models.presets import PRESETS, build_processor, model_class, random_preset, tiny_checkpoint
+from vrft.models.processor import load_processor
 
 log = logging.getLogger(__name__)
 

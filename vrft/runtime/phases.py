@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vrft.memory.cuda import GIB, release_cached_memory
+from vrft.runtime.cuda import GIB, release_cached_memory
 
 PHASES = ("rollout", "reference", "update")
 

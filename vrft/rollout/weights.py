@@ -48,7 +48,7 @@ def dense_weight(module: nn.Module) -> Tensor:
         return weight
     raise TypeError(
         f"cannot read the weight of a {type(module).__name__} for the static rollout engine; register a "
-        "dequantizer in vrft.memory.weights.DEQUANTIZERS or set algorithm.rollout_engine=hf"
+        "dequantizer in vrft.rollout.weights.DEQUANTIZERS or set algorithm.rollout_engine=hf"
     )
 
 

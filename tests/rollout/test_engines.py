@@ -4,16 +4,17 @@ import pytest
 import torch
 from PIL import Image
 
-from vrft.memory.fast_rollout import (
+from vrft.models.policy import LoraSpec, ModelSpec, attach_lora, load_base_model, load_processor_for
+from vrft.modules.logprobs import selective_logprobs
+from vrft.rollout.batch import build_prompts
+from vrft.rollout.engines import (
     ROLLOUT_ENGINES,
     Bf16CopyEngine,
     DequantEngine,
     HFGenerate,
     build_rollout_engine,
 )
-from vrft.modules.logprobs import selective_logprobs
-from vrft.modules.policy import LoraSpec, ModelSpec, attach_lora, load_base_model, load_processor_for
-from vrft.modules.rollout import build_prompts, generate_rollout
+from vrft.rollout.generate import generate_rollout
 
 STATIC_ENGINES = [Bf16CopyEngine, DequantEngine]
 
@@ -155,7 +156,7 @@ def test_cuda_graph_decode_matches_generate(engine_class):
 
 
 def test_inverse_cdf_sampler_draws_from_the_softmax():
-    from vrft.memory.fast_rollout import InverseCdfSampler
+    from vrft.rollout.engines import InverseCdfSampler
 
     torch.manual_seed(0)
     logits = torch.tensor([[2.0, 1.0, 0.0, float("-inf"), -1.0]]).repeat(20000, 1)

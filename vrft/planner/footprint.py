@@ -8,25 +8,23 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import re
 from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from transformers import AutoConfig
 
-from vrft.memory.estimator import ModelShape, WeightFootprint
+from vrft.models.policy import VISION_TARGETS
+from vrft.models.presets import PRESETS, model_class, preset_config
+from vrft.planner.estimator import ModelShape, WeightFootprint
 
 log = logging.getLogger(__name__)
 
 
 def model_config(name_or_path: str):
     """The `PretrainedConfig` of a preset or a checkpoint folder (reads config.json only)."""
-    from transformers import AutoConfig
-
-    from vrft.modules.presets import PRESETS, preset_config
-
     if name_or_path in PRESETS:
         return preset_config(name_or_path)
     folder = Path(name_or_path).expanduser()
@@ -59,23 +57,6 @@ def model_shape(config) -> ModelShape:
     )
 
 
-def _scheme_bytes(layer: torch.nn.Module) -> int:
-    """Device bytes of a bitsandbytes layer's weight once quantised: codes and scales (its bias is a plain
-    parameter, counted with the others)."""
-    from vrft.precision.schemes import Int4Scheme, scheme_of
-
-    scheme = scheme_of(layer)
-    out_features, in_features = layer.out_features, layer.in_features
-    count = out_features * in_features
-    if isinstance(scheme, Int4Scheme):
-        blocks = math.ceil(count / scheme.blocksize)
-        # Double quantisation stores each block's absmax in 8 bits, plus fp32 absmax per 256 blocks,
-        # a 256-entry fp32 code and an offset; without it the absmax stays fp32. The 16-entry NF4 code.
-        scales = blocks + math.ceil(blocks / 256) * 4 + 256 * 4 + 4 if scheme.double_quant else blocks * 4
-        return math.ceil(count / 2) + scales + 16 * 4
-    return count + out_features * 4  # int8 rows + one fp32 scale per row
-
-
 @functools.lru_cache(maxsize=32)
 def _footprint(name_or_path: str, precision_yaml: str, target_modules: str, rank: int) -> tuple[int, ...]:
     precision = instantiate(OmegaConf.create(precision_yaml))
@@ -83,13 +64,14 @@ def _footprint(name_or_path: str, precision_yaml: str, target_modules: str, rank
     if getattr(precision, "qat", False):
         precision.qat = False
     config = model_config(name_or_path)
-    from vrft.modules.presets import model_class
-
     with torch.device("meta"):
         model = model_class(config)._from_config(config, dtype=precision.load_dtype)
     model.requires_grad_(False)
     precision.convert_module(model)
-    tensors = [*(p for p in model.parameters() if not _is_bnb(p)), *model.buffers()]  # buffers: rotary tables
+    # What the plugin stores itself (packed codes, scales) it reports per layer; the rest is plain tensors.
+    storage = {name: precision.layer_storage(module) for name, module in model.named_modules()}
+    packed = {id(module.weight) for name, module in model.named_modules() if storage[name]}  # bias: plain
+    tensors = [*(p for p in model.parameters() if id(p) not in packed), *model.buffers()]  # buffers: rotary
     weight_bytes = sum(t.numel() * t.element_size() for t in tensors)
     lm_params, largest, adapter = 0, 0, 0  # largest: the biggest quantised projection
     int8_layers: set[str] = set()
@@ -98,11 +80,12 @@ def _footprint(name_or_path: str, precision_yaml: str, target_modules: str, rank
         if not isinstance(module, torch.nn.Linear):
             continue
         count = module.in_features * module.out_features
-        if _is_bnb(module):
-            weight_bytes += _scheme_bytes(module)
+        if storage[name]:
+            layer_bytes, keeps_int8_inputs = storage[name]
+            weight_bytes += layer_bytes
             largest = max(largest, count)
             layer = re.search(r"language_model\.layers\.(\d+)\.", name)
-            if layer and "8bit" in type(module).__name__:
+            if layer and keeps_int8_inputs:
                 int8_layers.add(layer.group(1))
         if ".language_model." in f".{name}" and "lm_head" not in name:
             lm_params += count
@@ -111,10 +94,6 @@ def _footprint(name_or_path: str, precision_yaml: str, target_modules: str, rank
     adapter_bytes = torch.empty(0, dtype=precision.adapter_dtype).element_size()
     compute_bytes = torch.empty(0, dtype=precision.compute_dtype).element_size()
     return weight_bytes, lm_params, largest, adapter, adapter_bytes, compute_bytes, len(int8_layers)
-
-
-def _is_bnb(obj) -> bool:
-    return type(obj).__module__.startswith("bitsandbytes")
 
 
 # Optimizer state per trainable parameter, by class name: (bytes per fp32 parameter, paged).
@@ -144,8 +123,6 @@ def weight_footprint(cfg: DictConfig) -> tuple[WeightFootprint, int]:
     lora = cfg.lora
     target = str(lora.target_modules)
     if lora.get("train_vision"):
-        from vrft.modules.policy import VISION_TARGETS
-
         target = f"({target})|({VISION_TARGETS})"
     weight_bytes, lm_params, largest, adapter, adapter_bytes, compute_bytes, int8_layers = _footprint(
         str(cfg.model.name_or_path), precision_yaml, target, int(lora.r)
