@@ -138,9 +138,6 @@ class StaticDecodeEngine(RolloutEngine):
         super().__init__()
         self.cuda_graph = cuda_graph
         self.stop_check_every = stop_check_every
-        self.last_logprobs: Tensor | None = (
-            None  # [P*G, C] log-probs of the sampled tokens (temperature only)
-        )
 
     @torch.no_grad()
     def generate(self, policy, prompts, group_size, generation, eos_ids, pad_id) -> Tensor:
