@@ -175,7 +175,7 @@ def test_export_merges_into_a_model_plain_transformers_loads(default_run, tmp_pa
     from transformers import AutoModelForImageTextToText, AutoTokenizer, Qwen2VLImageProcessorPil
 
     from vrft.export import export
-    from vrft.modules.presets import tiny_checkpoint
+    from vrft.models.presets import tiny_checkpoint
 
     run_dir, _ = default_run
     adapter = run_dir / "adapter" / "final"

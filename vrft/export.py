@@ -25,8 +25,8 @@ import torch
 from peft import PeftModel
 from transformers import BitsAndBytesConfig
 
-from vrft.modules.policy import ModelSpec, load_base_model
-from vrft.modules.processor import load_processor, save_processor
+from vrft.models.policy import ModelSpec, load_base_model
+from vrft.models.processor import load_processor, save_processor
 from vrft.precision import merge_and_requantize
 from vrft.quiet import silence_upstream_noise
 
@@ -106,7 +106,7 @@ def type_of_model(folder: str):
     """The transformers class that loads the Qwen2-VL / Qwen2.5-VL checkpoint in `folder`."""
     from transformers import AutoConfig
 
-    from vrft.modules.presets import model_class
+    from vrft.models.presets import model_class
 
     return model_class(AutoConfig.from_pretrained(folder))
 

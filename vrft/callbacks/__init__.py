@@ -2,6 +2,7 @@
 
 from vrft.callbacks.adapter import AdapterExport
 from vrft.callbacks.curves import CurvesPlot
+from vrft.callbacks.held_out import HeldOutReward
 from vrft.callbacks.progress import StepProgressBar
 from vrft.callbacks.run_config import RunConfigLogging
 from vrft.callbacks.samples import CompletionSamples
@@ -11,6 +12,7 @@ __all__ = [
     "AdapterExport",
     "CompletionSamples",
     "CurvesPlot",
+    "HeldOutReward",
     "RunConfigLogging",
     "RunSummary",
     "StepProgressBar",

@@ -8,8 +8,8 @@ from pathlib import Path
 import lightning as L
 from typing_extensions import override
 
-from vrft.modules.policy import save_adapter
-from vrft.modules.processor import save_processor
+from vrft.models.policy import save_adapter
+from vrft.models.processor import save_processor
 
 log = logging.getLogger(__name__)
 
