@@ -88,7 +88,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     print(
         f"\nrun folder: {cfg.run_dir}\n  metrics: {info.get('metrics_dir')}\n"
         f"  checkpoints: {info.get('checkpoint_dir')}\n  adapter: {Path(cfg.run_dir) / 'adapter' / 'final'}\n"
-        f"  summary: {summary.path}"
+        f"  summary: {summary.path}\n  curves: {Path(cfg.run_dir) / 'curves.png'}  (python -m vrft.report <run>)"
     )
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 

@@ -47,7 +47,11 @@ class RunConfigLogging(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         params = self.hyperparameters(trainer, pl_module)
         for logger in trainer.loggers:
-            logger.log_hyperparams(params)
+            if isinstance(logger, TensorBoardLogger) and "device_gb" in self.plan:
+                # TensorBoard's HPARAMS tab needs a metric: the planner's predicted memory is known now.
+                logger.log_hyperparams(params, metrics={"plan/device_gb": self.plan["device_gb"]})
+            else:
+                logger.log_hyperparams(params)
             if isinstance(logger, TensorBoardLogger):
                 text = OmegaConf.to_yaml(OmegaConf.create(params))
                 logger.experiment.add_text("config", f"```\n{text}\n```", 0)
