@@ -190,3 +190,13 @@ def test_export_merges_into_a_model_plain_transformers_loads(default_run, tmp_pa
         torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits)
     AutoTokenizer.from_pretrained(merged)
     assert Qwen2VLImageProcessorPil.from_pretrained(merged).merge_size == 2
+
+
+def test_job_folders_are_named_by_overrides_and_stay_short():
+    from vrft.paths import MAX_JOB_FOLDER_CHARS, job_folder
+
+    assert job_folder("optimizer.lr=0.001,seed=1", 3) == "optimizer.lr=0.001,seed=1"
+    assert job_folder("", 2) == "job-2"
+    long_a, long_b = "a=" + "x" * 300, "a=" + "x" * 299 + "y"
+    assert len(job_folder(long_a, 0)) <= MAX_JOB_FOLDER_CHARS
+    assert job_folder(long_a, 0) != job_folder(long_b, 0)  # the hash tells apart what the cut hides

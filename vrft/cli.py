@@ -12,12 +12,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from vrft.models.policy import LANGUAGE_MODEL_TARGETS
 from vrft.models.presets import box_convention
-from vrft.paths import cache_key
+from vrft.paths import cache_key, job_folder
 
 # `${box_convention:${model.name_or_path}}` lets a task follow the model's box coordinates.
 OmegaConf.register_new_resolver("box_convention", box_convention, replace=True)
 # `${lora_targets:}`: the one definition of which modules LoRA adapts (the language model's projections).
 OmegaConf.register_new_resolver("lora_targets", lambda: LANGUAGE_MODEL_TARGETS, replace=True)
+# `${job_folder:${hydra.job.override_dirname},${hydra.job.num}}`: multirun job folders named by their overrides.
+OmegaConf.register_new_resolver("job_folder", job_folder, replace=True)
 
 # Errors that mean "the input is wrong": shown as one line naming the value and the fix, no traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError)

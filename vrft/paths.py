@@ -28,3 +28,20 @@ def config_dir() -> Path:
     if (source / "train.yaml").is_file():
         return source
     return package / "_conf"
+
+
+# Folder names stay well under the 255 bytes most file systems allow, with room for the files inside.
+MAX_JOB_FOLDER_CHARS = 120
+
+
+def job_folder(overrides: str, number: int) -> str:
+    """A multirun job's folder name (`${job_folder:${hydra.job.override_dirname},${hydra.job.num}}`).
+
+    Its overrides (`optimizer.lr=0.001,seed=1`) when they make a short name; else the job number, the
+    start of the overrides and a hash of all of them, so that long sweeps still get distinct, readable names.
+    """
+    name = overrides.replace("/", "_") or f"job-{number}"
+    if len(name) <= MAX_JOB_FOLDER_CHARS:
+        return name
+    digest = hashlib.sha256(overrides.encode()).hexdigest()[:8]
+    return f"{number}-{name[: MAX_JOB_FOLDER_CHARS - 20]}-{digest}"
