@@ -13,15 +13,17 @@ from vrft.evaluation.metrics import BoxSet, classification_accuracy, detection_m
 
 
 class ClassificationEvaluator:
-    """Accuracy with the accuracy reward's matching rule (`compat` as the reward)."""
+    """Accuracy with the accuracy reward's matching rule (`compat` and `classes` as the reward)."""
 
     name = "classification"
 
-    def __init__(self, compat: bool = False):
+    def __init__(self, compat: bool = False, classes: Sequence[str] | None = None):
         self.compat = compat
+        self.classes = list(classes) if classes is not None else None
 
     def __call__(self, completions: Sequence[str], rows: Sequence[dict]) -> dict[str, float]:
-        return {"accuracy": classification_accuracy(completions, [r["solution"] for r in rows], self.compat)}
+        solutions = [r["solution"] for r in rows]
+        return {"accuracy": classification_accuracy(completions, solutions, self.compat, self.classes)}
 
 
 class GroundingEvaluator:

@@ -33,8 +33,12 @@ class Reward(ABC):
                 f"reward '{self.name}' got {len(completions)} completions but {len(solutions)} solutions; "
                 "repeat each solution once per sampled completion (group_size times)"
             )
-        pairs = zip(completions, solutions, strict=True)
-        return [self._bounded(self.score(completion_text(c), str(s))) for c, s in pairs]
+        texts = [completion_text(completion) for completion in completions]
+        return [self._bounded(value) for value in self.score_batch(texts, [str(s) for s in solutions])]
+
+    def score_batch(self, completions: list[str], solutions: list[str]) -> list[float]:
+        """Score a batch of texts; by default ``score`` on each pair (override to use the whole batch)."""
+        return [self.score(completion, solution) for completion, solution in zip(completions, solutions, strict=True)]
 
     @abstractmethod
     def score(self, completion: str, solution: str) -> float:

@@ -9,7 +9,7 @@ from vrft.rewards.base import Reward
 # The reference pattern, kept for documentation and for the equivalence test.
 FORMAT_PATTERN = r"<think>.*?</think>\s*<answer>.*?</answer>"
 _THINK_OPEN, _ANSWER_CLOSE = "<think>", "</answer>"
-_SEPARATOR = re.compile(r"</think>\s*<answer>")
+_SEPARATOR = re.compile(r"</think>\s*+<answer>")
 
 
 def matches_answer_format(text: str) -> bool:
