@@ -89,17 +89,15 @@ def match_detections(
 ) -> list[MatchedPrediction]:
     """Greedy matching in order of decreasing confidence; returns one result per prediction."""
     order = sorted(range(len(predictions)), key=lambda i: predictions[i].confidence, reverse=True)
-    ious = iou_matrix(predictions, ground_truth)
-    taken = np.zeros(len(ground_truth), dtype=bool)
+    ious = iou_matrix(predictions, ground_truth)  # a taken ground-truth box's column becomes -1
     results = []
     for index in order:
-        candidates = np.where(taken, -1.0, ious[index])
         # argmax takes the first of equal maxima: ties go to the first ground-truth box, as in the reference.
-        best = int(np.argmax(candidates)) if len(ground_truth) else -1
-        best_iou = max(0.0, float(candidates[best])) if best >= 0 else 0.0
+        best = int(ious[index].argmax()) if len(ground_truth) else -1
+        best_iou = max(0.0, float(ious[index, best])) if best >= 0 else 0.0
         matched = best_iou > iou_threshold
         if matched:
-            taken[best] = True
+            ious[:, best] = -1.0
         results.append(MatchedPrediction(best_iou if matched else 0.0, predictions[index].confidence, matched))
     return results
 

@@ -34,6 +34,7 @@ class FormatReward(Reward):
     """
 
     name = "format"
+    uses_solution = False
 
     def score(self, completion: str, solution: str) -> float:
         return 1.0 if matches_answer_format(completion) else 0.0

@@ -29,10 +29,11 @@ MAX_BOXES = 100
 _OPEN, _CLOSE = "<answer>", "</answer>"
 _NUMBER = r"[-+]?(?:\d{1,16}(?:\.\d{0,16})?|\.\d{1,16})(?:[eE][-+]?\d{1,4})?|[-+]?(?:nan|inf(?:inity)?)"
 # What a ground-truth row may hold, checked once when the data loads (the check_*_solution functions):
-# the largest real rows (LVIS: a few hundred boxes of one class) fit well inside, and a reward call on
-# the largest allowed row stays within bench/rewards' budget.
-MAX_SOLUTION_CHARS = 32_000
-MAX_SOLUTION_BOXES = 300
+# as many boxes as a prediction may count (MAX_BOXES, also COCOeval's maxDets), and room for them in
+# characters (about 45 per box). A reward call on the largest allowed row stays within bench/rewards'
+# budget; a longer solution reaching a reward anyway scores the reward's lowest value, unparsed.
+MAX_SOLUTION_CHARS = 16_000
+MAX_SOLUTION_BOXES = MAX_BOXES
 _NO_OBJECTS = re.compile(r"[\W_]*+no\s*+objects?+[\W_]*+", re.IGNORECASE)
 _EMPTY_LIST = re.compile(r"\[[\[\s]*+\][\]\s]*+")
 _DICT = re.compile(r"\{([^{}]*+)\}")
