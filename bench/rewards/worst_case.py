@@ -56,7 +56,10 @@ REWARDS = {
 
 def boxes(count: int, step: int = 3) -> list[list[int]]:
     """`count` distinct boxes on a grid (so that none is dropped as a duplicate)."""
-    return [[(i * step) % 990, (i // 330) * step, (i * step) % 990 + 10, (i // 330) * step + 10] for i in range(count)]
+    return [
+        [(i * step) % 990, (i // 330) * step, (i * step) % 990 + 10, (i // 330) * step + 10]
+        for i in range(count)
+    ]
 
 
 def detection_completion(count: int) -> str:
@@ -91,14 +94,23 @@ CHECKS: dict[str, Callable[[str], None]] = {
 }
 # The parsers alone on the oversized inputs the rewards no longer parse: still linear (milliseconds).
 PARSER_CASES = [
-    ("parse_grounding_box: (1,1) + 100k spaces", lambda: parse_grounding_box(f"(1,1){SPACES_100K},(2,2)", None)),
-    ("parse_detection_answer: 10k boxes", lambda: parse_detection_answer(format_detection_answer(boxes(10_000)), None, None)),
+    (
+        "parse_grounding_box: (1,1) + 100k spaces",
+        lambda: parse_grounding_box(f"(1,1){SPACES_100K},(2,2)", None),
+    ),
+    (
+        "parse_detection_answer: 10k boxes",
+        lambda: parse_detection_answer(format_detection_answer(boxes(10_000)), None, None),
+    ),
     ("reference_answer: 2,500 <answer> tags", lambda: reference_answer("<answer>" * 2_500)),
 ]
 CHECK_CASES = [
     ("ground truth (1,1) + 100k spaces", f"<answer>(1,1){SPACES_100K},(2,2)</answer>"),
     ("ground truth of 10k boxes", format_detection_answer(boxes(10_000))),
-    (f"ground truth of {MAX_SOLUTION_BOXES} boxes (the cap)", format_detection_answer(boxes(MAX_SOLUTION_BOXES))),
+    (
+        f"ground truth of {MAX_SOLUTION_BOXES} boxes (the cap)",
+        format_detection_answer(boxes(MAX_SOLUTION_BOXES)),
+    ),
 ]
 
 
@@ -134,17 +146,29 @@ def main() -> None:
     for case, completion, solution in CASES:
         cells = []
         for name in names:
-            ms = best_ms(lambda r=REWARDS[name]: r([completion], [solution]))
+            ms = best_ms(lambda r=REWARDS[name], c=completion, s=solution: r([c], [s]))
             worst = max(worst, ms)
             cells.append(f"{ms:.2f}")
         lines.append(f"| {case} | " + " | ".join(cells) + " |")
         print(case, "done", file=sys.stderr)
-    lines += ["", f"Slowest reward call: {worst:.2f} ms.", "", "## Ground-truth row checks (once per row, when the data loads)", ""]
+    lines += [
+        "",
+        f"Slowest reward call: {worst:.2f} ms.",
+        "",
+        "## Ground-truth row checks (once per row, when the data loads)",
+        "",
+    ]
     lines += ["| row | " + " | ".join(CHECKS) + " |", "|---|" + "---|" * len(CHECKS)]
     for case, solution in CHECK_CASES:
-        cells = [f"{best_ms(lambda c=check: run_check(c, solution)):.2f}" for check in CHECKS.values()]
+        cells = [f"{best_ms(lambda c=check, s=solution: run_check(c, s)):.2f}" for check in CHECKS.values()]
         lines.append(f"| {case} | " + " | ".join(cells) + " |")
-    lines += ["", "## Parsers alone on oversized input (rewards refuse it unparsed)", "", "| call | ms |", "|---|---|"]
+    lines += [
+        "",
+        "## Parsers alone on oversized input (rewards refuse it unparsed)",
+        "",
+        "| call | ms |",
+        "|---|---|",
+    ]
     lines += [f"| {case} | {best_ms(call):.2f} |" for case, call in PARSER_CASES]
     OUT.write_text("\n".join(lines) + "\n")
     print(f"slowest reward call {worst:.2f} ms (budget {BUDGET_MS:g} ms); wrote {OUT}")

@@ -101,9 +101,13 @@ def test_oversized_ground_truth_is_named_by_row(tmp_path):
     table = dataset.to_dict()
     table["solution"][1] = f"<answer>red{' ' * 100_000}</answer>"
     path = tmp_path / "oversized"
-    datasets.DatasetDict({"train": datasets.Dataset.from_dict(table, features=dataset.features)}).save_to_disk(path)
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_dict(table, features=dataset.features)}
+    ).save_to_disk(path)
     module = VisualRFTDataModule(path=str(path), check_solution=check_classification_solution)
-    with pytest.raises(ValueError, match=r"1 bad row\(s\) in split 'train': row 1: solution has 100,020 characters"):
+    with pytest.raises(
+        ValueError, match=r"1 bad row\(s\) in split 'train': row 1: solution has 100,020 characters"
+    ):
         module.setup("fit")
 
 

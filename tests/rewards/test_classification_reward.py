@@ -14,7 +14,12 @@ CASES = [
     ("<think>petals</think><answer>daisy</answer>", DAISY, 1.0, 1.0),
     ("<answer>Daisy</answer>", DAISY, 1.0, 1.0),  # lowercased
     ("<answer> pink primrose </answer>", "<answer>pink_primrose</answer>", 1.0, 1.0),  # both "pinkprimrose"
-    ("<answer>primrose</answer>", PRIMROSE, 0.0, 1.0),  # compat: "primrose" in "pinkprimrose"; part of a label
+    (
+        "<answer>primrose</answer>",
+        PRIMROSE,
+        0.0,
+        1.0,
+    ),  # compat: "primrose" in "pinkprimrose"; part of a label
     ("<answer>a pink primrose flower</answer>", PRIMROSE, 1.0, 1.0),  # truth inside the answer
     ("<answer>DAISY_FLOWER</answer>", DAISY, 1.0, 1.0),  # the word "daisy" / "daisyflower" contains "daisy"
     ("<answer>d</answer>", DAISY, 0.0, 1.0),  # compat: "d" in "daisy"; a letter is no label

@@ -31,7 +31,9 @@ def task_rewards(task: str, *overrides: str) -> RewardSet:
 
 def totals(rewards: RewardSet, answers: list[str], solutions: list[str]) -> torch.Tensor:
     """Total reward `[N]` of each answer (wrapped in the format the format reward pays) against its row."""
-    completions = [f"<think>t</think>{answer}" if answer.startswith("<answer>") else answer for answer in answers]
+    completions = [
+        f"<think>t</think>{answer}" if answer.startswith("<answer>") else answer for answer in answers
+    ]
     total, _ = rewards(completions, solutions, {})
     return total
 
@@ -40,7 +42,9 @@ def assert_honest_wins(rewards, honest, strategies, solutions, per_row: bool) ->
     honest_total = totals(rewards, honest, solutions)
     for name, answers in strategies.items():
         gamed = totals(rewards, answers, solutions)
-        assert honest_total.mean() > gamed.mean(), f"{name} earns {gamed.mean():.3f} >= honest {honest_total.mean():.3f}"
+        assert honest_total.mean() > gamed.mean(), (
+            f"{name} earns {gamed.mean():.3f} >= honest {honest_total.mean():.3f}"
+        )
         if per_row:
             assert (honest_total >= gamed).all(), f"{name} beats the honest answer on some row"
 

@@ -54,7 +54,9 @@ BOX = st.lists(st.integers(-10, 1010), min_size=4, max_size=4)
 # Ground truths past the caps (MAX_SOLUTION_BOXES, MAX_SOLUTION_CHARS) as well as within them.
 LARGE_SOLUTIONS = st.one_of(
     st.lists(BOX, max_size=400).map(format_detection_answer),
-    st.tuples(BOX, RUNS).map(lambda pair: f"<answer>({pair[0][0]},{pair[0][1]}){pair[1]},({pair[0][2]},{pair[0][3]})</answer>"),
+    st.tuples(BOX, RUNS).map(
+        lambda pair: f"<answer>({pair[0][0]},{pair[0][1]}){pair[1]},({pair[0][2]},{pair[0][3]})</answer>"
+    ),
     RUNS.map(lambda run: f"<answer>{run}daisy{run}</answer>"),
 )
 

@@ -86,7 +86,9 @@ def test_oversized_solution_is_refused_before_parsing(check):
 
 def test_detection_solution_with_too_many_boxes_is_refused():
     boxes = [[i, 0, i + 1, 1] for i in range(MAX_SOLUTION_BOXES + 1)]
-    with pytest.raises(ValueError, match=f"{MAX_SOLUTION_BOXES + 1} boxes, more than the {MAX_SOLUTION_BOXES}"):
+    with pytest.raises(
+        ValueError, match=f"{MAX_SOLUTION_BOXES + 1} boxes, more than the {MAX_SOLUTION_BOXES}"
+    ):
         check_detection_solution(format_detection_answer(boxes))
     check_detection_solution(format_detection_answer(boxes[:MAX_SOLUTION_BOXES]))
 

@@ -38,15 +38,22 @@ class Reward(ABC):
             )
         texts = [completion_text(completion) for completion in completions]
         truths = [str(solution) for solution in solutions]
-        kept = [i for i, truth in enumerate(truths) if not self.uses_solution or len(truth) <= MAX_SOLUTION_CHARS]
+        kept = [
+            i for i, truth in enumerate(truths) if not self.uses_solution or len(truth) <= MAX_SOLUTION_CHARS
+        ]
         values = [self.low] * len(texts)
-        for index, value in zip(kept, self.score_batch([texts[i] for i in kept], [truths[i] for i in kept]), strict=True):
+        for index, value in zip(
+            kept, self.score_batch([texts[i] for i in kept], [truths[i] for i in kept]), strict=True
+        ):
             values[index] = self._bounded(value)
         return values
 
     def score_batch(self, completions: list[str], solutions: list[str]) -> list[float]:
         """Score a batch of texts; by default ``score`` on each pair (override to use the whole batch)."""
-        return [self.score(completion, solution) for completion, solution in zip(completions, solutions, strict=True)]
+        return [
+            self.score(completion, solution)
+            for completion, solution in zip(completions, solutions, strict=True)
+        ]
 
     @abstractmethod
     def score(self, completion: str, solution: str) -> float:

@@ -77,8 +77,12 @@ def iou_matrix(predictions: list[Detection], ground_truth: list[Detection]) -> n
         width = np.minimum(boxes_p[..., 2], boxes_g[..., 2]) - np.maximum(boxes_p[..., 0], boxes_g[..., 0])
         height = np.minimum(boxes_p[..., 3], boxes_g[..., 3]) - np.maximum(boxes_p[..., 1], boxes_g[..., 1])
         intersection = np.where((width > 0) & (height > 0), width * height, 0.0)
-        area_p = np.maximum(0.0, boxes_p[..., 2] - boxes_p[..., 0]) * np.maximum(0.0, boxes_p[..., 3] - boxes_p[..., 1])
-        area_g = np.maximum(0.0, boxes_g[..., 2] - boxes_g[..., 0]) * np.maximum(0.0, boxes_g[..., 3] - boxes_g[..., 1])
+        area_p = np.maximum(0.0, boxes_p[..., 2] - boxes_p[..., 0]) * np.maximum(
+            0.0, boxes_p[..., 3] - boxes_p[..., 1]
+        )
+        area_g = np.maximum(0.0, boxes_g[..., 2] - boxes_g[..., 0]) * np.maximum(
+            0.0, boxes_g[..., 3] - boxes_g[..., 1]
+        )
         union = area_p + area_g - intersection
         iou = np.where(union > 0, intersection / union, 0.0)
     return np.where(np.isfinite(iou), iou, 0.0)
@@ -98,7 +102,9 @@ def match_detections(
         matched = best_iou > iou_threshold
         if matched:
             ious[:, best] = -1.0
-        results.append(MatchedPrediction(best_iou if matched else 0.0, predictions[index].confidence, matched))
+        results.append(
+            MatchedPrediction(best_iou if matched else 0.0, predictions[index].confidence, matched)
+        )
     return results
 
 

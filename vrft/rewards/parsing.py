@@ -1,4 +1,4 @@
-"""Lenient reading of model text: the ``<answer>`` block, detection lists and grounding boxes.
+r"""Lenient reading of model text: the ``<answer>`` block, detection lists and grounding boxes.
 
 Every parser returns ``None`` for text it cannot read instead of raising: a reward must score any
 string a policy can emit, including cut-off, garbled and adversarial ones. Parsing is linear in the
