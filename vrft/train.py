@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from pathlib import Path
 
@@ -12,12 +13,13 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from vrft.callbacks import RunSummary
+from vrft.callbacks import RunSettingsInCheckpoint, RunSummary
 from vrft.cli import config_hash, user_errors
 from vrft.memory.cuda import apply_memory_cap, configure_allocator
 from vrft.memory.oom import explain_out_of_memory
 from vrft.memory.planning import resolve_auto
 from vrft.memory.report import enforce_plan
+from vrft.validation import CHECKPOINT_KEY, check_command_line, resume_settings, validate
 from vrft.warmstart import apply_warm_start
 
 log = logging.getLogger(__name__)
@@ -35,14 +37,10 @@ def build_trainer(cfg: DictConfig, precision, extra_callbacks: list | None = Non
 
 def fit(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, RunSummary]:
     """Build the run described by `cfg` and fit it; returns the trainer, the module and the run summary."""
+    validate(cfg)  # every setting, and the checkpoint to resume from, before anything loads
     configure_allocator()  # expandable segments, before anything touches CUDA
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.run_dir)
-    if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
-        raise FileNotFoundError(
-            f"ckpt_path='{cfg.ckpt_path}' is not a file; pass a Lightning checkpoint such as "
-            "<run_dir>/checkpoints/last.ckpt"
-        )
     cfg = resolve_auto(cfg)  # precision=auto / rollout_engine=auto -> what the planner says fits
     enforce_plan(cfg)  # refuse, before the model loads, a run the planner says will not fit
     apply_memory_cap(cfg.get("memory_cap_gb"))  # a bigger GPU behaves like the profile's card
@@ -63,7 +61,8 @@ def fit(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, RunSummary]:
             "resumed_from": cfg.ckpt_path,
         },
     )
-    trainer = build_trainer(cfg, precision, [summary, *warm_start_callbacks])
+    resume_guard = RunSettingsInCheckpoint(resume_settings(cfg), CHECKPOINT_KEY)
+    trainer = build_trainer(cfg, precision, [summary, resume_guard, *warm_start_callbacks])
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=False)
     try:
@@ -95,4 +94,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    user_errors(check_command_line)(sys.argv[1:])  # before Hydra parses the overrides
     main()

@@ -2,7 +2,8 @@
 
 from vrft.callbacks.adapter import AdapterExport
 from vrft.callbacks.progress import StepProgressBar
+from vrft.callbacks.resume import RunSettingsInCheckpoint
 from vrft.callbacks.samples import CompletionSamples
 from vrft.callbacks.summary import RunSummary
 
-__all__ = ["AdapterExport", "CompletionSamples", "RunSummary", "StepProgressBar"]
+__all__ = ["AdapterExport", "CompletionSamples", "RunSettingsInCheckpoint", "RunSummary", "StepProgressBar"]
