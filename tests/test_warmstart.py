@@ -65,7 +65,9 @@ def test_made_once_then_reused(tmp_path, monkeypatch):
     assert not list(tmp_path.glob("*.partial-*"))  # built aside, renamed into place
 
 
-@pytest.mark.parametrize("failure", [RuntimeError("out of memory"), KeyboardInterrupt()], ids=["error", "ctrl-c"])
+@pytest.mark.parametrize(
+    "failure", [RuntimeError("out of memory"), KeyboardInterrupt()], ids=["error", "ctrl-c"]
+)
 def test_failed_or_interrupted_build_leaves_no_partial_folder(tmp_path, monkeypatch, failure):
     monkeypatch.setenv("VRFT_CACHE", str(tmp_path))
 

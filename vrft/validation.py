@@ -55,7 +55,14 @@ TRL_NAMES = {
 }
 _HYDRA_KEYS = ("_target_", "_partial_", "_convert_", "_recursive_", "_args_")
 # The settings a resumed run must share with its checkpoint (the LoRA shape, the base, how it is stored).
-RESUME_KEYS = ("model.name_or_path", "lora.r", "lora.alpha", "lora.target_modules", "lora.train_vision", "lora.full")
+RESUME_KEYS = (
+    "model.name_or_path",
+    "lora.r",
+    "lora.alpha",
+    "lora.target_modules",
+    "lora.train_vision",
+    "lora.full",
+)
 CHECKPOINT_KEY = "vrft_resume"  # where RunSettingsInCheckpoint stores `resume_settings` in a .ckpt
 
 
@@ -112,7 +119,9 @@ def _check_target(node: DictConfig, prefix: str) -> None:
     try:
         target = get_object(path)
     except Exception as error:  # ImportError, AttributeError, whatever the import itself raises
-        raise ValueError(f"{prefix}_target_='{path}' cannot be imported ({error}); fix the class path") from None
+        raise ValueError(
+            f"{prefix}_target_='{path}' cannot be imported ({error}); fix the class path"
+        ) from None
     params = _parameters(target)
     settings = getattr(target, "settings_class", None)
     if settings is not None:
@@ -200,7 +209,11 @@ def _check_type(node: DictConfig, key: str, prefix: str, param: tuple[Any, Any])
         return
     word = {bool: "true or false", int: "an integer", float: "a number"}[kind]
     example = default if isinstance(default, accepted) and not isinstance(default, str) else None
-    fix = f"e.g. {prefix}{key}={str(example).lower() if kind is bool else example}" if example is not None else f"write {word}"
+    fix = (
+        f"e.g. {prefix}{key}={str(example).lower() if kind is bool else example}"
+        if example is not None
+        else f"write {word}"
+    )
     raise ValueError(f"{prefix}{key}={value!r} is not {word}; {fix}")
 
 
@@ -224,7 +237,7 @@ def _build(cls: type, node: DictConfig, prefix: str, keys: list[str]) -> None:
         message = str(error)
         written = message.split("=", 1)[0]
         if "." in written and " " not in written:
-            message = f"{prefix}{written.rsplit('.', 1)[1]}{message[len(written):]}"
+            message = f"{prefix}{written.rsplit('.', 1)[1]}{message[len(written) :]}"
         raise ValueError(message) from None
 
 
@@ -284,7 +297,11 @@ def check_resume(cfg: DictConfig, path: Path) -> None:
         if key not in saved or (auto and key.startswith("precision.")):
             continue
         if saved[key] != value:
-            fix = f"{key}={saved[key]!r}" if not key.startswith("precision.") else "the precision it was trained with"
+            fix = (
+                f"{key}={saved[key]!r}"
+                if not key.startswith("precision.")
+                else "the precision it was trained with"
+            )
             raise ValueError(
                 f"ckpt_path='{path}' was trained with {key}={saved[key]!r} but this run has {key}={value!r}; "
                 f"resume with {fix}, or drop ckpt_path to start a new run"
@@ -309,7 +326,9 @@ def check_command_line(arguments: Sequence[str]) -> None:
         key, _, value = argument.partition("=")
         flag = key.lstrip("+~").removeprefix("trainer.")
         if key.lstrip("+~").startswith("trainer.") and flag in OWNED_TRAINER_FLAGS:
-            raise ValueError(f"trainer.{flag} is set by vrft, not by Lightning; use {OWNED_TRAINER_FLAGS[flag]}")
+            raise ValueError(
+                f"trainer.{flag} is set by vrft, not by Lightning; use {OWNED_TRAINER_FLAGS[flag]}"
+            )
         if "=" not in value:
             continue
         try:

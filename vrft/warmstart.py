@@ -152,7 +152,9 @@ def make_warm_start(cfg: DictConfig) -> Path:
                 fit_sft(sft_run_config(cfg, partial))
             partial.rename(folder)  # atomic: an interrupted build never looks finished
         finally:
-            shutil.rmtree(partial, ignore_errors=True)  # a failed or interrupted (Ctrl-C) build leaves nothing
+            shutil.rmtree(
+                partial, ignore_errors=True
+            )  # a failed or interrupted (Ctrl-C) build leaves nothing
     return adapter
 
 

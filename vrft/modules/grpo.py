@@ -56,7 +56,13 @@ class GRPOSettings:
     num_logged_samples: int = 4  # completions kept per step for the sample table
 
     def __post_init__(self):
-        for key in ("rollout_batch_size", "prompts_per_step", "update_micro_batch_size", "max_new_tokens", "logprob_chunk_size"):
+        for key in (
+            "rollout_batch_size",
+            "prompts_per_step",
+            "update_micro_batch_size",
+            "max_new_tokens",
+            "logprob_chunk_size",
+        ):
             if getattr(self, key) < 1:
                 raise ValueError(f"algorithm.{key}={getattr(self, key)} must be >= 1")
         if not self.temperature > 0:
@@ -66,7 +72,9 @@ class GRPOSettings:
                 "completions; 1.0 is Visual-RFT's)"
             )
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"algorithm.top_p={self.top_p} must be in (0, 1]; 1.0 samples from the whole vocabulary")
+            raise ValueError(
+                f"algorithm.top_p={self.top_p} must be in (0, 1]; 1.0 samples from the whole vocabulary"
+            )
         if self.group_size < 2:
             raise ValueError(
                 f"algorithm.group_size={self.group_size}: group-normalised advantages need at least 2 "
