@@ -17,7 +17,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import vrft.cli  # noqa: F401  (registers the box_convention resolver the task configs use)
-from vrft.validation import CHECKPOINT_KEY, check_command_line, resume_settings, validate
+from vrft.resume import CHECKPOINT_KEY, resume_settings
+from vrft.validation import check_command_line, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")

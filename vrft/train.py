@@ -19,7 +19,8 @@ from vrft.memory.cuda import apply_memory_cap, configure_allocator
 from vrft.memory.oom import explain_out_of_memory
 from vrft.memory.planning import resolve_auto
 from vrft.memory.report import enforce_plan
-from vrft.validation import CHECKPOINT_KEY, check_command_line, resume_settings, validate
+from vrft.resume import CHECKPOINT_KEY, resume_settings
+from vrft.validation import check_command_line, validate
 from vrft.warmstart import apply_warm_start
 
 log = logging.getLogger(__name__)
