@@ -45,7 +45,7 @@ CASES = [
     (["+trainer.precision=bf16-mixed"], "use the precision group, e.g. precision=bf16"),
     (["+algorithm.num_generations=8"], "algorithm.num_generations is TRL's name; vrft's setting is algorithm.group_size"),
     (["+algorithm.group_sise=8"], "algorithm.group_sise is not a setting of vrft.modules.grpo.GRPOModule; did you mean algorithm.group_size?"),
-    (["+lora.rank=8"], "lora.rank is not a setting of vrft.modules.policy.LoraSpec"),
+    (["+lora.rank=8"], "lora.rank is not a setting of vrft.models.policy.LoraSpec"),
     (["task.rewards.accuracy.fn.compat=maybe"], "task.rewards.accuracy.fn.compat='maybe' is not true or false"),
     (["task=detection", "task.strict=sometimes"], "task.rewards.confidence.fn.strict='sometimes' is not true or false"),
     (["ckpt_path=/no/such.ckpt"], "ckpt_path='/no/such.ckpt' is not a file"),
