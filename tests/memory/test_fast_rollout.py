@@ -127,7 +127,7 @@ def test_min_new_tokens_blocks_eos_and_pads_after_it(fp32_policy):
 
 
 def test_engine_registry_names_every_choice_and_rejects_unknown():
-    assert set(ROLLOUT_ENGINES) == {"hf", "bf16_copy", "dequant"}
+    assert set(ROLLOUT_ENGINES) == {"hf", "bf16_copy", "dequant", "packed"}
     assert isinstance(build_rollout_engine("hf"), HFGenerate)
     with pytest.raises(ValueError, match="algorithm.rollout_engine='vllm'.*bf16_copy"):
         build_rollout_engine("vllm")

@@ -38,6 +38,7 @@ QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (64, 128, 256)  # one block per loop iteration: [BLOCK_N, blocksize / 2] bytes
 DTYPES = (torch.bfloat16, torch.float16)
 MAX_LORA_RANK = 256
+WORDS = 16  # packed int32 words of each weight row per loop step (128 weights): tensor-core K of 16
 _COUNTERS: dict[torch.device, Tensor] = {}  # per device: split-K arrival counters, always left at zero
 
 
@@ -102,40 +103,50 @@ if triton is not None:
     def _matmul_4bit_kernel(
         x_ptr, packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
         bias_ptr, lora_in_ptr, lora_b_ptr, lora_scale, partial_ptr, counter_ptr, y_ptr,
-        M, N, K, stride_xm, stride_lm, stride_ym, lora_rank, blocks_per_split,
+        M, N, K, stride_xm, stride_lm, stride_ym, lora_rank, iters_per_split,
         BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
         HAS_BIAS: tl.constexpr, LORA_RANK: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, WORDS: tl.constexpr,
     ):  # fmt: skip
-        HALF: tl.constexpr = BLOCKSIZE // 2
+        # 16 packed int32 words (128 weights) of each row per iteration; word w holds elements 8w..8w+7,
+        # element 8w + p in byte p // 2, high nibble for even p (little-endian bytes).
+        SCALES: tl.constexpr = max(1, WORDS * 8 // BLOCKSIZE)  # absmax blocks per iteration
         pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rows_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_m, mask_n = rows_m < M, rows_n < N
-        half = tl.arange(0, HALF)
+        words_per_row = K // 8
         blocks_per_row = K // BLOCKSIZE
-        first_block = pid_k * blocks_per_split  # the host splits K into whole, equal slices
+        word = tl.arange(0, WORDS)
+        row_words = packed_ptr + rows_n[:, None].to(tl.int64) * words_per_row
         row_blocks = rows_n.to(tl.int64) * blocks_per_row  # [BLOCK_N] each row's first absmax index
         x_rows = x_ptr + rows_m[:, None].to(tl.int64) * stride_xm
+        code = tl.broadcast_to(tl.load(code_ptr + tl.arange(0, 16))[None, :], (BLOCK_N, 16))
         if NESTED:
             offset = tl.load(offset_ptr)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kb in range(first_block, first_block + blocks_per_split):
-            block = row_blocks + kb  # [BLOCK_N] absmax index; its bytes start at block * HALF
-            codes = tl.load(packed_ptr + block[:, None] * HALF + half[None, :], mask=mask_n[:, None], other=0)
+        first = pid_k * iters_per_split  # the host splits K into whole, equal slices of iterations
+        for step in range(first, first + iters_per_split):
+            in_row = step * WORDS + word  # [WORDS] word index within the row
+            mask_k = in_row < words_per_row
+            words = tl.load(row_words + in_row[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0)
+            block_in_row = step * WORDS * 8 // BLOCKSIZE + tl.arange(0, SCALES)
+            block = row_blocks[:, None] + block_in_row[None, :]  # [BLOCK_N, SCALES]
+            mask_s = mask_n[:, None] & (block_in_row < blocks_per_row)[None, :]
             if NESTED:
-                quantised = tl.load(absmax_ptr + block, mask=mask_n, other=0).to(tl.int32)
-                scale2 = tl.load(absmax2_ptr + block // NESTED_BLOCKSIZE, mask=mask_n, other=0.0)
+                quantised = tl.load(absmax_ptr + block, mask=mask_s, other=0).to(tl.int32)
+                scale2 = tl.load(absmax2_ptr + block // NESTED_BLOCKSIZE, mask=mask_s, other=0.0)
                 scale = tl.load(code2_ptr + quantised) * scale2 + offset
             else:
-                scale = tl.load(absmax_ptr + block, mask=mask_n, other=0.0)
-            high = tl.load(code_ptr + (codes >> 4).to(tl.int32)) * scale[:, None]
-            low = tl.load(code_ptr + (codes & 15).to(tl.int32)) * scale[:, None]
-            column = kb * BLOCKSIZE + 2 * half  # [HALF] the even input columns of this block
-            x_even = tl.load(x_rows + column[None, :], mask=mask_m[:, None], other=0.0)
-            x_odd = tl.load(x_rows + column[None, :] + 1, mask=mask_m[:, None], other=0.0)
-            acc = tl.dot(x_even, tl.trans(high.to(x_even.dtype)), acc)
-            acc = tl.dot(x_odd, tl.trans(low.to(x_even.dtype)), acc)
+                scale = tl.load(absmax_ptr + block, mask=mask_s, other=0.0)
+            if SCALES > 1:
+                scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, SCALES, WORDS // SCALES)), (BLOCK_N, WORDS))
+            column = in_row * 8
+            for position in tl.static_range(8):
+                nibble = (words >> (8 * (position // 2) + 4 * (1 - position % 2))) & 15
+                weight = (tl.gather(code, nibble, axis=1) * scale).to(x_ptr.dtype.element_ty)  # [BLOCK_N, WORDS]
+                x_part = tl.load(x_rows + (column + position)[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+                acc = tl.dot(x_part, tl.trans(weight), acc)
 
         if SPLIT_K > 1:
             tile = pid_m * tl.num_programs(0) + pid_n
@@ -182,11 +193,16 @@ def launch_config(rows: int, out_features: int, in_features: int, blocksize: int
     block_m = min(64, max(16, triton.next_power_of_2(rows)))
     block_n = 64
     tiles = triton.cdiv(rows, block_m) * triton.cdiv(out_features, block_n)
-    blocks_per_row = in_features // blocksize
-    wanted = min(triton.cdiv(4 * _multiprocessors(device), tiles), blocks_per_row // 4, 32)  # ~4 per SM
-    # K splits into equal whole slices of >= 4 blocks each: the largest divisor of the block count <= wanted
-    split_k = max(d for d in range(1, max(wanted, 1) + 1) if blocks_per_row % d == 0)
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "SPLIT_K": split_k, "num_warps": 4, "num_stages": 3}
+    steps = _steps_per_row(in_features, WORDS)
+    wanted = min(triton.cdiv(4 * _multiprocessors(device), tiles), max(steps // 4, 1), 32)  # ~4 per SM
+    # K splits into equal whole slices of >= 4 steps each: the largest divisor of the step count <= wanted
+    split_k = max(d for d in range(1, wanted + 1) if steps % d == 0)
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "SPLIT_K": split_k, "WORDS": WORDS, "num_warps": 4, "num_stages": 3}
+
+
+def _steps_per_row(in_features: int, words: int) -> int:
+    """Loop iterations over one weight row: `words` int32 words (8 weights each) per iteration."""
+    return triton.cdiv(in_features // 8, words)
 
 
 def _counters(device: torch.device, count: int) -> Tensor:
@@ -220,8 +236,10 @@ def matmul_4bit(
     config = config or launch_config(rows, out_features, in_features, blocksize, x.device)
     config = dict(config)
     block_m, block_n, split_k = config.pop("BLOCK_M"), config.pop("BLOCK_N"), config.pop("SPLIT_K")
-    if (in_features // blocksize) % split_k:
-        raise ValueError(f"SPLIT_K={split_k} does not divide the {in_features // blocksize} blocks of a row")
+    words = config.pop("WORDS", WORDS)
+    steps = _steps_per_row(in_features, words)
+    if steps % split_k:
+        raise ValueError(f"SPLIT_K={split_k} does not divide the {steps} loop steps of a row")
     grid = (triton.cdiv(out_features, block_n), triton.cdiv(rows, block_m), split_k)
     y = torch.empty(rows, out_features, dtype=x.dtype, device=x.device)
     partial = x.new_empty(grid[0] * grid[1] * split_k * block_m * block_n if split_k > 1 else 1, dtype=torch.float32)
@@ -234,14 +252,14 @@ def matmul_4bit(
     if lora_in is not None:
         lora_in, lora_b = lora_in.contiguous(), lora_b.contiguous()
     _matmul_4bit_kernel[grid](
-        x, packed, quant_state.absmax, quant_state.code,
+        x, packed.view(torch.int32), quant_state.absmax, quant_state.code,
         state2.absmax, state2.code, quant_state.offset if nested else quant_state.absmax,
         bias if bias is not None else y, lora_in if rank else y, lora_b if rank else y, float(lora_scale),
         partial, counters, y,
         rows, out_features, in_features, x.stride(0), lora_in.stride(0) if rank else 0, y.stride(0), rank,
-        in_features // blocksize // split_k,
+        steps // split_k,
         BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=state2.blocksize if nested else 1, NESTED=nested,
         HAS_BIAS=bias is not None, LORA_RANK=max(16, triton.next_power_of_2(rank)) if rank else 0,
-        BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split_k, **config,
+        BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split_k, WORDS=words, **config,
     )  # fmt: skip
     return y

@@ -8,6 +8,8 @@
   parameter for the duration of the rollout.
 - `dequant`: the same decoder and graph, but weights stay packed and are dequantised one matrix at a time
   inside the step, with LoRA applied unmerged. Memory: one bf16 matrix of scratch; for 7B on 16 GB.
+- `packed`: as `dequant`, but the decode steps multiply the packed 4-bit weights in a fused Triton kernel
+  (`vrft.memory.packed`): no bf16 matrix is written. Needs Triton and a CUDA GPU of compute capability 8.0+.
 
 The static engines prefill each prompt once (not G times), copy its KV cache to its G rows, and sample with
 the same distribution as `generate` (temperature, top-p, min/max new tokens), so their completions are
@@ -25,7 +27,9 @@ import torch
 from torch import Tensor, nn
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from vrft.memory.decoder import DecodeState, decode_step, decoder_weights, prefill, text_parts
+from vrft.kernels.nf4_matmul import environment_unsupported
+from vrft.memory.decoder import DecodeState, DecoderWeights, decode_step, decoder_weights, prefill, text_parts
+from vrft.memory.packed import PACKED_FIX, with_kernel_layers
 
 if TYPE_CHECKING:
     from vrft.modules.rollout import PromptBatch
@@ -212,7 +216,7 @@ class StaticDecodeEngine(RolloutEngine):
         device = prompts.input_ids.device
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         start = time.perf_counter()
-        weights = decoder_weights(policy, merge=self.merge)
+        weights = self.read_weights(policy)
         embeds, positions = prompt_inputs(policy, prompts)
         logits, prompt_cache = prefill(weights, embeds.to(weights.dtype), positions, prompts.attention_mask)
         del embeds
@@ -297,6 +301,10 @@ class StaticDecodeEngine(RolloutEngine):
         }
         return completion[:, :taken]
 
+    def read_weights(self, policy: nn.Module) -> DecoderWeights:
+        """The policy's current weights in this engine's linear form."""
+        return decoder_weights(policy, merge=self.merge)
+
     @staticmethod
     def _capture(body) -> torch.cuda.CUDAGraph | None:
         """Capture one decode step (warm-up already ran eagerly); None if capture is not possible here."""
@@ -324,8 +332,24 @@ class DequantEngine(StaticDecodeEngine):
     merge = False
 
 
+class PackedEngine(StaticDecodeEngine):
+    """`packed`: as `dequant`, but decode-step matmuls read the 4-bit weights in a fused Triton kernel."""
+
+    name = "packed"
+    merge = False
+
+    def __init__(self, cuda_graph: bool = True, stop_check_every: int = 32):
+        super().__init__(cuda_graph, stop_check_every)
+        reason = environment_unsupported()
+        if reason:
+            raise ValueError(f"algorithm.rollout_engine=packed cannot run here: {reason}; {PACKED_FIX}")
+
+    def read_weights(self, policy: nn.Module) -> DecoderWeights:
+        return with_kernel_layers(super().read_weights(policy))
+
+
 ROLLOUT_ENGINES: dict[str, type[RolloutEngine]] = {
-    engine.name: engine for engine in (HFGenerate, Bf16CopyEngine, DequantEngine)
+    engine.name: engine for engine in (HFGenerate, Bf16CopyEngine, DequantEngine, PackedEngine)
 }
 
 
@@ -334,6 +358,7 @@ def build_rollout_engine(name: str) -> RolloutEngine:
     if name not in ROLLOUT_ENGINES:
         raise ValueError(
             f"algorithm.rollout_engine='{name}' is not one of {sorted(ROLLOUT_ENGINES)}; "
-            "hf is plain generate, bf16_copy the fastest (+2 bytes per LM parameter), dequant the leanest"
+            "hf is plain generate, bf16_copy the fastest (+2 bytes per LM parameter), dequant the leanest, "
+            "packed dequant's memory through a fused 4-bit kernel (CUDA + Triton)"
         )
     return ROLLOUT_ENGINES[name]()
