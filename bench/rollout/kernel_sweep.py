@@ -36,8 +36,9 @@ def packed_bytes(out_features: int, in_features: int, blocksize: int = 64) -> in
     return out_features * in_features // 2 + blocks + blocks // 256 * 4
 
 
-def time_us(fn) -> float:
-    return triton.testing.do_bench_cudagraph(fn, rep=20) * 1e3
+def time_us(fn, *args, **kwargs) -> float:
+    """Microseconds per `fn(*args, **kwargs)`, replayed in a CUDA graph."""
+    return triton.testing.do_bench_cudagraph(lambda: fn(*args, **kwargs), rep=20) * 1e3
 
 
 def sweep_configs(rows: int, out_features: int, in_features: int):
@@ -65,20 +66,22 @@ def main() -> None:
     results = {"device": torch.cuda.get_device_name(), "shapes": {}}
     for name, (n, k) in SHAPES_7B.items():
         weight = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02
-        packed, state = bnb_functional.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
+        packed, state = bnb_functional.quantize_4bit(
+            weight, blocksize=64, compress_statistics=True, quant_type="nf4"
+        )
         for rows in args.rows:
             x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda")
             entry = {"bytes": packed_bytes(n, k), "default_config": launch_config(rows, n, k, 64, x.device)}
             entry["worst_relative_error"] = worst_relative_error(x, packed, state)
-            entry["kernel_us"] = time_us(lambda: matmul_4bit(x, packed, state))
-            entry["dequant_matmul_us"] = time_us(lambda: reference_matmul(x, packed, state))
-            entry["bf16_us"] = time_us(lambda: F.linear(x, weight))
+            entry["kernel_us"] = time_us(matmul_4bit, x, packed, state)
+            entry["dequant_matmul_us"] = time_us(reference_matmul, x, packed, state)
+            entry["bf16_us"] = time_us(F.linear, x, weight)
             entry["kernel_fraction_of_bound"] = entry["bytes"] / (entry["kernel_us"] * 1e-6) / BANDWIDTH
             if args.sweep and rows == args.rows[0]:
                 timed = []
                 for config in sweep_configs(rows, n, k):
                     try:
-                        timed.append((time_us(lambda c=config: matmul_4bit(x, packed, state, config=c)), config))
+                        timed.append((time_us(matmul_4bit, x, packed, state, config=config), config))
                     except Exception as error:  # a config out of shared memory / registers: skip it
                         timed.append((float("inf"), {**config, "error": str(error)[:100]}))
                 timed.sort(key=lambda t: t[0])
@@ -90,11 +93,13 @@ def main() -> None:
     # Prefill: the rollout's prompt (2 prompts x 606 tokens) through gate_proj, the kernel vs dequantise-once.
     n, k = SHAPES_7B["gate_up"]
     weight = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02
-    packed, state = bnb_functional.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
+    packed, state = bnb_functional.quantize_4bit(
+        weight, blocksize=64, compress_statistics=True, quant_type="nf4"
+    )
     x = torch.randn(1212, k, dtype=torch.bfloat16, device="cuda")
     results["prefill_1212_gate"] = {
-        "kernel_us": time_us(lambda: matmul_4bit(x, packed, state)),
-        "dequant_matmul_us": time_us(lambda: reference_matmul(x, packed, state)),
+        "kernel_us": time_us(matmul_4bit, x, packed, state),
+        "dequant_matmul_us": time_us(reference_matmul, x, packed, state),
     }
     print("prefill", results["prefill_1212_gate"], flush=True)
     with open(args.out, "w") as handle:

@@ -24,7 +24,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 MEMORY = ROOT / "bench" / "memory"
 ENGINES = "hf,dequant,bf16_copy,packed"
-OVERRIDES = ["+hw=rtx4080-16g", "memory_cap_gb=24", "model=qwen2vl-7b", "precision=int4", "trainer.max_steps=1"]
+OVERRIDES = [
+    "+hw=rtx4080-16g",
+    "memory_cap_gb=24",
+    "model=qwen2vl-7b",
+    "precision=int4",
+    "trainer.max_steps=1",
+]
 
 
 def summary(record: dict) -> dict:
@@ -66,7 +72,11 @@ def table(result: dict) -> str:
         if e.get("error"):
             lines.append(f"| {name} | {e['error'][:80]} | | | | | | |")
             continue
-        gap = "-" if e["logprob_mean_abs_diff"] is None else f"{e['logprob_mean_abs_diff']:.3f} / {e['logprob_max_abs_diff']:.3f}"
+        gap = (
+            "-"
+            if e["logprob_mean_abs_diff"] is None
+            else f"{e['logprob_mean_abs_diff']:.3f} / {e['logprob_max_abs_diff']:.3f}"
+        )
         lines.append(
             f"| {name} | {e['step_ms']:.1f} | {e['tokens_per_s']:.0f} | {e['percent_of_bound']:.1f} "
             f"| {e['weight_gb_per_step']:.2f} | {e['x_generate']:.1f} | {'yes' if e['cuda_graph'] else 'no'} | {gap} |"
@@ -75,7 +85,9 @@ def table(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--timeout", type=int, default=400)
     args = parser.parse_args()

@@ -68,7 +68,9 @@ def test_fused_lora_term_and_split_k_reduction_under_graph_replay(split_k):
     config = {"BLOCK_M": 16, "BLOCK_N": 64, "SPLIT_K": split_k, "num_warps": 4, "num_stages": 3}
 
     def call():
-        return nf4_matmul.matmul_4bit(x, packed, state, None, x.float() @ lora_a.T, lora_b, 2.0, config=config)
+        return nf4_matmul.matmul_4bit(
+            x, packed, state, None, x.float() @ lora_a.T, lora_b, 2.0, config=config
+        )
 
     eager = call()
     graph = torch.cuda.CUDAGraph()

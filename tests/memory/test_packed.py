@@ -9,14 +9,13 @@ from hydra import compose, initialize_config_dir
 
 import vrft.modules.policy
 import vrft.modules.policy_module
+from tests.memory.test_fast_rollout import rows
 from vrft.memory.fast_rollout import ROLLOUT_ENGINES, DequantEngine, PackedEngine
 from vrft.memory.packed import KernelLinear, packed_unavailable
 from vrft.memory.planning import resolve_auto
 from vrft.modules.policy import LoraSpec, ModelSpec, attach_lora, load_base_model, load_processor_for
 from vrft.modules.rollout import generate_rollout
 from vrft.train import fit
-
-from tests.memory.test_fast_rollout import rows
 
 CONF = str(Path(__file__).resolve().parents[2] / "conf")
 needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without CUDA")
@@ -54,16 +53,17 @@ def test_explicit_packed_fails_before_loading_with_the_reason(tmp_path, monkeypa
     for module in (vrft.modules.policy, vrft.modules.policy_module):
         monkeypatch.setattr(module, "load_base_model", must_not_load)
     cfg = config("model=tiny", "precision=int4", "algorithm.rollout_engine=packed", f"run_dir={tmp_path}")
-    with pytest.raises(ValueError, match="algorithm.rollout_engine=packed cannot run here: .*rollout_engine=dequant"):
+    with pytest.raises(
+        ValueError, match="algorithm.rollout_engine=packed cannot run here: .*rollout_engine=dequant"
+    ):
         fit(cfg)
     with pytest.raises(ValueError, match="algorithm.rollout_engine=packed cannot run here"):
         PackedEngine()
 
 
 def test_planner_counts_no_copy_and_no_decode_scratch_for_packed():
-    from vrft.memory.estimator import Calibration, estimate
-
     from tests.memory.test_estimator import SHAPE, footprint, workload
+    from vrft.memory.estimator import Calibration, estimate
 
     dequant = estimate(SHAPE, footprint(), workload(rollout_engine="dequant"), Calibration())
     packed = estimate(SHAPE, footprint(), workload(rollout_engine="packed"), Calibration())
@@ -77,7 +77,9 @@ def test_packed_engine_greedy_tokens_match_generate_on_int4_weights():
     from vrft.precision import Int4Precision
 
     spec = ModelSpec(name_or_path="tiny", max_pixels=12544)
-    policy = attach_lora(load_base_model(spec, torch.bfloat16), LoraSpec(r=4, alpha=8), gradient_checkpointing=False)
+    policy = attach_lora(
+        load_base_model(spec, torch.bfloat16), LoraSpec(r=4, alpha=8), gradient_checkpointing=False
+    )
     torch.manual_seed(1)
     with torch.no_grad():  # a trained-looking adapter (peft starts lora_B at zero)
         for name, param in policy.named_parameters():
@@ -89,11 +91,15 @@ def test_packed_engine_greedy_tokens_match_generate_on_int4_weights():
     greedy = dict(do_sample=False, max_new_tokens=24, min_new_tokens=24)
     engine = PackedEngine()
     layer = engine.read_weights(policy).layers[0]
-    assert all(isinstance(getattr(layer, n), KernelLinear) for n in ("q", "k", "v", "o", "gate", "up", "down"))
+    assert all(
+        isinstance(getattr(layer, n), KernelLinear) for n in ("q", "k", "v", "o", "gate", "up", "down")
+    )
     with torch.autocast("cuda", dtype=torch.bfloat16):
         reference = generate_rollout(policy, processor, rows(), "{problem}", 1, greedy, device)
         fast = generate_rollout(policy, processor, rows(), "{problem}", 1, greedy, device, engine=engine)
-        dequant = generate_rollout(policy, processor, rows(), "{problem}", 1, greedy, device, engine=DequantEngine())
+        dequant = generate_rollout(
+            policy, processor, rows(), "{problem}", 1, greedy, device, engine=DequantEngine()
+        )
     assert engine.last_stats["cuda_graph"] == 1.0
     # Same bf16 weights, different matmul order (and one rounding of base + LoRA instead of two): on this
     # near-uniform random model a near-tie can flip late; the first token always agrees, as for dequant.

@@ -125,7 +125,7 @@ if triton is not None:
         if NESTED:
             offset = tl.load(offset_ptr)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        first = pid_k * iters_per_split  # the host splits K into whole, equal slices of iterations
+        first = pid_k * iters_per_split  # slices of whole steps; steps past the row's end are masked off
         for step in range(first, first + iters_per_split):
             in_row = step * WORDS + word  # [WORDS] word index within the row
             mask_k = in_row < words_per_row
@@ -140,12 +140,18 @@ if triton is not None:
             else:
                 scale = tl.load(absmax_ptr + block, mask=mask_s, other=0.0)
             if SCALES > 1:
-                scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, SCALES, WORDS // SCALES)), (BLOCK_N, WORDS))
+                scale = tl.reshape(
+                    tl.broadcast_to(scale[:, :, None], (BLOCK_N, SCALES, WORDS // SCALES)), (BLOCK_N, WORDS)
+                )
             column = in_row * 8
             for position in tl.static_range(8):
                 nibble = (words >> (8 * (position // 2) + 4 * (1 - position % 2))) & 15
-                weight = (tl.gather(code, nibble, axis=1) * scale).to(x_ptr.dtype.element_ty)  # [BLOCK_N, WORDS]
-                x_part = tl.load(x_rows + (column + position)[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+                weight = (tl.gather(code, nibble, axis=1) * scale).to(
+                    x_ptr.dtype.element_ty
+                )  # [BLOCK_N, WORDS]
+                x_part = tl.load(
+                    x_rows + (column + position)[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0
+                )
                 acc = tl.dot(x_part, tl.trans(weight), acc)
 
         if SPLIT_K > 1:
@@ -176,8 +182,12 @@ if triton is not None:
         if LORA_RANK > 0:  # scale * (x A^T) B^T in fp32, as peft computes an fp32 adapter
             rank = tl.arange(0, LORA_RANK)
             in_rank = rank[None, :] < lora_rank
-            xa = tl.load(lora_in_ptr + rows_m[:, None] * stride_lm + rank[None, :], mask=mask_m[:, None] & in_rank)
-            b = tl.load(lora_b_ptr + rows_n[:, None] * lora_rank + rank[None, :], mask=mask_n[:, None] & in_rank)
+            xa = tl.load(
+                lora_in_ptr + rows_m[:, None] * stride_lm + rank[None, :], mask=mask_m[:, None] & in_rank
+            )
+            b = tl.load(
+                lora_b_ptr + rows_n[:, None] * lora_rank + rank[None, :], mask=mask_n[:, None] & in_rank
+            )
             acc += lora_scale * tl.dot(xa.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="ieee")
         y = y_ptr + rows_m[:, None] * stride_ym + rows_n[None, :]
         tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
@@ -185,6 +195,8 @@ if triton is not None:
 
 @functools.cache
 def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":  # the Triton interpreter on CPU tensors (tests)
+        return 4
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
@@ -195,9 +207,15 @@ def launch_config(rows: int, out_features: int, in_features: int, blocksize: int
     tiles = triton.cdiv(rows, block_m) * triton.cdiv(out_features, block_n)
     steps = _steps_per_row(in_features, WORDS)
     wanted = min(triton.cdiv(4 * _multiprocessors(device), tiles), max(steps // 4, 1), 32)  # ~4 per SM
-    # K splits into equal whole slices of >= 4 steps each: the largest divisor of the step count <= wanted
-    split_k = max(d for d in range(1, wanted + 1) if steps % d == 0)
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "SPLIT_K": split_k, "WORDS": WORDS, "num_warps": 4, "num_stages": 3}
+    split_k = wanted  # slices of >= 4 steps each; the last may be shorter (its extra steps are masked off)
+    return {
+        "BLOCK_M": block_m,
+        "BLOCK_N": block_n,
+        "SPLIT_K": split_k,
+        "WORDS": WORDS,
+        "num_warps": 4,
+        "num_stages": 3,
+    }
 
 
 def _steps_per_row(in_features: int, words: int) -> int:
@@ -238,11 +256,13 @@ def matmul_4bit(
     block_m, block_n, split_k = config.pop("BLOCK_M"), config.pop("BLOCK_N"), config.pop("SPLIT_K")
     words = config.pop("WORDS", WORDS)
     steps = _steps_per_row(in_features, words)
-    if steps % split_k:
-        raise ValueError(f"SPLIT_K={split_k} does not divide the {steps} loop steps of a row")
+    if split_k > steps:
+        raise ValueError(f"SPLIT_K={split_k} is more than the {steps} loop steps of a row")
     grid = (triton.cdiv(out_features, block_n), triton.cdiv(rows, block_m), split_k)
     y = torch.empty(rows, out_features, dtype=x.dtype, device=x.device)
-    partial = x.new_empty(grid[0] * grid[1] * split_k * block_m * block_n if split_k > 1 else 1, dtype=torch.float32)
+    partial = x.new_empty(
+        grid[0] * grid[1] * split_k * block_m * block_n if split_k > 1 else 1, dtype=torch.float32
+    )
     counters = _counters(x.device, grid[0] * grid[1])
     nested = quant_state.nested
     state2 = quant_state.state2 if nested else quant_state
@@ -252,12 +272,12 @@ def matmul_4bit(
     if lora_in is not None:
         lora_in, lora_b = lora_in.contiguous(), lora_b.contiguous()
     _matmul_4bit_kernel[grid](
-        x, packed.view(torch.int32), quant_state.absmax, quant_state.code,
+        x, packed.reshape(-1).view(torch.int32), quant_state.absmax, quant_state.code,
         state2.absmax, state2.code, quant_state.offset if nested else quant_state.absmax,
         bias if bias is not None else y, lora_in if rank else y, lora_b if rank else y, float(lora_scale),
         partial, counters, y,
         rows, out_features, in_features, x.stride(0), lora_in.stride(0) if rank else 0, y.stride(0), rank,
-        steps // split_k,
+        triton.cdiv(steps, split_k),
         BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=state2.blocksize if nested else 1, NESTED=nested,
         HAS_BIAS=bias is not None, LORA_RANK=max(16, triton.next_power_of_2(rank)) if rank else 0,
         BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split_k, WORDS=words, **config,

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from vrft.kernels.nf4_matmul import environment_unsupported
-from vrft.memory.decoder import DecodeState, DecoderWeights, decode_step, decoder_weights, prefill, text_parts
+from vrft.memory.decoder import DecoderWeights, DecodeState, decode_step, decoder_weights, prefill, text_parts
 from vrft.memory.packed import PACKED_FIX, with_kernel_layers
 
 if TYPE_CHECKING:

@@ -219,7 +219,9 @@ def resolve_rollout_engine(cfg: DictConfig, quiet: bool = False) -> DictConfig:
         plan = plan_config(_with(cfg, ["algorithm.rollout_engine=bf16_copy"]))
         fits = budget is None or plan.device_gb <= budget
         reasons = {
-            "bf16_copy": None if fits else f"its copy needs {plan.device_gb:.1f} GiB of {budget:.1f} GiB ({source})",
+            "bf16_copy": None
+            if fits
+            else f"its copy needs {plan.device_gb:.1f} GiB of {budget:.1f} GiB ({source})",
             "packed": packed_reason,
             "dequant": None,
         }
