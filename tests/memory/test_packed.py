@@ -9,8 +9,8 @@ from hydra import compose, initialize_config_dir
 
 import vrft.modules.policy
 import vrft.modules.policy_module
-from tests.memory.test_fast_rollout import rows
-from vrft.memory.fast_rollout import ROLLOUT_ENGINES, DequantEngine, PackedEngine
+from tests.memory.test_fast_rollout import rows, teacher_forced_logprobs
+from vrft.memory.fast_rollout import ROLLOUT_ENGINES, PackedEngine
 from vrft.memory.packed import KernelLinear, packed_unavailable
 from vrft.memory.planning import resolve_auto
 from vrft.modules.policy import LoraSpec, ModelSpec, attach_lora, load_base_model, load_processor_for
@@ -88,7 +88,7 @@ def test_packed_engine_greedy_tokens_match_generate_on_int4_weights():
     Int4Precision(compute_dtype="bf16", adapter_dtype="fp32").convert_module(policy)
     policy.to("cuda").eval()
     processor, device = load_processor_for(spec), torch.device("cuda")
-    greedy = dict(do_sample=False, max_new_tokens=24, min_new_tokens=24)
+    greedy = dict(do_sample=False, max_new_tokens=10, min_new_tokens=10)
     engine = PackedEngine()
     layer = engine.read_weights(policy).layers[0]
     assert all(
@@ -97,12 +97,11 @@ def test_packed_engine_greedy_tokens_match_generate_on_int4_weights():
     with torch.autocast("cuda", dtype=torch.bfloat16):
         reference = generate_rollout(policy, processor, rows(), "{problem}", 1, greedy, device)
         fast = generate_rollout(policy, processor, rows(), "{problem}", 1, greedy, device, engine=engine)
-        dequant = generate_rollout(
-            policy, processor, rows(), "{problem}", 1, greedy, device, engine=DequantEngine()
-        )
+        expected = teacher_forced_logprobs(policy, processor, rows(), 1, fast.completion_ids, device)
     assert engine.last_stats["cuda_graph"] == 1.0
-    # Same bf16 weights, different matmul order (and one rounding of base + LoRA instead of two): on this
-    # near-uniform random model a near-tie can flip late; the first token always agrees, as for dequant.
+    # The first token comes from the prefill (dequantise-then-matmul, as generate): always equal. Later
+    # tokens are compared through their log-probs, not token by token: on this near-uniform random model a
+    # bf16 near-tie can flip one greedy choice and every token after it. Same bf16 weights, another fp32
+    # summation order: the 7B bench measured at most 0.09 nats over 28 layers; 2 tiny layers stay far below.
     assert torch.equal(fast.completion_ids[:, 0], reference.completion_ids[:, 0])
-    assert (fast.completion_ids == reference.completion_ids).float().mean() >= 0.8
-    assert (fast.completion_ids == dequant.completion_ids).float().mean() >= 0.8
+    torch.testing.assert_close(engine.last_logprobs, expected.float(), atol=0.05, rtol=0)
