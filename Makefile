@@ -32,7 +32,8 @@ test: install ## Run the test suite (CPU; GPU tests are skipped without CUDA)
 test-fast: install ## Run the tests without the slow-marked ones
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-lint: install ## Ruff lint and format check
+lint: install ## Ruff lint and format check, and the package's import layers (import-linter)
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/ruff check vrft tests bench
 	$(VENV)/bin/ruff format --check vrft tests bench
 

@@ -12,7 +12,7 @@ from peft import PeftModel
 from transformers import AutoModelForImageTextToText
 
 import vrft.warmstart
-from vrft.modules.presets import tiny_checkpoint
+from vrft.models.presets import tiny_checkpoint
 from vrft.train import fit
 from vrft.warmstart import apply_warm_start, make_warm_start, warm_start_key
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import sys
 from collections.abc import Callable
@@ -11,10 +10,14 @@ from collections.abc import Callable
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
-from vrft.modules.presets import box_convention
+from vrft.models.policy import LANGUAGE_MODEL_TARGETS
+from vrft.models.presets import box_convention
+from vrft.paths import cache_key
 
 # `${box_convention:${model.name_or_path}}` lets a task follow the model's box coordinates.
 OmegaConf.register_new_resolver("box_convention", box_convention, replace=True)
+# `${lora_targets:}`: the one definition of which modules LoRA adapts (the language model's projections).
+OmegaConf.register_new_resolver("lora_targets", lambda: LANGUAGE_MODEL_TARGETS, replace=True)
 
 # Errors that mean "the input is wrong": shown as one line naming the value and the fix, no traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
@@ -53,4 +56,4 @@ def config_hash(cfg: DictConfig) -> str:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     for key in ("run_dir", "ckpt_path"):
         resolved.pop(key, None)
-    return hashlib.sha256(OmegaConf.to_yaml(OmegaConf.create(resolved)).encode()).hexdigest()[:12]
+    return cache_key(OmegaConf.to_yaml(OmegaConf.create(resolved)))

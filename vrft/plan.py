@@ -13,14 +13,15 @@ import hydra
 from omegaconf import DictConfig
 
 from vrft.cli import user_errors
-from vrft.memory.planning import resolve_auto, verdict
-from vrft.memory.report import format_verdict
+from vrft.paths import config_dir
+from vrft.planner.planning import resolve_auto, verdict
+from vrft.planner.report import format_verdict
 
 # The plan writes no run folder or log file: it only reads the config.
 QUIET_HYDRA = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 @user_errors
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: print the plan; exit 1 if it does not fit the budget."""

@@ -9,15 +9,16 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from vrft.callbacks import RunSummary
 from vrft.cli import config_hash, user_errors
-from vrft.memory.cuda import apply_memory_cap, configure_allocator
-from vrft.memory.oom import explain_out_of_memory
-from vrft.memory.planning import resolve_auto
-from vrft.memory.report import enforce_plan
+from vrft.paths import config_dir
+from vrft.planner.planning import precision_name, resolve_auto
+from vrft.planner.report import enforce_plan
+from vrft.runtime.cuda import apply_memory_cap, configure_allocator
+from vrft.runtime.oom import explain_out_of_memory
+from vrft.setup import build_run
 from vrft.warmstart import apply_warm_start
 
 log = logging.getLogger(__name__)
@@ -25,18 +26,9 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
 
-def build_trainer(cfg: DictConfig, precision, extra_callbacks: list | None = None) -> L.Trainer:
-    """The Lightning trainer of a run: precision plugin, callbacks and logger from the config."""
-    callbacks = [instantiate(node) for node in (cfg.get("callbacks") or {}).values()]
-    callbacks += extra_callbacks or []
-    logger = instantiate(cfg.logger) if cfg.get("logger") else False
-    return instantiate(cfg.trainer, plugins=[precision], callbacks=callbacks, logger=logger)
-
-
 def fit(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, RunSummary]:
     """Build the run described by `cfg` and fit it; returns the trainer, the module and the run summary."""
     configure_allocator()  # expandable segments, before anything touches CUDA
-    L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.run_dir)
     if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
         raise FileNotFoundError(
@@ -47,15 +39,12 @@ def fit(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, RunSummary]:
     enforce_plan(cfg)  # refuse, before the model loads, a run the planner says will not fit
     apply_memory_cap(cfg.get("memory_cap_gb"))  # a bigger GPU behaves like the profile's card
     warm_start_callbacks = apply_warm_start(cfg)  # sets lora.init_adapter (made once, then cached)
-    precision = instantiate(cfg.precision)
-    datamodule = instantiate(cfg.data)
-    module = instantiate(cfg.algorithm, _convert_="object")
     summary = RunSummary(
         run_dir,
         info={
             "config_hash": config_hash(cfg),
             "model": cfg.model.name_or_path,
-            "precision": getattr(precision, "name", type(precision).__name__),
+            "precision": precision_name(cfg.precision),
             "task": cfg.task.name,
             "algorithm": cfg.algorithm._target_,
             "seed": cfg.seed,
@@ -63,11 +52,12 @@ def fit(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, RunSummary]:
             "resumed_from": cfg.ckpt_path,
         },
     )
-    trainer = build_trainer(cfg, precision, [summary, *warm_start_callbacks])
+    run = build_run(cfg, [summary, *warm_start_callbacks])
+    trainer, module = run.trainer, run.module
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=False)
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        trainer.fit(module, datamodule=run.datamodule, ckpt_path=cfg.ckpt_path)
     except torch.OutOfMemoryError as error:
         # Raised in the except block (not `from`): the CLI prints this message, VRFT_TRACEBACK shows both.
         raise explain_out_of_memory(error, module, run_dir, trainer.global_step)  # noqa: B904
@@ -86,7 +76,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 @user_errors
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns the metric a sweep optimises (`optimized_metric`)."""

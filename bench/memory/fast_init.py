@@ -1,6 +1,6 @@
 """Architecture-exact random presets built in seconds instead of minutes (benchmarks only).
 
-`vrft.modules.presets.random_preset` draws every weight with `normal_` on the CPU: about 45 s for 7B before
+`vrft.models.presets.random_preset` draws every weight with `normal_` on the CPU: about 45 s for 7B before
 anything reaches the GPU. Memory and speed do not depend on the values, so the benchmark builds the
 parameters on the meta device and then materialises them: with CUDA, directly on the GPU in the load dtype
 (`normal_` there takes milliseconds; the precision plugin then quantises them in place when Lightning moves
@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from vrft.modules.presets import model_class, preset_config
+from vrft.models.presets import model_class, preset_config
 
 BLOCK = 1 << 22  # 4M draws: tiles repeat every 8 MB of bf16, far apart from one matrix row to the next
 

@@ -20,7 +20,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from rows import compose_row  # noqa: E402
 
-from vrft.memory.planning import plan_config, resolve_auto  # noqa: E402
+from vrft.planner.planning import plan_config, resolve_auto  # noqa: E402
 
 RESULTS = HERE / "results"
 README = HERE.parent / "README.md"

@@ -20,7 +20,7 @@ import traceback
 from dataclasses import asdict
 from pathlib import Path
 
-from vrft.memory.cuda import configure_allocator
+from vrft.runtime.cuda import configure_allocator
 
 configure_allocator()  # before torch touches CUDA
 
@@ -33,8 +33,8 @@ from fast_init import fast_random_preset  # noqa: E402
 from rows import compose_row  # noqa: E402
 from speed import decode_speed, logprob_agreement  # noqa: E402
 
-import vrft.modules.policy  # noqa: E402
-from vrft.memory.planning import plan_config, precision_name, resolve_auto  # noqa: E402
+import vrft.models.policy  # noqa: E402
+from vrft.planner.planning import plan_config, precision_name, resolve_auto  # noqa: E402
 from vrft.train import fit  # noqa: E402
 
 
@@ -80,7 +80,7 @@ def settings(cfg, module) -> dict:
     a = cfg.algorithm
     image_tokens = prompt_tokens = None
     if module is not None and module.processor is not None:
-        from vrft.modules.rollout import build_prompts
+        from vrft.rollout.batch import build_prompts
 
         prompts = build_prompts(
             module.processor, [module.trainer.datamodule.splits["train"][0]], "{problem}", "cpu"
@@ -158,7 +158,7 @@ def main() -> None:
     )
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    vrft.modules.policy.random_preset = fast_random_preset  # seconds instead of minutes for 7B
+    vrft.models.policy.random_preset = fast_random_preset  # seconds instead of minutes for 7B
 
     cfg = resolve_auto(compose_row(args.overrides, args.images, f"/tmp/vrft-bench/{args.name}"))
     record = {
@@ -175,10 +175,10 @@ def main() -> None:
     probe, module = StepProbe([e for e in args.speed.split(",") if e], args.speed_tokens), None
     start = time.perf_counter()
     try:
-        from vrft import train as train_module
+        from vrft import setup as setup_module
 
-        build = train_module.build_trainer
-        train_module.build_trainer = lambda c, p, extra=None: build(c, p, [*(extra or []), probe])
+        build = setup_module.build_trainer
+        setup_module.build_trainer = lambda c, p, extra=None, **kw: build(c, p, [*(extra or []), probe], **kw)
         trainer, module, summary = fit(cfg)
         record["weights_gb"] = (summary.summary.get("precision_details") or {}).get("weight_bytes", 0) / 2**30
     except Exception as error:  # an OOM is a result too

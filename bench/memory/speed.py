@@ -12,10 +12,11 @@ import time
 
 import torch
 
-from vrft.memory.decoder import text_parts
-from vrft.memory.fast_rollout import build_rollout_engine
-from vrft.modules.rollout import build_prompts, generate_rollout
 from vrft.precision.accounting import weight_bytes
+from vrft.rollout.batch import build_prompts
+from vrft.rollout.decoder import text_parts
+from vrft.rollout.engines import build_rollout_engine
+from vrft.rollout.generate import generate_rollout
 
 H200_BANDWIDTH = 4.8e12  # bytes/s, datasheet (a device-to-device copy measured ~4.3e12 here)
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 from PIL import Image
 
+from vrft.models.policy import LoraSpec, ModelSpec
 from vrft.modules.grpo import GRPOModule, GRPOSettings
 from vrft.modules.losses import SequenceMeanLoss, k3_kl
-from vrft.modules.policy import LoraSpec, ModelSpec
 from vrft.modules.scoring import WeightedReward
 from vrft.rewards import AccuracyReward, format_reward
 
@@ -58,7 +58,7 @@ def test_rollout_has_group_size_completions_per_prompt(module):
 
 
 def test_repeated_prompts_keep_each_image_with_its_prompt(module):
-    from vrft.modules.rollout import build_prompts
+    from vrft.rollout.batch import build_prompts
 
     prompts = build_prompts(module.processor, rows(), "{problem}", "cpu")
     repeated = prompts.repeated(3)

@@ -3,7 +3,7 @@
 import torch
 
 from vrft.modules.logprobs import selective_logprobs
-from vrft.modules.rollout import completion_mask
+from vrft.rollout.batch import completion_mask
 
 
 def test_chunked_logprobs_match_full_log_softmax():

@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vrft.modules.policy import LANGUAGE_MODEL_TARGETS, LoraSpec, ModelSpec
+from vrft.models.policy import LANGUAGE_MODEL_TARGETS, LoraSpec, ModelSpec
 from vrft.modules.sft import SFTModule, sft_target, target_batch
 
 

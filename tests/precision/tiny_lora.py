@@ -6,7 +6,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForImageTextToText
 
-from vrft.modules.presets import model_class, preset_config, tiny_checkpoint
+from vrft.models.presets import model_class, preset_config, tiny_checkpoint
 from vrft.precision import VrftPrecision
 
 TARGET_MODULES = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"

@@ -1,8 +1,9 @@
 """Lightning callbacks of a vrft run."""
 
 from vrft.callbacks.adapter import AdapterExport
+from vrft.callbacks.held_out import HeldOutReward
 from vrft.callbacks.progress import StepProgressBar
 from vrft.callbacks.samples import CompletionSamples
 from vrft.callbacks.summary import RunSummary
 
-__all__ = ["AdapterExport", "CompletionSamples", "RunSummary", "StepProgressBar"]
+__all__ = ["AdapterExport", "CompletionSamples", "HeldOutReward", "RunSummary", "StepProgressBar"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning as L
 from typing_extensions import override
 
-from vrft.modules.policy import save_adapter
+from vrft.models.policy import save_adapter
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -15,7 +14,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from vrft.data.loading import decode_image, load_visual_rft
-from vrft.modules.presets import cache_root
+from vrft.data.synthetic import write_synthetic_dataset
+from vrft.paths import cache_key, cache_root
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +102,7 @@ class VisualRFTDataModule(L.LightningDataModule):
         """Where the data is read from (generating the synthetic set on first use)."""
         if self.synthetic is None:
             return Path(self.path)
-        from vrft.data.synthetic import write_synthetic_dataset
-
-        key = hashlib.sha256(json.dumps(self.synthetic, sort_keys=True).encode()).hexdigest()[:12]
+        key = cache_key(json.dumps(self.synthetic, sort_keys=True))
         folder = cache_root() / f"synthetic-{self.synthetic.get('task', 'data')}-{key}"
         if not (folder / "dataset_dict.json").exists():
             log.info("writing synthetic dataset %s to %s (once)", self.synthetic, folder)

@@ -12,8 +12,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from vrft.modules.logprobs import selective_logprobs
-from vrft.modules.policy import (
+from vrft.models.policy import (
     REFERENCE_ADAPTER,
     LoraSpec,
     ModelSpec,
@@ -22,7 +21,10 @@ from vrft.modules.policy import (
     load_base_model,
     load_processor_for,
 )
-from vrft.modules.rollout import Rollout, generate_rollout
+from vrft.modules.logprobs import selective_logprobs
+from vrft.rollout.base import RolloutEngine
+from vrft.rollout.batch import Rollout
+from vrft.rollout.generate import generate_rollout
 
 
 class PolicyModule(L.LightningModule):
@@ -57,6 +59,8 @@ class PolicyModule(L.LightningModule):
         self.evaluator = evaluator
         self.eval_max_new_tokens = eval_max_new_tokens
         self.predictions: list[dict] = []  # greedy completions of the last validation pass, with their rows
+        self.eval_engine: RolloutEngine | None = None  # how validation decodes (None: plain generate)
+        self.eval_generation: dict = {}  # more generate settings for validation (benchmarks force lengths)
         self.model_spec = model
         self.lora_spec = lora
         self.optimizer_factory = optimizer
@@ -141,9 +145,16 @@ class PolicyModule(L.LightningModule):
     def validation_step(self, batch: list[dict], batch_idx: int) -> None:
         was_training = self.policy.training
         self.policy.eval()
-        generation = dict(max_new_tokens=self.eval_max_new_tokens, do_sample=False)
+        generation = dict(max_new_tokens=self.eval_max_new_tokens, do_sample=False, **self.eval_generation)
         rollout = generate_rollout(
-            self.policy, self.processor, batch, self.prompt_template, 1, generation, self.device
+            self.policy,
+            self.processor,
+            batch,
+            self.prompt_template,
+            1,
+            generation,
+            self.device,
+            self.eval_engine,
         )
         self.policy.train(was_training)
         for completion, row in zip(rollout.completions, batch, strict=True):

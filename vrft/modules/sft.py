@@ -15,11 +15,11 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
+from vrft.models.policy import LoraSpec, ModelSpec
 from vrft.modules.grpo import GRPOSettings
-from vrft.modules.policy import LoraSpec, ModelSpec
 from vrft.modules.policy_module import PolicyModule
-from vrft.modules.rollout import Rollout, build_prompts
 from vrft.rewards.parsing import extract_answer
+from vrft.rollout.batch import Rollout, build_prompts
 
 log = logging.getLogger(__name__)
 END_OF_TURN = "<|im_end|>"

@@ -228,6 +228,13 @@ class VrftPrecision(Precision):
         self.scaler.load_state_dict(state_dict["scaler"])
         self.skipped_steps = int(state_dict.get("skipped_steps", 0))
 
+    # -------------------------------------------------------------------------------- storage
+    def layer_storage(self, layer: torch.nn.Module) -> tuple[int, bool] | None:
+        """How this plugin stores a converted linear layer: `(weight bytes on the device, whether its int8
+        inputs stay alive past gradient checkpointing)`, or None for a layer it leaves dense (the planner
+        counts those as ordinary parameters). The floating modes quantise nothing."""
+        return None
+
     # -------------------------------------------------------------------------------- summary
     def summary(self, module: torch.nn.Module) -> dict[str, Any]:
         """What `run_summary.json` records about precision: mode, dtypes, layer types, memory, parameters.

@@ -86,6 +86,15 @@ class QuantizedPrecision(VrftPrecision):
         raise NotImplementedError
 
     @override
+    def layer_storage(self, layer: torch.nn.Module) -> tuple[int, bool] | None:
+        from vrft.precision.schemes import scheme_of  # imports bitsandbytes, checked in __init__
+
+        scheme = scheme_of(layer)
+        if scheme is None:
+            return None
+        return scheme.storage_bytes(layer.out_features, layer.in_features), scheme.keeps_int8_inputs
+
+    @override
     def convert_module(self, module: torch.nn.Module) -> torch.nn.Module:
         device = _target_device(module)
         if device is not None and device.type != "cpu":

@@ -12,6 +12,7 @@ Each scheme can
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -104,6 +105,18 @@ class Int4Scheme:
             )
         return F.dequantize_4bit(weight.data, weight.quant_state)
 
+    # Activations of a 4-bit layer are not kept in int8 past gradient checkpointing (see Int8Scheme).
+    keeps_int8_inputs: ClassVar[bool] = False
+
+    def storage_bytes(self, out_features: int, in_features: int) -> int:
+        """Device bytes of an `[out, in]` weight in this scheme: packed codes and scales (bias not included)."""
+        count = out_features * in_features
+        blocks = math.ceil(count / self.blocksize)
+        # Double quantisation stores each block's absmax in 8 bits, plus fp32 absmax per 256 blocks,
+        # a 256-entry fp32 code and an offset; without it the absmax stays fp32. Then the 16-entry code book.
+        scales = blocks + math.ceil(blocks / 256) * 4 + 256 * 4 + 4 if self.double_quant else blocks * 4
+        return math.ceil(count / 2) + scales + 16 * 4
+
     @classmethod
     def of(cls, layer: bnb.nn.Linear4bit) -> Int4Scheme:
         """The scheme an existing `Linear4bit` was quantised with."""
@@ -168,6 +181,14 @@ class Int8Scheme:
                 "Lightning does it right after convert_module)"
             )
         return F.int8_vectorwise_dequant(rows, scales)
+
+    # bitsandbytes' int8 matmul saves its int8-cast input for backward, beyond what checkpointing frees.
+    keeps_int8_inputs: ClassVar[bool] = True
+
+    @staticmethod
+    def storage_bytes(out_features: int, in_features: int) -> int:
+        """Device bytes of an `[out, in]` weight in this scheme: int8 rows plus one fp32 scale per row."""
+        return out_features * in_features + out_features * 4
 
     @classmethod
     def of(cls, layer: bnb.nn.Linear8bitLt) -> Int8Scheme:

@@ -1,0 +1,117 @@
+"""`python -m vrft.plan`, the hardware profiles, `auto` settings, and refusing a run that will not fit."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+import vrft.models.policy
+import vrft.modules.policy_module
+from vrft.planner.planning import precision_name, resolve_auto, verdict
+from vrft.planner.report import PlanDoesNotFit
+from vrft.train import fit
+
+ROOT = Path(__file__).resolve().parents[2]
+CONF = str(ROOT / "conf")
+PROFILES = ["cpu", "rtx4090", "rtx4080-16g", "a100-80g", "h100-80g"]
+
+
+def config(*overrides: str):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def plan_cli(*overrides: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "vrft.plan", *overrides]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+def test_plan_cli_prints_components_and_a_fitting_verdict():
+    result = plan_cli("+hw=rtx4090", "model=qwen2vl-7b", "precision=int4")
+    assert result.returncode == 0, result.stderr[-2000:]
+    for text in (
+        "KV cache (rollout)",
+        "update activations",
+        "phase peaks",
+        "verdict: FITS the 24.0 GiB budget",
+    ):
+        assert text in result.stdout
+
+
+def test_plan_cli_names_the_change_that_makes_it_fit():
+    result = plan_cli("+hw=rtx4090", "model=qwen2vl-7b", "precision=fp32")
+    assert result.returncode == 1
+    assert "DOES NOT FIT the 24.0 GiB budget" in result.stdout
+    assert "suggestion: precision=bf16" in result.stdout
+
+
+def test_qat_plans_like_its_mode():
+    # The planner converts an adapter-less skeleton: QAT (which needs adapters) must not stop it.
+    qat = verdict(config("+hw=rtx4090", "model=qwen2vl-2b", "precision=int4_qat"))
+    plain = verdict(config("+hw=rtx4090", "model=qwen2vl-2b", "precision=int4"))
+    assert qat.fits and qat.plan.components["weights"] == plain.plan.components["weights"]
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_hardware_profiles_compose_with_a_precision_on_the_command_line(profile):
+    cfg = config(f"+hw={profile}", "precision=int4")
+    assert cfg.hw.name == profile
+    assert precision_name(cfg.precision) == "int4"
+
+
+def test_command_line_wins_over_the_profile():
+    cfg = config("+hw=rtx4090", "precision=int8", "algorithm.group_size=4", "memory_cap_gb=16")
+    assert precision_name(cfg.precision) == "int8"
+    assert cfg.algorithm.group_size == 4 and cfg.memory_cap_gb == 16
+    default = config("+hw=rtx4090")
+    assert precision_name(default.precision) == "int4"
+    assert default.optimizer._target_.endswith("PagedAdamW8bit")
+    assert default.memory_cap_gb == 24 and default.model.gradient_checkpointing
+
+
+def test_precision_auto_picks_the_most_precise_mode_that_fits():
+    roomy = resolve_auto(config("+hw=rtx4090", "model=qwen2vl-7b", "precision=auto"))
+    assert precision_name(roomy.precision) == "bf16"
+    tight = resolve_auto(config("+hw=rtx4090", "hw.memory_gb=14", "model=qwen2vl-7b", "precision=auto"))
+    assert precision_name(tight.precision) == "int4"
+
+
+def test_rollout_engine_auto_keeps_the_bf16_copy_only_where_it_fits():
+    roomy = resolve_auto(config("+hw=rtx4090", "model=qwen2vl-7b"))
+    assert roomy.algorithm.rollout_engine == "bf16_copy"
+    small = resolve_auto(config("+hw=rtx4080-16g", "model=qwen2vl-7b"))
+    assert small.algorithm.rollout_engine == "dequant"
+    assert verdict(small).fits
+
+
+def test_training_refuses_before_loading_the_model(tmp_path, monkeypatch):
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded although the plan does not fit")
+
+    for module in (vrft.models.policy, vrft.modules.policy_module):
+        monkeypatch.setattr(module, "load_base_model", must_not_load)
+    cfg = config("+hw=rtx4090", "model=qwen2vl-7b", "precision=fp32", f"run_dir={tmp_path}")
+    with pytest.raises(
+        PlanDoesNotFit, match="(?s)DOES NOT FIT.*suggestion: precision=bf16.*plan.enforce=false"
+    ):
+        fit(cfg)
+
+
+def test_enforce_false_starts_anyway(tmp_path, monkeypatch):
+    class Loaded(Exception):
+        pass
+
+    def stop_at_loading(*args, **kwargs):
+        raise Loaded
+
+    for module in (vrft.models.policy, vrft.modules.policy_module):  # its import may predate the patch
+        monkeypatch.setattr(module, "load_base_model", stop_at_loading)
+    cfg = config(
+        "+hw=rtx4090", "model=qwen2vl-7b", "precision=fp32", "plan.enforce=false", f"run_dir={tmp_path}"
+    )
+    with pytest.raises(Loaded):
+        fit(cfg)

@@ -1,0 +1,170 @@
+"""The static rollout engines against plain `generate` and the training-time forward, on the tiny model."""
+
+import pytest
+import torch
+from PIL import Image
+
+from vrft.models.policy import LoraSpec, ModelSpec, attach_lora, load_base_model, load_processor_for
+from vrft.modules.logprobs import selective_logprobs
+from vrft.rollout.batch import build_prompts
+from vrft.rollout.engines import (
+    ROLLOUT_ENGINES,
+    Bf16CopyEngine,
+    DequantEngine,
+    HFGenerate,
+    build_rollout_engine,
+)
+from vrft.rollout.generate import generate_rollout
+
+STATIC_ENGINES = [Bf16CopyEngine, DequantEngine]
+
+
+def make_policy(precision: str = "fp32"):
+    spec = ModelSpec(name_or_path="tiny", max_pixels=12544)
+    model = load_base_model(spec, torch.float32)
+    policy = attach_lora(model, LoraSpec(r=4, alpha=8), gradient_checkpointing=False)
+    torch.manual_seed(1)
+    with torch.no_grad():  # a trained-looking adapter: peft starts lora_B at zero, which would hide bugs
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.3)
+    if precision == "int4":
+        from vrft.precision import Int4Precision
+
+        Int4Precision(compute_dtype="bf16", adapter_dtype="fp32").convert_module(policy)
+        policy.to("cpu")  # bitsandbytes quantises on the move
+    policy.eval()
+    return policy, load_processor_for(spec)
+
+
+def rows(sizes=((112, 112), (112, 112))):
+    colours = [(220, 40, 40), (40, 80, 220), (30, 160, 60)]
+    return [
+        {"image": Image.new("RGB", size, colours[i % 3]), "problem": f"What shape is number {i}?"}
+        for i, size in enumerate(sizes)
+    ]
+
+
+CPU = torch.device("cpu")
+GREEDY = dict(do_sample=False, max_new_tokens=10, min_new_tokens=10)
+
+
+@pytest.fixture(scope="module")
+def fp32_policy():
+    return make_policy("fp32")
+
+
+@pytest.mark.parametrize("engine_class", STATIC_ENGINES)
+def test_greedy_tokens_equal_generate(fp32_policy, engine_class):
+    policy, processor = fp32_policy
+    reference = generate_rollout(policy, processor, rows(), "{problem}", 1, GREEDY, torch.device("cpu"))
+    fast = generate_rollout(
+        policy, processor, rows(), "{problem}", 1, GREEDY, torch.device("cpu"), engine=engine_class()
+    )
+    assert torch.equal(fast.completion_ids, reference.completion_ids)
+
+
+def teacher_forced_logprobs(policy, processor, batch_rows, group_size, completion_ids, device=CPU):
+    """Log-probs of `completion_ids` under the training-time forward (what `GRPOModule` computes)."""
+    prompts = build_prompts(processor, batch_rows, "{problem}", device)
+    index = torch.arange(completion_ids.shape[0], device=device) // group_size
+    model = policy.get_base_model()
+    with torch.no_grad():
+        hidden = model.model(
+            input_ids=torch.cat([prompts.input_ids[index], completion_ids], 1),
+            attention_mask=torch.cat([prompts.attention_mask[index], torch.ones_like(completion_ids)], 1),
+            mm_token_type_ids=torch.cat(
+                [prompts.mm_token_type_ids[index], torch.zeros_like(completion_ids)], 1
+            ),
+            pixel_values=torch.cat(
+                [torch.split(prompts.pixel_values, prompts.patch_counts)[i] for i in index]
+            ),
+            image_grid_thw=prompts.image_grid_thw[index],
+        ).last_hidden_state
+        length = completion_ids.shape[1]
+        return selective_logprobs(hidden[:, -length - 1 : -1], completion_ids, model.lm_head)
+
+
+@pytest.mark.parametrize("engine_class", STATIC_ENGINES)
+def test_sampled_logprobs_match_training_forward_with_left_padding(fp32_policy, engine_class):
+    # Different image sizes give prompts of different lengths: left padding and per-row positions.
+    policy, processor = fp32_policy
+    batch_rows = rows(((56, 84), (112, 112)))
+    engine = engine_class()
+    torch.manual_seed(0)
+    sampling = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=8, min_new_tokens=8)
+    rollout = generate_rollout(
+        policy, processor, batch_rows, "{problem}", 3, sampling, torch.device("cpu"), engine=engine
+    )
+    expected = teacher_forced_logprobs(policy, processor, batch_rows, 3, rollout.completion_ids)
+    torch.testing.assert_close(engine.last_logprobs, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_dequant_engine_matches_generate_on_int4_weights():
+    policy, processor = make_policy("int4")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = generate_rollout(policy, processor, rows(), "{problem}", 1, GREEDY, torch.device("cpu"))
+        fast = generate_rollout(
+            policy, processor, rows(), "{problem}", 1, GREEDY, torch.device("cpu"), engine=DequantEngine()
+        )
+    # bf16 rounding differs slightly between the two matmul orders: most tokens agree, the first always.
+    agree = (fast.completion_ids == reference.completion_ids).float().mean()
+    assert torch.equal(fast.completion_ids[:, 0], reference.completion_ids[:, 0])
+    assert agree >= 0.8
+
+
+def test_min_new_tokens_blocks_eos_and_pads_after_it(fp32_policy):
+    policy, processor = fp32_policy
+    prompts = build_prompts(processor, rows(), "{problem}", torch.device("cpu"))
+    engine, pad = DequantEngine(), 0
+    free = engine.generate(policy, prompts, 1, dict(do_sample=False, max_new_tokens=6), [151645], pad)
+    eos = int(free[0, 0])  # call the token row 0 greedily writes first "EOS"
+    stopped = engine.generate(policy, prompts, 1, dict(do_sample=False, max_new_tokens=6), [eos], pad)
+    assert stopped[0, 0] == eos and (stopped[0, 1:] == pad).all()
+    blocked = engine.generate(
+        policy, prompts, 1, dict(do_sample=False, max_new_tokens=6, min_new_tokens=3), [eos], pad
+    )
+    assert not (blocked[:, :3] == eos).any()
+
+
+def test_engine_registry_names_every_choice_and_rejects_unknown():
+    assert set(ROLLOUT_ENGINES) == {"hf", "bf16_copy", "dequant", "packed"}
+    assert isinstance(build_rollout_engine("hf"), HFGenerate)
+    with pytest.raises(ValueError, match="algorithm.rollout_engine='vllm'.*bf16_copy"):
+        build_rollout_engine("vllm")
+
+
+def test_unsupported_generation_setting_names_the_fix(fp32_policy):
+    policy, processor = fp32_policy
+    prompts = build_prompts(processor, rows(), "{problem}", torch.device("cpu"))
+    with pytest.raises(ValueError, match="rollout_engine=hf"):
+        DequantEngine().generate(policy, prompts, 2, dict(max_new_tokens=4, num_beams=2), [151645], 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("engine_class", STATIC_ENGINES)
+def test_cuda_graph_decode_matches_generate(engine_class):
+    policy, processor = make_policy("fp32")
+    policy.to("cuda")
+    engine = engine_class()
+    greedy = dict(do_sample=False, max_new_tokens=40, min_new_tokens=40)
+    device = torch.device("cuda")
+    reference = generate_rollout(policy, processor, rows(), "{problem}", 1, greedy, device)
+    fast = generate_rollout(policy, processor, rows(), "{problem}", 1, greedy, device, engine=engine)
+    assert engine.last_stats["cuda_graph"] == 1.0
+    assert torch.equal(fast.completion_ids, reference.completion_ids)
+
+
+def test_inverse_cdf_sampler_draws_from_the_softmax():
+    from vrft.rollout.engines import InverseCdfSampler
+
+    torch.manual_seed(0)
+    logits = torch.tensor([[2.0, 1.0, 0.0, float("-inf"), -1.0]]).repeat(20000, 1)
+    chosen = InverseCdfSampler(temperature=0.7)(None, logits)
+    assert torch.isinf(chosen).sum(1).eq(4).all()  # exactly one finite score per row: greedy picks it
+    counts = torch.bincount(chosen.argmax(1), minlength=5).float() / len(chosen)
+    torch.testing.assert_close(counts, (logits[0] / 0.7).softmax(-1), atol=0.01, rtol=0)
+    assert counts[3] == 0  # a masked token is never drawn
+    top = InverseCdfSampler(temperature=1.0, top_p=0.5)(None, logits[:2000]).argmax(1)
+    assert top.eq(0).all()  # token 0 alone holds 66% of the mass

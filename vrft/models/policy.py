@@ -1,0 +1,205 @@
+"""The policy: a Qwen2-VL / Qwen2.5-VL checkpoint (or built-in preset) with a LoRA adapter from peft."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoConfig
+
+from vrft.models.frozen import run_without_autograd
+from vrft.models.presets import PRESETS, build_processor, model_class, random_preset, tiny_checkpoint
+from vrft.models.processor import load_processor
+
+log = logging.getLogger(__name__)
+
+# With `lora.init_adapter`, a frozen copy of the starting adapter under this name is GRPO's reference policy.
+REFERENCE_ADAPTER = "reference"
+# Every linear projection of the language model; the vision tower (Qwen2.5-VL's has gate/up/down_proj too)
+# and the merger stay frozen unless `lora.train_vision` is set.
+LANGUAGE_MODEL_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+VISION_TARGETS = r".*visual.*\.(qkv|proj|fc1|fc2|gate_proj|up_proj|down_proj|mlp\.0|mlp\.2)"
+
+
+@dataclass
+class ModelSpec:
+    """Which checkpoint to load and how images are budgeted.
+
+    Args:
+        name_or_path: a local Hugging Face checkpoint folder of Qwen2-VL or Qwen2.5-VL, or a built-in preset
+            (`tiny`, `qwen2vl-2b`, `qwen2vl-7b`, `qwen25vl-3b`, `qwen25vl-7b`; all but `tiny` have random weights).
+        min_pixels / max_pixels: image budget; visual tokens per image = pixels / (28 * 28) after merging.
+        gradient_checkpointing: recompute decoder activations in the backward (saves most activation memory,
+            costs about one extra forward).
+        attn_implementation: `sdpa` (default) or `eager`; `flash_attention_2` where installed.
+    """
+
+    name_or_path: str = "tiny"
+    min_pixels: int = 3136
+    max_pixels: int = 401408
+    gradient_checkpointing: bool = False
+    attn_implementation: str = "sdpa"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(
+                f"model.min_pixels={self.min_pixels} exceeds model.max_pixels={self.max_pixels}; lower min_pixels"
+            )
+
+    @property
+    def is_random_preset(self) -> bool:
+        return self.name_or_path in PRESETS and self.name_or_path != "tiny"
+
+    def folder(self) -> Path:
+        """The checkpoint folder to load (building the tiny preset on first use)."""
+        if self.name_or_path == "tiny":
+            return tiny_checkpoint(self.seed)
+        folder = Path(self.name_or_path).expanduser()
+        if not (folder / "config.json").exists():
+            reason = "does not exist" if not folder.exists() else "has no config.json"
+            raise FileNotFoundError(
+                f"model.name_or_path='{self.name_or_path}' {reason}; set it to a local Hugging Face checkpoint "
+                f"folder of Qwen2-VL / Qwen2.5-VL (with config.json and weights) or to a preset: {', '.join(PRESETS)}"
+            )
+        return folder
+
+
+@dataclass
+class LoraSpec:
+    """LoRA adapter settings (peft). Only adapter weights train; the base model stays frozen.
+
+    Args:
+        r / alpha / dropout: rank, scaling numerator and dropout of the adapters. Dropout 0 keeps the rollout
+            policy and the policy being updated identical, so the on-policy ratio is exactly 1.
+        target_modules: regex (full match) over module names; default every language-model projection.
+        train_vision: also adapt the vision tower and merger.
+        init_adapter: a peft adapter folder to start from (e.g. an SFT warm start) instead of a fresh
+            adapter; its own r/alpha/targets then apply.
+        full: no adapter: train the weights of the `target_modules` themselves (full fine-tuning; SFT
+            only, in an unquantised precision). r/alpha/dropout/init_adapter do not apply.
+    """
+
+    r: int = 64
+    alpha: int = 128
+    dropout: float = 0.0
+    target_modules: str = LANGUAGE_MODEL_TARGETS
+    train_vision: bool = False
+    init_adapter: str | None = None
+    full: bool = False
+
+    def peft_config(self) -> LoraConfig:
+        target = self.target_modules
+        if self.train_vision:
+            target = f"({target})|({VISION_TARGETS})"
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=target)
+
+
+def load_base_model(spec: ModelSpec, dtype: torch.dtype) -> torch.nn.Module:
+    """The base model on CPU in `dtype`, frozen (quantisation, if any, is the precision plugin's job)."""
+    # Lightning calls configure_model under a CUDA default-device context: without this the full-precision
+    # model would materialise on the GPU before the precision plugin quantises it (7B bf16: 16.6 GB).
+    with torch.device("cpu"):
+        return _load_base_model(spec, dtype)
+
+
+def _load_base_model(spec: ModelSpec, dtype: torch.dtype) -> torch.nn.Module:
+    if spec.is_random_preset:
+        model = random_preset(spec.name_or_path, dtype, seed=spec.seed)
+    else:
+        folder = spec.folder()
+        config = AutoConfig.from_pretrained(folder)
+        if config.model_type not in ("qwen2_vl", "qwen2_5_vl"):
+            raise ValueError(
+                f"model.name_or_path='{spec.name_or_path}' is a '{config.model_type}' checkpoint; vrft trains "
+                "Qwen2-VL ('qwen2_vl') and Qwen2.5-VL ('qwen2_5_vl') models"
+            )
+        model = model_class(config).from_pretrained(
+            folder, dtype=dtype, attn_implementation=spec.attn_implementation
+        )
+    model.requires_grad_(False)
+    return model
+
+
+def load_processor_for(spec: ModelSpec):
+    """The processor matching `spec`, with its image budget."""
+    if spec.is_random_preset:
+        return build_processor(spec.min_pixels, spec.max_pixels)
+    return load_processor(spec.folder(), spec.min_pixels, spec.max_pixels)
+
+
+def attach_lora(model: torch.nn.Module, lora: LoraSpec, gradient_checkpointing: bool) -> PeftModel:
+    """Wrap `model` with a LoRA adapter (fresh, or `lora.init_adapter`); only adapter weights require grad."""
+    if not lora.train_vision:
+        # A frozen vision tower runs under no_grad: none of its activations can be kept for a backward.
+        run_without_autograd(model.model.visual)
+    if gradient_checkpointing:
+        # Non-reentrant checkpointing works with frozen inputs, so no input-embedding grad hook is needed.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora.full:
+        return _unfreeze_targets(model, lora)
+    if lora.init_adapter is not None:
+        folder = Path(lora.init_adapter).expanduser()
+        if not (folder / "adapter_config.json").exists():
+            raise FileNotFoundError(
+                f"lora.init_adapter='{lora.init_adapter}' has no adapter_config.json; point it at a peft adapter "
+                "folder such as <run_dir>/adapter/final"
+            )
+        peft_model = PeftModel.from_pretrained(model, folder, is_trainable=True)
+        # The policy GRPO starts from is its KL reference, not the bare base: a frozen copy of the adapter.
+        peft_model.load_adapter(folder, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+        return peft_model
+    peft_model = get_peft_model(model, lora.peft_config())
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError(
+            f"lora.target_modules='{lora.target_modules}' matched no module of the model; "
+            "use a regex over names like 'model.language_model.layers.0.self_attn.q_proj'"
+        )
+    return peft_model
+
+
+def _unfreeze_targets(model: torch.nn.Module, lora: LoraSpec) -> torch.nn.Module:
+    """`lora.full`: the targeted modules' own weights train; everything else stays frozen."""
+    if lora.init_adapter is not None:
+        raise ValueError(
+            f"lora.full=true trains the weights themselves and cannot start from lora.init_adapter="
+            f"'{lora.init_adapter}'; merge that adapter into a checkpoint first, or set lora.full=false"
+        )
+    target = re.compile(lora.peft_config().target_modules)
+    unfrozen = 0
+    for name, module in model.named_modules():
+        if target.fullmatch(name):
+            module.requires_grad_(True)
+            unfrozen += 1
+    if unfrozen == 0:
+        raise ValueError(
+            f"lora.target_modules='{lora.target_modules}' matched no module of the model; "
+            "use a regex over names like 'model.language_model.layers.0.self_attn.q_proj'"
+        )
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("lora.full: %d modules train their own weights (%d parameters); no adapter", unfrozen, trainable)
+    return model
+
+
+def base_model(policy: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under the policy: inside the peft wrapper, or the policy itself (`lora.full`)."""
+    return policy.get_base_model() if isinstance(policy, PeftModel) else policy
+
+
+def save_adapter(policy: PeftModel, folder: str | Path) -> None:
+    """Write the trained adapter in peft format (`PeftModel.from_pretrained(base, folder)` loads it).
+
+    Only the trained adapter: a frozen reference copy (`REFERENCE_ADAPTER`) stays out, and so do embedding
+    matrices (peft would copy the whole tied embedding when `lm_head` is adapted; the base weights never
+    change, so the base checkpoint already holds it).
+    """
+    if not isinstance(policy, PeftModel):
+        policy.save_pretrained(str(folder))  # a fully trained model (lora disabled)
+        return
+    adapters = [name for name in policy.peft_config if name != REFERENCE_ADAPTER]
+    policy.save_pretrained(str(folder), selected_adapters=adapters, save_embedding_layers=False)

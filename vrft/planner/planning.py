@@ -1,0 +1,238 @@
+"""The planner on a Hydra config: footprint of the model as the precision plugin stores it, the workload,
+the budget of the hardware profile, the verdict, and the change that makes a config fit.
+
+The model's footprint comes from `vrft.planner.footprint` (the precision plugin's own conversion, on the
+meta device); the workload from the `algorithm` and `model` settings.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, fields
+
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from vrft.models.policy import ModelSpec
+from vrft.modules.grpo import GRPOSettings
+from vrft.paths import config_dir
+from vrft.planner.auto import AUTO_ORDER, AutoPrecision
+from vrft.planner.estimator import (
+    Calibration,
+    MemoryPlan,
+    ModelShape,
+    Workload,
+    estimate,
+)
+from vrft.planner.footprint import model_config, model_shape, weight_footprint
+from vrft.rollout.packed import PACKED_FIX, packed_unavailable
+from vrft.runtime.cuda import device_total_gb
+
+log = logging.getLogger(__name__)
+
+CONF_DIR = config_dir()
+PIXELS_PER_TOKEN = 28 * 28  # one merged visual token covers 2 x 2 patches of 14 x 14 pixels
+PROMPT_TEXT_TOKENS = 128  # chat template + a Visual-RFT question (the detection prompt is the longest)
+AUTO_ENGINES = ("bf16_copy", "packed", "dequant")  # fastest first, as measured (bench/rollout/results.md)
+
+
+def precision_name(precision_cfg) -> str:
+    """The mode name (`int4`, `bf16`, `auto`, ...) of a precision config, from its class's `name`."""
+    from hydra.utils import get_class
+
+    target = (precision_cfg or {}).get("_target_")
+    return str(getattr(get_class(target), "name", target)) if target else ""
+
+
+def settings_of(cls: type, node: DictConfig):
+    """The validated settings dataclass `cls` that the module builds from the config `node` (the planner
+    plans exactly what will run, and a bad value fails here with the module's own message)."""
+    names = {f.name for f in fields(cls)}
+    values = OmegaConf.to_container(node, resolve=True)
+    return cls(**{key: value for key, value in values.items() if key in names})
+
+
+def workload(cfg: DictConfig, shape: ModelShape, activation_bytes: int) -> Workload:
+    """The GRPO workload of `cfg` (image tokens from `model.max_pixels` unless `plan.image_tokens` is set)."""
+    settings, plan = settings_of(GRPOSettings, cfg.algorithm), cfg.get("plan") or {}
+    model = settings_of(ModelSpec, cfg.model)
+    image_tokens = plan.get("image_tokens") or model.max_pixels // PIXELS_PER_TOKEN
+    return Workload(
+        group_size=settings.group_size,
+        rollout_batch_size=settings.rollout_batch_size,
+        update_micro_batch_size=settings.update_micro_batch_size,
+        max_new_tokens=settings.max_new_tokens,
+        logprob_chunk_size=settings.logprob_chunk_size,
+        image_tokens=int(image_tokens),
+        prompt_text_tokens=int(plan.get("prompt_text_tokens") or PROMPT_TEXT_TOKENS),
+        rollouts_per_step=settings.rollouts_per_step,
+        gradient_checkpointing=model.gradient_checkpointing,
+        reference=float(cfg.loss.get("beta", 0.0)) > 0,
+        rollout_engine=settings.rollout_engine,
+        activation_bytes=activation_bytes,
+    )
+
+
+def plan_config(cfg: DictConfig, calibration: Calibration | None = None) -> MemoryPlan:
+    """Predict the peak memory of training `cfg` (resolves `auto` settings first)."""
+    cfg = resolve_auto(cfg, quiet=True)
+    shape = model_shape(model_config(str(cfg.model.name_or_path)))
+    footprint, activation_bytes = weight_footprint(cfg)
+    return estimate(shape, footprint, workload(cfg, shape, activation_bytes), calibration or Calibration())
+
+
+# ------------------------------------------------------------------------------------------ budget
+def budget_gb(cfg: DictConfig) -> tuple[float | None, str]:
+    """The memory budget (GiB) and where it comes from: hw profile, memory cap, or the CUDA device."""
+    hw = cfg.get("hw") or {}
+    if hw.get("memory_gb"):
+        return float(hw.memory_gb), f"hw={hw.get('name', '?')}"
+    if cfg.get("memory_cap_gb"):
+        return float(cfg.memory_cap_gb), "memory_cap_gb"
+    accelerator = str(OmegaConf.select(cfg, "trainer.accelerator", default="auto"))
+    total = device_total_gb() if accelerator in ("auto", "gpu", "cuda") else None
+    return (total, "this CUDA device") if total else (None, "no hw profile and no CUDA device")
+
+
+@dataclass
+class Verdict:
+    """A plan against a budget, with the change that makes it fit when it does not."""
+
+    plan: MemoryPlan
+    budget_gb: float | None
+    budget_source: str
+    suggestion: list[str]
+
+    @property
+    def fits(self) -> bool:
+        return self.budget_gb is None or self.plan.device_gb <= self.budget_gb
+
+
+def _with(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """A copy of `cfg` with `key=value` overrides; `precision=` / `optimizer=` load that config file."""
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        for override in overrides:
+            key, value = override.split("=", 1)
+            if key in ("precision", "optimizer"):
+                cfg[key] = OmegaConf.load(CONF_DIR / key / f"{value}.yaml")
+            else:
+                # Parsed as YAML, as Hydra parses a command line: `8` is an int, `true` a bool.
+                OmegaConf.update(cfg, key, OmegaConf.create(f"v: {value}").v, merge=False)
+    return cfg
+
+
+def _candidates(cfg: DictConfig) -> list[str]:
+    """Single changes that shrink memory, least harmful to training first."""
+    algorithm, changes = cfg.algorithm, []
+    if algorithm.get("rollout_engine", "hf") == "bf16_copy":
+        changes.append("algorithm.rollout_engine=dequant")
+    if int(algorithm.logprob_chunk_size) > 256:
+        changes.append("algorithm.logprob_chunk_size=256")
+    if not cfg.model.gradient_checkpointing:
+        changes.append("model.gradient_checkpointing=true")
+    micro = int(algorithm.update_micro_batch_size)
+    if micro > 1:
+        changes.append(f"algorithm.update_micro_batch_size={micro // 2 if micro % 2 == 0 else 1}")
+    if "Paged" not in str((cfg.get("optimizer") or {}).get("_target_", "")):
+        changes.append("optimizer=paged_adamw8bit")
+    name = precision_name(cfg.precision)
+    lower = {"fp32": "bf16", "fp16": "int8", "bf16": "int8", "int8": "mixed", "mixed": "int4"}.get(name)
+    if lower and (CONF_DIR / "precision" / f"{lower}.yaml").exists():
+        changes.append(f"precision={lower}")
+    if int(algorithm.rollout_batch_size) > 1:
+        changes.append("algorithm.rollout_batch_size=1")
+    if int(cfg.model.max_pixels) > 200704:
+        changes.append(f"model.max_pixels={int(cfg.model.max_pixels) // 2}")
+    if int(algorithm.group_size) > 4:
+        changes.append(f"algorithm.group_size={int(algorithm.group_size) // 2}")
+    return changes
+
+
+def verdict(cfg: DictConfig, calibration: Calibration | None = None, max_changes: int = 6) -> Verdict:
+    """Plan `cfg` against its budget; when it does not fit, find the smallest change set (greedy) that does."""
+    cfg = resolve_auto(cfg, quiet=True)
+    plan = plan_config(cfg, calibration)
+    budget, source = budget_gb(cfg)
+    result = Verdict(plan, budget, source, [])
+    if result.fits:
+        return result
+    applied: list[str] = []
+    current = cfg
+    for _ in range(max_changes):
+        options = _candidates(current)
+        for change in options:  # a single change that is enough, least harmful first
+            if plan_config(_with(current, [change]), calibration).device_gb <= budget:
+                result.suggestion = [*applied, change]
+                return result
+        if not options:
+            break
+        applied.append(options[0])  # otherwise take the least harmful and look again
+        current = _with(current, [options[0]])
+    result.suggestion = applied
+    return result
+
+
+def resolve_precision(cfg: DictConfig, quiet: bool = False) -> DictConfig:
+    """Replace `precision=auto` by the most precise mode (bf16, int8, mixed, int4) the planner says fits."""
+    precision = cfg.get("precision") or {}
+    if precision_name(precision) != AutoPrecision.name:
+        return cfg
+    order = list(precision.get("candidates") or AUTO_ORDER)
+    budget, source = budget_gb(cfg)
+    chosen, reasons = order[-1], []
+    for name in order:
+        plan = plan_config(_with(cfg, [f"precision={name}"]))
+        reasons.append(f"{name}: {plan.device_gb:.1f} GiB")
+        if budget is None or plan.device_gb <= budget:
+            chosen = name
+            break
+    if not quiet:
+        budget_text = f"{budget:.1f} GiB ({source})" if budget else source
+        log.info("precision=auto picked %s for a budget of %s [%s]", chosen, budget_text, ", ".join(reasons))
+    resolved = copy.deepcopy(cfg)
+    with open_dict(resolved):
+        resolved.precision = OmegaConf.load(CONF_DIR / "precision" / f"{chosen}.yaml")
+    return resolved
+
+
+def resolve_rollout_engine(cfg: DictConfig, quiet: bool = False) -> DictConfig:
+    """Replace `algorithm.rollout_engine=auto` by the fastest engine that fits and can run here.
+
+    In `AUTO_ENGINES` order: `bf16_copy` where the planner says its copy fits, `packed` where Triton, the
+    GPU and the 4-bit layout allow it, else `dequant`. Without CUDA the static engines have no graphs to
+    replay, so `auto` means `hf` there. An explicit `packed` that cannot run fails here, before loading.
+    """
+    engine = OmegaConf.select(cfg, "algorithm.rollout_engine")
+    packed_reason = None
+    if engine in ("auto", "packed"):
+        packed_reason = packed_unavailable(precision_name(cfg.precision), cfg.precision)
+    if engine == "packed" and packed_reason:
+        raise ValueError(f"algorithm.rollout_engine=packed cannot run here: {packed_reason}; {PACKED_FIX}")
+    if engine != "auto":
+        return cfg
+    budget, source = budget_gb(cfg)
+    if budget is None and not torch.cuda.is_available():
+        chosen, why = "hf", "no CUDA device"
+    else:
+        plan = plan_config(_with(cfg, ["algorithm.rollout_engine=bf16_copy"]))
+        fits = budget is None or plan.device_gb <= budget
+        reasons = {
+            "bf16_copy": None
+            if fits
+            else f"its copy needs {plan.device_gb:.1f} GiB of {budget:.1f} GiB ({source})",
+            "packed": packed_reason,
+            "dequant": None,
+        }
+        chosen = next(name for name in AUTO_ENGINES if reasons[name] is None)
+        skipped = [f"not {name}: {reasons[name]}" for name in AUTO_ENGINES[: AUTO_ENGINES.index(chosen)]]
+        why = "; ".join(skipped) or (f"it fits {budget:.1f} GiB ({source})" if budget else source)
+    if not quiet:
+        log.info("algorithm.rollout_engine=auto picked %s (%s)", chosen, why)
+    return _with(cfg, [f"algorithm.rollout_engine={chosen}"])
+
+
+def resolve_auto(cfg: DictConfig, quiet: bool = False) -> DictConfig:
+    """Resolve `precision=auto`, then `algorithm.rollout_engine=auto`, with the planner."""
+    return resolve_rollout_engine(resolve_precision(cfg, quiet), quiet)

@@ -1,0 +1,64 @@
+"""The one run-setup path of every vrft command: config -> seed -> data module -> policy module -> precision
+plugin -> Lightning trainer. Training, the SFT warm start and evaluation all build their run here, so a
+setting means the same thing in each."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+
+@dataclass
+class Run:
+    """The objects of one run, built from its config and ready for `trainer.fit` / `trainer.validate`."""
+
+    cfg: DictConfig
+    precision: L.pytorch.plugins.Precision
+    datamodule: L.LightningDataModule
+    module: L.LightningModule
+    trainer: L.Trainer
+
+
+def build_trainer(
+    cfg: DictConfig,
+    precision,
+    extra_callbacks: list | None = None,
+    config_callbacks: bool = True,
+    logger: bool = True,
+    **trainer_overrides,
+) -> L.Trainer:
+    """The Lightning trainer of a run: precision plugin, callbacks and logger from the config.
+
+    `config_callbacks=False` / `logger=False` leave out the config's callbacks / logger (evaluation);
+    `trainer_overrides` replace `cfg.trainer` keys.
+    """
+    callbacks = (
+        [instantiate(node) for node in (cfg.get("callbacks") or {}).values()] if config_callbacks else []
+    )
+    callbacks += extra_callbacks or []
+    run_logger = instantiate(cfg.logger) if logger and cfg.get("logger") else False
+    return instantiate(
+        cfg.trainer, plugins=[precision], callbacks=callbacks, logger=run_logger, **trainer_overrides
+    )
+
+
+def build_run(
+    cfg: DictConfig,
+    extra_callbacks: list | None = None,
+    data_overrides: dict | None = None,
+    **trainer_options,
+) -> Run:
+    """Seed, then build the data module, the policy module, the precision plugin and the trainer of `cfg`.
+
+    `data_overrides` replace `cfg.data` keys (evaluation picks its split); `trainer_options` go to
+    `build_trainer`.
+    """
+    L.seed_everything(cfg.seed, workers=True)
+    precision = instantiate(cfg.precision)
+    datamodule = instantiate(cfg.data, **(data_overrides or {}))
+    module = instantiate(cfg.algorithm, _convert_="object")
+    trainer = build_trainer(cfg, precision, extra_callbacks, **trainer_options)
+    return Run(cfg=cfg, precision=precision, datamodule=datamodule, module=module, trainer=trainer)
