@@ -5,7 +5,7 @@
 Per shape: microseconds per call (CUDA-graph replay of 20 calls, `triton.testing.do_bench_cudagraph`), the
 packed bytes it must read (codes + uint8 absmax + the second-level scales) and that over the time as a
 fraction of the H200's 4.8 TB/s. `--sweep` also tries tile sizes / K splits / warps / stages and records
-the fastest, which is how `launch_config`'s defaults were chosen.
+the fastest (not run on the final kernel: `launch_config`'s defaults were reasoned, not swept).
 """
 
 from __future__ import annotations
