@@ -50,7 +50,7 @@ class GRPOSettings:
     rollout_batch_size: int = 2  # prompts generated together (times G sequences)
     update_micro_batch_size: int = 4  # completions per forward/backward in the update
     logprob_chunk_size: int = 1024  # positions per lm_head chunk
-    rollout_engine: str = "hf"  # hf | bf16_copy | dequant, see vrft.rollout.engines
+    rollout_engine: str = "hf"  # hf | bf16_copy | dequant | packed, see vrft.rollout.engines
     scale_rewards: bool = True  # divide advantages by the group std (False: Dr. GRPO)
     advantage_eps: float = 1e-4
     max_grad_norm: float | None = 1.0
