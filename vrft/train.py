@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import hydra
@@ -10,15 +11,17 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from vrft.callbacks import RunConfigLogging, RunSummary
+from vrft.callbacks import RunConfigLogging, RunSettingsInCheckpoint, RunSummary
 from vrft.cli import config_hash, user_errors
 from vrft.paths import config_dir
 from vrft.planner.planning import budget_gb, plan_config, precision_name, resolve_auto
 from vrft.planner.report import enforce_plan
 from vrft.quiet import silence_upstream_noise
+from vrft.resume import CHECKPOINT_KEY, resume_settings
 from vrft.runtime.cuda import apply_memory_cap, configure_allocator
 from vrft.runtime.oom import explain_out_of_memory
 from vrft.setup import build_run
+from vrft.validation import check_command_line, validate
 from vrft.warmstart import apply_warm_start
 
 log = logging.getLogger(__name__)
@@ -44,13 +47,9 @@ def planner_prediction(cfg: DictConfig, verdict=None) -> dict:
 
 def fit(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, RunSummary]:
     """Build the run described by `cfg` and fit it; returns the trainer, the module and the run summary."""
+    validate(cfg)  # every setting, and the checkpoint to resume from, before anything loads
     configure_allocator()  # expandable segments, before anything touches CUDA
     run_dir = Path(cfg.run_dir)
-    if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
-        raise FileNotFoundError(
-            f"ckpt_path='{cfg.ckpt_path}' is not a file; pass a Lightning checkpoint such as "
-            "<run_dir>/checkpoints/last.ckpt"
-        )
     cfg = resolve_auto(cfg)  # precision=auto / rollout_engine=auto -> what the planner says fits
     verdict = enforce_plan(cfg)  # refuse, before the model loads, a run the planner says will not fit
     apply_memory_cap(cfg.get("memory_cap_gb"))  # a bigger GPU behaves like the profile's card
@@ -69,7 +68,8 @@ def fit(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, RunSummary]:
         },
     )
     described = RunConfigLogging(cfg, planner_prediction(cfg, verdict))  # hyperparameters for the loggers
-    run = build_run(cfg, [summary, described, *warm_start_callbacks])
+    resume_guard = RunSettingsInCheckpoint(resume_settings(cfg), CHECKPOINT_KEY)
+    run = build_run(cfg, [summary, resume_guard, described, *warm_start_callbacks])
     trainer, module = run.trainer, run.module
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=False)
@@ -102,4 +102,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    user_errors(check_command_line)(sys.argv[1:])  # before Hydra parses the overrides
     main()

@@ -4,6 +4,7 @@ from vrft.callbacks.adapter import AdapterExport
 from vrft.callbacks.curves import CurvesPlot
 from vrft.callbacks.held_out import HeldOutReward
 from vrft.callbacks.progress import StepProgressBar
+from vrft.callbacks.resume import RunSettingsInCheckpoint
 from vrft.callbacks.run_config import RunConfigLogging
 from vrft.callbacks.samples import CompletionSamples
 from vrft.callbacks.summary import RunSummary
@@ -14,6 +15,7 @@ __all__ = [
     "CurvesPlot",
     "HeldOutReward",
     "RunConfigLogging",
+    "RunSettingsInCheckpoint",
     "RunSummary",
     "StepProgressBar",
 ]

@@ -50,7 +50,7 @@ class GRPOSettings:
     rollout_batch_size: int = 2  # prompts generated together (times G sequences)
     update_micro_batch_size: int = 4  # completions per forward/backward in the update
     logprob_chunk_size: int = 1024  # positions per lm_head chunk
-    rollout_engine: str = "hf"  # hf | bf16_copy | dequant, see vrft.rollout.engines
+    rollout_engine: str = "hf"  # hf | bf16_copy | dequant | packed, see vrft.rollout.engines
     scale_rewards: bool = True  # divide advantages by the group std (False: Dr. GRPO)
     advantage_eps: float = 1e-4
     max_grad_norm: float | None = 1.0
@@ -61,6 +61,25 @@ class GRPOSettings:
     rollout_is_cap: float | None = 2.0
 
     def __post_init__(self):
+        for key in (
+            "rollout_batch_size",
+            "prompts_per_step",
+            "update_micro_batch_size",
+            "max_new_tokens",
+            "logprob_chunk_size",
+        ):
+            if getattr(self, key) < 1:
+                raise ValueError(f"algorithm.{key}={getattr(self, key)} must be >= 1")
+        if not self.temperature > 0:
+            # Temperature 0 divides the logits by zero: NaN log-probs from the first step.
+            raise ValueError(
+                f"algorithm.temperature={self.temperature} must be > 0 (GRPO needs sampled, differing "
+                "completions; 1.0 is Visual-RFT's)"
+            )
+        if not 0 < self.top_p <= 1:
+            raise ValueError(
+                f"algorithm.top_p={self.top_p} must be in (0, 1]; 1.0 samples from the whole vocabulary"
+            )
         if self.group_size < 2:
             raise ValueError(
                 f"algorithm.group_size={self.group_size}: group-normalised advantages need at least 2 "
@@ -109,6 +128,8 @@ class GRPOModule(PolicyModule):
         prompt_template / evaluator / eval_max_new_tokens: see `PolicyModule`.
         **settings: `GRPOSettings` fields.
     """
+
+    settings_class = GRPOSettings  # what `**settings` accepts (vrft.validation checks it before loading)
 
     def __init__(
         self,
