@@ -301,6 +301,8 @@ class GRPOModule(PolicyModule):
             "train/completion_length": total("completion_length_sum") / n,
             "train/completion_length_max": max(r.stats["completion_length_max"] for r in rollouts),
             "train/truncated_fraction": total("truncated_count") / n,
+            # Special tokens an engine emitted despite suppression (cut out before any forward): should be 0.
+            "train/suppressed_tokens": total("suppressed_tokens"),
             "train/lr": self.optimizers().param_groups[0]["lr"],
             "time/rollout_s": total("rollout_seconds"),
             "time/reference_s": total("reference_seconds"),
