@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from vrft.models.policy import LANGUAGE_MODEL_TARGETS
 from vrft.models.presets import box_convention
 from vrft.paths import cache_key
+from vrft.runtime.failures import TrainingFailure
 
 # `${box_convention:${model.name_or_path}}` lets a task follow the model's box coordinates.
 OmegaConf.register_new_resolver("box_convention", box_convention, replace=True)
@@ -31,12 +32,20 @@ def root_cause(error: BaseException) -> BaseException:
 
 
 def user_errors(main: Callable) -> Callable:
-    """Turn input errors into `vrft: error: ...` and exit code 2; `VRFT_TRACEBACK=1` shows the traceback."""
+    """Turn input errors into `vrft: error: ...` and exit code 2, and failures inside training
+    (`TrainingFailure`: phase, step, safe checkpoint) into `vrft: internal failure: ...` and exit code 1;
+    `VRFT_TRACEBACK=1` shows the traceback."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
+        except TrainingFailure as failure:
+            if os.environ.get("VRFT_TRACEBACK"):
+                raise
+            print(f"vrft: internal failure: {failure}", file=sys.stderr)
+            print("(set VRFT_TRACEBACK=1 to see the traceback, and include it in a bug report)", file=sys.stderr)
+            sys.exit(1)
         except (InstantiationException, *USER_ERRORS) as error:
             if os.environ.get("VRFT_TRACEBACK"):
                 raise

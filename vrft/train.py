@@ -17,6 +17,7 @@ from vrft.paths import config_dir
 from vrft.planner.planning import precision_name, resolve_auto
 from vrft.planner.report import enforce_plan
 from vrft.runtime.cuda import apply_memory_cap, configure_allocator
+from vrft.runtime.failures import internal_failure
 from vrft.runtime.oom import explain_out_of_memory
 from vrft.setup import build_run
 from vrft.warmstart import apply_warm_start
@@ -61,6 +62,11 @@ def fit(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, RunSummary]:
     except torch.OutOfMemoryError as error:
         # Raised in the except block (not `from`): the CLI prints this message, VRFT_TRACEBACK shows both.
         raise explain_out_of_memory(error, module, run_dir, trainer.global_step)  # noqa: B904
+    except Exception as error:
+        failure = internal_failure(error, module, trainer)
+        if failure is None:
+            raise
+        raise failure from error
     return trainer, module, summary
 
 
