@@ -66,7 +66,9 @@ def test_an_error_inside_a_phase_is_an_internal_failure_with_step_and_safe_check
     assert "vrft: internal failure: training failed in the reference phase of step 2" in stderr
     assert "ValueError: Image features and image tokens do not match" in stderr
     safe = tmp_path / "checkpoints" / "last.ckpt"
-    assert f"resume with ckpt_path={safe}" in stderr and torch.load(safe, weights_only=False)["global_step"] == 1
+    assert (
+        f"resume with ckpt_path={safe}" in stderr and torch.load(safe, weights_only=False)["global_step"] == 1
+    )
     assert "ValueError" in json.loads((tmp_path / "run_summary.json").read_text())["error"]
 
 

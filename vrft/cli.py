@@ -44,7 +44,9 @@ def user_errors(main: Callable) -> Callable:
             if os.environ.get("VRFT_TRACEBACK"):
                 raise
             print(f"vrft: internal failure: {failure}", file=sys.stderr)
-            print("(set VRFT_TRACEBACK=1 to see the traceback, and include it in a bug report)", file=sys.stderr)
+            print(
+                "(set VRFT_TRACEBACK=1 to see the traceback, and include it in a bug report)", file=sys.stderr
+            )
             sys.exit(1)
         except (InstantiationException, *USER_ERRORS) as error:
             if os.environ.get("VRFT_TRACEBACK"):

@@ -65,7 +65,9 @@ class RunSummary(L.Callback):
         log.info("run summary written to %s", self.path)
 
     @override
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
         # A run that stopped still says how far it got and why.
         self.record_health(trainer, pl_module)
         self.summary["error"] = f"{type(exception).__name__}: {exception}"

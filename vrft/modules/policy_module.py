@@ -175,7 +175,9 @@ class PolicyModule(L.LightningModule):
         # Frozen base weights are the model folder's business: keep only the adapter (MBs, not GBs).
         keep = self.trainable_state_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        bad = [k for k, v in checkpoint["state_dict"].items() if v.is_floating_point() and not v.isfinite().all()]
+        bad = [
+            k for k, v in checkpoint["state_dict"].items() if v.is_floating_point() and not v.isfinite().all()
+        ]
         if bad:  # raised before anything is written: the previous checkpoints stay the last good ones
             raise TrainingFailure(
                 None,

@@ -68,7 +68,12 @@ def parse_dtype(value: str | torch.dtype, option: str, allowed: tuple[str, ...])
 
 def gradients_finite(optimizer: Any) -> bool:
     """Whether every gradient of `optimizer`'s parameters is finite (one host sync)."""
-    grads = [p.grad for group in _raw_optimizer(optimizer).param_groups for p in group["params"] if p.grad is not None]
+    grads = [
+        p.grad
+        for group in _raw_optimizer(optimizer).param_groups
+        for p in group["params"]
+        if p.grad is not None
+    ]
     if not grads:
         return True
     return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
-from vrft.rollout.batch import Rollout, build_prompts, completion_mask
 from vrft.rollout.base import RolloutEngine
+from vrft.rollout.batch import Rollout, build_prompts, completion_mask
 from vrft.rollout.hf import HFGenerate
 from vrft.rollout.tokens import sanitise_completions, stop_token_ids, suppressed_token_ids
 
@@ -41,7 +41,9 @@ def generate_rollout(
     completion_ids = engine.generate(policy, prompts, group_size, generation, eos_ids, tokenizer.pad_token_id)
     mask = completion_mask(completion_ids, eos_ids)
     completion_ids = completion_ids.masked_fill(mask == 0, tokenizer.pad_token_id)
-    completion_ids, mask, found = sanitise_completions(completion_ids, mask, suppressed, tokenizer.pad_token_id)
+    completion_ids, mask, found = sanitise_completions(
+        completion_ids, mask, suppressed, tokenizer.pad_token_id
+    )
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     return Rollout(
         prompts=prompts,

@@ -113,7 +113,9 @@ class TokenChooser:
         """Sample (or argmax) the next token of every row from `[P*G, V]` logits and record it."""
         sampling, count = self.sampling, self.completion.shape[0]
         scaled = next_logits / sampling.temperature if sampling.do_sample else next_logits
-        record = torch.log_softmax(scaled, dim=-1)  # the policy's distribution, as the training forward sees it
+        record = torch.log_softmax(
+            scaled, dim=-1
+        )  # the policy's distribution, as the training forward sees it
         scaled = scaled + self._suppression(scaled)
         penalty = torch.where(self.step < self.min_new, float("-inf"), 0.0)
         scaled = scaled.index_add(1, self.eos, penalty.expand(count, self.num_eos))

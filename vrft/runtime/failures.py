@@ -49,5 +49,8 @@ def internal_failure(error: BaseException, module, trainer) -> TrainingFailure |
         return None
     detail = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
     return TrainingFailure(
-        phase, trainer.global_step + 1, last_checkpoint(trainer), f"{detail} (an internal error, not a setting)"
+        phase,
+        trainer.global_step + 1,
+        last_checkpoint(trainer),
+        f"{detail} (an internal error, not a setting)",
     )
