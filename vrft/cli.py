@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from vrft.models.policy import LANGUAGE_MODEL_TARGETS
 from vrft.models.presets import box_convention
 from vrft.paths import cache_key
+from vrft.runtime.checkpoint_io import CheckpointWriteError
 from vrft.runtime.failures import TrainingFailure
 
 # `${box_convention:${model.name_or_path}}` lets a task follow the model's box coordinates.
@@ -21,7 +22,8 @@ OmegaConf.register_new_resolver("box_convention", box_convention, replace=True)
 OmegaConf.register_new_resolver("lora_targets", lambda: LANGUAGE_MODEL_TARGETS, replace=True)
 
 # Errors that mean "the input is wrong": shown as one line naming the value and the fix, no traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
+# A checkpoint that cannot be written (disk full, read-only folder) is the environment's problem: one line too.
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError, CheckpointWriteError)
 
 
 def root_cause(error: BaseException) -> BaseException:

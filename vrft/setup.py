@@ -10,6 +10,8 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from vrft.runtime.checkpoint_io import AtomicCheckpointIO
+
 
 @dataclass
 class Run:
@@ -40,8 +42,13 @@ def build_trainer(
     )
     callbacks += extra_callbacks or []
     run_logger = instantiate(cfg.logger) if logger and cfg.get("logger") else False
+    # Checkpoints are written beside their destination, fsynced and renamed (vrft.runtime.checkpoint_io).
     return instantiate(
-        cfg.trainer, plugins=[precision], callbacks=callbacks, logger=run_logger, **trainer_overrides
+        cfg.trainer,
+        plugins=[precision, AtomicCheckpointIO()],
+        callbacks=callbacks,
+        logger=run_logger,
+        **trainer_overrides,
     )
 
 

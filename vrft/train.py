@@ -16,6 +16,7 @@ from vrft.cli import config_hash, user_errors
 from vrft.paths import config_dir
 from vrft.planner.planning import precision_name, resolve_auto
 from vrft.planner.report import enforce_plan
+from vrft.runtime.checkpoint_io import check_writable
 from vrft.runtime.cuda import apply_memory_cap, configure_allocator
 from vrft.runtime.failures import internal_failure
 from vrft.runtime.oom import explain_out_of_memory
@@ -36,6 +37,7 @@ def fit(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, RunSummary]:
             f"ckpt_path='{cfg.ckpt_path}' is not a file; pass a Lightning checkpoint such as "
             "<run_dir>/checkpoints/last.ckpt"
         )
+    check_writable(run_dir)  # before the model loads (or a warm start trains): a full disk fails now
     cfg = resolve_auto(cfg)  # precision=auto / rollout_engine=auto -> what the planner says fits
     enforce_plan(cfg)  # refuse, before the model loads, a run the planner says will not fit
     apply_memory_cap(cfg.get("memory_cap_gb"))  # a bigger GPU behaves like the profile's card
