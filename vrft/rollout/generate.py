@@ -45,7 +45,11 @@ def generate_rollout(
         completion_ids, mask, suppressed, tokenizer.pad_token_id
     )
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    sampler_logprobs = engine.last_logprobs
+    if sampler_logprobs is not None:
+        sampler_logprobs = sampler_logprobs[:, : completion_ids.shape[1]].float().masked_fill(mask == 0, 0.0)
     return Rollout(
+        sampler_logprobs=sampler_logprobs,
         prompts=prompts,
         group_size=group_size,
         completion_ids=completion_ids,
