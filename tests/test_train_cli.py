@@ -111,6 +111,34 @@ def test_resume_with_another_lora_rank_is_refused_before_loading(first_run, tmp_
     assert "Traceback" not in result.stderr
 
 
+def test_resume_mid_epoch_and_at_an_epoch_end_matches_a_straight_run(tmp_path):
+    # FAST: 8 training rows, 2 prompts per step -> 4 steps per epoch. Resuming after step 3 is mid-epoch
+    # (the loader must continue with the epoch's 4th batch), after step 4 at an epoch end.
+    straight, first = tmp_path / "straight", tmp_path / "first"
+    for run_dir, steps in ((straight, 6), (first, 3)):
+        result = run_cli(run_dir, f"trainer.max_steps={steps}")
+        assert result.returncode == 0, result.stderr[-3000:]
+    expected = {int(r["step"]): r for r in metric_rows(straight)}
+    for start, checkpoint in (
+        (3, first / "checkpoints" / "last.ckpt"),
+        (4, straight / "checkpoints" / "step-step=4.ckpt"),
+    ):
+        resumed = tmp_path / f"resumed-{start}"
+        result = run_cli(
+            resumed, f"ckpt_path='{checkpoint}'", "trainer.max_steps=6"
+        )  # quoted: '=' in the name
+        assert result.returncode == 0, result.stderr[-3000:]
+        rows = metric_rows(resumed)
+        assert [int(r["step"]) for r in rows] == list(range(start + 1, 7))
+        for row in rows:
+            # Same prompts, same RNG state, same weights: the same computation on the same CPU. The CSV
+            # holds floats printed in full, so only a change of summation order could move them (1e-6).
+            for key in ("train/loss", "train/reward", "train/kl"):
+                assert float(row[key]) == pytest.approx(
+                    float(expected[int(row["step"])][key]), rel=1e-6, abs=1e-7
+                ), f"{key} at step {row['step']} after resuming from step {start}"
+
+
 def test_bad_input_is_one_line_naming_the_fix(tmp_path):
     result = run_cli(tmp_path / "bad", "algorithm.group_size=1")
     assert result.returncode == 2

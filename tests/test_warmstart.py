@@ -13,6 +13,7 @@ from transformers import AutoModelForImageTextToText
 
 import vrft.warmstart
 from vrft.models.presets import tiny_checkpoint
+from vrft.precision import merge_and_requantize
 from vrft.train import fit
 from vrft.warmstart import apply_warm_start, make_warm_start, warm_start_key
 
@@ -107,7 +108,7 @@ def test_warm_start_then_grpo_raises_the_held_out_reward(tmp_path):
         "~callbacks.checkpoint",
     )
     cfg.run_dir = str(tmp_path)
-    fit(cfg)
+    trained = fit(cfg)
     results = json.loads((tmp_path / "held_out.json").read_text())
     before, after = results["before"], results["after"]
     # The warm start is partial on purpose: it answers in format, and right less than 60% of the time.
@@ -115,8 +116,20 @@ def test_warm_start_then_grpo_raises_the_held_out_reward(tmp_path):
     assert before["reward/accuracy"] < 0.6
     assert after["reward/total"] > before["reward/total"] + 0.1, results
     assert after["reward/accuracy"] > before["reward/accuracy"], results
-    # Merging the adapter into the fp32 base changes nothing measurable.
-    assert results["merged"]["reward/total"] == pytest.approx(after["reward/total"], abs=0.05)
+    assert "merged" in results  # the deployed model was measured (its sampled reward is only reported)
+    # Merging the adapter into the fp32 base changes nothing measurable. Compared on the same input, not by
+    # the merged model's sampled reward: merging rounds differently, one flipped draw changes every later
+    # token, and 64 samples of a reward in [0, 2] differ by more than 0.05 from sampling noise alone
+    # (measured: 1.625 vs 1.531). The logits of the same tokens differ by fp32 rounding only: W x + B(A x)
+    # against (W + BA) x over two layers, logits of magnitude < 10, so 1e-4 is ~100x the rounding.
+    _, module, _ = trained
+    merged = merge_and_requantize(module.policy)
+    ids = torch.tensor([[151644, 872, 198, 3838, 374, 419, 30, 151645]])
+    module.policy.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            merged(input_ids=ids).logits, module.policy(input_ids=ids).logits, atol=1e-4, rtol=0
+        )
 
     # The exported adapter is the trained one only (not the frozen reference copy) and loads in peft.
     final = tmp_path / "adapter" / "final"

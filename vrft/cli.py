@@ -13,6 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 from vrft.models.policy import LANGUAGE_MODEL_TARGETS
 from vrft.models.presets import box_convention
 from vrft.paths import cache_key, job_folder
+from vrft.runtime.checkpoint_io import CheckpointWriteError
+from vrft.runtime.failures import TrainingFailure
 
 # `${box_convention:${model.name_or_path}}` lets a task follow the model's box coordinates.
 OmegaConf.register_new_resolver("box_convention", box_convention, replace=True)
@@ -22,7 +24,8 @@ OmegaConf.register_new_resolver("lora_targets", lambda: LANGUAGE_MODEL_TARGETS, 
 OmegaConf.register_new_resolver("job_folder", job_folder, replace=True)
 
 # Errors that mean "the input is wrong": shown as one line naming the value and the fix, no traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
+# A checkpoint that cannot be written (disk full, read-only folder) is the environment's problem: one line too.
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError, CheckpointWriteError)
 
 
 def root_cause(error: BaseException) -> BaseException:
@@ -33,12 +36,22 @@ def root_cause(error: BaseException) -> BaseException:
 
 
 def user_errors(main: Callable) -> Callable:
-    """Turn input errors into `vrft: error: ...` and exit code 2; `VRFT_TRACEBACK=1` shows the traceback."""
+    """Turn input errors into `vrft: error: ...` and exit code 2, and failures inside training
+    (`TrainingFailure`: phase, step, safe checkpoint) into `vrft: internal failure: ...` and exit code 1;
+    `VRFT_TRACEBACK=1` shows the traceback."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
+        except TrainingFailure as failure:
+            if os.environ.get("VRFT_TRACEBACK"):
+                raise
+            print(f"vrft: internal failure: {failure}", file=sys.stderr)
+            print(
+                "(set VRFT_TRACEBACK=1 to see the traceback, and include it in a bug report)", file=sys.stderr
+            )
+            sys.exit(1)
         except (InstantiationException, *USER_ERRORS) as error:
             if os.environ.get("VRFT_TRACEBACK"):
                 raise

@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from vrft.loggers import run_trainer_settings
+from vrft.runtime.checkpoint_io import AtomicCheckpointIO
 
 
 @dataclass
@@ -42,8 +43,12 @@ def build_trainer(
     )
     callbacks += extra_callbacks or []
     settings = run_trainer_settings(cfg) if logger else {"logger": False}
+    # Checkpoints are written beside their destination, fsynced and renamed (vrft.runtime.checkpoint_io).
     return instantiate(
-        cfg.trainer, plugins=[precision], callbacks=callbacks, **{**settings, **trainer_overrides}
+        cfg.trainer,
+        plugins=[precision, AtomicCheckpointIO()],
+        callbacks=callbacks,
+        **{**settings, **trainer_overrides},
     )
 
 

@@ -18,7 +18,9 @@ from vrft.planner.planning import budget_gb, plan_config, precision_name, resolv
 from vrft.planner.report import enforce_plan
 from vrft.quiet import silence_upstream_noise
 from vrft.resume import CHECKPOINT_KEY, resume_settings
+from vrft.runtime.checkpoint_io import check_writable
 from vrft.runtime.cuda import apply_memory_cap, configure_allocator
+from vrft.runtime.failures import internal_failure
 from vrft.runtime.oom import explain_out_of_memory
 from vrft.setup import build_run
 from vrft.validation import check_command_line, validate
@@ -50,6 +52,7 @@ def fit(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, RunSummary]:
     validate(cfg)  # every setting, and the checkpoint to resume from, before anything loads
     configure_allocator()  # expandable segments, before anything touches CUDA
     run_dir = Path(cfg.run_dir)
+    check_writable(run_dir)  # before the model loads (or a warm start trains): a full disk fails now
     cfg = resolve_auto(cfg)  # precision=auto / rollout_engine=auto -> what the planner says fits
     verdict = enforce_plan(cfg)  # refuse, before the model loads, a run the planner says will not fit
     apply_memory_cap(cfg.get("memory_cap_gb"))  # a bigger GPU behaves like the profile's card
@@ -78,6 +81,11 @@ def fit(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, RunSummary]:
     except torch.OutOfMemoryError as error:
         # Raised in the except block (not `from`): the CLI prints this message, VRFT_TRACEBACK shows both.
         raise explain_out_of_memory(error, module, run_dir, trainer.global_step)  # noqa: B904
+    except Exception as error:
+        failure = internal_failure(error, module, trainer)
+        if failure is None:
+            raise
+        raise failure from error
     return trainer, module, summary
 
 

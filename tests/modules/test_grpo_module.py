@@ -108,6 +108,9 @@ def test_disabled_adapter_gives_base_model_logprobs(module):
             "update_micro_batch_size=2",
         ),
         ({"num_iterations": 0}, "num_iterations=0"),
+        # Measured: temperature=0 divided the log-probs by zero and trained on NaN from step 1.
+        ({"temperature": 0.0}, "algorithm.temperature=0.0.*set algorithm.temperature>0"),
+        ({"max_bad_steps": 0}, "algorithm.max_bad_steps=0 must be >= 1"),
     ],
 )
 def test_bad_settings_are_named(settings, message):

@@ -83,9 +83,11 @@ def test_scaler_state_round_trips_through_state_dict():
     assert restored.state_dict() == state
 
 
-def test_modes_without_a_scaler_have_no_state():
+def test_modes_without_a_scaler_keep_only_the_skipped_step_count():
     for plugin in (Fp32Precision(), Bf16Precision(), Int4Precision()):
-        assert plugin.scaler is None and plugin.state_dict() == {}
+        assert plugin.scaler is None and plugin.state_dict() == {"skipped_steps": 0}
+        plugin.load_state_dict({"skipped_steps": 2})
+        assert plugin.skipped_steps == 2
         plugin.load_state_dict({})
 
 

@@ -8,7 +8,14 @@ import torch
 from tiny_lora import lora_model, lora_parameters, token_batch
 from torch.utils.data import DataLoader
 
-from vrft.precision import Bf16Precision, Fp16Precision, Int4Precision, Int8Precision, VrftPrecision
+from vrft.precision import (
+    Bf16Precision,
+    Fp16Precision,
+    Fp32Precision,
+    Int4Precision,
+    Int8Precision,
+    VrftPrecision,
+)
 
 
 class TinyPolicyModule(L.LightningModule):
@@ -17,13 +24,19 @@ class TinyPolicyModule(L.LightningModule):
     Args:
         clip_val: clip the gradient norm with `LightningModule.clip_gradients` before stepping.
         inject_inf_at: batch index whose first adapter gradient is overwritten with inf.
+        inject_nan_loss_at: batch index whose loss is made NaN before backward.
         optimizer: `adamw` or `adamw8bit` (bitsandbytes, 8-bit state from 16 elements on).
     """
 
     def __init__(
-        self, clip_val: float | None = None, inject_inf_at: int | None = None, optimizer: str = "adamw"
+        self,
+        clip_val: float | None = None,
+        inject_inf_at: int | None = None,
+        optimizer: str = "adamw",
+        inject_nan_loss_at: int | None = None,
     ):
         super().__init__()
+        self.inject_nan_loss_at = inject_nan_loss_at
         self.automatic_optimization = False
         self.clip_val = clip_val
         self.inject_inf_at = inject_inf_at
@@ -66,6 +79,8 @@ class TinyPolicyModule(L.LightningModule):
             )
         self.policy.train()
         loss = self.policy(input_ids=batch, labels=batch).loss
+        if batch_idx == self.inject_nan_loss_at:
+            loss = loss * float("nan")
         optimizer.zero_grad()
         self.manual_backward(loss)
         if batch_idx == self.inject_inf_at:
@@ -124,6 +139,21 @@ def test_fp16_scaler_skips_an_overflowed_step_and_counts_it(make_plugin, tmp_pat
     fit(plugin, module, tmp_path)
     assert module.steps == [{"moved": False, "skipped_steps": 1}, {"moved": True, "skipped_steps": 1}]
     assert plugin.scaler.get_scale() == 2.0**15  # halved once by the overflow
+
+
+ALL_PRECISIONS = [Fp32Precision, Bf16Precision, Fp16Precision, Int4Precision, Int8Precision]
+
+
+@pytest.mark.parametrize("plugin_class", ALL_PRECISIONS)
+@pytest.mark.parametrize("inject", ["inject_nan_loss_at", "inject_inf_at"])
+def test_every_precision_skips_a_non_finite_step_and_counts_it(plugin_class, inject, tmp_path):
+    # Clipping is on, as in GRPO: clip_grad_norm_ of one inf gradient would make every gradient NaN.
+    plugin = plugin_class()
+    module = TinyPolicyModule(clip_val=1.0, **{inject: 0})
+    fit(plugin, module, tmp_path)
+    # fp16 counts the inf gradient as the scaler's overflow: also a skipped step.
+    assert module.steps == [{"moved": False, "skipped_steps": 1}, {"moved": True, "skipped_steps": 1}]
+    assert all(torch.isfinite(p).all() for p in lora_parameters(module).values())
 
 
 def test_fp16_clip_gradients_unscales_before_clipping(tmp_path):

@@ -96,6 +96,10 @@ def test_sampled_logprobs_match_training_forward_with_left_padding(fp32_policy, 
     rollout = generate_rollout(
         policy, processor, batch_rows, "{problem}", 3, sampling, torch.device("cpu"), engine=engine
     )
+    # Like with like: the log-probs of the very tokens the engine sampled, under the training forward. The
+    # two compute the same fp32 values by different kernels (static KV cache, fused attention vs eager),
+    # whose rounding over 2 layers stays ~1e-6; 1e-4 leaves 100x margin and still catches any real bug
+    # (a wrong position or mask moves a log-prob by > 1e-2).
     expected = teacher_forced_logprobs(policy, processor, batch_rows, 3, rollout.completion_ids)
     torch.testing.assert_close(engine.last_logprobs, expected, atol=1e-4, rtol=1e-4)
 
@@ -164,6 +168,9 @@ def test_inverse_cdf_sampler_draws_from_the_softmax():
     chosen = InverseCdfSampler(temperature=0.7)(None, logits)
     assert torch.isinf(chosen).sum(1).eq(4).all()  # exactly one finite score per row: greedy picks it
     counts = torch.bincount(chosen.argmax(1), minlength=5).float() / len(chosen)
+    # Seeded, so the same draws every run. The tolerance is also safe for any seed: a frequency of n = 20000
+    # draws has a standard deviation <= sqrt(0.25 / n) = 0.0035, so 0.01 is 2.8 sigma per token, while a
+    # wrong temperature or CDF would move the first token's 0.77 by > 0.05.
     torch.testing.assert_close(counts, (logits[0] / 0.7).softmax(-1), atol=0.01, rtol=0)
     assert counts[3] == 0  # a masked token is never drawn
     top = InverseCdfSampler(temperature=1.0, top_p=0.5)(None, logits[:2000]).argmax(1)

@@ -50,9 +50,25 @@ class RunSummary(L.Callback):
                 )
         self.write()
 
+    def record_health(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Skipped optimizer steps and "learns nothing" warnings (counts by kind)."""
+        self.summary["global_step"] = trainer.global_step
+        self.summary["skipped_steps"] = getattr(trainer.precision_plugin, "skipped_steps", 0)
+        health = getattr(pl_module, "health", None)
+        self.summary["warnings"] = dict(health.warnings) if health is not None else {}
+
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.summary["global_step"] = trainer.global_step
+        self.record_health(trainer, pl_module)
         self.summary["final_metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items()}
         self.write()
         log.info("run summary written to %s", self.path)
+
+    @override
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        # A run that stopped still says how far it got and why.
+        self.record_health(trainer, pl_module)
+        self.summary["error"] = f"{type(exception).__name__}: {exception}"
+        self.write()

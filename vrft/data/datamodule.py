@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from vrft.data.loading import decode_image, load_visual_rft
+from vrft.data.sampler import ResumableSampler
 from vrft.data.synthetic import write_synthetic_dataset
 from vrft.paths import cache_key, cache_root
 
@@ -97,6 +98,7 @@ class VisualRFTDataModule(L.LightningDataModule):
         self.shuffle = shuffle
         self.skipped_rows: dict[str, int] = {}
         self.splits: dict[str, RowDataset] = {}
+        self._resume: dict | None = None  # {"epoch", "batches"} from a checkpoint, applied to the next loader
 
     def dataset_path(self) -> Path:
         """Where the data is read from (generating the synthetic set on first use)."""
@@ -185,16 +187,37 @@ class VisualRFTDataModule(L.LightningDataModule):
         return kept
 
     def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(torch.initial_seed() % 2**63)
+        seed = torch.initial_seed() % 2**62
+        sampler = ResumableSampler(len(self.splits["train"]), seed, self.shuffle)
+        if self._resume is not None:
+            sampler.resume_at(self._resume["epoch"], self._resume["batches"] * self.batch_size)
+            self._resume = None
         return DataLoader(
             self.splits["train"],
             batch_size=self.batch_size,
-            shuffle=self.shuffle,
+            sampler=sampler,
             drop_last=True,
             collate_fn=_as_list,
             num_workers=self.num_workers,
-            generator=generator,
+            # Its own generator: a loader without one draws its workers' base seed from the global RNG at
+            # every new iterator, and a resumed run makes one more iterator than a straight run.
+            generator=torch.Generator().manual_seed(seed),
         )
+
+    def state_dict(self) -> dict:
+        """Where training is in the data: the epoch and how many of its batches were trained on.
+
+        Read from the fit loop's progress (the batches training steps finished), not from the loader,
+        which has already fetched the next batch when a checkpoint is written.
+        """
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return {}
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": trainer.current_epoch, "batches": progress.processed}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._resume = dict(state_dict) if state_dict else None
 
     def val_dataloader(self) -> DataLoader | list:
         if "val" not in self.splits:

@@ -141,8 +141,11 @@ def tiny_checkpoint(seed: int = 0) -> Path:
     if (folder / "config.json").exists() and (folder / "tokenizer.json").exists():
         return folder
     log.info("building the tiny preset checkpoint in %s (once)", folder)
-    torch.manual_seed(seed)
-    model = model_class(config)._from_config(config, dtype=torch.float32)
+    # Forked: building the cache must not reseed the run that triggered it (it would sample differently
+    # from every later run with the same seed, which finds the checkpoint already built).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_class(config)._from_config(config, dtype=torch.float32)
     partial = folder.with_name(folder.name + f".partial-{os.getpid()}")
     model.save_pretrained(partial)
     processor = build_processor(min_pixels=3136, max_pixels=12544)

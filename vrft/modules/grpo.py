@@ -19,6 +19,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from vrft.models.policy import LoraSpec, ModelSpec
+from vrft.modules.health import TrainingHealth
 from vrft.modules.losses import PolicyLoss, StepTotals, truncated_importance_weights
 from vrft.modules.policy_module import PolicyModule
 from vrft.modules.scoring import RewardSet, group_advantages
@@ -55,6 +56,8 @@ class GRPOSettings:
     advantage_eps: float = 1e-4
     max_grad_norm: float | None = 1.0
     num_logged_samples: int = 4  # completions kept per step for the sample table
+    max_bad_steps: int = 3  # non-finite optimizer steps in a row (each skipped) before the run stops
+    stall_steps: int = 5  # steps in a row with no reward spread in any group before a warning
     # Truncated importance sampling for engines that sample from other weights than the training forward
     # (bf16_copy, dequant, packed): each token's policy-gradient term times min(pi_train / pi_sampler, cap).
     # null turns it off; `hf` samples from the training-time model itself, so it never applies there.
@@ -97,6 +100,14 @@ class GRPOSettings:
                 f"algorithm.update_micro_batch_size={self.update_micro_batch_size} does not divide the "
                 f"{sequences} sequences of a rollout (rollout_batch_size x group_size); pick a divisor of {sequences}"
             )
+        if self.temperature <= 0:
+            raise ValueError(
+                f"algorithm.temperature={self.temperature}: GRPO samples and scores completions at this "
+                "temperature and log-probs divide by it; set algorithm.temperature>0 (Visual-RFT uses 1.0)"
+            )
+        for key in ("max_bad_steps", "stall_steps"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"algorithm.{key}={getattr(self, key)} must be >= 1")
         if self.rollout_is_cap is not None and not self.rollout_is_cap >= 1:
             raise ValueError(
                 f"algorithm.rollout_is_cap={self.rollout_is_cap} must be >= 1 (2.0 is a common cap) or null "
@@ -159,6 +170,7 @@ class GRPOModule(PolicyModule):
         self.samples: list[dict] = []  # latest completions, read by the sample-logging callback
         self.rollout_engine = build_rollout_engine(self.settings.rollout_engine)
         self.phases = PhaseTracker()  # names the running phase (OOM messages) and records its peak memory
+        self.health = TrainingHealth(self.settings.max_bad_steps, self.settings.stall_steps)
 
     @property
     def batches_per_step(self) -> int:
@@ -292,6 +304,9 @@ class GRPOModule(PolicyModule):
                 optimizer.zero_grad(set_to_none=True)
                 if scheduler is not None:
                     scheduler.step()
+                nonfinite = getattr(self.trainer.precision_plugin, "last_step_nonfinite", False)
+                phase = nonfinite_phase(rollouts) if nonfinite else "update"
+                self.health.record_update(nonfinite, phase, self.global_step, self.trainer)
             update_seconds = time.perf_counter() - start
             self.log_step(rollouts, totals, loss_total, stat_sums, update_seconds)
 
@@ -351,6 +366,8 @@ class GRPOModule(PolicyModule):
             "train/completion_length": total("completion_length_sum") / n,
             "train/completion_length_max": max(r.stats["completion_length_max"] for r in rollouts),
             "train/truncated_fraction": total("truncated_count") / n,
+            # Special tokens an engine emitted despite suppression (cut out before any forward): should be 0.
+            "train/suppressed_tokens": total("suppressed_tokens"),
             "train/lr": self.optimizers().param_groups[0]["lr"],
             "time/rollout_s": total("rollout_seconds"),
             "time/reference_s": total("reference_seconds"),
@@ -360,6 +377,9 @@ class GRPOModule(PolicyModule):
             "memory/rollout_peak_gb": max(r.stats["rollout_peak_gb"] for r in rollouts),
             "memory/update_peak_gb": peak_memory_gb(self.device),
         }
+        self.health.record_signal(
+            metrics["train/zero_std_groups"], metrics["train/grad_norm"], mean_reward, self.global_step
+        )
         for name in self.rewards.names:
             metrics[f"reward/{name}"] = total(f"reward_sum/{name}") / n
         if "mismatch_sum" in stat_sums:  # the engine sampled from other weights than the training forward
@@ -379,3 +399,12 @@ class GRPOModule(PolicyModule):
         progress = {"train/reward", "train/kl", "train/completion_length", "memory/update_peak_gb"}
         for key, value in metrics.items():
             self.log(key, value, prog_bar=key in progress, logger=False, on_step=True, batch_size=n)
+
+
+def nonfinite_phase(rollouts: list[Rollout]) -> str:
+    """Where a non-finite loss came from: `reference` if a stored log-prob is non-finite, else `update`."""
+    for rollout in rollouts:
+        for stored in (rollout.ref_logprobs, rollout.old_logprobs):
+            if stored is not None and not bool(torch.isfinite(stored).all()):
+                return "reference"
+    return "update"

@@ -25,6 +25,7 @@ from vrft.modules.logprobs import selective_logprobs
 from vrft.rollout.base import RolloutEngine
 from vrft.rollout.batch import Rollout
 from vrft.rollout.generate import generate_rollout
+from vrft.runtime.failures import TrainingFailure, last_checkpoint
 
 
 class PolicyModule(L.LightningModule):
@@ -184,6 +185,16 @@ class PolicyModule(L.LightningModule):
         # Frozen base weights are the model folder's business: keep only the adapter (MBs, not GBs).
         keep = self.trainable_state_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        bad = [
+            k for k, v in checkpoint["state_dict"].items() if v.is_floating_point() and not v.isfinite().all()
+        ]
+        if bad:  # raised before anything is written: the previous checkpoints stay the last good ones
+            raise TrainingFailure(
+                None,
+                self.global_step,
+                last_checkpoint(self.trainer),
+                f"adapter weights {bad[:3]} hold NaN/inf; refusing to write a checkpoint from them",
+            )
         checkpoint["rng_states"] = {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],

@@ -9,7 +9,9 @@ A plugin decides three dtypes:
 
 When the compute dtype is fp16, a `torch.amp.GradScaler` scales the loss before backward, unscales the
 gradients once before clipping or stepping, and skips (never applies) steps whose gradients overflowed,
-counting them in `skipped_steps`. This works under manual optimization: `manual_backward` goes through
+counting them in `skipped_steps`. In every precision, a step whose loss or gradients are not finite is
+skipped the same way (one NaN gradient, clipped, would turn every adapter weight into NaN), counted in
+`skipped_steps`, and flagged in `last_step_nonfinite` for the module to stop a run that keeps diverging. This works under manual optimization: `manual_backward` goes through
 `pre_backward`, `LightningOptimizer.step` through `optimizer_step`, `LightningModule.clip_gradients`
 through `clip_gradients`.
 """
@@ -64,6 +66,19 @@ def parse_dtype(value: str | torch.dtype, option: str, allowed: tuple[str, ...])
     return dtype
 
 
+def gradients_finite(optimizer: Any) -> bool:
+    """Whether every gradient of `optimizer`'s parameters is finite (one host sync)."""
+    grads = [
+        p.grad
+        for group in _raw_optimizer(optimizer).param_groups
+        for p in group["params"]
+        if p.grad is not None
+    ]
+    if not grads:
+        return True
+    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+
 def _raw_optimizer(optimizer: Any) -> Optimizer:
     # `LightningModule.clip_gradients` receives the LightningOptimizer wrapper, `optimizer_step` the wrapped
     # optimizer; the scaler keys its per-optimizer state by object id, so both must name the same object.
@@ -104,6 +119,8 @@ class VrftPrecision(Precision):
                 raise ValueError(f"precision.init_scale={init_scale} must be positive; the default is 65536")
             self.scaler = torch.amp.GradScaler(self.device_type, init_scale=init_scale)
         self.skipped_steps = 0
+        self.last_step_nonfinite = False  # the last optimizer step saw a non-finite loss or gradient
+        self._loss_finite = True  # every loss backpropagated since the last optimizer step was finite
         self._unscaled: set[int] = set()  # ids of optimizers unscaled since the last scaler update
 
     # ------------------------------------------------------------------------------------ module
@@ -151,6 +168,7 @@ class VrftPrecision(Precision):
     # ---------------------------------------------------------------------------- loss scaling
     @override
     def pre_backward(self, tensor: Tensor, module: pl.LightningModule) -> Tensor:  # type: ignore[override]
+        self._loss_finite &= bool(torch.isfinite(tensor.detach()).all())
         if self.scaler is not None:
             tensor = self.scaler.scale(tensor)
         return super().pre_backward(tensor, module)
@@ -182,14 +200,32 @@ class VrftPrecision(Precision):
     def optimizer_step(  # type: ignore[override]
         self, optimizer: Optimizer, model: pl.LightningModule, closure: Callable[[], Any], **kwargs: Any
     ) -> Any:
-        if self.scaler is None:
-            return super().optimizer_step(optimizer, model=model, closure=closure, **kwargs)
         closure_result = closure()
         if closure_result is None and model.automatic_optimization:
             return None  # training_step returned None: Lightning skipped backward, nothing to step
         self.unscale_gradients(optimizer)
         # The module's on_before_optimizer_step hook (grad norms, clipping) sees unscaled gradients.
         self._after_closure(model, optimizer)
+        loss_finite, self._loss_finite = self._loss_finite, True
+        if self.scaler is not None and loss_finite:
+            return self._scaled_step(optimizer, closure_result, **kwargs)
+        self._unscaled.clear()
+        self.last_step_nonfinite = not (loss_finite and gradients_finite(optimizer))
+        if self.last_step_nonfinite:
+            self.skipped_steps += 1
+            log.warning(
+                "non-finite %s: optimizer step skipped, weights unchanged (%d skipped so far)",
+                "gradient" if loss_finite else "loss",
+                self.skipped_steps,
+            )
+            if self.scaler is not None:
+                self.scaler.update(self.scaler.get_scale())  # forget this step's inf checks, keep the scale
+            return closure_result
+        return _raw_optimizer(optimizer).step(**kwargs)
+
+    def _scaled_step(self, optimizer: Optimizer, closure_result: Any, **kwargs: Any) -> Any:
+        """fp16: step through the GradScaler, which skips (and lowers the scale on) overflowed gradients."""
+        self.last_step_nonfinite = False  # an fp16 overflow is the scaler's routine, not a diverging run
         if id(_raw_optimizer(optimizer)) not in self._unscaled:
             return closure_result  # no parameter has a gradient: nothing to step
         scale_before = self.scaler.get_scale()
@@ -216,16 +252,18 @@ class VrftPrecision(Precision):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        """The loss scaler's state and the skipped-step count (empty without a scaler)."""
-        if self.scaler is None:
-            return {}
-        return {"scaler": self.scaler.state_dict(), "skipped_steps": self.skipped_steps}
+        """The skipped-step count, and the loss scaler's state when there is one."""
+        state: dict[str, Any] = {"skipped_steps": self.skipped_steps}
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if self.scaler is None or not state_dict:
+        if not state_dict:
             return
-        self.scaler.load_state_dict(state_dict["scaler"])
+        if self.scaler is not None and "scaler" in state_dict:
+            self.scaler.load_state_dict(state_dict["scaler"])
         self.skipped_steps = int(state_dict.get("skipped_steps", 0))
 
     # -------------------------------------------------------------------------------- storage

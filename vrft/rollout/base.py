@@ -42,6 +42,7 @@ class Sampling:
     top_p: float = 1.0
     max_new_tokens: int = 256
     min_new_tokens: int = 0
+    suppress_tokens: tuple[int, ...] = ()  # never sampled (`vrft.rollout.tokens.suppressed_token_ids`)
 
     @classmethod
     def from_generation(cls, generation: dict) -> Sampling:
@@ -52,6 +53,7 @@ class Sampling:
                 "rollout engines; set algorithm.rollout_engine=hf"
             )
         fields = {k: v for k, v in generation.items() if k != "top_k"}
+        fields["suppress_tokens"] = tuple(fields.get("suppress_tokens") or ())
         return cls(**fields)
 
 

@@ -9,6 +9,7 @@ import torch
 from vrft.rollout.base import RolloutEngine
 from vrft.rollout.batch import Rollout, build_prompts, completion_mask
 from vrft.rollout.hf import HFGenerate
+from vrft.rollout.tokens import sanitise_completions, stop_token_ids, suppressed_token_ids
 
 
 @torch.no_grad()
@@ -27,19 +28,22 @@ def generate_rollout(
     All `len(rows) * group_size` sequences are generated together with a KV cache. `generation_kwargs`
     go to `generate` (sampling settings, `max_new_tokens`, ...). `engine` picks how (`vrft.rollout.engines`;
     default plain `generate`).
+
+    Every engine is told to never sample the special tokens a forward would misread (image/video pads,
+    vision markers: `vrft.rollout.tokens`); any that still got through end their completion there, counted
+    in `stats["suppressed_tokens"]`.
     """
     prompts = build_prompts(processor, rows, prompt_template, device)
     tokenizer = processor.tokenizer
-    eos_ids = [
-        tokenizer.convert_tokens_to_ids("<|im_end|>"),
-        tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-    ]
+    eos_ids, suppressed = stop_token_ids(tokenizer), suppressed_token_ids(tokenizer)
+    generation = {**generation_kwargs, "suppress_tokens": suppressed}
     engine = engine or HFGenerate()
-    completion_ids = engine.generate(
-        policy, prompts, group_size, generation_kwargs, eos_ids, tokenizer.pad_token_id
-    )
+    completion_ids = engine.generate(policy, prompts, group_size, generation, eos_ids, tokenizer.pad_token_id)
     mask = completion_mask(completion_ids, eos_ids)
     completion_ids = completion_ids.masked_fill(mask == 0, tokenizer.pad_token_id)
+    completion_ids, mask, found = sanitise_completions(
+        completion_ids, mask, suppressed, tokenizer.pad_token_id
+    )
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     sampler_logprobs = engine.last_logprobs
     if sampler_logprobs is not None:
@@ -52,4 +56,5 @@ def generate_rollout(
         completion_mask=mask,
         completions=texts,
         rows=list(rows),
+        stats={"suppressed_tokens": float(found)},
     )

@@ -106,12 +106,24 @@ class TokenChooser:
         self.step = torch.zeros(1, dtype=torch.long, device=device)
         self.eos = torch.tensor(eos_ids, device=device)
         self.min_new = torch.tensor(sampling.min_new_tokens, device=device)
+        self.suppress: Tensor | None = None  # [V] -inf at never-sampled ids; made by the first (eager) call
+
+    def _suppression(self, logits: Tensor) -> Tensor:
+        if self.suppress is None:
+            vocab = logits.shape[-1]
+            ids = torch.tensor([i for i in self.sampling.suppress_tokens if i < vocab], dtype=torch.long)
+            self.suppress = torch.zeros(vocab, device=logits.device)
+            self.suppress[ids.to(logits.device)] = float("-inf")
+        return self.suppress
 
     def choose(self, next_logits: Tensor) -> None:
         """Sample (or argmax) the next token of every row from `[P*G, V]` logits and record it."""
         sampling, count = self.sampling, self.completion.shape[0]
         scaled = next_logits / sampling.temperature if sampling.do_sample else next_logits
-        record = torch.log_softmax(scaled, dim=-1)
+        record = torch.log_softmax(
+            scaled, dim=-1
+        )  # the policy's distribution, as the training forward sees it
+        scaled = scaled + self._suppression(scaled)
         penalty = torch.where(self.step < self.min_new, float("-inf"), 0.0)
         scaled = scaled.index_add(1, self.eos, penalty.expand(count, self.num_eos))
         if sampling.do_sample and sampling.top_p < 1.0:

@@ -1,0 +1,105 @@
+"""A run that fails, diverges or learns nothing says so: internal failures (exit 1), non-finite steps, stalls."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from tests.support import LENGTH_REWARD
+from tests.test_train_cli import CONF, FAST, metric_rows
+from vrft.cli import user_errors
+from vrft.modules.grpo import GRPOModule
+from vrft.train import train
+
+
+def config(run_dir: Path, *overrides: str, fast=FAST):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("train", overrides=[*fast, *overrides])
+    cfg.run_dir = str(run_dir)
+    return cfg
+
+
+def run_cli_main(cfg, capsys) -> tuple[int, str]:
+    """`train` behind the CLI's error handling, as `python -m vrft.train` runs it: (exit code, stderr)."""
+    with pytest.raises(SystemExit) as exit_info:
+        user_errors(train)(cfg)
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def go_wrong(monkeypatch, method: str, bad_calls, make_error, grad_only: bool = False):
+    """Patch `GRPOModule.<method>` so that call number n (1-based) goes wrong (`make_error(result)`) when
+    `bad_calls(n)`; with `grad_only`, only calls under autograd (the update, not the reference) count."""
+    original, calls = getattr(GRPOModule, method), []
+
+    def patched(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        if grad_only and not torch.is_grad_enabled():
+            return result
+        calls.append(1)
+        return make_error(result) if bad_calls(len(calls)) else result
+
+    monkeypatch.setattr(GRPOModule, method, patched)
+
+
+def raise_mismatch(_result):
+    raise ValueError("Image features and image tokens do not match, tokens: 2049, features: 2048")
+
+
+def all_finite(checkpoint: Path) -> bool:
+    state = torch.load(checkpoint, weights_only=False)["state_dict"]
+    return all(bool(v.isfinite().all()) for v in state.values())
+
+
+def test_an_error_inside_a_phase_is_an_internal_failure_with_step_and_safe_checkpoint(
+    tmp_path, monkeypatch, capsys
+):
+    # The error a sampled <|image_pad|> raised in the reference forward: a ValueError from transformers,
+    # which the CLI used to report as a bad setting (exit 2).
+    # FAST: one rollout (one reference pass) per optimizer step, so call 2 is step 2.
+    go_wrong(monkeypatch, "rollout_logprobs", lambda n: n == 2, raise_mismatch)
+    code, stderr = run_cli_main(config(tmp_path, "trainer.max_steps=3"), capsys)
+    assert code == 1
+    assert "vrft: internal failure: training failed in the reference phase of step 2" in stderr
+    assert "ValueError: Image features and image tokens do not match" in stderr
+    safe = tmp_path / "checkpoints" / "last.ckpt"
+    assert (
+        f"resume with ckpt_path={safe}" in stderr and torch.load(safe, weights_only=False)["global_step"] == 1
+    )
+    assert "ValueError" in json.loads((tmp_path / "run_summary.json").read_text())["error"]
+
+
+def test_a_nan_loss_skips_one_step_and_the_run_goes_on(tmp_path, monkeypatch):
+    # Step 2's update log-probs are NaN: its loss and gradients are NaN, the step must not apply them.
+    # FAST: two update micro-batches (of 2 of the 4 completions) per optimizer step: call 3 is in step 2.
+    go_wrong(monkeypatch, "sequence_logprobs", lambda n: n == 3, lambda r: r * float("nan"), grad_only=True)
+    cfg = config(tmp_path, "trainer.max_steps=3")
+    train(cfg)
+    rows = metric_rows(tmp_path)
+    assert [float(r["train/skipped_steps"]) for r in rows] == [0.0, 1.0, 1.0]
+    assert json.loads((tmp_path / "run_summary.json").read_text())["skipped_steps"] == 1
+    checkpoints = sorted((tmp_path / "checkpoints").glob("*.ckpt"))
+    assert len(checkpoints) == 4 and all(all_finite(c) for c in checkpoints)  # step 1-3 and last
+
+
+def test_consecutive_non_finite_steps_stop_the_run_naming_the_phase(tmp_path, monkeypatch, capsys):
+    # From step 2 on the reference log-probs are NaN (so is the KL term of every loss).
+    go_wrong(monkeypatch, "rollout_logprobs", lambda n: n >= 2, lambda r: r * float("nan"))
+    code, stderr = run_cli_main(config(tmp_path, "trainer.max_steps=5", "algorithm.max_bad_steps=2"), capsys)
+    assert code == 1
+    assert "training failed in the reference phase of step 3: 2 optimizer steps in a row" in stderr
+    checkpoints = sorted((tmp_path / "checkpoints").glob("*.ckpt"))
+    assert checkpoints and all(all_finite(c) for c in checkpoints)
+
+
+def test_a_run_without_reward_spread_warns_and_counts_it(tmp_path, caplog):
+    # Without the length reward, the untrained tiny model never matches the format: every reward is 0.
+    fast = [o for o in FAST if o not in LENGTH_REWARD]
+    train(config(tmp_path, "trainer.max_steps=2", "algorithm.stall_steps=2", fast=fast))
+    warnings = json.loads((tmp_path / "run_summary.json").read_text())["warnings"]
+    assert warnings["no_reward_spread"] == 1
+    assert "every group's completions got the same reward" in caplog.text
+    assert "the format reward never matched" in caplog.text
