@@ -9,15 +9,18 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from vrft.callbacks import RunSummary
 from vrft.cli import config_hash, user_errors
+from vrft.distributed import check_distributed, check_strategy
 from vrft.paths import config_dir
 from vrft.planner.planning import precision_name, resolve_auto
 from vrft.planner.report import enforce_plan
 from vrft.runtime.cuda import apply_memory_cap, configure_allocator
 from vrft.runtime.oom import explain_out_of_memory
+from vrft.runtime.ranks import stop_other_ranks
 from vrft.setup import build_run
 from vrft.warmstart import apply_warm_start
 
@@ -35,7 +38,9 @@ def fit(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, RunSummary]:
             f"ckpt_path='{cfg.ckpt_path}' is not a file; pass a Lightning checkpoint such as "
             "<run_dir>/checkpoints/last.ckpt"
         )
+    check_distributed(cfg)  # devices, strategy and prompt split of a multi-process run, before loading
     cfg = resolve_auto(cfg)  # precision=auto / rollout_engine=auto -> what the planner says fits
+    check_strategy(cfg.trainer, cfg.precision)  # again, for the precision `auto` chose
     enforce_plan(cfg)  # refuse, before the model loads, a run the planner says will not fit
     apply_memory_cap(cfg.get("memory_cap_gb"))  # a bigger GPU behaves like the profile's card
     warm_start_callbacks = apply_warm_start(cfg)  # sets lora.init_adapter (made once, then cached)
@@ -54,13 +59,22 @@ def fit(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, RunSummary]:
     )
     run = build_run(cfg, [summary, *warm_start_callbacks])
     trainer, module = run.trainer, run.module
-    run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=False)
+    if rank_zero_only.rank == 0:  # Lightning's launcher runs this script once per rank: one writer
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=False)
     try:
         trainer.fit(module, datamodule=run.datamodule, ckpt_path=cfg.ckpt_path)
     except torch.OutOfMemoryError as error:
+        explained = explain_out_of_memory(
+            error,
+            module,
+            run_dir,
+            trainer.global_step,
+            trainer.global_rank if trainer.world_size > 1 else None,
+        )
+        stop_other_ranks(trainer)  # the others would wait for this rank in their next collective
         # Raised in the except block (not `from`): the CLI prints this message, VRFT_TRACEBACK shows both.
-        raise explain_out_of_memory(error, module, run_dir, trainer.global_step)  # noqa: B904
+        raise explained  # noqa: B904
     return trainer, module, summary
 
 

@@ -20,3 +20,21 @@ def isolated_rng():
         finally:
             random.setstate(python_state)
             np.random.set_state(numpy_state)
+
+
+def prompt_seed(base_seed: int, epoch: int, row_indices: list[int]) -> int:
+    """A seed of its own for the rollout of these rows in this epoch, whichever rank generates them.
+
+    A rollout seeded from the global RNG would depend on the rank and on how many batches that rank drew
+    before; keyed by the rows, the same prompts sample the same completions on 1 rank or N, and again on
+    resume. `torch.Generator` seeds are 64-bit; the key is mixed by `hash` of an int tuple (not salted).
+    """
+    return hash((int(base_seed), int(epoch), *map(int, row_indices))) % 2**63
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int):
+    """Inside, torch (CPU and CUDA) draws from `seed`; the global random state is restored on exit."""
+    with isolated_rng():
+        torch.manual_seed(seed)
+        yield
