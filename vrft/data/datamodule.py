@@ -11,7 +11,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from vrft.data.loading import decode_image, load_visual_rft
 from vrft.data.synthetic import write_synthetic_dataset
@@ -185,15 +185,26 @@ class VisualRFTDataModule(L.LightningDataModule):
         return kept
 
     def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(torch.initial_seed() % 2**63)
+        # One seeded order of the rows for the whole run, dealt to the ranks in turn (rank r takes rows
+        # r, r + N, ...): each rank's shard is disjoint, and an optimizer step covers the same prompts on one
+        # rank as on N. Lightning leaves a DistributedSampler in place; its own (injected under DDP) would
+        # always shuffle, with a different order from one process's.
+        trainer = self.trainer
+        sampler = DistributedSampler(
+            self.splits["train"],
+            num_replicas=trainer.world_size if trainer is not None else 1,
+            rank=trainer.global_rank if trainer is not None else 0,
+            shuffle=self.shuffle,
+            seed=torch.initial_seed() % 2**63,
+            drop_last=True,
+        )
         return DataLoader(
             self.splits["train"],
             batch_size=self.batch_size,
-            shuffle=self.shuffle,
+            sampler=sampler,
             drop_last=True,
             collate_fn=_as_list,
             num_workers=self.num_workers,
-            generator=generator,
         )
 
     def val_dataloader(self) -> DataLoader | list:
