@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -141,8 +142,11 @@ def tiny_checkpoint(seed: int = 0) -> Path:
     if (folder / "config.json").exists() and (folder / "tokenizer.json").exists():
         return folder
     log.info("building the tiny preset checkpoint in %s (once)", folder)
-    torch.manual_seed(seed)
-    model = model_class(config)._from_config(config, dtype=torch.float32)
+    # A forked RNG: building the cache must not reseed the run (the LoRA init would then depend on whether
+    # the cache existed, e.g. on which of two DDP runs built it first).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_class(config)._from_config(config, dtype=torch.float32)
     partial = folder.with_name(folder.name + f".partial-{os.getpid()}")
     model.save_pretrained(partial)
     processor = build_processor(min_pixels=3136, max_pixels=12544)
@@ -153,7 +157,9 @@ def tiny_checkpoint(seed: int = 0) -> Path:
     try:
         partial.rename(folder)
     except OSError:
-        if not (folder / "config.json").exists():
+        # Another process (a DDP rank started at the same moment) renamed its build into place first.
+        shutil.rmtree(partial, ignore_errors=True)
+        if not folder.is_dir():
             raise
     return folder
 
