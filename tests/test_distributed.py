@@ -17,6 +17,7 @@ from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
 from tests.test_train_cli import CONF, FAST, run_cli
+from vrft.distributed import check_distributed
 from vrft.train import fit
 
 # One rollout batch = one prompt, so generation never pads one prompt against another (padding would make a
@@ -105,3 +106,36 @@ def test_two_process_checkpoint_resumes_on_one(two_process_run, tmp_path):
     assert [r["step"] for r in metric_rows(tmp_path / "resumed")] == ["3"]
     optimizer = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
     assert float(next(iter(optimizer["optimizer_states"][0]["state"].values()))["step"]) == 3
+
+
+# ------------------------------------------------------------------------- settings refused before loading
+def _cfg(*overrides: str):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("train", overrides=["warm_start=none", *overrides])
+
+
+def test_more_devices_than_visible_gpus_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(
+        ValueError, match=r"trainer.devices=2 asks for 2 GPUs but 1 are visible.*trainer.devices=1"
+    ):
+        check_distributed(_cfg("trainer.accelerator=gpu", "trainer.devices=2", "trainer.strategy=ddp"))
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed_stage_2"])
+def test_sharding_strategy_with_a_quantised_base_is_refused(strategy):
+    cfg = _cfg("precision=int4", "trainer.accelerator=cpu", f"trainer.strategy={strategy}")
+    with pytest.raises(
+        ValueError, match=rf"trainer.strategy={strategy} with precision=int4.*not supported yet"
+    ):
+        check_distributed(cfg)
+    check_distributed(_cfg("precision=int4", "trainer.accelerator=cpu", "trainer.strategy=ddp"))  # fine
+
+
+def test_prompts_that_do_not_split_over_the_ranks_stop_the_cli_before_loading(tmp_path):
+    result = run_cli(tmp_path / "bad", *DDP_FAST, *TWO_RANKS, "algorithm.prompts_per_step=3")
+    assert result.returncode == 2
+    assert "vrft: error: algorithm.prompts_per_step=3 does not split over 2 ranks" in result.stderr
+    assert "algorithm.prompts_per_step=2" in result.stderr  # the fix, spelled out
+    assert "Traceback" not in result.stderr and not (tmp_path / "bad" / "config.yaml").exists()

@@ -61,6 +61,11 @@ def check_devices(trainer_cfg: DictConfig) -> None:
     if not uses_gpus(trainer_cfg) or devices in (-1, "auto", "-1"):
         return
     wanted, visible = devices_per_node(trainer_cfg), torch.cuda.device_count()
+    if wanted > visible == 0:
+        raise ValueError(
+            f"trainer.devices={devices} asks for {wanted} GPUs but none is visible; run on a machine with GPUs, "
+            "or set trainer.accelerator=cpu (processes on the CPU, gloo backend)"
+        )
     if wanted > visible:
         shown = os.environ.get("CUDA_VISIBLE_DEVICES")
         note = f" (CUDA_VISIBLE_DEVICES={shown})" if shown is not None else ""
@@ -102,10 +107,16 @@ def check_prompt_split(algorithm_cfg: DictConfig, ranks: int) -> None:
         )
 
 
-def check_distributed(cfg: DictConfig) -> int:
-    """Check the run's device, strategy and prompt-split settings before loading; returns the world size."""
-    check_devices(cfg.trainer)
+def check_plan_settings(cfg: DictConfig) -> int:
+    """Check what a plan on paper needs (strategy, prompt split; not this machine's GPUs); returns the world
+    size."""
     check_strategy(cfg.trainer, cfg.precision)
     ranks = world_size(cfg)
     check_prompt_split(cfg.algorithm, ranks)
     return ranks
+
+
+def check_distributed(cfg: DictConfig) -> int:
+    """Check the run's device, strategy and prompt-split settings before loading; returns the world size."""
+    check_devices(cfg.trainer)
+    return check_plan_settings(cfg)

@@ -14,8 +14,8 @@ from hydra.utils import get_class
 from omegaconf import DictConfig
 
 from vrft.cli import user_errors
+from vrft.distributed import check_plan_settings
 from vrft.paths import config_dir
-from vrft.distributed import check_distributed
 from vrft.planner.planning import cards_needed, resolve_auto, verdict
 from vrft.planner.report import format_cards, format_verdict
 
@@ -28,7 +28,7 @@ QUIET_HYDRA = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging
 @user_errors
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: print the plan; exit 1 if it does not fit the budget."""
-    check_distributed(cfg)
+    check_plan_settings(cfg)
     cfg = resolve_auto(cfg)
     result = verdict(cfg)
     print(format_verdict(cfg, result))
