@@ -149,13 +149,21 @@ def test_wandb_logger_works_offline_with_sample_table(tmp_path):
 def test_evaluate_cli_writes_predictions_and_metrics(first_run, tmp_path):
     out = tmp_path / "eval"
     adapter = first_run / "adapter" / "final"
-    result = run_cli(out, f"adapter={adapter}", "split=test", "max_rows=4", module="vrft.evaluate")
+    result = run_cli(
+        out,
+        f"adapter={adapter}",
+        "include_base=false",
+        "split=test",
+        "max_rows=4",
+        "max_new_tokens=24",
+        module="vrft.evaluate",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "metrics.json").read_text())
-    assert report["rows"] == 4 and report["adapter"] == str(adapter)
-    assert 0.0 <= report["metrics"]["accuracy"] <= 1.0
-    predictions = json.loads((out / "predictions.json").read_text())
-    assert len(predictions) == 4 and {"completion", "solution", "problem"} <= set(predictions[0])
+    assert report["rows"] == 4 and list(report["results"]) == [str(adapter)]
+    assert 0.0 <= report["results"][str(adapter)]["accuracy"] <= 1.0
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 4 and {"completion", "solution", "answer", "reward"} <= set(predictions[0])
 
 
 def test_sft_algorithm_logs_loss_and_writes_checkpoints_and_adapter(tmp_path):

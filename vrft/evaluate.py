@@ -1,8 +1,10 @@
-"""`python -m vrft.evaluate`: greedy decoding on a split, the metric Visual-RFT reports, JSON out.
+"""`python -m vrft.evaluate`: greedy decoding on a split, the metric Visual-RFT reports, one before/after table.
 
-Detection: COCO bbox mAP (IoU .50:.95 and .50) with the model's confidence as score; classification:
-accuracy with the reward's matching rule; grounding: mean IoU. Writes `predictions.json` and `metrics.json`
-to the run folder.
+Detection: COCO bbox mAP (IoU .50:.95 and .50) per class and averaged, with the model's confidence as score;
+classification: accuracy with the reward's matching rule, per class and overall; grounding: mean IoU and
+GIoU. The base model and every adapter of `adapters=[...]` are decoded in turn; each decoded batch goes to
+`predictions.jsonl` at once (`resume=true` continues a half-done run), then `metrics.json` and
+`results.md` hold one table with each adapter's difference to the base.
 """
 
 from __future__ import annotations
@@ -12,50 +14,184 @@ import logging
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, open_dict
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+from torch.utils.data import DataLoader
 
 from vrft.cli import user_errors
+from vrft.data.loading import load_visual_rft
+from vrft.evaluation.adapters import check_adapter
+from vrft.evaluation.records import PredictionLog, PredictionWriter
+from vrft.evaluation.rows import EvalRowDataset, EvalRows, prepare_rows
+from vrft.evaluation.table import comparison_table
+from vrft.modules.scoring import RewardSet
 from vrft.paths import config_dir
+from vrft.rollout.engines import build_rollout_engine
 from vrft.setup import build_run
 
 log = logging.getLogger(__name__)
 
+BASE = "base"
 
-def evaluate(cfg: DictConfig) -> dict[str, float]:
-    """Evaluate the model (+ adapter or checkpoint) of `cfg` on `cfg.split`; returns the metrics."""
-    run_dir = Path(cfg.run_dir)
+
+def evaluated_models(cfg: DictConfig) -> dict[str, dict]:
+    """`{label: {"adapter", "ckpt_path"}}` in table order: the base model first, then each adapter."""
+    adapters = [*([cfg.adapter] if cfg.adapter else []), *(cfg.adapters or [])]
+    models = {BASE: {"adapter": None, "ckpt_path": None}} if cfg.include_base else {}
+    models |= {str(a): {"adapter": str(a), "ckpt_path": None} for a in adapters}
+    if cfg.ckpt_path:
+        models[str(cfg.ckpt_path)] = {"adapter": None, "ckpt_path": str(cfg.ckpt_path)}
+    if not models:
+        raise ValueError(
+            "include_base=false and no adapters= or ckpt_path=: name at least one model to evaluate"
+        )
+    return models
+
+
+def load_rows(cfg: DictConfig) -> EvalRows:
+    """The checked rows of `cfg.split` (raises, naming `split=`, when the dataset has no such split)."""
+    path = instantiate(cfg.data).dataset_path()
+    dataset = load_visual_rft(path)
+    if cfg.split not in dataset:
+        raise ValueError(
+            f"dataset '{path}' has no split '{cfg.split}' (splits: {list(dataset)}); choose one with "
+            f"split={next(iter(dataset))}"
+        )
+    check_solution = instantiate(cfg.task.check_solution) if cfg.task.get("check_solution") else None
+    return prepare_rows(
+        dataset[cfg.split], cfg.split, cfg.task.name, check_solution, cfg.on_bad_row, cfg.max_rows
+    )
+
+
+def output_dir(cfg: DictConfig) -> Path:
+    """Where predictions and results go: the resumed folder (`resume=<folder>`) or this run's folder.
+
+    The settings that decide what a prediction means are kept in `evaluation.json`; resuming with other
+    settings, or starting afresh over existing predictions, is refused.
+    """
+    resume = cfg.resume
+    out = Path(resume) if isinstance(resume, str) else Path(cfg.run_dir)
+    data = cfg.data.path if cfg.data.get("path") else OmegaConf.to_container(cfg.data.synthetic, resolve=True)
+    settings = {
+        "model": cfg.model.name_or_path,
+        "data": str(data),
+        "split": cfg.split,
+        "task": cfg.task.name,
+        "max_rows": cfg.max_rows,
+        "max_new_tokens": cfg.max_new_tokens,
+        "prompt_template": cfg.algorithm.prompt_template,
+        "precision": cfg.precision._target_,
+    }
+    saved_file = out / "evaluation.json"
+    if resume and not saved_file.exists():
+        raise FileNotFoundError(
+            f"resume={resume}: '{out}' holds no evaluation.json; point resume= at an evaluation folder"
+        )
+    if resume:
+        saved = json.loads(saved_file.read_text())
+        for key, value in settings.items():
+            if saved.get(key) != value:
+                raise ValueError(
+                    f"resume: '{out}' was evaluated with {key}={saved.get(key)!r}, not {value!r}; resume with the "
+                    f"same {key}, or evaluate into a new folder"
+                )
+    elif (out / "predictions.jsonl").exists():
+        raise ValueError(
+            f"'{out}' already holds predictions.jsonl; pass resume=true to continue it, or another hydra.run.dir"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    saved_file.write_text(json.dumps(settings, indent=2))
+    return out
+
+
+def decode(cfg: DictConfig, model: dict, dataset: EvalRowDataset, writer: PredictionWriter) -> str:
+    """Greedy completions of `dataset` by one model (base + adapter or checkpoint), in batches of `batch_size`.
+
+    Returns the rollout engine that decoded them.
+    """
     with open_dict(cfg):
-        cfg.lora.init_adapter = cfg.adapter
+        cfg.lora.init_adapter = model["adapter"]
     run = build_run(
         cfg,
-        data_overrides={"val_split": cfg.split, "max_val_rows": cfg.max_rows},
+        extra_callbacks=[writer],
         config_callbacks=False,
         logger=False,
         limit_val_batches=None,
+        enable_progress_bar=False,  # the writer's bar counts rows
     )
-    trainer, module, precision = run.trainer, run.module, run.precision
-    trainer.validate(module, datamodule=run.datamodule, ckpt_path=cfg.ckpt_path, verbose=False)
-    metrics = {
-        k.removeprefix("val/"): float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")
-    }
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "predictions.json").write_text(json.dumps(module.predictions, indent=1, default=str))
-    report = {
-        "metrics": metrics,
+    trainer, module = run.trainer, run.module
+    module.evaluator = None  # the metric runs once over predictions.jsonl, resumed rows included
+    module.eval_max_new_tokens = cfg.max_new_tokens
+    engine = cfg.rollout_engine
+    if engine == "auto":  # the static engines pay off where kernel launches dominate: on a GPU
+        engine = "bf16_copy" if trainer.strategy.root_device.type == "cuda" else "hf"
+    module.eval_engine = build_rollout_engine(engine)
+    if cfg.min_new_tokens:
+        module.eval_generation = {"min_new_tokens": cfg.min_new_tokens}
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, collate_fn=list, num_workers=0)
+    trainer.validate(module, dataloaders=loader, ckpt_path=model["ckpt_path"], verbose=False)
+    return engine
+
+
+def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
+    """Evaluate the base model and each adapter of `cfg` on `cfg.split`; returns `{model: metrics}`."""
+    models = evaluated_models(cfg)
+    spec = instantiate(cfg.model)
+    for model in models.values():
+        if model["adapter"]:
+            check_adapter(model["adapter"], spec)
+    rows = load_rows(cfg)
+    out = output_dir(cfg)
+    predictions = PredictionLog(out / "predictions.jsonl")
+    evaluator = instantiate(cfg.task.evaluator)
+    rewards = RewardSet(instantiate(cfg.task.rewards))
+    speed = {}
+    for label, model in models.items():
+        todo = [i for i in rows.indices if i not in predictions.done(label)]
+        log.info("%s: %d of %d rows to decode", label, len(todo), len(rows.indices))
+        if todo:
+            writer = PredictionWriter(predictions, label, rewards, evaluator.answer, len(todo))
+            engine = decode(cfg, model, EvalRowDataset(rows, todo), writer)
+            speed[label] = {**writer.speed(), "rollout_engine": engine}
+    kept = set(rows.indices)
+    results = {}
+    for label in models:
+        records = [r for r in predictions.of(label) if r["row_index"] in kept]
+        try:
+            results[label] = {
+                k: float(v) for k, v in evaluator([r["completion"] for r in records], records).items()
+            }
+        except Exception:
+            log.error(
+                "the metric failed; all %d predictions are in %s (rerun with resume=%s)",
+                len(records),
+                predictions.path,
+                out,
+            )
+            raise
+    return report(cfg, out, rows, results, speed)
+
+
+def report(cfg: DictConfig, out: Path, rows: EvalRows, results: dict, speed: dict) -> dict:
+    """Write `metrics.json` (with each decoding pass's rows/s) and `results.md`, print the table; returns `results`."""
+    table = comparison_table(results, BASE)
+    skipped = [index for index, _ in rows.bad]
+    summary = {
         "task": cfg.task.name,
         "model": cfg.model.name_or_path,
-        "adapter": cfg.adapter,
-        "ckpt_path": cfg.ckpt_path,
         "split": cfg.split,
-        "rows": len(module.predictions),
-        "precision": getattr(precision, "name", type(precision).__name__),
+        "rows": len(rows.indices),
+        "skipped_rows": skipped,
+        "results": results,
+        "speed": speed,  # rows/s of the passes this run decoded
     }
-    (run_dir / "metrics.json").write_text(json.dumps(report, indent=2))
-    print(f"\n{cfg.task.name} on split '{cfg.split}' ({len(module.predictions)} rows):")
-    for key, value in metrics.items():
-        print(f"  {key}: {value:.4f}")
-    print(f"predictions and metrics: {run_dir}")
-    return metrics
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    (out / "results.md").write_text(table + "\n")
+    skipped_note = f", {len(skipped)} bad row(s) skipped" if skipped else ""
+    print(f"\n{cfg.task.name} on split '{cfg.split}' ({len(rows.indices)} rows{skipped_note}):")
+    print(table)
+    print(f"predictions, metrics and table: {out}")
+    return results
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="evaluate")

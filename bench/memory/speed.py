@@ -85,8 +85,10 @@ def decode_speed(module, rows: list[dict], engines: list[str], tokens: int) -> d
                 "weight_and_kv_bandwidth_fraction": (weights + kv) / step / H200_BANDWIDTH,
                 "engine_stats": dict(engine.last_stats),
             }
-        except torch.OutOfMemoryError as error:
-            results[name] = {"error": f"OutOfMemoryError: {str(error).splitlines()[0]}"}
+        except (
+            Exception
+        ) as error:  # an OOM (or a failing engine) is a result too; the other engines still run
+            results[name] = {"error": f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"}
         finally:
             del engine
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
@@ -124,6 +126,8 @@ def logprob_agreement(module, rows: list[dict], engines: list[str], tokens: int 
                 "mean_logprob": float(trained[mask].mean()),
                 "tokens": int(mask.sum()),
             }
-        except torch.OutOfMemoryError as error:
-            results[name] = {"error": f"OutOfMemoryError: {str(error).splitlines()[0]}"}
+        except (
+            Exception
+        ) as error:  # an OOM (or a failing engine) is a result too; the other engines still run
+            results[name] = {"error": f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"}
     return results

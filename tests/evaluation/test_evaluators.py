@@ -45,7 +45,13 @@ def test_detection_needs_category_column():
 def test_classification_and_grounding():
     rows = [{"solution": "<answer>red circle</answer>"}, {"solution": "<answer>blue square</answer>"}]
     assert ClassificationEvaluator()(["<answer>Red_Circle</answer>", "<answer>green</answer>"], rows) == {
-        "accuracy": 0.5
+        "accuracy": 0.5,
+        "accuracy/blue square": 0.0,
+        "accuracy/red circle": 1.0,
     }
-    boxes = [{"solution": "<answer>(0,0),(100,100)</answer>"}]
-    assert GroundingEvaluator()(["<answer>(0,0),(100,100)</answer>"], boxes)["miou"] == pytest.approx(1.0)
+    boxes = [{"solution": "<answer>(0,0),(100,100)</answer>"}] * 2
+    metrics = GroundingEvaluator()(
+        ["<answer>(0,0),(100,100)</answer>", "<answer>(200,0),(300,100)</answer>"], boxes
+    )
+    # IoU 1 and 0; GIoU 1 and 0 - (300x100 hull - 2x100x100 union) / hull = -1/3.
+    assert metrics["miou"] == pytest.approx(0.5) and metrics["giou"] == pytest.approx((1 - 1 / 3) / 2)

@@ -45,6 +45,7 @@ def rows(sizes=((112, 112), (112, 112))):
     ]
 
 
+CPU = torch.device("cpu")
 GREEDY = dict(do_sample=False, max_new_tokens=10, min_new_tokens=10)
 
 
@@ -63,10 +64,10 @@ def test_greedy_tokens_equal_generate(fp32_policy, engine_class):
     assert torch.equal(fast.completion_ids, reference.completion_ids)
 
 
-def teacher_forced_logprobs(policy, processor, batch_rows, group_size, completion_ids):
+def teacher_forced_logprobs(policy, processor, batch_rows, group_size, completion_ids, device=CPU):
     """Log-probs of `completion_ids` under the training-time forward (what `GRPOModule` computes)."""
-    prompts = build_prompts(processor, batch_rows, "{problem}", torch.device("cpu"))
-    index = torch.arange(completion_ids.shape[0]) // group_size
+    prompts = build_prompts(processor, batch_rows, "{problem}", device)
+    index = torch.arange(completion_ids.shape[0], device=device) // group_size
     model = policy.get_base_model()
     with torch.no_grad():
         hidden = model.model(
@@ -128,7 +129,7 @@ def test_min_new_tokens_blocks_eos_and_pads_after_it(fp32_policy):
 
 
 def test_engine_registry_names_every_choice_and_rejects_unknown():
-    assert set(ROLLOUT_ENGINES) == {"hf", "bf16_copy", "dequant"}
+    assert set(ROLLOUT_ENGINES) == {"hf", "bf16_copy", "dequant", "packed"}
     assert isinstance(build_rollout_engine("hf"), HFGenerate)
     with pytest.raises(ValueError, match="algorithm.rollout_engine='vllm'.*bf16_copy"):
         build_rollout_engine("vllm")

@@ -2,6 +2,8 @@
 
     python -m vrft.data.build detection --annotations instances_val2017.json --images val2017/ \
         --categories cat,dog --shots 4 --out data/coco_2cat_4shot
+    python -m vrft.data.build detection-eval --annotations instances_val2017.json --images val2017/ \
+        --categories coco-8 --out data/coco8_eval
     python -m vrft.data.build k-shot --dataset data/ViRFT_CLS_flower_4_shot --k 1 --out data/flower_1shot
     python -m vrft.data.build grounding --json lisa_train.json --images lisa/ --out data/lisa
 """
@@ -14,6 +16,7 @@ import sys
 import datasets
 
 from vrft.data.builders import build_detection_rows, build_grounding_rows, subsample_k_shot
+from vrft.data.eval_splits import CATEGORY_SETS, build_detection_eval_rows
 from vrft.data.loading import load_visual_rft
 
 
@@ -31,6 +34,20 @@ def _parser() -> argparse.ArgumentParser:
     detection.add_argument("--no-objects", type=int, default=0, help="'No Objects' rows per class")
     detection.add_argument("--coord-convention", default="qwen2vl", choices=["qwen2vl", "absolute"])
 
+    evaluation = commands.add_parser(
+        "detection-eval",
+        help="COCO / LVIS annotations -> a test split: every (image, category), absent ones too",
+    )
+    evaluation.add_argument("--annotations", required=True, help="COCO or LVIS annotation JSON")
+    evaluation.add_argument("--images", required=True, help="folder with the images the file names")
+    evaluation.add_argument(
+        "--categories", default="coco-8", help=f"{' | '.join(CATEGORY_SETS)} | comma-separated names"
+    )
+    evaluation.add_argument(
+        "--max-images", type=int, help="a seeded sample of this many images (default: all)"
+    )
+    evaluation.add_argument("--coord-convention", default="qwen2vl", choices=["qwen2vl", "absolute"])
+
     kshot = commands.add_parser("k-shot", help="keep k rows per class of a classification set")
     kshot.add_argument("--dataset", required=True, help="a Visual-RFT dataset (any layout vrft reads)")
     kshot.add_argument("--k", type=int, required=True)
@@ -41,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     grounding.add_argument("--images", help="image folder (default: the JSON file's folder)")
     grounding.add_argument("--coord-convention", default="qwen2vl", choices=["qwen2vl", "absolute"])
 
-    for command in (detection, kshot, grounding):
+    for command in (detection, evaluation, kshot, grounding):
         command.add_argument("--seed", type=int, default=0)
         command.add_argument("--out", required=True, help="output folder (DatasetDict.save_to_disk)")
     return parser
@@ -59,6 +76,15 @@ def build(args: argparse.Namespace) -> datasets.DatasetDict:
             seed=args.seed,
             coord_convention=args.coord_convention,
             no_objects=args.no_objects,
+        )
+    if args.command == "detection-eval":
+        return build_detection_eval_rows(
+            args.annotations,
+            args.images,
+            categories=args.categories,
+            max_images=args.max_images,
+            seed=args.seed,
+            coord_convention=args.coord_convention,
         )
     if args.command == "k-shot":
         source = load_visual_rft(args.dataset)
@@ -82,7 +108,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     dataset.save_to_disk(args.out)
     sizes = ", ".join(f"{split}: {len(rows)} rows" for split, rows in dataset.items())
-    print(f"wrote {args.out} ({sizes}); train on it with data=disk data.path={args.out}")
+    if args.command == "detection-eval":
+        print(
+            f"wrote {args.out} ({sizes}); evaluate with task=detection data=disk data.path={args.out} split=test"
+        )
+    else:
+        print(f"wrote {args.out} ({sizes}); train on it with data=disk data.path={args.out}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Task evaluators: the metric Visual-RFT reports, computed from greedy completions and dataset rows.
 
-Each evaluator is a callable `(completions, rows) -> dict[str, float]` with one completion per row; the
-task config picks it, and both the validation loop and `python -m vrft.evaluate` use it.
+Each evaluator is a callable `(completions, rows) -> dict[str, float]` with one completion per row, and
+`answer(completion)` gives the parsed answer that `predictions.jsonl` records; the task config picks it,
+and both the validation loop and `python -m vrft.evaluate` use it.
 """
 
 from __future__ import annotations
@@ -9,35 +10,73 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from vrft.evaluation.metrics import BoxSet, classification_accuracy, detection_map, grounding_miou
+from vrft.evaluation.metrics import (
+    BoxSet,
+    classification_accuracy,
+    detection_map,
+    grounding_giou,
+    grounding_miou,
+)
+from vrft.evaluation.rows import detection_category
+from vrft.rewards.parsing import extract_answer, parse_detection_answer, parse_grounding_box, read_answer
 
 
 class ClassificationEvaluator:
-    """Accuracy with the accuracy reward's matching rule (`compat` as the reward)."""
+    """Accuracy with the accuracy reward's matching rule (`compat` as the reward), overall and per class.
+
+    The class of a row is its ground-truth label (the solution's `<answer>`); `accuracy/<label>` is the
+    accuracy over that class's rows.
+    """
 
     name = "classification"
 
     def __init__(self, compat: bool = False):
         self.compat = compat
 
+    def answer(self, completion: str) -> str | None:
+        """The answer text the reward compares (None when there is none)."""
+        return read_answer(completion, self.compat)
+
     def __call__(self, completions: Sequence[str], rows: Sequence[dict]) -> dict[str, float]:
-        return {"accuracy": classification_accuracy(completions, [r["solution"] for r in rows], self.compat)}
+        solutions = [r["solution"] for r in rows]
+        metrics = {"accuracy": classification_accuracy(completions, solutions, self.compat)}
+        by_class: dict[str, list[int]] = {}
+        for index, solution in enumerate(solutions):
+            by_class.setdefault(extract_answer(solution) or "", []).append(index)
+        if len(by_class) > 1:
+            for label, indices in sorted(by_class.items()):
+                picked = [completions[i] for i in indices]
+                metrics[f"accuracy/{label}"] = classification_accuracy(
+                    picked, [solutions[i] for i in indices], self.compat
+                )
+        return metrics
 
 
 class GroundingEvaluator:
-    """Mean IoU of the first predicted box against the ground-truth box."""
+    """Mean IoU and mean generalised IoU (the reward's GIoU) of the first predicted box against the truth."""
 
     name = "grounding"
 
+    def answer(self, completion: str) -> list[float] | None:
+        """The first box of the answer, or None when there is none."""
+        text = read_answer(completion, False, allow_unclosed=True)
+        box = parse_grounding_box(text) if text is not None else None
+        return list(box) if box is not None else None
+
     def __call__(self, completions: Sequence[str], rows: Sequence[dict]) -> dict[str, float]:
-        return {"miou": grounding_miou(completions, [r["solution"] for r in rows])}
+        solutions = [r["solution"] for r in rows]
+        return {
+            "miou": grounding_miou(completions, solutions),
+            "giou": grounding_giou(completions, solutions),
+        }
 
 
 class DetectionEvaluator:
     """COCO bbox mAP (IoU .50:.95 and .50) per category and averaged over the evaluated categories.
 
-    Rows need a `category` column; the image id is the row's `image_id` (one image asked about several
-    categories) or else its row index; the image size comes from the decoded image.
+    The category of a row is its `category` column, else the one its prompt names (see
+    `vrft.evaluation.rows.detection_category`); the image id is the row's `image_id` (one image asked
+    about several categories) or else its row index; the image size comes from the decoded image.
 
     Args:
         coord_convention: `qwen2vl` (0..1000 grid) or `absolute` (pixels, Qwen2.5-VL).
@@ -50,22 +89,29 @@ class DetectionEvaluator:
         self.coord_convention = coord_convention
         self.categories = list(categories) if categories else None
 
+    def answer(self, completion: str) -> list[dict] | None:
+        """The boxes and confidences read from the answer ([] for "No Objects", None when unreadable)."""
+        text = read_answer(completion, False, allow_unclosed=True)
+        detections = parse_detection_answer(text) if text is not None else None
+        if detections is None:
+            return None
+        return [{"box": list(d.box), "confidence": d.confidence} for d in detections]
+
     def __call__(self, completions: Sequence[str], rows: Sequence[dict]) -> dict[str, float]:
-        if rows and "category" not in rows[0]:
-            raise ValueError(
-                "detection evaluation needs a 'category' column naming the class each row asks about; build "
-                "rows with vrft.data.builders.build_detection_rows or add the column"
-            )
-        predictions, truth = [], []
+        predictions, truth, categories = [], [], []
         for completion, row in zip(completions, rows, strict=True):
+            category = detection_category(row)
             image_id = row.get("image_id", row["row_index"])
             width, height = row["image_size"]
-            predictions.append(BoxSet.from_answer(completion, image_id, row["category"], width, height))
-            truth.append(BoxSet.from_answer(row["solution"], image_id, row["category"], width, height))
-        categories = self.categories or sorted({row["category"] for row in rows})
-        result = detection_map(predictions, truth, categories, self.coord_convention)
+            predictions.append(BoxSet.from_answer(completion, image_id, category, width, height))
+            truth.append(BoxSet.from_answer(row["solution"], image_id, category, width, height))
+            categories.append(category)
+        result = detection_map(
+            predictions, truth, self.categories or sorted(set(categories)), self.coord_convention
+        )
         metrics = {"map": result["map"], "map_50": result["map_50"]}
         for name, values in result["per_class"].items():
             if not math.isnan(values["map"]):
                 metrics[f"map/{name}"] = values["map"]
+                metrics[f"map_50/{name}"] = values["map_50"]
         return metrics

@@ -19,7 +19,14 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchmetrics.aggregation import MeanMetric
 
-from vrft.rewards.boxes import Box, box_iou, check_coord_convention, convention_to_pixels, normalize_box
+from vrft.rewards.boxes import (
+    Box,
+    box_giou,
+    box_iou,
+    check_coord_convention,
+    convention_to_pixels,
+    normalize_box,
+)
 from vrft.rewards.classification import AccuracyReward
 from vrft.rewards.parsing import extract_answer, parse_detection_answer, parse_grounding_box, read_answer
 
@@ -194,6 +201,14 @@ def classification_accuracy(
     return _mean(AccuracyReward(compat=compat)(completions, solutions))
 
 
+def _first_boxes(completion: str, solution: str, compat: bool) -> tuple[Box | None, Box | None]:
+    truth_text = extract_answer(solution, allow_unclosed=True)
+    truth = parse_grounding_box(truth_text, None) if truth_text is not None else None
+    answer = read_answer(completion, compat, allow_unclosed=True)
+    predicted: Box | None = parse_grounding_box(answer) if answer is not None else None
+    return predicted, truth
+
+
 def grounding_miou(completions: Sequence[str], solutions: Sequence[str], compat: bool = False) -> float:
     """Mean IoU of each completion's first box against its solution's box; unreadable answers count 0.
 
@@ -203,9 +218,19 @@ def grounding_miou(completions: Sequence[str], solutions: Sequence[str], compat:
     _check_pairs(completions, solutions)
     ious = []
     for completion, solution in zip(completions, solutions, strict=True):
-        truth_text = extract_answer(solution, allow_unclosed=True)
-        truth = parse_grounding_box(truth_text, None) if truth_text is not None else None
-        answer = read_answer(completion, compat, allow_unclosed=True)
-        predicted: Box | None = parse_grounding_box(answer) if answer is not None else None
+        predicted, truth = _first_boxes(completion, solution, compat)
         ious.append(box_iou(predicted, truth) if predicted is not None and truth is not None else 0.0)
     return _mean(ious)
+
+
+def grounding_giou(completions: Sequence[str], solutions: Sequence[str], compat: bool = False) -> float:
+    """Mean generalised IoU (in [-1, 1], the grounding reward minus 1) of each first box; unreadable: -1.
+
+    -1 for an unreadable answer is the GIoU of the worst box, as the reward scores it (0 = GIoU + 1).
+    """
+    _check_pairs(completions, solutions)
+    gious = []
+    for completion, solution in zip(completions, solutions, strict=True):
+        predicted, truth = _first_boxes(completion, solution, compat)
+        gious.append(box_giou(predicted, truth) if predicted is not None and truth is not None else -1.0)
+    return _mean(gious)

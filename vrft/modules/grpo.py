@@ -20,7 +20,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from vrft.models.policy import LoraSpec, ModelSpec
-from vrft.modules.losses import PolicyLoss, StepTotals
+from vrft.modules.losses import PolicyLoss, StepTotals, truncated_importance_weights
 from vrft.modules.policy_module import PolicyModule
 from vrft.modules.scoring import RewardSet, group_advantages
 from vrft.rollout.batch import Rollout
@@ -53,14 +53,17 @@ class GRPOSettings:
     rollout_batch_size: int = 2  # prompts generated together (times G sequences)
     update_micro_batch_size: int = 4  # completions per forward/backward in the update
     logprob_chunk_size: int = 1024  # positions per lm_head chunk
-    rollout_engine: str = "hf"  # hf | bf16_copy | dequant, see vrft.rollout.engines
+    rollout_engine: str = "hf"  # hf | bf16_copy | dequant | packed, see vrft.rollout.engines
     scale_rewards: bool = True  # divide advantages by the group std (False: Dr. GRPO)
     advantage_eps: float = 1e-4
     max_grad_norm: float | None = 1.0
     num_logged_samples: int = 4  # completions kept per step for the sample table
-    rollout_seed: int | None = (
-        None  # seeds each rollout by its rows (same completions on any rank); None: global RNG
-    )
+    # Truncated importance sampling for engines that sample from other weights than the training forward
+    # (bf16_copy, dequant, packed): each token's policy-gradient term times min(pi_train / pi_sampler, cap).
+    # null turns it off; `hf` samples from the training-time model itself, so it never applies there.
+    rollout_is_cap: float | None = 2.0
+    # Seeds each rollout by its rows and epoch (the same completions on any rank); None: the global RNG.
+    rollout_seed: int | None = None
 
     def __post_init__(self):
         if self.group_size < 2:
@@ -79,6 +82,11 @@ class GRPOSettings:
             raise ValueError(
                 f"algorithm.update_micro_batch_size={self.update_micro_batch_size} does not divide the "
                 f"{sequences} sequences of a rollout (rollout_batch_size x group_size); pick a divisor of {sequences}"
+            )
+        if self.rollout_is_cap is not None and not self.rollout_is_cap >= 1:
+            raise ValueError(
+                f"algorithm.rollout_is_cap={self.rollout_is_cap} must be >= 1 (2.0 is a common cap) or null "
+                "to turn the rollout mismatch correction off"
             )
         if self.num_iterations < 1:
             raise ValueError(f"algorithm.num_iterations={self.num_iterations} must be >= 1")
@@ -271,26 +279,43 @@ class GRPOModule(PolicyModule):
                             else rollout.old_logprobs[first:last]
                         )
                         ref = None if rollout.ref_logprobs is None else rollout.ref_logprobs[first:last]
+                        mask = rollout.completion_mask[first:last]
+                        weights, mismatch = self.mismatch_correction(rollout, old, mask, first, last)
                         loss, stats = self.loss(
-                            logprobs,
-                            old,
-                            ref,
-                            rollout.advantages[first:last],
-                            rollout.completion_mask[first:last],
-                            totals,
+                            logprobs, old, ref, rollout.advantages[first:last], mask, totals, weights
                         )
+                        stats.update(mismatch)
                         # Gradients cross ranks once per optimizer step: on its last micro-batch.
                         with gradient_sync(strategy, enabled=done == micro_batches):
                             self.manual_backward(loss)
                         loss_total += float(loss.detach())
                         for key, value in stats.items():
-                            stat_sums[key] = stat_sums.get(key, 0.0) + float(value)
+                            merge = max if key.endswith("_max") else (lambda a, b: a + b)
+                            stat_sums[key] = merge(stat_sums.get(key, 0.0), float(value))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 if scheduler is not None:
                     scheduler.step()
             update_seconds = time.perf_counter() - start
             self.log_step(rollouts, totals, loss_total, stat_sums, update_seconds)
+
+    def mismatch_correction(
+        self, rollout: Rollout, train_logprobs: Tensor, mask: Tensor, first: int, last: int
+    ) -> tuple[Tensor | None, dict[str, Tensor]]:
+        """Truncated importance weights `[B, C]` for completions `[first, last)` (None when the engine sampled
+        from the training-time model or the correction is off), and mismatch statistics (sums and max of
+        the per-token log-ratio between the training forward and the sampler)."""
+        if rollout.sampler_logprobs is None:
+            return None, {}
+        sampler = rollout.sampler_logprobs[first:last]
+        gap = (train_logprobs.detach() - sampler).abs() * mask
+        stats = {"mismatch_sum": gap.sum(), "mismatch_max": gap.max()}
+        cap = self.settings.rollout_is_cap
+        if cap is None:
+            return None, stats
+        weights = truncated_importance_weights(train_logprobs, sampler, cap)
+        stats["is_truncated_sum"] = ((weights >= cap) * mask).sum()
+        return weights, stats
 
     # --------------------------------------------------------------------------------------- log-probs
     def sequence_logprobs(self, rollout: Rollout, first: int, last: int) -> Tensor:
@@ -330,7 +355,8 @@ class GRPOModule(PolicyModule):
                 into = peaks if key.endswith("_seconds") else sums
                 into[key] = max(into.get(key, 0.0), value) if key in worst else into.get(key, 0.0) + value
         peaks.update({key: sums.pop(key) for key in worst & set(sums)})
-        sums.update({f"update/{key}": value for key, value in stat_sums.items()})
+        for key, value in stat_sums.items():  # `_max` statistics are maxima, the others sums
+            (peaks if key.endswith("_max") else sums)[f"update/{key}"] = value
         peaks.update(self.phases.metrics())  # rollout/reference peaks (update: memory/update_peak_gb)
         sums, peaks = reduce_over_ranks(strategy, sums), reduce_over_ranks(strategy, peaks, op="max")
 
@@ -364,7 +390,12 @@ class GRPOModule(PolicyModule):
         }
         for name in self.rewards.names:
             metrics[f"reward/{name}"] = total(f"reward_sum/{name}") / n
-        metrics.update({key: value for key, value in peaks.items() if "/" in key})  # the phases' peaks
+        if "mismatch_sum" in stat_sums:  # the engine sampled from other weights than the training forward
+            metrics["rollout/logprob_mismatch_mean"] = total("update/mismatch_sum") / tokens
+            metrics["rollout/logprob_mismatch_max"] = peaks["update/mismatch_max"]
+            if "is_truncated_sum" in stat_sums:
+                metrics["rollout/is_truncated_fraction"] = total("update/is_truncated_sum") / tokens
+        metrics.update({key: value for key, value in peaks.items() if key.startswith("memory/")})  # phases
         skipped = getattr(self.trainer.precision_plugin, "skipped_steps", None)
         if skipped is not None:
             metrics["train/skipped_steps"] = float(skipped)

@@ -36,6 +36,18 @@ def k3_kl(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
     return torch.exp(delta) - delta - 1
 
 
+def truncated_importance_weights(train_logprobs: Tensor, sampler_logprobs: Tensor, cap: float) -> Tensor:
+    """Per-token weights `min(pi_train / pi_sampler, cap)` that correct for a rollout sampled from slightly
+    different weights (a bf16 copy, a fused kernel, a compiled decode) than the training forward.
+
+    The policy gradient is an expectation under the training-time policy; tokens drawn from the sampler's
+    distribution instead are reweighted by the likelihood ratio, truncated at `cap` so that the rare token
+    the sampler under-weights cannot blow up the variance (truncated importance sampling). Shapes: `[B, C]`
+    in (no grad needed), `[B, C]` out, detached.
+    """
+    return torch.exp(train_logprobs.detach() - sampler_logprobs).clamp(max=cap)
+
+
 class PolicyLoss:
     """Clipped policy-gradient loss with a KL penalty against the reference policy.
 
@@ -67,6 +79,7 @@ class PolicyLoss:
         advantages: Tensor,  # [B]
         completion_mask: Tensor,  # [B, C] 1 on completion tokens up to and including EOS
         totals: StepTotals,
+        is_weights: Tensor | None = None,  # [B, C] rollout/training mismatch correction, no grad
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """The micro-batch's share of the step loss, and detached statistics (sums, for exact averaging)."""
         mask = completion_mask.to(logprobs.dtype)
@@ -74,6 +87,8 @@ class PolicyLoss:
         clipped = torch.clamp(ratio, 1 - self.epsilon, 1 + self.epsilon_high)
         adv = advantages.unsqueeze(1)
         per_token = -torch.minimum(ratio * adv, clipped * adv)
+        if is_weights is not None:  # the policy-gradient term only: the KL term is exact either way
+            per_token = per_token * is_weights
         stats = {}
         if ref_logprobs is not None and self.beta > 0:
             kl = k3_kl(logprobs, ref_logprobs)

@@ -22,6 +22,7 @@ from vrft.models.policy import (
     load_processor_for,
 )
 from vrft.modules.logprobs import selective_logprobs
+from vrft.rollout.base import RolloutEngine
 from vrft.rollout.batch import Rollout
 from vrft.rollout.generate import generate_rollout
 
@@ -58,6 +59,8 @@ class PolicyModule(L.LightningModule):
         self.evaluator = evaluator
         self.eval_max_new_tokens = eval_max_new_tokens
         self.predictions: list[dict] = []  # greedy completions of the last validation pass, with their rows
+        self.eval_engine: RolloutEngine | None = None  # how validation decodes (None: plain generate)
+        self.eval_generation: dict = {}  # more generate settings for validation (benchmarks force lengths)
         self.model_spec = model
         self.lora_spec = lora
         self.optimizer_factory = optimizer
@@ -142,9 +145,16 @@ class PolicyModule(L.LightningModule):
     def validation_step(self, batch: list[dict], batch_idx: int) -> None:
         was_training = self.policy.training
         self.policy.eval()
-        generation = dict(max_new_tokens=self.eval_max_new_tokens, do_sample=False)
+        generation = dict(max_new_tokens=self.eval_max_new_tokens, do_sample=False, **self.eval_generation)
         rollout = generate_rollout(
-            self.policy, self.processor, batch, self.prompt_template, 1, generation, self.device
+            self.policy,
+            self.processor,
+            batch,
+            self.prompt_template,
+            1,
+            generation,
+            self.device,
+            self.eval_engine,
         )
         self.policy.train(was_training)
         for completion, row in zip(rollout.completions, batch, strict=True):

@@ -180,7 +180,8 @@ def _rollout_bytes(shape: ModelShape, weights: WeightFootprint, work: Workload, 
         vision_bytes(shape, rows, work.image_tokens, cal, a),
         layer_forward_bytes(shape, rows * lp, cal, a) + kv_cache_bytes(shape, rows, lp, a) + scratch_matrix,
     )
-    engine = {"bf16_copy": weights.lm_linear_params * a, "dequant": scratch_matrix}.get(
+    # packed: decode steps read the 4-bit weights in place (its prefill's scratch matrix is counted above)
+    engine = {"bf16_copy": weights.lm_linear_params * a, "dequant": scratch_matrix, "packed": 0}.get(
         work.rollout_engine, 0
     )
     return {

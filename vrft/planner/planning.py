@@ -18,6 +18,7 @@ from vrft.distributed import SHARDING, strategy_name, world_size
 from vrft.models.policy import ModelSpec
 from vrft.modules.grpo import GRPOSettings
 from vrft.paths import config_dir
+from vrft.planner.auto import AUTO_ORDER, AutoPrecision
 from vrft.planner.estimator import (
     Calibration,
     MemoryPlan,
@@ -26,6 +27,7 @@ from vrft.planner.estimator import (
     estimate,
 )
 from vrft.planner.footprint import model_config, model_shape, weight_footprint
+from vrft.rollout.packed import PACKED_FIX, packed_unavailable
 from vrft.runtime.cuda import device_total_gb
 
 log = logging.getLogger(__name__)
@@ -33,19 +35,7 @@ log = logging.getLogger(__name__)
 CONF_DIR = config_dir()
 PIXELS_PER_TOKEN = 28 * 28  # one merged visual token covers 2 x 2 patches of 14 x 14 pixels
 PROMPT_TEXT_TOKENS = 128  # chat template + a Visual-RFT question (the detection prompt is the longest)
-AUTO_ORDER = ("bf16", "int8", "mixed", "int4")  # most precise first, as users are advised to try them
-
-
-class AutoPrecision:
-    """`precision=auto`: stands for the mode `resolve_precision` picks before anything is instantiated."""
-
-    name = "auto"
-
-    def __init__(self, candidates=AUTO_ORDER):
-        raise ValueError(
-            "precision=auto must be resolved before the plugin is built (vrft.train and vrft.plan do it); "
-            f"pick one of {', '.join(candidates)} when instantiating the config yourself"
-        )
+AUTO_ENGINES = ("bf16_copy", "packed", "dequant")  # fastest first, as measured (bench/rollout/results.md)
 
 
 def precision_name(precision_cfg) -> str:
@@ -212,11 +202,19 @@ def resolve_precision(cfg: DictConfig, quiet: bool = False) -> DictConfig:
 
 
 def resolve_rollout_engine(cfg: DictConfig, quiet: bool = False) -> DictConfig:
-    """Replace `algorithm.rollout_engine=auto` by `bf16_copy` when the planner says it fits, else `dequant`.
+    """Replace `algorithm.rollout_engine=auto` by the fastest engine that fits and can run here.
 
-    Without CUDA the static engines have no graphs to replay, so `auto` means `hf` there.
+    In `AUTO_ENGINES` order: `bf16_copy` where the planner says its copy fits, `packed` where Triton, the
+    GPU and the 4-bit layout allow it, else `dequant`. Without CUDA the static engines have no graphs to
+    replay, so `auto` means `hf` there. An explicit `packed` that cannot run fails here, before loading.
     """
-    if OmegaConf.select(cfg, "algorithm.rollout_engine") != "auto":
+    engine = OmegaConf.select(cfg, "algorithm.rollout_engine")
+    packed_reason = None
+    if engine in ("auto", "packed"):
+        packed_reason = packed_unavailable(precision_name(cfg.precision), cfg.precision)
+    if engine == "packed" and packed_reason:
+        raise ValueError(f"algorithm.rollout_engine=packed cannot run here: {packed_reason}; {PACKED_FIX}")
+    if engine != "auto":
         return cfg
     budget, source = budget_gb(cfg)
     if budget is None and not torch.cuda.is_available():
@@ -224,8 +222,16 @@ def resolve_rollout_engine(cfg: DictConfig, quiet: bool = False) -> DictConfig:
     else:
         plan = plan_config(_with(cfg, ["algorithm.rollout_engine=bf16_copy"]))
         fits = budget is None or plan.device_gb <= budget
-        chosen = "bf16_copy" if fits else "dequant"
-        why = f"bf16_copy needs {plan.device_gb:.1f} GiB of {budget:.1f} GiB ({source})" if budget else source
+        reasons = {
+            "bf16_copy": None
+            if fits
+            else f"its copy needs {plan.device_gb:.1f} GiB of {budget:.1f} GiB ({source})",
+            "packed": packed_reason,
+            "dequant": None,
+        }
+        chosen = next(name for name in AUTO_ENGINES if reasons[name] is None)
+        skipped = [f"not {name}: {reasons[name]}" for name in AUTO_ENGINES[: AUTO_ENGINES.index(chosen)]]
+        why = "; ".join(skipped) or (f"it fits {budget:.1f} GiB ({source})" if budget else source)
     if not quiet:
         log.info("algorithm.rollout_engine=auto picked %s (%s)", chosen, why)
     return _with(cfg, [f"algorithm.rollout_engine={chosen}"])

@@ -17,6 +17,9 @@ class RolloutEngine:
 
     def __init__(self):
         self.last_stats: dict[str, float] = {}  # timing of the last call, read by telemetry and benchmarks
+        # [P*G, C] log-probs (at the sampling temperature) of the tokens the last call sampled, under the
+        # weights it sampled from; None when those are the training-time model's own (plain `generate`).
+        self.last_logprobs: Tensor | None = None
 
     def generate(
         self,

@@ -53,6 +53,9 @@ class Rollout:
     advantages: Tensor | None = None  # [P*G]
     old_logprobs: Tensor | None = None  # [P*G, C] only when a rollout is reused (num_iterations > 1)
     ref_logprobs: Tensor | None = None  # [P*G, C] only when beta > 0
+    # [P*G, C] log-probs under the weights the engine sampled from (a bf16 copy, a fused kernel); None when
+    # the engine is the training-time model itself. 0 past the completion mask.
+    sampler_logprobs: Tensor | None = None
     stats: dict[str, float] = field(default_factory=dict)
 
     @property

@@ -8,6 +8,8 @@
   parameter for the duration of the rollout.
 - `dequant`: the same decoder and graph, but weights stay packed and are dequantised one matrix at a time
   inside the step, with LoRA applied unmerged. Memory: one bf16 matrix of scratch; for 7B on 16 GB.
+- `packed`: as `dequant`, but the decode steps multiply the packed 4-bit weights in a fused Triton kernel
+  (`vrft.rollout.packed`): no bf16 matrix is written. Needs Triton and a CUDA GPU of compute capability 8.0+.
 
 The static engines prefill each prompt once (not G times), copy its KV cache to its G rows, and sample with
 the same distribution as `generate` (temperature, top-p, min/max new tokens), so their completions are
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 from vrft.rollout.base import RolloutEngine, Sampling
 from vrft.rollout.hf import HFGenerate, InverseCdfSampler
+from vrft.rollout.packed import PackedEngine
 from vrft.rollout.static import Bf16CopyEngine, DequantEngine, StaticDecodeEngine
 
 __all__ = [
@@ -26,6 +29,7 @@ __all__ = [
     "DequantEngine",
     "HFGenerate",
     "InverseCdfSampler",
+    "PackedEngine",
     "RolloutEngine",
     "Sampling",
     "StaticDecodeEngine",
@@ -33,7 +37,7 @@ __all__ = [
 ]
 
 ROLLOUT_ENGINES: dict[str, type[RolloutEngine]] = {
-    engine.name: engine for engine in (HFGenerate, Bf16CopyEngine, DequantEngine)
+    engine.name: engine for engine in (HFGenerate, Bf16CopyEngine, DequantEngine, PackedEngine)
 }
 
 
@@ -42,6 +46,7 @@ def build_rollout_engine(name: str) -> RolloutEngine:
     if name not in ROLLOUT_ENGINES:
         raise ValueError(
             f"algorithm.rollout_engine='{name}' is not one of {sorted(ROLLOUT_ENGINES)}; "
-            "hf is plain generate, bf16_copy the fastest (+2 bytes per LM parameter), dequant the leanest"
+            "hf is plain generate, bf16_copy the fastest (+2 bytes per LM parameter), dequant the leanest, "
+            "packed dequant's memory through a fused 4-bit kernel (CUDA + Triton)"
         )
     return ROLLOUT_ENGINES[name]()

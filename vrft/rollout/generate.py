@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
-from vrft.rollout.batch import Rollout, build_prompts, completion_mask
 from vrft.rollout.base import RolloutEngine
+from vrft.rollout.batch import Rollout, build_prompts, completion_mask
 from vrft.rollout.hf import HFGenerate
 
 
@@ -41,7 +41,11 @@ def generate_rollout(
     mask = completion_mask(completion_ids, eos_ids)
     completion_ids = completion_ids.masked_fill(mask == 0, tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    sampler_logprobs = engine.last_logprobs
+    if sampler_logprobs is not None:
+        sampler_logprobs = sampler_logprobs[:, : completion_ids.shape[1]].float().masked_fill(mask == 0, 0.0)
     return Rollout(
+        sampler_logprobs=sampler_logprobs,
         prompts=prompts,
         group_size=group_size,
         completion_ids=completion_ids,

@@ -11,7 +11,14 @@ from torch import Tensor, nn
 
 from vrft.rollout.base import RolloutEngine, Sampling, top_p_filter
 from vrft.rollout.batch import PromptBatch
-from vrft.rollout.decoder import DecodeState, decode_step, decoder_weights, prefill, text_parts
+from vrft.rollout.decoder import (
+    DecoderWeights,
+    DecodeState,
+    decode_step,
+    decoder_weights,
+    prefill,
+    text_parts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -138,9 +145,6 @@ class StaticDecodeEngine(RolloutEngine):
         super().__init__()
         self.cuda_graph = cuda_graph
         self.stop_check_every = stop_check_every
-        self.last_logprobs: Tensor | None = (
-            None  # [P*G, C] log-probs of the sampled tokens (temperature only)
-        )
 
     @torch.no_grad()
     def generate(self, policy, prompts, group_size, generation, eos_ids, pad_id) -> Tensor:
@@ -148,7 +152,7 @@ class StaticDecodeEngine(RolloutEngine):
         device = prompts.input_ids.device
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         start = time.perf_counter()
-        weights = decoder_weights(policy, merge=self.merge)
+        weights = self.read_weights(policy)
         embeds, positions = prompt_inputs(policy, prompts)
         logits, prompt_cache = prefill(weights, embeds.to(weights.dtype), positions, prompts.attention_mask)
         del embeds
@@ -194,6 +198,10 @@ class StaticDecodeEngine(RolloutEngine):
             ):
                 break
         return taken, graph
+
+    def read_weights(self, policy: nn.Module) -> DecoderWeights:
+        """The policy's current weights in this engine's linear form."""
+        return decoder_weights(policy, merge=self.merge)
 
     @staticmethod
     def _capture(body) -> torch.cuda.CUDAGraph | None:

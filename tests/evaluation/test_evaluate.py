@@ -1,0 +1,209 @@
+"""`vrft.evaluate` on Visual-RFT-schema data: metrics, predictions.jsonl, resume, before/after, bad input.
+
+Decoding is a stub (`StubDecoder`) so that each metric sees known answers; everything around it (the tiny
+model and adapters loading through Lightning, the rows, the records, the table) is the real code. The real
+decoder runs end to end in `test_readme.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from hydra.utils import instantiate
+
+import vrft.evaluate
+from tests.evaluation.support import (
+    CAT,
+    NONE,
+    Interrupted,
+    StubDecoder,
+    eval_config,
+    image,
+    install,
+    local_model,
+    random_adapter,
+    read_predictions,
+    schema_rows,
+    write_dataset,
+)
+from vrft.evaluate import evaluate
+from vrft.evaluation.adapters import check_adapter
+
+
+def perfect(row, adapted):
+    return row["solution"]
+
+
+def run(tmp_path, task, layout="disk", rows=None, *overrides):
+    data = write_dataset(rows or schema_rows(task), tmp_path / f"data-{layout}", layout)
+    cfg = eval_config(tmp_path / "out", f"task={task}", "data=disk", f"data.path={data}", *overrides)
+    return evaluate(cfg), cfg
+
+
+@pytest.mark.parametrize("layout", ["disk", "parquet"])
+@pytest.mark.parametrize("task", ["detection", "classification", "grounding"])
+def test_visual_rft_schema_rows_evaluate_as_they_are(tmp_path, monkeypatch, task, layout):
+    decoder = install(monkeypatch, StubDecoder(perfect))
+    results, _ = run(tmp_path, task, layout)
+    metric = {"detection": "map", "classification": "accuracy", "grounding": "miou"}[task]
+    assert results["base"][metric] == pytest.approx(1.0)
+    assert sorted(decoder.rows) == list(range(len(schema_rows(task))))
+    records = read_predictions(tmp_path / "out")
+    assert all(r["reward"] > 0 and r["answer"] is not None for r in records)
+    if task == "detection":
+        # Category from the prompt; the two rows of one image share one content-hash id.
+        assert [r["category"] for r in records] == ["cat", "dog", "cat", "dog"]
+        assert records[0]["image_id"] == records[1]["image_id"] != records[2]["image_id"]
+        assert results["base"]["map/cat"] == pytest.approx(1.0)
+    if task == "grounding":
+        assert results["base"]["giou"] == pytest.approx(1.0)
+
+
+def test_boxes_answered_for_absent_categories_cost_map(tmp_path, monkeypatch):
+    def boxes_everywhere(row, adapted):
+        # The true boxes at confidence 0.5, and a confident box where the truth is "No Objects".
+        return row["solution"].replace("1}", "0.5}") if row["solution"] != NONE else CAT.replace("1}", "0.9}")
+
+    install(monkeypatch, StubDecoder(boxes_everywhere))
+    red_cat, _, blue_cat, _ = schema_rows("detection")
+    green_no_cat = {**red_cat, "image": image((30, 200, 30)), "solution": NONE}
+    present_only, _ = run(tmp_path / "present", "detection", "disk", [red_cat, blue_cat])
+    with_absent, _ = run(tmp_path / "absent", "detection", "disk", [red_cat, blue_cat, green_no_cat])
+    assert present_only["base"]["map"] == pytest.approx(1.0)
+    # Ranked: FP (0.9), TP, TP (0.5): precision 1/2 at recall 1/2, 2/3 at recall 1; the interpolated
+    # precision is 2/3 at every recall point and IoU threshold (exact boxes): AP = 2/3.
+    assert with_absent["base"]["map"] == pytest.approx(2 / 3)
+
+
+def test_hand_computed_map_through_the_cli_matches_pycocotools(tmp_path, monkeypatch):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    # Image A has one cat; image B none. The model finds A's cat at 0.6 and "sees" one in B at 0.9.
+    rows = [schema_rows("detection")[0], {**schema_rows("detection")[2], "solution": NONE}]
+    answers = {0: CAT.replace("1}", "0.6}"), 1: CAT.replace("1}", "0.9}")}
+    install(monkeypatch, StubDecoder(lambda row, adapted: answers[row["row_index"]]))
+    data = write_dataset(rows, tmp_path / "data", "parquet")
+    out = tmp_path / "out"
+    argv = [
+        "vrft.evaluate",
+        "task=detection",
+        "data=disk",
+        f"data.path={data}",
+        f"hydra.run.dir={out}",
+        "max_new_tokens=4",
+    ]
+    monkeypatch.setattr(sys, "argv", argv)
+    vrft.evaluate.main()
+    cli = json.loads((out / "metrics.json").read_text())["results"]["base"]
+    # By hand: ranked FP (0.9) then TP (0.6): precision 1/2 at recall 1, so interpolated precision is 1/2 at
+    # every recall point and every IoU threshold (the box is exact): mAP = mAP@.50 = 0.5.
+    assert cli["map"] == pytest.approx(0.5) and cli["map_50"] == pytest.approx(0.5)
+
+    # The same case given to pycocotools directly, in pixels (56 x 56 images, 0..1000 grid).
+    box = [0.1 * 56, 0.1 * 56, 0.4 * 56, 0.4 * 56]  # xywh of grid [100, 100, 500, 500]
+    truth = COCO()
+    truth.dataset = {
+        "images": [{"id": 1, "width": 56, "height": 56}, {"id": 2, "width": 56, "height": 56}],
+        "categories": [{"id": 1, "name": "cat"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": box, "area": box[2] * box[3], "iscrowd": 0}
+        ],
+    }
+    truth.createIndex()
+    found = truth.loadRes(
+        [
+            {"image_id": 1, "category_id": 1, "bbox": box, "score": 0.6},
+            {"image_id": 2, "category_id": 1, "bbox": box, "score": 0.9},
+        ]
+    )
+    direct = COCOeval(truth, found, iouType="bbox")
+    direct.evaluate(), direct.accumulate(), direct.summarize()
+    assert cli["map"] == pytest.approx(direct.stats[0]) and cli["map_50"] == pytest.approx(direct.stats[1])
+
+
+def test_interrupted_evaluation_resumes_without_decoding_finished_rows(tmp_path, monkeypatch):
+    data = write_dataset(schema_rows("detection") * 2, tmp_path / "data", "disk")
+    overrides = ["task=detection", "data=disk", f"data.path={data}", "batch_size=2"]
+    install(monkeypatch, StubDecoder(perfect, fail_after=2))
+    with pytest.raises(Interrupted):
+        evaluate(eval_config(tmp_path / "out", *overrides))
+    assert len(read_predictions(tmp_path / "out")) == 4  # two batches written before the interruption
+    with (tmp_path / "out" / "predictions.jsonl").open("a") as file:
+        file.write('{"model": "base", "row_ind')  # a line cut off mid-write
+
+    decoder = install(monkeypatch, StubDecoder(perfect))
+    results = evaluate(eval_config(tmp_path / "elsewhere", *overrides, f"resume={tmp_path / 'out'}"))
+    assert sorted(decoder.rows) == [4, 5, 6, 7]  # only the rows not yet decoded
+    assert sorted(r["row_index"] for r in read_predictions(tmp_path / "out")) == list(range(8))
+    assert results["base"]["map"] == pytest.approx(1.0)
+
+
+def test_a_failing_metric_leaves_every_prediction_on_disk(tmp_path, monkeypatch):
+    install(monkeypatch, StubDecoder(perfect))
+    monkeypatch.setattr("vrft.evaluation.evaluators.detection_map", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        run(tmp_path, "detection")
+    assert len(read_predictions(tmp_path / "out")) == 4
+
+
+def test_adapters_share_one_table_with_differences_to_the_base(tmp_path, monkeypatch, capsys):
+    adapter = random_adapter(tmp_path / "adapter")
+    install(
+        monkeypatch, StubDecoder(lambda row, adapted: row["solution"] if adapted else "<answer>x</answer>")
+    )
+    results, _ = run(tmp_path, "classification", "disk", None, f"adapters=[{adapter}]")
+    assert results == {
+        "base": {"accuracy": 0.0, "accuracy/rose": 0.0, "accuracy/tulip": 0.0},
+        str(adapter): {"accuracy": 1.0, "accuracy/rose": 1.0, "accuracy/tulip": 1.0},
+    }
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert f"| metric (%) | base | {adapter} | Δ vs base |" in table
+    assert "| accuracy | 0.0 | 100.0 | +100.0 |" in table
+    assert table in capsys.readouterr().out
+
+
+def test_missing_split_names_the_splits_and_split_key(tmp_path, monkeypatch):
+    decoder = install(monkeypatch, StubDecoder(perfect))
+    data = write_dataset(schema_rows("classification"), tmp_path / "data", "disk", split="train")
+    with pytest.raises(
+        ValueError, match=r"no split 'test' \(splits: \['train'\]\); choose one with split=train"
+    ):
+        evaluate(eval_config(tmp_path / "out", "task=classification", "data=disk", f"data.path={data}"))
+    assert decoder.rows == []
+
+
+def test_bad_rows_are_listed_by_number_before_decoding_or_skipped(tmp_path, monkeypatch):
+    decoder = install(monkeypatch, StubDecoder(perfect))
+    rows = schema_rows("detection")
+    rows[1]["solution"] = "<answer>[{'Position': [1, 2</answer>"  # unparseable
+    rows[2]["problem"] = "Find every object."  # names no category
+    with pytest.raises(
+        ValueError, match=r"2 bad row\(s\) in split 'test' \(rows 1, 2\); row 1: .*on_bad_row=skip"
+    ):
+        run(tmp_path, "detection", rows=rows)
+    assert decoder.rows == []
+    results, _ = run(tmp_path / "skip", "detection", "disk", rows, "on_bad_row=skip")
+    assert sorted(decoder.rows) == [0, 3]
+    assert json.loads((tmp_path / "skip" / "out" / "metrics.json").read_text())["skipped_rows"] == [1, 2]
+
+
+def test_adapter_of_another_model_is_refused_before_loading(tmp_path, monkeypatch):
+    decoder = install(monkeypatch, StubDecoder(perfect))
+    adapter = random_adapter(tmp_path / "adapter")
+    data = write_dataset(schema_rows("classification"), tmp_path / "data", "disk")
+    cfg = eval_config(
+        tmp_path / "out", "model=qwen2vl-2b", "data=disk", f"data.path={data}", f"adapters=[{adapter}]"
+    )
+    with pytest.raises(
+        ValueError,
+        match=rf"adapter '{adapter}' \(trained on '.*'\) does not fit model.name_or_path='qwen2vl-2b'",
+    ):
+        evaluate(cfg)
+    assert decoder.rows == []
+    local = local_model(tmp_path / "local")
+    check_adapter(
+        adapter, instantiate(eval_config(tmp_path, "model=local", f"model.name_or_path={local}").model)
+    )

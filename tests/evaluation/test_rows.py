@@ -1,0 +1,49 @@
+"""Evaluation rows derived from Visual-RFT's three columns, checked before decoding."""
+
+from __future__ import annotations
+
+import datasets
+import pytest
+
+from tests.evaluation.support import CAT, schema_rows
+from vrft.data.builders import detection_prompt
+from vrft.evaluation.rows import category_from_prompt, detection_category, prepare_rows
+from vrft.rewards import check_detection_solution
+
+
+def test_category_comes_from_column_then_prompt_then_solution():
+    assert detection_category({"category": "bus", "problem": detection_prompt("cat")}) == "bus"
+    assert category_from_prompt(detection_prompt("fire hydrant")) == "fire hydrant"
+    entry = "<answer>[{'Position': [1, 2, 3, 4], 'Confidence': 1, 'Category': 'dog'}]</answer>"
+    assert detection_category({"problem": "Find the objects.", "solution": entry}) == "dog"
+    with pytest.raises(ValueError, match="no 'category' column.*solution names no class"):
+        detection_category({"problem": "Find the objects.", "solution": CAT})
+
+
+def test_image_ids_are_content_hashes_shared_by_one_image():
+    table = datasets.Dataset.from_list(schema_rows("detection")).cast_column(
+        "image", datasets.Image(decode=False)
+    )
+    rows = prepare_rows(table, "test", "detection", check_detection_solution)
+    ids = [rows.columns[i]["image_id"] for i in rows.indices]
+    assert ids[0] == ids[1] != ids[2] == ids[3]
+    with_ids = table.add_column("image_id", [7, 7, 9, 9])
+    assert [c["image_id"] for c in prepare_rows(with_ids, "test", "detection").columns.values()] == [
+        7,
+        7,
+        9,
+        9,
+    ]
+
+
+def test_skip_drops_bad_rows_and_keeps_them_listed():
+    table = datasets.Dataset.from_list(schema_rows("detection")).cast_column(
+        "image", datasets.Image(decode=False)
+    )
+    table = table.map(
+        lambda row, i: {"solution": "nonsense" if i == 2 else row["solution"]}, with_indices=True
+    )
+    with pytest.raises(ValueError, match=r"1 bad row\(s\) in split 'test' \(rows 2\)"):
+        prepare_rows(table, "test", "detection", check_detection_solution)
+    rows = prepare_rows(table, "test", "detection", check_detection_solution, on_bad_row="skip")
+    assert rows.indices == [0, 1, 3] and [index for index, _ in rows.bad] == [2]

@@ -1,0 +1,76 @@
+"""Does an adapter folder fit the base model? Checked from shapes alone, before any weight is loaded.
+
+peft reports a mismatched adapter as a `size mismatch` traceback from deep inside `load_state_dict`, after
+the base model has loaded (minutes for 7B). Here the adapter's tensor shapes (read from the safetensors
+header, no tensor data) are compared with the projections of the base model built on the meta device (no
+memory), so a wrong pairing is one line before anything is decoded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig
+
+from vrft.models.policy import ModelSpec
+from vrft.models.presets import PRESETS, model_class, preset_config
+
+_PREFIX = "base_model.model."
+
+
+def _meta_model(spec: ModelSpec) -> torch.nn.Module:
+    is_preset = spec.name_or_path in PRESETS
+    config = preset_config(spec.name_or_path) if is_preset else AutoConfig.from_pretrained(spec.folder())
+    with torch.device("meta"):
+        return model_class(config)._from_config(config)
+
+
+def adapter_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """`{tensor name: shape}` of the adapter weights in `folder` (adapter_model.safetensors)."""
+    weights = folder / "adapter_model.safetensors"
+    if not weights.exists():
+        raise FileNotFoundError(
+            f"adapter '{folder}' has no adapter_model.safetensors; point adapters= at a peft adapter folder "
+            "such as <run_dir>/adapter/final"
+        )
+    with safe_open(str(weights), framework="pt") as file:
+        return {name: tuple(file.get_slice(name).get_shape()) for name in file.keys()}  # noqa: SIM118
+
+
+def check_adapter(adapter: str | Path, spec: ModelSpec) -> None:
+    """Raise `ValueError` naming the adapter and the model when the adapter's LoRA shapes do not fit it."""
+    folder = Path(adapter).expanduser()
+    config_file = folder / "adapter_config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(
+            f"adapter '{adapter}' has no adapter_config.json; point adapters= at a peft adapter folder such as "
+            "<run_dir>/adapter/final"
+        )
+    trained_on = json.loads(config_file.read_text()).get("base_model_name_or_path") or "unknown"
+    modules = dict(_meta_model(spec).named_modules())
+    for name, shape in adapter_shapes(folder).items():
+        problem = _mismatch(name.removeprefix(_PREFIX), shape, modules)
+        if problem is not None:
+            raise ValueError(
+                f"adapter '{adapter}' (trained on '{trained_on}') does not fit model.name_or_path="
+                f"'{spec.name_or_path}': {problem}; evaluate it with the model it was trained on"
+            )
+
+
+def _mismatch(name: str, shape: tuple[int, ...], modules: dict) -> str | None:
+    for part, axis, feature in ((".lora_A.", 1, "in_features"), (".lora_B.", 0, "out_features")):
+        if part not in name:
+            continue
+        module_name = name.split(part)[0]
+        module = modules.get(module_name)
+        if module is None:
+            return f"the model has no module '{module_name}'"
+        expected = getattr(module, feature, None)
+        if expected is not None and shape[axis] != expected:
+            return (
+                f"'{module_name}' has {feature}={expected}, the adapter's {part.strip('.')} has {shape[axis]}"
+            )
+    return None

@@ -1,0 +1,183 @@
+"""The rows an evaluation decodes, read from a Visual-RFT split and checked before the first forward pass.
+
+Visual-RFT's own data has only `image`, `problem` and `solution`. What a metric needs besides is derived
+here, once, for every row: the detection category (a `category` column, else the name the prompt quotes
+after "category", else the one class named in the solution's entries), the COCO image id (an `image_id`
+column, else a hash of the image's bytes, so one image asked about several categories is one COCO image)
+and the class of a classification row (its ground-truth label). Rows that cannot be evaluated are listed
+by row number before anything is decoded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+from torch.utils.data import Dataset
+
+from vrft.data.loading import decode_image
+from vrft.rewards.parsing import extract_answer
+
+log = logging.getLogger(__name__)
+
+ON_BAD_ROW = ("error", "skip")
+# The reference prompt: "Detect all objects belonging to the category '{category}' in the image, ...".
+_PROMPT_CATEGORY = re.compile(
+    r"\bcategor(?:y|ies)\s*[:=]?\s*['\"‘“]([^'\"’”\n]{1,100})['\"’”]", re.IGNORECASE
+)
+# Solutions of other detection sets name the class in each entry: {'Position': [...], 'Category': 'dog'}.
+_SOLUTION_CLASS = re.compile(
+    r"['\"]?(?:category|label|class)['\"]?\s*:\s*['\"]([^'\"]{1,100})['\"]", re.IGNORECASE
+)
+
+
+def category_from_prompt(problem: str) -> str | None:
+    """The category the reference prompt quotes after "category" (None if the prompt names none)."""
+    match = _PROMPT_CATEGORY.search(problem or "")
+    return match.group(1).strip() if match else None
+
+
+def classes_in_solution(solution: str) -> set[str]:
+    """Class names written inside the solution's detection entries (`'Category': 'dog'`)."""
+    return {name.strip() for name in _SOLUTION_CLASS.findall(solution or "")}
+
+
+def detection_category(row: dict) -> str:
+    """The category a detection row asks about: its `category` column, prompt, or solution's one class.
+
+    Raises `ValueError` saying which sources were tried when none gives exactly one category.
+    """
+    if row.get("category"):
+        return str(row["category"])
+    if (category := category_from_prompt(row.get("problem", ""))) is not None:
+        return category
+    classes = classes_in_solution(row.get("solution", ""))
+    if len(classes) == 1:
+        return classes.pop()
+    found = f"the solution names {sorted(classes)}" if classes else "the solution names no class"
+    raise ValueError(
+        f"no detection category: no 'category' column, the prompt quotes no name after \"category\" and "
+        f"{found}; add a 'category' column"
+    )
+
+
+def image_content_id(image) -> str:
+    """A COCO image id from the image's bytes (16 hex digits of SHA-1): equal images, one id."""
+    data = image.get("bytes") if isinstance(image, dict) else None
+    if not data:
+        source = image.get("path") if isinstance(image, dict) else image
+        try:
+            data = Path(source).read_bytes()
+        except (OSError, TypeError) as error:
+            raise ValueError(f"image '{source}' could not be read ({error})") from None
+    return hashlib.sha1(data).hexdigest()[:16]
+
+
+@dataclass
+class EvalRows:
+    """The rows of one split an evaluation decodes, with what the metric needs derived per row.
+
+    `columns[i]` adds to row `i` of `table`: `row_index`, and for detection `category` and `image_id`,
+    for classification `category` (the class of the ground truth).
+    """
+
+    table: datasets.Dataset
+    split: str
+    columns: dict[int, dict] = field(default_factory=dict)  # kept row index -> derived columns
+    bad: list[tuple[int, str]] = field(default_factory=list)  # (row index, reason) of rows left out
+
+    @property
+    def indices(self) -> list[int]:
+        return list(self.columns)
+
+
+def prepare_rows(
+    table: datasets.Dataset,
+    split: str,
+    task: str,
+    check_solution: Callable[[str], None] | None = None,
+    on_bad_row: str = "error",
+    max_rows: int | None = None,
+) -> EvalRows:
+    """Check and complete the first `max_rows` rows of `table` for `task`'s metric; nothing is decoded.
+
+    Bad rows (unparseable solution; detection: no category) raise one `ValueError` listing them by row
+    number, or with `on_bad_row="skip"` are left out and reported in `EvalRows.bad`.
+    """
+    if on_bad_row not in ON_BAD_ROW:
+        raise ValueError(f"on_bad_row='{on_bad_row}' is not one of: {', '.join(ON_BAD_ROW)}")
+    count = len(table) if max_rows is None else min(max_rows, len(table))
+    if count == 0:
+        raise ValueError(f"split '{split}' is empty; choose a split with rows (split=...)")
+    text = table.select_columns([c for c in ("problem", "solution", "category") if c in table.column_names])
+    rows = EvalRows(table, split)
+    for index in range(count):
+        row = text[index]
+        try:
+            if check_solution is not None:
+                check_solution(row["solution"])
+            rows.columns[index] = _derived(row, task, index)
+        except ValueError as error:
+            rows.bad.append((index, str(error)))
+    if task == "detection" and rows.columns:
+        _add_image_ids(table, rows)
+    _report_bad(rows, on_bad_row)
+    return rows
+
+
+def _derived(row: dict, task: str, index: int) -> dict:
+    derived = {"row_index": index}
+    if task == "detection":
+        derived["category"] = detection_category(row)
+    elif task == "classification":
+        derived["category"] = extract_answer(row["solution"]) or ""
+    return derived
+
+
+def _add_image_ids(table: datasets.Dataset, rows: EvalRows) -> None:
+    if "image_id" in table.column_names:
+        ids = table.select_columns(["image_id"])[: max(rows.columns) + 1]["image_id"]
+        for index, derived in rows.columns.items():
+            derived["image_id"] = ids[index]
+        return
+    images = table.select_columns(["image"])
+    for index, derived in rows.columns.items():
+        derived["image_id"] = image_content_id(images[index]["image"])
+
+
+def _report_bad(rows: EvalRows, on_bad_row: str) -> None:
+    if not rows.bad:
+        return
+    numbers = ", ".join(str(index) for index, _ in rows.bad[:50]) + (" ..." if len(rows.bad) > 50 else "")
+    first = "; ".join(f"row {index}: {reason}" for index, reason in rows.bad[:3])
+    if on_bad_row == "error" or not rows.columns:
+        raise ValueError(
+            f"{len(rows.bad)} bad row(s) in split '{rows.split}' (rows {numbers}); {first}. Fix the data, or "
+            "set on_bad_row=skip to evaluate without them (they are counted in the report)"
+        )
+    log.warning(
+        "skipping %d bad row(s) of split '%s' (on_bad_row=skip): rows %s", len(rows.bad), rows.split, numbers
+    )
+
+
+class EvalRowDataset(Dataset):
+    """The rows at `indices` as dicts with a decoded RGB `image`, its `image_size` and the derived columns."""
+
+    def __init__(self, rows: EvalRows, indices: list[int]):
+        self.rows = rows
+        self.indices = indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> dict:
+        index = self.indices[position]
+        row = dict(self.rows.table[index]) | self.rows.columns[index]
+        row["image"] = decode_image(row["image"])
+        row["image_size"] = row["image"].size
+        return row
