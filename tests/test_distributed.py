@@ -131,6 +131,8 @@ def test_sharding_strategy_with_a_quantised_base_is_refused(strategy):
     ):
         check_distributed(cfg)
     check_distributed(_cfg("precision=int4", "trainer.accelerator=cpu", "trainer.strategy=ddp"))  # fine
+    with pytest.raises(ValueError, match=r"trainer.strategy=fsdp is not supported yet.*trainer.strategy=ddp"):
+        check_distributed(_cfg("precision=bf16", "trainer.accelerator=cpu", "trainer.strategy=fsdp"))
 
 
 def test_prompts_that_do_not_split_over_the_ranks_stop_the_cli_before_loading(tmp_path):

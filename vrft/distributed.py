@@ -87,7 +87,12 @@ def check_strategy(trainer_cfg: DictConfig, precision_cfg: DictConfig) -> None:
             "supported yet (FSDP/DeepSpeed would flatten its packed weights); use trainer.strategy=ddp, which "
             "keeps the quantised base whole on every rank, or a floating-point precision (precision=bf16)"
         )
-    if not name.startswith(SHARDING) and name not in REPLICATING:
+    if name.startswith(SHARDING):
+        raise ValueError(
+            f"trainer.strategy={name} is not supported yet (generation from sharded weights is not written, "
+            "and it is untested); use trainer.strategy=ddp, which keeps the whole model on every rank"
+        )
+    if name not in REPLICATING:
         raise ValueError(
             f"trainer.strategy={name} is not one vrft runs; use trainer.strategy=ddp (or auto on one device)"
         )
@@ -108,9 +113,8 @@ def check_prompt_split(algorithm_cfg: DictConfig, ranks: int) -> None:
 
 
 def check_plan_settings(cfg: DictConfig) -> int:
-    """Check what a plan on paper needs (strategy, prompt split; not this machine's GPUs); returns the world
-    size."""
-    check_strategy(cfg.trainer, cfg.precision)
+    """Check what a plan on paper needs: the prompt split (not this machine's GPUs, and any strategy, so
+    that FSDP can be planned before it runs); returns the world size."""
     ranks = world_size(cfg)
     check_prompt_split(cfg.algorithm, ranks)
     return ranks
@@ -119,4 +123,5 @@ def check_plan_settings(cfg: DictConfig) -> int:
 def check_distributed(cfg: DictConfig) -> int:
     """Check the run's device, strategy and prompt-split settings before loading; returns the world size."""
     check_devices(cfg.trainer)
+    check_strategy(cfg.trainer, cfg.precision)
     return check_plan_settings(cfg)
