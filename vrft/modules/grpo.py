@@ -209,7 +209,7 @@ class GRPOModule(PolicyModule):
         if seed is None:
             return contextlib.nullcontext()
         indices = [row.get("row_index", position) for position, row in enumerate(rows)]
-        return seeded_rng(prompt_seed(seed, self.current_epoch, indices))
+        return seeded_rng(prompt_seed(seed, self.current_epoch, indices), self.device)
 
     def score(self, rollout: Rollout) -> None:
         """Stage 2: rewards, group advantages, and the fixed log-probs the loss compares against."""

@@ -33,8 +33,17 @@ def prompt_seed(base_seed: int, epoch: int, row_indices: list[int]) -> int:
 
 
 @contextlib.contextmanager
-def seeded_rng(seed: int):
-    """Inside, torch (CPU and CUDA) draws from `seed`; the global random state is restored on exit."""
-    with isolated_rng():
-        torch.manual_seed(seed)
+def seeded_rng(seed: int, device: torch.device | None = None):
+    """Inside, torch's CPU generator and that of `device` (a CUDA device, if given) draw from `seed`; both are
+    restored on exit.
+
+    Only this rank's device is forked: saving another GPU's random state would open a CUDA context on it
+    from every rank of a multi-GPU run.
+    """
+    cuda = device is not None and device.type == "cuda"
+    index = (device.index if device.index is not None else torch.cuda.current_device()) if cuda else None
+    with torch.random.fork_rng(devices=[index] if cuda else []):
+        torch.random.default_generator.manual_seed(seed)
+        if cuda:
+            torch.cuda.default_generators[index].manual_seed(seed)
         yield
