@@ -88,5 +88,7 @@ def test_oom_outside_the_phases_points_at_the_model_size():
 def test_a_rank_of_a_multi_process_run_names_itself_and_its_phase():
     error = OutOfMemoryInPhase("update", "CUDA out of memory. Tried to allocate 2.00 GiB", None, rank=1)
     first = str(error).splitlines()[0]
-    assert first.startswith("CUDA ran out of memory on rank 1 during the update phase; every rank was stopped")
+    assert first.startswith(
+        "CUDA ran out of memory on rank 1 during the update phase; every rank was stopped"
+    )
     assert "on rank" not in str(OutOfMemoryInPhase("update", "CUDA out of memory", None))
