@@ -103,6 +103,14 @@ def test_resume_continues_step_count_and_optimizer_state(first_run, tmp_path):
     assert float(next(iter(last["optimizer_states"][0]["state"].values()))["step"]) == 3
 
 
+def test_resume_with_another_lora_rank_is_refused_before_loading(first_run, tmp_path):
+    checkpoint = first_run / "checkpoints" / "last.ckpt"
+    result = run_cli(tmp_path / "other_rank", f"ckpt_path={checkpoint}", "lora.r=8", "trainer.max_steps=3")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "was trained with lora.r=4 but this run has lora.r=8; resume with lora.r=4" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_bad_input_is_one_line_naming_the_fix(tmp_path):
     result = run_cli(tmp_path / "bad", "algorithm.group_size=1")
     assert result.returncode == 2

@@ -65,6 +65,23 @@ def test_made_once_then_reused(tmp_path, monkeypatch):
     assert not list(tmp_path.glob("*.partial-*"))  # built aside, renamed into place
 
 
+@pytest.mark.parametrize(
+    "failure", [RuntimeError("out of memory"), KeyboardInterrupt()], ids=["error", "ctrl-c"]
+)
+def test_failed_or_interrupted_build_leaves_no_partial_folder(tmp_path, monkeypatch, failure):
+    monkeypatch.setenv("VRFT_CACHE", str(tmp_path))
+
+    def failing_fit(sft_cfg):
+        (Path(sft_cfg.run_dir) / "logs").mkdir(parents=True)  # the SFT run had started writing
+        raise failure
+
+    monkeypatch.setattr(vrft.warmstart, "fit_sft", failing_fit)
+    with pytest.raises(type(failure)):
+        make_warm_start(config())
+    assert not list(tmp_path.glob("warmstart-*.partial-*"))
+    assert not list(tmp_path.glob("warmstart-*[!k]"))  # no finished-looking folder either (only the .lock)
+
+
 def test_applies_to_the_tiny_model_only_and_never_over_a_users_adapter(monkeypatch, tmp_path):
     monkeypatch.setattr(vrft.warmstart, "make_warm_start", lambda cfg: Path("/cache/warm/adapter/final"))
     cfg = config(f"run_dir={tmp_path}")

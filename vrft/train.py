@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from pathlib import Path
 
@@ -12,16 +13,18 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from vrft.callbacks import RunSummary
+from vrft.callbacks import RunSettingsInCheckpoint, RunSummary
 from vrft.cli import config_hash, user_errors
 from vrft.distributed import check_distributed, check_strategy
 from vrft.paths import config_dir
 from vrft.planner.planning import precision_name, resolve_auto
 from vrft.planner.report import enforce_plan
+from vrft.resume import CHECKPOINT_KEY, resume_settings
 from vrft.runtime.cuda import apply_memory_cap, configure_allocator
 from vrft.runtime.oom import explain_out_of_memory
 from vrft.runtime.ranks import stop_other_ranks
 from vrft.setup import build_run
+from vrft.validation import check_command_line, validate
 from vrft.warmstart import apply_warm_start
 
 log = logging.getLogger(__name__)
@@ -31,13 +34,9 @@ warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual opt
 
 def fit(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, RunSummary]:
     """Build the run described by `cfg` and fit it; returns the trainer, the module and the run summary."""
+    validate(cfg)  # every setting, and the checkpoint to resume from, before anything loads
     configure_allocator()  # expandable segments, before anything touches CUDA
     run_dir = Path(cfg.run_dir)
-    if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
-        raise FileNotFoundError(
-            f"ckpt_path='{cfg.ckpt_path}' is not a file; pass a Lightning checkpoint such as "
-            "<run_dir>/checkpoints/last.ckpt"
-        )
     check_distributed(cfg)  # devices, strategy and prompt split of a multi-process run, before loading
     cfg = resolve_auto(cfg)  # precision=auto / rollout_engine=auto -> what the planner says fits
     check_strategy(cfg.trainer, cfg.precision)  # again, for the precision `auto` chose
@@ -57,7 +56,8 @@ def fit(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, RunSummary]:
             "resumed_from": cfg.ckpt_path,
         },
     )
-    run = build_run(cfg, [summary, *warm_start_callbacks])
+    resume_guard = RunSettingsInCheckpoint(resume_settings(cfg), CHECKPOINT_KEY)
+    run = build_run(cfg, [summary, resume_guard, *warm_start_callbacks])
     trainer, module = run.trainer, run.module
     if rank_zero_only.rank == 0:  # Lightning's launcher runs this script once per rank: one writer
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -99,4 +99,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    user_errors(check_command_line)(sys.argv[1:])  # before Hydra parses the overrides
     main()

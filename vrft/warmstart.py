@@ -123,10 +123,14 @@ def make_warm_start(cfg: DictConfig) -> Path:
         partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
         shutil.rmtree(partial, ignore_errors=True)
         print(f"warm start: {cfg.warm_start.steps} SFT steps into {folder} (once; later runs reuse it)")
-        # The GRPO run must not depend on whether its warm start was made now or reused: keep its RNG.
-        with isolated_rng():
-            fit_sft(sft_run_config(cfg, partial))
-        partial.rename(folder)  # atomic: an interrupted build never looks finished
+        try:
+            # The GRPO run must not depend on whether its warm start was made now or reused: keep its RNG.
+            with isolated_rng():
+                fit_sft(sft_run_config(cfg, partial))
+            partial.rename(folder)  # atomic: an interrupted build never looks finished
+        finally:
+            # A failed or interrupted (Ctrl-C) build leaves nothing behind; after the rename there is nothing.
+            shutil.rmtree(partial, ignore_errors=True)
     return adapter
 
 

@@ -96,6 +96,21 @@ def test_bad_rows_stop_before_training_with_the_fix(tmp_path):
     assert "row 2:" in message and "data.on_bad_row=skip" in message
 
 
+def test_oversized_ground_truth_is_named_by_row(tmp_path):
+    dataset = datasets.Dataset.from_dict(make_rows(3), features=FEATURES)
+    table = dataset.to_dict()
+    table["solution"][1] = f"<answer>red{' ' * 100_000}</answer>"
+    path = tmp_path / "oversized"
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_dict(table, features=dataset.features)}
+    ).save_to_disk(path)
+    module = VisualRFTDataModule(path=str(path), check_solution=check_classification_solution)
+    with pytest.raises(
+        ValueError, match=r"1 bad row\(s\) in split 'train': row 1: solution has 100,020 characters"
+    ):
+        module.setup("fit")
+
+
 def test_bad_rows_skipped_and_counted(tmp_path):
     module = VisualRFTDataModule(
         path=str(write_with_bad_rows(tmp_path)),

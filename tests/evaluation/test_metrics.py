@@ -135,6 +135,22 @@ def test_classification_accuracy_uses_the_reward_rule():
         classification_accuracy([], [])
 
 
+def test_classification_accuracy_pays_no_letter_and_no_class_list():
+    solutions = [
+        "<answer>red</answer>",
+        "<answer>green</answer>",
+        "<answer>blue</answer>",
+        "<answer>yellow</answer>",
+    ]
+    for gamed in ("<answer>e</answer>", "<answer>red green blue yellow</answer>"):
+        assert classification_accuracy([gamed] * 4, solutions) == 0.0
+        assert classification_accuracy([gamed] * 4, solutions, compat=True) == 1.0  # the paper's rule
+    # With the class list given, two classes are wrong even when the rows hold one label only.
+    two = ["<answer>red or blue</answer>"]
+    assert classification_accuracy(two, solutions[:1]) == 1.0
+    assert classification_accuracy(two, solutions[:1], classes=["red", "green", "blue", "yellow"]) == 0.0
+
+
 def test_grounding_miou():
     truth = "<answer>(100,100),(200,200)</answer>"
     completions = [

@@ -14,13 +14,22 @@ CASES = [
     ("<think>petals</think><answer>daisy</answer>", DAISY, 1.0, 1.0),
     ("<answer>Daisy</answer>", DAISY, 1.0, 1.0),  # lowercased
     ("<answer> pink primrose </answer>", "<answer>pink_primrose</answer>", 1.0, 1.0),  # both "pinkprimrose"
-    ("<answer>primrose</answer>", PRIMROSE, 1.0, 1.0),  # "primrose" in "pinkprimrose"
+    (
+        "<answer>primrose</answer>",
+        PRIMROSE,
+        0.0,
+        1.0,
+    ),  # compat: "primrose" in "pinkprimrose"; part of a label
     ("<answer>a pink primrose flower</answer>", PRIMROSE, 1.0, 1.0),  # truth inside the answer
-    ("<answer>DAISY_FLOWER</answer>", DAISY, 1.0, 1.0),  # "daisyflower" contains "daisy"
-    ("<answer>d</answer>", DAISY, 1.0, 1.0),  # reference rule: "d" in "daisy" (kept in both modes)
+    ("<answer>DAISY_FLOWER</answer>", DAISY, 1.0, 1.0),  # the word "daisy" / "daisyflower" contains "daisy"
+    ("<answer>d</answer>", DAISY, 0.0, 1.0),  # compat: "d" in "daisy"; a letter is no label
+    ("<answer>daisies</answer>", DAISY, 1.0, 0.0),  # plural
+    ("<answer>pinkprimroses</answer>", PRIMROSE, 1.0, 1.0),  # written without a space, plural
+    ("<answer>daisy rose</answer>", DAISY, 1.0, 1.0),  # "rose" is no known class of this batch
+    ("<answer>daisyish</answer>", DAISY, 0.0, 1.0),  # not a whole word
     ("<answer>rose</answer>", DAISY, 0.0, 0.0),
-    ("<answer>Pink-Primrose</answer>", PRIMROSE, 0.0, 0.0),  # hyphens are not removed
-    ("<answer>pink\tprimrose</answer>", PRIMROSE, 0.0, 0.0),  # only spaces are removed, not tabs
+    ("<answer>Pink-Primrose</answer>", PRIMROSE, 1.0, 0.0),  # compat removes spaces, not hyphens
+    ("<answer>pink\tprimrose</answer>", PRIMROSE, 1.0, 0.0),  # compat removes spaces, not tabs
     ("<answer>rose</answer><answer>daisy</answer>", DAISY, 0.0, 0.0),  # the first answer counts
     ("<answer>\ndaisy\n</answer>", DAISY, 1.0, 1.0),  # compat: no one-line match, whole text contains daisy
     # The loophole: an empty answer "contains" nothing, so the reference scores it 1.

@@ -15,6 +15,7 @@ from vrft.rewards import (
     GroundingReward,
     IoUReward,
 )
+from vrft.rewards.parsing import format_detection_answer
 
 REWARDS = [
     FormatReward(),
@@ -26,6 +27,9 @@ REWARDS = [
     ConfidenceReward(compat=True, coord_max=1000),
     GroundingReward(),
     GroundingReward(compat=True, coord_max=1000),
+    ConfidenceReward(strict=True),
+    GroundingReward(strict=True),
+    AccuracyReward(classes=["daisy", "rose"]),
 ]
 SOLUTIONS = [
     "<answer>daisy</answer>",
@@ -43,6 +47,18 @@ PIECES = st.sampled_from(
     ]
 )  # fmt: skip
 TEXTS = st.one_of(st.text(max_size=200), st.lists(PIECES, max_size=60).map("".join))
+# Whitespace runs of up to 30k characters between the pieces: the inputs that made the regexes quadratic.
+RUNS = st.integers(0, 30_000).flatmap(lambda n: st.sampled_from([" " * n, "\n" * n, "\t " * (n // 2)]))
+SPACED = st.lists(st.one_of(PIECES, RUNS), max_size=12).map("".join)
+BOX = st.lists(st.integers(-10, 1010), min_size=4, max_size=4)
+# Ground truths past the caps (MAX_SOLUTION_BOXES, MAX_SOLUTION_CHARS) as well as within them.
+LARGE_SOLUTIONS = st.one_of(
+    st.lists(BOX, max_size=400).map(format_detection_answer),
+    st.tuples(BOX, RUNS).map(
+        lambda pair: f"<answer>({pair[0][0]},{pair[0][1]}){pair[1]},({pair[0][2]},{pair[0][3]})</answer>"
+    ),
+    RUNS.map(lambda run: f"<answer>{run}daisy{run}</answer>"),
+)
 
 
 def check(reward, completions, solutions):
@@ -57,6 +73,13 @@ def check(reward, completions, solutions):
 @settings(max_examples=150, deadline=None)
 @given(completion=TEXTS, solution=st.one_of(st.sampled_from(SOLUTIONS), TEXTS))
 def test_any_text_gives_a_finite_reward_in_range(reward, completion, solution):
+    check(reward, [completion], [solution])
+
+
+@pytest.mark.parametrize("reward", REWARDS, ids=repr)
+@settings(max_examples=25, deadline=None)  # no time budget here: bench/rewards/worst_case.py measures it
+@given(completion=st.one_of(SPACED, TEXTS), solution=st.one_of(LARGE_SOLUTIONS, SPACED))
+def test_whitespace_runs_and_large_ground_truths(reward, completion, solution):
     check(reward, [completion], [solution])
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from vrft.rewards import check_classification_solution, check_detection_solution, check_grounding_solution
+from vrft.rewards.parsing import MAX_SOLUTION_BOXES, MAX_SOLUTION_CHARS, format_detection_answer
 
 
 @pytest.mark.parametrize("solution", ["<answer>daisy</answer>", "<answer> Pink Primrose </answer>"])
@@ -72,3 +73,26 @@ def test_grounding_valid(solution):
 def test_grounding_invalid(solution, message):
     with pytest.raises(ValueError, match=message):
         check_grounding_solution(solution)
+
+
+@pytest.mark.parametrize(
+    "check", [check_classification_solution, check_detection_solution, check_grounding_solution]
+)
+def test_oversized_solution_is_refused_before_parsing(check):
+    solution = f"<answer>(1,1){' ' * (MAX_SOLUTION_CHARS + 1)},(2,2)</answer>"
+    with pytest.raises(ValueError, match=f"more than the {MAX_SOLUTION_CHARS:,} a ground-truth row may hold"):
+        check(solution)
+
+
+def test_detection_solution_with_too_many_boxes_is_refused():
+    boxes = [[i, 0, i + 1, 1] for i in range(MAX_SOLUTION_BOXES + 1)]
+    with pytest.raises(
+        ValueError, match=f"{MAX_SOLUTION_BOXES + 1} boxes, more than the {MAX_SOLUTION_BOXES}"
+    ):
+        check_detection_solution(format_detection_answer(boxes))
+    check_detection_solution(format_detection_answer(boxes[:MAX_SOLUTION_BOXES]))
+
+
+def test_one_letter_label_is_refused():
+    with pytest.raises(ValueError, match="fewer than 2 letters or digits"):
+        check_classification_solution("<answer>e</answer>")

@@ -3,7 +3,15 @@
 from vrft.callbacks.adapter import AdapterExport
 from vrft.callbacks.held_out import HeldOutReward
 from vrft.callbacks.progress import StepProgressBar
+from vrft.callbacks.resume import RunSettingsInCheckpoint
 from vrft.callbacks.samples import CompletionSamples
 from vrft.callbacks.summary import RunSummary
 
-__all__ = ["AdapterExport", "CompletionSamples", "HeldOutReward", "RunSummary", "StepProgressBar"]
+__all__ = [
+    "AdapterExport",
+    "CompletionSamples",
+    "HeldOutReward",
+    "RunSettingsInCheckpoint",
+    "RunSummary",
+    "StepProgressBar",
+]

@@ -22,16 +22,19 @@ from vrft.rewards.parsing import extract_answer, parse_detection_answer, parse_g
 
 
 class ClassificationEvaluator:
-    """Accuracy with the accuracy reward's matching rule (`compat` as the reward), overall and per class.
+    """Accuracy with the accuracy reward's matching rule (`compat` and `classes` as the reward), overall and
+    per class.
 
     The class of a row is its ground-truth label (the solution's `<answer>`); `accuracy/<label>` is the
-    accuracy over that class's rows.
+    accuracy over that class's rows. The known classes are `classes` plus every label of the rows, so an
+    answer naming two classes is wrong in the per-class figures too.
     """
 
     name = "classification"
 
-    def __init__(self, compat: bool = False):
+    def __init__(self, compat: bool = False, classes: Sequence[str] | None = None):
         self.compat = compat
+        self.classes = list(classes) if classes is not None else None
 
     def answer(self, completion: str) -> str | None:
         """The answer text the reward compares (None when there is none)."""
@@ -39,15 +42,17 @@ class ClassificationEvaluator:
 
     def __call__(self, completions: Sequence[str], rows: Sequence[dict]) -> dict[str, float]:
         solutions = [r["solution"] for r in rows]
-        metrics = {"accuracy": classification_accuracy(completions, solutions, self.compat)}
+        metrics = {"accuracy": classification_accuracy(completions, solutions, self.compat, self.classes)}
         by_class: dict[str, list[int]] = {}
         for index, solution in enumerate(solutions):
             by_class.setdefault(extract_answer(solution) or "", []).append(index)
         if len(by_class) > 1:
+            # Every label of the rows stays known inside one class's rows: "red blue" is wrong for "red".
+            known = [*(self.classes or ()), *(label for label in by_class if label)]
             for label, indices in sorted(by_class.items()):
                 picked = [completions[i] for i in indices]
                 metrics[f"accuracy/{label}"] = classification_accuracy(
-                    picked, [solutions[i] for i in indices], self.compat
+                    picked, [solutions[i] for i in indices], self.compat, known
                 )
         return metrics
 

@@ -194,11 +194,18 @@ def _check_pairs(completions: Sequence[str], solutions: Sequence[str]) -> None:
 
 
 def classification_accuracy(
-    completions: Sequence[str], solutions: Sequence[str], compat: bool = False
+    completions: Sequence[str],
+    solutions: Sequence[str],
+    compat: bool = False,
+    classes: Sequence[str] | None = None,
 ) -> float:
-    """Fraction of completions whose answer matches the solution by the accuracy reward's rule, in [0, 1]."""
+    """Fraction of completions whose answer matches the solution by the accuracy reward's rule, in [0, 1].
+
+    The known classes are ``classes`` plus every label among ``solutions``: an answer naming two of
+    them is wrong, as in the reward.
+    """
     _check_pairs(completions, solutions)
-    return _mean(AccuracyReward(compat=compat)(completions, solutions))
+    return _mean(AccuracyReward(compat=compat, classes=classes)(completions, solutions))
 
 
 def _first_boxes(completion: str, solution: str, compat: bool) -> tuple[Box | None, Box | None]:

@@ -92,6 +92,12 @@ class LoraSpec:
     init_adapter: str | None = None
     full: bool = False
 
+    def __post_init__(self):
+        if self.r < 1 and not self.full:
+            raise ValueError(f"lora.r={self.r} must be >= 1 (the adapter's rank; 64 is Visual-RFT's)")
+        if self.alpha <= 0 and not self.full:
+            raise ValueError(f"lora.alpha={self.alpha} must be > 0 (the adapter's scale is alpha / r)")
+
     def peft_config(self) -> LoraConfig:
         target = self.target_modules
         if self.train_vision:

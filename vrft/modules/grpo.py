@@ -66,6 +66,25 @@ class GRPOSettings:
     rollout_seed: int | None = None
 
     def __post_init__(self):
+        for key in (
+            "rollout_batch_size",
+            "prompts_per_step",
+            "update_micro_batch_size",
+            "max_new_tokens",
+            "logprob_chunk_size",
+        ):
+            if getattr(self, key) < 1:
+                raise ValueError(f"algorithm.{key}={getattr(self, key)} must be >= 1")
+        if not self.temperature > 0:
+            # Temperature 0 divides the logits by zero: NaN log-probs from the first step.
+            raise ValueError(
+                f"algorithm.temperature={self.temperature} must be > 0 (GRPO needs sampled, differing "
+                "completions; 1.0 is Visual-RFT's)"
+            )
+        if not 0 < self.top_p <= 1:
+            raise ValueError(
+                f"algorithm.top_p={self.top_p} must be in (0, 1]; 1.0 samples from the whole vocabulary"
+            )
         if self.group_size < 2:
             raise ValueError(
                 f"algorithm.group_size={self.group_size}: group-normalised advantages need at least 2 "
@@ -114,6 +133,8 @@ class GRPOModule(PolicyModule):
         prompt_template / evaluator / eval_max_new_tokens: see `PolicyModule`.
         **settings: `GRPOSettings` fields.
     """
+
+    settings_class = GRPOSettings  # what `**settings` accepts (vrft.validation checks it before loading)
 
     def __init__(
         self,

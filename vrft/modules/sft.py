@@ -98,6 +98,8 @@ class SFTModule(PolicyModule):
             while training: they are logged as ignored.
     """
 
+    settings_class = GRPOSettings  # what `**rollout_settings` accepts (checked by vrft.validation)
+
     def __init__(
         self,
         model: ModelSpec,

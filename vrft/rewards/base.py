@@ -8,7 +8,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from vrft.rewards.parsing import completion_text
+from vrft.rewards.parsing import MAX_SOLUTION_CHARS, completion_text
 
 RewardFn = Callable[..., list[float]]
 
@@ -21,11 +21,14 @@ class Reward(ABC):
     ``<answer>...</answer>``. Extra dataset columns (``problem``, ``image``, ...) arrive as keyword
     lists and are ignored. Subclasses implement ``score`` for one pair; it must not raise on any
     string, and its value is clipped into ``[low, high]`` with non-finite values read as ``low``.
+    A solution longer than ``MAX_SOLUTION_CHARS`` (which the data checks refuse) scores ``low``
+    without being parsed, so that no input makes a reward call slow.
     """
 
     name: str = "reward"  # shown in logs, e.g. "rewards/accuracy"
     low: float = 0.0
     high: float = 1.0
+    uses_solution: bool = True  # False: the score ignores the solution, so its size does not matter
 
     def __call__(self, completions: Sequence[Any], solutions: Sequence[str], **columns: Any) -> list[float]:
         if len(completions) != len(solutions):
@@ -33,8 +36,24 @@ class Reward(ABC):
                 f"reward '{self.name}' got {len(completions)} completions but {len(solutions)} solutions; "
                 "repeat each solution once per sampled completion (group_size times)"
             )
-        pairs = zip(completions, solutions, strict=True)
-        return [self._bounded(self.score(completion_text(c), str(s))) for c, s in pairs]
+        texts = [completion_text(completion) for completion in completions]
+        truths = [str(solution) for solution in solutions]
+        kept = [
+            i for i, truth in enumerate(truths) if not self.uses_solution or len(truth) <= MAX_SOLUTION_CHARS
+        ]
+        values = [self.low] * len(texts)
+        for index, value in zip(
+            kept, self.score_batch([texts[i] for i in kept], [truths[i] for i in kept]), strict=True
+        ):
+            values[index] = self._bounded(value)
+        return values
+
+    def score_batch(self, completions: list[str], solutions: list[str]) -> list[float]:
+        """Score a batch of texts; by default ``score`` on each pair (override to use the whole batch)."""
+        return [
+            self.score(completion, solution)
+            for completion, solution in zip(completions, solutions, strict=True)
+        ]
 
     @abstractmethod
     def score(self, completion: str, solution: str) -> float:

@@ -19,6 +19,11 @@ empty                  boxes               0 / mean(1 - c) (all false positives)
 boxes                  empty               0 / 0
 any                    unreadable          0 / 0
 =====================  ==================  ====================================
+
+The paper's confidence reward pays ``1 - c`` for a box that matches nothing, so one constant
+zero-confidence box earns the full confidence reward on every image (2.0 of 3.0 with the format
+reward). ``ConfidenceReward(strict=True)`` (``task.strict=true``) pays nothing for such a box; the
+default stays the paper's so that results compare.
 """
 
 from __future__ import annotations
@@ -26,9 +31,18 @@ from __future__ import annotations
 from abc import abstractmethod
 from dataclasses import dataclass
 
+import numpy as np
+
 from vrft.rewards.base import Reward
-from vrft.rewards.boxes import box_area, box_iou, clamp_box
-from vrft.rewards.parsing import Detection, extract_answer, parse_detection_answer, read_answer
+from vrft.rewards.boxes import box_area, clamp_box
+from vrft.rewards.parsing import (
+    MAX_SOLUTION_BOXES,
+    Detection,
+    check_solution_size,
+    extract_answer,
+    parse_detection_answer,
+    read_answer,
+)
 
 
 @dataclass(frozen=True)
@@ -51,22 +65,46 @@ def remove_duplicate_boxes(detections: list[Detection]) -> list[Detection]:
     return unique
 
 
+def iou_matrix(predictions: list[Detection], ground_truth: list[Detection]) -> np.ndarray:
+    """IoU of every prediction with every ground-truth box, ``[P, G]`` float64.
+
+    The same arithmetic as ``box_iou`` in the same order (so the same values), vectorised: a Python
+    loop over 100 predictions x 300 ground-truth boxes takes tens of milliseconds per reward call.
+    """
+    boxes_p = np.array([d.box for d in predictions], dtype=np.float64).reshape(-1, 1, 4)  # [P, 1, 4]
+    boxes_g = np.array([d.box for d in ground_truth], dtype=np.float64).reshape(1, -1, 4)  # [1, G, 4]
+    with np.errstate(all="ignore"):  # overflowing areas read as IoU 0, as in box_iou
+        width = np.minimum(boxes_p[..., 2], boxes_g[..., 2]) - np.maximum(boxes_p[..., 0], boxes_g[..., 0])
+        height = np.minimum(boxes_p[..., 3], boxes_g[..., 3]) - np.maximum(boxes_p[..., 1], boxes_g[..., 1])
+        intersection = np.where((width > 0) & (height > 0), width * height, 0.0)
+        area_p = np.maximum(0.0, boxes_p[..., 2] - boxes_p[..., 0]) * np.maximum(
+            0.0, boxes_p[..., 3] - boxes_p[..., 1]
+        )
+        area_g = np.maximum(0.0, boxes_g[..., 2] - boxes_g[..., 0]) * np.maximum(
+            0.0, boxes_g[..., 3] - boxes_g[..., 1]
+        )
+        union = area_p + area_g - intersection
+        iou = np.where(union > 0, intersection / union, 0.0)
+    return np.where(np.isfinite(iou), iou, 0.0)
+
+
 def match_detections(
     predictions: list[Detection], ground_truth: list[Detection], iou_threshold: float = 0.5
 ) -> list[MatchedPrediction]:
     """Greedy matching in order of decreasing confidence; returns one result per prediction."""
-    free = list(range(len(ground_truth)))
+    order = sorted(range(len(predictions)), key=lambda i: predictions[i].confidence, reverse=True)
+    ious = iou_matrix(predictions, ground_truth)  # a taken ground-truth box's column becomes -1
     results = []
-    for prediction in sorted(predictions, key=lambda detection: detection.confidence, reverse=True):
-        best_iou, best_index = 0.0, -1
-        for index in free:
-            iou = box_iou(prediction.box, ground_truth[index].box)
-            if iou > best_iou:  # strict: ties go to the first ground-truth box, as in the reference
-                best_iou, best_index = iou, index
+    for index in order:
+        # argmax takes the first of equal maxima: ties go to the first ground-truth box, as in the reference.
+        best = int(ious[index].argmax()) if len(ground_truth) else -1
+        best_iou = max(0.0, float(ious[index, best])) if best >= 0 else 0.0
         matched = best_iou > iou_threshold
         if matched:
-            free.remove(best_index)
-        results.append(MatchedPrediction(best_iou if matched else 0.0, prediction.confidence, matched))
+            ious[:, best] = -1.0
+        results.append(
+            MatchedPrediction(best_iou if matched else 0.0, predictions[index].confidence, matched)
+        )
     return results
 
 
@@ -127,16 +165,37 @@ class ConfidenceReward(DetectionReward):
     """Mean over predictions of ``c`` if matched else ``1 - c``, clipped to [0, 1].
 
     Rewards calibrated confidences: high on true positives, low on false positives. With no
-    predictions it is 1.0 when the ground truth is empty too, else 0.0. Options as in ``DetectionReward``.
+    predictions it is 1.0 when the ground truth is empty too, else 0.0.
+
+    Args:
+        strict: a box that matches nothing earns 0 instead of ``1 - c``, so the mean is
+            ``sum(c over matched) / N_pred``: confidence is paid only on boxes that found an object,
+            and a constant zero-confidence box no longer earns the full reward. Default False: the paper's.
+        compat / coord_max / iou_threshold: as in ``DetectionReward``.
     """
 
     name = "confidence"
 
+    def __init__(
+        self,
+        compat: bool = False,
+        coord_max: float | None = None,
+        iou_threshold: float = 0.5,
+        strict: bool = False,
+    ) -> None:
+        super().__init__(compat, coord_max, iou_threshold)
+        self.strict = strict
+
     def combine(self, matches: list[MatchedPrediction], num_ground_truth: int) -> float:
         if not matches:
             return 1.0 if num_ground_truth == 0 else 0.0
-        total = sum(match.confidence if match.matched else 1.0 - match.confidence for match in matches)
+        total = sum(self._pay(match) for match in matches)
         return min(1.0, max(0.0, total / len(matches)))
+
+    def _pay(self, match: MatchedPrediction) -> float:
+        if match.matched:
+            return match.confidence
+        return 0.0 if self.strict else 1.0 - match.confidence
 
 
 iou_reward = IoUReward()
@@ -149,6 +208,7 @@ def check_detection_solution(solution: str) -> None:
     Valid: ``<answer>[{'Position': [x1, y1, x2, y2], 'Confidence': 1}, ...]</answer>`` or
     ``<answer>No Objects</answer>``.
     """
+    check_solution_size(solution)
     answer = extract_answer(solution) if isinstance(solution, str) else None
     if answer is None:
         raise ValueError(
@@ -160,6 +220,11 @@ def check_detection_solution(solution: str) -> None:
         raise ValueError(
             f"solution {solution!r} is not a complete detection list; write it as "
             "<answer>[{'Position': [x1, y1, x2, y2], 'Confidence': 1}, ...]</answer> or <answer>No Objects</answer>"
+        )
+    if len(detections) > MAX_SOLUTION_BOXES:
+        raise ValueError(
+            f"solution has {len(detections)} boxes, more than the {MAX_SOLUTION_BOXES} a ground-truth row may "
+            "hold; split the row by category or drop it (data.on_bad_row=skip)"
         )
     for detection in detections:
         if box_area(detection.box) <= 0:

@@ -9,7 +9,7 @@ from vrft.rewards.base import Reward
 # The reference pattern, kept for documentation and for the equivalence test.
 FORMAT_PATTERN = r"<think>.*?</think>\s*<answer>.*?</answer>"
 _THINK_OPEN, _ANSWER_CLOSE = "<think>", "</answer>"
-_SEPARATOR = re.compile(r"</think>\s*<answer>")
+_SEPARATOR = re.compile(r"</think>\s*+<answer>")
 
 
 def matches_answer_format(text: str) -> bool:
@@ -34,6 +34,7 @@ class FormatReward(Reward):
     """
 
     name = "format"
+    uses_solution = False
 
     def score(self, completion: str, solution: str) -> float:
         return 1.0 if matches_answer_format(completion) else 0.0

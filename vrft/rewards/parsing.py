@@ -1,8 +1,11 @@
-"""Lenient reading of model text: the ``<answer>`` block, detection lists and grounding boxes.
+r"""Lenient reading of model text: the ``<answer>`` block, detection lists and grounding boxes.
 
 Every parser returns ``None`` for text it cannot read instead of raising: a reward must score any
-string a policy can emit, including cut-off, garbled and adversarial ones. The patterns avoid
-nested unbounded quantifiers (digit runs are capped at 16) so parsing stays linear in the text length.
+string a policy can emit, including cut-off, garbled and adversarial ones. Parsing is linear in the
+text length: digit runs are capped at 16, whitespace runs are matched possessively (``\s*+``, Python
+3.11) so that a failed match never re-splits a run between two quantifiers, and tag blocks are found
+with ``str.find`` rather than a lazy ``.*?`` that rescans the text once per opening tag.
+bench/rewards/worst_case.py times every reward on the inputs that used to be quadratic.
 """
 
 from __future__ import annotations
@@ -25,19 +28,25 @@ MAX_BOXES = 100
 
 _OPEN, _CLOSE = "<answer>", "</answer>"
 _NUMBER = r"[-+]?(?:\d{1,16}(?:\.\d{0,16})?|\.\d{1,16})(?:[eE][-+]?\d{1,4})?|[-+]?(?:nan|inf(?:inity)?)"
-# The reference's own extraction: first <answer>...</answer> on one line (no DOTALL).
-_REFERENCE_ANSWER = re.compile(r"<answer>(.*?)</answer>")
-_NO_OBJECTS = re.compile(r"[\W_]*no\s*objects?[\W_]*", re.IGNORECASE)
-_EMPTY_LIST = re.compile(r"\[[\[\s]*\][\]\s]*")
-_DICT = re.compile(r"\{([^{}]*)\}")
+# What a ground-truth row may hold, checked once when the data loads (the check_*_solution functions):
+# as many boxes as a prediction may count (MAX_BOXES, also COCOeval's maxDets), and room for them in
+# characters (about 45 per box). A reward call on the largest allowed row stays within bench/rewards'
+# budget; a longer solution reaching a reward anyway scores the reward's lowest value, unparsed.
+MAX_SOLUTION_CHARS = 16_000
+MAX_SOLUTION_BOXES = MAX_BOXES
+_NO_OBJECTS = re.compile(r"[\W_]*+no\s*+objects?+[\W_]*+", re.IGNORECASE)
+_EMPTY_LIST = re.compile(r"\[[\[\s]*+\][\]\s]*+")
+_DICT = re.compile(r"\{([^{}]*+)\}")
 _POSITION = re.compile(
-    rf"position['\"]?\s*:\s*\[+\s*({_NUMBER})\s*,\s*({_NUMBER})\s*,\s*({_NUMBER})\s*,\s*({_NUMBER})\s*\]",
+    rf"position['\"]?\s*+:\s*+\[++\s*+({_NUMBER})\s*+,\s*+({_NUMBER})\s*+,\s*+({_NUMBER})\s*+,\s*+({_NUMBER})\s*+\]",
     re.IGNORECASE,
 )
-_CONFIDENCE = re.compile(rf"confidence['\"]?\s*:\s*['\"]?({_NUMBER})", re.IGNORECASE)
+_CONFIDENCE = re.compile(rf"confidence['\"]?\s*+:\s*+['\"]?({_NUMBER})", re.IGNORECASE)
+# `\s*+(?:,\s*+)?` between the two corners: the old `\s*,?\s*` split a whitespace run between its two
+# quantifiers in every possible way before failing, quadratic in the run's length.
 _GROUNDING_BOX = re.compile(
-    rf"\(\s*({_NUMBER})\s*,\s*({_NUMBER})\s*\)\s*,?\s*\(\s*({_NUMBER})\s*,\s*({_NUMBER})\s*\)"
-    rf"|\[\s*({_NUMBER})\s*,\s*({_NUMBER})\s*,\s*({_NUMBER})\s*,\s*({_NUMBER})\s*\]",
+    rf"\(\s*+({_NUMBER})\s*+,\s*+({_NUMBER})\s*+\)\s*+(?:,\s*+)?\(\s*+({_NUMBER})\s*+,\s*+({_NUMBER})\s*+\)"
+    rf"|\[\s*+({_NUMBER})\s*+,\s*+({_NUMBER})\s*+,\s*+({_NUMBER})\s*+,\s*+({_NUMBER})\s*+\]",
     re.IGNORECASE,
 )
 
@@ -48,6 +57,18 @@ class Detection:
 
     box: Box  # (x1, y1, x2, y2) with x1 <= x2, y1 <= y2, in the task's coordinate convention
     confidence: float  # in [0, 1]; NaN or missing reads as 0.0, anything else is clipped
+
+
+def check_solution_size(solution: object) -> None:
+    """Raise ``ValueError`` when a ground-truth string is longer than ``MAX_SOLUTION_CHARS``.
+
+    Checked first by every ``check_*_solution``, so an oversized row is refused before it is parsed.
+    """
+    if isinstance(solution, str) and len(solution) > MAX_SOLUTION_CHARS:
+        raise ValueError(
+            f"solution has {len(solution):,} characters, more than the {MAX_SOLUTION_CHARS:,} a ground-truth "
+            "row may hold; shorten it or drop the row (data.on_bad_row=skip)"
+        )
 
 
 def completion_text(completion: Any) -> str:
@@ -90,8 +111,19 @@ def reference_answer(text: str) -> str:
     This is the source of the reference's loopholes (a completion without tags is scored as a
     whole); it backs the ``compat=True`` mode of the rewards.
     """
-    match = _REFERENCE_ANSWER.search(text[:MAX_COMPLETION_CHARS])
-    return match.group(1).strip() if match else text[:MAX_COMPLETION_CHARS].strip()
+    text = text[:MAX_COMPLETION_CHARS]
+    # The reference's regex `<answer>(.*?)</answer>` without DOTALL: the first block that closes on the
+    # line it opens. Line by line with str.find, because the lazy regex rescans to the end of the line
+    # once per `<answer>` (quadratic on a line of repeated opening tags). Within a line the first
+    # `<answer>` decides: a later one has even less text after it in which to find `</answer>`.
+    for line in text.split("\n"):
+        start = line.find(_OPEN)
+        if start < 0:
+            continue
+        end = line.find(_CLOSE, start + len(_OPEN))
+        if end >= 0:
+            return line[start + len(_OPEN) : end].strip()
+    return text.strip()
 
 
 def read_answer(text: str, compat: bool, allow_unclosed: bool = False) -> str | None:

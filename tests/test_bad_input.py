@@ -1,0 +1,155 @@
+"""Bad settings end in one line naming the key, the value and the fix, before anything loads.
+
+Most cases run in-process (`hydra.compose` + `vrft.validation.validate`, what `fit` calls first); a
+few run the real CLI (each subprocess costs its imports, tens of seconds on a busy machine) to show the whole path: exit code 2, the key in stderr, no traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import vrft.cli  # noqa: F401  (registers the box_convention resolver the task configs use)
+from vrft.resume import CHECKPOINT_KEY, resume_settings
+from vrft.validation import check_command_line, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = str(ROOT / "conf")
+
+
+def config(*overrides: str):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+# (overrides, text the one-line error must contain)
+CASES = [
+    (["model=local"], "model.name_or_path is not set (???); pass a local Qwen2-VL"),
+    (["optimizer.lr=fast"], "optimizer.lr='fast' is not a number"),
+    (["algorithm.group_size=abc"], "algorithm.group_size='abc' is not an integer"),
+    (["trainer.max_steps=three"], "trainer.max_steps='three' is not an integer"),
+    (["lora.r=0"], "lora.r=0 must be >= 1"),
+    (["warm_start.lora.r=0"], "warm_start.lora.r=0 must be >= 1"),
+    (["algorithm.temperature=0"], "algorithm.temperature=0 must be > 0"),
+    (["algorithm.top_p=1.5"], "algorithm.top_p=1.5 must be in (0, 1]"),
+    (["algorithm.rollout_batch_size=0"], "algorithm.rollout_batch_size=0 must be >= 1"),
+    (["+trainer.gradient_clip_val=1.0"], "trainer.gradient_clip_val is set by vrft, not by Lightning; use algorithm.max_grad_norm"),
+    (["+trainer.accumulate_grad_batches=2"], "use algorithm.prompts_per_step"),
+    (["+trainer.precision=bf16-mixed"], "use the precision group, e.g. precision=bf16"),
+    (["+algorithm.num_generations=8"], "algorithm.num_generations is TRL's name; vrft's setting is algorithm.group_size"),
+    (["+algorithm.group_sise=8"], "algorithm.group_sise is not a setting of vrft.modules.grpo.GRPOModule; did you mean algorithm.group_size?"),
+    (["+lora.rank=8"], "lora.rank is not a setting of vrft.models.policy.LoraSpec"),
+    (["task.rewards.accuracy.fn.compat=maybe"], "task.rewards.accuracy.fn.compat='maybe' is not true or false"),
+    (["task=detection", "task.strict=sometimes"], "task.rewards.confidence.fn.strict='sometimes' is not true or false"),
+    (["ckpt_path=/no/such.ckpt"], "ckpt_path='/no/such.ckpt' is not a file"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("overrides", "message"), CASES, ids=[" ".join(o) for o, _ in CASES])
+def test_bad_setting_is_named_before_loading(overrides, message):
+    with pytest.raises(ValueError) as error:
+        validate(config(*overrides))
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["task=detection", "task.strict=true"],
+        ["task=grounding"],
+        ["algorithm=sft"],
+        ["+hw=rtx4090", "precision=int4"],
+    ],
+)
+def test_good_settings_pass(overrides):
+    validate(config(*overrides))
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"", "the file is empty"),
+        (b"not a checkpoint\n", "not a torch.save archive"),
+        (None, "a truncated torch.save archive"),
+    ],
+    ids=["empty", "text", "truncated"],
+)
+def test_unreadable_checkpoint_is_named(tmp_path, content, reason):
+    path = tmp_path / "last.ckpt"
+    if content is None:
+        torch.save({"state_dict": {"w": torch.zeros(1000)}}, path)
+        path.write_bytes(path.read_bytes()[:500])
+    else:
+        path.write_bytes(content)
+    with pytest.raises(
+        ValueError, match=f"ckpt_path='{path}' is not a readable Lightning checkpoint \\({reason}\\)"
+    ):
+        validate(config(f"ckpt_path={path}"))
+
+
+def test_checkpoint_of_something_else_is_named(tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save({"weight": torch.zeros(2)}, path)
+    with pytest.raises(ValueError, match="holds no Lightning training state"):
+        validate(config(f"ckpt_path={path}"))
+
+
+@pytest.mark.parametrize(
+    ("resumed", "message"),
+    [
+        ("lora.r=8", "was trained with lora.r=4 but this run has lora.r=8; resume with lora.r=4"),
+        ("model=qwen2vl-2b", "was trained with model.name_or_path='tiny'"),
+        ("precision=bf16", "was trained with precision._target_='vrft.precision.Fp32Precision'"),
+    ],
+)
+def test_resume_with_other_model_lora_or_precision_is_refused(tmp_path, resumed, message):
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {}, CHECKPOINT_KEY: resume_settings(config("lora.r=4"))}, path)
+    validate(config("lora.r=4", f"ckpt_path={path}"))  # the same settings resume
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        validate(config("lora.r=4", resumed, f"ckpt_path={path}"))
+
+
+def test_resume_compares_with_the_run_folder_config_of_an_older_checkpoint(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    OmegaConf.save(config("lora.r=4"), tmp_path / "config.yaml")
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    torch.save({"state_dict": {}}, path)  # written before checkpoints carried their settings
+    with pytest.raises(ValueError, match="was trained with lora.r=4 but this run has lora.r=16"):
+        validate(config("lora.r=16", f"ckpt_path={path}"))
+
+
+def test_unquoted_equals_in_a_value_names_the_quoting():
+    with pytest.raises(ValueError, match="""quote the value: "ckpt_path='runs/lr=1e-3/last.ckpt'\""""):
+        check_command_line(["ckpt_path=runs/lr=1e-3/last.ckpt"])
+    check_command_line(["ckpt_path='runs/lr=1e-3/last.ckpt'", "-m", "optimizer.lr=1e-3,1e-4"])
+
+
+def run_cli(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items() if key != "VRFT_TRACEBACK"}
+    command = [sys.executable, "-m", "vrft.train", f"hydra.run.dir={cwd / 'run'}", *overrides]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["optimizer.lr=fast"], "optimizer.lr='fast' is not a number"),
+        (["ckpt_path=runs/lr=1e-3/last.ckpt"], "quote the value"),
+    ],
+    ids=["typed value", "unquoted equals"],
+)
+def test_cli_exits_2_with_one_line(tmp_path, overrides, message):
+    result = run_cli(*overrides, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "vrft: error: " in result.stderr and message in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,102 @@
+"""Resuming: the settings a checkpoint must share with the run that resumes from it, checked before loading.
+
+`RunSettingsInCheckpoint` (vrft.callbacks) writes `resume_settings(cfg)` into every checkpoint;
+`check_resume` reads them back (or the run folder's config.yaml for older checkpoints) and compares.
+Lightning would otherwise fail deep inside `load_state_dict` with a tensor-shape traceback, after the
+model has loaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+# The settings a resumed run must share with its checkpoint (the LoRA shape, the base, how it is stored).
+RESUME_KEYS = (
+    "model.name_or_path",
+    "lora.r",
+    "lora.alpha",
+    "lora.target_modules",
+    "lora.train_vision",
+    "lora.full",
+)
+CHECKPOINT_KEY = "vrft_resume"  # where RunSettingsInCheckpoint stores `resume_settings` in a .ckpt
+
+
+def resume_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The settings a checkpoint must share with a run that resumes from it (flat keys)."""
+    settings = {key: OmegaConf.select(cfg, key) for key in RESUME_KEYS}
+    precision = cfg.get("precision")
+    if precision is not None:
+        for key, value in OmegaConf.to_container(precision, resolve=True).items():
+            if not isinstance(value, dict | list):
+                settings[f"precision.{key}"] = value
+    return settings
+
+
+def _read_checkpoint(path: Path) -> dict:
+    if not path.is_file():
+        raise ValueError(
+            f"ckpt_path='{path}' is not a file; pass a Lightning checkpoint such as <run_dir>/checkpoints/last.ckpt"
+        )
+    try:
+        # mmap: only the pickled index is read now, not the tensors; weights_only: a .ckpt is data, not code.
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as error:  # truncated zip, empty file, text, a pickle of something else
+        raise ValueError(
+            f"ckpt_path='{path}' is not a readable Lightning checkpoint ({_unreadable(path, error)}); pass a .ckpt "
+            "that a vrft run wrote, e.g. <run_dir>/checkpoints/last.ckpt"
+        ) from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(
+            f"ckpt_path='{path}' holds no Lightning training state (no 'state_dict'); pass a .ckpt that a vrft "
+            "run wrote, e.g. <run_dir>/checkpoints/last.ckpt"
+        )
+    return checkpoint
+
+
+def _unreadable(path: Path, error: Exception) -> str:
+    if path.stat().st_size == 0:
+        return "the file is empty"
+    text = str(error)
+    if "mmap can only be used" in text:  # torch's words for "not a torch.save zip archive"
+        return "not a torch.save archive"
+    if "central directory" in text:
+        return "a truncated torch.save archive"
+    return (text.strip().split(". ")[0] or type(error).__name__)[:120]
+
+
+def check_resume(cfg: DictConfig, path: Path) -> None:
+    """The checkpoint is readable and was trained with this run's model, LoRA and precision."""
+    saved = _read_checkpoint(path).get(CHECKPOINT_KEY)
+    if saved is None:
+        saved = _settings_beside(path)
+    if saved is None:
+        return  # a checkpoint of an older vrft with no config beside it: Lightning's own load checks it
+    current = resume_settings(cfg)
+    auto = str(OmegaConf.select(cfg, "precision._target_", default="")).endswith("AutoPrecision")
+    for key, value in current.items():
+        if key not in saved or (auto and key.startswith("precision.")):
+            continue
+        if saved[key] != value:
+            fix = (
+                f"{key}={saved[key]!r}"
+                if not key.startswith("precision.")
+                else "the precision it was trained with"
+            )
+            raise ValueError(
+                f"ckpt_path='{path}' was trained with {key}={saved[key]!r} but this run has {key}={value!r}; "
+                f"resume with {fix}, or drop ckpt_path to start a new run"
+            )
+
+
+def _settings_beside(path: Path) -> dict | None:
+    # A run folder holds config.yaml next to checkpoints/ (vrft.train.fit saves it).
+    config = path.parent.parent / "config.yaml"
+    try:
+        return resume_settings(OmegaConf.load(config)) if config.is_file() else None
+    except Exception:  # an unreadable or foreign config: no comparison rather than a wrong one
+        return None
