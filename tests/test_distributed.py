@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from tests.test_train_cli import CONF, FAST, run_cli
 from vrft.distributed import check_distributed
+from vrft.models.presets import tiny_checkpoint
 from vrft.train import fit
 
 # One rollout batch = one prompt, so generation never pads one prompt against another (padding would make a
@@ -43,6 +44,8 @@ def one_process(run_dir: Path, *overrides: str):
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("ddp") / "two"
+    # Built once here: two ranks building the tiny checkpoint into a cold cache at the same moment can race.
+    tiny_checkpoint()
     result = run_cli(run_dir, *DDP_FAST, *TWO_RANKS)
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
