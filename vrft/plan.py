@@ -10,13 +10,16 @@ from __future__ import annotations
 import sys
 
 import hydra
+from hydra.utils import get_class
 from omegaconf import DictConfig
 
 from vrft.cli import user_errors
+from vrft.distributed import check_plan_settings
 from vrft.paths import config_dir
-from vrft.planner.planning import resolve_auto, verdict
-from vrft.planner.report import format_verdict
+from vrft.planner.planning import cards_needed, resolve_auto, verdict
+from vrft.planner.report import format_cards, format_verdict
 
+CARD_GB = 24.0  # the card size the "cards needed" line counts in (RTX 4090 / 3090)
 # The plan writes no run folder or log file: it only reads the config.
 QUIET_HYDRA = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
 
@@ -25,9 +28,12 @@ QUIET_HYDRA = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging
 @user_errors
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: print the plan; exit 1 if it does not fit the budget."""
+    check_plan_settings(cfg)
     cfg = resolve_auto(cfg)
     result = verdict(cfg)
     print(format_verdict(cfg, result))
+    quantized = getattr(get_class(cfg.precision._target_), "quantized_base", False)
+    print(format_cards(cards_needed(cfg, CARD_GB), CARD_GB, quantized))
     if not result.fits:
         sys.exit(1)
 

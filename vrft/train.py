@@ -9,10 +9,12 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from vrft.callbacks import RunConfigLogging, RunSettingsInCheckpoint, RunSummary
 from vrft.cli import config_hash, user_errors
+from vrft.distributed import check_distributed, check_strategy
 from vrft.paths import config_dir
 from vrft.planner.planning import budget_gb, plan_config, precision_name, resolve_auto
 from vrft.planner.report import enforce_plan
@@ -22,6 +24,7 @@ from vrft.runtime.checkpoint_io import check_writable
 from vrft.runtime.cuda import apply_memory_cap, configure_allocator
 from vrft.runtime.failures import internal_failure
 from vrft.runtime.oom import explain_out_of_memory
+from vrft.runtime.ranks import stop_other_ranks
 from vrft.setup import build_run
 from vrft.validation import check_command_line, validate
 from vrft.warmstart import apply_warm_start
@@ -53,7 +56,9 @@ def fit(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, RunSummary]:
     configure_allocator()  # expandable segments, before anything touches CUDA
     run_dir = Path(cfg.run_dir)
     check_writable(run_dir)  # before the model loads (or a warm start trains): a full disk fails now
+    check_distributed(cfg)  # devices, strategy and prompt split of a multi-process run, before loading
     cfg = resolve_auto(cfg)  # precision=auto / rollout_engine=auto -> what the planner says fits
+    check_strategy(cfg.trainer, cfg.precision)  # again, for the precision `auto` chose
     verdict = enforce_plan(cfg)  # refuse, before the model loads, a run the planner says will not fit
     apply_memory_cap(cfg.get("memory_cap_gb"))  # a bigger GPU behaves like the profile's card
     warm_start_callbacks = apply_warm_start(cfg)  # sets lora.init_adapter (made once, then cached)
@@ -74,13 +79,22 @@ def fit(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, RunSummary]:
     resume_guard = RunSettingsInCheckpoint(resume_settings(cfg), CHECKPOINT_KEY)
     run = build_run(cfg, [summary, resume_guard, described, *warm_start_callbacks])
     trainer, module = run.trainer, run.module
-    run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=False)
+    if rank_zero_only.rank == 0:  # Lightning's launcher runs this script once per rank: one writer
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=False)
     try:
         trainer.fit(module, datamodule=run.datamodule, ckpt_path=cfg.ckpt_path)
     except torch.OutOfMemoryError as error:
+        explained = explain_out_of_memory(
+            error,
+            module,
+            run_dir,
+            trainer.global_step,
+            trainer.global_rank if trainer.world_size > 1 else None,
+        )
+        stop_other_ranks(trainer)  # the others would wait for this rank in their next collective
         # Raised in the except block (not `from`): the CLI prints this message, VRFT_TRACEBACK shows both.
-        raise explain_out_of_memory(error, module, run_dir, trainer.global_step)  # noqa: B904
+        raise explained  # noqa: B904
     except Exception as error:
         failure = internal_failure(error, module, trainer)
         if failure is None:

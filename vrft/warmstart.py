@@ -75,6 +75,9 @@ def sft_run_config(cfg: DictConfig, run_dir: Path) -> DictConfig:
         sft.data.val_split = None
         sft.trainer.max_steps = warm.steps
         sft.trainer.val_check_interval = None
+        # On one device, before any rank is launched: Lightning's launcher would otherwise start ranks for
+        # this short run too, and they would go on to run the script again. The other ranks find it cached.
+        sft.trainer.devices, sft.trainer.num_nodes, sft.trainer.strategy = 1, 1, "auto"
         # Only the adapter matters: no resumable checkpoints or samples for a run this short.
         sft.trainer.enable_checkpointing = False
         sft.callbacks = {

@@ -83,3 +83,12 @@ def test_oom_names_the_phase_and_keeps_checkpoints(phase, tmp_path, monkeypatch)
 def test_oom_outside_the_phases_points_at_the_model_size():
     error = OutOfMemoryInPhase(None, "CUDA out of memory.", None)
     assert "outside the GRPO phases" in str(error) and "precision=int4" in str(error)
+
+
+def test_a_rank_of_a_multi_process_run_names_itself_and_its_phase():
+    error = OutOfMemoryInPhase("update", "CUDA out of memory. Tried to allocate 2.00 GiB", None, rank=1)
+    first = str(error).splitlines()[0]
+    assert first.startswith(
+        "CUDA ran out of memory on rank 1 during the update phase; every rank was stopped"
+    )
+    assert "on rank" not in str(OutOfMemoryInPhase("update", "CUDA out of memory", None))

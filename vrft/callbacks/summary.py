@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,9 @@ class RunSummary(L.Callback):
         self.summary: dict = dict(info or {})
 
     def write(self) -> None:
+        """Write the summary (rank 0 only: one file for the run however many processes train it)."""
+        if rank_zero_only.rank != 0:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps(self.summary, indent=2, default=str))
 

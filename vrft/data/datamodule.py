@@ -187,10 +187,19 @@ class VisualRFTDataModule(L.LightningDataModule):
         return kept
 
     def train_dataloader(self) -> DataLoader:
+        # One seeded order of the rows per epoch, dealt to the ranks in turn: Lightning leaves a sampler with
+        # `set_epoch` in place; its own DistributedSampler (injected under DDP) would not resume.
         seed = torch.initial_seed() % 2**62
-        sampler = ResumableSampler(len(self.splits["train"]), seed, self.shuffle)
+        trainer = self.trainer
+        sampler = ResumableSampler(
+            len(self.splits["train"]),
+            seed,
+            self.shuffle,
+            num_replicas=trainer.world_size if trainer is not None else 1,
+            rank=trainer.global_rank if trainer is not None else 0,
+        )
         if self._resume is not None:
-            sampler.resume_at(self._resume["epoch"], self._resume["batches"] * self.batch_size)
+            sampler.resume_at(self._resume["epoch"], self._resume["rows"])
             self._resume = None
         return DataLoader(
             self.splits["train"],
@@ -214,10 +223,14 @@ class VisualRFTDataModule(L.LightningDataModule):
         if trainer is None:
             return {}
         progress = trainer.fit_loop.epoch_loop.batch_progress.current
-        return {"epoch": trainer.current_epoch, "batches": progress.processed}
+        # Rows of the epoch's order trained on by all ranks together: resumable on any number of ranks.
+        rows = progress.processed * self.batch_size * trainer.world_size
+        return {"epoch": trainer.current_epoch, "batches": progress.processed, "rows": rows}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._resume = dict(state_dict) if state_dict else None
+        if self._resume is not None and "rows" not in self._resume:  # saved by one process before "rows"
+            self._resume["rows"] = self._resume.get("batches", 0) * self.batch_size
 
     def val_dataloader(self) -> DataLoader | list:
         if "val" not in self.splits:

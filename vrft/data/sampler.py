@@ -17,25 +17,31 @@ from torch.utils.data import Sampler
 
 
 class ResumableSampler(Sampler[int]):
-    """Row indices in a per-epoch order fixed by `(seed, epoch)`; `resume_at` skips the first rows once.
+    """Row indices in a per-epoch order fixed by `(seed, epoch)`, dealt to the ranks in turn (rank r takes
+    rows r, r + N, ... of the order, as `DistributedSampler` does, so each rank's shard is disjoint and an
+    optimizer step covers the same prompts on one rank as on N); `resume_at` skips the first rows once.
 
     Args:
         length: number of rows.
         seed: base seed of the orders.
         shuffle: permute the rows each epoch (else in order).
+        num_replicas / rank: the data-parallel world and this process's place in it.
     """
 
-    def __init__(self, length: int, seed: int, shuffle: bool = True):
+    def __init__(self, length: int, seed: int, shuffle: bool = True, num_replicas: int = 1, rank: int = 0):
         self.length, self.seed, self.shuffle = length, seed, shuffle
+        self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
-        self._resume: tuple[int, int] | None = None  # (epoch, rows already trained on in that epoch)
+        # (epoch, rows of that epoch's order already trained on, over all ranks)
+        self._resume: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         """Called by Lightning before each epoch (as for `DistributedSampler`)."""
         self.epoch = epoch
 
     def resume_at(self, epoch: int, rows: int) -> None:
-        """Make the iteration over `epoch` (only that one) start after its first `rows` rows."""
+        """Make the iteration over `epoch` (only that one) start after its first `rows` rows (all ranks'):
+        a checkpoint made on N ranks resumes on any number."""
         self._resume = (epoch, rows)
 
     def order(self, epoch: int) -> list[int]:
@@ -50,7 +56,8 @@ class ResumableSampler(Sampler[int]):
         if self._resume is not None and self._resume[0] == self.epoch:
             start = self._resume[1]
         self._resume = None
-        yield from self.order(self.epoch)[start:]
+        usable = self.length // self.num_replicas * self.num_replicas  # equal shards (drop the remainder)
+        yield from self.order(self.epoch)[:usable][start:][self.rank :: self.num_replicas]
 
     def __len__(self) -> int:
-        return self.length
+        return self.length // self.num_replicas

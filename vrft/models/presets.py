@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -156,7 +157,9 @@ def tiny_checkpoint(seed: int = 0) -> Path:
     try:
         partial.rename(folder)
     except OSError:
-        if not (folder / "config.json").exists():
+        # Another process (a DDP rank started at the same moment) renamed its build into place first.
+        shutil.rmtree(partial, ignore_errors=True)
+        if not folder.is_dir():
             raise
     return folder
 

@@ -9,6 +9,7 @@ LoRA adapter disabled, so there is no second copy of the weights; a run that sta
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -27,6 +28,8 @@ from vrft.rollout.batch import Rollout
 from vrft.rollout.engines import build_rollout_engine
 from vrft.rollout.generate import generate_rollout
 from vrft.runtime.phases import PhaseTracker
+from vrft.runtime.ranks import gradient_sync, reduce_over_ranks
+from vrft.runtime.rng import prompt_seed, seeded_rng
 from vrft.runtime.telemetry import peak_memory_gb, reset_peak_memory
 
 log = logging.getLogger(__name__)
@@ -47,7 +50,7 @@ class GRPOSettings:
     max_new_tokens: int = 256
     min_new_tokens: int = 0  # >0 forces long completions (worst-case memory benchmarks)
     num_iterations: int = 1  # optimizer steps per rollout batch; >1 makes the ratio clipping bite
-    prompts_per_step: int = 16  # prompts per optimizer step, by accumulation (Visual-RFT: 16)
+    prompts_per_step: int = 16  # prompts per optimizer step over all ranks, by accumulation (Visual-RFT: 16)
     rollout_batch_size: int = 2  # prompts generated together (times G sequences)
     update_micro_batch_size: int = 4  # completions per forward/backward in the update
     logprob_chunk_size: int = 1024  # positions per lm_head chunk
@@ -62,6 +65,8 @@ class GRPOSettings:
     # (bf16_copy, dequant, packed): each token's policy-gradient term times min(pi_train / pi_sampler, cap).
     # null turns it off; `hf` samples from the training-time model itself, so it never applies there.
     rollout_is_cap: float | None = 2.0
+    # Seeds each rollout by its rows and epoch (the same completions on any rank); None: the global RNG.
+    rollout_seed: int | None = None
 
     def __post_init__(self):
         for key in (
@@ -174,8 +179,10 @@ class GRPOModule(PolicyModule):
 
     @property
     def batches_per_step(self) -> int:
-        """Training batches per optimizer step (read by the progress bar)."""
-        return self.settings.rollouts_per_step
+        """Training batches per optimizer step on this rank (read by the progress bar): the step's prompts are
+        split over the ranks (`vrft.distributed.check_prompt_split` made sure they divide)."""
+        ranks = self._trainer.world_size if self._trainer is not None else 1
+        return self.settings.rollouts_per_step // ranks
 
     # ------------------------------------------------------------------------------------------ the loop
     @override
@@ -186,7 +193,7 @@ class GRPOModule(PolicyModule):
             rollout = self.rollout(batch)
         self.score(rollout)
         self._pending.append(rollout)
-        if len(self._pending) == self.settings.rollouts_per_step:
+        if len(self._pending) == self.batches_per_step:
             self.policy_update(self._pending)
             self._pending = []
 
@@ -205,16 +212,17 @@ class GRPOModule(PolicyModule):
             top_p=s.top_p,
             top_k=0,
         )
-        rollout = generate_rollout(
-            self.policy,
-            self.processor,
-            rows,
-            self.prompt_template,
-            s.group_size,
-            generation,
-            self.device,
-            engine=self.rollout_engine,
-        )
+        with self.rollout_rng(rows):
+            rollout = generate_rollout(
+                self.policy,
+                self.processor,
+                rows,
+                self.prompt_template,
+                s.group_size,
+                generation,
+                self.device,
+                engine=self.rollout_engine,
+            )
         self.policy.train()
         seconds = time.perf_counter() - start
         lengths = rollout.completion_mask.sum(1).float()
@@ -227,6 +235,14 @@ class GRPOModule(PolicyModule):
             rollout_peak_gb=peak_memory_gb(self.device),
         )
         return rollout
+
+    def rollout_rng(self, rows: list[dict]):
+        """The random state a rollout of `rows` samples from: keyed by the rows (`rollout_seed`), else global."""
+        seed = self.settings.rollout_seed
+        if seed is None:
+            return contextlib.nullcontext()
+        indices = [row.get("row_index", position) for position, row in enumerate(rows)]
+        return seeded_rng(prompt_seed(seed, self.current_epoch, indices), self.device)
 
     def score(self, rollout: Rollout) -> None:
         """Stage 2: rewards, group advantages, and the fixed log-probs the loss compares against."""
@@ -269,18 +285,28 @@ class GRPOModule(PolicyModule):
         s = self.settings
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
+        strategy = self.trainer.strategy
+        # DDP averages the ranks' gradients, so each rank normalises by the step's totals over all ranks
+        # divided by the rank count: the average is then exactly the gradient of the whole step's loss.
+        local = {
+            "num_sequences": sum(r.num_sequences for r in rollouts),
+            "num_tokens": float(sum(r.completion_mask.sum() for r in rollouts)),
+        }
+        step_sums = reduce_over_ranks(strategy, local)
         totals = StepTotals(
-            num_sequences=sum(r.num_sequences for r in rollouts),
-            num_tokens=int(sum(r.completion_mask.sum() for r in rollouts)),
+            num_sequences=step_sums["num_sequences"] / strategy.world_size,
+            num_tokens=step_sums["num_tokens"] / strategy.world_size,
             max_completion_length=s.max_new_tokens,
         )
+        micro_batches = sum(-(-r.num_sequences // s.update_micro_batch_size) for r in rollouts)
         with self.phases("update", self.device):
             reset_peak_memory(self.device)
             start = time.perf_counter()
             for _ in range(s.num_iterations):
-                loss_total, stat_sums = 0.0, {}
+                loss_total, stat_sums, done = 0.0, {}, 0
                 for rollout in rollouts:
                     for first in range(0, rollout.num_sequences, s.update_micro_batch_size):
+                        done += 1
                         last = first + s.update_micro_batch_size
                         logprobs = self.sequence_logprobs(rollout, first, last)
                         old = (
@@ -295,7 +321,9 @@ class GRPOModule(PolicyModule):
                             logprobs, old, ref, rollout.advantages[first:last], mask, totals, weights
                         )
                         stats.update(mismatch)
-                        self.manual_backward(loss)
+                        # Gradients cross ranks once per optimizer step: on its last micro-batch.
+                        with gradient_sync(strategy, enabled=done == micro_batches):
+                            self.manual_backward(loss)
                         loss_total += float(loss.detach())
                         for key, value in stats.items():
                             merge = max if key.endswith("_max") else (lambda a, b: a + b)
@@ -345,37 +373,61 @@ class GRPOModule(PolicyModule):
     def log_step(
         self, rollouts, totals: StepTotals, loss_total: float, stat_sums: dict, update_seconds: float
     ):
-        """Per optimizer step: rewards, KL, lengths, timing, throughput, memory."""
+        """Per optimizer step: rewards, KL, lengths, timing, throughput, memory, over all ranks.
+
+        Counts and sums add over the ranks; seconds and memory peaks are the slowest rank's / the fullest
+        card's (a step waits for its slowest rank).
+        """
         s = self.settings
+        strategy = self.trainer.strategy
+        worst = {"completion_length_max", "rollout_peak_gb"}
+        sums: dict[str, float] = {
+            "loss": loss_total,
+            "num_sequences": float(sum(r.num_sequences for r in rollouts)),
+        }
+        peaks: dict[str, float] = {
+            "update_seconds": update_seconds,
+            "update_peak_gb": peak_memory_gb(self.device),
+        }
+        for rollout in rollouts:
+            for key, value in rollout.stats.items():
+                into = peaks if key.endswith("_seconds") else sums
+                into[key] = max(into.get(key, 0.0), value) if key in worst else into.get(key, 0.0) + value
+        peaks.update({key: sums.pop(key) for key in worst & set(sums)})
+        for key, value in stat_sums.items():  # `_max` statistics are maxima, the others sums
+            (peaks if key.endswith("_max") else sums)[f"update/{key}"] = value
+        peaks.update(self.phases.metrics())  # rollout/reference peaks (update: memory/update_peak_gb)
+        sums, peaks = reduce_over_ranks(strategy, sums), reduce_over_ranks(strategy, peaks, op="max")
 
         def total(key: str) -> float:
-            return sum(r.stats.get(key, 0.0) for r in rollouts)
+            return sums.get(key, peaks.get(key, 0.0))
 
-        n = totals.num_sequences
+        n = sums["num_sequences"]
+        tokens = max(total("update/token_count"), 1.0)
         mean_reward = total("reward_sum/total") / n
         metrics = {
-            "train/loss": loss_total,
+            # Each rank's loss is its share scaled up by the rank count (see policy_update): average them.
+            "train/loss": sums["loss"] / strategy.world_size,
             "train/reward": mean_reward,
             "train/reward_std": max(total("reward_sq_sum/total") / n - mean_reward**2, 0.0) ** 0.5,
             "train/advantage_std": (total("advantage_sq_sum") / n) ** 0.5,
             "train/zero_std_groups": total("group_zero_std_count") / (n / s.group_size),
-            "train/kl": stat_sums.get("kl_sum", 0.0) / max(stat_sums.get("token_count", 1.0), 1.0),
-            "train/clip_fraction": stat_sums.get("clipped_sum", 0.0)
-            / max(stat_sums.get("token_count", 1.0), 1.0),
+            "train/kl": total("update/kl_sum") / tokens,
+            "train/clip_fraction": total("update/clipped_sum") / tokens,
             "train/grad_norm": self._last_grad_norm,
             "train/completion_length": total("completion_length_sum") / n,
-            "train/completion_length_max": max(r.stats["completion_length_max"] for r in rollouts),
+            "train/completion_length_max": peaks["completion_length_max"],
             "train/truncated_fraction": total("truncated_count") / n,
             # Special tokens an engine emitted despite suppression (cut out before any forward): should be 0.
             "train/suppressed_tokens": total("suppressed_tokens"),
             "train/lr": self.optimizers().param_groups[0]["lr"],
             "time/rollout_s": total("rollout_seconds"),
             "time/reference_s": total("reference_seconds"),
-            "time/update_s": update_seconds,
+            "time/update_s": peaks["update_seconds"],
             "throughput/generated_tokens_per_s": total("generated_tokens")
             / max(total("rollout_seconds"), 1e-9),
-            "memory/rollout_peak_gb": max(r.stats["rollout_peak_gb"] for r in rollouts),
-            "memory/update_peak_gb": peak_memory_gb(self.device),
+            "memory/rollout_peak_gb": peaks["rollout_peak_gb"],
+            "memory/update_peak_gb": peaks["update_peak_gb"],
         }
         self.health.record_signal(
             metrics["train/zero_std_groups"], metrics["train/grad_norm"], mean_reward, self.global_step
@@ -383,12 +435,11 @@ class GRPOModule(PolicyModule):
         for name in self.rewards.names:
             metrics[f"reward/{name}"] = total(f"reward_sum/{name}") / n
         if "mismatch_sum" in stat_sums:  # the engine sampled from other weights than the training forward
-            tokens = max(stat_sums.get("token_count", 1.0), 1.0)
-            metrics["rollout/logprob_mismatch_mean"] = stat_sums["mismatch_sum"] / tokens
-            metrics["rollout/logprob_mismatch_max"] = stat_sums["mismatch_max"]
+            metrics["rollout/logprob_mismatch_mean"] = total("update/mismatch_sum") / tokens
+            metrics["rollout/logprob_mismatch_max"] = peaks["update/mismatch_max"]
             if "is_truncated_sum" in stat_sums:
-                metrics["rollout/is_truncated_fraction"] = stat_sums["is_truncated_sum"] / tokens
-        metrics.update(self.phases.metrics())  # rollout/reference peaks (update: memory/update_peak_gb)
+                metrics["rollout/is_truncated_fraction"] = total("update/is_truncated_sum") / tokens
+        metrics.update({key: value for key, value in peaks.items() if key.startswith("memory/")})  # phases
         skipped = getattr(self.trainer.precision_plugin, "skipped_steps", None)
         if skipped is not None:
             metrics["train/skipped_steps"] = float(skipped)

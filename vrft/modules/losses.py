@@ -21,8 +21,9 @@ from torch import Tensor
 class StepTotals:
     """Sizes of the whole optimizer step that a micro-batch belongs to."""
 
-    num_sequences: int  # completions in the step (prompts x group size)
-    num_tokens: int  # completion tokens in the step (sum of completion_mask)
+    # Under DDP both are the whole step's count divided by the rank count: DDP averages the ranks' gradients.
+    num_sequences: float  # completions in the step (prompts x group size)
+    num_tokens: float  # completion tokens in the step (sum of completion_mask)
     max_completion_length: int  # the max_new_tokens setting, Dr. GRPO's constant
 
 

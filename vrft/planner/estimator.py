@@ -78,6 +78,10 @@ class Workload:
     reference: bool = True  # beta > 0: a reference forward per rollout
     rollout_engine: str = "hf"
     activation_bytes: int = ACTIVATION_BYTES
+    ranks: int = 1  # processes of the run; `rollouts_per_step` is already this rank's share of the step
+    shard_weights: bool = (
+        False  # FSDP: weights, adapter, gradients, optimizer state split 1/ranks (DDP: whole)
+    )
 
     @property
     def sequences(self) -> int:
@@ -230,9 +234,13 @@ def _update_bytes(shape: ModelShape, weights: WeightFootprint, work: Workload, c
 
 def estimate(shape: ModelShape, weights: WeightFootprint, work: Workload, cal: Calibration) -> MemoryPlan:
     """The memory plan of one GRPO step; see the module docstring for the phase model."""
-    adapter = weights.adapter_params * weights.adapter_bytes_per_param
-    optimizer = weights.adapter_params * weights.optimizer_bytes_per_param
-    resident = weights.weight_bytes + adapter + (0 if weights.optimizer_paged else optimizer)
+    shards = work.ranks if work.shard_weights else 1
+    weight_bytes = weights.weight_bytes / shards
+    adapter = weights.adapter_params * weights.adapter_bytes_per_param / shards
+    optimizer = weights.adapter_params * weights.optimizer_bytes_per_param / shards
+    # FSDP gathers one wrapped unit (a decoder layer) at a time; a layer's share of the weights stands for it.
+    gathered = weights.weight_bytes / shape.layers if shards > 1 else 0.0
+    resident = weight_bytes + gathered + adapter + (0 if weights.optimizer_paged else optimizer)
     rollout, update = _rollout_bytes(shape, weights, work, cal), _update_bytes(shape, weights, work, cal)
     gradients = adapter
     phases = {
@@ -244,7 +252,8 @@ def estimate(shape: ModelShape, weights: WeightFootprint, work: Workload, cal: C
     factor = cal.reserved_factor_int8 if weights.int8_layers else cal.reserved_factor
     peak_reserved = phases[peak_phase] * factor + cal.reserved_extra_gb * GIB
     components = {
-        "weights": weights.weight_bytes,
+        "weights": weight_bytes,
+        **({"gathered_layer": gathered} if gathered else {}),
         "adapter": adapter,
         "gradients": gradients,
         "optimizer": optimizer,
@@ -258,5 +267,21 @@ def estimate(shape: ModelShape, weights: WeightFootprint, work: Workload, cal: C
         peak_reserved_gb=peak_reserved / GIB,
         cuda_context_gb=cal.cuda_context_gb,
         paged_gb=optimizer / GIB if weights.optimizer_paged else 0.0,
-        notes=update["notes"],
+        notes=update["notes"] + rank_notes(work),
     )
+
+
+def rank_notes(work: Workload) -> list[str]:
+    """What a multi-process plan assumes, per rank."""
+    if work.ranks == 1:
+        return []
+    if work.shard_weights:
+        return [
+            f"per rank of {work.ranks} (fsdp): weights, adapter, gradients and optimizer state are split "
+            f"1/{work.ranks}, plus one gathered decoder layer; not split: KV cache, activations, log-prob "
+            "buffers, stored rollouts and the rollout engine's weights (each rank decodes its own prompts)"
+        ]
+    return [
+        f"per rank of {work.ranks} (ddp): every rank holds the whole model, adapter and optimizer state; only "
+        f"the step's prompts are split ({work.rollouts_per_step} rollout(s) stored per rank)"
+    ]

@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from vrft.distributed import SHARDING, strategy_name, world_size
 from vrft.models.policy import ModelSpec
 from vrft.modules.grpo import GRPOSettings
 from vrft.paths import config_dir
@@ -57,6 +58,7 @@ def workload(cfg: DictConfig, shape: ModelShape, activation_bytes: int) -> Workl
     """The GRPO workload of `cfg` (image tokens from `model.max_pixels` unless `plan.image_tokens` is set)."""
     settings, plan = settings_of(GRPOSettings, cfg.algorithm), cfg.get("plan") or {}
     model = settings_of(ModelSpec, cfg.model)
+    ranks = world_size(cfg) if cfg.get("trainer") else 1
     image_tokens = plan.get("image_tokens") or model.max_pixels // PIXELS_PER_TOKEN
     return Workload(
         group_size=settings.group_size,
@@ -66,11 +68,13 @@ def workload(cfg: DictConfig, shape: ModelShape, activation_bytes: int) -> Workl
         logprob_chunk_size=settings.logprob_chunk_size,
         image_tokens=int(image_tokens),
         prompt_text_tokens=int(plan.get("prompt_text_tokens") or PROMPT_TEXT_TOKENS),
-        rollouts_per_step=settings.rollouts_per_step,
+        rollouts_per_step=max(settings.rollouts_per_step // ranks, 1),
         gradient_checkpointing=model.gradient_checkpointing,
         reference=float(cfg.loss.get("beta", 0.0)) > 0,
         rollout_engine=settings.rollout_engine,
         activation_bytes=activation_bytes,
+        ranks=ranks,
+        shard_weights=ranks > 1 and strategy_name(cfg.trainer).startswith(SHARDING),
     )
 
 
@@ -236,3 +240,22 @@ def resolve_rollout_engine(cfg: DictConfig, quiet: bool = False) -> DictConfig:
 def resolve_auto(cfg: DictConfig, quiet: bool = False) -> DictConfig:
     """Resolve `precision=auto`, then `algorithm.rollout_engine=auto`, with the planner."""
     return resolve_rollout_engine(resolve_precision(cfg, quiet), quiet)
+
+
+def cards_needed(cfg: DictConfig, card_gb: float = 24.0, max_cards: int = 16) -> dict[str, int | None]:
+    """The fewest cards of `card_gb` GiB the run of `cfg` needs per strategy (`ddp`, `fsdp`); None: more
+    than `max_cards`, or never (DDP holds the whole model on every rank, so more cards barely help)."""
+    needed: dict[str, int | None] = {}
+    for strategy in ("ddp", "fsdp"):
+        needed[strategy] = None
+        for cards in range(1, max_cards + 1):
+            prompts = cfg.algorithm.get("prompts_per_step", 1) or 1
+            if cards > 1 and prompts % (cards * cfg.algorithm.get("rollout_batch_size", 1)):
+                continue  # the step's prompts must split evenly over the ranks
+            trial = _with(
+                cfg, [f"trainer.devices={cards}", f"trainer.strategy={strategy}", "trainer.num_nodes=1"]
+            )
+            if plan_config(trial).device_gb <= card_gb:
+                needed[strategy] = cards
+                break
+    return needed

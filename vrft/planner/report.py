@@ -16,6 +16,7 @@ LABELS = {
     "adapter": "LoRA adapter",
     "gradients": "LoRA gradients",
     "optimizer": "optimizer state",
+    "gathered_layer": "gathered layer (fsdp, unsharded)",
     "kv_cache": "KV cache (rollout)",
     "rollout_engine": "rollout engine weights / scratch",
     "prefill": "prefill + vision (rollout)",
@@ -71,6 +72,17 @@ def format_verdict(cfg: DictConfig, result: Verdict) -> str:
                 "  suggestion: none of the planner's changes is enough; use a bigger GPU or a smaller model"
             )
     return "\n".join(lines)
+
+
+def format_cards(needed: dict[str, int | None], card_gb: float, quantized: bool) -> str:
+    """How many `card_gb` cards the run needs under each strategy (`vrft.planner.planning.cards_needed`)."""
+    parts = []
+    for strategy, cards in needed.items():
+        text = f"{strategy}: {cards}" if cards else f"{strategy}: no count up to 16 fits"
+        if strategy == "fsdp" and quantized:
+            text += " (on paper: fsdp with a quantised base is not supported yet)"
+        parts.append(text)
+    return f"  {card_gb:g} GB cards needed (per-rank peak within the card): " + "; ".join(parts)
 
 
 def enforce_plan(cfg: DictConfig) -> Verdict | None:

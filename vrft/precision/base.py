@@ -96,6 +96,9 @@ class VrftPrecision(Precision):
     """
 
     name: str = "vrft"
+    # Base weights packed by bitsandbytes (int8 / int4 codes in uint8 tensors): DDP replicates them as they
+    # are, but FSDP and DeepSpeed would have to flatten and shard them (issue 14), which vrft does not do yet.
+    quantized_base: bool = False
 
     def __init__(
         self,

@@ -48,6 +48,8 @@ class QuantizedPrecision(VrftPrecision):
         qat: quantisation-aware training of the merged adapter (see `vrft.precision.qat`).
     """
 
+    quantized_base = True
+
     def __init__(
         self,
         compute_dtype: str | torch.dtype = "bf16",

@@ -39,9 +39,13 @@ class OutOfMemoryInPhase(ValueError):
     A `ValueError` so the CLI prints it as one line, like other settings that do not fit.
     """
 
-    def __init__(self, phase: str | None, detail: str, saved_adapter: Path | None):
+    def __init__(self, phase: str | None, detail: str, saved_adapter: Path | None, rank: int | None = None):
         self.phase = phase
         where = f"during the {phase} phase" if phase else "outside the GRPO phases (setup or optimizer step)"
+        if (
+            rank is not None
+        ):  # a multi-process run: the rank that ran out (its phase may differ from the others')
+            where = f"on rank {rank} {where}; every rank was stopped"
         saved = (
             f"; the adapter at that moment is saved in {saved_adapter} and existing checkpoints are kept"
             if saved_adapter
@@ -70,10 +74,16 @@ def save_adapter_on_oom(module, run_dir: Path, step: int) -> Path | None:
     return folder
 
 
-def explain_out_of_memory(error: BaseException, module, run_dir: Path, step: int) -> OutOfMemoryInPhase:
-    """The `OutOfMemoryInPhase` for an OOM raised while training `module` (adapter saved first)."""
+def explain_out_of_memory(
+    error: BaseException, module, run_dir: Path, step: int, rank: int | None = None
+) -> OutOfMemoryInPhase:
+    """The `OutOfMemoryInPhase` for an OOM raised while training `module` (adapter saved first).
+
+    `rank`: the rank of a multi-process run that ran out (None on one process); its adapter is the others'
+    too at the last optimizer step, so it saves it.
+    """
     tracker = getattr(module, "phases", None)
     phase = getattr(tracker, "current", None)
     saved = save_adapter_on_oom(module, run_dir, step)
     log.error("out of memory in phase %s at step %d", phase, step)
-    return OutOfMemoryInPhase(phase, str(error), saved)
+    return OutOfMemoryInPhase(phase, str(error), saved, rank)

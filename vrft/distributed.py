@@ -1,0 +1,127 @@
+"""Checks of a multi-process run's settings, made before any model loads.
+
+The processes themselves are Lightning's: `trainer.devices`, `trainer.num_nodes` and `trainer.strategy` pick
+them, and Lightning's launcher, torchrun or SLURM start them. What Lightning cannot know is what vrft needs
+of them: a GRPO step's prompts split evenly over the ranks (a group of G completions never crosses ranks),
+and a strategy that can hold the precision plugin's weights. Each failure is one line naming the setting and
+the fix, raised before the minutes a model takes to load.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from hydra.utils import get_class
+from omegaconf import DictConfig
+
+# Strategies that replicate the whole model on every rank (what vrft supports on every precision).
+REPLICATING = ("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "ddp_notebook")
+# Strategies that shard parameters: they flatten weights, which bitsandbytes' packed codes do not survive.
+SHARDING = ("fsdp", "deepspeed")
+
+
+def strategy_name(trainer_cfg: DictConfig) -> str:
+    """The strategy's name (`ddp`, `fsdp`, `deepspeed_stage_2`, ...) of a `trainer` config node."""
+    strategy = trainer_cfg.get("strategy", "auto")
+    if isinstance(strategy, str):
+        return strategy
+    target = strategy.get("_target_", "") if hasattr(strategy, "get") else type(strategy).__name__
+    return target.rsplit(".", 1)[-1].lower().removesuffix("strategy") or "auto"
+
+
+def uses_gpus(trainer_cfg: DictConfig) -> bool:
+    """Whether the run's processes use CUDA devices (`accelerator` gpu/cuda, or auto with CUDA present)."""
+    accelerator = str(trainer_cfg.get("accelerator", "auto"))
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
+def devices_per_node(trainer_cfg: DictConfig) -> int:
+    """Processes per node that `trainer.devices` asks for (`-1`/`auto` on GPUs: every visible GPU)."""
+    devices = trainer_cfg.get("devices", 1)
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
+    if devices in (-1, "auto"):
+        return max(torch.cuda.device_count(), 1) if uses_gpus(trainer_cfg) else 1
+    if isinstance(devices, int):
+        return devices
+    if isinstance(devices, str):  # "0,1": device indices
+        return len([index for index in devices.split(",") if index.strip()])
+    return len(devices)  # a list of device indices
+
+
+def world_size(cfg: DictConfig) -> int:
+    """Ranks of the run: processes per node times `trainer.num_nodes`."""
+    return devices_per_node(cfg.trainer) * int(cfg.trainer.get("num_nodes", 1) or 1)
+
+
+def check_devices(trainer_cfg: DictConfig) -> None:
+    """`trainer.devices` must not ask for more GPUs than this node shows."""
+    devices = trainer_cfg.get("devices", 1)
+    if not uses_gpus(trainer_cfg) or devices in (-1, "auto", "-1"):
+        return
+    wanted, visible = devices_per_node(trainer_cfg), torch.cuda.device_count()
+    if wanted > visible == 0:
+        raise ValueError(
+            f"trainer.devices={devices} asks for {wanted} GPUs but none is visible; run on a machine with GPUs, "
+            "or set trainer.accelerator=cpu (processes on the CPU, gloo backend)"
+        )
+    if wanted > visible:
+        shown = os.environ.get("CUDA_VISIBLE_DEVICES")
+        note = f" (CUDA_VISIBLE_DEVICES={shown})" if shown is not None else ""
+        raise ValueError(
+            f"trainer.devices={devices} asks for {wanted} GPUs but {visible} are visible{note}; set "
+            f"trainer.devices={visible} or fewer (trainer.devices=-1 takes every visible GPU)"
+        )
+
+
+def check_strategy(trainer_cfg: DictConfig, precision_cfg: DictConfig) -> None:
+    """The strategy must be able to hold the precision plugin's weights."""
+    name = strategy_name(trainer_cfg)
+    target = (precision_cfg or {}).get("_target_")
+    plugin = get_class(target) if target else None
+    mode = getattr(plugin, "name", target)
+    if name.startswith(SHARDING) and getattr(plugin, "quantized_base", False):
+        raise ValueError(
+            f"trainer.strategy={name} with precision={mode}: sharding a bitsandbytes-quantised base is not "
+            "supported yet (FSDP/DeepSpeed would flatten its packed weights); use trainer.strategy=ddp, which "
+            "keeps the quantised base whole on every rank, or a floating-point precision (precision=bf16)"
+        )
+    if name.startswith(SHARDING):
+        raise ValueError(
+            f"trainer.strategy={name} is not supported yet (generation from sharded weights is not written, "
+            "and it is untested); use trainer.strategy=ddp, which keeps the whole model on every rank"
+        )
+    if name not in REPLICATING:
+        raise ValueError(
+            f"trainer.strategy={name} is not one vrft runs; use trainer.strategy=ddp (or auto on one device)"
+        )
+
+
+def check_prompt_split(algorithm_cfg: DictConfig, ranks: int) -> None:
+    """GRPO's prompts per step split evenly over the ranks, in whole rollout batches."""
+    prompts, batch = algorithm_cfg.get("prompts_per_step"), algorithm_cfg.get("rollout_batch_size")
+    if prompts is None or batch is None or ranks == 1:
+        return
+    if prompts % (ranks * batch):
+        fitting = max(1, prompts // (ranks * batch)) * ranks * batch
+        raise ValueError(
+            f"algorithm.prompts_per_step={prompts} does not split over {ranks} ranks in rollout batches of "
+            f"algorithm.rollout_batch_size={batch}; make it a multiple of {ranks * batch} (e.g. "
+            f"algorithm.prompts_per_step={fitting}) or change trainer.devices"
+        )
+
+
+def check_plan_settings(cfg: DictConfig) -> int:
+    """Check what a plan on paper needs: the prompt split (not this machine's GPUs, and any strategy, so
+    that FSDP can be planned before it runs); returns the world size."""
+    ranks = world_size(cfg)
+    check_prompt_split(cfg.algorithm, ranks)
+    return ranks
+
+
+def check_distributed(cfg: DictConfig) -> int:
+    """Check the run's device, strategy and prompt-split settings before loading; returns the world size."""
+    check_devices(cfg.trainer)
+    check_strategy(cfg.trainer, cfg.precision)
+    return check_plan_settings(cfg)
