@@ -13,7 +13,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -24,6 +23,8 @@ from vrft.modules.health import TrainingHealth
 from vrft.modules.losses import PolicyLoss, StepTotals, truncated_importance_weights
 from vrft.modules.policy_module import PolicyModule
 from vrft.modules.scoring import RewardSet, group_advantages
+from vrft.modules.settings import GRPOSettings
+from vrft.modules.step_metrics import step_metrics, step_totals
 from vrft.rollout.batch import Rollout
 from vrft.rollout.engines import build_rollout_engine
 from vrft.rollout.generate import generate_rollout
@@ -33,102 +34,6 @@ from vrft.runtime.rng import prompt_seed, seeded_rng
 from vrft.runtime.telemetry import peak_memory_gb, reset_peak_memory
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class GRPOSettings:
-    """Knobs of the GRPO loop (the `algorithm` config group).
-
-    Memory: `group_size x rollout_batch_size` sequences share one generation (KV cache grows with it);
-    `update_micro_batch_size` completions share one forward/backward (activations grow with it);
-    `logprob_chunk_size` positions share one fp32 logits buffer (chunk x vocab x 4 bytes).
-    """
-
-    group_size: int = 8  # G completions per prompt; Visual-RFT: 8 for 2B, 4 for 7B
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 256
-    min_new_tokens: int = 0  # >0 forces long completions (worst-case memory benchmarks)
-    num_iterations: int = 1  # optimizer steps per rollout batch; >1 makes the ratio clipping bite
-    prompts_per_step: int = 16  # prompts per optimizer step over all ranks, by accumulation (Visual-RFT: 16)
-    rollout_batch_size: int = 2  # prompts generated together (times G sequences)
-    update_micro_batch_size: int = 4  # completions per forward/backward in the update
-    logprob_chunk_size: int = 1024  # positions per lm_head chunk
-    rollout_engine: str = "hf"  # hf | bf16_copy | dequant | packed, see vrft.rollout.engines
-    scale_rewards: bool = True  # divide advantages by the group std (False: Dr. GRPO)
-    advantage_eps: float = 1e-4
-    max_grad_norm: float | None = 1.0
-    num_logged_samples: int = 4  # completions kept per step for the sample table
-    max_bad_steps: int = 3  # non-finite optimizer steps in a row (each skipped) before the run stops
-    stall_steps: int = 5  # steps in a row with no reward spread in any group before a warning
-    # Truncated importance sampling for engines that sample from other weights than the training forward
-    # (bf16_copy, dequant, packed): each token's policy-gradient term times min(pi_train / pi_sampler, cap).
-    # null turns it off; `hf` samples from the training-time model itself, so it never applies there.
-    rollout_is_cap: float | None = 2.0
-    # Seeds each rollout by its rows and epoch (the same completions on any rank); None: the global RNG.
-    rollout_seed: int | None = None
-
-    def __post_init__(self):
-        for key in (
-            "rollout_batch_size",
-            "prompts_per_step",
-            "update_micro_batch_size",
-            "max_new_tokens",
-            "logprob_chunk_size",
-        ):
-            if getattr(self, key) < 1:
-                raise ValueError(f"algorithm.{key}={getattr(self, key)} must be >= 1")
-        if not self.temperature > 0:
-            # Temperature 0 divides the logits by zero: NaN log-probs from the first step.
-            raise ValueError(
-                f"algorithm.temperature={self.temperature} must be > 0 (GRPO needs sampled, differing "
-                "completions; 1.0 is Visual-RFT's)"
-            )
-        if not 0 < self.top_p <= 1:
-            raise ValueError(
-                f"algorithm.top_p={self.top_p} must be in (0, 1]; 1.0 samples from the whole vocabulary"
-            )
-        if self.group_size < 2:
-            raise ValueError(
-                f"algorithm.group_size={self.group_size}: group-normalised advantages need at least 2 "
-                "completions per prompt; set algorithm.group_size>=2 (Visual-RFT uses 8)"
-            )
-        if self.prompts_per_step % self.rollout_batch_size:
-            raise ValueError(
-                f"algorithm.prompts_per_step={self.prompts_per_step} is not a multiple of "
-                f"algorithm.rollout_batch_size={self.rollout_batch_size}; make it one (e.g. "
-                f"{max(1, self.prompts_per_step // self.rollout_batch_size) * self.rollout_batch_size})"
-            )
-        sequences = self.rollout_batch_size * self.group_size
-        if sequences % self.update_micro_batch_size:
-            raise ValueError(
-                f"algorithm.update_micro_batch_size={self.update_micro_batch_size} does not divide the "
-                f"{sequences} sequences of a rollout (rollout_batch_size x group_size); pick a divisor of {sequences}"
-            )
-        if self.temperature <= 0:
-            raise ValueError(
-                f"algorithm.temperature={self.temperature}: GRPO samples and scores completions at this "
-                "temperature and log-probs divide by it; set algorithm.temperature>0 (Visual-RFT uses 1.0)"
-            )
-        for key in ("max_bad_steps", "stall_steps"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"algorithm.{key}={getattr(self, key)} must be >= 1")
-        if self.rollout_is_cap is not None and not self.rollout_is_cap >= 1:
-            raise ValueError(
-                f"algorithm.rollout_is_cap={self.rollout_is_cap} must be >= 1 (2.0 is a common cap) or null "
-                "to turn the rollout mismatch correction off"
-            )
-        if self.num_iterations < 1:
-            raise ValueError(f"algorithm.num_iterations={self.num_iterations} must be >= 1")
-        if self.min_new_tokens > self.max_new_tokens:
-            raise ValueError(
-                f"algorithm.min_new_tokens={self.min_new_tokens} exceeds max_new_tokens={self.max_new_tokens}"
-            )
-
-    @property
-    def rollouts_per_step(self) -> int:
-        """Training batches (each a rollout) accumulated into one optimizer step."""
-        return self.prompts_per_step // self.rollout_batch_size
 
 
 class GRPOModule(PolicyModule):
@@ -378,68 +283,18 @@ class GRPOModule(PolicyModule):
         Counts and sums add over the ranks; seconds and memory peaks are the slowest rank's / the fullest
         card's (a step waits for its slowest rank).
         """
-        s = self.settings
         strategy = self.trainer.strategy
-        worst = {"completion_length_max", "rollout_peak_gb"}
-        sums: dict[str, float] = {
-            "loss": loss_total,
-            "num_sequences": float(sum(r.num_sequences for r in rollouts)),
-        }
-        peaks: dict[str, float] = {
-            "update_seconds": update_seconds,
-            "update_peak_gb": peak_memory_gb(self.device),
-        }
-        for rollout in rollouts:
-            for key, value in rollout.stats.items():
-                into = peaks if key.endswith("_seconds") else sums
-                into[key] = max(into.get(key, 0.0), value) if key in worst else into.get(key, 0.0) + value
-        peaks.update({key: sums.pop(key) for key in worst & set(sums)})
-        for key, value in stat_sums.items():  # `_max` statistics are maxima, the others sums
-            (peaks if key.endswith("_max") else sums)[f"update/{key}"] = value
+        peaks = {"update_seconds": update_seconds, "update_peak_gb": peak_memory_gb(self.device)}
         peaks.update(self.phases.metrics())  # rollout/reference peaks (update: memory/update_peak_gb)
+        sums, peaks = step_totals(rollouts, loss_total, stat_sums, peaks)
         sums, peaks = reduce_over_ranks(strategy, sums), reduce_over_ranks(strategy, peaks, op="max")
-
-        def total(key: str) -> float:
-            return sums.get(key, peaks.get(key, 0.0))
-
-        n = sums["num_sequences"]
-        tokens = max(total("update/token_count"), 1.0)
-        mean_reward = total("reward_sum/total") / n
-        metrics = {
-            # Each rank's loss is its share scaled up by the rank count (see policy_update): average them.
-            "train/loss": sums["loss"] / strategy.world_size,
-            "train/reward": mean_reward,
-            "train/reward_std": max(total("reward_sq_sum/total") / n - mean_reward**2, 0.0) ** 0.5,
-            "train/advantage_std": (total("advantage_sq_sum") / n) ** 0.5,
-            "train/zero_std_groups": total("group_zero_std_count") / (n / s.group_size),
-            "train/kl": total("update/kl_sum") / tokens,
-            "train/clip_fraction": total("update/clipped_sum") / tokens,
-            "train/grad_norm": self._last_grad_norm,
-            "train/completion_length": total("completion_length_sum") / n,
-            "train/completion_length_max": peaks["completion_length_max"],
-            "train/truncated_fraction": total("truncated_count") / n,
-            # Special tokens an engine emitted despite suppression (cut out before any forward): should be 0.
-            "train/suppressed_tokens": total("suppressed_tokens"),
-            "train/lr": self.optimizers().param_groups[0]["lr"],
-            "time/rollout_s": total("rollout_seconds"),
-            "time/reference_s": total("reference_seconds"),
-            "time/update_s": peaks["update_seconds"],
-            "throughput/generated_tokens_per_s": total("generated_tokens")
-            / max(total("rollout_seconds"), 1e-9),
-            "memory/rollout_peak_gb": peaks["rollout_peak_gb"],
-            "memory/update_peak_gb": peaks["update_peak_gb"],
-        }
+        metrics = step_metrics(sums, peaks, self.settings.group_size, strategy.world_size, self.rewards.names)
+        metrics["train/grad_norm"] = self._last_grad_norm
+        metrics["train/lr"] = self.optimizers().param_groups[0]["lr"]
+        mean_reward, n = metrics["train/reward"], sums["num_sequences"]
         self.health.record_signal(
             metrics["train/zero_std_groups"], metrics["train/grad_norm"], mean_reward, self.global_step
         )
-        for name in self.rewards.names:
-            metrics[f"reward/{name}"] = total(f"reward_sum/{name}") / n
-        if "mismatch_sum" in stat_sums:  # the engine sampled from other weights than the training forward
-            metrics["rollout/logprob_mismatch_mean"] = total("update/mismatch_sum") / tokens
-            metrics["rollout/logprob_mismatch_max"] = peaks["update/mismatch_max"]
-            if "is_truncated_sum" in stat_sums:
-                metrics["rollout/is_truncated_fraction"] = total("update/is_truncated_sum") / tokens
-        metrics.update({key: value for key, value in peaks.items() if key.startswith("memory/")})  # phases
         skipped = getattr(self.trainer.precision_plugin, "skipped_steps", None)
         if skipped is not None:
             metrics["train/skipped_steps"] = float(skipped)

@@ -16,8 +16,8 @@ from torch import Tensor
 from typing_extensions import override
 
 from vrft.models.policy import LoraSpec, ModelSpec
-from vrft.modules.grpo import GRPOSettings
 from vrft.modules.policy_module import PolicyModule
+from vrft.modules.settings import GRPOSettings
 from vrft.rewards.parsing import extract_answer
 from vrft.rollout.batch import Rollout, build_prompts
 

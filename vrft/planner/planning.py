@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vrft.distributed import SHARDING, strategy_name, world_size
 from vrft.models.policy import ModelSpec
-from vrft.modules.grpo import GRPOSettings
+from vrft.modules.settings import GRPOSettings
 from vrft.paths import config_dir
 from vrft.planner.auto import AUTO_ORDER, AutoPrecision
 from vrft.planner.estimator import (
