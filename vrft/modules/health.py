@@ -4,8 +4,10 @@
   they were); `max_bad_steps` such steps in a row stop the run with the phase where the non-finite value
   appeared, keeping the checkpoints written so far (all from finite weights).
 - Stalled: GRPO learns from reward differences inside a group. When every group's rewards are equal for
-  `stall_steps` steps in a row, or the gradient norm is exactly zero, nothing moves the adapter: a warning
-  names the likely causes, and `warnings` (counts by kind) goes into `run_summary.json`.
+  `stall_steps` steps in a row, or the gradient norm is exactly zero although some group had a reward
+  spread, nothing moves the adapter: a warning names the likely causes, and `warnings` (counts by kind)
+  goes into `run_summary.json`. (A zero gradient in a step where no group had a spread is the expected
+  result of all-zero advantages: the stall count covers it, one such step alone is normal.)
 """
 
 from __future__ import annotations
@@ -62,10 +64,12 @@ class TrainingHealth:
                 f"nothing; {NO_SPREAD_CAUSES}",
             )
             self.stall_streak = 0
-        if grad_norm == 0.0:
+        if grad_norm == 0.0 and zero_spread_fraction < 1.0:
             self._warn(
                 "zero_grad_norm",
-                f"step {step}: the gradient norm is exactly zero, the step changed nothing; {NO_SPREAD_CAUSES}",
+                f"step {step}: the gradient norm is exactly zero although some groups' rewards differed, so "
+                "the step changed nothing; likely causes: no trainable adapter reached the loss (lora.r, "
+                "lora.target_modules), or every completion was cut to nothing (algorithm.max_new_tokens)",
             )
 
     def _warn(self, kind: str, message: str) -> None:
