@@ -56,16 +56,6 @@ TRL_NAMES = {
     "seed": "seed",
 }
 _HYDRA_KEYS = ("_target_", "_partial_", "_convert_", "_recursive_", "_args_")
-# The settings a resumed run must share with its checkpoint (the LoRA shape, the base, how it is stored).
-RESUME_KEYS = (
-    "model.name_or_path",
-    "lora.r",
-    "lora.alpha",
-    "lora.target_modules",
-    "lora.train_vision",
-    "lora.full",
-)
-CHECKPOINT_KEY = "vrft_resume"  # where RunSettingsInCheckpoint stores `resume_settings` in a .ckpt
 
 
 def validate(cfg: DictConfig) -> None:
