@@ -12,7 +12,14 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoConfig
 
 from vrft.models.frozen import run_without_autograd
-from vrft.models.presets import PRESETS, build_processor, model_class, random_preset, tiny_checkpoint
+from vrft.models.presets import (
+    CACHED_PRESETS,
+    PRESETS,
+    build_processor,
+    model_class,
+    preset_checkpoint,
+    random_preset,
+)
 from vrft.models.processor import load_processor
 
 log = logging.getLogger(__name__)
@@ -53,12 +60,12 @@ class ModelSpec:
 
     @property
     def is_random_preset(self) -> bool:
-        return self.name_or_path in PRESETS and self.name_or_path != "tiny"
+        return self.name_or_path in PRESETS and self.name_or_path not in CACHED_PRESETS
 
     def folder(self) -> Path:
-        """The checkpoint folder to load (building the tiny preset on first use)."""
-        if self.name_or_path == "tiny":
-            return tiny_checkpoint(self.seed)
+        """The checkpoint folder to load (building the tiny or small preset on first use)."""
+        if self.name_or_path in CACHED_PRESETS:
+            return preset_checkpoint(self.name_or_path, self.seed)
         folder = Path(self.name_or_path).expanduser()
         if not (folder / "config.json").exists():
             reason = "does not exist" if not folder.exists() else "has no config.json"
