@@ -33,6 +33,15 @@ MATRICES: dict[str, tuple[dict[str, list[str]], list[str]]] = {
         },
         [],
     ),
+    # The same comparison on the small preset, three tasks, on the GPU (bench/learning/device_small.sh).
+    "small-parity": (
+        {
+            "+experiment": ["small_parity_classification", "small_parity_detection", "small_parity_grounding"],
+            "precision": ["bf16", "int8", "mixed", "int4", "int4_qat"],
+            "seed": ["1", "2", "3"],
+        },
+        [],
+    ),
     # How the default run's GRPO settings were chosen (bench/learning/README.md): learning rate x KL weight ...
     "tuning-lr-beta": (
         {"optimizer.lr": ["3e-4", "1e-3", "3e-3"], "loss.beta": ["0.04", "0.0"]},
