@@ -5,7 +5,8 @@
 Reads each run folder (`config.yaml`, `metrics.csv`, `held_out.json`, as `collect.py` keeps them) and groups
 them by task and precision. Per group: mean and spread (sample standard deviation over seeds) of the held-out
 reward after GRPO, its change from the warm start, the task metric on greedy answers, and the loss from
-merging the adapter into the base and quantising again (deployment). Writes `summary.json`, `table.md` and
+merging the adapter into the base and quantising again (deployment: the export gap, from the
+`merged` block of held_out.json). "vs bf16" carries the standard error of the difference of means. Writes `summary.json`, `table.md` and
 `curves.png` next to the run folders.
 """
 
@@ -28,6 +29,7 @@ PRECISIONS = ("bf16", "int8", "mixed", "int4", "int4+qat")
 TASK_METRICS = {
     "classification": ("reward/accuracy", "greedy/accuracy"),
     "detection": ("reward/iou", "greedy/map_50"),
+    "grounding": ("reward/grounding", "greedy/miou"),
 }
 SMOOTHING = 10  # optimizer steps in the moving average of the plotted train/reward
 
@@ -84,6 +86,7 @@ def summarise(runs: list[dict]) -> dict:
                     r["held_out"]["after"][reward_key] - r["held_out"]["before"][reward_key] for r in group
                 ],
                 greedy_key: [r["held_out"]["after"][greedy_key] for r in group],
+                f"{greedy_key}_before": [r["held_out"]["before"][greedy_key] for r in group],
                 "merge_loss_total": [
                     r["held_out"]["after"]["reward/total"] - r["held_out"]["merged"]["reward/total"]
                     for r in group
@@ -96,13 +99,20 @@ def summarise(runs: list[dict]) -> dict:
     for groups in summary.values():
         if "bf16" not in groups:
             continue
-        base = groups["bf16"]["reward_total"][0]
-        for stats in groups.values():
-            stats["vs_bf16_total"] = stats["reward_total"][0] - base
+        base, base_spread = groups["bf16"]["reward_total"]
+        base_n = groups["bf16"]["seeds"]
+        for precision, stats in groups.items():
+            mean, spread = stats["reward_total"]
+            stats["vs_bf16_total"] = mean - base
+            # Standard error of a difference of two independent means (Welch): sqrt(s1^2/n1 + s2^2/n2).
+            se = (spread**2 / stats["seeds"] + base_spread**2 / base_n) ** 0.5
+            stats["vs_bf16_total_se"] = 0.0 if precision == "bf16" else se
     return summary
 
 
 def _cell(stats: dict, key: str, signed: bool = False) -> str:
+    if key not in stats:
+        return "-"  # not measured (no merged block, or partial results)
     mean, spread = stats[key]
     return f"{mean:+.3f} ± {spread:.3f}" if signed else f"{mean:.3f} ± {spread:.3f}"
 
@@ -115,14 +125,16 @@ def table(summary: dict) -> str:
             f"**{task}** (held-out, mean ± spread over {max(g['seeds'] for g in groups.values())} seeds)",
             "",
             f"| precision | reward (total) | vs bf16 | gain from warm start | {reward_key} | gain | "
-            f"{greedy_key} (greedy) | merge + requantise loss |",
-            "|---|---|---|---|---|---|---|---|",
+            f"{greedy_key} (greedy) before | after | export gap (merge + requantise loss) |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for precision, s in groups.items():
             lines.append(
-                f"| {precision} | {_cell(s, 'reward_total')} | {s['vs_bf16_total']:+.3f} | "
+                f"| {precision} | {_cell(s, 'reward_total')} | "
+                f"{s.get('vs_bf16_total', float('nan')):+.3f} ± {s.get('vs_bf16_total_se', float('nan')):.3f} | "
                 f"{_cell(s, 'reward_total_gain', True)} | {_cell(s, reward_key)} | "
-                f"{_cell(s, reward_key + '_gain', True)} | {_cell(s, greedy_key)} | "
+                f"{_cell(s, reward_key + '_gain', True)} | {_cell(s, greedy_key + '_before')} | "
+                f"{_cell(s, greedy_key)} | "
                 f"{_cell(s, 'merge_loss_total', True)} |"
             )
         lines.append("")
