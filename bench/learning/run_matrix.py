@@ -36,7 +36,11 @@ MATRICES: dict[str, tuple[dict[str, list[str]], list[str]]] = {
     # The same comparison on the small preset, three tasks, on the GPU (bench/learning/device_small.sh).
     "small-parity": (
         {
-            "+experiment": ["small_parity_classification", "small_parity_detection", "small_parity_grounding"],
+            "+experiment": [
+                "small_parity_classification",
+                "small_parity_detection",
+                "small_parity_grounding",
+            ],
             "precision": ["bf16", "int8", "mixed", "int4", "int4_qat"],
             "seed": ["1", "2", "3"],
         },
