@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -28,6 +29,7 @@ PRECISIONS = ("bf16", "int8", "mixed", "int4", "int4+qat")
 TASK_METRICS = {
     "classification": ("reward/accuracy", "greedy/accuracy"),
     "detection": ("reward/iou", "greedy/map_50"),
+    "grounding": ("reward/grounding", "greedy/miou"),
 }
 SMOOTHING = 10  # optimizer steps in the moving average of the plotted train/reward
 
@@ -89,6 +91,12 @@ def summarise(runs: list[dict]) -> dict:
                     for r in group
                     if "merged" in r["held_out"]
                 ],
+                # The export gap in the task's own reward: the trained policy against the deployable model.
+                f"merge_loss_{reward_key}": [
+                    r["held_out"]["after"][reward_key] - r["held_out"]["merged"][reward_key]
+                    for r in group
+                    if "merged" in r["held_out"]
+                ],
             }
             summary.setdefault(task, {})[precision] = {
                 key: list(mean_spread(values)) for key, values in columns.items() if values
@@ -96,15 +104,29 @@ def summarise(runs: list[dict]) -> dict:
     for groups in summary.values():
         if "bf16" not in groups:
             continue
-        base = groups["bf16"]["reward_total"][0]
+        base = groups["bf16"]
         for stats in groups.values():
-            stats["vs_bf16_total"] = stats["reward_total"][0] - base
+            stats["vs_bf16_total"] = stats["reward_total"][0] - base["reward_total"][0]
+            # Standard error of a difference of two means over independent seeds.
+            stats["vs_bf16_se"] = math.sqrt(
+                stats["reward_total"][1] ** 2 / stats["seeds"] + base["reward_total"][1] ** 2 / base["seeds"]
+            )
     return summary
 
 
 def _cell(stats: dict, key: str, signed: bool = False) -> str:
     mean, spread = stats[key]
     return f"{mean:+.3f} ± {spread:.3f}" if signed else f"{mean:.3f} ± {spread:.3f}"
+
+
+def _optional(stats: dict, key: str) -> str:
+    return _cell(stats, key, True) if key in stats else "-"
+
+
+def _versus(stats: dict) -> str:
+    if "vs_bf16_total" not in stats:
+        return "-"  # no bf16 cell finished
+    return f"{stats['vs_bf16_total']:+.3f} ± {stats['vs_bf16_se']:.3f}"
 
 
 def table(summary: dict) -> str:
@@ -114,16 +136,16 @@ def table(summary: dict) -> str:
         lines += [
             f"**{task}** (held-out, mean ± spread over {max(g['seeds'] for g in groups.values())} seeds)",
             "",
-            f"| precision | reward (total) | vs bf16 | gain from warm start | {reward_key} | gain | "
-            f"{greedy_key} (greedy) | merge + requantise loss |",
-            "|---|---|---|---|---|---|---|---|",
+            f"| precision | reward (total) | vs bf16 (± s.e.) | gain from warm start | {reward_key} | gain | "
+            f"{greedy_key} (greedy) | merge + requantise loss (total) | (in {reward_key}) |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for precision, s in groups.items():
             lines.append(
-                f"| {precision} | {_cell(s, 'reward_total')} | {s['vs_bf16_total']:+.3f} | "
+                f"| {precision} | {_cell(s, 'reward_total')} | {_versus(s)} | "
                 f"{_cell(s, 'reward_total_gain', True)} | {_cell(s, reward_key)} | "
                 f"{_cell(s, reward_key + '_gain', True)} | {_cell(s, greedy_key)} | "
-                f"{_cell(s, 'merge_loss_total', True)} |"
+                f"{_optional(s, 'merge_loss_total')} | {_optional(s, 'merge_loss_' + reward_key)} |"
             )
         lines.append("")
     return "\n".join(lines)

@@ -64,6 +64,16 @@ def preset_config(name: str) -> PretrainedConfig:
         return Qwen2VLConfig(
             text_config=text, vision_config=vision, tie_word_embeddings=True, **VISION_TOKEN_IDS
         )
+    if name == "small":
+        # 8 layers of hidden 512 (GQA 8/2 heads, MLP 1408): 2.82M per layer, 22.5M in the language model, plus a
+        # 4-block vision tower of width 256 (5.0M with patch embedding and merger): 27.6M non-embedding
+        # parameters, with the real vocabulary's 77.8M tied embeddings on top (105.4M in all). Big enough that quantising it means something,
+        # small enough that its SFT warm start trains on one GPU in minutes (bench/learning).
+        text, _ = _qwen2vl(512, 1408, 8, 8, 2, tie=True)
+        vision = dict(depth=4, embed_dim=256, hidden_size=512, num_heads=4, mlp_ratio=4)
+        return Qwen2VLConfig(
+            text_config=text, vision_config=vision, tie_word_embeddings=True, **VISION_TOKEN_IDS
+        )
     if name in ("qwen2vl-2b", "qwen2vl-7b"):
         hidden, inter, heads, kv, tie = (
             (1536, 8960, 12, 2, True) if name == "qwen2vl-2b" else (3584, 18944, 28, 4, False)
@@ -101,7 +111,10 @@ def preset_config(name: str) -> PretrainedConfig:
     )
 
 
-PRESETS = ("tiny", "qwen2vl-2b", "qwen2vl-7b", "qwen25vl-3b", "qwen25vl-7b")
+# Presets built once into the vrft cache as checkpoint folders (trainable from scratch with a warm start);
+# the others are instantiated with random weights for memory and speed figures only.
+CHECKPOINT_PRESETS = ("tiny", "small")
+PRESETS = ("tiny", "small", "qwen2vl-2b", "qwen2vl-7b", "qwen25vl-3b", "qwen25vl-7b")
 
 
 def model_class(config: PretrainedConfig) -> type:
@@ -136,12 +149,18 @@ def build_processor(min_pixels: int, max_pixels: int) -> ImageOnlyQwen2VLProcess
 
 def tiny_checkpoint(seed: int = 0) -> Path:
     """Path of the cached `tiny` checkpoint folder, written on first use (model + processor)."""
-    config = preset_config("tiny")
+    return preset_checkpoint("tiny", seed)
+
+
+def preset_checkpoint(name: str, seed: int = 0) -> Path:
+    """Path of the cached checkpoint folder of preset `name` (one of `CHECKPOINT_PRESETS`), written on first
+    use (model + processor)."""
+    config = preset_config(name)
     key = cache_key(config.to_json_string() + f"seed={seed}")
-    folder = cache_root() / f"tiny-{key}"
+    folder = cache_root() / f"{name}-{key}"
     if (folder / "config.json").exists() and (folder / "tokenizer.json").exists():
         return folder
-    log.info("building the tiny preset checkpoint in %s (once)", folder)
+    log.info("building the %s preset checkpoint in %s (once)", name, folder)
     # Forked: building the cache must not reseed the run that triggered it (it would sample differently
     # from every later run with the same seed, which finds the checkpoint already built).
     with torch.random.fork_rng(devices=[]):
@@ -152,7 +171,7 @@ def tiny_checkpoint(seed: int = 0) -> Path:
     processor = build_processor(min_pixels=3136, max_pixels=12544)
     processor.tokenizer.save_pretrained(partial)
     processor.image_processor.save_pretrained(partial)
-    (partial / "vrft_preset.json").write_text(json.dumps({"preset": "tiny", "seed": seed}))
+    (partial / "vrft_preset.json").write_text(json.dumps({"preset": name, "seed": seed}))
     # An atomic rename so that a concurrent or interrupted build never leaves a half-written cache.
     try:
         partial.rename(folder)
