@@ -1,46 +1,56 @@
-"""The `small` preset (issue 18) builds with the intended shape, and the small-parity matrix expands to its 45
-cells. Built on the meta device: no weights are allocated."""
+"""The `small` preset and the precision comparison on it (bench/learning, issue 18), checked on CPU without
+building its 105M parameters: the architecture from its config on the meta device, the matrix from its
+definition, the experiments through Hydra."""
+
+from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
+from hydra import compose, initialize_config_dir
 
 from vrft.models.policy import ModelSpec
-from vrft.models.presets import CACHED_PRESETS, QWEN2_VOCAB, model_class, preset_config
+from vrft.models.presets import CHECKPOINT_PRESETS, model_class, preset_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run_matrix():
-    spec = importlib.util.spec_from_file_location("run_matrix", ROOT / "bench/learning/run_matrix.py")
+def _matrix():
+    spec = importlib.util.spec_from_file_location("run_matrix", ROOT / "bench" / "learning" / "run_matrix.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def test_small_preset_shape():
+def test_small_is_a_qwen2vl_of_tens_of_millions_of_parameters_with_the_real_vocabulary():
     config = preset_config("small")
     with torch.device("meta"):
         model = model_class(config)._from_config(config)
-    language = model.model.language_model
-    decoder = sum(p.numel() for p in language.layers.parameters())
-    vision = sum(p.numel() for p in model.model.visual.parameters())
-    assert language.embed_tokens.weight.shape == (QWEN2_VOCAB, 512)
-    assert len(language.layers) == 8
-    # The counts stated in presets.py: 22.6M decoder ("tens of millions"), 5.0M vision tower.
-    assert 20e6 < decoder < 25e6
-    assert 4e6 < vision < 6e6
-    assert "small" in CACHED_PRESETS and not ModelSpec(name_or_path="small").is_random_preset
+    total = sum(p.numel() for p in model.parameters())
+    embedding = model.get_input_embeddings().weight.numel()
+    assert type(model).__name__ == "Qwen2VLForConditionalGeneration"
+    assert config.text_config.vocab_size == 151936 and embedding == 151936 * 512  # tied to lm_head
+    assert total - embedding == 27_594_240  # the count its preset comment states (27.6M)
+    assert "small" in CHECKPOINT_PRESETS and not ModelSpec(name_or_path="small").is_random_preset
 
 
-def test_small_parity_matrix_has_45_cells():
-    run_matrix = _run_matrix()
-    axes, fixed = run_matrix.MATRICES["small-parity"]
-    cells = run_matrix.cells(axes, fixed)
+def test_small_parity_matrix_is_three_tasks_five_precisions_three_seeds():
+    module = _matrix()
+    axes, fixed = module.MATRICES["small-parity"]
+    cells = module.cells(axes, fixed)
     assert len(cells) == 45
-    names = {run_matrix.cell_name(cell, fixed) for cell in cells}
+    names = {module.cell_name(cell, fixed) for cell in cells}
     assert len(names) == 45  # every cell has its own run folder
-    for task in ("classification", "detection", "grounding"):
-        assert (ROOT / f"conf/experiment/small_parity_{task}.yaml").exists()
-        assert sum(f"small_parity_{task}" in name for name in names) == 15
+    assert "small_parity_grounding_int4_qat_seed-3" in names
+
+
+@pytest.mark.parametrize("task", ["classification", "detection", "grounding"])
+def test_small_experiments_train_the_small_model_from_its_warm_start(task):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"+experiment=small_parity_{task}", "precision=int4_qat"])
+    assert cfg.model.name_or_path == "small" and cfg.task.name == task
+    assert list(cfg.warm_start.models) == ["small"]  # the warm start applies to this model
+    assert cfg.warm_start.callbacks.held_out_reward.measure_merged  # the export gap is measured
+    assert cfg.precision.qat

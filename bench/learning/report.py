@@ -5,8 +5,7 @@
 Reads each run folder (`config.yaml`, `metrics.csv`, `held_out.json`, as `collect.py` keeps them) and groups
 them by task and precision. Per group: mean and spread (sample standard deviation over seeds) of the held-out
 reward after GRPO, its change from the warm start, the task metric on greedy answers, and the loss from
-merging the adapter into the base and quantising again (deployment: the export gap, from the
-`merged` block of held_out.json). "vs bf16" carries the standard error of the difference of means. Writes `summary.json`, `table.md` and
+merging the adapter into the base and quantising again (deployment). Writes `summary.json`, `table.md` and
 `curves.png` next to the run folders.
 """
 
@@ -14,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -86,9 +86,14 @@ def summarise(runs: list[dict]) -> dict:
                     r["held_out"]["after"][reward_key] - r["held_out"]["before"][reward_key] for r in group
                 ],
                 greedy_key: [r["held_out"]["after"][greedy_key] for r in group],
-                f"{greedy_key}_before": [r["held_out"]["before"][greedy_key] for r in group],
                 "merge_loss_total": [
                     r["held_out"]["after"]["reward/total"] - r["held_out"]["merged"]["reward/total"]
+                    for r in group
+                    if "merged" in r["held_out"]
+                ],
+                # The export gap in the task's own reward: the trained policy against the deployable model.
+                f"merge_loss_{reward_key}": [
+                    r["held_out"]["after"][reward_key] - r["held_out"]["merged"][reward_key]
                     for r in group
                     if "merged" in r["held_out"]
                 ],
@@ -99,22 +104,29 @@ def summarise(runs: list[dict]) -> dict:
     for groups in summary.values():
         if "bf16" not in groups:
             continue
-        base, base_spread = groups["bf16"]["reward_total"]
-        base_n = groups["bf16"]["seeds"]
-        for precision, stats in groups.items():
-            mean, spread = stats["reward_total"]
-            stats["vs_bf16_total"] = mean - base
-            # Standard error of a difference of two independent means (Welch): sqrt(s1^2/n1 + s2^2/n2).
-            se = (spread**2 / stats["seeds"] + base_spread**2 / base_n) ** 0.5
-            stats["vs_bf16_total_se"] = 0.0 if precision == "bf16" else se
+        base = groups["bf16"]
+        for stats in groups.values():
+            stats["vs_bf16_total"] = stats["reward_total"][0] - base["reward_total"][0]
+            # Standard error of a difference of two means over independent seeds.
+            stats["vs_bf16_se"] = math.sqrt(
+                stats["reward_total"][1] ** 2 / stats["seeds"] + base["reward_total"][1] ** 2 / base["seeds"]
+            )
     return summary
 
 
 def _cell(stats: dict, key: str, signed: bool = False) -> str:
-    if key not in stats:
-        return "-"  # not measured (no merged block, or partial results)
     mean, spread = stats[key]
     return f"{mean:+.3f} ± {spread:.3f}" if signed else f"{mean:.3f} ± {spread:.3f}"
+
+
+def _optional(stats: dict, key: str) -> str:
+    return _cell(stats, key, True) if key in stats else "-"
+
+
+def _versus(stats: dict) -> str:
+    if "vs_bf16_total" not in stats:
+        return "-"  # no bf16 cell finished
+    return f"{stats['vs_bf16_total']:+.3f} ± {stats['vs_bf16_se']:.3f}"
 
 
 def table(summary: dict) -> str:
@@ -124,18 +136,16 @@ def table(summary: dict) -> str:
         lines += [
             f"**{task}** (held-out, mean ± spread over {max(g['seeds'] for g in groups.values())} seeds)",
             "",
-            f"| precision | reward (total) | vs bf16 | gain from warm start | {reward_key} | gain | "
-            f"{greedy_key} (greedy) before | after | export gap (merge + requantise loss) |",
+            f"| precision | reward (total) | vs bf16 (± s.e.) | gain from warm start | {reward_key} | gain | "
+            f"{greedy_key} (greedy) | merge + requantise loss (total) | (in {reward_key}) |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for precision, s in groups.items():
             lines.append(
-                f"| {precision} | {_cell(s, 'reward_total')} | "
-                f"{s.get('vs_bf16_total', float('nan')):+.3f} ± {s.get('vs_bf16_total_se', float('nan')):.3f} | "
+                f"| {precision} | {_cell(s, 'reward_total')} | {_versus(s)} | "
                 f"{_cell(s, 'reward_total_gain', True)} | {_cell(s, reward_key)} | "
-                f"{_cell(s, reward_key + '_gain', True)} | {_cell(s, greedy_key + '_before')} | "
-                f"{_cell(s, greedy_key)} | "
-                f"{_cell(s, 'merge_loss_total', True)} |"
+                f"{_cell(s, reward_key + '_gain', True)} | {_cell(s, greedy_key)} | "
+                f"{_optional(s, 'merge_loss_total')} | {_optional(s, 'merge_loss_' + reward_key)} |"
             )
         lines.append("")
     return "\n".join(lines)

@@ -33,7 +33,8 @@ MATRICES: dict[str, tuple[dict[str, list[str]], list[str]]] = {
         },
         [],
     ),
-    # The same comparison on the small preset, three tasks, on the GPU (bench/learning/device_small.sh).
+    # The same on the 105M-parameter small model, three tasks (issue 18); `mixed` keeps its first and last of
+    # 8 decoder layers in bf16. Its warm starts are made by the first cell of each task (bench/learning/README.md).
     "small-parity": (
         {
             "+experiment": [

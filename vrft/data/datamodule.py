@@ -187,8 +187,8 @@ class VisualRFTDataModule(L.LightningDataModule):
         return kept
 
     def train_dataloader(self) -> DataLoader:
-        # One seeded order of the rows per epoch, dealt to the ranks in turn: Lightning leaves a sampler with
-        # `set_epoch` in place; its own DistributedSampler (injected under DDP) would not resume.
+        # One seeded order of the rows per epoch, dealt to the ranks in turn; Lightning keeps it under DDP (it
+        # is a DistributedSampler). Lightning's own DistributedSampler would not resume.
         seed = torch.initial_seed() % 2**62
         trainer = self.trainer
         sampler = ResumableSampler(

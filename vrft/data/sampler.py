@@ -13,10 +13,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler
 
 
-class ResumableSampler(Sampler[int]):
+class ResumableSampler(DistributedSampler):
     """Row indices in a per-epoch order fixed by `(seed, epoch)`, dealt to the ranks in turn (rank r takes
     rows r, r + N, ... of the order, as `DistributedSampler` does, so each rank's shard is disjoint and an
     optimizer step covers the same prompts on one rank as on N); `resume_at` skips the first rows once.
@@ -26,18 +26,20 @@ class ResumableSampler(Sampler[int]):
         seed: base seed of the orders.
         shuffle: permute the rows each epoch (else in order).
         num_replicas / rank: the data-parallel world and this process's place in it.
+
+    It is a `DistributedSampler` only so that Lightning keeps it: under DDP Lightning wraps any other
+    sampler in its `DistributedSamplerWrapper`, which shards the already dealt rows a second time (each
+    rank then trained on half its rows, in another order than one process: found by
+    `tests/test_distributed.py`). The parent's bookkeeping (`num_replicas`, `rank`, `epoch`, `set_epoch`)
+    is used; its order is not.
     """
 
     def __init__(self, length: int, seed: int, shuffle: bool = True, num_replicas: int = 1, rank: int = 0):
-        self.length, self.seed, self.shuffle = length, seed, shuffle
-        self.num_replicas, self.rank = num_replicas, rank
-        self.epoch = 0
+        # `range(length)` stands in for the dataset: the parent only takes its length.
+        super().__init__(range(length), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.length = length
         # (epoch, rows of that epoch's order already trained on, over all ranks)
         self._resume: tuple[int, int] | None = None
-
-    def set_epoch(self, epoch: int) -> None:
-        """Called by Lightning before each epoch (as for `DistributedSampler`)."""
-        self.epoch = epoch
 
     def resume_at(self, epoch: int, rows: int) -> None:
         """Make the iteration over `epoch` (only that one) start after its first `rows` rows (all ranks'):

@@ -13,7 +13,7 @@ from transformers import AutoConfig
 
 from vrft.models.frozen import run_without_autograd
 from vrft.models.presets import (
-    CACHED_PRESETS,
+    CHECKPOINT_PRESETS,
     PRESETS,
     build_processor,
     model_class,
@@ -38,7 +38,8 @@ class ModelSpec:
 
     Args:
         name_or_path: a local Hugging Face checkpoint folder of Qwen2-VL or Qwen2.5-VL, or a built-in preset
-            (`tiny`, `qwen2vl-2b`, `qwen2vl-7b`, `qwen25vl-3b`, `qwen25vl-7b`; all but `tiny` have random weights).
+            (`tiny`, `small`, `qwen2vl-2b`, `qwen2vl-7b`, `qwen25vl-3b`, `qwen25vl-7b`; `tiny` and `small` are
+            built once into the cache and trained from a warm start, the others are random-weight stand-ins).
         min_pixels / max_pixels: image budget; visual tokens per image = pixels / (28 * 28) after merging.
         gradient_checkpointing: recompute decoder activations in the backward (saves most activation memory,
             costs about one extra forward).
@@ -60,11 +61,11 @@ class ModelSpec:
 
     @property
     def is_random_preset(self) -> bool:
-        return self.name_or_path in PRESETS and self.name_or_path not in CACHED_PRESETS
+        return self.name_or_path in PRESETS and self.name_or_path not in CHECKPOINT_PRESETS
 
     def folder(self) -> Path:
         """The checkpoint folder to load (building the tiny or small preset on first use)."""
-        if self.name_or_path in CACHED_PRESETS:
+        if self.name_or_path in CHECKPOINT_PRESETS:
             return preset_checkpoint(self.name_or_path, self.seed)
         folder = Path(self.name_or_path).expanduser()
         if not (folder / "config.json").exists():
