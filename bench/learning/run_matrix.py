@@ -138,7 +138,9 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=8, help="cells run at once")
     parser.add_argument("--deadline", type=float, default=540.0, help="seconds for the whole matrix")
     parser.add_argument("--print-multirun", action="store_true", help="print the Hydra multirun and exit")
-    parser.add_argument("--only", default="", help="run only the cells whose name contains this text")
+    parser.add_argument(
+        "--only", default="", help="run only the cells whose name contains this text (or one of these, comma-separated)"
+    )
     parser.add_argument("extra", nargs="*", help="overrides added to every cell")
     args = parser.parse_args()
     axes, fixed = MATRICES[args.matrix]
@@ -146,7 +148,8 @@ def main() -> None:
     if args.print_multirun:
         print(multirun_command(axes, fixed))
         return
-    todo = [cell for cell in cells(axes, fixed) if args.only in cell_name(cell, fixed)]
+    wanted = args.only.split(",")
+    todo = [cell for cell in cells(axes, fixed) if any(text in cell_name(cell, fixed) for text in wanted)]
     deadline = time.monotonic() + args.deadline
     runs = args.out / "runs"
     # Cells that share a warm start wait on its cache lock while the first of them makes it.
