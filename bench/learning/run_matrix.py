@@ -139,7 +139,9 @@ def main() -> None:
     parser.add_argument("--deadline", type=float, default=540.0, help="seconds for the whole matrix")
     parser.add_argument("--print-multirun", action="store_true", help="print the Hydra multirun and exit")
     parser.add_argument(
-        "--only", default="", help="run only the cells whose name contains this text (or one of these, comma-separated)"
+        "--only",
+        default="",
+        help="run only the cells whose name contains this text (or one of these, comma-separated)",
     )
     parser.add_argument("extra", nargs="*", help="overrides added to every cell")
     args = parser.parse_args()
