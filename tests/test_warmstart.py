@@ -18,6 +18,10 @@ from vrft.train import fit
 from vrft.warmstart import apply_warm_start, make_warm_start, warm_start_key
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
+# The learning test's claims, held-out gains after 45 GRPO steps (bench/learning/warmstart_test_seeds.py
+# measures them over seeds): accuracy rises by more than ACCURACY_MARGIN, format falls by less than 0.1.
+ACCURACY_MARGIN = 0.03
+FORMAT_MARGIN = -0.1
 
 
 def config(*overrides: str):
@@ -115,10 +119,16 @@ def test_warm_start_then_grpo_raises_the_held_out_reward(tmp_path):
     assert before["reward/format"] > 0.5
     assert before["reward/accuracy"] < 0.6
     # One fixed-seed run (deterministic on a given CPU): the held-out samples are drawn with the same seed
-    # before and after, so the change is the policy's alone. Measured at this seed: +0.06 (1.391 -> 1.453);
-    # the claim is that GRPO raises the held-out reward, with half the measured gain as the margin.
-    assert after["reward/total"] > before["reward/total"] + 0.03, results
-    assert after["reward/accuracy"] > before["reward/accuracy"], results
+    # before and after, so the change is the policy's alone. Another CPU may round differently and sample
+    # another trajectory, so the margins are set from the test's run over GRPO seeds 0-6
+    # (bench/learning/results/warmstart_test_seeds.json). The accuracy gain was +0.078 to +0.094, mean +0.085
+    # ± 0.008; the format gain was -0.016 to +0.094, mean +0.042 ± 0.033. Under a normal approximation, the
+    # chance that a trajectory misses a margin is 3e-11 for accuracy and 1e-5 for format, below the 1e-4
+    # the project allows a statistical test. The total reward (+0.062 at seed 0) is their sum. A margin on
+    # the total would be riskier: its spread of 0.038 puts a 0.03 margin at 5e-3.
+    gained = {key: after[f"reward/{key}"] - before[f"reward/{key}"] for key in ("accuracy", "format")}
+    assert gained["accuracy"] > ACCURACY_MARGIN, results
+    assert gained["format"] > FORMAT_MARGIN, results
     assert "merged" in results  # the deployed model was measured (its sampled reward is only reported)
     # Merging the adapter into the fp32 base changes nothing measurable. Compared on the same input, not by
     # the merged model's sampled reward: merging rounds differently, one flipped draw changes every later
