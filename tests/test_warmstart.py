@@ -22,6 +22,14 @@ CONF = str(Path(__file__).resolve().parents[1] / "conf")
 # measures them over seeds): accuracy rises by more than ACCURACY_MARGIN, format falls by less than 0.1.
 ACCURACY_MARGIN = 0.03
 FORMAT_MARGIN = -0.1
+# Its run: the default run shortened to 45 GRPO steps, 32 held-out rows, the merged model measured too.
+LEARNING_RUN = (
+    "trainer.max_steps=45",
+    "warm_start.callbacks.held_out_reward.max_rows=32",
+    "warm_start.callbacks.held_out_reward.measure_merged=true",
+    "~callbacks.progress",
+    "~callbacks.checkpoint",
+)
 
 
 def config(*overrides: str):
@@ -104,13 +112,7 @@ def test_applies_to_the_tiny_model_only_and_never_over_a_users_adapter(monkeypat
 @pytest.mark.slow
 def test_warm_start_then_grpo_raises_the_held_out_reward(tmp_path):
     """The default run, shortened: SFT warm start, then 45 GRPO steps; the held-out reward must rise."""
-    cfg = config(
-        "trainer.max_steps=45",
-        "warm_start.callbacks.held_out_reward.max_rows=32",
-        "warm_start.callbacks.held_out_reward.measure_merged=true",
-        "~callbacks.progress",
-        "~callbacks.checkpoint",
-    )
+    cfg = config(*LEARNING_RUN)
     cfg.run_dir = str(tmp_path)
     trained = fit(cfg)
     results = json.loads((tmp_path / "held_out.json").read_text())

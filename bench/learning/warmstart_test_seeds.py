@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 # The test's own config and margins, so the run and the claims are the test's.
-from tests.test_warmstart import ACCURACY_MARGIN, FORMAT_MARGIN, config  # noqa: E402
+from tests.test_warmstart import ACCURACY_MARGIN, FORMAT_MARGIN, LEARNING_RUN, config  # noqa: E402
 from vrft.train import fit  # noqa: E402
 
 # What the test asserts: each gain (after - before, held-out) above its margin.
@@ -29,13 +29,7 @@ CLAIMS = {"accuracy_gain": ACCURACY_MARGIN, "format_gain": FORMAT_MARGIN}
 
 
 def gain(seed: int) -> dict:
-    cfg = config(
-        "trainer.max_steps=45",
-        "warm_start.callbacks.held_out_reward.max_rows=32",
-        "~callbacks.progress",
-        "~callbacks.checkpoint",
-        f"seed={seed}",
-    )
+    cfg = config(*LEARNING_RUN, f"seed={seed}")
     with tempfile.TemporaryDirectory() as folder:
         cfg.run_dir = folder
         fit(cfg)
@@ -62,7 +56,6 @@ def main() -> None:
     rows.sort(key=lambda r: r["seed"])
     summary: dict = {"rows": rows, "claims": {}}
     for r in rows:
-        r.setdefault("format_gain", r["total_gain"] - r["accuracy_gain"])  # classification: total = both
         print(f"seed {r['seed']}: " + ", ".join(f"{key} {r[key]:+.3f}" for key in ("total_gain", *CLAIMS)))
     for key, margin in CLAIMS.items():
         gains = [r[key] for r in rows]
