@@ -20,6 +20,7 @@ import json
 import os
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -98,7 +99,16 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as scratch:
         for model in args.models.split(","):
-            runs = {engine: run_one(model, engine, args, Path(scratch)) for engine in engines}
+            runs = {}
+            for engine in engines:
+                started = time.perf_counter()
+                runs[engine] = run_one(model, engine, args, Path(scratch))
+                seconds = time.perf_counter() - started
+                print(f"{model} {engine}: {seconds:.0f} s (load + decode)", flush=True)
+                # Kept as each run finishes, so a call that runs out of time still returns what it measured.
+                partial = Path(args.out).with_suffix(f".{model}-{engine}.json")
+                partial.parent.mkdir(parents=True, exist_ok=True)
+                partial.write_text(json.dumps({**runs[engine], "seconds": seconds}, indent=2))
             baseline = runs[engines[0]]
             for engine, run in runs.items():
                 pairs = list(zip(run["completions"], baseline["completions"], strict=True))

@@ -4,8 +4,9 @@
 
 Per shape: microseconds per call (CUDA-graph replay of 20 calls, `triton.testing.do_bench_cudagraph`), the
 packed bytes it must read (codes + uint8 absmax + the second-level scales) and that over the time as a
-fraction of the H200's 4.8 TB/s. `--sweep` also tries tile sizes / K splits / warps / stages and records
-the fastest (not run on the final kernel: `launch_config`'s defaults were reasoned, not swept).
+fraction of the H200's 4.8 TB/s. `--sweep` also tries, at the first `--rows`, tile sizes, the code-book
+lookup, the operand order and warps (stage one), then K splits and pipeline stages around the fastest
+(stage two), and records every timing; `launch_config`'s `DEFAULTS` are set from that sweep.
 """
 
 from __future__ import annotations
@@ -42,12 +43,32 @@ def time_us(fn, *args, **kwargs) -> float:
 
 
 def sweep_configs(rows: int, out_features: int, in_features: int):
-    block_m = min(64, max(16, triton.next_power_of_2(rows)))
-    for words, block_n in itertools.product((16, 32), (64, 128)):
-        steps = triton.cdiv(in_features // 8, words)
-        for split in (s for s in (1, 2, 4, 7, 8, 14, 16, 28, 37) if steps % s == 0 and steps // s >= 2):
-            yield {"BLOCK_M": block_m, "BLOCK_N": block_n, "SPLIT_K": split, "WORDS": words,
-                   "num_warps": 4, "num_stages": 3}  # fmt: skip
+    """Stage one: tile shapes, the code-book lookup, operand order and warps, at launch_config's K split."""
+    for block_n, block_k, gather, transposed, warps in itertools.product(
+        (64, 128), (128, 256), (0, 1), (0, 1), (4, 8)
+    ):
+        choices = {"BLOCK_N": block_n, "BLOCK_K": block_k, "GATHER": gather, "TRANSPOSED": transposed}
+        yield launch_config(
+            rows, out_features, in_features, 64, torch.device("cuda"), **choices, num_warps=warps
+        )
+
+
+def refine_configs(best: dict, in_features: int):
+    """Stage two, around a stage-one winner: the K split halved / doubled, pipeline stages 2 and 4."""
+    steps = triton.cdiv(in_features, best["BLOCK_K"])
+    for split in {max(1, best["SPLIT_K"] // 2), best["SPLIT_K"], min(steps, best["SPLIT_K"] * 2)}:
+        for stages in (2, 3, 4):
+            yield {**best, "SPLIT_K": split, "num_stages": stages}
+
+
+def timed_configs(configs, x, packed, state) -> list[tuple[float, dict]]:
+    timed = []
+    for config in configs:
+        try:
+            timed.append((time_us(matmul_4bit, x, packed, state, config=config), config))
+        except Exception as error:  # a config out of shared memory / registers: skip it
+            timed.append((float("inf"), {**config, "error": str(error)[:100]}))
+    return sorted(timed, key=lambda t: t[0])
 
 
 def worst_relative_error(x, packed, state) -> float:
@@ -78,16 +99,28 @@ def main() -> None:
             entry["bf16_us"] = time_us(F.linear, x, weight)
             entry["kernel_fraction_of_bound"] = entry["bytes"] / (entry["kernel_us"] * 1e-6) / BANDWIDTH
             if args.sweep and rows == args.rows[0]:
-                timed = []
-                for config in sweep_configs(rows, n, k):
-                    try:
-                        timed.append((time_us(matmul_4bit, x, packed, state, config=config), config))
-                    except Exception as error:  # a config out of shared memory / registers: skip it
-                        timed.append((float("inf"), {**config, "error": str(error)[:100]}))
-                timed.sort(key=lambda t: t[0])
-                entry["best"] = [{"us": us, **config} for us, config in timed[:5]]
+                timed = timed_configs(sweep_configs(rows, n, k), x, packed, state)
+                refined = timed_configs(refine_configs(timed[0][1], k), x, packed, state)
+                timed = sorted(timed + refined, key=lambda t: t[0])
+                entry["best"] = [{"us": us, **config} for us, config in timed[:8]]
+                entry["all"] = [{"us": us, **config} for us, config in timed]
+                entry["best_fraction_of_bound"] = entry["bytes"] / (timed[0][0] * 1e-6) / BANDWIDTH
+                best = {key: v for key, v in timed[0][1].items() if key != "error"}
+                reference = reference_matmul(x, packed, state).float()
+                fused = matmul_4bit(x, packed, state, config=best).float()
+                entry["best_worst_relative_error"] = float(
+                    (fused - reference).abs().max() / reference.abs().max()
+                )
             results["shapes"][f"{name}_m{rows}"] = entry
-            print(name, rows, json.dumps({key: v for key, v in entry.items() if key != "best"}), flush=True)
+            print(
+                name,
+                rows,
+                json.dumps({key: v for key, v in entry.items() if key not in ("best", "all")}),
+                flush=True,
+            )
+            # Written after every shape, so a call that runs out of time keeps what it measured.
+            with open(args.out, "w") as handle:
+                json.dump(results, handle, indent=1)
             if "best" in entry:
                 print("  best", entry["best"][:3], flush=True)
     # Prefill: the rollout's prompt (2 prompts x 606 tokens) through gate_proj, the kernel vs dequantise-once.

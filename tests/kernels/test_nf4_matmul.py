@@ -112,24 +112,33 @@ def test_reference_matmul_is_dequantise_then_linear():
 
 
 INTERPRETED = """
-import torch, bitsandbytes.functional as F
+import itertools, torch, bitsandbytes.functional as F
 from vrft.kernels.nf4_matmul import matmul_4bit, reference_matmul
 torch.manual_seed(0)
-for quant_type, nested, rows, n, k, bs, split in [("nf4", True, 5, 72, 256, 64, 2), ("fp4", False, 17, 40, 512, 128, 1)]:
+cases = [("nf4", True, 5, 72, 256, 64, 2), ("fp4", False, 17, 40, 512, 128, 1), ("nf4", True, 3, 24, 320, 64, 3)]
+for (quant_type, nested, rows, n, k, bs, split), block_k, gather, transposed in itertools.product(
+    cases, (64, 128, 256), (0, 1), (0, 1)
+):
+    if block_k < bs:
+        continue
     w = torch.randn(n, k, dtype=torch.float16)
     packed, state = F.quantize_4bit(w, blocksize=bs, compress_statistics=nested, quant_type=quant_type)
     x = torch.randn(rows, k, dtype=torch.float16)
-    cfg = {"BLOCK_M": 16 if rows <= 16 else 32, "BLOCK_N": 32, "SPLIT_K": split}
-    y, ref = matmul_4bit(x, packed, state, config=cfg).float(), reference_matmul(x, packed, state).float()
+    lora_in, lora_b = torch.randn(rows, 8), torch.randn(n, 8) * 0.1
+    cfg = {"BLOCK_M": 16 if rows <= 16 else 32, "BLOCK_N": 32, "BLOCK_K": block_k,
+           "SPLIT_K": min(split, -(-k // block_k)), "GATHER": gather, "TRANSPOSED": transposed}
+    y = matmul_4bit(x, packed, state, None, lora_in, lora_b, 0.5, config=cfg).float()
+    ref = reference_matmul(x, packed, state).float() + 0.5 * lora_in @ lora_b.T
     # fp16: one ulp (2^-10 relative) of the output plus fp32 reordering
-    assert ((y - ref).abs() <= 2**-10 * ref.abs() + 1e-3).all(), (y - ref).abs().max()
+    assert ((y - ref).abs() <= 2**-10 * ref.abs() + 1e-3).all(), (cfg, (y - ref).abs().max())
 """
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 def test_kernel_logic_under_the_triton_interpreter():
     # The interpreter runs the kernel on CPU tensors with numpy, in fp16 (numpy has no bf16): it checks the
-    # indexing, the nibble order, the double-quantised absmax and the split-K reduction, not the speed.
+    # indexing, the nibble order, the double-quantised absmax, the split-K reduction, the fused LoRA term,
+    # both code-book lookups, both operand orders and every tile depth, not the speed.
     numpy = pytest.importorskip("numpy")
     if tuple(int(p) for p in numpy.__version__.split(".")[:2]) >= (2, 4):
         pytest.skip("Triton 3.6's interpreter fails on numpy >= 2.4 (int() of a 1-element array)")

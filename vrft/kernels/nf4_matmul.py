@@ -42,7 +42,16 @@ QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (64, 128, 256)  # one block per loop iteration: [BLOCK_N, blocksize / 2] bytes
 DTYPES = (torch.bfloat16, torch.float16)
 MAX_LORA_RANK = 256
-WORDS = 16  # packed int32 words of each weight row per loop step (128 weights): tensor-core K of 16
+# launch_config's choices (bench/rollout/kernel_sweep.py --sweep measures the alternatives)
+DEFAULTS = {
+    "BLOCK_N": 64,  # output features per program
+    "BLOCK_K": 128,  # weights of each row decoded per loop step (at least one quantisation block)
+    "GATHER": 1,  # code-book lookup: 1 a register shuffle (tl.gather), 0 an L1-cached load
+    "TRANSPOSED": 1,  # 1: the weight tile is the MMA's left operand (y^T = W x^T), 0: x is
+    "num_warps": 4,
+    "num_stages": 3,
+    "programs_per_sm": 4,  # the K split aims at this many programs per multiprocessor
+}
 _COUNTERS: dict[torch.device, Tensor] = {}  # per device: split-K arrival counters, always left at zero
 
 
@@ -110,11 +119,13 @@ if triton is not None:
         M, N, K, stride_xm, stride_lm, stride_ym, lora_rank, iters_per_split,
         BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
         HAS_BIAS: tl.constexpr, LORA_RANK: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, WORDS: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+        GATHER: tl.constexpr, TRANSPOSED: tl.constexpr,
     ):  # fmt: skip
-        # 16 packed int32 words (128 weights) of each row per iteration; word w holds elements 8w..8w+7,
-        # element 8w + p in byte p // 2, high nibble for even p (little-endian bytes).
-        SCALES: tl.constexpr = max(1, WORDS * 8 // BLOCKSIZE)  # absmax blocks per iteration
+        # BLOCK_K weights of each of BLOCK_N rows per iteration: BLOCK_K / 8 packed int32 words per row; word w
+        # holds elements 8w..8w+7, element 8w + p in byte p // 2, high nibble for even p (little-endian bytes).
+        WORDS: tl.constexpr = BLOCK_K // 8
+        SCALES: tl.constexpr = max(1, BLOCK_K // BLOCKSIZE)  # absmax blocks per iteration
         pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rows_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -122,19 +133,30 @@ if triton is not None:
         words_per_row = K // 8
         blocks_per_row = K // BLOCKSIZE
         word = tl.arange(0, WORDS)
+        position = tl.arange(0, 8)
+        shift = 8 * (position // 2) + 4 * (1 - position % 2)  # [8] bit offset of element p within its word
         row_words = packed_ptr + rows_n[:, None].to(tl.int64) * words_per_row
         row_blocks = rows_n.to(tl.int64) * blocks_per_row  # [BLOCK_N] each row's first absmax index
-        x_rows = x_ptr + rows_m[:, None].to(tl.int64) * stride_xm
-        code = tl.broadcast_to(tl.load(code_ptr + tl.arange(0, 16))[None, :], (BLOCK_N, 16))
+        x_rows = x_ptr + rows_m.to(tl.int64) * stride_xm
+        if GATHER:  # the 16-entry code book in registers, looked up by a shuffle; else an L1-cached load
+            code = tl.broadcast_to(tl.load(code_ptr + tl.arange(0, 16))[None, :], (BLOCK_N, 16))
         if NESTED:
             offset = tl.load(offset_ptr)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if TRANSPOSED:  # y^T = W x^T: the decoded weight tile is the MMA's A operand, taken from registers
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         first = pid_k * iters_per_split  # slices of whole steps; steps past the row's end are masked off
         for step in range(first, first + iters_per_split):
             in_row = step * WORDS + word  # [WORDS] word index within the row
             mask_k = in_row < words_per_row
             words = tl.load(row_words + in_row[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0)
-            block_in_row = step * WORDS * 8 // BLOCKSIZE + tl.arange(0, SCALES)
+            nibbles = tl.reshape((words[:, :, None] >> shift[None, None, :]) & 15, (BLOCK_N, BLOCK_K))
+            if GATHER:
+                value = tl.gather(code, nibbles, axis=1)
+            else:
+                value = tl.load(code_ptr + nibbles)
+            block_in_row = step * BLOCK_K // BLOCKSIZE + tl.arange(0, SCALES)
             block = row_blocks[:, None] + block_in_row[None, :]  # [BLOCK_N, SCALES]
             mask_s = mask_n[:, None] & (block_in_row < blocks_per_row)[None, :]
             if NESTED:
@@ -145,18 +167,26 @@ if triton is not None:
                 scale = tl.load(absmax_ptr + block, mask=mask_s, other=0.0)
             if SCALES > 1:
                 scale = tl.reshape(
-                    tl.broadcast_to(scale[:, :, None], (BLOCK_N, SCALES, WORDS // SCALES)), (BLOCK_N, WORDS)
+                    tl.broadcast_to(scale[:, :, None], (BLOCK_N, SCALES, BLOCK_K // SCALES)),
+                    (BLOCK_N, BLOCK_K),
                 )
-            column = in_row * 8
-            for position in tl.static_range(8):
-                nibble = (words >> (8 * (position // 2) + 4 * (1 - position % 2))) & 15
-                weight = (tl.gather(code, nibble, axis=1) * scale).to(
-                    x_ptr.dtype.element_ty
-                )  # [BLOCK_N, WORDS]
+            weight = (value * scale).to(
+                x_ptr.dtype.element_ty
+            )  # [BLOCK_N, BLOCK_K], as dequantize_4bit rounds
+            column = step * BLOCK_K + tl.arange(0, BLOCK_K)
+            mask_c = column < K
+            if TRANSPOSED:
                 x_part = tl.load(
-                    x_rows + (column + position)[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0
-                )
+                    x_rows[None, :] + column[:, None], mask=mask_m[None, :] & mask_c[:, None], other=0.0
+                )  # [BLOCK_K, BLOCK_M]
+                acc = tl.dot(weight, x_part, acc)
+            else:
+                x_part = tl.load(
+                    x_rows[:, None] + column[None, :], mask=mask_m[:, None] & mask_c[None, :], other=0.0
+                )  # [BLOCK_M, BLOCK_K]
                 acc = tl.dot(x_part, tl.trans(weight), acc)
+        if TRANSPOSED:
+            acc = tl.trans(acc)
 
         if SPLIT_K > 1:
             tile = pid_m * tl.num_programs(0) + pid_n
@@ -204,27 +234,32 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def launch_config(rows: int, out_features: int, in_features: int, blocksize: int, device) -> dict:
-    """Tile sizes and K split for one call: enough programs to keep every multiprocessor streaming bytes."""
+def launch_config(
+    rows: int, out_features: int, in_features: int, blocksize: int, device, **choices: int
+) -> dict:
+    """Tile sizes and K split for one call: enough programs to keep every multiprocessor streaming bytes.
+
+    `choices` override `DEFAULTS` (the K split follows them); benchmarks sweep them.
+    """
+    chosen = {**DEFAULTS, **choices}
     block_m = min(64, max(16, triton.next_power_of_2(rows)))
-    block_n = 64
+    block_n, block_k = chosen["BLOCK_N"], max(chosen["BLOCK_K"], blocksize)
     tiles = triton.cdiv(rows, block_m) * triton.cdiv(out_features, block_n)
-    steps = _steps_per_row(in_features, WORDS)
-    wanted = min(triton.cdiv(4 * _multiprocessors(device), tiles), max(steps // 4, 1), 32)  # ~4 per SM
-    split_k = wanted  # slices of >= 4 steps each; the last may be shorter (its extra steps are masked off)
+    steps = _steps_per_row(in_features, block_k)
+    wanted = triton.cdiv(chosen["programs_per_sm"] * _multiprocessors(device), tiles)
+    split_k = min(wanted, max(steps // 2, 1), 32)  # slices of >= 2 steps; the last may be shorter (masked)
     return {
         "BLOCK_M": block_m,
         "BLOCK_N": block_n,
+        "BLOCK_K": block_k,
         "SPLIT_K": split_k,
-        "WORDS": WORDS,
-        "num_warps": 4,
-        "num_stages": 3,
+        **{key: chosen[key] for key in ("GATHER", "TRANSPOSED", "num_warps", "num_stages")},
     }
 
 
-def _steps_per_row(in_features: int, words: int) -> int:
-    """Loop iterations over one weight row: `words` int32 words (8 weights each) per iteration."""
-    return triton.cdiv(in_features // 8, words)
+def _steps_per_row(in_features: int, block_k: int) -> int:
+    """Loop iterations over one weight row: `block_k` weights per iteration."""
+    return triton.cdiv(in_features, block_k)
 
 
 def _counters(device: torch.device, count: int) -> Tensor:
@@ -258,8 +293,12 @@ def matmul_4bit(
     config = config or launch_config(rows, out_features, in_features, blocksize, x.device)
     config = dict(config)
     block_m, block_n, split_k = config.pop("BLOCK_M"), config.pop("BLOCK_N"), config.pop("SPLIT_K")
-    words = config.pop("WORDS", WORDS)
-    steps = _steps_per_row(in_features, words)
+    block_k = config.pop("BLOCK_K", max(DEFAULTS["BLOCK_K"], blocksize))
+    config.setdefault("GATHER", DEFAULTS["GATHER"])
+    config.setdefault("TRANSPOSED", DEFAULTS["TRANSPOSED"])
+    if block_k % blocksize and blocksize % block_k:
+        raise ValueError(f"BLOCK_K={block_k} and the blocksize {blocksize} must divide one another")
+    steps = _steps_per_row(in_features, block_k)
     if split_k > steps:
         raise ValueError(f"SPLIT_K={split_k} is more than the {steps} loop steps of a row")
     grid = (triton.cdiv(out_features, block_n), triton.cdiv(rows, block_m), split_k)
@@ -284,6 +323,6 @@ def matmul_4bit(
         triton.cdiv(steps, split_k),
         BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=state2.blocksize if nested else 1, NESTED=nested,
         HAS_BIAS=bias is not None, LORA_RANK=max(16, triton.next_power_of_2(rank)) if rank else 0,
-        BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split_k, WORDS=words, **config,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, **config,
     )  # fmt: skip
     return y
