@@ -94,13 +94,24 @@ def main() -> None:
     parser.add_argument(
         "--image-size", type=int, default=448, help="square synthetic images (448: 256 visual tokens)"
     )
+    parser.add_argument(
+        "--baseline",
+        help="the first engine's per-run JSON (`OUT.MODEL-ENGINE.json`) from an earlier call with the same "
+        "settings and one model: it is not run again (7B: one call cannot load the random weights twice)",
+    )
     args = parser.parse_args()
+    if args.baseline and "," in args.models:
+        parser.error("--baseline holds one model's run; give one model in --models")
     engines = args.engines.split(",")
     results = []
     with tempfile.TemporaryDirectory() as scratch:
         for model in args.models.split(","):
             runs = {}
+            if args.baseline:  # the first engine's run, measured by an earlier call with the same settings
+                runs[engines[0]] = json.loads(Path(args.baseline).read_text())
             for engine in engines:
+                if engine in runs:
+                    continue
                 started = time.perf_counter()
                 runs[engine] = run_one(model, engine, args, Path(scratch))
                 seconds = time.perf_counter() - started

@@ -23,11 +23,11 @@ from torch.nn import functional as F
 from vrft.kernels.nf4_matmul import launch_config, matmul_4bit, reference_matmul
 
 BANDWIDTH = 4.8e12  # H200 datasheet, bytes/s
-SHAPES_7B = {  # name: (out_features, in_features); per decoder layer, 28 layers
-    "q_o": (3584, 3584),
-    "k_v": (512, 3584),
+SHAPES_7B = {  # name: (out_features, in_features); per decoder layer, 28 layers; the largest first
     "gate_up": (18944, 3584),
     "down": (3584, 18944),
+    "q_o": (3584, 3584),
+    "k_v": (512, 3584),
 }
 PER_LAYER = {"q_o": 2, "k_v": 2, "gate_up": 2, "down": 1}
 

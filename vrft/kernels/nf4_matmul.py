@@ -116,10 +116,10 @@ if triton is not None:
     def _matmul_4bit_kernel(
         x_ptr, packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
         bias_ptr, lora_in_ptr, lora_b_ptr, lora_scale, partial_ptr, counter_ptr, y_ptr,
-        M, N, K, stride_xm, stride_lm, stride_ym, lora_rank, iters_per_split,
+        M, N, K, stride_xm, stride_lm, stride_ym, lora_rank, iters_per_split, split_k,
         BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
         HAS_BIAS: tl.constexpr, LORA_RANK: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
         GATHER: tl.constexpr, TRANSPOSED: tl.constexpr,
     ):  # fmt: skip
         # BLOCK_K weights of each of BLOCK_N rows per iteration: BLOCK_K / 8 packed int32 words per row; word w
@@ -188,16 +188,16 @@ if triton is not None:
         if TRANSPOSED:
             acc = tl.trans(acc)
 
-        if SPLIT_K > 1:
+        if SPLIT:  # split_k > 1; the split itself is a runtime value, so one compiled variant serves all
             tile = pid_m * tl.num_programs(0) + pid_n
             local = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-            partials = partial_ptr + tile.to(tl.int64) * (SPLIT_K * BLOCK_M * BLOCK_N) + local
+            partials = partial_ptr + tile.to(tl.int64) * (split_k * BLOCK_M * BLOCK_N) + local
             tl.store(partials + pid_k * (BLOCK_M * BLOCK_N), acc)
             tl.debug_barrier()  # every thread's partial is written before the release below
             arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel")
-            if arrived == SPLIT_K - 1:  # the last slice of this tile: reduce, finish, reset the counter
+            if arrived == split_k - 1:  # the last slice of this tile: reduce, finish, reset the counter
                 acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                for split in range(SPLIT_K):
+                for split in range(split_k):
                     acc += tl.load(partials + split * (BLOCK_M * BLOCK_N), cache_modifier=".cg")
                 tl.atomic_xchg(counter_ptr + tile, 0)
                 _finish(acc, rows_m, rows_n, mask_m, mask_n, bias_ptr, lora_in_ptr, lora_b_ptr, lora_scale,
@@ -320,9 +320,9 @@ def matmul_4bit(
         bias if bias is not None else y, lora_in if rank else y, lora_b if rank else y, float(lora_scale),
         partial, counters, y,
         rows, out_features, in_features, x.stride(0), lora_in.stride(0) if rank else 0, y.stride(0), rank,
-        triton.cdiv(steps, split_k),
+        triton.cdiv(steps, split_k), split_k,
         BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=state2.blocksize if nested else 1, NESTED=nested,
         HAS_BIAS=bias is not None, LORA_RANK=max(16, triton.next_power_of_2(rank)) if rank else 0,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, **config,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split_k > 1, **config,
     )  # fmt: skip
     return y
