@@ -33,7 +33,7 @@ OVERRIDES = [
 ]
 
 
-def summary(record: dict) -> dict:
+def summary(record: dict, engines_run: str = ENGINES) -> dict:
     """Per engine: ms per decode step, tokens/s, % of the bandwidth bound, x plain generate, log-prob gap."""
     engines = {}
     for name, speed in (record.get("speed") or {}).items():
@@ -51,8 +51,8 @@ def summary(record: dict) -> dict:
         }
     steps = record.get("steps") or [{}]
     return {
-        "command": f"python bench/rollout/packed.py --out $OUT  # = run_row.py --speed {ENGINES} -- "
-        + " ".join(OVERRIDES),
+        "command": f"python bench/rollout/packed.py --out $OUT --engines {engines_run}  # = run_row.py "
+        f"--speed {engines_run} -- " + " ".join(OVERRIDES),
         "env": record.get("env"),
         "auto_engine": (record.get("config") or {}).get("rollout_engine"),
         "train_step_seconds": steps[-1].get("seconds"),
@@ -79,7 +79,7 @@ def table(result: dict) -> str:
         )
         lines.append(
             f"| {name} | {e['step_ms']:.1f} | {e['tokens_per_s']:.0f} | {e['percent_of_bound']:.1f} "
-            f"| {e['weight_gb_per_step']:.2f} | {e['x_generate']:.1f} | {'yes' if e['cuda_graph'] else 'no'} | {gap} |"
+            f"| {e['weight_gb_per_step']:.2f} | {'-' if e['x_generate'] is None else format(e['x_generate'], '.1f')} | {'yes' if e['cuda_graph'] else 'no'} | {gap} |"
         )
     return "\n".join(lines)
 
@@ -90,6 +90,7 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--timeout", type=int, default=400)
+    parser.add_argument("--engines", default=ENGINES, help=f"comma-separated (default {ENGINES})")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     images = Path("/tmp/vrft-bench/images")
@@ -97,9 +98,9 @@ def main() -> None:
         subprocess.run([sys.executable, str(MEMORY / "make_images.py"), str(images)], check=True)
     row = args.out / "row.json"
     command = [sys.executable, str(MEMORY / "run_row.py"), "--name", "qwen2vl-7b_int4_G8_16g_packed"]
-    command += ["--images", str(images), "--out", str(row), "--speed", ENGINES, "--", *OVERRIDES]
+    command += ["--images", str(images), "--out", str(row), "--speed", args.engines, "--", *OVERRIDES]
     subprocess.run(command, timeout=args.timeout, check=False)
-    result = summary(json.loads(row.read_text()))
+    result = summary(json.loads(row.read_text()), args.engines)
     (args.out / "packed.json").write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if k != "engines"}))
     print(table(result))

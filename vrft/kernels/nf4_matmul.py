@@ -42,7 +42,10 @@ QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (64, 128, 256)  # one block per loop iteration: [BLOCK_N, blocksize / 2] bytes
 DTYPES = (torch.bfloat16, torch.float16)
 MAX_LORA_RANK = 256
-# launch_config's choices (bench/rollout/kernel_sweep.py --sweep measures the alternatives)
+# launch_config's choices, from bench/rollout/kernel_sweep.py --sweep on the H200 at 16 rows (results in
+# bench/rollout/results/kernel_sweep.json): on Qwen2-VL-7B's four projection shapes the shuffle lookup beat
+# the L1 load by 2-10x, the weight tile as left operand won on the three larger shapes, BLOCK_K 256 and
+# BLOCK_N 128 lost on all but q/o (within 10% there), and 8 programs per SM beat 4 by ~5-10%.
 DEFAULTS = {
     "BLOCK_N": 64,  # output features per program
     "BLOCK_K": 128,  # weights of each row decoded per loop step (at least one quantisation block)
@@ -50,7 +53,7 @@ DEFAULTS = {
     "TRANSPOSED": 1,  # 1: the weight tile is the MMA's left operand (y^T = W x^T), 0: x is
     "num_warps": 4,
     "num_stages": 3,
-    "programs_per_sm": 4,  # the K split aims at this many programs per multiprocessor
+    "programs_per_sm": 8,  # the K split aims at this many programs per multiprocessor
 }
 _COUNTERS: dict[torch.device, Tensor] = {}  # per device: split-K arrival counters, always left at zero
 
