@@ -217,7 +217,9 @@ def resolve_rollout_engine(cfg: DictConfig, quiet: bool = False) -> DictConfig:
     if engine != "auto":
         return cfg
     budget, source = budget_gb(cfg)
-    if budget is None and not torch.cuda.is_available():
+    if strategy_name(cfg.trainer) == "fsdp":
+        chosen, why = "hf", "trainer.strategy=fsdp (the static engines need the whole model on one device)"
+    elif budget is None and not torch.cuda.is_available():
         chosen, why = "hf", "no CUDA device"
     else:
         plan = plan_config(_with(cfg, ["algorithm.rollout_engine=bf16_copy"]))

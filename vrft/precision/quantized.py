@@ -49,6 +49,11 @@ class QuantizedPrecision(VrftPrecision):
     """
 
     quantized_base = True
+    fsdp_refusal = (
+        "sharding a bitsandbytes-quantised base is not supported yet (FSDP would flatten its packed weights); "
+        "use trainer.strategy=ddp, which keeps the quantised base whole on every rank, or precision=bf16 "
+        "under trainer.strategy=fsdp"
+    )
 
     def __init__(
         self,
