@@ -80,7 +80,9 @@ def format_cards(needed: dict[str, int | None], card_gb: float, quantized: bool)
     for strategy, cards in needed.items():
         text = f"{strategy}: {cards}" if cards else f"{strategy}: no count up to 16 fits"
         if strategy == "fsdp" and quantized:
-            text += " (on paper: fsdp with a quantised base is not supported yet)"
+            text += (
+                " (on paper: fsdp runs floating-point precisions only; a quantised base is not supported yet)"
+            )
         parts.append(text)
     return f"  {card_gb:g} GB cards needed (per-rank peak within the card): " + "; ".join(parts)
 

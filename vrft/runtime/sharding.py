@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from torch.distributed.fsdp import (
     FullOptimStateDictConfig,
@@ -202,3 +204,42 @@ class PolicyFSDPStrategy(FSDPStrategy):
                     state, OptimStateKeyType.PARAM_ID, self.model, optim=optimizer
                 )
             return state
+
+    @override
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        """Load a vrft checkpoint (a full file holding the adapter only) into the sharded policy and optimizer.
+
+        FSDP's own full-state-dict load wants every weight of a unit in the file, the frozen base included;
+        vrft's checkpoints hold the adapter alone. Each adapter matrix is a unit of its own (`_wrap_policy`),
+        so each is gathered, overwritten from the file and written back to its shards, one at a time.
+        """
+        path = Path(self.broadcast(str(checkpoint_path)))
+        checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
+        adapter = checkpoint["state_dict"]  # kept: the module checks its keys in on_load_checkpoint
+        policy = self.lightning_module.policy
+        # FSDP makes the first unit it initialises a root; before any forward that must be the policy's, or
+        # the adapter units below would each become one.
+        with FullyShardedDataParallel.summon_full_params(policy, recurse=False, writeback=False):
+            pass
+        for prefix, unit in policy.named_modules(prefix="policy"):
+            if not is_sharded(unit):
+                continue
+            names = [clean_name(f"{prefix}.{name}") for name, _ in unit.named_parameters()]
+            if not all(name in adapter for name in names):
+                continue  # a unit of frozen weights (a block's base): the model folder's, loaded already
+            with FullyShardedDataParallel.summon_full_params(unit, recurse=False, writeback=True):
+                with torch.no_grad():
+                    for name, param in zip(names, unit.parameters(), strict=True):
+                        param.copy_(adapter[name])
+        optimizer_states = checkpoint.get("optimizer_states")
+        if optimizer_states and self.lightning_module.trainer.state.fn == TrainerFn.FITTING:
+            with self._full_state_dict(rank0_only=False):
+                for optimizer, state in zip(self.optimizers, optimizer_states, strict=True):
+                    # Keyed by index in the optimizer's parameters (as written by `optimizer_state`).
+                    state = FullyShardedDataParallel.rekey_optim_state_dict(
+                        state, OptimStateKeyType.PARAM_NAME, self.model, optim=optimizer
+                    )
+                    optimizer.load_state_dict(
+                        FullyShardedDataParallel.optim_state_dict_to_load(self.model, optimizer, state)
+                    )
+        return checkpoint
