@@ -7,6 +7,8 @@ starts rank 1), the one-process reference runs in this process with the same glo
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -41,6 +43,12 @@ def test_two_fsdp_processes_train_the_adapter_one_process_trains(fsdp_run, tmp_p
             # step 2; the DDP test's bound holds with three orders of magnitude to spare.
             torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
     assert any(v.abs().sum() > 0 for k, v in two.items() if "lora_B" in k)  # it did train
+    # The summary counts the model's parameters, not rank 0's shard of them.
+    one_summary, two_summary = (
+        json.loads((run / "run_summary.json").read_text()) for run in (tmp_path / "one", fsdp_run)
+    )
+    for key in ("trainable_parameters", "total_parameters"):
+        assert two_summary[key] == one_summary[key], key
     one_rows, two_rows = metric_rows(tmp_path / "one"), metric_rows(fsdp_run)
     assert [r["step"] for r in two_rows] == [r["step"] for r in one_rows] == ["1", "2"]
     for key in (
