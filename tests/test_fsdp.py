@@ -85,3 +85,24 @@ def test_an_fsdp_checkpoint_resumes_on_one_process_and_on_two_fsdp_processes(fsd
         torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6, msg=key)
     before = adapter(fsdp_run, "step-2")
     assert any(not torch.equal(two[key], before[key]) for key in two)  # step 3 trained
+
+
+def test_two_fsdp_processes_shard_a_4bit_base_and_train_what_one_process_trains(tmp_path):
+    # bitsandbytes' packed 4-bit codes, stored in bf16 (quant_storage) so FSDP can flatten them with the
+    # norms beside them, and sharded: each rank holds half of the weight bytes.
+    int4 = [*DDP_FAST, "precision=int4"]
+    result = run_cli(tmp_path / "two", *int4, *FSDP_TWO_RANKS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one_process(tmp_path / "one", "precision=int4")
+    one, two = adapter(tmp_path / "one", "final"), adapter(tmp_path / "two", "final")
+    assert one.keys() == two.keys()
+    for key in one:
+        # The same 4-bit codes and statistics dequantised to the same bf16 weights (measured: identical).
+        torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert any(v.abs().sum() > 0 for k, v in two.items() if "lora_B" in k)  # it did train
+    one_summary, two_summary = (
+        json.loads((run / "run_summary.json").read_text())["precision_details"]
+        for run in (tmp_path / "one", tmp_path / "two")
+    )
+    assert two_summary["quantized_layers"] == one_summary["quantized_layers"] == {"Linear4bit": 14}
+    assert two_summary["weight_bytes"] < 0.51 * one_summary["weight_bytes"]  # rank 0's half (plus padding)

@@ -19,8 +19,9 @@ from vrft.precision.fsdp import fsdp_precision_config
 
 # Strategies that replicate the whole model on every rank (what vrft supports on every precision).
 REPLICATING = ("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "ddp_notebook")
-# Strategies that shard parameters: they flatten weights, which bitsandbytes' packed codes do not survive.
-# vrft runs `fsdp` on floating-point precisions (vrft.runtime.sharding); the others are refused.
+# Strategies that shard parameters: they flatten weights, which bitsandbytes' packed codes survive only when
+# stored in a float dtype. vrft runs `fsdp` for the plugins with an FSDP form (fp32, bf16, int4:
+# vrft.precision.fsdp, vrft.runtime.sharding); the others are refused.
 SHARDING = ("fsdp", "deepspeed")
 
 
