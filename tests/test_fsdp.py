@@ -8,14 +8,21 @@ starts rank 1), the one-process reference runs in this process with the same glo
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+from hydra.utils import instantiate
+from lightning.pytorch.plugins.precision import FSDPPrecision
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from tests.test_distributed import DDP_FAST, metric_rows, one_process
-from tests.test_train_cli import run_cli
+from tests.test_train_cli import CONF, run_cli
 from vrft.models.presets import tiny_checkpoint
+from vrft.precision import Bf16Precision
+from vrft.precision.fsdp import fsdp_precision_config
+from vrft.runtime.sharding import in_root_forward
 
 FSDP_TWO_RANKS = ["trainer.devices=2", "trainer.strategy=fsdp"]
 
@@ -106,3 +113,36 @@ def test_two_fsdp_processes_shard_a_4bit_base_and_train_what_one_process_trains(
     )
     assert two_summary["quantized_layers"] == one_summary["quantized_layers"] == {"Linear4bit": 14}
     assert two_summary["weight_bytes"] < 0.51 * one_summary["weight_bytes"]  # rank 0's half (plus padding)
+
+
+# ------------------------------------------------------------------------ the plugins' FSDP form, in-process
+def test_a_plugin_fsdp_form_keeps_its_arguments_and_behaves_as_the_plugin():
+    cfg = OmegaConf.create({"_target_": "vrft.precision.Bf16Precision", "load_dtype": "fp32"})
+    sharded = instantiate(fsdp_precision_config(cfg))
+    plain = Bf16Precision(load_dtype="fp32")
+    assert isinstance(sharded, FSDPPrecision) and isinstance(sharded, Bf16Precision)
+    assert (sharded.load_dtype, sharded.compute_dtype, sharded.adapter_dtype) == (
+        plain.load_dtype,
+        plain.compute_dtype,
+        plain.adapter_dtype,
+    )
+    assert sharded.mixed_precision_config is None  # FSDP casts nothing: the plugin has cast every weight
+    with sharded.module_init_context():  # FSDPPrecision's would switch the default dtype
+        assert torch.get_default_dtype() == torch.float32
+    batch = {"pixels": torch.ones(2, dtype=torch.float32)}
+    assert sharded.convert_input(batch)["pixels"].dtype == torch.float32
+    with sharded.forward_context():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16  # vrft's autocast
+
+
+@pytest.mark.parametrize(("precision", "reason"), [("fp16", "loss scaling"), ("int8", "int8 codes")])
+def test_a_plugin_without_an_fsdp_form_is_named_with_the_reason(precision, reason):
+    cfg = OmegaConf.load(Path(CONF) / "precision" / f"{precision}.yaml")
+    with pytest.raises(ValueError, match=rf"trainer.strategy=fsdp with precision={precision}: .*{reason}"):
+        fsdp_precision_config(cfg)
+
+
+def test_a_forward_of_an_unsharded_policy_is_a_plain_call():
+    module = torch.nn.Linear(2, 2)
+    assert in_root_forward(module, lambda: 7) == 7
+    assert "forward" not in module.__dict__
