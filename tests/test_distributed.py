@@ -143,16 +143,31 @@ def test_more_devices_than_visible_gpus_is_refused(monkeypatch):
         check_distributed(_cfg("trainer.accelerator=gpu", "trainer.devices=2", "trainer.strategy=ddp"))
 
 
-@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed_stage_2"])
-def test_sharding_strategy_with_a_quantised_base_is_refused(strategy):
-    cfg = _cfg("precision=int4", "trainer.accelerator=cpu", f"trainer.strategy={strategy}")
+@pytest.mark.parametrize(("strategy", "precision"), [("fsdp", "int8"), ("deepspeed_stage_2", "int4")])
+def test_sharding_strategy_with_a_quantised_base_is_refused(strategy, precision):
+    cfg = _cfg(f"precision={precision}", "trainer.accelerator=cpu", f"trainer.strategy={strategy}")
     with pytest.raises(
-        ValueError, match=rf"trainer.strategy={strategy} with precision=int4.*not supported yet"
+        ValueError, match=rf"trainer.strategy={strategy} with precision={precision}.*not supported"
     ):
         check_distributed(cfg)
     check_distributed(_cfg("precision=int4", "trainer.accelerator=cpu", "trainer.strategy=ddp"))  # fine
-    with pytest.raises(ValueError, match=r"trainer.strategy=fsdp is not supported yet.*trainer.strategy=ddp"):
-        check_distributed(_cfg("precision=bf16", "trainer.accelerator=cpu", "trainer.strategy=fsdp"))
+
+
+def test_fsdp_takes_the_floating_precisions_and_the_hf_engine_only():
+    for precision in ("fp32", "bf16", "int4", "auto"):  # auto: checked again once the planner picked it
+        check_distributed(_cfg(f"precision={precision}", "trainer.accelerator=cpu", "trainer.strategy=fsdp"))
+    with pytest.raises(ValueError, match=r"trainer.strategy=fsdp with precision=fp16: .*precision=bf16"):
+        check_distributed(_cfg("precision=fp16", "trainer.accelerator=cpu", "trainer.strategy=fsdp"))
+    with pytest.raises(
+        ValueError, match=r"algorithm.rollout_engine=bf16_copy cannot run under trainer.strategy=fsdp.*=hf"
+    ):
+        check_distributed(
+            _cfg("trainer.accelerator=cpu", "trainer.strategy=fsdp", "algorithm.rollout_engine=bf16_copy")
+        )
+    with pytest.raises(ValueError, match=r"trainer.strategy=deepspeed_stage_2 is not one vrft runs"):
+        check_distributed(
+            _cfg("precision=bf16", "trainer.accelerator=cpu", "trainer.strategy=deepspeed_stage_2")
+        )
 
 
 def test_prompts_that_do_not_split_over_the_ranks_stop_the_cli_before_loading(tmp_path):

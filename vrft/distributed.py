@@ -13,11 +13,15 @@ import os
 
 import torch
 from hydra.utils import get_class
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+from vrft.precision.fsdp import fsdp_precision_config
 
 # Strategies that replicate the whole model on every rank (what vrft supports on every precision).
 REPLICATING = ("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "ddp_notebook")
-# Strategies that shard parameters: they flatten weights, which bitsandbytes' packed codes do not survive.
+# Strategies that shard parameters: they flatten weights, which bitsandbytes' packed codes survive only when
+# stored in a float dtype. vrft runs `fsdp` for the plugins with an FSDP form (fp32, bf16, int4:
+# vrft.precision.fsdp, vrft.runtime.sharding); the others are refused.
 SHARDING = ("fsdp", "deepspeed")
 
 
@@ -81,6 +85,11 @@ def check_strategy(trainer_cfg: DictConfig, precision_cfg: DictConfig) -> None:
     target = (precision_cfg or {}).get("_target_")
     plugin = get_class(target) if target else None
     mode = getattr(plugin, "name", target)
+    if name == "fsdp":
+        # precision=auto is checked again once the planner has replaced it (vrft.train.fit).
+        if target and mode != "auto":
+            fsdp_precision_config(precision_cfg)  # raises, naming the precision and the fix
+        return
     if name.startswith(SHARDING) and getattr(plugin, "quantized_base", False):
         raise ValueError(
             f"trainer.strategy={name} with precision={mode}: sharding a bitsandbytes-quantised base is not "
@@ -89,12 +98,23 @@ def check_strategy(trainer_cfg: DictConfig, precision_cfg: DictConfig) -> None:
         )
     if name.startswith(SHARDING):
         raise ValueError(
-            f"trainer.strategy={name} is not supported yet (generation from sharded weights is not written, "
-            "and it is untested); use trainer.strategy=ddp, which keeps the whole model on every rank"
+            f"trainer.strategy={name} is not one vrft runs; use trainer.strategy=fsdp (Lightning's FSDP, one "
+            "unit per transformer block) or trainer.strategy=ddp, which keeps the whole model on every rank"
         )
     if name not in REPLICATING:
         raise ValueError(
             f"trainer.strategy={name} is not one vrft runs; use trainer.strategy=ddp (or auto on one device)"
+        )
+
+
+def check_rollout_engine(cfg: DictConfig) -> None:
+    """Under FSDP the rollout runs `generate` on the sharded model: only the `hf` engine can."""
+    engine = OmegaConf.select(cfg, "algorithm.rollout_engine")
+    if strategy_name(cfg.trainer) == "fsdp" and engine not in (None, "hf", "auto"):
+        raise ValueError(
+            f"algorithm.rollout_engine={engine} cannot run under trainer.strategy=fsdp (its static cache, CUDA "
+            "graph and weight copy need the whole language model on one device); set algorithm.rollout_engine=hf "
+            "(or auto, which picks hf under FSDP)"
         )
 
 
@@ -124,4 +144,5 @@ def check_distributed(cfg: DictConfig) -> int:
     """Check the run's device, strategy and prompt-split settings before loading; returns the world size."""
     check_devices(cfg.trainer)
     check_strategy(cfg.trainer, cfg.precision)
+    check_rollout_engine(cfg)
     return check_plan_settings(cfg)

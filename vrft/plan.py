@@ -32,8 +32,11 @@ def main(cfg: DictConfig) -> None:
     cfg = resolve_auto(cfg)
     result = verdict(cfg)
     print(format_verdict(cfg, result))
-    quantized = getattr(get_class(cfg.precision._target_), "quantized_base", False)
-    print(format_cards(cards_needed(cfg, CARD_GB), CARD_GB, quantized))
+    plugin = get_class(cfg.precision._target_)
+    refusal = (
+        None if getattr(plugin, "fsdp_variant", None) else getattr(plugin, "fsdp_refusal", "no FSDP form")
+    )
+    print(format_cards(cards_needed(cfg, CARD_GB), CARD_GB, refusal))
     if not result.fits:
         sys.exit(1)
 

@@ -10,8 +10,11 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from vrft.distributed import strategy_name
 from vrft.loggers import run_trainer_settings
+from vrft.precision.fsdp import fsdp_precision_config
 from vrft.runtime.checkpoint_io import AtomicCheckpointIO
+from vrft.runtime.sharding import PolicyFSDPStrategy
 
 
 @dataclass
@@ -43,6 +46,10 @@ def build_trainer(
     )
     callbacks += extra_callbacks or []
     settings = run_trainer_settings(cfg) if logger else {"logger": False}
+    if strategy_name(cfg.trainer) == "fsdp":
+        # Lightning's FSDPStrategy with the policy as the FSDP root (vrft.runtime.sharding); an instance, not
+        # the string, also because Lightning refuses the string "fsdp" on the CPU, where gloo runs it.
+        settings["strategy"] = PolicyFSDPStrategy()
     # Checkpoints are written beside their destination, fsynced and renamed (vrft.runtime.checkpoint_io).
     return instantiate(
         cfg.trainer,
@@ -64,7 +71,9 @@ def build_run(
     `build_trainer`.
     """
     L.seed_everything(cfg.seed, workers=True)
-    precision = instantiate(cfg.precision)
+    sharded = strategy_name(cfg.trainer) == "fsdp"
+    # FSDPStrategy takes only an FSDPPrecision: the plugin's FSDP form, same arguments (vrft.precision.fsdp).
+    precision = instantiate(fsdp_precision_config(cfg.precision) if sharded else cfg.precision)
     datamodule = instantiate(cfg.data, **(data_overrides or {}))
     module = instantiate(cfg.algorithm, _convert_="object")
     trainer = build_trainer(cfg, precision, extra_callbacks, **trainer_options)

@@ -46,7 +46,9 @@ def test_fsdp_rank_holds_a_quarter_of_the_weights_plus_one_gathered_layer():
     one = estimate(SHAPE, WEIGHTS, WORK, Calibration())
     rank = estimate(SHAPE, WEIGHTS, replace(WORK, ranks=4, shard_weights=True), Calibration())
     assert rank.components["weights"] == 8_000_000 / 4
-    assert rank.components["adapter"] == rank.components["gradients"] == 100_000 * 4 / 4
+    assert rank.components["adapter"] == 100_000 * 4 / 4
+    # Whole: FSDP's no_sync accumulates unsharded gradients until the step's last micro-batch.
+    assert rank.components["gradients"] == one.components["gradients"] == 100_000 * 4
     assert rank.components["optimizer"] == 100_000 * 8 / 4
     assert rank.components["gathered_layer"] == 8_000_000 / SHAPE.layers  # one of 2 decoder layers
     # Each rank still decodes and back-propagates its own sequences: not sharded.
@@ -54,7 +56,7 @@ def test_fsdp_rank_holds_a_quarter_of_the_weights_plus_one_gathered_layer():
         assert rank.components[name] == one.components[name], name
     # Resident bytes fall by 3/4 of weights + adapter + optimizer, minus the gathered layer.
     saved = 0.75 * (8_000_000 + 400_000 + 800_000) - 4_000_000
-    assert one.phases["update"] - rank.phases["update"] == pytest.approx(saved + 0.75 * 400_000)
+    assert one.phases["update"] - rank.phases["update"] == pytest.approx(saved)
 
 
 def _cfg(*overrides: str):

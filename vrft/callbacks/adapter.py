@@ -30,9 +30,15 @@ class AdapterExport(L.Callback):
         self.dirpath = Path(dirpath)
         self.processor_dirpath = Path(processor_dirpath) if processor_dirpath else None
 
-    def export(self, pl_module: L.LightningModule, name: str) -> Path:
+    def export(self, pl_module: L.LightningModule, name: str, state_dict: dict) -> Path:
+        """Write the adapter of `state_dict` (the module's, as Lightning gathers it) to `<dirpath>/<name>`."""
         folder = self.dirpath / name
-        save_adapter(pl_module.policy, folder)
+        policy_weights = {
+            key.removeprefix("policy."): value
+            for key, value in state_dict.items()
+            if key.startswith("policy.")
+        }
+        save_adapter(pl_module.policy, folder, policy_weights)
         return folder
 
     @override
@@ -47,11 +53,15 @@ class AdapterExport(L.Callback):
 
     @override
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        # Callbacks run before the module's hook keeps only the adapter: the state dict is whole here, and
+        # under FSDP it is the one the strategy gathered on rank 0 for the checkpoint.
         if trainer.is_global_zero:
-            self.export(pl_module, f"step-{trainer.global_step}")
+            self.export(pl_module, f"step-{trainer.global_step}", checkpoint["state_dict"])
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Every rank: under FSDP gathering the weights is a collective (elsewhere it returns references).
+        state_dict = trainer.strategy.lightning_module_state_dict()
         if trainer.is_global_zero:
-            folder = self.export(pl_module, "final")
+            folder = self.export(pl_module, "final", state_dict)
             log.info("LoRA adapter (peft format) written to %s", folder)

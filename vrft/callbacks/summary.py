@@ -10,6 +10,9 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
+from vrft.runtime.ranks import reduce_over_ranks
+from vrft.runtime.sharding import is_sharded
+
 log = logging.getLogger(__name__)
 
 
@@ -35,11 +38,24 @@ class RunSummary(L.Callback):
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         params = list(pl_module.policy.parameters())
-        self.summary["trainable_parameters"] = sum(p.numel() for p in params if p.requires_grad)
-        self.summary["total_parameters"] = sum(p.numel() for p in params)
+        counts = {
+            "trainable_parameters": sum(p.numel() for p in params if p.requires_grad),
+            "total_parameters": sum(p.numel() for p in params),
+        }
+        sharded = is_sharded(pl_module.policy)
+        if sharded:  # each rank holds its shard of every parameter: the model's counts are their sum
+            counts = {key: int(value) for key, value in reduce_over_ranks(trainer.strategy, counts).items()}
+        self.summary.update(counts)
         plugin = trainer.precision_plugin
         if hasattr(plugin, "summary"):
-            self.summary["precision_details"] = plugin.summary(pl_module)
+            details = plugin.summary(pl_module)
+            if sharded:
+                # The parameter counts of the model; weight_bytes stays this rank's (what its device holds).
+                details.update(
+                    trainable_params=counts["trainable_parameters"], total_params=counts["total_parameters"]
+                )
+                details["weight_bytes_per_rank"] = True
+            self.summary["precision_details"] = details
         self.summary["device"] = str(pl_module.device)
         logger = trainer.logger
         self.summary["metrics_dir"] = (logger.log_dir or logger.save_dir) if logger is not None else None

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import save_file
 from transformers import AutoConfig
 
 from vrft.models.frozen import run_without_autograd
@@ -21,6 +22,7 @@ from vrft.models.presets import (
     random_preset,
 )
 from vrft.models.processor import load_processor
+from vrft.runtime.sharding import clean_name, is_sharded, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -201,19 +203,49 @@ def _unfreeze_targets(model: torch.nn.Module, lora: LoraSpec) -> torch.nn.Module
 
 
 def base_model(policy: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model under the policy: inside the peft wrapper, or the policy itself (`lora.full`)."""
+    """The transformers model under the policy: inside the peft wrapper (and FSDP's, when sharded), or the
+    policy itself (`lora.full`)."""
+    policy = unwrap(policy)
     return policy.get_base_model() if isinstance(policy, PeftModel) else policy
 
 
-def save_adapter(policy: PeftModel, folder: str | Path) -> None:
+def save_adapter(policy: PeftModel, folder: str | Path, state_dict: dict | None = None) -> None:
     """Write the trained adapter in peft format (`PeftModel.from_pretrained(base, folder)` loads it).
 
     Only the trained adapter: a frozen reference copy (`REFERENCE_ADAPTER`) stays out, and so do embedding
     matrices (peft would copy the whole tied embedding when `lm_head` is adapted; the base weights never
     change, so the base checkpoint already holds it).
+
+    Args:
+        policy: the peft model, or its FSDP root.
+        folder: where the adapter goes.
+        state_dict: the policy's weights as `policy.state_dict()` names them; None reads them from the policy.
+            An FSDP root needs one, gathered with every rank taking part (its own `state_dict` is a
+            collective that this rank would join alone).
     """
+    sharded, policy = is_sharded(policy), unwrap(policy)
     if not isinstance(policy, PeftModel):
-        policy.save_pretrained(str(folder))  # a fully trained model (lora disabled)
+        policy.save_pretrained(str(folder), state_dict=state_dict)  # a fully trained model (lora disabled)
         return
     adapters = [name for name in policy.peft_config if name != REFERENCE_ADAPTER]
-    policy.save_pretrained(str(folder), selected_adapters=adapters, save_embedding_layers=False)
+    if not sharded:
+        policy.save_pretrained(
+            str(folder), selected_adapters=adapters, save_embedding_layers=False, state_dict=state_dict
+        )
+        return
+    if state_dict is None:
+        raise ValueError("save_adapter: an FSDP-sharded policy needs the gathered state_dict to save from")
+    # peft picks an adapter's weights by module name, and FSDP's nested units put `_fsdp_wrapped_module.`
+    # inside those names (peft strips a leading one only): it would pick none. peft writes the config and
+    # model card; the weights are the trainable ones, under the names peft gives them (adapter name dropped).
+    policy.save_pretrained(
+        str(folder), selected_adapters=adapters, save_embedding_layers=False, state_dict={}
+    )
+    active = policy.active_adapter
+    trainable = {clean_name(name) for name, param in policy.named_parameters() if param.requires_grad}
+    weights = {
+        re.sub(rf"\.(lora_\w+)\.{re.escape(active)}(?=\.|$)", r".\1", key): value.contiguous()
+        for key, value in state_dict.items()
+        if key in trainable
+    }
+    save_file(weights, str(Path(folder) / "adapter_model.safetensors"), metadata={"format": "pt"})

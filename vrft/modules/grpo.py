@@ -27,7 +27,6 @@ from vrft.modules.settings import GRPOSettings
 from vrft.modules.step_metrics import step_metrics, step_totals
 from vrft.rollout.batch import Rollout
 from vrft.rollout.engines import build_rollout_engine
-from vrft.rollout.generate import generate_rollout
 from vrft.runtime.phases import PhaseTracker
 from vrft.runtime.ranks import gradient_sync, reduce_over_ranks
 from vrft.runtime.rng import prompt_seed, seeded_rng
@@ -118,8 +117,7 @@ class GRPOModule(PolicyModule):
             top_k=0,
         )
         with self.rollout_rng(rows):
-            rollout = generate_rollout(
-                self.policy,
+            rollout = self.generate(
                 self.processor,
                 rows,
                 self.prompt_template,

@@ -26,6 +26,7 @@ from vrft.rollout.base import RolloutEngine
 from vrft.rollout.batch import Rollout
 from vrft.rollout.generate import generate_rollout
 from vrft.runtime.failures import TrainingFailure, last_checkpoint
+from vrft.runtime.sharding import clean_name, clip_grad_norm, in_root_forward
 
 
 class PolicyModule(L.LightningModule):
@@ -111,23 +112,31 @@ class PolicyModule(L.LightningModule):
         """
         inputs = rollout.sequence_inputs(first, last)
         model = base_model(self.policy)
-        hidden = model.model(**inputs, use_cache=False).last_hidden_state
-        length = rollout.completion_ids.shape[1]
-        # Position t predicts token t + 1, so the completion is predicted from the C positions before it.
-        return selective_logprobs(
-            hidden[:, -length - 1 : -1],
-            rollout.completion_ids[first:last],
-            model.lm_head,
-            temperature,
-            chunk_size,
-        )
+
+        def logprobs() -> Tensor:
+            hidden = model.model(**inputs, use_cache=False).last_hidden_state
+            length = rollout.completion_ids.shape[1]
+            # Position t predicts token t + 1, so the completion is predicted from the C positions before it.
+            return selective_logprobs(
+                hidden[:, -length - 1 : -1],
+                rollout.completion_ids[first:last],
+                model.lm_head,
+                temperature,
+                chunk_size,
+            )
+
+        # Not the policy's forward (that would build full-vocabulary logits): run as it, for FSDP's sake.
+        return in_root_forward(self.policy, logprobs)
+
+    def generate(self, *args, **kwargs) -> Rollout:
+        """`generate_rollout(self.policy, *args, **kwargs)`, run as the policy's forward (for FSDP's sake)."""
+        return in_root_forward(self.policy, lambda: generate_rollout(self.policy, *args, **kwargs))
 
     @override
     def on_before_optimizer_step(self, optimizer) -> None:
         # Lightning calls this after the precision plugin unscaled fp16 gradients, so the norm is real.
-        params = [p for p in self.policy.parameters() if p.grad is not None]
-        max_norm = self.max_grad_norm or float("inf")
-        self._last_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
+        # Over all ranks' gradient shards under FSDP (a collective there).
+        self._last_grad_norm = clip_grad_norm(self.policy, self.max_grad_norm or float("inf"))
 
     @override
     def configure_optimizers(self):
@@ -147,8 +156,7 @@ class PolicyModule(L.LightningModule):
         was_training = self.policy.training
         self.policy.eval()
         generation = dict(max_new_tokens=self.eval_max_new_tokens, do_sample=False, **self.eval_generation)
-        rollout = generate_rollout(
-            self.policy,
+        rollout = self.generate(
             self.processor,
             batch,
             self.prompt_template,
@@ -178,7 +186,8 @@ class PolicyModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------ checkpoints
     def trainable_state_keys(self) -> set[str]:
-        return {f"policy.{name}" for name, p in self.policy.named_parameters() if p.requires_grad}
+        # Names as checkpoints spell them: without the prefixes FSDP puts in front of wrapped modules.
+        return {f"policy.{clean_name(name)}" for name, p in self.policy.named_parameters() if p.requires_grad}
 
     @override
     def on_save_checkpoint(self, checkpoint: dict) -> None:

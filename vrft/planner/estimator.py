@@ -80,7 +80,7 @@ class Workload:
     activation_bytes: int = ACTIVATION_BYTES
     ranks: int = 1  # processes of the run; `rollouts_per_step` is already this rank's share of the step
     shard_weights: bool = (
-        False  # FSDP: weights, adapter, gradients, optimizer state split 1/ranks (DDP: whole)
+        False  # FSDP: weights, adapter, optimizer state split 1/ranks (DDP: whole); gradients whole in both
     )
 
     @property
@@ -242,7 +242,9 @@ def estimate(shape: ModelShape, weights: WeightFootprint, work: Workload, cal: C
     gathered = weights.weight_bytes / shape.layers if shards > 1 else 0.0
     resident = weight_bytes + gathered + adapter + (0 if weights.optimizer_paged else optimizer)
     rollout, update = _rollout_bytes(shape, weights, work, cal), _update_bytes(shape, weights, work, cal)
-    gradients = adapter
+    # Whole on every rank, also under FSDP: micro-batches accumulate under FSDP's `no_sync`, which keeps the
+    # adapter's gradients unsharded until the step's last backward reduce-scatters them.
+    gradients = weights.adapter_params * weights.adapter_bytes_per_param
     phases = {
         "rollout": resident + rollout["peak"],
         "reference": resident + update["reference"] if update["reference"] is not None else 0.0,
@@ -277,9 +279,10 @@ def rank_notes(work: Workload) -> list[str]:
         return []
     if work.shard_weights:
         return [
-            f"per rank of {work.ranks} (fsdp): weights, adapter, gradients and optimizer state are split "
-            f"1/{work.ranks}, plus one gathered decoder layer; not split: KV cache, activations, log-prob "
-            "buffers, stored rollouts and the rollout engine's weights (each rank decodes its own prompts)"
+            f"per rank of {work.ranks} (fsdp): weights, adapter and optimizer state are split "
+            f"1/{work.ranks}, plus one gathered decoder layer; not split: the adapter's gradients (accumulated "
+            "under no_sync), KV cache, activations, log-prob buffers and stored rollouts (each rank decodes "
+            "its own prompts, with the hf engine)"
         ]
     return [
         f"per rank of {work.ranks} (ddp): every rank holds the whole model, adapter and optimizer state; only "

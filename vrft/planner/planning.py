@@ -217,7 +217,9 @@ def resolve_rollout_engine(cfg: DictConfig, quiet: bool = False) -> DictConfig:
     if engine != "auto":
         return cfg
     budget, source = budget_gb(cfg)
-    if budget is None and not torch.cuda.is_available():
+    if strategy_name(cfg.trainer) == "fsdp":
+        chosen, why = "hf", "trainer.strategy=fsdp (the static engines need the whole model on one device)"
+    elif budget is None and not torch.cuda.is_available():
         chosen, why = "hf", "no CUDA device"
     else:
         plan = plan_config(_with(cfg, ["algorithm.rollout_engine=bf16_copy"]))
@@ -252,9 +254,10 @@ def cards_needed(cfg: DictConfig, card_gb: float = 24.0, max_cards: int = 16) ->
             prompts = cfg.algorithm.get("prompts_per_step", 1) or 1
             if cards > 1 and prompts % (cards * cfg.algorithm.get("rollout_batch_size", 1)):
                 continue  # the step's prompts must split evenly over the ranks
-            trial = _with(
-                cfg, [f"trainer.devices={cards}", f"trainer.strategy={strategy}", "trainer.num_nodes=1"]
-            )
+            overrides = [f"trainer.devices={cards}", f"trainer.strategy={strategy}", "trainer.num_nodes=1"]
+            if strategy == "fsdp":
+                overrides.append("algorithm.rollout_engine=hf")  # the only engine FSDP runs
+            trial = _with(cfg, overrides)
             if plan_config(trial).device_gb <= card_gb:
                 needed[strategy] = cards
                 break

@@ -74,13 +74,14 @@ def format_verdict(cfg: DictConfig, result: Verdict) -> str:
     return "\n".join(lines)
 
 
-def format_cards(needed: dict[str, int | None], card_gb: float, quantized: bool) -> str:
-    """How many `card_gb` cards the run needs under each strategy (`vrft.planner.planning.cards_needed`)."""
+def format_cards(needed: dict[str, int | None], card_gb: float, fsdp_refusal: str | None = None) -> str:
+    """How many `card_gb` cards the run needs under each strategy (`vrft.planner.planning.cards_needed`);
+    `fsdp_refusal`: why the run's precision cannot run under FSDP (its count is then on paper only)."""
     parts = []
     for strategy, cards in needed.items():
         text = f"{strategy}: {cards}" if cards else f"{strategy}: no count up to 16 fits"
-        if strategy == "fsdp" and quantized:
-            text += " (on paper: fsdp with a quantised base is not supported yet)"
+        if strategy == "fsdp" and fsdp_refusal:
+            text += f" (on paper: this precision does not run under fsdp: {fsdp_refusal.split(';')[0]})"
         parts.append(text)
     return f"  {card_gb:g} GB cards needed (per-rank peak within the card): " + "; ".join(parts)
 

@@ -99,6 +99,10 @@ class VrftPrecision(Precision):
     # Base weights packed by bitsandbytes (int8 / int4 codes in uint8 tensors): DDP replicates them as they
     # are, but FSDP and DeepSpeed would have to flatten and shard them (issue 14), which vrft does not do yet.
     quantized_base: bool = False
+    # The plugin's form for `trainer.strategy=fsdp` (an FSDPPrecision, `vrft.precision.fsdp`), or None and
+    # the reason, named in the error that refuses the run before loading.
+    fsdp_variant: type | None = None
+    fsdp_refusal: str = "it has no FSDP form; use precision=bf16 or precision=fp32, or trainer.strategy=ddp"
 
     def __init__(
         self,
@@ -213,7 +217,7 @@ class VrftPrecision(Precision):
         if self.scaler is not None and loss_finite:
             return self._scaled_step(optimizer, closure_result, **kwargs)
         self._unscaled.clear()
-        self.last_step_nonfinite = not (loss_finite and gradients_finite(optimizer))
+        self.last_step_nonfinite = not self.step_finite(optimizer, model, loss_finite)
         if self.last_step_nonfinite:
             self.skipped_steps += 1
             log.warning(
@@ -225,6 +229,10 @@ class VrftPrecision(Precision):
                 self.scaler.update(self.scaler.get_scale())  # forget this step's inf checks, keep the scale
             return closure_result
         return _raw_optimizer(optimizer).step(**kwargs)
+
+    def step_finite(self, optimizer: Any, model: pl.LightningModule, loss_finite: bool) -> bool:
+        """Whether this step may be applied: its losses were finite and so are the gradients (one host sync)."""
+        return loss_finite and gradients_finite(optimizer)
 
     def _scaled_step(self, optimizer: Optimizer, closure_result: Any, **kwargs: Any) -> Any:
         """fp16: step through the GradScaler, which skips (and lowers the scale on) overflowed gradients."""

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import torch
+from lightning.pytorch.plugins.precision import FSDPPrecision
 
 from vrft.precision.base import VrftPrecision
+from vrft.precision.fsdp import FSDPCompatible
 
 
 class Fp32Precision(VrftPrecision):
@@ -44,8 +46,24 @@ class Fp16Precision(VrftPrecision):
     """
 
     name = "fp16"
+    fsdp_refusal = (
+        "fp16 loss scaling under FSDP needs a scaler whose overflow checks span the shards, which vrft does "
+        "not have; use precision=bf16 (or fp32), or trainer.strategy=ddp"
+    )
 
     def __init__(self, load_dtype: str | torch.dtype = "fp16", init_scale: float = 2.0**16) -> None:
         super().__init__(
             load_dtype=load_dtype, compute_dtype="fp16", adapter_dtype="fp32", init_scale=init_scale
         )
+
+
+class FSDPFp32Precision(FSDPCompatible, Fp32Precision, FSDPPrecision):
+    """`Fp32Precision` in the form Lightning's FSDPStrategy accepts (`vrft.precision.fsdp`)."""
+
+
+class FSDPBf16Precision(FSDPCompatible, Bf16Precision, FSDPPrecision):
+    """`Bf16Precision` in the form Lightning's FSDPStrategy accepts (`vrft.precision.fsdp`)."""
+
+
+Fp32Precision.fsdp_variant = FSDPFp32Precision
+Bf16Precision.fsdp_variant = FSDPBf16Precision

@@ -21,11 +21,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from lightning.pytorch.plugins.precision import FSDPPrecision
 from torch.optim import Optimizer
 from typing_extensions import override
 
 from vrft.precision.backend import quiet_int8_cast_warning, require_bitsandbytes
 from vrft.precision.base import VrftPrecision, parse_dtype
+from vrft.precision.fsdp import FSDPCompatible
 from vrft.precision.selection import KeepRules, is_lora_layer, plan_quantization, quantizable_linears
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,11 @@ class QuantizedPrecision(VrftPrecision):
     """
 
     quantized_base = True
+    fsdp_refusal = (
+        "sharding bitsandbytes' int8 base is not supported (FSDP would flatten its int8 codes and their "
+        "row statistics); use precision=int4 or precision=bf16 under trainer.strategy=fsdp, or "
+        "trainer.strategy=ddp, which keeps the quantised base whole on every rank"
+    )
 
     def __init__(
         self,
@@ -250,3 +257,45 @@ class MixedInt8Precision(Int8Precision):
 
     def __init__(self, keep_first_layers: int = 1, keep_last_layers: int = 1, **kwargs: Any) -> None:
         super().__init__(keep_first_layers=keep_first_layers, keep_last_layers=keep_last_layers, **kwargs)
+
+
+class FSDPInt4Precision(FSDPCompatible, Int4Precision, FSDPPrecision):
+    """`Int4Precision` in the form Lightning's FSDPStrategy accepts (`vrft.precision.fsdp`).
+
+    FSDP flattens each unit's frozen weights into one tensor of one dtype and shards it, which bitsandbytes'
+    packed codes survive when they are stored in that dtype (`quant_storage` = the compute dtype, the dtype
+    of the norms and kept layers beside them) and quantised before the flattening: `convert_module`
+    quantises at once, on the CPU, rather than on the later move to the device. Each `Linear4bit` keeps its
+    quantisation statistics on the module (`module=` in `Params4bit`), and bitsandbytes reattaches them to
+    the gathered weight in its forward (`fix_4bit_weight_quant_state_from_module`).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.qat:
+            raise ValueError(
+                "precision.qat=true under trainer.strategy=fsdp is not supported (QAT re-quantises each merged "
+                "weight, which FSDP holds only as a shard); set precision.qat=false or trainer.strategy=ddp"
+            )
+
+    @override
+    def build_scheme(self):
+        from vrft.precision.schemes import Int4Scheme  # imports bitsandbytes, checked in __init__
+
+        return Int4Scheme(
+            quant_type=self.quant_type,
+            double_quant=self.double_quant,
+            compute_dtype=self.compute_dtype,
+            quant_storage=self.compute_dtype,
+        )
+
+    @override
+    def convert_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        from vrft.precision.schemes import quantize_pending  # imports bitsandbytes, checked in __init__
+
+        module = super().convert_module(module)
+        quantize_pending(module)
+        return module
+
+
+Int4Precision.fsdp_variant = FSDPInt4Precision

@@ -37,12 +37,16 @@ class Int4Scheme:
         double_quant: also quantise the per-block absmax to 8 bits (about 0.37 bits/weight less).
         compute_dtype: dtype the weight is dequantised to for the matmul, `bf16` or `fp16`.
         blocksize: weights per absmax (bitsandbytes' default 64).
+        quant_storage: dtype of the tensor the packed codes are stored in (the same bytes either way).
+            uint8 by default; FSDP needs the dtype of the frozen weights around them, as it flattens one
+            dtype per unit.
     """
 
     quant_type: str = "nf4"
     double_quant: bool = True
     compute_dtype: torch.dtype = torch.bfloat16
     blocksize: int = 64
+    quant_storage: torch.dtype = torch.uint8
     layer_type: ClassVar[type] = bnb.nn.Linear4bit
 
     def __post_init__(self):
@@ -62,6 +66,7 @@ class Int4Scheme:
             compute_dtype=self.compute_dtype,
             compress_statistics=self.double_quant,
             quant_type=self.quant_type,
+            quant_storage=self.quant_storage,
             device="meta",  # the real weight is assigned below; no throwaway allocation
         )
         layer.weight = bnb.nn.Params4bit(
@@ -70,6 +75,7 @@ class Int4Scheme:
             blocksize=self.blocksize,
             compress_statistics=self.double_quant,
             quant_type=self.quant_type,
+            quant_storage=self.quant_storage,
             module=layer,
         )
         layer.bias = _frozen(None if bias is None else bias.to(self.compute_dtype))

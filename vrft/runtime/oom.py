@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 
 from vrft.models.policy import save_adapter
+from vrft.runtime.sharding import is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,8 @@ def save_adapter_on_oom(module, run_dir: Path, step: int) -> Path | None:
     policy = getattr(module, "policy", None)
     if policy is None or not hasattr(policy, "save_pretrained"):
         return None
+    if is_sharded(policy):
+        return None  # gathering FSDP shards is a collective the other ranks are not in; the checkpoint stays
     folder = Path(run_dir) / "adapter" / f"oom-step-{step}"
     if folder.exists():
         return folder

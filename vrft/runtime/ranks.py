@@ -34,8 +34,9 @@ def gradient_sync(strategy, enabled: bool) -> Iterator[None]:
     """Inside, `backward` all-reduces gradients only if `enabled` (DDP's `no_sync` otherwise).
 
     Micro-batches accumulate locally and the last one of an optimizer step syncs the sum, so gradients
-    cross the network once per step. Lightning's `block_backward_sync` is the DDP strategy's own switch;
-    strategies without one (a single device) have nothing to block.
+    cross the network once per step. Lightning's `block_backward_sync` is the DDP strategy's own switch
+    (vrft's FSDP strategy gives it FSDP's `no_sync`); strategies without one (a single device) have nothing
+    to block.
     """
     block = getattr(strategy, "block_backward_sync", None)
     if enabled or block is None:

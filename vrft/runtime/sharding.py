@@ -1,0 +1,245 @@
+"""The policy under Lightning's FSDP strategy: one FSDP unit per transformer block, forwards through the root.
+
+FSDP (torch's `FullyShardedDataParallel`, as Lightning's `FSDPStrategy` builds it) gathers a unit's weights
+only inside that unit's `forward`, and finishes a backward (moves each rank's reduced gradient shard into
+`.grad`) only from a hook on the outputs of the *root* unit's forward. Lightning's default root is the whole
+LightningModule, whose forward is `training_step`: a manual-optimization step backpropagates inside it, so
+that hook would never fire. Here the root is the policy itself, and every vrft forward of it (generation,
+the log-prob forward with its chunked `lm_head`) runs as the root's forward (`in_root_forward`), so a
+backward starts after the root forward returned, as FSDP expects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import nn
+from torch.distributed.fsdp import (
+    FullOptimStateDictConfig,
+    FullStateDictConfig,
+    FullyShardedDataParallel,
+    OptimStateKeyType,
+    StateDictType,
+)
+from torch.distributed.fsdp.wrap import CustomPolicy
+from typing_extensions import override
+
+T = TypeVar("T")
+# What FSDP puts in front of a wrapped module's parameter names; full state dicts are written without it.
+FSDP_PREFIX = "_fsdp_wrapped_module."
+
+
+def is_sharded(policy: nn.Module) -> bool:
+    """Whether `policy` is an FSDP root (its weights sharded over the ranks)."""
+    return isinstance(policy, FullyShardedDataParallel)
+
+
+def unwrap(policy: nn.Module) -> nn.Module:
+    """The peft / transformers model inside an FSDP root, or `policy` itself."""
+    return policy.module if is_sharded(policy) else policy
+
+
+def clean_name(name: str) -> str:
+    """A parameter name as a full state dict (and an unsharded run) spells it."""
+    return name.replace(FSDP_PREFIX, "")
+
+
+def in_root_forward(policy: nn.Module, fn: Callable[[], T]) -> T:
+    """`fn()` run as the forward of the FSDP root `policy` (a plain call when `policy` is not sharded).
+
+    Inside, the root's own weights (embeddings, `lm_head`, final norm) are gathered, and the units below
+    gather theirs when called; a tensor that `fn` returns with grad carries FSDP's backward hooks. The
+    wrapped module's `forward` is replaced for this one call, as Lightning's `_ForwardRedirection` does
+    for `training_step`.
+    """
+    if not is_sharded(policy):
+        return fn()
+    inner = policy.module
+    own = inner.__dict__.get("forward")  # an instance-level forward, if something set one
+
+    def restore() -> None:
+        if own is None:
+            inner.__dict__.pop("forward", None)
+        else:
+            inner.forward = own
+
+    def forward() -> T:
+        restore()  # the real forward again, for any call `fn` makes
+        return fn()
+
+    inner.forward = forward
+    try:
+        return policy()
+    finally:
+        restore()
+
+
+def clip_grad_norm(policy: nn.Module, max_norm: float) -> float:
+    """Clip the policy's gradients to `max_norm` (inf: measure only); returns their total norm, over all ranks.
+
+    Under FSDP each rank holds a shard of each gradient, and `torch.nn.utils.clip_grad_norm_` would return
+    the norm of this rank's shard; the root's `clip_grad_norm_` all-reduces the squares (a collective: every
+    rank calls it).
+    """
+    if is_sharded(policy):
+        return float(policy.clip_grad_norm_(max_norm))
+    params = [p for p in policy.parameters() if p.grad is not None]
+    return float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
+
+
+def block_classes(policy: nn.Module) -> tuple[type[nn.Module], ...]:
+    """The transformer block classes of a (peft-wrapped) transformers model: one FSDP unit each.
+
+    `_no_split_modules` is transformers' own list of the blocks that must stay whole on one device (Qwen2-VL:
+    its decoder layer and vision block), the list accelerate's FSDP wrapping reads too.
+    """
+    names = set()
+    for module in policy.modules():
+        names.update(getattr(module, "_no_split_modules", None) or ())
+    classes = {type(module) for module in policy.modules() if type(module).__name__ in names}
+    if not classes:
+        raise ValueError(
+            f"trainer.strategy=fsdp: the model declares no transformer blocks to shard by (_no_split_modules: "
+            f"{sorted(names)}); vrft shards Qwen2-VL / Qwen2.5-VL checkpoints"
+        )
+    return tuple(sorted(classes, key=lambda cls: cls.__name__))
+
+
+class PolicyFSDPStrategy(FSDPStrategy):
+    """Lightning's `FSDPStrategy` with the LightningModule's `policy` as the FSDP root (module docstring).
+
+    Each transformer block is a unit holding its frozen base weights, and each trainable LoRA matrix a unit
+    inside it (`_wrap_policy` says why), all with `use_orig_params=True`: the optimizer, the adapter export
+    and the checkpoints see the original parameters and their names.
+
+    Checkpoints are full state dicts, written by rank 0 in the format an unsharded run reads (so a run saved
+    under FSDP resumes on any number of ranks). On CPU (gloo) they are gathered without `offload_to_cpu`:
+    FSDP's offload copies the gathered weights to the CPU and frees the originals, and when the originals
+    are on the CPU already the copy is the original (measured: a segfault in torch 2.13).
+    """
+
+    strategy_name = "vrft_fsdp"
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("use_orig_params", True)
+        kwargs.setdefault("state_dict_type", "full")
+        super().__init__(**kwargs)
+
+    def _wrap_policy(self, policy: nn.Module) -> CustomPolicy:
+        blocks = block_classes(policy)
+
+        def own_unit(module: nn.Module) -> bool:
+            if isinstance(module, blocks):
+                return True
+            # A LoRA matrix: its own unit inside its block's. Sharing the block's flat parameter would give
+            # the frozen weights a (zero) gradient of their size, reduce-scattered every step (FSDP warns of
+            # it), and FSDP flattens one dtype per unit (a bf16 base with fp32 adapters could not share).
+            own = list(module.parameters(recurse=False))
+            return bool(own) and all(p.requires_grad for p in own)
+
+        return CustomPolicy(own_unit)
+
+    @override
+    def _setup_model(self, model: nn.Module) -> nn.Module:
+        policy = model.policy
+        if not is_sharded(policy):
+            kwargs = {key: value for key, value in self.kwargs.items() if key != "auto_wrap_policy"}
+            model.policy = FullyShardedDataParallel(
+                module=policy,
+                cpu_offload=self.cpu_offload,
+                mixed_precision=self.mixed_precision_config,
+                sharding_strategy=self.sharding_strategy,
+                # A torch.device, not Lightning's `.index`: on the CPU the index is None, which FSDP reads
+                # as "the current CUDA device".
+                device_id=self.root_device,
+                auto_wrap_policy=self._wrap_policy(policy),
+                **kwargs,
+            )
+        # Lightning's own setup (activation checkpointing, metrics) sees the FSDP units and wraps nothing more.
+        return super()._setup_model(model)
+
+    @contextlib.contextmanager
+    @override
+    def block_backward_sync(self) -> Iterator[None]:
+        """FSDP's `no_sync` on the policy root (Lightning's blocks DDP only): micro-batches accumulate whole
+        (unsharded) gradients, which for LoRA are a few MB per rank, and the last one reduce-scatters them."""
+        policy = self.lightning_module.policy
+        if not is_sharded(policy):
+            yield
+            return
+        with policy.no_sync():
+            yield
+
+    @contextlib.contextmanager
+    def _full_state_dict(self, rank0_only: bool = True) -> Iterator[None]:
+        offload = self.root_device.type != "cpu"
+        with FullyShardedDataParallel.state_dict_type(
+            module=self.model,
+            state_dict_type=StateDictType.FULL_STATE_DICT,
+            state_dict_config=FullStateDictConfig(offload_to_cpu=offload, rank0_only=rank0_only),
+            optim_state_dict_config=FullOptimStateDictConfig(offload_to_cpu=offload, rank0_only=rank0_only),
+        ):
+            yield
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        with self._full_state_dict():
+            return self.model.state_dict()
+
+    @override
+    def optimizer_state(self, optimizer) -> dict[str, Any]:
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer's optimizer
+        with self._full_state_dict():
+            state = FullyShardedDataParallel.optim_state_dict(self.model, optimizer)
+            if self.global_rank == 0:
+                # Keyed by the index in the optimizer's parameters, as an unsharded run's state is (Lightning
+                # passes no optimizer, and the index then counts the frozen parameters too).
+                state = FullyShardedDataParallel.rekey_optim_state_dict(
+                    state, OptimStateKeyType.PARAM_ID, self.model, optim=optimizer
+                )
+            return state
+
+    @override
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        """Load a vrft checkpoint (a full file holding the adapter only) into the sharded policy and optimizer.
+
+        FSDP's own full-state-dict load wants every weight of a unit in the file, the frozen base included;
+        vrft's checkpoints hold the adapter alone. Each adapter matrix is a unit of its own (`_wrap_policy`),
+        so each is gathered, overwritten from the file and written back to its shards, one at a time.
+        """
+        path = Path(self.broadcast(str(checkpoint_path)))
+        checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
+        adapter = checkpoint["state_dict"]  # kept: the module checks its keys in on_load_checkpoint
+        policy = self.lightning_module.policy
+        # FSDP makes the first unit it initialises a root; before any forward that must be the policy's, or
+        # the adapter units below would each become one.
+        with FullyShardedDataParallel.summon_full_params(policy, recurse=False, writeback=False):
+            pass
+        for prefix, unit in policy.named_modules(prefix="policy"):
+            if not is_sharded(unit):
+                continue
+            names = [clean_name(f"{prefix}.{name}") for name, _ in unit.named_parameters()]
+            if not all(name in adapter for name in names):
+                continue  # a unit of frozen weights (a block's base): the model folder's, loaded already
+            with FullyShardedDataParallel.summon_full_params(unit, recurse=False, writeback=True):
+                with torch.no_grad():
+                    for name, param in zip(names, unit.parameters(), strict=True):
+                        param.copy_(adapter[name])
+        optimizer_states = checkpoint.get("optimizer_states")
+        if optimizer_states and self.lightning_module.trainer.state.fn == TrainerFn.FITTING:
+            with self._full_state_dict(rank0_only=False):
+                for optimizer, state in zip(self.optimizers, optimizer_states, strict=True):
+                    # Keyed by index in the optimizer's parameters (as written by `optimizer_state`).
+                    state = FullyShardedDataParallel.rekey_optim_state_dict(
+                        state, OptimStateKeyType.PARAM_NAME, self.model, optim=optimizer
+                    )
+                    optimizer.load_state_dict(
+                        FullyShardedDataParallel.optim_state_dict_to_load(self.model, optimizer, state)
+                    )
+        return checkpoint
