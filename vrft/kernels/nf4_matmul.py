@@ -13,14 +13,16 @@ quantisation the absmax is itself a uint8 code: `state2.code[q] * state2.absmax[
 weights as the training forward; only the order of the fp32 accumulation differs.
 
 The kernel: one program per (row tile of `x`, tile of `BLOCK_N` output features, slice of K). Each loop
-iteration reads one quantisation block of each of its `BLOCK_N` weight rows (so a row's absmax is one scalar
-per iteration); the high nibbles multiply the even input columns and the low nibbles the odd ones (two
-tensor-core dots, no interleaving in registers). With a split K, partial sums go to an fp32 workspace and
-the last program of a tile to arrive (an atomic counter, which that program resets, so CUDA-graph replays
-start from zero) adds them up, then the bias and the LoRA term, and writes `y` once.
+step decodes a `[BLOCK_N, BLOCK_K]` tile of weights in registers (the packed words viewed as
+`[BLOCK_N, BLOCK_K / 8, 8]`, shifted and masked to codes, looked up in the 16-entry code book by a register
+shuffle, multiplied by their absmax) and makes one tensor-core dot of it with the matching `x` columns, the
+weight tile as the left operand (`y^T = W x^T`: the few decode rows are the MMA's narrow side). With a split
+K, partial sums go to an fp32 workspace and the last program of a tile to arrive (an atomic counter, which
+that program resets, so CUDA-graph replays start from zero) adds them up, then the bias and the LoRA term,
+and writes `y` once.
 
-Measured on the H200 at 16 rows (bench/rollout/results.md): 6-7% of the bandwidth bound on Qwen2-VL-7B's
-large projections, 10-30% faster than dequantise-then-matmul; the per-weight decoding work, not memory,
+Measured on the H200 at 16 rows (bench/rollout/results.md): 12-13% of the bandwidth bound on Qwen2-VL-7B's
+large projections, about 2x faster than dequantise-then-matmul; the per-weight decoding work, not memory,
 bounds it.
 """
 
