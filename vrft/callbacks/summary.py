@@ -10,8 +10,8 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
+from vrft.models.sharded import is_sharded
 from vrft.runtime.ranks import reduce_over_ranks
-from vrft.runtime.sharding import is_sharded
 
 log = logging.getLogger(__name__)
 

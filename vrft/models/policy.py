@@ -22,7 +22,7 @@ from vrft.models.presets import (
     random_preset,
 )
 from vrft.models.processor import load_processor
-from vrft.runtime.sharding import clean_name, is_sharded, unwrap
+from vrft.models.sharded import clean_name, is_sharded, unwrap
 
 log = logging.getLogger(__name__)
 

@@ -21,12 +21,13 @@ from vrft.models.policy import (
     load_base_model,
     load_processor_for,
 )
+from vrft.models.sharded import clean_name
 from vrft.modules.logprobs import selective_logprobs
 from vrft.rollout.base import RolloutEngine
 from vrft.rollout.batch import Rollout
 from vrft.rollout.generate import generate_rollout
 from vrft.runtime.failures import TrainingFailure, last_checkpoint
-from vrft.runtime.sharding import clean_name, clip_grad_norm, in_root_forward
+from vrft.runtime.sharding import clip_grad_norm, in_root_forward
 
 
 class PolicyModule(L.LightningModule):

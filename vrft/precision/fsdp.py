@@ -21,11 +21,10 @@ from __future__ import annotations
 from contextlib import AbstractContextManager
 from typing import Any
 
+import torch
 from hydra.utils import get_class
 from lightning.pytorch.plugins.precision import Precision
 from omegaconf import DictConfig, OmegaConf
-
-from vrft.runtime.ranks import reduce_over_ranks
 
 
 class FSDPCompatible:
@@ -54,8 +53,10 @@ class FSDPCompatible:
     def step_finite(self, optimizer: Any, model, loss_finite: bool) -> bool:
         """Finite on every rank: each rank's loss and its shard of the gradients (one collective)."""
         local = super().step_finite(optimizer, model, loss_finite)
-        bad_ranks = reduce_over_ranks(model.trainer.strategy, {"nonfinite": float(not local)})
-        return bad_ranks["nonfinite"] == 0
+        # The strategy's own collective (precision imports nothing of vrft outside it, so not vrft.runtime).
+        strategy = model.trainer.strategy
+        bad = torch.tensor(float(not local), dtype=torch.float64, device=strategy.root_device)
+        return float(strategy.reduce(bad, reduce_op="sum")) == 0
 
 
 def fsdp_precision_config(precision_cfg: DictConfig) -> DictConfig:

@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 from vrft.models.policy import save_adapter
-from vrft.runtime.sharding import is_sharded
+from vrft.models.sharded import is_sharded
 
 log = logging.getLogger(__name__)
 

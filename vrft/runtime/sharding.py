@@ -30,24 +30,9 @@ from torch.distributed.fsdp import (
 from torch.distributed.fsdp.wrap import CustomPolicy
 from typing_extensions import override
 
+from vrft.models.sharded import clean_name, is_sharded
+
 T = TypeVar("T")
-# What FSDP puts in front of a wrapped module's parameter names; full state dicts are written without it.
-FSDP_PREFIX = "_fsdp_wrapped_module."
-
-
-def is_sharded(policy: nn.Module) -> bool:
-    """Whether `policy` is an FSDP root (its weights sharded over the ranks)."""
-    return isinstance(policy, FullyShardedDataParallel)
-
-
-def unwrap(policy: nn.Module) -> nn.Module:
-    """The peft / transformers model inside an FSDP root, or `policy` itself."""
-    return policy.module if is_sharded(policy) else policy
-
-
-def clean_name(name: str) -> str:
-    """A parameter name as a full state dict (and an unsharded run) spells it."""
-    return name.replace(FSDP_PREFIX, "")
 
 
 def in_root_forward(policy: nn.Module, fn: Callable[[], T]) -> T:
