@@ -103,8 +103,9 @@ class PolicyFSDPStrategy(FSDPStrategy):
     inside it (`_wrap_policy` says why), all with `use_orig_params=True`: the optimizer, the adapter export
     and the checkpoints see the original parameters and their names.
 
-    Checkpoints are full state dicts, written by rank 0 in the format an unsharded run reads (so a run saved
-    under FSDP resumes on any number of ranks). On CPU (gloo) they are gathered without `offload_to_cpu`:
+    Checkpoints hold the trainable weights (`lightning_module_state_dict`), written by rank 0 in the format
+    an unsharded run reads (so a run saved under FSDP resumes on any number of ranks). On CPU (gloo) they
+    are gathered without `offload_to_cpu`:
     FSDP's offload copies the gathered weights to the CPU and frees the originals, and when the originals
     are on the CPU already the copy is the original (measured: a segfault in torch 2.13).
     """
@@ -174,8 +175,38 @@ class PolicyFSDPStrategy(FSDPStrategy):
 
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        with self._full_state_dict():
-            return self.model.state_dict()
+        """The module's trainable weights, gathered on rank 0 one FSDP unit at a time (empty elsewhere).
+
+        That is all a vrft checkpoint and adapter keep (`PolicyModule.on_save_checkpoint`). A full state
+        dict would first materialise the whole frozen base on rank 0 (144 GB for a 72B base in bf16) to keep
+        a few MB of it. Each adapter matrix is a unit of its own (`_wrap_policy`). If some trainable weight
+        is not (a fully trained model, `lora.full`), every weight is gathered as before.
+        """
+        module = self.lightning_module
+        policy = module.policy
+        keep = module.trainable_state_keys()
+        # The root must be the policy's unit before the adapter units are gathered (see `load_checkpoint`).
+        with FullyShardedDataParallel.summon_full_params(policy, recurse=False, writeback=False):
+            pass
+        units = []
+        for prefix, unit in policy.named_modules(prefix="policy"):
+            if is_sharded(unit):
+                names = [clean_name(f"{prefix}.{name}") for name, _ in unit.named_parameters()]
+                if names and all(name in keep for name in names):
+                    units.append((unit, names))
+        if {name for _, names in units for name in names} != keep:
+            with self._full_state_dict():
+                return self.model.state_dict()
+        offload = self.root_device.type != "cpu"  # on the CPU the weights are there already (class docstring)
+        state: dict[str, Any] = {}
+        for unit, names in units:
+            with FullyShardedDataParallel.summon_full_params(
+                unit, recurse=False, writeback=False, rank0_only=True, offload_to_cpu=offload
+            ):
+                if self.global_rank == 0:
+                    for name, param in zip(names, unit.parameters(), strict=True):
+                        state[name] = param.detach().clone()
+        return state
 
     @override
     def optimizer_state(self, optimizer) -> dict[str, Any]:
