@@ -78,6 +78,26 @@ def clip_grad_norm(policy: nn.Module, max_norm: float) -> float:
     return float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
 
 
+def adapter_units(policy: nn.Module, names: set[str]) -> list[tuple[nn.Module, list[str]]]:
+    """The FSDP units of the root `policy` whose every weight is one of `names` (as a checkpoint spells
+    them, `policy.`-prefixed), each with its weights' names in `unit.parameters()` order.
+
+    Each LoRA matrix is such a unit (`PolicyFSDPStrategy._wrap_policy`): gathering it alone
+    (`summon_full_params(unit, recurse=False)`) reads or writes the adapter without gathering the base.
+    """
+    # FSDP makes the first unit it initialises a root; before any forward that must be the policy's, or
+    # the adapter units gathered here would each become one.
+    with FullyShardedDataParallel.summon_full_params(policy, recurse=False, writeback=False):
+        pass
+    units = []
+    for prefix, unit in policy.named_modules(prefix="policy"):
+        if is_sharded(unit):
+            own = [clean_name(f"{prefix}.{name}") for name, _ in unit.named_parameters()]
+            if own and all(name in names for name in own):
+                units.append((unit, own))
+    return units
+
+
 def block_classes(policy: nn.Module) -> tuple[type[nn.Module], ...]:
     """The transformer block classes of a (peft-wrapped) transformers model: one FSDP unit each.
 
@@ -182,18 +202,8 @@ class PolicyFSDPStrategy(FSDPStrategy):
         a few MB of it. Each adapter matrix is a unit of its own (`_wrap_policy`). If some trainable weight
         is not (a fully trained model, `lora.full`), every weight is gathered as before.
         """
-        module = self.lightning_module
-        policy = module.policy
-        keep = module.trainable_state_keys()
-        # The root must be the policy's unit before the adapter units are gathered (see `load_checkpoint`).
-        with FullyShardedDataParallel.summon_full_params(policy, recurse=False, writeback=False):
-            pass
-        units = []
-        for prefix, unit in policy.named_modules(prefix="policy"):
-            if is_sharded(unit):
-                names = [clean_name(f"{prefix}.{name}") for name, _ in unit.named_parameters()]
-                if names and all(name in keep for name in names):
-                    units.append((unit, names))
+        keep = self.lightning_module.trainable_state_keys()
+        units = adapter_units(self.lightning_module.policy, keep)
         if {name for _, names in units for name in names} != keep:
             with self._full_state_dict():
                 return self.model.state_dict()
@@ -232,17 +242,8 @@ class PolicyFSDPStrategy(FSDPStrategy):
         path = Path(self.broadcast(str(checkpoint_path)))
         checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
         adapter = checkpoint["state_dict"]  # kept: the module checks its keys in on_load_checkpoint
-        policy = self.lightning_module.policy
-        # FSDP makes the first unit it initialises a root; before any forward that must be the policy's, or
-        # the adapter units below would each become one.
-        with FullyShardedDataParallel.summon_full_params(policy, recurse=False, writeback=False):
-            pass
-        for prefix, unit in policy.named_modules(prefix="policy"):
-            if not is_sharded(unit):
-                continue
-            names = [clean_name(f"{prefix}.{name}") for name, _ in unit.named_parameters()]
-            if not all(name in adapter for name in names):
-                continue  # a unit of frozen weights (a block's base): the model folder's, loaded already
+        # Units of frozen weights (a block's base) are the model folder's, loaded already.
+        for unit, names in adapter_units(self.lightning_module.policy, set(adapter)):
             with FullyShardedDataParallel.summon_full_params(unit, recurse=False, writeback=True):
                 with torch.no_grad():
                     for name, param in zip(names, unit.parameters(), strict=True):
