@@ -41,36 +41,59 @@ def one_process(run_dir: Path, *overrides: str):
     return fit(cfg)
 
 
-@pytest.fixture(scope="module")
-def two_process_run(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("ddp") / "two"
+def cli_run(run_dir: Path, *overrides: str) -> Path:
+    """A run of the real CLI with `DDP_FAST` (Lightning's launcher starts the other ranks); it must succeed."""
     # Built once here: two ranks building the tiny checkpoint into a cold cache at the same moment can race.
     tiny_checkpoint()
-    result = run_cli(run_dir, *DDP_FAST, *TWO_RANKS)
+    result = run_cli(run_dir, *DDP_FAST, *overrides)
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
+
+
+def adapter(run_dir: Path, name: str) -> dict:
+    return load_file(run_dir / "adapter" / name / "adapter_model.safetensors")
+
+
+def assert_same_adapter(ours: dict, reference: dict, label: str = "") -> None:
+    """The same adapter keys, each weight within rtol 1e-5 / atol 1e-6 (each caller says why that holds)."""
+    assert ours.keys() == reference.keys()
+    for key in reference:
+        torch.testing.assert_close(ours[key], reference[key], rtol=1e-5, atol=1e-6, msg=f"{label}{key}")
+
+
+def assert_trained(weights: dict) -> None:
+    assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)  # LoRA B starts at zero
+
+
+def assert_same_metrics(run_dir: Path, reference_dir: Path, keys: tuple[str, ...]) -> None:
+    """Steps 1 and 2 logged, with `keys` equal to the reference run's up to the order of summation."""
+    rows, reference = metric_rows(run_dir), metric_rows(reference_dir)
+    assert [r["step"] for r in rows] == [r["step"] for r in reference] == ["1", "2"]
+    for key in keys:
+        for row, reference_row in zip(rows, reference, strict=True):
+            # Rewards and counts are sums of the same values, summed in another order across ranks.
+            assert float(row[key]) == pytest.approx(float(reference_row[key]), rel=1e-5, abs=1e-7), key
+
+
+REDUCED_METRICS = ("train/reward", "train/loss", "train/completion_length", "train/kl", "train/lr")
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory) -> Path:
+    return cli_run(tmp_path_factory.mktemp("ddp") / "two", *TWO_RANKS)
 
 
 def test_two_processes_train_the_adapter_one_process_trains(two_process_run, tmp_path):
     trainer, _, _ = one_process(tmp_path / "one")
     assert trainer.global_step == 2
     for name in ("step-1", "step-2", "final"):
-        one = load_file(tmp_path / "one" / "adapter" / name / "adapter_model.safetensors")
-        two = load_file(two_process_run / "adapter" / name / "adapter_model.safetensors")
-        assert one.keys() == two.keys()
-        for key in one:
-            # Same prompts per step, same sampled tokens: only the order of fp32 additions differs (DDP sums
-            # two half-step gradients, one process accumulates four micro-batches), ~1e-7 relative per sum;
-            # two Adam steps of lr 1e-3 keep the adapters within 1e-6 (measured: 1.5e-9).
-            torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
-    assert any(v.abs().sum() > 0 for k, v in two.items() if "lora_B" in k)  # it did train
+        # Same prompts per step, same sampled tokens: only the order of fp32 additions differs (DDP sums
+        # two half-step gradients, one process accumulates four micro-batches), ~1e-7 relative per sum;
+        # two Adam steps of lr 1e-3 keep the adapters within 1e-6 (measured: 1.5e-9).
+        assert_same_adapter(adapter(two_process_run, name), adapter(tmp_path / "one", name), f"{name}: ")
+    assert_trained(adapter(two_process_run, "final"))
     # The logged step count and the metrics reduced over ranks are the one-process figures.
-    one_rows, two_rows = metric_rows(tmp_path / "one"), metric_rows(two_process_run)
-    assert [r["step"] for r in two_rows] == [r["step"] for r in one_rows] == ["1", "2"]
-    for key in ("train/reward", "train/loss", "train/completion_length", "train/kl", "train/lr"):
-        for one_row, two_row in zip(one_rows, two_rows, strict=True):
-            # Rewards and counts are sums of the same values, summed in another order across ranks.
-            assert float(two_row[key]) == pytest.approx(float(one_row[key]), rel=1e-5, abs=1e-7), key
+    assert_same_metrics(two_process_run, tmp_path / "one", REDUCED_METRICS)
 
 
 def test_rank_zero_alone_writes_the_run_files(two_process_run):

@@ -15,11 +15,18 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.plugins.precision import FSDPPrecision
 from omegaconf import OmegaConf
-from safetensors.torch import load_file
 
-from tests.test_distributed import DDP_FAST, metric_rows, one_process
-from tests.test_train_cli import CONF, run_cli
-from vrft.models.presets import tiny_checkpoint
+from tests.test_distributed import (
+    REDUCED_METRICS,
+    adapter,
+    assert_same_adapter,
+    assert_same_metrics,
+    assert_trained,
+    cli_run,
+    metric_rows,
+    one_process,
+)
+from tests.test_train_cli import CONF
 from vrft.precision import Bf16Precision
 from vrft.precision.fsdp import fsdp_precision_config
 from vrft.runtime.sharding import in_root_forward
@@ -29,49 +36,26 @@ FSDP_TWO_RANKS = ["trainer.devices=2", "trainer.strategy=fsdp"]
 
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("fsdp") / "two"
-    tiny_checkpoint()  # built once here, not by two ranks racing into a cold cache
-    result = run_cli(run_dir, *DDP_FAST, *FSDP_TWO_RANKS)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir
+    return cli_run(tmp_path_factory.mktemp("fsdp") / "two", *FSDP_TWO_RANKS)
 
 
 def test_two_fsdp_processes_train_the_adapter_one_process_trains(fsdp_run, tmp_path):
     trainer, _, _ = one_process(tmp_path / "one")
     assert trainer.global_step == 2
     for name in ("step-1", "step-2", "final"):
-        one = load_file(tmp_path / "one" / "adapter" / name / "adapter_model.safetensors")
-        two = load_file(fsdp_run / "adapter" / name / "adapter_model.safetensors")
-        assert one.keys() == two.keys()
-        for key in one:
-            # The same sampled tokens (rollouts are seeded by their rows) and the same fp32 weights, gathered
-            # before each use: only the order of fp32 additions differs (a gradient reduce-scattered from two
-            # half-steps, a grad norm summed from two shards). Measured: step 1 bit-identical, 6e-10 after
-            # step 2; the DDP test's bound holds with three orders of magnitude to spare.
-            torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
-    assert any(v.abs().sum() > 0 for k, v in two.items() if "lora_B" in k)  # it did train
+        # The same sampled tokens (rollouts are seeded by their rows) and the same fp32 weights, gathered
+        # before each use: only the order of fp32 additions differs (a gradient reduce-scattered from two
+        # half-steps, a grad norm summed from two shards). Measured: step 1 bit-identical, 6e-10 after
+        # step 2; the DDP test's bound holds with three orders of magnitude to spare.
+        assert_same_adapter(adapter(fsdp_run, name), adapter(tmp_path / "one", name), f"{name}: ")
+    assert_trained(adapter(fsdp_run, "final"))
     # The summary counts the model's parameters, not rank 0's shard of them.
     one_summary, two_summary = (
         json.loads((run / "run_summary.json").read_text()) for run in (tmp_path / "one", fsdp_run)
     )
     for key in ("trainable_parameters", "total_parameters"):
         assert two_summary[key] == one_summary[key], key
-    one_rows, two_rows = metric_rows(tmp_path / "one"), metric_rows(fsdp_run)
-    assert [r["step"] for r in two_rows] == [r["step"] for r in one_rows] == ["1", "2"]
-    for key in (
-        "train/reward",
-        "train/loss",
-        "train/completion_length",
-        "train/kl",
-        "train/lr",
-        "train/grad_norm",
-    ):
-        for one_row, two_row in zip(one_rows, two_rows, strict=True):
-            assert float(two_row[key]) == pytest.approx(float(one_row[key]), rel=1e-5, abs=1e-7), key
-
-
-def adapter(run_dir, name: str) -> dict:
-    return load_file(run_dir / "adapter" / name / "adapter_model.safetensors")
+    assert_same_metrics(fsdp_run, tmp_path / "one", (*REDUCED_METRICS, "train/grad_norm"))
 
 
 def test_an_fsdp_checkpoint_resumes_on_one_process_and_on_two_fsdp_processes(fsdp_run, tmp_path):
@@ -79,17 +63,12 @@ def test_an_fsdp_checkpoint_resumes_on_one_process_and_on_two_fsdp_processes(fsd
     # Written in the unsharded format: one process without a strategy resumes it as it would its own.
     trainer, _, _ = one_process(tmp_path / "one", f"ckpt_path={checkpoint}", "trainer.max_steps=3")
     assert trainer.global_step == 3
-    result = run_cli(
-        tmp_path / "two", *DDP_FAST, *FSDP_TWO_RANKS, f"ckpt_path={checkpoint}", "trainer.max_steps=3"
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    cli_run(tmp_path / "two", *FSDP_TWO_RANKS, f"ckpt_path={checkpoint}", "trainer.max_steps=3")
     assert [r["step"] for r in metric_rows(tmp_path / "two")] == ["3"]
     one, two = adapter(tmp_path / "one", "step-3"), adapter(tmp_path / "two", "step-3")
-    assert one.keys() == two.keys()
-    for key in one:
-        # Adam's third step from the restored moments: a lost optimizer state would move each weight by
-        # about the learning rate (1e-2) instead (measured: 4e-8 apart).
-        torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6, msg=key)
+    # Adam's third step from the restored moments: a lost optimizer state would move each weight by about
+    # the learning rate (1e-2) instead (measured: 4e-8 apart).
+    assert_same_adapter(two, one)
     before = adapter(fsdp_run, "step-2")
     assert any(not torch.equal(two[key], before[key]) for key in two)  # step 3 trained
 
@@ -97,16 +76,12 @@ def test_an_fsdp_checkpoint_resumes_on_one_process_and_on_two_fsdp_processes(fsd
 def test_two_fsdp_processes_shard_a_4bit_base_and_train_what_one_process_trains(tmp_path):
     # bitsandbytes' packed 4-bit codes, stored in bf16 (quant_storage) so FSDP can flatten them with the
     # norms beside them, and sharded: each rank holds half of the weight bytes.
-    int4 = [*DDP_FAST, "precision=int4"]
-    result = run_cli(tmp_path / "two", *int4, *FSDP_TWO_RANKS)
-    assert result.returncode == 0, result.stderr[-3000:]
+    cli_run(tmp_path / "two", "precision=int4", *FSDP_TWO_RANKS)
     one_process(tmp_path / "one", "precision=int4")
     one, two = adapter(tmp_path / "one", "final"), adapter(tmp_path / "two", "final")
-    assert one.keys() == two.keys()
-    for key in one:
-        # The same 4-bit codes and statistics dequantised to the same bf16 weights (measured: identical).
-        torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6, msg=key)
-    assert any(v.abs().sum() > 0 for k, v in two.items() if "lora_B" in k)  # it did train
+    # The same 4-bit codes and statistics dequantised to the same bf16 weights (measured: identical).
+    assert_same_adapter(two, one)
+    assert_trained(two)
     one_summary, two_summary = (
         json.loads((run / "run_summary.json").read_text())["precision_details"]
         for run in (tmp_path / "one", tmp_path / "two")
