@@ -48,6 +48,7 @@ from vrft.kernels.nf4_decode import DECODE_BYTES, DECODE_PRMT
 
 if triton is not None:
     from vrft.kernels.nf4_decode import absmax, code_books, decode
+    from vrft.kernels.nf4_epilogue import store_output
 
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (64, 128, 256)  # one block per loop iteration: [BLOCK_N, blocksize / 2] bytes
@@ -56,7 +57,9 @@ MAX_LORA_RANK = 256
 # launch_config's choices, from bench/rollout/kernel_sweep.py --sweep on the H200 at 16 rows (results in
 # bench/rollout/results/kernel_sweep.json): on Qwen2-VL-7B's four projection shapes the shuffle lookup beat
 # the L1 load by 2-10x, the weight tile as left operand won on the three larger shapes, BLOCK_K 256 and
-# BLOCK_N 128 lost on all but q/o (within 10% there), and 8 programs per SM beat 4 by ~5-10%.
+# BLOCK_N 128 lost on all but q/o (within 10% there), and 8 programs per SM beat 4 by ~5-10%. DECODE and
+# SCALE_AFTER stay at the first kernel's way until the sweep has timed the others; it prints the DEFAULTS
+# it recommends (least time per decoder layer), to paste here.
 DEFAULTS = {
     "BLOCK_N": 64,  # output features per program
     "BLOCK_K": 128,  # weights of each row decoded per loop step (at least one quantisation block)
@@ -207,43 +210,11 @@ if triton is not None:
         if TRANSPOSED:
             acc = tl.trans(acc)
 
-        if SPLIT:  # split_k > 1; the split itself is a runtime value, so one compiled variant serves all
-            tile = pid_m * tl.num_programs(0) + pid_n
-            local = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-            partials = partial_ptr + tile.to(tl.int64) * (split_k * BLOCK_M * BLOCK_N) + local
-            tl.store(partials + pid_k * (BLOCK_M * BLOCK_N), acc)
-            tl.debug_barrier()  # every thread's partial is written before the release below
-            arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel")
-            if arrived == split_k - 1:  # the last slice of this tile: reduce, finish, reset the counter
-                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                for split in range(split_k):
-                    acc += tl.load(partials + split * (BLOCK_M * BLOCK_N), cache_modifier=".cg")
-                tl.atomic_xchg(counter_ptr + tile, 0)
-                _finish(acc, rows_m, rows_n, mask_m, mask_n, bias_ptr, lora_in_ptr, lora_b_ptr, lora_scale,
-                        y_ptr, stride_lm, stride_ym, lora_rank, HAS_BIAS, LORA_RANK)  # fmt: skip
-        else:
-            _finish(acc, rows_m, rows_n, mask_m, mask_n, bias_ptr, lora_in_ptr, lora_b_ptr, lora_scale,
-                    y_ptr, stride_lm, stride_ym, lora_rank, HAS_BIAS, LORA_RANK)  # fmt: skip
-
-    @triton.jit
-    def _finish(
-        acc, rows_m, rows_n, mask_m, mask_n, bias_ptr, lora_in_ptr, lora_b_ptr, lora_scale,
-        y_ptr, stride_lm, stride_ym, lora_rank, HAS_BIAS: tl.constexpr, LORA_RANK: tl.constexpr,
-    ):  # fmt: skip
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rows_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        if LORA_RANK > 0:  # scale * (x A^T) B^T in fp32, as peft computes an fp32 adapter
-            rank = tl.arange(0, LORA_RANK)
-            in_rank = rank[None, :] < lora_rank
-            xa = tl.load(
-                lora_in_ptr + rows_m[:, None] * stride_lm + rank[None, :], mask=mask_m[:, None] & in_rank
-            )
-            b = tl.load(
-                lora_b_ptr + rows_n[:, None] * lora_rank + rank[None, :], mask=mask_n[:, None] & in_rank
-            )
-            acc += lora_scale * tl.dot(xa.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="ieee")
-        y = y_ptr + rows_m[:, None] * stride_ym + rows_n[None, :]
-        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        store_output(
+            acc, pid_m, pid_n, pid_k, rows_m, rows_n, mask_m, mask_n, partial_ptr, counter_ptr, split_k,
+            bias_ptr, lora_in_ptr, lora_b_ptr, lora_scale, lora_rank, stride_lm, y_ptr, stride_ym,
+            BLOCK_M, BLOCK_N, SPLIT, HAS_BIAS, LORA_RANK,
+        )  # fmt: skip
 
 
 @functools.cache
