@@ -45,13 +45,16 @@ PER_LAYER = {"gate_up": 2, "down": 1, "q_o": 2, "k_v": 2}
 LAYERS = 28
 WRONG = 0.02  # worst |kernel - bitsandbytes| / max |bitsandbytes| above this is a bug, not rounding (~0.003)
 PRMT = {"DECODE": 2, "SCALE_AFTER": 1}
-VARIANTS = [  # stage one, launch_config overrides; the most promising first, in case the budget runs out
-    *(
-        {**PRMT, "BLOCK_N": n, "BLOCK_K": k, "num_warps": w}
-        for n in (64, 128, 256)
-        for k in (128, 256)
-        for w in (4, 8)
-    ),
+# Stage one, launch_config overrides; the most promising first, in case the budget runs out. Each variant
+# aims at 512 / BLOCK_N programs per SM, which gives every tile width the same K split (split ~ programs x
+# BLOCK_N / N): a wide tile at 8 programs per SM would split K 4x finer and write that many more fp32
+# partial sums (at 16 rows, gate/up split 14 ways writes and reads ~34 MB of them, as much as its weights).
+VARIANTS = [
+    {**PRMT, "BLOCK_N": n, "BLOCK_K": k, "num_warps": w}
+    for n in (64, 128, 256)
+    for k in (128, 256)
+    for w in (4, 8)
+] + [
     {**PRMT, "TRANSPOSED": 0, "BLOCK_N": 64, "BLOCK_K": 128},
     {**PRMT, "TRANSPOSED": 0, "BLOCK_N": 128, "BLOCK_K": 256},
     *({"SCALE_AFTER": 1, "BLOCK_N": n, "BLOCK_K": k} for n in (64, 128) for k in (128, 256)),
@@ -64,6 +67,7 @@ VARIANTS = [  # stage one, launch_config overrides; the most promising first, in
     {"DECODE": 1, "SCALE_AFTER": 1, "BLOCK_N": 64, "BLOCK_K": 128},
     {"DECODE": 1, "SCALE_AFTER": 1, "BLOCK_N": 128, "BLOCK_K": 128},
 ]
+VARIANTS = [{**choices, "programs_per_sm": 512 // choices["BLOCK_N"]} for choices in VARIANTS]
 DEFAULT_KEYS = list(DEFAULTS)  # what a recommendation sets
 
 
@@ -193,13 +197,14 @@ def main() -> None:
         best = min(stage_one, key=lambda entry: entry["layer_us"])
         if best["layer_us"] == float("inf"):
             raise SystemExit("no variant ran on every shape: see the failures above")
+        programs = best["choices"]["programs_per_sm"]
         refinements = [
-            {**best["choices"], "num_stages": stages, "programs_per_sm": programs}
+            {**best["choices"], "num_stages": stages, "programs_per_sm": max(1, int(programs * factor))}
             for stages in (2, 3, 4)
-            for programs in (4, 8, 16)
-            if (stages, programs)
-            != (best["choices"].get("num_stages", DEFAULTS["num_stages"]), DEFAULTS["programs_per_sm"])
+            for factor in (0.25, 0.5, 1, 2)
+            if (stages, factor) != (best["choices"].get("num_stages", DEFAULTS["num_stages"]), 1)
         ]
+        refinements = list({json.dumps(choices, sort_keys=True): choices for choices in refinements}.values())
         log(f"stage two: {len(refinements)} pipeline depths / K splits around {json.dumps(best['choices'])}")
         stage_two = sweep_variants(refinements, rows, cases, started + 0.8 * args.budget_s, log)
         results["stage_two"] = stage_two
