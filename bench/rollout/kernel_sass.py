@@ -19,7 +19,7 @@ from vrft.kernels.nf4_offline import compile_kernel, main_loop_opcodes, sass
 INTEGER_ALU = ("PRMT", "LOP3", "SHF", "LEA", "IADD3", "ISETP", "SEL", "IMNMX", "VIADD")
 SHARED_MEMORY = ("LDS", "STS", "LDSM", "SHFL")
 VARIANTS = {  # name: launch-config overrides
-    "words, scale per weight (first kernel)": {},
+    "words, scale per weight (the first kernel's way)": {},
     "words, scale after": {"SCALE_AFTER": 1},
     "bytes, scale per weight": {"DECODE": 1},
     "bytes, scale after": {"DECODE": 1, "SCALE_AFTER": 1},
