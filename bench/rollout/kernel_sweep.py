@@ -1,35 +1,88 @@
 """Time the fused 4-bit matmul on Qwen2-VL-7B's projection shapes against dequantise-then-matmul and bf16.
 
-    python bench/rollout/kernel_sweep.py --out kernel_sweep.json [--rows 16] [--sweep]
+    python bench/rollout/kernel_sweep.py --out kernel_sweep.json --rows 16 8 32 64 [--sweep] [--budget-s 240]
 
-Per shape: microseconds per call (CUDA-graph replay of 20 calls, `triton.testing.do_bench_cudagraph`), the
-packed bytes it must read (codes + uint8 absmax + the second-level scales) and that over the time as a
-fraction of the H200's 4.8 TB/s. `--sweep` also tries, at the first `--rows`, tile sizes, the code-book
-lookup, the operand order and warps (stage one), then K splits and pipeline stages around the fastest
-(stage two), and records every timing; `launch_config`'s `DEFAULTS` are set from that sweep.
+Per shape and row count: microseconds per call (CUDA-graph replay, `triton.testing.do_bench_cudagraph`) of
+the kernel at `launch_config`'s `DEFAULTS`, of bitsandbytes' dequantise + matmul and of cuBLAS on a bf16
+copy, each also as a fraction of the H200's 4.8 TB/s over the packed bytes one call must read (codes +
+uint8 absmax + second-level scales). `--sweep`, at the first `--rows`:
+
+1. stage one: every kernel variant in `VARIANTS` (decoder, absmax mode, operand order, tiles, warps) on
+   all four shapes at `launch_config`'s K split, each checked against bitsandbytes before it is timed (a
+   variant that fails to compile or is wrong is recorded, not fatal);
+2. stage two: around the variant with the least time per decoder layer (`PER_LAYER` calls of each shape),
+   pipeline stages and programs per SM (the K split);
+3. the `DEFAULTS` this recommends, printed as a dict to paste into vrft/kernels/nf4_matmul.py, timed at
+   every `--rows` next to the current `DEFAULTS`.
+
+Everything goes to `--out` (JSON, rewritten after each stage) and the log beside it (`.log`). Stages stop
+early past `--budget-s` (compilations included), keeping what they measured.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
+import time
+from pathlib import Path
 
 import bitsandbytes.functional as bnb_functional
 import torch
 import triton
 from torch.nn import functional as F
 
-from vrft.kernels.nf4_matmul import launch_config, matmul_4bit, reference_matmul
+from vrft.kernels.nf4_matmul import DEFAULTS, launch_config, matmul_4bit, reference_matmul
 
 BANDWIDTH = 4.8e12  # H200 datasheet, bytes/s
+DEVICE = torch.device("cuda")
 SHAPES_7B = {  # name: (out_features, in_features); per decoder layer, 28 layers; the largest first
     "gate_up": (18944, 3584),
     "down": (3584, 18944),
     "q_o": (3584, 3584),
     "k_v": (512, 3584),
 }
-PER_LAYER = {"q_o": 2, "k_v": 2, "gate_up": 2, "down": 1}
+PER_LAYER = {"gate_up": 2, "down": 1, "q_o": 2, "k_v": 2}
+LAYERS = 28
+WRONG = 0.02  # worst |kernel - bitsandbytes| / max |bitsandbytes| above this is a bug, not rounding (~0.003)
+PRMT = {"DECODE": 2, "SCALE_AFTER": 1}
+# Stage one, launch_config overrides; the most promising first, in case the budget runs out. Each variant
+# aims at 512 / BLOCK_N programs per SM, which gives every tile width the same K split (split ~ programs x
+# BLOCK_N / N): a wide tile at 8 programs per SM would split K 4x finer and write that many more fp32
+# partial sums (at 16 rows, gate/up split 14 ways writes and reads ~34 MB of them, as much as its weights).
+VARIANTS = [
+    {**PRMT, "BLOCK_N": n, "BLOCK_K": k, "num_warps": w}
+    for n in (64, 128, 256)
+    for k in (128, 256)
+    for w in (4, 8)
+] + [
+    {**PRMT, "TRANSPOSED": 0, "BLOCK_N": 64, "BLOCK_K": 128},
+    {**PRMT, "TRANSPOSED": 0, "BLOCK_N": 128, "BLOCK_K": 256},
+    *({"SCALE_AFTER": 1, "BLOCK_N": n, "BLOCK_K": k} for n in (64, 128) for k in (128, 256)),
+    {"BLOCK_N": 64, "BLOCK_K": 128},  # the first kernel's DEFAULTS
+    {"BLOCK_N": 64, "BLOCK_K": 256},
+    {"BLOCK_N": 128, "BLOCK_K": 128},
+    {"TRANSPOSED": 0, "BLOCK_N": 64, "BLOCK_K": 256},
+    {"DECODE": 1, "BLOCK_N": 64, "BLOCK_K": 128},
+    {"DECODE": 1, "TRANSPOSED": 0, "BLOCK_N": 64, "BLOCK_K": 256},
+    {"DECODE": 1, "SCALE_AFTER": 1, "BLOCK_N": 64, "BLOCK_K": 128},
+    {"DECODE": 1, "SCALE_AFTER": 1, "BLOCK_N": 128, "BLOCK_K": 128},
+]
+VARIANTS = [{**choices, "programs_per_sm": 512 // choices["BLOCK_N"]} for choices in VARIANTS]
+DEFAULT_KEYS = list(DEFAULTS)  # what a recommendation sets
+
+
+class Log:
+    """Prints a line and appends it to the log file beside the JSON."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.write_text("")
+
+    def __call__(self, *parts) -> None:
+        line = " ".join(str(part) for part in parts)
+        print(line, flush=True)
+        with self.path.open("a") as handle:
+            handle.write(line + "\n")
 
 
 def packed_bytes(out_features: int, in_features: int, blocksize: int = 64) -> int:
@@ -42,39 +95,71 @@ def time_us(fn, *args, **kwargs) -> float:
     return triton.testing.do_bench_cudagraph(lambda: fn(*args, **kwargs), rep=20) * 1e3
 
 
-def sweep_configs(rows: int, out_features: int, in_features: int):
-    """Stage one: tile shapes, the code-book lookup, operand order and warps, at launch_config's K split."""
-    for block_n, block_k, gather, transposed, warps in itertools.product(
-        (64, 128), (128, 256), (0, 1), (0, 1), (4, 8)
-    ):
-        choices = {"BLOCK_N": block_n, "BLOCK_K": block_k, "GATHER": gather, "TRANSPOSED": transposed}
-        yield launch_config(
-            rows, out_features, in_features, 64, torch.device("cuda"), **choices, num_warps=warps
+def fraction(name: str, us: float) -> float:
+    """Packed bytes of shape `name` over `us` microseconds, as a fraction of the 4.8 TB/s bound."""
+    return packed_bytes(*SHAPES_7B[name]) / (us * 1e-6) / BANDWIDTH
+
+
+def relative_error(y: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((y.float() - reference.float()).abs().max() / reference.float().abs().max())
+
+
+def measure(case: dict, config: dict) -> dict:
+    """One config on one shape: checked against bitsandbytes, then timed; errors recorded, not raised."""
+    try:
+        error = relative_error(
+            matmul_4bit(case["x"], case["packed"], case["state"], config=config), case["reference"]
         )
+        if error > WRONG:
+            return {"us": float("inf"), "error": error, "failure": "wrong result"}
+        return {
+            "us": time_us(matmul_4bit, case["x"], case["packed"], case["state"], config=config),
+            "error": error,
+        }
+    except Exception as failure:  # out of shared memory / registers, a compile error: skip this config
+        return {"us": float("inf"), "failure": f"{type(failure).__name__}: {str(failure)[:300]}"}
 
 
-def refine_configs(best: dict, in_features: int):
-    """Stage two, around a stage-one winner: the K split halved / doubled, pipeline stages 2 and 4."""
-    steps = triton.cdiv(in_features, best["BLOCK_K"])
-    for split in {max(1, best["SPLIT_K"] // 2), best["SPLIT_K"], min(steps, best["SPLIT_K"] * 2)}:
-        for stages in (2, 3, 4):
-            yield {**best, "SPLIT_K": split, "num_stages": stages}
+def layer_us(per_shape: dict) -> float:
+    """Microseconds of one decoder layer's seven projections (inf if a shape failed)."""
+    return sum(PER_LAYER[name] * per_shape[name]["us"] for name in PER_LAYER)
 
 
-def timed_configs(configs, x, packed, state) -> list[tuple[float, dict]]:
+def make_cases(rows: int, weights: dict) -> dict:
+    cases = {}
+    for name, (_, k) in SHAPES_7B.items():
+        x = torch.randn(rows, k, dtype=torch.bfloat16, device=DEVICE)
+        packed, state = weights[name]["packed"], weights[name]["state"]
+        cases[name] = {
+            "x": x,
+            "packed": packed,
+            "state": state,
+            "reference": reference_matmul(x, packed, state),
+        }
+    return cases
+
+
+def sweep_variants(variants, rows: int, cases: dict, deadline: float, log: Log) -> list[dict]:
+    """Each variant (launch_config choices) on every shape; stops starting new ones past `deadline`."""
     timed = []
-    for config in configs:
-        try:
-            timed.append((time_us(matmul_4bit, x, packed, state, config=config), config))
-        except Exception as error:  # a config out of shared memory / registers: skip it
-            timed.append((float("inf"), {**config, "error": str(error)[:100]}))
-    return sorted(timed, key=lambda t: t[0])
+    for choices in variants:
+        if time.monotonic() > deadline:
+            log("  budget reached: skipped", len(variants) - len(timed), "of", len(variants), "variants")
+            break
+        per_shape = {}
+        for name, case in cases.items():
+            config = launch_config(rows, *SHAPES_7B[name], 64, DEVICE, **choices)
+            per_shape[name] = {"config": config, **measure(case, config)}
+        entry = {"choices": choices, "per_shape": per_shape, "layer_us": layer_us(per_shape)}
+        timed.append(entry)
+        cells = " ".join(f"{name} {result['us']:7.1f}" for name, result in per_shape.items())
+        failures = {name: r["failure"] for name, r in per_shape.items() if "failure" in r}
+        log(f"  layer {entry['layer_us']:7.1f} us | {cells} | {json.dumps(choices)}", failures or "")
+    return timed
 
 
-def worst_relative_error(x, packed, state) -> float:
-    """max |kernel - bitsandbytes| / max |bitsandbytes| (bf16 rounding is ~4e-3 of each value)."""
-    reference = reference_matmul(x, packed, state).float()
-    return float((matmul_4bit(x, packed, state).float() - reference).abs().max() / reference.abs().max())
+def recommended_defaults(choices: dict) -> dict:
+    return {key: choices.get(key, DEFAULTS[key]) for key in DEFAULT_KEYS}
 
 
 def main() -> None:
@@ -82,61 +167,114 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--rows", type=int, nargs="+", default=[16])
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--budget-s", type=float, default=240.0, help="stop starting sweep stages past this")
     args = parser.parse_args()
+    started = time.monotonic()
+    out = Path(args.out)
+    log = Log(out.with_suffix(".log"))
+    results: dict = {"device": torch.cuda.get_device_name(), "current_defaults": dict(DEFAULTS), "rows": {}}
+
+    def save() -> None:
+        results["elapsed_s"] = round(time.monotonic() - started, 1)
+        out.write_text(json.dumps(results, indent=1, default=str))
+
     torch.manual_seed(0)
-    results = {"device": torch.cuda.get_device_name(), "shapes": {}}
+    weights = {}
     for name, (n, k) in SHAPES_7B.items():
-        weight = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02
+        dense = torch.randn(n, k, dtype=torch.bfloat16, device=DEVICE) * 0.02
         packed, state = bnb_functional.quantize_4bit(
-            weight, blocksize=64, compress_statistics=True, quant_type="nf4"
+            dense, blocksize=64, compress_statistics=True, quant_type="nf4"
         )
-        for rows in args.rows:
-            x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda")
-            entry = {"bytes": packed_bytes(n, k), "default_config": launch_config(rows, n, k, 64, x.device)}
-            entry["worst_relative_error"] = worst_relative_error(x, packed, state)
-            entry["kernel_us"] = time_us(matmul_4bit, x, packed, state)
+        weights[name] = {"dense": dense, "packed": packed, "state": state}
+    recommended = None
+    if args.sweep:
+        rows = args.rows[0]
+        cases = make_cases(rows, weights)
+        log(f"stage one: {len(VARIANTS)} variants x {len(cases)} shapes at {rows} rows")
+        stage_one = sweep_variants(VARIANTS, rows, cases, started + 0.55 * args.budget_s, log)
+        results["stage_one"] = stage_one
+        save()
+        best = min(stage_one, key=lambda entry: entry["layer_us"])
+        if best["layer_us"] == float("inf"):
+            raise SystemExit("no variant ran on every shape: see the failures above")
+        programs = best["choices"]["programs_per_sm"]
+        refinements = [
+            {**best["choices"], "num_stages": stages, "programs_per_sm": max(1, int(programs * factor))}
+            for stages in (2, 3, 4)
+            for factor in (0.25, 0.5, 1, 2)
+            if (stages, factor) != (best["choices"].get("num_stages", DEFAULTS["num_stages"]), 1)
+        ]
+        refinements = list({json.dumps(choices, sort_keys=True): choices for choices in refinements}.values())
+        log(f"stage two: {len(refinements)} pipeline depths / K splits around {json.dumps(best['choices'])}")
+        stage_two = sweep_variants(refinements, rows, cases, started + 0.8 * args.budget_s, log)
+        results["stage_two"] = stage_two
+        winner = min([best, *stage_two], key=lambda entry: entry["layer_us"])
+        recommended = recommended_defaults(winner["choices"])
+        results["recommended_defaults"] = recommended
+        every = stage_one + stage_two
+        results["per_shape_best"] = {
+            name: min((entry["per_shape"][name] for entry in every), key=lambda result: result["us"])
+            for name in SHAPES_7B
+        }
+        save()
+    for rows in args.rows:
+        cases = make_cases(rows, weights)
+        table = {}
+        for name, case in cases.items():
+            n, k = SHAPES_7B[name]
+            x, packed, state = case["x"], case["packed"], case["state"]
+            config = launch_config(rows, n, k, 64, x.device)
+            entry = {"bytes": packed_bytes(n, k), "defaults": {"config": config, **measure(case, config)}}
+            if recommended is not None:
+                config = launch_config(rows, n, k, 64, x.device, **recommended)
+                entry["recommended"] = {"config": config, **measure(case, config)}
             entry["dequant_matmul_us"] = time_us(reference_matmul, x, packed, state)
-            entry["bf16_us"] = time_us(F.linear, x, weight)
-            entry["kernel_fraction_of_bound"] = entry["bytes"] / (entry["kernel_us"] * 1e-6) / BANDWIDTH
-            if args.sweep and rows == args.rows[0]:
-                timed = timed_configs(sweep_configs(rows, n, k), x, packed, state)
-                refined = timed_configs(refine_configs(timed[0][1], k), x, packed, state)
-                timed = sorted(timed + refined, key=lambda t: t[0])
-                entry["best"] = [{"us": us, **config} for us, config in timed[:8]]
-                entry["all"] = [{"us": us, **config} for us, config in timed]
-                entry["best_fraction_of_bound"] = entry["bytes"] / (timed[0][0] * 1e-6) / BANDWIDTH
-                best = {key: v for key, v in timed[0][1].items() if key != "error"}
-                reference = reference_matmul(x, packed, state).float()
-                fused = matmul_4bit(x, packed, state, config=best).float()
-                entry["best_worst_relative_error"] = float(
-                    (fused - reference).abs().max() / reference.abs().max()
-                )
-            results["shapes"][f"{name}_m{rows}"] = entry
-            print(
-                name,
-                rows,
-                json.dumps({key: v for key, v in entry.items() if key not in ("best", "all")}),
-                flush=True,
-            )
-            # Written after every shape, so a call that runs out of time keeps what it measured.
-            with open(args.out, "w") as handle:
-                json.dump(results, handle, indent=1)
-            if "best" in entry:
-                print("  best", entry["best"][:3], flush=True)
-    # Prefill: the rollout's prompt (2 prompts x 606 tokens) through gate_proj, the kernel vs dequantise-once.
-    n, k = SHAPES_7B["gate_up"]
-    weight = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02
-    packed, state = bnb_functional.quantize_4bit(
-        weight, blocksize=64, compress_statistics=True, quant_type="nf4"
-    )
-    x = torch.randn(1212, k, dtype=torch.bfloat16, device="cuda")
+            entry["bf16_us"] = time_us(F.linear, x, weights[name]["dense"])
+            table[name] = entry
+        results["rows"][rows] = table
+        save()
+        report_rows(rows, table, results.get("per_shape_best") if rows == args.rows[0] else None, log)
+    if recommended is not None:
+        log(
+            "recommended DEFAULTS (vrft/kernels/nf4_matmul.py), least time per decoder layer at",
+            args.rows[0],
+            "rows:",
+        )
+        log("DEFAULTS = " + json.dumps(recommended, indent=4))
+    # Prefill: 2 prompts x 606 tokens through gate_proj; the engine keeps dequantise-once there (results.md).
+    x = torch.randn(1212, SHAPES_7B["gate_up"][1], dtype=torch.bfloat16, device=DEVICE)
+    packed, state = weights["gate_up"]["packed"], weights["gate_up"]["state"]
     results["prefill_1212_gate"] = {
         "kernel_us": time_us(matmul_4bit, x, packed, state),
         "dequant_matmul_us": time_us(reference_matmul, x, packed, state),
     }
-    print("prefill", results["prefill_1212_gate"], flush=True)
-    with open(args.out, "w") as handle:
-        json.dump(results, handle, indent=1)
+    log("prefill 1212 rows, gate:", json.dumps(results["prefill_1212_gate"]))
+    save()
+    log(f"done in {time.monotonic() - started:.0f} s")
+
+
+def report_rows(rows: int, table: dict, per_shape_best: dict | None, log: Log) -> None:
+    """Per shape: us and % of the bound for each contender; per layer and per 28-layer decode step."""
+    log(f"\n{rows} rows: us per call (% of the 4.8 TB/s bound on the packed bytes)")
+    columns = ["defaults", "recommended", "dequant_matmul_us", "bf16_us"]
+    for name, entry in table.items():
+        cells = []
+        if per_shape_best is not None:
+            best = per_shape_best[name]
+            cells.append(
+                f"swept best {best['us']:.1f} ({100 * fraction(name, best['us']):.0f}%) {json.dumps(best['config'])}"
+            )
+        for column in columns:
+            if column in entry:
+                us = entry[column]["us"] if isinstance(entry[column], dict) else entry[column]
+                cells.append(f"{column.removesuffix('_us')} {us:.1f} ({100 * fraction(name, us):.0f}%)")
+        log(f"  {name:8s}", " | ".join(cells))
+    for column in ("defaults", "recommended"):
+        if all(column in entry for entry in table.values()):
+            layer = layer_us({name: entry[column] for name, entry in table.items()})
+            log(
+                f"  {column}: {layer:.1f} us per layer, {LAYERS * layer / 1e3:.2f} ms of projections per decode step"
+            )
 
 
 if __name__ == "__main__":

@@ -23,16 +23,36 @@ def quantised(out_features, in_features, quant_type="nf4", double_quant=True, bl
     )
 
 
-def assert_within_bf16_rounding(y, x, packed, state, reference):
-    # Both sides multiply the same bf16 inputs by the same bf16 weights (code * absmax in fp32, rounded once)
-    # and accumulate in fp32; they differ in the order of that accumulation and in the one final rounding to
-    # bf16. So: one bf16 ulp of the output (2^-7 relative), plus the fp32 reordering error, at most
-    # K * 2^-24 of the sum of |x_k w_k| (2^-12 of it covers K up to 4096 with a margin).
-    weight = bnb_functional.dequantize_4bit(packed, state).float()
-    magnitude = x.float().abs() @ weight.abs().T
-    bound = 2**-7 * reference.float().abs() + 2**-12 * magnitude
+def dequantised(packed, state):
+    return bnb_functional.dequantize_4bit(packed, state)
+
+
+def assert_within_rounding(y, x, weight, reference, code=None, label=""):
+    """`y` is `reference`, `x` times bitsandbytes' dequantised `weight`, up to rounding, as derived below.
+
+    With `u` the unit roundoff of the compute dtype (bf16 2^-8, fp16 2^-11): scaling each weight before the
+    dot, both sides multiply the same inputs by the same weights (code * absmax in fp32, rounded once) and
+    accumulate in fp32; they differ in the order of that accumulation and in the one final rounding of each
+    side. So: 2u |reference|, plus the fp32 reordering error, at most K 2^-24 of sum_k |x_k w_k| (2^-12 of it
+    covers K up to 4096 with a margin).
+
+    `code`, the code book, given when the kernel scales after the dot: its weight is rnd(c) a instead of rnd(c a), for code c
+    and fp32 absmax a. |rnd(c) - c| <= e |c|, e the largest relative error of rounding one of the 16 codes to
+    the compute dtype (at most u; computed from the code book), and |rnd(c a) - c a| <= u |c a|, so the two
+    weights differ by at most (e + u) |c a| <= (e + u) / (1 - u) |w| (w the reference weight), and the sums
+    by that times sum_k |x_k w_k|: a third term of the same order as the other two, not a looser tolerance.
+    """
+    unit = torch.finfo(x.dtype).eps / 2  # unit roundoff: half the gap above 1
+    magnitude = x.float().abs() @ weight.float().abs().T
+    bound = 2 * unit * reference.float().abs() + 2**-12 * magnitude
+    if code is not None:
+        code = code.float()
+        relative = (code.to(x.dtype).float() - code).abs() / code.abs().clamp_min(
+            torch.finfo(torch.float32).tiny
+        )
+        bound = bound + (relative.max() + unit) / (1 - unit) * magnitude
     excess = (y.float() - reference.float()).abs() - bound
-    assert excess.max() <= 0, f"worst excess over the bound {excess.max():.3g}"
+    assert excess.max() <= 0, f"{label} worst excess over the bound {excess.max():.3g}"
 
 
 @pytest.mark.gpu
@@ -54,18 +74,63 @@ def test_kernel_equals_bitsandbytes_dequantise_then_matmul(
     bias = torch.randn(out_features, dtype=torch.bfloat16, device="cuda")
     y = nf4_matmul.matmul_4bit(x, packed, state, bias)
     assert y.dtype == torch.bfloat16 and y.shape == (rows, out_features)
-    assert_within_bf16_rounding(y, x, packed, state, reference_matmul(x, packed, state, bias))
+    code = state.code if nf4_matmul.DEFAULTS["SCALE_AFTER"] else None
+    assert_within_rounding(y, x, dequantised(packed, state), reference_matmul(x, packed, state, bias), code)
+
+
+# Every kernel variant the sweep (bench/rollout/kernel_sweep.py) can pick for DEFAULTS, as launch_config
+# overrides; the test above runs the whole matrix on DEFAULTS, this one a cross-section on each variant.
+VARIANTS = {
+    "words": {},
+    "words_scale_after": {"SCALE_AFTER": 1},
+    "bytes": {"DECODE": 1},
+    "bytes_scale_after": {"DECODE": 1, "SCALE_AFTER": 1},
+    "prmt": {"DECODE": 2, "SCALE_AFTER": 1},
+    "prmt_x_left_wide": {"DECODE": 2, "SCALE_AFTER": 1, "TRANSPOSED": 0, "BLOCK_N": 128, "BLOCK_K": 256},
+}
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize(
+    "quant_type, double_quant, rows, out_features, in_features, blocksize, dtype",
+    [
+        ("nf4", True, 1, 200, 320, 64, torch.bfloat16),  # N off the tile, a 5-block row, one row
+        ("fp4", False, 33, 1000, 768, 128, torch.bfloat16),  # M not a power of two, blocksize 128
+        ("nf4", False, 16, 72, 1024, 256, torch.bfloat16),  # blocksize 256
+        ("fp4", True, 16, 3584, 3584, 64, torch.bfloat16),  # Qwen2-VL-7B's q/o: every mask folded (EVEN)
+        ("nf4", True, 64, 512, 1024, 64, torch.float16),  # fp16 codes
+    ],
+)
+def test_every_variant_equals_bitsandbytes_dequantise_then_matmul(
+    variant, quant_type, double_quant, rows, out_features, in_features, blocksize, dtype
+):
+    torch.manual_seed(0)
+    weight = torch.randn(out_features, in_features, dtype=dtype, device="cuda") * 0.05
+    packed, state = bnb_functional.quantize_4bit(
+        weight, blocksize=blocksize, compress_statistics=double_quant, quant_type=quant_type
+    )
+    x = torch.randn(rows, in_features, dtype=dtype, device="cuda")
+    bias = torch.randn(out_features, dtype=dtype, device="cuda")
+    choices = VARIANTS[variant]
+    config = nf4_matmul.launch_config(rows, out_features, in_features, blocksize, x.device, **choices)
+    y = nf4_matmul.matmul_4bit(x, packed, state, bias, config=config)
+    reference = reference_matmul(x, packed, state, bias)
+    code = state.code if choices.get("SCALE_AFTER") else None
+    assert_within_rounding(y, x, dequantised(packed, state), reference, code)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["words", "prmt"])
 @pytest.mark.parametrize("split_k", [1, 2, 8])
-def test_fused_lora_term_and_split_k_reduction_under_graph_replay(split_k):
+def test_fused_lora_term_and_split_k_reduction_under_graph_replay(variant, split_k):
     torch.manual_seed(0)
     packed, state = quantised(384, 1024)
     x = torch.randn(16, 1024, dtype=torch.bfloat16, device="cuda")
     lora_a = torch.randn(8, 1024, device="cuda") * 0.05  # fp32 adapter, as the precision plugin keeps it
     lora_b = torch.randn(384, 8, device="cuda") * 0.05
     config = {"BLOCK_M": 16, "BLOCK_N": 64, "SPLIT_K": split_k, "num_warps": 4, "num_stages": 3}
+    config.update(VARIANTS[variant])
 
     def call():
         return nf4_matmul.matmul_4bit(
@@ -81,7 +146,8 @@ def test_fused_lora_term_and_split_k_reduction_under_graph_replay(split_k):
         torch.testing.assert_close(captured, eager, rtol=0, atol=0)
     lora = 2.0 * (x.float() @ lora_a.T) @ lora_b.T
     reference = (reference_matmul(x, packed, state).float() + lora).to(torch.bfloat16)
-    assert_within_bf16_rounding(eager, x, packed, state, reference)
+    code = state.code if VARIANTS[variant].get("SCALE_AFTER") else None
+    assert_within_rounding(eager, x, dequantised(packed, state), reference, code)
 
 
 def test_layout_reasons_name_what_is_not_handled():
@@ -112,36 +178,58 @@ def test_reference_matmul_is_dequantise_then_linear():
 
 
 INTERPRETED = """
-import itertools, torch, bitsandbytes.functional as F
-from vrft.kernels.nf4_matmul import matmul_4bit, reference_matmul
+import itertools, sys, torch, bitsandbytes.functional as F
+from vrft.kernels.nf4_matmul import matmul_4bit
 torch.manual_seed(0)
-cases = [("nf4", True, 5, 72, 256, 64, 2), ("fp4", False, 17, 40, 512, 128, 1), ("nf4", True, 3, 24, 320, 64, 3)]
-for (quant_type, nested, rows, n, k, bs, split), block_k, gather, transposed in itertools.product(
-    cases, (64, 128, 256), (0, 1), (0, 1)
+cases = [  # quant type, nested, M, N, K, blocksize, K split; BLOCK_N is 32
+    ("nf4", True, 5, 72, 256, 64, 2),  # N off the tile, nested absmax, a split K
+    ("fp4", False, 17, 64, 512, 128, 2),  # M not a power of two; N and K on the tiles (EVEN: no masks)
+    ("nf4", True, 3, 24, 320, 64, 3),  # K = 320: a partial last step at BLOCK_K 128, a split of 3
+]
+variants = [  # DECODE, SCALE_AFTER, GATHER, TRANSPOSED
+    (0, 0, 0, 0), (0, 0, 1, 1), (0, 1, 1, 1), (0, 1, 0, 0), (1, 0, 1, 0),
+    (1, 0, 0, 1), (1, 1, 1, 1), (1, 1, 0, 0), (2, 1, 1, 1), (2, 1, 1, 0),
+]
+results = []
+for (quant_type, nested, rows, n, k, bs, split), (decode, after, gather, transposed), deeper in itertools.product(
+    cases, variants, (False, True)
 ):
-    if block_k < bs:
-        continue
     w = torch.randn(n, k, dtype=torch.float16)
     packed, state = F.quantize_4bit(w, blocksize=bs, compress_statistics=nested, quant_type=quant_type)
     x = torch.randn(rows, k, dtype=torch.float16)
     lora_in, lora_b = torch.randn(rows, 8), torch.randn(n, 8) * 0.1
+    block_k = 2 * bs if deeper else bs
     cfg = {"BLOCK_M": 16 if rows <= 16 else 32, "BLOCK_N": 32, "BLOCK_K": block_k,
-           "SPLIT_K": min(split, -(-k // block_k)), "GATHER": gather, "TRANSPOSED": transposed}
-    y = matmul_4bit(x, packed, state, None, lora_in, lora_b, 0.5, config=cfg).float()
-    ref = reference_matmul(x, packed, state).float() + 0.5 * lora_in @ lora_b.T
-    # fp16: one ulp (2^-10 relative) of the output plus fp32 reordering
-    assert ((y - ref).abs() <= 2**-10 * ref.abs() + 1e-3).all(), (cfg, (y - ref).abs().max())
+           "SPLIT_K": min(split, -(-k // block_k)), "GATHER": gather, "TRANSPOSED": transposed,
+           "DECODE": decode, "SCALE_AFTER": after}
+    y = matmul_4bit(x, packed, state, None, lora_in, lora_b, 0.5, config=cfg)
+    weight = F.dequantize_4bit(packed, state)
+    reference = (x.float() @ weight.float().T + 0.5 * lora_in @ lora_b.T).to(torch.float16)
+    results.append({"label": f"{quant_type} {cfg}", "y": y, "x": x, "weight": weight, "reference": reference,
+                    "code": state.code if after else None})
+torch.save(results, sys.argv[1])
 """
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
-def test_kernel_logic_under_the_triton_interpreter():
+def test_kernel_logic_under_the_triton_interpreter(tmp_path):
     # The interpreter runs the kernel on CPU tensors with numpy, in fp16 (numpy has no bf16): it checks the
-    # indexing, the nibble order, the double-quantised absmax, the split-K reduction, the fused LoRA term,
-    # both code-book lookups, both operand orders and every tile depth, not the speed.
+    # indexing, the nibble order of all three decoders (the byte-permute one through its table words, as
+    # the interpreter runs no PTX: tests/kernels/test_nf4_decode.py runs the PTX itself), both absmax
+    # modes, the double-quantised absmax, the split-K reduction, the fused LoRA term, both code-book
+    # lookups, both operand orders, one and two quantisation blocks per step, and the masks, not the speed.
     numpy = pytest.importorskip("numpy")
     if tuple(int(p) for p in numpy.__version__.split(".")[:2]) >= (2, 4):
         pytest.skip("Triton 3.6's interpreter fails on numpy >= 2.4 (int() of a 1-element array)")
     env = {**os.environ, "TRITON_INTERPRET": "1"}  # read when the kernel is defined: a fresh process
-    result = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True)
+    path = tmp_path / "results.pt"
+    result = subprocess.run(
+        [sys.executable, "-c", INTERPRETED, str(path)], env=env, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr[-2000:]
+    results = torch.load(path, weights_only=False)
+    assert len(results) == 60
+    for case in results:
+        assert_within_rounding(
+            case["y"], case["x"], case["weight"], case["reference"], case["code"], label=case["label"]
+        )

@@ -5,25 +5,29 @@ any other batch it dequantises the whole matrix to bf16 in memory and calls cuBL
 of GRPO (8..64 rows) every step writes and re-reads 4 bytes per weight on top of the 0.5 it stores.
 
 Storage, as `bitsandbytes.functional.quantize_4bit` writes it (0.4x-0.50; `dequantize_4bit` is the
-reference this module is tested against): the `[N, K]` weight flattened row-major; element `2i` in the high
-nibble of byte `i`, element `2i + 1` in the low nibble; one absmax per `blocksize` consecutive elements; a
-weight is `code[nibble] * absmax` computed in fp32 and rounded to the compute dtype. With double
-quantisation the absmax is itself a uint8 code: `state2.code[q] * state2.absmax[block // state2.blocksize]
-+ offset`, in fp32. The kernel decodes exactly these values in registers, so it multiplies by the same bf16
-weights as the training forward; only the order of the fp32 accumulation differs.
+reference this module is tested against): the `[N, K]` weight flattened row-major, two codes a byte; one
+absmax per `blocksize` consecutive elements; a weight is `code[nibble] * absmax` computed in fp32 and rounded
+to the compute dtype. With double quantisation the absmax is itself a uint8 code: `state2.code[q] *
+state2.absmax[block // state2.blocksize] + offset`, in fp32.
 
 The kernel: one program per (row tile of `x`, tile of `BLOCK_N` output features, slice of K). Each loop
-step decodes a `[BLOCK_N, BLOCK_K]` tile of weights in registers (the packed words viewed as
-`[BLOCK_N, BLOCK_K / 8, 8]`, shifted and masked to codes, looked up in the 16-entry code book by a register
-shuffle, multiplied by their absmax) and makes one tensor-core dot of it with the matching `x` columns, the
-weight tile as the left operand (`y^T = W x^T`: the few decode rows are the MMA's narrow side). With a split
-K, partial sums go to an fp32 workspace and the last program of a tile to arrive (an atomic counter, which
-that program resets, so CUDA-graph replays start from zero) adds them up, then the bias and the LoRA term,
-and writes `y` once.
+step decodes `[BLOCK_N, BLOCK_K]` weights in registers (`nf4_decode`: the ways to turn nibbles into codes)
+and makes tensor-core dots of them with the matching `x` columns, by default the weight tile as the left
+operand (`y^T = W x^T`: the few decode rows are the MMA's narrow side). Two ways to apply the absmax:
+- `SCALE_AFTER=0`: each weight is `code * absmax` in fp32 rounded once, exactly `dequantize_4bit`'s bf16
+  weights (the training forward's); one dot per step. Costs an fp32 multiply and a conversion per weight.
+- `SCALE_AFTER=1`: the codes alone, in the compute dtype; one dot per quantisation block into a fresh fp32
+  sum, which the block's fp32 absmax then scales. A weight is then `bf16(code) * absmax` instead of
+  `bf16(code * absmax)`: both are within one bf16 rounding of the exact product (tests/kernels derive the
+  bound), not bit-equal to the training forward's weights.
+With a split K, partial sums go to an fp32 workspace and the last program of a tile to arrive (an atomic
+counter, which that program resets, so CUDA-graph replays start from zero) adds them up, then the bias and
+the LoRA term, and writes `y` once.
 
-Measured on the H200 at 16 rows (bench/rollout/results.md): 12-13% of the bandwidth bound on Qwen2-VL-7B's
-large projections, about 2x faster than dequantise-then-matmul; the per-weight decoding work, not memory,
-bounds it.
+Measured on the H200 at 16 rows (bench/rollout/results.md): the first variants (int32 words, shuffle
+lookup, scale per weight) ran at 12-13% of the bandwidth bound on Qwen2-VL-7B's large projections, bound by
+the per-weight decoding instructions; `kernel_sweep.py --sweep` compares the variants, and `DEFAULTS`
+holds its pick.
 """
 
 from __future__ import annotations
@@ -40,6 +44,12 @@ try:
 except ImportError:  # CPU-only installs: supports() says why, reference_matmul still works
     triton = None
 
+from vrft.kernels.nf4_decode import DECODE_BYTES, DECODE_PRMT
+
+if triton is not None:
+    from vrft.kernels.nf4_decode import absmax, code_books, decode
+    from vrft.kernels.nf4_epilogue import store_output
+
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (64, 128, 256)  # one block per loop iteration: [BLOCK_N, blocksize / 2] bytes
 DTYPES = (torch.bfloat16, torch.float16)
@@ -47,16 +57,21 @@ MAX_LORA_RANK = 256
 # launch_config's choices, from bench/rollout/kernel_sweep.py --sweep on the H200 at 16 rows (results in
 # bench/rollout/results/kernel_sweep.json): on Qwen2-VL-7B's four projection shapes the shuffle lookup beat
 # the L1 load by 2-10x, the weight tile as left operand won on the three larger shapes, BLOCK_K 256 and
-# BLOCK_N 128 lost on all but q/o (within 10% there), and 8 programs per SM beat 4 by ~5-10%.
+# BLOCK_N 128 lost on all but q/o (within 10% there), and 8 programs per SM beat 4 by ~5-10%. DECODE and
+# SCALE_AFTER stay at the first kernel's way until the sweep has timed the others; it prints the DEFAULTS
+# it recommends (least time per decoder layer), to paste here.
 DEFAULTS = {
     "BLOCK_N": 64,  # output features per program
     "BLOCK_K": 128,  # weights of each row decoded per loop step (at least one quantisation block)
     "GATHER": 1,  # code-book lookup: 1 a register shuffle (tl.gather), 0 an L1-cached load
     "TRANSPOSED": 1,  # 1: the weight tile is the MMA's left operand (y^T = W x^T), 0: x is
+    "DECODE": 0,  # nibbles to codes (nf4_decode): 0 int32 words, 1 uint8 bytes, 2 byte permutes (needs SCALE_AFTER)
+    "SCALE_AFTER": 0,  # 0: code * absmax per weight (bnb's exact weights), 1: one dot per block, scaled after it
     "num_warps": 4,
     "num_stages": 3,
     "programs_per_sm": 8,  # the K split aims at this many programs per multiprocessor
 }
+KERNEL_SWITCHES = ("GATHER", "TRANSPOSED", "DECODE", "SCALE_AFTER", "num_warps", "num_stages")  # passed as is
 _COUNTERS: dict[torch.device, Tensor] = {}  # per device: split-K arrival counters, always left at zero
 
 
@@ -125,111 +140,81 @@ if triton is not None:
         BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
         HAS_BIAS: tl.constexpr, LORA_RANK: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
-        GATHER: tl.constexpr, TRANSPOSED: tl.constexpr,
+        GATHER: tl.constexpr, TRANSPOSED: tl.constexpr, DECODE: tl.constexpr, SCALE_AFTER: tl.constexpr,
+        EVEN: tl.constexpr, PTX: tl.constexpr,
     ):  # fmt: skip
-        # BLOCK_K weights of each of BLOCK_N rows per iteration: BLOCK_K / 8 packed int32 words per row; word w
-        # holds elements 8w..8w+7, element 8w + p in byte p // 2, high nibble for even p (little-endian bytes).
-        WORDS: tl.constexpr = BLOCK_K // 8
-        SCALES: tl.constexpr = max(1, BLOCK_K // BLOCKSIZE)  # absmax blocks per iteration
+        # Each loop step covers BLOCK_K columns of BLOCK_N weight rows, as PARTS dots of DOT_K columns: one
+        # dot per step when every weight is scaled before it, one per quantisation block when scaled after.
+        DTYPE: tl.constexpr = x_ptr.dtype.element_ty
+        DOT_K: tl.constexpr = min(BLOCK_K, BLOCKSIZE) if SCALE_AFTER else BLOCK_K
+        PARTS: tl.constexpr = BLOCK_K // DOT_K
+        SCALES: tl.constexpr = max(1, DOT_K // BLOCKSIZE)  # absmax blocks per dot
+        BOOK_DTYPE: tl.constexpr = DTYPE if SCALE_AFTER else tl.float32
         pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rows_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_m, mask_n = rows_m < M, rows_n < N
-        words_per_row = K // 8
+        # EVEN (N % BLOCK_N == 0 == K % BLOCK_K): the masks of weights, absmax and x columns fold away
+        mask_m, mask_n = rows_m < M, (rows_n < N) | EVEN
         blocks_per_row = K // BLOCKSIZE
-        word = tl.arange(0, WORDS)
-        position = tl.arange(0, 8)
-        shift = 8 * (position // 2) + 4 * (1 - position % 2)  # [8] bit offset of element p within its word
-        row_words = packed_ptr + rows_n[:, None].to(tl.int64) * words_per_row
-        row_blocks = rows_n.to(tl.int64) * blocks_per_row  # [BLOCK_N] each row's first absmax index
+        row_blocks = rows_n * blocks_per_row  # [BLOCK_N] each row's first absmax (int32: N K / 64 < 2^31)
         x_rows = x_ptr + rows_m.to(tl.int64) * stride_xm
-        if GATHER:  # the 16-entry code book in registers, looked up by a shuffle; else an L1-cached load
-            code = tl.broadcast_to(tl.load(code_ptr + tl.arange(0, 16))[None, :], (BLOCK_N, 16))
+        book, tables = code_books(code_ptr, BLOCK_N, DECODE, GATHER, BOOK_DTYPE)
+        offset = 0.0
         if NESTED:
             offset = tl.load(offset_ptr)
         if TRANSPOSED:  # y^T = W x^T: the decoded weight tile is the MMA's A operand, taken from registers
             acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        first = pid_k * iters_per_split  # slices of whole steps; steps past the row's end are masked off
-        for step in range(first, first + iters_per_split):
-            in_row = step * WORDS + word  # [WORDS] word index within the row
-            mask_k = in_row < words_per_row
-            words = tl.load(row_words + in_row[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0)
-            nibbles = tl.reshape((words[:, :, None] >> shift[None, None, :]) & 15, (BLOCK_N, BLOCK_K))
-            if GATHER:
-                value = tl.gather(code, nibbles, axis=1)
-            else:
-                value = tl.load(code_ptr + nibbles)
-            block_in_row = step * BLOCK_K // BLOCKSIZE + tl.arange(0, SCALES)
-            block = row_blocks[:, None] + block_in_row[None, :]  # [BLOCK_N, SCALES]
-            mask_s = mask_n[:, None] & (block_in_row < blocks_per_row)[None, :]
-            if NESTED:
-                quantised = tl.load(absmax_ptr + block, mask=mask_s, other=0).to(tl.int32)
-                scale2 = tl.load(absmax2_ptr + block // NESTED_BLOCKSIZE, mask=mask_s, other=0.0)
-                scale = tl.load(code2_ptr + quantised) * scale2 + offset
-            else:
-                scale = tl.load(absmax_ptr + block, mask=mask_s, other=0.0)
-            if SCALES > 1:
-                scale = tl.reshape(
-                    tl.broadcast_to(scale[:, :, None], (BLOCK_N, SCALES, BLOCK_K // SCALES)),
-                    (BLOCK_N, BLOCK_K),
+        first = pid_k * iters_per_split  # slices of whole steps; the last slice may be shorter
+        for step in range(first, tl.minimum(first + iters_per_split, tl.cdiv(K, BLOCK_K))):
+            for part in tl.static_range(PARTS):
+                start = step * BLOCK_K + part * DOT_K  # first column of this dot
+                value = decode(
+                    packed_ptr, rows_n, mask_n, start, K, book, code_ptr, tables,
+                    DOT_K, BLOCK_N, DECODE, GATHER, BOOK_DTYPE, EVEN, PTX,
+                )  # fmt: skip
+                block_in_row = start // BLOCKSIZE + tl.arange(0, SCALES)
+                blocks = row_blocks[:, None] + block_in_row[None, :]  # [BLOCK_N, SCALES]
+                mask_s = mask_n[:, None] & ((block_in_row < blocks_per_row) | EVEN)[None, :]
+                scale = absmax(
+                    absmax_ptr, absmax2_ptr, code2_ptr, offset, blocks, mask_s, NESTED, NESTED_BLOCKSIZE
                 )
-            weight = (value * scale).to(
-                x_ptr.dtype.element_ty
-            )  # [BLOCK_N, BLOCK_K], as dequantize_4bit rounds
-            column = step * BLOCK_K + tl.arange(0, BLOCK_K)
-            mask_c = column < K
-            if TRANSPOSED:
-                x_part = tl.load(
-                    x_rows[None, :] + column[:, None], mask=mask_m[None, :] & mask_c[:, None], other=0.0
-                )  # [BLOCK_K, BLOCK_M]
-                acc = tl.dot(weight, x_part, acc)
-            else:
-                x_part = tl.load(
-                    x_rows[:, None] + column[None, :], mask=mask_m[:, None] & mask_c[None, :], other=0.0
-                )  # [BLOCK_M, BLOCK_K]
-                acc = tl.dot(x_part, tl.trans(weight), acc)
+                if SCALE_AFTER:  # codes in the compute dtype; the block's fp32 absmax scales the dot's sum
+                    weight = value
+                else:  # code * absmax in fp32 rounded once, as dequantize_4bit: the training forward's weights
+                    if SCALES > 1:
+                        scale = tl.reshape(
+                            tl.broadcast_to(scale[:, :, None], (BLOCK_N, SCALES, DOT_K // SCALES)),
+                            (BLOCK_N, DOT_K),
+                        )
+                    weight = (value * scale).to(DTYPE)  # [BLOCK_N, DOT_K]
+                column = start + tl.arange(0, DOT_K)
+                mask_c = (column < K) | EVEN
+                if TRANSPOSED:
+                    x_part = tl.load(
+                        x_rows[None, :] + column[:, None], mask=mask_m[None, :] & mask_c[:, None], other=0.0
+                    )  # [DOT_K, BLOCK_M]
+                    if SCALE_AFTER:
+                        acc += tl.dot(weight, x_part) * tl.reshape(scale, (BLOCK_N, 1))
+                    else:
+                        acc = tl.dot(weight, x_part, acc)
+                else:
+                    x_part = tl.load(
+                        x_rows[:, None] + column[None, :], mask=mask_m[:, None] & mask_c[None, :], other=0.0
+                    )  # [BLOCK_M, DOT_K]
+                    if SCALE_AFTER:
+                        acc += tl.dot(x_part, tl.trans(weight)) * tl.reshape(scale, (1, BLOCK_N))
+                    else:
+                        acc = tl.dot(x_part, tl.trans(weight), acc)
         if TRANSPOSED:
             acc = tl.trans(acc)
 
-        if SPLIT:  # split_k > 1; the split itself is a runtime value, so one compiled variant serves all
-            tile = pid_m * tl.num_programs(0) + pid_n
-            local = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-            partials = partial_ptr + tile.to(tl.int64) * (split_k * BLOCK_M * BLOCK_N) + local
-            tl.store(partials + pid_k * (BLOCK_M * BLOCK_N), acc)
-            tl.debug_barrier()  # every thread's partial is written before the release below
-            arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel")
-            if arrived == split_k - 1:  # the last slice of this tile: reduce, finish, reset the counter
-                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                for split in range(split_k):
-                    acc += tl.load(partials + split * (BLOCK_M * BLOCK_N), cache_modifier=".cg")
-                tl.atomic_xchg(counter_ptr + tile, 0)
-                _finish(acc, rows_m, rows_n, mask_m, mask_n, bias_ptr, lora_in_ptr, lora_b_ptr, lora_scale,
-                        y_ptr, stride_lm, stride_ym, lora_rank, HAS_BIAS, LORA_RANK)  # fmt: skip
-        else:
-            _finish(acc, rows_m, rows_n, mask_m, mask_n, bias_ptr, lora_in_ptr, lora_b_ptr, lora_scale,
-                    y_ptr, stride_lm, stride_ym, lora_rank, HAS_BIAS, LORA_RANK)  # fmt: skip
-
-    @triton.jit
-    def _finish(
-        acc, rows_m, rows_n, mask_m, mask_n, bias_ptr, lora_in_ptr, lora_b_ptr, lora_scale,
-        y_ptr, stride_lm, stride_ym, lora_rank, HAS_BIAS: tl.constexpr, LORA_RANK: tl.constexpr,
-    ):  # fmt: skip
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rows_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        if LORA_RANK > 0:  # scale * (x A^T) B^T in fp32, as peft computes an fp32 adapter
-            rank = tl.arange(0, LORA_RANK)
-            in_rank = rank[None, :] < lora_rank
-            xa = tl.load(
-                lora_in_ptr + rows_m[:, None] * stride_lm + rank[None, :], mask=mask_m[:, None] & in_rank
-            )
-            b = tl.load(
-                lora_b_ptr + rows_n[:, None] * lora_rank + rank[None, :], mask=mask_n[:, None] & in_rank
-            )
-            acc += lora_scale * tl.dot(xa.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="ieee")
-        y = y_ptr + rows_m[:, None] * stride_ym + rows_n[None, :]
-        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        store_output(
+            acc, pid_m, pid_n, pid_k, rows_m, rows_n, mask_m, mask_n, partial_ptr, counter_ptr, split_k,
+            bias_ptr, lora_in_ptr, lora_b_ptr, lora_scale, lora_rank, stride_lm, y_ptr, stride_ym,
+            BLOCK_M, BLOCK_N, SPLIT, HAS_BIAS, LORA_RANK,
+        )  # fmt: skip
 
 
 @functools.cache
@@ -258,7 +243,7 @@ def launch_config(
         "BLOCK_N": block_n,
         "BLOCK_K": block_k,
         "SPLIT_K": split_k,
-        **{key: chosen[key] for key in ("GATHER", "TRANSPOSED", "num_warps", "num_stages")},
+        **{key: chosen[key] for key in KERNEL_SWITCHES},
     }
 
 
@@ -299,10 +284,14 @@ def matmul_4bit(
     config = dict(config)
     block_m, block_n, split_k = config.pop("BLOCK_M"), config.pop("BLOCK_N"), config.pop("SPLIT_K")
     block_k = config.pop("BLOCK_K", max(DEFAULTS["BLOCK_K"], blocksize))
-    config.setdefault("GATHER", DEFAULTS["GATHER"])
-    config.setdefault("TRANSPOSED", DEFAULTS["TRANSPOSED"])
+    for key in KERNEL_SWITCHES:
+        config.setdefault(key, DEFAULTS[key])
     if block_k % blocksize and blocksize % block_k:
         raise ValueError(f"BLOCK_K={block_k} and the blocksize {blocksize} must divide one another")
+    if config["DECODE"] == DECODE_PRMT and not config["SCALE_AFTER"]:
+        raise ValueError(
+            "DECODE=2 (byte permutes) decodes codes in the compute dtype only; set SCALE_AFTER=1"
+        )
     steps = _steps_per_row(in_features, block_k)
     if split_k > steps:
         raise ValueError(f"SPLIT_K={split_k} is more than the {steps} loop steps of a row")
@@ -319,8 +308,9 @@ def matmul_4bit(
         raise ValueError(f"LoRA rank {rank} > {MAX_LORA_RANK} is not fused; apply it outside matmul_4bit")
     if lora_in is not None:
         lora_in, lora_b = lora_in.contiguous(), lora_b.contiguous()
+    packed = packed.reshape(-1)
     _matmul_4bit_kernel[grid](
-        x, packed.reshape(-1).view(torch.int32), quant_state.absmax, quant_state.code,
+        x, packed if config["DECODE"] == DECODE_BYTES else packed.view(torch.int32), quant_state.absmax, quant_state.code,
         state2.absmax, state2.code, quant_state.offset if nested else quant_state.absmax,
         bias if bias is not None else y, lora_in if rank else y, lora_b if rank else y, float(lora_scale),
         partial, counters, y,
@@ -328,6 +318,9 @@ def matmul_4bit(
         triton.cdiv(steps, split_k), split_k,
         BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=state2.blocksize if nested else 1, NESTED=nested,
         HAS_BIAS=bias is not None, LORA_RANK=max(16, triton.next_power_of_2(rank)) if rank else 0,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split_k > 1, **config,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split_k > 1,
+        EVEN=out_features % block_n == 0 and in_features % block_k == 0,  # no masks needed on W, absmax, K
+        PTX=x.device.type == "cuda",  # CPU tensors run under the Triton interpreter, which has no inline PTX
+        **config,
     )  # fmt: skip
     return y

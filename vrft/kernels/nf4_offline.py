@@ -1,0 +1,103 @@
+"""Compile `nf4_matmul`'s kernel for a GPU architecture on a machine without one, and read its machine code.
+
+Why: the kernel's speed is decided by the instructions its main loop spends per weight, and the Triton
+wheel carries the whole CUDA back end (ptxas, cuobjdump), so a CPU-only machine can build the sm_90 binary
+of every variant, check that its inline PTX assembles and count its loop's SASS instructions. The
+interpreter (tests/kernels) checks the values; this checks what the GPU would run. It says nothing about
+timing: stalls, occupancy and memory are only seen on the device (bench/rollout/kernel_sweep.py).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import subprocess
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from vrft.kernels.nf4_decode import DECODE_BYTES
+from vrft.kernels.nf4_matmul import DEFAULTS, KERNEL_SWITCHES, _matmul_4bit_kernel
+
+H200 = GPUTarget("cuda", 90, 32)
+_POINTERS = {  # kernel argument -> element type; "X" is the compute dtype
+    "x_ptr": "X", "bias_ptr": "X", "lora_in_ptr": "X", "lora_b_ptr": "X", "y_ptr": "X",
+    "code_ptr": "fp32", "absmax2_ptr": "fp32", "code2_ptr": "fp32", "offset_ptr": "fp32",
+    "partial_ptr": "fp32", "counter_ptr": "i32",
+}  # fmt: skip
+_ALIGNED = ("K", "N", "stride_xm", "stride_ym")  # multiples of 16 on the Qwen shapes: Triton specialises them
+
+
+def compile_kernel(
+    config: dict,
+    dtype: str = "bf16",
+    nested: bool = True,
+    blocksize: int = 64,
+    even: bool = True,
+    split: bool = True,
+    target: GPUTarget = H200,
+):
+    """The kernel compiled for `target` with launch config `config` (as `launch_config` returns it).
+
+    `dtype` is "bf16" or "fp16"; the other arguments are the compile-time facts `matmul_4bit` derives from
+    the weight and shape. Returns Triton's compiled kernel (`.asm` holds "ttgir", "ptx", "cubin").
+    """
+    switches = {key: config.get(key, DEFAULTS[key]) for key in KERNEL_SWITCHES}
+    num_warps, num_stages = switches.pop("num_warps"), switches.pop("num_stages")
+    constants = {
+        "BLOCKSIZE": blocksize, "NESTED_BLOCKSIZE": 256 if nested else 1, "NESTED": nested,
+        "HAS_BIAS": False, "LORA_RANK": 0, "BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"],
+        "BLOCK_K": config["BLOCK_K"], "SPLIT": split, "EVEN": even, "PTX": True, **switches,
+    }  # fmt: skip
+    pointers = {
+        **_POINTERS,
+        "packed_ptr": "u8" if switches["DECODE"] == DECODE_BYTES else "i32",
+        "absmax_ptr": "u8" if nested else "fp32",
+    }
+    names = _matmul_4bit_kernel.arg_names
+    signature = {}
+    for name in names:
+        if name in constants:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = "*" + (dtype if pointers[name] == "X" else pointers[name])
+        else:
+            signature[name] = "fp32" if name == "lora_scale" else "i32"
+    aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n in pointers or n in _ALIGNED}
+    source = ASTSource(_matmul_4bit_kernel, signature, constants, aligned)
+    return triton.compile(source, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def sass(compiled) -> str:
+    """The compiled kernel's SASS, disassembled by the cuobjdump that ships with Triton."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    path = f"/tmp/nf4_kernel_{os.getpid()}.cubin"
+    with open(path, "wb") as handle:
+        handle.write(compiled.asm["cubin"])
+    try:
+        return subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.remove(path)
+
+
+def main_loop_opcodes(code: str) -> collections.Counter:
+    """Opcode counts (`PRMT`, `LOP3`, `SHFL`, ...) of the longest loop in `code` that runs tensor-core MMAs.
+
+    The loop is found as a backward branch whose body holds an (H)GMMA or HMMA: the K loop of the kernel.
+    """
+    instructions = []  # (address, text)
+    for line in code.splitlines():
+        found = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
+        if found:
+            instructions.append((int(found.group(1), 16), found.group(2).strip()))
+    longest: list[str] = []
+    for address, text in instructions:
+        branch = re.search(r"BRA\s+0x([0-9a-f]+)", text)
+        if branch and int(branch.group(1), 16) < address:
+            body = [t for a, t in instructions if int(branch.group(1), 16) <= a <= address]
+            if any("MMA" in t for t in body) and len(body) > len(longest):
+                longest = body
+    opcode = re.compile(r"^(?:@!?U?P\w+\s+)?([A-Z0-9_]+)")
+    return collections.Counter(opcode.match(text).group(1) for text in longest)
