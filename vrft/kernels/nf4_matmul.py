@@ -26,8 +26,8 @@ the LoRA term, and writes `y` once.
 
 Measured on the H200 at 16 rows (bench/rollout/results.md): the first variants (int32 words, shuffle
 lookup, scale per weight) ran at 12-13% of the bandwidth bound on Qwen2-VL-7B's large projections, bound by
-the per-weight decoding instructions; `kernel_sweep.py --sweep` compares the variants, and `DEFAULTS`
-holds its pick.
+the per-weight decoding instructions; the byte-permute decode with the scale after the dot (`DEFAULTS`) runs
+at 18-21%, as fast as cuBLAS on a bf16 copy of the same matrix, and still bound by decoding, not memory.
 """
 
 from __future__ import annotations
@@ -54,23 +54,27 @@ QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (64, 128, 256)  # one block per loop iteration: [BLOCK_N, blocksize / 2] bytes
 DTYPES = (torch.bfloat16, torch.float16)
 MAX_LORA_RANK = 256
-# launch_config's choices, from bench/rollout/kernel_sweep.py --sweep on the H200 at 16 rows (results in
-# bench/rollout/results/kernel_sweep.json): on Qwen2-VL-7B's four projection shapes the shuffle lookup beat
-# the L1 load by 2-10x, the weight tile as left operand won on the three larger shapes, BLOCK_K 256 and
-# BLOCK_N 128 lost on all but q/o (within 10% there), and 8 programs per SM beat 4 by ~5-10%. DECODE and
-# SCALE_AFTER stay at the first kernel's way until the sweep has timed the others; it prints the DEFAULTS
-# it recommends (least time per decoder layer), to paste here.
+# launch_config's choices, from `bench/rollout/kernel_sweep.py --sweep` on the H200 (2026-12-04, results in
+# bench/rollout/results/kernel_sweep.json). At 16 rows the byte-permute decode with the scale applied after
+# each block's dot took 149 us per 7B decoder layer against 218 for the first kernel's way (gate/up 34.8 us,
+# cuBLAS on a bf16 copy 36.8); 8 warps, BLOCK_K 256 and BLOCK_N 256 all lost, and x as the left operand lost
+# on every shape. At 8 and 32 rows it wins by the same or a smaller margin (147 / 200 us against 217 / 263).
 DEFAULTS = {
-    "BLOCK_N": 64,  # output features per program
+    "BLOCK_N": 128,  # output features per program
     "BLOCK_K": 128,  # weights of each row decoded per loop step (at least one quantisation block)
-    "GATHER": 1,  # code-book lookup: 1 a register shuffle (tl.gather), 0 an L1-cached load
+    "GATHER": 1,  # code-book lookup for DECODE 0/1: 1 a register shuffle (tl.gather), 0 an L1-cached load
     "TRANSPOSED": 1,  # 1: the weight tile is the MMA's left operand (y^T = W x^T), 0: x is
-    "DECODE": 0,  # nibbles to codes (nf4_decode): 0 int32 words, 1 uint8 bytes, 2 byte permutes (needs SCALE_AFTER)
-    "SCALE_AFTER": 0,  # 0: code * absmax per weight (bnb's exact weights), 1: one dot per block, scaled after it
+    "DECODE": 2,  # nibbles to codes (nf4_decode): 0 int32 words, 1 uint8 bytes, 2 byte permutes (needs SCALE_AFTER)
+    "SCALE_AFTER": 1,  # 0: code * absmax per weight (bnb's exact weights), 1: one dot per block, scaled after it
     "num_warps": 4,
-    "num_stages": 3,
+    "num_stages": 2,
     "programs_per_sm": 8,  # the K split aims at this many programs per multiprocessor
 }
+# Above WIDE_ROWS rows the 64-row tile of x and the second accumulator of SCALE_AFTER no longer fit the
+# registers of a 128-wide tile: at 64 rows the choices above took 404 us per layer, the first kernel's way
+# (these overrides) 308 us, in the same sweep.
+WIDE_ROWS = 32
+WIDE_DEFAULTS = {"BLOCK_N": 64, "DECODE": 0, "SCALE_AFTER": 0, "num_stages": 3}
 KERNEL_SWITCHES = ("GATHER", "TRANSPOSED", "DECODE", "SCALE_AFTER", "num_warps", "num_stages")  # passed as is
 _COUNTERS: dict[torch.device, Tensor] = {}  # per device: split-K arrival counters, always left at zero
 
@@ -229,9 +233,10 @@ def launch_config(
 ) -> dict:
     """Tile sizes and K split for one call: enough programs to keep every multiprocessor streaming bytes.
 
-    `choices` override `DEFAULTS` (the K split follows them); benchmarks sweep them.
+    `choices` override `DEFAULTS` (with `WIDE_DEFAULTS` over `WIDE_ROWS` rows; the K split follows them);
+    benchmarks sweep them.
     """
-    chosen = {**DEFAULTS, **choices}
+    chosen = {**DEFAULTS, **(WIDE_DEFAULTS if rows > WIDE_ROWS else {}), **choices}
     block_m = min(64, max(16, triton.next_power_of_2(rows)))
     block_n, block_k = chosen["BLOCK_N"], max(chosen["BLOCK_K"], blocksize)
     tiles = triton.cdiv(rows, block_m) * triton.cdiv(out_features, block_n)
