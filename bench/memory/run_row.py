@@ -31,7 +31,7 @@ from omegaconf import open_dict  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fast_init import fast_random_preset  # noqa: E402
 from rows import compose_row  # noqa: E402
-from speed import decode_speed, logprob_agreement  # noqa: E402
+from speed import decode_kernel_profile, decode_speed, logprob_agreement  # noqa: E402
 
 import vrft.models.policy  # noqa: E402
 from vrft.planner.planning import plan_config, precision_name, resolve_auto  # noqa: E402
@@ -42,12 +42,13 @@ class StepProbe(L.Callback):
     """Per optimizer step: wall time, the module's phase peaks and the logged metrics; at the end of training
     (before Lightning's teardown moves the model back to the CPU) the decode-speed probe, if asked."""
 
-    def __init__(self, engines: list[str], tokens: int):
+    def __init__(self, engines: list[str], tokens: int, profiled: list[str] | None = None):
         self.steps: list[dict] = []
         self.start = 0.0
-        self.engines, self.tokens = engines, tokens
+        self.engines, self.tokens, self.profiled = engines, tokens, profiled or []
         self.speed: dict | None = None
         self.agreement: dict | None = None
+        self.profile: dict | None = None
 
     def on_train_end(self, trainer, pl_module):
         if not self.engines:
@@ -56,6 +57,8 @@ class StepProbe(L.Callback):
         with trainer.precision_plugin.forward_context():
             self.speed = decode_speed(pl_module, rows, self.engines, self.tokens)
             self.agreement = logprob_agreement(pl_module, rows, [e for e in self.engines if e != "hf"])
+            if self.profiled:
+                self.profile = decode_kernel_profile(pl_module, rows, self.profiled)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if torch.cuda.is_available():
@@ -154,6 +157,9 @@ def main() -> None:
     parser.add_argument("--speed", default="", help="comma-separated rollout engines to time after training")
     parser.add_argument("--speed-tokens", type=int, default=128)
     parser.add_argument(
+        "--profile", default="", help="comma-separated static engines whose decode step is profiled by kernel"
+    )
+    parser.add_argument(
         "--concurrent", type=int, default=1, help="rows sharing the GPU (timings then overlap)"
     )
     parser.add_argument("overrides", nargs="*")
@@ -172,7 +178,8 @@ def main() -> None:
             "bitsandbytes": __import__("bitsandbytes").__version__,
         },
     }
-    probe, module = StepProbe([e for e in args.speed.split(",") if e], args.speed_tokens), None
+    engines = [e for e in args.speed.split(",") if e]
+    probe, module = StepProbe(engines, args.speed_tokens, [e for e in args.profile.split(",") if e]), None
     start = time.perf_counter()
     try:
         from vrft import setup as setup_module
@@ -189,7 +196,7 @@ def main() -> None:
     record["config"] = settings(cfg, module if "error" not in record else None)
     record["measured"] = measured(probe.steps)
     record["plan"] = plan_record(cfg, record["config"]["prompt_tokens"], record["config"]["image_tokens"])
-    record["speed"], record["agreement"] = probe.speed, probe.agreement
+    record["speed"], record["agreement"], record["profile"] = probe.speed, probe.agreement, probe.profile
     record["concurrent_rows"] = args.concurrent
     args.out.write_text(json.dumps(record, indent=2))
     print(

@@ -131,3 +131,63 @@ def logprob_agreement(module, rows: list[dict], engines: list[str], tokens: int 
         ) as error:  # an OOM (or a failing engine) is a result too; the other engines still run
             results[name] = {"error": f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"}
     return results
+
+
+def _kernel_times(engine, policy, prompts, group, tokens, eos, pad) -> dict[str, tuple[float, int]]:
+    """GPU time (us) and launches per kernel name over one `generate` of `tokens` new tokens."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        engine.generate(policy, prompts, group, sampling(tokens), eos, pad)
+        _sync()
+    times: dict[str, tuple[float, int]] = {}
+    for event in prof.key_averages():
+        # kernels only: a CPU op's entry also carries the device time of the kernels it launched
+        total = event.self_device_time_total if event.device_type == DeviceType.CUDA else 0.0
+        if total > 0:
+            before = times.get(event.key, (0.0, 0))
+            times[event.key] = (before[0] + total, before[1] + event.count)
+    return times
+
+
+def decode_kernel_profile(module, rows: list[dict], engines: list[str], tokens: int = 33) -> dict:
+    """Per engine: GPU time per decode step by kernel, the static engine run eagerly (no CUDA graph).
+
+    Two profiled runs, of 1 and of `tokens` new tokens: their difference over `tokens - 1` is what one decode
+    step spends in each kernel (prefill and weight preparation cancel). The sum is the step's GPU-busy time;
+    against the graph-replayed step time it shows how much of that step is kernels rather than gaps.
+    """
+    from vrft.rollout.engines import ROLLOUT_ENGINES
+
+    policy, processor = module.policy, module.processor
+    policy.eval()
+    prompts = build_prompts(processor, rows, module.prompt_template, module.device)
+    tokenizer = processor.tokenizer
+    eos = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+    group = module.settings.group_size
+    results = {}
+    for name in engines:
+        try:
+            engine = ROLLOUT_ENGINES[name](cuda_graph=False)
+            engine.generate(policy, prompts, group, sampling(4), eos, tokenizer.pad_token_id)  # warm-up
+            short = _kernel_times(engine, policy, prompts, group, 1, eos, tokenizer.pad_token_id)
+            long = _kernel_times(engine, policy, prompts, group, tokens, eos, tokenizer.pad_token_id)
+            per_step = {}
+            for kernel, (us, calls) in long.items():
+                us_short, calls_short = short.get(kernel, (0.0, 0))
+                per_step[kernel] = ((us - us_short) / (tokens - 1), (calls - calls_short) / (tokens - 1))
+            ranked = sorted(per_step.items(), key=lambda item: -item[1][0])
+            results[name] = {
+                "gpu_us_per_step": sum(us for us, _ in per_step.values()),
+                "launches_per_step": sum(calls for _, calls in per_step.values()),
+                "top": [
+                    {"kernel": kernel[:90], "us_per_step": us, "calls_per_step": calls}
+                    for kernel, (us, calls) in ranked[:15]
+                ],
+            }
+        except Exception as error:  # a profile is extra evidence: a failure is recorded, the run goes on
+            results[name] = {"error": f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"}
+        finally:
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return results

@@ -38,6 +38,7 @@ ROWS = {  # row -> (hardware profile and settings, whether the engines' decode s
     "24g": (["+hw=rtx4090", *COMMON], False),
     "16g_G16": (["+hw=rtx4080-16g", *COMMON, "algorithm.group_size=16"], False),
 }
+PROFILED = "packed,bf16_copy"  # engines whose decode step is also profiled by kernel (eager, no CUDA graph)
 G16_TARGET_GIB = 16.0
 STEP_RATIO_TARGET = 1.1
 
@@ -90,6 +91,7 @@ def summary(records: dict[str, dict], engines_run: str) -> dict:
         "command": f"python bench/rollout/packed.py --out $OUT --rows {','.join(records)} --engines {engines_run}",
         "env": next((r.get("env") for r in records.values() if r.get("env")), None),
         "engines": engine_summary(records.get("16g", {})),
+        "decode_profile": records.get("16g", {}).get("profile"),
         "rows": rows,
     }
     small, large = rows.get("16g", {}), rows.get("24g", {})
@@ -120,6 +122,27 @@ def engine_table(result: dict) -> str:
             f"| {name} | {e['step_ms']:.1f} | {e['tokens_per_s']:.0f} | {e['percent_of_bound']:.1f} "
             f"| {e['weight_gb_per_step']:.2f} | {speedup} | {'yes' if e['cuda_graph'] else 'no'} | {gap} |"
         )
+    return "\n".join(lines)
+
+
+def profile_table(result: dict, top: int = 10) -> str:
+    """Per profiled engine: GPU time per decode step, by kernel (the largest `top`)."""
+    lines = []
+    for name, profile in (result.get("decode_profile") or {}).items():
+        if profile.get("error"):
+            lines.append(f"{name}: {profile['error']}")
+            continue
+        lines += [
+            f"{name}: {profile['gpu_us_per_step'] / 1e3:.2f} ms of kernels per decode step, "
+            f"{profile['launches_per_step']:.0f} launches",
+            "| kernel | us / step | launches / step |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| `{k['kernel']}` | {k['us_per_step']:.0f} | {k['calls_per_step']:.0f} |"
+            for k in profile["top"][:top]
+        ]
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -177,7 +200,7 @@ def main() -> None:
         path = args.out / f"row_{name}.json"
         command = [sys.executable, str(MEMORY / "run_row.py"), "--name", f"qwen2vl-7b_int4_{name}"]
         command += ["--images", str(images), "--out", str(path)]
-        command += ["--speed", args.engines] if timed else []
+        command += ["--speed", args.engines, "--profile", PROFILED] if timed else []
         try:
             subprocess.run([*command, "--", *overrides], timeout=args.timeout, check=False)
         except subprocess.TimeoutExpired:
@@ -187,6 +210,7 @@ def main() -> None:
         (args.out / "packed.json").write_text(json.dumps(result, indent=2))
     print(engine_table(result))
     print()
+    print(profile_table(result))
     print(row_table(result))
 
 
