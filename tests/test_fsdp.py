@@ -55,6 +55,9 @@ def test_two_fsdp_processes_train_the_adapter_one_process_trains(fsdp_run, tmp_p
     )
     for key in ("trainable_parameters", "total_parameters"):
         assert two_summary[key] == one_summary[key], key
+    # Rank 0 alone loaded the base (what one process holds); rank 1 built it on the meta device and received
+    # rank 0's weights one unit at a time as they were sharded.
+    assert two_summary["loaded_weight_bytes_by_rank"] == [one_summary["precision_details"]["weight_bytes"], 0]
     assert_same_metrics(fsdp_run, tmp_path / "one", (*REDUCED_METRICS, "train/grad_norm"))
 
 
@@ -88,6 +91,9 @@ def test_two_fsdp_processes_shard_a_4bit_base_and_train_what_one_process_trains(
     )
     assert two_summary["quantized_layers"] == one_summary["quantized_layers"] == {"Linear4bit": 14}
     assert two_summary["weight_bytes"] < 0.51 * one_summary["weight_bytes"]  # rank 0's half (plus padding)
+    # Rank 1 received the packed codes and their statistics from rank 0 and quantised nothing itself.
+    loaded = json.loads((tmp_path / "two" / "run_summary.json").read_text())["loaded_weight_bytes_by_rank"]
+    assert loaded == [one_summary["weight_bytes"], 0]
 
 
 # ------------------------------------------------------------------------ the plugins' FSDP form, in-process

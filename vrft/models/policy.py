@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import save_file
-from transformers import AutoConfig
+from transformers import AutoConfig, GenerationConfig
 
 from vrft.models.frozen import run_without_autograd
 from vrft.models.presets import (
@@ -115,17 +115,21 @@ class LoraSpec:
         return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=target)
 
 
-def load_base_model(spec: ModelSpec, dtype: torch.dtype) -> torch.nn.Module:
-    """The base model on CPU in `dtype`, frozen (quantisation, if any, is the precision plugin's job)."""
+def load_base_model(spec: ModelSpec, dtype: torch.dtype, weights: bool = True) -> torch.nn.Module:
+    """The base model on CPU in `dtype`, frozen (quantisation, if any, is the precision plugin's job).
+
+    `weights=False`: the same modules, dtypes and generation settings on the meta device, nothing read from
+    disk (an FSDP rank that receives rank 0's weights, `vrft.runtime.weight_sync`).
+    """
     # Lightning calls configure_model under a CUDA default-device context: without this the full-precision
     # model would materialise on the GPU before the precision plugin quantises it (7B bf16: 16.6 GB).
-    with torch.device("cpu"):
-        return _load_base_model(spec, dtype)
+    with torch.device("cpu" if weights else "meta"):
+        return _load_base_model(spec, dtype, weights)
 
 
-def _load_base_model(spec: ModelSpec, dtype: torch.dtype) -> torch.nn.Module:
+def _load_base_model(spec: ModelSpec, dtype: torch.dtype, weights: bool) -> torch.nn.Module:
     if spec.is_random_preset:
-        model = random_preset(spec.name_or_path, dtype, seed=spec.seed)
+        model = random_preset(spec.name_or_path, dtype, seed=spec.seed)  # on meta: the structure alone
     else:
         folder = spec.folder()
         config = AutoConfig.from_pretrained(folder)
@@ -134,9 +138,17 @@ def _load_base_model(spec: ModelSpec, dtype: torch.dtype) -> torch.nn.Module:
                 f"model.name_or_path='{spec.name_or_path}' is a '{config.model_type}' checkpoint; vrft trains "
                 "Qwen2-VL ('qwen2_vl') and Qwen2.5-VL ('qwen2_5_vl') models"
             )
-        model = model_class(config).from_pretrained(
-            folder, dtype=dtype, attn_implementation=spec.attn_implementation
-        )
+        if weights:
+            model = model_class(config).from_pretrained(
+                folder, dtype=dtype, attn_implementation=spec.attn_implementation
+            )
+        else:
+            model = model_class(config)._from_config(
+                config, dtype=dtype, attn_implementation=spec.attn_implementation
+            )
+            # from_pretrained also reads the folder's sampling defaults, which generate() falls back on.
+            if (folder / "generation_config.json").exists():
+                model.generation_config = GenerationConfig.from_pretrained(folder)
     model.requires_grad_(False)
     return model
 
