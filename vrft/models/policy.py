@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,9 +178,13 @@ def attach_lora(model: torch.nn.Module, lora: LoraSpec, gradient_checkpointing: 
                 f"lora.init_adapter='{lora.init_adapter}' has no adapter_config.json; point it at a peft adapter "
                 "folder such as <run_dir>/adapter/final"
             )
-        peft_model = PeftModel.from_pretrained(model, folder, is_trainable=True)
-        # The policy GRPO starts from is its KL reference, not the bare base: a frozen copy of the adapter.
-        peft_model.load_adapter(folder, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+        with warnings.catch_warnings():
+            # On the meta device (an FSDP rank that receives rank 0's weights) torch warns once per adapter
+            # matrix that loading into it is a no-op: it is, and rank 0's values arrive before sharding.
+            warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter.*")
+            peft_model = PeftModel.from_pretrained(model, folder, is_trainable=True)
+            # The policy GRPO starts from is its KL reference, not the bare base: a frozen copy of the adapter.
+            peft_model.load_adapter(folder, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
         return peft_model
     peft_model = get_peft_model(model, lora.peft_config())
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]

@@ -67,6 +67,24 @@ def in_root_forward(policy: nn.Module, fn: Callable[[], T]) -> T:
         restore()
 
 
+def reregister_root_weights(policy: nn.Module) -> None:
+    """After a backward, register the root unit's weights as parameters again where FSDP left them unsharded.
+
+    On one rank FSDP keeps every unit whole (it falls back to NO_SHARD). A backward unflattens the root's
+    frozen weights (embeddings, `lm_head`, the vision tower's patch embedding and merger) as plain tensors,
+    and nothing registers them back: the root forward has no input that requires grad (`in_root_forward`
+    passes none), so FSDP registers no reshard hook for it, and its catch-all reshard at the end of the
+    backward takes an unsharded flat parameter for a resharded one (torch 2.13; with several ranks the flat
+    parameter is sharded and the catch-all reshards it). The next forward would then adopt the tensors as
+    new parameters: a tied one (Qwen2-VL 2B's `lm_head`) fails FSDP's check, an untied one drops out of
+    `parameters()`. Resharding the root's handle (for NO_SHARD, views into the same flat parameter, no
+    copy) registers them again. FSDP has no public call for it.
+    """
+    handle = getattr(policy, "_handle", None) if is_sharded(policy) else None
+    if handle is not None and not handle.uses_sharded_strategy:
+        handle._use_sharded_views()
+
+
 def clip_grad_norm(policy: nn.Module, max_norm: float) -> float:
     """Clip the policy's gradients to `max_norm` (inf: measure only); returns their total norm, over all ranks.
 
@@ -207,6 +225,11 @@ class PolicyFSDPStrategy(FSDPStrategy):
         _update_properties(model, device=self.root_device)
         # Lightning's own setup (activation checkpointing, metrics) sees the FSDP units and wraps nothing more.
         return super()._setup_model(model)
+
+    @override
+    def post_backward(self, closure_loss: torch.Tensor) -> None:
+        super().post_backward(closure_loss)
+        reregister_root_weights(self.lightning_module.policy)
 
     @contextlib.contextmanager
     @override
