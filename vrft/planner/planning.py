@@ -275,6 +275,8 @@ def cards_needed(cfg: DictConfig, card_gb: float = 24.0, max_cards: int = 16) ->
     """The fewest cards of `card_gb` GiB the run of `cfg` needs per strategy (`ddp`, `fsdp`); None: more
     than `max_cards`, or never (DDP holds the whole model on every rank, so more cards barely help)."""
     needed: dict[str, int | None] = {}
+    # FSDP refuses 8-bit optimizer state; its count is that of the fix the refusal names.
+    fsdp_optimizer = ["optimizer=adamw"] if optimizer_refusal(cfg.get("optimizer")) else []
     for strategy in ("ddp", "fsdp"):
         needed[strategy] = None
         for cards in range(1, max_cards + 1):
@@ -283,9 +285,7 @@ def cards_needed(cfg: DictConfig, card_gb: float = 24.0, max_cards: int = 16) ->
                 continue  # the step's prompts must split evenly over the ranks
             overrides = [f"trainer.devices={cards}", f"trainer.strategy={strategy}", "trainer.num_nodes=1"]
             if strategy == "fsdp":
-                overrides.append("algorithm.rollout_engine=hf")  # the only engine FSDP runs
-                if optimizer_refusal(cfg.get("optimizer")):
-                    overrides.append("optimizer=adamw")  # the fix its refusal names (8-bit state)
+                overrides += ["algorithm.rollout_engine=hf", *fsdp_optimizer]  # hf: the only engine FSDP runs
             trial = _with(cfg, overrides)
             if plan_config(trial).device_gb <= card_gb:
                 needed[strategy] = cards

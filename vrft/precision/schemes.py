@@ -236,9 +236,10 @@ def quantize_pending(module: torch.nn.Module, device: torch.device | None = None
 
     `module.to(device)` does this as a side effect; call it when a model was built or converted but not moved.
     A 4-bit weight is quantised on `device` (default: where it sits) and its codes brought back: the kernel of
-    the device a run computes on is the one an unsharded run quantises with on its move there (the CPU's
-    rounds some blocks differently), and a GPU quantises a large base far faster. Weights on the meta device
-    (a rank that receives its weights from another, `vrft.runtime.sharding`) hold nothing to quantise.
+    the device a run computes on is the one an unsharded run quantises with on its move there (bitsandbytes'
+    CPU kernel is another implementation, whose rounding need not match), and a GPU quantises a large base
+    far faster. Weights on the meta device (a rank that receives its weights from another,
+    `vrft.runtime.weight_sync`) hold nothing to quantise.
     """
     count = 0
     for layer in module.modules():

@@ -157,9 +157,8 @@ class PolicyFSDPStrategy(FSDPStrategy):
         kwargs.setdefault("use_orig_params", True)
         kwargs.setdefault("state_dict_type", "full")
         super().__init__(**kwargs)
-        self.loaded_weight_bytes: int | None = (
-            None  # this rank's weight bytes before sharding (`_setup_model`)
-        )
+        # This rank's weight bytes before sharding (`_setup_model`): the run summary's loaded_weight_bytes_by_rank.
+        self.loaded_weight_bytes: int | None = None
 
     @property
     def loads_weights(self) -> bool:
