@@ -72,7 +72,7 @@ def test_one_fsdp_process_trains_what_no_strategy_trains(plain_run, tmp_path):
     # One rank: FSDP keeps every unit whole (NO_SHARD), the path of a single GPU. The same weights as
     # views into flat tensors, the same kernels and tokens (measured: bit-identical); what could differ is
     # the order FSDP sums the gradient norm in, within the bound of the two-process comparison. Before
-    # `reregister_root_weights` this run failed at step 1's second micro-batch (the tied lm_head).
+    # `reregister_unsharded_weights` this run failed at step 1's second micro-batch (the tied lm_head).
     # Through the CLI: in this process the run's process group and Lightning's MASTER_PORT would outlive it
     # and collide with the next multi-process run's.
     cli_run(tmp_path / "fsdp", "trainer.strategy=fsdp")

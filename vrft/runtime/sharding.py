@@ -67,22 +67,25 @@ def in_root_forward(policy: nn.Module, fn: Callable[[], T]) -> T:
         restore()
 
 
-def reregister_root_weights(policy: nn.Module) -> None:
-    """After a backward, register the root unit's weights as parameters again where FSDP left them unsharded.
+def reregister_unsharded_weights(policy: nn.Module) -> None:
+    """After a backward, register again as parameters the frozen weights that FSDP left as plain tensors.
 
-    On one rank FSDP keeps every unit whole (it falls back to NO_SHARD). A backward unflattens the root's
-    frozen weights (embeddings, `lm_head`, the vision tower's patch embedding and merger) as plain tensors,
-    and nothing registers them back: the root forward has no input that requires grad (`in_root_forward`
-    passes none), so FSDP registers no reshard hook for it, and its catch-all reshard at the end of the
-    backward takes an unsharded flat parameter for a resharded one (torch 2.13; with several ranks the flat
-    parameter is sharded and the catch-all reshards it). The next forward would then adopt the tensors as
-    new parameters: a tied one (Qwen2-VL 2B's `lm_head`) fails FSDP's check, an untied one drops out of
-    `parameters()`. Resharding the root's handle (for NO_SHARD, views into the same flat parameter, no
-    copy) registers them again. FSDP has no public call for it.
+    On one rank FSDP keeps every unit whole (it falls back to NO_SHARD). A backward unflattens a unit's
+    weights as plain tensors, and for a frozen unit only a hook on a gradient into its inputs registers
+    them back: the root's forward has no input (`in_root_forward`), the first decoder layer's input (the
+    frozen embedding's output) needs no gradient, and FSDP's catch-all at the end of the backward takes
+    an unsharded flat parameter for a resharded one (torch 2.13; with several ranks the flat parameter is
+    sharded and the catch-all reshards it). The next forward would adopt the tensors as new parameters: a
+    tied one (the root's `lm_head`) then fails FSDP's check ("as_params=True type(prim_param)=Tensor"),
+    untied ones drop out of `parameters()`. Resharding a NO_SHARD unit's handle registers its views into
+    the same flat parameter again (no copy). FSDP has no public call for it.
     """
-    handle = getattr(policy, "_handle", None) if is_sharded(policy) else None
-    if handle is not None and not handle.uses_sharded_strategy:
-        handle._use_sharded_views()
+    if not is_sharded(policy):
+        return
+    for unit in FullyShardedDataParallel.fsdp_modules(policy):
+        handle = getattr(unit, "_handle", None)
+        if handle is not None and not handle.uses_sharded_strategy:
+            handle._use_sharded_views()
 
 
 def clip_grad_norm(policy: nn.Module, max_norm: float) -> float:
@@ -228,7 +231,7 @@ class PolicyFSDPStrategy(FSDPStrategy):
     @override
     def post_backward(self, closure_loss: torch.Tensor) -> None:
         super().post_backward(closure_loss)
-        reregister_root_weights(self.lightning_module.policy)
+        reregister_unsharded_weights(self.lightning_module.policy)
 
     @contextlib.contextmanager
     @override
