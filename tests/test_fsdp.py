@@ -1,5 +1,5 @@
 """Lightning's FSDP strategy on CPU (gloo): two processes holding half of the tiny model each train the
-adapter that one process trains.
+adapter that one process trains, and so does one FSDP process (what a single GPU runs).
 
 Built as `tests/test_distributed.py` is: the two-process run goes through the real CLI (Lightning's launcher
 starts rank 1), the one-process reference runs in this process with the same global batch and seed.
@@ -39,23 +39,46 @@ def fsdp_run(tmp_path_factory):
     return cli_run(tmp_path_factory.mktemp("fsdp") / "two", *FSDP_TWO_RANKS)
 
 
-def test_two_fsdp_processes_train_the_adapter_one_process_trains(fsdp_run, tmp_path):
-    trainer, _, _ = one_process(tmp_path / "one")
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory):
+    """One process, no strategy: the reference of the FSDP runs."""
+    run_dir = tmp_path_factory.mktemp("plain") / "one"
+    trainer, _, _ = one_process(run_dir)
     assert trainer.global_step == 2
+    return run_dir
+
+
+def test_two_fsdp_processes_train_the_adapter_one_process_trains(fsdp_run, plain_run):
     for name in ("step-1", "step-2", "final"):
         # The same sampled tokens (rollouts are seeded by their rows) and the same fp32 weights, gathered
         # before each use: only the order of fp32 additions differs (a gradient reduce-scattered from two
         # half-steps, a grad norm summed from two shards). Measured: step 1 bit-identical, 6e-10 after
         # step 2; the DDP test's bound holds with three orders of magnitude to spare.
-        assert_same_adapter(adapter(fsdp_run, name), adapter(tmp_path / "one", name), f"{name}: ")
+        assert_same_adapter(adapter(fsdp_run, name), adapter(plain_run, name), f"{name}: ")
     assert_trained(adapter(fsdp_run, "final"))
     # The summary counts the model's parameters, not rank 0's shard of them.
     one_summary, two_summary = (
-        json.loads((run / "run_summary.json").read_text()) for run in (tmp_path / "one", fsdp_run)
+        json.loads((run / "run_summary.json").read_text()) for run in (plain_run, fsdp_run)
     )
     for key in ("trainable_parameters", "total_parameters"):
         assert two_summary[key] == one_summary[key], key
-    assert_same_metrics(fsdp_run, tmp_path / "one", (*REDUCED_METRICS, "train/grad_norm"))
+    # Rank 0 alone loaded the base (what one process holds); rank 1 built it on the meta device and received
+    # rank 0's weights one unit at a time as they were sharded.
+    assert two_summary["loaded_weight_bytes_by_rank"] == [one_summary["precision_details"]["weight_bytes"], 0]
+    assert_same_metrics(fsdp_run, plain_run, (*REDUCED_METRICS, "train/grad_norm"))
+
+
+def test_one_fsdp_process_trains_what_no_strategy_trains(plain_run, tmp_path):
+    # One rank: FSDP keeps every unit whole (NO_SHARD), the path of a single GPU. The same weights as
+    # views into flat tensors, the same kernels and tokens (measured: bit-identical); what could differ is
+    # the order FSDP sums the gradient norm in, within the bound of the two-process comparison. Before
+    # `reregister_unsharded_weights` this run failed at step 1's second micro-batch (the tied lm_head).
+    # Through the CLI: in this process the run's process group and Lightning's MASTER_PORT would outlive it
+    # and collide with the next multi-process run's.
+    cli_run(tmp_path / "fsdp", "trainer.strategy=fsdp")
+    for name in ("step-1", "step-2", "final"):
+        assert_same_adapter(adapter(tmp_path / "fsdp", name), adapter(plain_run, name), f"{name}: ")
+    assert_same_metrics(tmp_path / "fsdp", plain_run, (*REDUCED_METRICS, "train/grad_norm"))
 
 
 def test_an_fsdp_checkpoint_resumes_on_one_process_and_on_two_fsdp_processes(fsdp_run, tmp_path):
@@ -88,6 +111,9 @@ def test_two_fsdp_processes_shard_a_4bit_base_and_train_what_one_process_trains(
     )
     assert two_summary["quantized_layers"] == one_summary["quantized_layers"] == {"Linear4bit": 14}
     assert two_summary["weight_bytes"] < 0.51 * one_summary["weight_bytes"]  # rank 0's half (plus padding)
+    # Rank 1 received the packed codes and their statistics from rank 0 and quantised nothing itself.
+    loaded = json.loads((tmp_path / "two" / "run_summary.json").read_text())["loaded_weight_bytes_by_rank"]
+    assert loaded == [one_summary["weight_bytes"], 0]
 
 
 # ------------------------------------------------------------------------ the plugins' FSDP form, in-process

@@ -10,9 +10,10 @@ the fix, raised before the minutes a model takes to load.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
-from hydra.utils import get_class
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from vrft.precision.fsdp import fsdp_precision_config
@@ -107,6 +108,52 @@ def check_strategy(trainer_cfg: DictConfig, precision_cfg: DictConfig) -> None:
         )
 
 
+def optimizer_refusal(optimizer_cfg: DictConfig | None) -> str | None:
+    """Why the optimizer of `optimizer_cfg` cannot run under FSDP (`optimizer` config node), or None.
+
+    FSDP hands the optimizer each rank's slice of the flattened parameters and, for a checkpoint, gathers
+    each state tensor by its parameter's layout: it needs every state shaped like its parameter (or a
+    scalar). The optimizer, as configured, takes one step on a probe parameter and says. bitsandbytes'
+    8-bit optimizers fail it: uint8 codes plus blockwise statistics (an absmax per 256 values, a code map)
+    that FSDP's gather cannot read (measured: an error at the first checkpoint), with blocks cut along each
+    rank's slice rather than the parameter.
+    """
+    if not optimizer_cfg or not optimizer_cfg.get("_target_"):
+        return None
+    # Large enough that bitsandbytes keeps 8-bit state for it (it keeps fp32 state under min_8bit_size).
+    probe = torch.nn.Parameter(torch.zeros(max(2**16, int(optimizer_cfg.get("min_8bit_size", 0)))))
+    probe.grad = torch.ones_like(probe)
+    try:
+        with warnings.catch_warnings():  # a paged optimizer warns that it pages nothing on the CPU
+            warnings.simplefilter("ignore")
+            optimizer = instantiate(optimizer_cfg)([probe])
+            optimizer.step()
+    except Exception:  # an optimizer that cannot step here says nothing; the run reports its own error
+        return None
+    state = optimizer.state[probe]
+    odd = sorted(
+        key
+        for key, value in state.items()
+        if torch.is_tensor(value) and value.dim() > 0 and value.shape != probe.shape
+    )
+    if not odd:
+        return None
+    return (
+        f"its state {odd} is not shaped like the parameters (bitsandbytes' 8-bit blockwise statistics), which "
+        "FSDP can neither gather into a checkpoint nor split like the parameters; use optimizer=adamw (torch "
+        "AdamW: 8 bytes per LoRA weight, split over the ranks) or trainer.strategy=ddp"
+    )
+
+
+def check_optimizer(cfg: DictConfig) -> None:
+    """Under FSDP, the optimizer's state must be shaped like its parameters (`optimizer_refusal`)."""
+    if strategy_name(cfg.trainer) != "fsdp":
+        return
+    reason = optimizer_refusal(cfg.get("optimizer"))
+    if reason:
+        raise ValueError(f"trainer.strategy=fsdp with optimizer._target_={cfg.optimizer._target_}: {reason}")
+
+
 def check_rollout_engine(cfg: DictConfig) -> None:
     """Under FSDP the rollout runs `generate` on the sharded model: only the `hf` engine can."""
     engine = OmegaConf.select(cfg, "algorithm.rollout_engine")
@@ -144,5 +191,6 @@ def check_distributed(cfg: DictConfig) -> int:
     """Check the run's device, strategy and prompt-split settings before loading; returns the world size."""
     check_devices(cfg.trainer)
     check_strategy(cfg.trainer, cfg.precision)
+    check_optimizer(cfg)
     check_rollout_engine(cfg)
     return check_plan_settings(cfg)

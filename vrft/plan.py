@@ -14,7 +14,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig
 
 from vrft.cli import user_errors
-from vrft.distributed import check_plan_settings
+from vrft.distributed import check_optimizer, check_plan_settings, check_strategy
 from vrft.paths import config_dir
 from vrft.planner.planning import cards_needed, resolve_auto, verdict
 from vrft.planner.report import format_cards, format_verdict
@@ -32,6 +32,11 @@ def main(cfg: DictConfig) -> None:
     cfg = resolve_auto(cfg)
     result = verdict(cfg)
     print(format_verdict(cfg, result))
+    try:  # what `vrft.train` refuses before loading (any strategy may be planned, on paper)
+        check_strategy(cfg.trainer, cfg.precision)
+        check_optimizer(cfg)
+    except ValueError as error:
+        print(f"  note: on paper only, vrft.train stops this run before loading: {error}")
     plugin = get_class(cfg.precision._target_)
     refusal = (
         None if getattr(plugin, "fsdp_variant", None) else getattr(plugin, "fsdp_refusal", "no FSDP form")

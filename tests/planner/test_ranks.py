@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 from tests.planner.test_estimator import SHAPE
 from tests.test_train_cli import CONF
 from vrft.planner.estimator import Calibration, WeightFootprint, Workload, estimate
-from vrft.planner.planning import cards_needed, plan_config
+from vrft.planner.planning import _candidates, _with, cards_needed, plan_config
 
 WEIGHTS = WeightFootprint(
     weight_bytes=8_000_000,
@@ -95,3 +95,22 @@ def test_cards_needed_counts_the_fewest_cards_that_fit():
     # A card too small for one rank: DDP never fits (every rank holds everything), FSDP fits on none either
     # when even the unsharded part (CUDA context alone) exceeds the card.
     assert cards_needed(cfg, card_gb=0.1, max_cards=4) == {"ddp": None, "fsdp": None}
+
+
+def test_under_fsdp_the_planner_suggests_and_counts_only_what_fsdp_runs():
+    # The changes it tries on bf16 with torch AdamW: under DDP the next precision down (int8) and the paged
+    # 8-bit optimizer; under FSDP, which refuses both (and mixed), int4 and no optimizer change.
+    ddp = _candidates(_cfg("trainer.accelerator=cpu", "trainer.strategy=ddp", "precision=bf16"))
+    fsdp = _candidates(_cfg("trainer.accelerator=cpu", "trainer.strategy=fsdp", "precision=bf16"))
+    assert {"precision=int8", "optimizer=paged_adamw8bit"} <= set(ddp)
+    assert "precision=int4" in fsdp
+    assert not {"precision=int8", "precision=mixed", "optimizer=paged_adamw8bit"} & set(fsdp)
+    # The rtx4090 profile's paged 8-bit optimizer: FSDP's count is that of optimizer=adamw, the run it names.
+    paged = _cfg("trainer.accelerator=cpu", "+hw=rtx4090")
+    adamw = _cfg("trainer.accelerator=cpu", "+hw=rtx4090", "optimizer=adamw")
+    one_card = ["trainer.strategy=fsdp", "algorithm.rollout_engine=hf"]
+    with_adamw, as_configured = (plan_config(_with(cfg, one_card)).device_gb for cfg in (adamw, paged))
+    assert as_configured < with_adamw  # paged 8-bit state is smaller, but FSDP does not run it
+    card = (as_configured + with_adamw) / 2
+    assert cards_needed(paged, card_gb=card, max_cards=1)["fsdp"] is None
+    assert cards_needed(adamw, card_gb=with_adamw + 0.01, max_cards=1)["fsdp"] == 1

@@ -56,6 +56,14 @@ class RunSummary(L.Callback):
                 )
                 details["weight_bytes_per_rank"] = True
             self.summary["precision_details"] = details
+        loaded = getattr(trainer.strategy, "loaded_weight_bytes", None)
+        if sharded and loaded is not None:
+            # Weight bytes each rank held before sharding: rank 0 loads the base, the others receive it one
+            # unit at a time (vrft.runtime.weight_sync). Each rank fills its own slot of the sum.
+            ranks = range(trainer.world_size)
+            held = {str(rank): float(loaded if rank == trainer.global_rank else 0) for rank in ranks}
+            held = reduce_over_ranks(trainer.strategy, held)
+            self.summary["loaded_weight_bytes_by_rank"] = [int(held[str(rank)]) for rank in ranks]
         self.summary["device"] = str(pl_module.device)
         logger = trainer.logger
         self.summary["metrics_dir"] = (logger.log_dir or logger.save_dir) if logger is not None else None

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import save_file
-from transformers import AutoConfig
+from transformers import AutoConfig, GenerationConfig
 
 from vrft.models.frozen import run_without_autograd
 from vrft.models.presets import (
@@ -115,17 +116,21 @@ class LoraSpec:
         return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=target)
 
 
-def load_base_model(spec: ModelSpec, dtype: torch.dtype) -> torch.nn.Module:
-    """The base model on CPU in `dtype`, frozen (quantisation, if any, is the precision plugin's job)."""
+def load_base_model(spec: ModelSpec, dtype: torch.dtype, weights: bool = True) -> torch.nn.Module:
+    """The base model on CPU in `dtype`, frozen (quantisation, if any, is the precision plugin's job).
+
+    `weights=False`: the same modules, dtypes and generation settings on the meta device, nothing read from
+    disk (an FSDP rank that receives rank 0's weights, `vrft.runtime.weight_sync`).
+    """
     # Lightning calls configure_model under a CUDA default-device context: without this the full-precision
     # model would materialise on the GPU before the precision plugin quantises it (7B bf16: 16.6 GB).
-    with torch.device("cpu"):
-        return _load_base_model(spec, dtype)
+    with torch.device("cpu" if weights else "meta"):
+        return _load_base_model(spec, dtype, weights)
 
 
-def _load_base_model(spec: ModelSpec, dtype: torch.dtype) -> torch.nn.Module:
+def _load_base_model(spec: ModelSpec, dtype: torch.dtype, weights: bool) -> torch.nn.Module:
     if spec.is_random_preset:
-        model = random_preset(spec.name_or_path, dtype, seed=spec.seed)
+        model = random_preset(spec.name_or_path, dtype, seed=spec.seed)  # on meta: the structure alone
     else:
         folder = spec.folder()
         config = AutoConfig.from_pretrained(folder)
@@ -134,9 +139,17 @@ def _load_base_model(spec: ModelSpec, dtype: torch.dtype) -> torch.nn.Module:
                 f"model.name_or_path='{spec.name_or_path}' is a '{config.model_type}' checkpoint; vrft trains "
                 "Qwen2-VL ('qwen2_vl') and Qwen2.5-VL ('qwen2_5_vl') models"
             )
-        model = model_class(config).from_pretrained(
-            folder, dtype=dtype, attn_implementation=spec.attn_implementation
-        )
+        if weights:
+            model = model_class(config).from_pretrained(
+                folder, dtype=dtype, attn_implementation=spec.attn_implementation
+            )
+        else:
+            model = model_class(config)._from_config(
+                config, dtype=dtype, attn_implementation=spec.attn_implementation
+            )
+            # from_pretrained also reads the folder's sampling defaults, which generate() falls back on.
+            if (folder / "generation_config.json").exists():
+                model.generation_config = GenerationConfig.from_pretrained(folder)
     model.requires_grad_(False)
     return model
 
@@ -165,9 +178,13 @@ def attach_lora(model: torch.nn.Module, lora: LoraSpec, gradient_checkpointing: 
                 f"lora.init_adapter='{lora.init_adapter}' has no adapter_config.json; point it at a peft adapter "
                 "folder such as <run_dir>/adapter/final"
             )
-        peft_model = PeftModel.from_pretrained(model, folder, is_trainable=True)
-        # The policy GRPO starts from is its KL reference, not the bare base: a frozen copy of the adapter.
-        peft_model.load_adapter(folder, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+        with warnings.catch_warnings():
+            # On the meta device (an FSDP rank that receives rank 0's weights) torch warns once per adapter
+            # matrix that loading into it is a no-op: it is, and rank 0's values arrive before sharding.
+            warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter.*")
+            peft_model = PeftModel.from_pretrained(model, folder, is_trainable=True)
+            # The policy GRPO starts from is its KL reference, not the bare base: a frozen copy of the adapter.
+            peft_model.load_adapter(folder, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
         return peft_model
     peft_model = get_peft_model(model, lora.peft_config())
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]

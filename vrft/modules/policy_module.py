@@ -74,11 +74,12 @@ class PolicyModule(L.LightningModule):
         self.max_grad_norm: float | None = None  # gradient clipping, set by the algorithm (None: off)
         self._last_grad_norm = float("nan")
 
-    def build_policy(self, dtype: torch.dtype = torch.float32) -> None:
-        """Load the base model in `dtype` and attach the adapter (idempotent)."""
+    def build_policy(self, dtype: torch.dtype = torch.float32, weights: bool = True) -> None:
+        """Load the base model in `dtype` and attach the adapter (idempotent); `weights=False` builds both on
+        the meta device (their weights come from another rank)."""
         if self.policy is not None:
             return
-        base = load_base_model(self.model_spec, dtype)
+        base = load_base_model(self.model_spec, dtype, weights)
         self.policy = attach_lora(base, self.lora_spec, self.model_spec.gradient_checkpointing)
         self.policy.train()  # from_pretrained returns eval mode; training mode turns gradient checkpointing on
         self.processor = load_processor_for(self.model_spec)
@@ -101,7 +102,11 @@ class PolicyModule(L.LightningModule):
     @override
     def configure_model(self) -> None:
         # The precision plugin decides the dtype weights load in; quantisation follows in its convert_module.
-        self.build_policy(getattr(self.trainer.precision_plugin, "load_dtype", torch.float32))
+        # The strategy, whether this rank reads them at all (under FSDP rank 0 alone does).
+        self.build_policy(
+            getattr(self.trainer.precision_plugin, "load_dtype", torch.float32),
+            weights=getattr(self.trainer.strategy, "loads_weights", True),
+        )
 
     def completion_logprobs(
         self, rollout: Rollout, first: int, last: int, temperature: float, chunk_size: int

@@ -14,7 +14,14 @@ from dataclasses import dataclass, fields
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from vrft.distributed import SHARDING, strategy_name, world_size
+from vrft.distributed import (
+    SHARDING,
+    check_optimizer,
+    check_strategy,
+    optimizer_refusal,
+    strategy_name,
+    world_size,
+)
 from vrft.models.policy import ModelSpec
 from vrft.modules.settings import GRPOSettings
 from vrft.paths import config_dir
@@ -127,6 +134,23 @@ def _with(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     return cfg
 
 
+# The next precision down in memory, for the planner's suggestions.
+LOWER_PRECISION = {"fp32": "bf16", "fp16": "int8", "bf16": "int8", "int8": "mixed", "mixed": "int4"}
+
+
+def _runs(cfg: DictConfig, change: str) -> bool:
+    """Whether the run's strategy takes `cfg` with `change` (a suggestion must be a run vrft starts)."""
+    if not cfg.get("trainer"):
+        return True
+    trial = _with(cfg, [change])
+    try:
+        check_strategy(trial.trainer, trial.precision)
+        check_optimizer(trial)
+    except ValueError:
+        return False
+    return True
+
+
 def _candidates(cfg: DictConfig) -> list[str]:
     """Single changes that shrink memory, least harmful to training first."""
     algorithm, changes = cfg.algorithm, []
@@ -139,12 +163,15 @@ def _candidates(cfg: DictConfig) -> list[str]:
     micro = int(algorithm.update_micro_batch_size)
     if micro > 1:
         changes.append(f"algorithm.update_micro_batch_size={micro // 2 if micro % 2 == 0 else 1}")
-    if "Paged" not in str((cfg.get("optimizer") or {}).get("_target_", "")):
+    if "Paged" not in str((cfg.get("optimizer") or {}).get("_target_", "")) and _runs(
+        cfg, "optimizer=paged_adamw8bit"
+    ):
         changes.append("optimizer=paged_adamw8bit")
     name = precision_name(cfg.precision)
-    lower = {"fp32": "bf16", "fp16": "int8", "bf16": "int8", "int8": "mixed", "mixed": "int4"}.get(name)
-    if lower and (CONF_DIR / "precision" / f"{lower}.yaml").exists():
-        changes.append(f"precision={lower}")
+    while name := LOWER_PRECISION.get(name):  # the next smaller one the strategy runs (fsdp: bf16 -> int4)
+        if (CONF_DIR / "precision" / f"{name}.yaml").exists() and _runs(cfg, f"precision={name}"):
+            changes.append(f"precision={name}")
+            break
     if int(algorithm.rollout_batch_size) > 1:
         changes.append("algorithm.rollout_batch_size=1")
     if int(cfg.model.max_pixels) > 200704:
@@ -248,6 +275,8 @@ def cards_needed(cfg: DictConfig, card_gb: float = 24.0, max_cards: int = 16) ->
     """The fewest cards of `card_gb` GiB the run of `cfg` needs per strategy (`ddp`, `fsdp`); None: more
     than `max_cards`, or never (DDP holds the whole model on every rank, so more cards barely help)."""
     needed: dict[str, int | None] = {}
+    # FSDP refuses 8-bit optimizer state; its count is that of the fix the refusal names.
+    fsdp_optimizer = ["optimizer=adamw"] if optimizer_refusal(cfg.get("optimizer")) else []
     for strategy in ("ddp", "fsdp"):
         needed[strategy] = None
         for cards in range(1, max_cards + 1):
@@ -256,7 +285,7 @@ def cards_needed(cfg: DictConfig, card_gb: float = 24.0, max_cards: int = 16) ->
                 continue  # the step's prompts must split evenly over the ranks
             overrides = [f"trainer.devices={cards}", f"trainer.strategy={strategy}", "trainer.num_nodes=1"]
             if strategy == "fsdp":
-                overrides.append("algorithm.rollout_engine=hf")  # the only engine FSDP runs
+                overrides += ["algorithm.rollout_engine=hf", *fsdp_optimizer]  # hf: the only engine FSDP runs
             trial = _with(cfg, overrides)
             if plan_config(trial).device_gb <= card_gb:
                 needed[strategy] = cards

@@ -50,6 +50,17 @@ class FSDPCompatible:
     def convert_output(self, data: Any) -> Any:
         return Precision.convert_output(self, data)
 
+    def weight_payload(self, param: torch.nn.Parameter) -> dict[str, torch.Tensor]:
+        """The tensors another rank builds `param` from (rank 0 sends them before sharding,
+        `vrft.runtime.weight_sync`), by key: here its data alone."""
+        return {"": param.data}
+
+    def rebuild_weight(
+        self, module: torch.nn.Module, param: torch.nn.Parameter, payload: dict[str, torch.Tensor]
+    ) -> torch.nn.Parameter:
+        """The weight that replaces `module`'s meta `param`, built from rank 0's `weight_payload`."""
+        return torch.nn.Parameter(payload[""], requires_grad=param.requires_grad)
+
     def step_finite(self, optimizer: Any, model, loss_finite: bool) -> bool:
         """Finite on every rank: each rank's loss and its shard of the gradients (one collective)."""
         local = super().step_finite(optimizer, model, loss_finite)

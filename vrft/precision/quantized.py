@@ -265,7 +265,8 @@ class FSDPInt4Precision(FSDPCompatible, Int4Precision, FSDPPrecision):
     FSDP flattens each unit's frozen weights into one tensor of one dtype and shards it, which bitsandbytes'
     packed codes survive when they are stored in that dtype (`quant_storage` = the compute dtype, the dtype
     of the norms and kept layers beside them) and quantised before the flattening: `convert_module`
-    quantises at once, on the CPU, rather than on the later move to the device. Each `Linear4bit` keeps its
+    quantises at once, one layer at a time on the run's device (the codes an unsharded run gets), and leaves
+    the codes on the CPU for FSDP to move unit by unit. Each `Linear4bit` keeps its
     quantisation statistics on the module (`module=` in `Params4bit`), and bitsandbytes reattaches them to
     the gathered weight in its forward (`fix_4bit_weight_quant_state_from_module`).
     """
@@ -294,8 +295,23 @@ class FSDPInt4Precision(FSDPCompatible, Int4Precision, FSDPPrecision):
         from vrft.precision.schemes import quantize_pending  # imports bitsandbytes, checked in __init__
 
         module = super().convert_module(module)
-        quantize_pending(module)
+        quantize_pending(module, _target_device(module))
         return module
+
+    @override
+    def weight_payload(self, param: torch.nn.Parameter) -> dict[str, torch.Tensor]:
+        from vrft.precision.schemes import Int4Scheme  # imports bitsandbytes, checked in __init__
+
+        return Int4Scheme.payload(param) or super().weight_payload(param)
+
+    @override
+    def rebuild_weight(
+        self, module: torch.nn.Module, param: torch.nn.Parameter, payload: dict[str, torch.Tensor]
+    ) -> torch.nn.Parameter:
+        from vrft.precision.schemes import Int4Scheme  # imports bitsandbytes, checked in __init__
+
+        rebuilt = Int4Scheme.rebuild(module, param, payload)
+        return rebuilt if rebuilt is not None else super().rebuild_weight(module, param, payload)
 
 
 Int4Precision.fsdp_variant = FSDPInt4Precision

@@ -111,6 +111,26 @@ class Int4Scheme:
             )
         return F.dequantize_4bit(weight.data, weight.quant_state)
 
+    @staticmethod
+    def payload(param: torch.nn.Parameter) -> dict[str, Tensor] | None:
+        """A quantised 4-bit weight as tensors (its packed codes under "", its statistics as bitsandbytes
+        serialises them into a state dict), for `rebuild` on another rank; None for any other weight."""
+        if not (isinstance(param, bnb.nn.Params4bit) and param.bnb_quantized):
+            return None
+        return {"": param.data, **param.quant_state.as_dict(packed=True)}
+
+    @staticmethod
+    def rebuild(layer: torch.nn.Module, param: torch.nn.Parameter, payload: dict[str, Tensor]):
+        """The `Params4bit` of `layer` made from another rank's `payload`, where `param` (its placeholder on
+        the meta device) is one; None for any other weight."""
+        if not isinstance(param, bnb.nn.Params4bit):
+            return None
+        codes, statistics = payload[""], {key: value for key, value in payload.items() if key}
+        # bitsandbytes' own constructor for pre-quantised weights (a quantised checkpoint's load).
+        return bnb.nn.Params4bit.from_prequantized(
+            codes, statistics, requires_grad=False, device=codes.device, module=layer
+        )
+
     # Activations of a 4-bit layer are not kept in int8 past gradient checkpointing (see Int8Scheme).
     keeps_int8_inputs: ClassVar[bool] = False
 
@@ -211,17 +231,28 @@ def scheme_of(layer: torch.nn.Module) -> Int4Scheme | Int8Scheme | None:
     return None
 
 
-def quantize_pending(module: torch.nn.Module) -> int:
-    """Quantise, on the device they sit on, bitsandbytes weights not quantised yet; returns how many.
+def quantize_pending(module: torch.nn.Module, device: torch.device | None = None) -> int:
+    """Quantise bitsandbytes weights not quantised yet, leaving each where it was; returns how many.
 
     `module.to(device)` does this as a side effect; call it when a model was built or converted but not moved.
+    A 4-bit weight is quantised on `device` (default: where it sits) and its codes brought back: the kernel of
+    the device a run computes on is the one an unsharded run quantises with on its move there (bitsandbytes'
+    CPU kernel is another implementation, whose rounding need not match), and a GPU quantises a large base
+    far faster. Weights on the meta device (a rank that receives its weights from another,
+    `vrft.runtime.weight_sync`) hold nothing to quantise.
     """
     count = 0
     for layer in module.modules():
         # Own parameters only: peft's LoRA wrappers expose their base layer's weight as `.weight` too.
         for name, param in list(layer.named_parameters(recurse=False)):
+            if param.is_meta:
+                continue
             if isinstance(param, bnb.nn.Params4bit) and not param.bnb_quantized:
-                quantized = param.to(param.device)  # Params4bit quantises on any .to(device)
+                home = param.device
+                # Params4bit quantises on any .to(device), in place, and moves its statistics with its codes.
+                quantized = param.to(device or home)
+                if quantized.device != home:
+                    quantized = quantized.to(home)
             elif isinstance(param, bnb.nn.Int8Params) and param.dtype != torch.int8:
                 # Int8Params quantises only on its way out of the CPU.
                 quantized = param.to("cpu") if param.device.type == "cpu" else param.cpu().to(param.device)

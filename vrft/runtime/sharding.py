@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from lightning.fabric.utilities.device_dtype_mixin import _update_properties
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
@@ -27,10 +28,11 @@ from torch.distributed.fsdp import (
     OptimStateKeyType,
     StateDictType,
 )
-from torch.distributed.fsdp.wrap import CustomPolicy
 from typing_extensions import override
 
 from vrft.models.sharded import clean_name, is_sharded
+from vrft.precision.accounting import weight_bytes
+from vrft.runtime.weight_sync import broadcast_unit
 
 T = TypeVar("T")
 
@@ -65,6 +67,27 @@ def in_root_forward(policy: nn.Module, fn: Callable[[], T]) -> T:
         restore()
 
 
+def reregister_unsharded_weights(policy: nn.Module) -> None:
+    """After a backward, register again as parameters the frozen weights that FSDP left as plain tensors.
+
+    On one rank FSDP keeps every unit whole (it falls back to NO_SHARD). A backward unflattens a unit's
+    weights as plain tensors, and for a frozen unit only a hook on a gradient into its inputs registers
+    them back: the root's forward has no input (`in_root_forward`), the first decoder layer's input (the
+    frozen embedding's output) needs no gradient, and FSDP's catch-all at the end of the backward takes
+    an unsharded flat parameter for a resharded one (torch 2.13; with several ranks the flat parameter is
+    sharded and the catch-all reshards it). The next forward would adopt the tensors as new parameters: a
+    tied one (the root's `lm_head`) then fails FSDP's check ("as_params=True type(prim_param)=Tensor"),
+    untied ones drop out of `parameters()`. Resharding a NO_SHARD unit's handle registers its views into
+    the same flat parameter again (no copy). FSDP has no public call for it.
+    """
+    if not is_sharded(policy):
+        return
+    for unit in FullyShardedDataParallel.fsdp_modules(policy):
+        handle = getattr(unit, "_handle", None)
+        if handle is not None and not handle.uses_sharded_strategy:
+            handle._use_sharded_views()
+
+
 def clip_grad_norm(policy: nn.Module, max_norm: float) -> float:
     """Clip the policy's gradients to `max_norm` (inf: measure only); returns their total norm, over all ranks.
 
@@ -82,7 +105,7 @@ def adapter_units(policy: nn.Module, names: set[str]) -> list[tuple[nn.Module, l
     """The FSDP units of the root `policy` whose every weight is one of `names` (as a checkpoint spells
     them, `policy.`-prefixed), each with its weights' names in `unit.parameters()` order.
 
-    Each LoRA matrix is such a unit (`PolicyFSDPStrategy._wrap_policy`): gathering it alone
+    Each LoRA matrix is such a unit (`PolicyFSDPStrategy._unit_rule`): gathering it alone
     (`summon_full_params(unit, recurse=False)`) reads or writes the adapter without gathering the base.
     """
     # FSDP makes the first unit it initialises a root; before any forward that must be the policy's, or
@@ -120,14 +143,15 @@ class PolicyFSDPStrategy(FSDPStrategy):
     """Lightning's `FSDPStrategy` with the LightningModule's `policy` as the FSDP root (module docstring).
 
     Each transformer block is a unit holding its frozen base weights, and each trainable LoRA matrix a unit
-    inside it (`_wrap_policy` says why), all with `use_orig_params=True`: the optimizer, the adapter export
-    and the checkpoints see the original parameters and their names.
+    inside it (`_unit_rule` says why), all with `use_orig_params=True`: the optimizer, the adapter export
+    and the checkpoints see the original parameters and their names. Rank 0 alone loads the base; the other
+    ranks receive its weights one unit at a time as the units are sharded (`vrft.runtime.weight_sync`).
 
     Checkpoints hold the trainable weights (`lightning_module_state_dict`), written by rank 0 in the format
-    an unsharded run reads (so a run saved under FSDP resumes on any number of ranks). On CPU (gloo) they
-    are gathered without `offload_to_cpu`:
-    FSDP's offload copies the gathered weights to the CPU and frees the originals, and when the originals
-    are on the CPU already the copy is the original (measured: a segfault in torch 2.13).
+    an unsharded run reads (so a run saved under FSDP resumes on any number of ranks). A full state dict
+    (`lora.full`, the optimizer's moments) is gathered with `offload_to_cpu` on GPUs only: FSDP's offload
+    copies the gathered weights to the CPU and frees the originals, and when the originals are on the CPU
+    already the copy is the original (measured: a segfault in torch 2.13).
     """
 
     strategy_name = "vrft_fsdp"
@@ -136,8 +160,16 @@ class PolicyFSDPStrategy(FSDPStrategy):
         kwargs.setdefault("use_orig_params", True)
         kwargs.setdefault("state_dict_type", "full")
         super().__init__(**kwargs)
+        # This rank's weight bytes before sharding (`_setup_model`): the run summary's loaded_weight_bytes_by_rank.
+        self.loaded_weight_bytes: int | None = None
 
-    def _wrap_policy(self, policy: nn.Module) -> CustomPolicy:
+    @property
+    def loads_weights(self) -> bool:
+        """Whether this rank reads the base model's weights from disk: rank 0 alone. The others build the
+        model on the meta device and receive rank 0's weights unit by unit (`vrft.runtime.weight_sync`)."""
+        return self.global_rank == 0
+
+    def _unit_rule(self, policy: nn.Module) -> Callable[[nn.Module], bool]:
         blocks = block_classes(policy)
 
         def own_unit(module: nn.Module) -> bool:
@@ -149,26 +181,57 @@ class PolicyFSDPStrategy(FSDPStrategy):
             own = list(module.parameters(recurse=False))
             return bool(own) and all(p.requires_grad for p in own)
 
-        return CustomPolicy(own_unit)
+        return own_unit
+
+    def _shard(self, policy: nn.Module) -> FullyShardedDataParallel:
+        """`policy` as the FSDP root, its units wrapped bottom-up as FSDP's auto-wrapping would (`_unit_rule`),
+        each filled with rank 0's weights right before it is sharded (`broadcast_unit`)."""
+        kwargs = {key: value for key, value in self.kwargs.items() if key != "auto_wrap_policy"}
+        kwargs.update(
+            cpu_offload=self.cpu_offload,
+            mixed_precision=self.mixed_precision_config,
+            sharding_strategy=self.sharding_strategy,
+            # A torch.device, not Lightning's `.index`: on the CPU the index is None, which FSDP reads as "the
+            # current CUDA device".
+            device_id=self.root_device,
+        )
+        own_unit, wrapped = self._unit_rule(policy), set()
+
+        def shard(module: nn.Module) -> FullyShardedDataParallel:
+            if self.world_size > 1:
+                broadcast_unit(module, self.root_device, self.precision_plugin)
+            return FullyShardedDataParallel(module, **kwargs)
+
+        def shard_below(module: nn.Module) -> None:
+            for name, child in list(module.named_children()):
+                if id(child) in wrapped:
+                    continue
+                wrapped.add(id(child))
+                shard_below(child)  # nested units first: each FSDP unit flattens what is left to it
+                if own_unit(child):
+                    setattr(module, name, shard(child))
+
+        shard_below(policy)
+        return shard(policy)
 
     @override
     def _setup_model(self, model: nn.Module) -> nn.Module:
-        policy = model.policy
-        if not is_sharded(policy):
-            kwargs = {key: value for key, value in self.kwargs.items() if key != "auto_wrap_policy"}
-            model.policy = FullyShardedDataParallel(
-                module=policy,
-                cpu_offload=self.cpu_offload,
-                mixed_precision=self.mixed_precision_config,
-                sharding_strategy=self.sharding_strategy,
-                # A torch.device, not Lightning's `.index`: on the CPU the index is None, which FSDP reads
-                # as "the current CUDA device".
-                device_id=self.root_device,
-                auto_wrap_policy=self._wrap_policy(policy),
-                **kwargs,
-            )
+        if not is_sharded(model.policy):
+            # What this rank held before sharding: the whole base on rank 0, nothing elsewhere (the run summary
+            # records it for each rank).
+            self.loaded_weight_bytes = weight_bytes(model.policy)
+            model.policy = self._shard(model.policy)
+        # The LightningModule's `device` follows `.to()` calls, and FSDP moves the weights without one (each
+        # unit's, onto `device_id`): set it as Lightning's Fabric does after its FSDP setup. Rollout inputs,
+        # the seeded CUDA generator and the memory figures all go where `device` says.
+        _update_properties(model, device=self.root_device)
         # Lightning's own setup (activation checkpointing, metrics) sees the FSDP units and wraps nothing more.
         return super()._setup_model(model)
+
+    @override
+    def post_backward(self, closure_loss: torch.Tensor) -> None:
+        super().post_backward(closure_loss)
+        reregister_unsharded_weights(self.lightning_module.policy)
 
     @contextlib.contextmanager
     @override
@@ -199,7 +262,7 @@ class PolicyFSDPStrategy(FSDPStrategy):
 
         That is all a vrft checkpoint and adapter keep (`PolicyModule.on_save_checkpoint`). A full state
         dict would first materialise the whole frozen base on rank 0 (144 GB for a 72B base in bf16) to keep
-        a few MB of it. Each adapter matrix is a unit of its own (`_wrap_policy`). If some trainable weight
+        a few MB of it. Each adapter matrix is a unit of its own (`_unit_rule`). If some trainable weight
         is not (a fully trained model, `lora.full`), every weight is gathered as before.
         """
         keep = self.lightning_module.trainable_state_keys()
@@ -207,15 +270,17 @@ class PolicyFSDPStrategy(FSDPStrategy):
         if {name for _, names in units for name in names} != keep:
             with self._full_state_dict():
                 return self.model.state_dict()
-        offload = self.root_device.type != "cpu"  # on the CPU the weights are there already (class docstring)
         state: dict[str, Any] = {}
         for unit, names in units:
+            # Gathered on the device and copied to the CPU here: FSDP's `offload_to_cpu` is refused for a
+            # unit that is not sharded (one rank: FSDP falls back to NO_SHARD), and an adapter matrix is a few
+            # MB on the device.
             with FullyShardedDataParallel.summon_full_params(
-                unit, recurse=False, writeback=False, rank0_only=True, offload_to_cpu=offload
+                unit, recurse=False, writeback=False, rank0_only=True
             ):
                 if self.global_rank == 0:
                     for name, param in zip(names, unit.parameters(), strict=True):
-                        state[name] = param.detach().clone()
+                        state[name] = param.detach().to("cpu", copy=True)
         return state
 
     @override
@@ -236,7 +301,7 @@ class PolicyFSDPStrategy(FSDPStrategy):
         """Load a vrft checkpoint (a full file holding the adapter only) into the sharded policy and optimizer.
 
         FSDP's own full-state-dict load wants every weight of a unit in the file, the frozen base included;
-        vrft's checkpoints hold the adapter alone. Each adapter matrix is a unit of its own (`_wrap_policy`),
+        vrft's checkpoints hold the adapter alone. Each adapter matrix is a unit of its own (`_unit_rule`),
         so each is gathered, overwritten from the file and written back to its shards, one at a time.
         """
         path = Path(self.broadcast(str(checkpoint_path)))
