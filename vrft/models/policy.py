@@ -186,7 +186,12 @@ def attach_lora(model: torch.nn.Module, lora: LoraSpec, gradient_checkpointing: 
             # The policy GRPO starts from is its KL reference, not the bare base: a frozen copy of the adapter.
             peft_model.load_adapter(folder, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
         return peft_model
-    peft_model = get_peft_model(model, lora.peft_config())
+    # The adapter's matrices are made, and randomly initialised, on the device of the base they wrap, not on
+    # whatever default device the caller set: Lightning's single-device strategies build the model under a
+    # CUDA default-device context and its FSDP strategy does not, so without this the first adapter (drawn
+    # from the CUDA generator in one, the CPU generator in the other) would depend on the strategy.
+    with torch.device(next(model.parameters()).device):
+        peft_model = get_peft_model(model, lora.peft_config())
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     if not trainable:
         raise ValueError(
