@@ -124,12 +124,13 @@ def test_every_variant_equals_bitsandbytes_dequantise_then_matmul(
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", ["words", "prmt"])
 @pytest.mark.parametrize("split_k", [1, 2, 8])
-def test_fused_lora_term_and_split_k_reduction_under_graph_replay(variant, split_k):
+@pytest.mark.parametrize("rank", [8, 64])  # 64: four steps of the epilogue's rank loop
+def test_fused_lora_term_and_split_k_reduction_under_graph_replay(variant, split_k, rank):
     torch.manual_seed(0)
     packed, state = quantised(384, 1024)
     x = torch.randn(16, 1024, dtype=torch.bfloat16, device="cuda")
-    lora_a = torch.randn(8, 1024, device="cuda") * 0.05  # fp32 adapter, as the precision plugin keeps it
-    lora_b = torch.randn(384, 8, device="cuda") * 0.05
+    lora_a = torch.randn(rank, 1024, device="cuda") * 0.05  # fp32 adapter, as the precision plugin keeps it
+    lora_b = torch.randn(384, rank, device="cuda") * 0.05
     config = {"BLOCK_M": 16, "BLOCK_N": 64, "SPLIT_K": split_k, "num_warps": 4, "num_stages": 3}
     config.update(VARIANTS[variant])
 
@@ -198,7 +199,8 @@ for (quant_type, nested, rows, n, k, bs, split), (decode, after, gather, transpo
     w = torch.randn(n, k, dtype=torch.float16)
     packed, state = F.quantize_4bit(w, blocksize=bs, compress_statistics=nested, quant_type=quant_type)
     x = torch.randn(rows, k, dtype=torch.float16)
-    lora_in, lora_b = torch.randn(rows, 8), torch.randn(n, 8) * 0.1
+    rank = 40 if deeper else 8  # 40: three chunks of the LoRA term's rank loop, the last one masked
+    lora_in, lora_b = torch.randn(rows, rank), torch.randn(n, rank) * 0.1
     block_k = 2 * bs if deeper else bs
     cfg = {"BLOCK_M": 16 if rows <= 16 else 32, "BLOCK_N": 32, "BLOCK_K": block_k,
            "SPLIT_K": min(split, -(-k // block_k)), "GATHER": gather, "TRANSPOSED": transposed,

@@ -10,6 +10,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+LORA_CHUNK: tl.constexpr = tl.constexpr(
+    16
+)  # adapter ranks per step of the LoRA term (LORA_RANK is a multiple)
+
 
 @triton.jit
 def store_output(
@@ -46,12 +50,18 @@ def _finish(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rows_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if LORA_RANK > 0:  # scale * (x A^T) B^T in fp32, as peft computes an fp32 adapter
-        rank = tl.arange(0, LORA_RANK)
-        in_rank = rank[None, :] < lora_rank
-        xa = tl.load(
-            lora_in_ptr + rows_m[:, None] * stride_lm + rank[None, :], mask=mask_m[:, None] & in_rank
-        )
-        b = tl.load(lora_b_ptr + rows_n[:, None] * lora_rank + rank[None, :], mask=mask_n[:, None] & in_rank)
-        acc += lora_scale * tl.dot(xa.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="ieee")
+        # LORA_CHUNK ranks at a time, in a loop the compiler keeps rolled: the fp32 (CUDA-core) dot holds both
+        # operands in registers, and the whole rank at once (64) took the kernel to 255 registers with spills
+        # (compiled for sm_90, nf4_offline), which slowed its K loop too: one kernel, one register budget.
+        for start in tl.range(0, lora_rank, LORA_CHUNK, num_stages=1):  # a runtime bound: kept rolled
+            rank = start + tl.arange(0, LORA_CHUNK)
+            in_rank = rank[None, :] < lora_rank
+            xa = tl.load(
+                lora_in_ptr + rows_m[:, None] * stride_lm + rank[None, :], mask=mask_m[:, None] & in_rank
+            )
+            b = tl.load(
+                lora_b_ptr + rows_n[:, None] * lora_rank + rank[None, :], mask=mask_n[:, None] & in_rank
+            )
+            acc += lora_scale * tl.dot(xa.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="ieee")
     y = y_ptr + rows_m[:, None] * stride_ym + rows_n[None, :]
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])

@@ -38,17 +38,19 @@ def compile_kernel(
     even: bool = True,
     split: bool = True,
     target: GPUTarget = H200,
+    bias: bool = False,
+    lora_rank: int = 0,
 ):
     """The kernel compiled for `target` with launch config `config` (as `launch_config` returns it).
 
     `dtype` is "bf16" or "fp16"; the other arguments are the compile-time facts `matmul_4bit` derives from
-    the weight and shape. Returns Triton's compiled kernel (`.asm` holds "ttgir", "ptx", "cubin").
+    the weight and shape (`lora_rank` is the LORA_RANK constexpr: 0 or a multiple of 16). Returns Triton's compiled kernel (`.asm` holds "ttgir", "ptx", "cubin").
     """
     switches = {key: config.get(key, DEFAULTS[key]) for key in KERNEL_SWITCHES}
     num_warps, num_stages = switches.pop("num_warps"), switches.pop("num_stages")
     constants = {
         "BLOCKSIZE": blocksize, "NESTED_BLOCKSIZE": 256 if nested else 1, "NESTED": nested,
-        "HAS_BIAS": False, "LORA_RANK": 0, "BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"],
+        "HAS_BIAS": bias, "LORA_RANK": lora_rank, "BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"],
         "BLOCK_K": config["BLOCK_K"], "SPLIT": split, "EVEN": even, "PTX": True, **switches,
     }  # fmt: skip
     pointers = {
@@ -80,6 +82,20 @@ def sass(compiled) -> str:
         return subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True).stdout
     finally:
         os.remove(path)
+
+
+def registers(compiled) -> dict[str, int]:
+    """Registers per thread and stack bytes (spills) of the compiled kernel, as cuobjdump reports them."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    path = f"/tmp/nf4_kernel_{os.getpid()}.cubin"
+    with open(path, "wb") as handle:
+        handle.write(compiled.asm["cubin"])
+    try:
+        usage = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.remove(path)
+    found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    return {"registers": int(found.group(1)), "stack_bytes": int(found.group(2))}
 
 
 def main_loop_opcodes(code: str) -> collections.Counter:

@@ -37,6 +37,13 @@ class KernelLinear(LinearOp):
     def __init__(self, packed: PackedLinear):
         self.base, self.bias, self.loras, self.dtype = packed.base, packed.bias, packed.loras, packed.dtype
         self.out_features = packed.out_features
+        # `x A^T` in the dtype the training forward computes it in: under autocast (the precision plugin's
+        # forward context, where rollouts run) F.linear would cast the fp32 A and x to the autocast dtype at
+        # every call, two copies per projection per decode step (1.3 ms of a 7B step, profiled); cast A once
+        # per rollout instead. The product is the same.
+        fused = self.loras[0] if self.loras else None
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+        self.lora_a = None if fused is None else fused.a.to(dtype or fused.a.dtype)
 
     def __call__(self, x: Tensor) -> Tensor:
         """`x [..., in] -> [..., out]` in the decoder's dtype."""
@@ -47,7 +54,7 @@ class KernelLinear(LinearOp):
         else:
             weight = self.base.weight
             fused, extra = (self.loras[0], self.loras[1:]) if self.loras else (None, [])
-            lora_in = None if fused is None else F.linear(rows.to(fused.a.dtype), fused.a)
+            lora_in = None if fused is None else F.linear(rows.to(self.lora_a.dtype), self.lora_a)
             y = matmul_4bit(
                 rows,
                 weight.data,
