@@ -168,7 +168,8 @@ def _cell(stats: dict, key: str, signed: bool = False) -> str:
 def _gap(stats: dict, key: str) -> str:
     # A run stopped during its last measurement has no merged figure: say over how many seeds the gap is.
     runs = stats["export_gap_runs"]
-    return _cell(stats, key, True) + (f" ({runs} seeds)" if runs < len(stats["seeds"]) else "")
+    seeds = len(stats["seeds"])
+    return _cell(stats, key, True) + (f" (over {runs} of {seeds} seeds)" if runs < seeds else "")
 
 
 def _before_after(stats: dict, key: str) -> str:
