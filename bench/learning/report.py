@@ -35,6 +35,7 @@ TASK_METRICS = {
 }
 PLAIN_ENGINE = "hf"  # `generate` on the training-time model: every run before the held-out engine existed
 SMOOTHING = 10  # optimizer steps in the moving average of the plotted train/reward
+MISMATCH = "rollout/logprob_mismatch_mean"
 
 
 def precision_label(config: dict) -> str:
@@ -67,6 +68,9 @@ def load_run(folder: Path) -> dict | None:
     config = yaml.safe_load((folder / "config.yaml").read_text())
     with (folder / "metrics.csv").open() as file:
         rows = [row for row in csv.DictReader(file) if row.get("train/reward")]
+    # Logged by the static engines: |training log-prob - sampler log-prob| per token, the mismatch that
+    # truncated importance sampling corrects (none with plain generate, which samples the training forward).
+    mismatch = [float(row[MISMATCH]) for row in rows if row.get(MISMATCH)]
     return {
         "name": folder.name,
         "task": config["task"]["name"],
@@ -75,6 +79,7 @@ def load_run(folder: Path) -> dict | None:
         "seed": config["seed"],
         "held_out": held_out,
         "curve": [float(row["train/reward"]) for row in rows],
+        "mismatch": statistics.fmean(mismatch) if mismatch else None,
     }
 
 
@@ -110,6 +115,9 @@ def group_stats(group: list[dict], reward_key: str, greedy_key: str) -> dict:
         ],
         f"export_gap_{reward_key}": [h["merged"][reward_key] - h["after"][reward_key] for h in merged],
     }
+    mismatch = [r["mismatch"] for r in group if r.get("mismatch") is not None]
+    if mismatch:
+        columns["sampler_mismatch"] = mismatch
     stats = {key: list(mean_spread(values)) for key, values in columns.items() if values}
     return stats | {"seeds": sorted(r["seed"] for r in group), "export_gap_runs": len(merged)}
 
@@ -172,6 +180,13 @@ def _gap(stats: dict, key: str) -> str:
     return _cell(stats, key, True) + (f" (over {runs} of {seeds} seeds)" if runs < seeds else "")
 
 
+def _mismatch(stats: dict) -> str:
+    if "sampler_mismatch" not in stats:
+        return "-"
+    mean, spread = stats["sampler_mismatch"]
+    return f"{mean:.4f} ± {spread:.4f}"
+
+
 def _before_after(stats: dict, key: str) -> str:
     # The warm start is the same for every seed, so "before" varies only with the precision's base.
     return f"{stats[key + '_before'][0]:.3f} → {_cell(stats, key)}"
@@ -191,7 +206,8 @@ def table(summary: dict) -> str:
     lines = [
         "Held-out rows, after GRPO: mean ± spread (sample s.d.) over seeds; before: the warm start. vs bf16: the",
         "difference of means to bf16 of the same engine, ± its standard error. Export gap: the merged, re-quantised",
-        "model's reward minus the trained policy's (negative: deployment loses reward).",
+        "model's reward minus the trained policy's (negative: deployment loses reward). Sampler mismatch: mean",
+        "|log-prob of the training forward - the sampler's| per completion token (static engines only).",
         "",
     ]
     for task, groups in summary.items():
@@ -200,15 +216,17 @@ def table(summary: dict) -> str:
             f"**{task}**",
             "",
             f"| precision | engine | seeds | reward (total): before → after | vs bf16 (± s.e.) | {reward_key}: before → "
-            f"after | {greedy_key} (greedy): before → after | export gap (total) | export gap ({reward_key}) |",
-            "|---|---|---|---|---|---|---|---|---|",
+            f"after | {greedy_key} (greedy): before → after | export gap (total) | export gap ({reward_key}) | "
+            "sampler mismatch |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for label, s in groups.items():
             seeds = ",".join(str(seed) for seed in s["seeds"])
             lines.append(
                 f"| {s['precision']} | {s['engine']} | {seeds} | {_before_after(s, 'reward_total')} | "
                 f"{_versus(s, label)} | {_before_after(s, reward_key)} | {_before_after(s, greedy_key)} | "
-                f"{_gap(s, 'export_gap_total')} | {_gap(s, f'export_gap_{reward_key}')} |"
+                f"{_gap(s, 'export_gap_total')} | {_gap(s, f'export_gap_{reward_key}')} | "
+                f"{_mismatch(s)} |"
             )
         lines += ["", *qat_export_gaps(groups), ""]
     return "\n".join(lines)
