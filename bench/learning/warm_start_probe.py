@@ -30,6 +30,7 @@ from vrft.modules.scoring import RewardSet
 from vrft.modules.settings import GRPOSettings
 from vrft.paths import config_dir
 from vrft.rollout.generate import generate_rollout
+from vrft.runtime.rng import isolated_rng
 from vrft.warmstart import sft_run_config
 
 
@@ -59,11 +60,13 @@ def measured(module, grpo, rows: list[dict], samples_per_row: int, shown: int) -
     greedy = dict(do_sample=False, max_new_tokens=settings.max_new_tokens)
     module.policy.eval()
     args = (module.policy, module.processor, rows[:1], module.prompt_template)
-    examples = {
-        "solution": rows[0]["solution"],
-        "sampled": generate_rollout(*args, shown, sampling, module.device).completions,
-        "greedy": generate_rollout(*args, 1, greedy, module.device).completions[0],
-    }
+    with isolated_rng():  # as the check itself: the SFT run does not depend on when it is measured
+        torch.manual_seed(0)
+        examples = {
+            "solution": rows[0]["solution"],
+            "sampled": generate_rollout(*args, shown, sampling, module.device).completions,
+            "greedy": generate_rollout(*args, 1, greedy, module.device).completions[0],
+        }
     module.policy.train()
     return {**metrics, "examples": examples}
 
@@ -99,6 +102,7 @@ def main() -> None:
     held_out = HeldOutReward(max_rows=args.rows).rows(SimpleNamespace(datamodule=datamodule))
     report: dict = {
         "overrides": args.overrides,
+        "held_out": {"rows": args.rows, "samples_per_row": args.samples},
         "warm_start": {"lr": sft.optimizer.lr, "batch_size": sft.algorithm.batch_size},
         "loss": [],
         "checks": [],
@@ -106,14 +110,15 @@ def main() -> None:
     step, start = 0, time.perf_counter()
     while step < args.steps:
         for rows in datamodule.train_dataloader():
-            loss, stats = module.sft_loss(rows)
+            loss, _ = module.sft_loss(rows)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, sft.algorithm.max_grad_norm or float("inf"))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            report["loss"].append({"step": step, "loss": float(loss), "grad_norm": float(grad_norm)})
-            print(f"step {step}: loss {float(loss):.3f} grad norm {float(grad_norm):.2f}", flush=True)
+            loss, grad_norm = float(loss.detach()), float(grad_norm)
+            report["loss"].append({"step": step, "loss": loss, "grad_norm": grad_norm})
+            print(f"step {step}: loss {loss:.3f} grad norm {grad_norm:.2f}", flush=True)
             if step % args.every == 0 or step == args.steps:
                 check = {"step": step, **measured(module, grpo, held_out, args.samples, 4)}
                 check["seconds"] = time.perf_counter() - start
