@@ -1,4 +1,5 @@
-"""Copy the small files of each run folder (metrics, held-out results, command, status, log tail) elsewhere.
+"""Copy the small files of each run folder (metrics, held-out results, logged completions, command, status,
+log tail) elsewhere.
 
     python bench/learning/collect.py RUNS_PARENT DEST
 
@@ -9,7 +10,7 @@ import shutil
 import sys
 from pathlib import Path
 
-KEEP = ("held_out.json", "command.txt", "status.txt", "run_summary.json", "config.yaml")
+KEEP = ("held_out.json", "command.txt", "status.txt", "run_summary.json", "config.yaml", "samples.jsonl")
 
 
 def main(source: Path, dest: Path) -> None:

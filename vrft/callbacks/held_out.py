@@ -13,6 +13,7 @@ from vrft.callbacks.progress import progress_task
 from vrft.data.datamodule import RowDataset
 from vrft.data.loading import load_visual_rft
 from vrft.precision import merge_and_requantize
+from vrft.rollout.engines import build_rollout_engine
 from vrft.rollout.generate import generate_rollout
 from vrft.runtime.rng import isolated_rng
 
@@ -23,10 +24,11 @@ class HeldOutReward(L.Callback):
     At fit start and end the policy samples `samples_per_row` completions (the GRPO rollout: same temperature
     and length) for each of the first `max_rows` rows of `split`, and one greedy completion for the task's
     evaluator. Both are printed with the first and last `train/reward`, kept in `self.results` and written to
-    `<dirpath>/held_out.json`. With `measure_merged`, the end also scores the deployed model: each adapter
-    merged into its base and quantised again with the run's scheme (`merge_and_requantize`), the figure that
-    shows what quantisation-aware training buys. Sampling happens under a forked RNG, so the check does not
-    change the training run.
+    `<dirpath>/held_out.json`, after each measurement (a run stopped during the last one keeps the others).
+    With `measure_merged`, the end also scores the deployed model: each adapter merged into its base and
+    quantised again with the run's scheme (`merge_and_requantize`), the figure that shows what
+    quantisation-aware training buys. Sampling happens under a forked RNG, so the check does not change the
+    training run.
 
     Args:
         split: split of the run's dataset to score (it must not be the training split to mean anything).
@@ -35,6 +37,11 @@ class HeldOutReward(L.Callback):
         batch_size: rows per generation call.
         dirpath: folder of `held_out.json` (None: not written).
         measure_merged: also score the merged, re-quantised model at the end (a copy: the run is unchanged).
+        rollout_engine: how completions are generated (`vrft.rollout.engines`). None: plain `generate` on the
+            training-time model, exactly the policy as trained. `bf16_copy` / `dequant` decode the same weights
+            with a static KV cache and a CUDA graph, many times faster on a GPU (bitsandbytes' LLM.int8
+            `generate` is the slowest); int8 layers then multiply bf16 inputs by their dequantised weight,
+            without LLM.int8's int8 rounding of the inputs.
     """
 
     def __init__(
@@ -45,6 +52,7 @@ class HeldOutReward(L.Callback):
         batch_size: int = 16,
         dirpath: str | None = None,
         measure_merged: bool = False,
+        rollout_engine: str | None = None,
     ):
         self.split = split
         self.max_rows = max_rows
@@ -52,6 +60,8 @@ class HeldOutReward(L.Callback):
         self.batch_size = batch_size
         self.dirpath = dirpath
         self.measure_merged = measure_merged
+        self.rollout_engine = rollout_engine
+        self.engine = build_rollout_engine(rollout_engine) if rollout_engine else None
         self.results: dict[str, dict[str, float]] = {}
         self._train_rewards: list[float] = []
 
@@ -89,7 +99,7 @@ class HeldOutReward(L.Callback):
             for start in range(0, len(rows), self.batch_size):
                 batch = rows[start : start + self.batch_size]
                 args = (module.policy, module.processor, batch, module.prompt_template)
-                sampled = generate_rollout(*args, self.samples_per_row, sampling, module.device)
+                sampled = generate_rollout(*args, self.samples_per_row, sampling, module.device, self.engine)
                 repeated = [row for row in batch for _ in range(self.samples_per_row)]
                 columns = {k: [r[k] for r in repeated] for k in repeated[0] if k not in ("image", "solution")}
                 total, per_reward = module.rewards(
@@ -98,7 +108,9 @@ class HeldOutReward(L.Callback):
                 for name, values in {**per_reward, "total": total}.items():
                     sums[name] = sums.get(name, 0.0) + float(values.sum())
                 count += len(repeated)
-                greedy_completions += generate_rollout(*args, 1, greedy, module.device).completions
+                greedy_completions += generate_rollout(
+                    *args, 1, greedy, module.device, self.engine
+                ).completions
                 advance(len(batch))
         module.policy.train(was_training)
         metrics = {f"reward/{name}": value / count for name, value in sums.items()}
@@ -115,6 +127,7 @@ class HeldOutReward(L.Callback):
         # The precision plugin's autocast, as in validation: quantised and bf16 bases compute as in training.
         with trainer.precision_plugin.forward_context():
             self.results["before"] = self.measure(pl_module, self._rows)
+        self.write(trainer)
 
     @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -127,20 +140,29 @@ class HeldOutReward(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if "before" not in self.results:
             return
-        with trainer.precision_plugin.forward_context():
-            self.results["after"] = self.measure(pl_module, self._rows)
-            if self.measure_merged:
-                self.results["merged"] = self.measure_deployed(pl_module)
         if self._train_rewards:
             self.results["train"] = {"first": self._train_rewards[0], "last": self._train_rewards[-1]}
+        with trainer.precision_plugin.forward_context():
+            self.results["after"] = self.measure(pl_module, self._rows)
+            self.write(trainer)
+            if self.measure_merged:
+                self.results["merged"] = self.measure_deployed(pl_module)
+                self.write(trainer)
         if trainer.is_global_zero:
             print(self.report())
-            if self.dirpath is not None:
-                path = Path(self.dirpath) / "held_out.json"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(
-                    json.dumps({"split": self.split, "rows": len(self._rows), **self.results}, indent=2)
-                )
+
+    def write(self, trainer: L.Trainer) -> None:
+        """`<dirpath>/held_out.json` with the measurements so far (rank 0; nothing without `dirpath`)."""
+        if self.dirpath is None or not trainer.is_global_zero:
+            return
+        path = Path(self.dirpath) / "held_out.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        settings = {
+            "split": self.split,
+            "rows": len(self._rows),
+            "rollout_engine": self.rollout_engine or "hf",
+        }
+        path.write_text(json.dumps({**settings, **self.results}, indent=2))
 
     def measure_deployed(self, module) -> dict[str, float]:
         """`measure` on a merged, re-quantised copy of the policy (the model a user would deploy)."""

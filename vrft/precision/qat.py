@@ -107,11 +107,28 @@ class QatForward:
 
     qat_scheme: Int4Scheme | Int8Scheme
 
+    def _uses_merged_weight(self) -> bool:
+        # Disabled, already merged or not active here: the layer's own (unmerged LoRA) forward applies.
+        if self.disable_adapters or self.merged:
+            return False
+        return any(name in self.lora_A for name in self.active_adapters)
+
+    def effective_weight(self) -> Tensor | None:
+        """`[out, in]`: the weight this layer's forward multiplies by now (dequantised base plus adapter, rounded
+        as deployment rounds it), or None when the forward is the plain LoRA layer's (adapter off).
+
+        The static rollout engines ask for it (`vrft.rollout.weights.linear_op`): sampling from the base plus
+        an unrounded adapter would sample another policy than the one QAT trains.
+        """
+        if not self._uses_merged_weight():
+            return None
+        adapter = _single_adapter(self)
+        lora_a, lora_b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+        return _fake_quantized(self.get_base_layer(), lora_a, lora_b, self.scaling[adapter], self.qat_scheme)
+
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         """x `[..., in]` -> `[..., out]` in x's dtype (as the wrapped bitsandbytes layer returns)."""
-        if self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None:
-            return super().forward(x, *args, **kwargs)
-        if not any(name in self.lora_A for name in self.active_adapters):
+        if not self._uses_merged_weight() or kwargs.get("adapter_names") is not None:
             return super().forward(x, *args, **kwargs)
         adapter = _single_adapter(self)
         device = x.device.type

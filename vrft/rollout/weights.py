@@ -8,6 +8,9 @@ bnb 8-bit. The decoder needs one thing from each: `y = x W^T + b + scale * (x A^
 - `packed`: keep the base weight as it is stored and dequantise it inside each decode step (one layer's
   bf16 matrix of scratch at a time), adding the LoRA term unmerged.
 
+A layer whose forward is not that sum says what it multiplies by instead: quantisation-aware training
+(`vrft.precision.qat`) computes with `fake_quantize(W + scale * B A)`, which its `effective_weight()` returns.
+
 How each storage format turns back into a dense matrix is a registry keyed by module type, so the decoder
 never asks "is this int4?".
 """
@@ -99,6 +102,20 @@ class PackedLinear(LinearOp):
         return y
 
 
+class RebuiltLinear(LinearOp):
+    """A layer that builds its dense weight anew from its adapter (QAT's rounded merge), on every call: the
+    `dequant` engine's form of it, one matrix of scratch at a time."""
+
+    def __init__(
+        self, weight: Callable[[], Tensor], bias: Tensor | None, dtype: torch.dtype, out_features: int
+    ):
+        self.weight, self.bias, self.dtype = weight, bias, dtype
+        self.out_features = out_features
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight().to(self.dtype), self.bias)
+
+
 def _split_lora(module: nn.Module) -> tuple[nn.Module, list[LoraTerm]]:
     """The base layer of a peft LoRA layer and its active, unmerged adapters (none for a plain layer)."""
     if not hasattr(module, "base_layer"):
@@ -122,6 +139,14 @@ def linear_op(module: nn.Module, merge: bool, dtype: torch.dtype) -> LinearOp:
     """The decoder's view of a policy projection: merged into a dense matrix, or packed with LoRA on the side."""
     base, loras = _split_lora(module)
     bias = None if getattr(base, "bias", None) is None else base.bias.detach().to(dtype)
+    # A layer whose forward multiplies by one weight of its own making says so (QAT: base plus adapter,
+    # rounded as deployment rounds it); base plus the unrounded adapter would sample another policy.
+    effective = getattr(module, "effective_weight", None)
+    weight = effective() if effective is not None else None
+    if weight is not None:
+        if merge:
+            return DenseLinear(weight.to(dtype), bias)
+        return RebuiltLinear(effective, bias, dtype, weight.shape[0])
     if merge:
         weight = dense_weight(base)
         if loras:

@@ -1,0 +1,89 @@
+"""The held-out check: which engine generates its completions, and `held_out.json` after each measurement."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from types import SimpleNamespace
+
+import torch
+from PIL import Image
+
+from vrft.callbacks import HeldOutReward
+from vrft.models.policy import LoraSpec, ModelSpec
+from vrft.modules.grpo import GRPOModule
+from vrft.modules.losses import SequenceMeanLoss
+from vrft.modules.scoring import WeightedReward
+from vrft.rewards import format_reward
+
+ROWS = [
+    {
+        "image": Image.new("RGB", (112, 112), (255, 0, 0)),
+        "problem": "Colour?",
+        "solution": "<answer>red</answer>",
+    },
+    {
+        "image": Image.new("RGB", (56, 84), (0, 0, 255)),
+        "problem": "Hue?",
+        "solution": "<answer>blue</answer>",
+    },
+]
+
+
+def tiny_grpo() -> GRPOModule:
+    torch.manual_seed(0)
+    module = GRPOModule(
+        model=ModelSpec(name_or_path="tiny", max_pixels=12544),
+        lora=LoraSpec(r=4, alpha=8),
+        loss=SequenceMeanLoss(beta=0.0),
+        rewards={"format": WeightedReward(format_reward)},
+        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3),
+        group_size=2,
+        max_new_tokens=6,
+    )
+    module.build_policy(torch.float32)
+    return module
+
+
+def test_completions_come_from_the_chosen_engine_and_plain_generate_by_default():
+    module = tiny_grpo()
+    assert HeldOutReward().engine is None  # plain generate: the training-time model itself
+    check = HeldOutReward(samples_per_row=2, rollout_engine="dequant")
+    metrics = check.measure(module, ROWS)
+    assert set(metrics) == {"reward/format", "reward/total"}  # no evaluator: rewards only
+    # The last call was the greedy pass of the one batch: one completion per row, decoded by the engine.
+    assert check.engine.last_logprobs.shape[0] == len(ROWS)
+    assert check.engine.last_stats["steps"] >= 1
+
+
+def test_held_out_json_is_written_after_each_measurement(tmp_path, monkeypatch):
+    check = HeldOutReward(dirpath=str(tmp_path), measure_merged=True, rollout_engine="bf16_copy")
+    path = tmp_path / "held_out.json"
+    written_before: dict[str, list[str]] = {}
+
+    def measure(name):
+        def fake(*args):
+            # What a run stopped now would leave behind.
+            written_before[name] = list(json.loads(path.read_text())) if path.exists() else []
+            return {"reward/total": float(len(written_before))}
+
+        return fake
+
+    trainer = SimpleNamespace(
+        is_global_zero=True, precision_plugin=SimpleNamespace(forward_context=contextlib.nullcontext)
+    )
+    module = SimpleNamespace(rewards=None)
+    monkeypatch.setattr(check, "rows", lambda trainer: ROWS)
+    monkeypatch.setattr(check, "measure", measure("before"))
+    check.on_train_start(trainer, module)
+    monkeypatch.setattr(check, "measure", measure("after"))
+    monkeypatch.setattr(check, "measure_deployed", measure("merged"))
+    check.on_train_end(trainer, module)
+    settings = ["split", "rows", "rollout_engine"]
+    assert written_before == {
+        "before": [],
+        "after": [*settings, "before"],
+        "merged": [*settings, "before", "after"],
+    }
+    final = json.loads(path.read_text())
+    assert final["rollout_engine"] == "bf16_copy" and list(final)[3:] == ["before", "after", "merged"]
