@@ -110,9 +110,9 @@ def test_byte_permute_ptx_decodes_every_nibble_in_storage_order(quant_type, dtyp
 @pytest.mark.parametrize(
     "overrides",
     [
-        {},
-        {"SCALE_AFTER": 1},
-        {"DECODE": 1},
+        {"DECODE": 0, "SCALE_AFTER": 0},  # named in full: DEFAULTS moves with the sweep
+        {"DECODE": 0, "SCALE_AFTER": 1},
+        {"DECODE": 1, "SCALE_AFTER": 0},
         {"DECODE": 1, "SCALE_AFTER": 1, "GATHER": 0},
         {"DECODE": 2, "SCALE_AFTER": 1},
         {"DECODE": 2, "SCALE_AFTER": 1, "TRANSPOSED": 0, "BLOCK_N": 128, "BLOCK_K": 256},

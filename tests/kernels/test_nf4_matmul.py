@@ -81,10 +81,11 @@ def test_kernel_equals_bitsandbytes_dequantise_then_matmul(
 
 # Every kernel variant the sweep (bench/rollout/kernel_sweep.py) can pick for DEFAULTS, as launch_config
 # overrides; the test above runs the whole matrix on DEFAULTS, this one a cross-section on each variant.
+# Each names its decoder and scaling in full: DEFAULTS changes with the sweep, the variants stay what they say.
 VARIANTS = {
-    "words": {},
-    "words_scale_after": {"SCALE_AFTER": 1},
-    "bytes": {"DECODE": 1},
+    "words": {"DECODE": 0, "SCALE_AFTER": 0},
+    "words_scale_after": {"DECODE": 0, "SCALE_AFTER": 1},
+    "bytes": {"DECODE": 1, "SCALE_AFTER": 0},
     "bytes_scale_after": {"DECODE": 1, "SCALE_AFTER": 1},
     "prmt": {"DECODE": 2, "SCALE_AFTER": 1},
     "prmt_x_left_wide": {"DECODE": 2, "SCALE_AFTER": 1, "TRANSPOSED": 0, "BLOCK_N": 128, "BLOCK_K": 256},
@@ -117,7 +118,7 @@ def test_every_variant_equals_bitsandbytes_dequantise_then_matmul(
     config = nf4_matmul.launch_config(rows, out_features, in_features, blocksize, x.device, **choices)
     y = nf4_matmul.matmul_4bit(x, packed, state, bias, config=config)
     reference = reference_matmul(x, packed, state, bias)
-    code = state.code if choices.get("SCALE_AFTER") else None
+    code = state.code if config["SCALE_AFTER"] else None
     assert_within_rounding(y, x, dequantised(packed, state), reference, code)
 
 
