@@ -22,6 +22,10 @@ faster than it is in the model, and faster next to cuBLAS than it is. So each ti
 of several copies of the weights, as many as make up 3x the L2, and the time per call is that over the
 number of copies (`--warm-l2`: one copy, as the sweeps before 2026-12-04 measured).
 
+`--lora-rank R` also times, per shape, the kernel at `DEFAULTS` with the fused LoRA term of a rank-R
+adapter (`lora_in` = x A^T in bf16, B in fp32, as the `packed` engine calls it) and that x A^T (cuBLAS):
+what a projection costs in the model, next to the bare kernel.
+
 Everything goes to `--out` (JSON, rewritten after each stage) and the log beside it (`.log`). Stages stop
 early past `--budget-s` (compilations included), keeping what they measured.
 """
@@ -182,6 +186,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[16])
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--budget-s", type=float, default=240.0, help="stop starting sweep stages past this")
+    parser.add_argument("--lora-rank", type=int, default=0, help="also time the fused LoRA term")
     parser.add_argument(
         "--warm-l2", action="store_true", help="time one weight copy (L2-resident if it fits)"
     )
@@ -254,6 +259,19 @@ def main() -> None:
             if recommended is not None:
                 config = launch_config(rows, n, k, 64, x.device, **recommended)
                 entry["recommended"] = {"config": config, **measure(case, config)}
+            if args.lora_rank:
+                lora_a = torch.randn(args.lora_rank, k, dtype=torch.bfloat16, device=DEVICE) * 0.02
+                lora_b = torch.randn(n, args.lora_rank, device=DEVICE) * 0.02
+                lora_in = F.linear(x, lora_a)
+                config = launch_config(rows, n, k, 64, x.device)
+                entry["defaults_lora"] = {
+                    "us": time_us(
+                        matmul_4bit,
+                        [(x, *copy, None, lora_in, lora_b, 2.0) for copy in case["copies"]],
+                        config=config,
+                    )
+                }
+                entry["lora_a_us"] = time_us(F.linear, [(x, lora_a)])
             entry["dequant_matmul_us"] = time_us(reference_matmul, [(x, *copy) for copy in case["copies"]])
             entry["bf16_us"] = time_us(F.linear, [(x, dense) for dense in weights[name]["dense"]])
             table[name] = entry
@@ -282,7 +300,7 @@ def main() -> None:
 def report_rows(rows: int, table: dict, per_shape_best: dict | None, log: Log) -> None:
     """Per shape: us and % of the bound for each contender; per layer and per 28-layer decode step."""
     log(f"\n{rows} rows: us per call (% of the 4.8 TB/s bound on the packed bytes)")
-    columns = ["defaults", "recommended", "dequant_matmul_us", "bf16_us"]
+    columns = ["defaults", "defaults_lora", "lora_a_us", "recommended", "dequant_matmul_us", "bf16_us"]
     for name, entry in table.items():
         cells = []
         if per_shape_best is not None:
@@ -295,9 +313,14 @@ def report_rows(rows: int, table: dict, per_shape_best: dict | None, log: Log) -
                 us = entry[column]["us"] if isinstance(entry[column], dict) else entry[column]
                 cells.append(f"{column.removesuffix('_us')} {us:.1f} ({100 * fraction(name, us):.0f}%)")
         log(f"  {name:8s}", " | ".join(cells))
-    for column in ("defaults", "recommended"):
+    for column in ("defaults", "defaults_lora", "lora_a_us", "recommended"):
         if all(column in entry for entry in table.values()):
-            layer = layer_us({name: entry[column] for name, entry in table.items()})
+            layer = layer_us(
+                {
+                    name: {"us": entry[column]} if column.endswith("_us") else entry[column]
+                    for name, entry in table.items()
+                }
+            )
             log(
                 f"  {column}: {layer:.1f} us per layer, {LAYERS * layer / 1e3:.2f} ms of projections per decode step"
             )
