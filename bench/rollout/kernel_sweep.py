@@ -143,9 +143,14 @@ def measure(case: dict, config: dict) -> dict:
         return {"us": float("inf"), "failure": f"{type(failure).__name__}: {str(failure)[:300]}"}
 
 
+def microseconds(result: dict | float) -> float:
+    """A timed result's microseconds: a `measure` dict's "us", or a bare figure."""
+    return result["us"] if isinstance(result, dict) else result
+
+
 def layer_us(per_shape: dict) -> float:
     """Microseconds of one decoder layer's seven projections (inf if a shape failed)."""
-    return sum(PER_LAYER[name] * per_shape[name]["us"] for name in PER_LAYER)
+    return sum(PER_LAYER[name] * microseconds(per_shape[name]) for name in PER_LAYER)
 
 
 def make_cases(rows: int, weights: dict) -> dict:
@@ -254,8 +259,8 @@ def main() -> None:
         for name, case in cases.items():
             n, k = SHAPES_7B[name]
             x = case["x"]
-            config = launch_config(rows, n, k, 64, x.device)
-            entry = {"bytes": packed_bytes(n, k), "defaults": {"config": config, **measure(case, config)}}
+            defaults = launch_config(rows, n, k, 64, x.device)
+            entry = {"bytes": packed_bytes(n, k), "defaults": {"config": defaults, **measure(case, defaults)}}
             if recommended is not None:
                 config = launch_config(rows, n, k, 64, x.device, **recommended)
                 entry["recommended"] = {"config": config, **measure(case, config)}
@@ -263,14 +268,11 @@ def main() -> None:
                 lora_a = torch.randn(args.lora_rank, k, dtype=torch.bfloat16, device=DEVICE) * 0.02
                 lora_b = torch.randn(n, args.lora_rank, device=DEVICE) * 0.02
                 lora_in = F.linear(x, lora_a)
-                config = launch_config(rows, n, k, 64, x.device)
-                entry["defaults_lora"] = {
-                    "us": time_us(
-                        matmul_4bit,
-                        [(x, *copy, None, lora_in, lora_b, 2.0) for copy in case["copies"]],
-                        config=config,
-                    )
-                }
+                entry["defaults_lora"] = time_us(
+                    matmul_4bit,
+                    [(x, *copy, None, lora_in, lora_b, 2.0) for copy in case["copies"]],
+                    config=defaults,
+                )
                 entry["lora_a_us"] = time_us(F.linear, [(x, lora_a)])
             entry["dequant_matmul_us"] = time_us(reference_matmul, [(x, *copy) for copy in case["copies"]])
             entry["bf16_us"] = time_us(F.linear, [(x, dense) for dense in weights[name]["dense"]])
@@ -310,17 +312,12 @@ def report_rows(rows: int, table: dict, per_shape_best: dict | None, log: Log) -
             )
         for column in columns:
             if column in entry:
-                us = entry[column]["us"] if isinstance(entry[column], dict) else entry[column]
+                us = microseconds(entry[column])
                 cells.append(f"{column.removesuffix('_us')} {us:.1f} ({100 * fraction(name, us):.0f}%)")
         log(f"  {name:8s}", " | ".join(cells))
     for column in ("defaults", "defaults_lora", "lora_a_us", "recommended"):
         if all(column in entry for entry in table.values()):
-            layer = layer_us(
-                {
-                    name: {"us": entry[column]} if column.endswith("_us") else entry[column]
-                    for name, entry in table.items()
-                }
-            )
+            layer = layer_us({name: entry[column] for name, entry in table.items()})
             log(
                 f"  {column}: {layer:.1f} us per layer, {LAYERS * layer / 1e3:.2f} ms of projections per decode step"
             )
