@@ -132,13 +132,15 @@ def test_fused_lora_term_and_split_k_reduction_under_graph_replay(variant, split
     x = torch.randn(16, 1024, dtype=torch.bfloat16, device="cuda")
     lora_a = torch.randn(rank, 1024, device="cuda") * 0.05  # fp32 adapter, as the precision plugin keeps it
     lora_b = torch.randn(384, rank, device="cuda") * 0.05
+    # x A^T as the packed engine passes it: the columns of one product shared with other projections (rows
+    # strided by the other 8 ranks)
+    shared_a = torch.cat([torch.randn(8, 1024, device="cuda") * 0.05, lora_a])
+    lora_in = (x.float() @ shared_a.T)[:, 8:]
     config = {"BLOCK_M": 16, "BLOCK_N": 64, "SPLIT_K": split_k, "num_warps": 4, "num_stages": 3}
     config.update(VARIANTS[variant])
 
     def call():
-        return nf4_matmul.matmul_4bit(
-            x, packed, state, None, x.float() @ lora_a.T, lora_b, 2.0, config=config
-        )
+        return nf4_matmul.matmul_4bit(x, packed, state, None, lora_in, lora_b, 2.0, config=config)
 
     eager = call()
     graph = torch.cuda.CUDAGraph()
@@ -147,7 +149,7 @@ def test_fused_lora_term_and_split_k_reduction_under_graph_replay(variant, split
     for _ in range(3):  # the split-K arrival counters must be back at zero after every replay
         graph.replay()
         torch.testing.assert_close(captured, eager, rtol=0, atol=0)
-    lora = 2.0 * (x.float() @ lora_a.T) @ lora_b.T
+    lora = 2.0 * lora_in @ lora_b.T
     reference = (reference_matmul(x, packed, state).float() + lora).to(torch.bfloat16)
     code = state.code if VARIANTS[variant].get("SCALE_AFTER") else None
     assert_within_rounding(eager, x, dequantised(packed, state), reference, code)
@@ -201,7 +203,8 @@ for (quant_type, nested, rows, n, k, bs, split), (decode, after, gather, transpo
     packed, state = F.quantize_4bit(w, blocksize=bs, compress_statistics=nested, quant_type=quant_type)
     x = torch.randn(rows, k, dtype=torch.float16)
     rank = 40 if deeper else 8  # 40: three chunks of the LoRA term's rank loop, the last one masked
-    lora_in, lora_b = torch.randn(rows, rank), torch.randn(n, rank) * 0.1
+    # lora_in as the packed engine passes it: a column slice of the x A^T shared by q/k/v (strided rows)
+    lora_in, lora_b = torch.randn(rows, rank + 16)[:, 16:], torch.randn(n, rank) * 0.1
     block_k = 2 * bs if deeper else bs
     cfg = {"BLOCK_M": 16 if rows <= 16 else 32, "BLOCK_N": 32, "BLOCK_K": block_k,
            "SPLIT_K": min(split, -(-k // block_k)), "GATHER": gather, "TRANSPOSED": transposed,
@@ -220,8 +223,9 @@ def test_kernel_logic_under_the_triton_interpreter(tmp_path):
     # The interpreter runs the kernel on CPU tensors with numpy, in fp16 (numpy has no bf16): it checks the
     # indexing, the nibble order of all three decoders (the byte-permute one through its table words, as
     # the interpreter runs no PTX: tests/kernels/test_nf4_decode.py runs the PTX itself), both absmax
-    # modes, the double-quantised absmax, the split-K reduction, the fused LoRA term, both code-book
-    # lookups, both operand orders, one and two quantisation blocks per step, and the masks, not the speed.
+    # modes, the double-quantised absmax, the split-K reduction, the fused LoRA term (read from strided rows),
+    # both code-book lookups, both operand orders, one and two quantisation blocks per step, and the masks,
+    # not the speed.
     numpy = pytest.importorskip("numpy")
     if tuple(int(p) for p in numpy.__version__.split(".")[:2]) >= (2, 4):
         pytest.skip("Triton 3.6's interpreter fails on numpy >= 2.4 (int() of a 1-element array)")

@@ -2,6 +2,7 @@
 
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,7 +15,8 @@ from vrft.models.policy import LoraSpec, ModelSpec, attach_lora, load_base_model
 from vrft.planner.planning import resolve_auto
 from vrft.rollout.engines import ROLLOUT_ENGINES, PackedEngine
 from vrft.rollout.generate import generate_rollout
-from vrft.rollout.packed import KernelLinear, packed_unavailable
+from vrft.rollout.packed import KernelLinear, SharedLoraInput, packed_unavailable, share_lora_inputs
+from vrft.rollout.weights import LoraTerm, PackedLinear
 from vrft.train import fit
 
 CONF = str(Path(__file__).resolve().parents[2] / "conf")
@@ -72,6 +74,56 @@ def test_planner_counts_no_copy_and_no_decode_scratch_for_packed():
     assert packed.components["prefill"] == dequant.components["prefill"]
 
 
+def kernel_layer(out_features: int, rank: int | None, in_features: int = 24) -> KernelLinear:
+    """A `KernelLinear` over a stand-in base (its construction reads shapes only; calling it needs CUDA)."""
+    loras = (
+        []
+        if rank is None
+        else [LoraTerm(torch.randn(rank, in_features), torch.randn(out_features, rank), 2.0)]
+    )
+    return KernelLinear(PackedLinear(torch.nn.Linear(in_features, out_features), None, loras, torch.float32))
+
+
+def test_shared_lora_input_is_each_projections_product_computed_once_per_input():
+    torch.manual_seed(0)
+    a_q, a_k, a_v = torch.randn(8, 24), torch.randn(4, 24), torch.randn(4, 24)
+    group = SharedLoraInput([a_q, a_k, a_v])
+    x = torch.randn(2, 3, 24)
+    rows = x.reshape(-1, 24)
+    product = group.product(x, rows)
+    for a, columns in zip((a_q, a_k, a_v), group.columns, strict=True):
+        # one [6, 16] product against three: the same fp32 sums over 24 inputs, possibly in another order
+        torch.testing.assert_close(product[:, columns], rows @ a.T, rtol=1e-5, atol=1e-5)
+    assert group.product(x, rows) is product  # the second and third projection reuse it
+    other = x.clone()
+    assert group.product(other, other.reshape(-1, 24)) is not product  # another input: multiplied again
+    fresh = group.product(x, rows)
+    x.mul_(2)  # the same tensor changed in place: multiplied again, not the stale product
+    torch.testing.assert_close(group.product(x, rows), 2 * fresh)
+
+
+def test_q_k_v_and_gate_up_share_one_x_a_product_when_all_have_an_adapter():
+    layer = SimpleNamespace(
+        q=kernel_layer(24, 8), k=kernel_layer(8, 8), v=kernel_layer(8, 8), o=kernel_layer(24, 8),
+        gate=kernel_layer(40, 8), up=kernel_layer(40, 8), down=kernel_layer(24, 8, in_features=40),
+    )  # fmt: skip
+    share_lora_inputs(layer)
+    assert layer.q.shared[0] is layer.k.shared[0] is layer.v.shared[0]
+    assert layer.gate.shared[0] is layer.up.shared[0] is not layer.q.shared[0]
+    assert [layer.q.shared[1], layer.k.shared[1], layer.v.shared[1]] == [
+        slice(0, 8),
+        slice(8, 16),
+        slice(16, 24),
+    ]
+    assert layer.o.shared is None and layer.down.shared is None  # inputs of their own
+    # a group with a projection without an adapter keeps one x A^T per projection
+    partial = SimpleNamespace(q=kernel_layer(24, 8), k=kernel_layer(8, None), v=kernel_layer(8, 8),
+                              gate=kernel_layer(40, 8), up=kernel_layer(40, 4))  # fmt: skip
+    share_lora_inputs(partial)
+    assert partial.q.shared is None and partial.v.shared is None
+    assert partial.gate.shared[1] == slice(0, 8) and partial.up.shared[1] == slice(8, 12)  # ranks may differ
+
+
 @pytest.mark.gpu
 def test_packed_engine_greedy_tokens_match_generate_on_int4_weights():
     from vrft.precision import Int4Precision
@@ -94,6 +146,7 @@ def test_packed_engine_greedy_tokens_match_generate_on_int4_weights():
     assert all(
         isinstance(getattr(layer, n), KernelLinear) for n in ("q", "k", "v", "o", "gate", "up", "down")
     )
+    assert layer.q.shared[0] is layer.v.shared[0] and layer.gate.shared[0] is layer.up.shared[0]
     with torch.autocast("cuda", dtype=torch.bfloat16):
         reference = generate_rollout(policy, processor, rows(), "{problem}", 1, greedy, device)
         fast = generate_rollout(policy, processor, rows(), "{problem}", 1, greedy, device, engine=engine)

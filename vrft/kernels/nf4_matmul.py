@@ -312,7 +312,9 @@ def matmul_4bit(
     if rank > MAX_LORA_RANK:
         raise ValueError(f"LoRA rank {rank} > {MAX_LORA_RANK} is not fused; apply it outside matmul_4bit")
     if lora_in is not None:
-        lora_in, lora_b = lora_in.contiguous(), lora_b.contiguous()
+        # Rows of `lora_in` may be strided (a column slice of a shared x A^T: vrft.rollout.packed); ranks not.
+        lora_in = lora_in if lora_in.stride(1) == 1 else lora_in.contiguous()
+        lora_b = lora_b.contiguous()
     packed = packed.reshape(-1)
     _matmul_4bit_kernel[grid](
         x, packed if config["DECODE"] == DECODE_BYTES else packed.view(torch.int32), quant_state.absmax, quant_state.code,

@@ -4,7 +4,8 @@ The static decoder's `dequant` form (`vrft.rollout.weights.PackedLinear`) dequan
 before its matmul; here the decode steps (at most `KERNEL_ROWS` rows) go through the fused kernel of
 `vrft.kernels.nf4_matmul`, which decodes the packed codes in registers and never writes the bf16 matrix.
 The LoRA term stays unmerged, as in `dequant`: `x A^T` is one small matmul and the kernel adds
-`scale * (x A^T) B^T` before its single rounding of the output.
+`scale * (x A^T) B^T` before its single rounding of the output. Projections that read the same input
+(q/k/v, gate/up) share one `x A^T` over their concatenated A matrices (`SharedLoraInput`).
 
 The prefill (the prompt, G-fold shared: hundreds of rows) is compute-bound: there the kernel would decode
 every weight once per 64-row tile, so it dequantises each matrix once instead (one matrix of bf16 scratch,
@@ -14,6 +15,7 @@ as `dequant`); measured on the H200 in bench/rollout/results.md.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 
 import torch
@@ -31,6 +33,35 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 PACKED_FIX = "set algorithm.rollout_engine=dequant (same memory, no kernel) or auto"
 
 
+class SharedLoraInput:
+    """`x A^T` for the projections of a decoder layer that read the same input, as one matmul.
+
+    Why: cuBLAS runs each small `x A^T` as a GEMM plus a split-K reduce, ~6 us whatever its size, and a 7B
+    decode step has seven per layer (1.2 ms of 12.5: bench/rollout/results.md). q/k/v and gate/up read the
+    same `x`, so their A matrices are concatenated once per rollout and multiplied once per input: four
+    launches per layer. Each projection reads its columns of the product (the kernel takes strided rows).
+    """
+
+    def __init__(self, lora_as: list[Tensor]):
+        self.weight = torch.cat(lora_as)  # [sum of ranks, in]
+        ends = list(itertools.accumulate(a.shape[0] for a in lora_as))
+        self.columns = [slice(end - a.shape[0], end) for a, end in zip(lora_as, ends, strict=True)]
+        self._input: Tensor | None = None  # the last input, held so that its id cannot be reused
+        self._version: int | None = None
+        self._product: Tensor | None = None
+
+    def product(self, x: Tensor, rows: Tensor) -> Tensor:
+        """`rows [M, in] -> [M, sum of ranks]`, computed once per input: the decoder hands the same tensor
+        `x` (of which `rows` is the 2-D view) to every projection of the group. A new tensor, or `x`
+        changed in place since, is multiplied again (an inference tensor, whose changes are not counted,
+        every time)."""
+        version = None if x.is_inference() else x._version
+        if x is not self._input or version is None or version != self._version:
+            self._product = F.linear(rows.to(self.weight.dtype), self.weight)
+            self._input, self._version = x, version
+        return self._product
+
+
 class KernelLinear(LinearOp):
     """A `PackedLinear` over a bitsandbytes `Linear4bit` whose decode-step matmuls run the fused kernel."""
 
@@ -44,6 +75,7 @@ class KernelLinear(LinearOp):
         fused = self.loras[0] if self.loras else None
         dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
         self.lora_a = None if fused is None else fused.a.to(dtype or fused.a.dtype)
+        self.shared: tuple[SharedLoraInput, slice] | None = None  # set by `share_lora_inputs`
 
     def __call__(self, x: Tensor) -> Tensor:
         """`x [..., in] -> [..., out]` in the decoder's dtype."""
@@ -54,7 +86,11 @@ class KernelLinear(LinearOp):
         else:
             weight = self.base.weight
             fused, extra = (self.loras[0], self.loras[1:]) if self.loras else (None, [])
-            lora_in = None if fused is None else F.linear(rows.to(self.lora_a.dtype), self.lora_a)
+            if self.shared is not None:
+                group, columns = self.shared
+                lora_in = group.product(x, rows)[:, columns]
+            else:
+                lora_in = None if fused is None else F.linear(rows.to(self.lora_a.dtype), self.lora_a)
             y = matmul_4bit(
                 rows,
                 weight.data,
@@ -83,6 +119,23 @@ def kernel_unsupported(op: LinearOp) -> str | None:
     return supports(weight)
 
 
+SHARED_INPUTS = (("q", "k", "v"), ("gate", "up"))  # projections of a decoder layer that read the same input
+
+
+def share_lora_inputs(layer) -> None:
+    """Give the kernel projections of `layer` that read one input a `SharedLoraInput` (all or none of a
+    group: each must be a `KernelLinear` with a fused adapter whose A has the others' dtype and width)."""
+    for names in SHARED_INPUTS:
+        ops = [getattr(layer, name) for name in names]
+        if not all(isinstance(op, KernelLinear) and op.lora_a is not None for op in ops):
+            continue
+        if len({(op.lora_a.dtype, op.lora_a.shape[1], op.lora_a.device) for op in ops}) > 1:
+            continue
+        group = SharedLoraInput([op.lora_a for op in ops])
+        for op, columns in zip(ops, group.columns, strict=True):
+            op.shared = (group, columns)
+
+
 def with_kernel_layers(weights):
     """The decoder weights with every supported 4-bit projection swapped for a `KernelLinear`.
 
@@ -103,6 +156,8 @@ def with_kernel_layers(weights):
                                        if isinstance(getattr(layer, f.name), LinearOp)})
         for layer in weights.layers
     ]  # fmt: skip
+    for layer in layers:
+        share_lora_inputs(layer)
     if reasons:
         log.warning("rollout_engine=packed: %s projections dequantise per step instead: %s",
                     sum(reasons.values()), "; ".join(f"{n} x {r}" for r, n in reasons.items()))  # fmt: skip
