@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from vrft.kernels import nf4_matmul
-from vrft.kernels.nf4_matmul import environment_unsupported, layout_unsupported, reference_matmul, supports
+from vrft.kernels.nf4_matmul import (
+    environment_unsupported,
+    launch_config,
+    layout_unsupported,
+    reference_matmul,
+    supports,
+)
 
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
@@ -27,7 +33,7 @@ def dequantised(packed, state):
     return bnb_functional.dequantize_4bit(packed, state)
 
 
-def assert_within_rounding(y, x, weight, reference, code=None, label=""):
+def assert_within_rounding(y, x, weight, reference, code=None, label="", lora=None):
     """`y` is `reference`, `x` times bitsandbytes' dequantised `weight`, up to rounding, as derived below.
 
     With `u` the unit roundoff of the compute dtype (bf16 2^-8, fp16 2^-11): scaling each weight before the
@@ -41,6 +47,11 @@ def assert_within_rounding(y, x, weight, reference, code=None, label=""):
     the compute dtype (at most u; computed from the code book), and |rnd(c a) - c a| <= u |c a|, so the two
     weights differ by at most (e + u) |c a| <= (e + u) / (1 - u) |w| (w the reference weight), and the sums
     by that times sum_k |x_k w_k|: a third term of the same order as the other two, not a looser tolerance.
+
+    `lora`, the fused adapter's `(scale, lora_in, lora_b)` when the reference adds it in fp32: the kernel
+    rounds both operands to the compute dtype (as autocast does) and sums in fp32, so each product is off by
+    at most (2u + u^2) of |scale a b|, and the rank-long fp32 sum by 2^-12 of it as above: a fourth term,
+    (2u + u^2 + 2^-12) scale sum_r |a_r b_r|.
     """
     unit = torch.finfo(x.dtype).eps / 2  # unit roundoff: half the gap above 1
     magnitude = x.float().abs() @ weight.float().abs().T
@@ -51,6 +62,10 @@ def assert_within_rounding(y, x, weight, reference, code=None, label=""):
             torch.finfo(torch.float32).tiny
         )
         bound = bound + (relative.max() + unit) / (1 - unit) * magnitude
+    if lora is not None:
+        scale, lora_in, lora_b = lora
+        adapter = abs(scale) * lora_in.float().abs() @ lora_b.float().abs().T
+        bound = bound + (2 * unit + unit**2 + 2**-12) * adapter
     excess = (y.float() - reference.float()).abs() - bound
     assert excess.max() <= 0, f"{label} worst excess over the bound {excess.max():.3g}"
 
@@ -125,7 +140,7 @@ def test_every_variant_equals_bitsandbytes_dequantise_then_matmul(
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", ["words", "prmt"])
 @pytest.mark.parametrize("split_k", [1, 2, 8])
-@pytest.mark.parametrize("rank", [8, 64])  # 64: four steps of the epilogue's rank loop
+@pytest.mark.parametrize("rank", [8, 64])  # 64: four 16-rank dots of the LoRA term
 def test_fused_lora_term_and_split_k_reduction_under_graph_replay(variant, split_k, rank):
     torch.manual_seed(0)
     packed, state = quantised(384, 1024)
@@ -152,7 +167,22 @@ def test_fused_lora_term_and_split_k_reduction_under_graph_replay(variant, split
     lora = 2.0 * lora_in @ lora_b.T
     reference = (reference_matmul(x, packed, state).float() + lora).to(torch.bfloat16)
     code = state.code if VARIANTS[variant].get("SCALE_AFTER") else None
-    assert_within_rounding(eager, x, dequantised(packed, state), reference, code)
+    assert_within_rounding(eager, x, dequantised(packed, state), reference, code, lora=(2.0, lora_in, lora_b))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+@pytest.mark.parametrize("rows", [16, 64])
+def test_fused_lora_term_costs_the_kernel_no_registers(rows):
+    # Compiled for sm_90 on any machine (nf4_offline: Triton's own ptxas). Registers decide how many programs
+    # share a multiprocessor; the LoRA term used to add 42 at 16 rows (126 -> 168: 3 programs per SM
+    # instead of 4). Added after the K loop, 16 ranks per tensor-core dot, it adds none, at any rank.
+    from vrft.kernels.nf4_offline import compile_kernel, registers
+
+    config = launch_config(rows, 18944, 3584, 64, torch.device("meta"))
+    bare = registers(compile_kernel(config))
+    for rank in (64, 256):
+        fused = registers(compile_kernel(config, lora_rank=rank))
+        assert fused["registers"] <= bare["registers"] and fused["stack_bytes"] == 0, (rank, fused, bare)
 
 
 def test_layout_reasons_name_what_is_not_handled():
@@ -213,7 +243,7 @@ for (quant_type, nested, rows, n, k, bs, split), (decode, after, gather, transpo
     weight = F.dequantize_4bit(packed, state)
     reference = (x.float() @ weight.float().T + 0.5 * lora_in @ lora_b.T).to(torch.float16)
     results.append({"label": f"{quant_type} {cfg}", "y": y, "x": x, "weight": weight, "reference": reference,
-                    "code": state.code if after else None})
+                    "code": state.code if after else None, "lora": (0.5, lora_in, lora_b)})
 torch.save(results, sys.argv[1])
 """
 
@@ -239,5 +269,5 @@ def test_kernel_logic_under_the_triton_interpreter(tmp_path):
     assert len(results) == 60
     for case in results:
         assert_within_rounding(
-            case["y"], case["x"], case["weight"], case["reference"], case["code"], label=case["label"]
+            case["y"], case["x"], case["weight"], case["reference"], case["code"], case["label"], case["lora"]
         )

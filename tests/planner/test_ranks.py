@@ -15,6 +15,7 @@ WEIGHTS = WeightFootprint(
     lm_linear_params=1_000_000,
     dequant_params=0,
     adapter_params=100_000,
+    fused_lora_a_params=40_000,
     adapter_bytes_per_param=4,
     optimizer_bytes_per_param=8.0,
     optimizer_paged=False,

@@ -63,14 +63,16 @@ def test_explicit_packed_fails_before_loading_with_the_reason(tmp_path, monkeypa
         PackedEngine()
 
 
-def test_planner_counts_no_copy_and_no_decode_scratch_for_packed():
+def test_planner_counts_no_weight_copy_and_no_decode_scratch_for_packed():
     from tests.planner.test_estimator import SHAPE, footprint, workload
     from vrft.planner.estimator import Calibration, estimate
 
     dequant = estimate(SHAPE, footprint(), workload(rollout_engine="dequant"), Calibration())
     packed = estimate(SHAPE, footprint(), workload(rollout_engine="packed"), Calibration())
-    # dequant holds one bf16 matrix of scratch while decoding; packed none (its prefill's is in `prefill`)
-    assert dequant.components["rollout_engine"] == 8192 * 2 and packed.components["rollout_engine"] == 0
+    # dequant holds one bf16 matrix of scratch while decoding; packed no weights (its prefill's scratch is
+    # in `prefill`), only the bf16 A matrices of the fused adapters (20_000 in `footprint`)
+    assert dequant.components["rollout_engine"] == 8192 * 2
+    assert packed.components["rollout_engine"] == 20_000 * 2
     assert packed.components["prefill"] == dequant.components["prefill"]
 
 
@@ -115,12 +117,18 @@ def test_q_k_v_and_gate_up_share_one_x_a_product_when_all_have_an_adapter():
         slice(8, 16),
         slice(16, 24),
     ]
-    assert layer.o.shared is None and layer.down.shared is None  # inputs of their own
+    # A is held once: by the group, none left in a projection's own group of one
+    assert layer.q.shared[0].weight.shape == (24, 24) and layer.gate.shared[0].weight.shape == (16, 24)
+    for name in ("o", "down"):  # inputs of their own: a group of one, over the projection's own A
+        group, columns = getattr(layer, name).shared
+        assert group.columns == [slice(0, 8)] and columns == slice(0, 8)
+        assert group.weight is getattr(layer, name).loras[0].a  # fp32 outside autocast: A itself, no copy
     # a group with a projection without an adapter keeps one x A^T per projection
     partial = SimpleNamespace(q=kernel_layer(24, 8), k=kernel_layer(8, None), v=kernel_layer(8, 8),
                               gate=kernel_layer(40, 8), up=kernel_layer(40, 4))  # fmt: skip
     share_lora_inputs(partial)
-    assert partial.q.shared is None and partial.v.shared is None
+    assert partial.k.shared is None
+    assert partial.q.shared[0] is not partial.v.shared[0] and partial.q.shared[0].columns == [slice(0, 8)]
     assert partial.gate.shared[1] == slice(0, 8) and partial.up.shared[1] == slice(8, 12)  # ranks may differ
 
 

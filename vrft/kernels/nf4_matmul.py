@@ -20,9 +20,10 @@ operand (`y^T = W x^T`: the few decode rows are the MMA's narrow side). Two ways
   sum, which the block's fp32 absmax then scales. A weight is then `bf16(code) * absmax` instead of
   `bf16(code * absmax)`: both are within one bf16 rounding of the exact product (tests/kernels derive the
   bound), not bit-equal to the training forward's weights.
-With a split K, partial sums go to an fp32 workspace and the last program of a tile to arrive (an atomic
-counter, which that program resets, so CUDA-graph replays start from zero) adds them up, then the bias and
-the LoRA term, and writes `y` once.
+The LoRA term `scale * (x A^T) B^T` (the engine computes `x A^T`, this kernel the rest) is added by one K
+slice of each tile after its loop, as a tensor-core dot of the compute dtype (nf4_epilogue). With a split K,
+partial sums go to an fp32 workspace and the last program of a tile to arrive (an atomic counter, which that
+program resets, so CUDA-graph replays start from zero) adds them up, then the bias, and writes `y` once.
 
 Measured on the H200 at 16 rows (bench/rollout/results.md): the first variants (int32 words, shuffle
 lookup, scale per weight) ran at 12-13% of the bandwidth bound on Qwen2-VL-7B's large projections, bound by
@@ -48,7 +49,7 @@ from vrft.kernels.nf4_decode import DECODE_BYTES, DECODE_PRMT
 
 if triton is not None:
     from vrft.kernels.nf4_decode import absmax, code_books, decode
-    from vrft.kernels.nf4_epilogue import store_output
+    from vrft.kernels.nf4_epilogue import lora_term, store_output
 
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (64, 128, 256)  # one block per loop iteration: [BLOCK_N, blocksize / 2] bytes
@@ -211,13 +212,18 @@ if triton is not None:
                         acc += tl.dot(x_part, tl.trans(weight)) * tl.reshape(scale, (1, BLOCK_N))
                     else:
                         acc = tl.dot(x_part, tl.trans(weight), acc)
+        if LORA_RANK > 0:
+            if pid_k == split_k - 1:  # one slice of the tile adds the adapter (nf4_epilogue says why here)
+                acc = lora_term(
+                    acc, rows_m, rows_n, mask_m, mask_n, lora_in_ptr, lora_b_ptr, lora_scale, lora_rank,
+                    stride_lm, DTYPE, LORA_RANK, TRANSPOSED,
+                )  # fmt: skip
         if TRANSPOSED:
             acc = tl.trans(acc)
 
         store_output(
             acc, pid_m, pid_n, pid_k, rows_m, rows_n, mask_m, mask_n, partial_ptr, counter_ptr, split_k,
-            bias_ptr, lora_in_ptr, lora_b_ptr, lora_scale, lora_rank, stride_lm, y_ptr, stride_ym,
-            BLOCK_M, BLOCK_N, SPLIT, HAS_BIAS, LORA_RANK,
+            bias_ptr, y_ptr, stride_ym, BLOCK_M, BLOCK_N, SPLIT, HAS_BIAS,
         )  # fmt: skip
 
 
@@ -278,7 +284,8 @@ def matmul_4bit(
     """`x [M, K] @ W^T [K, N] (+ bias [N]) (+ lora_scale * lora_in [M, r] @ lora_b^T [r, N])` -> `[M, N]`.
 
     `packed` and `quant_state` are a `Params4bit`'s data and state (check `supports` first); `x` is in the
-    weight's compute dtype. `config` overrides `launch_config` (benchmarks sweep it).
+    weight's compute dtype; `lora_in` and `lora_b` are rounded to it and their product summed in fp32, as
+    autocast computes an adapter. `config` overrides `launch_config` (benchmarks sweep it).
     """
     rows, in_features = x.shape
     out_features = quant_state.shape[0]

@@ -36,6 +36,8 @@ PACKED_FIX = "set algorithm.rollout_engine=dequant (same memory, no kernel) or a
 class SharedLoraInput:
     """`x A^T` for the projections of a decoder layer that read the same input, as one matmul.
 
+    Every fused adapter of the engine reads its `x A^T` from one of these: a group of one (o, down,
+    lm_head) until `share_lora_inputs` puts it with the projections that read the same input.
     Why: cuBLAS runs each small `x A^T` as a GEMM plus a split-K reduce, ~6 us whatever its size, and a 7B
     decode step has seven per layer (1.2 ms of 12.5: bench/rollout/results.md). q/k/v and gate/up read the
     same `x`, so their A matrices are concatenated once per rollout and multiplied once per input: four
@@ -43,7 +45,7 @@ class SharedLoraInput:
     """
 
     def __init__(self, lora_as: list[Tensor]):
-        self.weight = torch.cat(lora_as)  # [sum of ranks, in]
+        self.weight = lora_as[0] if len(lora_as) == 1 else torch.cat(lora_as)  # [sum of ranks, in]
         ends = list(itertools.accumulate(a.shape[0] for a in lora_as))
         self.columns = [slice(end - a.shape[0], end) for a, end in zip(lora_as, ends, strict=True)]
         self._input: Tensor | None = None  # the last input, held so that its id cannot be reused
@@ -72,10 +74,12 @@ class KernelLinear(LinearOp):
         # forward context, where rollouts run) F.linear would cast the fp32 A and x to the autocast dtype at
         # every call, two copies per projection per decode step (1.3 ms of a 7B step, profiled); cast A once
         # per rollout instead. The product is the same.
-        fused = self.loras[0] if self.loras else None
-        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
-        self.lora_a = None if fused is None else fused.a.to(dtype or fused.a.dtype)
-        self.shared: tuple[SharedLoraInput, slice] | None = None  # set by `share_lora_inputs`
+        self.shared: tuple[SharedLoraInput, slice] | None = None  # the fused adapter's x A^T, and its columns
+        if self.loras:
+            a = self.loras[0].a
+            dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else a.dtype
+            own = SharedLoraInput([a.to(dtype)])
+            self.shared = (own, own.columns[0])
 
     def __call__(self, x: Tensor) -> Tensor:
         """`x [..., in] -> [..., out]` in the decoder's dtype."""
@@ -86,11 +90,10 @@ class KernelLinear(LinearOp):
         else:
             weight = self.base.weight
             fused, extra = (self.loras[0], self.loras[1:]) if self.loras else (None, [])
+            lora_in = None
             if self.shared is not None:
                 group, columns = self.shared
                 lora_in = group.product(x, rows)[:, columns]
-            else:
-                lora_in = None if fused is None else F.linear(rows.to(self.lora_a.dtype), self.lora_a)
             y = matmul_4bit(
                 rows,
                 weight.data,
@@ -123,15 +126,17 @@ SHARED_INPUTS = (("q", "k", "v"), ("gate", "up"))  # projections of a decoder la
 
 
 def share_lora_inputs(layer) -> None:
-    """Give the kernel projections of `layer` that read one input a `SharedLoraInput` (all or none of a
-    group: each must be a `KernelLinear` with a fused adapter whose A has the others' dtype and width)."""
+    """Put the kernel projections of `layer` that read one input into one `SharedLoraInput` (all or none of
+    a group: each must be a `KernelLinear` with a fused adapter whose A has the others' dtype and width).
+    Their own groups of one, and so their copies of A, are dropped: A is held once."""
     for names in SHARED_INPUTS:
         ops = [getattr(layer, name) for name in names]
-        if not all(isinstance(op, KernelLinear) and op.lora_a is not None for op in ops):
+        if not all(isinstance(op, KernelLinear) and op.shared is not None for op in ops):
             continue
-        if len({(op.lora_a.dtype, op.lora_a.shape[1], op.lora_a.device) for op in ops}) > 1:
+        lora_as = [op.shared[0].weight for op in ops]
+        if len({(a.dtype, a.shape[1], a.device) for a in lora_as}) > 1:
             continue
-        group = SharedLoraInput([op.lora_a for op in ops])
+        group = SharedLoraInput(lora_as)
         for op, columns in zip(ops, group.columns, strict=True):
             op.shared = (group, columns)
 
