@@ -224,3 +224,18 @@ def test_inverse_cdf_sampler_draws_from_the_softmax():
     assert counts[3] == 0  # a masked token is never drawn
     top = InverseCdfSampler(temperature=1.0, top_p=0.5)(None, logits[:2000]).argmax(1)
     assert top.eq(0).all()  # token 0 alone holds 66% of the mass
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decoder_rms_norm_is_the_policys_norm_bit_for_bit(dtype):
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLRMSNorm
+
+    from vrft.rollout.decoder import rms_norm
+
+    torch.manual_seed(0)
+    norm = Qwen2VLRMSNorm(3584, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.2)
+    x = torch.randn(16, 1, 3584, dtype=dtype) * 3
+    with torch.no_grad():
+        assert torch.equal(rms_norm(x, norm.weight, norm.variance_epsilon), norm(x))
