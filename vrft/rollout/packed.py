@@ -22,7 +22,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from vrft.kernels.nf4_matmul import environment_unsupported, layout_unsupported, matmul_4bit, supports
+from vrft.kernels.nf4_matmul import (
+    MAX_LORA_RANK,
+    environment_unsupported,
+    layout_unsupported,
+    matmul_4bit,
+    supports,
+)
 from vrft.rollout.static import StaticDecodeEngine
 from vrft.rollout.weights import LinearOp, PackedLinear, dense_weight
 
@@ -88,21 +94,12 @@ class KernelLinear(LinearOp):
             y = F.linear(rows, dense_weight(self.base).to(self.dtype), self.bias)
             extra = self.loras
         else:
-            weight = self.base.weight
-            fused, extra = (self.loras[0], self.loras[1:]) if self.loras else (None, [])
-            lora_in = None
+            weight, extra = self.base.weight, self.loras[1:]
+            lora = ()  # the first adapter, fused: (x A^T, B, scale)
             if self.shared is not None:
                 group, columns = self.shared
-                lora_in = group.product(x, rows)[:, columns]
-            y = matmul_4bit(
-                rows,
-                weight.data,
-                weight.quant_state,
-                self.bias,
-                lora_in,
-                None if fused is None else fused.b,
-                1.0 if fused is None else fused.scale,
-            )
+                lora = (group.product(x, rows)[:, columns], self.loras[0].b, self.loras[0].scale)
+            y = matmul_4bit(rows, weight.data, weight.quant_state, self.bias, *lora)
         for lora in extra:  # a second active adapter (rare): added as `dequant` does
             y = y + lora(rows).to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -117,8 +114,8 @@ def kernel_unsupported(op: LinearOp) -> str | None:
         return f"a {type(op.base).__name__}, not a bitsandbytes 4-bit layer"
     if weight.quant_state.dtype != op.dtype:
         return f"its compute dtype {weight.quant_state.dtype} is not the decoder's {op.dtype}"
-    if any(lora.a.shape[0] > 256 for lora in op.loras):
-        return "LoRA rank above 256"
+    if any(lora.a.shape[0] > MAX_LORA_RANK for lora in op.loras):
+        return f"LoRA rank above {MAX_LORA_RANK}"
     return supports(weight)
 
 
