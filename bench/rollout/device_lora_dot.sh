@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Two device calls for the LoRA term on the tensor cores (bench/rollout/results.md, "LoRA term on the tensor
-# cores"), back to back on one warm machine; carry .whl; results in $OUT:
+# Two device calls, first made for the LoRA term on the tensor cores (bench/rollout/results.md, "LoRA term
+# on the tensor cores"), since then for each kernel change; back to back on one warm machine; carry .whl;
+# results in $OUT:
 #   bash bench/rollout/device_lora_dot.sh tests   # the whole GPU suite, then the kernel at 16 rows with a
 #                                                 # rank-64 LoRA term (kernel_sweep.py --lora-rank 64)
 #   bash bench/rollout/device_lora_dot.sh rows    # packed.py rows 16g (decode step of bf16_copy and packed)

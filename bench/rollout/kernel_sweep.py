@@ -24,7 +24,9 @@ number of copies (`--warm-l2`: one copy, as the sweeps before 2026-12-04 measure
 
 `--lora-rank R` also times, per shape, the kernel at `DEFAULTS` with the fused LoRA term of a rank-R
 adapter (`lora_in` = x A^T in bf16, B in fp32, as the `packed` engine calls it) and that x A^T (cuBLAS):
-what a projection costs in the model, next to the bare kernel.
+what a projection costs in the model, next to the bare kernel; and q/k/v and gate/up each as one launch
+over their weights (`matmul_4bit_segments`, as the `packed` engine groups them) with their adapters, against
+their separate launches.
 
 Everything goes to `--out` (JSON, rewritten after each stage) and the log beside it (`.log`). Stages stop
 early past `--budget-s` (compilations included), keeping what they measured.
@@ -43,7 +45,14 @@ import torch
 import triton
 from torch.nn import functional as F
 
-from vrft.kernels.nf4_matmul import DEFAULTS, launch_config, matmul_4bit, reference_matmul
+from vrft.kernels.nf4_matmul import (
+    DEFAULTS,
+    launch_config,
+    matmul_4bit,
+    matmul_4bit_segments,
+    reference_matmul,
+    segments,
+)
 
 BANDWIDTH = 4.8e12  # H200 datasheet, bytes/s
 DEVICE = torch.device("cuda")
@@ -277,6 +286,9 @@ def main() -> None:
             entry["dequant_matmul_us"] = time_us(reference_matmul, [(x, *copy) for copy in case["copies"]])
             entry["bf16_us"] = time_us(F.linear, [(x, dense) for dense in weights[name]["dense"]])
             table[name] = entry
+        if args.lora_rank:
+            grouped = results.setdefault("grouped", {})[rows] = grouped_us(cases, args.lora_rank)
+            log(f"{rows} rows, one launch per input group, rank {args.lora_rank}:", json.dumps(grouped))
         results["rows"][rows] = table
         save()
         report_rows(rows, table, results.get("per_shape_best") if rows == args.rows[0] else None, log)
@@ -297,6 +309,31 @@ def main() -> None:
     log("prefill 1212 rows, gate:", json.dumps(results["prefill_1212_gate"]))
     save()
     log(f"done in {time.monotonic() - started:.0f} s")
+
+
+def grouped_us(cases: dict, rank: int) -> dict:
+    """us per decoder layer of q/k/v and of gate/up, each as one launch with a rank-`rank` adapter per weight
+    (x A^T of the group computed outside, as the engine does), and as separate launches."""
+    result = {}
+    for label, names in (("q_k_v", ("q_o", "k_v", "k_v")), ("gate_up", ("gate_up", "gate_up"))):
+        x = cases[names[0]]["x"]
+        count = len(cases[names[0]]["copies"])
+        lora_in = torch.randn(x.shape[0], rank * len(names), dtype=torch.bfloat16, device=DEVICE)
+        groups, alone = [], []
+        for copy in range(count):
+            members = []  # a different copy for each member where the shape repeats (k and v)
+            for position, name in enumerate(names):
+                copies = cases[name]["copies"]
+                packed, state = copies[(copy + position) % len(copies)]
+                lora_b = torch.randn(state.shape[0], rank, device=DEVICE) * 0.02
+                members.append((packed, state, None, lora_b, position * rank))
+                alone.append(
+                    (x, packed, state, None, lora_in[:, position * rank : (position + 1) * rank], lora_b, 2.0)
+                )
+            groups.append((x, segments(members), lora_in, 2.0))
+        one = time_us(matmul_4bit_segments, groups)
+        result[label] = {"one_launch_us": one, "separate_us": time_us(matmul_4bit, alone) * len(names)}
+    return result
 
 
 def report_rows(rows: int, table: dict, per_shape_best: dict | None, log: Log) -> None:

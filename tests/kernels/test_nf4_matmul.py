@@ -170,6 +170,72 @@ def test_fused_lora_term_and_split_k_reduction_under_graph_replay(variant, split
     assert_within_rounding(eager, x, dequantised(packed, state), reference, code, lora=(2.0, lora_in, lora_b))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [8, 16, 64])
+def test_one_launch_over_several_weights_equals_their_own_launches_under_graph_replay(rows):
+    # q/k/v as the packed engine launches them: three weights of one input, biases, per-weight adapters
+    # reading their columns of one shared x A^T; the launch_config of their total width for both.
+    torch.manual_seed(0)
+    sizes, ranks = (384, 128, 128), (16, 16, 64)
+    weights = [quantised(n, 1024) for n in sizes]
+    biases = [torch.randn(n, dtype=torch.bfloat16, device="cuda") for n in sizes]
+    lora_bs = [torch.randn(n, r, device="cuda") * 0.05 for n, r in zip(sizes, ranks, strict=True)]
+    starts = (0, 16, 32)
+    x = torch.randn(rows, 1024, dtype=torch.bfloat16, device="cuda")
+    product = torch.randn(rows, sum(ranks), device="cuda").to(torch.bfloat16)
+    group = nf4_matmul.segments(
+        [(p, s, b, lb, c) for (p, s), b, lb, c in zip(weights, biases, lora_bs, starts, strict=True)]
+    )
+    config = launch_config(rows, sum(sizes), 1024, 64, x.device)
+
+    def call():
+        return nf4_matmul.matmul_4bit_segments(x, group, product, 2.0)
+
+    eager = call()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = call()
+    for _ in range(3):  # the split-K arrival counters must be back at zero after every replay
+        graph.replay()
+        torch.testing.assert_close(captured, eager, rtol=0, atol=0)
+    column = 0
+    for (packed, state), bias, lora_b, start, rank in zip(
+        weights, biases, lora_bs, starts, ranks, strict=True
+    ):
+        n = state.shape[0]
+        lora_in = product[:, start : start + rank]
+        alone = nf4_matmul.matmul_4bit(x, packed, state, bias, lora_in, lora_b, 2.0, config=config)
+        mine = eager[:, column : column + n]
+        torch.testing.assert_close(mine, alone, rtol=0, atol=0)  # the same sums, the same order
+        lora = 2.0 * lora_in.float() @ lora_b.T
+        reference = (reference_matmul(x, packed, state).float() + bias.float() + lora).to(torch.bfloat16)
+        assert_within_rounding(
+            mine, x, dequantised(packed, state), reference, state.code, lora=(2.0, lora_in, lora_b)
+        )
+        column += n
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_one_launch_over_several_weights_keeps_the_kernels_registers_and_load_widths():
+    # The segment table's pointers are loaded at run time: without alignment hints the packed codes' copies
+    # to shared memory compiled 4 bytes wide instead of 8 (sm_90 PTX). Same widths, same count, and no more
+    # registers than one weight's launch (both with bias and a rank-64 adapter, as q/k/v).
+    import re
+
+    from vrft.kernels.nf4_offline import compile_kernel, registers
+
+    config = {**launch_config(16, 4608, 3584, 64, torch.device("meta")), "SPLIT_K": 8}
+    copies = {}
+    for count in (0, 3):
+        compiled = compile_kernel(config, bias=True, lora_rank=64, segments=count)
+        widths = re.findall(
+            r"cp\.async\.\w+\.shared\.global \[[^]]*\], \[[^]]*\], (0x[0-9a-f]+)", compiled.asm["ptx"]
+        )
+        copies[count] = (sorted(widths), registers(compiled))
+    assert copies[3][0] == copies[0][0] and "0x8" in copies[0][0], copies
+    assert copies[3][1]["registers"] <= copies[0][1]["registers"] and copies[3][1]["stack_bytes"] == 0, copies
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 @pytest.mark.parametrize("rows", [16, 64])
 def test_fused_lora_term_costs_the_kernel_no_registers(rows):
@@ -248,6 +314,69 @@ torch.save(results, sys.argv[1])
 """
 
 
+INTERPRETED_SEGMENTS = """
+import sys, torch, bitsandbytes.functional as F
+from vrft.kernels.nf4_matmul import matmul_4bit, matmul_4bit_segments, segments
+torch.manual_seed(0)
+results = []
+for nested, quant_type, k, block_k, split, variant in [
+    (True, "nf4", 320, 128, 3, (2, 1, 1, 1)),  # byte permutes; K = 320: a partial last step; split of 3
+    (False, "fp4", 256, 64, 1, (0, 0, 1, 1)),  # int32 words, scaled per weight; no split
+    (True, "nf4", 256, 64, 4, (1, 1, 0, 0)),  # bytes, x as the left operand; 4 slices of the rank-40 term
+]:
+    sizes, ranks = (72, 32, 40), (8, 8, 40)  # 72: off the 32-wide tile (masked); per-weight ranks
+    weights = [F.quantize_4bit(torch.randn(n, k, dtype=torch.float16), blocksize=64,
+                               compress_statistics=nested, quant_type=quant_type) for n in sizes]
+    biases = [torch.randn(n, dtype=torch.float16) for n in sizes]
+    lora_bs = [torch.randn(n, r) * 0.1 for n, r in zip(sizes, ranks)]
+    x = torch.randn(5, k, dtype=torch.float16)
+    product = torch.randn(5, sum(ranks))  # the shared x A^T; each weight reads its columns
+    starts = (0, 8, 16)
+    group = segments([(p, s, b, lb, c) for (p, s), b, lb, c in zip(weights, biases, lora_bs, starts)])
+    decode, after, gather, transposed = variant
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": block_k, "SPLIT_K": split, "GATHER": gather,
+           "TRANSPOSED": transposed, "DECODE": decode, "SCALE_AFTER": after}
+    y = matmul_4bit_segments(x, group, product, 0.5, config=cfg)
+    column = 0
+    for (p, s), b, lb, c, r, n in zip(weights, biases, lora_bs, starts, ranks, sizes):
+        lora_in = product[:, c:c + r]
+        alone = matmul_4bit(x, p, s, b, lora_in, lb, 0.5, config=cfg)
+        weight = F.dequantize_4bit(p, s)
+        reference = (x.float() @ weight.float().T + b.float() + 0.5 * lora_in @ lb.T).to(torch.float16)
+        results.append({"label": f"{quant_type} {n} {cfg}", "y": y[:, column:column + n], "alone": alone,
+                        "x": x, "weight": weight, "reference": reference, "code": s.code if after else None,
+                        "lora": (0.5, lora_in, lb)})
+        column += n
+torch.save(results, sys.argv[1])
+"""
+
+
+def interpreted(script: str, path) -> list:
+    """What `script` saved at `path`, run in a fresh process under the Triton interpreter."""
+    numpy = pytest.importorskip("numpy")
+    if tuple(int(p) for p in numpy.__version__.split(".")[:2]) >= (2, 4):
+        pytest.skip("Triton 3.6's interpreter fails on numpy >= 2.4 (int() of a 1-element array)")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}  # read when the kernel is defined: a fresh process
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(path)], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return torch.load(path, weights_only=False)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_one_launch_over_several_weights_equals_a_launch_per_weight_under_the_interpreter(tmp_path):
+    # The segment table's indexing: each weight's tiles, masks off its own N, its bias, its LoRA B, rank and
+    # columns of the shared x A^T, and its place in the output; the same sums as alone, bit for bit.
+    results = interpreted(INTERPRETED_SEGMENTS, tmp_path / "results.pt")
+    assert len(results) == 9
+    for case in results:
+        torch.testing.assert_close(case["y"], case["alone"], rtol=0, atol=0, msg=case["label"])
+        assert_within_rounding(
+            case["y"], case["x"], case["weight"], case["reference"], case["code"], case["label"], case["lora"]
+        )
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 def test_kernel_logic_under_the_triton_interpreter(tmp_path):
     # The interpreter runs the kernel on CPU tensors with numpy, in fp16 (numpy has no bf16): it checks the
@@ -256,16 +385,7 @@ def test_kernel_logic_under_the_triton_interpreter(tmp_path):
     # modes, the double-quantised absmax, the split-K reduction, the fused LoRA term (read from strided rows),
     # both code-book lookups, both operand orders, one and two quantisation blocks per step, and the masks,
     # not the speed.
-    numpy = pytest.importorskip("numpy")
-    if tuple(int(p) for p in numpy.__version__.split(".")[:2]) >= (2, 4):
-        pytest.skip("Triton 3.6's interpreter fails on numpy >= 2.4 (int() of a 1-element array)")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}  # read when the kernel is defined: a fresh process
-    path = tmp_path / "results.pt"
-    result = subprocess.run(
-        [sys.executable, "-c", INTERPRETED, str(path)], env=env, capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    results = torch.load(path, weights_only=False)
+    results = interpreted(INTERPRETED, tmp_path / "results.pt")
     assert len(results) == 60
     for case in results:
         assert_within_rounding(

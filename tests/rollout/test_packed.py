@@ -11,11 +11,12 @@ from hydra import compose, initialize_config_dir
 import vrft.models.policy
 import vrft.modules.policy_module
 from tests.rollout.test_engines import rows, teacher_forced_logprobs
+from vrft.kernels import nf4_matmul
 from vrft.models.policy import LoraSpec, ModelSpec, attach_lora, load_base_model, load_processor_for
 from vrft.planner.planning import resolve_auto
 from vrft.rollout.engines import ROLLOUT_ENGINES, PackedEngine
 from vrft.rollout.generate import generate_rollout
-from vrft.rollout.packed import KernelLinear, SharedLoraInput, packed_unavailable, share_lora_inputs
+from vrft.rollout.packed import KernelLinear, SharedLoraInput, group_projections, packed_unavailable
 from vrft.rollout.weights import LoraTerm, PackedLinear
 from vrft.train import fit
 
@@ -76,14 +77,25 @@ def test_planner_counts_no_weight_copy_and_no_decode_scratch_for_packed():
     assert packed.components["prefill"] == dequant.components["prefill"]
 
 
-def kernel_layer(out_features: int, rank: int | None, in_features: int = 24) -> KernelLinear:
-    """A `KernelLinear` over a stand-in base (its construction reads shapes only; calling it needs CUDA)."""
+def kernel_layer(
+    out_features: int, rank: int | None, in_features: int = 24, scale: float = 2.0, bias: bool = False
+) -> KernelLinear:
+    """A `KernelLinear` over a bitsandbytes 4-bit weight on the CPU (building it reads the weight's layout
+    and addresses only; calling it needs CUDA)."""
+    import bitsandbytes.functional as bnb_functional
+
     loras = (
         []
         if rank is None
-        else [LoraTerm(torch.randn(rank, in_features), torch.randn(out_features, rank), 2.0)]
+        else [LoraTerm(torch.randn(rank, in_features), torch.randn(out_features, rank), scale)]
     )
-    return KernelLinear(PackedLinear(torch.nn.Linear(in_features, out_features), None, loras, torch.float32))
+    weight = torch.randn(out_features, in_features, dtype=torch.bfloat16)
+    packed, state = bnb_functional.quantize_4bit(
+        weight, compress_statistics=True
+    )  # as precision=int4 stores it
+    base = SimpleNamespace(weight=SimpleNamespace(data=packed, quant_state=state), out_features=out_features)
+    bias_values = torch.randn(out_features, dtype=torch.bfloat16) if bias else None
+    return KernelLinear(PackedLinear(base, bias_values, loras, torch.bfloat16))
 
 
 def test_shared_lora_input_is_each_projections_product_computed_once_per_input():
@@ -109,7 +121,7 @@ def test_q_k_v_and_gate_up_share_one_x_a_product_when_all_have_an_adapter():
         q=kernel_layer(24, 8), k=kernel_layer(8, 8), v=kernel_layer(8, 8), o=kernel_layer(24, 8),
         gate=kernel_layer(40, 8), up=kernel_layer(40, 8), down=kernel_layer(24, 8, in_features=40),
     )  # fmt: skip
-    share_lora_inputs(layer)
+    group_projections(layer)
     assert layer.q.shared[0] is layer.k.shared[0] is layer.v.shared[0]
     assert layer.gate.shared[0] is layer.up.shared[0] is not layer.q.shared[0]
     assert [layer.q.shared[1], layer.k.shared[1], layer.v.shared[1]] == [
@@ -126,10 +138,57 @@ def test_q_k_v_and_gate_up_share_one_x_a_product_when_all_have_an_adapter():
     # a group with a projection without an adapter keeps one x A^T per projection
     partial = SimpleNamespace(q=kernel_layer(24, 8), k=kernel_layer(8, None), v=kernel_layer(8, 8),
                               gate=kernel_layer(40, 8), up=kernel_layer(40, 4))  # fmt: skip
-    share_lora_inputs(partial)
+    group_projections(partial)
     assert partial.k.shared is None
     assert partial.q.shared[0] is not partial.v.shared[0] and partial.q.shared[0].columns == [slice(0, 8)]
     assert partial.gate.shared[1] == slice(0, 8) and partial.up.shared[1] == slice(8, 12)  # ranks may differ
+
+
+def test_projections_of_one_input_share_one_kernel_launch_whose_table_points_at_their_weights():
+    torch.manual_seed(0)
+    layer = SimpleNamespace(
+        q=kernel_layer(24, 8, bias=True), k=kernel_layer(8, 8, bias=True), v=kernel_layer(16, 4, bias=True),
+        o=kernel_layer(24, 8), gate=kernel_layer(40, 8), up=kernel_layer(40, 8), down=kernel_layer(24, 8, 40),
+    )  # fmt: skip
+    group_projections(layer)
+    kernels = layer.q.grouped[0]
+    assert (
+        layer.k.grouped[0] is kernels is layer.v.grouped[0] and layer.gate.grouped[0] is layer.up.grouped[0]
+    )
+    assert layer.o.grouped is None and layer.down.grouped is None  # inputs of their own
+    assert [op.grouped[1] for op in (layer.q, layer.k, layer.v)] == [
+        slice(0, 24),
+        slice(24, 32),
+        slice(32, 48),
+    ]
+    assert kernels.lora is layer.q.shared[0] and kernels.scale == 2.0
+    fields = {name: index for index, name in enumerate(nf4_matmul.SEGMENT_FIELDS)}
+    for row, op in zip(kernels.segments.table.tolist(), (layer.q, layer.k, layer.v), strict=True):
+        weight = op.base.weight
+        assert row[fields["out_features"]] == op.out_features
+        assert row[fields["packed"]] == weight.data.data_ptr()
+        assert row[fields["absmax"]] == weight.quant_state.absmax.data_ptr()
+        assert row[fields["absmax2"]] == weight.quant_state.state2.absmax.data_ptr()
+        assert row[fields["bias"]] == op.bias.data_ptr() and row[fields["lora_b"]] == op.loras[0].b.data_ptr()
+        # each weight reads its own columns of the shared x A^T, of its own rank
+        assert (row[fields["lora_column"]], row[fields["lora_rank"]]) == (
+            op.shared[1].start,
+            op.loras[0].a.shape[0],
+        )
+    # what cannot share a launch stays separate: another adapter scale, some with a bias and some without
+    for odd in (
+        SimpleNamespace(q=kernel_layer(24, 8), k=kernel_layer(8, 8, scale=0.5), v=kernel_layer(8, 8)),
+        SimpleNamespace(q=kernel_layer(24, 8, bias=True), k=kernel_layer(8, 8), v=kernel_layer(8, 8)),
+        SimpleNamespace(q=kernel_layer(24, 8), k=kernel_layer(8, None), v=kernel_layer(8, 8)),
+        SimpleNamespace(q=kernel_layer(24, 8), k=kernel_layer(12, 8), v=kernel_layer(8, 8)),  # 12: unaligned
+    ):
+        odd.gate, odd.up = kernel_layer(40, 8), kernel_layer(40, 8)
+        group_projections(odd)
+        assert odd.q.grouped is None and odd.k.grouped is None and odd.v.grouped is None
+    reason = nf4_matmul.segments_unsupported([layer.q.segment(), layer.o.segment()])
+    assert "some weights have a bias" in reason
+    with pytest.raises(ValueError, match="cannot share one launch: out_features 12 is not a multiple of 8"):
+        nf4_matmul.segments([layer.o.segment(), kernel_layer(12, 8).segment()])
 
 
 @pytest.mark.gpu

@@ -4,10 +4,10 @@ With a split K (`SPLIT`), each program's partial sums go to an fp32 workspace an
 output tile counts the arrivals; the last program to arrive adds the partials up, resets the counter (so
 CUDA-graph replays start from zero again), and alone adds the bias and writes `y`.
 
-The LoRA term `scale * (x A^T) B^T` is not left to that last program: one slice of each tile (the last, whose
-share of K may be shorter) adds it to its own sums after its K loop, on the tensor cores, while the other
-slices stream their weights. Done after the reduction, by the arriving program alone and on the CUDA cores
-in fp32, it was a serial tail of ~72 us per 7B decoder layer at rank 64 (bench/rollout/results.md).
+The LoRA term `scale * (x A^T) B^T` is not left to that last program: the K slices of each tile add it to
+their own sums after their K loops, 16 ranks each in turn, on the tensor cores. Done after the reduction,
+by the arriving program alone and on the CUDA cores in fp32, it was a serial tail of ~72 us per 7B decoder
+layer at rank 64; by the last slice alone, after its loop, 25 us (bench/rollout/results.md).
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ import triton.language as tl
 @triton.jit
 def lora_term(
     acc, rows_m, rows_n, mask_m, mask_n, lora_in_ptr, lora_b_ptr, lora_scale, lora_rank, stride_lm,
-    DTYPE: tl.constexpr, LORA_RANK: tl.constexpr, TRANSPOSED: tl.constexpr,
+    pid_k, split_k, DTYPE: tl.constexpr, LORA_RANK: tl.constexpr, TRANSPOSED: tl.constexpr,
 ):  # fmt: skip
-    """`acc + scale * (x A^T) B^T`, `acc` as the K loop holds it (`[BLOCK_N, BLOCK_M]` when TRANSPOSED).
+    """`acc` plus this K slice's share of `scale * (x A^T) B^T`, `acc` as the K loop holds it
+    (`[BLOCK_N, BLOCK_M]` when TRANSPOSED). Over the `split_k` slices of a tile the shares add up to the term.
 
     Both operands are rounded to the compute dtype and summed in fp32, as the training forward computes the
     adapter under autocast (two bf16 matmuls with fp32 accumulation). Ranks go 16 at a time: with 32 or 64
@@ -29,7 +30,11 @@ def lora_term(
     (sm_90, `nf4_offline.registers`), and before the K loop instead of after it to 139, fewer programs per SM.
     """
     CHUNK: tl.constexpr = min(LORA_RANK, 16)
-    for start in tl.range(0, lora_rank, CHUNK, num_stages=1):  # a runtime bound: kept rolled
+    # The rank's chunks are dealt out over the tile's K slices, from the last one (whose share of K may be
+    # shorter) backwards: with a split of 4 or more, each slice of a rank-64 tile adds one chunk instead of
+    # the last slice adding all four while the others have finished.
+    first = (split_k - 1 - pid_k) * CHUNK
+    for start in tl.range(first, lora_rank, split_k * CHUNK, num_stages=1):  # runtime bounds: kept rolled
         rank = start + tl.arange(0, CHUNK)
         in_rank = (rank < lora_rank)[None, :]
         xa = tl.load(

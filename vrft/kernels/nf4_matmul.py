@@ -20,8 +20,9 @@ operand (`y^T = W x^T`: the few decode rows are the MMA's narrow side). Two ways
   sum, which the block's fp32 absmax then scales. A weight is then `bf16(code) * absmax` instead of
   `bf16(code * absmax)`: both are within one bf16 rounding of the exact product (tests/kernels derive the
   bound), not bit-equal to the training forward's weights.
-The LoRA term `scale * (x A^T) B^T` (the engine computes `x A^T`, this kernel the rest) is added by one K
-slice of each tile after its loop, as a tensor-core dot of the compute dtype (nf4_epilogue). With a split K,
+The LoRA term `scale * (x A^T) B^T` (the engine computes `x A^T`, this kernel the rest) is added by the K
+slices of each tile after their loops, 16 ranks each in turn, as tensor-core dots of the compute dtype
+(nf4_epilogue). With a split K,
 partial sums go to an fp32 workspace and the last program of a tile to arrive (an atomic counter, which that
 program resets, so CUDA-graph replays start from zero) adds them up, then the bias, and writes `y` once.
 
@@ -33,6 +34,7 @@ at 18-21%, as fast as cuBLAS on a bf16 copy of the same matrix, and still bound 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -135,15 +137,65 @@ def reference_matmul(x: Tensor, packed: Tensor, quant_state, bias: Tensor | None
     return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
 
 
+# One row of a segment table (`segments`), int64: a weight's out_features, then the addresses of its packed
+# codes, absmax, nested absmax, nested code, offset, bias and LoRA B, then its LoRA rank and the first
+# column of its share of the shared `x A^T`. Unused entries are 0.
+SEGMENT_FIELDS = (
+    "out_features", "packed", "absmax", "absmax2", "code2", "offset", "bias", "lora_b", "lora_rank", "lora_column"
+)  # fmt: skip
+
+
 if triton is not None:
+    _ROW = tl.constexpr(len(SEGMENT_FIELDS))
+
+    @triton.jit
+    def _address(row, FIELD: tl.constexpr, like):
+        """Entry `FIELD` of a segment row as a pointer of `like`'s type."""
+        return tl.load(row + FIELD).to(like.dtype)
+
+    @triton.jit
+    def segment(
+        table, pid_n, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, bias_ptr, lora_in_ptr,
+        lora_b_ptr, y_ptr, SEGMENTS: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):  # fmt: skip
+        """What output tile `pid_n` of a `segments` launch reads and writes: its weight's pointers (typed as
+        the arguments, which are the first weight's), LoRA rank, out_features and tile index within that
+        weight; `lora_in_ptr` moved to the weight's columns of `x A^T` and `y_ptr` to its output columns."""
+        index = 0
+        first_tile = 0
+        first_column = 0
+        tiles = 0
+        columns = 0
+        for position in tl.static_range(SEGMENTS):  # the weights' tiles lie side by side along grid axis 0
+            count = tl.load(table + position * _ROW)
+            later = pid_n >= tiles
+            index = tl.where(later, position, index)
+            first_tile = tl.where(later, tiles, first_tile)
+            first_column = tl.where(later, columns, first_column)
+            tiles += tl.cdiv(count, BLOCK_N)
+            columns += count
+        row = table + index * _ROW
+        # `segments` checked that every address is 16-byte aligned and every out_features a multiple of 8:
+        # the hints keep the packed codes' loads and the output's stores as wide as the one-weight kernel's.
+        # The codes' pointer is moved by an element offset from the argument's: a hint on the pointer loaded
+        # from the table itself is lost (its loads compiled to 4-byte copies instead of 8, sm_90 PTX).
+        ELEMENT: tl.constexpr = packed_ptr.dtype.element_ty.primitive_bitwidth // 8
+        packed_ptr += tl.multiple_of((tl.load(row + 1) - packed_ptr.to(tl.int64)) // ELEMENT, 16 // ELEMENT)
+        y_ptr = y_ptr + tl.multiple_of(first_column, 8)
+        return (
+            packed_ptr, _address(row, 2, absmax_ptr), _address(row, 3, absmax2_ptr), _address(row, 4, code2_ptr),
+            _address(row, 5, offset_ptr), _address(row, 6, bias_ptr), lora_in_ptr + tl.load(row + 9),
+            _address(row, 7, lora_b_ptr), y_ptr, tl.load(row + 8).to(tl.int32), tl.load(row).to(tl.int32),
+            pid_n - first_tile.to(tl.int32),
+        )  # fmt: skip
 
     @triton.jit
     def _matmul_4bit_kernel(
         x_ptr, packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-        bias_ptr, lora_in_ptr, lora_b_ptr, lora_scale, partial_ptr, counter_ptr, y_ptr,
+        bias_ptr, lora_in_ptr, lora_b_ptr, lora_scale, partial_ptr, counter_ptr, y_ptr, segments_ptr,
         M, N, K, stride_xm, stride_lm, stride_ym, lora_rank, iters_per_split, split_k,
         BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
-        HAS_BIAS: tl.constexpr, LORA_RANK: tl.constexpr,
+        HAS_BIAS: tl.constexpr, LORA_RANK: tl.constexpr, SEGMENTS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
         GATHER: tl.constexpr, TRANSPOSED: tl.constexpr, DECODE: tl.constexpr, SCALE_AFTER: tl.constexpr,
         EVEN: tl.constexpr, PTX: tl.constexpr,
@@ -156,8 +208,17 @@ if triton is not None:
         SCALES: tl.constexpr = max(1, DOT_K // BLOCKSIZE)  # absmax blocks per dot
         BOOK_DTYPE: tl.constexpr = DTYPE if SCALE_AFTER else tl.float32
         pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        tile_n = pid_n
+        if SEGMENTS > 0:  # several weights in one launch: this tile's weight, its rows local to that weight
+            (
+                packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, bias_ptr, lora_in_ptr, lora_b_ptr,
+                y_ptr, lora_rank, N, tile_n,
+            ) = segment(
+                segments_ptr, pid_n, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, bias_ptr,
+                lora_in_ptr, lora_b_ptr, y_ptr, SEGMENTS, BLOCK_N,
+            )  # fmt: skip
         rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rows_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
         # EVEN (N % BLOCK_N == 0 == K % BLOCK_K): the masks of weights, absmax and x columns fold away
         mask_m, mask_n = rows_m < M, (rows_n < N) | EVEN
         blocks_per_row = K // BLOCKSIZE
@@ -212,12 +273,11 @@ if triton is not None:
                         acc += tl.dot(x_part, tl.trans(weight)) * tl.reshape(scale, (1, BLOCK_N))
                     else:
                         acc = tl.dot(x_part, tl.trans(weight), acc)
-        if LORA_RANK > 0:
-            if pid_k == split_k - 1:  # one slice of the tile adds the adapter (nf4_epilogue says why here)
-                acc = lora_term(
-                    acc, rows_m, rows_n, mask_m, mask_n, lora_in_ptr, lora_b_ptr, lora_scale, lora_rank,
-                    stride_lm, DTYPE, LORA_RANK, TRANSPOSED,
-                )  # fmt: skip
+        if LORA_RANK > 0:  # the slices of the tile add the adapter's rank chunks (nf4_epilogue says why)
+            acc = lora_term(
+                acc, rows_m, rows_n, mask_m, mask_n, lora_in_ptr, lora_b_ptr, lora_scale, lora_rank,
+                stride_lm, pid_k, split_k, DTYPE, LORA_RANK, TRANSPOSED,
+            )  # fmt: skip
         if TRANSPOSED:
             acc = tl.trans(acc)
 
@@ -287,12 +347,129 @@ def matmul_4bit(
     weight's compute dtype; `lora_in` and `lora_b` are rounded to it and their product summed in fp32, as
     autocast computes an adapter. `config` overrides `launch_config` (benchmarks sweep it).
     """
+    rank = 0 if lora_in is None else lora_in.shape[1]
+    if rank > MAX_LORA_RANK:
+        raise ValueError(f"LoRA rank {rank} > {MAX_LORA_RANK} is not fused; apply it outside matmul_4bit")
+    if lora_in is not None:
+        lora_b = lora_b.contiguous()
+    first = (packed, quant_state, bias, lora_b)
+    return _launch(x, first, (quant_state.shape[0],), None, rank, lora_in, lora_scale, config)
+
+
+@dataclasses.dataclass(frozen=True)
+class Segments:
+    """Weights that read the same input, multiplied in one launch (`matmul_4bit_segments`).
+
+    Why: the projections of a decoder layer that read one input (q/k/v, gate/up) are separate launches of
+    a few hundred programs; k and v of a 7B layer are 512 rows each, a launch's start and its split-K
+    reduction for ~1% of the layer's bytes (9 us each against 12 for q, bench/rollout/results.md). Side by
+    side in one grid their programs fill the GPU together.
+    """
+
+    table: Tensor  # [weights, len(SEGMENT_FIELDS)] int64 on the weights' device
+    out_features: tuple[int, ...]
+    first: tuple  # (packed, quant_state, bias, lora_b) of the first weight: the kernel's argument types
+    lora_rank: int  # the largest
+    held: tuple  # every tensor the table points at, kept alive with it
+
+
+def segments_unsupported(weights: list[tuple]) -> str | None:
+    """Why `weights` (`(packed, quant_state, bias, lora_b, lora_column)` each) cannot share one launch."""
+    packed, state, bias, lora_b, _ = weights[0]
+    kind = (state.quant_type, state.blocksize, state.dtype, state.shape[1], state.nested)
+    for other, other_state, other_bias, other_b, _ in weights[1:]:
+        other_kind = (other_state.quant_type, other_state.blocksize, other_state.dtype, other_state.shape[1],
+                      other_state.nested)  # fmt: skip
+        if other_kind != kind:
+            return f"the weights' layouts differ: {other_kind} against {kind}"
+        if other.device != packed.device:
+            return "the weights are on different devices"
+        if (other_bias is None) != (bias is None) or (other_b is None) != (lora_b is None):
+            return "some weights have a bias or a LoRA adapter and others not"
+        if (
+            lora_b is not None
+            and other_b.dtype != lora_b.dtype
+            or bias is not None
+            and other_bias.dtype != bias.dtype
+        ):
+            return "the weights' biases or LoRA B matrices have different dtypes"
+    for packed, state, bias, lora_b, _ in weights:
+        if state.nested and state.state2.blocksize != weights[0][1].state2.blocksize:
+            return "the double-quantised absmax blocksizes differ"
+        if state.shape[0] % 8:
+            return f"out_features {state.shape[0]} is not a multiple of 8 (the outputs' alignment)"
+        if lora_b is not None and (lora_b.stride(1) != 1 or lora_b.stride(0) != lora_b.shape[1]):
+            return "a LoRA B matrix is not contiguous"
+        pointers = [packed, state.absmax, bias, lora_b] + ([state.state2.absmax] if state.nested else [])
+        if any(t is not None and t.data_ptr() % 16 for t in pointers):
+            return "a weight's storage is not 16-byte aligned"
+    return None
+
+
+def segments(weights: list[tuple]) -> Segments:
+    """The table of `weights` (`(packed, quant_state, bias, lora_b, lora_column)` each: `lora_column` is the
+    first column of its share of the `x A^T` the launch is given) for `matmul_4bit_segments`.
+
+    Built once per set of weights (it holds their addresses); `segments_unsupported` must be None.
+    """
+    reason = segments_unsupported(weights)
+    if reason is not None:
+        raise ValueError(f"these weights cannot share one launch: {reason}")
+    rows, held = [], []
+    for packed, state, bias, lora_b, lora_column in weights:
+        nested = state.state2 if state.nested else None
+        parts = {
+            "out_features": state.shape[0],
+            "packed": packed,
+            "absmax": state.absmax,
+            "absmax2": nested.absmax if nested else state.absmax,
+            "code2": nested.code if nested else state.absmax,
+            "offset": state.offset if nested else state.absmax,
+            "bias": bias,
+            "lora_b": lora_b,
+            "lora_rank": 0 if lora_b is None else lora_b.shape[1],
+            "lora_column": lora_column or 0,
+        }
+        held += [value for value in parts.values() if isinstance(value, Tensor)]
+        rows.append([value.data_ptr() if isinstance(value, Tensor) else (value or 0) for value in
+                     (parts[field] for field in SEGMENT_FIELDS)])  # fmt: skip
+    packed, state, bias, lora_b, _ = weights[0]
+    return Segments(
+        table=torch.tensor(rows, dtype=torch.int64, device=packed.device),
+        out_features=tuple(w[1].shape[0] for w in weights),
+        first=(packed, state, bias, lora_b),
+        lora_rank=max(0 if w[3] is None else w[3].shape[1] for w in weights),
+        held=tuple(held),
+    )
+
+
+def matmul_4bit_segments(
+    x: Tensor,
+    group: Segments,
+    lora_in: Tensor | None = None,
+    lora_scale: float = 1.0,
+    config: dict | None = None,
+) -> Tensor:
+    """`matmul_4bit` of `x` by each weight of `group`, their outputs side by side: `[M, sum of N]`.
+
+    `lora_in` (with adapters) is the weights' shared `x A^T`, each reading the columns its table row names;
+    all adapters have `lora_scale`. The outputs equal separate `matmul_4bit` calls with the same `config`.
+    """
+    if group.lora_rank > MAX_LORA_RANK:
+        raise ValueError(f"LoRA rank {group.lora_rank} > {MAX_LORA_RANK} is not fused")
+    return _launch(
+        x, group.first, group.out_features, group.table, group.lora_rank, lora_in, lora_scale, config
+    )
+
+
+def _launch(x, first, out_features, table, rank, lora_in, lora_scale, config) -> Tensor:
+    """One launch of the kernel over the weights `out_features` lists (several: their `table`)."""
+    packed, quant_state, bias, lora_b = first
     rows, in_features = x.shape
-    out_features = quant_state.shape[0]
     blocksize = quant_state.blocksize
     if x.stride(1) != 1:
         x = x.contiguous()
-    config = config or launch_config(rows, out_features, in_features, blocksize, x.device)
+    config = config or launch_config(rows, sum(out_features), in_features, blocksize, x.device)
     config = dict(config)
     block_m, block_n, split_k = config.pop("BLOCK_M"), config.pop("BLOCK_N"), config.pop("SPLIT_K")
     block_k = config.pop("BLOCK_K", max(DEFAULTS["BLOCK_K"], blocksize))
@@ -307,33 +484,31 @@ def matmul_4bit(
     steps = _steps_per_row(in_features, block_k)
     if split_k > steps:
         raise ValueError(f"SPLIT_K={split_k} is more than the {steps} loop steps of a row")
-    grid = (triton.cdiv(out_features, block_n), triton.cdiv(rows, block_m), split_k)
-    y = torch.empty(rows, out_features, dtype=x.dtype, device=x.device)
+    grid = (sum(triton.cdiv(n, block_n) for n in out_features), triton.cdiv(rows, block_m), split_k)
+    y = torch.empty(rows, sum(out_features), dtype=x.dtype, device=x.device)
     partial = x.new_empty(
         grid[0] * grid[1] * split_k * block_m * block_n if split_k > 1 else 1, dtype=torch.float32
     )
     counters = _counters(x.device, grid[0] * grid[1])
     nested = quant_state.nested
     state2 = quant_state.state2 if nested else quant_state
-    rank = 0 if lora_in is None else lora_in.shape[1]
-    if rank > MAX_LORA_RANK:
-        raise ValueError(f"LoRA rank {rank} > {MAX_LORA_RANK} is not fused; apply it outside matmul_4bit")
-    if lora_in is not None:
+    if lora_in is not None and lora_in.stride(1) != 1:
         # Rows of `lora_in` may be strided (a column slice of a shared x A^T: vrft.rollout.packed); ranks not.
-        lora_in = lora_in if lora_in.stride(1) == 1 else lora_in.contiguous()
-        lora_b = lora_b.contiguous()
+        lora_in = lora_in.contiguous()
     packed = packed.reshape(-1)
     _matmul_4bit_kernel[grid](
         x, packed if config["DECODE"] == DECODE_BYTES else packed.view(torch.int32), quant_state.absmax, quant_state.code,
         state2.absmax, state2.code, quant_state.offset if nested else quant_state.absmax,
         bias if bias is not None else y, lora_in if rank else y, lora_b if rank else y, float(lora_scale),
-        partial, counters, y,
-        rows, out_features, in_features, x.stride(0), lora_in.stride(0) if rank else 0, y.stride(0), rank,
+        partial, counters, y, table if table is not None else counters,
+        rows, out_features[0], in_features, x.stride(0), lora_in.stride(0) if rank else 0, y.stride(0), rank,
         triton.cdiv(steps, split_k), split_k,
         BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=state2.blocksize if nested else 1, NESTED=nested,
         HAS_BIAS=bias is not None, LORA_RANK=max(16, triton.next_power_of_2(rank)) if rank else 0,
+        SEGMENTS=0 if table is None else len(out_features),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split_k > 1,
-        EVEN=out_features % block_n == 0 and in_features % block_k == 0,  # no masks needed on W, absmax, K
+        # no masks needed on W, absmax, K
+        EVEN=all(n % block_n == 0 for n in out_features) and in_features % block_k == 0,
         PTX=x.device.type == "cuda",  # CPU tensors run under the Triton interpreter, which has no inline PTX
         **config,
     )  # fmt: skip

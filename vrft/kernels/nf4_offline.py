@@ -25,7 +25,7 @@ H200 = GPUTarget("cuda", 90, 32)
 _POINTERS = {  # kernel argument -> element type; "X" is the compute dtype
     "x_ptr": "X", "bias_ptr": "X", "lora_in_ptr": "X", "lora_b_ptr": "X", "y_ptr": "X",
     "code_ptr": "fp32", "absmax2_ptr": "fp32", "code2_ptr": "fp32", "offset_ptr": "fp32",
-    "partial_ptr": "fp32", "counter_ptr": "i32",
+    "partial_ptr": "fp32", "counter_ptr": "i32", "segments_ptr": "i64",
 }  # fmt: skip
 _ALIGNED = ("K", "N", "stride_xm", "stride_ym")  # multiples of 16 on the Qwen shapes: Triton specialises them
 
@@ -40,17 +40,19 @@ def compile_kernel(
     target: GPUTarget = H200,
     bias: bool = False,
     lora_rank: int = 0,
+    segments: int = 0,
 ):
     """The kernel compiled for `target` with launch config `config` (as `launch_config` returns it).
 
     `dtype` is "bf16" or "fp16"; the other arguments are the compile-time facts `matmul_4bit` derives from
-    the weight and shape (`lora_rank` is the LORA_RANK constexpr: 0 or a multiple of 16). Returns Triton's compiled kernel (`.asm` holds "ttgir", "ptx", "cubin").
+    the weight and shape (`lora_rank` is the LORA_RANK constexpr: 0 or a multiple of 16; `segments` the
+    number of weights of a `matmul_4bit_segments` launch, 0 for one weight). Returns Triton's compiled kernel (`.asm` holds "ttgir", "ptx", "cubin").
     """
     switches = {key: config.get(key, DEFAULTS[key]) for key in KERNEL_SWITCHES}
     num_warps, num_stages = switches.pop("num_warps"), switches.pop("num_stages")
     constants = {
         "BLOCKSIZE": blocksize, "NESTED_BLOCKSIZE": 256 if nested else 1, "NESTED": nested,
-        "HAS_BIAS": bias, "LORA_RANK": lora_rank, "BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"],
+        "HAS_BIAS": bias, "LORA_RANK": lora_rank, "SEGMENTS": segments, "BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"],
         "BLOCK_K": config["BLOCK_K"], "SPLIT": split, "EVEN": even, "PTX": True, **switches,
     }  # fmt: skip
     pointers = {

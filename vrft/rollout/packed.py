@@ -27,6 +27,9 @@ from vrft.kernels.nf4_matmul import (
     environment_unsupported,
     layout_unsupported,
     matmul_4bit,
+    matmul_4bit_segments,
+    segments,
+    segments_unsupported,
     supports,
 )
 from vrft.rollout.static import StaticDecodeEngine
@@ -39,11 +42,29 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 PACKED_FIX = "set algorithm.rollout_engine=dequant (same memory, no kernel) or auto"
 
 
+class _OncePerInput:
+    """A value computed once per input tensor: the decoder hands the same `x` to every projection that
+    reads it. A new tensor, or `x` changed in place since, computes it again (an inference tensor, whose
+    changes are not counted, every time)."""
+
+    def __init__(self):
+        self._input: Tensor | None = None  # the last input, held so that its id cannot be reused
+        self._version: int | None = None
+        self._value: Tensor | None = None
+
+    def get(self, x: Tensor, compute) -> Tensor:
+        version = None if x.is_inference() else x._version
+        if x is not self._input or version is None or version != self._version:
+            self._value = compute()
+            self._input, self._version = x, version
+        return self._value
+
+
 class SharedLoraInput:
     """`x A^T` for the projections of a decoder layer that read the same input, as one matmul.
 
     Every fused adapter of the engine reads its `x A^T` from one of these: a group of one (o, down,
-    lm_head) until `share_lora_inputs` puts it with the projections that read the same input.
+    lm_head) until `group_projections` puts it with the projections that read the same input.
     Why: cuBLAS runs each small `x A^T` as a GEMM plus a split-K reduce, ~6 us whatever its size, and a 7B
     decode step has seven per layer (1.2 ms of 12.5: bench/rollout/results.md). q/k/v and gate/up read the
     same `x`, so their A matrices are concatenated once per rollout and multiplied once per input: four
@@ -54,20 +75,34 @@ class SharedLoraInput:
         self.weight = lora_as[0] if len(lora_as) == 1 else torch.cat(lora_as)  # [sum of ranks, in]
         ends = list(itertools.accumulate(a.shape[0] for a in lora_as))
         self.columns = [slice(end - a.shape[0], end) for a, end in zip(lora_as, ends, strict=True)]
-        self._input: Tensor | None = None  # the last input, held so that its id cannot be reused
-        self._version: int | None = None
-        self._product: Tensor | None = None
+        self._product = _OncePerInput()
 
     def product(self, x: Tensor, rows: Tensor) -> Tensor:
-        """`rows [M, in] -> [M, sum of ranks]`, computed once per input: the decoder hands the same tensor
-        `x` (of which `rows` is the 2-D view) to every projection of the group. A new tensor, or `x`
-        changed in place since, is multiplied again (an inference tensor, whose changes are not counted,
-        every time)."""
-        version = None if x.is_inference() else x._version
-        if x is not self._input or version is None or version != self._version:
-            self._product = F.linear(rows.to(self.weight.dtype), self.weight)
-            self._input, self._version = x, version
-        return self._product
+        """`rows [M, in] -> [M, sum of ranks]`, computed once per input `x` (of which `rows` is the 2-D view)."""
+        return self._product.get(x, lambda: F.linear(rows.to(self.weight.dtype), self.weight))
+
+
+class KernelGroup:
+    """The decode-step matmuls of projections that read one input (q/k/v, gate/up) as one kernel launch
+    (`nf4_matmul.Segments` says why): their outputs side by side, computed once per input; each projection
+    returns its columns."""
+
+    def __init__(self, ops: list[KernelLinear]):
+        self.lora = ops[0].shared[0] if ops[0].shared else None
+        self.scale = ops[0].loras[0].scale if ops[0].loras else 1.0
+        self.segments = segments([op.segment() for op in ops])
+        ends = list(itertools.accumulate(self.segments.out_features))
+        self.columns = [slice(end - n, end) for n, end in zip(self.segments.out_features, ends, strict=True)]
+        self._output = _OncePerInput()
+
+    def output(self, x: Tensor, rows: Tensor) -> Tensor:
+        """`rows [M, in] -> [M, sum of out_features]` (M <= KERNEL_ROWS), once per input `x`."""
+
+        def compute():
+            lora_in = None if self.lora is None else self.lora.product(x, rows)
+            return matmul_4bit_segments(rows, self.segments, lora_in, self.scale)
+
+        return self._output.get(x, compute)
 
 
 class KernelLinear(LinearOp):
@@ -87,9 +122,26 @@ class KernelLinear(LinearOp):
             own = SharedLoraInput([a.to(dtype)])
             self.shared = (own, own.columns[0])
 
+        self.grouped: tuple[KernelGroup, slice] | None = None  # one launch with others, and its columns
+
+    def segment(self) -> tuple:
+        """This projection as a weight of a `KernelGroup`: `(packed, quant_state, bias, lora_b, lora_column)`."""
+        weight = self.base.weight
+        lora_b = self.loras[0].b if self.loras else None
+        return (
+            weight.data,
+            weight.quant_state,
+            self.bias,
+            lora_b,
+            self.shared[1].start if self.shared else None,
+        )
+
     def __call__(self, x: Tensor) -> Tensor:
         """`x [..., in] -> [..., out]` in the decoder's dtype."""
         rows = x.reshape(-1, x.shape[-1])
+        if rows.shape[0] <= KERNEL_ROWS and self.grouped is not None:
+            group, columns = self.grouped
+            return group.output(x, rows)[:, columns].reshape(*x.shape[:-1], self.out_features)
         if rows.shape[0] > KERNEL_ROWS:
             y = F.linear(rows, dense_weight(self.base).to(self.dtype), self.bias)
             extra = self.loras
@@ -122,20 +174,34 @@ def kernel_unsupported(op: LinearOp) -> str | None:
 SHARED_INPUTS = (("q", "k", "v"), ("gate", "up"))  # projections of a decoder layer that read the same input
 
 
-def share_lora_inputs(layer) -> None:
-    """Put the kernel projections of `layer` that read one input into one `SharedLoraInput` (all or none of
-    a group: each must be a `KernelLinear` with a fused adapter whose A has the others' dtype and width).
-    Their own groups of one, and so their copies of A, are dropped: A is held once."""
+def group_projections(layer) -> None:
+    """Group the kernel projections of `layer` that read one input, all or none of a group.
+
+    Their adapters first: one `SharedLoraInput` where each is a `KernelLinear` with a fused adapter whose A
+    has the others' dtype and width (their own groups of one, and so their copies of A, are dropped: A is
+    held once). Then their matmuls: one `KernelGroup` where, besides, none has a second adapter, all or none
+    have an adapter, the adapters share one scale and `nf4_matmul.segments_unsupported` finds nothing.
+    """
     for names in SHARED_INPUTS:
         ops = [getattr(layer, name) for name in names]
-        if not all(isinstance(op, KernelLinear) and op.shared is not None for op in ops):
+        if not all(isinstance(op, KernelLinear) for op in ops):
             continue
-        lora_as = [op.shared[0].weight for op in ops]
-        if len({(a.dtype, a.shape[1], a.device) for a in lora_as}) > 1:
+        lora_as = [op.shared[0].weight for op in ops if op.shared is not None]
+        if len(lora_as) == len(ops) and len({(a.dtype, a.shape[1], a.device) for a in lora_as}) == 1:
+            group = SharedLoraInput(lora_as)
+            for op, columns in zip(ops, group.columns, strict=True):
+                op.shared = (group, columns)
+        shared = {id(op.shared[0]) if op.shared else None for op in ops}
+        scales = {op.loras[0].scale if op.loras else None for op in ops}
+        if any(len(op.loras) > 1 for op in ops) or len(shared) > 1 or len(scales) > 1:
             continue
-        group = SharedLoraInput(lora_as)
-        for op, columns in zip(ops, group.columns, strict=True):
-            op.shared = (group, columns)
+        reason = segments_unsupported([op.segment() for op in ops])
+        if reason is not None:
+            log.debug("rollout_engine=packed: %s stay separate launches: %s", "/".join(names), reason)
+            continue
+        kernels = KernelGroup(ops)
+        for op, columns in zip(ops, kernels.columns, strict=True):
+            op.grouped = (kernels, columns)
 
 
 def with_kernel_layers(weights):
@@ -159,7 +225,7 @@ def with_kernel_layers(weights):
         for layer in weights.layers
     ]  # fmt: skip
     for layer in layers:
-        share_lora_inputs(layer)
+        group_projections(layer)
     if reasons:
         log.warning("rollout_engine=packed: %s projections dequantise per step instead: %s",
                     sum(reasons.values()), "; ".join(f"{n} x {r}" for r, n in reasons.items()))  # fmt: skip
