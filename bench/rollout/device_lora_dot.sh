@@ -6,6 +6,7 @@
 #                                                 # rank-64 LoRA term (kernel_sweep.py --lora-rank 64)
 #   bash bench/rollout/device_lora_dot.sh rows    # packed.py rows 16g (decode step of bf16_copy and packed)
 #                                                 # and 24g (the 16 GB profile's baseline), one run
+#   bash bench/rollout/device_lora_dot.sh all     # tests, then rows
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
 export PYTHONPATH="$PWD:/tmp/site" PYTHONUNBUFFERED=1
@@ -19,12 +20,15 @@ tests)
     timeout 200 python3 bench/rollout/kernel_sweep.py --out "$OUT/kernel_lora64.json" --rows 16 --lora-rank 64 \
         | tail -12
     ;;
+all)  # both, in one call: the suite, the kernel at 16 rows, then the rows (~8 min on a warm machine)
+    bash "$0" tests && bash "$0" rows
+    ;;
 rows)
     timeout 560 python3 bench/rollout/packed.py --out "$OUT" --rows 16g,24g --engines bf16_copy,packed \
         --timeout 270 | grep -v "^{" | tail -40
     ;;
 *)
-    echo "usage: $0 tests|rows" >&2
+    echo "usage: $0 tests|rows|all" >&2
     exit 2
     ;;
 esac

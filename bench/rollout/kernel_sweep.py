@@ -26,7 +26,7 @@ number of copies (`--warm-l2`: one copy, as the sweeps before 2026-12-04 measure
 adapter (`lora_in` = x A^T in bf16, B in fp32, as the `packed` engine calls it) and that x A^T (cuBLAS):
 what a projection costs in the model, next to the bare kernel; and q/k/v and gate/up each as one launch
 over their weights (`matmul_4bit_segments`, as the `packed` engine groups them) with their adapters, against
-their separate launches.
+their separate launches; and each group's x A^T by `lora_input` against cuBLAS.
 
 Everything goes to `--out` (JSON, rewritten after each stage) and the log beside it (`.log`). Stages stop
 early past `--budget-s` (compilations included), keeping what they measured.
@@ -45,6 +45,7 @@ import torch
 import triton
 from torch.nn import functional as F
 
+from vrft.kernels.lora_input import lora_input
 from vrft.kernels.nf4_matmul import (
     DEFAULTS,
     launch_config,
@@ -289,6 +290,8 @@ def main() -> None:
         if args.lora_rank:
             grouped = results.setdefault("grouped", {})[rows] = grouped_us(cases, args.lora_rank)
             log(f"{rows} rows, one launch per input group, rank {args.lora_rank}:", json.dumps(grouped))
+            down = results.setdefault("lora_input", {})[rows] = lora_input_us(rows, args.lora_rank)
+            log(f"{rows} rows, x A^T per input group (us): lora_input against cuBLAS:", json.dumps(down))
         results["rows"][rows] = table
         save()
         report_rows(rows, table, results.get("per_shape_best") if rows == args.rows[0] else None, log)
@@ -333,6 +336,21 @@ def grouped_us(cases: dict, rank: int) -> dict:
             groups.append((x, segments(members), lora_in, 2.0))
         one = time_us(matmul_4bit_segments, groups)
         result[label] = {"one_launch_us": one, "separate_us": time_us(matmul_4bit, alone) * len(names)}
+    return result
+
+
+def lora_input_us(rows: int, rank: int) -> dict:
+    """us per `x A^T` of each input group of a 7B layer (q/k/v, gate/up, o, down: 3, 2, 1, 1 adapters of
+    rank `rank`): `lora_input`'s one launch against cuBLAS (`F.linear`, a split-K GEMM and its reduce)."""
+    result = {}
+    for label, (adapters, in_features) in {"q_k_v": (3, 3584), "gate_up": (2, 3584), "o": (1, 3584),
+                                            "down": (1, 18944)}.items():  # fmt: skip
+        x = torch.randn(rows, in_features, dtype=torch.bfloat16, device=DEVICE)
+        a = torch.randn(adapters * rank, in_features, dtype=torch.bfloat16, device=DEVICE) * 0.02
+        result[label] = {
+            "lora_input_us": time_us(lora_input, [(x, a)]),
+            "cublas_us": time_us(F.linear, [(x, a)]),
+        }
     return result
 
 

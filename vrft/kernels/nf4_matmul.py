@@ -323,7 +323,8 @@ def _steps_per_row(in_features: int, block_k: int) -> int:
     return triton.cdiv(in_features, block_k)
 
 
-def _counters(device: torch.device, count: int) -> Tensor:
+def split_counters(device: torch.device, count: int) -> Tensor:
+    """At least `count` split-K arrival counters on `device`, at zero (each kernel leaves them so)."""
     counters = _COUNTERS.get(device)
     if counters is None or counters.numel() < count:
         counters = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
@@ -489,7 +490,7 @@ def _launch(x, first, out_features, table, rank, lora_in, lora_scale, config) ->
     partial = x.new_empty(
         grid[0] * grid[1] * split_k * block_m * block_n if split_k > 1 else 1, dtype=torch.float32
     )
-    counters = _counters(x.device, grid[0] * grid[1])
+    counters = split_counters(x.device, grid[0] * grid[1])
     nested = quant_state.nested
     state2 = quant_state.state2 if nested else quant_state
     if lora_in is not None and lora_in.stride(1) != 1:

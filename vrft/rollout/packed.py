@@ -3,9 +3,10 @@
 The static decoder's `dequant` form (`vrft.rollout.weights.PackedLinear`) dequantises each matrix to bf16
 before its matmul; here the decode steps (at most `KERNEL_ROWS` rows) go through the fused kernel of
 `vrft.kernels.nf4_matmul`, which decodes the packed codes in registers and never writes the bf16 matrix.
-The LoRA term stays unmerged, as in `dequant`: `x A^T` is one small matmul and the kernel adds
-`scale * (x A^T) B^T` before its single rounding of the output. Projections that read the same input
-(q/k/v, gate/up) share one `x A^T` over their concatenated A matrices (`SharedLoraInput`).
+The LoRA term stays unmerged, as in `dequant`: `x A^T` is one small matmul (`vrft.kernels.lora_input`)
+and the kernel adds `scale * (x A^T) B^T` before its single rounding of the output. Projections that read
+the same input (q/k/v, gate/up) share one `x A^T` over their concatenated A matrices (`SharedLoraInput`)
+and one kernel launch (`KernelGroup`).
 
 The prefill (the prompt, G-fold shared: hundreds of rows) is compute-bound: there the kernel would decode
 every weight once per 64-row tile, so it dequantises each matrix once instead (one matrix of bf16 scratch,
@@ -22,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from vrft.kernels.lora_input import lora_input
 from vrft.kernels.nf4_matmul import (
     MAX_LORA_RANK,
     environment_unsupported,
@@ -78,8 +80,18 @@ class SharedLoraInput:
         self._product = _OncePerInput()
 
     def product(self, x: Tensor, rows: Tensor) -> Tensor:
-        """`rows [M, in] -> [M, sum of ranks]`, computed once per input `x` (of which `rows` is the 2-D view)."""
-        return self._product.get(x, lambda: F.linear(rows.to(self.weight.dtype), self.weight))
+        """`rows [M, in] -> [M, sum of ranks]`, computed once per input `x` (of which `rows` is the 2-D view).
+
+        Decode rows on CUDA in a 16-bit dtype go through `lora_input` (one launch; cuBLAS's split-K GEMM is
+        two), anything else through `F.linear`."""
+
+        def compute():
+            inputs = rows.to(self.weight.dtype)
+            if inputs.is_cuda and inputs.shape[0] <= KERNEL_ROWS and inputs.dtype in DTYPES.values():
+                return lora_input(inputs, self.weight)
+            return F.linear(inputs, self.weight)
+
+        return self._product.get(x, compute)
 
 
 class KernelGroup:
