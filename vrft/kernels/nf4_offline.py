@@ -87,7 +87,8 @@ def sass(compiled) -> str:
 
 
 def registers(compiled) -> dict[str, int]:
-    """Registers per thread and stack bytes (spills) of the compiled kernel, as cuobjdump reports them."""
+    """Registers per thread and stack bytes (spills) of the compiled kernel, as cuobjdump reports them, and
+    how many of its programs the registers let one multiprocessor hold (sm_80..sm_90: 64K per SM)."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     path = f"/tmp/nf4_kernel_{os.getpid()}.cubin"
     with open(path, "wb") as handle:
@@ -97,7 +98,14 @@ def registers(compiled) -> dict[str, int]:
     finally:
         os.remove(path)
     found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
-    return {"registers": int(found.group(1)), "stack_bytes": int(found.group(2))}
+    count = int(found.group(1))
+    # what registers decide: programs per multiprocessor, of its 64K registers allocated 8 per thread at a time
+    threads = 32 * compiled.metadata.num_warps
+    return {
+        "registers": count,
+        "stack_bytes": int(found.group(2)),
+        "programs_per_sm": 65536 // (-(-count // 8) * 8 * threads),
+    }
 
 
 def main_loop_opcodes(code: str) -> collections.Counter:
