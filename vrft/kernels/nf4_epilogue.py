@@ -15,8 +15,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-REDUCE_LOADS = tl.constexpr(2)
-
 
 @triton.jit
 def lora_term(
@@ -72,17 +70,8 @@ def store_output(
         arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel")
         if arrived == split_k - 1:  # the last slice of this tile: reduce, finish, reset the counter
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            # REDUCE_LOADS partials per iteration, unrolled: their loads are in flight together, where a
-            # rolled loop waited out one L2 round trip per slice (up to 32 of them in a row)
-            for first in range(0, split_k, REDUCE_LOADS):
-                for offset in tl.static_range(REDUCE_LOADS):
-                    split = first + offset
-                    acc += tl.load(
-                        partials + split * (BLOCK_M * BLOCK_N),
-                        mask=split < split_k,
-                        other=0.0,
-                        cache_modifier=".cg",
-                    )
+            for split in range(split_k):
+                acc += tl.load(partials + split * (BLOCK_M * BLOCK_N), cache_modifier=".cg")
             tl.atomic_xchg(counter_ptr + tile, 0)
             _finish(acc, rows_m, rows_n, mask_m, mask_n, bias_ptr, y_ptr, stride_ym, HAS_BIAS)
     else:
