@@ -133,7 +133,6 @@ class KernelLinear(LinearOp):
             dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else a.dtype
             own = SharedLoraInput([a.to(dtype)])
             self.shared = (own, own.columns[0])
-
         self.grouped: tuple[KernelGroup, slice] | None = None  # one launch with others, and its columns
 
     def segment(self) -> tuple:
