@@ -22,9 +22,10 @@ operand (`y^T = W x^T`: the few decode rows are the MMA's narrow side). Two ways
   bound), not bit-equal to the training forward's weights.
 The LoRA term `scale * (x A^T) B^T` (the engine computes `x A^T`, this kernel the rest) is added by the K
 slices of each tile after their loops, 16 ranks each in turn, as tensor-core dots of the compute dtype
-(nf4_epilogue). With a split K,
-partial sums go to an fp32 workspace and the last program of a tile to arrive (an atomic counter, which that
-program resets, so CUDA-graph replays start from zero) adds them up, then the bias, and writes `y` once.
+(nf4_epilogue). With a split K, partial sums go to an fp32 workspace and the last program of a tile to
+arrive (an atomic counter, which that program resets, so CUDA-graph replays start from zero) adds them up,
+then the bias, and writes `y` once. Weights that read the same input can share one launch
+(`matmul_4bit_segments`: their tiles side by side, each program's weight found in a table).
 
 Measured on the H200 at 16 rows (bench/rollout/results.md): the first variants (int32 words, shuffle
 lookup, scale per weight) ran at 12-13% of the bandwidth bound on Qwen2-VL-7B's large projections, bound by
