@@ -140,7 +140,8 @@ def reference_matmul(x: Tensor, packed: Tensor, quant_state, bias: Tensor | None
 
 # One row of a segment table (`segments`), int64: a weight's out_features, then the addresses of its packed
 # codes, absmax, nested absmax, nested code, offset, bias and LoRA B, then its LoRA rank and the first
-# column of its share of the shared `x A^T`. Unused entries are 0.
+# column of its share of the shared `x A^T`. A bias or LoRA B the weights do not have is 0; without double
+# quantisation the nested entries repeat the absmax (never read).
 SEGMENT_FIELDS = (
     "out_features", "packed", "absmax", "absmax2", "code2", "offset", "bias", "lora_b", "lora_rank", "lora_column"
 )  # fmt: skip
