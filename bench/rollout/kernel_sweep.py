@@ -52,8 +52,8 @@ from vrft.kernels.nf4_matmul import (
     matmul_4bit,
     matmul_4bit_segments,
     reference_matmul,
-    segments,
 )
+from vrft.kernels.nf4_segments import segments
 
 BANDWIDTH = 4.8e12  # H200 datasheet, bytes/s
 DEVICE = torch.device("cuda")

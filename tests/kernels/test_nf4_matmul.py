@@ -9,7 +9,7 @@ import types
 import pytest
 import torch
 
-from vrft.kernels import nf4_matmul
+from vrft.kernels import nf4_matmul, nf4_segments
 from vrft.kernels.nf4_matmul import (
     environment_unsupported,
     launch_config,
@@ -183,7 +183,7 @@ def test_one_launch_over_several_weights_equals_their_own_launches_under_graph_r
     starts = (0, 16, 32)
     x = torch.randn(rows, 1024, dtype=torch.bfloat16, device="cuda")
     product = torch.randn(rows, sum(ranks), device="cuda").to(torch.bfloat16)
-    group = nf4_matmul.segments(
+    group = nf4_segments.segments(
         [(p, s, b, lb, c) for (p, s), b, lb, c in zip(weights, biases, lora_bs, starts, strict=True)]
     )
     config = launch_config(rows, sum(sizes), 1024, 64, x.device)
@@ -321,7 +321,8 @@ torch.save(results, sys.argv[1])
 
 INTERPRETED_SEGMENTS = """
 import sys, torch, bitsandbytes.functional as F
-from vrft.kernels.nf4_matmul import matmul_4bit, matmul_4bit_segments, segments
+from vrft.kernels.nf4_matmul import matmul_4bit, matmul_4bit_segments
+from vrft.kernels.nf4_segments import segments
 torch.manual_seed(0)
 results = []
 for nested, quant_type, k, block_k, split, variant in [

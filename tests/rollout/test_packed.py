@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 import vrft.models.policy
 import vrft.modules.policy_module
 from tests.rollout.test_engines import rows, teacher_forced_logprobs
-from vrft.kernels import nf4_matmul
+from vrft.kernels import nf4_segments
 from vrft.models.policy import LoraSpec, ModelSpec, attach_lora, load_base_model, load_processor_for
 from vrft.planner.planning import resolve_auto
 from vrft.rollout.engines import ROLLOUT_ENGINES, PackedEngine
@@ -162,7 +162,7 @@ def test_projections_of_one_input_share_one_kernel_launch_whose_table_points_at_
         slice(32, 48),
     ]
     assert kernels.lora is layer.q.shared[0] and kernels.scale == 2.0
-    fields = {name: index for index, name in enumerate(nf4_matmul.SEGMENT_FIELDS)}
+    fields = {name: index for index, name in enumerate(nf4_segments.SEGMENT_FIELDS)}
     for row, op in zip(kernels.segments.table.tolist(), (layer.q, layer.k, layer.v), strict=True):
         weight = op.base.weight
         assert row[fields["out_features"]] == op.out_features
@@ -185,10 +185,10 @@ def test_projections_of_one_input_share_one_kernel_launch_whose_table_points_at_
         odd.gate, odd.up = kernel_layer(40, 8), kernel_layer(40, 8)
         group_projections(odd)
         assert odd.q.grouped is None and odd.k.grouped is None and odd.v.grouped is None
-    reason = nf4_matmul.segments_unsupported([layer.q.segment(), layer.o.segment()])
+    reason = nf4_segments.segments_unsupported([layer.q.segment(), layer.o.segment()])
     assert "some weights have a bias" in reason
     with pytest.raises(ValueError, match="cannot share one launch: out_features 12 is not a multiple of 8"):
-        nf4_matmul.segments([layer.o.segment(), kernel_layer(12, 8).segment()])
+        nf4_segments.segments([layer.o.segment(), kernel_layer(12, 8).segment()])
 
 
 @pytest.mark.gpu

@@ -30,10 +30,9 @@ from vrft.kernels.nf4_matmul import (
     layout_unsupported,
     matmul_4bit,
     matmul_4bit_segments,
-    segments,
-    segments_unsupported,
     supports,
 )
+from vrft.kernels.nf4_segments import segments, segments_unsupported
 from vrft.rollout.static import StaticDecodeEngine
 from vrft.rollout.weights import LinearOp, PackedLinear, dense_weight
 
@@ -96,7 +95,7 @@ class SharedLoraInput:
 
 class KernelGroup:
     """The decode-step matmuls of projections that read one input (q/k/v, gate/up) as one kernel launch
-    (`nf4_matmul.Segments` says why): their outputs side by side, computed once per input; each projection
+    (`vrft.kernels.nf4_segments` says why): their outputs side by side, computed once per input; each projection
     returns its columns."""
 
     def __init__(self, ops: list[KernelLinear]):
