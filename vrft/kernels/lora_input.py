@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from vrft.kernels.nf4_matmul import split_workspace
+
 try:
     import triton
     import triton.language as tl
@@ -64,8 +66,6 @@ def lora_input(x: Tensor, a: Tensor, split_k: int | None = None) -> Tensor:
 
     `split_k` (default: slices of at least two loop steps, at most `MAX_SPLIT`) is for benchmarks.
     """
-    from vrft.kernels.nf4_matmul import split_counters
-
     rows, in_features = x.shape
     ranks = a.shape[0]
     if rows > 64 or a.dtype != x.dtype or a.shape[1] != in_features:
@@ -81,10 +81,7 @@ def lora_input(x: Tensor, a: Tensor, split_k: int | None = None) -> Tensor:
         split_k = min(MAX_SPLIT, max(1, steps // 2))
     grid = (triton.cdiv(ranks, block_r), triton.cdiv(rows, block_m), split_k)
     y = torch.empty(rows, ranks, dtype=x.dtype, device=x.device)
-    partial = x.new_empty(
-        grid[0] * grid[1] * split_k * block_m * block_r if split_k > 1 else 1, dtype=torch.float32
-    )
-    counters = split_counters(x.device, grid[0] * grid[1])
+    partial, counters = split_workspace(x, grid, block_m, block_r)
     _lora_input_kernel[grid](
         x, a, partial, counters, y, rows, ranks, in_features, x.stride(0), a.stride(0), y.stride(0),
         triton.cdiv(steps, split_k), split_k, BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=STEP, SPLIT=split_k > 1,

@@ -275,13 +275,20 @@ def _steps_per_row(in_features: int, block_k: int) -> int:
     return triton.cdiv(in_features, block_k)
 
 
-def split_counters(device: torch.device, count: int) -> Tensor:
-    """At least `count` split-K arrival counters on `device`, at zero (each kernel leaves them so)."""
-    counters = _COUNTERS.get(device)
-    if counters is None or counters.numel() < count:
-        counters = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
-        _COUNTERS[device] = counters
-    return counters
+def split_workspace(
+    x: Tensor, grid: tuple[int, int, int], block_m: int, block_n: int
+) -> tuple[Tensor, Tensor]:
+    """What a split-K launch over `grid` (tiles along N, tiles along M, K slices) reduces through, for
+    `nf4_epilogue.store_output`: `(partial, counters)`, an fp32 workspace of every slice's `[block_m,
+    block_n]` sums (one placeholder element without a split) and at least one arrival counter per tile,
+    at zero (each launch leaves them so; shared by every launch on the device)."""
+    tiles, split_k = grid[0] * grid[1], grid[2]
+    partial = x.new_empty(tiles * split_k * block_m * block_n if split_k > 1 else 1, dtype=torch.float32)
+    counters = _COUNTERS.get(x.device)
+    if counters is None or counters.numel() < tiles:
+        counters = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=x.device)
+        _COUNTERS[x.device] = counters
+    return partial, counters
 
 
 def matmul_4bit(
@@ -352,10 +359,7 @@ def _launch(x, first, out_features, table, rank, lora_in, lora_scale, config) ->
         raise ValueError(f"SPLIT_K={split_k} is more than the {steps} loop steps of a row")
     grid = (sum(triton.cdiv(n, block_n) for n in out_features), triton.cdiv(rows, block_m), split_k)
     y = torch.empty(rows, sum(out_features), dtype=x.dtype, device=x.device)
-    partial = x.new_empty(
-        grid[0] * grid[1] * split_k * block_m * block_n if split_k > 1 else 1, dtype=torch.float32
-    )
-    counters = split_counters(x.device, grid[0] * grid[1])
+    partial, counters = split_workspace(x, grid, block_m, block_n)
     nested = quant_state.nested
     state2 = quant_state.state2 if nested else quant_state
     if lora_in is not None and lora_in.stride(1) != 1:
