@@ -9,6 +9,7 @@ import types
 import pytest
 import torch
 
+from tests.kernels.graphs import eager_equal_to_replays
 from vrft.kernels import nf4_matmul, nf4_segments
 from vrft.kernels.nf4_matmul import (
     environment_unsupported,
@@ -157,13 +158,7 @@ def test_fused_lora_term_and_split_k_reduction_under_graph_replay(variant, split
     def call():
         return nf4_matmul.matmul_4bit(x, packed, state, None, lora_in, lora_b, 2.0, config=config)
 
-    eager = call()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = call()
-    for _ in range(3):  # the split-K arrival counters must be back at zero after every replay
-        graph.replay()
-        torch.testing.assert_close(captured, eager, rtol=0, atol=0)
+    eager = eager_equal_to_replays(call)
     lora = 2.0 * lora_in @ lora_b.T
     reference = (reference_matmul(x, packed, state).float() + lora).to(torch.bfloat16)
     code = state.code if VARIANTS[variant].get("SCALE_AFTER") else None
@@ -191,13 +186,7 @@ def test_one_launch_over_several_weights_equals_their_own_launches_under_graph_r
     def call():
         return nf4_matmul.matmul_4bit_segments(x, group, product, 2.0)
 
-    eager = call()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = call()
-    for _ in range(3):  # the split-K arrival counters must be back at zero after every replay
-        graph.replay()
-        torch.testing.assert_close(captured, eager, rtol=0, atol=0)
+    eager = eager_equal_to_replays(call)
     column = 0
     for (packed, state), bias, lora_b, start, rank in zip(
         weights, biases, lora_bs, starts, ranks, strict=True
