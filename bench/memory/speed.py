@@ -42,6 +42,18 @@ def step_weight_bytes(policy, dense: bool) -> int:
     return total
 
 
+UNFUSED = ":unfused"  # engine name suffix: the decode step with torch's element-wise ops (fused_decode=False)
+
+
+def engine_for(name: str, **options):
+    """The engine `name` names (`bf16_copy`, or `bf16_copy:unfused` for its torch-ops decode step)."""
+    from vrft.rollout.engines import ROLLOUT_ENGINES
+
+    if name.endswith(UNFUSED):
+        return ROLLOUT_ENGINES[name.removesuffix(UNFUSED)](fused_decode=False, **options)
+    return ROLLOUT_ENGINES[name](**options) if options else build_rollout_engine(name)
+
+
 def sampling(tokens: int) -> dict:
     return dict(
         do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=tokens, min_new_tokens=tokens
@@ -62,7 +74,7 @@ def decode_speed(module, rows: list[dict], engines: list[str], tokens: int) -> d
     layers = text.num_hidden_layers
     results = {}
     for name in engines:
-        engine = build_rollout_engine(name)
+        engine = engine_for(name)
         try:
             engine.generate(policy, prompts, group, sampling(8), eos, tokenizer.pad_token_id)  # warm-up
             seconds = {}
@@ -73,7 +85,7 @@ def decode_speed(module, rows: list[dict], engines: list[str], tokens: int) -> d
                 _sync()
                 seconds[n] = time.perf_counter() - start
             step = (seconds[tokens] - seconds[1]) / (tokens - 1)
-            weights = step_weight_bytes(policy, dense=name == "bf16_copy")
+            weights = step_weight_bytes(policy, dense=name.removesuffix(UNFUSED) == "bf16_copy")
             kv = layers * count * (prompts.input_ids.shape[1] + tokens / 2) * kv_width * 2
             results[name] = {
                 "step_ms": step * 1e3,
@@ -103,7 +115,7 @@ def logprob_agreement(module, rows: list[dict], engines: list[str], tokens: int 
     """Per static engine: |engine log-prob - training-forward log-prob| of the sampled tokens (mean, max)."""
     results = {}
     for name in engines:
-        engine = build_rollout_engine(name)
+        engine = engine_for(name)
         try:
             module.policy.eval()
             rollout = generate_rollout(
@@ -158,8 +170,6 @@ def decode_kernel_profile(module, rows: list[dict], engines: list[str], tokens: 
     step spends in each kernel (prefill and weight preparation cancel). The sum is the step's GPU-busy time;
     against the graph-replayed step time it shows how much of that step is kernels rather than gaps.
     """
-    from vrft.rollout.engines import ROLLOUT_ENGINES
-
     policy, processor = module.policy, module.processor
     policy.eval()
     prompts = build_prompts(processor, rows, module.prompt_template, module.device)
@@ -169,7 +179,7 @@ def decode_kernel_profile(module, rows: list[dict], engines: list[str], tokens: 
     results = {}
     for name in engines:
         try:
-            engine = ROLLOUT_ENGINES[name](cuda_graph=False)
+            engine = engine_for(name, cuda_graph=False)
             engine.generate(policy, prompts, group, sampling(4), eos, tokenizer.pad_token_id)  # warm-up
             short = _kernel_times(engine, policy, prompts, group, 1, eos, tokenizer.pad_token_id)
             long = _kernel_times(engine, policy, prompts, group, tokens, eos, tokenizer.pad_token_id)
@@ -182,7 +192,7 @@ def decode_kernel_profile(module, rows: list[dict], engines: list[str], tokens: 
                 "gpu_us_per_step": sum(us for us, _ in per_step.values()),
                 "launches_per_step": sum(calls for _, calls in per_step.values()),
                 "top": [
-                    {"kernel": kernel[:90], "us_per_step": us, "calls_per_step": calls}
+                    {"kernel": kernel[:160], "us_per_step": us, "calls_per_step": calls}
                     for kernel, (us, calls) in ranked[:15]
                 ],
             }

@@ -239,3 +239,37 @@ def test_decoder_rms_norm_is_the_policys_norm_bit_for_bit(dtype):
     x = torch.randn(16, 1, 3584, dtype=dtype) * 3
     with torch.no_grad():
         assert torch.equal(rms_norm(x, norm.weight, norm.variance_epsilon), norm(x))
+
+
+@pytest.mark.gpu
+def test_fused_decode_ops_give_the_torch_decode_steps_logits_on_cuda():
+    # One decode step's element-wise stages in Triton (FusedDecodeOps) against torch's (DecodeOps), teacher
+    # forced over the same tokens from the same prefill. The fused RMSNorm sums in another order, so a rare
+    # 16-bit value rounds one step away (tests/kernels/test_decode_fusions.py); through two small layers
+    # that moves logits of magnitude ~1 by ~1e-3, while a wrong rotation, cache column or norm moves them by
+    # ~1: 2^-4 separates the two.
+    from vrft.rollout.base import Sampling
+    from vrft.rollout.decoder import DecodeOps, FusedDecodeOps, decode_ops, decode_step, prefill
+    from vrft.rollout.static import grouped_state, prompt_inputs
+
+    policy, processor = make_policy("fp32")
+    policy.to(device="cuda", dtype=torch.bfloat16)
+    device = torch.device("cuda")
+    prompts = build_prompts(processor, rows(), "{problem}", device)
+    weights = Bf16CopyEngine().read_weights(policy)
+    assert isinstance(decode_ops(weights, device), FusedDecodeOps)
+    assert type(decode_ops(weights, device, fused=False)) is DecodeOps
+    embeds, positions = prompt_inputs(policy, prompts)
+    _, cache = prefill(weights, embeds.to(weights.dtype), positions, prompts.attention_mask)
+    steps = Sampling.from_generation(GREEDY).max_new_tokens
+    states = [grouped_state(weights, prompts, positions, cache, 2, steps) for _ in range(2)]
+    tokens = torch.randint(0, 1000, (steps, 4), generator=torch.Generator().manual_seed(0)).to(device)
+    for step in range(steps):
+        logits = []
+        for state, ops in zip(states, (DecodeOps(), FusedDecodeOps()), strict=True):
+            state.tokens.copy_(tokens[step])
+            logits.append(decode_step(weights, state, ops))
+        torch.testing.assert_close(logits[1], logits[0], atol=2**-4, rtol=0)
+    for layer in range(weights.num_layers):
+        torch.testing.assert_close(states[1].keys[layer], states[0].keys[layer], atol=2**-4, rtol=0)
+        torch.testing.assert_close(states[1].values[layer], states[0].values[layer], atol=2**-4, rtol=0)

@@ -11,6 +11,7 @@ vision tower and the position rules are never re-implemented here.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -18,8 +19,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from vrft.kernels import decode_fusions
 from vrft.models.policy import base_model
 from vrft.rollout.weights import LinearOp, linear_op
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -144,6 +148,62 @@ def _mlp(layer: LayerWeights, x: Tensor) -> Tensor:
     return layer.down(F.silu(layer.gate(x)) * layer.up(x))
 
 
+class DecodeOps:
+    """The element-wise stages of a decode step, as torch ops: the reference `FusedDecodeOps` computes."""
+
+    def add_rms_norm(self, hidden: Tensor, delta: Tensor | None, weight: Tensor, eps: float):
+        """`(hidden + delta, rms_norm(hidden + delta))`; without `delta`, `(hidden, rms_norm(hidden))`."""
+        if delta is not None:
+            hidden = hidden + delta
+        return hidden, rms_norm(hidden, weight, eps)
+
+    def rope_into_cache(self, q, k, v, cos, sin, keys: Tensor, values: Tensor, column: Tensor) -> Tensor:
+        """q, k, v `[N, 1, heads * hd]` -> rotated q `[N, heads, 1, hd]`; rotated k and v written to the
+        caches `[N, kv_heads, Lmax, hd]` at `column`."""
+        count, head_dim = q.shape[0], keys.shape[-1]
+
+        def heads(x: Tensor) -> Tensor:
+            return x.view(count, 1, -1, head_dim).transpose(1, 2)
+
+        keys.index_copy_(2, column, _rope(heads(k), cos, sin))
+        values.index_copy_(2, column, heads(v))
+        return _rope(heads(q), cos, sin)
+
+    def silu_mul(self, gate: Tensor, up: Tensor) -> Tensor:
+        return F.silu(gate) * up
+
+
+class FusedDecodeOps(DecodeOps):
+    """The same stages in one Triton launch each (`vrft.kernels.decode_fusions` says why and how exact);
+    mixed dtypes, which torch would promote, go to the torch ops."""
+
+    def add_rms_norm(self, hidden, delta, weight, eps):
+        if delta is not None and delta.dtype != hidden.dtype:
+            return super().add_rms_norm(hidden, delta, weight, eps)
+        return decode_fusions.add_rms_norm(hidden, delta, weight, eps)
+
+    def rope_into_cache(self, q, k, v, cos, sin, keys, values, column):
+        if len({q.dtype, k.dtype, v.dtype, cos.dtype, keys.dtype}) > 1:
+            return super().rope_into_cache(q, k, v, cos, sin, keys, values, column)
+        return decode_fusions.rope_into_cache(q, k, v, cos, sin, keys, values, column)
+
+    def silu_mul(self, gate, up):
+        if gate.dtype != up.dtype:
+            return super().silu_mul(gate, up)
+        return decode_fusions.silu_mul(gate, up)
+
+
+def decode_ops(weights: DecoderWeights, device: torch.device, fused: bool = True) -> DecodeOps:
+    """The fused decode ops where they run (CUDA with Triton), else torch's; says why at debug level."""
+    if fused:
+        hidden_size = weights.num_heads * weights.head_dim
+        reason = decode_fusions.unsupported(device, weights.dtype, hidden_size, weights.head_dim)
+        if reason is None:
+            return FusedDecodeOps()
+        log.debug("decode step with torch's element-wise ops: %s", reason)
+    return DecodeOps()
+
+
 def _qkv(weights: DecoderWeights, layer: LayerWeights, x: Tensor, cos: Tensor, sin: Tensor):
     batch, length, _ = x.shape
     hd = weights.head_dim
@@ -205,32 +265,38 @@ class DecodeState:
 
 
 @torch.no_grad()
-def decode_step(weights: DecoderWeights, state: DecodeState) -> Tensor:
+def decode_step(weights: DecoderWeights, state: DecodeState, ops: DecodeOps | None = None) -> Tensor:
     """Feed `state.tokens`, write their keys/values at `state.column`; returns next-token logits `[N, V]` fp32.
 
     Shapes are fixed and the cache index is a device tensor, so the step is capturable in a CUDA graph.
+    `ops` (default: torch's) computes the element-wise stages; each residual add is done with the norm after it.
     """
+    ops = ops or DecodeOps()
     hidden = F.embedding(state.tokens[:, None], weights.embed)  # [N, 1, H]
     count = hidden.shape[0]
     cos, sin = text_cos_sin(weights, state.positions)
     state.valid.index_fill_(1, state.column, True)
-    mask = state.valid[:, None, None, :]  # [N, 1, 1, Lmax], broadcast over the grouped query heads
+    mask = None  # additive, made once per step: SDPA would turn a boolean mask into it in every layer
     groups = weights.num_heads // weights.num_kv_heads
+    norms = [layer.post_norm for layer in weights.layers]
+    after_mlp = [layer.input_norm for layer in weights.layers[1:]] + [weights.norm]
+    hidden, x = ops.add_rms_norm(hidden, None, weights.layers[0].input_norm, weights.eps)
     for index, layer in enumerate(weights.layers):
-        x = rms_norm(hidden, layer.input_norm, weights.eps)
-        q, k, v = _qkv(weights, layer, x, cos, sin)
-        keys, values = state.keys[index], state.values[index]
-        keys.index_copy_(2, state.column, k)
-        values.index_copy_(2, state.column, v)
+        q = ops.rope_into_cache(
+            layer.q(x), layer.k(x), layer.v(x), cos, sin, state.keys[index], state.values[index], state.column
+        )
+        if mask is None:
+            mask = torch.zeros(state.valid.shape, dtype=q.dtype, device=q.device)
+            mask = mask.masked_fill_(~state.valid, float("-inf"))[:, None, None, :]  # [N, 1, 1, Lmax]
         # Grouped-query attention without copying the cache: the query heads that share a KV head are
         # folded into the query-length axis of that head ([N, kv_heads, groups, hd]).
         q = q.reshape(count, weights.num_kv_heads, groups, weights.head_dim)
         out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask, scale=1 / math.sqrt(weights.head_dim)
+            q, state.keys[index], state.values[index], attn_mask=mask, scale=1 / math.sqrt(weights.head_dim)
         )
-        hidden = hidden + layer.o(out.reshape(count, 1, -1))
-        hidden = hidden + _mlp(layer, rms_norm(hidden, layer.post_norm, weights.eps))
-    last = rms_norm(hidden[:, 0], weights.norm, weights.eps)
+        hidden, x = ops.add_rms_norm(hidden, layer.o(out.reshape(count, 1, -1)), norms[index], weights.eps)
+        delta = layer.down(ops.silu_mul(layer.gate(x), layer.up(x)))
+        hidden, x = ops.add_rms_norm(hidden, delta, after_mlp[index], weights.eps)
     state.positions.add_(1)
     state.column.add_(1)
-    return weights.lm_head(last).float()
+    return weights.lm_head(x[:, 0]).float()

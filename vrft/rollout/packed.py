@@ -267,8 +267,8 @@ class PackedEngine(StaticDecodeEngine):
     name = "packed"
     merge = False
 
-    def __init__(self, cuda_graph: bool = True, stop_check_every: int = 32):
-        super().__init__(cuda_graph, stop_check_every)
+    def __init__(self, cuda_graph: bool = True, stop_check_every: int = 32, fused_decode: bool = True):
+        super().__init__(cuda_graph, stop_check_every, fused_decode)
         reason = environment_unsupported()
         if reason:
             raise ValueError(f"algorithm.rollout_engine=packed cannot run here: {reason}; {PACKED_FIX}")

@@ -14,6 +14,7 @@ from vrft.rollout.batch import PromptBatch
 from vrft.rollout.decoder import (
     DecoderWeights,
     DecodeState,
+    decode_ops,
     decode_step,
     decoder_weights,
     prefill,
@@ -149,14 +150,17 @@ class StaticDecodeEngine(RolloutEngine):
             weights inside each step (`dequant`).
         cuda_graph: capture the decode step in a CUDA graph when on CUDA (falls back to eager on failure).
         stop_check_every: decode steps between checks whether every sequence has finished (one host sync).
+        fused_decode: the decode step's element-wise stages in Triton kernels where they run
+            (`vrft.rollout.decoder.decode_ops`); False keeps torch's ops (benchmarks compare the two).
     """
 
     merge = True
 
-    def __init__(self, cuda_graph: bool = True, stop_check_every: int = 32):
+    def __init__(self, cuda_graph: bool = True, stop_check_every: int = 32, fused_decode: bool = True):
         super().__init__()
         self.cuda_graph = cuda_graph
         self.stop_check_every = stop_check_every
+        self.fused_decode = fused_decode
 
     @torch.no_grad()
     def generate(self, policy, prompts, group_size, generation, eos_ids, pad_id) -> Tensor:
@@ -175,7 +179,8 @@ class StaticDecodeEngine(RolloutEngine):
         del logits
         sync()
         decode_start = time.perf_counter()
-        taken, graph = self._decode(lambda: tokens.choose(decode_step(weights, state)), tokens, sampling)
+        ops = decode_ops(weights, device, self.fused_decode)
+        taken, graph = self._decode(lambda: tokens.choose(decode_step(weights, state, ops)), tokens, sampling)
         sync()
         end = time.perf_counter()
         self.last_logprobs = tokens.logprobs[:, :taken]
