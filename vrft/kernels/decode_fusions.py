@@ -15,8 +15,9 @@ computes in fp32 and rounds its result):
   can differ from torch's by one rounding step of the output dtype.
 - `rope_into_cache`: rotary embedding of q and k (`x cos + rotate_half(x) sin`, each product rounded), k and
   v written to the KV cache at the step's column: bit for bit torch's.
-- `silu_mul`: `silu(gate) * up`: bit for bit torch's where `exp` and the division are torch's (libdevice's
-  `expf`, IEEE division); the Triton interpreter (CPU tests) has neither and uses `tl.exp` and `/`.
+- `silu_mul`: `silu(gate) * up`, with libdevice's `expf` and IEEE division as torch's CUDA kernel; how the
+  compilers contract `1 + exp(-x)` can differ in the last fp32 bit, so the 16-bit SiLU can round one step
+  away from torch's. The Triton interpreter (CPU tests) has no libdevice and uses `tl.exp` and `/`.
 """
 
 from __future__ import annotations
@@ -53,9 +54,25 @@ if triton is not None:
     from triton.language.extra import libdevice
 
     @triton.jit
+    def _add(a, b, PTX: tl.constexpr):
+        """`a + b` of fp32 values, rounded to fp32, as torch adds 16-bit tensors (before rounding to 16 bits).
+
+        In PTX because the compiler would otherwise turn the 16-bit round trips into native bf16/fp16
+        arithmetic and contract a product and this sum into one fma, rounding once where torch rounds twice
+        (seen in the sm_90 PTX of the rotary kernel). The interpreter (no PTX) adds plainly.
+        """
+        if PTX:
+            return tl.inline_asm_elementwise(
+                "add.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32, is_pure=True, pack=1
+            )
+        else:
+            return a + b
+
+    @triton.jit
     def _add_rms_norm_kernel(
         hidden_ptr, delta_ptr, weight_ptr, sum_ptr, out_ptr, columns, eps,
         stride_h, stride_d, stride_s, stride_o, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr,
+        PTX: tl.constexpr,
     ):  # fmt: skip
         row = tl.program_id(0)
         column = tl.arange(0, BLOCK)
@@ -64,7 +81,7 @@ if triton is not None:
         dtype: tl.constexpr = x.dtype
         if HAS_DELTA:  # the residual add, rounded as torch's
             delta = tl.load(delta_ptr + row * stride_d + column, mask=mask, other=0.0)
-            x = (x.to(tl.float32) + delta.to(tl.float32)).to(dtype)
+            x = _add(x.to(tl.float32), delta.to(tl.float32), PTX).to(dtype)
             tl.store(sum_ptr + row * stride_s + column, x, mask=mask)
         x = x.to(tl.float32)
         variance = tl.sum(x * x, axis=0) / columns
@@ -77,7 +94,7 @@ if triton is not None:
     def _rope_into_cache_kernel(
         q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, out_ptr, keys_ptr, values_ptr, column_ptr,
         stride_q, stride_k, stride_v, stride_cs, stride_cn, stride_ch, stride_cl,
-        HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+        HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PTX: tl.constexpr,
     ):  # fmt: skip
         # One program per (row, head); heads past HEADS are the KV heads: k rotated and v, into the cache.
         row, head = tl.program_id(0), tl.program_id(1)
@@ -97,7 +114,7 @@ if triton is not None:
         rotated = tl.where(index < half, -other, other)
         first = (x.to(tl.float32) * cos).to(dtype)
         second = (rotated.to(tl.float32) * sin).to(dtype)
-        y = (first.to(tl.float32) + second.to(tl.float32)).to(dtype)
+        y = _add(first.to(tl.float32), second.to(tl.float32), PTX).to(dtype)
         if head < HEADS:
             tl.store(out_ptr + (row * HEADS + head) * HEAD_DIM + index, y)
         else:
@@ -108,7 +125,7 @@ if triton is not None:
     @triton.jit
     def _silu_mul_kernel(
         gate_ptr, up_ptr, out_ptr, columns, stride_g, stride_u, stride_o, BLOCK: tl.constexpr,
-        LIBDEVICE: tl.constexpr,
+        PTX: tl.constexpr,
     ):  # fmt: skip
         row, tile = tl.program_id(0), tl.program_id(1)
         column = tile * BLOCK + tl.arange(0, BLOCK)
@@ -116,7 +133,7 @@ if triton is not None:
         gate = tl.load(gate_ptr + row * stride_g + column, mask=mask, other=0.0)
         dtype: tl.constexpr = gate.dtype
         gate = gate.to(tl.float32)
-        if LIBDEVICE:  # torch's silu: x / (1 + expf(-x)), IEEE division
+        if PTX:  # torch's silu: x / (1 + expf(-x)), IEEE division
             silu = tl.math.div_rn(gate, 1.0 + libdevice.exp(-gate))
         else:
             silu = gate / (1.0 + tl.exp(-gate))
@@ -144,7 +161,8 @@ def add_rms_norm(hidden: Tensor, delta: Tensor | None, weight: Tensor, eps: floa
     block = triton.next_power_of_2(columns)
     _add_rms_norm_kernel[(rows.shape[0],)](
         rows, deltas, weight, total, out, columns, eps, rows.stride(0), deltas.stride(0), total.stride(0),
-        out.stride(0), HAS_DELTA=delta is not None, BLOCK=block, num_warps=max(1, min(16, block // 256)),
+        out.stride(0), HAS_DELTA=delta is not None, BLOCK=block, PTX=hidden.is_cuda,
+        num_warps=max(1, min(16, block // 256)),
     )  # fmt: skip
     return total.view(hidden.shape), out.view(hidden.shape)
 
@@ -173,7 +191,7 @@ def rope_into_cache(
         )
     _rope_into_cache_kernel[(count, heads + kv_heads)](
         q, k, v, cos, sin, out, keys, values, column, q.stride(0), k.stride(0), v.stride(0), cos.stride(0),
-        keys.stride(0), keys.stride(1), keys.stride(2), HEADS=heads, HEAD_DIM=head_dim,
+        keys.stride(0), keys.stride(1), keys.stride(2), HEADS=heads, HEAD_DIM=head_dim, PTX=q.is_cuda,
         num_warps=max(1, min(4, head_dim // 128)),
     )  # fmt: skip
     return out
@@ -187,6 +205,6 @@ def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
     grid = (gates.shape[0], triton.cdiv(columns, SILU_BLOCK))
     _silu_mul_kernel[grid](
         gates, ups, out, columns, gates.stride(0), ups.stride(0), out.stride(0), BLOCK=SILU_BLOCK,
-        LIBDEVICE=gate.is_cuda, num_warps=4,
+        PTX=gate.is_cuda, num_warps=4,
     )  # fmt: skip
     return out.view(gate.shape)
