@@ -243,11 +243,12 @@ def test_decoder_rms_norm_is_the_policys_norm_bit_for_bit(dtype):
 
 @pytest.mark.gpu
 def test_fused_decode_ops_give_the_torch_decode_steps_logits_on_cuda():
-    # One decode step's element-wise stages in Triton (FusedDecodeOps) against torch's (DecodeOps), teacher
-    # forced over the same tokens from the same prefill. The fused RMSNorm sums in another order, so a rare
-    # 16-bit value rounds one step away (tests/kernels/test_decode_fusions.py); through two small layers
-    # that moves logits of magnitude ~1 by ~1e-3, while a wrong rotation, cache column or norm moves them by
-    # ~1: 2^-4 separates the two.
+    # One decode step's element-wise stages and attention in Triton (FusedDecodeOps) against torch's
+    # (DecodeOps, SDPA), teacher forced over the same tokens from the same prefill. The fused RMSNorm sums in
+    # another order, so a rare 16-bit value rounds one step away (tests/kernels/test_decode_fusions.py), and
+    # both attentions round their probabilities to bf16 (2^-8 relative) at different places; through two
+    # small layers that moves logits of magnitude ~1 by ~1e-2 at most, while a wrong rotation, cache column,
+    # mask or norm moves them by ~1: 2^-4 separates the two.
     from vrft.rollout.base import Sampling
     from vrft.rollout.decoder import DecodeOps, FusedDecodeOps, decode_ops, decode_step, prefill
     from vrft.rollout.static import grouped_state, prompt_inputs

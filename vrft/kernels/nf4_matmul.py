@@ -240,7 +240,8 @@ if triton is not None:
 
 
 @functools.cache
-def _multiprocessors(device: torch.device) -> int:
+def multiprocessors(device: torch.device) -> int:
+    """Streaming multiprocessors of `device`, what the kernels size their split by (4 on the CPU interpreter)."""
     if device.type != "cuda":  # the Triton interpreter on CPU tensors (tests)
         return 4
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -259,7 +260,7 @@ def launch_config(
     block_n, block_k = chosen["BLOCK_N"], max(chosen["BLOCK_K"], blocksize)
     tiles = triton.cdiv(rows, block_m) * triton.cdiv(out_features, block_n)
     steps = _steps_per_row(in_features, block_k)
-    wanted = triton.cdiv(chosen["programs_per_sm"] * _multiprocessors(device), tiles)
+    wanted = triton.cdiv(chosen["programs_per_sm"] * multiprocessors(device), tiles)
     split_k = min(wanted, max(steps // 2, 1), 32)  # slices of >= 2 steps; the last may be shorter (masked)
     return {
         "BLOCK_M": block_m,

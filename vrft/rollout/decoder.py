@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from vrft.kernels import decode_fusions
+from vrft.kernels.decode_attention import decode_attention
+from vrft.kernels.decode_attention import unsupported as attention_unsupported
 from vrft.models.policy import base_model
 from vrft.rollout.weights import LinearOp, linear_op
 
@@ -149,7 +152,8 @@ def _mlp(layer: LayerWeights, x: Tensor) -> Tensor:
 
 
 class DecodeOps:
-    """The element-wise stages of a decode step, as torch ops: the reference `FusedDecodeOps` computes."""
+    """The element-wise stages and the attention of a decode step, as torch ops: the reference
+    `FusedDecodeOps` computes."""
 
     def add_rms_norm(self, hidden: Tensor, delta: Tensor | None, weight: Tensor, eps: float):
         """`(hidden + delta, rms_norm(hidden + delta))`; without `delta`, `(hidden, rms_norm(hidden))`."""
@@ -172,10 +176,26 @@ class DecodeOps:
     def silu_mul(self, gate: Tensor, up: Tensor) -> Tensor:
         return F.silu(gate) * up
 
+    def attention(self, state: DecodeState, scale: float) -> Callable[[Tensor, int], Tensor]:
+        """This step's attention: `(q [N, kv_heads, groups, hd], layer) -> [N, kv_heads, groups, hd]`, over
+        the layer's cache columns that `state.valid` marks."""
+        masks: dict[torch.dtype, Tensor] = {}
+
+        def attend(q: Tensor, layer: int) -> Tensor:
+            if q.dtype not in masks:  # additive, once per step: SDPA makes it from a boolean mask every call
+                mask = torch.zeros(state.valid.shape, dtype=q.dtype, device=q.device)
+                masks[q.dtype] = mask.masked_fill_(~state.valid, float("-inf"))[:, None, None, :]
+            return F.scaled_dot_product_attention(
+                q, state.keys[layer], state.values[layer], attn_mask=masks[q.dtype], scale=scale
+            )
+
+        return attend
+
 
 class FusedDecodeOps(DecodeOps):
-    """The same stages in one Triton launch each (`vrft.kernels.decode_fusions` says why and how exact);
-    mixed dtypes, which torch would promote, go to the torch ops."""
+    """The same stages in one Triton launch each (`vrft.kernels.decode_fusions` says why and how exact), the
+    attention split along the cache (`vrft.kernels.decode_attention`); mixed dtypes, which torch would
+    promote, go to the torch ops."""
 
     def add_rms_norm(self, hidden, delta, weight, eps):
         if delta is not None and delta.dtype != hidden.dtype:
@@ -192,12 +212,25 @@ class FusedDecodeOps(DecodeOps):
             return super().silu_mul(gate, up)
         return decode_fusions.silu_mul(gate, up)
 
+    def attention(self, state, scale):
+        fallback = super().attention(state, scale)
+
+        def attend(q: Tensor, layer: int) -> Tensor:
+            keys, values = state.keys[layer], state.values[layer]
+            if q.dtype != keys.dtype or not q.is_contiguous():
+                return fallback(q, layer)
+            return decode_attention(q, keys, values, state.valid, state.column, scale)
+
+        return attend
+
 
 def decode_ops(weights: DecoderWeights, device: torch.device, fused: bool = True) -> DecodeOps:
     """The fused decode ops where they run (CUDA with Triton), else torch's; says why at debug level."""
     if fused:
         hidden_size = weights.num_heads * weights.head_dim
-        reason = decode_fusions.unsupported(device, weights.dtype, hidden_size, weights.head_dim)
+        reason = decode_fusions.unsupported(
+            device, weights.dtype, hidden_size, weights.head_dim
+        ) or attention_unsupported(weights.head_dim)
         if reason is None:
             return FusedDecodeOps()
         log.debug("decode step with torch's element-wise ops: %s", reason)
@@ -269,15 +302,16 @@ def decode_step(weights: DecoderWeights, state: DecodeState, ops: DecodeOps | No
     """Feed `state.tokens`, write their keys/values at `state.column`; returns next-token logits `[N, V]` fp32.
 
     Shapes are fixed and the cache index is a device tensor, so the step is capturable in a CUDA graph.
-    `ops` (default: torch's) computes the element-wise stages; each residual add is done with the norm after it.
+    `ops` (default: torch's) computes the element-wise stages and the attention; each residual add is done
+    with the norm after it.
     """
     ops = ops or DecodeOps()
     hidden = F.embedding(state.tokens[:, None], weights.embed)  # [N, 1, H]
     count = hidden.shape[0]
     cos, sin = text_cos_sin(weights, state.positions)
     state.valid.index_fill_(1, state.column, True)
-    mask = None  # additive, made once per step: SDPA would turn a boolean mask into it in every layer
     groups = weights.num_heads // weights.num_kv_heads
+    attend = ops.attention(state, 1 / math.sqrt(weights.head_dim))
     norms = [layer.post_norm for layer in weights.layers]
     after_mlp = [layer.input_norm for layer in weights.layers[1:]] + [weights.norm]
     hidden, x = ops.add_rms_norm(hidden, None, weights.layers[0].input_norm, weights.eps)
@@ -285,15 +319,9 @@ def decode_step(weights: DecoderWeights, state: DecodeState, ops: DecodeOps | No
         q = ops.rope_into_cache(
             layer.q(x), layer.k(x), layer.v(x), cos, sin, state.keys[index], state.values[index], state.column
         )
-        if mask is None:
-            mask = torch.zeros(state.valid.shape, dtype=q.dtype, device=q.device)
-            mask = mask.masked_fill_(~state.valid, float("-inf"))[:, None, None, :]  # [N, 1, 1, Lmax]
         # Grouped-query attention without copying the cache: the query heads that share a KV head are
         # folded into the query-length axis of that head ([N, kv_heads, groups, hd]).
-        q = q.reshape(count, weights.num_kv_heads, groups, weights.head_dim)
-        out = F.scaled_dot_product_attention(
-            q, state.keys[index], state.values[index], attn_mask=mask, scale=1 / math.sqrt(weights.head_dim)
-        )
+        out = attend(q.reshape(count, weights.num_kv_heads, groups, weights.head_dim), index)
         hidden, x = ops.add_rms_norm(hidden, layer.o(out.reshape(count, 1, -1)), norms[index], weights.eps)
         delta = layer.down(ops.silu_mul(layer.gate(x), layer.up(x)))
         hidden, x = ops.add_rms_norm(hidden, delta, after_mlp[index], weights.eps)
