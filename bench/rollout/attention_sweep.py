@@ -10,6 +10,8 @@ as 200 replays of a CUDA graph of 20 calls over 3 layers' caches (a decode step 
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import json
 from pathlib import Path
 
@@ -62,29 +64,19 @@ def main() -> None:
     q = torch.randn(args.rows, KV_HEADS, GROUPS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
     valid = torch.ones(args.rows, args.capacity, dtype=torch.bool, device="cuda")
     scale = HEAD_DIM**-0.5
+    layers = itertools.cycle(caches)  # each call reads the next layer's cache, as a decode step does
     results = []
     for column in (int(c) for c in args.columns.split(",")):
         at = torch.tensor([column], device="cuda")
         valid[:, column + 1 :] = False
         mask = torch.zeros(valid.shape, dtype=torch.bfloat16, device="cuda")
         mask = mask.masked_fill_(~valid, float("-inf"))[:, None, None, :]
-        layer = iter(range(10**9))
-
-        def sdpa():
-            keys, values = caches[next(layer) % LAYERS]
-            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
-
-        row = {"rows": args.rows, "capacity": args.capacity, "column": column, "sdpa_us": timed(sdpa)}
-        for splits in (int(s) for s in args.splits.split(",")):
-
-            def kernel(splits=splits):
-                keys, values = caches[next(layer) % LAYERS]
-                return decode_attention(q, keys, values, valid, at, scale, splits)
-
-            row[f"kernel_split{splits}_us"] = timed(kernel)
-        row["kernel_default_us"] = timed(
-            lambda: decode_attention(q, *caches[next(layer) % LAYERS], valid, at, scale)
-        )
+        sdpa = functools.partial(F.scaled_dot_product_attention, attn_mask=mask, scale=scale)
+        row = {"rows": args.rows, "capacity": args.capacity, "column": column}
+        row["sdpa_us"] = timed(lambda: sdpa(q, *next(layers)))  # noqa: B023 (called before the next column)
+        for splits in [*(int(s) for s in args.splits.split(",")), None]:
+            kernel = functools.partial(decode_attention, valid=valid, column=at, scale=scale, splits=splits)
+            row[f"kernel_split{splits or '_default'}_us"] = timed(lambda: kernel(q, *next(layers)))  # noqa: B023
         results.append(row)
         print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}))
     args.out.write_text(
