@@ -3,7 +3,8 @@
     python bench/rollout/attention_sweep.py --out attention.json [--rows 16] [--columns 640,700]
 
 Per (sequences, cache columns, step column): us per call of SDPA with the additive mask the decoder's torch
-ops give it (whichever backend torch picks: cuDNN on the H200) and of the kernel at each split, each timed
+ops give it (whichever backend torch picks: cuDNN on the H200) and of the kernel at each split (and by
+columns per loop step, warps and split), each timed
 as 200 replays of a CUDA graph of 20 calls over 3 layers' caches (a decode step reads each layer's once).
 """
 
@@ -77,6 +78,13 @@ def main() -> None:
         for splits in [*(int(s) for s in args.splits.split(",")), None]:
             kernel = functools.partial(decode_attention, valid=valid, column=at, scale=scale, splits=splits)
             row[f"kernel_split{splits or '_default'}_us"] = timed(lambda: kernel(q, *next(layers)))  # noqa: B023
+        for block_l, warps, splits in itertools.product((32, 64, 128), (2, 4, 8), (4, 8)):
+            kernel = functools.partial(
+                decode_attention, valid=valid, column=at, scale=scale, splits=splits, block_l=block_l,
+                num_warps=warps,
+            )  # fmt: skip
+            name = f"kernel_block{block_l}_warps{warps}_split{splits}_us"
+            row[name] = timed(lambda: kernel(q, *next(layers)))  # noqa: B023
         results.append(row)
         print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}))
     args.out.write_text(

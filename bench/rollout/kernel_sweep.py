@@ -347,9 +347,15 @@ def lora_input_us(rows: int, rank: int) -> dict:
                                             "down": (1, 18944)}.items():  # fmt: skip
         x = torch.randn(rows, in_features, dtype=torch.bfloat16, device=DEVICE)
         a = torch.randn(adapters * rank, in_features, dtype=torch.bfloat16, device=DEVICE) * 0.02
+        steps = triton.cdiv(in_features, 128)
         result[label] = {
             "lora_input_us": time_us(lora_input, [(x, a)]),
             "cublas_us": time_us(F.linear, [(x, a)]),
+            "lora_input_us_by_split": {
+                split: time_us(lora_input, [(x, a)], split_k=split)
+                for split in sorted({1, 2, 4, 7, 8, 14, 16, 32, steps // 4, steps // 2})
+                if 1 <= split <= min(steps, 74)
+            },
         }
     return result
 

@@ -119,6 +119,8 @@ def decode_attention(
     column: Tensor,
     scale: float,
     splits: int | None = None,
+    block_l: int = BLOCK_L,
+    num_warps: int = 4,
 ) -> Tensor:
     """Softmax attention of `q` over the cache columns `0..column` that `valid` marks.
 
@@ -128,6 +130,7 @@ def decode_attention(
         valid: `[N, Lmax]` bool, the columns a query may attend to (padding off).
         column: `[1]` long, the step's column: later columns are not read.
         splits: slices of the cache per (sequence, KV head); default: enough for `PROGRAMS_PER_SM`.
+        block_l, num_warps: columns per loop step and warps per program (benchmarks).
     Returns:
         `[N, kv_heads, groups, hd]` in `q`'s dtype (what SDPA returns for these inputs).
     """
@@ -141,10 +144,10 @@ def decode_attention(
     ):
         raise ValueError(f"decode_attention needs unit-stride heads: q {q.stride()}, keys {keys.stride()}")
     tiles = count * kv_heads
-    blocks = triton.cdiv(capacity, BLOCK_L)
+    blocks = triton.cdiv(capacity, block_l)
     if splits is None:
         splits = max(1, min(blocks, triton.cdiv(PROGRAMS_PER_SM * multiprocessors(q.device), tiles)))
-    columns_per_split = triton.cdiv(blocks, splits) * BLOCK_L
+    columns_per_split = triton.cdiv(blocks, splits) * block_l
     splits = triton.cdiv(capacity, columns_per_split)
     block_g = max(16, triton.next_power_of_2(groups))
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -155,7 +158,7 @@ def decode_attention(
     _decode_attention_kernel[(tiles, splits)](
         q, keys, values, valid.view(torch.uint8), column, out, partial, stats, counters, kv_heads, groups,
         columns_per_split, scale, q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
-        valid.stride(0), BLOCK_G=block_g, BLOCK_L=BLOCK_L, HEAD_DIM=head_dim, SPLIT=splits > 1,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4,  # fp32 caches: no TF32 rounding
+        valid.stride(0), BLOCK_G=block_g, BLOCK_L=block_l, HEAD_DIM=head_dim, SPLIT=splits > 1,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps,  # fp32 caches: no TF32 rounding
     )  # fmt: skip
     return out
