@@ -274,3 +274,19 @@ def test_fused_decode_ops_give_the_torch_decode_steps_logits_on_cuda():
     for layer in range(weights.num_layers):
         torch.testing.assert_close(states[1].keys[layer], states[0].keys[layer], atol=2**-4, rtol=0)
         torch.testing.assert_close(states[1].values[layer], states[0].values[layer], atol=2**-4, rtol=0)
+
+
+def test_decode_ops_are_torchs_off_cuda_or_when_asked_and_say_why(fp32_policy, caplog):
+    import logging
+
+    from vrft.rollout.decoder import DecodeOps, decode_ops
+
+    policy, _ = fp32_policy
+    weights = Bf16CopyEngine().read_weights(policy)
+    with caplog.at_level(logging.DEBUG, logger="vrft.rollout.decoder"):
+        assert type(decode_ops(weights, CPU)) is DecodeOps
+    # without Triton (CI) or off CUDA (here): either reason is named
+    assert "decode step with torch's element-wise ops: " in caplog.text
+    assert "Triton is not installed" in caplog.text or "run on CUDA, the decoder is on cpu" in caplog.text
+    assert type(decode_ops(weights, torch.device("cuda"), fused=False)) is DecodeOps
+    assert Bf16CopyEngine(fused_decode=False).fused_decode is False
