@@ -4,8 +4,8 @@
 # results in $OUT:
 #   bash bench/rollout/device_lora_dot.sh tests   # the whole GPU suite, then the kernel at 16 rows with a
 #                                                 # rank-64 LoRA term (kernel_sweep.py --lora-rank 64)
-#   bash bench/rollout/device_lora_dot.sh rows    # packed.py rows 16g (decode step of bf16_copy and packed)
-#                                                 # and 24g (the 16 GB profile's baseline), one run
+#   bash bench/rollout/device_lora_dot.sh rows    # packed.py rows 16g (decode step of bf16_copy and packed,
+#                                                 # or of $ENGINES) and 24g (the 16 GB profile's baseline)
 #   bash bench/rollout/device_lora_dot.sh all     # tests, then rows
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl

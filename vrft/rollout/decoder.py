@@ -3,7 +3,9 @@
 It computes what the policy's language model computes (same RMSNorm, multimodal RoPE, grouped-query
 attention, SwiGLU MLP and `lm_head`), but with fixed tensor shapes and in-place state updates, so that one
 decode step can be captured in a CUDA graph and replayed: the per-step cost becomes the GPU's work, not
-Python and kernel-launch overhead. Weights come from `vrft.rollout.weights` (merged or packed).
+Python and kernel-launch overhead. Weights come from `vrft.rollout.weights` (merged or packed). On CUDA the
+step's element-wise stages and its attention run as a few Triton kernels (`FusedDecodeOps`), not as the ~25
+small torch kernels per layer they replace (`DecodeOps`, the reference).
 
 Prompt embeddings and 3D positions (image features, M-RoPE) are taken from the policy itself, so the
 vision tower and the position rules are never re-implemented here.

@@ -150,8 +150,8 @@ class StaticDecodeEngine(RolloutEngine):
             weights inside each step (`dequant`).
         cuda_graph: capture the decode step in a CUDA graph when on CUDA (falls back to eager on failure).
         stop_check_every: decode steps between checks whether every sequence has finished (one host sync).
-        fused_decode: the decode step's element-wise stages in Triton kernels where they run
-            (`vrft.rollout.decoder.decode_ops`); False keeps torch's ops (benchmarks compare the two).
+        fused_decode: the decode step's element-wise stages and attention in Triton kernels where they run
+            (`vrft.rollout.decoder.decode_ops`); False keeps torch's ops and SDPA (benchmarks compare the two).
     """
 
     merge = True
