@@ -1,5 +1,5 @@
 """The decode step's fused element-wise kernels (vrft.kernels.decode_fusions) against the torch ops they
-replace (vrft.rollout.decoder.DecodeOps)."""
+replace (vrft.rollout.stages.DecodeOps)."""
 
 import importlib.util
 import os
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.kernels.graphs import eager_equal_to_replays
-from vrft.rollout.decoder import DecodeOps
+from vrft.rollout.stages import DecodeOps
 
 # Qwen2-VL-7B's decode shapes at 16 rows, and a small odd one (masked columns, one KV head)
 SHAPES = [
@@ -108,7 +108,7 @@ def test_fused_decode_stages_compute_the_torch_ops_and_replay_in_a_graph(shape, 
 
 @pytest.mark.gpu
 def test_fused_decode_ops_are_picked_on_cuda_and_fall_back_on_mixed_dtypes():
-    from vrft.rollout.decoder import FusedDecodeOps
+    from vrft.rollout.stages import FusedDecodeOps
 
     c = case(**SHAPES[1], dtype=torch.bfloat16, device="cuda")
     hidden, normed = FusedDecodeOps().add_rms_norm(c["hidden"], c["delta"].float(), c["weight"], 1e-6)
@@ -122,7 +122,7 @@ INTERPRETED = """
 import sys, torch
 sys.path.insert(0, sys.argv[2])
 from tests.kernels.test_decode_fusions import SHAPES, _Fused, case, stages
-from vrft.rollout.decoder import DecodeOps
+from vrft.rollout.stages import DecodeOps
 results = []
 for shape in SHAPES:
     for dtype in (torch.float16, torch.float32):  # the interpreter has no bf16 arithmetic (numpy has none)

@@ -230,7 +230,7 @@ def test_inverse_cdf_sampler_draws_from_the_softmax():
 def test_decoder_rms_norm_is_the_policys_norm_bit_for_bit(dtype):
     from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLRMSNorm
 
-    from vrft.rollout.decoder import rms_norm
+    from vrft.rollout.stages import rms_norm
 
     torch.manual_seed(0)
     norm = Qwen2VLRMSNorm(3584, eps=1e-6).to(dtype)
@@ -250,7 +250,8 @@ def test_fused_decode_ops_give_the_torch_decode_steps_logits_on_cuda():
     # small layers that moves logits of magnitude ~1 by ~1e-2 at most, while a wrong rotation, cache column,
     # mask or norm moves them by ~1: 2^-4 separates the two.
     from vrft.rollout.base import Sampling
-    from vrft.rollout.decoder import DecodeOps, FusedDecodeOps, decode_ops, decode_step, prefill
+    from vrft.rollout.decoder import decode_ops, decode_step, prefill
+    from vrft.rollout.stages import DecodeOps, FusedDecodeOps
     from vrft.rollout.static import grouped_state, prompt_inputs
 
     policy, processor = make_policy("fp32")
@@ -279,7 +280,8 @@ def test_fused_decode_ops_give_the_torch_decode_steps_logits_on_cuda():
 def test_decode_ops_are_torchs_off_cuda_or_when_asked_and_say_why(fp32_policy, caplog):
     import logging
 
-    from vrft.rollout.decoder import DecodeOps, decode_ops
+    from vrft.rollout.decoder import decode_ops
+    from vrft.rollout.stages import DecodeOps
 
     policy, _ = fp32_policy
     weights = Bf16CopyEngine().read_weights(policy)

@@ -10,7 +10,7 @@ shape on the GPU; these three kernels are all the decode step needs.
 
 Each computes what the torch ops it replaces compute, rounding where they round (every bf16 op of torch
 computes in fp32 and rounds its result):
-- `add_rms_norm`: `hidden + delta`, then the policy's RMSNorm of it (`vrft.rollout.decoder.rms_norm`).
+- `add_rms_norm`: `hidden + delta`, then the policy's RMSNorm of it (`vrft.rollout.stages.rms_norm`).
   Equal to torch's up to the order of the fp32 sum of squares (torch reduces in its own order): its output
   can differ from torch's by one rounding step of the output dtype.
 - `rope_into_cache`: rotary embedding of q and k (`x cos + rotate_half(x) sin`, each product rounded), k and

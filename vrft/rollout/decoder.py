@@ -4,8 +4,8 @@ It computes what the policy's language model computes (same RMSNorm, multimodal 
 attention, SwiGLU MLP and `lm_head`), but with fixed tensor shapes and in-place state updates, so that one
 decode step can be captured in a CUDA graph and replayed: the per-step cost becomes the GPU's work, not
 Python and kernel-launch overhead. Weights come from `vrft.rollout.weights` (merged or packed). On CUDA the
-step's element-wise stages and its attention run as a few Triton kernels (`FusedDecodeOps`), not as the ~25
-small torch kernels per layer they replace (`DecodeOps`, the reference).
+step's element-wise stages and its attention run as a few Triton kernels, not as the ~25 small torch
+kernels per layer they replace (`vrft.rollout.stages`).
 
 Prompt embeddings and 3D positions (image features, M-RoPE) are taken from the policy itself, so the
 vision tower and the position rules are never re-implemented here.
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -23,9 +22,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from vrft.kernels import decode_fusions
-from vrft.kernels.decode_attention import decode_attention
 from vrft.kernels.decode_attention import unsupported as attention_unsupported
 from vrft.models.policy import base_model
+from vrft.rollout.stages import DecodeOps, FusedDecodeOps, rms_norm, rope
 from vrft.rollout.weights import LinearOp, linear_op
 
 log = logging.getLogger(__name__)
@@ -110,21 +109,6 @@ def decoder_weights(policy: nn.Module, merge: bool) -> DecoderWeights:
     )
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """Qwen2's RMSNorm: variance in fp32, scale applied after casting back (as the policy does).
-
-    `F.rms_norm` rather than the policy's spelled-out ops (pow, mean, add, rsqrt, mul): the same fp32 result
-    (bit-equal on CPU, tests/rollout), and on CUDA one fused kernel instead of five: 0.5-0.65 ms less GPU
-    time per 7B decode step, 57 norms (bench/rollout/results.md).
-    """
-    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
-
-
-def rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def mrope_cos_sin(weights: DecoderWeights, position_ids: Tensor) -> tuple[Tensor, Tensor]:
     """Cos/sin `[B, T, head_dim]` for 3D positions `[3, B, T]` (temporal, height, width sections)."""
     freqs = position_ids[..., None].float() * weights.inv_freq  # [3, B, T, hd/2]
@@ -144,86 +128,8 @@ def text_cos_sin(weights: DecoderWeights, positions: Tensor) -> tuple[Tensor, Te
     return _cos_sin(weights, positions[:, None, None].float() * weights.inv_freq)
 
 
-def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    # x [B, heads, T, hd]; cos/sin [B, T, hd]
-    return x * cos[:, None] + rotate_half(x) * sin[:, None]
-
-
 def _mlp(layer: LayerWeights, x: Tensor) -> Tensor:
     return layer.down(F.silu(layer.gate(x)) * layer.up(x))
-
-
-class DecodeOps:
-    """The element-wise stages and the attention of a decode step, as torch ops: the reference
-    `FusedDecodeOps` computes."""
-
-    def add_rms_norm(self, hidden: Tensor, delta: Tensor | None, weight: Tensor, eps: float):
-        """`(hidden + delta, rms_norm(hidden + delta))`; without `delta`, `(hidden, rms_norm(hidden))`."""
-        if delta is not None:
-            hidden = hidden + delta
-        return hidden, rms_norm(hidden, weight, eps)
-
-    def rope_into_cache(self, q, k, v, cos, sin, keys: Tensor, values: Tensor, column: Tensor) -> Tensor:
-        """q, k, v `[N, 1, heads * hd]` -> rotated q `[N, heads, 1, hd]`; rotated k and v written to the
-        caches `[N, kv_heads, Lmax, hd]` at `column`."""
-        count, head_dim = q.shape[0], keys.shape[-1]
-
-        def heads(x: Tensor) -> Tensor:
-            return x.view(count, 1, -1, head_dim).transpose(1, 2)
-
-        keys.index_copy_(2, column, _rope(heads(k), cos, sin))
-        values.index_copy_(2, column, heads(v))
-        return _rope(heads(q), cos, sin)
-
-    def silu_mul(self, gate: Tensor, up: Tensor) -> Tensor:
-        return F.silu(gate) * up
-
-    def attention(self, state: DecodeState, scale: float) -> Callable[[Tensor, int], Tensor]:
-        """This step's attention: `(q [N, kv_heads, groups, hd], layer) -> [N, kv_heads, groups, hd]`, over
-        the layer's cache columns that `state.valid` marks."""
-        masks: dict[torch.dtype, Tensor] = {}
-
-        def attend(q: Tensor, layer: int) -> Tensor:
-            if q.dtype not in masks:  # additive, once per step: SDPA makes it from a boolean mask every call
-                mask = torch.zeros(state.valid.shape, dtype=q.dtype, device=q.device)
-                masks[q.dtype] = mask.masked_fill_(~state.valid, float("-inf"))[:, None, None, :]
-            return F.scaled_dot_product_attention(
-                q, state.keys[layer], state.values[layer], attn_mask=masks[q.dtype], scale=scale
-            )
-
-        return attend
-
-
-class FusedDecodeOps(DecodeOps):
-    """The same stages in one Triton launch each (`vrft.kernels.decode_fusions` says why and how exact), the
-    attention split along the cache (`vrft.kernels.decode_attention`); mixed dtypes, which torch would
-    promote, go to the torch ops."""
-
-    def add_rms_norm(self, hidden, delta, weight, eps):
-        if delta is not None and delta.dtype != hidden.dtype:
-            return super().add_rms_norm(hidden, delta, weight, eps)
-        return decode_fusions.add_rms_norm(hidden, delta, weight, eps)
-
-    def rope_into_cache(self, q, k, v, cos, sin, keys, values, column):
-        if len({q.dtype, k.dtype, v.dtype, cos.dtype, keys.dtype}) > 1:
-            return super().rope_into_cache(q, k, v, cos, sin, keys, values, column)
-        return decode_fusions.rope_into_cache(q, k, v, cos, sin, keys, values, column)
-
-    def silu_mul(self, gate, up):
-        if gate.dtype != up.dtype:
-            return super().silu_mul(gate, up)
-        return decode_fusions.silu_mul(gate, up)
-
-    def attention(self, state, scale):
-        fallback = super().attention(state, scale)
-
-        def attend(q: Tensor, layer: int) -> Tensor:
-            keys, values = state.keys[layer], state.values[layer]
-            if q.dtype != keys.dtype or not q.is_contiguous():
-                return fallback(q, layer)
-            return decode_attention(q, keys, values, state.valid, state.column, scale)
-
-        return attend
 
 
 def decode_ops(weights: DecoderWeights, device: torch.device, fused: bool = True) -> DecodeOps:
@@ -245,7 +151,7 @@ def _qkv(weights: DecoderWeights, layer: LayerWeights, x: Tensor, cos: Tensor, s
     q = layer.q(x).view(batch, length, -1, hd).transpose(1, 2)
     k = layer.k(x).view(batch, length, -1, hd).transpose(1, 2)
     v = layer.v(x).view(batch, length, -1, hd).transpose(1, 2)
-    return _rope(q, cos, sin), _rope(k, cos, sin), v
+    return rope(q, cos, sin), rope(k, cos, sin), v
 
 
 @torch.no_grad()
@@ -313,7 +219,9 @@ def decode_step(weights: DecoderWeights, state: DecodeState, ops: DecodeOps | No
     cos, sin = text_cos_sin(weights, state.positions)
     state.valid.index_fill_(1, state.column, True)
     groups = weights.num_heads // weights.num_kv_heads
-    attend = ops.attention(state, 1 / math.sqrt(weights.head_dim))
+    attend = ops.attention(
+        state.valid, state.keys, state.values, state.column, 1 / math.sqrt(weights.head_dim)
+    )
     norms = [layer.post_norm for layer in weights.layers]
     after_mlp = [layer.input_norm for layer in weights.layers[1:]] + [weights.norm]
     hidden, x = ops.add_rms_norm(hidden, None, weights.layers[0].input_norm, weights.eps)

@@ -1,0 +1,142 @@
+"""The stages of a decode step between its matmuls: RMSNorm with the residual add before it, rotary
+embedding with the KV-cache writes, SiLU x up, and attention over the cache.
+
+`DecodeOps` computes them with torch ops (the reference, and what runs on the CPU); `FusedDecodeOps` with
+one Triton launch each (`vrft.kernels.decode_fusions`, `vrft.kernels.decode_attention`): ~25 small kernels
+per decoder layer and decode step become four. `vrft.rollout.decoder.decode_ops` picks one for a decoder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from vrft.kernels import decode_fusions
+from vrft.kernels.decode_attention import decode_attention
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """Qwen2's RMSNorm: variance in fp32, scale applied after casting back (as the policy does).
+
+    `F.rms_norm` rather than the policy's spelled-out ops (pow, mean, add, rsqrt, mul): the same fp32 result
+    (bit-equal on CPU, tests/rollout), and on CUDA one fused kernel instead of five: 0.5-0.65 ms less GPU
+    time per 7B decode step, 57 norms (bench/rollout/results.md).
+    """
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    """`(-x[..., hd/2:], x[..., :hd/2])` along the last axis: RoPE's rotation by 90 degrees."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary embedding of `x [B, heads, T, hd]` with `cos`, `sin` `[B, T, hd]` (each product rounded to
+    x's dtype, then their sum, as the policy computes it)."""
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+class DecodeOps:
+    """The element-wise stages and the attention of a decode step, as torch ops: the reference
+    `FusedDecodeOps` computes."""
+
+    def add_rms_norm(
+        self, hidden: Tensor, delta: Tensor | None, weight: Tensor, eps: float
+    ) -> tuple[Tensor, Tensor]:
+        """`(hidden + delta, rms_norm(hidden + delta))`; without `delta`, `(hidden, rms_norm(hidden))`."""
+        if delta is not None:
+            hidden = hidden + delta
+        return hidden, rms_norm(hidden, weight, eps)
+
+    def rope_into_cache(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        keys: Tensor,
+        values: Tensor,
+        column: Tensor,
+    ) -> Tensor:
+        """q, k, v `[N, 1, heads * hd]` -> rotated q `[N, heads, 1, hd]`; rotated k and v written to the
+        caches `[N, kv_heads, Lmax, hd]` at `column`."""
+        count, head_dim = q.shape[0], keys.shape[-1]
+
+        def heads(x: Tensor) -> Tensor:
+            return x.view(count, 1, -1, head_dim).transpose(1, 2)
+
+        keys.index_copy_(2, column, rope(heads(k), cos, sin))
+        values.index_copy_(2, column, heads(v))
+        return rope(heads(q), cos, sin)
+
+    def silu_mul(self, gate: Tensor, up: Tensor) -> Tensor:
+        """`silu(gate) * up`, `[..., intermediate]` each."""
+        return F.silu(gate) * up
+
+    def attention(
+        self, valid: Tensor, keys: list[Tensor], values: list[Tensor], column: Tensor, scale: float
+    ) -> Callable[[Tensor, int], Tensor]:
+        """This step's attention: `(q [N, kv_heads, groups, hd], layer) -> [N, kv_heads, groups, hd]`, over
+        the columns of the layer's caches (`keys[layer]`, `values[layer]`: `[N, kv_heads, Lmax, hd]`) that
+        `valid [N, Lmax]` marks; `column` (`[1]` long) is the step's (the fused attention reads no later one)."""
+        masks: dict[torch.dtype, Tensor] = {}
+
+        def attend(q: Tensor, layer: int) -> Tensor:
+            if q.dtype not in masks:  # additive, once per step: SDPA makes it from a boolean mask every call
+                mask = torch.zeros(valid.shape, dtype=q.dtype, device=q.device)
+                masks[q.dtype] = mask.masked_fill_(~valid, float("-inf"))[:, None, None, :]
+            return F.scaled_dot_product_attention(
+                q, keys[layer], values[layer], attn_mask=masks[q.dtype], scale=scale
+            )
+
+        return attend
+
+
+class FusedDecodeOps(DecodeOps):
+    """The same stages in one Triton launch each (`vrft.kernels.decode_fusions` says why and how exact), the
+    attention split along the cache (`vrft.kernels.decode_attention`); mixed dtypes, which torch would
+    promote, go to the torch ops."""
+
+    def add_rms_norm(
+        self, hidden: Tensor, delta: Tensor | None, weight: Tensor, eps: float
+    ) -> tuple[Tensor, Tensor]:
+        if delta is not None and delta.dtype != hidden.dtype:
+            return super().add_rms_norm(hidden, delta, weight, eps)
+        return decode_fusions.add_rms_norm(hidden, delta, weight, eps)
+
+    def rope_into_cache(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        keys: Tensor,
+        values: Tensor,
+        column: Tensor,
+    ) -> Tensor:
+        if len({q.dtype, k.dtype, v.dtype, cos.dtype, keys.dtype}) > 1:
+            return super().rope_into_cache(q, k, v, cos, sin, keys, values, column)
+        return decode_fusions.rope_into_cache(q, k, v, cos, sin, keys, values, column)
+
+    def silu_mul(self, gate: Tensor, up: Tensor) -> Tensor:
+        if gate.dtype != up.dtype:
+            return super().silu_mul(gate, up)
+        return decode_fusions.silu_mul(gate, up)
+
+    def attention(
+        self, valid: Tensor, keys: list[Tensor], values: list[Tensor], column: Tensor, scale: float
+    ) -> Callable[[Tensor, int], Tensor]:
+        fallback = super().attention(valid, keys, values, column, scale)
+
+        def attend(q: Tensor, layer: int) -> Tensor:
+            if q.dtype != keys[layer].dtype or not q.is_contiguous():
+                return fallback(q, layer)
+            return decode_attention(q, keys[layer], values[layer], valid, column, scale)
+
+        return attend
