@@ -1,14 +1,12 @@
 """Decode attention split along the cache (vrft.kernels.decode_attention) against softmax attention in fp64."""
 
 import importlib.util
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from tests.kernels.graphs import eager_equal_to_replays
+from tests.kernels.interpreter import interpreted
 
 # (sequences, KV heads, query heads per KV head, head dim, cache columns, the step's column, splits)
 CASES = [
@@ -68,7 +66,6 @@ def test_decode_attention_is_softmax_attention_and_replays_in_a_graph(
 
 INTERPRETED = """
 import sys, torch
-sys.path.insert(0, sys.argv[2])
 from tests.kernels.test_decode_attention import CASES, case
 from vrft.kernels.decode_attention import decode_attention
 results = []
@@ -83,17 +80,5 @@ torch.save(results, sys.argv[1])
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 def test_decode_attention_under_the_triton_interpreter(tmp_path):
-    numpy = pytest.importorskip("numpy")
-    if tuple(int(p) for p in numpy.__version__.split(".")[:2]) >= (2, 4):
-        pytest.skip("Triton 3.6's interpreter fails on numpy >= 2.4 (int() of a 1-element array)")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    path = tmp_path / "attention.pt"
-    result = subprocess.run(
-        [sys.executable, "-c", INTERPRETED, str(path), root],
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    for out, inputs, scale in torch.load(path):
+    for out, inputs, scale in interpreted(INTERPRETED, tmp_path / "attention.pt"):
         assert_close_to_exact(out, *inputs, scale)

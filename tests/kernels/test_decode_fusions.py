@@ -2,14 +2,12 @@
 replace (vrft.rollout.stages.DecodeOps)."""
 
 import importlib.util
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from tests.kernels.graphs import eager_equal_to_replays
+from tests.kernels.interpreter import interpreted
 from vrft.rollout.stages import DecodeOps
 
 # Qwen2-VL-7B's decode shapes at 16 rows, and a small odd one (masked columns, one KV head)
@@ -120,7 +118,6 @@ def test_fused_decode_ops_are_picked_on_cuda_and_fall_back_on_mixed_dtypes():
 
 INTERPRETED = """
 import sys, torch
-sys.path.insert(0, sys.argv[2])
 from tests.kernels.test_decode_fusions import SHAPES, _Fused, case, stages
 from vrft.rollout.stages import DecodeOps
 results = []
@@ -134,17 +131,5 @@ torch.save(results, sys.argv[1])
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 def test_fused_decode_stages_under_the_triton_interpreter(tmp_path):
-    numpy = pytest.importorskip("numpy")
-    if tuple(int(p) for p in numpy.__version__.split(".")[:2]) >= (2, 4):
-        pytest.skip("Triton 3.6's interpreter fails on numpy >= 2.4 (int() of a 1-element array)")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    path = tmp_path / "stages.pt"
-    result = subprocess.run(
-        [sys.executable, "-c", INTERPRETED, str(path), root],
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    for fused, reference in torch.load(path):
+    for fused, reference in interpreted(INTERPRETED, tmp_path / "stages.pt"):
         compare(fused, reference)

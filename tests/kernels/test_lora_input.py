@@ -1,14 +1,12 @@
 """`x A^T` in one launch (vrft.kernels.lora_input) against fp32 sums rounded once."""
 
 import importlib.util
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from tests.kernels.graphs import eager_equal_to_replays
+from tests.kernels.interpreter import interpreted
 
 
 def assert_rounded_once(y, x, a, label=""):
@@ -52,16 +50,7 @@ torch.save(cases, sys.argv[1])
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 def test_lora_input_logic_under_the_triton_interpreter(tmp_path):
     # Masks off every edge (rows, ranks, K = 300 off the 128-wide step) and split-K reductions of 1 to 4.
-    numpy = pytest.importorskip("numpy")
-    if tuple(int(p) for p in numpy.__version__.split(".")[:2]) >= (2, 4):
-        pytest.skip("Triton 3.6's interpreter fails on numpy >= 2.4 (int() of a 1-element array)")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    path = tmp_path / "cases.pt"
-    result = subprocess.run(
-        [sys.executable, "-c", INTERPRETED, str(path)], env=env, capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    for x, a, y in torch.load(path, weights_only=False):
+    for x, a, y in interpreted(INTERPRETED, tmp_path / "cases.pt"):
         assert_rounded_once(y, x, a, f"{tuple(x.shape)} {tuple(a.shape)}")
 
 

@@ -1,15 +1,13 @@
 """The fused 4-bit matmul kernel against bitsandbytes' dequantise-then-matmul, and its refusals."""
 
 import importlib.util
-import os
-import subprocess
-import sys
 import types
 
 import pytest
 import torch
 
 from tests.kernels.graphs import eager_equal_to_replays
+from tests.kernels.interpreter import interpreted
 from vrft.kernels import nf4_matmul, nf4_segments
 from vrft.kernels.nf4_matmul import (
     environment_unsupported,
@@ -344,19 +342,6 @@ for nested, quant_type, k, block_k, split, variant in [
         column += n
 torch.save(results, sys.argv[1])
 """
-
-
-def interpreted(script: str, path) -> list:
-    """What `script` saved at `path`, run in a fresh process under the Triton interpreter."""
-    numpy = pytest.importorskip("numpy")
-    if tuple(int(p) for p in numpy.__version__.split(".")[:2]) >= (2, 4):
-        pytest.skip("Triton 3.6's interpreter fails on numpy >= 2.4 (int() of a 1-element array)")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}  # read when the kernel is defined: a fresh process
-    result = subprocess.run(
-        [sys.executable, "-c", script, str(path)], env=env, capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    return torch.load(path, weights_only=False)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
