@@ -8,7 +8,7 @@ import torch
 
 from tests.kernels.graphs import eager_equal_to_replays
 from tests.kernels.interpreter import interpreted
-from vrft.rollout.stages import DecodeOps
+from vrft.rollout.stages import DecodeOps, FusedDecodeOps
 
 # Qwen2-VL-7B's decode shapes at 16 rows, and a small odd one (masked columns, one KV head)
 SHAPES = [
@@ -80,34 +80,23 @@ def compare(fused, reference):
         assert_within_one_rounding(fused[key], reference[key], key)
 
 
-class _Fused:
-    """The kernels behind `DecodeOps`' interface (the decoder picks them only on CUDA)."""
-
-    def __init__(self):
-        from vrft.kernels import decode_fusions
-
-        self.add_rms_norm = decode_fusions.add_rms_norm
-        self.rope_into_cache = decode_fusions.rope_into_cache
-        self.silu_mul = decode_fusions.silu_mul
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES, ids=["7b", "small"])
 def test_fused_decode_stages_compute_the_torch_ops_and_replay_in_a_graph(shape, dtype):
     c = case(**shape, dtype=dtype, device="cuda")
     reference = stages(DecodeOps(), c)
-    fused = stages(_Fused(), c)
+    fused = stages(FusedDecodeOps(), c)
     compare(fused, reference)
     for key in ("q", "silu_mul"):
         assert fused[key].is_contiguous(), key
-    eager_equal_to_replays(lambda: torch.cat([t.flatten().float() for t in stages(_Fused(), c).values()]))
+    eager_equal_to_replays(
+        lambda: torch.cat([t.flatten().float() for t in stages(FusedDecodeOps(), c).values()])
+    )
 
 
 @pytest.mark.gpu
 def test_fused_decode_ops_are_picked_on_cuda_and_fall_back_on_mixed_dtypes():
-    from vrft.rollout.stages import FusedDecodeOps
-
     c = case(**SHAPES[1], dtype=torch.bfloat16, device="cuda")
     hidden, normed = FusedDecodeOps().add_rms_norm(c["hidden"], c["delta"].float(), c["weight"], 1e-6)
     assert (
@@ -118,13 +107,13 @@ def test_fused_decode_ops_are_picked_on_cuda_and_fall_back_on_mixed_dtypes():
 
 INTERPRETED = """
 import sys, torch
-from tests.kernels.test_decode_fusions import SHAPES, _Fused, case, stages
-from vrft.rollout.stages import DecodeOps
+from tests.kernels.test_decode_fusions import SHAPES, case, stages
+from vrft.rollout.stages import DecodeOps, FusedDecodeOps
 results = []
 for shape in SHAPES:
     for dtype in (torch.float16, torch.float32):  # the interpreter has no bf16 arithmetic (numpy has none)
         c = case(**shape, dtype=dtype, device="cpu")
-        results.append((stages(_Fused(), c), stages(DecodeOps(), c)))
+        results.append((stages(FusedDecodeOps(), c), stages(DecodeOps(), c)))
 torch.save(results, sys.argv[1])
 """
 

@@ -222,8 +222,7 @@ def decode_step(weights: DecoderWeights, state: DecodeState, ops: DecodeOps | No
     attend = ops.attention(
         state.valid, state.keys, state.values, state.column, 1 / math.sqrt(weights.head_dim)
     )
-    norms = [layer.post_norm for layer in weights.layers]
-    after_mlp = [layer.input_norm for layer in weights.layers[1:]] + [weights.norm]
+    after_mlp = [layer.input_norm for layer in weights.layers[1:]] + [weights.norm]  # the norm that follows
     hidden, x = ops.add_rms_norm(hidden, None, weights.layers[0].input_norm, weights.eps)
     for index, layer in enumerate(weights.layers):
         q = ops.rope_into_cache(
@@ -232,7 +231,7 @@ def decode_step(weights: DecoderWeights, state: DecodeState, ops: DecodeOps | No
         # Grouped-query attention without copying the cache: the query heads that share a KV head are
         # folded into the query-length axis of that head ([N, kv_heads, groups, hd]).
         out = attend(q.reshape(count, weights.num_kv_heads, groups, weights.head_dim), index)
-        hidden, x = ops.add_rms_norm(hidden, layer.o(out.reshape(count, 1, -1)), norms[index], weights.eps)
+        hidden, x = ops.add_rms_norm(hidden, layer.o(out.reshape(count, 1, -1)), layer.post_norm, weights.eps)
         delta = layer.down(ops.silu_mul(layer.gate(x), layer.up(x)))
         hidden, x = ops.add_rms_norm(hidden, delta, after_mlp[index], weights.eps)
     state.positions.add_(1)
