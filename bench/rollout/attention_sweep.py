@@ -2,45 +2,28 @@
 
     python bench/rollout/attention_sweep.py --out attention.json [--rows 16] [--columns 640,700]
 
-Per (sequences, cache columns, step column): us per call of SDPA with the additive mask the decoder's torch
-ops give it (whichever backend torch picks: cuDNN on the H200) and of the kernel at each split (and by
-columns per loop step, warps and split), each timed
-as 200 replays of a CUDA graph of 20 calls over 3 layers' caches (a decode step reads each layer's once).
+Per (sequences, cache columns, step column): us per call of the decoder's torch attention (`DecodeOps`: SDPA
+with its additive mask, whichever backend torch picks: cuDNN on the H200) and of the kernel at each split
+(and by columns per loop step, warps and split), each timed by `kernel_sweep.time_us` (Triton's CUDA-graph
+timer) over 3 layers' caches, one call per layer as a decode step makes them. The figures in
+results/tuning_call/ were taken by this script at commit a5a2dd9, which timed with its own CUDA-graph loop.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import itertools
 import json
 from pathlib import Path
 
 import torch
-from torch.nn import functional as F
+from kernel_sweep import time_us  # this folder's kernel benchmark (the script's folder is on sys.path)
 
 from vrft.kernels.decode_attention import decode_attention
+from vrft.rollout.stages import DecodeOps
 
 KV_HEADS, GROUPS, HEAD_DIM = 4, 7, 128
-LAYERS, CALLS, REPLAYS = 3, 20, 200
-
-
-def timed(call) -> float:
-    """us per call: a CUDA graph of CALLS calls, replayed REPLAYS times after a warm-up."""
-    call()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(CALLS):
-            call()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(REPLAYS):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (REPLAYS * CALLS)
+LAYERS = 3
 
 
 def main() -> None:
@@ -65,26 +48,24 @@ def main() -> None:
     q = torch.randn(args.rows, KV_HEADS, GROUPS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
     valid = torch.ones(args.rows, args.capacity, dtype=torch.bool, device="cuda")
     scale = HEAD_DIM**-0.5
-    layers = itertools.cycle(caches)  # each call reads the next layer's cache, as a decode step does
+    keys, values = [k for k, _ in caches], [v for _, v in caches]
     results = []
     for column in (int(c) for c in args.columns.split(",")):
         at = torch.tensor([column], device="cuda")
         valid[:, column + 1 :] = False
-        mask = torch.zeros(valid.shape, dtype=torch.bfloat16, device="cuda")
-        mask = mask.masked_fill_(~valid, float("-inf"))[:, None, None, :]
-        sdpa = functools.partial(F.scaled_dot_product_attention, attn_mask=mask, scale=scale)
+        attend = DecodeOps().attention(valid, keys, values, at, scale)
         row = {"rows": args.rows, "capacity": args.capacity, "column": column}
-        row["sdpa_us"] = timed(lambda: sdpa(q, *next(layers)))  # noqa: B023 (called before the next column)
+        row["sdpa_us"] = time_us(attend, [(q, layer) for layer in range(LAYERS)])
+        calls = [(q, *cache) for cache in caches]
+        kernel = dict(valid=valid, column=at, scale=scale)
         for splits in [*(int(s) for s in args.splits.split(",")), None]:
-            kernel = functools.partial(decode_attention, valid=valid, column=at, scale=scale, splits=splits)
-            row[f"kernel_split{splits or '_default'}_us"] = timed(lambda: kernel(q, *next(layers)))  # noqa: B023
+            row[f"kernel_split{splits or '_default'}_us"] = time_us(
+                decode_attention, calls, **kernel, splits=splits
+            )
         for block_l, warps, splits in itertools.product((32, 64, 128), (2, 4, 8), (4, 8)):
-            kernel = functools.partial(
-                decode_attention, valid=valid, column=at, scale=scale, splits=splits, block_l=block_l,
-                num_warps=warps,
-            )  # fmt: skip
-            name = f"kernel_block{block_l}_warps{warps}_split{splits}_us"
-            row[name] = timed(lambda: kernel(q, *next(layers)))  # noqa: B023
+            row[f"kernel_block{block_l}_warps{warps}_split{splits}_us"] = time_us(
+                decode_attention, calls, **kernel, splits=splits, block_l=block_l, num_warps=warps
+            )
         results.append(row)
         print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}))
     args.out.write_text(
