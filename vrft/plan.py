@@ -18,6 +18,7 @@ from vrft.distributed import check_optimizer, check_plan_settings, check_strateg
 from vrft.paths import config_dir
 from vrft.planner.planning import cards_needed, resolve_auto, verdict
 from vrft.planner.report import format_cards, format_verdict
+from vrft.validation import validate
 
 CARD_GB = 24.0  # the card size the "cards needed" line counts in (RTX 4090 / 3090)
 # The plan writes no run folder or log file: it only reads the config.
@@ -28,6 +29,7 @@ QUIET_HYDRA = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging
 @user_errors
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: print the plan; exit 1 if it does not fit the budget."""
+    validate(cfg)  # the settings check `vrft.train` runs first: a wrong type is named, not a TypeError
     check_plan_settings(cfg)
     cfg = resolve_auto(cfg)
     result = verdict(cfg)

@@ -49,6 +49,13 @@ def test_plan_cli_names_the_change_that_makes_it_fit():
     assert "suggestion: precision=bf16" in result.stdout
 
 
+def test_plan_cli_names_a_badly_typed_setting():
+    result = plan_cli("+hw=rtx4090", "model=qwen2vl-7b", "algorithm.group_size=16x")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "algorithm.group_size='16x' is not an integer" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_qat_plans_like_its_mode():
     # The planner converts an adapter-less skeleton: QAT (which needs adapters) must not stop it.
     qat = verdict(config("+hw=rtx4090", "model=qwen2vl-2b", "precision=int4_qat"))
