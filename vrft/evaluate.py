@@ -36,7 +36,10 @@ BASE = "base"
 
 def evaluated_models(cfg: DictConfig) -> dict[str, dict]:
     """`{label: {"adapter", "ckpt_path"}}` in table order: the base model first, then each adapter."""
-    adapters = [*([cfg.adapter] if cfg.adapter else []), *(cfg.adapters or [])]
+    listed = cfg.adapters or []
+    if isinstance(listed, str):  # `adapters=<folder>` without brackets: one adapter, not its characters
+        listed = [listed]
+    adapters = [*([cfg.adapter] if cfg.adapter else []), *listed]
     models = {BASE: {"adapter": None, "ckpt_path": None}} if cfg.include_base else {}
     models |= {str(a): {"adapter": str(a), "ckpt_path": None} for a in adapters}
     if cfg.ckpt_path:
@@ -135,6 +138,9 @@ def decode(cfg: DictConfig, model: dict, dataset: EvalRowDataset, writer: Predic
 
 def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
     """Evaluate the base model and each adapter of `cfg` on `cfg.split`; returns `{model: metrics}`."""
+    for key in ("batch_size", "max_new_tokens"):  # before any model loads, not in the first batch
+        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
+            raise ValueError(f"{key}={cfg[key]!r} must be an integer >= 1, e.g. {key}=8")
     models = evaluated_models(cfg)
     spec = instantiate(cfg.model)
     for model in models.values():

@@ -207,3 +207,19 @@ def test_adapter_of_another_model_is_refused_before_loading(tmp_path, monkeypatc
     check_adapter(
         adapter, instantiate(eval_config(tmp_path, "model=local", f"model.name_or_path={local}").model)
     )
+
+
+def test_one_adapter_without_brackets_is_one_adapter(tmp_path, monkeypatch):
+    adapter = random_adapter(tmp_path / "adapter")
+    install(monkeypatch, StubDecoder(perfect))
+    results, _ = run(tmp_path, "classification", "disk", None, f"adapters={adapter}")
+    assert list(results) == ["base", str(adapter)]
+
+
+@pytest.mark.parametrize("override", ["batch_size=0", "max_new_tokens=-1"])
+def test_a_decoding_budget_below_one_is_named_before_loading(tmp_path, monkeypatch, override):
+    decoder = install(monkeypatch, StubDecoder(perfect))
+    key, value = override.split("=")
+    with pytest.raises(ValueError, match=rf"^{key}={value} must be an integer >= 1, e.g. {key}=8$"):
+        run(tmp_path, "classification", "disk", None, override)
+    assert decoder.rows == []
