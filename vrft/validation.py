@@ -76,7 +76,7 @@ def check_missing(cfg: DictConfig) -> None:
         return
     hint = {
         "model.name_or_path": "a local Qwen2-VL / Qwen2.5-VL folder, e.g. model.name_or_path=/models/Qwen2-VL-2B-Instruct",
-        "data.path": "a dataset on disk, e.g. data.path=data/flower_4shot (README, 'Data')",
+        "data.path": "a dataset on disk, e.g. data.path=data/flower_4shot (README, 'Training on your data and checkpoint')",
     }.get(key, f"{key}=<value>")
     raise ValueError(f"{key} is not set (???); pass {hint}")
 

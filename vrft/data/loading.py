@@ -39,7 +39,7 @@ def load_visual_rft(path: str | Path) -> datasets.DatasetDict:
     else:
         raise ValueError(
             f"data.path='{path}' is neither a save_to_disk folder, parquet, nor JSON/JSONL; "
-            "convert it to one of those (see README, 'Data')"
+            "convert it to one of those (see README, 'Training on your data and checkpoint')"
         )
     for split, table in dataset.items():
         missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
