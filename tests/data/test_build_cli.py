@@ -60,3 +60,30 @@ def test_unknown_category_is_one_line(tmp_path, capsys):
         )
     assert exit_info.value.code == 2
     assert "zebra" in capsys.readouterr().err
+
+
+def test_missing_images_name_the_command_line_switch_that_skips_them(tmp_path, capsys):
+    annotations, images = write_coco(tmp_path)
+    (images / "000000000002.jpg").unlink()
+    command = ["detection", "--annotations", str(annotations), "--images", str(images)]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--out", str(tmp_path / "x")])
+    assert exit_info.value.code == 2
+    assert "(--on-missing skip)" in capsys.readouterr().err
+    main([*command, "--categories", "cat", "--on-missing", "skip", "--out", str(tmp_path / "cat")])
+    assert load_visual_rft(tmp_path / "cat")["train"]["image_id"] == [1, 3]
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        (["--shots", "0"], "shots=0 must be at least 1 (images per class); leave it out to keep every image"),
+        (["--no-objects", "-1"], "no_objects=-1 must be 0 or more"),
+    ],
+)
+def test_a_count_below_its_minimum_is_named(tmp_path, capsys, flag, message):
+    annotations, images = write_coco(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["detection", "--annotations", str(annotations), "--images", str(images), *flag, "--out", "x"])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

@@ -58,6 +58,10 @@ def _parser() -> argparse.ArgumentParser:
     grounding.add_argument("--images", help="image folder (default: the JSON file's folder)")
     grounding.add_argument("--coord-convention", default="qwen2vl", choices=["qwen2vl", "absolute"])
 
+    for command in (detection, evaluation, grounding):
+        command.add_argument(
+            "--on-missing", default="error", choices=["error", "skip"], help="image files that are missing"
+        )
     for command in (detection, evaluation, kshot, grounding):
         command.add_argument("--seed", type=int, default=0)
         command.add_argument("--out", required=True, help="output folder (DatasetDict.save_to_disk)")
@@ -76,6 +80,7 @@ def build(args: argparse.Namespace) -> datasets.DatasetDict:
             seed=args.seed,
             coord_convention=args.coord_convention,
             no_objects=args.no_objects,
+            on_missing=args.on_missing,
         )
     if args.command == "detection-eval":
         return build_detection_eval_rows(
@@ -85,6 +90,7 @@ def build(args: argparse.Namespace) -> datasets.DatasetDict:
             max_images=args.max_images,
             seed=args.seed,
             coord_convention=args.coord_convention,
+            on_missing=args.on_missing,
         )
     if args.command == "k-shot":
         source = load_visual_rft(args.dataset)
@@ -95,7 +101,9 @@ def build(args: argparse.Namespace) -> datasets.DatasetDict:
         return datasets.DatasetDict(
             {args.split: subsample_k_shot(source[args.split], args.k, seed=args.seed)}
         )
-    return build_grounding_rows(args.json, args.images, coord_convention=args.coord_convention)
+    return build_grounding_rows(
+        args.json, args.images, coord_convention=args.coord_convention, on_missing=args.on_missing
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -71,7 +71,7 @@ def _missing_files(paths: dict, on_missing: str, source: str | Path) -> set:
         examples = ", ".join(repr(str(paths[key])) for key in missing[:3])
         raise FileNotFoundError(
             f"{len(missing)} of {len(paths)} images listed in '{source}' are missing, e.g. {examples}; "
-            "fix the image folder or pass on_missing='skip' to drop their rows"
+            "fix the image folder or pass on_missing='skip' (--on-missing skip) to drop their rows"
         )
     return set(missing)
 
@@ -132,6 +132,12 @@ def build_detection_rows(
     ``image_id``, ``width`` and ``height`` for ``vrft.evaluation.metrics.detection_map``.
     """
     check_coord_convention(coord_convention)
+    if shots is not None and shots < 1:
+        raise ValueError(
+            f"shots={shots} must be at least 1 (images per class); leave it out to keep every image"
+        )
+    if no_objects < 0:
+        raise ValueError(f"no_objects={no_objects} must be 0 or more ('No Objects' rows per class)")
     with open(annotation_json) as file:
         coco = json.load(file)
     ids_by_name = {category["name"]: category["id"] for category in coco.get("categories", [])}
