@@ -84,6 +84,17 @@ def test_missing_images_name_the_command_line_switch_that_skips_them(tmp_path, c
 def test_a_count_below_its_minimum_is_named(tmp_path, capsys, flag, message):
     annotations, images = write_coco(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
-        main(["detection", "--annotations", str(annotations), "--images", str(images), *flag, "--out", "x"])
+        main(
+            [
+                "detection",
+                "--annotations",
+                str(annotations),
+                "--images",
+                str(images),
+                *flag,
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
