@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import vrft.cli  # noqa: F401  (registers the box_convention resolver the task configs use)
-from vrft.resume import CHECKPOINT_KEY, resume_settings
+from vrft.resume import CHECKPOINT_KEY, check_fresh_run, resume_settings
 from vrft.validation import check_command_line, validate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,6 +126,20 @@ def test_resume_compares_with_the_run_folder_config_of_an_older_checkpoint(tmp_p
     torch.save({"state_dict": {}}, path)  # written before checkpoints carried their settings
     with pytest.raises(ValueError, match="was trained with lora.r=4 but this run has lora.r=16"):
         validate(config("lora.r=16", f"ckpt_path={path}"))
+
+
+def test_fresh_run_over_an_earlier_runs_checkpoints_is_refused(tmp_path):
+    cfg = config()
+    cfg.run_dir = str(tmp_path)
+    check_fresh_run(cfg)  # an empty folder
+    (tmp_path / "checkpoints").mkdir()
+    torch.save({"state_dict": {}}, tmp_path / "checkpoints" / "last.ckpt")
+    with pytest.raises(
+        ValueError, match=r"already holds checkpoints .* resume it with ckpt_path='.*last.ckpt'"
+    ):
+        check_fresh_run(cfg)
+    cfg.ckpt_path = str(tmp_path / "checkpoints" / "last.ckpt")
+    check_fresh_run(cfg)  # resuming into its own folder
 
 
 def test_unquoted_equals_in_a_value_names_the_quoting():

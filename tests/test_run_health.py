@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -70,6 +72,22 @@ def test_an_error_inside_a_phase_is_an_internal_failure_with_step_and_safe_check
         f"resume with ckpt_path={safe}" in stderr and torch.load(safe, weights_only=False)["global_step"] == 1
     )
     assert "ValueError" in json.loads((tmp_path / "run_summary.json").read_text())["error"]
+
+
+def test_sigterm_mid_step_exits_143_naming_the_resume_and_keeps_the_checkpoint(tmp_path, monkeypatch, capsys):
+    step = GRPOModule.training_step
+
+    def terminated_in_step_2(self, batch, batch_idx):
+        if self.trainer.global_step == 1:  # what a scheduler's kill does in the middle of step 2
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(GRPOModule, "training_step", terminated_in_step_2)
+    code, err = run_cli_main(config(tmp_path, "trainer.max_steps=4"), capsys)
+    assert code == 143, err  # Lightning's SystemExit without a code would exit 0, like a finished run
+    assert "vrft: stopped by SIGTERM" in err and "ckpt_path=<run>/checkpoints/last.ckpt" in err
+    # Lightning finishes the running step; every_n_train_steps=1 checkpointed it before stopping.
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
 
 
 def test_a_nan_loss_skips_one_step_and_the_run_goes_on(tmp_path, monkeypatch):

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
 from collections.abc import Callable
 
 from hydra.errors import InstantiationException
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from vrft.models.policy import LANGUAGE_MODEL_TARGETS
@@ -38,12 +40,22 @@ def root_cause(error: BaseException) -> BaseException:
 def user_errors(main: Callable) -> Callable:
     """Turn input errors into `vrft: error: ...` and exit code 2, and failures inside training
     (`TrainingFailure`: phase, step, safe checkpoint) into `vrft: internal failure: ...` and exit code 1;
-    `VRFT_TRACEBACK=1` shows the traceback."""
+    a SIGTERM into `vrft: stopped by SIGTERM` and exit code 143; `VRFT_TRACEBACK=1` shows the traceback."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
+        except SIGTERMException:
+            # Lightning stops after the running step or batch by raising SystemExit without a code: exit 0,
+            # which a job chain or scheduler would read as a finished run.
+            print(
+                "vrft: stopped by SIGTERM; the checkpoints (training) or predictions.jsonl (evaluation) written "
+                "so far are kept: resume with ckpt_path=<run>/checkpoints/last.ckpt, or evaluate again with "
+                "resume=<its folder>",
+                file=sys.stderr,
+            )
+            sys.exit(128 + signal.SIGTERM)
         except TrainingFailure as failure:
             if os.environ.get("VRFT_TRACEBACK"):
                 raise

@@ -3,10 +3,15 @@ that follow from the config rather than from `conf/trainer/`."""
 
 from __future__ import annotations
 
+import csv
+
 from hydra.utils import instantiate
 from lightning.pytorch import loggers as lightning_loggers
-from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig
+from typing_extensions import override
 
 
 def build_loggers(cfg: DictConfig) -> list[Logger]:
@@ -19,7 +24,7 @@ def build_loggers(cfg: DictConfig) -> list[Logger]:
     if "_target_" in nodes:
         nodes = {"logger": nodes}
     loggers = [instantiate(node) for node in nodes.values() if node]
-    return sorted(loggers, key=lambda logger: not isinstance(logger, CSVLogger))
+    return sorted(loggers, key=lambda logger: not isinstance(logger, lightning_loggers.CSVLogger))
 
 
 def run_trainer_settings(cfg: DictConfig) -> dict:
@@ -41,3 +46,47 @@ class WandbLogger(lightning_loggers.WandbLogger):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._wandb_init.pop("anonymous", None)
+
+
+class _KeepEarlierRowsWriter(ExperimentWriter):
+    """Lightning's metrics.csv writer, keeping the rows an earlier run in the same folder wrote before this
+    run's first step."""
+
+    _earlier: list[dict] | None = None  # the rows metrics.csv held when this writer started
+
+    @override
+    def _check_log_dir_exists(self) -> None:
+        # Lightning warns and deletes metrics.csv here; read instead, and rewritten at the first save.
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                self._earlier = list(csv.DictReader(file))
+
+    @override
+    def save(self) -> None:
+        if self._earlier is not None and self.metrics:
+            # Rows at or after the first new step are the steps this run trains again (a resume from an
+            # earlier checkpoint, or a fresh run from step 1): the new rows replace them.
+            first = min(row["step"] for row in self.metrics)
+            kept = [row for row in self._earlier if row.get("step") and float(row["step"]) < first]
+            self.metrics = [{k: v for k, v in row.items() if v != ""} for row in kept] + self.metrics
+            self._earlier = None
+            self._fs.rm_file(self.metrics_file_path)  # written again, kept rows first, under one header
+        super().save()
+
+
+class CSVLogger(lightning_loggers.CSVLogger):
+    """Lightning's `CSVLogger`, except that a run resumed into its own folder (`ckpt_path=` with the same
+    `hydra.run.dir`) keeps the rows of metrics.csv up to its checkpoint's step.
+
+    Lightning deletes an existing metrics.csv when its writer starts, so the resumed run's curves
+    (`curves.png`, `python -m vrft.report`) would begin at the checkpoint.
+    """
+
+    @property
+    @override
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _KeepEarlierRowsWriter(log_dir=self.log_dir)
+        return self._experiment

@@ -100,3 +100,20 @@ def _settings_beside(path: Path) -> dict | None:
         return resume_settings(OmegaConf.load(config)) if config.is_file() else None
     except Exception:  # an unreadable or foreign config: no comparison rather than a wrong one
         return None
+
+
+def check_fresh_run(cfg: DictConfig) -> None:
+    """A run without `ckpt_path` does not write over the checkpoints an earlier run left in its folder.
+
+    Its `step-N.ckpt` and `last.ckpt` would replace theirs one by one: a run started again with the same
+    `hydra.run.dir` and without `ckpt_path=` would silently lose the checkpoints it meant to resume from.
+    """
+    folder = OmegaConf.select(cfg, "callbacks.checkpoint.dirpath", default=None)
+    if cfg.get("ckpt_path") or folder is None or not any(Path(folder).glob("*.ckpt")):
+        return
+    last = Path(folder) / "last.ckpt"
+    resume = last if last.is_file() else sorted(Path(folder).glob("*.ckpt"))[-1]
+    raise ValueError(
+        f"'{folder}' already holds checkpoints of an earlier run, which this run would overwrite; resume it "
+        f"with ckpt_path='{resume}', or choose another hydra.run.dir"
+    )

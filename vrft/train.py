@@ -19,7 +19,7 @@ from vrft.paths import config_dir
 from vrft.planner.planning import budget_gb, plan_config, precision_name, resolve_auto
 from vrft.planner.report import enforce_plan
 from vrft.quiet import silence_upstream_noise
-from vrft.resume import CHECKPOINT_KEY, resume_settings
+from vrft.resume import CHECKPOINT_KEY, check_fresh_run, resume_settings
 from vrft.runtime.checkpoint_io import check_writable
 from vrft.runtime.cuda import apply_memory_cap, configure_allocator
 from vrft.runtime.failures import internal_failure
@@ -56,6 +56,7 @@ def fit(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, RunSummary]:
     configure_allocator()  # expandable segments, before anything touches CUDA
     run_dir = Path(cfg.run_dir)
     check_writable(run_dir)  # before the model loads (or a warm start trains): a full disk fails now
+    check_fresh_run(cfg)  # a run started again without ckpt_path= would overwrite the folder's checkpoints
     check_distributed(cfg)  # devices, strategy and prompt split of a multi-process run, before loading
     cfg = resolve_auto(cfg)  # precision=auto / rollout_engine=auto -> what the planner says fits
     check_strategy(cfg.trainer, cfg.precision)  # again, for the precision `auto` chose

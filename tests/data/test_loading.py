@@ -123,3 +123,46 @@ def test_bad_rows_skipped_and_counted(tmp_path):
     batch = next(iter(module.train_dataloader()))
     assert isinstance(batch, list) and isinstance(batch[0]["image"], Image.Image)
     assert len(module.splits["train"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ("", "it holds no rows"),
+        ("[]", "it holds no rows"),
+        ('{"image": "a.png", "problem": \n', "JSON parse error"),
+    ],
+)
+def test_unreadable_json_is_named_with_the_fix(tmp_path, content, problem):
+    (tmp_path / "data.jsonl").write_text(content)
+    with pytest.raises(
+        ValueError, match=rf"data.path='.*data.jsonl' could not be read as JSON/JSONL \({problem}"
+    ):
+        load_visual_rft(tmp_path / "data.jsonl")
+
+
+def test_json_without_an_image_column_names_the_column(tmp_path):
+    (tmp_path / "data.json").write_text(
+        json.dumps([{"problem": "what?", "solution": "<answer>red</answer>"}])
+    )
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['image'\]"):
+        load_visual_rft(tmp_path / "data.json")
+
+
+def test_json_rows_missing_image_or_problem_are_named_by_row(tmp_path):
+    Image.new("RGB", (10, 10), (255, 0, 0)).save(tmp_path / "a.png")
+    row = {"image": "a.png", "problem": "what?", "solution": "<answer>red</answer>"}
+    rows = [
+        row,
+        {k: v for k, v in row.items() if k != "image"},
+        {k: v for k, v in row.items() if k != "problem"},
+    ]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    module = VisualRFTDataModule(
+        path=str(tmp_path / "data.jsonl"), check_solution=check_classification_solution
+    )
+    with pytest.raises(ValueError) as error:
+        module.setup("fit")
+    message = str(error.value)
+    assert "2 bad row(s)" in message and "row 1: the row has no image" in message
+    assert "row 2: problem None is empty" in message

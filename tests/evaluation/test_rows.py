@@ -47,3 +47,14 @@ def test_skip_drops_bad_rows_and_keeps_them_listed():
         prepare_rows(table, "test", "detection", check_detection_solution)
     rows = prepare_rows(table, "test", "detection", check_detection_solution, on_bad_row="skip")
     assert rows.indices == [0, 1, 3] and [index for index, _ in rows.bad] == [2]
+
+
+def test_row_without_a_problem_is_listed_instead_of_asking_none():
+    table = datasets.Dataset.from_list(schema_rows("detection")).cast_column(
+        "image", datasets.Image(decode=False)
+    )
+    table = table.map(lambda row, i: {"problem": None if i == 1 else row["problem"]}, with_indices=True)
+    with pytest.raises(
+        ValueError, match=r"1 bad row\(s\) in split 'test' \(rows 1\); row 1: problem None is empty"
+    ):
+        prepare_rows(table, "test", "detection", check_detection_solution)

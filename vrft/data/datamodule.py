@@ -151,10 +151,14 @@ class VisualRFTDataModule(L.LightningDataModule):
 
     def _good_rows(self, table, count: int, split: str, verify: bool) -> list[int]:
         bad: list[tuple[int, str]] = []
-        solutions = table.select_columns(["solution"])[:count]["solution"]
+        text = table.select_columns(["problem", "solution"])[:count]
+        problems, solutions = text["problem"], text["solution"]
         for index in range(count):
             reason = None
-            if self.check_solution is not None:
+            if not isinstance(problems[index], str) or not problems[index].strip():
+                # A JSON row without the field reads as None, which the prompt would show as the word "None".
+                reason = f"problem {problems[index]!r} is empty; give every row the question to ask"
+            if reason is None and self.check_solution is not None:
                 try:
                     self.check_solution(solutions[index])
                 except ValueError as error:

@@ -65,10 +65,23 @@ def _load_parquet(path: Path) -> datasets.DatasetDict:
 
 
 def _load_json(path: Path) -> datasets.DatasetDict:
-    dataset = datasets.load_dataset("json", data_files={"train": str(path)})
+    try:
+        dataset = datasets.load_dataset("json", data_files={"train": str(path)})
+    except (StopIteration, ValueError, datasets.exceptions.DatasetGenerationError) as error:
+        # datasets' words for an empty file (StopIteration, "corresponds to no data") or a parse error.
+        cause = error.__cause__ or error
+        problem = "it holds no rows" if isinstance(error, StopIteration) or "no data" in str(error) else cause
+        raise ValueError(
+            f"data.path='{path}' could not be read as JSON/JSONL ({problem}); write a JSON list of rows or one "
+            "JSON row per line, each with image, problem and solution"
+        ) from None
+    if "image" not in dataset["train"].column_names:
+        return dataset  # load_visual_rft names the missing column
     base = path.parent
 
     def absolute(row):
+        if row["image"] is None:  # a row without an image: reported by row number when rows are checked
+            return {"image": None}
         image = Path(row["image"]).expanduser()
         return {"image": str(image if image.is_absolute() else base / image)}
 
@@ -83,6 +96,8 @@ def decode_image(image) -> Image.Image:
     """
     if isinstance(image, Image.Image):
         return image.convert("RGB")
+    if image is None:
+        raise ValueError("the row has no image; give it an image path (JSON) or image bytes")
     source = image.get("path") if isinstance(image, dict) else str(image)
     try:
         if isinstance(image, dict) and image.get("bytes"):

@@ -119,6 +119,10 @@ def prepare_rows(
     for index in range(count):
         row = text[index]
         try:
+            if not isinstance(row.get("problem"), str) or not row["problem"].strip():
+                raise ValueError(
+                    f"problem {row.get('problem')!r} is empty; give every row the question to ask"
+                )
             if check_solution is not None:
                 check_solution(row["solution"])
             rows.columns[index] = _derived(row, task, index)
