@@ -42,24 +42,18 @@ def test_k_shot_command_keeps_k_per_class(tmp_path):
     ]
 
 
-def test_unknown_category_is_one_line(tmp_path, capsys):
+def refused_detection_build(tmp_path, capsys, *flags: str) -> str:
+    """The error `data.build detection` prints for `flags` on a small COCO set; it must exit 2 (bad input)."""
     annotations, images = write_coco(tmp_path)
+    command = ["detection", "--annotations", str(annotations), "--images", str(images), *flags]
     with pytest.raises(SystemExit) as exit_info:
-        main(
-            [
-                "detection",
-                "--annotations",
-                str(annotations),
-                "--images",
-                str(images),
-                "--categories",
-                "zebra",
-                "--out",
-                str(tmp_path / "x"),
-            ]
-        )
+        main([*command, "--out", str(tmp_path / "x")])
     assert exit_info.value.code == 2
-    assert "zebra" in capsys.readouterr().err
+    return capsys.readouterr().err
+
+
+def test_unknown_category_is_one_line(tmp_path, capsys):
+    assert "zebra" in refused_detection_build(tmp_path, capsys, "--categories", "zebra")
 
 
 def test_missing_images_name_the_command_line_switch_that_skips_them(tmp_path, capsys):
@@ -82,19 +76,4 @@ def test_missing_images_name_the_command_line_switch_that_skips_them(tmp_path, c
     ],
 )
 def test_a_count_below_its_minimum_is_named(tmp_path, capsys, flag, message):
-    annotations, images = write_coco(tmp_path)
-    with pytest.raises(SystemExit) as exit_info:
-        main(
-            [
-                "detection",
-                "--annotations",
-                str(annotations),
-                "--images",
-                str(images),
-                *flag,
-                "--out",
-                str(tmp_path / "x"),
-            ]
-        )
-    assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+    assert message in refused_detection_build(tmp_path, capsys, *flag)
