@@ -112,7 +112,8 @@ def check_fresh_run(cfg: DictConfig) -> None:
     if cfg.get("ckpt_path") or folder is None or not any(Path(folder).glob("*.ckpt")):
         return
     last = Path(folder) / "last.ckpt"
-    resume = last if last.is_file() else sorted(Path(folder).glob("*.ckpt"))[-1]
+    # the newest by time: by name, step-step=9.ckpt sorts after step-step=10.ckpt
+    resume = last if last.is_file() else max(Path(folder).glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
     raise ValueError(
         f"'{folder}' already holds checkpoints of an earlier run, which this run would overwrite; resume it "
         f"with ckpt_path='{resume}', or choose another hydra.run.dir"

@@ -13,7 +13,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vrft.data.loading import decode_image, load_visual_rft
+from vrft.data.loading import check_problem, decode_image, load_visual_rft
 from vrft.data.sampler import ResumableSampler
 from vrft.data.synthetic import write_synthetic_dataset
 from vrft.paths import cache_key, cache_root
@@ -155,14 +155,12 @@ class VisualRFTDataModule(L.LightningDataModule):
         problems, solutions = text["problem"], text["solution"]
         for index in range(count):
             reason = None
-            if not isinstance(problems[index], str) or not problems[index].strip():
-                # A JSON row without the field reads as None, which the prompt would show as the word "None".
-                reason = f"problem {problems[index]!r} is empty; give every row the question to ask"
-            if reason is None and self.check_solution is not None:
-                try:
+            try:
+                check_problem(problems[index])
+                if self.check_solution is not None:
                     self.check_solution(solutions[index])
-                except ValueError as error:
-                    reason = str(error)
+            except ValueError as error:
+                reason = str(error)
             if reason is None and verify and self.verify_images:
                 try:
                     decode_image(table[index]["image"])

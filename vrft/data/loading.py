@@ -89,6 +89,15 @@ def _load_json(path: Path) -> datasets.DatasetDict:
     return dataset.cast_column("image", datasets.Image(decode=False))
 
 
+def check_problem(problem: object) -> None:
+    """Raise `ValueError` naming the fix if a row's question is missing or blank.
+
+    A JSON row without the field reads as None, which the prompt would show as the word "None".
+    """
+    if not isinstance(problem, str) or not problem.strip():
+        raise ValueError(f"problem {problem!r} is empty; give every row the question to ask")
+
+
 def decode_image(image) -> Image.Image:
     """An RGB PIL image from a PIL image, an undecoded `{"bytes", "path"}` dict, or a path.
 

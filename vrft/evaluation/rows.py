@@ -20,7 +20,7 @@ from pathlib import Path
 import datasets
 from torch.utils.data import Dataset
 
-from vrft.data.loading import decode_image
+from vrft.data.loading import check_problem, decode_image
 from vrft.rewards.parsing import extract_answer
 
 log = logging.getLogger(__name__)
@@ -119,10 +119,7 @@ def prepare_rows(
     for index in range(count):
         row = text[index]
         try:
-            if not isinstance(row.get("problem"), str) or not row["problem"].strip():
-                raise ValueError(
-                    f"problem {row.get('problem')!r} is empty; give every row the question to ask"
-                )
+            check_problem(row.get("problem"))
             if check_solution is not None:
                 check_solution(row["solution"])
             rows.columns[index] = _derived(row, task, index)
