@@ -6,13 +6,16 @@ import json
 import os
 import signal
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from tests.support import LENGTH_REWARD
 from tests.test_train_cli import CONF, FAST, metric_rows
+from vrft.callbacks import Checkpoints
 from vrft.cli import user_errors
 from vrft.modules.grpo import GRPOModule
 from vrft.train import train
@@ -83,11 +86,29 @@ def test_sigterm_mid_step_exits_143_naming_the_resume_and_keeps_the_checkpoint(t
         return step(self, batch, batch_idx)
 
     monkeypatch.setattr(GRPOModule, "training_step", terminated_in_step_2)
-    code, err = run_cli_main(config(tmp_path, "trainer.max_steps=4"), capsys)
+    # No checkpoint is due before step 10: the one of step 2 is the SIGTERM's.
+    cfg = config(tmp_path, "trainer.max_steps=4", "callbacks.checkpoint.every_n_train_steps=10")
+    code, err = run_cli_main(cfg, capsys)
     assert code == 143, err  # Lightning's SystemExit without a code would exit 0, like a finished run
     assert "vrft: stopped by SIGTERM" in err and "ckpt_path=<run>/checkpoints/last.ckpt" in err
-    # Lightning finishes the running step; every_n_train_steps=1 checkpointed it before stopping.
+    # Lightning finishes the running step, then `Checkpoints` saves it (and last.ckpt) before stopping.
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt", "step-step=2.ckpt"]
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+
+
+def test_only_a_sigterm_saves_a_checkpoint_between_the_due_ones(tmp_path):
+    # Any other exception may come in the middle of a step (an out-of-memory error, a failure): its
+    # half-done state is not a checkpoint to resume from.
+    callback = Checkpoints(dirpath=tmp_path, filename="step-{step}", save_last=True)
+    trainer = SimpleNamespace(fast_dev_run=False, sanity_checking=False, global_step=3)
+    saved = []
+    callback._save_checkpoint = lambda trainer, path: saved.append(path)
+    callback._save_last_checkpoint = lambda trainer, candidates: saved.append("last")
+    callback._monitor_candidates = lambda trainer: {"step": 3}
+    callback.on_exception(trainer, None, torch.OutOfMemoryError("CUDA out of memory"))
+    assert saved == []
+    callback.on_exception(trainer, None, SIGTERMException())
+    assert saved == [str(tmp_path / "step-step=3.ckpt"), "last"]
 
 
 def test_a_nan_loss_skips_one_step_and_the_run_goes_on(tmp_path, monkeypatch):

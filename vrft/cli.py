@@ -50,9 +50,9 @@ def user_errors(main: Callable) -> Callable:
             # Lightning stops after the running step or batch by raising SystemExit without a code: exit 0,
             # which a job chain or scheduler would read as a finished run.
             print(
-                "vrft: stopped by SIGTERM; the checkpoints (training) or predictions.jsonl (evaluation) written "
-                "so far are kept: resume with ckpt_path=<run>/checkpoints/last.ckpt, or evaluate again with "
-                "resume=<its folder>",
+                "vrft: stopped by SIGTERM; training checkpointed its last finished step, evaluation kept the "
+                "predictions.jsonl written so far: resume with ckpt_path=<run>/checkpoints/last.ckpt, or "
+                "evaluate again with resume=<its folder>",
                 file=sys.stderr,
             )
             sys.exit(128 + signal.SIGTERM)

@@ -228,3 +228,12 @@ def test_grounding_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"1 of 2 images .* missing, e\.g\. '.*imgs/missing\.jpg'"):
         build_grounding_rows(path)
     assert len(build_grounding_rows(path, on_missing="skip")["train"]) == 1
+
+
+def test_an_underscore_spells_a_space_in_a_category_name(tmp_path):
+    path, image_dir = write_coco(tmp_path)
+    coco = json.loads(path.read_text())
+    coco["categories"][1]["name"] = "hot dog"  # as COCO's "fire hydrant"
+    path.write_text(json.dumps(coco))
+    rows = build_detection_rows(path, image_dir, categories=["hot_dog"])["train"]
+    assert set(rows["category"]) == {"hot dog"} and "category 'hot dog'" in rows["problem"][0]

@@ -1,6 +1,7 @@
 """Lightning callbacks of a vrft run."""
 
 from vrft.callbacks.adapter import AdapterExport
+from vrft.callbacks.checkpoint import Checkpoints
 from vrft.callbacks.curves import CurvesPlot
 from vrft.callbacks.held_out import HeldOutReward
 from vrft.callbacks.progress import StepProgressBar
@@ -11,6 +12,7 @@ from vrft.callbacks.summary import RunSummary
 
 __all__ = [
     "AdapterExport",
+    "Checkpoints",
     "CompletionSamples",
     "CurvesPlot",
     "HeldOutReward",

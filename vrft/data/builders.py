@@ -141,7 +141,9 @@ def build_detection_rows(
     with open(annotation_json) as file:
         coco = json.load(file)
     ids_by_name = {category["name"]: category["id"] for category in coco.get("categories", [])}
-    chosen = list(ids_by_name) if categories is None else list(categories)
+    # `fire_hydrant` for `fire hydrant`: the spelling a comma-separated command-line list invites.
+    underscored = {name.replace(" ", "_"): name for name in ids_by_name}
+    chosen = list(ids_by_name) if categories is None else [underscored.get(n, n) for n in categories]
     if unknown := [name for name in chosen if name not in ids_by_name]:
         available = ", ".join(sorted(ids_by_name)[:50]) + (" ..." if len(ids_by_name) > 50 else "")
         raise ValueError(f"categories {unknown} are not in '{annotation_json}'; available: {available}")

@@ -1,0 +1,29 @@
+"""The run's checkpoints: Lightning's `ModelCheckpoint`, which also saves when a SIGTERM stops the run."""
+
+from __future__ import annotations
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+
+class Checkpoints(ModelCheckpoint):
+    """`ModelCheckpoint` that also saves the last finished step when a SIGTERM stops the run.
+
+    A scheduler's kill (or a preemption) reaches Lightning as a SIGTERM: it finishes the running optimizer
+    step and raises `SIGTERMException`. Without this, the steps since the last `every_n_train_steps`
+    checkpoint were lost. Lightning's own `save_on_exception` saves on *any* exception, including an
+    out-of-memory error or a failure in the middle of a step, whose half-done state a resume must not start
+    from; so the save is kept for the SIGTERM alone, where the step has finished (GRPO optimizes manually:
+    one `training_step` is one whole optimizer step).
+    """
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("save_on_exception", True)
+        super().__init__(**kwargs)
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        if isinstance(exception, SIGTERMException):
+            super().on_exception(trainer, pl_module, exception)
