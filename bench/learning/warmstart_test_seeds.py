@@ -1,4 +1,4 @@
-"""How far the slow learning test (tests/test_warmstart.py::test_warm_start_then_grpo_raises_the_held_out_reward)
+"""How far the slow learning test (tests/test_warmstart.py::test_warm_start_then_grpo_keeps_the_held_out_reward_and_deploys)
 is from failing: its exact run, over GRPO seeds, on CPU. Prints the held-out gain per seed and a normal
 approximation, per assertion of the test, of the chance that one seed's gain falls below its margin.
 
