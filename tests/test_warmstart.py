@@ -130,9 +130,10 @@ def test_warm_start_then_grpo_keeps_the_held_out_reward_and_deploys(tmp_path):
     assert before["reward/accuracy"] < 0.7
     # One fixed-seed run (deterministic on a given CPU): the held-out samples are drawn with the same seed
     # before and after, so the change is the policy's alone. Another CPU rounds differently and samples
-    # another trajectory (the gain at seed 0 was +0.078 on the CPU of an earlier session, +0.031 on this
-    # one, with the same code), so the margins are set from the test's run over GRPO seeds 0-6
-    # (bench/learning/results/warmstart_test_seeds.json): accuracy +0.054 ± 0.027, format +0.004 ± 0.018.
+    # another trajectory (at 32 rows x 2 samples, the gain at seed 0 was +0.078 on the CPU of an earlier
+    # session and +0.031 on this one, with the same code), so the margins are set from the test's run over
+    # GRPO seeds 0-6 (bench/learning/results/warmstart_test_seeds.json): accuracy +0.054 ± 0.027, format
+    # +0.004 ± 0.018.
     # Under a normal approximation, the chance that a trajectory misses a margin is 6e-5 for accuracy and
     # 2e-5 for format, below the 1e-4 the project allows a statistical test.
     gained = {key: after[f"reward/{key}"] - before[f"reward/{key}"] for key in ("accuracy", "format")}
