@@ -179,10 +179,10 @@ def test_one_launch_over_several_weights_equals_their_own_launches_under_graph_r
     group = nf4_segments.segments(
         [(p, s, b, lb, c) for (p, s), b, lb, c in zip(weights, biases, lora_bs, starts, strict=True)]
     )
-    config = launch_config(rows, sum(sizes), 1024, 64, x.device)
+    config = launch_config(rows, sum(sizes), 1024, 64, x.device)  # this module's kernel (no config: nf4_mma)
 
     def call():
-        return nf4_matmul.matmul_4bit_segments(x, group, product, 2.0)
+        return nf4_matmul.matmul_4bit_segments(x, group, product, 2.0, config=config)
 
     eager = eager_equal_to_replays(call)
     column = 0

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vrft.kernels.nf4_matmul import multiprocessors, split_workspace
+from vrft.kernels.workspace import multiprocessors, split_workspace
 
 try:
     import triton

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vrft.kernels.nf4_matmul import split_workspace
+from vrft.kernels.workspace import split_workspace
 
 try:
     import triton

@@ -35,8 +35,6 @@ at 18-21%, as fast as cuBLAS on a bf16 copy of the same matrix, and still bound 
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 from torch.nn import functional as F
@@ -47,8 +45,10 @@ try:
 except ImportError:  # CPU-only installs: supports() says why, reference_matmul still works
     triton = None
 
+from vrft.kernels import nf4_mma
 from vrft.kernels.nf4_decode import DECODE_BYTES, DECODE_PRMT
 from vrft.kernels.nf4_segments import Segments
+from vrft.kernels.workspace import multiprocessors, split_workspace
 
 if triton is not None:
     from vrft.kernels.nf4_decode import absmax, code_books, decode
@@ -80,8 +80,15 @@ DEFAULTS = {
 # (these overrides) 308 us, in the same sweep.
 WIDE_ROWS = 32
 WIDE_DEFAULTS = {"BLOCK_N": 64, "DECODE": 0, "SCALE_AFTER": 0, "num_stages": 3}
+MMA_KERNEL = False  # decode batches through nf4_mma's kernel (`_launch`)
 KERNEL_SWITCHES = ("GATHER", "TRANSPOSED", "DECODE", "SCALE_AFTER", "num_warps", "num_stages")  # passed as is
-_COUNTERS: dict[torch.device, Tensor] = {}  # per device: split-K arrival counters, always left at zero
+
+
+def mma_unsupported(quant_state, x: Tensor, rows: int) -> str | None:
+    """Why a call does not go to `nf4_mma`'s kernel (None: it does)."""
+    if not MMA_KERNEL:
+        return "nf4_matmul.MMA_KERNEL is off"
+    return nf4_mma.unsupported(quant_state.quant_type, quant_state.blocksize, x.dtype, x.shape[1], rows)
 
 
 def environment_unsupported(device: torch.device | str | None = None) -> str | None:
@@ -239,14 +246,6 @@ if triton is not None:
         )  # fmt: skip
 
 
-@functools.cache
-def multiprocessors(device: torch.device) -> int:
-    """Streaming multiprocessors of `device`, what the kernels size their split by (4 on the CPU interpreter)."""
-    if device.type != "cuda":  # the Triton interpreter on CPU tensors (tests)
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def launch_config(
     rows: int, out_features: int, in_features: int, blocksize: int, device, **choices: int
 ) -> dict:
@@ -274,22 +273,6 @@ def launch_config(
 def _steps_per_row(in_features: int, block_k: int) -> int:
     """Loop iterations over one weight row: `block_k` weights per iteration."""
     return triton.cdiv(in_features, block_k)
-
-
-def split_workspace(
-    x: Tensor, grid: tuple[int, int, int], block_m: int, block_n: int
-) -> tuple[Tensor, Tensor]:
-    """What a split-K launch over `grid` (tiles along N, tiles along M, K slices) reduces through, for
-    `nf4_epilogue.store_output`: `(partial, counters)`, an fp32 workspace of every slice's `[block_m,
-    block_n]` sums (one placeholder element without a split) and at least one arrival counter per tile,
-    at zero (each launch leaves them so; shared by every launch on the device)."""
-    tiles, split_k = grid[0] * grid[1], grid[2]
-    partial = x.new_empty(tiles * split_k * block_m * block_n if split_k > 1 else 1, dtype=torch.float32)
-    counters = _COUNTERS.get(x.device)
-    if counters is None or counters.numel() < tiles:
-        counters = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=x.device)
-        _COUNTERS[x.device] = counters
-    return partial, counters
 
 
 def matmul_4bit(
@@ -337,10 +320,16 @@ def matmul_4bit_segments(
 
 
 def _launch(x, first, out_features, table, rank, lora_in, lora_scale, config) -> Tensor:
-    """One launch of the kernel over the weights `out_features` lists (several: their `table`)."""
+    """One launch of the kernel over the weights `out_features` lists (several: their `table`).
+
+    Without a `config`, calls that `nf4_mma` takes (CUDA, up to 32 rows, blocksize 64: the decode batches)
+    go to its kernel, which measured faster (bench/rollout/results.md); a `config` always means this one.
+    """
     packed, quant_state, bias, lora_b = first
     rows, in_features = x.shape
     blocksize = quant_state.blocksize
+    if config is None and x.is_cuda and mma_unsupported(quant_state, x, rows) is None:
+        return nf4_mma.launch(first, out_features, table, rank, x, lora_in, lora_scale, None)
     if x.stride(1) != 1:
         x = x.contiguous()
     config = config or launch_config(rows, sum(out_features), in_features, blocksize, x.device)

@@ -1,0 +1,184 @@
+"""The shared-memory-free Gluon kernel (`vrft.kernels.nf4_mma`): its K permutation, what it compiles to, and
+its outputs against bitsandbytes' dequantise-then-matmul."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from tests.kernels.graphs import eager_equal_to_replays
+from tests.kernels.test_nf4_matmul import assert_within_rounding, dequantised, quantised
+from vrft.kernels import nf4_matmul, nf4_mma, nf4_segments
+from vrft.kernels.nf4_matmul import reference_matmul
+
+needs_triton = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None, reason="Triton is not installed"
+)
+
+
+def permuted_columns(blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The physical column the kernel puts at each operand column of each block, for the codes and for x:
+    the kernel's joins, reshapes and permutations replayed on tensors of column numbers."""
+    words = torch.arange(8 * blocks)
+    physical = words[:, None] * 8 + torch.arange(8)[None, :]  # element e of word w: column 8 w + e
+
+    def joined(nest):
+        if isinstance(nest, int):
+            return physical[:, nest]
+        return torch.stack([joined(nest[0]), joined(nest[1])], -1)
+
+    codes = joined(nf4_mma.CODE_JOINS)  # [8 blocks, j0, h, b]
+    codes = codes.reshape(blocks, 2, 2, 2, 2, 2, 2).unsqueeze(0)  # the weight row axis, one row
+    codes = codes.permute(*nf4_mma.CODES_PERMUTATION).reshape(64, blocks)
+    x = torch.arange(64 * blocks)[:, None].expand(-1, 16)  # x's column numbers, 16 rows
+    x = x.reshape(blocks, 2, 2, 2, 2, 2, 2, 16).permute(*nf4_mma.X_PERMUTATION).reshape(64, 16, blocks)
+    return codes, x[:, 0]
+
+
+@pytest.mark.parametrize("blocks", [1, 2, 4])
+def test_codes_and_x_take_the_same_permutation_of_each_blocks_columns(blocks):
+    codes, x = permuted_columns(blocks)
+    assert torch.equal(codes, x)  # each product pairs a weight with its own x column
+    for block in range(blocks):
+        assert sorted(codes[:, block].tolist()) == list(range(64 * block, 64 * block + 64))
+    # a thread's 16 codes of a block (lane column group t: operand columns 2 t + {0, 1} + 8 {0..7}) are 16
+    # consecutive physical columns: one 8-byte load of packed codes
+    for t in range(4):
+        mine = [2 * t + b + 8 * i for i in range(8) for b in (0, 1)]
+        assert sorted(codes[mine, 0].tolist()) == list(range(16 * t, 16 * t + 16))
+
+
+@needs_triton
+@pytest.mark.parametrize("arch", [90, 89])
+@pytest.mark.parametrize("extras", [{}, {"lora_rank": 64, "segments": 3, "bias": True}])
+def test_the_main_loop_uses_no_shared_memory_and_keeps_four_programs_per_multiprocessor(arch, extras):
+    # What the kernel exists for (module docstring): no shared-memory traffic or barrier in the K loop,
+    # tensor-core MMAs there, no spills; 128 registers leave four 4-warp programs per multiprocessor.
+    from vrft.kernels.nf4_offline import main_loop_opcodes, registers, sass
+
+    config = nf4_mma.launch_config(16, 18944, 3584, torch.device("meta"))
+    compiled = nf4_mma.compile_for(config, arch=arch, **extras)
+    loop = main_loop_opcodes(sass(compiled))
+    assert loop["HMMA"] > 0, loop
+    assert not {"STS", "LDS", "LDSM", "BAR", "SHFL"} & set(loop), loop
+    usage = registers(compiled)
+    assert usage["stack_bytes"] == 0 and usage["programs_per_sm"] >= 4, usage
+
+
+def test_calls_outside_the_kernel_say_why():
+    assert "blocksize 128" in nf4_mma.unsupported("nf4", 128, torch.bfloat16, 1024, 16)
+    assert "33 rows" in nf4_mma.unsupported("nf4", 64, torch.bfloat16, 1024, 33)
+    assert "multiple of 64" in nf4_mma.unsupported("nf4", 64, torch.bfloat16, 1000, 16)
+    assert "float32" in nf4_mma.unsupported("nf4", 64, torch.float32, 1024, 16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("rows", [1, 8, 16, 17, 32])
+@pytest.mark.parametrize("out_features, in_features", [(200, 320), (512, 1024), (96, 3584), (1000, 768)])
+def test_kernel_equals_bitsandbytes_dequantise_then_matmul(
+    quant_type, double_quant, rows, out_features, in_features
+):
+    # N = 200, 1000, 96 are not multiples of the 128-row tile; K = 320 is five blocks (one a loop step);
+    # 17 rows take the 32-row tile.
+    torch.manual_seed(0)
+    packed, state = quantised(out_features, in_features, quant_type, double_quant)
+    x = torch.randn(rows, in_features, dtype=torch.bfloat16, device="cuda")
+    bias = torch.randn(out_features, dtype=torch.bfloat16, device="cuda")
+    y = nf4_mma.launch((packed, state, bias, None), (out_features,), None, 0, x, None, 1.0, None)
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, out_features)
+    reference = reference_matmul(x, packed, state, bias)
+    assert_within_rounding(y, x, dequantised(packed, state), reference, state.code)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "choices", [{"BLOCKS": 1}, {"BLOCKS": 4}, {"BLOCK_N": 64}, {"BLOCK_N": 256}, {"UNROLL": 2}]
+)
+def test_every_tile_and_step_equals_bitsandbytes_in_fp16_too(choices):
+    torch.manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float16):
+        weight = torch.randn(512, 2048, dtype=dtype, device="cuda") * 0.05
+        packed, state = nf4_mma_quantised(weight)
+        x = torch.randn(16, 2048, dtype=dtype, device="cuda")
+        config = nf4_mma.launch_config(16, 512, 2048, x.device, **choices)
+        y = nf4_mma.launch((packed, state, None, None), (512,), None, 0, x, None, 1.0, config)
+        assert_within_rounding(
+            y, x, dequantised(packed, state), reference_matmul(x, packed, state), state.code
+        )
+
+
+def nf4_mma_quantised(weight):
+    from bitsandbytes import functional
+
+    return functional.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("split_k", [1, 2, 8])
+@pytest.mark.parametrize("rank", [8, 64])
+def test_fused_lora_term_and_split_k_reduction_under_graph_replay(split_k, rank):
+    torch.manual_seed(0)
+    packed, state = quantised(384, 1024)
+    x = torch.randn(16, 1024, dtype=torch.bfloat16, device="cuda")
+    lora_a = torch.randn(rank, 1024, device="cuda") * 0.05
+    lora_b = torch.randn(384, rank, device="cuda") * 0.05
+    shared_a = torch.cat([torch.randn(8, 1024, device="cuda") * 0.05, lora_a])
+    lora_in = (x.float() @ shared_a.T)[:, 8:]  # strided rows, as the packed engine passes them
+    config = {**nf4_mma.launch_config(16, 384, 1024, x.device), "SPLIT_K": split_k}
+
+    def call():
+        return nf4_mma.launch((packed, state, None, lora_b), (384,), None, rank, x, lora_in, 2.0, config)
+
+    eager = eager_equal_to_replays(call)
+    lora = 2.0 * lora_in @ lora_b.T
+    reference = (reference_matmul(x, packed, state).float() + lora).to(torch.bfloat16)
+    assert_within_rounding(
+        eager, x, dequantised(packed, state), reference, state.code, lora=(2.0, lora_in, lora_b)
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [8, 16, 32])
+def test_one_launch_over_several_weights_equals_their_own_launches(rows):
+    torch.manual_seed(0)
+    sizes, ranks, starts = (384, 128, 128), (16, 16, 64), (0, 16, 32)
+    weights = [quantised(n, 1024) for n in sizes]
+    biases = [torch.randn(n, dtype=torch.bfloat16, device="cuda") for n in sizes]
+    lora_bs = [torch.randn(n, r, device="cuda") * 0.05 for n, r in zip(sizes, ranks, strict=True)]
+    x = torch.randn(rows, 1024, dtype=torch.bfloat16, device="cuda")
+    product = torch.randn(rows, sum(ranks), device="cuda").to(torch.bfloat16)
+    group = nf4_segments.segments(
+        [(p, s, b, lb, c) for (p, s), b, lb, c in zip(weights, biases, lora_bs, starts, strict=True)]
+    )
+    config = nf4_mma.launch_config(rows, sum(sizes), 1024, x.device)
+    together = nf4_mma.launch(
+        group.first, group.out_features, group.table, group.lora_rank, x, product, 2.0, config
+    )
+    routed = nf4_matmul.matmul_4bit_segments(x, group, product, 2.0)  # no config: routed to this kernel
+    torch.testing.assert_close(routed, together, rtol=0, atol=0)
+    column = 0
+    for (packed, state), bias, lora_b, start, rank in zip(
+        weights, biases, lora_bs, starts, ranks, strict=True
+    ):
+        n = state.shape[0]
+        lora_in = product[:, start : start + rank]
+        alone = nf4_mma.launch((packed, state, bias, lora_b), (n,), None, rank, x, lora_in, 2.0, config)
+        torch.testing.assert_close(together[:, column : column + n], alone, rtol=0, atol=0)
+        column += n
+
+
+@pytest.mark.gpu
+def test_matmul_4bit_routes_decode_batches_here_and_wider_ones_to_its_own_kernel():
+    torch.manual_seed(0)
+    packed, state = quantised(512, 1024)
+    for rows, mine in ((16, True), (64, False)):
+        x = torch.randn(rows, 1024, dtype=torch.bfloat16, device="cuda")
+        routed = nf4_matmul.matmul_4bit(x, packed, state)
+        if mine:
+            expected = nf4_mma.launch((packed, state, None, None), (512,), None, 0, x, None, 1.0, None)
+        else:
+            config = nf4_matmul.launch_config(rows, 512, 1024, 64, x.device)
+            expected = nf4_matmul.matmul_4bit(x, packed, state, config=config)
+        torch.testing.assert_close(routed, expected, rtol=0, atol=0)

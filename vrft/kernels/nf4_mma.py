@@ -1,0 +1,565 @@
+"""`y = x W^T + b (+ LoRA)` on a bitsandbytes 4-bit weight at decode batches, with no shared memory: Gluon.
+
+Why another kernel: `nf4_matmul`'s Triton kernel spends most of its time waiting, not decoding or reading
+(bench/rollout/results.md: ~20% of the bandwidth bound on the 7B projections while its main loop issues
+~4.3 instructions per weight, which leave room for ~80%). Triton lays the decoded weight tile out as it
+likes and then moves it through shared memory into the tensor cores' operand layout: per loop step the
+packed codes go global -> shared -> registers, the decoded codes registers -> shared -> registers, the
+absmax through shared memory too, with a barrier of the program's four warps at each of these hops.
+
+Gluon (Triton's lower-level language, shipped with Triton >= 3.4) lets the kernel name its layouts. Here
+each thread loads exactly the packed bytes whose codes its `mma.sync` fragment needs, so decoded codes are
+already in the operand's registers and nothing goes through shared memory: no barrier in the loop, each
+warp streams its own rows. The trick is a permutation of K, applied to the weight tile and to `x` alike
+(a dot product does not care in which order its terms come): the `m16n8k16` A fragment gives a thread the
+columns `16 j + 8 h + 2 t + b` (`t` its lane's column group, `j`, `h`, `b` its registers), and the kernel
+puts physical column `16 t + 8 j1 + 4 j0 + 2 h + b` there, so a thread's 16 weights of a row in one
+64-column block are 16 consecutive codes: 8 consecutive bytes, one 8-byte load. The same permutation of
+`x`'s columns is 16 consecutive bf16 per thread and row of `x`. The permutations are pure relabellings of
+registers (reshape, permute and join of tensors whose layouts Triton then finds equal to the MMA's).
+
+Decoding: `nf4_decode.PRMT_DECODE_PTX` (byte permutes over the code book as eight table words). Scaling:
+one dot per 64-weight quantisation block into a fresh fp32 sum, scaled by the block's fp32 absmax
+(`SCALE_AFTER` in `nf4_matmul`: a weight is `bf16(code) * absmax`, within one bf16 rounding of
+`dequantize_4bit`'s; tests/kernels). The next loop step's codes are loaded before this step's are used, so
+each warp keeps a step of loads in flight. `mma.sync` runs on sm_80 and later: the RTX 4090 (sm_89) too.
+
+Handles: blocksize 64 (bitsandbytes' default), NF4 / FP4, bf16 / fp16, nested or plain absmax, up to 32
+rows of `x`, K a multiple of 64 * BLOCKS; the rest goes to `nf4_matmul`.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+except ImportError:  # CPU-only installs, or a Triton without Gluon: `unsupported` says why
+    gluon = None
+
+from vrft.kernels.nf4_decode import PRMT_DECODE_PTX
+from vrft.kernels.nf4_segments import SEGMENT_FIELDS
+from vrft.kernels.workspace import multiprocessors, split_workspace
+
+BLOCKSIZE = 64
+MAX_ROWS = 32
+# The K permutation (module docstring), as the kernel applies it and tests/kernels/test_nf4_mma.py checks it:
+# a word's eight codes joined in this nesting (element e = b + 2 h + 4 j0: j0 innermost, b outermost, so b
+# ends up the fastest register bit as in the MMA operand), then the axes permuted as below.
+CODE_JOINS = (((0, 4), (2, 6)), ((1, 5), (3, 7)))
+# codes [n, block, t1, t0, j1, j0, h, b] -> [n, j1, j0, h, t1, t0, b, block]: operand column 32 j1 + 16 j0
+# + 8 h + 4 t1 + 2 t0 + b, physical column 64 block + 32 t1 + 16 t0 + 8 j1 + 4 j0 + 2 h + b
+CODES_PERMUTATION = (0, 4, 5, 6, 2, 3, 7, 1)
+# x [block, t1, t0, j1, j0, h, b, m] -> [j1, j0, h, t1, t0, b, m, block]: the same columns
+X_PERMUTATION = (3, 4, 5, 1, 2, 6, 7, 0)
+MMA_DEFAULTS = {
+    "BLOCK_N": 128,  # weight rows per program: 16 per warp and register repeat
+    "BLOCKS": 2,  # 64-weight quantisation blocks per row per loop step (the codes loaded one step ahead)
+    "num_warps": 4,
+    "programs_per_sm": 4,  # the K split aims at this many programs per multiprocessor
+    # a register cap (ptxas .maxnreg; None: none): 128 keeps four programs per multiprocessor where a
+    # segments launch's table pointers took the kernel to 147 (sm_90, no spills at 128)
+    "maxnreg": 128,
+}
+
+
+def unsupported(
+    quant_type: str, blocksize: int, dtype: torch.dtype, in_features: int, rows: int
+) -> str | None:
+    """Why this kernel does not take a call (None: it does); the caller then uses `nf4_matmul`'s."""
+    if quant_type not in ("nf4", "fp4"):
+        return f"quant_type {quant_type!r}"
+    if blocksize != BLOCKSIZE:
+        return f"blocksize {blocksize} (the kernel reads 64-weight blocks)"
+    if dtype not in (torch.bfloat16, torch.float16):
+        return f"compute dtype {dtype}"
+    if in_features % BLOCKSIZE:
+        return f"in_features {in_features} is not a multiple of 64"
+    if rows > MAX_ROWS:
+        return f"{rows} rows > {MAX_ROWS}"
+    if gluon is None:
+        return "this Triton has no Gluon (triton.experimental.gluon, Triton >= 3.4)"
+    return None
+
+
+def prmt_tables(code: Tensor, dtype: torch.dtype) -> Tensor:
+    """The code book as `PRMT_DECODE_PTX`'s eight table words (int32, on code's device): words 0-3 the high
+    bytes of entries 0-3 .. 12-15 of the book in `dtype`, words 4-7 their low bytes."""
+    bits = code.to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF
+    place = 8 * (torch.arange(16, device=code.device) % 4)
+    high = ((bits >> 8) << place).view(4, 4).sum(1)
+    low = ((bits & 0xFF) << place).view(4, 4).sum(1)
+    words = torch.cat([high, low])
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+@functools.cache
+def layouts(block_n: int, block_m: int, blocks: int, warps: int):
+    """The kernel's layouts: (mma, A operand, B operand, packed words [block_n, 8 blocks], x [64 blocks,
+    block_m]); the last two are the operands' layouts over physical columns (module docstring)."""
+    mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[warps, 1], instr_shape=[16, 8])
+    operand_a = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    operand_b = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
+    row_repeats = [[16 * warps * 2**i, 0] for i in range((block_n // (16 * warps)).bit_length() - 1)]
+    block_bits = [[0, 8 * 2**i] for i in range(blocks.bit_length() - 1)]
+    warp_rows = [[16 * 2**i, 0] for i in range(warps.bit_length() - 1)]
+    words = gl.DistributedLinearLayout(
+        reg_bases=[[0, 1], [8, 0], *row_repeats, *block_bits],  # two consecutive words (8 bytes) a row
+        lane_bases=[[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]],  # lane = 4 g + t: row g, words 2 t, 2 t + 1
+        warp_bases=warp_rows,
+        block_bases=[],
+        shape=[block_n, 8 * blocks],
+    )
+    m_repeats = [[0, 8 * 2**i] for i in range((block_m // 8).bit_length() - 1)]
+    x_blocks = [[64 * 2**i, 0] for i in range(blocks.bit_length() - 1)]
+    x = gl.DistributedLinearLayout(
+        reg_bases=[[1, 0], [2, 0], [4, 0], [8, 0], *m_repeats, *x_blocks],  # 16 consecutive columns a row
+        lane_bases=[[16, 0], [32, 0], [0, 1], [0, 2], [0, 4]],
+        warp_bases=[[0, 0]] * (warps.bit_length() - 1),
+        block_bases=[],
+        shape=[64 * blocks, block_m],
+    )
+    return mma, operand_a, operand_b, words, x
+
+
+def _halves_ptx() -> str:
+    """`PRMT_DECODE_PTX` with outputs `$0 .. $7` the eight 16-bit codes of a word in element order (its
+    inputs move up to `$8 .. $16`), the four pairs kept as registers of the block."""
+    body = re.sub(
+        r"\$(\d+)",
+        lambda found: f"pair{found.group(1)}" if int(found.group(1)) < 4 else f"${int(found.group(1)) + 4}",
+        PRMT_DECODE_PTX,
+    )
+    inner = body.strip()[1:-1]  # the block's braces
+    declare = ".reg .b32 pair0, pair1, pair2, pair3;"
+    splits = "".join(f"\nmov.b32 {{${2 * i}, ${2 * i + 1}}}, pair{i};" for i in range(4))
+    return "{\n" + declare + inner + splits + "\n}"
+
+
+if gluon is not None:
+
+    @gluon.jit
+    def _permuted(t, ORDER: gl.constexpr):
+        """`t`'s eight axes in the order `ORDER` (a tuple, as `CODES_PERMUTATION`)."""
+        return gl.permute(t, ORDER[0], ORDER[1], ORDER[2], ORDER[3], ORDER[4], ORDER[5], ORDER[6], ORDER[7])
+
+    @gluon.jit
+    def _per_block(t, BLOCKS: gl.constexpr):
+        """`t [.., BLOCKS]` -> the BLOCKS tensors `t[.., b]` (a tuple), by splitting the last axis."""
+        if BLOCKS == 1:
+            return (gl.reshape(t, t.shape[:-1]),)
+        elif BLOCKS == 2:
+            return gl.split(t)
+        else:  # 4: the last axis as (high bit, low bit); split takes the low bit first
+            halves = gl.reshape(t, t.shape[:-1] + [2, 2])
+            even, odd = gl.split(halves)
+            first, third = gl.split(even)
+            second, fourth = gl.split(odd)
+            return first, second, third, fourth
+
+    @gluon.jit
+    def _decode(words, tables, BLOCK_N: gl.constexpr, BLOCKS: gl.constexpr, DTYPE: gl.constexpr,
+                A: gl.constexpr):  # fmt: skip
+        """Packed words `[BLOCK_N, 8 BLOCKS]` -> per block the codes `[BLOCK_N, 64]` in the A operand's
+        layout, columns in the kernel's K order (module docstring)."""
+        c0, c1, c2, c3, c4, c5, c6, c7 = gl.inline_asm_elementwise(
+            HALVES_PTX,
+            HALVES_CONSTRAINTS,
+            [words, tables[0], tables[1], tables[2], tables[3], tables[4], tables[5], tables[6], tables[7]],
+            dtype=(gl.int16,) * 8,
+            is_pure=True,
+            pack=1,
+        )
+        # code c_e is element e = b + 2 h + 4 j0 of its word. Joined with j0 first and b last, so that b is
+        # the fastest register bit as in the MMA operand and each pair of codes stays one 32-bit register
+        # (joined the other way round, ptxas spent ~0.7 byte permutes per weight re-pairing 16-bit halves).
+        codes = gl.join(
+            gl.join(gl.join(c0, c4), gl.join(c2, c6)),  # b = 0: [.., j0, h]
+            gl.join(gl.join(c1, c5), gl.join(c3, c7)),  # b = 1; CODE_JOINS
+        ).to(DTYPE, bitcast=True)  # [BLOCK_N, 8 BLOCKS, j0, h, b]
+        # word = 8 block + 4 t1 + 2 t0 + j1 -> [n, block, t1, t0, j1, j0, h, b]
+        codes = gl.reshape(codes, [BLOCK_N, BLOCKS, 2, 2, 2, 2, 2, 2])
+        # the operand's column 32 j1 + 16 j0 + 8 h + 4 t1 + 2 t0 + b, the block last
+        codes = _permuted(codes, CODES_PERMUTATION_C)
+        codes = gl.reshape(codes, [BLOCK_N, 64, BLOCKS])
+        return _per_block(codes, BLOCKS)
+
+    @gluon.jit
+    def _x_operands(x, BLOCK_M: gl.constexpr, BLOCKS: gl.constexpr, B: gl.constexpr):
+        """`x [64 BLOCKS, BLOCK_M]` (physical columns down) -> per block the B operand `[64, BLOCK_M]`."""
+        # column = 64 block + 32 t1 + 16 t0 + 8 j1 + 4 j0 + 2 h + b
+        x = gl.reshape(x, [BLOCKS, 2, 2, 2, 2, 2, 2, BLOCK_M])
+        x = _permuted(x, X_PERMUTATION_C)
+        x = gl.reshape(x, [64, BLOCK_M, BLOCKS])
+        return _per_block(x, BLOCKS)
+
+    @gluon.jit
+    def _byte_tables(code_ptr, DTYPE: gl.constexpr, WARPS: gl.constexpr):
+        """The code book in `DTYPE` as `PRMT_DECODE_PTX`'s eight table words: high bytes of entries 0-3 ..
+        12-15, then their low bytes. Made by reductions, so each thread holds them in ordinary registers:
+        loaded as scalars they sat in uniform registers, and ptxas copied one into an ordinary register
+        for every byte permute that read it (~1 instruction per weight, sm_90)."""
+        entry = gl.arange(0, 16, layout=gl.BlockedLayout([1], [32], [WARPS], [0]))
+        bits = gl.load(code_ptr + entry).to(DTYPE).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+        high = (bits >> 8) << (8 * (entry % 4))
+        low = (bits & 0xFF) << (8 * (entry % 4))
+        word = entry // 4
+        return (
+            gl.sum(gl.where(word == 0, high, 0), axis=0), gl.sum(gl.where(word == 1, high, 0), axis=0),
+            gl.sum(gl.where(word == 2, high, 0), axis=0), gl.sum(gl.where(word == 3, high, 0), axis=0),
+            gl.sum(gl.where(word == 0, low, 0), axis=0), gl.sum(gl.where(word == 1, low, 0), axis=0),
+            gl.sum(gl.where(word == 2, low, 0), axis=0), gl.sum(gl.where(word == 3, low, 0), axis=0),
+        )  # fmt: skip
+
+    @gluon.jit
+    def _absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset, block, mask,
+                NESTED: gl.constexpr, NESTED_BLOCKSIZE: gl.constexpr):  # fmt: skip
+        """fp32 absmax of quantisation blocks `block`, as `dequantize_4bit` computes it."""
+        if NESTED:  # code2[q] * absmax2[block // nested blocksize] + offset, in fp32
+            quantised = gl.load(absmax_ptr + block, mask=mask, other=0).to(gl.int32)
+            scale2 = gl.load(absmax2_ptr + block // NESTED_BLOCKSIZE, mask=mask, other=0.0)
+            scale = gl.load(code2_ptr + quantised) * scale2 + offset
+        else:
+            scale = gl.load(absmax_ptr + block, mask=mask, other=0.0)
+        return scale
+
+    @gluon.jit
+    def _mma_4bit_kernel(
+        x_ptr, packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, bias_ptr,
+        lora_in_ptr, lora_b_ptr, lora_scale, partial_ptr, counter_ptr, y_ptr, segments_ptr,
+        M, N, K, stride_xm, stride_lm, stride_ym, lora_rank, iters_per_split, split_k,
+        NESTED: gl.constexpr, NESTED_BLOCKSIZE: gl.constexpr, HAS_BIAS: gl.constexpr,
+        LORA_RANK: gl.constexpr, SEGMENTS: gl.constexpr,
+        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCKS: gl.constexpr, SPLIT: gl.constexpr,
+        UNROLL: gl.constexpr, MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr, WORDS: gl.constexpr, XL: gl.constexpr,
+    ):  # fmt: skip
+        DTYPE: gl.constexpr = x_ptr.dtype.element_ty
+        STEP: gl.constexpr = 64 * BLOCKS  # columns per loop step
+        pid_n = gl.program_id(0)
+        pid_m = gl.program_id(1)
+        pid_k = gl.program_id(2)
+        tile_n = pid_n
+        if SEGMENTS > 0:  # several weights in one launch: this tile's weight, its rows local to that weight
+            row, tile_n, N = _segment(segments_ptr, pid_n, SEGMENTS, BLOCK_N)
+            packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr = _segment_inputs(
+                row, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr
+            )
+        # the packed words of this tile's rows, one step's worth: [BLOCK_N, 8 BLOCKS]
+        rows_w = tile_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, WORDS))
+        words_w = gl.arange(0, 8 * BLOCKS, layout=gl.SliceLayout(0, WORDS))
+        mask_w = (rows_w < N)[:, None]
+        word_ptrs = packed_ptr + (rows_w.to(gl.int64) * (K // 8))[:, None] + words_w[None, :]
+        # x's rows, one step's columns: [STEP, BLOCK_M]
+        columns_x = gl.arange(0, STEP, layout=gl.SliceLayout(1, XL))
+        rows_x = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, XL))
+        mask_x = (rows_x < M)[None, :]
+        x_ptrs = x_ptr + (rows_x.to(gl.int64) * stride_xm)[None, :] + columns_x[:, None]
+        # the absmax rows, in the accumulator's layout
+        rows_s = tile_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
+        mask_s = rows_s < N
+        blocks_per_row = K // 64
+        row_blocks = rows_s * blocks_per_row
+        offset = 0.0
+        if NESTED:
+            offset = gl.load(offset_ptr)
+        tables = _byte_tables(code_ptr, DTYPE, gl.num_warps())
+        acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
+        first = pid_k * iters_per_split
+        last = gl.minimum(first + iters_per_split, K // STEP)
+        # Each step loads the codes of the step after it before decoding its own, so a step's loads are in
+        # flight while the step before is decoded and multiplied; the last step loads itself again rather than
+        # taking a predicate. UNROLL 2 makes two steps an iteration, which saves the register copy of the
+        # loaded words at each iteration's end (~0.1 instructions per weight) for more registers.
+        words_next = gl.load(word_ptrs + first * (8 * BLOCKS), mask=mask_w, other=0)
+        if UNROLL == 1:
+            for step in range(first, last):
+                words = words_next
+                words_next = gl.load(
+                    word_ptrs + gl.minimum(step + 1, last - 1) * (8 * BLOCKS), mask=mask_w, other=0
+                )
+                acc = _step(acc, words, step, x_ptrs, mask_x, code2_ptr, absmax_ptr, absmax2_ptr, offset,
+                            row_blocks, mask_s, tables, BLOCK_N, BLOCK_M, BLOCKS, NESTED, NESTED_BLOCKSIZE, DTYPE,
+                            MMA, A, B)  # fmt: skip
+        else:
+            for step in range(first, last, 2):
+                words_odd = gl.load(
+                    word_ptrs + gl.minimum(step + 1, last - 1) * (8 * BLOCKS), mask=mask_w, other=0
+                )
+                acc = _step(acc, words_next, step, x_ptrs, mask_x, code2_ptr, absmax_ptr, absmax2_ptr, offset,
+                            row_blocks, mask_s, tables, BLOCK_N, BLOCK_M, BLOCKS, NESTED, NESTED_BLOCKSIZE, DTYPE,
+                            MMA, A, B)  # fmt: skip
+                words_next = gl.load(
+                    word_ptrs + gl.minimum(step + 2, last - 1) * (8 * BLOCKS), mask=mask_w, other=0
+                )
+                if step + 1 < last:
+                    acc = _step(acc, words_odd, step + 1, x_ptrs, mask_x, code2_ptr, absmax_ptr, absmax2_ptr, offset,
+                                row_blocks, mask_s, tables, BLOCK_N, BLOCK_M, BLOCKS, NESTED, NESTED_BLOCKSIZE, DTYPE,
+                                MMA, A, B)  # fmt: skip
+        if SEGMENTS > 0:  # the outputs' pointers read only now: held through the loop they cost ~20 registers
+            row, tile_n, N = _segment(segments_ptr, pid_n, SEGMENTS, BLOCK_N)
+            bias_ptr, lora_in_ptr, lora_b_ptr, y_ptr, lora_rank = _segment_outputs(
+                segments_ptr, pid_n, row, bias_ptr, lora_in_ptr, lora_b_ptr, y_ptr, SEGMENTS, BLOCK_N
+            )
+        if LORA_RANK > 0:
+            acc = _lora_term(acc, pid_m, pid_k, split_k, rows_s, M, N, lora_in_ptr, lora_b_ptr, lora_scale,
+                             lora_rank, stride_lm, DTYPE, BLOCK_M, BLOCK_N, MMA, A, B)  # fmt: skip
+        _store(acc, pid_n, pid_m, pid_k, rows_s, M, N, partial_ptr, counter_ptr, split_k, bias_ptr, y_ptr,
+               stride_ym, BLOCK_M, BLOCK_N, SPLIT, HAS_BIAS, MMA)  # fmt: skip
+
+    @gluon.jit
+    def _step(acc, words, step, x_ptrs, mask_x, code2_ptr, absmax_ptr, absmax2_ptr, offset, row_blocks, mask_s,
+              tables, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, BLOCKS: gl.constexpr, NESTED: gl.constexpr,
+              NESTED_BLOCKSIZE: gl.constexpr, DTYPE: gl.constexpr, MMA: gl.constexpr, A: gl.constexpr,
+              B: gl.constexpr):  # fmt: skip
+        """`acc` plus the products of loop step `step`: `words` its packed codes, BLOCKS blocks of 64 columns."""
+        # x is read by every program (L2) and every warp (L1): loaded where it is used, not a step ahead,
+        # whose register copies at the loop's end cost ~0.5 byte permutes per weight
+        x = gl.load(x_ptrs + step * (64 * BLOCKS), mask=mask_x, other=0.0)
+        codes = _decode(words, tables, BLOCK_N, BLOCKS, DTYPE, A)
+        operands = _x_operands(x, BLOCK_M, BLOCKS, B)
+        zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
+        for block in gl.static_range(BLOCKS):
+            scale = _absmax(
+                absmax_ptr, absmax2_ptr, code2_ptr, offset, row_blocks + (step * BLOCKS + block), mask_s,
+                NESTED, NESTED_BLOCKSIZE,
+            )  # fmt: skip
+            a = gl.convert_layout(codes[block], A)
+            b = gl.convert_layout(operands[block], B)
+            acc += mma_v2(a, b, zero) * scale[:, None]
+        return acc
+
+    @gluon.jit
+    def _lora_term(acc, pid_m, pid_k, split_k, rows_n, M, N, lora_in_ptr, lora_b_ptr, lora_scale, lora_rank,
+                   stride_lm, DTYPE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                   MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr):  # fmt: skip
+        """`acc` plus this K slice's share of `scale * (x A^T) B^T`, as `nf4_epilogue.lora_term`: 16 ranks a
+        dot, the chunks dealt out over the tile's slices from the last one backwards; both operands rounded
+        to the compute dtype, summed in fp32. Loaded straight into the MMA's operand layouts (once a tile)."""
+        rows_b = gl.convert_layout(rows_n, gl.SliceLayout(1, A))
+        ranks_b = gl.arange(0, 16, layout=gl.SliceLayout(0, A))
+        ranks_x = gl.arange(0, 16, layout=gl.SliceLayout(1, B))
+        rows_x = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, B))
+        mask_b = (rows_b < N)[:, None]
+        mask_x = (rows_x < M)[None, :]
+        zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
+        for start in range(16 * (split_k - 1 - pid_k), lora_rank, 16 * split_k):
+            in_rank_b = (start + ranks_b < lora_rank)[None, :]
+            b = gl.load(lora_b_ptr + (rows_b * lora_rank)[:, None] + (start + ranks_b)[None, :],
+                        mask=mask_b & in_rank_b, other=0.0).to(DTYPE)  # fmt: skip
+            in_rank_x = (start + ranks_x < lora_rank)[:, None]
+            xa = gl.load(lora_in_ptr + (rows_x.to(gl.int64) * stride_lm)[None, :] + (start + ranks_x)[:, None],
+                         mask=mask_x & in_rank_x, other=0.0).to(DTYPE)  # fmt: skip
+            acc += lora_scale * mma_v2(b, xa, zero)
+        return acc
+
+    @gluon.jit
+    def _segment(table, pid_n, SEGMENTS: gl.constexpr, BLOCK_N: gl.constexpr):
+        """`nf4_segments.segment` in Gluon, in parts: output tile `pid_n` of a segments launch belongs to the
+        weight of table row `row`; `tile_n` is the tile within that weight, `out_features` its rows."""
+        index = 0
+        first_tile = 0
+        tiles = 0
+        for position in gl.static_range(SEGMENTS):  # the weights' tiles lie side by side along grid axis 0
+            count = gl.load(table + position * SEGMENT_ROW)
+            later = pid_n >= tiles
+            index = gl.where(later, position, index)
+            first_tile = gl.where(later, tiles, first_tile)
+            tiles += (count + BLOCK_N - 1) // BLOCK_N
+        row = table + index * SEGMENT_ROW
+        return row, pid_n - first_tile.to(gl.int32), gl.load(row).to(gl.int32)
+
+    @gluon.jit
+    def _segment_inputs(row, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr):
+        """What the K loop of a segment row's weight reads, typed as the arguments (the first weight's)."""
+        # as in nf4_segments: the codes' pointer moved by an aligned offset from the argument's keeps the
+        # alignment the compiler knows, for 8-byte loads
+        offset = gl.load(row + 1) - packed_ptr.to(gl.int64)
+        return (
+            packed_ptr + gl.multiple_of(offset // 4, 4), gl.load(row + 2).to(absmax_ptr.dtype),
+            gl.load(row + 3).to(absmax2_ptr.dtype), gl.load(row + 4).to(code2_ptr.dtype),
+            gl.load(row + 5).to(offset_ptr.dtype),
+        )  # fmt: skip
+
+    @gluon.jit
+    def _segment_outputs(table, pid_n, row, bias_ptr, lora_in_ptr, lora_b_ptr, y_ptr,
+                         SEGMENTS: gl.constexpr, BLOCK_N: gl.constexpr):  # fmt: skip
+        """What a tile of segment row `row`'s weight writes after its loop: bias, LoRA operands (`lora_in`
+        moved to the weight's columns of the shared x A^T), rank, and `y` moved to its output columns."""
+        first_column = 0
+        columns = 0
+        tiles = 0
+        for position in gl.static_range(SEGMENTS):
+            count = gl.load(table + position * SEGMENT_ROW)
+            first_column = gl.where(pid_n >= tiles, columns, first_column)
+            tiles += (count + BLOCK_N - 1) // BLOCK_N
+            columns += count
+        return (
+            gl.load(row + 6).to(bias_ptr.dtype), lora_in_ptr + gl.load(row + 9), gl.load(row + 7).to(lora_b_ptr.dtype),
+            y_ptr + gl.multiple_of(first_column, 8), gl.load(row + 8).to(gl.int32),
+        )  # fmt: skip
+
+    @gluon.jit
+    def _store(acc, pid_n, pid_m, pid_k, rows_n, M, N, partial_ptr, counter_ptr, split_k, bias_ptr, y_ptr,
+               stride_ym, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, SPLIT: gl.constexpr,
+               HAS_BIAS: gl.constexpr, MMA: gl.constexpr):  # fmt: skip
+        """`y[rows_m, rows_n] = (sum over K slices of acc [BLOCK_N, BLOCK_M])^T (+ bias)`, as
+        `nf4_epilogue.store_output`: the last slice of a tile to arrive adds the partials up."""
+        rows_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
+        if SPLIT:
+            tile = pid_m * gl.num_programs(0) + pid_n
+            local = (
+                gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))[:, None] * BLOCK_M
+                + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))[None, :]
+            )
+            partials = partial_ptr + tile.to(gl.int64) * (split_k * BLOCK_M * BLOCK_N) + local
+            gl.store(partials + pid_k * (BLOCK_M * BLOCK_N), acc)
+            gl.thread_barrier()  # every thread's partial is written before the release below
+            arrived = gl.atomic_add(counter_ptr + tile, 1, sem="acq_rel")
+            if arrived == split_k - 1:
+                total = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
+                for split in range(split_k):
+                    total += gl.load(partials + split * (BLOCK_M * BLOCK_N), cache_modifier=".cg")
+                gl.atomic_xchg(counter_ptr + tile, 0)
+                _finish(total, rows_m, rows_n, M, N, bias_ptr, y_ptr, stride_ym, HAS_BIAS)
+        else:
+            _finish(acc, rows_m, rows_n, M, N, bias_ptr, y_ptr, stride_ym, HAS_BIAS)
+
+    @gluon.jit
+    def _finish(acc, rows_m, rows_n, M, N, bias_ptr, y_ptr, stride_ym, HAS_BIAS: gl.constexpr):
+        mask_n = rows_n < N
+        if HAS_BIAS:
+            acc += gl.load(bias_ptr + rows_n, mask=mask_n, other=0.0).to(gl.float32)[:, None]
+        y = y_ptr + (rows_m.to(gl.int64) * stride_ym)[None, :] + rows_n[:, None]
+        gl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask_n[:, None] & (rows_m < M)[None, :])
+
+    # PRMT_DECODE_PTX with its four pairs handed out as eight 16-bit codes: split as int32 pairs in Triton
+    # and joined again for the MMA, ptxas spent ~0.4 byte permutes per weight putting each pair back together
+    HALVES_PTX = gl.constexpr(_halves_ptx())
+    SEGMENT_ROW = gl.constexpr(len(SEGMENT_FIELDS))
+    CODES_PERMUTATION_C = gl.constexpr(CODES_PERMUTATION)
+    X_PERMUTATION_C = gl.constexpr(X_PERMUTATION)
+    HALVES_CONSTRAINTS = gl.constexpr(",".join(["=h"] * 8 + ["r"] * 9))
+
+
+def launch_config(rows: int, out_features: int, in_features: int, device: torch.device, **choices) -> dict:
+    """Tiles and K split for one call (`MMA_DEFAULTS` overridden by `choices`): enough programs that each
+    multiprocessor holds about `programs_per_sm`, each K slice whole loop steps."""
+    chosen = {**MMA_DEFAULTS, "UNROLL": 1, **choices}
+    blocks = chosen["BLOCKS"]
+    while in_features % (64 * blocks):
+        blocks //= 2
+    block_m = 16 if rows <= 16 else 32
+    tiles = triton.cdiv(out_features, chosen["BLOCK_N"]) * triton.cdiv(rows, block_m)
+    steps = in_features // (64 * blocks)
+    wanted = triton.cdiv(chosen["programs_per_sm"] * multiprocessors(device), tiles)
+    split_k = max(1, min(wanted, steps // 2, 64))
+    split_k = triton.cdiv(steps, triton.cdiv(steps, split_k))  # no empty slice: each reads its first step
+    return {
+        "BLOCK_M": block_m,
+        "BLOCK_N": chosen["BLOCK_N"],
+        "BLOCKS": blocks,
+        "UNROLL": chosen["UNROLL"],
+        "SPLIT_K": split_k,
+        "num_warps": chosen["num_warps"],
+        "maxnreg": chosen["maxnreg"],
+    }
+
+
+def matmul_4bit_mma(
+    x: Tensor, packed: Tensor, quant_state, bias: Tensor | None = None, config: dict | None = None
+):
+    """`x [M, K] @ W^T (+ bias)` -> `[M, N]` by this kernel alone (benchmarks and tests; `nf4_matmul`'s entry
+    points route here where `unsupported` allows)."""
+    return launch((packed, quant_state, bias, None), (quant_state.shape[0],), None, 0, x, None, 1.0, config)
+
+
+def launch(first, out_features, table, rank, x, lora_in, lora_scale, config) -> Tensor:
+    """One launch over the weights `out_features` lists (several: their segment `table`), as
+    `nf4_matmul._launch` takes them: `first` the first weight's `(packed, quant_state, bias, lora_b)`."""
+    packed, quant_state, bias, lora_b = first
+    rows, in_features = x.shape
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    config = dict(config or launch_config(rows, sum(out_features), in_features, x.device))
+    block_m, block_n, blocks = config["BLOCK_M"], config["BLOCK_N"], config["BLOCKS"]
+    split_k, warps = config["SPLIT_K"], config["num_warps"]
+    steps = in_features // (64 * blocks)
+    if in_features % (64 * blocks) or triton.cdiv(steps, triton.cdiv(steps, split_k)) != split_k:
+        raise ValueError(f"SPLIT_K={split_k} leaves a K slice empty or K={in_features} is not whole steps")
+    if rows > block_m:
+        raise ValueError(f"{rows} rows > BLOCK_M={block_m}")
+    grid = (sum(triton.cdiv(n, block_n) for n in out_features), 1, split_k)
+    y = torch.empty(rows, sum(out_features), dtype=x.dtype, device=x.device)
+    partial, counters = split_workspace(x, grid, block_m, block_n)
+    nested = quant_state.nested
+    state2 = quant_state.state2 if nested else quant_state
+    if lora_in is not None and lora_in.stride(1) != 1:
+        lora_in = lora_in.contiguous()
+    mma, operand_a, operand_b, words, x_layout = layouts(block_n, block_m, blocks, warps)
+    _mma_4bit_kernel[grid](
+        x, packed.reshape(-1).view(torch.int32), quant_state.absmax, quant_state.code, state2.absmax, state2.code,
+        quant_state.offset if nested else quant_state.absmax, bias if bias is not None else y,
+        lora_in if rank else y, lora_b if rank else y, float(lora_scale), partial, counters, y,
+        table if table is not None else counters,
+        rows, out_features[0], in_features, x.stride(0), lora_in.stride(0) if rank else 0, y.stride(0), rank,
+        triton.cdiv(steps, split_k), split_k,
+        NESTED=nested, NESTED_BLOCKSIZE=state2.blocksize if nested else 1, HAS_BIAS=bias is not None,
+        LORA_RANK=max(16, triton.next_power_of_2(rank)) if rank else 0,
+        SEGMENTS=0 if table is None else len(out_features),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCKS=blocks, SPLIT=split_k > 1, UNROLL=config["UNROLL"],
+        MMA=mma, A=operand_a, B=operand_b, WORDS=words, XL=x_layout,
+        num_warps=warps, **({"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {}),
+    )  # fmt: skip
+    return y
+
+
+def compile_for(config: dict, arch: int = 90, dtype: str = "bf16", nested: bool = True, bias: bool = False,
+                lora_rank: int = 0, segments: int = 0):  # fmt: skip
+    """The kernel compiled for `sm_<arch>` with `config` (as `launch_config` returns it), on any machine:
+    Triton carries its own ptxas (tests read the machine code; `nf4_offline.sass` disassembles it)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    block_n, block_m, blocks, warps = (
+        config["BLOCK_N"],
+        config["BLOCK_M"],
+        config["BLOCKS"],
+        config["num_warps"],
+    )
+    mma, operand_a, operand_b, words, x_layout = layouts(block_n, block_m, blocks, warps)
+    constants = {
+        "NESTED": nested, "NESTED_BLOCKSIZE": 256 if nested else 1, "HAS_BIAS": bias,
+        "LORA_RANK": lora_rank, "SEGMENTS": segments, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCKS": blocks,
+        "SPLIT": config["SPLIT_K"] > 1, "UNROLL": config["UNROLL"],
+        "MMA": mma, "A": operand_a, "B": operand_b, "WORDS": words, "XL": x_layout,
+    }  # fmt: skip
+    pointers = {
+        "x_ptr": dtype, "packed_ptr": "i32", "absmax_ptr": "u8" if nested else "fp32", "code_ptr": "fp32",
+        "absmax2_ptr": "fp32", "code2_ptr": "fp32", "offset_ptr": "fp32", "bias_ptr": dtype, "lora_in_ptr": dtype,
+        "lora_b_ptr": "fp32", "partial_ptr": "fp32", "counter_ptr": "i32", "y_ptr": dtype, "segments_ptr": "i64",
+    }  # fmt: skip
+    names = _mma_4bit_kernel.arg_names
+    signature = {
+        name: "constexpr" if name in constants else "*" + pointers[name] if name in pointers
+        else "fp32" if name == "lora_scale" else "i32"
+        for name in names
+    }  # fmt: skip
+    # pointers and the Qwen shapes' sizes are multiples of 16: Triton specialises them so at run time too
+    aligned = {
+        (names.index(name),): [["tt.divisibility", 16]]
+        for name in names
+        if name in pointers or name in ("K", "N", "stride_xm", "stride_ym")
+    }
+    source = GluonASTSource(_mma_4bit_kernel, signature, constants, aligned)
+    return triton.compile(
+        source,
+        target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": warps, **({"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {})},
+    )
