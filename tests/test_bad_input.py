@@ -159,8 +159,9 @@ def run_cli(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
     [
         (["optimizer.lr=fast"], "optimizer.lr='fast' is not a number"),
         (["ckpt_path=runs/lr=1e-3/last.ckpt"], "quote the value"),
+        (["precision=int5"], "Could not find 'precision/int5'"),  # Hydra's own error, exit 2 all the same
     ],
-    ids=["typed value", "unquoted equals"],
+    ids=["typed value", "unquoted equals", "no such option"],
 )
 def test_cli_exits_2_with_one_line(tmp_path, overrides, message):
     result = run_cli(*overrides, cwd=tmp_path)

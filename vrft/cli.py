@@ -6,7 +6,7 @@ import functools
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from hydra.errors import InstantiationException
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vrft.models.policy import LANGUAGE_MODEL_TARGETS
 from vrft.models.presets import box_convention
-from vrft.paths import cache_key, job_folder
+from vrft.paths import cache_key, config_dir, job_folder
 from vrft.runtime.checkpoint_io import CheckpointWriteError
 from vrft.runtime.failures import TrainingFailure
 
@@ -28,6 +28,23 @@ OmegaConf.register_new_resolver("job_folder", job_folder, replace=True)
 # Errors that mean "the input is wrong": shown as one line naming the value and the fix, no traceback.
 # A checkpoint that cannot be written (disk full, read-only folder) is the environment's problem: one line too.
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError, CheckpointWriteError)
+
+
+def check_composes(config_name: str, arguments: Sequence[str]) -> None:
+    """Hydra's own errors about a command line (a config-group option that does not exist, a key missing
+    from the config without `+`) raised as input errors, so they exit 2 like vrft's: Hydra exits 1 on them,
+    as on a crash. Composes the config once ahead of Hydra (a fraction of a second); a command line with
+    Hydra flags (`--multirun`, `--cfg`, ...) is left to Hydra, whose sweeps compose per job."""
+    if any(argument.startswith("-") for argument in arguments):
+        return
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    try:
+        with initialize_config_dir(str(config_dir()), version_base="1.3"):
+            compose(config_name, overrides=list(arguments))
+    except HydraException as error:
+        raise ValueError(str(error)) from None
 
 
 def root_cause(error: BaseException) -> BaseException:

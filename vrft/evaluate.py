@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 import hydra
@@ -18,7 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader
 
-from vrft.cli import user_errors
+from vrft.cli import check_composes, user_errors
 from vrft.data.loading import load_visual_rft
 from vrft.evaluation.adapters import check_adapter
 from vrft.evaluation.records import PredictionLog, PredictionWriter
@@ -208,4 +209,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    user_errors(check_composes)("evaluate", sys.argv[1:])
     main()

@@ -13,7 +13,7 @@ import hydra
 from hydra.utils import get_class
 from omegaconf import DictConfig
 
-from vrft.cli import user_errors
+from vrft.cli import check_composes, user_errors
 from vrft.distributed import check_optimizer, check_plan_settings, check_strategy
 from vrft.paths import config_dir
 from vrft.planner.planning import cards_needed, resolve_auto, verdict
@@ -50,4 +50,5 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     sys.argv += [arg for arg in QUIET_HYDRA if arg.split("=")[0] not in " ".join(sys.argv)]
+    user_errors(check_composes)("train", sys.argv[1:])
     main()

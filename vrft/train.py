@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from vrft.callbacks import RunConfigLogging, RunSettingsInCheckpoint, RunSummary
-from vrft.cli import config_hash, user_errors
+from vrft.cli import check_composes, config_hash, user_errors
 from vrft.distributed import check_distributed, check_strategy
 from vrft.paths import config_dir
 from vrft.planner.planning import budget_gb, plan_config, precision_name, resolve_auto
@@ -126,4 +126,5 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     user_errors(check_command_line)(sys.argv[1:])  # before Hydra parses the overrides
+    user_errors(check_composes)("train", sys.argv[1:])
     main()
