@@ -24,7 +24,7 @@ all)  # both, in one call: the suite, the kernel at 16 rows, then the rows (~8 m
     bash "$0" tests && bash "$0" rows
     ;;
 rows)
-    timeout 560 python3 bench/rollout/packed.py --out "$OUT" --rows 16g,24g --engines "${ENGINES:-bf16_copy,packed}" \
+    timeout 560 python3 bench/rollout/packed.py --out "$OUT" --rows "${ROWS:-16g,24g}" --engines "${ENGINES:-bf16_copy,packed}" \
         --timeout 270 | grep -v "^{" | tail -40
     ;;
 *)
