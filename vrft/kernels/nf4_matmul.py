@@ -80,7 +80,7 @@ DEFAULTS = {
 # (these overrides) 308 us, in the same sweep.
 WIDE_ROWS = 32
 WIDE_DEFAULTS = {"BLOCK_N": 64, "DECODE": 0, "SCALE_AFTER": 0, "num_stages": 3}
-MMA_KERNEL = False  # decode batches through nf4_mma's kernel (`_launch`)
+MMA_KERNEL = True  # decode batches through nf4_mma's kernel (`_launch`)
 KERNEL_SWITCHES = ("GATHER", "TRANSPOSED", "DECODE", "SCALE_AFTER", "num_warps", "num_stages")  # passed as is
 
 
