@@ -9,7 +9,7 @@ timeout 200 python3 -m pytest -q -m gpu tests/kernels/test_nf4_mma.py \
     tests/kernels/test_nf4_matmul.py::test_one_launch_over_several_weights_equals_their_own_launches_under_graph_replay \
     > "$OUT/gpu_tests.log" 2>&1
 tail -15 "$OUT/gpu_tests.log"
-for kernel in _matmul_4bit_kernel _mma_4bit_kernel; do
+for kernel in ${NCU_KERNELS-_matmul_4bit_kernel _mma_4bit_kernel}; do
     timeout 120 ncu --clock-control none --set full -k "regex:$kernel" --launch-skip 2 --launch-count 1 \
         -o "$OUT/ncu_$kernel" python3 bench/rollout/mma_probe.py > "$OUT/ncu_run_$kernel.log" 2>&1
     ncu --import "$OUT/ncu_$kernel.ncu-rep" --page details > "$OUT/ncu_$kernel.txt" 2>&1

@@ -11,7 +11,6 @@ copy in the same run. Then the best variant per decoder layer at every `--rows`.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
 import time
@@ -29,18 +28,35 @@ from vrft.kernels.nf4_matmul import reference_matmul  # noqa: E402
 from vrft.kernels.nf4_mma import launch_config, matmul_4bit_mma  # noqa: E402
 
 DEVICE = torch.device("cuda")
-VARIANTS = [  # the likeliest first, in case the budget runs out; a register cap only where it can hold
-    {
-        "BLOCK_N": n,
-        "BLOCKS": b,
-        "UNROLL": u,
-        "programs_per_sm": p,
-        "num_warps": 4,
-        "maxnreg": 128
-        if (n, b, u) in ((128, 2, 1), (128, 1, 1), (64, 2, 1), (64, 4, 1), (64, 1, 1))
-        else None,
-    }
-    for n, b, u, p in itertools.product((128, 64, 256), (2, 4, 1), (1, 2), (4, 2, 8))
+# The first sweep (results/mma_call/: tiles, steps, unrolling, K split) found 64-row tiles of 4 blocks a
+# step best; this one adds the cp.async ring (STAGES) and programs of 1 or 2 warps, whose barriers are cheap.
+BASE = {
+    "BLOCK_N": 64,
+    "BLOCKS": 4,
+    "UNROLL": 1,
+    "num_warps": 4,
+    "programs_per_sm": 8,
+    "maxnreg": 128,
+    "STAGES": 0,
+}
+VARIANTS = [
+    BASE,
+    *({**BASE, "STAGES": s, "programs_per_sm": p} for s in (4, 2) for p in (8, 4)),
+    *({**BASE, "BLOCKS": 2, "STAGES": s, "programs_per_sm": p} for s in (8, 4) for p in (8, 4)),
+    *(
+        {**BASE, "BLOCK_N": 32, "num_warps": 2, "STAGES": s, "programs_per_sm": p}
+        for s in (4, 0)
+        for p in (16, 8)
+    ),
+    *(
+        {**BASE, "BLOCK_N": 16, "num_warps": 1, "STAGES": s, "programs_per_sm": p}
+        for s in (4, 0)
+        for p in (32, 16)
+    ),
+    {**BASE, "BLOCK_N": 16, "num_warps": 1, "BLOCKS": 2, "STAGES": 8, "programs_per_sm": 16},
+    {**BASE, "BLOCK_N": 32, "num_warps": 2, "BLOCKS": 2, "STAGES": 8, "programs_per_sm": 16},
+    {**BASE, "BLOCK_N": 128, "BLOCKS": 2, "STAGES": 4, "programs_per_sm": 4},
+    {**BASE, "maxnreg": None},
 ]
 
 

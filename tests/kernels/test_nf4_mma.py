@@ -94,7 +94,18 @@ def test_kernel_equals_bitsandbytes_dequantise_then_matmul(
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "choices", [{"BLOCKS": 1}, {"BLOCKS": 4}, {"BLOCK_N": 64}, {"BLOCK_N": 256}, {"UNROLL": 2}]
+    "choices",
+    [
+        {"BLOCKS": 1},
+        {"BLOCKS": 2, "BLOCK_N": 128},
+        {"BLOCK_N": 256, "BLOCKS": 2},
+        {"UNROLL": 2},
+        {"STAGES": 4},  # the cp.async ring
+        {"STAGES": 2, "BLOCKS": 2},
+        {"STAGES": 8, "BLOCKS": 1},
+        {"BLOCK_N": 16, "num_warps": 1, "STAGES": 4},  # one-warp programs
+        {"BLOCK_N": 32, "num_warps": 2},
+    ],
 )
 def test_every_tile_and_step_equals_bitsandbytes_in_fp16_too(choices):
     torch.manual_seed(0)
@@ -116,9 +127,10 @@ def nf4_mma_quantised(weight):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("split_k", [1, 2, 8])
+@pytest.mark.parametrize("split_k", [1, 2, 4])
 @pytest.mark.parametrize("rank", [8, 64])
-def test_fused_lora_term_and_split_k_reduction_under_graph_replay(split_k, rank):
+@pytest.mark.parametrize("stages", [0, 4])
+def test_fused_lora_term_and_split_k_reduction_under_graph_replay(split_k, rank, stages):
     torch.manual_seed(0)
     packed, state = quantised(384, 1024)
     x = torch.randn(16, 1024, dtype=torch.bfloat16, device="cuda")
@@ -126,7 +138,7 @@ def test_fused_lora_term_and_split_k_reduction_under_graph_replay(split_k, rank)
     lora_b = torch.randn(384, rank, device="cuda") * 0.05
     shared_a = torch.cat([torch.randn(8, 1024, device="cuda") * 0.05, lora_a])
     lora_in = (x.float() @ shared_a.T)[:, 8:]  # strided rows, as the packed engine passes them
-    config = {**nf4_mma.launch_config(16, 384, 1024, x.device), "SPLIT_K": split_k}
+    config = {**nf4_mma.launch_config(16, 384, 1024, x.device, STAGES=stages), "SPLIT_K": split_k}
 
     def call():
         return nf4_mma.launch((packed, state, None, lora_b), (384,), None, rank, x, lora_in, 2.0, config)

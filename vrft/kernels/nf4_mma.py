@@ -40,7 +40,7 @@ try:
     import triton
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 except ImportError:  # CPU-only installs, or a Triton without Gluon: `unsupported` says why
     gluon = None
 
@@ -70,6 +70,7 @@ MMA_DEFAULTS = {
     # a register cap (ptxas .maxnreg; None: none): 128 keeps four programs per multiprocessor where a
     # segments launch's table pointers took a 128-row tile to 147 registers (sm_90, no spills at 128)
     "maxnreg": 128,
+    "STAGES": 0,  # 0: the next step's codes in registers; S (a power of 2): a ring of S shared-memory slots
 }
 
 
@@ -104,7 +105,7 @@ def prmt_tables(code: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 @functools.cache
-def layouts(block_n: int, block_m: int, blocks: int, warps: int):
+def layouts(block_n: int, block_m: int, blocks: int, warps: int, stages: int = 0):
     """The kernel's layouts: (mma, A operand, B operand, packed words [block_n, 8 blocks], x [64 blocks,
     block_m]); the last two are the operands' layouts over physical columns (module docstring)."""
     mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[warps, 1], instr_shape=[16, 8])
@@ -129,7 +130,10 @@ def layouts(block_n: int, block_m: int, blocks: int, warps: int):
         block_bases=[],
         shape=[64 * blocks, block_m],
     )
-    return mma, operand_a, operand_b, words, x
+    # the ring's 32-byte units (one block of a row) swizzled by row: a half-warp's 8-byte reads of 4 rows
+    # then fall in 32 distinct banks at 4 blocks a row (unswizzled, rows 128 bytes apart: 4-way conflicts)
+    ring = gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=min(blocks, 4), order=[1, 0])  # per slot
+    return mma, operand_a, operand_b, words, x, ring
 
 
 def _halves_ptx() -> str:
@@ -241,7 +245,7 @@ if gluon is not None:
         NESTED: gl.constexpr, NESTED_BLOCKSIZE: gl.constexpr, HAS_BIAS: gl.constexpr,
         LORA_RANK: gl.constexpr, SEGMENTS: gl.constexpr,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCKS: gl.constexpr, SPLIT: gl.constexpr,
-        UNROLL: gl.constexpr, MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr, WORDS: gl.constexpr, XL: gl.constexpr,
+        UNROLL: gl.constexpr, STAGES: gl.constexpr, RING: gl.constexpr, MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr, WORDS: gl.constexpr, XL: gl.constexpr,
     ):  # fmt: skip
         DTYPE: gl.constexpr = x_ptr.dtype.element_ty
         STEP: gl.constexpr = 64 * BLOCKS  # columns per loop step
@@ -280,8 +284,12 @@ if gluon is not None:
         # flight while the step before is decoded and multiplied; the last step loads itself again rather than
         # taking a predicate. UNROLL 2 makes two steps an iteration, which saves the register copy of the
         # loaded words at each iteration's end (~0.1 instructions per weight) for more registers.
-        words_next = gl.load(word_ptrs + first * (8 * BLOCKS), mask=mask_w, other=0)
-        if UNROLL == 1:
+        if STAGES > 0:  # the codes through a ring of shared-memory slots, STAGES - 1 steps ahead (cp.async)
+            acc = _ring_loop(acc, word_ptrs, mask_w, first, last, x_ptrs, mask_x, code2_ptr, absmax_ptr,
+                             absmax2_ptr, offset, row_blocks, mask_s, tables, BLOCK_N, BLOCK_M, BLOCKS, NESTED,
+                             NESTED_BLOCKSIZE, DTYPE, STAGES, RING, MMA, A, B, WORDS)  # fmt: skip
+        elif UNROLL == 1:
+            words_next = gl.load(word_ptrs + first * (8 * BLOCKS), mask=mask_w, other=0)
             for step in range(first, last):
                 words = words_next
                 words_next = gl.load(
@@ -291,6 +299,7 @@ if gluon is not None:
                             row_blocks, mask_s, tables, BLOCK_N, BLOCK_M, BLOCKS, NESTED, NESTED_BLOCKSIZE, DTYPE,
                             MMA, A, B)  # fmt: skip
         else:
+            words_next = gl.load(word_ptrs + first * (8 * BLOCKS), mask=mask_w, other=0)
             for step in range(first, last, 2):
                 words_odd = gl.load(
                     word_ptrs + gl.minimum(step + 1, last - 1) * (8 * BLOCKS), mask=mask_w, other=0
@@ -315,6 +324,36 @@ if gluon is not None:
                              lora_rank, stride_lm, DTYPE, BLOCK_M, BLOCK_N, MMA, A, B)  # fmt: skip
         _store(acc, pid_n, pid_m, pid_k, rows_s, M, N, partial_ptr, counter_ptr, split_k, bias_ptr, y_ptr,
                stride_ym, BLOCK_M, BLOCK_N, SPLIT, HAS_BIAS, MMA)  # fmt: skip
+
+    @gluon.jit
+    def _ring_loop(acc, word_ptrs, mask_w, first, last, x_ptrs, mask_x, code2_ptr, absmax_ptr, absmax2_ptr,
+                   offset, row_blocks, mask_s, tables, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
+                   BLOCKS: gl.constexpr, NESTED: gl.constexpr, NESTED_BLOCKSIZE: gl.constexpr,
+                   DTYPE: gl.constexpr, STAGES: gl.constexpr, RING: gl.constexpr, MMA: gl.constexpr,
+                   A: gl.constexpr, B: gl.constexpr, WORDS: gl.constexpr):  # fmt: skip
+        """The K loop with the packed codes copied into a ring of STAGES shared-memory slots (cp.async),
+        STAGES - 1 steps ahead: the bytes in flight wait in shared memory instead of registers. Each thread
+        reads back the words it copied itself (one layout for both)."""
+        ring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, 8 * BLOCKS], RING)
+        for stage in gl.static_range(STAGES - 1):
+            early = gl.minimum(first + stage, last - 1)
+            async_copy.async_copy_global_to_shared(
+                ring.index(stage), word_ptrs + early * (8 * BLOCKS), mask=mask_w
+            )
+            async_copy.commit_group()
+        for step in range(first, last):
+            index = step - first
+            ahead = gl.minimum(step + STAGES - 1, last - 1)  # the last steps copy the last one again
+            slot = ring.index((index + STAGES - 1) % STAGES)
+            async_copy.async_copy_global_to_shared(slot, word_ptrs + ahead * (8 * BLOCKS), mask=mask_w)
+            async_copy.commit_group()
+            async_copy.wait_group(STAGES - 1)
+            words = ring.index(index % STAGES).load(WORDS)
+            acc = _step(acc, words, step, x_ptrs, mask_x, code2_ptr, absmax_ptr, absmax2_ptr, offset,
+                        row_blocks, mask_s, tables, BLOCK_N, BLOCK_M, BLOCKS, NESTED, NESTED_BLOCKSIZE, DTYPE,
+                        MMA, A, B)  # fmt: skip
+        async_copy.wait_group(0)
+        return acc
 
     @gluon.jit
     def _step(acc, words, step, x_ptrs, mask_x, code2_ptr, absmax_ptr, absmax2_ptr, offset, row_blocks, mask_s,
@@ -469,6 +508,7 @@ def launch_config(rows: int, out_features: int, in_features: int, device: torch.
         "BLOCK_N": chosen["BLOCK_N"],
         "BLOCKS": blocks,
         "UNROLL": chosen["UNROLL"],
+        "STAGES": chosen["STAGES"],
         "SPLIT_K": split_k,
         "num_warps": chosen["num_warps"],
         "maxnreg": chosen["maxnreg"],
@@ -505,7 +545,9 @@ def launch(first, out_features, table, rank, x, lora_in, lora_scale, config) -> 
     state2 = quant_state.state2 if nested else quant_state
     if lora_in is not None and lora_in.stride(1) != 1:
         lora_in = lora_in.contiguous()
-    mma, operand_a, operand_b, words, x_layout = layouts(block_n, block_m, blocks, warps)
+    mma, operand_a, operand_b, words, x_layout, ring = layouts(
+        block_n, block_m, blocks, warps, config.get("STAGES", 0)
+    )
     _mma_4bit_kernel[grid](
         x, packed.reshape(-1).view(torch.int32), quant_state.absmax, quant_state.code, state2.absmax, state2.code,
         quant_state.offset if nested else quant_state.absmax, bias if bias is not None else y,
@@ -517,6 +559,7 @@ def launch(first, out_features, table, rank, x, lora_in, lora_scale, config) -> 
         LORA_RANK=max(16, triton.next_power_of_2(rank)) if rank else 0,
         SEGMENTS=0 if table is None else len(out_features),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCKS=blocks, SPLIT=split_k > 1, UNROLL=config["UNROLL"],
+        STAGES=config.get("STAGES", 0), RING=ring,
         MMA=mma, A=operand_a, B=operand_b, WORDS=words, XL=x_layout,
         num_warps=warps, **({"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {}),
     )  # fmt: skip
@@ -536,11 +579,13 @@ def compile_for(config: dict, arch: int = 90, dtype: str = "bf16", nested: bool 
         config["BLOCKS"],
         config["num_warps"],
     )
-    mma, operand_a, operand_b, words, x_layout = layouts(block_n, block_m, blocks, warps)
+    mma, operand_a, operand_b, words, x_layout, ring = layouts(
+        block_n, block_m, blocks, warps, config.get("STAGES", 0)
+    )
     constants = {
         "NESTED": nested, "NESTED_BLOCKSIZE": 256 if nested else 1, "HAS_BIAS": bias,
         "LORA_RANK": lora_rank, "SEGMENTS": segments, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCKS": blocks,
-        "SPLIT": config["SPLIT_K"] > 1, "UNROLL": config["UNROLL"],
+        "SPLIT": config["SPLIT_K"] > 1, "UNROLL": config["UNROLL"], "STAGES": config.get("STAGES", 0), "RING": ring,
         "MMA": mma, "A": operand_a, "B": operand_b, "WORDS": words, "XL": x_layout,
     }  # fmt: skip
     pointers = {
