@@ -28,34 +28,18 @@ from vrft.kernels.nf4_matmul import reference_matmul  # noqa: E402
 from vrft.kernels.nf4_mma import launch_config, matmul_4bit_mma  # noqa: E402
 
 DEVICE = torch.device("cuda")
-# The first sweep (results/mma_call/: tiles, steps, unrolling, K split) found 64-row tiles of 4 blocks a
-# step best; this one adds the cp.async ring (STAGES) and programs of 1 or 2 warps, whose barriers are cheap.
-BASE = {
-    "BLOCK_N": 64,
-    "BLOCKS": 4,
-    "UNROLL": 1,
-    "num_warps": 4,
-    "programs_per_sm": 8,
-    "maxnreg": 128,
-    "STAGES": 0,
-}
+# Two sweeps on the H200 (2026-12-05): results/mma_call/ (tiles, blocks a step, K split, two steps an
+# iteration) and results/mma_ring_call/ (a cp.async ring of shared-memory slots for the codes, 1- and 2-warp
+# programs; the ring and the two-step iteration lost everywhere and were removed after c592d5b). This
+# sweep: around MMA_DEFAULTS.
+BASE = {"BLOCK_N": 64, "BLOCKS": 4, "num_warps": 4, "programs_per_sm": 8, "maxnreg": 128}
 VARIANTS = [
     BASE,
-    *({**BASE, "STAGES": s, "programs_per_sm": p} for s in (4, 2) for p in (8, 4)),
-    *({**BASE, "BLOCKS": 2, "STAGES": s, "programs_per_sm": p} for s in (8, 4) for p in (8, 4)),
-    *(
-        {**BASE, "BLOCK_N": 32, "num_warps": 2, "STAGES": s, "programs_per_sm": p}
-        for s in (4, 0)
-        for p in (16, 8)
-    ),
-    *(
-        {**BASE, "BLOCK_N": 16, "num_warps": 1, "STAGES": s, "programs_per_sm": p}
-        for s in (4, 0)
-        for p in (32, 16)
-    ),
-    {**BASE, "BLOCK_N": 16, "num_warps": 1, "BLOCKS": 2, "STAGES": 8, "programs_per_sm": 16},
-    {**BASE, "BLOCK_N": 32, "num_warps": 2, "BLOCKS": 2, "STAGES": 8, "programs_per_sm": 16},
-    {**BASE, "BLOCK_N": 128, "BLOCKS": 2, "STAGES": 4, "programs_per_sm": 4},
+    *({**BASE, "programs_per_sm": p} for p in (4, 16)),
+    *({**BASE, "BLOCKS": b} for b in (1, 2)),
+    {**BASE, "BLOCK_N": 128, "BLOCKS": 2, "programs_per_sm": 4},
+    {**BASE, "BLOCK_N": 32, "num_warps": 2, "programs_per_sm": 16},
+    {**BASE, "BLOCK_N": 16, "num_warps": 1, "programs_per_sm": 32},
     {**BASE, "maxnreg": None},
 ]
 

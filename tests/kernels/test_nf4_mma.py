@@ -99,11 +99,7 @@ def test_kernel_equals_bitsandbytes_dequantise_then_matmul(
         {"BLOCKS": 1},
         {"BLOCKS": 2, "BLOCK_N": 128},
         {"BLOCK_N": 256, "BLOCKS": 2},
-        {"UNROLL": 2},
-        {"STAGES": 4},  # the cp.async ring
-        {"STAGES": 2, "BLOCKS": 2},
-        {"STAGES": 8, "BLOCKS": 1},
-        {"BLOCK_N": 16, "num_warps": 1, "STAGES": 4},  # one-warp programs
+        {"BLOCK_N": 16, "num_warps": 1},  # one-warp programs
         {"BLOCK_N": 32, "num_warps": 2},
     ],
 )
@@ -129,8 +125,7 @@ def nf4_mma_quantised(weight):
 @pytest.mark.gpu
 @pytest.mark.parametrize("split_k", [1, 2, 4])
 @pytest.mark.parametrize("rank", [8, 64])
-@pytest.mark.parametrize("stages", [0, 4])
-def test_fused_lora_term_and_split_k_reduction_under_graph_replay(split_k, rank, stages):
+def test_fused_lora_term_and_split_k_reduction_under_graph_replay(split_k, rank):
     torch.manual_seed(0)
     packed, state = quantised(384, 1024)
     x = torch.randn(16, 1024, dtype=torch.bfloat16, device="cuda")
@@ -138,7 +133,7 @@ def test_fused_lora_term_and_split_k_reduction_under_graph_replay(split_k, rank,
     lora_b = torch.randn(384, rank, device="cuda") * 0.05
     shared_a = torch.cat([torch.randn(8, 1024, device="cuda") * 0.05, lora_a])
     lora_in = (x.float() @ shared_a.T)[:, 8:]  # strided rows, as the packed engine passes them
-    config = {**nf4_mma.launch_config(16, 384, 1024, x.device, STAGES=stages), "SPLIT_K": split_k}
+    config = {**nf4_mma.launch_config(16, 384, 1024, x.device), "SPLIT_K": split_k}
 
     def call():
         return nf4_mma.launch((packed, state, None, lora_b), (384,), None, rank, x, lora_in, 2.0, config)

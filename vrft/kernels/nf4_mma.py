@@ -24,8 +24,13 @@ one dot per 64-weight quantisation block into a fresh fp32 sum, scaled by the bl
 `dequantize_4bit`'s; tests/kernels). The next loop step's codes are loaded before this step's are used, so
 each warp keeps a step of loads in flight. `mma.sync` runs on sm_80 and later: the RTX 4090 (sm_89) too.
 
+Measured on the H200 (bench/rollout/results.md, "A kernel without shared memory"): 130 us per 7B decoder
+layer at 16 rows against `nf4_matmul`'s 154 (gate/up 31.6 against 35.6 us: 23% of the bandwidth bound, not
+the 40% hoped for). Nsight Compute: the barriers are gone and the issue rate rose (IPC 1.79 against 1.42),
+but with four programs per multiprocessor the warps still wait most cycles (L1TEX loads, a third).
+
 Handles: blocksize 64 (bitsandbytes' default), NF4 / FP4, bf16 / fp16, nested or plain absmax, up to 32
-rows of `x`, K a multiple of 64 * BLOCKS; the rest goes to `nf4_matmul`.
+rows of `x`, K a multiple of 64; the rest goes to `nf4_matmul`.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ try:
     import triton
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 except ImportError:  # CPU-only installs, or a Triton without Gluon: `unsupported` says why
     gluon = None
 
@@ -70,7 +75,6 @@ MMA_DEFAULTS = {
     # a register cap (ptxas .maxnreg; None: none): 128 keeps four programs per multiprocessor where a
     # segments launch's table pointers took a 128-row tile to 147 registers (sm_90, no spills at 128)
     "maxnreg": 128,
-    "STAGES": 0,  # 0: the next step's codes in registers; S (a power of 2): a ring of S shared-memory slots
 }
 
 
@@ -105,7 +109,7 @@ def prmt_tables(code: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 @functools.cache
-def layouts(block_n: int, block_m: int, blocks: int, warps: int, stages: int = 0):
+def layouts(block_n: int, block_m: int, blocks: int, warps: int):
     """The kernel's layouts: (mma, A operand, B operand, packed words [block_n, 8 blocks], x [64 blocks,
     block_m]); the last two are the operands' layouts over physical columns (module docstring)."""
     mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[warps, 1], instr_shape=[16, 8])
@@ -130,10 +134,7 @@ def layouts(block_n: int, block_m: int, blocks: int, warps: int, stages: int = 0
         block_bases=[],
         shape=[64 * blocks, block_m],
     )
-    # the ring's 32-byte units (one block of a row) swizzled by row: a half-warp's 8-byte reads of 4 rows
-    # then fall in 32 distinct banks at 4 blocks a row (unswizzled, rows 128 bytes apart: 4-way conflicts)
-    ring = gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=min(blocks, 4), order=[1, 0])  # per slot
-    return mma, operand_a, operand_b, words, x, ring
+    return mma, operand_a, operand_b, words, x
 
 
 def _halves_ptx() -> str:
@@ -245,7 +246,7 @@ if gluon is not None:
         NESTED: gl.constexpr, NESTED_BLOCKSIZE: gl.constexpr, HAS_BIAS: gl.constexpr,
         LORA_RANK: gl.constexpr, SEGMENTS: gl.constexpr,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCKS: gl.constexpr, SPLIT: gl.constexpr,
-        UNROLL: gl.constexpr, STAGES: gl.constexpr, RING: gl.constexpr, MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr, WORDS: gl.constexpr, XL: gl.constexpr,
+        MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr, WORDS: gl.constexpr, XL: gl.constexpr,
     ):  # fmt: skip
         DTYPE: gl.constexpr = x_ptr.dtype.element_ty
         STEP: gl.constexpr = 64 * BLOCKS  # columns per loop step
@@ -282,38 +283,16 @@ if gluon is not None:
         last = gl.minimum(first + iters_per_split, K // STEP)
         # Each step loads the codes of the step after it before decoding its own, so a step's loads are in
         # flight while the step before is decoded and multiplied; the last step loads itself again rather than
-        # taking a predicate. UNROLL 2 makes two steps an iteration, which saves the register copy of the
-        # loaded words at each iteration's end (~0.1 instructions per weight) for more registers.
-        if STAGES > 0:  # the codes through a ring of shared-memory slots, STAGES - 1 steps ahead (cp.async)
-            acc = _ring_loop(acc, word_ptrs, mask_w, first, last, x_ptrs, mask_x, code2_ptr, absmax_ptr,
-                             absmax2_ptr, offset, row_blocks, mask_s, tables, BLOCK_N, BLOCK_M, BLOCKS, NESTED,
-                             NESTED_BLOCKSIZE, DTYPE, STAGES, RING, MMA, A, B, WORDS)  # fmt: skip
-        elif UNROLL == 1:
-            words_next = gl.load(word_ptrs + first * (8 * BLOCKS), mask=mask_w, other=0)
-            for step in range(first, last):
-                words = words_next
-                words_next = gl.load(
-                    word_ptrs + gl.minimum(step + 1, last - 1) * (8 * BLOCKS), mask=mask_w, other=0
-                )
-                acc = _step(acc, words, step, x_ptrs, mask_x, code2_ptr, absmax_ptr, absmax2_ptr, offset,
-                            row_blocks, mask_s, tables, BLOCK_N, BLOCK_M, BLOCKS, NESTED, NESTED_BLOCKSIZE, DTYPE,
-                            MMA, A, B)  # fmt: skip
-        else:
-            words_next = gl.load(word_ptrs + first * (8 * BLOCKS), mask=mask_w, other=0)
-            for step in range(first, last, 2):
-                words_odd = gl.load(
-                    word_ptrs + gl.minimum(step + 1, last - 1) * (8 * BLOCKS), mask=mask_w, other=0
-                )
-                acc = _step(acc, words_next, step, x_ptrs, mask_x, code2_ptr, absmax_ptr, absmax2_ptr, offset,
-                            row_blocks, mask_s, tables, BLOCK_N, BLOCK_M, BLOCKS, NESTED, NESTED_BLOCKSIZE, DTYPE,
-                            MMA, A, B)  # fmt: skip
-                words_next = gl.load(
-                    word_ptrs + gl.minimum(step + 2, last - 1) * (8 * BLOCKS), mask=mask_w, other=0
-                )
-                if step + 1 < last:
-                    acc = _step(acc, words_odd, step + 1, x_ptrs, mask_x, code2_ptr, absmax_ptr, absmax2_ptr, offset,
-                                row_blocks, mask_s, tables, BLOCK_N, BLOCK_M, BLOCKS, NESTED, NESTED_BLOCKSIZE, DTYPE,
-                                MMA, A, B)  # fmt: skip
+        # taking a predicate. (Two steps an iteration, which saves the register copy of the words, and a
+        # cp.async ring of shared-memory slots were slower: bench/rollout/results.md.)
+        words_next = gl.load(word_ptrs + first * (8 * BLOCKS), mask=mask_w, other=0)
+        for step in range(first, last):
+            words = words_next
+            words_next = gl.load(
+                word_ptrs + gl.minimum(step + 1, last - 1) * (8 * BLOCKS), mask=mask_w, other=0
+            )
+            acc = _step(acc, words, step, x_ptrs, mask_x, code2_ptr, absmax_ptr, absmax2_ptr, offset, row_blocks,
+                        mask_s, tables, BLOCK_N, BLOCK_M, BLOCKS, NESTED, NESTED_BLOCKSIZE, DTYPE, MMA, A, B)  # fmt: skip
         if SEGMENTS > 0:  # the outputs' pointers read only now: held through the loop they cost ~20 registers
             row, tile_n, N = _segment(segments_ptr, pid_n, SEGMENTS, BLOCK_N)
             bias_ptr, lora_in_ptr, lora_b_ptr, y_ptr, lora_rank = _segment_outputs(
@@ -324,36 +303,6 @@ if gluon is not None:
                              lora_rank, stride_lm, DTYPE, BLOCK_M, BLOCK_N, MMA, A, B)  # fmt: skip
         _store(acc, pid_n, pid_m, pid_k, rows_s, M, N, partial_ptr, counter_ptr, split_k, bias_ptr, y_ptr,
                stride_ym, BLOCK_M, BLOCK_N, SPLIT, HAS_BIAS, MMA)  # fmt: skip
-
-    @gluon.jit
-    def _ring_loop(acc, word_ptrs, mask_w, first, last, x_ptrs, mask_x, code2_ptr, absmax_ptr, absmax2_ptr,
-                   offset, row_blocks, mask_s, tables, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
-                   BLOCKS: gl.constexpr, NESTED: gl.constexpr, NESTED_BLOCKSIZE: gl.constexpr,
-                   DTYPE: gl.constexpr, STAGES: gl.constexpr, RING: gl.constexpr, MMA: gl.constexpr,
-                   A: gl.constexpr, B: gl.constexpr, WORDS: gl.constexpr):  # fmt: skip
-        """The K loop with the packed codes copied into a ring of STAGES shared-memory slots (cp.async),
-        STAGES - 1 steps ahead: the bytes in flight wait in shared memory instead of registers. Each thread
-        reads back the words it copied itself (one layout for both)."""
-        ring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, 8 * BLOCKS], RING)
-        for stage in gl.static_range(STAGES - 1):
-            early = gl.minimum(first + stage, last - 1)
-            async_copy.async_copy_global_to_shared(
-                ring.index(stage), word_ptrs + early * (8 * BLOCKS), mask=mask_w
-            )
-            async_copy.commit_group()
-        for step in range(first, last):
-            index = step - first
-            ahead = gl.minimum(step + STAGES - 1, last - 1)  # the last steps copy the last one again
-            slot = ring.index((index + STAGES - 1) % STAGES)
-            async_copy.async_copy_global_to_shared(slot, word_ptrs + ahead * (8 * BLOCKS), mask=mask_w)
-            async_copy.commit_group()
-            async_copy.wait_group(STAGES - 1)
-            words = ring.index(index % STAGES).load(WORDS)
-            acc = _step(acc, words, step, x_ptrs, mask_x, code2_ptr, absmax_ptr, absmax2_ptr, offset,
-                        row_blocks, mask_s, tables, BLOCK_N, BLOCK_M, BLOCKS, NESTED, NESTED_BLOCKSIZE, DTYPE,
-                        MMA, A, B)  # fmt: skip
-        async_copy.wait_group(0)
-        return acc
 
     @gluon.jit
     def _step(acc, words, step, x_ptrs, mask_x, code2_ptr, absmax_ptr, absmax2_ptr, offset, row_blocks, mask_s,
@@ -493,7 +442,7 @@ if gluon is not None:
 def launch_config(rows: int, out_features: int, in_features: int, device: torch.device, **choices) -> dict:
     """Tiles and K split for one call (`MMA_DEFAULTS` overridden by `choices`): enough programs that each
     multiprocessor holds about `programs_per_sm`, each K slice whole loop steps."""
-    chosen = {**MMA_DEFAULTS, "UNROLL": 1, **choices}
+    chosen = {**MMA_DEFAULTS, **choices}
     blocks = chosen["BLOCKS"]
     while in_features % (64 * blocks):
         blocks //= 2
@@ -507,8 +456,6 @@ def launch_config(rows: int, out_features: int, in_features: int, device: torch.
         "BLOCK_M": block_m,
         "BLOCK_N": chosen["BLOCK_N"],
         "BLOCKS": blocks,
-        "UNROLL": chosen["UNROLL"],
-        "STAGES": chosen["STAGES"],
         "SPLIT_K": split_k,
         "num_warps": chosen["num_warps"],
         "maxnreg": chosen["maxnreg"],
@@ -545,9 +492,7 @@ def launch(first, out_features, table, rank, x, lora_in, lora_scale, config) -> 
     state2 = quant_state.state2 if nested else quant_state
     if lora_in is not None and lora_in.stride(1) != 1:
         lora_in = lora_in.contiguous()
-    mma, operand_a, operand_b, words, x_layout, ring = layouts(
-        block_n, block_m, blocks, warps, config.get("STAGES", 0)
-    )
+    mma, operand_a, operand_b, words, x_layout = layouts(block_n, block_m, blocks, warps)
     _mma_4bit_kernel[grid](
         x, packed.reshape(-1).view(torch.int32), quant_state.absmax, quant_state.code, state2.absmax, state2.code,
         quant_state.offset if nested else quant_state.absmax, bias if bias is not None else y,
@@ -558,8 +503,7 @@ def launch(first, out_features, table, rank, x, lora_in, lora_scale, config) -> 
         NESTED=nested, NESTED_BLOCKSIZE=state2.blocksize if nested else 1, HAS_BIAS=bias is not None,
         LORA_RANK=max(16, triton.next_power_of_2(rank)) if rank else 0,
         SEGMENTS=0 if table is None else len(out_features),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCKS=blocks, SPLIT=split_k > 1, UNROLL=config["UNROLL"],
-        STAGES=config.get("STAGES", 0), RING=ring,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCKS=blocks, SPLIT=split_k > 1,
         MMA=mma, A=operand_a, B=operand_b, WORDS=words, XL=x_layout,
         num_warps=warps, **({"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {}),
     )  # fmt: skip
@@ -579,13 +523,11 @@ def compile_for(config: dict, arch: int = 90, dtype: str = "bf16", nested: bool 
         config["BLOCKS"],
         config["num_warps"],
     )
-    mma, operand_a, operand_b, words, x_layout, ring = layouts(
-        block_n, block_m, blocks, warps, config.get("STAGES", 0)
-    )
+    mma, operand_a, operand_b, words, x_layout = layouts(block_n, block_m, blocks, warps)
     constants = {
         "NESTED": nested, "NESTED_BLOCKSIZE": 256 if nested else 1, "HAS_BIAS": bias,
         "LORA_RANK": lora_rank, "SEGMENTS": segments, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCKS": blocks,
-        "SPLIT": config["SPLIT_K"] > 1, "UNROLL": config["UNROLL"], "STAGES": config.get("STAGES", 0), "RING": ring,
+        "SPLIT": config["SPLIT_K"] > 1,
         "MMA": mma, "A": operand_a, "B": operand_b, "WORDS": words, "XL": x_layout,
     }  # fmt: skip
     pointers = {
