@@ -30,17 +30,19 @@ from vrft.kernels.nf4_mma import launch_config, matmul_4bit_mma  # noqa: E402
 DEVICE = torch.device("cuda")
 # Two sweeps on the H200 (2026-12-05): results/mma_call/ (tiles, blocks a step, K split, two steps an
 # iteration) and results/mma_ring_call/ (a cp.async ring of shared-memory slots for the codes, 1- and 2-warp
-# programs; the ring and the two-step iteration lost everywhere and were removed after c592d5b). This
-# sweep: around MMA_DEFAULTS.
+# programs; the ring and the two-step iteration lost everywhere and were removed after c592d5b). This one:
+# register caps that let more programs share a multiprocessor (ptxas spills none in the K loop at these).
 BASE = {"BLOCK_N": 64, "BLOCKS": 4, "num_warps": 4, "programs_per_sm": 8, "maxnreg": 128}
 VARIANTS = [
     BASE,
-    *({**BASE, "programs_per_sm": p} for p in (4, 16)),
-    *({**BASE, "BLOCKS": b} for b in (1, 2)),
-    {**BASE, "BLOCK_N": 128, "BLOCKS": 2, "programs_per_sm": 4},
-    {**BASE, "BLOCK_N": 32, "num_warps": 2, "programs_per_sm": 16},
-    {**BASE, "BLOCK_N": 16, "num_warps": 1, "programs_per_sm": 32},
-    {**BASE, "maxnreg": None},
+    *({**BASE, "BLOCKS": 1, "maxnreg": r, "programs_per_sm": p} for r in (64, 80) for p in (8, 16)),
+    *({**BASE, "BLOCKS": 2, "maxnreg": r, "programs_per_sm": p} for r in (80, 96) for p in (8, 16)),
+    {**BASE, "maxnreg": 96},
+    *(
+        {**BASE, "BLOCK_N": 32, "num_warps": 2, "BLOCKS": 2, "maxnreg": 80, "programs_per_sm": p}
+        for p in (16, 24)
+    ),
+    {**BASE, "BLOCK_N": 32, "num_warps": 2, "BLOCKS": 1, "maxnreg": 64, "programs_per_sm": 16},
 ]
 
 

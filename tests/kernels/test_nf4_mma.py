@@ -99,6 +99,8 @@ def test_kernel_equals_bitsandbytes_dequantise_then_matmul(
         {"BLOCKS": 1},
         {"BLOCKS": 2, "BLOCK_N": 128},
         {"BLOCK_N": 256, "BLOCKS": 2},
+        {"BLOCKS": 1, "maxnreg": 64},  # register caps
+        {"BLOCKS": 2, "maxnreg": 80},
         {"BLOCK_N": 16, "num_warps": 1},  # one-warp programs
         {"BLOCK_N": 32, "num_warps": 2},
     ],
