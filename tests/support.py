@@ -14,3 +14,21 @@ LENGTH_REWARD = [
     "+task.rewards.length.fn._target_=tests.support.length_reward",
     "+task.rewards.length.fn._partial_=true",
 ]
+
+
+def bare_trainer(accelerator: str, max_steps: int, plugin, **options):
+    """A one-device Lightning `Trainer` with `plugin` and nothing else: no logger, checkpoints, progress bar
+    or model summary (`options` adds to it)."""
+    import lightning as L
+
+    return L.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        max_steps=max_steps,
+        plugins=[plugin],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **options,
+    )

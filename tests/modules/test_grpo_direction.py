@@ -7,12 +7,12 @@ are the training code itself, run by a Lightning `Trainer` for one step.
 
 from __future__ import annotations
 
-import lightning as L
 import torch
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from tests.support import bare_trainer
 from vrft.models.policy import LoraSpec, ModelSpec
 from vrft.modules.grpo import GRPOModule
 from vrft.modules.losses import SequenceMeanLoss
@@ -95,17 +95,7 @@ def logprob_change_after_one_step(rewards: dict[str, float], tmp_path) -> Tensor
     rollout = fixed_rollout(module)
     module.generate = lambda *args, **kwargs: rollout  # the one stage replaced: sampling
     before = sequence_logprobs(module, rollout)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=1,
-        plugins=[VrftPrecision()],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = bare_trainer("cpu", 1, VrftPrecision(), default_root_dir=tmp_path)
     trainer.fit(module, train_dataloaders=DataLoader([ROW], batch_size=1, collate_fn=list))
     assert trainer.global_step == 1
     return sequence_logprobs(module, rollout) - before

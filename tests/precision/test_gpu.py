@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
 from test_trainer_integration import TinyPolicyModule
@@ -15,6 +14,7 @@ from tiny_lora import (
     token_batch,
 )
 
+from tests.support import bare_trainer
 from vrft.precision import (
     Fp16Precision,
     Int4Precision,
@@ -96,17 +96,7 @@ def test_int4_qat_matches_the_merged_requantized_model_on_cuda():
 def test_gpu_trainer_with_manual_optimization(make_plugin, tmp_path):
     plugin = make_plugin()
     module = TinyPolicyModule(clip_val=1.0, inject_inf_at=0 if plugin.scaler is not None else None)
-    trainer = L.Trainer(
-        accelerator="gpu",
-        devices=1,
-        max_steps=2,
-        plugins=[plugin],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = bare_trainer("gpu", 2, plugin, default_root_dir=tmp_path)
     trainer.fit(module)
     assert plugin.device_type == "cuda"
     expected_moves = [False, True] if plugin.scaler is not None else [True, True]

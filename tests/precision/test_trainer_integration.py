@@ -8,6 +8,7 @@ import torch
 from tiny_lora import lora_model, lora_parameters, token_batch
 from torch.utils.data import DataLoader
 
+from tests.support import bare_trainer
 from vrft.precision import (
     Bf16Precision,
     Fp16Precision,
@@ -104,17 +105,7 @@ class TinyPolicyModule(L.LightningModule):
 
 
 def fit(plugin: VrftPrecision, module: TinyPolicyModule, tmp_path, max_steps: int = 2, ckpt_path=None):
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=max_steps,
-        plugins=[plugin],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = bare_trainer("cpu", max_steps, plugin, default_root_dir=tmp_path)
     module.strict_loading = False  # the checkpoint holds the adapter only
     trainer.fit(module, ckpt_path=ckpt_path)
     return trainer

@@ -1,11 +1,11 @@
 """Sampling never emits the special tokens the training forward would misread as image placeholders."""
 
-import lightning as L
 import pytest
 import torch
 from PIL import Image
 from torch import nn
 
+from tests.support import bare_trainer
 from vrft.models.policy import LoraSpec, ModelSpec, base_model, load_processor_for
 from vrft.modules.grpo import GRPOModule
 from vrft.modules.losses import SequenceMeanLoss
@@ -78,16 +78,7 @@ def train_one_step(engine: str, accelerator: str) -> tuple[list, int]:
         {"image": Image.new("RGB", (56, 56), (200, 0, 0)), "problem": "Colour?", "solution": "red"},
         {"image": Image.new("RGB", (56, 84), (0, 0, 200)), "problem": "Colour?", "solution": "blue"},
     ]
-    trainer = L.Trainer(
-        accelerator=accelerator,
-        devices=1,
-        max_steps=1,
-        plugins=[VrftPrecision()],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = bare_trainer(accelerator, 1, VrftPrecision())
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=2, collate_fn=list))
     return rollouts, image_pad
 

@@ -48,7 +48,7 @@ except ImportError:  # CPU-only installs: supports() says why, reference_matmul 
 from vrft.kernels import nf4_mma
 from vrft.kernels.nf4_decode import DECODE_BYTES, DECODE_PRMT
 from vrft.kernels.nf4_segments import Segments
-from vrft.kernels.workspace import multiprocessors, split_workspace
+from vrft.kernels.workspace import launch_outputs, multiprocessors
 
 if triton is not None:
     from vrft.kernels.nf4_decode import absmax, code_books, decode
@@ -348,8 +348,7 @@ def _launch(x, first, out_features, table, rank, lora_in, lora_scale, config) ->
     if split_k > steps:
         raise ValueError(f"SPLIT_K={split_k} is more than the {steps} loop steps of a row")
     grid = (sum(triton.cdiv(n, block_n) for n in out_features), triton.cdiv(rows, block_m), split_k)
-    y = torch.empty(rows, sum(out_features), dtype=x.dtype, device=x.device)
-    partial, counters = split_workspace(x, grid, block_m, block_n)
+    y, partial, counters = launch_outputs(x, sum(out_features), grid, block_m, block_n)
     nested = quant_state.nested
     state2 = quant_state.state2 if nested else quant_state
     if lora_in is not None and lora_in.stride(1) != 1:

@@ -51,7 +51,7 @@ except ImportError:  # CPU-only installs, or a Triton without Gluon: `unsupporte
 
 from vrft.kernels.nf4_decode import PRMT_DECODE_PTX
 from vrft.kernels.nf4_segments import SEGMENT_FIELDS
-from vrft.kernels.workspace import multiprocessors, split_workspace
+from vrft.kernels.workspace import launch_outputs, multiprocessors
 
 BLOCKSIZE = 64
 MAX_ROWS = 32
@@ -486,8 +486,7 @@ def launch(first, out_features, table, rank, x, lora_in, lora_scale, config) -> 
     if rows > block_m:
         raise ValueError(f"{rows} rows > BLOCK_M={block_m}")
     grid = (sum(triton.cdiv(n, block_n) for n in out_features), 1, split_k)
-    y = torch.empty(rows, sum(out_features), dtype=x.dtype, device=x.device)
-    partial, counters = split_workspace(x, grid, block_m, block_n)
+    y, partial, counters = launch_outputs(x, sum(out_features), grid, block_m, block_n)
     nested = quant_state.nested
     state2 = quant_state.state2 if nested else quant_state
     if lora_in is not None and lora_in.stride(1) != 1:

@@ -34,3 +34,10 @@ def split_workspace(
         counters = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=x.device)
         _COUNTERS[x.device] = counters
     return partial, counters
+
+
+def launch_outputs(x: Tensor, width: int, grid: tuple[int, int, int], block_m: int, block_n: int):
+    """What a 4-bit matmul launch over `grid` writes: `(y [rows, width] in x's dtype, partial, counters)`,
+    the last two from `split_workspace`."""
+    y = torch.empty(x.shape[0], width, dtype=x.dtype, device=x.device)
+    return (y, *split_workspace(x, grid, block_m, block_n))
