@@ -2,6 +2,7 @@
 its outputs against bitsandbytes' dequantise-then-matmul."""
 
 import importlib.util
+import types
 
 import pytest
 import torch
@@ -63,6 +64,54 @@ def test_the_main_loop_uses_no_shared_memory_and_keeps_four_programs_per_multipr
     assert not {"STS", "LDS", "LDSM", "BAR", "SHFL"} & set(loop), loop
     usage = registers(compiled)
     assert usage["stack_bytes"] == 0 and usage["programs_per_sm"] >= 4, usage
+
+
+def test_matmul_4bit_takes_this_kernel_only_when_switched_on(monkeypatch):
+    # Off by default until the rollout engines' GPU tests and rows have run with it (bench/rollout/results.md)
+    state = types.SimpleNamespace(quant_type="nf4", blocksize=64)
+    x = torch.zeros(16, 1024, dtype=torch.bfloat16)
+    assert nf4_matmul.mma_unsupported(state, x, 16) == "nf4_matmul.MMA_KERNEL is off"
+    monkeypatch.setattr(nf4_matmul, "MMA_KERNEL", True)
+    assert "33 rows" in nf4_matmul.mma_unsupported(state, torch.zeros(33, 1024, dtype=torch.bfloat16), 33)
+    reason = nf4_matmul.mma_unsupported(state, x, 16)
+    assert reason is None or "Gluon" in reason  # None where this Triton has Gluon
+
+
+@needs_triton
+def test_launch_passes_the_kernel_each_of_its_parameters_once(monkeypatch):
+    # The host side on the CPU: every argument of a launch (segments, LoRA, bias, split) binds to the kernel's
+    # parameters, none missing and none unknown, as Triton would bind them on the GPU.
+    import inspect
+
+    bound = {}
+    kernel = inspect.signature(nf4_mma._mma_4bit_kernel.fn)
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                kwargs = {k: v for k, v in kwargs.items() if k not in ("num_warps", "maxnreg")}
+                bound["grid"] = grid
+                bound["arguments"] = kernel.bind(*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(nf4_mma, "_mma_4bit_kernel", Recorder())
+    state = types.SimpleNamespace(
+        shape=(384, 1024), blocksize=64, nested=True, absmax=torch.zeros(6144, dtype=torch.uint8),
+        code=torch.zeros(16), offset=torch.zeros(()), state2=types.SimpleNamespace(
+            absmax=torch.zeros(24), code=torch.zeros(256), blocksize=256),
+    )  # fmt: skip
+    packed = torch.zeros(384 * 512, 1, dtype=torch.uint8)
+    x = torch.zeros(16, 1024, dtype=torch.bfloat16)
+    lora_b, lora_in = torch.zeros(384, 64), torch.zeros(16, 64, dtype=torch.bfloat16)
+    config = {**nf4_mma.launch_config(16, 384, 1024, torch.device("meta")), "SPLIT_K": 2}
+    y = nf4_mma.launch((packed, state, torch.zeros(384), lora_b), (384,), None, 64, x, lora_in, 2.0, config)
+    arguments = bound["arguments"].arguments
+    assert y.shape == (16, 384) and bound["grid"] == (6, 1, 2)
+    assert (
+        arguments["LORA_RANK"] == 64 and arguments["SPLIT"] and arguments["HAS_BIAS"] and arguments["NESTED"]
+    )
+    assert arguments["iters_per_split"] == 2 and arguments["split_k"] == 2  # 4 steps of 256 columns
 
 
 def test_calls_outside_the_kernel_say_why():
@@ -165,7 +214,9 @@ def test_one_launch_over_several_weights_equals_their_own_launches(rows):
     together = nf4_mma.launch(
         group.first, group.out_features, group.table, group.lora_rank, x, product, 2.0, config
     )
-    routed = nf4_matmul.matmul_4bit_segments(x, group, product, 2.0)  # no config: routed to this kernel
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(nf4_matmul, "MMA_KERNEL", True)
+        routed = nf4_matmul.matmul_4bit_segments(x, group, product, 2.0)  # no config: routed to this kernel
     torch.testing.assert_close(routed, together, rtol=0, atol=0)
     column = 0
     for (packed, state), bias, lora_b, start, rank in zip(
@@ -179,7 +230,8 @@ def test_one_launch_over_several_weights_equals_their_own_launches(rows):
 
 
 @pytest.mark.gpu
-def test_matmul_4bit_routes_decode_batches_here_and_wider_ones_to_its_own_kernel():
+def test_matmul_4bit_routes_decode_batches_here_and_wider_ones_to_its_own_kernel(monkeypatch):
+    monkeypatch.setattr(nf4_matmul, "MMA_KERNEL", True)
     torch.manual_seed(0)
     packed, state = quantised(512, 1024)
     for rows, mine in ((16, True), (64, False)):

@@ -80,7 +80,9 @@ DEFAULTS = {
 # (these overrides) 308 us, in the same sweep.
 WIDE_ROWS = 32
 WIDE_DEFAULTS = {"BLOCK_N": 64, "DECODE": 0, "SCALE_AFTER": 0, "num_stages": 3}
-MMA_KERNEL = True  # decode batches through nf4_mma's kernel (`_launch`)
+# Decode batches through nf4_mma's kernel (`_launch`): 15% faster per 7B decoder layer on the H200
+# (bench/rollout/results.md), off until the rollout engines' GPU tests and rows have run with it.
+MMA_KERNEL = False
 KERNEL_SWITCHES = ("GATHER", "TRANSPOSED", "DECODE", "SCALE_AFTER", "num_warps", "num_stages")  # passed as is
 
 
@@ -322,8 +324,8 @@ def matmul_4bit_segments(
 def _launch(x, first, out_features, table, rank, lora_in, lora_scale, config) -> Tensor:
     """One launch of the kernel over the weights `out_features` lists (several: their `table`).
 
-    Without a `config`, calls that `nf4_mma` takes (CUDA, up to 32 rows, blocksize 64: the decode batches)
-    go to its kernel, which measured faster (bench/rollout/results.md); a `config` always means this one.
+    With `MMA_KERNEL` on and no `config`, calls that `nf4_mma` takes (CUDA, up to 32 rows, blocksize 64: the
+    decode batches) go to its kernel, which measured faster; a `config` always means this one.
     """
     packed, quant_state, bias, lora_b = first
     rows, in_features = x.shape
