@@ -43,12 +43,39 @@ def step_weight_bytes(policy, dense: bool) -> int:
 
 
 UNFUSED = ":unfused"  # engine name suffix: the decode step with torch's element-wise ops (fused_decode=False)
+MMA = ":mma"  # engine name suffix: the 4-bit matmuls through nf4_mma's kernel (nf4_matmul.MMA_KERNEL on)
+NO_MMA = ":nf4_matmul"  # engine name suffix: through nf4_matmul's own kernel (the switch off)
+
+
+class _WithKernel:
+    """An engine whose `generate` runs with `nf4_matmul.MMA_KERNEL` set to `on` (its CUDA graph is captured
+    inside `generate`, so the graph holds that kernel), the switch put back after."""
+
+    def __init__(self, engine, on: bool):
+        self._engine, self._on = engine, on
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def generate(self, *args, **kwargs):
+        from vrft.kernels import nf4_matmul
+
+        before, nf4_matmul.MMA_KERNEL = nf4_matmul.MMA_KERNEL, self._on
+        try:
+            return self._engine.generate(*args, **kwargs)
+        finally:
+            nf4_matmul.MMA_KERNEL = before
 
 
 def engine_for(name: str, **options):
-    """The engine `name` names (`bf16_copy`, or `bf16_copy:unfused` for its torch-ops decode step)."""
+    """The engine `name` names: `bf16_copy`, `bf16_copy:unfused` for its torch-ops decode step, `packed:mma`
+    and `packed:nf4_matmul` for `packed` with nf4_mma's kernel and without it (an engine without either
+    suffix runs with the switch as it is: VRFT_NF4_MMA)."""
     from vrft.rollout.engines import ROLLOUT_ENGINES
 
+    for suffix, on in ((MMA, True), (NO_MMA, False)):
+        if name.endswith(suffix):
+            return _WithKernel(engine_for(name.removesuffix(suffix), **options), on=on)
     if name.endswith(UNFUSED):
         return ROLLOUT_ENGINES[name.removesuffix(UNFUSED)](fused_decode=False, **options)
     return ROLLOUT_ENGINES[name](**options) if options else build_rollout_engine(name)
@@ -85,7 +112,7 @@ def decode_speed(module, rows: list[dict], engines: list[str], tokens: int) -> d
                 _sync()
                 seconds[n] = time.perf_counter() - start
             step = (seconds[tokens] - seconds[1]) / (tokens - 1)
-            weights = step_weight_bytes(policy, dense=name.removesuffix(UNFUSED) == "bf16_copy")
+            weights = step_weight_bytes(policy, dense=name.split(":")[0] == "bf16_copy")
             kv = layers * count * (prompts.input_ids.shape[1] + tokens / 2) * kv_width * 2
             results[name] = {
                 "step_ms": step * 1e3,

@@ -189,6 +189,9 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=300, help="seconds per row")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated (default {','.join(ROWS)})")
     parser.add_argument("--engines", default=ENGINES, help=f"comma-separated (default {ENGINES})")
+    parser.add_argument(
+        "--profiled", default=PROFILED, help=f"engines profiled by kernel (default {PROFILED})"
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     images = Path("/tmp/vrft-bench/images")
@@ -200,7 +203,7 @@ def main() -> None:
         path = args.out / f"row_{name}.json"
         command = [sys.executable, str(MEMORY / "run_row.py"), "--name", f"qwen2vl-7b_int4_{name}"]
         command += ["--images", str(images), "--out", str(path)]
-        command += ["--speed", args.engines, "--profile", PROFILED] if timed else []
+        command += ["--speed", args.engines, "--profile", args.profiled] if timed else []
         try:
             subprocess.run([*command, "--", *overrides], timeout=args.timeout, check=False)
         except subprocess.TimeoutExpired:

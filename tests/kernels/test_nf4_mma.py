@@ -2,6 +2,7 @@
 its outputs against bitsandbytes' dequantise-then-matmul."""
 
 import importlib.util
+import os
 import types
 
 import pytest
@@ -70,11 +71,27 @@ def test_matmul_4bit_takes_this_kernel_only_when_switched_on(monkeypatch):
     # Off by default until the rollout engines' GPU tests and rows have run with it (bench/rollout/results.md)
     state = types.SimpleNamespace(quant_type="nf4", blocksize=64)
     x = torch.zeros(16, 1024, dtype=torch.bfloat16)
+    monkeypatch.setattr(nf4_matmul, "MMA_KERNEL", False)
     assert nf4_matmul.mma_unsupported(state, x, 16) == "nf4_matmul.MMA_KERNEL is off"
     monkeypatch.setattr(nf4_matmul, "MMA_KERNEL", True)
     assert "33 rows" in nf4_matmul.mma_unsupported(state, torch.zeros(33, 1024, dtype=torch.bfloat16), 33)
     reason = nf4_matmul.mma_unsupported(state, x, 16)
     assert reason is None or "Gluon" in reason  # None where this Triton has Gluon
+
+
+def test_the_switch_is_off_by_default_and_vrft_nf4_mma_turns_it_on():
+    import subprocess
+    import sys
+
+    script = "from vrft.kernels import nf4_matmul; print(nf4_matmul.MMA_KERNEL)"
+    for value, expected in ((None, "False"), ("1", "True")):
+        env = {k: v for k, v in os.environ.items() if k != "VRFT_NF4_MMA"} | (
+            {"VRFT_NF4_MMA": value} if value else {}
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+        )
+        assert result.stdout.strip() == expected
 
 
 @needs_triton
@@ -243,3 +260,23 @@ def test_matmul_4bit_routes_decode_batches_here_and_wider_ones_to_its_own_kernel
             config = nf4_matmul.launch_config(rows, 512, 1024, 64, x.device)
             expected = nf4_matmul.matmul_4bit(x, packed, state, config=config)
         torch.testing.assert_close(routed, expected, rtol=0, atol=0)
+
+
+def test_the_benchmarks_engine_suffixes_set_the_switch_for_a_generate_and_put_it_back(monkeypatch):
+    # bench/memory/speed.py: `packed:mma` / `packed:nf4_matmul` time the packed engine with either kernel in
+    # one run; the switch holds during `generate` (where the engine captures its CUDA graph) and only then.
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "bench" / "memory"))
+    speed = __import__("speed")
+    monkeypatch.setattr(nf4_matmul, "MMA_KERNEL", False)
+    seen = []
+    # (on `bf16_copy`, which builds without CUDA: `packed` refuses a machine without Triton before it starts)
+    for name, expected in (("bf16_copy:mma", True), ("bf16_copy:nf4_matmul", False)):
+        engine = speed.engine_for(name)
+        assert type(engine._engine).__name__ == "Bf16CopyEngine", type(engine._engine)
+        monkeypatch.setattr(engine._engine, "generate", lambda *a, **k: seen.append(nf4_matmul.MMA_KERNEL))
+        engine.generate()
+        assert seen[-1] is expected and nf4_matmul.MMA_KERNEL is False
+    sys.modules.pop("speed", None)

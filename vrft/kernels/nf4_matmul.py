@@ -35,6 +35,8 @@ at 18-21%, as fast as cuBLAS on a bf16 copy of the same matrix, and still bound 
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 from torch.nn import functional as F
@@ -81,8 +83,9 @@ DEFAULTS = {
 WIDE_ROWS = 32
 WIDE_DEFAULTS = {"BLOCK_N": 64, "DECODE": 0, "SCALE_AFTER": 0, "num_stages": 3}
 # Decode batches through nf4_mma's kernel (`_launch`): 15% faster per 7B decoder layer on the H200
-# (bench/rollout/results.md), off until the rollout engines' GPU tests and rows have run with it.
-MMA_KERNEL = False
+# (bench/rollout/results.md), off until the rollout engines' GPU tests and rows have run with it;
+# VRFT_NF4_MMA=1 in the environment turns it on (benchmarks, and users who want to try it).
+MMA_KERNEL = os.environ.get("VRFT_NF4_MMA") == "1"
 KERNEL_SWITCHES = ("GATHER", "TRANSPOSED", "DECODE", "SCALE_AFTER", "num_warps", "num_stages")  # passed as is
 
 
