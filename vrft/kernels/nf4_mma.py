@@ -97,17 +97,6 @@ def unsupported(
     return None
 
 
-def prmt_tables(code: Tensor, dtype: torch.dtype) -> Tensor:
-    """The code book as `PRMT_DECODE_PTX`'s eight table words (int32, on code's device): words 0-3 the high
-    bytes of entries 0-3 .. 12-15 of the book in `dtype`, words 4-7 their low bytes."""
-    bits = code.to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF
-    place = 8 * (torch.arange(16, device=code.device) % 4)
-    high = ((bits >> 8) << place).view(4, 4).sum(1)
-    low = ((bits & 0xFF) << place).view(4, 4).sum(1)
-    words = torch.cat([high, low])
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-
-
 @functools.cache
 def layouts(block_n: int, block_m: int, blocks: int, warps: int):
     """The kernel's layouts: (mma, A operand, B operand, packed words [block_n, 8 blocks], x [64 blocks,
@@ -173,10 +162,9 @@ if gluon is not None:
             return first, second, third, fourth
 
     @gluon.jit
-    def _decode(words, tables, BLOCK_N: gl.constexpr, BLOCKS: gl.constexpr, DTYPE: gl.constexpr,
-                A: gl.constexpr):  # fmt: skip
-        """Packed words `[BLOCK_N, 8 BLOCKS]` -> per block the codes `[BLOCK_N, 64]` in the A operand's
-        layout, columns in the kernel's K order (module docstring)."""
+    def _decode(words, tables, BLOCK_N: gl.constexpr, BLOCKS: gl.constexpr, DTYPE: gl.constexpr):
+        """Packed words `[BLOCK_N, 8 BLOCKS]` -> per block the codes `[BLOCK_N, 64]`, columns in the kernel's K
+        order (module docstring), in a layout equal to the A operand's up to register order."""
         c0, c1, c2, c3, c4, c5, c6, c7 = gl.inline_asm_elementwise(
             HALVES_PTX,
             HALVES_CONSTRAINTS,
@@ -313,7 +301,7 @@ if gluon is not None:
         # x is read by every program (L2) and every warp (L1): loaded where it is used, not a step ahead,
         # whose register copies at the loop's end cost ~0.5 byte permutes per weight
         x = gl.load(x_ptrs + step * (64 * BLOCKS), mask=mask_x, other=0.0)
-        codes = _decode(words, tables, BLOCK_N, BLOCKS, DTYPE, A)
+        codes = _decode(words, tables, BLOCK_N, BLOCKS, DTYPE)
         operands = _x_operands(x, BLOCK_M, BLOCKS, B)
         zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
         for block in gl.static_range(BLOCKS):
