@@ -243,7 +243,7 @@ if gluon is not None:
         pid_k = gl.program_id(2)
         tile_n = pid_n
         if SEGMENTS > 0:  # several weights in one launch: this tile's weight, its rows local to that weight
-            row, tile_n, N = _segment(segments_ptr, pid_n, SEGMENTS, BLOCK_N)
+            row, tile_n, N, _ = _segment(segments_ptr, pid_n, SEGMENTS, BLOCK_N)
             packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr = _segment_inputs(
                 row, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr
             )
@@ -282,9 +282,9 @@ if gluon is not None:
             acc = _step(acc, words, step, x_ptrs, mask_x, code2_ptr, absmax_ptr, absmax2_ptr, offset, row_blocks,
                         mask_s, tables, BLOCK_N, BLOCK_M, BLOCKS, NESTED, NESTED_BLOCKSIZE, DTYPE, MMA, A, B)  # fmt: skip
         if SEGMENTS > 0:  # the outputs' pointers read only now: held through the loop they cost ~20 registers
-            row, tile_n, N = _segment(segments_ptr, pid_n, SEGMENTS, BLOCK_N)
+            row, _, _, first_column = _segment(segments_ptr, pid_n, SEGMENTS, BLOCK_N)
             bias_ptr, lora_in_ptr, lora_b_ptr, y_ptr, lora_rank = _segment_outputs(
-                segments_ptr, pid_n, row, bias_ptr, lora_in_ptr, lora_b_ptr, y_ptr, SEGMENTS, BLOCK_N
+                row, first_column, bias_ptr, lora_in_ptr, lora_b_ptr, y_ptr
             )
         if LORA_RANK > 0:
             acc = _lora_term(acc, pid_m, pid_k, split_k, rows_s, M, N, lora_in_ptr, lora_b_ptr, lora_scale,
@@ -341,18 +341,23 @@ if gluon is not None:
     @gluon.jit
     def _segment(table, pid_n, SEGMENTS: gl.constexpr, BLOCK_N: gl.constexpr):
         """`nf4_segments.segment` in Gluon, in parts: output tile `pid_n` of a segments launch belongs to the
-        weight of table row `row`; `tile_n` is the tile within that weight, `out_features` its rows."""
+        weight of table row `row`; `tile_n` is the tile within that weight, `out_features` its rows and
+        `first_column` its first output column."""
         index = 0
         first_tile = 0
+        first_column = 0
         tiles = 0
+        columns = 0
         for position in gl.static_range(SEGMENTS):  # the weights' tiles lie side by side along grid axis 0
             count = gl.load(table + position * SEGMENT_ROW)
             later = pid_n >= tiles
             index = gl.where(later, position, index)
             first_tile = gl.where(later, tiles, first_tile)
+            first_column = gl.where(later, columns, first_column)
             tiles += (count + BLOCK_N - 1) // BLOCK_N
+            columns += count
         row = table + index * SEGMENT_ROW
-        return row, pid_n - first_tile.to(gl.int32), gl.load(row).to(gl.int32)
+        return row, pid_n - first_tile.to(gl.int32), gl.load(row).to(gl.int32), first_column
 
     @gluon.jit
     def _segment_inputs(row, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr):
@@ -367,18 +372,9 @@ if gluon is not None:
         )  # fmt: skip
 
     @gluon.jit
-    def _segment_outputs(table, pid_n, row, bias_ptr, lora_in_ptr, lora_b_ptr, y_ptr,
-                         SEGMENTS: gl.constexpr, BLOCK_N: gl.constexpr):  # fmt: skip
+    def _segment_outputs(row, first_column, bias_ptr, lora_in_ptr, lora_b_ptr, y_ptr):
         """What a tile of segment row `row`'s weight writes after its loop: bias, LoRA operands (`lora_in`
         moved to the weight's columns of the shared x A^T), rank, and `y` moved to its output columns."""
-        first_column = 0
-        columns = 0
-        tiles = 0
-        for position in gl.static_range(SEGMENTS):
-            count = gl.load(table + position * SEGMENT_ROW)
-            first_column = gl.where(pid_n >= tiles, columns, first_column)
-            tiles += (count + BLOCK_N - 1) // BLOCK_N
-            columns += count
         return (
             gl.load(row + 6).to(bias_ptr.dtype), lora_in_ptr + gl.load(row + 9), gl.load(row + 7).to(lora_b_ptr.dtype),
             y_ptr + gl.multiple_of(first_column, 8), gl.load(row + 8).to(gl.int32),
