@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.kernels.graphs import eager_equal_to_replays
-from tests.kernels.test_nf4_matmul import assert_within_rounding, dequantised, quantised
+from tests.kernels.test_nf4_matmul import assert_within_rounding, bnb_functional, dequantised, quantised
 from vrft.kernels import nf4_matmul, nf4_mma, nf4_segments
 from vrft.kernels.nf4_matmul import reference_matmul
 
@@ -175,19 +175,15 @@ def test_every_tile_and_step_equals_bitsandbytes_in_fp16_too(choices):
     torch.manual_seed(0)
     for dtype in (torch.bfloat16, torch.float16):
         weight = torch.randn(512, 2048, dtype=dtype, device="cuda") * 0.05
-        packed, state = nf4_mma_quantised(weight)
+        packed, state = bnb_functional.quantize_4bit(
+            weight, blocksize=64, compress_statistics=True, quant_type="nf4"
+        )
         x = torch.randn(16, 2048, dtype=dtype, device="cuda")
         config = nf4_mma.launch_config(16, 512, 2048, x.device, **choices)
         y = nf4_mma.launch((packed, state, None, None), (512,), None, 0, x, None, 1.0, config)
         assert_within_rounding(
             y, x, dequantised(packed, state), reference_matmul(x, packed, state), state.code
         )
-
-
-def nf4_mma_quantised(weight):
-    from bitsandbytes import functional
-
-    return functional.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
 
 
 @pytest.mark.gpu
