@@ -140,15 +140,16 @@ def relative_error(y: torch.Tensor, reference: torch.Tensor) -> float:
     return float((y.float() - reference.float()).abs().max() / reference.float().abs().max())
 
 
-def measure(case: dict, config: dict) -> dict:
-    """One config on one shape: checked against bitsandbytes, then timed; errors recorded, not raised."""
+def measure(case: dict, config: dict, kernel=matmul_4bit) -> dict:
+    """One config of `kernel` (`matmul_4bit`, or another with its arguments) on one shape: checked against
+    bitsandbytes, then timed; errors recorded, not raised."""
     try:
         packed, state = case["copies"][0]
-        error = relative_error(matmul_4bit(case["x"], packed, state, config=config), case["reference"])
+        error = relative_error(kernel(case["x"], packed, state, config=config), case["reference"])
         if error > WRONG:
             return {"us": float("inf"), "error": error, "failure": "wrong result"}
         calls = [(case["x"], packed, state) for packed, state in case["copies"]]
-        return {"us": time_us(matmul_4bit, calls, config=config), "error": error}
+        return {"us": time_us(kernel, calls, config=config), "error": error}
     except Exception as failure:  # out of shared memory / registers, a compile error: skip this config
         return {"us": float("inf"), "failure": f"{type(failure).__name__}: {str(failure)[:300]}"}
 
@@ -161,6 +162,17 @@ def microseconds(result: dict | float) -> float:
 def layer_us(per_shape: dict) -> float:
     """Microseconds of one decoder layer's seven projections (inf if a shape failed)."""
     return sum(PER_LAYER[name] * microseconds(per_shape[name]) for name in PER_LAYER)
+
+
+def packed_copies(out_features: int, in_features: int, warm_l2: bool) -> tuple[torch.Tensor, list[tuple]]:
+    """A random bf16 weight and its NF4 quantisation (double-quantised absmax, blocksize 64) as many times
+    as `copies_for` asks: the same codes and scales at other addresses (quantising is deterministic)."""
+    dense = torch.randn(out_features, in_features, dtype=torch.bfloat16, device=DEVICE) * 0.02
+    copies = [
+        bnb_functional.quantize_4bit(dense, blocksize=64, compress_statistics=True, quant_type="nf4")
+        for _ in range(copies_for(packed_bytes(out_features, in_features), warm_l2))
+    ]
+    return dense, copies
 
 
 def make_cases(rows: int, weights: dict) -> dict:
@@ -224,11 +236,7 @@ def main() -> None:
     torch.manual_seed(0)
     weights = {}
     for name, (n, k) in SHAPES_7B.items():
-        dense = torch.randn(n, k, dtype=torch.bfloat16, device=DEVICE) * 0.02
-        copies = [  # the same codes and scales at other addresses (quantising is deterministic)
-            bnb_functional.quantize_4bit(dense, blocksize=64, compress_statistics=True, quant_type="nf4")
-            for _ in range(copies_for(packed_bytes(n, k), args.warm_l2))
-        ]
+        dense, copies = packed_copies(n, k, args.warm_l2)
         dense_copies = [dense] + [dense.clone() for _ in range(copies_for(2 * n * k, args.warm_l2) - 1)]
         weights[name] = {"dense": dense_copies, "copies": copies}
         log(f"{name}: {len(copies)} packed copies, {len(dense_copies)} bf16 copies")
