@@ -89,11 +89,11 @@ MMA_KERNEL = os.environ.get("VRFT_NF4_MMA") == "1"
 KERNEL_SWITCHES = ("GATHER", "TRANSPOSED", "DECODE", "SCALE_AFTER", "num_warps", "num_stages")  # passed as is
 
 
-def mma_unsupported(quant_state, x: Tensor, rows: int) -> str | None:
-    """Why a call does not go to `nf4_mma`'s kernel (None: it does)."""
+def mma_unsupported(quant_state, x: Tensor) -> str | None:
+    """Why a call on `x [rows, K]` does not go to `nf4_mma`'s kernel (None: it does)."""
     if not MMA_KERNEL:
         return "nf4_matmul.MMA_KERNEL is off"
-    return nf4_mma.unsupported(quant_state.quant_type, quant_state.blocksize, x.dtype, x.shape[1], rows)
+    return nf4_mma.unsupported(quant_state.quant_type, quant_state.blocksize, x.dtype, x.shape[1], x.shape[0])
 
 
 def environment_unsupported(device: torch.device | str | None = None) -> str | None:
@@ -333,7 +333,7 @@ def _launch(x, first, out_features, table, rank, lora_in, lora_scale, config) ->
     packed, quant_state, bias, lora_b = first
     rows, in_features = x.shape
     blocksize = quant_state.blocksize
-    if config is None and x.is_cuda and mma_unsupported(quant_state, x, rows) is None:
+    if config is None and x.is_cuda and mma_unsupported(quant_state, x) is None:
         return nf4_mma.launch(first, out_features, table, rank, x, lora_in, lora_scale, None)
     if x.stride(1) != 1:
         x = x.contiguous()
