@@ -73,13 +73,13 @@ def store_output(
             for split in range(split_k):
                 acc += tl.load(partials + split * (BLOCK_M * BLOCK_N), cache_modifier=".cg")
             tl.atomic_xchg(counter_ptr + tile, 0)
-            _finish(acc, rows_m, rows_n, mask_m, mask_n, bias_ptr, y_ptr, stride_ym, HAS_BIAS)
+            finish_output(acc, rows_m, rows_n, mask_m, mask_n, bias_ptr, y_ptr, stride_ym, HAS_BIAS)
     else:
-        _finish(acc, rows_m, rows_n, mask_m, mask_n, bias_ptr, y_ptr, stride_ym, HAS_BIAS)
+        finish_output(acc, rows_m, rows_n, mask_m, mask_n, bias_ptr, y_ptr, stride_ym, HAS_BIAS)
 
 
 @triton.jit
-def _finish(acc, rows_m, rows_n, mask_m, mask_n, bias_ptr, y_ptr, stride_ym, HAS_BIAS: tl.constexpr):
+def finish_output(acc, rows_m, rows_n, mask_m, mask_n, bias_ptr, y_ptr, stride_ym, HAS_BIAS: tl.constexpr):
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rows_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     y = y_ptr + rows_m[:, None] * stride_ym + rows_n[None, :]

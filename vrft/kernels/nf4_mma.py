@@ -46,11 +46,14 @@ try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+    # triton.jit functions that create no tensor of their own, so a Gluon kernel can call them
+    from vrft.kernels.nf4_epilogue import finish_output
+    from vrft.kernels.nf4_segments import segment
 except ImportError:  # CPU-only installs, or a Triton without Gluon: `unsupported` says why
     gluon = None
 
 from vrft.kernels.nf4_decode import PRMT_DECODE_PTX
-from vrft.kernels.nf4_segments import SEGMENT_FIELDS
 from vrft.kernels.workspace import launch_outputs, multiprocessors
 
 BLOCKSIZE = 64
@@ -243,10 +246,12 @@ if gluon is not None:
         pid_k = gl.program_id(2)
         tile_n = pid_n
         if SEGMENTS > 0:  # several weights in one launch: this tile's weight, its rows local to that weight
-            row, tile_n, N, _ = _segment(segments_ptr, pid_n, SEGMENTS, BLOCK_N)
-            packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr = _segment_inputs(
-                row, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr
-            )
+            # (the outputs' pointers it also returns are read again after the loop: held through it they cost
+            # ~20 registers; these loads, unused, are dropped)
+            packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, _, _, _, _, _, N, tile_n = segment(
+                segments_ptr, pid_n, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, bias_ptr,
+                lora_in_ptr, lora_b_ptr, y_ptr, SEGMENTS, BLOCK_N,
+            )  # fmt: skip
         # the packed words of this tile's rows, one step's worth: [BLOCK_N, 8 BLOCKS]
         rows_w = tile_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, WORDS))
         words_w = gl.arange(0, 8 * BLOCKS, layout=gl.SliceLayout(0, WORDS))
@@ -281,15 +286,15 @@ if gluon is not None:
             )
             acc = _step(acc, words, step, x_ptrs, mask_x, code2_ptr, absmax_ptr, absmax2_ptr, offset, row_blocks,
                         mask_s, tables, BLOCK_N, BLOCK_M, BLOCKS, NESTED, NESTED_BLOCKSIZE, DTYPE, MMA, A, B)  # fmt: skip
-        if SEGMENTS > 0:  # the outputs' pointers read only now: held through the loop they cost ~20 registers
-            row, _, _, first_column = _segment(segments_ptr, pid_n, SEGMENTS, BLOCK_N)
-            bias_ptr, lora_in_ptr, lora_b_ptr, y_ptr, lora_rank = _segment_outputs(
-                row, first_column, bias_ptr, lora_in_ptr, lora_b_ptr, y_ptr
-            )
+        if SEGMENTS > 0:  # the outputs' pointers, read only now
+            _, _, _, _, _, bias_ptr, lora_in_ptr, lora_b_ptr, y_ptr, lora_rank, _, _ = segment(
+                segments_ptr, pid_n, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, bias_ptr,
+                lora_in_ptr, lora_b_ptr, y_ptr, SEGMENTS, BLOCK_N,
+            )  # fmt: skip
         if LORA_RANK > 0:
             acc = _lora_term(acc, pid_m, pid_k, split_k, rows_s, M, N, lora_in_ptr, lora_b_ptr, lora_scale,
                              lora_rank, stride_lm, DTYPE, BLOCK_M, BLOCK_N, MMA, A, B)  # fmt: skip
-        _store(acc, pid_n, pid_m, pid_k, rows_s, M, N, partial_ptr, counter_ptr, split_k, bias_ptr, y_ptr,
+        _store(acc, pid_n, pid_m, pid_k, tile_n, M, N, partial_ptr, counter_ptr, split_k, bias_ptr, y_ptr,
                stride_ym, BLOCK_M, BLOCK_N, SPLIT, HAS_BIAS, MMA)  # fmt: skip
 
     @gluon.jit
@@ -339,54 +344,11 @@ if gluon is not None:
         return acc
 
     @gluon.jit
-    def _segment(table, pid_n, SEGMENTS: gl.constexpr, BLOCK_N: gl.constexpr):
-        """`nf4_segments.segment` in Gluon, in parts: output tile `pid_n` of a segments launch belongs to the
-        weight of table row `row`; `tile_n` is the tile within that weight, `out_features` its rows and
-        `first_column` its first output column."""
-        index = 0
-        first_tile = 0
-        first_column = 0
-        tiles = 0
-        columns = 0
-        for position in gl.static_range(SEGMENTS):  # the weights' tiles lie side by side along grid axis 0
-            count = gl.load(table + position * SEGMENT_ROW)
-            later = pid_n >= tiles
-            index = gl.where(later, position, index)
-            first_tile = gl.where(later, tiles, first_tile)
-            first_column = gl.where(later, columns, first_column)
-            tiles += (count + BLOCK_N - 1) // BLOCK_N
-            columns += count
-        row = table + index * SEGMENT_ROW
-        return row, pid_n - first_tile.to(gl.int32), gl.load(row).to(gl.int32), first_column
-
-    @gluon.jit
-    def _segment_inputs(row, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr):
-        """What the K loop of a segment row's weight reads, typed as the arguments (the first weight's)."""
-        # as in nf4_segments: the codes' pointer moved by an aligned offset from the argument's keeps the
-        # alignment the compiler knows, for 8-byte loads
-        offset = gl.load(row + 1) - packed_ptr.to(gl.int64)
-        return (
-            packed_ptr + gl.multiple_of(offset // 4, 4), gl.load(row + 2).to(absmax_ptr.dtype),
-            gl.load(row + 3).to(absmax2_ptr.dtype), gl.load(row + 4).to(code2_ptr.dtype),
-            gl.load(row + 5).to(offset_ptr.dtype),
-        )  # fmt: skip
-
-    @gluon.jit
-    def _segment_outputs(row, first_column, bias_ptr, lora_in_ptr, lora_b_ptr, y_ptr):
-        """What a tile of segment row `row`'s weight writes after its loop: bias, LoRA operands (`lora_in`
-        moved to the weight's columns of the shared x A^T), rank, and `y` moved to its output columns."""
-        return (
-            gl.load(row + 6).to(bias_ptr.dtype), lora_in_ptr + gl.load(row + 9), gl.load(row + 7).to(lora_b_ptr.dtype),
-            y_ptr + gl.multiple_of(first_column, 8), gl.load(row + 8).to(gl.int32),
-        )  # fmt: skip
-
-    @gluon.jit
-    def _store(acc, pid_n, pid_m, pid_k, rows_n, M, N, partial_ptr, counter_ptr, split_k, bias_ptr, y_ptr,
+    def _store(acc, pid_n, pid_m, pid_k, tile_n, M, N, partial_ptr, counter_ptr, split_k, bias_ptr, y_ptr,
                stride_ym, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, SPLIT: gl.constexpr,
                HAS_BIAS: gl.constexpr, MMA: gl.constexpr):  # fmt: skip
         """`y[rows_m, rows_n] = (sum over K slices of acc [BLOCK_N, BLOCK_M])^T (+ bias)`, as
         `nf4_epilogue.store_output`: the last slice of a tile to arrive adds the partials up."""
-        rows_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
         if SPLIT:
             tile = pid_m * gl.num_programs(0) + pid_n
             local = (
@@ -402,22 +364,22 @@ if gluon is not None:
                 for split in range(split_k):
                     total += gl.load(partials + split * (BLOCK_M * BLOCK_N), cache_modifier=".cg")
                 gl.atomic_xchg(counter_ptr + tile, 0)
-                _finish(total, rows_m, rows_n, M, N, bias_ptr, y_ptr, stride_ym, HAS_BIAS)
+                _finish(total, pid_m, tile_n, M, N, bias_ptr, y_ptr, stride_ym, BLOCK_M, BLOCK_N, HAS_BIAS)
         else:
-            _finish(acc, rows_m, rows_n, M, N, bias_ptr, y_ptr, stride_ym, HAS_BIAS)
+            _finish(acc, pid_m, tile_n, M, N, bias_ptr, y_ptr, stride_ym, BLOCK_M, BLOCK_N, HAS_BIAS)
 
     @gluon.jit
-    def _finish(acc, rows_m, rows_n, M, N, bias_ptr, y_ptr, stride_ym, HAS_BIAS: gl.constexpr):
-        mask_n = rows_n < N
-        if HAS_BIAS:
-            acc += gl.load(bias_ptr + rows_n, mask=mask_n, other=0.0).to(gl.float32)[:, None]
-        y = y_ptr + (rows_m.to(gl.int64) * stride_ym)[None, :] + rows_n[:, None]
-        gl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask_n[:, None] & (rows_m < M)[None, :])
+    def _finish(acc, pid_m, tile_n, M, N, bias_ptr, y_ptr, stride_ym, BLOCK_M: gl.constexpr,
+                BLOCK_N: gl.constexpr, HAS_BIAS: gl.constexpr):  # fmt: skip
+        """`nf4_epilogue.finish_output` of `acc [BLOCK_N, BLOCK_M]` turned round (a relabelling of registers)."""
+        acc = gl.permute(acc, 1, 0)  # [BLOCK_M, BLOCK_N]
+        rows_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc.type.layout))
+        rows_n = tile_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc.type.layout))
+        finish_output(acc, rows_m, rows_n, rows_m < M, rows_n < N, bias_ptr, y_ptr, stride_ym, HAS_BIAS)
 
     # PRMT_DECODE_PTX with its four pairs handed out as eight 16-bit codes: split as int32 pairs in Triton
     # and joined again for the MMA, ptxas spent ~0.4 byte permutes per weight putting each pair back together
     HALVES_PTX = gl.constexpr(_halves_ptx())
-    SEGMENT_ROW = gl.constexpr(len(SEGMENT_FIELDS))
     CODES_PERMUTATION_C = gl.constexpr(CODES_PERMUTATION)
     X_PERMUTATION_C = gl.constexpr(X_PERMUTATION)
     HALVES_CONSTRAINTS = gl.constexpr(",".join(["=h"] * 8 + ["r"] * 9))
