@@ -39,10 +39,16 @@ DEVICE = torch.device("cuda")
 # Two sweeps on the H200 (2026-12-05): results/mma_call/ (tiles, blocks a step, K split, two steps an
 # iteration) and results/mma_ring_call/ (a cp.async ring of shared-memory slots for the codes, 1- and 2-warp
 # programs; the ring and the two-step iteration lost everywhere and were removed after c592d5b). This one:
-# register caps that let more programs share a multiprocessor (ptxas spills none in the K loop at these).
+# - the absmax of a step as one word a row, loaded a step ahead (`absmax_words`), and an L2 prefetch of the
+#   codes `prefetch` steps ahead. In the sm_90 SASS (`nf4_mma.compile_for`) the one-step-ahead code loads sit
+#   ~3/4 into the step without a prefetch (ptxas sinks them) and at its top with one (prefetch 1 asks L2 for
+#   what the loads read anyway: it only pins them). Each spills nothing at 128 registers (sm_90, sm_89);
+# - register caps that let more programs share a multiprocessor (ptxas spills none in the K loop at these).
 BASE = {"BLOCK_N": 64, "BLOCKS": 4, "num_warps": 4, "programs_per_sm": 8, "maxnreg": 128}
 VARIANTS = [
     BASE,
+    *({**BASE, "absmax_words": words, "prefetch": ahead} for words in (False, True) for ahead in (1, 2, 4)),
+    {**BASE, "absmax_words": True},
     *({**BASE, "BLOCKS": 1, "maxnreg": r, "programs_per_sm": p} for r in (64, 80) for p in (8, 16)),
     *({**BASE, "BLOCKS": 2, "maxnreg": r, "programs_per_sm": p} for r in (80, 96) for p in (8, 16)),
     {**BASE, "maxnreg": 96},

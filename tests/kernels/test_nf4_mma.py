@@ -67,6 +67,23 @@ def test_the_main_loop_uses_no_shared_memory_and_keeps_four_programs_per_multipr
     assert usage["stack_bytes"] == 0 and usage["programs_per_sm"] >= 4, usage
 
 
+@needs_triton
+@pytest.mark.parametrize("arch", [90, 89])
+def test_absmax_words_and_the_l2_prefetch_compile_to_fewer_loads_and_a_prefetch(arch):
+    # The sweep's two load variants (`MMA_DEFAULTS`): one absmax word a row and step replaces a byte and a
+    # second-level scale a block (2 x 2 rows x 4 blocks loads a thread become 2 x 2); `prefetch` issues one
+    # L2 prefetch (CCTL) a thread and row a step. Neither adds shared memory to the loop.
+    from vrft.kernels.nf4_offline import main_loop_opcodes, sass
+
+    config = nf4_mma.launch_config(16, 18944, 3584, torch.device("meta"))
+    loops = {}
+    for name, choices in (("default", {}), ("words", {"absmax_words": True}), ("prefetch", {"prefetch": 2})):
+        loops[name] = main_loop_opcodes(sass(nf4_mma.compile_for({**config, **choices}, arch=arch)))
+        assert not {"STS", "LDS", "LDSM", "BAR", "SHFL"} & set(loops[name]), (name, loops[name])
+    assert loops["default"]["LDG"] - loops["words"]["LDG"] == 16 - 4, loops
+    assert "CCTL" not in loops["default"] and loops["prefetch"]["CCTL"] == 2, loops
+
+
 def test_matmul_4bit_takes_this_kernel_only_when_switched_on(monkeypatch):
     # Off by default until the rollout engines' GPU tests and rows have run with it (bench/rollout/results.md)
     state = types.SimpleNamespace(quant_type="nf4", blocksize=64)
@@ -184,6 +201,49 @@ def test_every_tile_and_step_equals_bitsandbytes_in_fp16_too(choices):
         assert_within_rounding(
             y, x, dequantised(packed, state), reference_matmul(x, packed, state), state.code
         )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "choices",
+    [
+        {"absmax_words": True},
+        {"absmax_words": True, "BLOCKS": 2},
+        {"absmax_words": True, "BLOCKS": 1},
+        {"prefetch": 1},
+        {"prefetch": 4},
+        {"absmax_words": True, "prefetch": 2},
+        {"absmax_words": True, "prefetch": 2, "BLOCKS": 2},  # the prefetch is dropped: BLOCKS 4 only
+    ],
+)
+@pytest.mark.parametrize("rows", [8, 17])
+def test_absmax_words_and_the_l2_prefetch_change_no_bit_of_the_output(choices, rows):
+    # Both only move loads: the same scales (the same fp32 expression), the same products summed in the same
+    # order. A segments launch with bias, LoRA and a K split, K = 1280 so the split's last slice is short.
+    torch.manual_seed(0)
+    sizes, ranks, starts = (384, 128, 136), (16, 16, 64), (0, 16, 32)
+    weights = [quantised(n, 1280) for n in sizes]
+    biases = [torch.randn(n, dtype=torch.bfloat16, device="cuda") for n in sizes]
+    lora_bs = [torch.randn(n, r, device="cuda") * 0.05 for n, r in zip(sizes, ranks, strict=True)]
+    x = torch.randn(rows, 1280, dtype=torch.bfloat16, device="cuda")
+    product = torch.randn(rows, sum(ranks), device="cuda").to(torch.bfloat16)
+    group = nf4_segments.segments(
+        [(p, s, b, lb, c) for (p, s), b, lb, c in zip(weights, biases, lora_bs, starts, strict=True)]
+    )
+    blocks = {"BLOCKS": choices["BLOCKS"]} if "BLOCKS" in choices else {}
+    outputs = []
+    for chosen in (blocks, choices):
+        config = {**nf4_mma.launch_config(rows, sum(sizes), 1280, x.device, **chosen), "SPLIT_K": 2}
+        outputs.append(
+            nf4_mma.launch(
+                group.first, group.out_features, group.table, group.lora_rank, x, product, 2.0, config
+            )
+        )
+    assert torch.equal(outputs[0], outputs[1])
+    packed, state = weights[0]  # and against bitsandbytes, alone
+    config = nf4_mma.launch_config(rows, 384, 1280, x.device, **choices)
+    y = nf4_mma.launch((packed, state, None, None), (384,), None, 0, x, None, 1.0, config)
+    assert_within_rounding(y, x, dequantised(packed, state), reference_matmul(x, packed, state), state.code)
 
 
 @pytest.mark.gpu

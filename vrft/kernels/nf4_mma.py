@@ -78,6 +78,13 @@ MMA_DEFAULTS = {
     # a register cap (ptxas .maxnreg; None: none): 128 keeps four programs per multiprocessor where a
     # segments launch's table pointers took a 128-row tile to 147 registers (sm_90, no spills at 128)
     "maxnreg": 128,
+    # Not yet timed (bench/rollout/mma_sweep.py holds them), so off; with both off the machine code is the
+    # measured kernel's. The double-quantised absmax of a row's loop step as one 32-bit word, loaded a step
+    # ahead (2 loads a row and step instead of 2 BLOCKS):
+    "absmax_words": False,
+    # an L2 prefetch of the codes this many steps ahead (0: none; BLOCKS 4 only). It also pins the next step's
+    # code loads to the top of the step, where ptxas otherwise sinks them ~3/4 of the way in (sm_90 SASS):
+    "prefetch": 0,
 }
 
 
@@ -103,7 +110,8 @@ def unsupported(
 @functools.cache
 def layouts(block_n: int, block_m: int, blocks: int, warps: int):
     """The kernel's layouts: (mma, A operand, B operand, packed words [block_n, 8 blocks], x [64 blocks,
-    block_m]); the last two are the operands' layouts over physical columns (module docstring)."""
+    block_m], sectors [block_n, 4]); words and x are the operands' layouts over physical columns (module
+    docstring), sectors gives each thread of a row group one 32-byte sector of its rows (the L2 prefetch)."""
     mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[warps, 1], instr_shape=[16, 8])
     operand_a = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     operand_b = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
@@ -126,7 +134,14 @@ def layouts(block_n: int, block_m: int, blocks: int, warps: int):
         block_bases=[],
         shape=[64 * blocks, block_m],
     )
-    return mma, operand_a, operand_b, words, x
+    sectors = gl.DistributedLinearLayout(
+        reg_bases=[[8, 0], *row_repeats],
+        lane_bases=[[0, 1], [0, 2], [1, 0], [2, 0], [4, 0]],
+        warp_bases=warp_rows,
+        block_bases=[],
+        shape=[block_n, 4],
+    )
+    return mma, operand_a, operand_b, words, x, sectors
 
 
 def _halves_ptx() -> str:
@@ -237,7 +252,9 @@ if gluon is not None:
         NESTED: gl.constexpr, NESTED_BLOCKSIZE: gl.constexpr, HAS_BIAS: gl.constexpr,
         LORA_RANK: gl.constexpr, SEGMENTS: gl.constexpr,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCKS: gl.constexpr, SPLIT: gl.constexpr,
+        ABSMAX_WORDS: gl.constexpr, PREFETCH: gl.constexpr,
         MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr, WORDS: gl.constexpr, XL: gl.constexpr,
+        SECTORS: gl.constexpr,
     ):  # fmt: skip
         DTYPE: gl.constexpr = x_ptr.dtype.element_ty
         STEP: gl.constexpr = 64 * BLOCKS  # columns per loop step
@@ -279,13 +296,25 @@ if gluon is not None:
         # taking a predicate. (Two steps an iteration, which saves the register copy of the words, and a
         # cp.async ring of shared-memory slots were slower: bench/rollout/results.md.)
         words_next = gl.load(word_ptrs + first * (8 * BLOCKS), mask=mask_w, other=0)
+        if ABSMAX_WORDS:  # the step's absmax bytes as one word a row, loaded a step ahead as the codes are
+            absmax_next = _absmax_word(absmax_ptr, absmax2_ptr, row_blocks + first * BLOCKS, mask_s,
+                                       NESTED_BLOCKSIZE)  # fmt: skip
+        if PREFETCH > 0:
+            sector_ptrs = _sector_pointers(packed_ptr, tile_n, N, K, BLOCK_N, SECTORS)
         for step in range(first, last):
             words = words_next
-            words_next = gl.load(
-                word_ptrs + gl.minimum(step + 1, last - 1) * (8 * BLOCKS), mask=mask_w, other=0
-            )
+            ahead = gl.minimum(step + 1, last - 1)
+            words_next = gl.load(word_ptrs + ahead * (8 * BLOCKS), mask=mask_w, other=0)
+            absmax_word, scale2 = 0, 0.0  # the absmax words' path only
+            if ABSMAX_WORDS:
+                absmax_word, scale2 = absmax_next
+                absmax_next = _absmax_word(absmax_ptr, absmax2_ptr, row_blocks + ahead * BLOCKS, mask_s,
+                                           NESTED_BLOCKSIZE)  # fmt: skip
+            if PREFETCH > 0:
+                _prefetch_l2(sector_ptrs + gl.minimum(step + PREFETCH, last - 1) * (8 * BLOCKS))
             acc = _step(acc, words, step, x_ptrs, mask_x, code2_ptr, absmax_ptr, absmax2_ptr, offset, row_blocks,
-                        mask_s, tables, BLOCK_N, BLOCK_M, BLOCKS, NESTED, NESTED_BLOCKSIZE, DTYPE, MMA, A, B)  # fmt: skip
+                        mask_s, absmax_word, scale2, tables, BLOCK_N, BLOCK_M, BLOCKS, NESTED, NESTED_BLOCKSIZE,
+                        ABSMAX_WORDS, DTYPE, MMA, A, B)  # fmt: skip
         if SEGMENTS > 0:  # the outputs' pointers, read only now
             _, _, _, _, _, bias_ptr, lora_in_ptr, lora_b_ptr, y_ptr, lora_rank, _, _ = segment(
                 segments_ptr, pid_n, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, bias_ptr,
@@ -299,25 +328,62 @@ if gluon is not None:
 
     @gluon.jit
     def _step(acc, words, step, x_ptrs, mask_x, code2_ptr, absmax_ptr, absmax2_ptr, offset, row_blocks, mask_s,
-              tables, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, BLOCKS: gl.constexpr, NESTED: gl.constexpr,
-              NESTED_BLOCKSIZE: gl.constexpr, DTYPE: gl.constexpr, MMA: gl.constexpr, A: gl.constexpr,
-              B: gl.constexpr):  # fmt: skip
-        """`acc` plus the products of loop step `step`: `words` its packed codes, BLOCKS blocks of 64 columns."""
+              absmax_word, scale2, tables, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, BLOCKS: gl.constexpr,
+              NESTED: gl.constexpr, NESTED_BLOCKSIZE: gl.constexpr, ABSMAX_WORDS: gl.constexpr,
+              DTYPE: gl.constexpr, MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr):  # fmt: skip
+        """`acc` plus the products of loop step `step`: `words` its packed codes, BLOCKS blocks of 64 columns
+        (with ABSMAX_WORDS, `absmax_word` and `scale2` its absmax loads: `_absmax_word`)."""
         # x is read by every program (L2) and every warp (L1): loaded where it is used, not a step ahead,
         # whose register copies at the loop's end cost ~0.5 byte permutes per weight
         x = gl.load(x_ptrs + step * (64 * BLOCKS), mask=mask_x, other=0.0)
         codes = _decode(words, tables, BLOCK_N, BLOCKS, DTYPE)
         operands = _x_operands(x, BLOCK_M, BLOCKS, B)
         zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
+        first_block = row_blocks + step * BLOCKS
         for block in gl.static_range(BLOCKS):
-            scale = _absmax(
-                absmax_ptr, absmax2_ptr, code2_ptr, offset, row_blocks + (step * BLOCKS + block), mask_s,
-                NESTED, NESTED_BLOCKSIZE,
-            )  # fmt: skip
+            if ABSMAX_WORDS:  # the block's byte of the word (little-endian), its code, the shared scale2
+                quantised = (absmax_word >> ((first_block % 4 + block) * 8)) & 0xFF
+                scale = gl.load(code2_ptr + quantised) * scale2 + offset
+            else:
+                scale = _absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset, first_block + block, mask_s, NESTED,
+                                NESTED_BLOCKSIZE)  # fmt: skip
             a = gl.convert_layout(codes[block], A)
             b = gl.convert_layout(operands[block], B)
             acc += mma_v2(a, b, zero) * scale[:, None]
         return acc
+
+    @gluon.jit
+    def _absmax_word(absmax_ptr, absmax2_ptr, first_block, mask, NESTED_BLOCKSIZE: gl.constexpr):
+        """The aligned 32-bit word holding the quantised absmax bytes of blocks `first_block .. + BLOCKS` of
+        each row, and their second-level scale: one load each where `_absmax` makes two a block. (A row's
+        blocks of one step share a word and a second-level block: `launch` checks that BLOCKS divides 4 and
+        the nested blocksize, and K whole steps makes it divide the row's blocks.)"""
+        words = absmax_ptr.to(gl.pointer_type(gl.int32), bitcast=True)
+        word = gl.load(words + first_block // 4, mask=mask, other=0)
+        scale2 = gl.load(absmax2_ptr + first_block // NESTED_BLOCKSIZE, mask=mask, other=0.0)
+        return word, scale2
+
+    @gluon.jit
+    def _sector_pointers(packed_ptr, tile_n, N, K, BLOCK_N: gl.constexpr, SECTORS: gl.constexpr):
+        """`[BLOCK_N, 4]` addresses of the four 32-byte sectors of each row's first 128 bytes, in a layout
+        that gives each thread of a row group one sector: the L2 prefetch's targets, step by step."""
+        rows = tile_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, SECTORS))
+        rows = gl.minimum(rows, N - 1)  # rows past the weight's end prefetch its last row, in bounds
+        sectors = gl.arange(0, 4, layout=gl.SliceLayout(0, SECTORS))
+        return packed_ptr + (rows.to(gl.int64) * (K // 8))[:, None] + (8 * sectors)[None, :]
+
+    @gluon.jit
+    def _prefetch_l2(pointers):
+        """Ask L2 for the sectors at `pointers` (no register waits for them: the loads that read them later
+        find them in L2 instead of DRAM)."""
+        gl.inline_asm_elementwise(
+            "prefetch.global.L2 [$1];\nmov.u32 $0, 0;",
+            "=r,l",
+            [pointers],
+            dtype=gl.int32,
+            is_pure=False,
+            pack=1,
+        )
 
     @gluon.jit
     def _lora_term(acc, pid_m, pid_k, split_k, rows_n, M, N, lora_in_ptr, lora_b_ptr, lora_scale, lora_rank,
@@ -405,6 +471,8 @@ def launch_config(rows: int, out_features: int, in_features: int, device: torch.
         "SPLIT_K": split_k,
         "num_warps": chosen["num_warps"],
         "maxnreg": chosen["maxnreg"],
+        "absmax_words": chosen["absmax_words"],
+        "prefetch": chosen["prefetch"],
     }
 
 
@@ -437,7 +505,14 @@ def launch(first, out_features, table, rank, x, lora_in, lora_scale, config) -> 
     state2 = quant_state.state2 if nested else quant_state
     if lora_in is not None and lora_in.stride(1) != 1:
         lora_in = lora_in.contiguous()
-    mma, operand_a, operand_b, words, x_layout = layouts(block_n, block_m, blocks, warps)
+    # one absmax word a row and step: a step's BLOCKS bytes lie in one aligned word and one second-level block
+    absmax_words = (
+        config.get("absmax_words", False) and nested and 4 % blocks == 0 and state2.blocksize % blocks == 0
+        and quant_state.absmax.data_ptr() % 4 == 0
+    )  # fmt: skip
+    # the prefetch asks for a step's 128 bytes a row: with fewer blocks a step it would run past the K slice
+    prefetch = config.get("prefetch", 0) if blocks == 4 else 0
+    mma, operand_a, operand_b, words, x_layout, sectors = layouts(block_n, block_m, blocks, warps)
     _mma_4bit_kernel[grid](
         x, packed.reshape(-1).view(torch.int32), quant_state.absmax, quant_state.code, state2.absmax, state2.code,
         quant_state.offset if nested else quant_state.absmax, bias if bias is not None else y,
@@ -449,7 +524,8 @@ def launch(first, out_features, table, rank, x, lora_in, lora_scale, config) -> 
         LORA_RANK=max(16, triton.next_power_of_2(rank)) if rank else 0,
         SEGMENTS=0 if table is None else len(out_features),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCKS=blocks, SPLIT=split_k > 1,
-        MMA=mma, A=operand_a, B=operand_b, WORDS=words, XL=x_layout,
+        ABSMAX_WORDS=absmax_words, PREFETCH=prefetch,
+        MMA=mma, A=operand_a, B=operand_b, WORDS=words, XL=x_layout, SECTORS=sectors,
         num_warps=warps, **({"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {}),
     )  # fmt: skip
     return y
@@ -468,12 +544,13 @@ def compile_for(config: dict, arch: int = 90, dtype: str = "bf16", nested: bool 
         config["BLOCKS"],
         config["num_warps"],
     )
-    mma, operand_a, operand_b, words, x_layout = layouts(block_n, block_m, blocks, warps)
+    mma, operand_a, operand_b, words, x_layout, sectors = layouts(block_n, block_m, blocks, warps)
     constants = {
         "NESTED": nested, "NESTED_BLOCKSIZE": 256 if nested else 1, "HAS_BIAS": bias,
         "LORA_RANK": lora_rank, "SEGMENTS": segments, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCKS": blocks,
-        "SPLIT": config["SPLIT_K"] > 1,
-        "MMA": mma, "A": operand_a, "B": operand_b, "WORDS": words, "XL": x_layout,
+        "SPLIT": config["SPLIT_K"] > 1, "ABSMAX_WORDS": config.get("absmax_words", False) and nested,
+        "PREFETCH": config.get("prefetch", 0) if blocks == 4 else 0,
+        "MMA": mma, "A": operand_a, "B": operand_b, "WORDS": words, "XL": x_layout, "SECTORS": sectors,
     }  # fmt: skip
     pointers = {
         "x_ptr": dtype, "packed_ptr": "i32", "absmax_ptr": "u8" if nested else "fp32", "code_ptr": "fp32",
