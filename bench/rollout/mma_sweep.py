@@ -41,7 +41,7 @@ DEVICE = torch.device("cuda")
 # programs; the ring and the two-step iteration lost everywhere and were removed after c592d5b). This one:
 # - the absmax of a step as one word a row, loaded a step ahead (`absmax_words`), and an L2 prefetch of the
 #   codes `prefetch` steps ahead. In the sm_90 SASS (`nf4_mma.compile_for`) the one-step-ahead code loads sit
-#   ~3/4 into the step without a prefetch (ptxas sinks them) and at its top with one (prefetch 1 asks L2 for
+#   ~4/5 into the step without a prefetch (ptxas sinks them) and at its top with one (prefetch 1 asks L2 for
 #   what the loads read anyway: it only pins them). Each spills nothing at 128 registers (sm_90, sm_89);
 # - register caps that let more programs share a multiprocessor (ptxas spills none in the K loop at these).
 BASE = {"BLOCK_N": 64, "BLOCKS": 4, "num_warps": 4, "programs_per_sm": 8, "maxnreg": 128}

@@ -21,8 +21,9 @@ registers (reshape, permute and join of tensors whose layouts Triton then finds 
 Decoding: `nf4_decode.PRMT_DECODE_PTX` (byte permutes over the code book as eight table words). Scaling:
 one dot per 64-weight quantisation block into a fresh fp32 sum, scaled by the block's fp32 absmax
 (`SCALE_AFTER` in `nf4_matmul`: a weight is `bf16(code) * absmax`, within one bf16 rounding of
-`dequantize_4bit`'s; tests/kernels). The next loop step's codes are loaded before this step's are used, so
-each warp keeps a step of loads in flight. `mma.sync` runs on sm_80 and later: the RTX 4090 (sm_89) too.
+`dequantize_4bit`'s; tests/kernels). The next loop step's codes are loaded before this step's are used in
+the source, though ptxas issues those loads only ~4/5 into the step (sm_90 SASS); the `prefetch` variant pins
+them to its top. `mma.sync` runs on sm_80 and later: the RTX 4090 (sm_89) too.
 
 Measured on the H200 (bench/rollout/results.md, "A kernel without shared memory"): 130 us per 7B decoder
 layer at 16 rows against `nf4_matmul`'s 154 (gate/up 31.6 against 35.6 us: 23% of the bandwidth bound, not
@@ -83,7 +84,8 @@ MMA_DEFAULTS = {
     # ahead (2 loads a row and step instead of 2 BLOCKS):
     "absmax_words": False,
     # an L2 prefetch of the codes this many steps ahead (0: none; BLOCKS 4 only). It also pins the next step's
-    # code loads to the top of the step, where ptxas otherwise sinks them ~3/4 of the way in (sm_90 SASS):
+    # code loads to the top of the step, where ptxas otherwise sinks them ~4/5 of the way in (sm_90 SASS:
+    # bench/rollout/mma_loads.py):
     "prefetch": 0,
 }
 
@@ -291,9 +293,9 @@ if gluon is not None:
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
         first = pid_k * iters_per_split
         last = gl.minimum(first + iters_per_split, K // STEP)
-        # Each step loads the codes of the step after it before decoding its own, so a step's loads are in
-        # flight while the step before is decoded and multiplied; the last step loads itself again rather than
-        # taking a predicate. (Two steps an iteration, which saves the register copy of the words, and a
+        # Each step loads the codes of the step after it before decoding its own, so that a step's loads can be
+        # in flight while the step before is decoded and multiplied (ptxas moves them late unless PREFETCH
+        # pins them); the last step loads itself again rather than taking a predicate. (Two steps an iteration, which saves the register copy of the words, and a
         # cp.async ring of shared-memory slots were slower: bench/rollout/results.md.)
         words_next = gl.load(word_ptrs + first * (8 * BLOCKS), mask=mask_w, other=0)
         if ABSMAX_WORDS:  # the step's absmax bytes as one word a row, loaded a step ahead as the codes are

@@ -108,8 +108,8 @@ def registers(compiled) -> dict[str, int]:
     }
 
 
-def main_loop_opcodes(code: str) -> collections.Counter:
-    """Opcode counts (`PRMT`, `LOP3`, `SHFL`, ...) of the longest loop in `code` that runs tensor-core MMAs.
+def main_loop(code: str) -> list[str]:
+    """The instructions of the longest loop in `code` that runs tensor-core MMAs, in order.
 
     The loop is found as a backward branch whose body holds an (H)GMMA or HMMA: the K loop of the kernel.
     """
@@ -125,5 +125,14 @@ def main_loop_opcodes(code: str) -> collections.Counter:
             body = [t for a, t in instructions if int(branch.group(1), 16) <= a <= address]
             if any("MMA" in t for t in body) and len(body) > len(longest):
                 longest = body
-    opcode = re.compile(r"^(?:@!?U?P\w+\s+)?([A-Z0-9_]+)")
-    return collections.Counter(opcode.match(text).group(1) for text in longest)
+    return longest
+
+
+def opcode(instruction: str) -> str:
+    """`PRMT`, `LDG`, ... of one instruction's text (its predicate dropped)."""
+    return re.match(r"^(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", instruction).group(1)
+
+
+def main_loop_opcodes(code: str) -> collections.Counter:
+    """Opcode counts (`PRMT`, `LOP3`, `SHFL`, ...) of the K loop (`main_loop`)."""
+    return collections.Counter(opcode(text) for text in main_loop(code))
