@@ -23,6 +23,8 @@ VARIANTS = {
     "prefetch 1": {"prefetch": 1},
     "absmax_words": {"absmax_words": True},
     "both (prefetch 2)": {"absmax_words": True, "prefetch": 2},
+    "clamp_rows": {"clamp_rows": True},
+    "all three (prefetch 2)": {"absmax_words": True, "prefetch": 2, "clamp_rows": True},
 }
 KINDS = {"LDG.E.64": "codes", "LDG.E.128": "x", "LDG.E.U8": "absmax bytes", "LDG.E": "4-byte"}
 

@@ -42,13 +42,20 @@ DEVICE = torch.device("cuda")
 # - the absmax of a step as one word a row, loaded a step ahead (`absmax_words`), and an L2 prefetch of the
 #   codes `prefetch` steps ahead. In the sm_90 SASS (`nf4_mma.compile_for`) the one-step-ahead code loads sit
 #   ~4/5 into the step without a prefetch (ptxas sinks them) and at its top with one (prefetch 1 asks L2 for
-#   what the loads read anyway: it only pins them). Each spills nothing at 128 registers (sm_90, sm_89);
+#   what the loads read anyway: it only pins them); and rows past the ends read the last row instead of
+#   masked loads (`clamp_rows`: 664 instructions a step become 604, sm_90). None spills at 128 registers
+#   (sm_90, sm_89; bench/rollout/mma_loads.py);
 # - register caps that let more programs share a multiprocessor (ptxas spills none in the K loop at these).
 BASE = {"BLOCK_N": 64, "BLOCKS": 4, "num_warps": 4, "programs_per_sm": 8, "maxnreg": 128}
 VARIANTS = [
     BASE,
-    *({**BASE, "absmax_words": words, "prefetch": ahead} for words in (False, True) for ahead in (1, 2, 4)),
-    {**BASE, "absmax_words": True},
+    *(
+        {**BASE, "clamp_rows": clamp, "absmax_words": words, "prefetch": ahead}
+        for clamp in (False, True)
+        for words in (False, True)
+        for ahead in (0, 1, 2, 4)
+        if clamp or words or ahead
+    ),
     *({**BASE, "BLOCKS": 1, "maxnreg": r, "programs_per_sm": p} for r in (64, 80) for p in (8, 16)),
     *({**BASE, "BLOCKS": 2, "maxnreg": r, "programs_per_sm": p} for r in (80, 96) for p in (8, 16)),
     {**BASE, "maxnreg": 96},

@@ -69,19 +69,22 @@ def test_the_main_loop_uses_no_shared_memory_and_keeps_four_programs_per_multipr
 
 @needs_triton
 @pytest.mark.parametrize("arch", [90, 89])
-def test_absmax_words_and_the_l2_prefetch_compile_to_fewer_loads_and_a_prefetch(arch):
-    # The sweep's two load variants (`MMA_DEFAULTS`): one absmax word a row and step replaces a byte and a
+def test_the_load_variants_compile_to_fewer_loads_a_prefetch_and_no_masked_loads(arch):
+    # The sweep's load variants (`MMA_DEFAULTS`): one absmax word a row and step replaces a byte and a
     # second-level scale a block (2 x 2 rows x 4 blocks loads a thread become 2 x 2); `prefetch` issues one
-    # L2 prefetch (CCTL) a thread and row a step. Neither adds shared memory to the loop.
+    # L2 prefetch (CCTL) a thread and row a step; `clamp_rows` masks no load. None adds shared memory.
     from vrft.kernels.nf4_offline import main_loop_opcodes, sass
 
     config = nf4_mma.launch_config(16, 18944, 3584, torch.device("meta"))
     loops = {}
-    for name, choices in (("default", {}), ("words", {"absmax_words": True}), ("prefetch", {"prefetch": 2})):
+    variants = {"words": {"absmax_words": True}, "prefetch": {"prefetch": 2}, "clamp": {"clamp_rows": True}}
+    for name, choices in {"default": {}, **variants}.items():
         loops[name] = main_loop_opcodes(sass(nf4_mma.compile_for({**config, **choices}, arch=arch)))
         assert not {"STS", "LDS", "LDSM", "BAR", "SHFL"} & set(loops[name]), (name, loops[name])
     assert loops["default"]["LDG"] - loops["words"]["LDG"] == 16 - 4, loops
     assert "CCTL" not in loops["default"] and loops["prefetch"]["CCTL"] == 2, loops
+    # masked loads zero their registers first (CS2R); clamped rows take none
+    assert loops["default"]["CS2R"] >= 40 and "CS2R" not in loops["clamp"], loops
 
 
 def test_matmul_4bit_takes_this_kernel_only_when_switched_on(monkeypatch):
@@ -214,12 +217,17 @@ def test_every_tile_and_step_equals_bitsandbytes_in_fp16_too(choices):
         {"prefetch": 4},
         {"absmax_words": True, "prefetch": 2},
         {"absmax_words": True, "prefetch": 2, "BLOCKS": 2},  # the prefetch is dropped: BLOCKS 4 only
+        {"clamp_rows": True},
+        {"clamp_rows": True, "absmax_words": True, "prefetch": 2},
+        {"clamp_rows": True, "BLOCKS": 1},
     ],
 )
 @pytest.mark.parametrize("rows", [8, 17])
-def test_absmax_words_and_the_l2_prefetch_change_no_bit_of_the_output(choices, rows):
-    # Both only move loads: the same scales (the same fp32 expression), the same products summed in the same
-    # order. A segments launch with bias, LoRA and a K split, K = 1280 so the split's last slice is short.
+def test_the_load_variants_change_no_bit_of_the_output(choices, rows):
+    # They only move loads (or read rows whose sums are never stored): the same scales (the same fp32
+    # expression), the same products summed in the same order. A segments launch with bias, LoRA and a K
+    # split; K = 1280 so the split's last slice is short, 136 rows so a tile runs past a weight's end, and
+    # 8 and 17 rows so x ends inside a tile.
     torch.manual_seed(0)
     sizes, ranks, starts = (384, 128, 136), (16, 16, 64), (0, 16, 32)
     weights = [quantised(n, 1280) for n in sizes]

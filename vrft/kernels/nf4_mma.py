@@ -87,6 +87,9 @@ MMA_DEFAULTS = {
     # code loads to the top of the step, where ptxas otherwise sinks them ~4/5 of the way in (sm_90 SASS:
     # bench/rollout/mma_loads.py):
     "prefetch": 0,
+    # rows past the weight's or x's end read the last row instead of taking masked loads, which cost a
+    # predicate and the zeroing of each load's registers (40 of a step's ~665 instructions, sm_90)
+    "clamp_rows": False,
 }
 
 
@@ -239,12 +242,20 @@ if gluon is not None:
                 NESTED: gl.constexpr, NESTED_BLOCKSIZE: gl.constexpr):  # fmt: skip
         """fp32 absmax of quantisation blocks `block`, as `dequantize_4bit` computes it."""
         if NESTED:  # code2[q] * absmax2[block // nested blocksize] + offset, in fp32
-            quantised = gl.load(absmax_ptr + block, mask=mask, other=0).to(gl.int32)
-            scale2 = gl.load(absmax2_ptr + block // NESTED_BLOCKSIZE, mask=mask, other=0.0)
+            quantised = _load(absmax_ptr + block, mask, 0).to(gl.int32)
+            scale2 = _load(absmax2_ptr + block // NESTED_BLOCKSIZE, mask, 0.0)
             scale = gl.load(code2_ptr + quantised) * scale2 + offset
         else:
-            scale = gl.load(absmax_ptr + block, mask=mask, other=0.0)
+            scale = _load(absmax_ptr + block, mask, 0.0)
         return scale
+
+    @gluon.jit
+    def _load(pointers, mask, other):
+        """`gl.load(pointers, mask=mask, other=other)`, or unmasked where `mask` is None (CLAMP_ROWS)."""
+        if mask is None:
+            return gl.load(pointers)
+        else:
+            return gl.load(pointers, mask=mask, other=other)
 
     @gluon.jit
     def _mma_4bit_kernel(
@@ -254,7 +265,7 @@ if gluon is not None:
         NESTED: gl.constexpr, NESTED_BLOCKSIZE: gl.constexpr, HAS_BIAS: gl.constexpr,
         LORA_RANK: gl.constexpr, SEGMENTS: gl.constexpr,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCKS: gl.constexpr, SPLIT: gl.constexpr,
-        ABSMAX_WORDS: gl.constexpr, PREFETCH: gl.constexpr,
+        ABSMAX_WORDS: gl.constexpr, PREFETCH: gl.constexpr, CLAMP_ROWS: gl.constexpr,
         MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr, WORDS: gl.constexpr, XL: gl.constexpr,
         SECTORS: gl.constexpr,
     ):  # fmt: skip
@@ -274,18 +285,31 @@ if gluon is not None:
         # the packed words of this tile's rows, one step's worth: [BLOCK_N, 8 BLOCKS]
         rows_w = tile_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, WORDS))
         words_w = gl.arange(0, 8 * BLOCKS, layout=gl.SliceLayout(0, WORDS))
-        mask_w = (rows_w < N)[:, None]
+        if CLAMP_ROWS:  # rows past the end read the last row (their sums are never stored): unmasked loads,
+            # whose registers need no zeroing first (`_load`)
+            rows_w = gl.minimum(rows_w, N - 1)
+            mask_w = None
+        else:
+            mask_w = (rows_w < N)[:, None]
         word_ptrs = packed_ptr + (rows_w.to(gl.int64) * (K // 8))[:, None] + words_w[None, :]
         # x's rows, one step's columns: [STEP, BLOCK_M]
         columns_x = gl.arange(0, STEP, layout=gl.SliceLayout(1, XL))
         rows_x = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, XL))
-        mask_x = (rows_x < M)[None, :]
+        if CLAMP_ROWS:
+            rows_x = gl.minimum(rows_x, M - 1)
+            mask_x = None
+        else:
+            mask_x = (rows_x < M)[None, :]
         x_ptrs = x_ptr + (rows_x.to(gl.int64) * stride_xm)[None, :] + columns_x[:, None]
         # the absmax rows, in the accumulator's layout
         rows_s = tile_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
-        mask_s = rows_s < N
         blocks_per_row = K // 64
-        row_blocks = rows_s * blocks_per_row
+        if CLAMP_ROWS:
+            row_blocks = gl.minimum(rows_s, N - 1) * blocks_per_row
+            mask_s = None
+        else:
+            row_blocks = rows_s * blocks_per_row
+            mask_s = rows_s < N
         offset = 0.0
         if NESTED:
             offset = gl.load(offset_ptr)
@@ -297,7 +321,7 @@ if gluon is not None:
         # in flight while the step before is decoded and multiplied (ptxas moves them late unless PREFETCH
         # pins them); the last step loads itself again rather than taking a predicate. (Two steps an iteration, which saves the register copy of the words, and a
         # cp.async ring of shared-memory slots were slower: bench/rollout/results.md.)
-        words_next = gl.load(word_ptrs + first * (8 * BLOCKS), mask=mask_w, other=0)
+        words_next = _load(word_ptrs + first * (8 * BLOCKS), mask_w, 0)
         if ABSMAX_WORDS:  # the step's absmax bytes as one word a row, loaded a step ahead as the codes are
             absmax_next = _absmax_word(absmax_ptr, absmax2_ptr, row_blocks + first * BLOCKS, mask_s,
                                        NESTED_BLOCKSIZE)  # fmt: skip
@@ -306,7 +330,7 @@ if gluon is not None:
         for step in range(first, last):
             words = words_next
             ahead = gl.minimum(step + 1, last - 1)
-            words_next = gl.load(word_ptrs + ahead * (8 * BLOCKS), mask=mask_w, other=0)
+            words_next = _load(word_ptrs + ahead * (8 * BLOCKS), mask_w, 0)
             absmax_word, scale2 = 0, 0.0  # the absmax words' path only
             if ABSMAX_WORDS:
                 absmax_word, scale2 = absmax_next
@@ -337,7 +361,7 @@ if gluon is not None:
         (with ABSMAX_WORDS, `absmax_word` and `scale2` its absmax loads: `_absmax_word`)."""
         # x is read by every program (L2) and every warp (L1): loaded where it is used, not a step ahead,
         # whose register copies at the loop's end cost ~0.5 byte permutes per weight
-        x = gl.load(x_ptrs + step * (64 * BLOCKS), mask=mask_x, other=0.0)
+        x = _load(x_ptrs + step * (64 * BLOCKS), mask_x, 0.0)
         codes = _decode(words, tables, BLOCK_N, BLOCKS, DTYPE)
         operands = _x_operands(x, BLOCK_M, BLOCKS, B)
         zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
@@ -361,8 +385,8 @@ if gluon is not None:
         blocks of one step share a word and a second-level block: `launch` checks that BLOCKS divides 4 and
         the nested blocksize, and K whole steps makes it divide the row's blocks.)"""
         words = absmax_ptr.to(gl.pointer_type(gl.int32), bitcast=True)
-        word = gl.load(words + first_block // 4, mask=mask, other=0)
-        scale2 = gl.load(absmax2_ptr + first_block // NESTED_BLOCKSIZE, mask=mask, other=0.0)
+        word = _load(words + first_block // 4, mask, 0)
+        scale2 = _load(absmax2_ptr + first_block // NESTED_BLOCKSIZE, mask, 0.0)
         return word, scale2
 
     @gluon.jit
@@ -475,6 +499,7 @@ def launch_config(rows: int, out_features: int, in_features: int, device: torch.
         "maxnreg": chosen["maxnreg"],
         "absmax_words": chosen["absmax_words"],
         "prefetch": chosen["prefetch"],
+        "clamp_rows": chosen["clamp_rows"],
     }
 
 
@@ -526,7 +551,7 @@ def launch(first, out_features, table, rank, x, lora_in, lora_scale, config) -> 
         LORA_RANK=max(16, triton.next_power_of_2(rank)) if rank else 0,
         SEGMENTS=0 if table is None else len(out_features),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCKS=blocks, SPLIT=split_k > 1,
-        ABSMAX_WORDS=absmax_words, PREFETCH=prefetch,
+        ABSMAX_WORDS=absmax_words, PREFETCH=prefetch, CLAMP_ROWS=config.get("clamp_rows", False),
         MMA=mma, A=operand_a, B=operand_b, WORDS=words, XL=x_layout, SECTORS=sectors,
         num_warps=warps, **({"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {}),
     )  # fmt: skip
@@ -551,7 +576,7 @@ def compile_for(config: dict, arch: int = 90, dtype: str = "bf16", nested: bool 
         "NESTED": nested, "NESTED_BLOCKSIZE": 256 if nested else 1, "HAS_BIAS": bias,
         "LORA_RANK": lora_rank, "SEGMENTS": segments, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCKS": blocks,
         "SPLIT": config["SPLIT_K"] > 1, "ABSMAX_WORDS": config.get("absmax_words", False) and nested,
-        "PREFETCH": config.get("prefetch", 0) if blocks == 4 else 0,
+        "PREFETCH": config.get("prefetch", 0) if blocks == 4 else 0, "CLAMP_ROWS": config.get("clamp_rows", False),
         "MMA": mma, "A": operand_a, "B": operand_b, "WORDS": words, "XL": x_layout, "SECTORS": sectors,
     }  # fmt: skip
     pointers = {
