@@ -45,7 +45,9 @@ DEVICE = torch.device("cuda")
 #   what the loads read anyway: it only pins them); and rows past the ends read the last row instead of
 #   masked loads (`clamp_rows`: 664 instructions a step become 604, sm_90). None spills at 128 registers
 #   (sm_90, sm_89; bench/rollout/mma_loads.py);
-# - register caps that let more programs share a multiprocessor (ptxas spills none in the K loop at these).
+# - register caps that let more programs share a multiprocessor: with clamped rows, 2 blocks a step fit 80
+#   registers (6 programs) and 1 block 64 (8) with no spill, the absmax words too at 80 (the prefetch
+#   spills at these caps); the older caps (without clamped rows) spill a few bytes in segments launches.
 BASE = {"BLOCK_N": 64, "BLOCKS": 4, "num_warps": 4, "programs_per_sm": 8, "maxnreg": 128}
 VARIANTS = [
     BASE,
@@ -56,6 +58,12 @@ VARIANTS = [
         for ahead in (0, 1, 2, 4)
         if clamp or words or ahead
     ),
+    *(
+        {**BASE, "clamp_rows": True, "absmax_words": words, "BLOCKS": 2, "maxnreg": 80, "programs_per_sm": p}
+        for words in (False, True)
+        for p in (8, 12, 16)
+    ),
+    *({**BASE, "clamp_rows": True, "BLOCKS": 1, "maxnreg": 64, "programs_per_sm": p} for p in (8, 16)),
     *({**BASE, "BLOCKS": 1, "maxnreg": r, "programs_per_sm": p} for r in (64, 80) for p in (8, 16)),
     *({**BASE, "BLOCKS": 2, "maxnreg": r, "programs_per_sm": p} for r in (80, 96) for p in (8, 16)),
     {**BASE, "maxnreg": 96},

@@ -216,10 +216,12 @@ def test_every_tile_and_step_equals_bitsandbytes_in_fp16_too(choices):
         {"prefetch": 1},
         {"prefetch": 4},
         {"absmax_words": True, "prefetch": 2},
-        {"absmax_words": True, "prefetch": 2, "BLOCKS": 2},  # the prefetch is dropped: BLOCKS 4 only
+        {"absmax_words": True, "prefetch": 2, "BLOCKS": 2},
+        {"prefetch": 1, "BLOCKS": 1},
         {"clamp_rows": True},
         {"clamp_rows": True, "absmax_words": True, "prefetch": 2},
         {"clamp_rows": True, "BLOCKS": 1},
+        {"clamp_rows": True, "absmax_words": True, "BLOCKS": 2, "maxnreg": 80},
     ],
 )
 @pytest.mark.parametrize("rows", [8, 17])
@@ -344,3 +346,22 @@ def test_the_benchmarks_engine_suffixes_set_the_switch_for_a_generate_and_put_it
         engine.generate()
         assert seen[-1] is expected and nf4_matmul.MMA_KERNEL is False
     sys.modules.pop("speed", None)
+
+
+@needs_triton
+def test_every_variant_of_the_sweep_compiles_for_sm_90(monkeypatch):
+    # bench/rollout/mma_sweep.py runs on a scarce device: a variant that does not compile (a misspelt switch
+    # reaches the kernel as a missing constexpr) is found here, on the CPU, before the device call.
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "bench" / "rollout"))
+    sweep = __import__("mma_sweep")
+    try:
+        for variant in sweep.VARIANTS:
+            assert set(variant) <= set(nf4_mma.MMA_DEFAULTS), variant
+            config = nf4_mma.launch_config(16, 18944, 3584, torch.device("meta"), **variant)
+            assert nf4_mma.compile_for({**config, "SPLIT_K": 4}, arch=90).asm["cubin"], variant
+    finally:
+        sys.modules.pop("mma_sweep", None)
+        sys.modules.pop("kernel_sweep", None)

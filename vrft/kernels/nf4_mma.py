@@ -83,7 +83,7 @@ MMA_DEFAULTS = {
     # measured kernel's. The double-quantised absmax of a row's loop step as one 32-bit word, loaded a step
     # ahead (2 loads a row and step instead of 2 BLOCKS):
     "absmax_words": False,
-    # an L2 prefetch of the codes this many steps ahead (0: none; BLOCKS 4 only). It also pins the next step's
+    # an L2 prefetch of the codes this many steps ahead (0: none). It also pins the next step's
     # code loads to the top of the step, where ptxas otherwise sinks them ~4/5 of the way in (sm_90 SASS:
     # bench/rollout/mma_loads.py):
     "prefetch": 0,
@@ -326,7 +326,7 @@ if gluon is not None:
             absmax_next = _absmax_word(absmax_ptr, absmax2_ptr, row_blocks + first * BLOCKS, mask_s,
                                        NESTED_BLOCKSIZE)  # fmt: skip
         if PREFETCH > 0:
-            sector_ptrs = _sector_pointers(packed_ptr, tile_n, N, K, BLOCK_N, SECTORS)
+            sector_ptrs = _sector_pointers(packed_ptr, tile_n, N, K, BLOCK_N, BLOCKS, SECTORS)
         for step in range(first, last):
             words = words_next
             ahead = gl.minimum(step + 1, last - 1)
@@ -390,13 +390,15 @@ if gluon is not None:
         return word, scale2
 
     @gluon.jit
-    def _sector_pointers(packed_ptr, tile_n, N, K, BLOCK_N: gl.constexpr, SECTORS: gl.constexpr):
-        """`[BLOCK_N, 4]` addresses of the four 32-byte sectors of each row's first 128 bytes, in a layout
-        that gives each thread of a row group one sector: the L2 prefetch's targets, step by step."""
+    def _sector_pointers(packed_ptr, tile_n, N, K, BLOCK_N: gl.constexpr, BLOCKS: gl.constexpr,
+                         SECTORS: gl.constexpr):  # fmt: skip
+        """`[BLOCK_N, 4]` addresses of the 32-byte sectors of each row's first loop step (one a block: with
+        fewer than four blocks a step, some asked for twice), in a layout that gives each thread of a row
+        group one sector: the L2 prefetch's targets, step by step."""
         rows = tile_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, SECTORS))
         rows = gl.minimum(rows, N - 1)  # rows past the weight's end prefetch its last row, in bounds
         sectors = gl.arange(0, 4, layout=gl.SliceLayout(0, SECTORS))
-        return packed_ptr + (rows.to(gl.int64) * (K // 8))[:, None] + (8 * sectors)[None, :]
+        return packed_ptr + (rows.to(gl.int64) * (K // 8))[:, None] + (8 * (sectors % BLOCKS))[None, :]
 
     @gluon.jit
     def _prefetch_l2(pointers):
@@ -537,8 +539,6 @@ def launch(first, out_features, table, rank, x, lora_in, lora_scale, config) -> 
         config.get("absmax_words", False) and nested and 4 % blocks == 0 and state2.blocksize % blocks == 0
         and quant_state.absmax.data_ptr() % 4 == 0
     )  # fmt: skip
-    # the prefetch asks for a step's 128 bytes a row: with fewer blocks a step it would run past the K slice
-    prefetch = config.get("prefetch", 0) if blocks == 4 else 0
     mma, operand_a, operand_b, words, x_layout, sectors = layouts(block_n, block_m, blocks, warps)
     _mma_4bit_kernel[grid](
         x, packed.reshape(-1).view(torch.int32), quant_state.absmax, quant_state.code, state2.absmax, state2.code,
@@ -551,7 +551,7 @@ def launch(first, out_features, table, rank, x, lora_in, lora_scale, config) -> 
         LORA_RANK=max(16, triton.next_power_of_2(rank)) if rank else 0,
         SEGMENTS=0 if table is None else len(out_features),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCKS=blocks, SPLIT=split_k > 1,
-        ABSMAX_WORDS=absmax_words, PREFETCH=prefetch, CLAMP_ROWS=config.get("clamp_rows", False),
+        ABSMAX_WORDS=absmax_words, PREFETCH=config.get("prefetch", 0), CLAMP_ROWS=config.get("clamp_rows", False),
         MMA=mma, A=operand_a, B=operand_b, WORDS=words, XL=x_layout, SECTORS=sectors,
         num_warps=warps, **({"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {}),
     )  # fmt: skip
@@ -576,7 +576,7 @@ def compile_for(config: dict, arch: int = 90, dtype: str = "bf16", nested: bool 
         "NESTED": nested, "NESTED_BLOCKSIZE": 256 if nested else 1, "HAS_BIAS": bias,
         "LORA_RANK": lora_rank, "SEGMENTS": segments, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCKS": blocks,
         "SPLIT": config["SPLIT_K"] > 1, "ABSMAX_WORDS": config.get("absmax_words", False) and nested,
-        "PREFETCH": config.get("prefetch", 0) if blocks == 4 else 0, "CLAMP_ROWS": config.get("clamp_rows", False),
+        "PREFETCH": config.get("prefetch", 0), "CLAMP_ROWS": config.get("clamp_rows", False),
         "MMA": mma, "A": operand_a, "B": operand_b, "WORDS": words, "XL": x_layout, "SECTORS": sectors,
     }  # fmt: skip
     pointers = {
