@@ -206,6 +206,24 @@ def test_every_tile_and_step_equals_bitsandbytes_in_fp16_too(choices):
         )
 
 
+SEGMENT_RANKS, SEGMENT_STARTS = (16, 16, 64), (0, 16, 32)  # LoRA ranks, their columns of the shared x A^T
+
+
+def segments_case(sizes: tuple[int, ...], rows: int, in_features: int):
+    """Three weights `[n, in_features]` with biases and LoRA B matrices (`SEGMENT_RANKS` at `SEGMENT_STARTS`
+    of a shared `x A^T`), `x [rows, in_features]`, that product and the weights' segment table (CUDA)."""
+    ranks, starts = SEGMENT_RANKS, SEGMENT_STARTS
+    weights = [quantised(n, in_features) for n in sizes]
+    biases = [torch.randn(n, dtype=torch.bfloat16, device="cuda") for n in sizes]
+    lora_bs = [torch.randn(n, r, device="cuda") * 0.05 for n, r in zip(sizes, ranks, strict=True)]
+    x = torch.randn(rows, in_features, dtype=torch.bfloat16, device="cuda")
+    product = torch.randn(rows, sum(ranks), device="cuda").to(torch.bfloat16)
+    group = nf4_segments.segments(
+        [(p, s, b, lb, c) for (p, s), b, lb, c in zip(weights, biases, lora_bs, starts, strict=True)]
+    )
+    return weights, biases, lora_bs, x, product, group
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "choices",
@@ -231,15 +249,8 @@ def test_the_load_variants_change_no_bit_of_the_output(choices, rows):
     # split; K = 1280 so the split's last slice is short, 136 rows so a tile runs past a weight's end, and
     # 8 and 17 rows so x ends inside a tile.
     torch.manual_seed(0)
-    sizes, ranks, starts = (384, 128, 136), (16, 16, 64), (0, 16, 32)
-    weights = [quantised(n, 1280) for n in sizes]
-    biases = [torch.randn(n, dtype=torch.bfloat16, device="cuda") for n in sizes]
-    lora_bs = [torch.randn(n, r, device="cuda") * 0.05 for n, r in zip(sizes, ranks, strict=True)]
-    x = torch.randn(rows, 1280, dtype=torch.bfloat16, device="cuda")
-    product = torch.randn(rows, sum(ranks), device="cuda").to(torch.bfloat16)
-    group = nf4_segments.segments(
-        [(p, s, b, lb, c) for (p, s), b, lb, c in zip(weights, biases, lora_bs, starts, strict=True)]
-    )
+    sizes = (384, 128, 136)
+    weights, biases, lora_bs, x, product, group = segments_case(sizes, rows, 1280)
     blocks = {"BLOCKS": choices["BLOCKS"]} if "BLOCKS" in choices else {}
     outputs = []
     for chosen in (blocks, choices):
@@ -284,15 +295,8 @@ def test_fused_lora_term_and_split_k_reduction_under_graph_replay(split_k, rank)
 @pytest.mark.parametrize("rows", [8, 16, 32])
 def test_one_launch_over_several_weights_equals_their_own_launches(rows):
     torch.manual_seed(0)
-    sizes, ranks, starts = (384, 128, 128), (16, 16, 64), (0, 16, 32)
-    weights = [quantised(n, 1024) for n in sizes]
-    biases = [torch.randn(n, dtype=torch.bfloat16, device="cuda") for n in sizes]
-    lora_bs = [torch.randn(n, r, device="cuda") * 0.05 for n, r in zip(sizes, ranks, strict=True)]
-    x = torch.randn(rows, 1024, dtype=torch.bfloat16, device="cuda")
-    product = torch.randn(rows, sum(ranks), device="cuda").to(torch.bfloat16)
-    group = nf4_segments.segments(
-        [(p, s, b, lb, c) for (p, s), b, lb, c in zip(weights, biases, lora_bs, starts, strict=True)]
-    )
+    sizes = (384, 128, 128)
+    weights, biases, lora_bs, x, product, group = segments_case(sizes, rows, 1024)
     config = nf4_mma.launch_config(rows, sum(sizes), 1024, x.device)
     together = nf4_mma.launch(
         group.first, group.out_features, group.table, group.lora_rank, x, product, 2.0, config
@@ -303,7 +307,7 @@ def test_one_launch_over_several_weights_equals_their_own_launches(rows):
     torch.testing.assert_close(routed, together, rtol=0, atol=0)
     column = 0
     for (packed, state), bias, lora_b, start, rank in zip(
-        weights, biases, lora_bs, starts, ranks, strict=True
+        weights, biases, lora_bs, SEGMENT_STARTS, SEGMENT_RANKS, strict=True
     ):
         n = state.shape[0]
         lora_in = product[:, start : start + rank]
