@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # One device call: the Gluon kernel (vrft/kernels/nf4_mma.py) profiled next to nf4_matmul's and swept.
 #   bash bench/rollout/device_mma.sh            (from the repository root on the GPU machine, $OUT set)
+#   NCU_KERNELS="" BUDGET=240 bash bench/rollout/device_mma.sh    # no profiles: tests and sweep, ~9 min
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
 export PYTHONPATH=$PWD:/tmp/site
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv
-timeout 200 python3 -m pytest -q -m gpu tests/kernels/test_nf4_mma.py \
+git log --oneline -1 > "$OUT/commit.txt" 2>/dev/null
+timeout 240 python3 -m pytest -q -m gpu tests/kernels/test_nf4_mma.py \
     tests/kernels/test_nf4_matmul.py::test_one_launch_over_several_weights_equals_their_own_launches_under_graph_replay \
     > "$OUT/gpu_tests.log" 2>&1
 tail -15 "$OUT/gpu_tests.log"
