@@ -49,6 +49,9 @@ DEVICE = torch.device("cuda")
 #   registers (6 programs) and 1 block 64 (8) with no spill, the absmax words too at 80 (the prefetch
 #   spills at these caps); the older caps (without clamped rows) spill a few bytes in segments launches.
 BASE = {"BLOCK_N": 64, "BLOCKS": 4, "num_warps": 4, "programs_per_sm": 8, "maxnreg": 128}
+# one-warp programs of 32 rows: a warp reads 128 columns of x a step for 32 weight rows instead of 256 for
+# 16 (4 KB of x to 2 KB of codes, against 8 to 2), and 16 programs share a multiprocessor with no spill
+ONE_WARP = {**BASE, "BLOCK_N": 32, "num_warps": 1, "BLOCKS": 2, "clamp_rows": True}
 VARIANTS = [
     BASE,
     *(
@@ -57,6 +60,11 @@ VARIANTS = [
         for words in (False, True)
         for ahead in (0, 1, 2, 4)
         if clamp or words or ahead
+    ),
+    *({**BASE, "clamp_rows": True, "programs_per_sm": 16}, {**BASE, "programs_per_sm": 16}),
+    *(
+        {**ONE_WARP, "absmax_words": words, "prefetch": ahead, "programs_per_sm": p}
+        for words, ahead, p in ((False, 0, 16), (False, 0, 32), (True, 0, 32), (False, 1, 32))
     ),
     *(
         {**BASE, "clamp_rows": True, "absmax_words": words, "BLOCKS": 2, "maxnreg": 80, "programs_per_sm": p}
