@@ -189,6 +189,7 @@ def test_kernel_equals_bitsandbytes_dequantise_then_matmul(
         {"BLOCKS": 2, "maxnreg": 80},
         {"BLOCK_N": 16, "num_warps": 1},  # one-warp programs
         {"BLOCK_N": 32, "num_warps": 2},
+        {"BLOCK_N": 32, "num_warps": 1, "BLOCKS": 2, "clamp_rows": True},  # two row repeats a warp
     ],
 )
 def test_every_tile_and_step_equals_bitsandbytes_in_fp16_too(choices):
