@@ -362,11 +362,11 @@ def test_kernel_logic_under_the_triton_interpreter(tmp_path):
     # The interpreter runs the kernel on CPU tensors with numpy, in fp16. Not bf16, which numpy lacks: Triton
     # 3.6's interpreter returns garbage for `tl.dot` of bf16 operands (a 16 x 16 x 16 product of randn values
     # off by ~1e10) and rounds fp32 -> bf16 towards zero where the GPU and torch round to nearest (-13/15
-    # becomes -0.86328125, not -0.8671875). On the GPU, bf16 is tested. It checks the indexing, the nibble order of all three decoders (the byte-permute one through its table words, as
-    # the interpreter runs no PTX: tests/kernels/test_nf4_decode.py runs the PTX itself), both absmax
-    # modes, the double-quantised absmax, the split-K reduction, the fused LoRA term (read from strided rows),
-    # both code-book lookups, both operand orders, one and two quantisation blocks per step, and the masks,
-    # not the speed.
+    # becomes -0.86328125, not -0.8671875). On the GPU, bf16 is tested. It checks the indexing, the nibble
+    # order of all three decoders (the byte-permute one through its table words, as the interpreter runs no
+    # PTX: tests/kernels/test_nf4_decode.py runs the PTX itself), both absmax modes, the double-quantised
+    # absmax, the split-K reduction, the fused LoRA term (read from strided rows), both code-book lookups,
+    # both operand orders, one and two quantisation blocks per step, and the masks, not the speed.
     results = interpreted(INTERPRETED, tmp_path / "results.pt")
     assert len(results) == 60
     for case in results:

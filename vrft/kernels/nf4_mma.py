@@ -88,7 +88,7 @@ MMA_DEFAULTS = {
     # bench/rollout/mma_loads.py):
     "prefetch": 0,
     # rows past the weight's or x's end read the last row instead of taking masked loads, which cost a
-    # predicate and the zeroing of each load's registers (40 of a step's ~665 instructions, sm_90)
+    # predicate and the zeroing of each load's registers (60 of a step's 664 instructions, sm_90)
     "clamp_rows": False,
 }
 
@@ -317,10 +317,11 @@ if gluon is not None:
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
         first = pid_k * iters_per_split
         last = gl.minimum(first + iters_per_split, K // STEP)
-        # Each step loads the codes of the step after it before decoding its own, so that a step's loads can be
-        # in flight while the step before is decoded and multiplied (ptxas moves them late unless PREFETCH
-        # pins them); the last step loads itself again rather than taking a predicate. (Two steps an iteration, which saves the register copy of the words, and a
-        # cp.async ring of shared-memory slots were slower: bench/rollout/results.md.)
+        # Each step loads the codes of the step after it before decoding its own, so that a step's loads can
+        # be in flight while the step before is decoded and multiplied (ptxas moves them late unless PREFETCH
+        # pins them); the last step loads itself again rather than taking a predicate. (Two steps an
+        # iteration, which saves the register copy of the words, and a cp.async ring of shared-memory slots
+        # were slower: bench/rollout/results.md.)
         words_next = _load(word_ptrs + first * (8 * BLOCKS), mask_w, 0)
         if ABSMAX_WORDS:  # the step's absmax bytes as one word a row, loaded a step ahead as the codes are
             absmax_next = _absmax_word(absmax_ptr, absmax2_ptr, row_blocks + first * BLOCKS, mask_s,
@@ -339,8 +340,8 @@ if gluon is not None:
             if PREFETCH > 0:
                 _prefetch_l2(sector_ptrs + gl.minimum(step + PREFETCH, last - 1) * (8 * BLOCKS))
             acc = _step(acc, words, step, x_ptrs, mask_x, code2_ptr, absmax_ptr, absmax2_ptr, offset, row_blocks,
-                        mask_s, absmax_word, scale2, tables, BLOCK_N, BLOCK_M, BLOCKS, NESTED, NESTED_BLOCKSIZE,
-                        ABSMAX_WORDS, DTYPE, MMA, A, B)  # fmt: skip
+                        mask_s, absmax_word, scale2, tables, BLOCK_N, BLOCK_M, BLOCKS, NESTED,
+                        NESTED_BLOCKSIZE, ABSMAX_WORDS, DTYPE, MMA, A, B)  # fmt: skip
         if SEGMENTS > 0:  # the outputs' pointers, read only now
             _, _, _, _, _, bias_ptr, lora_in_ptr, lora_b_ptr, y_ptr, lora_rank, _, _ = segment(
                 segments_ptr, pid_n, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, bias_ptr,
@@ -371,8 +372,8 @@ if gluon is not None:
                 quantised = (absmax_word >> ((first_block % 4 + block) * 8)) & 0xFF
                 scale = gl.load(code2_ptr + quantised) * scale2 + offset
             else:
-                scale = _absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset, first_block + block, mask_s, NESTED,
-                                NESTED_BLOCKSIZE)  # fmt: skip
+                scale = _absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset, first_block + block, mask_s,
+                                NESTED, NESTED_BLOCKSIZE)  # fmt: skip
             a = gl.convert_layout(codes[block], A)
             b = gl.convert_layout(operands[block], B)
             acc += mma_v2(a, b, zero) * scale[:, None]
@@ -551,7 +552,8 @@ def launch(first, out_features, table, rank, x, lora_in, lora_scale, config) -> 
         LORA_RANK=max(16, triton.next_power_of_2(rank)) if rank else 0,
         SEGMENTS=0 if table is None else len(out_features),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCKS=blocks, SPLIT=split_k > 1,
-        ABSMAX_WORDS=absmax_words, PREFETCH=config.get("prefetch", 0), CLAMP_ROWS=config.get("clamp_rows", False),
+        ABSMAX_WORDS=absmax_words, PREFETCH=config.get("prefetch", 0),
+        CLAMP_ROWS=config.get("clamp_rows", False),
         MMA=mma, A=operand_a, B=operand_b, WORDS=words, XL=x_layout, SECTORS=sectors,
         num_warps=warps, **({"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {}),
     )  # fmt: skip
