@@ -2,7 +2,7 @@
 
     PYTHONPATH=<a Triton 3.6 install> python bench/rollout/mma_loads.py [--arch 90] [--rows 16] [--split-k 4]
 
-Compiles the kernel for gate/up of the 7B model (`nf4_mma.compile_for`, the wheel's own ptxas) with each
+Compiles the kernel for gate/up of the 7B model (`nf4_offline.compile_mma`, the wheel's own ptxas) with each
 load variant of `mma_sweep.py` and prints, for the K loop, its instruction count, its global loads, and
 where each kind of load sits, as % of the loop's instructions. Loads are told apart by width: 8-byte loads
 are the next step's packed codes, 16-byte ones `x`, bytes the quantised absmax, 4-byte ones the rest (absmax
@@ -16,7 +16,7 @@ import argparse
 import torch
 
 from vrft.kernels import nf4_mma
-from vrft.kernels.nf4_offline import main_loop, opcode, registers, sass
+from vrft.kernels.nf4_offline import compile_mma, main_loop, opcode, registers, sass
 
 VARIANTS = {
     "default": {},
@@ -49,7 +49,7 @@ def main() -> None:
     # registers the loop shares (unsplit, `both` spills 8 bytes at 128 registers)
     config = {**nf4_mma.launch_config(args.rows, 18944, 3584, torch.device("meta")), "SPLIT_K": args.split_k}
     for name, choices in VARIANTS.items():
-        compiled = nf4_mma.compile_for({**config, **choices}, arch=args.arch)
+        compiled = compile_mma({**config, **choices}, arch=args.arch)
         loop = main_loop(sass(compiled))
         positions = load_positions(loop)
         loads = sum(len(p) for p in positions.values())

@@ -40,7 +40,7 @@ DEVICE = torch.device("cuda")
 # iteration) and results/mma_ring_call/ (a cp.async ring of shared-memory slots for the codes, 1- and 2-warp
 # programs; the ring and the two-step iteration lost everywhere and were removed after c592d5b). This one:
 # - the absmax of a step as one word a row, loaded a step ahead (`absmax_words`), and an L2 prefetch of the
-#   codes `prefetch` steps ahead. In the sm_90 SASS (`nf4_mma.compile_for`) the one-step-ahead code loads sit
+#   codes `prefetch` steps ahead. In the sm_90 SASS (`nf4_offline.compile_mma`) the one-step-ahead code loads sit
 #   ~4/5 into the step without a prefetch (ptxas sinks them) and at its top with one (prefetch 1 asks L2 for
 #   what the loads read anyway: it only pins them); and rows past the ends read the last row instead of
 #   masked loads (`clamp_rows`: 664 instructions a step become 604, sm_90). None spills at 128 registers

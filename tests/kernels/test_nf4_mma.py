@@ -56,10 +56,10 @@ def test_codes_and_x_take_the_same_permutation_of_each_blocks_columns(blocks):
 def test_the_main_loop_uses_no_shared_memory_and_keeps_four_programs_per_multiprocessor(arch, extras):
     # What the kernel exists for (module docstring): no shared-memory traffic or barrier in the K loop,
     # tensor-core MMAs there, no spills; 128 registers leave four 4-warp programs per multiprocessor.
-    from vrft.kernels.nf4_offline import main_loop_opcodes, registers, sass
+    from vrft.kernels.nf4_offline import compile_mma, main_loop_opcodes, registers, sass
 
     config = nf4_mma.launch_config(16, 18944, 3584, torch.device("meta"))
-    compiled = nf4_mma.compile_for(config, arch=arch, **extras)
+    compiled = compile_mma(config, arch=arch, **extras)
     loop = main_loop_opcodes(sass(compiled))
     assert loop["HMMA"] > 0, loop
     assert not {"STS", "LDS", "LDSM", "BAR", "SHFL"} & set(loop), loop
@@ -73,13 +73,13 @@ def test_the_load_variants_compile_to_fewer_loads_a_prefetch_and_no_masked_loads
     # The sweep's load variants (`MMA_DEFAULTS`): one absmax word a row and step replaces a byte and a
     # second-level scale a block (2 x 2 rows x 4 blocks loads a thread become 2 x 2); `prefetch` issues one
     # L2 prefetch (CCTL) a thread and row a step; `clamp_rows` masks no load. None adds shared memory.
-    from vrft.kernels.nf4_offline import main_loop_opcodes, sass
+    from vrft.kernels.nf4_offline import compile_mma, main_loop_opcodes, sass
 
     config = nf4_mma.launch_config(16, 18944, 3584, torch.device("meta"))
     loops = {}
     variants = {"words": {"absmax_words": True}, "prefetch": {"prefetch": 2}, "clamp": {"clamp_rows": True}}
     for name, choices in {"default": {}, **variants}.items():
-        loops[name] = main_loop_opcodes(sass(nf4_mma.compile_for({**config, **choices}, arch=arch)))
+        loops[name] = main_loop_opcodes(sass(compile_mma({**config, **choices}, arch=arch)))
         assert not {"STS", "LDS", "LDSM", "BAR", "SHFL"} & set(loops[name]), (name, loops[name])
     assert loops["default"]["LDG"] - loops["words"]["LDG"] == 16 - 4, loops
     assert "CCTL" not in loops["default"] and loops["prefetch"]["CCTL"] == 2, loops
@@ -360,13 +360,15 @@ def test_every_variant_of_the_sweep_compiles_for_sm_90(monkeypatch):
     import sys
     from pathlib import Path
 
+    from vrft.kernels.nf4_offline import compile_mma
+
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "bench" / "rollout"))
     sweep = __import__("mma_sweep")
     try:
         for variant in sweep.VARIANTS:
             assert set(variant) <= set(nf4_mma.MMA_DEFAULTS), variant
             config = nf4_mma.launch_config(16, 18944, 3584, torch.device("meta"), **variant)
-            assert nf4_mma.compile_for({**config, "SPLIT_K": 4}, arch=90).asm["cubin"], variant
+            assert compile_mma({**config, "SPLIT_K": 4}, arch=90).asm["cubin"], variant
     finally:
         sys.modules.pop("mma_sweep", None)
         sys.modules.pop("kernel_sweep", None)

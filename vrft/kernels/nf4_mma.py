@@ -540,67 +540,36 @@ def launch(first, out_features, table, rank, x, lora_in, lora_scale, config) -> 
         config.get("absmax_words", False) and nested and 4 % blocks == 0 and state2.blocksize % blocks == 0
         and quant_state.absmax.data_ptr() % 4 == 0
     )  # fmt: skip
-    mma, operand_a, operand_b, words, x_layout, sectors = layouts(block_n, block_m, blocks, warps)
+    constants = kernel_constants(
+        config, nested, state2.blocksize if nested else 1, bias is not None,
+        max(16, triton.next_power_of_2(rank)) if rank else 0, 0 if table is None else len(out_features),
+        absmax_words,
+    )  # fmt: skip
     _mma_4bit_kernel[grid](
         x, packed.reshape(-1).view(torch.int32), quant_state.absmax, quant_state.code, state2.absmax, state2.code,
         quant_state.offset if nested else quant_state.absmax, bias if bias is not None else y,
         lora_in if rank else y, lora_b if rank else y, float(lora_scale), partial, counters, y,
         table if table is not None else counters,
         rows, out_features[0], in_features, x.stride(0), lora_in.stride(0) if rank else 0, y.stride(0), rank,
-        triton.cdiv(steps, split_k), split_k,
-        NESTED=nested, NESTED_BLOCKSIZE=state2.blocksize if nested else 1, HAS_BIAS=bias is not None,
-        LORA_RANK=max(16, triton.next_power_of_2(rank)) if rank else 0,
-        SEGMENTS=0 if table is None else len(out_features),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCKS=blocks, SPLIT=split_k > 1,
-        ABSMAX_WORDS=absmax_words, PREFETCH=config.get("prefetch", 0),
-        CLAMP_ROWS=config.get("clamp_rows", False),
-        MMA=mma, A=operand_a, B=operand_b, WORDS=words, XL=x_layout, SECTORS=sectors,
+        triton.cdiv(steps, split_k), split_k, **constants,
         num_warps=warps, **({"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {}),
     )  # fmt: skip
     return y
 
 
-def compile_for(config: dict, arch: int = 90, dtype: str = "bf16", nested: bool = True, bias: bool = False,
-                lora_rank: int = 0, segments: int = 0):  # fmt: skip
-    """The kernel compiled for `sm_<arch>` with `config` (as `launch_config` returns it), on any machine:
-    Triton carries its own ptxas (tests read the machine code; `nf4_offline.sass` disassembles it)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    block_n, block_m, blocks, warps = (
-        config["BLOCK_N"],
-        config["BLOCK_M"],
-        config["BLOCKS"],
-        config["num_warps"],
+def kernel_constants(config: dict, nested: bool, nested_blocksize: int, has_bias: bool, lora_rank: int,
+                     segments: int, absmax_words: bool) -> dict:  # fmt: skip
+    """The kernel's compile-time arguments for launch config `config` and a call's facts (`LORA_RANK` 0 or a
+    power of two >= 16; `segments` 0 for one weight): what `launch` passes and `nf4_offline.compile_mma`
+    compiles with."""
+    block_n, block_m, blocks = config["BLOCK_N"], config["BLOCK_M"], config["BLOCKS"]
+    mma, operand_a, operand_b, words, x_layout, sectors = layouts(
+        block_n, block_m, blocks, config["num_warps"]
     )
-    mma, operand_a, operand_b, words, x_layout, sectors = layouts(block_n, block_m, blocks, warps)
-    constants = {
-        "NESTED": nested, "NESTED_BLOCKSIZE": 256 if nested else 1, "HAS_BIAS": bias,
-        "LORA_RANK": lora_rank, "SEGMENTS": segments, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCKS": blocks,
-        "SPLIT": config["SPLIT_K"] > 1, "ABSMAX_WORDS": config.get("absmax_words", False) and nested,
-        "PREFETCH": config.get("prefetch", 0), "CLAMP_ROWS": config.get("clamp_rows", False),
+    return {
+        "NESTED": nested, "NESTED_BLOCKSIZE": nested_blocksize, "HAS_BIAS": has_bias, "LORA_RANK": lora_rank,
+        "SEGMENTS": segments, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCKS": blocks,
+        "SPLIT": config["SPLIT_K"] > 1, "ABSMAX_WORDS": absmax_words, "PREFETCH": config.get("prefetch", 0),
+        "CLAMP_ROWS": config.get("clamp_rows", False),
         "MMA": mma, "A": operand_a, "B": operand_b, "WORDS": words, "XL": x_layout, "SECTORS": sectors,
     }  # fmt: skip
-    pointers = {
-        "x_ptr": dtype, "packed_ptr": "i32", "absmax_ptr": "u8" if nested else "fp32", "code_ptr": "fp32",
-        "absmax2_ptr": "fp32", "code2_ptr": "fp32", "offset_ptr": "fp32", "bias_ptr": dtype, "lora_in_ptr": dtype,
-        "lora_b_ptr": "fp32", "partial_ptr": "fp32", "counter_ptr": "i32", "y_ptr": dtype, "segments_ptr": "i64",
-    }  # fmt: skip
-    names = _mma_4bit_kernel.arg_names
-    signature = {
-        name: "constexpr" if name in constants else "*" + pointers[name] if name in pointers
-        else "fp32" if name == "lora_scale" else "i32"
-        for name in names
-    }  # fmt: skip
-    # pointers and the Qwen shapes' sizes are multiples of 16: Triton specialises them so at run time too
-    aligned = {
-        (names.index(name),): [["tt.divisibility", 16]]
-        for name in names
-        if name in pointers or name in ("K", "N", "stride_xm", "stride_ym")
-    }
-    source = GluonASTSource(_mma_4bit_kernel, signature, constants, aligned)
-    return triton.compile(
-        source,
-        target=GPUTarget("cuda", arch, 32),
-        options={"num_warps": warps, **({"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {})},
-    )

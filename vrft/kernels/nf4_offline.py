@@ -1,4 +1,5 @@
-"""Compile `nf4_matmul`'s kernel for a GPU architecture on a machine without one, and read its machine code.
+"""Compile the 4-bit kernels (`nf4_matmul`'s, `nf4_mma`'s) for a GPU architecture on a machine without one,
+and read their machine code.
 
 Why: the kernel's speed is decided by the instructions its main loop spends per weight, and the Triton
 wheel carries the whole CUDA back end (ptxas, cuobjdump), so a CPU-only machine can build the sm_90 binary
@@ -18,6 +19,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from vrft.kernels import nf4_mma
 from vrft.kernels.nf4_decode import DECODE_BYTES
 from vrft.kernels.nf4_matmul import DEFAULTS, KERNEL_SWITCHES, _matmul_4bit_kernel
 
@@ -72,6 +74,34 @@ def compile_kernel(
     aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n in pointers or n in _ALIGNED}
     source = ASTSource(_matmul_4bit_kernel, signature, constants, aligned)
     return triton.compile(source, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def compile_mma(config: dict, arch: int = 90, dtype: str = "bf16", nested: bool = True, bias: bool = False,
+                lora_rank: int = 0, segments: int = 0):  # fmt: skip
+    """`nf4_mma`'s kernel compiled for `sm_<arch>` with `config` (as `nf4_mma.launch_config` returns it);
+    the other arguments as `compile_kernel`'s. Gluon, so its own front end (`GluonASTSource`)."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    absmax_words = config.get("absmax_words", False) and nested
+    constants = nf4_mma.kernel_constants(
+        config, nested, 256 if nested else 1, bias, lora_rank, segments, absmax_words
+    )
+    pointers = {
+        **_POINTERS, "lora_b_ptr": "fp32", "packed_ptr": "i32", "absmax_ptr": "u8" if nested else "fp32",
+    }  # fmt: skip
+    names = nf4_mma._mma_4bit_kernel.arg_names
+    signature = {
+        name: "constexpr" if name in constants
+        else "*" + (dtype if pointers[name] == "X" else pointers[name]) if name in pointers
+        else "fp32" if name == "lora_scale" else "i32"
+        for name in names
+    }  # fmt: skip
+    aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n in pointers or n in _ALIGNED}
+    source = GluonASTSource(nf4_mma._mma_4bit_kernel, signature, constants, aligned)
+    cap = {"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {}
+    return triton.compile(
+        source, target=GPUTarget("cuda", arch, 32), options={"num_warps": config["num_warps"], **cap}
+    )
 
 
 def sass(compiled) -> str:
