@@ -14,6 +14,7 @@ import collections
 import os
 import re
 import subprocess
+import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -62,17 +63,7 @@ def compile_kernel(
         "packed_ptr": "u8" if switches["DECODE"] == DECODE_BYTES else "i32",
         "absmax_ptr": "u8" if nested else "fp32",
     }
-    names = _matmul_4bit_kernel.arg_names
-    signature = {}
-    for name in names:
-        if name in constants:
-            signature[name] = "constexpr"
-        elif name in pointers:
-            signature[name] = "*" + (dtype if pointers[name] == "X" else pointers[name])
-        else:
-            signature[name] = "fp32" if name == "lora_scale" else "i32"
-    aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n in pointers or n in _ALIGNED}
-    source = ASTSource(_matmul_4bit_kernel, signature, constants, aligned)
+    source = ASTSource(_matmul_4bit_kernel, *_signature(_matmul_4bit_kernel, constants, pointers, dtype))
     return triton.compile(source, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
 
 
@@ -89,7 +80,20 @@ def compile_mma(config: dict, arch: int = 90, dtype: str = "bf16", nested: bool 
     pointers = {
         **_POINTERS, "lora_b_ptr": "fp32", "packed_ptr": "i32", "absmax_ptr": "u8" if nested else "fp32",
     }  # fmt: skip
-    names = nf4_mma._mma_4bit_kernel.arg_names
+    kernel = nf4_mma._mma_4bit_kernel
+    source = GluonASTSource(kernel, *_signature(kernel, constants, pointers, dtype))
+    cap = {"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {}
+    return triton.compile(
+        source, target=GPUTarget("cuda", arch, 32), options={"num_warps": config["num_warps"], **cap}
+    )
+
+
+def _signature(kernel, constants: dict, pointers: dict, dtype: str) -> tuple[dict, dict, dict]:
+    """What Triton's front ends take besides the kernel: each argument's type (`pointers` maps a pointer
+    argument to its element type, "X" the compute dtype `dtype`; the other scalars are i32 but `lora_scale`),
+    `constants`, and the alignment hints: pointers and the Qwen shapes' sizes are multiples of 16, which
+    Triton specialises on at run time too."""
+    names = kernel.arg_names
     signature = {
         name: "constexpr" if name in constants
         else "*" + (dtype if pointers[name] == "X" else pointers[name]) if name in pointers
@@ -97,36 +101,27 @@ def compile_mma(config: dict, arch: int = 90, dtype: str = "bf16", nested: bool 
         for name in names
     }  # fmt: skip
     aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n in pointers or n in _ALIGNED}
-    source = GluonASTSource(nf4_mma._mma_4bit_kernel, signature, constants, aligned)
-    cap = {"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {}
-    return triton.compile(
-        source, target=GPUTarget("cuda", arch, 32), options={"num_warps": config["num_warps"], **cap}
-    )
+    return signature, constants, aligned
+
+
+def _cuobjdump(compiled, option: str) -> str:
+    """What the cuobjdump that ships with Triton prints for the compiled kernel's cubin with `option`."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        return subprocess.run([tool, option, cubin.name], capture_output=True, text=True, check=True).stdout
 
 
 def sass(compiled) -> str:
-    """The compiled kernel's SASS, disassembled by the cuobjdump that ships with Triton."""
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    path = f"/tmp/nf4_kernel_{os.getpid()}.cubin"
-    with open(path, "wb") as handle:
-        handle.write(compiled.asm["cubin"])
-    try:
-        return subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True).stdout
-    finally:
-        os.remove(path)
+    """The compiled kernel's SASS."""
+    return _cuobjdump(compiled, "-sass")
 
 
 def registers(compiled) -> dict[str, int]:
     """Registers per thread and stack bytes (spills) of the compiled kernel, as cuobjdump reports them, and
     how many of its programs the registers let one multiprocessor hold (sm_80..sm_90: 64K per SM)."""
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    path = f"/tmp/nf4_kernel_{os.getpid()}.cubin"
-    with open(path, "wb") as handle:
-        handle.write(compiled.asm["cubin"])
-    try:
-        usage = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True, check=True).stdout
-    finally:
-        os.remove(path)
+    usage = _cuobjdump(compiled, "-res-usage")
     found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
     count = int(found.group(1))
     # what registers decide: programs per multiprocessor, of its 64K registers allocated 8 per thread at a time
