@@ -16,7 +16,7 @@ import argparse
 import torch
 
 from vrft.kernels import nf4_mma
-from vrft.kernels.nf4_offline import compile_mma, main_loop, opcode, registers, sass
+from vrft.kernels.nf4_offline import compile_mma, main_loop, mnemonic, opcode, registers, sass
 
 VARIANTS = {
     "default": {},
@@ -34,8 +34,7 @@ def load_positions(loop: list[str]) -> dict[str, list[int]]:
     positions: dict[str, list[int]] = {kind: [] for kind in KINDS.values()}
     for index, instruction in enumerate(loop):
         if opcode(instruction) == "LDG":
-            width = instruction.split()[1] if instruction.startswith("@") else instruction.split()[0]
-            positions[KINDS[width]].append(100 * index // len(loop))
+            positions[KINDS[mnemonic(instruction)]].append(100 * index // len(loop))
     return positions
 
 

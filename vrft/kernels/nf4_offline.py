@@ -153,9 +153,14 @@ def main_loop(code: str) -> list[str]:
     return longest
 
 
+def mnemonic(instruction: str) -> str:
+    """`PRMT`, `LDG.E.64`, ... of one instruction's text: its opcode with modifiers, the predicate dropped."""
+    return re.match(r"^(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", instruction).group(1)
+
+
 def opcode(instruction: str) -> str:
-    """`PRMT`, `LDG`, ... of one instruction's text (its predicate dropped)."""
-    return re.match(r"^(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", instruction).group(1)
+    """`PRMT`, `LDG`, ... of one instruction's text: its mnemonic without modifiers."""
+    return mnemonic(instruction).split(".")[0]
 
 
 def main_loop_opcodes(code: str) -> collections.Counter:
