@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import lightning as L
+
 
 def length_reward(completions: list[str], solutions: list[str], **columns) -> list[float]:
     """A reward that varies across a random model's completions, so GRPO has a non-zero advantage."""
@@ -19,8 +21,6 @@ LENGTH_REWARD = [
 def bare_trainer(accelerator: str, max_steps: int, plugin, **options):
     """A one-device Lightning `Trainer` with `plugin` and nothing else: no logger, checkpoints, progress bar
     or model summary (`options` adds to it)."""
-    import lightning as L
-
     return L.Trainer(
         accelerator=accelerator,
         devices=1,

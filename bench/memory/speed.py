@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from vrft.kernels import nf4_matmul
 from vrft.precision.accounting import weight_bytes
 from vrft.rollout.batch import build_prompts
 from vrft.rollout.decoder import text_parts
@@ -58,8 +59,6 @@ class _WithKernel:
         return getattr(self._engine, name)
 
     def generate(self, *args, **kwargs):
-        from vrft.kernels import nf4_matmul
-
         before, nf4_matmul.MMA_KERNEL = nf4_matmul.MMA_KERNEL, self._on
         try:
             return self._engine.generate(*args, **kwargs)
