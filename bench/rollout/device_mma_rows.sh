@@ -4,25 +4,28 @@
 # the new kernel), the decode step of `packed` with each kernel side by side. Carry .whl; results in $OUT.
 #   bash bench/rollout/device_mma_rows.sh tests    # ~3 min
 #   bash bench/rollout/device_mma_rows.sh rows     # ~6 min
+#   bash bench/rollout/device_mma_rows.sh tests rows   # both in one call: TESTS_S=240 ROWS_S=330 fit 600 s
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
 export PYTHONPATH="$PWD:/tmp/site" PYTHONUNBUFFERED=1 VRFT_NF4_MMA=1
 OUT=${OUT:-bench-out}
 mkdir -p "$OUT"
 git log --oneline -1 > "$OUT/commit.txt" 2>/dev/null
-case "${1:-}" in
+for part in "${@:-usage}"; do
+case "$part" in
 tests)
-    timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests -rfE > "$OUT/gpu_tests_mma_on.log" 2>&1
+    timeout "${TESTS_S:-300}" python3 -m pytest -q -p no:cacheprovider -m gpu tests -rfE > "$OUT/gpu_tests_mma_on.log" 2>&1
     tail -3 "$OUT/gpu_tests_mma_on.log"
     ;;
 rows)
-    timeout 560 python3 bench/rollout/packed.py --out "$OUT" --rows "${ROWS:-16g,24g,16g_G16}" \
+    timeout "${ROWS_S:-560}" python3 bench/rollout/packed.py --out "$OUT" --rows "${ROWS:-16g,24g,16g_G16}" \
         --engines bf16_copy,packed:nf4_matmul,packed:mma --profiled packed:nf4_matmul,packed:mma --timeout 170 \
         | grep -v "^{" | tail -45
     ;;
 *)
-    echo "usage: $0 tests|rows" >&2
+    echo "usage: $0 tests|rows [rows]" >&2
     exit 2
     ;;
 esac
+done
 echo "done after ${SECONDS} s"
