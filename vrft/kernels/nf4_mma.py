@@ -79,10 +79,11 @@ MMA_DEFAULTS = {
     # a register cap (ptxas .maxnreg; None: none): 128 keeps four programs per multiprocessor where a
     # segments launch's table pointers took a 128-row tile to 147 registers (sm_90, no spills at 128)
     "maxnreg": 128,
-    # Not yet timed (bench/rollout/mma_sweep.py holds them), so off; with both off the machine code is the
-    # measured kernel's. The double-quantised absmax of a row's loop step as one 32-bit word, loaded a step
-    # ahead (2 loads a row and step instead of 2 BLOCKS):
-    "absmax_words": False,
+    # The load variants below, timed by bench/rollout/mma_sweep.py on the H200 (results/mma_words_call/):
+    # only the absmax words were faster (126.2 us a decoder layer against 129.9 at 16 rows); the prefetch
+    # and clamped rows were slower, alone and with the words. The double-quantised absmax of a row's loop
+    # step as one 32-bit word, loaded a step ahead (2 loads a row and step instead of 2 BLOCKS):
+    "absmax_words": True,
     # an L2 prefetch of the codes this many steps ahead (0: none). It also pins the next step's
     # code loads to the top of the step, where ptxas otherwise sinks them ~4/5 of the way in (sm_90 SASS:
     # bench/rollout/mma_loads.py):
