@@ -33,7 +33,7 @@ from kernel_sweep import (  # noqa: E402
 )
 
 from vrft.kernels import nf4_matmul  # noqa: E402
-from vrft.kernels.nf4_mma import MMA_DEFAULTS, launch_config, matmul_4bit_mma  # noqa: E402
+from vrft.kernels.nf4_mma import MMA_DEFAULTS, PLAIN_LOADS, launch_config, matmul_4bit_mma  # noqa: E402
 
 DEVICE = torch.device("cuda")
 # Two sweeps on the H200 (2026-12-05): results/mma_call/ (tiles, blocks a step, K split, two steps an
@@ -48,7 +48,7 @@ DEVICE = torch.device("cuda")
 # - register caps that let more programs share a multiprocessor: with clamped rows, 2 blocks a step fit 80
 #   registers (6 programs) and 1 block 64 (8) with no spill, the absmax words too at 80 (the prefetch
 #   spills at these caps); the older caps (without clamped rows) spill a few bytes in segments launches.
-BASE = dict(MMA_DEFAULTS)  # the variants are changes to the kernel's defaults
+BASE = {**MMA_DEFAULTS, **PLAIN_LOADS}  # the variants are changes to the kernel with its load variants off
 # one-warp programs of 32 rows: a warp reads 128 columns of x a step for 32 weight rows instead of 256 for
 # 16 (4 KB of x to 2 KB of codes, against 8 to 2), and 16 programs share a multiprocessor with no spill
 ONE_WARP = {**BASE, "BLOCK_N": 32, "num_warps": 1, "BLOCKS": 2, "clamp_rows": True}

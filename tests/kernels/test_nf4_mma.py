@@ -12,6 +12,7 @@ from tests.kernels.graphs import eager_equal_to_replays
 from tests.kernels.test_nf4_matmul import assert_within_rounding, bnb_functional, dequantised, quantised
 from vrft.kernels import nf4_matmul, nf4_mma, nf4_segments
 from vrft.kernels.nf4_matmul import reference_matmul
+from vrft.kernels.nf4_mma import PLAIN_LOADS
 
 needs_triton = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None, reason="Triton is not installed"
@@ -70,21 +71,22 @@ def test_the_main_loop_uses_no_shared_memory_and_keeps_four_programs_per_multipr
 @needs_triton
 @pytest.mark.parametrize("arch", [90, 89])
 def test_the_load_variants_compile_to_fewer_loads_a_prefetch_and_no_masked_loads(arch):
-    # The sweep's load variants (`MMA_DEFAULTS`): one absmax word a row and step replaces a byte and a
-    # second-level scale a block (2 x 2 rows x 4 blocks loads a thread become 2 x 2); `prefetch` issues one
-    # L2 prefetch (CCTL) a thread and row a step; `clamp_rows` masks no load. None adds shared memory.
+    # The sweep's load variants (`MMA_DEFAULTS`), each against the kernel with all three off: one absmax
+    # word a row and step replaces a byte and a second-level scale a block (2 x 2 rows x 4 blocks loads a
+    # thread become 2 x 2); `prefetch` issues one L2 prefetch (CCTL) a thread and row a step; `clamp_rows`
+    # masks no load. None adds shared memory.
     from vrft.kernels.nf4_offline import compile_mma, main_loop_opcodes, sass
 
-    config = nf4_mma.launch_config(16, 18944, 3584, torch.device("meta"))
+    config = nf4_mma.launch_config(16, 18944, 3584, torch.device("meta"), **PLAIN_LOADS)
     loops = {}
     variants = {"words": {"absmax_words": True}, "prefetch": {"prefetch": 2}, "clamp": {"clamp_rows": True}}
-    for name, choices in {"default": {}, **variants}.items():
+    for name, choices in {"plain": {}, **variants}.items():
         loops[name] = main_loop_opcodes(sass(compile_mma({**config, **choices}, arch=arch)))
         assert not {"STS", "LDS", "LDSM", "BAR", "SHFL"} & set(loops[name]), (name, loops[name])
-    assert loops["default"]["LDG"] - loops["words"]["LDG"] == 16 - 4, loops
-    assert "CCTL" not in loops["default"] and loops["prefetch"]["CCTL"] == 2, loops
+    assert loops["plain"]["LDG"] - loops["words"]["LDG"] == 16 - 4, loops
+    assert "CCTL" not in loops["plain"] and loops["prefetch"]["CCTL"] == 2, loops
     # masked loads zero their registers first (CS2R); clamped rows take none
-    assert loops["default"]["CS2R"] >= 40 and "CS2R" not in loops["clamp"], loops
+    assert loops["plain"]["CS2R"] >= 40 and "CS2R" not in loops["clamp"], loops
 
 
 def test_matmul_4bit_takes_this_kernel_only_when_switched_on(monkeypatch):
@@ -252,7 +254,8 @@ def test_the_load_variants_change_no_bit_of_the_output(choices, rows):
     torch.manual_seed(0)
     sizes = (384, 128, 136)
     weights, biases, lora_bs, x, product, group = segments_case(sizes, rows, 1280)
-    blocks = {"BLOCKS": choices["BLOCKS"]} if "BLOCKS" in choices else {}
+    choices = {**PLAIN_LOADS, **choices}
+    blocks = {**PLAIN_LOADS, "BLOCKS": choices["BLOCKS"]} if "BLOCKS" in choices else PLAIN_LOADS
     outputs = []
     for chosen in (blocks, choices):
         config = {**nf4_mma.launch_config(rows, sum(sizes), 1280, x.device, **chosen), "SPLIT_K": 2}
