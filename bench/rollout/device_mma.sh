@@ -6,7 +6,6 @@ set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
 export PYTHONPATH=$PWD:/tmp/site
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv
-git log --oneline -1 > "$OUT/commit.txt" 2>/dev/null
 # TESTS=tests TESTS_S=270 BUDGET=170: the whole GPU suite instead of the kernel's tests, and a shorter sweep
 timeout "${TESTS_S:-240}" python3 -m pytest -q -p no:cacheprovider -m gpu -rfE ${TESTS:-tests/kernels/test_nf4_mma.py \
     tests/kernels/test_nf4_matmul.py::test_one_launch_over_several_weights_equals_their_own_launches_under_graph_replay} \

@@ -10,7 +10,6 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 export PYTHONPATH="$PWD:/tmp/site" PYTHONUNBUFFERED=1 VRFT_NF4_MMA=1
 OUT=${OUT:-bench-out}
 mkdir -p "$OUT"
-git log --oneline -1 > "$OUT/commit.txt" 2>/dev/null
 for part in "${@:-usage}"; do
 case "$part" in
 tests)

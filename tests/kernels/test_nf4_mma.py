@@ -90,7 +90,7 @@ def test_the_load_variants_compile_to_fewer_loads_a_prefetch_and_no_masked_loads
 
 
 def test_matmul_4bit_takes_this_kernel_only_when_switched_on(monkeypatch):
-    # Off by default until the rollout engines' GPU tests and rows have run with it (bench/rollout/results.md)
+    # Off by default until the whole GPU suite has run with it on (bench/rollout/results.md)
     state = types.SimpleNamespace(quant_type="nf4", blocksize=64)
     x = torch.zeros(16, 1024, dtype=torch.bfloat16)
     monkeypatch.setattr(nf4_matmul, "MMA_KERNEL", False)

@@ -82,9 +82,9 @@ DEFAULTS = {
 # (these overrides) 308 us, in the same sweep.
 WIDE_ROWS = 32
 WIDE_DEFAULTS = {"BLOCK_N": 64, "DECODE": 0, "SCALE_AFTER": 0, "num_stages": 3}
-# Decode batches through nf4_mma's kernel (`_launch`): 15% faster per 7B decoder layer on the H200
-# (bench/rollout/results.md), off until the rollout engines' GPU tests and rows have run with it;
-# VRFT_NF4_MMA=1 in the environment turns it on (benchmarks, and users who want to try it).
+# Decode batches through nf4_mma's kernel (`_launch`): 126 us per 7B decoder layer against 155, a decode
+# step of 5.9 ms against 7.0 on the H200 (bench/rollout/results.md). Off until the whole GPU suite has run
+# with it on (its training rows have); VRFT_NF4_MMA=1 in the environment turns it on.
 MMA_KERNEL = os.environ.get("VRFT_NF4_MMA") == "1"
 KERNEL_SWITCHES = ("GATHER", "TRANSPOSED", "DECODE", "SCALE_AFTER", "num_warps", "num_stages")  # passed as is
 
