@@ -11,20 +11,20 @@ export PYTHONPATH="$PWD:/tmp/site" PYTHONUNBUFFERED=1 VRFT_NF4_MMA=1
 OUT=${OUT:-bench-out}
 mkdir -p "$OUT"
 for part in "${@:-usage}"; do
-case "$part" in
-tests)
-    timeout "${TESTS_S:-300}" python3 -m pytest -q -p no:cacheprovider -m gpu tests -rfE > "$OUT/gpu_tests_mma_on.log" 2>&1
-    tail -3 "$OUT/gpu_tests_mma_on.log"
-    ;;
-rows)
-    timeout "${ROWS_S:-560}" python3 bench/rollout/packed.py --out "$OUT" --rows "${ROWS:-16g,24g,16g_G16}" \
-        --engines bf16_copy,packed:nf4_matmul,packed:mma --profiled packed:nf4_matmul,packed:mma --timeout 170 \
-        | grep -v "^{" | tail -45
-    ;;
-*)
-    echo "usage: $0 tests|rows [rows]" >&2
-    exit 2
-    ;;
-esac
+    case "$part" in
+    tests)
+        timeout "${TESTS_S:-300}" python3 -m pytest -q -p no:cacheprovider -m gpu tests -rfE > "$OUT/gpu_tests_mma_on.log" 2>&1
+        tail -3 "$OUT/gpu_tests_mma_on.log"
+        ;;
+    rows)
+        timeout "${ROWS_S:-560}" python3 bench/rollout/packed.py --out "$OUT" --rows "${ROWS:-16g,24g,16g_G16}" \
+            --engines bf16_copy,packed:nf4_matmul,packed:mma --profiled packed:nf4_matmul,packed:mma --timeout 170 \
+            | grep -v "^{" | tail -45
+        ;;
+    *)
+        echo "usage: $0 tests|rows [rows]" >&2
+        exit 2
+        ;;
+    esac
 done
 echo "done after ${SECONDS} s"

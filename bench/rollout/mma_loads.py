@@ -18,8 +18,8 @@ import torch
 from vrft.kernels import nf4_mma
 from vrft.kernels.nf4_offline import compile_mma, main_loop, mnemonic, opcode, registers, sass
 
-VARIANTS = {
-    "default": {},
+VARIANTS = {  # changes to the kernel with the three load variants off (`nf4_mma.PLAIN_LOADS`)
+    "plain": {},
     "prefetch 1": {"prefetch": 1},
     "absmax_words": {"absmax_words": True},
     "both (prefetch 2)": {"absmax_words": True, "prefetch": 2},
@@ -46,7 +46,8 @@ def main() -> None:
     args = parser.parse_args()
     # the K split the H200 (132 multiprocessors) gives gate/up at 16 rows; it decides the epilogue, whose
     # registers the loop shares (unsplit, `both` spills 8 bytes at 128 registers)
-    config = {**nf4_mma.launch_config(args.rows, 18944, 3584, torch.device("meta")), "SPLIT_K": args.split_k}
+    config = nf4_mma.launch_config(args.rows, 18944, 3584, torch.device("meta"), **nf4_mma.PLAIN_LOADS)
+    config["SPLIT_K"] = args.split_k
     for name, choices in VARIANTS.items():
         compiled = compile_mma({**config, **choices}, arch=args.arch)
         loop = main_loop(sass(compiled))
