@@ -538,15 +538,10 @@ def launch(first, out_features, table, rank, x, lora_in, lora_scale, config) -> 
     state2 = quant_state.state2 if nested else quant_state
     if lora_in is not None and lora_in.stride(1) != 1:
         lora_in = lora_in.contiguous()
-    # one absmax word a row and step: a step's BLOCKS bytes lie in one aligned word and one second-level block
-    absmax_words = (
-        config.get("absmax_words", False) and nested and 4 % blocks == 0 and state2.blocksize % blocks == 0
-        and quant_state.absmax.data_ptr() % 4 == 0
-    )  # fmt: skip
     constants = kernel_constants(
         config, nested, state2.blocksize if nested else 1, bias is not None,
         max(16, triton.next_power_of_2(rank)) if rank else 0, 0 if table is None else len(out_features),
-        absmax_words,
+        quant_state.absmax.data_ptr() % 4 == 0,
     )  # fmt: skip
     _mma_4bit_kernel[grid](
         x, packed.reshape(-1).view(torch.int32), quant_state.absmax, quant_state.code, state2.absmax, state2.code,
@@ -561,11 +556,16 @@ def launch(first, out_features, table, rank, x, lora_in, lora_scale, config) -> 
 
 
 def kernel_constants(config: dict, nested: bool, nested_blocksize: int, has_bias: bool, lora_rank: int,
-                     segments: int, absmax_words: bool) -> dict:  # fmt: skip
+                     segments: int, absmax_aligned: bool) -> dict:  # fmt: skip
     """The kernel's compile-time arguments for launch config `config` and a call's facts (`LORA_RANK` 0 or a
-    power of two >= 16; `segments` 0 for one weight): what `launch` passes and `nf4_offline.compile_mma`
-    compiles with."""
+    power of two >= 16; `segments` 0 for one weight; `absmax_aligned`: the absmax bytes start at a multiple
+    of 4): what `launch` passes and `nf4_offline.compile_mma` compiles with."""
     block_n, block_m, blocks = config["BLOCK_N"], config["BLOCK_M"], config["BLOCKS"]
+    # one absmax word a row and step: a step's BLOCKS bytes lie in one aligned word and one second-level block
+    absmax_words = (
+        config.get("absmax_words", False) and nested and 4 % blocks == 0 and nested_blocksize % blocks == 0
+        and absmax_aligned
+    )  # fmt: skip
     mma, operand_a, operand_b, words, x_layout, sectors = layouts(
         block_n, block_m, blocks, config["num_warps"]
     )

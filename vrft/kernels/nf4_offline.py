@@ -73,9 +73,9 @@ def compile_mma(config: dict, arch: int = 90, dtype: str = "bf16", nested: bool 
     the other arguments as `compile_kernel`'s. Gluon, so its own front end (`GluonASTSource`)."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    absmax_words = config.get("absmax_words", False) and nested
+    # as a launch finds them: the CUDA caching allocator starts each block 512-byte aligned
     constants = nf4_mma.kernel_constants(
-        config, nested, 256 if nested else 1, bias, lora_rank, segments, absmax_words
+        config, nested, 256 if nested else 1, bias, lora_rank, segments, True
     )
     pointers = {
         **_POINTERS, "lora_b_ptr": "fp32", "packed_ptr": "i32", "absmax_ptr": "u8" if nested else "fp32",
