@@ -25,6 +25,7 @@ from vrft.evaluation.adapters import check_adapter
 from vrft.evaluation.records import PredictionLog, PredictionWriter
 from vrft.evaluation.rows import EvalRowDataset, EvalRows, prepare_rows
 from vrft.evaluation.table import comparison_table
+from vrft.kernels.nf4_matmul import check_mma_switch
 from vrft.modules.scoring import RewardSet
 from vrft.paths import config_dir
 from vrft.rollout.engines import build_rollout_engine
@@ -142,6 +143,8 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
     for key in ("batch_size", "max_new_tokens"):  # before any model loads, not in the first batch
         if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
             raise ValueError(f"{key}={cfg[key]!r} must be an integer >= 1, e.g. {key}=8")
+    if cfg.rollout_engine == "packed":
+        check_mma_switch()
     models = evaluated_models(cfg)
     spec = instantiate(cfg.model)
     for model in models.values():

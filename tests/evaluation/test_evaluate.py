@@ -223,3 +223,11 @@ def test_a_decoding_budget_below_one_is_named_before_loading(tmp_path, monkeypat
     with pytest.raises(ValueError, match=rf"^{key}={value} must be an integer >= 1, e.g. {key}=8$"):
         run(tmp_path, "classification", "disk", None, override)
     assert decoder.rows == []
+
+
+def test_a_bad_nf4_mma_switch_is_named_before_loading_when_the_engine_is_packed(tmp_path, monkeypatch):
+    decoder = install(monkeypatch, StubDecoder(perfect))
+    monkeypatch.setenv("VRFT_NF4_MMA", "yes")
+    with pytest.raises(ValueError, match="VRFT_NF4_MMA='yes' is neither 0 nor 1"):
+        run(tmp_path, "classification", "disk", None, "rollout_engine=packed")
+    assert decoder.rows == []

@@ -90,7 +90,6 @@ def test_the_load_variants_compile_to_fewer_loads_a_prefetch_and_no_masked_loads
 
 
 def test_matmul_4bit_takes_this_kernel_only_when_switched_on(monkeypatch):
-    # Off by default until the whole GPU suite has run with it on (bench/rollout/results.md)
     state = types.SimpleNamespace(quant_type="nf4", blocksize=64)
     x = torch.zeros(16, 1024, dtype=torch.bfloat16)
     monkeypatch.setattr(nf4_matmul, "MMA_KERNEL", False)
@@ -101,19 +100,25 @@ def test_matmul_4bit_takes_this_kernel_only_when_switched_on(monkeypatch):
     assert reason is None or "Gluon" in reason  # None where this Triton has Gluon
 
 
-def test_the_switch_is_off_by_default_and_vrft_nf4_mma_turns_it_on():
+def test_the_switch_is_on_by_default_and_vrft_nf4_mma_0_turns_it_off(monkeypatch):
     import subprocess
     import sys
 
     script = "from vrft.kernels import nf4_matmul; print(nf4_matmul.MMA_KERNEL)"
-    for value, expected in ((None, "False"), ("1", "True")):
-        env = {k: v for k, v in os.environ.items() if k != "VRFT_NF4_MMA"} | (
-            {"VRFT_NF4_MMA": value} if value else {}
+    for value, expected in ((None, "True"), ("1", "True"), ("0", "False")):
+        env = {k: v for k, v in os.environ.items() if k != nf4_matmul.MMA_SWITCH} | (
+            {nf4_matmul.MMA_SWITCH: value} if value else {}
         )
         result = subprocess.run(
             [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
         )
         assert result.stdout.strip() == expected
+    for value in ("0", "1"):
+        monkeypatch.setenv(nf4_matmul.MMA_SWITCH, value)
+        nf4_matmul.check_mma_switch()
+    monkeypatch.setenv(nf4_matmul.MMA_SWITCH, "off")
+    with pytest.raises(ValueError, match="VRFT_NF4_MMA='off' is neither 0 nor 1: set VRFT_NF4_MMA=1"):
+        nf4_matmul.check_mma_switch()
 
 
 @needs_triton

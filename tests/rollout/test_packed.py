@@ -64,6 +64,21 @@ def test_explicit_packed_fails_before_loading_with_the_reason(tmp_path, monkeypa
         PackedEngine()
 
 
+def test_a_bad_nf4_mma_switch_fails_before_loading_naming_the_value(tmp_path, monkeypatch):
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded although VRFT_NF4_MMA is neither 0 nor 1")
+
+    for module in (vrft.models.policy, vrft.modules.policy_module):
+        monkeypatch.setattr(module, "load_base_model", must_not_load)
+    monkeypatch.setenv("VRFT_NF4_MMA", "off")
+    for engine in ("auto", "packed"):  # auto would otherwise fall back past it without a word
+        cfg = config("model=tiny", "precision=int4", f"algorithm.rollout_engine={engine}", f"run_dir={tmp_path}")
+        with pytest.raises(ValueError, match="VRFT_NF4_MMA='off' is neither 0 nor 1: set VRFT_NF4_MMA=1"):
+            fit(cfg)
+    with pytest.raises(ValueError, match="VRFT_NF4_MMA='off'"):
+        PackedEngine()
+
+
 def test_planner_counts_no_weight_copy_and_no_decode_scratch_for_packed():
     from tests.planner.test_estimator import SHAPE, footprint, workload
     from vrft.planner.estimator import Calibration, estimate

@@ -83,9 +83,23 @@ DEFAULTS = {
 WIDE_ROWS = 32
 WIDE_DEFAULTS = {"BLOCK_N": 64, "DECODE": 0, "SCALE_AFTER": 0, "num_stages": 3}
 # Decode batches through nf4_mma's kernel (`_launch`): 126 us per 7B decoder layer against 155, a decode
-# step of 5.9 ms against 7.0 on the H200 (bench/rollout/results.md). Off until the whole GPU suite has run
-# with it on (its training rows have); VRFT_NF4_MMA=1 in the environment turns it on.
-MMA_KERNEL = os.environ.get("VRFT_NF4_MMA") == "1"
+# step of 5.9 ms against 7.0 on the H200 (bench/rollout/results.md). On by default; VRFT_NF4_MMA=0 in the
+# environment sends every batch to this file's kernel instead (to compare them, or to rule the new one out).
+MMA_SWITCH = "VRFT_NF4_MMA"
+MMA_KERNEL = os.environ.get(MMA_SWITCH, "1") != "0"
+
+
+def check_mma_switch() -> None:
+    """Fail on a value of VRFT_NF4_MMA other than 0 or 1 (read as on): called before a model loads, where a
+    run picks its rollout engine, rather than at import, which would end in a stack trace."""
+    value = os.environ.get(MMA_SWITCH, "1")
+    if value not in ("0", "1"):
+        raise ValueError(
+            f"{MMA_SWITCH}={value!r} is neither 0 nor 1: set {MMA_SWITCH}=1 (decode batches through nf4_mma's "
+            f"kernel, the default) or {MMA_SWITCH}=0 (every batch through nf4_matmul's), or unset it"
+        )
+
+
 KERNEL_SWITCHES = ("GATHER", "TRANSPOSED", "DECODE", "SCALE_AFTER", "num_warps", "num_stages")  # passed as is
 
 

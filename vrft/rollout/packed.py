@@ -26,6 +26,7 @@ from torch.nn import functional as F
 from vrft.kernels.lora_input import lora_input
 from vrft.kernels.nf4_matmul import (
     MAX_LORA_RANK,
+    check_mma_switch,
     environment_unsupported,
     layout_unsupported,
     matmul_4bit,
@@ -246,8 +247,10 @@ def packed_unavailable(precision_name: str, precision_cfg) -> str | None:
     """Why `rollout_engine=packed` cannot run with this precision config here, or None if it can.
 
     Checked before the model is loaded: Triton and a CUDA device of compute capability >= 8.0, a 4-bit
-    precision (`int4`), and a layout the kernel handles (quant type, compute dtype; blocksize 64).
+    precision (`int4`), and a layout the kernel handles (quant type, compute dtype; blocksize 64). Raises
+    on a VRFT_NF4_MMA other than 0 or 1.
     """
+    check_mma_switch()  # a bad VRFT_NF4_MMA is the user's to fix, not a reason to fall back
     if precision_name != "int4":
         return f"precision={precision_name} stores no bitsandbytes 4-bit weights for the kernel to read"
     reason = environment_unsupported()
@@ -269,6 +272,7 @@ class PackedEngine(StaticDecodeEngine):
 
     def __init__(self, cuda_graph: bool = True, stop_check_every: int = 32, fused_decode: bool = True):
         super().__init__(cuda_graph, stop_check_every, fused_decode)
+        check_mma_switch()
         reason = environment_unsupported()
         if reason:
             raise ValueError(f"algorithm.rollout_engine=packed cannot run here: {reason}; {PACKED_FIX}")
