@@ -19,7 +19,15 @@ from vrft.rollout.decoder import text_parts
 from vrft.rollout.engines import build_rollout_engine
 from vrft.rollout.generate import generate_rollout
 
-H200_BANDWIDTH = 4.8e12  # bytes/s, datasheet (a device-to-device copy measured ~4.3e12 here)
+# Datasheet memory bandwidth, bytes/s, by a part of the CUDA device name (an H200's device-to-device copy
+# measured ~4.3e12); the bound of "% of bound" is that of the card the run had.
+BANDWIDTHS = {"H200": 4.8e12, "H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12, "RTX 4090": 1.008e12}
+
+
+def device_bandwidth() -> tuple[str, float]:
+    """The CUDA device's name and datasheet bandwidth (the H200's where the name is not in `BANDWIDTHS`)."""
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return name, next((b for part, b in BANDWIDTHS.items() if part in name), BANDWIDTHS["H200"])
 
 
 def _sync() -> None:
@@ -99,6 +107,7 @@ def decode_speed(module, rows: list[dict], engines: list[str], tokens: int) -> d
     kv_width = 2 * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads)  # keys + values
     layers = text.num_hidden_layers
     results = {}
+    device, bandwidth = device_bandwidth()
     for name in engines:
         engine = engine_for(name)
         try:
@@ -119,8 +128,10 @@ def decode_speed(module, rows: list[dict], engines: list[str], tokens: int) -> d
                 "rollout_seconds": seconds[tokens],
                 "weight_bytes_per_step": weights,
                 "kv_bytes_per_step": kv,
-                "weight_bandwidth_fraction": weights / step / H200_BANDWIDTH,
-                "weight_and_kv_bandwidth_fraction": (weights + kv) / step / H200_BANDWIDTH,
+                "device": device,
+                "bandwidth": bandwidth,
+                "weight_bandwidth_fraction": weights / step / bandwidth,
+                "weight_and_kv_bandwidth_fraction": (weights + kv) / step / bandwidth,
                 "engine_stats": dict(engine.last_stats),
             }
         except (
@@ -140,6 +151,7 @@ def decode_speed(module, rows: list[dict], engines: list[str], tokens: int) -> d
 def logprob_agreement(module, rows: list[dict], engines: list[str], tokens: int = 32) -> dict:
     """Per static engine: |engine log-prob - training-forward log-prob| of the sampled tokens (mean, max)."""
     results = {}
+    device, bandwidth = device_bandwidth()
     for name in engines:
         engine = engine_for(name)
         try:

@@ -9,8 +9,8 @@ their times do not overlap:
 - `16g`: the 16 GB profile (`+hw=rtx4080-16g`) at G = 8; `auto` takes `packed` there. After training it
   times the decode step of every engine on the trained policy (`bench/memory/speed.py`: 2 prompts x G = 16
   sequences, 128 new tokens) and compares their log-probs with the training forward.
-- `24g`: the 24 GB profile (`+hw=rtx4090`) at G = 8; `auto` takes `bf16_copy`. The baseline of the 16 GB
-  profile's step time (issue 17: within 1.1x).
+- `24g`: the 24 GB profile (`+hw=rtx4090`) at G = 8 with `bf16_copy`, which `auto` took there before it put
+  `packed` first. The baseline of the 16 GB profile's step time (issue 17: within 1.1x).
 - `16g_G16`: the 16 GB profile at G = 16 (issue 17: peak reserved within 16 GiB).
 
 Writes `<out>/row_<row>.json` (run_row's record), `<out>/packed.json` (the summary) and prints the markdown
@@ -18,7 +18,7 @@ tables of bench/rollout/results.md.
 
 Bandwidth bound: the weight bytes one decode step must read in the engine's storage format (packed 4-bit
 codes + scales of the decoder layers, the bf16 `lm_head` and norms; for `bf16_copy` its bf16 copy) over the
-H200's 4.8 TB/s datasheet bandwidth.
+datasheet bandwidth of the card the run had (`bench/memory/speed.py`'s `BANDWIDTHS`: 4.8 TB/s on an H200).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ ENGINES = "hf,dequant,bf16_copy,packed"
 COMMON = ["memory_cap_gb=24", "model=qwen2vl-7b", "precision=int4", "trainer.max_steps=2"]
 ROWS = {  # row -> (hardware profile and settings, whether the engines' decode speed is timed after it)
     "16g": (["+hw=rtx4080-16g", *COMMON], True),
-    "24g": (["+hw=rtx4090", *COMMON], False),
+    "24g": (["+hw=rtx4090", *COMMON, "algorithm.rollout_engine=bf16_copy"], False),
     "16g_G16": (["+hw=rtx4080-16g", *COMMON, "algorithm.group_size=16"], False),
 }
 PROFILED = "packed,bf16_copy"  # engines whose decode step is also profiled by kernel (eager, no CUDA graph)
@@ -53,6 +53,8 @@ def engine_summary(record: dict) -> dict:
             "tokens_per_s": speed.get("tokens_per_s"),
             "weight_gb_per_step": speed.get("weight_bytes_per_step", 0) / 1e9,
             "percent_of_bound": 100 * speed.get("weight_bandwidth_fraction", 0),
+            "device": speed.get("device"),
+            "bandwidth": speed.get("bandwidth", 4.8e12),  # runs before it was recorded had an H200
             "x_generate": speed.get("speedup_vs_hf"),
             "cuda_graph": (speed.get("engine_stats") or {}).get("cuda_graph"),
             "logprob_mean_abs_diff": agreement.get("mean_abs_logprob_diff"),
@@ -103,8 +105,10 @@ def summary(records: dict[str, dict], engines_run: str) -> dict:
 
 
 def engine_table(result: dict) -> str:
+    bandwidth = next((e["bandwidth"] for e in result["engines"].values() if e.get("bandwidth")), 4.8e12)
     lines = [
-        "| engine | ms / decode step | decode tok/s | % of 4.8 TB/s on its weight bytes | weight GB / step "
+        f"| engine | ms / decode step | decode tok/s | % of {bandwidth / 1e12:.2f} TB/s on its weight bytes "
+        "| weight GB / step "
         "| x plain generate | CUDA graph | log-prob vs training: mean / max abs diff |",
         "|---|---|---|---|---|---|---|---|",
     ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from hydra import compose, initialize_config_dir
 
 import vrft.models.policy
 import vrft.modules.policy_module
+import vrft.planner.planning
 from vrft.planner.planning import precision_name, resolve_auto, verdict
 from vrft.planner.report import PlanDoesNotFit
 from vrft.train import fit
@@ -93,6 +95,26 @@ def test_rollout_engine_auto_keeps_the_bf16_copy_only_where_it_fits():
     small = resolve_auto(config("+hw=rtx4080-16g", "model=qwen2vl-7b"))
     assert small.algorithm.rollout_engine == "dequant"
     assert verdict(small).fits
+
+
+@pytest.mark.parametrize("mma", [None, "VRFT_NF4_MMA=0"])
+def test_rollout_engine_auto_puts_packed_first_where_nf4_mma_serves_it(monkeypatch, caplog, mma):
+    # Where the 4-bit kernel can run (here pretended: this machine has no CUDA) `packed` goes first with
+    # nf4_mma's kernel and after the bf16 copy without it (bench/rollout/results.md)
+    monkeypatch.setattr(vrft.planner.planning, "packed_unavailable", lambda *args: None)
+    monkeypatch.setattr(vrft.planner.planning, "mma_unavailable", lambda: mma)
+    with caplog.at_level(logging.INFO, logger="vrft.planner.planning"):
+        roomy = resolve_auto(config("+hw=rtx4090", "model=qwen2vl-7b"))
+        small = resolve_auto(config("+hw=rtx4080-16g", "model=qwen2vl-7b"))
+    picked = [r.getMessage() for r in caplog.records if "rollout_engine=auto picked" in r.getMessage()]
+    assert small.algorithm.rollout_engine == "packed"  # the copy does not fit either way
+    if mma is None:
+        assert roomy.algorithm.rollout_engine == "packed"
+        assert "decodes as fast as the bf16 copy without the copy" in picked[0]
+    else:
+        assert roomy.algorithm.rollout_engine == "bf16_copy"
+        assert "packed is slower without nf4_mma's kernel: VRFT_NF4_MMA=0" in picked[0]
+        assert "not bf16_copy: its copy needs" in picked[1]
 
 
 def test_training_refuses_before_loading_the_model(tmp_path, monkeypatch):

@@ -72,7 +72,9 @@ def test_a_bad_nf4_mma_switch_fails_before_loading_naming_the_value(tmp_path, mo
         monkeypatch.setattr(module, "load_base_model", must_not_load)
     monkeypatch.setenv("VRFT_NF4_MMA", "off")
     for engine in ("auto", "packed"):  # auto would otherwise fall back past it without a word
-        cfg = config("model=tiny", "precision=int4", f"algorithm.rollout_engine={engine}", f"run_dir={tmp_path}")
+        cfg = config(
+            "model=tiny", "precision=int4", f"algorithm.rollout_engine={engine}", f"run_dir={tmp_path}"
+        )
         with pytest.raises(ValueError, match="VRFT_NF4_MMA='off' is neither 0 nor 1: set VRFT_NF4_MMA=1"):
             fit(cfg)
     with pytest.raises(ValueError, match="VRFT_NF4_MMA='off'"):

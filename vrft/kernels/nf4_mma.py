@@ -110,6 +110,12 @@ def unsupported(
         return f"in_features {in_features} is not a multiple of 64"
     if rows > MAX_ROWS:
         return f"{rows} rows > {MAX_ROWS}"
+    return environment_unsupported()
+
+
+def environment_unsupported() -> str | None:
+    """Why no call goes to this kernel in this install (None: Gluon is there; the GPU is `nf4_matmul`'s
+    check, as the kernel's `mma.sync` needs what its `tl.dot` does, compute capability 8.0)."""
     if gluon is None:
         return "this Triton has no Gluon (triton.experimental.gluon, Triton >= 3.4)"
     return None

@@ -34,7 +34,7 @@ from vrft.planner.estimator import (
     estimate,
 )
 from vrft.planner.footprint import model_config, model_shape, weight_footprint
-from vrft.rollout.packed import PACKED_FIX, packed_unavailable
+from vrft.rollout.packed import PACKED_FIX, mma_unavailable, packed_unavailable
 from vrft.runtime.cuda import device_total_gb
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,12 @@ log = logging.getLogger(__name__)
 CONF_DIR = config_dir()
 PIXELS_PER_TOKEN = 28 * 28  # one merged visual token covers 2 x 2 patches of 14 x 14 pixels
 PROMPT_TEXT_TOKENS = 128  # chat template + a Visual-RFT question (the detection prompt is the longest)
-AUTO_ENGINES = ("bf16_copy", "packed", "dequant")  # fastest first, as measured (bench/rollout/results.md)
+# Fastest first, as measured (bench/rollout/results.md, "nf4_mma by default"): with nf4_mma's kernel on its
+# decode batches `packed` decoded 16 sequences of 7B int4 in 6.1 ms against `bf16_copy`'s 7.4 on an H100 and
+# in 5.9 against 5.8 on an H200, and its training step was the faster on both, without the 13 GB copy; with
+# nf4_matmul's kernel alone (VRFT_NF4_MMA=0, or a Triton without Gluon) it is the slower one.
+AUTO_ENGINES = ("packed", "bf16_copy", "dequant")
+AUTO_ENGINES_WITHOUT_MMA = ("bf16_copy", "packed", "dequant")
 
 
 def precision_name(precision_cfg) -> str:
@@ -231,8 +236,9 @@ def resolve_precision(cfg: DictConfig, quiet: bool = False) -> DictConfig:
 def resolve_rollout_engine(cfg: DictConfig, quiet: bool = False) -> DictConfig:
     """Replace `algorithm.rollout_engine=auto` by the fastest engine that fits and can run here.
 
-    In `AUTO_ENGINES` order: `bf16_copy` where the planner says its copy fits, `packed` where Triton, the
-    GPU and the 4-bit layout allow it, else `dequant`. Without CUDA the static engines have no graphs to
+    In `AUTO_ENGINES` order: `packed` where Triton, the GPU and the 4-bit layout allow it, `bf16_copy` where
+    the planner says its copy fits, else `dequant`; `bf16_copy` comes first where nf4_mma's kernel would not
+    serve `packed`'s decode batches (`mma_unavailable`). Without CUDA the static engines have no graphs to
     replay, so `auto` means `hf` there. An explicit `packed` that cannot run fails here, before loading.
     """
     engine = OmegaConf.select(cfg, "algorithm.rollout_engine")
@@ -258,8 +264,14 @@ def resolve_rollout_engine(cfg: DictConfig, quiet: bool = False) -> DictConfig:
             "packed": packed_reason,
             "dequant": None,
         }
-        chosen = next(name for name in AUTO_ENGINES if reasons[name] is None)
-        skipped = [f"not {name}: {reasons[name]}" for name in AUTO_ENGINES[: AUTO_ENGINES.index(chosen)]]
+        slow_packed = mma_unavailable()
+        order = AUTO_ENGINES_WITHOUT_MMA if slow_packed else AUTO_ENGINES
+        chosen = next(name for name in order if reasons[name] is None)
+        skipped = [f"not {name}: {reasons[name]}" for name in order[: order.index(chosen)]]
+        if chosen == "packed":
+            skipped.append("nf4_mma's kernel decodes as fast as the bf16 copy without the copy")
+        elif chosen == "bf16_copy" and slow_packed and reasons["packed"] is None:
+            skipped.append(f"packed is slower without nf4_mma's kernel: {slow_packed}")
         why = "; ".join(skipped) or (f"it fits {budget:.1f} GiB ({source})" if budget else source)
     if not quiet:
         log.info("algorithm.rollout_engine=auto picked %s (%s)", chosen, why)

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from vrft.kernels import nf4_matmul, nf4_mma
 from vrft.kernels.lora_input import lora_input
 from vrft.kernels.nf4_matmul import (
     MAX_LORA_RANK,
@@ -259,6 +260,14 @@ def packed_unavailable(precision_name: str, precision_cfg) -> str | None:
     cfg = precision_cfg or {}
     dtype = DTYPES.get(str(cfg.get("compute_dtype", "bf16")), torch.float32)
     return layout_unsupported(str(cfg.get("quant_type", "nf4")), 64, dtype, 64)
+
+
+def mma_unavailable() -> str | None:
+    """Why `packed`'s decode batches would not go through nf4_mma's kernel here, or None if they would (its
+    layout checks are `packed_unavailable`'s; it takes up to 32 rows, wider batches go to nf4_matmul's)."""
+    if not nf4_matmul.MMA_KERNEL:
+        return f"{nf4_matmul.MMA_SWITCH}=0"
+    return nf4_mma.environment_unsupported()
 
 
 class PackedEngine(StaticDecodeEngine):
