@@ -29,6 +29,7 @@ from vrft.kernels.nf4_matmul import check_mma_switch
 from vrft.modules.scoring import RewardSet
 from vrft.paths import config_dir
 from vrft.rollout.engines import build_rollout_engine
+from vrft.rollout.packed import mma_unavailable, packed_unavailable
 from vrft.setup import build_run
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,16 @@ def output_dir(cfg: DictConfig) -> Path:
     return out
 
 
+def auto_engine(precision: str, precision_cfg, device_type: str) -> str:
+    """What `rollout_engine=auto` decodes with: `hf` off CUDA (the static engines pay off where kernel launches
+    dominate); on CUDA `packed` for a 4-bit base where it runs with nf4_mma's kernel (as fast as the bf16
+    copy without its +2 bytes per weight: bench/rollout/results.md), else `bf16_copy`, as in training."""
+    if device_type != "cuda":
+        return "hf"
+    packed_fits = packed_unavailable(precision, precision_cfg) is None
+    return "packed" if packed_fits and mma_unavailable() is None else "bf16_copy"
+
+
 def decode(cfg: DictConfig, model: dict, dataset: EvalRowDataset, writer: PredictionWriter) -> str:
     """Greedy completions of `dataset` by one model (base + adapter or checkpoint), in batches of `batch_size`.
 
@@ -128,8 +139,9 @@ def decode(cfg: DictConfig, model: dict, dataset: EvalRowDataset, writer: Predic
     module.evaluator = None  # the metric runs once over predictions.jsonl, resumed rows included
     module.eval_max_new_tokens = cfg.max_new_tokens
     engine = cfg.rollout_engine
-    if engine == "auto":  # the static engines pay off where kernel launches dominate: on a GPU
-        engine = "bf16_copy" if trainer.strategy.root_device.type == "cuda" else "hf"
+    if engine == "auto":
+        precision = str(getattr(trainer.precision_plugin, "name", ""))  # vrft's plugins name their mode
+        engine = auto_engine(precision, cfg.precision, trainer.strategy.root_device.type)
     module.eval_engine = build_rollout_engine(engine)
     if cfg.min_new_tokens:
         module.eval_generation = {"min_new_tokens": cfg.min_new_tokens}

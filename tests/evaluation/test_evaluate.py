@@ -225,6 +225,37 @@ def test_a_decoding_budget_below_one_is_named_before_loading(tmp_path, monkeypat
     assert decoder.rows == []
 
 
+@pytest.mark.parametrize(
+    "precision, packed, mma, expected",
+    [
+        ("int4", None, None, "packed"),
+        ("int4", None, "VRFT_NF4_MMA=0", "bf16_copy"),  # nf4_matmul's kernel alone is the slower
+        ("int4", "no Triton", None, "bf16_copy"),
+        ("bf16", "no 4-bit weights", None, "bf16_copy"),
+    ],
+)
+def test_auto_decodes_a_4bit_base_with_packed_where_nf4_mma_serves_it(
+    monkeypatch, precision, packed, mma, expected
+):
+    # (this machine has no CUDA: the reasons are pretended, as the planner's test does)
+    monkeypatch.setattr(vrft.evaluate, "packed_unavailable", lambda name, cfg: packed or None)
+    monkeypatch.setattr(vrft.evaluate, "mma_unavailable", lambda: mma)
+    plugin = instantiate(eval_config("unused", f"precision={precision}").precision)
+    assert plugin.name == precision  # what `decode` passes: the trainer's precision plugin's mode
+    assert vrft.evaluate.auto_engine(plugin.name, {}, "cuda") == expected
+    assert vrft.evaluate.auto_engine(plugin.name, {}, "cpu") == "hf"
+
+
+@pytest.mark.gpu
+def test_auto_decodes_a_4bit_base_on_a_gpu_with_the_packed_weights(tmp_path):
+    # The real decoder, greedy, on the tiny model: what the test above pretends, on the machine it is for
+    results, _ = run(tmp_path, "classification", "disk", None, "precision=int4", "trainer.accelerator=gpu")
+    speed = json.loads((tmp_path / "out" / "metrics.json").read_text())["speed"]
+    assert speed["base"]["rollout_engine"] == "packed", speed
+    assert "accuracy" in results["base"]
+    assert len(read_predictions(tmp_path / "out")) == len(schema_rows("classification"))
+
+
 def test_a_bad_nf4_mma_switch_is_named_before_loading_when_the_engine_is_packed(tmp_path, monkeypatch):
     decoder = install(monkeypatch, StubDecoder(perfect))
     monkeypatch.setenv("VRFT_NF4_MMA", "yes")
