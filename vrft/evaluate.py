@@ -155,7 +155,7 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
     for key in ("batch_size", "max_new_tokens"):  # before any model loads, not in the first batch
         if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
             raise ValueError(f"{key}={cfg[key]!r} must be an integer >= 1, e.g. {key}=8")
-    if cfg.rollout_engine == "packed":
+    if cfg.rollout_engine in ("packed", "auto"):  # auto may pick packed once the model is loaded
         check_mma_switch()
     models = evaluated_models(cfg)
     spec = instantiate(cfg.model)

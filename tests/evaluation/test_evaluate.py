@@ -256,9 +256,10 @@ def test_auto_decodes_a_4bit_base_on_a_gpu_with_the_packed_weights(tmp_path):
     assert len(read_predictions(tmp_path / "out")) == len(schema_rows("classification"))
 
 
-def test_a_bad_nf4_mma_switch_is_named_before_loading_when_the_engine_is_packed(tmp_path, monkeypatch):
+def test_a_bad_nf4_mma_switch_is_named_before_loading_when_the_engine_may_be_packed(tmp_path, monkeypatch):
     decoder = install(monkeypatch, StubDecoder(perfect))
     monkeypatch.setenv("VRFT_NF4_MMA", "yes")
-    with pytest.raises(ValueError, match="VRFT_NF4_MMA='yes' is neither 0 nor 1"):
-        run(tmp_path, "classification", "disk", None, "rollout_engine=packed")
+    for engine in ("packed", "auto"):
+        with pytest.raises(ValueError, match="VRFT_NF4_MMA='yes' is neither 0 nor 1"):
+            run(tmp_path / engine, "classification", "disk", None, f"rollout_engine={engine}")
     assert decoder.rows == []
