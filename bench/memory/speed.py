@@ -151,7 +151,6 @@ def decode_speed(module, rows: list[dict], engines: list[str], tokens: int) -> d
 def logprob_agreement(module, rows: list[dict], engines: list[str], tokens: int = 32) -> dict:
     """Per static engine: |engine log-prob - training-forward log-prob| of the sampled tokens (mean, max)."""
     results = {}
-    device, bandwidth = device_bandwidth()
     for name in engines:
         engine = engine_for(name)
         try:

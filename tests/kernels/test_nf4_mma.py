@@ -358,6 +358,15 @@ def test_the_benchmarks_engine_suffixes_set_the_switch_for_a_generate_and_put_it
         monkeypatch.setattr(engine._engine, "generate", lambda *a, **k: seen.append(nf4_matmul.MMA_KERNEL))
         engine.generate()
         assert seen[-1] is expected and nf4_matmul.MMA_KERNEL is False
+    # "% of bound" is of the card the run has: the H100 of results/default_on_call/ has 3.35 TB/s
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name, bandwidth in (
+        ("NVIDIA H100 80GB HBM3", 3.35e12),
+        ("NVIDIA H200", 4.8e12),
+        ("NVIDIA GeForce RTX 4090", 1.008e12),
+    ):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda name=name: name)
+        assert speed.device_bandwidth() == (name, bandwidth)
     sys.modules.pop("speed", None)
 
 
