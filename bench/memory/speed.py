@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from vrft.kernels import nf4_matmul
+from vrft.kernels import launch_order, nf4_matmul
 from vrft.precision.accounting import weight_bytes
 from vrft.rollout.batch import build_prompts
 from vrft.rollout.decoder import text_parts
@@ -52,37 +52,44 @@ def step_weight_bytes(policy, dense: bool) -> int:
 
 
 UNFUSED = ":unfused"  # engine name suffix: the decode step with torch's element-wise ops (fused_decode=False)
-MMA = ":mma"  # engine name suffix: the 4-bit matmuls through nf4_mma's kernel (nf4_matmul.MMA_KERNEL on)
-NO_MMA = ":nf4_matmul"  # engine name suffix: through nf4_matmul's own kernel (the switch off)
+# engine name suffix -> the module switch it sets while the engine generates, and to what
+SWITCHES = {
+    ":mma": (nf4_matmul, "MMA_KERNEL", True),  # the 4-bit matmuls through nf4_mma's kernel
+    ":nf4_matmul": (nf4_matmul, "MMA_KERNEL", False),  # through nf4_matmul's own kernel
+    ":serial": (launch_order, "PROGRAMMATIC", False),  # each kernel launched after the last has drained
+}
 
 
-class _WithKernel:
-    """An engine whose `generate` runs with `nf4_matmul.MMA_KERNEL` set to `on` (its CUDA graph is captured
-    inside `generate`, so the graph holds that kernel), the switch put back after."""
+class _WithSwitch:
+    """An engine whose `generate` runs with `module.attribute` set to `value` (its CUDA graph is captured
+    inside `generate`, so the graph holds the kernels as launched then), the switch put back after."""
 
-    def __init__(self, engine, on: bool):
-        self._engine, self._on = engine, on
+    def __init__(self, engine, module, attribute: str, value: bool):
+        self._engine, self._switch = engine, (module, attribute, value)
 
     def __getattr__(self, name):
         return getattr(self._engine, name)
 
     def generate(self, *args, **kwargs):
-        before, nf4_matmul.MMA_KERNEL = nf4_matmul.MMA_KERNEL, self._on
+        module, attribute, value = self._switch
+        before = getattr(module, attribute)
+        setattr(module, attribute, value)
         try:
             return self._engine.generate(*args, **kwargs)
         finally:
-            nf4_matmul.MMA_KERNEL = before
+            setattr(module, attribute, before)
 
 
 def engine_for(name: str, **options):
     """The engine `name` names: `bf16_copy`, `bf16_copy:unfused` for its torch-ops decode step, `packed:mma`
     and `packed:nf4_matmul` for `packed` with nf4_mma's kernel and without it (an engine without either
-    suffix runs with the switch as it is: VRFT_NF4_MMA)."""
+    suffix runs with the switch as it is: VRFT_NF4_MMA), `...:serial` without programmatic dependent launch
+    (vrft.kernels.launch_order); suffixes stack (`packed:mma:serial`)."""
     from vrft.rollout.engines import ROLLOUT_ENGINES
 
-    for suffix, on in ((MMA, True), (NO_MMA, False)):
+    for suffix, switch in SWITCHES.items():
         if name.endswith(suffix):
-            return _WithKernel(engine_for(name.removesuffix(suffix), **options), on=on)
+            return _WithSwitch(engine_for(name.removesuffix(suffix), **options), *switch)
     if name.endswith(UNFUSED):
         return ROLLOUT_ENGINES[name.removesuffix(UNFUSED)](fused_decode=False, **options)
     return ROLLOUT_ENGINES[name](**options) if options else build_rollout_engine(name)

@@ -6,6 +6,8 @@
 #   bash bench/rollout/device_mma_rows.sh tests    # ~4 min
 #   bash bench/rollout/device_mma_rows.sh rows     # ~3-6 min
 #   TESTS_S=320 ROWS_S=250 bash bench/rollout/device_mma_rows.sh tests rows   # both in one call
+# ENGINES and PROFILED override the engines timed and profiled (bench/memory/speed.py's names and suffixes):
+#   ENGINES=bf16_copy,bf16_copy:serial,packed,packed:serial PROFILED=packed ROWS=16g ...   # launch overlap
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
 export PYTHONPATH="$PWD:/tmp/site" PYTHONUNBUFFERED=1
@@ -19,7 +21,8 @@ for part in "${@:-usage}"; do
         ;;
     rows)
         timeout "${ROWS_S:-560}" python3 bench/rollout/packed.py --out "$OUT" --rows "${ROWS:-16g,24g,16g_G16}" \
-            --engines bf16_copy,packed:nf4_matmul,packed:mma --profiled packed:nf4_matmul,packed:mma --timeout 170 \
+            --engines "${ENGINES:-bf16_copy,packed:nf4_matmul,packed:mma}" \
+            --profiled "${PROFILED:-packed:nf4_matmul,packed:mma}" --timeout "${ROW_TIMEOUT:-170}" \
             | grep -v "^{" | tail -45
         ;;
     *)

@@ -133,7 +133,8 @@ def test_launch_passes_the_kernel_each_of_its_parameters_once(monkeypatch):
     class Recorder:
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                kwargs = {k: v for k, v in kwargs.items() if k not in ("num_warps", "maxnreg")}
+                # Triton's launch options, not kernel parameters
+                kwargs = {k: v for k, v in kwargs.items() if k not in ("num_warps", "maxnreg", "launch_pdl")}
                 bound["grid"] = grid
                 bound["arguments"] = kernel.bind(*args, **kwargs)
 
@@ -156,6 +157,7 @@ def test_launch_passes_the_kernel_each_of_its_parameters_once(monkeypatch):
         arguments["LORA_RANK"] == 64 and arguments["SPLIT"] and arguments["HAS_BIAS"] and arguments["NESTED"]
     )
     assert arguments["iters_per_split"] == 2 and arguments["split_k"] == 2  # 4 steps of 256 columns
+    assert arguments["PDL"] is False  # off the GPU: vrft.kernels.launch_order
 
 
 def test_calls_outside_the_kernel_say_why():
@@ -349,15 +351,26 @@ def test_the_benchmarks_engine_suffixes_set_the_switch_for_a_generate_and_put_it
 
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "bench" / "memory"))
     speed = __import__("speed")
+    from vrft.kernels import launch_order
+
     monkeypatch.setattr(nf4_matmul, "MMA_KERNEL", False)
     seen = []
-    # (on `bf16_copy`, which builds without CUDA: `packed` refuses a machine without Triton before it starts)
-    for name, expected in (("bf16_copy:mma", True), ("bf16_copy:nf4_matmul", False)):
+    # (on `bf16_copy`, which builds without CUDA: `packed` refuses a machine without Triton before it starts;
+    # `:serial` turns programmatic dependent launch off, and stacks on the kernel's suffix)
+    for name, expected in (
+        ("bf16_copy:mma", (True, True)),
+        ("bf16_copy:nf4_matmul", (False, True)),
+        ("bf16_copy:mma:serial", (True, False)),
+    ):
         engine = speed.engine_for(name)
-        assert type(engine._engine).__name__ == "Bf16CopyEngine", type(engine._engine)
-        monkeypatch.setattr(engine._engine, "generate", lambda *a, **k: seen.append(nf4_matmul.MMA_KERNEL))
+        inner = engine._engine if name.count(":") == 1 else engine._engine._engine
+        assert type(inner).__name__ == "Bf16CopyEngine", type(inner)
+        monkeypatch.setattr(
+            inner, "generate", lambda *a, **k: seen.append((nf4_matmul.MMA_KERNEL, launch_order.PROGRAMMATIC))
+        )
         engine.generate()
-        assert seen[-1] is expected and nf4_matmul.MMA_KERNEL is False
+        assert seen[-1] == expected, name
+        assert nf4_matmul.MMA_KERNEL is False and launch_order.PROGRAMMATIC is True
     # "% of bound" is of the card the run has: the H100 of results/default_on_call/ has 3.35 TB/s
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for name, bandwidth in (

@@ -208,8 +208,8 @@ def test_projections_of_one_input_share_one_kernel_launch_whose_table_points_at_
         nf4_segments.segments([layer.o.segment(), kernel_layer(12, 8).segment()])
 
 
-@pytest.mark.gpu
-def test_packed_engine_greedy_tokens_match_generate_on_int4_weights():
+def int4_tiny_policy():
+    """The tiny model in int4 on CUDA with a trained-looking LoRA adapter, and its processor."""
     from vrft.precision import Int4Precision
 
     spec = ModelSpec(name_or_path="tiny", max_pixels=12544)
@@ -222,9 +222,16 @@ def test_packed_engine_greedy_tokens_match_generate_on_int4_weights():
             if "lora_B" in name:
                 param.normal_(0, 0.3)
     Int4Precision(compute_dtype="bf16", adapter_dtype="fp32").convert_module(policy)
-    policy.to("cuda").eval()
-    processor, device = load_processor_for(spec), torch.device("cuda")
-    greedy = dict(do_sample=False, max_new_tokens=10, min_new_tokens=10)
+    return policy.to("cuda").eval(), load_processor_for(spec)
+
+
+GREEDY = dict(do_sample=False, max_new_tokens=10, min_new_tokens=10)
+
+
+@pytest.mark.gpu
+def test_packed_engine_greedy_tokens_match_generate_on_int4_weights():
+    policy, processor = int4_tiny_policy()
+    device, greedy = torch.device("cuda"), GREEDY
     engine = PackedEngine()
     layer = engine.read_weights(policy).layers[0]
     assert all(
@@ -242,3 +249,26 @@ def test_packed_engine_greedy_tokens_match_generate_on_int4_weights():
     # summation order: the 7B bench measured at most 0.09 nats over 28 layers; 2 tiny layers stay far below.
     assert torch.equal(fast.completion_ids[:, 0], reference.completion_ids[:, 0])
     torch.testing.assert_close(engine.last_logprobs, expected.float(), atol=0.05, rtol=0)
+
+
+@pytest.mark.gpu
+def test_programmatic_launch_changes_no_token_and_no_log_prob(monkeypatch):
+    # vrft.kernels.launch_order only lets a kernel start before the one before it has drained; each waits
+    # for its inputs, so the decode step computes the same numbers with the overlap and without it: the
+    # same greedy tokens and bit-identical log-probs (the same kernels, the same summation order).
+    from vrft.kernels import launch_order
+
+    policy, processor = int4_tiny_policy()
+    device = torch.device("cuda")
+    # on an H100 or H200 the first run below overlaps its launches; older cards never do
+    assert launch_order.programmatic(device) is (torch.cuda.get_device_capability(device)[0] >= 9)
+    runs = {}
+    for programmatic in (True, False):
+        monkeypatch.setattr(launch_order, "PROGRAMMATIC", programmatic)
+        engine = PackedEngine()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            rollout = generate_rollout(policy, processor, rows(), "{problem}", 2, GREEDY, device, engine=engine)
+        assert engine.last_stats["cuda_graph"] == 1.0  # the graph captured the launches as they were asked
+        runs[programmatic] = (rollout.completion_ids, engine.last_logprobs)
+    assert torch.equal(runs[True][0], runs[False][0])
+    assert torch.equal(runs[True][1], runs[False][1])

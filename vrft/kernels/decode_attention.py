@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from vrft.kernels.launch_order import launch_options
 from vrft.kernels.workspace import multiprocessors, split_workspace
 
 try:
@@ -42,14 +43,16 @@ def unsupported(head_dim: int) -> str | None:
 
 
 if triton is not None:
+    from vrft.kernels.launch_order import wait_for_inputs
 
     @triton.jit
     def _decode_attention_kernel(
         q_ptr, keys_ptr, values_ptr, valid_ptr, column_ptr, out_ptr, partial_ptr, stats_ptr, counter_ptr,
         kv_heads, groups, columns_per_split, scale, stride_qn, stride_qh, stride_cn, stride_ch, stride_cl,
         stride_valid, BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr, HEAD_DIM: tl.constexpr,
-        SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+        SPLIT: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
+        wait_for_inputs(PDL)
         tile, split = tl.program_id(0), tl.program_id(1)
         splits = tl.num_programs(1)
         row, head = tile // kv_heads, tile % kv_heads
@@ -163,6 +166,7 @@ def decode_attention(
         q, keys, values, valid.view(torch.uint8), column, out, partial, stats, counters, kv_heads, groups,
         columns_per_split, scale, q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         valid.stride(0), BLOCK_G=block_g, BLOCK_L=block_l, HEAD_DIM=head_dim, SPLIT=splits > 1,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps,  # fp32 caches: no TF32 rounding
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 caches: no TF32 rounding
+        num_warps=num_warps, **launch_options(q.device),
     )  # fmt: skip
     return out

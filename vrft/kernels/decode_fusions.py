@@ -31,6 +31,8 @@ try:
 except ImportError:  # CPU-only installs: the decoder's torch ops run instead
     triton = None
 
+from vrft.kernels.launch_order import launch_options
+
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 SILU_BLOCK = 1024  # columns of gate/up per program
 
@@ -53,6 +55,8 @@ def unsupported(device: torch.device, dtype: torch.dtype, hidden_size: int, head
 if triton is not None:
     from triton.language.extra import libdevice
 
+    from vrft.kernels.launch_order import wait_for_inputs
+
     @triton.jit
     def _add(a, b, PTX: tl.constexpr):
         """`a + b` of fp32 values, rounded to fp32, as torch adds 16-bit tensors (before rounding to 16 bits).
@@ -72,8 +76,9 @@ if triton is not None:
     def _add_rms_norm_kernel(
         hidden_ptr, delta_ptr, weight_ptr, sum_ptr, out_ptr, columns, eps,
         stride_h, stride_d, stride_s, stride_o, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr,
-        PTX: tl.constexpr,
+        PTX: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
+        wait_for_inputs(PDL)
         row = tl.program_id(0)
         column = tl.arange(0, BLOCK)
         mask = column < columns
@@ -94,8 +99,9 @@ if triton is not None:
     def _rope_into_cache_kernel(
         q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, out_ptr, keys_ptr, values_ptr, column_ptr,
         stride_q, stride_k, stride_v, stride_cs, stride_cn, stride_ch, stride_cl,
-        HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PTX: tl.constexpr,
+        HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PTX: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
+        wait_for_inputs(PDL)
         # One program per (row, head); heads past HEADS are the KV heads: k rotated and v, into the cache.
         row, head = tl.program_id(0), tl.program_id(1)
         index = tl.arange(0, HEAD_DIM)
@@ -125,8 +131,9 @@ if triton is not None:
     @triton.jit
     def _silu_mul_kernel(
         gate_ptr, up_ptr, out_ptr, columns, stride_g, stride_u, stride_o, BLOCK: tl.constexpr,
-        PTX: tl.constexpr,
+        PTX: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
+        wait_for_inputs(PDL)
         row, tile = tl.program_id(0), tl.program_id(1)
         column = tile * BLOCK + tl.arange(0, BLOCK)
         mask = column < columns
@@ -162,7 +169,7 @@ def add_rms_norm(hidden: Tensor, delta: Tensor | None, weight: Tensor, eps: floa
     _add_rms_norm_kernel[(rows.shape[0],)](
         rows, deltas, weight, total, out, columns, eps, rows.stride(0), deltas.stride(0), total.stride(0),
         out.stride(0), HAS_DELTA=delta is not None, BLOCK=block, PTX=hidden.is_cuda,
-        num_warps=max(1, min(16, block // 256)),
+        num_warps=max(1, min(16, block // 256)), **launch_options(hidden.device),
     )  # fmt: skip
     return total.view(hidden.shape), out.view(hidden.shape)
 
@@ -192,7 +199,7 @@ def rope_into_cache(
     _rope_into_cache_kernel[(count, heads + kv_heads)](
         q, k, v, cos, sin, out, keys, values, column, q.stride(0), k.stride(0), v.stride(0), cos.stride(0),
         keys.stride(0), keys.stride(1), keys.stride(2), HEADS=heads, HEAD_DIM=head_dim, PTX=q.is_cuda,
-        num_warps=max(1, min(4, head_dim // 128)),
+        num_warps=max(1, min(4, head_dim // 128)), **launch_options(q.device),
     )  # fmt: skip
     return out
 
@@ -205,6 +212,6 @@ def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
     grid = (gates.shape[0], triton.cdiv(columns, SILU_BLOCK))
     _silu_mul_kernel[grid](
         gates, ups, out, columns, gates.stride(0), ups.stride(0), out.stride(0), BLOCK=SILU_BLOCK,
-        PTX=gate.is_cuda, num_warps=4,
+        PTX=gate.is_cuda, num_warps=4, **launch_options(gate.device),
     )  # fmt: skip
     return out.view(gate.shape)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from vrft.kernels.launch_order import launch_options
 from vrft.kernels.workspace import split_workspace
 
 try:
@@ -31,14 +32,16 @@ MAX_SPLIT = 16
 
 
 if triton is not None:
+    from vrft.kernels.launch_order import wait_for_inputs
     from vrft.kernels.nf4_epilogue import store_output
 
     @triton.jit
     def _lora_input_kernel(
         x_ptr, a_ptr, partial_ptr, counter_ptr, y_ptr, M, R, K, stride_xm, stride_am, stride_ym,
         iters_per_split, split_k, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-        SPLIT: tl.constexpr,
+        SPLIT: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
+        wait_for_inputs(PDL)
         pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rows_n = pid_n * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -89,5 +92,6 @@ def lora_input(x: Tensor, a: Tensor, split_k: int | None = None) -> Tensor:
     _lora_input_kernel[grid](
         x, a, partial, counters, y, rows, ranks, in_features, x.stride(0), a.stride(0), y.stride(0),
         triton.cdiv(steps, split_k), split_k, BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=STEP, SPLIT=split_k > 1,
+        **launch_options(x.device),
     )  # fmt: skip
     return y

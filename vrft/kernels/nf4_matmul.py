@@ -48,11 +48,13 @@ except ImportError:  # CPU-only installs: supports() says why, reference_matmul 
     triton = None
 
 from vrft.kernels import nf4_mma
+from vrft.kernels.launch_order import launch_options
 from vrft.kernels.nf4_decode import DECODE_BYTES, DECODE_PRMT
 from vrft.kernels.nf4_segments import Segments
 from vrft.kernels.workspace import launch_outputs, multiprocessors
 
 if triton is not None:
+    from vrft.kernels.launch_order import wait_for_inputs
     from vrft.kernels.nf4_decode import absmax, code_books, decode
     from vrft.kernels.nf4_epilogue import lora_term, store_output
     from vrft.kernels.nf4_segments import segment
@@ -176,8 +178,9 @@ if triton is not None:
         HAS_BIAS: tl.constexpr, LORA_RANK: tl.constexpr, SEGMENTS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
         GATHER: tl.constexpr, TRANSPOSED: tl.constexpr, DECODE: tl.constexpr, SCALE_AFTER: tl.constexpr,
-        EVEN: tl.constexpr, PTX: tl.constexpr,
+        EVEN: tl.constexpr, PTX: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
+        wait_for_inputs(PDL)  # vrft.kernels.launch_order: the inputs an earlier kernel wrote are ready
         # Each loop step covers BLOCK_K columns of BLOCK_N weight rows, as PARTS dots of DOT_K columns: one
         # dot per step when every weight is scaled before it, one per quantisation block when scaled after.
         DTYPE: tl.constexpr = x_ptr.dtype.element_ty
@@ -388,6 +391,6 @@ def _launch(x, first, out_features, table, rank, lora_in, lora_scale, config) ->
         # no masks needed on W, absmax, K
         EVEN=all(n % block_n == 0 for n in out_features) and in_features % block_k == 0,
         PTX=x.device.type == "cuda",  # CPU tensors run under the Triton interpreter, which has no inline PTX
-        **config,
+        **config, **launch_options(x.device),
     )  # fmt: skip
     return y

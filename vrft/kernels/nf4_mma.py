@@ -49,11 +49,13 @@ try:
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
     # triton.jit functions that create no tensor of their own, so a Gluon kernel can call them
+    from vrft.kernels.launch_order import wait_for_inputs
     from vrft.kernels.nf4_epilogue import finish_output
     from vrft.kernels.nf4_segments import segment
 except ImportError:  # CPU-only installs, or a Triton without Gluon: `unsupported` says why
     gluon = None
 
+from vrft.kernels.launch_order import launch_options
 from vrft.kernels.nf4_decode import PRMT_DECODE_PTX
 from vrft.kernels.workspace import launch_outputs, multiprocessors
 
@@ -276,7 +278,7 @@ if gluon is not None:
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCKS: gl.constexpr, SPLIT: gl.constexpr,
         ABSMAX_WORDS: gl.constexpr, PREFETCH: gl.constexpr, CLAMP_ROWS: gl.constexpr,
         MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr, WORDS: gl.constexpr, XL: gl.constexpr,
-        SECTORS: gl.constexpr,
+        SECTORS: gl.constexpr, PDL: gl.constexpr,
     ):  # fmt: skip
         DTYPE: gl.constexpr = x_ptr.dtype.element_ty
         STEP: gl.constexpr = 64 * BLOCKS  # columns per loop step
@@ -337,6 +339,10 @@ if gluon is not None:
                                        NESTED_BLOCKSIZE)  # fmt: skip
         if PREFETCH > 0:
             sector_ptrs = _sector_pointers(packed_ptr, tile_n, N, K, BLOCK_N, BLOCKS, SECTORS)
+        # Everything above read only what no kernel of the decode step writes (the weights, their absmax and
+        # code books, the segment table); x, the LoRA input and the outputs wait for the kernel before
+        # (vrft.kernels.launch_order), while the first codes are on their way from memory.
+        wait_for_inputs(PDL)
         for step in range(first, last):
             words = words_next
             ahead = gl.minimum(step + 1, last - 1)
@@ -557,6 +563,7 @@ def launch(first, out_features, table, rank, x, lora_in, lora_scale, config) -> 
         rows, out_features[0], in_features, x.stride(0), lora_in.stride(0) if rank else 0, y.stride(0), rank,
         triton.cdiv(steps, split_k), split_k, **constants,
         num_warps=warps, **({"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {}),
+        **launch_options(x.device),
     )  # fmt: skip
     return y
 

@@ -57,6 +57,7 @@ def compile_kernel(
         "BLOCKSIZE": blocksize, "NESTED_BLOCKSIZE": 256 if nested else 1, "NESTED": nested,
         "HAS_BIAS": bias, "LORA_RANK": lora_rank, "SEGMENTS": segments, "BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"],
         "BLOCK_K": config["BLOCK_K"], "SPLIT": split, "EVEN": even, "PTX": True, **switches,
+        "PDL": target.arch >= 90,  # as a launch on that card: vrft.kernels.launch_order
     }  # fmt: skip
     pointers = {
         **_POINTERS,
@@ -64,7 +65,8 @@ def compile_kernel(
         "absmax_ptr": "u8" if nested else "fp32",
     }
     source = ASTSource(_matmul_4bit_kernel, *_signature(_matmul_4bit_kernel, constants, pointers, dtype))
-    return triton.compile(source, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
+    options = {"num_warps": num_warps, "num_stages": num_stages, "launch_pdl": target.arch >= 90}
+    return triton.compile(source, target=target, options=options)
 
 
 def compile_mma(config: dict, arch: int = 90, dtype: str = "bf16", nested: bool = True, bias: bool = False,
@@ -76,7 +78,7 @@ def compile_mma(config: dict, arch: int = 90, dtype: str = "bf16", nested: bool 
     # as a launch finds them: the CUDA caching allocator starts each block 512-byte aligned
     constants = nf4_mma.kernel_constants(
         config, nested, 256 if nested else 1, bias, lora_rank, segments, True
-    )
+    ) | {"PDL": arch >= 90}  # as a launch on that card: vrft.kernels.launch_order
     pointers = {
         **_POINTERS, "lora_b_ptr": "fp32", "packed_ptr": "i32", "absmax_ptr": "u8" if nested else "fp32",
     }  # fmt: skip
@@ -84,7 +86,8 @@ def compile_mma(config: dict, arch: int = 90, dtype: str = "bf16", nested: bool 
     source = GluonASTSource(kernel, *_signature(kernel, constants, pointers, dtype))
     cap = {"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {}
     return triton.compile(
-        source, target=GPUTarget("cuda", arch, 32), options={"num_warps": config["num_warps"], **cap}
+        source, target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": config["num_warps"], "launch_pdl": arch >= 90, **cap},
     )
 
 
