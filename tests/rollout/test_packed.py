@@ -267,7 +267,9 @@ def test_programmatic_launch_changes_no_token_and_no_log_prob(monkeypatch):
         monkeypatch.setattr(launch_order, "PROGRAMMATIC", programmatic)
         engine = PackedEngine()
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            rollout = generate_rollout(policy, processor, rows(), "{problem}", 2, GREEDY, device, engine=engine)
+            rollout = generate_rollout(
+                policy, processor, rows(), "{problem}", 2, GREEDY, device, engine=engine
+            )
         assert engine.last_stats["cuda_graph"] == 1.0  # the graph captured the launches as they were asked
         runs[programmatic] = (rollout.completion_ids, engine.last_logprobs)
     assert torch.equal(runs[True][0], runs[False][0])

@@ -86,7 +86,8 @@ def compile_mma(config: dict, arch: int = 90, dtype: str = "bf16", nested: bool 
     source = GluonASTSource(kernel, *_signature(kernel, constants, pointers, dtype))
     cap = {"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {}
     return triton.compile(
-        source, target=GPUTarget("cuda", arch, 32),
+        source,
+        target=GPUTarget("cuda", arch, 32),
         options={"num_warps": config["num_warps"], "launch_pdl": arch >= 90, **cap},
     )
 
