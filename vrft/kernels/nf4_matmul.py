@@ -306,12 +306,14 @@ def matmul_4bit(
     lora_b: Tensor | None = None,
     lora_scale: float = 1.0,
     config: dict | None = None,
+    x_ready: bool = False,
 ) -> Tensor:
     """`x [M, K] @ W^T [K, N] (+ bias [N]) (+ lora_scale * lora_in [M, r] @ lora_b^T [r, N])` -> `[M, N]`.
 
     `packed` and `quant_state` are a `Params4bit`'s data and state (check `supports` first); `x` is in the
     weight's compute dtype; `lora_in` and `lora_b` are rounded to it and their product summed in fp32, as
-    autocast computes an adapter. `config` overrides `launch_config` (benchmarks sweep it).
+    autocast computes an adapter. `config` overrides `launch_config` (benchmarks sweep it). `x_ready`
+    promises that the kernel launched last did not write `x` (`nf4_mma.launch` says what it buys).
     """
     rank = 0 if lora_in is None else lora_in.shape[1]
     if rank > MAX_LORA_RANK:
@@ -319,7 +321,7 @@ def matmul_4bit(
     if lora_in is not None:
         lora_b = lora_b.contiguous()
     first = (packed, quant_state, bias, lora_b)
-    return _launch(x, first, (quant_state.shape[0],), None, rank, lora_in, lora_scale, config)
+    return _launch(x, first, (quant_state.shape[0],), None, rank, lora_in, lora_scale, config, x_ready)
 
 
 def matmul_4bit_segments(
@@ -328,20 +330,22 @@ def matmul_4bit_segments(
     lora_in: Tensor | None = None,
     lora_scale: float = 1.0,
     config: dict | None = None,
+    x_ready: bool = False,
 ) -> Tensor:
     """`matmul_4bit` of `x` by each weight of `group`, their outputs side by side: `[M, sum of N]`.
 
     `lora_in` (with adapters) is the weights' shared `x A^T`, each reading the columns its table row names;
-    all adapters have `lora_scale`. The outputs equal separate `matmul_4bit` calls with the same `config`.
+    all adapters have `lora_scale`. The outputs equal separate `matmul_4bit` calls with the same `config`
+    (and `x_ready`).
     """
     if group.lora_rank > MAX_LORA_RANK:
         raise ValueError(f"LoRA rank {group.lora_rank} > {MAX_LORA_RANK} is not fused")
     return _launch(
-        x, group.first, group.out_features, group.table, group.lora_rank, lora_in, lora_scale, config
+        x, group.first, group.out_features, group.table, group.lora_rank, lora_in, lora_scale, config, x_ready
     )
 
 
-def _launch(x, first, out_features, table, rank, lora_in, lora_scale, config) -> Tensor:
+def _launch(x, first, out_features, table, rank, lora_in, lora_scale, config, x_ready) -> Tensor:
     """One launch of the kernel over the weights `out_features` lists (several: their `table`).
 
     With `MMA_KERNEL` on and no `config`, calls that `nf4_mma` takes (CUDA, up to 32 rows, blocksize 64: the
@@ -351,7 +355,7 @@ def _launch(x, first, out_features, table, rank, lora_in, lora_scale, config) ->
     rows, in_features = x.shape
     blocksize = quant_state.blocksize
     if config is None and x.is_cuda and mma_unsupported(quant_state, x) is None:
-        return nf4_mma.launch(first, out_features, table, rank, x, lora_in, lora_scale, None)
+        return nf4_mma.launch(first, out_features, table, rank, x, lora_in, lora_scale, None, x_ready)
     if x.stride(1) != 1:
         x = x.contiguous()
     config = config or launch_config(rows, sum(out_features), in_features, blocksize, x.device)

@@ -278,7 +278,7 @@ if gluon is not None:
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCKS: gl.constexpr, SPLIT: gl.constexpr,
         ABSMAX_WORDS: gl.constexpr, PREFETCH: gl.constexpr, CLAMP_ROWS: gl.constexpr,
         MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr, WORDS: gl.constexpr, XL: gl.constexpr,
-        SECTORS: gl.constexpr, PDL: gl.constexpr,
+        SECTORS: gl.constexpr, PDL: gl.constexpr, X_READY: gl.constexpr,
     ):  # fmt: skip
         DTYPE: gl.constexpr = x_ptr.dtype.element_ty
         STEP: gl.constexpr = 64 * BLOCKS  # columns per loop step
@@ -341,8 +341,11 @@ if gluon is not None:
             sector_ptrs = _sector_pointers(packed_ptr, tile_n, N, K, BLOCK_N, BLOCKS, SECTORS)
         # Everything above read only what no kernel of the decode step writes (the weights, their absmax and
         # code books, the segment table); x, the LoRA input and the outputs wait for the kernel before
-        # (vrft.kernels.launch_order), while the first codes are on their way from memory.
-        wait_for_inputs(PDL)
+        # (vrft.kernels.launch_order), while the first codes are on their way from memory. With X_READY (x's
+        # writer finished before the kernel just before this one launched: `launch`), only the LoRA input
+        # and the outputs wait, and the whole K loop runs while that kernel (lora_input) still works.
+        if not X_READY:
+            wait_for_inputs(PDL)
         for step in range(first, last):
             words = words_next
             ahead = gl.minimum(step + 1, last - 1)
@@ -357,6 +360,8 @@ if gluon is not None:
             acc = _step(acc, words, step, x_ptrs, mask_x, code2_ptr, absmax_ptr, absmax2_ptr, offset, row_blocks,
                         mask_s, absmax_word, scale2, tables, BLOCK_N, BLOCK_M, BLOCKS, NESTED,
                         NESTED_BLOCKSIZE, ABSMAX_WORDS, DTYPE, MMA, A, B)  # fmt: skip
+        if X_READY:
+            wait_for_inputs(PDL)
         if SEGMENTS > 0:  # the outputs' pointers, read only now
             _, _, _, _, _, bias_ptr, lora_in_ptr, lora_b_ptr, y_ptr, lora_rank, _, _ = segment(
                 segments_ptr, pid_n, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, bias_ptr,
@@ -529,9 +534,14 @@ def matmul_4bit_mma(
     return launch((packed, quant_state, bias, None), (quant_state.shape[0],), None, 0, x, None, 1.0, config)
 
 
-def launch(first, out_features, table, rank, x, lora_in, lora_scale, config) -> Tensor:
+def launch(first, out_features, table, rank, x, lora_in, lora_scale, config, x_ready: bool = False) -> Tensor:
     """One launch over the weights `out_features` lists (several: their segment `table`), as
-    `nf4_matmul._launch` takes them: `first` the first weight's `(packed, quant_state, bias, lora_b)`."""
+    `nf4_matmul._launch` takes them: `first` the first weight's `(packed, quant_state, bias, lora_b)`.
+
+    `x_ready`: the caller's promise that the kernel launched just before this one did not write `x` (it
+    computed `lora_in` from `x`, as `lora_input` does after waiting for x's writer). With an adapter the K
+    loop then overlaps that kernel; only the LoRA term and the outputs wait for it (vrft.kernels.launch_order).
+    """
     packed, quant_state, bias, lora_b = first
     rows, in_features = x.shape
     if x.stride(1) != 1:
@@ -563,7 +573,7 @@ def launch(first, out_features, table, rank, x, lora_in, lora_scale, config) -> 
         rows, out_features[0], in_features, x.stride(0), lora_in.stride(0) if rank else 0, y.stride(0), rank,
         triton.cdiv(steps, split_k), split_k, **constants,
         num_warps=warps, **({"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {}),
-        **launch_options(x.device),
+        X_READY=x_ready and rank > 0, **launch_options(x.device),
     )  # fmt: skip
     return y
 

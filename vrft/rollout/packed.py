@@ -84,7 +84,10 @@ class SharedLoraInput:
         """`rows [M, in] -> [M, sum of ranks]`, computed once per input `x` (of which `rows` is the 2-D view).
 
         Decode rows on CUDA in a 16-bit dtype go through `lora_input` (one launch; cuBLAS's split-K GEMM is
-        two), anything else through `F.linear`."""
+        two), anything else through `F.linear`. Either way x's writer has finished before any kernel launched
+        after the product starts (`lora_input` waits for it before it lets the next kernel start, cuBLAS never
+        lets it start early), so the matmul that reads the product may promise `x_ready`
+        (`nf4_mma.launch`): its K loop then runs while `lora_input` works."""
 
         def compute():
             inputs = rows.to(self.weight.dtype)
@@ -113,7 +116,7 @@ class KernelGroup:
 
         def compute():
             lora_in = None if self.lora is None else self.lora.product(x, rows)
-            return matmul_4bit_segments(rows, self.segments, lora_in, self.scale)
+            return matmul_4bit_segments(rows, self.segments, lora_in, self.scale, x_ready=lora_in is not None)
 
         return self._output.get(x, compute)
 
@@ -163,7 +166,7 @@ class KernelLinear(LinearOp):
             if self.shared is not None:
                 group, columns = self.shared
                 lora = (group.product(x, rows)[:, columns], self.loras[0].b, self.loras[0].scale)
-            y = matmul_4bit(rows, weight.data, weight.quant_state, self.bias, *lora)
+            y = matmul_4bit(rows, weight.data, weight.quant_state, self.bias, *lora, x_ready=bool(lora))
         for lora in extra:  # a second active adapter (rare): added as `dequant` does
             y = y + lora(rows).to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
