@@ -5,6 +5,7 @@
 # (unset: on).
 #   bash bench/rollout/device_mma_rows.sh tests    # ~4 min
 #   bash bench/rollout/device_mma_rows.sh rows     # ~3-6 min
+#   bash bench/rollout/device_mma_rows.sh overlap  # launch_overlap.py, ~1 min
 #   TESTS_S=320 ROWS_S=250 bash bench/rollout/device_mma_rows.sh tests rows   # both in one call
 # ENGINES and PROFILED override the engines timed and profiled (bench/memory/speed.py's names and suffixes):
 #   ENGINES=bf16_copy,bf16_copy:serial,packed,packed:serial PROFILED=packed ROWS=16g ...   # launch overlap
@@ -25,8 +26,11 @@ for part in "${@:-usage}"; do
             --profiled "${PROFILED:-packed:nf4_matmul,packed:mma}" --timeout "${ROW_TIMEOUT:-170}" \
             | grep -v "^{" | tail -45
         ;;
+    overlap)
+        timeout "${OVERLAP_S:-120}" python3 bench/rollout/launch_overlap.py --out "$OUT/launch_overlap.json"
+        ;;
     *)
-        echo "usage: $0 tests|rows [rows]" >&2
+        echo "usage: $0 tests|rows|overlap [...]" >&2
         exit 2
         ;;
     esac

@@ -1,0 +1,98 @@
+"""What programmatic dependent launch (vrft.kernels.launch_order) buys on the packed engine's kernel chain.
+
+The 7B decode step's MLP input chain, 28 times over as in 28 decoder layers, in one CUDA graph as the engine
+replays it: RMSNorm (`add_rms_norm`), `x A^T` (`lora_input`, rank 64 for gate and up), the gate/up 4-bit
+matmul with the LoRA term. Timed three ways: every launch after the last has drained (`serial`), with
+programmatic launch (`pdl`: each kernel's start overlaps the last one's end), and with the 4-bit kernel's
+K loop also running beside `lora_input` (`pdl_x_ready`, what the engine does). Each chain is also timed
+without its `lora_input` (and without the LoRA term), the time the overlap could hide at best.
+
+    python bench/rollout/launch_overlap.py --out $OUT/launch_overlap.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import bitsandbytes.functional as bnb_functional
+import torch
+
+from vrft.kernels import launch_order, nf4_mma
+from vrft.kernels.decode_fusions import add_rms_norm
+from vrft.kernels.lora_input import lora_input
+
+LAYERS, ROWS, HIDDEN, GATE_UP, RANK = 28, 16, 3584, 2 * 18944, 64
+
+
+def chain(with_lora: bool, x_ready: bool):
+    """One replayable call of the 28-layer chain (weights shared across layers: L2 holds none of 38 MB)."""
+    torch.manual_seed(0)
+    weight = torch.randn(GATE_UP, HIDDEN, device="cuda", dtype=torch.bfloat16) * 0.02
+    packed, state = bnb_functional.quantize_4bit(
+        weight, blocksize=64, compress_statistics=True, quant_type="nf4"
+    )
+    hidden = torch.randn(ROWS, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    norm = torch.rand(HIDDEN, device="cuda", dtype=torch.bfloat16) + 0.5
+    lora_a = torch.randn(2 * RANK, HIDDEN, device="cuda", dtype=torch.bfloat16) * 0.02
+    lora_b = torch.randn(GATE_UP, 2 * RANK, device="cuda", dtype=torch.bfloat16) * 0.02
+
+    def call():
+        out = None
+        for _ in range(LAYERS):
+            x = add_rms_norm(hidden, None, norm, 1e-6)[1]
+            if with_lora:
+                lora_in = lora_input(x, lora_a)
+                first = (packed, state, None, lora_b)
+                out = nf4_mma.launch(
+                    first, (GATE_UP,), None, 2 * RANK, x, lora_in, 1.0, None, x_ready=x_ready
+                )
+            else:
+                out = nf4_mma.launch((packed, state, None, None), (GATE_UP,), None, 0, x, None, 1.0, None)
+        return out
+
+    return call
+
+
+def graph_us(call, replays: int = 50) -> float:
+    """Microseconds per replay of `call` captured in a CUDA graph."""
+    call()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    for _ in range(3):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / replays
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    result = {"device": torch.cuda.get_device_name(), "layers": LAYERS, "us_per_chain": {}}
+    for name, programmatic, with_lora, x_ready in (
+        ("serial", False, True, False),
+        ("pdl", True, True, False),
+        ("pdl_x_ready", True, True, True),
+        ("serial_without_lora", False, False, False),
+        ("pdl_without_lora", True, False, False),
+    ):
+        launch_order.PROGRAMMATIC = programmatic
+        result["us_per_chain"][name] = graph_us(chain(with_lora, x_ready))
+    launch_order.PROGRAMMATIC = True
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    for name, us in result["us_per_chain"].items():
+        print(f"{name:28s} {us:8.1f} us per {LAYERS} layers ({us / LAYERS:.1f} a layer)")
+
+
+if __name__ == "__main__":
+    main()
