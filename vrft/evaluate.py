@@ -110,14 +110,15 @@ def output_dir(cfg: DictConfig) -> Path:
     return out
 
 
-def auto_engine(precision: str, precision_cfg, device_type: str) -> str:
-    """What `rollout_engine=auto` decodes with: `hf` off CUDA (the static engines pay off where kernel launches
-    dominate); on CUDA `packed` for a 4-bit base where it runs with nf4_mma's kernel (as fast as the bf16
-    copy without its +2 bytes per weight: bench/rollout/results.md), else `bf16_copy`, as in training."""
+def auto_engine(precision: str, precision_cfg, device_type: str, rows: int) -> str:
+    """What `rollout_engine=auto` decodes batches of `rows` with: `hf` off CUDA (the static engines pay off
+    where kernel launches dominate); on CUDA `packed` for a 4-bit base where it runs with nf4_mma's kernel
+    (as fast as the bf16 copy without its +2 bytes per weight: bench/rollout/results.md), else `bf16_copy`,
+    as in training."""
     if device_type != "cuda":
         return "hf"
     packed_fits = packed_unavailable(precision, precision_cfg) is None
-    return "packed" if packed_fits and mma_unavailable() is None else "bf16_copy"
+    return "packed" if packed_fits and mma_unavailable(rows) is None else "bf16_copy"
 
 
 def decode(cfg: DictConfig, model: dict, dataset: EvalRowDataset, writer: PredictionWriter) -> str:
@@ -141,7 +142,7 @@ def decode(cfg: DictConfig, model: dict, dataset: EvalRowDataset, writer: Predic
     engine = cfg.rollout_engine
     if engine == "auto":
         precision = str(getattr(trainer.precision_plugin, "name", ""))  # vrft's plugins name their mode
-        engine = auto_engine(precision, cfg.precision, trainer.strategy.root_device.type)
+        engine = auto_engine(precision, cfg.precision, trainer.strategy.root_device.type, cfg.batch_size)
     module.eval_engine = build_rollout_engine(engine)
     if cfg.min_new_tokens:
         module.eval_generation = {"min_new_tokens": cfg.min_new_tokens}

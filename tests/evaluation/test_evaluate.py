@@ -30,6 +30,7 @@ from tests.evaluation.support import (
 )
 from vrft.evaluate import evaluate
 from vrft.evaluation.adapters import check_adapter
+from vrft.kernels import nf4_matmul, nf4_mma
 
 
 def perfect(row, adapted):
@@ -239,11 +240,21 @@ def test_auto_decodes_a_4bit_base_with_packed_where_nf4_mma_serves_it(
 ):
     # (this machine has no CUDA: the reasons are pretended, as the planner's test does)
     monkeypatch.setattr(vrft.evaluate, "packed_unavailable", lambda name, cfg: packed or None)
-    monkeypatch.setattr(vrft.evaluate, "mma_unavailable", lambda: mma)
+    monkeypatch.setattr(vrft.evaluate, "mma_unavailable", lambda rows: mma)
     plugin = instantiate(eval_config("unused", f"precision={precision}").precision)
     assert plugin.name == precision  # what `decode` passes: the trainer's precision plugin's mode
-    assert vrft.evaluate.auto_engine(plugin.name, {}, "cuda") == expected
-    assert vrft.evaluate.auto_engine(plugin.name, {}, "cpu") == "hf"
+    assert vrft.evaluate.auto_engine(plugin.name, {}, "cuda", 8) == expected
+    assert vrft.evaluate.auto_engine(plugin.name, {}, "cpu", 8) == "hf"
+
+
+def test_auto_decodes_batches_wider_than_nf4_mma_takes_with_the_bf16_copy(monkeypatch):
+    # batch_size rows decode together; over 32 the packed engine's matmuls would go to nf4_matmul's kernel
+    # (pretended available: this machine has no CUDA)
+    monkeypatch.setattr(vrft.evaluate, "packed_unavailable", lambda name, cfg: None)
+    monkeypatch.setattr(nf4_mma, "environment_unsupported", lambda: None)
+    monkeypatch.setattr(nf4_matmul, "MMA_KERNEL", True)
+    assert vrft.evaluate.auto_engine("int4", {}, "cuda", 32) == "packed"
+    assert vrft.evaluate.auto_engine("int4", {}, "cuda", 33) == "bf16_copy"
 
 
 @pytest.mark.gpu

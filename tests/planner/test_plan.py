@@ -102,7 +102,7 @@ def test_rollout_engine_auto_puts_packed_first_where_nf4_mma_serves_it(monkeypat
     # Where the 4-bit kernel can run (here pretended: this machine has no CUDA) `packed` goes first with
     # nf4_mma's kernel and after the bf16 copy without it (bench/rollout/results.md)
     monkeypatch.setattr(vrft.planner.planning, "packed_unavailable", lambda *args: None)
-    monkeypatch.setattr(vrft.planner.planning, "mma_unavailable", lambda: mma)
+    monkeypatch.setattr(vrft.planner.planning, "mma_unavailable", lambda rows: mma)
     with caplog.at_level(logging.INFO, logger="vrft.planner.planning"):
         roomy = resolve_auto(config("+hw=rtx4090", "model=qwen2vl-7b"))
         small = resolve_auto(config("+hw=rtx4080-16g", "model=qwen2vl-7b"))
@@ -115,6 +115,29 @@ def test_rollout_engine_auto_puts_packed_first_where_nf4_mma_serves_it(monkeypat
         assert roomy.algorithm.rollout_engine == "bf16_copy"
         assert "packed is slower without nf4_mma's kernel: VRFT_NF4_MMA=0" in picked[0]
         assert "not bf16_copy: its copy needs" in picked[1]
+
+
+def test_rollout_engine_auto_takes_the_bf16_copy_for_decode_batches_wider_than_nf4_mma_takes(
+    monkeypatch, caplog
+):
+    # rollout_batch_size x G sequences decode together: 2 x 16 = 32 still go through nf4_mma's kernel,
+    # 4 x 16 = 64 would go to nf4_matmul's, slower than the copy (kernel pretended available: no CUDA here)
+    from vrft.kernels import nf4_matmul, nf4_mma
+
+    monkeypatch.setattr(vrft.planner.planning, "packed_unavailable", lambda *args: None)
+    monkeypatch.setattr(nf4_mma, "environment_unsupported", lambda: None)
+    monkeypatch.setattr(nf4_matmul, "MMA_KERNEL", True)
+    with caplog.at_level(logging.INFO, logger="vrft.planner.planning"):
+        narrow = resolve_auto(config("+hw=rtx4090", "model=qwen2vl-2b", "algorithm.group_size=16"))
+        wide = resolve_auto(
+            config(
+                "+hw=rtx4090", "model=qwen2vl-2b", "algorithm.group_size=16", "algorithm.rollout_batch_size=4"
+            )
+        )
+    picked = [r.getMessage() for r in caplog.records if "rollout_engine=auto picked" in r.getMessage()]
+    assert narrow.algorithm.rollout_engine == "packed"
+    assert wide.algorithm.rollout_engine == "bf16_copy"
+    assert "decode batches of 64 sequences (nf4_mma's kernel takes up to 32" in picked[1]
 
 
 def test_training_refuses_before_loading_the_model(tmp_path, monkeypatch):

@@ -238,7 +238,7 @@ def resolve_rollout_engine(cfg: DictConfig, quiet: bool = False) -> DictConfig:
 
     In `AUTO_ENGINES` order: `packed` where Triton, the GPU and the 4-bit layout allow it, `bf16_copy` where
     the planner says its copy fits, else `dequant`; `bf16_copy` comes first where nf4_mma's kernel would not
-    serve `packed`'s decode batches (`mma_unavailable`). Without CUDA the static engines have no graphs to
+    serve `packed`'s decode batches (`mma_unavailable`: switched off, no Gluon, or batches over 32 sequences). Without CUDA the static engines have no graphs to
     replay, so `auto` means `hf` there. An explicit `packed` that cannot run fails here, before loading.
     """
     engine = OmegaConf.select(cfg, "algorithm.rollout_engine")
@@ -264,7 +264,10 @@ def resolve_rollout_engine(cfg: DictConfig, quiet: bool = False) -> DictConfig:
             "packed": packed_reason,
             "dequant": None,
         }
-        slow_packed = mma_unavailable()
+        # a rollout decodes rollout_batch_size x G sequences at a time: wider than nf4_mma's kernel takes,
+        # packed's matmuls go to nf4_matmul's, slower than the bf16 copy (bench/rollout/results.md)
+        algorithm = cfg.algorithm
+        slow_packed = mma_unavailable(algorithm.group_size * algorithm.get("rollout_batch_size", 1))
         order = AUTO_ENGINES_WITHOUT_MMA if slow_packed else AUTO_ENGINES
         chosen = next(name for name in order if reasons[name] is None)
         skipped = [f"not {name}: {reasons[name]}" for name in order[: order.index(chosen)]]

@@ -265,11 +265,16 @@ def packed_unavailable(precision_name: str, precision_cfg) -> str | None:
     return layout_unsupported(str(cfg.get("quant_type", "nf4")), 64, dtype, 64)
 
 
-def mma_unavailable() -> str | None:
-    """Why `packed`'s decode batches would not go through nf4_mma's kernel here, or None if they would (its
-    layout checks are `packed_unavailable`'s; it takes up to 32 rows, wider batches go to nf4_matmul's)."""
+def mma_unavailable(rows: int | None = None) -> str | None:
+    """Why `packed`'s decode batches of `rows` sequences (None: any width) would not go through nf4_mma's
+    kernel here, or None if they would (its layout checks are `packed_unavailable`'s)."""
     if not nf4_matmul.MMA_KERNEL:
         return f"{nf4_matmul.MMA_SWITCH}=0"
+    if rows is not None and rows > nf4_mma.MAX_ROWS:
+        return (
+            f"decode batches of {rows} sequences (nf4_mma's kernel takes up to {nf4_mma.MAX_ROWS}; wider ones go "
+            "to nf4_matmul's)"
+        )
     return nf4_mma.environment_unsupported()
 
 
