@@ -9,9 +9,12 @@ have its programs placed as soon as every program of the kernel before it has ex
 `griddepcontrol.launch_dependents`; each then waits in `griddepcontrol.wait` until that kernel has
 finished and its writes are visible.
 
-The contract each kernel keeps: nothing it reads that an earlier kernel wrote, and nothing it writes, is
-touched before `wait_for_inputs`. What it may do before: load its own constant inputs (the 4-bit kernel's
-first codes and absmax), so that their memory latency hides behind the earlier kernel's tail. The
+The contract each kernel keeps: nothing the kernel launched just before it may still be writing, and
+nothing it writes, is touched before `wait_for_inputs`. What it may do before: load its own constant inputs
+(the 4-bit kernel's first codes and absmax), so that their memory latency hides behind the earlier kernel's
+tail, and, where its caller promises `x_ready` (`nf4_mma.launch`), run its whole K loop on an `x` that an
+earlier kernel finished. Measured (bench/rollout/results.md): the 7B decode step 10% faster on an H200,
+8% on an H100. The
 instructions are Triton's own (`triton.language.extra.cuda.gdc_wait`, `gdc_launch_dependents`): both
 are no-ops in a kernel launched without the attribute, but they only assemble for sm_90 and later, so the
 `PDL` constant compiles them out for older cards (the RTX 4090 is sm_89) and the interpreter.

@@ -238,8 +238,9 @@ def resolve_rollout_engine(cfg: DictConfig, quiet: bool = False) -> DictConfig:
 
     In `AUTO_ENGINES` order: `packed` where Triton, the GPU and the 4-bit layout allow it, `bf16_copy` where
     the planner says its copy fits, else `dequant`; `bf16_copy` comes first where nf4_mma's kernel would not
-    serve `packed`'s decode batches (`mma_unavailable`: switched off, no Gluon, or batches over 32 sequences). Without CUDA the static engines have no graphs to
-    replay, so `auto` means `hf` there. An explicit `packed` that cannot run fails here, before loading.
+    serve `packed`'s decode batches (`mma_unavailable`: switched off, no Gluon, or batches over 32
+    sequences). Without CUDA the static engines have no graphs to replay, so `auto` means `hf` there. An
+    explicit `packed` that cannot run fails here, before loading.
     """
     engine = OmegaConf.select(cfg, "algorithm.rollout_engine")
     packed_reason = None
