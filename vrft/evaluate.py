@@ -113,8 +113,8 @@ def output_dir(cfg: DictConfig) -> Path:
 def auto_engine(precision: str, precision_cfg, device_type: str, rows: int) -> str:
     """What `rollout_engine=auto` decodes batches of `rows` with: `hf` off CUDA (the static engines pay off
     where kernel launches dominate); on CUDA `packed` for a 4-bit base where it runs with nf4_mma's kernel
-    (as fast as the bf16 copy without its +2 bytes per weight: bench/rollout/results.md), else `bf16_copy`,
-    as in training."""
+    (faster than the bf16 copy, without its +2 bytes per weight: bench/rollout/results.md), else
+    `bf16_copy`, as in training."""
     if device_type != "cuda":
         return "hf"
     packed_fits = packed_unavailable(precision, precision_cfg) is None

@@ -9,6 +9,7 @@ Bandwidth: the bytes of weights one decode step must read, as the engine stores 
 from __future__ import annotations
 
 import time
+from unittest import mock
 
 import torch
 
@@ -71,13 +72,8 @@ class _WithSwitch:
         return getattr(self._engine, name)
 
     def generate(self, *args, **kwargs):
-        module, attribute, value = self._switch
-        before = getattr(module, attribute)
-        setattr(module, attribute, value)
-        try:
+        with mock.patch.object(*self._switch):
             return self._engine.generate(*args, **kwargs)
-        finally:
-            setattr(module, attribute, before)
 
 
 def engine_for(name: str, **options):

@@ -2,7 +2,6 @@
 4-bit kernels' machine code they wait for the kernel before."""
 
 import importlib.util
-import re
 
 import pytest
 import torch
@@ -24,9 +23,9 @@ def test_off_the_gpu_and_with_the_switch_off_no_kernel_asks_for_it(monkeypatch):
 
 def instructions(compiled) -> list[str]:
     """The compiled kernel's SASS instructions in program order."""
-    from vrft.kernels.nf4_offline import sass
+    from vrft.kernels.nf4_offline import instructions, sass
 
-    return [found.group(1).strip() for found in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(.*?);", sass(compiled))]
+    return [text for _, text in instructions(sass(compiled))]
 
 
 def positions(code: list[str], word: str) -> list[int]:

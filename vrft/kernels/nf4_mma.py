@@ -539,8 +539,8 @@ def launch(first, out_features, table, rank, x, lora_in, lora_scale, config, x_r
     `nf4_matmul._launch` takes them: `first` the first weight's `(packed, quant_state, bias, lora_b)`.
 
     `x_ready`: the caller's promise that the kernel launched just before this one did not write `x` (it
-    computed `lora_in` from `x`, as `lora_input` does after waiting for x's writer). With an adapter the K
-    loop then overlaps that kernel; only the LoRA term and the outputs wait for it (vrft.kernels.launch_order).
+    computed `lora_in` from `x`, as `lora_input` does after waiting for x's writer). The K loop then overlaps
+    that kernel; only the LoRA term and the outputs wait for it (vrft.kernels.launch_order).
     """
     packed, quant_state, bias, lora_b = first
     rows, in_features = x.shape
@@ -573,7 +573,7 @@ def launch(first, out_features, table, rank, x, lora_in, lora_scale, config, x_r
         rows, out_features[0], in_features, x.stride(0), lora_in.stride(0) if rank else 0, y.stride(0), rank,
         triton.cdiv(steps, split_k), split_k, **constants,
         num_warps=warps, **({"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {}),
-        X_READY=x_ready and rank > 0, **launch_options(x.device),
+        X_READY=x_ready, **launch_options(x.device),
     )  # fmt: skip
     return y
 

@@ -137,21 +137,27 @@ def registers(compiled) -> dict[str, int]:
     }
 
 
+def instructions(code: str) -> list[tuple[int, str]]:
+    """`(address, text)` of each instruction of SASS `code` (`sass`), in program order."""
+    listed = []
+    for line in code.splitlines():
+        found = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
+        if found:
+            listed.append((int(found.group(1), 16), found.group(2).strip()))
+    return listed
+
+
 def main_loop(code: str) -> list[str]:
     """The instructions of the longest loop in `code` that runs tensor-core MMAs, in order.
 
     The loop is found as a backward branch whose body holds an (H)GMMA or HMMA: the K loop of the kernel.
     """
-    instructions = []  # (address, text)
-    for line in code.splitlines():
-        found = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
-        if found:
-            instructions.append((int(found.group(1), 16), found.group(2).strip()))
+    listed = instructions(code)
     longest: list[str] = []
-    for address, text in instructions:
+    for address, text in listed:
         branch = re.search(r"BRA\s+0x([0-9a-f]+)", text)
         if branch and int(branch.group(1), 16) < address:
-            body = [t for a, t in instructions if int(branch.group(1), 16) <= a <= address]
+            body = [t for a, t in listed if int(branch.group(1), 16) <= a <= address]
             if any("MMA" in t for t in body) and len(body) > len(longest):
                 longest = body
     return longest
