@@ -33,53 +33,35 @@ from kernel_sweep import (  # noqa: E402
 )
 
 from vrft.kernels import nf4_matmul  # noqa: E402
-from vrft.kernels.nf4_mma import MMA_DEFAULTS, PLAIN_LOADS, launch_config, matmul_4bit_mma  # noqa: E402
+from vrft.kernels.nf4_mma import MMA_DEFAULTS, launch_config, matmul_4bit_mma  # noqa: E402
 
 DEVICE = torch.device("cuda")
-# Two sweeps on the H200 (2026-12-05): results/mma_call/ (tiles, blocks a step, K split, two steps an
-# iteration) and results/mma_ring_call/ (a cp.async ring of shared-memory slots for the codes, 1- and 2-warp
-# programs; the ring and the two-step iteration lost everywhere and were removed after c592d5b). This one:
-# - the absmax of a step as one word a row, loaded a step ahead (`absmax_words`), and an L2 prefetch of the
-#   codes `prefetch` steps ahead. In the sm_90 SASS (`nf4_offline.compile_mma`) the one-step-ahead code loads sit
-#   ~4/5 into the step without a prefetch (ptxas sinks them) and at its top with one (prefetch 1 asks L2 for
-#   what the loads read anyway: it only pins them); and rows past the ends read the last row instead of
-#   masked loads (`clamp_rows`: 664 instructions a step become 604, sm_90). None spills at 128 registers
-#   (sm_90, sm_89; bench/rollout/mma_loads.py);
-# - register caps that let more programs share a multiprocessor: with clamped rows, 2 blocks a step fit 80
-#   registers (6 programs) and 1 block 64 (8) with no spill, the absmax words too at 80 (the prefetch
-#   spills at these caps); the older caps (without clamped rows) spill a few bytes in segments launches.
-BASE = {**MMA_DEFAULTS, **PLAIN_LOADS}  # the variants are changes to the kernel with its load variants off
-# one-warp programs of 32 rows: a warp reads 128 columns of x a step for 32 weight rows instead of 256 for
-# 16 (4 KB of x to 2 KB of codes, against 8 to 2), and 16 programs share a multiprocessor with no spill
-ONE_WARP = {**BASE, "BLOCK_N": 32, "num_warps": 1, "BLOCKS": 2, "clamp_rows": True}
+# Earlier sweeps on the H200 (2026-12-05), each with this file's variant list at the commit results.md names:
+# results/mma_call/ (tiles, blocks a step, K split, two steps an iteration), results/mma_ring_call/ (a
+# cp.async ring of shared-memory slots for the codes, 1- and 2-warp programs; removed after c592d5b) and
+# results/mma_words_call/ (the absmax words, L2 prefetch, clamped rows, register caps; the list at 5f521ef).
+# This one (thirteenth session), after bench/rollout/mma_anatomy.py and Nsight Compute
+# (results/anatomy_call/): the absmax code-book lookups a step ahead (`scales_ahead`), alone and with
+# clamped rows; taller tiles of more warps, which read x once for more weight rows (x cost a fifth of the
+# gate/up call: at 64 rows a tile each program reads as many bytes of x as of codes).
 VARIANTS = [
-    BASE,
+    MMA_DEFAULTS,
+    {**MMA_DEFAULTS, "scales_ahead": True},
+    {**MMA_DEFAULTS, "scales_ahead": True, "clamp_rows": True},
     *(
-        {**BASE, "clamp_rows": clamp, "absmax_words": words, "prefetch": ahead}
-        for clamp in (False, True)
-        for words in (False, True)
-        for ahead in (0, 1, 2, 4)
-        if clamp or words or ahead
+        {
+            **MMA_DEFAULTS,
+            "BLOCK_N": 16 * warps,
+            "num_warps": warps,
+            "scales_ahead": ahead,
+            "programs_per_sm": p,
+        }
+        for warps, p in ((8, 4), (16, 2))
+        for ahead in (False, True)
     ),
-    *({**BASE, "clamp_rows": True, "programs_per_sm": 16}, {**BASE, "programs_per_sm": 16}),
-    *(
-        {**ONE_WARP, "absmax_words": words, "prefetch": ahead, "programs_per_sm": p}
-        for words, ahead, p in ((False, 0, 16), (False, 0, 32), (True, 0, 32), (False, 1, 32))
-    ),
-    *(
-        {**BASE, "clamp_rows": True, "absmax_words": words, "BLOCKS": 2, "maxnreg": 80, "programs_per_sm": p}
-        for words in (False, True)
-        for p in (8, 12, 16)
-    ),
-    *({**BASE, "clamp_rows": True, "BLOCKS": 1, "maxnreg": 64, "programs_per_sm": p} for p in (8, 16)),
-    *({**BASE, "BLOCKS": 1, "maxnreg": r, "programs_per_sm": p} for r in (64, 80) for p in (8, 16)),
-    *({**BASE, "BLOCKS": 2, "maxnreg": r, "programs_per_sm": p} for r in (80, 96) for p in (8, 16)),
-    {**BASE, "maxnreg": 96},
-    *(
-        {**BASE, "BLOCK_N": 32, "num_warps": 2, "BLOCKS": 2, "maxnreg": 80, "programs_per_sm": p}
-        for p in (16, 24)
-    ),
-    {**BASE, "BLOCK_N": 32, "num_warps": 2, "BLOCKS": 1, "maxnreg": 64, "programs_per_sm": 16},
+    {**MMA_DEFAULTS, "scales_ahead": True, "programs_per_sm": 4},
+    {**MMA_DEFAULTS, "scales_ahead": True, "programs_per_sm": 12},
+    {**MMA_DEFAULTS, "scales_ahead": True, "BLOCKS": 2},
 ]
 
 

@@ -79,11 +79,18 @@ def test_the_load_variants_compile_to_fewer_loads_a_prefetch_and_no_masked_loads
 
     config = nf4_mma.launch_config(16, 18944, 3584, torch.device("meta"), **PLAIN_LOADS)
     loops = {}
-    variants = {"words": {"absmax_words": True}, "prefetch": {"prefetch": 2}, "clamp": {"clamp_rows": True}}
+    variants = {
+        "words": {"absmax_words": True},
+        "prefetch": {"prefetch": 2},
+        "clamp": {"clamp_rows": True},
+        "ahead": {"absmax_words": True, "scales_ahead": True},
+    }
     for name, choices in {"plain": {}, **variants}.items():
         loops[name] = main_loop_opcodes(sass(compile_mma({**config, **choices}, arch=arch)))
         assert not {"STS", "LDS", "LDSM", "BAR", "SHFL"} & set(loops[name]), (name, loops[name])
     assert loops["plain"]["LDG"] - loops["words"]["LDG"] == 16 - 4, loops
+    # the lookups a step ahead move loads across steps, adding none
+    assert loops["ahead"]["LDG"] == loops["words"]["LDG"], loops
     assert "CCTL" not in loops["plain"] and loops["prefetch"]["CCTL"] == 2, loops
     # masked loads zero their registers first (CS2R); clamped rows take none
     assert loops["plain"]["CS2R"] >= 40 and "CS2R" not in loops["clamp"], loops
@@ -250,6 +257,11 @@ def segments_case(sizes: tuple[int, ...], rows: int, in_features: int):
         {"clamp_rows": True, "absmax_words": True, "prefetch": 2},
         {"clamp_rows": True, "BLOCKS": 1},
         {"clamp_rows": True, "absmax_words": True, "BLOCKS": 2, "maxnreg": 80},
+        {"absmax_words": True, "scales_ahead": True},
+        {"absmax_words": True, "scales_ahead": True, "BLOCKS": 2},
+        {"absmax_words": True, "scales_ahead": True, "BLOCKS": 1},
+        {"clamp_rows": True, "absmax_words": True, "scales_ahead": True},
+        {"absmax_words": True, "scales_ahead": True, "BLOCK_N": 128, "num_warps": 8},
     ],
 )
 @pytest.mark.parametrize("rows", [8, 17])

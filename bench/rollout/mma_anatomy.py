@@ -1,0 +1,205 @@
+"""Where `nf4_mma`'s time goes: its K loop with parts taken out, timed on the 7B projections.
+
+    python bench/rollout/mma_anatomy.py --out mma_anatomy.json [--rows 16]
+
+Why: the 4-bit kernel runs at ~1.2 TB/s on the H200 and on the H100 alike (bench/rollout/results.md), so
+neither card's bandwidth bounds it, and sweeps of tiles, warps, register caps, K splits and load orders
+moved it by a few percent. Before changing its main loop, this measures what each part of the loop costs
+by removing the others: `nf4_mma._mma_4bit_kernel`'s loop rebuilt from its own helpers (`_decode`,
+`_x_operands`, `_absmax_word`, the layouts), with the same grid (`nf4_mma.launch_config`), step by step:
+
+- `loads`: only the packed codes, loaded a step ahead as the kernel does, XOR-ed together (what the memory
+  system gives this access pattern);
+- `decode`: + decoding (byte permutes) and the tensor-core products against a constant operand;
+- `decode_x`: + `x`'s loads and operands (the products are then the real ones);
+- `scaled`: + each block's absmax (the words, a step ahead) and the scaling: the kernel's loop;
+- `kernel`: `matmul_4bit_mma` itself (its split-K epilogue, output store).
+
+Each program stores its own sums (no split-K reduction) so nothing is optimised away. Timed as
+`kernel_sweep.measure` times (CUDA-graph replays over weight copies that add up to 3x the L2: every call
+reads HBM). Only `kernel` is checked against bitsandbytes (the others compute something else by design).
+JSON to `--out`, log beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1] / "memory"))
+from kernel_sweep import Log, packed_bytes, packed_copies, time_us  # noqa: E402
+from speed import device_bandwidth  # noqa: E402
+
+from vrft.kernels.nf4_mma import (  # noqa: E402
+    _absmax_word,
+    _byte_tables,
+    _decode,
+    _x_operands,
+    launch_config,
+    layouts,
+    matmul_4bit_mma,
+)
+from vrft.kernels.workspace import multiprocessors  # noqa: E402
+
+DEVICE = torch.device("cuda")
+# the engine's launches (`matmul_4bit_segments` over gate+up and over q+k+v), and down and o alone
+SHAPES = {"gate_up": (37888, 3584), "down": (3584, 18944), "q_k_v": (4608, 3584), "o": (3584, 3584)}
+STAGES = {"loads": (0, 0, 0), "decode": (1, 0, 0), "decode_x": (1, 1, 0), "scaled": (1, 1, 1)}
+
+
+@gluon.jit
+def _anatomy_kernel(
+    x_ptr, packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, sums_ptr, bits_ptr,
+    K, stride_xm, iters_per_split,
+    DECODE: gl.constexpr, LOAD_X: gl.constexpr, SCALE: gl.constexpr, NESTED_BLOCKSIZE: gl.constexpr,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCKS: gl.constexpr,
+    MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr, WORDS: gl.constexpr, XL: gl.constexpr,
+):  # fmt: skip
+    """`_mma_4bit_kernel`'s loop (no masks: N a multiple of BLOCK_N, M = BLOCK_M) with parts switched off."""
+    DTYPE: gl.constexpr = x_ptr.dtype.element_ty
+    STEP: gl.constexpr = 64 * BLOCKS
+    pid_n = gl.program_id(0)
+    pid_k = gl.program_id(2)
+    program = pid_k * gl.num_programs(0) + pid_n
+    rows_w = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, WORDS))
+    words_w = gl.arange(0, 8 * BLOCKS, layout=gl.SliceLayout(0, WORDS))
+    word_ptrs = packed_ptr + (rows_w.to(gl.int64) * (K // 8))[:, None] + words_w[None, :]
+    columns_x = gl.arange(0, STEP, layout=gl.SliceLayout(1, XL))
+    rows_x = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, XL))
+    x_ptrs = x_ptr + (rows_x.to(gl.int64) * stride_xm)[None, :] + columns_x[:, None]
+    rows_s = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
+    row_blocks = rows_s * (K // 64)
+    offset = gl.load(offset_ptr)
+    tables = _byte_tables(code_ptr, DTYPE, gl.num_warps())
+    acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
+    bits = gl.zeros([BLOCK_N, 8 * BLOCKS], gl.int32, WORDS)
+    # the operand without x: a different constant in each column, so that the compiler cannot merge the
+    # products of the two 8-column halves
+    constant_k = gl.arange(0, 64, layout=gl.SliceLayout(1, B))
+    constant_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, B))
+    constant = (constant_k[:, None] * 0 + constant_m[None, :]).to(DTYPE)
+    first = pid_k * iters_per_split
+    last = gl.minimum(first + iters_per_split, K // STEP)
+    words_next = gl.load(word_ptrs + first * (8 * BLOCKS))
+    if SCALE:
+        absmax_next = _absmax_word(
+            absmax_ptr, absmax2_ptr, row_blocks + first * BLOCKS, None, NESTED_BLOCKSIZE
+        )
+    for step in range(first, last):
+        words = words_next
+        ahead = gl.minimum(step + 1, last - 1)
+        words_next = gl.load(word_ptrs + ahead * (8 * BLOCKS))
+        absmax_word, scale2 = 0, 0.0
+        if SCALE:
+            absmax_word, scale2 = absmax_next
+            absmax_next = _absmax_word(absmax_ptr, absmax2_ptr, row_blocks + ahead * BLOCKS, None,
+                                       NESTED_BLOCKSIZE)  # fmt: skip
+        if DECODE:
+            codes = _decode(words, tables, BLOCK_N, BLOCKS, DTYPE)
+            if LOAD_X:
+                operands = _x_operands(gl.load(x_ptrs + step * STEP), BLOCK_M, BLOCKS, B)
+            zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
+            first_block = row_blocks + step * BLOCKS
+            for block in gl.static_range(BLOCKS):
+                a = gl.convert_layout(codes[block], A)
+                if LOAD_X:
+                    b = gl.convert_layout(operands[block], B)
+                else:
+                    b = constant
+                product = mma_v2(a, b, zero)
+                if SCALE:
+                    quantised = (absmax_word >> ((first_block % 4 + block) * 8)) & 0xFF
+                    acc += product * (gl.load(code2_ptr + quantised) * scale2 + offset)[:, None]
+                else:
+                    acc += product
+        else:
+            bits = bits ^ words
+    local = (
+        gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))[:, None] * BLOCK_M
+        + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))[None, :]
+    )
+    gl.store(sums_ptr + program * (BLOCK_N * BLOCK_M) + local, acc)
+    local_bits = (
+        gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, WORDS))[:, None] * (8 * BLOCKS)
+        + gl.arange(0, 8 * BLOCKS, layout=gl.SliceLayout(0, WORDS))[None, :]
+    )
+    gl.store(bits_ptr + program * (BLOCK_N * 8 * BLOCKS) + local_bits, bits)
+
+
+def anatomy(stage: str, config: dict):
+    """A function `(x, packed, state, config=None)` that launches the kernel at `stage` of `STAGES` with the
+    grid and tiles of `config` (`launch_config`), as `time_us` calls the kernels it times."""
+    decode, load_x, scale = STAGES[stage]
+    block_m, block_n, blocks, split_k = (
+        config["BLOCK_M"],
+        config["BLOCK_N"],
+        config["BLOCKS"],
+        config["SPLIT_K"],
+    )
+    mma, operand_a, operand_b, words, x_layout, _ = layouts(block_n, block_m, blocks, config["num_warps"])
+    outputs = {}
+
+    def launch(x, packed, state, config=None):
+        out_features, in_features = state.shape
+        steps = in_features // (64 * blocks)
+        grid = (out_features // block_n, 1, split_k)
+        programs = grid[0] * split_k
+        if "sums" not in outputs:  # one buffer for every call: what they hold is never read
+            outputs["sums"] = torch.empty(programs * block_n * block_m, dtype=torch.float32, device=x.device)
+            outputs["bits"] = torch.empty(programs * block_n * 8 * blocks, dtype=torch.int32, device=x.device)
+        state2 = state.state2
+        _anatomy_kernel[grid](
+            x, packed.reshape(-1).view(torch.int32), state.absmax, state.code, state2.absmax, state2.code,
+            state.offset, outputs["sums"], outputs["bits"], in_features, x.stride(0),
+            triton.cdiv(steps, split_k), DECODE=decode, LOAD_X=load_x, SCALE=scale,
+            NESTED_BLOCKSIZE=state2.blocksize, BLOCK_M=block_m, BLOCK_N=block_n, BLOCKS=blocks, MMA=mma,
+            A=operand_a, B=operand_b, WORDS=words, XL=x_layout, num_warps=config["num_warps"],
+            **({"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {}),
+        )  # fmt: skip
+
+    return launch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--rows", type=int, default=16)
+    args = parser.parse_args()
+    log = Log(args.out.with_suffix(".log"))
+    torch.manual_seed(0)
+    device, bandwidth = device_bandwidth()
+    log(device, f"{multiprocessors(DEVICE)} multiprocessors, bound {bandwidth / 1e12} TB/s")
+    results = {"device": device, "bandwidth": bandwidth, "rows": args.rows, "shapes": {}}
+    for name, (out_features, in_features) in SHAPES.items():
+        config = launch_config(args.rows, out_features, in_features, DEVICE)
+        _, copies = packed_copies(out_features, in_features, warm_l2=False)
+        x = torch.randn(args.rows, in_features, dtype=torch.bfloat16, device=DEVICE)
+        calls = [(x, packed, state) for packed, state in copies]
+        nbytes = packed_bytes(out_features, in_features)
+        entry = {"config": config, "us": {}, "percent_of_bound": {}}
+        for stage in [*STAGES, "kernel"]:
+            kernel = matmul_4bit_mma if stage == "kernel" else anatomy(stage, config)
+            us = time_us(kernel, calls, config=config)
+            entry["us"][stage] = us
+            entry["percent_of_bound"][stage] = 100 * nbytes / (us * 1e-6) / bandwidth
+        results["shapes"][name] = entry
+        cells = ", ".join(
+            f"{s} {u:.1f} us ({entry['percent_of_bound'][s]:.0f}%)" for s, u in entry["us"].items()
+        )
+        log(f"{name} {out_features}x{in_features} split {config['SPLIT_K']}: {cells}")
+        args.out.write_text(json.dumps(results, indent=1))
+        del copies, calls
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
