@@ -9,9 +9,13 @@ by removing the others: `nf4_mma._mma_4bit_kernel`'s loop rebuilt from its own h
 `_x_operands`, `_absmax_word`, the layouts), with the same grid (`nf4_mma.launch_config`), step by step:
 
 - `loads`: only the packed codes, loaded a step ahead as the kernel does, XOR-ed together (what the memory
-  system gives this access pattern);
+  system gives this access pattern); `loads_ahead2` two steps ahead (twice the bytes in flight),
+  `loads_wide` with each warp's load covering 4 rows x 128 contiguous bytes instead of 8 rows x 32;
+  `loads_persistent_P` (and `_wide_`) on a fixed grid of P programs a multiprocessor, each streaming item
+  after item with no cold start;
 - `decode`: + decoding (byte permutes) and the tensor-core products against a constant operand;
-- `decode_x`: + `x`'s loads and operands (the products are then the real ones);
+- `decode_x`: + `x`'s loads and operands (the products are then the real ones); `decode_x_hot` reads the
+  first step's x at every step (an L1 hit);
 - `scaled`: + each block's absmax (the words, a step ahead) and the scaling: the kernel's loop;
 - `kernel`: `matmul_4bit_mma` itself (its split-K epilogue, output store).
 
@@ -53,14 +57,25 @@ from vrft.kernels.workspace import multiprocessors  # noqa: E402
 DEVICE = torch.device("cuda")
 # the engine's launches (`matmul_4bit_segments` over gate+up and over q+k+v), and down and o alone
 SHAPES = {"gate_up": (37888, 3584), "down": (3584, 18944), "q_k_v": (4608, 3584), "o": (3584, 3584)}
-STAGES = {"loads": (0, 0, 0), "decode": (1, 0, 0), "decode_x": (1, 1, 0), "scaled": (1, 1, 1)}
+# stage: (decode, load x, scale, code loads in flight a warp, wide loads, x always from the first step)
+STAGES = {
+    "loads": (0, 0, 0, 1, 0, 0),
+    "loads_ahead2": (0, 0, 0, 2, 0, 0),
+    "loads_wide": (0, 0, 0, 1, 1, 0),
+    "loads_wide_ahead2": (0, 0, 0, 2, 1, 0),
+    "decode": (1, 0, 0, 1, 0, 0),
+    "decode_x": (1, 1, 0, 1, 0, 0),
+    "decode_x_hot": (1, 1, 0, 1, 0, 1),
+    "scaled": (1, 1, 1, 1, 0, 0),
+}
 
 
 @gluon.jit
 def _anatomy_kernel(
     x_ptr, packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, sums_ptr, bits_ptr,
-    K, stride_xm, iters_per_split,
-    DECODE: gl.constexpr, LOAD_X: gl.constexpr, SCALE: gl.constexpr, NESTED_BLOCKSIZE: gl.constexpr,
+    K, stride_xm, iters_per_split, x_steps,
+    DECODE: gl.constexpr, LOAD_X: gl.constexpr, SCALE: gl.constexpr, AHEAD: gl.constexpr,
+    NESTED_BLOCKSIZE: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCKS: gl.constexpr,
     MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr, WORDS: gl.constexpr, XL: gl.constexpr,
 ):  # fmt: skip
@@ -72,7 +87,8 @@ def _anatomy_kernel(
     program = pid_k * gl.num_programs(0) + pid_n
     rows_w = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, WORDS))
     words_w = gl.arange(0, 8 * BLOCKS, layout=gl.SliceLayout(0, WORDS))
-    word_ptrs = packed_ptr + (rows_w.to(gl.int64) * (K // 8))[:, None] + words_w[None, :]
+    # (rows 16-byte aligned: K is a multiple of 32 on every shape here; `_item_step_pointers` says why)
+    word_ptrs = packed_ptr + gl.multiple_of(rows_w.to(gl.int64) * (K // 8), 4)[:, None] + words_w[None, :]
     columns_x = gl.arange(0, STEP, layout=gl.SliceLayout(1, XL))
     rows_x = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, XL))
     x_ptrs = x_ptr + (rows_x.to(gl.int64) * stride_xm)[None, :] + columns_x[:, None]
@@ -90,6 +106,9 @@ def _anatomy_kernel(
     first = pid_k * iters_per_split
     last = gl.minimum(first + iters_per_split, K // STEP)
     words_next = gl.load(word_ptrs + first * (8 * BLOCKS))
+    words_after = words_next  # AHEAD 2: the step after next
+    if AHEAD == 2:
+        words_after = gl.load(word_ptrs + gl.minimum(first + 1, last - 1) * (8 * BLOCKS))
     if SCALE:
         absmax_next = _absmax_word(
             absmax_ptr, absmax2_ptr, row_blocks + first * BLOCKS, None, NESTED_BLOCKSIZE
@@ -97,7 +116,11 @@ def _anatomy_kernel(
     for step in range(first, last):
         words = words_next
         ahead = gl.minimum(step + 1, last - 1)
-        words_next = gl.load(word_ptrs + ahead * (8 * BLOCKS))
+        if AHEAD == 2:
+            words_next = words_after
+            words_after = gl.load(word_ptrs + gl.minimum(step + 2, last - 1) * (8 * BLOCKS))
+        else:
+            words_next = gl.load(word_ptrs + ahead * (8 * BLOCKS))
         absmax_word, scale2 = 0, 0.0
         if SCALE:
             absmax_word, scale2 = absmax_next
@@ -106,7 +129,9 @@ def _anatomy_kernel(
         if DECODE:
             codes = _decode(words, tables, BLOCK_N, BLOCKS, DTYPE)
             if LOAD_X:
-                operands = _x_operands(gl.load(x_ptrs + step * STEP), BLOCK_M, BLOCKS, B)
+                # x_steps 0 (HOT_X): the first step's x at every step, an L1 hit; a run-time 0, so that the
+                # compiler cannot hoist the loads out of the loop
+                operands = _x_operands(gl.load(x_ptrs + step * x_steps * STEP), BLOCK_M, BLOCKS, B)
             zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
             first_block = row_blocks + step * BLOCKS
             for block in gl.static_range(BLOCKS):
@@ -135,17 +160,105 @@ def _anatomy_kernel(
     gl.store(bits_ptr + program * (BLOCK_N * 8 * BLOCKS) + local_bits, bits)
 
 
+@gluon.jit
+def _persistent_loads_kernel(
+    packed_ptr, bits_ptr, K, tiles, split_k, iters_per_split,
+    BLOCK_N: gl.constexpr, BLOCKS: gl.constexpr, WORDS: gl.constexpr,
+):  # fmt: skip
+    """The `loads` stage with a fixed grid: each program streams the steps of its (tile, K slice) items, items
+    `program, program + programs, ...`, one after the other, the next step's codes (the next item's first
+    step at an item's end) always in flight; no program starts cold after the first."""
+    STEP: gl.constexpr = 64 * BLOCKS
+    program = gl.program_id(0)
+    programs = gl.num_programs(0)
+    rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, WORDS))
+    words_w = gl.arange(0, 8 * BLOCKS, layout=gl.SliceLayout(0, WORDS))
+    total = (tiles * split_k - program + programs - 1) // programs * iters_per_split
+    bits = gl.zeros([BLOCK_N, 8 * BLOCKS], gl.int32, WORDS)
+    words_next = gl.load(_item_step_pointers(packed_ptr, 0, program, programs, K, split_k, iters_per_split,
+                                             rows, words_w, BLOCK_N, STEP))  # fmt: skip
+    for index in range(total):
+        words = words_next
+        following = gl.minimum(index + 1, total - 1)
+        words_next = gl.load(_item_step_pointers(packed_ptr, following, program, programs, K, split_k,
+                                                 iters_per_split, rows, words_w, BLOCK_N, STEP))  # fmt: skip
+        bits = bits ^ words
+    local = rows[:, None] * (8 * BLOCKS) + words_w[None, :]
+    gl.store(bits_ptr + program * (BLOCK_N * 8 * BLOCKS) + local, bits)
+
+
+@gluon.jit
+def _item_step_pointers(packed_ptr, index, program, programs, K, split_k, iters_per_split, rows, words_w,
+                        BLOCK_N: gl.constexpr, STEP: gl.constexpr):  # fmt: skip
+    """The codes' addresses of a persistent program's `index`-th step: item, its tile and K slice, the step
+    (K a multiple of 32)."""
+    item = program + (index // iters_per_split) * programs
+    tile = item // split_k
+    step = gl.minimum((item % split_k) * iters_per_split + index % iters_per_split, K // STEP - 1)
+    # rows start 16-byte aligned where K is a multiple of 32 (every Qwen2-VL projection): said, so that a
+    # thread's four words are one 16-byte load
+    row_words = gl.multiple_of((tile * BLOCK_N + rows).to(gl.int64) * (K // 8), 4)
+    return packed_ptr + row_words[:, None] + words_w[None, :] + step * (STEP // 8)
+
+
+def persistent_loads(config: dict, wide: bool, programs_per_sm: int):
+    """`_persistent_loads_kernel` launched as `anatomy` launches the stages, on `programs_per_sm` programs per
+    multiprocessor."""
+    block_n, blocks, split_k = config["BLOCK_N"], config["BLOCKS"], config["SPLIT_K"]
+    words = wide_words() if wide else layouts(block_n, config["BLOCK_M"], blocks, config["num_warps"])[3]
+    outputs = {}
+
+    def launch(x, packed, state, config=None):
+        out_features, in_features = state.shape
+        steps = in_features // (64 * blocks)
+        grid = (programs_per_sm * multiprocessors(x.device),)
+        if "bits" not in outputs:
+            outputs["bits"] = torch.empty(grid[0] * block_n * 8 * blocks, dtype=torch.int32, device=x.device)
+        _persistent_loads_kernel[grid](
+            packed.reshape(-1).view(torch.int32), outputs["bits"], in_features, out_features // block_n, split_k,
+            triton.cdiv(steps, split_k), BLOCK_N=block_n, BLOCKS=blocks, WORDS=words, num_warps=config["num_warps"],
+        )  # fmt: skip
+
+    return launch
+
+
+def wide_words():
+    """A words layout whose warp loads cover 4 rows x 128 contiguous bytes (16 a thread), not 8 rows x 32
+    bytes: 64 rows, 4 blocks a step, 4 warps."""
+    return gl.DistributedLinearLayout(
+        reg_bases=[[0, 1], [0, 2], [4, 0], [8, 0]],
+        lane_bases=[[0, 4], [0, 8], [0, 16], [1, 0], [2, 0]],
+        warp_bases=[[16, 0], [32, 0]],
+        block_bases=[],
+        shape=[64, 32],
+    )
+
+
+def stage_constants(stage: str, config: dict, nested_blocksize: int = 256) -> dict:
+    """`_anatomy_kernel`'s compile-time arguments at `stage` of `STAGES`, tiles as `config` (`launch_config`)."""
+    decode, load_x, scale, ahead, wide, _ = STAGES[stage]
+    block_m, block_n, blocks = config["BLOCK_M"], config["BLOCK_N"], config["BLOCKS"]
+    mma, operand_a, operand_b, words, x_layout, _ = layouts(block_n, block_m, blocks, config["num_warps"])
+    if wide:
+        assert (block_n, blocks, config["num_warps"]) == (64, 4, 4), config
+        words = wide_words()
+    return {
+        "DECODE": decode, "LOAD_X": load_x, "SCALE": scale, "AHEAD": ahead, "NESTED_BLOCKSIZE": nested_blocksize,
+        "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCKS": blocks, "MMA": mma, "A": operand_a, "B": operand_b,
+        "WORDS": words, "XL": x_layout,
+    }  # fmt: skip
+
+
 def anatomy(stage: str, config: dict):
     """A function `(x, packed, state, config=None)` that launches the kernel at `stage` of `STAGES` with the
     grid and tiles of `config` (`launch_config`), as `time_us` calls the kernels it times."""
-    decode, load_x, scale = STAGES[stage]
     block_m, block_n, blocks, split_k = (
         config["BLOCK_M"],
         config["BLOCK_N"],
         config["BLOCKS"],
         config["SPLIT_K"],
     )
-    mma, operand_a, operand_b, words, x_layout, _ = layouts(block_n, block_m, blocks, config["num_warps"])
+    hot_x = STAGES[stage][5]
     outputs = {}
 
     def launch(x, packed, state, config=None):
@@ -160,10 +273,8 @@ def anatomy(stage: str, config: dict):
         _anatomy_kernel[grid](
             x, packed.reshape(-1).view(torch.int32), state.absmax, state.code, state2.absmax, state2.code,
             state.offset, outputs["sums"], outputs["bits"], in_features, x.stride(0),
-            triton.cdiv(steps, split_k), DECODE=decode, LOAD_X=load_x, SCALE=scale,
-            NESTED_BLOCKSIZE=state2.blocksize, BLOCK_M=block_m, BLOCK_N=block_n, BLOCKS=blocks, MMA=mma,
-            A=operand_a, B=operand_b, WORDS=words, XL=x_layout, num_warps=config["num_warps"],
-            **({"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {}),
+            triton.cdiv(steps, split_k), 0 if hot_x else 1, **stage_constants(stage, config, state2.blocksize),
+            num_warps=config["num_warps"], **({"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {}),
         )  # fmt: skip
 
     return launch
@@ -186,8 +297,13 @@ def main() -> None:
         calls = [(x, packed, state) for packed, state in copies]
         nbytes = packed_bytes(out_features, in_features)
         entry = {"config": config, "us": {}, "percent_of_bound": {}}
-        for stage in [*STAGES, "kernel"]:
-            kernel = matmul_4bit_mma if stage == "kernel" else anatomy(stage, config)
+        launchers = {stage: anatomy(stage, config) for stage in STAGES}
+        for wide in (False, True):
+            for per_sm in (5, 8):
+                name_p = f"loads{'_wide' if wide else ''}_persistent_{per_sm}"
+                launchers[name_p] = persistent_loads(config, wide, per_sm)
+        launchers["kernel"] = matmul_4bit_mma
+        for stage, kernel in launchers.items():
             us = time_us(kernel, calls, config=config)
             entry["us"][stage] = us
             entry["percent_of_bound"][stage] = 100 * nbytes / (us * 1e-6) / bandwidth

@@ -93,14 +93,9 @@ MMA_DEFAULTS = {
     # rows past the weight's or x's end read the last row instead of taking masked loads, which cost a
     # predicate and the zeroing of each load's registers (60 of a step's 664 instructions, sm_90)
     "clamp_rows": False,
-    # the code-book lookups of each block's absmax a step before the step that multiplies by them, their
-    # words two steps ahead (with absmax_words only). Nsight Compute found the first use of a step's own
-    # lookups the kernel's most waited-on instruction (bench/rollout/results.md, "Where the 4-bit kernel's
-    # time goes"):
-    "scales_ahead": False,
 }
 # the three load variants off: the kernel as first timed, which the sweep and the tests measure them against
-PLAIN_LOADS = {"absmax_words": False, "prefetch": 0, "clamp_rows": False, "scales_ahead": False}
+PLAIN_LOADS = {"absmax_words": False, "prefetch": 0, "clamp_rows": False}
 
 
 def unsupported(
@@ -282,7 +277,6 @@ if gluon is not None:
         LORA_RANK: gl.constexpr, SEGMENTS: gl.constexpr,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCKS: gl.constexpr, SPLIT: gl.constexpr,
         ABSMAX_WORDS: gl.constexpr, PREFETCH: gl.constexpr, CLAMP_ROWS: gl.constexpr,
-        SCALES_AHEAD: gl.constexpr,
         MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr, WORDS: gl.constexpr, XL: gl.constexpr,
         SECTORS: gl.constexpr, PDL: gl.constexpr, X_READY: gl.constexpr,
     ):  # fmt: skip
@@ -340,15 +334,9 @@ if gluon is not None:
         # iteration, which saves the register copy of the words, and a cp.async ring of shared-memory slots
         # were slower: bench/rollout/results.md.)
         words_next = _load(word_ptrs + first * (8 * BLOCKS), mask_w, 0)
-        scales_next = 0  # SCALES_AHEAD only
         if ABSMAX_WORDS:  # the step's absmax bytes as one word a row, loaded a step ahead as the codes are
             absmax_next = _absmax_word(absmax_ptr, absmax2_ptr, row_blocks + first * BLOCKS, mask_s,
                                        NESTED_BLOCKSIZE)  # fmt: skip
-            if SCALES_AHEAD:  # and their scales a step ahead: the word two steps ahead
-                scales_next = _absmax_codes(absmax_next, row_blocks + first * BLOCKS, code2_ptr, BLOCKS)
-                absmax_next = _absmax_word(absmax_ptr, absmax2_ptr,
-                                           row_blocks + gl.minimum(first + 1, last - 1) * BLOCKS, mask_s,
-                                           NESTED_BLOCKSIZE)  # fmt: skip
         if PREFETCH > 0:
             sector_ptrs = _sector_pointers(packed_ptr, tile_n, N, K, BLOCK_N, BLOCKS, SECTORS)
         # Everything above read only what no kernel of the decode step writes (the weights, their absmax and
@@ -362,23 +350,16 @@ if gluon is not None:
             words = words_next
             ahead = gl.minimum(step + 1, last - 1)
             words_next = _load(word_ptrs + ahead * (8 * BLOCKS), mask_w, 0)
-            absmax_word, scale2, scales = 0, 0.0, 0  # the absmax words' path only
+            absmax_word, scale2 = 0, 0.0  # the absmax words' path only
             if ABSMAX_WORDS:
-                if SCALES_AHEAD:
-                    scales = scales_next
-                    scales_next = _absmax_codes(absmax_next, row_blocks + ahead * BLOCKS, code2_ptr, BLOCKS)
-                    absmax_next = _absmax_word(absmax_ptr, absmax2_ptr,
-                                               row_blocks + gl.minimum(step + 2, last - 1) * BLOCKS, mask_s,
-                                               NESTED_BLOCKSIZE)  # fmt: skip
-                else:
-                    absmax_word, scale2 = absmax_next
-                    absmax_next = _absmax_word(absmax_ptr, absmax2_ptr, row_blocks + ahead * BLOCKS, mask_s,
-                                               NESTED_BLOCKSIZE)  # fmt: skip
+                absmax_word, scale2 = absmax_next
+                absmax_next = _absmax_word(absmax_ptr, absmax2_ptr, row_blocks + ahead * BLOCKS, mask_s,
+                                           NESTED_BLOCKSIZE)  # fmt: skip
             if PREFETCH > 0:
                 _prefetch_l2(sector_ptrs + gl.minimum(step + PREFETCH, last - 1) * (8 * BLOCKS))
             acc = _step(acc, words, step, x_ptrs, mask_x, code2_ptr, absmax_ptr, absmax2_ptr, offset, row_blocks,
-                        mask_s, absmax_word, scale2, scales, tables, BLOCK_N, BLOCK_M, BLOCKS, NESTED,
-                        NESTED_BLOCKSIZE, ABSMAX_WORDS, SCALES_AHEAD, DTYPE, MMA, A, B)  # fmt: skip
+                        mask_s, absmax_word, scale2, tables, BLOCK_N, BLOCK_M, BLOCKS, NESTED,
+                        NESTED_BLOCKSIZE, ABSMAX_WORDS, DTYPE, MMA, A, B)  # fmt: skip
         if X_READY:
             wait_for_inputs(PDL)
         if SEGMENTS > 0:  # the outputs' pointers, read only now
@@ -394,13 +375,11 @@ if gluon is not None:
 
     @gluon.jit
     def _step(acc, words, step, x_ptrs, mask_x, code2_ptr, absmax_ptr, absmax2_ptr, offset, row_blocks, mask_s,
-              absmax_word, scale2, scales, tables, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
-              BLOCKS: gl.constexpr, NESTED: gl.constexpr, NESTED_BLOCKSIZE: gl.constexpr,
-              ABSMAX_WORDS: gl.constexpr, SCALES_AHEAD: gl.constexpr, DTYPE: gl.constexpr,
-              MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr):  # fmt: skip
+              absmax_word, scale2, tables, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, BLOCKS: gl.constexpr,
+              NESTED: gl.constexpr, NESTED_BLOCKSIZE: gl.constexpr, ABSMAX_WORDS: gl.constexpr,
+              DTYPE: gl.constexpr, MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr):  # fmt: skip
         """`acc` plus the products of loop step `step`: `words` its packed codes, BLOCKS blocks of 64 columns
-        (with ABSMAX_WORDS, `absmax_word` and `scale2` its absmax loads: `_absmax_word`; with SCALES_AHEAD,
-        `scales` its blocks' looked-up codes instead: `_absmax_codes`)."""
+        (with ABSMAX_WORDS, `absmax_word` and `scale2` its absmax loads: `_absmax_word`)."""
         # x is read by every program (L2) and every warp (L1): loaded where it is used, not a step ahead,
         # whose register copies at the loop's end cost ~0.5 byte permutes per weight
         x = _load(x_ptrs + step * (64 * BLOCKS), mask_x, 0.0)
@@ -409,11 +388,9 @@ if gluon is not None:
         zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
         first_block = row_blocks + step * BLOCKS
         for block in gl.static_range(BLOCKS):
-            if SCALES_AHEAD:  # the same fp32 expression as below, from codes looked up a step ago
-                codes_ahead, scale2_ahead = scales
-                scale = codes_ahead[block] * scale2_ahead + offset
-            elif ABSMAX_WORDS:
-                scale = _block_code(absmax_word, first_block, block, code2_ptr) * scale2 + offset
+            if ABSMAX_WORDS:  # the block's byte of the word (little-endian), its code, the shared scale2
+                quantised = (absmax_word >> ((first_block % 4 + block) * 8)) & 0xFF
+                scale = gl.load(code2_ptr + quantised) * scale2 + offset
             else:
                 scale = _absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset, first_block + block, mask_s,
                                 NESTED, NESTED_BLOCKSIZE)  # fmt: skip
@@ -421,36 +398,6 @@ if gluon is not None:
             b = gl.convert_layout(operands[block], B)
             acc += mma_v2(a, b, zero) * scale[:, None]
         return acc
-
-    @gluon.jit
-    def _block_code(absmax_word, first_block, block: gl.constexpr, code2_ptr):
-        """The second-level code of block `block` of a step whose first block is `first_block`: the block's
-        byte of the step's absmax word (little-endian) looked up in the code book. Its scale is this times
-        the step's scale2 plus the offset."""
-        quantised = (absmax_word >> ((first_block % 4 + block) * 8)) & 0xFF
-        return gl.load(code2_ptr + quantised)
-
-    @gluon.jit
-    def _absmax_codes(absmax, first_block, code2_ptr, BLOCKS: gl.constexpr):
-        """`(codes, scale2)` of the step whose `_absmax_word` is `absmax` and first block `first_block`:
-        `codes` its blocks' looked-up second-level codes (a tuple). Looked up a step before they are used
-        (SCALES_AHEAD) and carried into that step as loaded, so that nothing in the step that issues the
-        loads waits for them (where the step multiplied by its own lookups, the first use of one was the
-        kernel's most waited-on instruction: Nsight Compute, bench/rollout/results.md)."""
-        word, scale2 = absmax
-        first = _block_code(word, first_block, 0, code2_ptr)
-        if BLOCKS == 1:
-            codes = (first,)
-        elif BLOCKS == 2:
-            codes = (first, _block_code(word, first_block, 1, code2_ptr))
-        else:
-            codes = (
-                first,
-                _block_code(word, first_block, 1, code2_ptr),
-                _block_code(word, first_block, 2, code2_ptr),
-                _block_code(word, first_block, 3, code2_ptr),
-            )
-        return codes, scale2
 
     @gluon.jit
     def _absmax_word(absmax_ptr, absmax2_ptr, first_block, mask, NESTED_BLOCKSIZE: gl.constexpr):
@@ -576,7 +523,6 @@ def launch_config(rows: int, out_features: int, in_features: int, device: torch.
         "absmax_words": chosen["absmax_words"],
         "prefetch": chosen["prefetch"],
         "clamp_rows": chosen["clamp_rows"],
-        "scales_ahead": chosen["scales_ahead"],
     }
 
 
@@ -651,6 +597,5 @@ def kernel_constants(config: dict, nested: bool, nested_blocksize: int, has_bias
         "SEGMENTS": segments, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCKS": blocks,
         "SPLIT": config["SPLIT_K"] > 1, "ABSMAX_WORDS": absmax_words, "PREFETCH": config.get("prefetch", 0),
         "CLAMP_ROWS": config.get("clamp_rows", False),
-        "SCALES_AHEAD": absmax_words and config.get("scales_ahead", False),
         "MMA": mma, "A": operand_a, "B": operand_b, "WORDS": words, "XL": x_layout, "SECTORS": sectors,
     }  # fmt: skip

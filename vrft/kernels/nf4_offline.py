@@ -72,9 +72,7 @@ def compile_kernel(
 def compile_mma(config: dict, arch: int = 90, dtype: str = "bf16", nested: bool = True, bias: bool = False,
                 lora_rank: int = 0, segments: int = 0, x_ready: bool = False):  # fmt: skip
     """`nf4_mma`'s kernel compiled for `sm_<arch>` with `config` (as `nf4_mma.launch_config` returns it);
-    the other arguments as `compile_kernel`'s. Gluon, so its own front end (`GluonASTSource`)."""
-    from triton.experimental.gluon._runtime import GluonASTSource
-
+    the other arguments as `compile_kernel`'s."""
     # as a launch finds them: the CUDA caching allocator starts each block 512-byte aligned
     constants = nf4_mma.kernel_constants(
         config, nested, 256 if nested else 1, bias, lora_rank, segments, True
@@ -82,13 +80,22 @@ def compile_mma(config: dict, arch: int = 90, dtype: str = "bf16", nested: bool 
     pointers = {
         **_POINTERS, "lora_b_ptr": "fp32", "packed_ptr": "i32", "absmax_ptr": "u8" if nested else "fp32",
     }  # fmt: skip
-    kernel = nf4_mma._mma_4bit_kernel
+    return compile_gluon(nf4_mma._mma_4bit_kernel, constants, pointers, config["num_warps"], arch, dtype,
+                         config.get("maxnreg"))  # fmt: skip
+
+
+def compile_gluon(kernel, constants: dict, pointers: dict, num_warps: int, arch: int = 90, dtype: str = "bf16",
+                  maxnreg: int | None = None):  # fmt: skip
+    """A Gluon kernel compiled for `sm_<arch>` (Gluon has its own front end, `GluonASTSource`): `constants`
+    its constexpr arguments, `pointers` each pointer argument's element type as `_signature` takes them."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+
     source = GluonASTSource(kernel, *_signature(kernel, constants, pointers, dtype))
-    cap = {"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {}
+    cap = {"maxnreg": maxnreg} if maxnreg else {}
     return triton.compile(
         source,
         target=GPUTarget("cuda", arch, 32),
-        options={"num_warps": config["num_warps"], "launch_pdl": arch >= 90, **cap},
+        options={"num_warps": num_warps, "launch_pdl": arch >= 90, **cap},
     )
 
 
