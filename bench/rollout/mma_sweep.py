@@ -40,16 +40,17 @@ DEVICE = torch.device("cuda")
 # results/mma_call/ (tiles, blocks a step, K split, two steps an iteration), results/mma_ring_call/ (a
 # cp.async ring of shared-memory slots for the codes, 1- and 2-warp programs; removed after c592d5b) and
 # results/mma_words_call/ (the absmax words, L2 prefetch, clamped rows, register caps; the list at 5f521ef).
-# The last one (thirteenth session, results/scales_ahead_call/, H100) ran at commit 192b4f4, whose kernel had
-# a `scales_ahead` switch (each block's absmax code-book lookups a step before the step that multiplies by
-# them): 122.8 us per decoder layer against the defaults' 120.5, so the switch was removed. The taller tiles
-# of more warps it also timed, which read x once for more weight rows, lost too; they are what is left here:
+# The one before (thirteenth session, results/scales_ahead_call/, H100) ran at commit 192b4f4, whose kernel
+# had a `scales_ahead` switch (each block's absmax code-book lookups a step before the step that multiplies
+# by them): 122.8 us per decoder layer against the defaults' 120.5, so the switch was removed; taller tiles
+# of more warps lost too (128.7 and 143.1). This one: every scale of a tile's K slice worked out once, kept in
+# shared memory (`absmax_shared`), alone, with clamped rows, and at other K splits (which set its length).
 VARIANTS = [
     MMA_DEFAULTS,
-    *(
-        {**MMA_DEFAULTS, "BLOCK_N": 16 * warps, "num_warps": warps, "programs_per_sm": programs}
-        for warps, programs in ((8, 4), (16, 2))
-    ),
+    {**MMA_DEFAULTS, "absmax_shared": True},
+    {**MMA_DEFAULTS, "absmax_shared": True, "clamp_rows": True},
+    *({**MMA_DEFAULTS, "absmax_shared": True, "programs_per_sm": programs} for programs in (4, 12, 16)),
+    {**MMA_DEFAULTS, "absmax_shared": True, "BLOCKS": 2},
 ]
 
 

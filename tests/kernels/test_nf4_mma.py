@@ -79,11 +79,20 @@ def test_the_load_variants_compile_to_fewer_loads_a_prefetch_and_no_masked_loads
 
     config = nf4_mma.launch_config(16, 18944, 3584, torch.device("meta"), **PLAIN_LOADS)
     loops = {}
-    variants = {"words": {"absmax_words": True}, "prefetch": {"prefetch": 2}, "clamp": {"clamp_rows": True}}
+    variants = {
+        "words": {"absmax_words": True},
+        "prefetch": {"prefetch": 2},
+        "clamp": {"clamp_rows": True},
+        "shared": {"absmax_shared": True},
+    }
     for name, choices in {"plain": {}, **variants}.items():
         loops[name] = main_loop_opcodes(sass(compile_mma({**config, **choices}, arch=arch)))
-        assert not {"STS", "LDS", "LDSM", "BAR", "SHFL"} & set(loops[name]), (name, loops[name])
+        assert not {"STS", "LDSM", "BAR", "SHFL"} & set(loops[name]), (name, loops[name])
+        assert ("LDS" in loops[name]) == (name == "shared"), (name, loops[name])
     assert loops["plain"]["LDG"] - loops["words"]["LDG"] == 16 - 4, loops
+    # the slice's scales in shared memory: no absmax load in the loop, two shared reads a block (2 rows a
+    # thread) and no barrier; the same code and x loads (8 and 16 a thread)
+    assert loops["shared"]["LDG"] == 8 + 16 and loops["shared"]["LDS"] == 2 * 4, loops
     assert "CCTL" not in loops["plain"] and loops["prefetch"]["CCTL"] == 2, loops
     # masked loads zero their registers first (CS2R); clamped rows take none
     assert loops["plain"]["CS2R"] >= 40 and "CS2R" not in loops["clamp"], loops
@@ -250,6 +259,10 @@ def segments_case(sizes: tuple[int, ...], rows: int, in_features: int):
         {"clamp_rows": True, "absmax_words": True, "prefetch": 2},
         {"clamp_rows": True, "BLOCKS": 1},
         {"clamp_rows": True, "absmax_words": True, "BLOCKS": 2, "maxnreg": 80},
+        {"absmax_shared": True},
+        {"absmax_shared": True, "BLOCKS": 2},
+        {"absmax_shared": True, "BLOCKS": 1},
+        {"absmax_shared": True, "clamp_rows": True},
     ],
 )
 @pytest.mark.parametrize("rows", [8, 17])
@@ -446,3 +459,19 @@ def test_every_stage_of_the_anatomy_compiles_for_sm_90(monkeypatch):
     finally:
         for module in ("mma_anatomy", "kernel_sweep", "speed"):
             sys.modules.pop(module, None)
+
+
+@needs_triton
+def test_the_slice_scales_take_shared_memory_only_where_switched_on_and_small():
+    # `absmax_shared` keeps the K slice's scales in shared memory, a power of two of blocks a row: gate/up at
+    # 16 rows split 2 is 7 steps of 4 blocks (32 x 64 rows x 4 bytes = 8 KB), unsplit 14 steps (16 KB, the
+    # most SCALES_BYTES allows); down unsplit, 74 steps, would take 128 KB and keeps its per-step loads; off,
+    # none.
+    config = {
+        **nf4_mma.launch_config(16, 37888, 3584, torch.device("meta"), absmax_shared=True),
+        "SPLIT_K": 2,
+    }
+    assert nf4_mma.slice_scales(config, 3584)["SLICE_BLOCKS"] == 32
+    assert nf4_mma.slice_scales({**config, "SPLIT_K": 1}, 3584)["SLICE_BLOCKS"] == 64
+    assert nf4_mma.slice_scales({**config, "SPLIT_K": 1}, 18944)["SLICE_BLOCKS"] == 0
+    assert nf4_mma.slice_scales({**config, "absmax_shared": False}, 3584)["SLICE_BLOCKS"] == 0

@@ -93,9 +93,13 @@ MMA_DEFAULTS = {
     # rows past the weight's or x's end read the last row instead of taking masked loads, which cost a
     # predicate and the zeroing of each load's registers (60 of a step's 664 instructions, sm_90)
     "clamp_rows": False,
+    # every scale of a tile's K slice worked out once before the K loop and kept in shared memory (8 KB at
+    # most), the loop reading two a block and thread, instead of the absmax words' loads and lookups at each
+    # step (bench/rollout/mma_anatomy.py: the absmax cost 13% of the gate/up call, H100):
+    "absmax_shared": False,
 }
 # the three load variants off: the kernel as first timed, which the sweep and the tests measure them against
-PLAIN_LOADS = {"absmax_words": False, "prefetch": 0, "clamp_rows": False}
+PLAIN_LOADS = {"absmax_words": False, "prefetch": 0, "clamp_rows": False, "absmax_shared": False}
 
 
 def unsupported(
@@ -277,6 +281,7 @@ if gluon is not None:
         LORA_RANK: gl.constexpr, SEGMENTS: gl.constexpr,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCKS: gl.constexpr, SPLIT: gl.constexpr,
         ABSMAX_WORDS: gl.constexpr, PREFETCH: gl.constexpr, CLAMP_ROWS: gl.constexpr,
+        SLICE_BLOCKS: gl.constexpr, SCALES: gl.constexpr, SCALES_SHARED: gl.constexpr,
         MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr, WORDS: gl.constexpr, XL: gl.constexpr,
         SECTORS: gl.constexpr, PDL: gl.constexpr, X_READY: gl.constexpr,
     ):  # fmt: skip
@@ -334,7 +339,12 @@ if gluon is not None:
         # iteration, which saves the register copy of the words, and a cp.async ring of shared-memory slots
         # were slower: bench/rollout/results.md.)
         words_next = _load(word_ptrs + first * (8 * BLOCKS), mask_w, 0)
-        if ABSMAX_WORDS:  # the step's absmax bytes as one word a row, loaded a step ahead as the codes are
+        scales = 0  # SLICE_BLOCKS only
+        if SLICE_BLOCKS > 0:  # every scale of the tile's K slice, worked out once, kept in shared memory
+            scales = _slice_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset, tile_n, N, blocks_per_row, first,
+                                   last, NESTED, NESTED_BLOCKSIZE, BLOCK_N, BLOCKS, SLICE_BLOCKS, SCALES,
+                                   SCALES_SHARED)  # fmt: skip
+        elif ABSMAX_WORDS:  # the step's absmax bytes as one word a row, loaded a step ahead as the codes are
             absmax_next = _absmax_word(absmax_ptr, absmax2_ptr, row_blocks + first * BLOCKS, mask_s,
                                        NESTED_BLOCKSIZE)  # fmt: skip
         if PREFETCH > 0:
@@ -351,15 +361,15 @@ if gluon is not None:
             ahead = gl.minimum(step + 1, last - 1)
             words_next = _load(word_ptrs + ahead * (8 * BLOCKS), mask_w, 0)
             absmax_word, scale2 = 0, 0.0  # the absmax words' path only
-            if ABSMAX_WORDS:
+            if ABSMAX_WORDS and SLICE_BLOCKS == 0:
                 absmax_word, scale2 = absmax_next
                 absmax_next = _absmax_word(absmax_ptr, absmax2_ptr, row_blocks + ahead * BLOCKS, mask_s,
                                            NESTED_BLOCKSIZE)  # fmt: skip
             if PREFETCH > 0:
                 _prefetch_l2(sector_ptrs + gl.minimum(step + PREFETCH, last - 1) * (8 * BLOCKS))
             acc = _step(acc, words, step, x_ptrs, mask_x, code2_ptr, absmax_ptr, absmax2_ptr, offset, row_blocks,
-                        mask_s, absmax_word, scale2, tables, BLOCK_N, BLOCK_M, BLOCKS, NESTED,
-                        NESTED_BLOCKSIZE, ABSMAX_WORDS, DTYPE, MMA, A, B)  # fmt: skip
+                        mask_s, absmax_word, scale2, scales, step - first, tables, BLOCK_N, BLOCK_M, BLOCKS,
+                        NESTED, NESTED_BLOCKSIZE, ABSMAX_WORDS, SLICE_BLOCKS, DTYPE, MMA, A, B)  # fmt: skip
         if X_READY:
             wait_for_inputs(PDL)
         if SEGMENTS > 0:  # the outputs' pointers, read only now
@@ -375,11 +385,14 @@ if gluon is not None:
 
     @gluon.jit
     def _step(acc, words, step, x_ptrs, mask_x, code2_ptr, absmax_ptr, absmax2_ptr, offset, row_blocks, mask_s,
-              absmax_word, scale2, tables, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, BLOCKS: gl.constexpr,
-              NESTED: gl.constexpr, NESTED_BLOCKSIZE: gl.constexpr, ABSMAX_WORDS: gl.constexpr,
-              DTYPE: gl.constexpr, MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr):  # fmt: skip
+              absmax_word, scale2, scales, local_step, tables, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
+              BLOCKS: gl.constexpr, NESTED: gl.constexpr, NESTED_BLOCKSIZE: gl.constexpr,
+              ABSMAX_WORDS: gl.constexpr, SLICE_BLOCKS: gl.constexpr, DTYPE: gl.constexpr, MMA: gl.constexpr,
+              A: gl.constexpr, B: gl.constexpr):  # fmt: skip
         """`acc` plus the products of loop step `step`: `words` its packed codes, BLOCKS blocks of 64 columns
-        (with ABSMAX_WORDS, `absmax_word` and `scale2` its absmax loads: `_absmax_word`)."""
+        (with SLICE_BLOCKS, `scales` the K slice's scales in shared memory and `local_step` the step's place
+        in the slice: `_slice_scales`; else with ABSMAX_WORDS, `absmax_word` and `scale2` its absmax loads:
+        `_absmax_word`)."""
         # x is read by every program (L2) and every warp (L1): loaded where it is used, not a step ahead,
         # whose register copies at the loop's end cost ~0.5 byte permutes per weight
         x = _load(x_ptrs + step * (64 * BLOCKS), mask_x, 0.0)
@@ -388,7 +401,9 @@ if gluon is not None:
         zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
         first_block = row_blocks + step * BLOCKS
         for block in gl.static_range(BLOCKS):
-            if ABSMAX_WORDS:  # the block's byte of the word (little-endian), its code, the shared scale2
+            if SLICE_BLOCKS > 0:
+                scale = scales.index(local_step * BLOCKS + block).load(gl.SliceLayout(1, MMA))
+            elif ABSMAX_WORDS:  # the block's byte of the word (little-endian), its code, the shared scale2
                 quantised = (absmax_word >> ((first_block % 4 + block) * 8)) & 0xFF
                 scale = gl.load(code2_ptr + quantised) * scale2 + offset
             else:
@@ -398,6 +413,26 @@ if gluon is not None:
             b = gl.convert_layout(operands[block], B)
             acc += mma_v2(a, b, zero) * scale[:, None]
         return acc
+
+    @gluon.jit
+    def _slice_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset, tile_n, N, blocks_per_row, first, last,
+                      NESTED: gl.constexpr, NESTED_BLOCKSIZE: gl.constexpr, BLOCK_N: gl.constexpr,
+                      BLOCKS: gl.constexpr, SLICE_BLOCKS: gl.constexpr, SCALES: gl.constexpr,
+                      SCALES_SHARED: gl.constexpr):  # fmt: skip
+        """The fp32 absmax of every block of the tile's K slice (steps `first .. last`), `[SLICE_BLOCKS,
+        BLOCK_N]` in shared memory, block-major so that a step reads a block's scales of its rows as one
+        row: worked out before the K loop by all the program's threads, where the loop otherwise loads,
+        looks up and waits for them at every step."""
+        slice_blocks = first * BLOCKS + gl.arange(0, SLICE_BLOCKS, layout=gl.SliceLayout(1, SCALES))
+        rows = tile_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, SCALES))
+        mask = (slice_blocks < last * BLOCKS)[:, None] & (rows < N)[None, :]
+        blocks = (rows.to(gl.int64) * blocks_per_row)[None, :] + slice_blocks[:, None]
+        table = _absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset, blocks, mask, NESTED, NESTED_BLOCKSIZE)
+        scales = gl.allocate_shared_memory(gl.float32, [SLICE_BLOCKS, BLOCK_N], SCALES_SHARED, table)
+        # Written once: one barrier here, where the compiler would put one before the first read, inside the
+        # loop, at every step. The rows are then read one at a time, through a view whose layout is a row's.
+        gl.thread_barrier()
+        return scales._reinterpret(gl.float32, [SLICE_BLOCKS, BLOCK_N], SCALE_ROW_SHARED)
 
     @gluon.jit
     def _absmax_word(absmax_ptr, absmax2_ptr, first_block, mask, NESTED_BLOCKSIZE: gl.constexpr):
@@ -497,6 +532,8 @@ if gluon is not None:
     HALVES_PTX = gl.constexpr(_halves_ptx())
     CODES_PERMUTATION_C = gl.constexpr(CODES_PERMUTATION)
     X_PERMUTATION_C = gl.constexpr(X_PERMUTATION)
+    # `_slice_scales`' buffer as rows: the same row-major bytes, the leading axis an index
+    SCALE_ROW_SHARED = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, [0]))
     HALVES_CONSTRAINTS = gl.constexpr(",".join(["=h"] * 8 + ["r"] * 9))
 
 
@@ -523,6 +560,7 @@ def launch_config(rows: int, out_features: int, in_features: int, device: torch.
         "absmax_words": chosen["absmax_words"],
         "prefetch": chosen["prefetch"],
         "clamp_rows": chosen["clamp_rows"],
+        "absmax_shared": chosen["absmax_shared"],
     }
 
 
@@ -563,7 +601,7 @@ def launch(first, out_features, table, rank, x, lora_in, lora_scale, config, x_r
     constants = kernel_constants(
         config, nested, state2.blocksize if nested else 1, bias is not None,
         max(16, triton.next_power_of_2(rank)) if rank else 0, 0 if table is None else len(out_features),
-        quant_state.absmax.data_ptr() % 4 == 0,
+        quant_state.absmax.data_ptr() % 4 == 0, in_features,
     )  # fmt: skip
     _mma_4bit_kernel[grid](
         x, packed.reshape(-1).view(torch.int32), quant_state.absmax, quant_state.code, state2.absmax, state2.code,
@@ -578,11 +616,32 @@ def launch(first, out_features, table, rank, x, lora_in, lora_scale, config, x_r
     return y
 
 
+# the most shared memory the slice's scales may take (absmax_shared): a K slice longer than this many
+# blocks a row keeps the per-step absmax loads
+SCALES_BYTES = 16384
+
+
+def slice_scales(config: dict, in_features: int) -> dict:
+    """`SLICE_BLOCKS` (the quantisation blocks of one K slice a row, to a power of two; 0 where
+    `absmax_shared` is off or they would take more than `SCALES_BYTES`) and the layouts the kernel keeps
+    them in: distributed while worked out, shared after."""
+    block_n, blocks, warps = config["BLOCK_N"], config["BLOCKS"], config["num_warps"]
+    steps = in_features // (64 * blocks)
+    slice_blocks = triton.next_power_of_2(triton.cdiv(steps, config["SPLIT_K"]) * blocks)
+    if not config.get("absmax_shared") or slice_blocks * block_n * 4 > SCALES_BYTES:
+        slice_blocks = 0
+    return {
+        "SLICE_BLOCKS": slice_blocks,
+        "SCALES": gl.BlockedLayout([1, max(1, block_n // 32)], [1, 32], [warps, 1], [1, 0]),
+        "SCALES_SHARED": gl.SwizzledSharedLayout(1, 1, 1, [1, 0]),
+    }
+
+
 def kernel_constants(config: dict, nested: bool, nested_blocksize: int, has_bias: bool, lora_rank: int,
-                     segments: int, absmax_aligned: bool) -> dict:  # fmt: skip
+                     segments: int, absmax_aligned: bool, in_features: int) -> dict:  # fmt: skip
     """The kernel's compile-time arguments for launch config `config` and a call's facts (`LORA_RANK` 0 or a
     power of two >= 16; `segments` 0 for one weight; `absmax_aligned`: the absmax bytes start at a multiple
-    of 4): what `launch` passes and `nf4_offline.compile_mma` compiles with."""
+    of 4; `in_features` K): what `launch` passes and `nf4_offline.compile_mma` compiles with."""
     block_n, block_m, blocks = config["BLOCK_N"], config["BLOCK_M"], config["BLOCKS"]
     # one absmax word a row and step: a step's BLOCKS bytes lie in one aligned word and one second-level block
     absmax_words = (
@@ -597,5 +656,6 @@ def kernel_constants(config: dict, nested: bool, nested_blocksize: int, has_bias
         "SEGMENTS": segments, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCKS": blocks,
         "SPLIT": config["SPLIT_K"] > 1, "ABSMAX_WORDS": absmax_words, "PREFETCH": config.get("prefetch", 0),
         "CLAMP_ROWS": config.get("clamp_rows", False),
+        **slice_scales(config, in_features),
         "MMA": mma, "A": operand_a, "B": operand_b, "WORDS": words, "XL": x_layout, "SECTORS": sectors,
     }  # fmt: skip
