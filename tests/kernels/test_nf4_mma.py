@@ -54,16 +54,22 @@ def test_codes_and_x_take_the_same_permutation_of_each_blocks_columns(blocks):
 @needs_triton
 @pytest.mark.parametrize("arch", [90, 89])
 @pytest.mark.parametrize("extras", [{}, {"lora_rank": 64, "segments": 3, "bias": True}])
-def test_the_main_loop_uses_no_shared_memory_and_keeps_four_programs_per_multiprocessor(arch, extras):
-    # What the kernel exists for (module docstring): no shared-memory traffic or barrier in the K loop,
-    # tensor-core MMAs there, no spills; 128 registers leave four 4-warp programs per multiprocessor.
+def test_the_main_loop_moves_no_operand_through_shared_memory_and_keeps_four_programs_per_multiprocessor(
+    arch, extras
+):
+    # What the kernel exists for (module docstring): no shared-memory writes, shuffles or barriers in the K
+    # loop, its operands straight from memory into the MMA's registers, tensor-core MMAs there, no spills;
+    # 128 registers leave four 4-warp programs per multiprocessor. Its only shared reads are the slice's
+    # scales (`absmax_shared`: two a block and thread), which take no more than SCALES_BYTES.
     from vrft.kernels.nf4_offline import compile_mma, main_loop_opcodes, registers, sass
 
-    config = nf4_mma.launch_config(16, 18944, 3584, torch.device("meta"))
+    config = {**nf4_mma.launch_config(16, 18944, 3584, torch.device("meta")), "SPLIT_K": 4}
     compiled = compile_mma(config, arch=arch, **extras)
     loop = main_loop_opcodes(sass(compiled))
     assert loop["HMMA"] > 0, loop
-    assert not {"STS", "LDS", "LDSM", "BAR", "SHFL"} & set(loop), loop
+    assert not {"STS", "LDSM", "BAR", "SHFL"} & set(loop), loop
+    assert loop["LDS"] == 2 * config["BLOCKS"], loop
+    assert compiled.metadata.shared <= nf4_mma.SCALES_BYTES + 1024, compiled.metadata.shared
     usage = registers(compiled)
     assert usage["stack_bytes"] == 0 and usage["programs_per_sm"] >= 4, usage
 

@@ -1,4 +1,4 @@
-"""`y = x W^T + b (+ LoRA)` on a bitsandbytes 4-bit weight at decode batches, with no shared memory: Gluon.
+"""`y = x W^T + b (+ LoRA)` on a bitsandbytes 4-bit weight at decode batches, operands in registers: Gluon.
 
 Why another kernel: `nf4_matmul`'s Triton kernel spends most of its time waiting, not decoding or reading
 (bench/rollout/results.md: ~20% of the bandwidth bound on the 7B projections while its main loop issues
@@ -21,14 +21,17 @@ registers (reshape, permute and join of tensors whose layouts Triton then finds 
 Decoding: `nf4_decode.PRMT_DECODE_PTX` (byte permutes over the code book as eight table words). Scaling:
 one dot per 64-weight quantisation block into a fresh fp32 sum, scaled by the block's fp32 absmax
 (`SCALE_AFTER` in `nf4_matmul`: a weight is `bf16(code) * absmax`, within one bf16 rounding of
-`dequantize_4bit`'s; tests/kernels). The next loop step's codes are loaded before this step's are used in
+`dequantize_4bit`'s; tests/kernels). The absmax of every block of a tile's K slice is worked out before the
+loop into shared memory (`absmax_shared`, at most `SCALES_BYTES`), the only shared memory the loop reads. The next loop step's codes are loaded before this step's are used in
 the source, though ptxas issues those loads only ~4/5 into the step (sm_90 SASS); the `prefetch` variant pins
 them to its top. `mma.sync` runs on sm_80 and later: the RTX 4090 (sm_89) too.
 
 Measured on the H200 (bench/rollout/results.md, "A kernel without shared memory"): 130 us per 7B decoder
 layer at 16 rows against `nf4_matmul`'s 154 (gate/up 31.6 against 35.6 us: 23% of the bandwidth bound, not
-the 40% hoped for). Nsight Compute: the barriers are gone and the issue rate rose (IPC 1.79 against 1.42),
-but with four programs per multiprocessor the warps still wait most cycles (L1TEX loads, a third).
+the 40% hoped for); 113.9 us with the absmax words and the slice's scales in shared memory since. Nsight
+Compute: the barriers are gone and the issue rate rose (IPC 1.79 against 1.42), but with four programs per
+multiprocessor the warps still wait most cycles (L1TEX loads, a third). Where the rest of the time goes:
+bench/rollout/mma_anatomy.py.
 
 Handles: blocksize 64 (bitsandbytes' default), NF4 / FP4, bf16 / fp16, nested or plain absmax, up to 32
 rows of `x`, K a multiple of 64; the rest goes to `nf4_matmul`.
@@ -93,10 +96,12 @@ MMA_DEFAULTS = {
     # rows past the weight's or x's end read the last row instead of taking masked loads, which cost a
     # predicate and the zeroing of each load's registers (60 of a step's 664 instructions, sm_90)
     "clamp_rows": False,
-    # every scale of a tile's K slice worked out once before the K loop and kept in shared memory (8 KB at
-    # most), the loop reading two a block and thread, instead of the absmax words' loads and lookups at each
-    # step (bench/rollout/mma_anatomy.py: the absmax cost 13% of the gate/up call, H100):
-    "absmax_shared": False,
+    # every scale of a tile's K slice worked out once before the K loop and kept in shared memory (at most
+    # SCALES_BYTES), the loop reading two a block and thread, instead of the absmax words' loads and lookups
+    # at each step (bench/rollout/mma_anatomy.py: the absmax cost 13% of the gate/up call, H100). Timed on
+    # the H200 (results/absmax_shared_call/): 113.9 us per 7B decoder layer against 120.4, every projection
+    # faster; where a slice's scales would not fit, the absmax words serve it:
+    "absmax_shared": True,
 }
 # the three load variants off: the kernel as first timed, which the sweep and the tests measure them against
 PLAIN_LOADS = {"absmax_words": False, "prefetch": 0, "clamp_rows": False, "absmax_shared": False}
