@@ -42,9 +42,9 @@ log = logging.getLogger(__name__)
 CONF_DIR = config_dir()
 PIXELS_PER_TOKEN = 28 * 28  # one merged visual token covers 2 x 2 patches of 14 x 14 pixels
 PROMPT_TEXT_TOKENS = 128  # chat template + a Visual-RFT question (the detection prompt is the longest)
-# Fastest first, as measured (bench/rollout/results.md, first section): with nf4_mma's kernel on its decode
-# batches `packed` decoded 16 sequences of 7B int4 in 5.8 ms against `bf16_copy`'s 7.2 on an H100 and in 5.5
-# against 5.8 on an H200, and its training step was the faster on both, without the 13 GB copy; with
+# Fastest first, as measured (bench/rollout/results.md, first two sections): with nf4_mma's kernel on its
+# decode batches `packed` decoded 16 sequences of 7B int4 in 5.4 ms against `bf16_copy`'s 7.2 on an H100 and
+# in 5.5 against 5.8 on an H200, and its training step was the faster on both, without the 13 GB copy; with
 # nf4_matmul's kernel alone (VRFT_NF4_MMA=0, a Triton without Gluon, batches over 32 sequences) it is the
 # slower one.
 AUTO_ENGINES = ("packed", "bf16_copy", "dequant")
