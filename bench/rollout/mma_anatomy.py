@@ -16,7 +16,8 @@ by removing the others: `nf4_mma._mma_4bit_kernel`'s loop rebuilt from its own h
 - `decode`: + decoding (byte permutes) and the tensor-core products against a constant operand;
 - `decode_x`: + `x`'s loads and operands (the products are then the real ones); `decode_x_hot` reads the
   first step's x at every step (an L1 hit);
-- `scaled`: + each block's absmax (the words, a step ahead) and the scaling: the kernel's loop;
+- `scaled`: + each block's absmax (the words, a step ahead) and the scaling: the kernel's loop before
+  `absmax_shared` (which works the slice's absmax out before the loop);
 - `kernel`: `matmul_4bit_mma` itself (its split-K epilogue, output store).
 
 Each program stores its own sums (no split-K reduction) so nothing is optimised away. Timed as
@@ -216,7 +217,8 @@ def persistent_loads(config: dict, wide: bool, programs_per_sm: int):
             outputs["bits"] = torch.empty(grid[0] * block_n * 8 * blocks, dtype=torch.int32, device=x.device)
         _persistent_loads_kernel[grid](
             packed.reshape(-1).view(torch.int32), outputs["bits"], in_features, out_features // block_n, split_k,
-            triton.cdiv(steps, split_k), BLOCK_N=block_n, BLOCKS=blocks, WORDS=words, num_warps=config["num_warps"],
+            triton.cdiv(steps, split_k), BLOCK_N=block_n, BLOCKS=blocks, WORDS=words,
+            num_warps=config["num_warps"],
         )  # fmt: skip
 
     return launch

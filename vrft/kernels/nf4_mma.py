@@ -22,9 +22,10 @@ Decoding: `nf4_decode.PRMT_DECODE_PTX` (byte permutes over the code book as eigh
 one dot per 64-weight quantisation block into a fresh fp32 sum, scaled by the block's fp32 absmax
 (`SCALE_AFTER` in `nf4_matmul`: a weight is `bf16(code) * absmax`, within one bf16 rounding of
 `dequantize_4bit`'s; tests/kernels). The absmax of every block of a tile's K slice is worked out before the
-loop into shared memory (`absmax_shared`, at most `SCALES_BYTES`), the only shared memory the loop reads. The next loop step's codes are loaded before this step's are used in
-the source, though ptxas issues those loads only ~4/5 into the step (sm_90 SASS); the `prefetch` variant pins
-them to its top. `mma.sync` runs on sm_80 and later: the RTX 4090 (sm_89) too.
+loop into shared memory (`absmax_shared`, at most `SCALES_BYTES`), the only shared memory the loop reads.
+The next loop step's codes are loaded before this step's are used in the source, though ptxas issues those
+loads only ~4/5 into the step (sm_90 SASS); the `prefetch` variant pins them to its top. `mma.sync` runs on
+sm_80 and later: the RTX 4090 (sm_89) too.
 
 Measured on the H200 (bench/rollout/results.md, "A kernel without shared memory"): 130 us per 7B decoder
 layer at 16 rows against `nf4_matmul`'s 154 (gate/up 31.6 against 35.6 us: 23% of the bandwidth bound, not

@@ -70,7 +70,8 @@ def compile_kernel(
 
 
 def compile_mma(config: dict, arch: int = 90, dtype: str = "bf16", nested: bool = True, bias: bool = False,
-                lora_rank: int = 0, segments: int = 0, x_ready: bool = False, in_features: int = 3584):  # fmt: skip
+                lora_rank: int = 0, segments: int = 0, x_ready: bool = False,
+                in_features: int = 3584):  # fmt: skip
     """`nf4_mma`'s kernel compiled for `sm_<arch>` with `config` (as `nf4_mma.launch_config` returns it);
     the other arguments as `compile_kernel`'s (`in_features`: K, which sets the K slice's length)."""
     # as a launch finds them: the CUDA caching allocator starts each block 512-byte aligned
