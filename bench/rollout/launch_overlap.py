@@ -14,14 +14,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+from unittest import mock
 
 import bitsandbytes.functional as bnb_functional
 import torch
 
-from vrft.kernels import launch_order, nf4_mma
-from vrft.kernels.decode_fusions import add_rms_norm
-from vrft.kernels.lora_input import lora_input
+sys.path.insert(0, str(Path(__file__).parent))
+from kernel_sweep import time_us  # noqa: E402
+
+from vrft.kernels import launch_order, nf4_mma  # noqa: E402
+from vrft.kernels.decode_fusions import add_rms_norm  # noqa: E402
+from vrft.kernels.lora_input import lora_input  # noqa: E402
 
 LAYERS, ROWS, HIDDEN, GATE_UP, RANK = 28, 16, 3584, 2 * 18944, 64
 
@@ -55,24 +60,6 @@ def chain(with_lora: bool, x_ready: bool):
     return call
 
 
-def graph_us(call, replays: int = 50) -> float:
-    """Microseconds per replay of `call` captured in a CUDA graph."""
-    call()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        call()
-    for _ in range(3):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / replays
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -85,9 +72,10 @@ def main() -> None:
         ("serial_without_lora", False, False, False),
         ("pdl_without_lora", True, False, False),
     ):
-        launch_order.PROGRAMMATIC = programmatic
-        result["us_per_chain"][name] = graph_us(chain(with_lora, x_ready))
-    launch_order.PROGRAMMATIC = True
+        with mock.patch.object(launch_order, "PROGRAMMATIC", programmatic):
+            result["us_per_chain"][name] = time_us(
+                chain(with_lora, x_ready), [()]
+            )  # replayed in a CUDA graph
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     for name, us in result["us_per_chain"].items():

@@ -447,8 +447,9 @@ def test_every_stage_of_the_anatomy_compiles_for_sm_90(monkeypatch):
             compiled = compile_gluon(
                 anatomy._anatomy_kernel, anatomy.stage_constants(stage, config), pointers, 4, 90, "bf16", 128
             )
-            loads = {mnemonic(text) for _, text in instructions(sass(compiled)) if "LDG" in text}
-            multiplies = any("HMMA" in text for _, text in instructions(sass(compiled)))
+            listed = [text for _, text in instructions(sass(compiled))]
+            loads = {mnemonic(text) for text in listed if "LDG" in text}
+            multiplies = any("HMMA" in text for text in listed)
             assert multiplies == bool(decode), stage
             assert ("LDG.E.128" in loads) == bool(load_x or wide), (stage, loads)
             assert ("LDG.E.64" in loads) == (not wide), (stage, loads)
