@@ -43,14 +43,15 @@ DEVICE = torch.device("cuda")
 # The one before (thirteenth session, results/scales_ahead_call/, H100) ran at commit 192b4f4, whose kernel
 # had a `scales_ahead` switch (each block's absmax code-book lookups a step before the step that multiplies
 # by them): 122.8 us per decoder layer against the defaults' 120.5, so the switch was removed; taller tiles
-# of more warps lost too (128.7 and 143.1). This one: every scale of a tile's K slice worked out once, kept in
-# shared memory (`absmax_shared`), alone, with clamped rows, and at other K splits (which set its length).
+# of more warps lost too (128.7 and 143.1). The next (results/absmax_shared_call/, H200, 418582d): every
+# scale of a tile's K slice worked out once, kept in shared memory (`absmax_shared`), 113.9 against 120.4,
+# now the default. This one: each program's K slice of x in shared memory (`x_shared`, its most bytes; the
+# K split rises until the slice fits), at three sizes, with fewer programs and with two blocks a step.
 VARIANTS = [
     MMA_DEFAULTS,
-    {**MMA_DEFAULTS, "absmax_shared": True},
-    {**MMA_DEFAULTS, "absmax_shared": True, "clamp_rows": True},
-    *({**MMA_DEFAULTS, "absmax_shared": True, "programs_per_sm": programs} for programs in (4, 12, 16)),
-    {**MMA_DEFAULTS, "absmax_shared": True, "BLOCKS": 2},
+    *({**MMA_DEFAULTS, "x_shared": most} for most in (32768, 65536, 16384)),
+    {**MMA_DEFAULTS, "x_shared": 32768, "programs_per_sm": 4},
+    {**MMA_DEFAULTS, "x_shared": 32768, "BLOCKS": 2},
 ]
 
 

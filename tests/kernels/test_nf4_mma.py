@@ -80,7 +80,8 @@ def test_the_load_variants_compile_to_fewer_loads_a_prefetch_and_no_masked_loads
     # The sweep's load variants (`MMA_DEFAULTS`), each against the kernel with all three off: one absmax
     # word a row and step replaces a byte and a second-level scale a block (2 x 2 rows x 4 blocks loads a
     # thread become 2 x 2); `prefetch` issues one L2 prefetch (CCTL) a thread and row a step; `clamp_rows`
-    # masks no load. None adds shared memory.
+    # masks no load; `absmax_shared` and `x_shared` read shared memory instead of loading, and write it
+    # only before the loop.
     from vrft.kernels.nf4_offline import compile_mma, main_loop_opcodes, sass
 
     config = nf4_mma.launch_config(16, 18944, 3584, torch.device("meta"), **PLAIN_LOADS)
@@ -90,15 +91,18 @@ def test_the_load_variants_compile_to_fewer_loads_a_prefetch_and_no_masked_loads
         "prefetch": {"prefetch": 2},
         "clamp": {"clamp_rows": True},
         "shared": {"absmax_shared": True},
+        "x": {"x_shared": 32768, "SPLIT_K": 4},  # 4 steps of 8 KB a slice
     }
     for name, choices in {"plain": {}, **variants}.items():
         loops[name] = main_loop_opcodes(sass(compile_mma({**config, **choices}, arch=arch)))
         assert not {"STS", "LDSM", "BAR", "SHFL"} & set(loops[name]), (name, loops[name])
-        assert ("LDS" in loops[name]) == (name == "shared"), (name, loops[name])
+        assert ("LDS" in loops[name]) == (name in ("shared", "x")), (name, loops[name])
     assert loops["plain"]["LDG"] - loops["words"]["LDG"] == 16 - 4, loops
     # the slice's scales in shared memory: no absmax load in the loop, two shared reads a block (2 rows a
     # thread) and no barrier; the same code and x loads (8 and 16 a thread)
     assert loops["shared"]["LDG"] == 8 + 16 and loops["shared"]["LDS"] == 2 * 4, loops
+    # x's slice in shared memory: x's 16 loads a thread and step become 16 shared reads of 16 bytes
+    assert loops["plain"]["LDG"] - loops["x"]["LDG"] == 16 and loops["x"]["LDS"] == 16, loops
     assert "CCTL" not in loops["plain"] and loops["prefetch"]["CCTL"] == 2, loops
     # masked loads zero their registers first (CS2R); clamped rows take none
     assert loops["plain"]["CS2R"] >= 40 and "CS2R" not in loops["clamp"], loops
@@ -269,6 +273,11 @@ def segments_case(sizes: tuple[int, ...], rows: int, in_features: int):
         {"absmax_shared": True, "BLOCKS": 2},
         {"absmax_shared": True, "BLOCKS": 1},
         {"absmax_shared": True, "clamp_rows": True},
+        {"x_shared": 65536},
+        {"x_shared": 65536, "BLOCKS": 2},
+        {"x_shared": 65536, "BLOCKS": 1},
+        {"x_shared": 65536, "absmax_shared": True, "clamp_rows": True},
+        {"x_shared": 65536, "absmax_shared": True, "absmax_words": True, "BLOCKS": 2},
     ],
 )
 @pytest.mark.parametrize("rows", [8, 17])
@@ -375,21 +384,29 @@ def test_the_benchmarks_engine_suffixes_set_the_switch_for_a_generate_and_put_it
     monkeypatch.setattr(nf4_matmul, "MMA_KERNEL", False)
     seen = []
     # (on `bf16_copy`, which builds without CUDA: `packed` refuses a machine without Triton before it starts;
-    # `:serial` turns programmatic dependent launch off, and stacks on the kernel's suffix)
+    # `:serial` turns programmatic dependent launch off, and stacks on the kernel's suffix; `:x_shared` sets
+    # nf4_mma's default for x's K slices)
+    x_shared = nf4_mma.MMA_DEFAULTS["x_shared"]
     for name, expected in (
-        ("bf16_copy:mma", (True, True)),
-        ("bf16_copy:nf4_matmul", (False, True)),
-        ("bf16_copy:mma:serial", (True, False)),
+        ("bf16_copy:mma", (True, True, x_shared)),
+        ("bf16_copy:nf4_matmul", (False, True, x_shared)),
+        ("bf16_copy:mma:serial", (True, False, x_shared)),
+        ("bf16_copy:x_shared", (False, True, 32768)),
     ):
         engine = speed.engine_for(name)
         inner = engine._engine if name.count(":") == 1 else engine._engine._engine
         assert type(inner).__name__ == "Bf16CopyEngine", type(inner)
         monkeypatch.setattr(
-            inner, "generate", lambda *a, **k: seen.append((nf4_matmul.MMA_KERNEL, launch_order.PROGRAMMATIC))
+            inner,
+            "generate",
+            lambda *a, **k: seen.append(
+                (nf4_matmul.MMA_KERNEL, launch_order.PROGRAMMATIC, nf4_mma.MMA_DEFAULTS["x_shared"])
+            ),
         )
         engine.generate()
         assert seen[-1] == expected, name
         assert nf4_matmul.MMA_KERNEL is False and launch_order.PROGRAMMATIC is True
+        assert nf4_mma.MMA_DEFAULTS["x_shared"] == x_shared
     # "% of bound" is of the card the run has: the H100 of results/default_on_call/ has 3.35 TB/s
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for name, bandwidth in (

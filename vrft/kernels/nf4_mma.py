@@ -103,9 +103,14 @@ MMA_DEFAULTS = {
     # the H200 (results/absmax_shared_call/): 113.9 us per 7B decoder layer against 120.4, every projection
     # faster; where a slice's scales would not fit, the absmax words serve it:
     "absmax_shared": True,
+    # the most bytes of shared memory that a program's K slice of x may take (0: x loaded at each step):
+    # the slice loaded once before the K loop, the loop reading x there instead of through L1, where
+    # bench/rollout/mma_anatomy.py found 6.5 of gate+up's 60 us lost on misses (H100); the K split rises
+    # until the slice fits
+    "x_shared": 0,
 }
-# the three load variants off: the kernel as first timed, which the sweep and the tests measure them against
-PLAIN_LOADS = {"absmax_words": False, "prefetch": 0, "clamp_rows": False, "absmax_shared": False}
+# the load variants off: the kernel as first timed, which the sweep and the tests measure them against
+PLAIN_LOADS = {"absmax_words": False, "prefetch": 0, "clamp_rows": False, "absmax_shared": False, "x_shared": 0}
 
 
 def unsupported(
@@ -288,7 +293,7 @@ if gluon is not None:
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCKS: gl.constexpr, SPLIT: gl.constexpr,
         ABSMAX_WORDS: gl.constexpr, PREFETCH: gl.constexpr, CLAMP_ROWS: gl.constexpr,
         SLICE_BLOCKS: gl.constexpr, SCALES: gl.constexpr, SCALES_SHARED: gl.constexpr,
-        MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr, WORDS: gl.constexpr, XL: gl.constexpr,
+        X_STEPS: gl.constexpr, XP: gl.constexpr, X_SHARED: gl.constexpr, MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr, WORDS: gl.constexpr, XL: gl.constexpr,
         SECTORS: gl.constexpr, PDL: gl.constexpr, X_READY: gl.constexpr,
     ):  # fmt: skip
         DTYPE: gl.constexpr = x_ptr.dtype.element_ty
@@ -362,6 +367,9 @@ if gluon is not None:
         # and the outputs wait, and the whole K loop runs while that kernel (lora_input) still works.
         if not X_READY:
             wait_for_inputs(PDL)
+        xs = 0  # X_STEPS only
+        if X_STEPS > 0:  # the slice of x, loaded once
+            xs = _slice_x(x_ptr, pid_m, M, stride_xm, first, last, DTYPE, STEP, BLOCK_M, X_STEPS, XP, X_SHARED)
         for step in range(first, last):
             words = words_next
             ahead = gl.minimum(step + 1, last - 1)
@@ -373,9 +381,10 @@ if gluon is not None:
                                            NESTED_BLOCKSIZE)  # fmt: skip
             if PREFETCH > 0:
                 _prefetch_l2(sector_ptrs + gl.minimum(step + PREFETCH, last - 1) * (8 * BLOCKS))
-            acc = _step(acc, words, step, x_ptrs, mask_x, code2_ptr, absmax_ptr, absmax2_ptr, offset, row_blocks,
-                        mask_s, absmax_word, scale2, scales, step - first, tables, BLOCK_N, BLOCK_M, BLOCKS,
-                        NESTED, NESTED_BLOCKSIZE, ABSMAX_WORDS, SLICE_BLOCKS, DTYPE, MMA, A, B)  # fmt: skip
+            acc = _step(acc, words, step, x_ptrs, mask_x, xs, code2_ptr, absmax_ptr, absmax2_ptr, offset,
+                        row_blocks, mask_s, absmax_word, scale2, scales, step - first, tables, BLOCK_N, BLOCK_M,
+                        BLOCKS, NESTED, NESTED_BLOCKSIZE, ABSMAX_WORDS, SLICE_BLOCKS, X_STEPS, DTYPE, MMA, XL, A,
+                        B)  # fmt: skip
         if X_READY:
             wait_for_inputs(PDL)
         if SEGMENTS > 0:  # the outputs' pointers, read only now
@@ -390,18 +399,22 @@ if gluon is not None:
                stride_ym, BLOCK_M, BLOCK_N, SPLIT, HAS_BIAS, MMA)  # fmt: skip
 
     @gluon.jit
-    def _step(acc, words, step, x_ptrs, mask_x, code2_ptr, absmax_ptr, absmax2_ptr, offset, row_blocks, mask_s,
-              absmax_word, scale2, scales, local_step, tables, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
-              BLOCKS: gl.constexpr, NESTED: gl.constexpr, NESTED_BLOCKSIZE: gl.constexpr,
-              ABSMAX_WORDS: gl.constexpr, SLICE_BLOCKS: gl.constexpr, DTYPE: gl.constexpr, MMA: gl.constexpr,
-              A: gl.constexpr, B: gl.constexpr):  # fmt: skip
+    def _step(acc, words, step, x_ptrs, mask_x, xs, code2_ptr, absmax_ptr, absmax2_ptr, offset, row_blocks,
+              mask_s, absmax_word, scale2, scales, local_step, tables, BLOCK_N: gl.constexpr,
+              BLOCK_M: gl.constexpr, BLOCKS: gl.constexpr, NESTED: gl.constexpr, NESTED_BLOCKSIZE: gl.constexpr,
+              ABSMAX_WORDS: gl.constexpr, SLICE_BLOCKS: gl.constexpr, X_STEPS: gl.constexpr,
+              DTYPE: gl.constexpr, MMA: gl.constexpr, XL: gl.constexpr, A: gl.constexpr,
+              B: gl.constexpr):  # fmt: skip
         """`acc` plus the products of loop step `step`: `words` its packed codes, BLOCKS blocks of 64 columns
         (with SLICE_BLOCKS, `scales` the K slice's scales in shared memory and `local_step` the step's place
         in the slice: `_slice_scales`; else with ABSMAX_WORDS, `absmax_word` and `scale2` its absmax loads:
-        `_absmax_word`)."""
-        # x is read by every program (L2) and every warp (L1): loaded where it is used, not a step ahead,
-        # whose register copies at the loop's end cost ~0.5 byte permutes per weight
-        x = _load(x_ptrs + step * (64 * BLOCKS), mask_x, 0.0)
+        `_absmax_word`; with X_STEPS, `xs` the slice's x in shared memory: `_slice_x`)."""
+        if X_STEPS > 0:
+            x = xs.index(local_step).load(XL)
+        else:
+            # x is read by every program (L2) and every warp (L1): loaded where it is used, not a step ahead,
+            # whose register copies at the loop's end cost ~0.5 byte permutes per weight
+            x = _load(x_ptrs + step * (64 * BLOCKS), mask_x, 0.0)
         codes = _decode(words, tables, BLOCK_N, BLOCKS, DTYPE)
         operands = _x_operands(x, BLOCK_M, BLOCKS, B)
         zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
@@ -439,6 +452,23 @@ if gluon is not None:
         # loop, at every step. The rows are then read one at a time, through a view whose layout is a row's.
         gl.thread_barrier()
         return scales._reinterpret(gl.float32, [SLICE_BLOCKS, BLOCK_N], SCALE_ROW_SHARED)
+
+    @gluon.jit
+    def _slice_x(x_ptr, pid_m, M, stride_xm, first, last, DTYPE: gl.constexpr, STEP: gl.constexpr,
+                 BLOCK_M: gl.constexpr, X_STEPS: gl.constexpr, XP: gl.constexpr,
+                 X_SHARED: gl.constexpr):  # fmt: skip
+        """x's rows of the program's K slice (steps `first .. last`, zeros past them and past x's rows) in
+        shared memory, `[X_STEPS, STEP, BLOCK_M]`: loaded by all of the program's warps before the K loop,
+        all loads in flight at once, where the loop otherwise loads each step's x in every warp through L1."""
+        columns = gl.arange(0, STEP, layout=gl.SliceLayout(1, XP))
+        rows = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, XP))
+        pointers = x_ptr + (rows.to(gl.int64) * stride_xm)[None, :] + (first * STEP + columns)[:, None]
+        in_rows = (rows < M)[None, :]
+        xs = gl.allocate_shared_memory(DTYPE, [X_STEPS, STEP, BLOCK_M], X_SHARED)
+        for local in gl.static_range(X_STEPS):
+            xs.index(local).store(gl.load(pointers + local * STEP, mask=in_rows & (first + local < last), other=0.0))
+        gl.thread_barrier()  # as `_slice_scales`: one barrier here, none in the loop
+        return xs
 
     @gluon.jit
     def _absmax_word(absmax_ptr, absmax2_ptr, first_block, mask, NESTED_BLOCKSIZE: gl.constexpr):
@@ -555,6 +585,8 @@ def launch_config(rows: int, out_features: int, in_features: int, device: torch.
     steps = in_features // (64 * blocks)
     wanted = triton.cdiv(chosen["programs_per_sm"] * multiprocessors(device), tiles)
     split_k = max(1, min(wanted, steps // 2, 64))
+    while chosen["x_shared"] and x_slice_bytes(steps, split_k, blocks, block_m) > chosen["x_shared"]:
+        split_k += 1  # until the slice of x fits (at one step a slice it always does)
     split_k = triton.cdiv(steps, triton.cdiv(steps, split_k))  # no empty slice: each reads its first step
     return {
         "BLOCK_M": block_m,
@@ -567,6 +599,7 @@ def launch_config(rows: int, out_features: int, in_features: int, device: torch.
         "prefetch": chosen["prefetch"],
         "clamp_rows": chosen["clamp_rows"],
         "absmax_shared": chosen["absmax_shared"],
+        "x_shared": chosen["x_shared"],
     }
 
 
@@ -643,6 +676,44 @@ def slice_scales(config: dict, in_features: int) -> dict:
     }
 
 
+def x_slice_bytes(steps: int, split_k: int, blocks: int, block_m: int) -> int:
+    """The shared memory that `x_shared` gives x's K slice: its loop steps to a power of two, `64 blocks`
+    columns of `block_m` 16-bit rows each."""
+    return triton.next_power_of_2(triton.cdiv(steps, split_k)) * 64 * blocks * block_m * 2
+
+
+def slice_x(config: dict, in_features: int) -> dict:
+    """`X_STEPS` (the loop steps of one K slice of x, to a power of two; 0 where `x_shared` is off or they
+    would take more than it allows) and the layouts of a step of x: distributed as the program's warps load
+    it (each a quarter of the step), and in shared memory, where the loop's reads (`layouts`' x: a thread
+    16 consecutive columns of a row, lanes 4 column groups x 8 rows) take 16 bytes a lane, and the eight
+    lanes of each quarter warp (4 column groups x 2 rows) eight different 16-byte bank groups: no bank
+    conflicts."""
+    block_m, blocks, warps = config["BLOCK_M"], config["BLOCKS"], config["num_warps"]
+    steps = in_features // (64 * blocks)
+    x_steps = triton.next_power_of_2(triton.cdiv(steps, config["SPLIT_K"]))
+    if not config.get("x_shared") or x_slice_bytes(steps, config["SPLIT_K"], blocks, block_m) > config["x_shared"]:
+        x_steps = 0
+    m_repeats = [[0, 8 * 2**i] for i in range((block_m // 8).bit_length() - 1)]
+    x_blocks = [[64 * 2**i, 0] for i in range(blocks.bit_length() - 1)]
+    spread = x_blocks + m_repeats  # the warps take the first of these, the registers the rest
+    warp_bits = warps.bit_length() - 1
+    loading = gl.DistributedLinearLayout(
+        reg_bases=[[1, 0], [2, 0], [4, 0], [8, 0], *spread[warp_bits:]],
+        lane_bases=[[16, 0], [32, 0], [0, 1], [0, 2], [0, 4]],
+        warp_bases=(spread + [[0, 0]] * warp_bits)[:warp_bits],
+        block_bases=[],
+        shape=[64 * blocks, block_m],
+    )
+    return {
+        "X_STEPS": x_steps,
+        "XP": loading,
+        # a step's [STEP, BLOCK_M] (the leading axis of the buffer indexes the steps), columns contiguous,
+        # each row's 16-byte units XOR-ed with its low three bits
+        "X_SHARED": gl.SwizzledSharedLayout(8, 1, 8, [0, 1]),
+    }
+
+
 def kernel_constants(config: dict, nested: bool, nested_blocksize: int, has_bias: bool, lora_rank: int,
                      segments: int, absmax_aligned: bool, in_features: int) -> dict:  # fmt: skip
     """The kernel's compile-time arguments for launch config `config` and a call's facts (`LORA_RANK` 0 or a
@@ -662,6 +733,6 @@ def kernel_constants(config: dict, nested: bool, nested_blocksize: int, has_bias
         "SEGMENTS": segments, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCKS": blocks,
         "SPLIT": config["SPLIT_K"] > 1, "ABSMAX_WORDS": absmax_words, "PREFETCH": config.get("prefetch", 0),
         "CLAMP_ROWS": config.get("clamp_rows", False),
-        **slice_scales(config, in_features),
+        **slice_scales(config, in_features), **slice_x(config, in_features),
         "MMA": mma, "A": operand_a, "B": operand_b, "WORDS": words, "XL": x_layout, "SECTORS": sectors,
     }  # fmt: skip
