@@ -110,7 +110,13 @@ MMA_DEFAULTS = {
     "x_shared": 0,
 }
 # the load variants off: the kernel as first timed, which the sweep and the tests measure them against
-PLAIN_LOADS = {"absmax_words": False, "prefetch": 0, "clamp_rows": False, "absmax_shared": False, "x_shared": 0}
+PLAIN_LOADS = {
+    "absmax_words": False,
+    "prefetch": 0,
+    "clamp_rows": False,
+    "absmax_shared": False,
+    "x_shared": 0,
+}
 
 
 def unsupported(
@@ -369,7 +375,9 @@ if gluon is not None:
             wait_for_inputs(PDL)
         xs = 0  # X_STEPS only
         if X_STEPS > 0:  # the slice of x, loaded once
-            xs = _slice_x(x_ptr, pid_m, M, stride_xm, first, last, DTYPE, STEP, BLOCK_M, X_STEPS, XP, X_SHARED)
+            xs = _slice_x(
+                x_ptr, pid_m, M, stride_xm, first, last, DTYPE, STEP, BLOCK_M, X_STEPS, XP, X_SHARED
+            )
         for step in range(first, last):
             words = words_next
             ahead = gl.minimum(step + 1, last - 1)
@@ -466,7 +474,9 @@ if gluon is not None:
         in_rows = (rows < M)[None, :]
         xs = gl.allocate_shared_memory(DTYPE, [X_STEPS, STEP, BLOCK_M], X_SHARED)
         for local in gl.static_range(X_STEPS):
-            xs.index(local).store(gl.load(pointers + local * STEP, mask=in_rows & (first + local < last), other=0.0))
+            xs.index(local).store(
+                gl.load(pointers + local * STEP, mask=in_rows & (first + local < last), other=0.0)
+            )
         gl.thread_barrier()  # as `_slice_scales`: one barrier here, none in the loop
         return xs
 
@@ -692,7 +702,10 @@ def slice_x(config: dict, in_features: int) -> dict:
     block_m, blocks, warps = config["BLOCK_M"], config["BLOCKS"], config["num_warps"]
     steps = in_features // (64 * blocks)
     x_steps = triton.next_power_of_2(triton.cdiv(steps, config["SPLIT_K"]))
-    if not config.get("x_shared") or x_slice_bytes(steps, config["SPLIT_K"], blocks, block_m) > config["x_shared"]:
+    if (
+        not config.get("x_shared")
+        or x_slice_bytes(steps, config["SPLIT_K"], blocks, block_m) > config["x_shared"]
+    ):
         x_steps = 0
     m_repeats = [[0, 8 * 2**i] for i in range((block_m // 8).bit_length() - 1)]
     x_blocks = [[64 * 2**i, 0] for i in range(blocks.bit_length() - 1)]
