@@ -1,6 +1,7 @@
 """Where `nf4_mma`'s time goes: its K loop with parts taken out, timed on the 7B projections.
 
     python bench/rollout/mma_anatomy.py --out mma_anatomy.json [--rows 16]
+    python bench/rollout/mma_anatomy.py --out mma_kernels.json --kernels   # KERNEL_VARIANTS only
 
 Why: the 4-bit kernel runs at ~1.2 TB/s on the H200 and on the H100 alike (bench/rollout/results.md), so
 neither card's bandwidth bounds it, and sweeps of tiles, warps, register caps, K splits and load orders
@@ -19,6 +20,10 @@ by removing the others: `nf4_mma._mma_4bit_kernel`'s loop rebuilt from its own h
 - `scaled`: + each block's absmax (the words, a step ahead) and the scaling: the kernel's loop before
   `absmax_shared` (which works the slice's absmax out before the loop);
 - `kernel`: `matmul_4bit_mma` itself (its split-K epilogue, output store).
+
+`--kernels` times only `matmul_4bit_mma`, at each of `KERNEL_VARIANTS`, on these launches: what a switch of
+`MMA_DEFAULTS` changes in the engine's decode step, where `mma_sweep.py` times one weight at a time (gate
+alone, whose K split differs from gate+up's).
 
 Each program stores its own sums (no split-K reduction) so nothing is optimised away. Timed as
 `kernel_sweep.measure` times (CUDA-graph replays over weight copies that add up to 3x the L2: every call
@@ -58,6 +63,14 @@ from vrft.kernels.workspace import multiprocessors  # noqa: E402
 DEVICE = torch.device("cuda")
 # the engine's launches (`matmul_4bit_segments` over gate+up and over q+k+v), and down and o alone
 SHAPES = {"gate_up": (37888, 3584), "down": (3584, 18944), "q_k_v": (4608, 3584), "o": (3584, 3584)}
+# `--kernels`: name -> launch_config choices (x's K slice in shared memory at two sizes: gate+up's split
+# rises from 2 to 4 for 32 KB; 64 KB keeps it at 2 with three programs a multiprocessor, not four)
+KERNEL_VARIANTS = {
+    "kernel": {},
+    "kernel_x_shared_32k": {"x_shared": 32768},
+    "kernel_x_shared_64k": {"x_shared": 65536},
+    "kernel_programs_16": {"programs_per_sm": 16},  # gate+up split 4 without x_shared
+}
 # stage: (decode, load x, scale, code loads in flight a warp, wide loads, x always from the first step)
 STAGES = {
     "loads": (0, 0, 0, 1, 0, 0),
@@ -286,6 +299,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--rows", type=int, default=16)
+    parser.add_argument("--kernels", action="store_true", help="KERNEL_VARIANTS only, no stages")
     args = parser.parse_args()
     log = Log(args.out.with_suffix(".log"))
     torch.manual_seed(0)
@@ -299,14 +313,21 @@ def main() -> None:
         calls = [(x, packed, state) for packed, state in copies]
         nbytes = packed_bytes(out_features, in_features)
         entry = {"config": config, "us": {}, "percent_of_bound": {}}
-        launchers = {stage: anatomy(stage, config) for stage in STAGES}
-        for wide in (False, True):
-            for per_sm in (5, 8):
-                name_p = f"loads{'_wide' if wide else ''}_persistent_{per_sm}"
-                launchers[name_p] = persistent_loads(config, wide, per_sm)
-        launchers["kernel"] = matmul_4bit_mma
+        launchers, configs = {}, {}
+        if args.kernels:
+            for variant, choices in KERNEL_VARIANTS.items():
+                launchers[variant] = matmul_4bit_mma
+                configs[variant] = launch_config(args.rows, out_features, in_features, DEVICE, **choices)
+            entry["configs"] = configs
+        else:
+            launchers = {stage: anatomy(stage, config) for stage in STAGES}
+            for wide in (False, True):
+                for per_sm in (5, 8):
+                    name_p = f"loads{'_wide' if wide else ''}_persistent_{per_sm}"
+                    launchers[name_p] = persistent_loads(config, wide, per_sm)
+            launchers["kernel"] = matmul_4bit_mma
         for stage, kernel in launchers.items():
-            us = time_us(kernel, calls, config=config)
+            us = time_us(kernel, calls, config=configs.get(stage, config))
             entry["us"][stage] = us
             entry["percent_of_bound"][stage] = 100 * nbytes / (us * 1e-6) / bandwidth
         results["shapes"][name] = entry
@@ -317,6 +338,12 @@ def main() -> None:
         args.out.write_text(json.dumps(results, indent=1))
         del copies, calls
         torch.cuda.empty_cache()
+    if args.kernels:  # a decoder layer runs each launch once
+        for variant in KERNEL_VARIANTS:
+            layer = sum(entry["us"][variant] for entry in results["shapes"].values())
+            results.setdefault("layer_us", {})[variant] = layer
+            log(f"{variant}: {layer:.1f} us a decoder layer")
+        args.out.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

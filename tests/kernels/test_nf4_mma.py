@@ -448,7 +448,7 @@ def test_every_stage_of_the_anatomy_compiles_for_sm_90(monkeypatch):
     import sys
     from pathlib import Path
 
-    from vrft.kernels.nf4_offline import compile_gluon, instructions, mnemonic, sass
+    from vrft.kernels.nf4_offline import compile_gluon, compile_mma, instructions, mnemonic, sass
 
     root = Path(__file__).resolve().parents[2] / "bench"
     monkeypatch.syspath_prepend(str(root / "rollout"))
@@ -480,6 +480,11 @@ def test_every_stage_of_the_anatomy_compiles_for_sm_90(monkeypatch):
             )
             loads = {mnemonic(text) for _, text in instructions(sass(compiled)) if "LDG" in text}
             assert loads == {"LDG.E.128" if wide else "LDG.E.64"}, loads
+        for name, choices in anatomy.KERNEL_VARIANTS.items():  # `--kernels`: the kernel's own switches
+            assert set(choices) <= set(nf4_mma.MMA_DEFAULTS), name
+            for out_features, in_features in anatomy.SHAPES.values():
+                config = nf4_mma.launch_config(16, out_features, in_features, torch.device("meta"), **choices)
+                assert compile_mma(config, in_features=in_features).asm["cubin"], (name, out_features)
     finally:
         for module in ("mma_anatomy", "kernel_sweep", "speed"):
             sys.modules.pop(module, None)
