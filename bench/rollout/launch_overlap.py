@@ -5,7 +5,8 @@ replays it: RMSNorm (`add_rms_norm`), `x A^T` (`lora_input`, rank 64 for gate an
 matmul with the LoRA term. Timed three ways: every launch after the last has drained (`serial`), with
 programmatic launch (`pdl`: each kernel's start overlaps the last one's end), and with the 4-bit kernel's
 K loop also running beside `lora_input` (`pdl_x_ready`, what the engine does). Each chain is also timed
-without its `lora_input` (and without the LoRA term), the time the overlap could hide at best.
+without its `lora_input` (and without the LoRA term), the time the overlap could hide at best. The chains
+marked `x_shared` run with nf4_mma's `x_shared` switch (x's K slices in shared memory) at 32 KB.
 
     python bench/rollout/launch_overlap.py --out $OUT/launch_overlap.json
 """
@@ -65,6 +66,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     result = {"device": torch.cuda.get_device_name(), "layers": LAYERS, "us_per_chain": {}}
+    x_shared = {**nf4_mma.MMA_DEFAULTS, "x_shared": 32768}
     for name, programmatic, with_lora, x_ready in (
         ("serial", False, True, False),
         ("pdl", True, True, False),
@@ -72,10 +74,14 @@ def main() -> None:
         ("serial_without_lora", False, False, False),
         ("pdl_without_lora", True, False, False),
     ):
-        with mock.patch.object(launch_order, "PROGRAMMATIC", programmatic):
-            result["us_per_chain"][name] = time_us(
-                chain(with_lora, x_ready), [()]
-            )  # replayed in a CUDA graph
+        for suffix, defaults in (("", nf4_mma.MMA_DEFAULTS), ("_x_shared", x_shared)):
+            with (
+                mock.patch.object(launch_order, "PROGRAMMATIC", programmatic),
+                mock.patch.object(nf4_mma, "MMA_DEFAULTS", defaults),
+            ):
+                result["us_per_chain"][name + suffix] = time_us(
+                    chain(with_lora, x_ready), [()]
+                )  # replayed in a CUDA graph
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     for name, us in result["us_per_chain"].items():
