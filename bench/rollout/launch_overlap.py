@@ -5,8 +5,9 @@ replays it: RMSNorm (`add_rms_norm`), `x A^T` (`lora_input`, rank 64 for gate an
 matmul with the LoRA term. Timed three ways: every launch after the last has drained (`serial`), with
 programmatic launch (`pdl`: each kernel's start overlaps the last one's end), and with the 4-bit kernel's
 K loop also running beside `lora_input` (`pdl_x_ready`, what the engine does). Each chain is also timed
-without its `lora_input` (and without the LoRA term), the time the overlap could hide at best. The chains
-marked `x_shared` run with nf4_mma's `x_shared` switch (x's K slices in shared memory) at 32 KB.
+without its `lora_input` (and without the LoRA term), the time the overlap could hide at best. Each chain
+also runs with switches of nf4_mma's defaults (`DEFAULTS_VARIANTS`): `x_shared` (x's K slices in shared
+memory, 32 KB) and, on the chains with the adapter, `lora_prefetch` (LoRA B asked of L2 before the K loop).
 
     python bench/rollout/launch_overlap.py --out $OUT/launch_overlap.json
 """
@@ -30,6 +31,13 @@ from vrft.kernels.decode_fusions import add_rms_norm  # noqa: E402
 from vrft.kernels.lora_input import lora_input  # noqa: E402
 
 LAYERS, ROWS, HIDDEN, GATE_UP, RANK = 28, 16, 3584, 2 * 18944, 64
+# name suffix -> switches of nf4_mma's defaults the chain runs with
+DEFAULTS_VARIANTS = {
+    "": {},
+    "_x_shared": {"x_shared": 32768},
+    "_lora_prefetch": {"lora_prefetch": True},
+    "_x_shared_lora_prefetch": {"x_shared": 32768, "lora_prefetch": True},
+}
 
 
 def chain(with_lora: bool, x_ready: bool):
@@ -66,7 +74,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     result = {"device": torch.cuda.get_device_name(), "layers": LAYERS, "us_per_chain": {}}
-    x_shared = {**nf4_mma.MMA_DEFAULTS, "x_shared": 32768}
     for name, programmatic, with_lora, x_ready in (
         ("serial", False, True, False),
         ("pdl", True, True, False),
@@ -74,7 +81,10 @@ def main() -> None:
         ("serial_without_lora", False, False, False),
         ("pdl_without_lora", True, False, False),
     ):
-        for suffix, defaults in (("", nf4_mma.MMA_DEFAULTS), ("_x_shared", x_shared)):
+        for suffix, choices in DEFAULTS_VARIANTS.items():
+            if "lora_prefetch" in choices and not with_lora:
+                continue
+            defaults = {**nf4_mma.MMA_DEFAULTS, **choices}
             with (
                 mock.patch.object(launch_order, "PROGRAMMATIC", programmatic),
                 mock.patch.object(nf4_mma, "MMA_DEFAULTS", defaults),

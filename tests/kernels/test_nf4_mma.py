@@ -106,6 +106,12 @@ def test_the_load_variants_compile_to_fewer_loads_a_prefetch_and_no_masked_loads
     assert "CCTL" not in loops["plain"] and loops["prefetch"]["CCTL"] == 2, loops
     # masked loads zero their registers first (CS2R); clamped rows take none
     assert loops["plain"]["CS2R"] >= 40 and "CS2R" not in loops["clamp"], loops
+    # `lora_prefetch`: L2 prefetches (CCTL) of the tile's LoRA B rows, issued before the loop, none in it
+    for segments in (0, 2):
+        compiled = compile_mma({**config, "lora_prefetch": True}, arch=arch, lora_rank=64, segments=segments,
+                               x_ready=True)  # fmt: skip
+        listing = sass(compiled)
+        assert listing.count("CCTL") >= 1 and "CCTL" not in main_loop_opcodes(listing), segments
 
 
 def test_matmul_4bit_takes_this_kernel_only_when_switched_on(monkeypatch):
@@ -278,6 +284,8 @@ def segments_case(sizes: tuple[int, ...], rows: int, in_features: int):
         {"x_shared": 65536, "BLOCKS": 1},
         {"x_shared": 65536, "absmax_shared": True, "clamp_rows": True},
         {"x_shared": 65536, "absmax_shared": True, "absmax_words": True, "BLOCKS": 2},
+        {"lora_prefetch": True},
+        {"lora_prefetch": True, "x_shared": 65536, "absmax_shared": True},
     ],
 )
 @pytest.mark.parametrize("rows", [8, 17])
@@ -384,14 +392,16 @@ def test_the_benchmarks_engine_suffixes_set_the_switch_for_a_generate_and_put_it
     monkeypatch.setattr(nf4_matmul, "MMA_KERNEL", False)
     seen = []
     # (on `bf16_copy`, which builds without CUDA: `packed` refuses a machine without Triton before it starts;
-    # `:serial` turns programmatic dependent launch off, and stacks on the kernel's suffix; `:x_shared` sets
-    # nf4_mma's default for x's K slices)
-    x_shared = nf4_mma.MMA_DEFAULTS["x_shared"]
+    # `:serial` turns programmatic dependent launch off, and stacks on the kernel's suffix; `:x_shared` and
+    # `:lora_prefetch` each set one of nf4_mma's defaults)
+    defaults = dict(nf4_mma.MMA_DEFAULTS)
+    plain = (defaults["x_shared"], defaults["lora_prefetch"])
     for name, expected in (
-        ("bf16_copy:mma", (True, True, x_shared)),
-        ("bf16_copy:nf4_matmul", (False, True, x_shared)),
-        ("bf16_copy:mma:serial", (True, False, x_shared)),
-        ("bf16_copy:x_shared", (False, True, 32768)),
+        ("bf16_copy:mma", (True, True, *plain)),
+        ("bf16_copy:nf4_matmul", (False, True, *plain)),
+        ("bf16_copy:mma:serial", (True, False, *plain)),
+        ("bf16_copy:x_shared", (False, True, 32768, plain[1])),
+        ("bf16_copy:lora_prefetch", (False, True, plain[0], True)),
     ):
         engine = speed.engine_for(name)
         inner = engine._engine if name.count(":") == 1 else engine._engine._engine
@@ -400,13 +410,18 @@ def test_the_benchmarks_engine_suffixes_set_the_switch_for_a_generate_and_put_it
             inner,
             "generate",
             lambda *a, **k: seen.append(
-                (nf4_matmul.MMA_KERNEL, launch_order.PROGRAMMATIC, nf4_mma.MMA_DEFAULTS["x_shared"])
+                (
+                    nf4_matmul.MMA_KERNEL,
+                    launch_order.PROGRAMMATIC,
+                    nf4_mma.MMA_DEFAULTS["x_shared"],
+                    nf4_mma.MMA_DEFAULTS["lora_prefetch"],
+                )
             ),
         )
         engine.generate()
         assert seen[-1] == expected, name
         assert nf4_matmul.MMA_KERNEL is False and launch_order.PROGRAMMATIC is True
-        assert nf4_mma.MMA_DEFAULTS["x_shared"] == x_shared
+        assert nf4_mma.MMA_DEFAULTS == defaults
     # "% of bound" is of the card the run has: the H100 of results/default_on_call/ has 3.35 TB/s
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for name, bandwidth in (

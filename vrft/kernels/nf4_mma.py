@@ -108,6 +108,9 @@ MMA_DEFAULTS = {
     # bench/rollout/mma_anatomy.py found 6.5 of gate+up's 60 us lost on misses (H100); the K split rises
     # until the slice fits
     "x_shared": 0,
+    # an L2 prefetch of the tile's LoRA B rows before the K loop, which the epilogue otherwise loads from
+    # DRAM after it (bench/rollout/launch_overlap.py: the adapter cost ~10 us a gate/up launch, H100)
+    "lora_prefetch": False,
 }
 # the load variants off: the kernel as first timed, which the sweep and the tests measure them against
 PLAIN_LOADS = {
@@ -116,6 +119,7 @@ PLAIN_LOADS = {
     "clamp_rows": False,
     "absmax_shared": False,
     "x_shared": 0,
+    "lora_prefetch": False,
 }
 
 
@@ -299,7 +303,8 @@ if gluon is not None:
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCKS: gl.constexpr, SPLIT: gl.constexpr,
         ABSMAX_WORDS: gl.constexpr, PREFETCH: gl.constexpr, CLAMP_ROWS: gl.constexpr,
         SLICE_BLOCKS: gl.constexpr, SCALES: gl.constexpr, SCALES_SHARED: gl.constexpr,
-        X_STEPS: gl.constexpr, XP: gl.constexpr, X_SHARED: gl.constexpr, MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr, WORDS: gl.constexpr, XL: gl.constexpr,
+        X_STEPS: gl.constexpr, XP: gl.constexpr, X_SHARED: gl.constexpr, LORA_PREFETCH: gl.constexpr,
+        MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr, WORDS: gl.constexpr, XL: gl.constexpr,
         SECTORS: gl.constexpr, PDL: gl.constexpr, X_READY: gl.constexpr,
     ):  # fmt: skip
         DTYPE: gl.constexpr = x_ptr.dtype.element_ty
@@ -311,10 +316,12 @@ if gluon is not None:
         if SEGMENTS > 0:  # several weights in one launch: this tile's weight, its rows local to that weight
             # (the outputs' pointers it also returns are read again after the loop: held through it they cost
             # ~20 registers; these loads, unused, are dropped)
-            packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, _, _, _, _, _, N, tile_n = segment(
-                segments_ptr, pid_n, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, bias_ptr,
-                lora_in_ptr, lora_b_ptr, y_ptr, SEGMENTS, BLOCK_N,
+            packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, _, _, tile_lora_b, _, tile_rank, N, tile_n = (
+                segment(segments_ptr, pid_n, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, bias_ptr,
+                        lora_in_ptr, lora_b_ptr, y_ptr, SEGMENTS, BLOCK_N)
             )  # fmt: skip
+        else:
+            tile_lora_b, tile_rank = lora_b_ptr, lora_rank
         # the packed words of this tile's rows, one step's worth: [BLOCK_N, 8 BLOCKS]
         rows_w = tile_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, WORDS))
         words_w = gl.arange(0, 8 * BLOCKS, layout=gl.SliceLayout(0, WORDS))
@@ -366,6 +373,8 @@ if gluon is not None:
                                        NESTED_BLOCKSIZE)  # fmt: skip
         if PREFETCH > 0:
             sector_ptrs = _sector_pointers(packed_ptr, tile_n, N, K, BLOCK_N, BLOCKS, SECTORS)
+        if LORA_RANK > 0 and LORA_PREFETCH:  # the LoRA B rows the epilogue reads, asked of L2 now
+            _prefetch_lora_b(tile_lora_b, tile_rank, tile_n, N, LORA_RANK, BLOCK_N, gl.num_warps())
         # Everything above read only what no kernel of the decode step writes (the weights, their absmax and
         # code books, the segment table); x, the LoRA input and the outputs wait for the kernel before
         # (vrft.kernels.launch_order), while the first codes are on their way from memory. With X_READY (x's
@@ -503,6 +512,20 @@ if gluon is not None:
         return packed_ptr + (rows.to(gl.int64) * (K // 8))[:, None] + (8 * (sectors % BLOCKS))[None, :]
 
     @gluon.jit
+    def _prefetch_lora_b(lora_b_ptr, lora_rank, tile_n, N, LORA_RANK: gl.constexpr, BLOCK_N: gl.constexpr,
+                         WARPS: gl.constexpr):  # fmt: skip
+        """An L2 prefetch of every 128-byte line of the tile's rows of LoRA B (`[N, lora_rank]`, row-major):
+        a weight, so it may be asked for before the K loop, and the epilogue then finds it in L2 instead of
+        waiting on DRAM at the end of every program (bench/rollout/launch_overlap.py)."""
+        LINE: gl.constexpr = 128 // (lora_b_ptr.dtype.element_ty.primitive_bitwidth // 8)  # elements a line
+        LINES: gl.constexpr = (LORA_RANK + LINE - 1) // LINE
+        layout: gl.constexpr = gl.BlockedLayout([1, LINES], [32, 1], [WARPS, 1], [1, 0])
+        rows = tile_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))
+        rows = gl.minimum(rows, N - 1)  # in bounds: rows past the weight's end ask for its last row
+        columns = gl.minimum(LINE * gl.arange(0, LINES, layout=gl.SliceLayout(0, layout)), lora_rank - 1)
+        _prefetch_l2(lora_b_ptr + (rows.to(gl.int64) * lora_rank)[:, None] + columns[None, :])
+
+    @gluon.jit
     def _prefetch_l2(pointers):
         """Ask L2 for the sectors at `pointers` (no register waits for them: the loads that read them later
         find them in L2 instead of DRAM)."""
@@ -610,6 +633,7 @@ def launch_config(rows: int, out_features: int, in_features: int, device: torch.
         "clamp_rows": chosen["clamp_rows"],
         "absmax_shared": chosen["absmax_shared"],
         "x_shared": chosen["x_shared"],
+        "lora_prefetch": chosen["lora_prefetch"],
     }
 
 
@@ -745,7 +769,7 @@ def kernel_constants(config: dict, nested: bool, nested_blocksize: int, has_bias
         "NESTED": nested, "NESTED_BLOCKSIZE": nested_blocksize, "HAS_BIAS": has_bias, "LORA_RANK": lora_rank,
         "SEGMENTS": segments, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCKS": blocks,
         "SPLIT": config["SPLIT_K"] > 1, "ABSMAX_WORDS": absmax_words, "PREFETCH": config.get("prefetch", 0),
-        "CLAMP_ROWS": config.get("clamp_rows", False),
+        "CLAMP_ROWS": config.get("clamp_rows", False), "LORA_PREFETCH": config.get("lora_prefetch", False),
         **slice_scales(config, in_features), **slice_x(config, in_features),
         "MMA": mma, "A": operand_a, "B": operand_b, "WORDS": words, "XL": x_layout, "SECTORS": sectors,
     }  # fmt: skip
