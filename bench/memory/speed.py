@@ -60,9 +60,9 @@ SWITCHES = {
     ":serial": (launch_order, "PROGRAMMATIC", False),  # each kernel launched after the last has drained
     # nf4_mma with each program's K slice of x in shared memory (up to 32 KB: the K split rises to fit)
     ":x_shared": (nf4_mma, "MMA_DEFAULTS", {**nf4_mma.MMA_DEFAULTS, "x_shared": 32768}),
-    # nf4_mma with an L2 prefetch of the LoRA B rows before the K loop (each suffix of nf4_mma's defaults
+    # nf4_mma with the LoRA B rows copied into shared memory before the K loop (each suffix of nf4_mma's defaults
     # sets one switch: they do not stack)
-    ":lora_prefetch": (nf4_mma, "MMA_DEFAULTS", {**nf4_mma.MMA_DEFAULTS, "lora_prefetch": True}),
+    ":lora_b_shared": (nf4_mma, "MMA_DEFAULTS", {**nf4_mma.MMA_DEFAULTS, "lora_b_shared": True}),
 }
 
 
@@ -85,7 +85,7 @@ def engine_for(name: str, **options):
     """The engine `name` names: `bf16_copy`, `bf16_copy:unfused` for its torch-ops decode step, `packed:mma`
     and `packed:nf4_matmul` for `packed` with nf4_mma's kernel and without it (an engine without either
     suffix runs with the switch as it is: VRFT_NF4_MMA), `...:serial` without programmatic dependent launch
-    (vrft.kernels.launch_order), `...:x_shared` and `...:lora_prefetch` with that switch of `nf4_mma`'s
+    (vrft.kernels.launch_order), `...:x_shared` and `...:lora_b_shared` with that switch of `nf4_mma`'s
     defaults on; suffixes stack (`packed:mma:serial`), except two of `nf4_mma`'s defaults."""
     from vrft.rollout.engines import ROLLOUT_ENGINES
 

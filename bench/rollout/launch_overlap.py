@@ -5,9 +5,11 @@ replays it: RMSNorm (`add_rms_norm`), `x A^T` (`lora_input`, rank 64 for gate an
 matmul with the LoRA term. Timed three ways: every launch after the last has drained (`serial`), with
 programmatic launch (`pdl`: each kernel's start overlaps the last one's end), and with the 4-bit kernel's
 K loop also running beside `lora_input` (`pdl_x_ready`, what the engine does). Each chain is also timed
-without its `lora_input` (and without the LoRA term), the time the overlap could hide at best. Each chain
+without its `lora_input` (and without the LoRA term), the time the overlap could hide at best, and once with
+the LoRA term but no `lora_input` launch (`pdl_x_ready_lora_term_only`). Each chain
 also runs with switches of nf4_mma's defaults (`DEFAULTS_VARIANTS`): `x_shared` (x's K slices in shared
-memory, 32 KB) and, on the chains with the adapter, `lora_prefetch` (LoRA B asked of L2 before the K loop).
+memory, 32 KB) and, on the chains with the adapter, `lora_b_shared` (LoRA B copied into shared memory
+before the K loop).
 
     python bench/rollout/launch_overlap.py --out $OUT/launch_overlap.json
 """
@@ -35,13 +37,14 @@ LAYERS, ROWS, HIDDEN, GATE_UP, RANK = 28, 16, 3584, 2 * 18944, 64
 DEFAULTS_VARIANTS = {
     "": {},
     "_x_shared": {"x_shared": 32768},
-    "_lora_prefetch": {"lora_prefetch": True},
-    "_x_shared_lora_prefetch": {"x_shared": 32768, "lora_prefetch": True},
+    "_lora_b_shared": {"lora_b_shared": True},
+    "_x_shared_lora_b_shared": {"x_shared": 32768, "lora_b_shared": True},
 }
 
 
-def chain(with_lora: bool, x_ready: bool):
-    """One replayable call of the 28-layer chain (weights shared across layers: L2 holds none of 38 MB)."""
+def chain(with_lora: bool, x_ready: bool, launch_lora_input: bool = True):
+    """One replayable call of the 28-layer chain (weights shared across layers: L2 holds none of 38 MB);
+    without `launch_lora_input`, the LoRA term reads an `x A^T` computed once, outside the chain."""
     torch.manual_seed(0)
     weight = torch.randn(GATE_UP, HIDDEN, device="cuda", dtype=torch.bfloat16) * 0.02
     packed, state = bnb_functional.quantize_4bit(
@@ -52,12 +55,14 @@ def chain(with_lora: bool, x_ready: bool):
     lora_a = torch.randn(2 * RANK, HIDDEN, device="cuda", dtype=torch.bfloat16) * 0.02
     lora_b = torch.randn(GATE_UP, 2 * RANK, device="cuda", dtype=torch.bfloat16) * 0.02
 
+    product = lora_input(hidden, lora_a)
+
     def call():
         out = None
         for _ in range(LAYERS):
             x = add_rms_norm(hidden, None, norm, 1e-6)[1]
             if with_lora:
-                lora_in = lora_input(x, lora_a)
+                lora_in = lora_input(x, lora_a) if launch_lora_input else product
                 first = (packed, state, None, lora_b)
                 out = nf4_mma.launch(
                     first, (GATE_UP,), None, 2 * RANK, x, lora_in, 1.0, None, x_ready=x_ready
@@ -74,15 +79,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     result = {"device": torch.cuda.get_device_name(), "layers": LAYERS, "us_per_chain": {}}
-    for name, programmatic, with_lora, x_ready in (
-        ("serial", False, True, False),
-        ("pdl", True, True, False),
-        ("pdl_x_ready", True, True, True),
-        ("serial_without_lora", False, False, False),
-        ("pdl_without_lora", True, False, False),
+    for name, programmatic, with_lora, x_ready, launch_lora_input in (
+        ("serial", False, True, False, True),
+        ("pdl", True, True, False, True),
+        ("pdl_x_ready", True, True, True, True),
+        ("pdl_x_ready_lora_term_only", True, True, True, False),  # the LoRA term without lora_input
+        ("serial_without_lora", False, False, False, True),
+        ("pdl_without_lora", True, False, False, True),
     ):
         for suffix, choices in DEFAULTS_VARIANTS.items():
-            if "lora_prefetch" in choices and not with_lora:
+            if "lora_b_shared" in choices and not with_lora:
                 continue
             defaults = {**nf4_mma.MMA_DEFAULTS, **choices}
             with (
@@ -90,7 +96,7 @@ def main() -> None:
                 mock.patch.object(nf4_mma, "MMA_DEFAULTS", defaults),
             ):
                 result["us_per_chain"][name + suffix] = time_us(
-                    chain(with_lora, x_ready), [()]
+                    chain(with_lora, x_ready, launch_lora_input), [()]
                 )  # replayed in a CUDA graph
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
