@@ -13,7 +13,7 @@ from unittest import mock
 
 import torch
 
-from vrft.kernels import launch_order, nf4_matmul, nf4_mma
+from vrft.kernels import launch_order, nf4_matmul
 from vrft.precision.accounting import weight_bytes
 from vrft.rollout.batch import build_prompts
 from vrft.rollout.decoder import text_parts
@@ -58,11 +58,6 @@ SWITCHES = {
     ":mma": (nf4_matmul, "MMA_KERNEL", True),  # the 4-bit matmuls through nf4_mma's kernel
     ":nf4_matmul": (nf4_matmul, "MMA_KERNEL", False),  # through nf4_matmul's own kernel
     ":serial": (launch_order, "PROGRAMMATIC", False),  # each kernel launched after the last has drained
-    # nf4_mma with each program's K slice of x in shared memory (up to 32 KB: the K split rises to fit)
-    ":x_shared": (nf4_mma, "MMA_DEFAULTS", {**nf4_mma.MMA_DEFAULTS, "x_shared": 32768}),
-    # nf4_mma with the LoRA B rows copied into shared memory before the K loop (each suffix of nf4_mma's defaults
-    # sets one switch: they do not stack)
-    ":lora_b_shared": (nf4_mma, "MMA_DEFAULTS", {**nf4_mma.MMA_DEFAULTS, "lora_b_shared": True}),
 }
 
 
@@ -70,7 +65,7 @@ class _WithSwitch:
     """An engine whose `generate` runs with `module.attribute` set to `value` (its CUDA graph is captured
     inside `generate`, so the graph holds the kernels as launched then), the switch put back after."""
 
-    def __init__(self, engine, module, attribute: str, value):
+    def __init__(self, engine, module, attribute: str, value: bool):
         self._engine, self._switch = engine, (module, attribute, value)
 
     def __getattr__(self, name):
@@ -85,8 +80,7 @@ def engine_for(name: str, **options):
     """The engine `name` names: `bf16_copy`, `bf16_copy:unfused` for its torch-ops decode step, `packed:mma`
     and `packed:nf4_matmul` for `packed` with nf4_mma's kernel and without it (an engine without either
     suffix runs with the switch as it is: VRFT_NF4_MMA), `...:serial` without programmatic dependent launch
-    (vrft.kernels.launch_order), `...:x_shared` and `...:lora_b_shared` with that switch of `nf4_mma`'s
-    defaults on; suffixes stack (`packed:mma:serial`), except two of `nf4_mma`'s defaults."""
+    (vrft.kernels.launch_order); suffixes stack (`packed:mma:serial`)."""
     from vrft.rollout.engines import ROLLOUT_ENGINES
 
     for suffix, switch in SWITCHES.items():

@@ -6,10 +6,9 @@ matmul with the LoRA term. Timed three ways: every launch after the last has dra
 programmatic launch (`pdl`: each kernel's start overlaps the last one's end), and with the 4-bit kernel's
 K loop also running beside `lora_input` (`pdl_x_ready`, what the engine does). Each chain is also timed
 without its `lora_input` (and without the LoRA term), the time the overlap could hide at best, and once with
-the LoRA term but no `lora_input` launch (`pdl_x_ready_lora_term_only`). Each chain
-also runs with switches of nf4_mma's defaults (`DEFAULTS_VARIANTS`): `x_shared` (x's K slices in shared
-memory, 32 KB) and, on the chains with the adapter, `lora_b_shared` (LoRA B copied into shared memory
-before the K loop).
+the LoRA term but no `lora_input` launch (`pdl_x_ready_lora_term_only`). Each chain also runs with x
+loaded at each step (`_x_loads`: nf4_mma's `x_shared` off, which `launch` turns on where the kernel waits
+for x, not with `x_ready`).
 
     python bench/rollout/launch_overlap.py --out $OUT/launch_overlap.json
 """
@@ -34,12 +33,7 @@ from vrft.kernels.lora_input import lora_input  # noqa: E402
 
 LAYERS, ROWS, HIDDEN, GATE_UP, RANK = 28, 16, 3584, 2 * 18944, 64
 # name suffix -> switches of nf4_mma's defaults the chain runs with
-DEFAULTS_VARIANTS = {
-    "": {},
-    "_x_shared": {"x_shared": 32768},
-    "_lora_b_shared": {"lora_b_shared": True},
-    "_x_shared_lora_b_shared": {"x_shared": 32768, "lora_b_shared": True},
-}
+DEFAULTS_VARIANTS = {"": {}, "_x_loads": {"x_shared": 0}}
 
 
 def chain(with_lora: bool, x_ready: bool, launch_lora_input: bool = True):
@@ -88,8 +82,6 @@ def main() -> None:
         ("pdl_without_lora", True, False, False, True),
     ):
         for suffix, choices in DEFAULTS_VARIANTS.items():
-            if "lora_b_shared" in choices and not with_lora:
-                continue
             defaults = {**nf4_mma.MMA_DEFAULTS, **choices}
             with (
                 mock.patch.object(launch_order, "PROGRAMMATIC", programmatic),

@@ -45,13 +45,15 @@ DEVICE = torch.device("cuda")
 # by them): 122.8 us per decoder layer against the defaults' 120.5, so the switch was removed; taller tiles
 # of more warps lost too (128.7 and 143.1). The next (results/absmax_shared_call/, H200, 418582d): every
 # scale of a tile's K slice worked out once, kept in shared memory (`absmax_shared`), 113.9 against 120.4,
-# now the default. This one: each program's K slice of x in shared memory (`x_shared`, its most bytes; the
-# K split rises until the slice fits), at three sizes, with fewer programs and with two blocks a step.
+# now the default. The one before this (results/x_shared_call/, H100, 554e681): each program's K slice of x
+# in shared memory (`x_shared`), then off: 108.3 us per layer at 32 KB against 115.7, 108.2 at 64 KB, 118.1
+# at 16 KB, 107.2 at 32 KB with 4 programs a multiprocessor, 131.1 with two blocks a step; now the default
+# where the kernel waits for x. This one: the defaults against x loaded at each step and 64 KB.
 VARIANTS = [
     MMA_DEFAULTS,
-    *({**MMA_DEFAULTS, "x_shared": most} for most in (32768, 65536, 16384)),
-    {**MMA_DEFAULTS, "x_shared": 32768, "programs_per_sm": 4},
-    {**MMA_DEFAULTS, "x_shared": 32768, "BLOCKS": 2},
+    {**MMA_DEFAULTS, "x_shared": 0},
+    {**MMA_DEFAULTS, "x_shared": 65536},
+    {**MMA_DEFAULTS, "programs_per_sm": 4},
 ]
 
 

@@ -60,18 +60,21 @@ def test_the_main_loop_moves_no_operand_through_shared_memory_and_keeps_four_pro
     # What the kernel exists for (module docstring): no shared-memory writes, shuffles or barriers in the K
     # loop, its operands straight from memory into the MMA's registers, tensor-core MMAs there, no spills;
     # 128 registers leave four 4-warp programs per multiprocessor. Its only shared reads are the slice's
-    # scales (`absmax_shared`: two a block and thread), which take no more than SCALES_BYTES.
+    # scales (`absmax_shared`: two a block and thread) and, where the kernel waits for x, the slice's x
+    # (`x_shared`: 16 of 16 bytes a thread and step), which take no more than SCALES_BYTES and `x_shared`.
     from vrft.kernels.nf4_offline import compile_mma, main_loop_opcodes, registers, sass
 
     config = {**nf4_mma.launch_config(16, 18944, 3584, torch.device("meta")), "SPLIT_K": 4}
-    compiled = compile_mma(config, arch=arch, **extras)
-    loop = main_loop_opcodes(sass(compiled))
-    assert loop["HMMA"] > 0, loop
-    assert not {"STS", "LDSM", "BAR", "SHFL"} & set(loop), loop
-    assert loop["LDS"] == 2 * config["BLOCKS"], loop
-    assert compiled.metadata.shared <= nf4_mma.SCALES_BYTES + 1024, compiled.metadata.shared
-    usage = registers(compiled)
-    assert usage["stack_bytes"] == 0 and usage["programs_per_sm"] >= 4, usage
+    for x_ready, x_reads in ((False, 16), (True, 0)):  # as `launch` chooses: x_shared off with x_ready
+        chosen = config if not x_ready else {**config, "x_shared": 0}
+        compiled = compile_mma(chosen, arch=arch, x_ready=x_ready, **extras)
+        loop = main_loop_opcodes(sass(compiled))
+        assert loop["HMMA"] > 0, loop
+        assert not {"STS", "LDSM", "BAR", "SHFL"} & set(loop), loop
+        assert loop["LDS"] == 2 * config["BLOCKS"] + x_reads, (x_ready, loop)
+        assert compiled.metadata.shared <= nf4_mma.SCALES_BYTES + chosen["x_shared"] + 1024, compiled.metadata
+        usage = registers(compiled)
+        assert usage["stack_bytes"] == 0 and usage["programs_per_sm"] >= 4, (x_ready, usage)
 
 
 @needs_triton
@@ -106,13 +109,6 @@ def test_the_load_variants_compile_to_fewer_loads_a_prefetch_and_no_masked_loads
     assert "CCTL" not in loops["plain"] and loops["prefetch"]["CCTL"] == 2, loops
     # masked loads zero their registers first (CS2R); clamped rows take none
     assert loops["plain"]["CS2R"] >= 40 and "CS2R" not in loops["clamp"], loops
-    # `lora_b_shared`: the tile's LoRA B rows copied into shared memory (LDGSTS, cp.async) before the loop,
-    # none in it
-    for segments in (0, 2):
-        compiled = compile_mma({**config, "lora_b_shared": True}, arch=arch, lora_rank=64, segments=segments,
-                               x_ready=True)  # fmt: skip
-        listing = sass(compiled)
-        assert "LDGSTS" in listing and "LDGSTS" not in main_loop_opcodes(listing), segments
 
 
 def test_matmul_4bit_takes_this_kernel_only_when_switched_on(monkeypatch):
@@ -285,8 +281,6 @@ def segments_case(sizes: tuple[int, ...], rows: int, in_features: int):
         {"x_shared": 65536, "BLOCKS": 1},
         {"x_shared": 65536, "absmax_shared": True, "clamp_rows": True},
         {"x_shared": 65536, "absmax_shared": True, "absmax_words": True, "BLOCKS": 2},
-        {"lora_b_shared": True},
-        {"lora_b_shared": True, "x_shared": 65536, "absmax_shared": True},
     ],
 )
 @pytest.mark.parametrize("rows", [8, 17])
@@ -318,9 +312,7 @@ def test_the_load_variants_change_no_bit_of_the_output(choices, rows):
 @pytest.mark.gpu
 @pytest.mark.parametrize("split_k", [1, 2, 4])
 @pytest.mark.parametrize("rank", [8, 64])
-@pytest.mark.parametrize("lora_b_shared", [False, True])
-def test_fused_lora_term_and_split_k_reduction_under_graph_replay(split_k, rank, lora_b_shared):
-    # (`lora_b_shared`: B copied into shared memory before the K loop; the same products in the same order)
+def test_fused_lora_term_and_split_k_reduction_under_graph_replay(split_k, rank):
     torch.manual_seed(0)
     packed, state = quantised(384, 1024)
     x = torch.randn(16, 1024, dtype=torch.bfloat16, device="cuda")
@@ -328,10 +320,7 @@ def test_fused_lora_term_and_split_k_reduction_under_graph_replay(split_k, rank,
     lora_b = torch.randn(384, rank, device="cuda") * 0.05
     shared_a = torch.cat([torch.randn(8, 1024, device="cuda") * 0.05, lora_a])
     lora_in = (x.float() @ shared_a.T)[:, 8:]  # strided rows, as the packed engine passes them
-    config = {
-        **nf4_mma.launch_config(16, 384, 1024, x.device, lora_b_shared=lora_b_shared),
-        "SPLIT_K": split_k,
-    }
+    config = {**nf4_mma.launch_config(16, 384, 1024, x.device), "SPLIT_K": split_k}
 
     def call():
         return nf4_mma.launch((packed, state, None, lora_b), (384,), None, rank, x, lora_in, 2.0, config)
@@ -342,25 +331,6 @@ def test_fused_lora_term_and_split_k_reduction_under_graph_replay(split_k, rank,
     assert_within_rounding(
         eager, x, dequantised(packed, state), reference, state.code, lora=(2.0, lora_in, lora_b)
     )
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_lora_b_shared_gives_the_same_bits_and_16_bit_b_loads_it_as_before(dtype):
-    # A rank of 24 under a 32-rank LORA_RANK and two K slices: one slice's chunk is half past the rank,
-    # zero-filled. 16-bit B (no 4-byte copies for odd ranks) keeps its loads in the epilogue (`launch`).
-    torch.manual_seed(0)
-    packed, state = quantised(384, 1024)
-    x = torch.randn(16, 1024, dtype=torch.bfloat16, device="cuda")
-    lora_in = torch.randn(16, 24, device="cuda").to(torch.bfloat16)
-    lora_b = (torch.randn(384, 24, device="cuda") * 0.05).to(dtype)
-    outputs = []
-    for lora_b_shared in (False, True):
-        config = {**nf4_mma.launch_config(16, 384, 1024, x.device, lora_b_shared=lora_b_shared), "SPLIT_K": 2}
-        outputs.append(
-            nf4_mma.launch((packed, state, None, lora_b), (384,), None, 24, x, lora_in, 2.0, config)
-        )
-    assert torch.equal(outputs[0], outputs[1])
 
 
 @pytest.mark.gpu
@@ -417,36 +387,21 @@ def test_the_benchmarks_engine_suffixes_set_the_switch_for_a_generate_and_put_it
     monkeypatch.setattr(nf4_matmul, "MMA_KERNEL", False)
     seen = []
     # (on `bf16_copy`, which builds without CUDA: `packed` refuses a machine without Triton before it starts;
-    # `:serial` turns programmatic dependent launch off, and stacks on the kernel's suffix; `:x_shared` and
-    # `:lora_b_shared` each set one of nf4_mma's defaults)
-    defaults = dict(nf4_mma.MMA_DEFAULTS)
-    plain = (defaults["x_shared"], defaults["lora_b_shared"])
+    # `:serial` turns programmatic dependent launch off, and stacks on the kernel's suffix)
     for name, expected in (
-        ("bf16_copy:mma", (True, True, *plain)),
-        ("bf16_copy:nf4_matmul", (False, True, *plain)),
-        ("bf16_copy:mma:serial", (True, False, *plain)),
-        ("bf16_copy:x_shared", (False, True, 32768, plain[1])),
-        ("bf16_copy:lora_b_shared", (False, True, plain[0], True)),
+        ("bf16_copy:mma", (True, True)),
+        ("bf16_copy:nf4_matmul", (False, True)),
+        ("bf16_copy:mma:serial", (True, False)),
     ):
         engine = speed.engine_for(name)
         inner = engine._engine if name.count(":") == 1 else engine._engine._engine
         assert type(inner).__name__ == "Bf16CopyEngine", type(inner)
         monkeypatch.setattr(
-            inner,
-            "generate",
-            lambda *a, **k: seen.append(
-                (
-                    nf4_matmul.MMA_KERNEL,
-                    launch_order.PROGRAMMATIC,
-                    nf4_mma.MMA_DEFAULTS["x_shared"],
-                    nf4_mma.MMA_DEFAULTS["lora_b_shared"],
-                )
-            ),
+            inner, "generate", lambda *a, **k: seen.append((nf4_matmul.MMA_KERNEL, launch_order.PROGRAMMATIC))
         )
         engine.generate()
         assert seen[-1] == expected, name
         assert nf4_matmul.MMA_KERNEL is False and launch_order.PROGRAMMATIC is True
-        assert nf4_mma.MMA_DEFAULTS == defaults
     # "% of bound" is of the card the run has: the H100 of results/default_on_call/ has 3.35 TB/s
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for name, bandwidth in (

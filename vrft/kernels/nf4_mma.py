@@ -50,7 +50,7 @@ try:
     import triton
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
     # triton.jit functions that create no tensor of their own, so a Gluon kernel can call them
     from vrft.kernels.launch_order import wait_for_inputs
@@ -106,14 +106,13 @@ MMA_DEFAULTS = {
     # the most bytes of shared memory that a program's K slice of x may take (0: x loaded at each step):
     # the slice loaded once before the K loop, the loop reading x there instead of through L1, where
     # bench/rollout/mma_anatomy.py found 6.5 of gate+up's 60 us lost on misses (H100); the K split rises
-    # until the slice fits
-    "x_shared": 0,
-    # the tile's LoRA B rows of the program's rank chunks copied into shared memory (cp.async) before the K
-    # loop, where the epilogue otherwise loads them from DRAM after it: bench/rollout/launch_overlap.py
-    # found the adapter ~10 us of a 64 us gate/up launch (H100). (An L2 prefetch of them instead,
-    # `lora_prefetch`, was slower: results/lora_prefetch_call/; likely the lines were evicted by the codes
-    # streamed through L2 before the epilogue read them.)
-    "lora_b_shared": False,
+    # until the slice fits. Measured on the H100 (bench/rollout/results.md, "x's K slice in shared memory"):
+    # the engine's four launches 99.9 -> 94.1 us a 7B layer alone; the gate/up chain of RMSNorm, x A^T and
+    # the matmul 71.1 -> 65.0 us a layer, 53.5 -> 50.8 without the adapter; but where the caller promises
+    # `x_ready` (the K loop already runs beside `lora_input`: every launch of the packed engine's decode
+    # step with an adapter) 64.1 -> 62.7 in the chain and slower in the engine's step (5.27 ms against
+    # 5.16, 5.41 / 5.42 against 5.35 / 5.34, 5.44 against 5.37 in three runs), so `launch` turns it off there
+    "x_shared": 32768,
 }
 # the load variants off: the kernel as first timed, which the sweep and the tests measure them against
 PLAIN_LOADS = {
@@ -122,7 +121,6 @@ PLAIN_LOADS = {
     "clamp_rows": False,
     "absmax_shared": False,
     "x_shared": 0,
-    "lora_b_shared": False,
 }
 
 
@@ -306,7 +304,7 @@ if gluon is not None:
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCKS: gl.constexpr, SPLIT: gl.constexpr,
         ABSMAX_WORDS: gl.constexpr, PREFETCH: gl.constexpr, CLAMP_ROWS: gl.constexpr,
         SLICE_BLOCKS: gl.constexpr, SCALES: gl.constexpr, SCALES_SHARED: gl.constexpr,
-        X_STEPS: gl.constexpr, XP: gl.constexpr, X_SHARED: gl.constexpr, LORA_CHUNKS: gl.constexpr,
+        X_STEPS: gl.constexpr, XP: gl.constexpr, X_SHARED: gl.constexpr,
         MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr, WORDS: gl.constexpr, XL: gl.constexpr,
         SECTORS: gl.constexpr, PDL: gl.constexpr, X_READY: gl.constexpr,
     ):  # fmt: skip
@@ -319,12 +317,10 @@ if gluon is not None:
         if SEGMENTS > 0:  # several weights in one launch: this tile's weight, its rows local to that weight
             # (the outputs' pointers it also returns are read again after the loop: held through it they cost
             # ~20 registers; these loads, unused, are dropped)
-            packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, _, _, tile_lora_b, _, tile_rank, N, tile_n = (
-                segment(segments_ptr, pid_n, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, bias_ptr,
-                        lora_in_ptr, lora_b_ptr, y_ptr, SEGMENTS, BLOCK_N)
+            packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, _, _, _, _, _, N, tile_n = segment(
+                segments_ptr, pid_n, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, bias_ptr,
+                lora_in_ptr, lora_b_ptr, y_ptr, SEGMENTS, BLOCK_N,
             )  # fmt: skip
-        else:
-            tile_lora_b, tile_rank = lora_b_ptr, lora_rank
         # the packed words of this tile's rows, one step's worth: [BLOCK_N, 8 BLOCKS]
         rows_w = tile_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, WORDS))
         words_w = gl.arange(0, 8 * BLOCKS, layout=gl.SliceLayout(0, WORDS))
@@ -376,10 +372,6 @@ if gluon is not None:
                                        NESTED_BLOCKSIZE)  # fmt: skip
         if PREFETCH > 0:
             sector_ptrs = _sector_pointers(packed_ptr, tile_n, N, K, BLOCK_N, BLOCKS, SECTORS)
-        lora_bs = 0  # LORA_CHUNKS only
-        if LORA_CHUNKS > 0:  # the LoRA B rows the epilogue reads, on their way to shared memory now
-            lora_bs = _copy_lora_b(tile_lora_b, tile_rank, tile_n, N, pid_k, split_k, LORA_CHUNKS, BLOCK_N,
-                                   gl.num_warps())  # fmt: skip
         # Everything above read only what no kernel of the decode step writes (the weights, their absmax and
         # code books, the segment table); x, the LoRA input and the outputs wait for the kernel before
         # (vrft.kernels.launch_order), while the first codes are on their way from memory. With X_READY (x's
@@ -415,8 +407,8 @@ if gluon is not None:
                 lora_in_ptr, lora_b_ptr, y_ptr, SEGMENTS, BLOCK_N,
             )  # fmt: skip
         if LORA_RANK > 0:
-            acc = _lora_term(acc, pid_m, pid_k, split_k, rows_s, M, N, lora_in_ptr, lora_b_ptr, lora_bs, lora_scale,
-                             lora_rank, stride_lm, DTYPE, BLOCK_M, BLOCK_N, LORA_CHUNKS, MMA, A, B)  # fmt: skip
+            acc = _lora_term(acc, pid_m, pid_k, split_k, rows_s, M, N, lora_in_ptr, lora_b_ptr, lora_scale,
+                             lora_rank, stride_lm, DTYPE, BLOCK_M, BLOCK_N, MMA, A, B)  # fmt: skip
         _store(acc, pid_n, pid_m, pid_k, tile_n, M, N, partial_ptr, counter_ptr, split_k, bias_ptr, y_ptr,
                stride_ym, BLOCK_M, BLOCK_N, SPLIT, HAS_BIAS, MMA)  # fmt: skip
 
@@ -517,27 +509,6 @@ if gluon is not None:
         return packed_ptr + (rows.to(gl.int64) * (K // 8))[:, None] + (8 * (sectors % BLOCKS))[None, :]
 
     @gluon.jit
-    def _copy_lora_b(lora_b_ptr, lora_rank, tile_n, N, pid_k, split_k, LORA_CHUNKS: gl.constexpr,
-                     BLOCK_N: gl.constexpr, WARPS: gl.constexpr):  # fmt: skip
-        """The tile's rows of LoRA B (`[N, lora_rank]`, row-major) at the rank chunks `_lora_term` gives this
-        K slice, `[LORA_CHUNKS, BLOCK_N, 16]`, copied into shared memory without registers (cp.async, one
-        commit group): a weight, so it may be read before the K loop, whose code loads then hide its
-        latency; rows and ranks past the ends are zero-filled, as `_lora_term`'s masked loads were."""
-        layout: gl.constexpr = gl.BlockedLayout([1, 8], [16, 2], [WARPS, 1], [1, 0])  # 16 bytes a bf16 copy
-        rows = tile_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))
-        ranks = gl.arange(0, 16, layout=gl.SliceLayout(0, layout))
-        chunks = gl.allocate_shared_memory(
-            lora_b_ptr.dtype.element_ty, [LORA_CHUNKS, BLOCK_N, 16], LORA_SHARED
-        )
-        for chunk in gl.static_range(LORA_CHUNKS):
-            start = 16 * (split_k - 1 - pid_k) + 16 * split_k * chunk
-            mask = (rows < N)[:, None] & (start + ranks < lora_rank)[None, :]
-            pointers = lora_b_ptr + (rows.to(gl.int64) * lora_rank)[:, None] + (start + ranks)[None, :]
-            async_copy.async_copy_global_to_shared(chunks.index(chunk), pointers, mask)
-        async_copy.commit_group()
-        return chunks
-
-    @gluon.jit
     def _prefetch_l2(pointers):
         """Ask L2 for the sectors at `pointers` (no register waits for them: the loads that read them later
         find them in L2 instead of DRAM)."""
@@ -551,14 +522,12 @@ if gluon is not None:
         )
 
     @gluon.jit
-    def _lora_term(acc, pid_m, pid_k, split_k, rows_n, M, N, lora_in_ptr, lora_b_ptr, lora_bs, lora_scale,
-                   lora_rank, stride_lm, DTYPE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                   LORA_CHUNKS: gl.constexpr, MMA: gl.constexpr, A: gl.constexpr,
-                   B: gl.constexpr):  # fmt: skip
+    def _lora_term(acc, pid_m, pid_k, split_k, rows_n, M, N, lora_in_ptr, lora_b_ptr, lora_scale, lora_rank,
+                   stride_lm, DTYPE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                   MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr):  # fmt: skip
         """`acc` plus this K slice's share of `scale * (x A^T) B^T`, as `nf4_epilogue.lora_term`: 16 ranks a
         dot, the chunks dealt out over the tile's slices from the last one backwards; both operands rounded
-        to the compute dtype, summed in fp32. Loaded straight into the MMA's operand layouts (once a tile);
-        with LORA_CHUNKS, B read from `lora_bs`, the shared memory `_copy_lora_b` filled."""
+        to the compute dtype, summed in fp32. Loaded straight into the MMA's operand layouts (once a tile)."""
         rows_b = gl.convert_layout(rows_n, gl.SliceLayout(1, A))
         ranks_b = gl.arange(0, 16, layout=gl.SliceLayout(0, A))
         ranks_x = gl.arange(0, 16, layout=gl.SliceLayout(1, B))
@@ -566,18 +535,10 @@ if gluon is not None:
         mask_b = (rows_b < N)[:, None]
         mask_x = (rows_x < M)[None, :]
         zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
-        if LORA_CHUNKS > 0:
-            async_copy.wait_group(0)
-            gl.thread_barrier()  # every thread's copies landed
-        chunk = 0
         for start in range(16 * (split_k - 1 - pid_k), lora_rank, 16 * split_k):
-            if LORA_CHUNKS > 0:
-                b = lora_bs.index(chunk).load(A).to(DTYPE)
-                chunk += 1
-            else:
-                in_rank_b = (start + ranks_b < lora_rank)[None, :]
-                b = gl.load(lora_b_ptr + (rows_b * lora_rank)[:, None] + (start + ranks_b)[None, :],
-                            mask=mask_b & in_rank_b, other=0.0).to(DTYPE)  # fmt: skip
+            in_rank_b = (start + ranks_b < lora_rank)[None, :]
+            b = gl.load(lora_b_ptr + (rows_b * lora_rank)[:, None] + (start + ranks_b)[None, :],
+                        mask=mask_b & in_rank_b, other=0.0).to(DTYPE)  # fmt: skip
             in_rank_x = (start + ranks_x < lora_rank)[:, None]
             xa = gl.load(lora_in_ptr + (rows_x.to(gl.int64) * stride_lm)[None, :] + (start + ranks_x)[:, None],
                          mask=mask_x & in_rank_x, other=0.0).to(DTYPE)  # fmt: skip
@@ -625,9 +586,6 @@ if gluon is not None:
     X_PERMUTATION_C = gl.constexpr(X_PERMUTATION)
     # `_slice_scales`' buffer as rows: the same row-major bytes, the leading axis an index
     SCALE_ROW_SHARED = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, [0]))
-    # `_copy_lora_b`'s chunks `[BLOCK_N, 16]`, row-major: the A operand's reads (a lane 2 ranks of a row, 8
-    # rows x 4 rank pairs a warp) fall on 32 different banks at 2-byte ranks
-    LORA_SHARED = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
     HALVES_CONSTRAINTS = gl.constexpr(",".join(["=h"] * 8 + ["r"] * 9))
 
 
@@ -658,7 +616,6 @@ def launch_config(rows: int, out_features: int, in_features: int, device: torch.
         "clamp_rows": chosen["clamp_rows"],
         "absmax_shared": chosen["absmax_shared"],
         "x_shared": chosen["x_shared"],
-        "lora_b_shared": chosen["lora_b_shared"],
     }
 
 
@@ -682,11 +639,11 @@ def launch(first, out_features, table, rank, x, lora_in, lora_scale, config, x_r
     rows, in_features = x.shape
     if x.stride(1) != 1:
         x = x.contiguous()
-    config = dict(config or launch_config(rows, sum(out_features), in_features, x.device))
-    if lora_b is not None and lora_b.element_size() < 4:
-        # cp.async copies 4 bytes or more: 16-bit B rows of an odd rank may start at any 2 bytes (Triton's
-        # lowering of the copy fails on them); fp32 B, what the engine has (peft's weights), copies an element
-        config["lora_b_shared"] = False
+    if config is None:  # (x_shared only where the kernel waits for x: MMA_DEFAULTS)
+        config = launch_config(
+            rows, sum(out_features), in_features, x.device, **({"x_shared": 0} if x_ready else {})
+        )
+    config = dict(config)
     block_m, block_n, blocks = config["BLOCK_M"], config["BLOCK_N"], config["BLOCKS"]
     split_k, warps = config["SPLIT_K"], config["num_warps"]
     steps = in_features // (64 * blocks)
@@ -780,14 +737,6 @@ def slice_x(config: dict, in_features: int) -> dict:
     }
 
 
-def lora_chunks(config: dict, lora_rank: int) -> int:
-    """`LORA_CHUNKS`: the most 16-rank chunks of LoRA B one K slice's epilogue reads (`_lora_term` deals
-    them out over the slices), where `lora_b_shared` copies them into shared memory; 0 otherwise."""
-    if not config.get("lora_b_shared") or not lora_rank:
-        return 0
-    return triton.cdiv(lora_rank // 16, config["SPLIT_K"])
-
-
 def kernel_constants(config: dict, nested: bool, nested_blocksize: int, has_bias: bool, lora_rank: int,
                      segments: int, absmax_aligned: bool, in_features: int) -> dict:  # fmt: skip
     """The kernel's compile-time arguments for launch config `config` and a call's facts (`LORA_RANK` 0 or a
@@ -806,7 +755,7 @@ def kernel_constants(config: dict, nested: bool, nested_blocksize: int, has_bias
         "NESTED": nested, "NESTED_BLOCKSIZE": nested_blocksize, "HAS_BIAS": has_bias, "LORA_RANK": lora_rank,
         "SEGMENTS": segments, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCKS": blocks,
         "SPLIT": config["SPLIT_K"] > 1, "ABSMAX_WORDS": absmax_words, "PREFETCH": config.get("prefetch", 0),
-        "CLAMP_ROWS": config.get("clamp_rows", False), "LORA_CHUNKS": lora_chunks(config, lora_rank),
+        "CLAMP_ROWS": config.get("clamp_rows", False),
         **slice_scales(config, in_features), **slice_x(config, in_features),
         "MMA": mma, "A": operand_a, "B": operand_b, "WORDS": words, "XL": x_layout, "SECTORS": sectors,
     }  # fmt: skip
