@@ -180,6 +180,14 @@ def test_launch_passes_the_kernel_each_of_its_parameters_once(monkeypatch):
     )
     assert arguments["iters_per_split"] == 2 and arguments["split_k"] == 2  # 4 steps of 256 columns
     assert arguments["PDL"] is False  # off the GPU: vrft.kernels.launch_order
+    # x's K slices in shared memory (`x_shared`) where `launch` picks the config: only where the kernel waits
+    # for x (not with `x_ready`) and on 16-row tiles, what was timed (MMA_DEFAULTS)
+    for rows, x_ready, shared in ((16, False, True), (8, False, True), (16, True, False), (17, False, False)):
+        x = torch.zeros(rows, 1024, dtype=torch.bfloat16)
+        lora_in = torch.zeros(rows, 64, dtype=torch.bfloat16)
+        first = (packed, state, torch.zeros(384), lora_b)
+        nf4_mma.launch(first, (384,), None, 64, x, lora_in, 2.0, None, x_ready=x_ready)
+        assert (bound["arguments"].arguments["X_STEPS"] > 0) == shared, (rows, x_ready)
 
 
 def test_calls_outside_the_kernel_say_why():

@@ -111,7 +111,8 @@ MMA_DEFAULTS = {
     # the matmul 71.1 -> 65.0 us a layer, 53.5 -> 50.8 without the adapter; but where the caller promises
     # `x_ready` (the K loop already runs beside `lora_input`: every launch of the packed engine's decode
     # step with an adapter) 64.1 -> 62.7 in the chain and slower in the engine's step (5.27 ms against
-    # 5.16, 5.41 / 5.42 against 5.35 / 5.34, 5.44 against 5.37 in three runs), so `launch` turns it off there
+    # 5.16, 5.41 / 5.42 against 5.35 / 5.34, 5.44 against 5.37 in three runs), so `launch` turns it off there,
+    # and on 32-row tiles (over 16 rows), which no run timed with it
     "x_shared": 32768,
 }
 # the load variants off: the kernel as first timed, which the sweep and the tests measure them against
@@ -639,9 +640,10 @@ def launch(first, out_features, table, rank, x, lora_in, lora_scale, config, x_r
     rows, in_features = x.shape
     if x.stride(1) != 1:
         x = x.contiguous()
-    if config is None:  # (x_shared only where the kernel waits for x: MMA_DEFAULTS)
+    if config is None:  # x_shared only where the kernel waits for x, and on 16-row tiles (MMA_DEFAULTS)
+        timed = not x_ready and rows <= 16
         config = launch_config(
-            rows, sum(out_features), in_features, x.device, **({"x_shared": 0} if x_ready else {})
+            rows, sum(out_features), in_features, x.device, **({} if timed else {"x_shared": 0})
         )
     config = dict(config)
     block_m, block_n, blocks = config["BLOCK_M"], config["BLOCK_N"], config["BLOCKS"]
