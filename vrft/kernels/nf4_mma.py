@@ -9,7 +9,7 @@ absmax through shared memory too, with a barrier of the program's four warps at 
 
 Gluon (Triton's lower-level language, shipped with Triton >= 3.4) lets the kernel name its layouts. Here
 each thread loads exactly the packed bytes whose codes its `mma.sync` fragment needs, so decoded codes are
-already in the operand's registers and nothing goes through shared memory: no barrier in the loop, each
+already in the operand's registers and no code goes through shared memory: no barrier in the loop, each
 warp streams its own rows. The trick is a permutation of K, applied to the weight tile and to `x` alike
 (a dot product does not care in which order its terms come): the `m16n8k16` A fragment gives a thread the
 columns `16 j + 8 h + 2 t + b` (`t` its lane's column group, `j`, `h`, `b` its registers), and the kernel
@@ -22,14 +22,17 @@ Decoding: `nf4_decode.PRMT_DECODE_PTX` (byte permutes over the code book as eigh
 one dot per 64-weight quantisation block into a fresh fp32 sum, scaled by the block's fp32 absmax
 (`SCALE_AFTER` in `nf4_matmul`: a weight is `bf16(code) * absmax`, within one bf16 rounding of
 `dequantize_4bit`'s; tests/kernels). The absmax of every block of a tile's K slice is worked out before the
-loop into shared memory (`absmax_shared`, at most `SCALES_BYTES`), the only shared memory the loop reads.
-The next loop step's codes are loaded before this step's are used in the source, though ptxas issues those
+loop into shared memory (`absmax_shared`, at most `SCALES_BYTES`); where the kernel waits for `x` (no
+`x_ready`) and the tile has 16 rows, so is the program's K slice of `x` (`x_shared`: each warp then reads
+its x there rather than through L1). These are the only shared memory the loop reads. The next loop step's codes are loaded before this step's are used in the source, though ptxas issues those
 loads only ~4/5 into the step (sm_90 SASS); the `prefetch` variant pins them to its top. `mma.sync` runs on
 sm_80 and later: the RTX 4090 (sm_89) too.
 
 Measured on the H200 (bench/rollout/results.md, "A kernel without shared memory"): 130 us per 7B decoder
 layer at 16 rows against `nf4_matmul`'s 154 (gate/up 31.6 against 35.6 us: 23% of the bandwidth bound, not
-the 40% hoped for); 113.9 us with the absmax words and the slice's scales in shared memory since. Nsight
+the 40% hoped for); 113.9 us with the absmax words and the slice's scales in shared memory since, and on
+an H100 the engine's launches 94.1 us a layer with x's slice in shared memory against 99.9 (MMA_DEFAULTS
+says where that holds). Nsight
 Compute: the barriers are gone and the issue rate rose (IPC 1.79 against 1.42), but with four programs per
 multiprocessor the warps still wait most cycles (L1TEX loads, a third). Where the rest of the time goes:
 bench/rollout/mma_anatomy.py.
