@@ -60,13 +60,13 @@ def test_the_main_loop_moves_no_operand_through_shared_memory_and_keeps_four_pro
     # What the kernel exists for (module docstring): no shared-memory writes, shuffles or barriers in the K
     # loop, its operands straight from memory into the MMA's registers, tensor-core MMAs there, no spills;
     # 128 registers leave four 4-warp programs per multiprocessor. Its only shared reads are the slice's
-    # scales (`absmax_shared`: two a block and thread) and, where the kernel waits for x, the slice's x
-    # (`x_shared`: 16 of 16 bytes a thread and step), which take no more than SCALES_BYTES and `x_shared`.
+    # scales (`absmax_shared`: two a block and thread) and, with `x_shared` on where the kernel waits for x,
+    # the slice's x (16 of 16 bytes a thread and step), which take no more than SCALES_BYTES and `x_shared`.
     from vrft.kernels.nf4_offline import compile_mma, main_loop_opcodes, registers, sass
 
     config = {**nf4_mma.launch_config(16, 18944, 3584, torch.device("meta")), "SPLIT_K": 4}
-    for x_ready, x_reads in ((False, 16), (True, 0)):  # as `launch` chooses: x_shared off with x_ready
-        chosen = config if not x_ready else {**config, "x_shared": 0}
+    for x_ready, x_reads in ((False, 16), (True, 0)):  # as `launch` chooses with it on: off with x_ready
+        chosen = {**config, "x_shared": 0 if x_ready else 32768}
         compiled = compile_mma(chosen, arch=arch, x_ready=x_ready, **extras)
         loop = main_loop_opcodes(sass(compiled))
         assert loop["HMMA"] > 0, loop
@@ -180,8 +180,9 @@ def test_launch_passes_the_kernel_each_of_its_parameters_once(monkeypatch):
     )
     assert arguments["iters_per_split"] == 2 and arguments["split_k"] == 2  # 4 steps of 256 columns
     assert arguments["PDL"] is False  # off the GPU: vrft.kernels.launch_order
-    # x's K slices in shared memory (`x_shared`) where `launch` picks the config: only where the kernel waits
-    # for x (not with `x_ready`) and on 16-row tiles, what was timed (MMA_DEFAULTS)
+    # x's K slices in shared memory (`x_shared`, here switched on) where `launch` picks the config: only
+    # where the kernel waits for x (not with `x_ready`) and on 16-row tiles, what was timed (MMA_DEFAULTS)
+    monkeypatch.setitem(nf4_mma.MMA_DEFAULTS, "x_shared", 32768)
     for rows, x_ready, shared in ((16, False, True), (8, False, True), (16, True, False), (17, False, False)):
         x = torch.zeros(rows, 1024, dtype=torch.bfloat16)
         lora_in = torch.zeros(rows, 64, dtype=torch.bfloat16)

@@ -22,17 +22,18 @@ Decoding: `nf4_decode.PRMT_DECODE_PTX` (byte permutes over the code book as eigh
 one dot per 64-weight quantisation block into a fresh fp32 sum, scaled by the block's fp32 absmax
 (`SCALE_AFTER` in `nf4_matmul`: a weight is `bf16(code) * absmax`, within one bf16 rounding of
 `dequantize_4bit`'s; tests/kernels). The absmax of every block of a tile's K slice is worked out before the
-loop into shared memory (`absmax_shared`, at most `SCALES_BYTES`); where the kernel waits for `x` (no
-`x_ready`) and the tile has 16 rows, so is the program's K slice of `x` (`x_shared`: each warp then reads
-its x there rather than through L1). These are the only shared memory the loop reads. The next loop step's codes are loaded before this step's are used in the source, though ptxas issues those
+loop into shared memory (`absmax_shared`, at most `SCALES_BYTES`); with `x_shared` (off by default: see
+`MMA_DEFAULTS`), where the kernel waits for `x` (no `x_ready`) and the tile has 16 rows, so is the
+program's K slice of `x` (each warp then reads its x there rather than through L1). These are the only
+shared memory the loop reads. The next loop step's codes are loaded before this step's are used in the source, though ptxas issues those
 loads only ~4/5 into the step (sm_90 SASS); the `prefetch` variant pins them to its top. `mma.sync` runs on
 sm_80 and later: the RTX 4090 (sm_89) too.
 
 Measured on the H200 (bench/rollout/results.md, "A kernel without shared memory"): 130 us per 7B decoder
 layer at 16 rows against `nf4_matmul`'s 154 (gate/up 31.6 against 35.6 us: 23% of the bandwidth bound, not
 the 40% hoped for); 113.9 us with the absmax words and the slice's scales in shared memory since, and on
-an H100 the engine's launches 94.1 us a layer with x's slice in shared memory against 99.9 (MMA_DEFAULTS
-says where that holds). Nsight
+an H100 the engine's launches 94.1 us a layer with x's slice in shared memory against 99.9 (`MMA_DEFAULTS`
+says where that holds and why it is off). Nsight
 Compute: the barriers are gone and the issue rate rose (IPC 1.79 against 1.42), but with four programs per
 multiprocessor the warps still wait most cycles (L1TEX loads, a third). Where the rest of the time goes:
 bench/rollout/mma_anatomy.py.
@@ -115,8 +116,9 @@ MMA_DEFAULTS = {
     # `x_ready` (the K loop already runs beside `lora_input`: every launch of the packed engine's decode
     # step with an adapter) 64.1 -> 62.7 in the chain and slower in the engine's step (5.27 ms against
     # 5.16, 5.41 / 5.42 against 5.35 / 5.34, 5.44 against 5.37 in three runs), so `launch` turns it off there,
-    # and on 32-row tiles (over 16 rows), which no run timed with it
-    "x_shared": 32768,
+    # and on 32-row tiles (over 16 rows), which no run timed with it. Off by default until the whole GPU suite
+    # has run with 32768 here (its kernel variants passed the GPU tests; the device time ran out first)
+    "x_shared": 0,
 }
 # the load variants off: the kernel as first timed, which the sweep and the tests measure them against
 PLAIN_LOADS = {
