@@ -15,6 +15,7 @@ import torch
 
 from vrft.kernels import launch_order, nf4_matmul
 from vrft.precision.accounting import weight_bytes
+from vrft.rollout import packed
 from vrft.rollout.batch import build_prompts
 from vrft.rollout.decoder import text_parts
 from vrft.rollout.engines import build_rollout_engine
@@ -58,6 +59,7 @@ SWITCHES = {
     ":mma": (nf4_matmul, "MMA_KERNEL", True),  # the 4-bit matmuls through nf4_mma's kernel
     ":nf4_matmul": (nf4_matmul, "MMA_KERNEL", False),  # through nf4_matmul's own kernel
     ":serial": (launch_order, "PROGRAMMATIC", False),  # each kernel launched after the last has drained
+    ":stored_b": (packed, "LORA_B_COPY", False),  # packed's kernels read LoRA B as stored (fp32), not a copy
 }
 
 
@@ -80,7 +82,8 @@ def engine_for(name: str, **options):
     """The engine `name` names: `bf16_copy`, `bf16_copy:unfused` for its torch-ops decode step, `packed:mma`
     and `packed:nf4_matmul` for `packed` with nf4_mma's kernel and without it (an engine without either
     suffix runs with the switch as it is: VRFT_NF4_MMA), `...:serial` without programmatic dependent launch
-    (vrft.kernels.launch_order); suffixes stack (`packed:mma:serial`)."""
+    (vrft.kernels.launch_order), `packed:stored_b` with its kernels reading LoRA B as stored rather than
+    `KernelLinear`'s copy in the compute dtype; suffixes stack (`packed:mma:serial`)."""
     from vrft.rollout.engines import ROLLOUT_ENGINES
 
     for suffix, switch in SWITCHES.items():
