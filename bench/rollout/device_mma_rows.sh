@@ -7,6 +7,7 @@
 #   bash bench/rollout/device_mma_rows.sh rows     # ~3-6 min
 #   bash bench/rollout/device_mma_rows.sh overlap  # launch_overlap.py, ~1 min
 #   TESTS_S=320 ROWS_S=250 bash bench/rollout/device_mma_rows.sh tests rows   # both in one call
+#   TESTS="tests/kernels tests/rollout" bash bench/rollout/device_mma_rows.sh tests   # some of the suite
 # ENGINES and PROFILED override the engines timed and profiled (bench/memory/speed.py's names and suffixes):
 #   ENGINES=bf16_copy,bf16_copy:serial,packed,packed:serial PROFILED=packed ROWS=16g ...   # launch overlap
 set -uo pipefail
@@ -17,7 +18,8 @@ mkdir -p "$OUT"
 for part in "${@:-usage}"; do
     case "$part" in
     tests)
-        timeout "${TESTS_S:-300}" python3 -m pytest -q -p no:cacheprovider -m gpu tests -rfE > "$OUT/gpu_tests.log" 2>&1
+        timeout "${TESTS_S:-300}" python3 -m pytest -q -p no:cacheprovider -m gpu ${TESTS:-tests} -rfE \
+            > "$OUT/gpu_tests.log" 2>&1
         tail -3 "$OUT/gpu_tests.log"
         ;;
     rows)

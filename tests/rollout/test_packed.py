@@ -14,9 +14,9 @@ from tests.rollout.test_engines import rows, teacher_forced_logprobs
 from vrft.kernels import nf4_segments
 from vrft.models.policy import LoraSpec, ModelSpec, attach_lora, load_base_model, load_processor_for
 from vrft.planner.planning import resolve_auto
+from vrft.rollout import packed as packed_module
 from vrft.rollout.engines import ROLLOUT_ENGINES, PackedEngine
 from vrft.rollout.generate import generate_rollout
-from vrft.rollout import packed as packed_module
 from vrft.rollout.packed import KernelLinear, SharedLoraInput, group_projections, packed_unavailable
 from vrft.rollout.weights import LoraTerm, PackedLinear
 from vrft.train import fit
