@@ -126,8 +126,8 @@ def weight_footprint(cfg: DictConfig) -> tuple[WeightFootprint, int]:
     target = str(lora.target_modules)
     if lora.get("train_vision"):
         target = f"({target})|({VISION_TARGETS})"
-    weight_bytes, lm_params, largest, adapter, fused, adapter_bytes, compute_bytes, int8_layers = (
-        _footprint(str(cfg.model.name_or_path), precision_yaml, target, int(lora.r))
+    weight_bytes, lm_params, largest, adapter, fused, adapter_bytes, compute_bytes, int8_layers = _footprint(
+        str(cfg.model.name_or_path), precision_yaml, target, int(lora.r)
     )
     state, paged = optimizer_state(cfg.get("optimizer"))
     footprint = WeightFootprint(
