@@ -59,7 +59,7 @@ SWITCHES = {
     ":mma": (nf4_matmul, "MMA_KERNEL", True),  # the 4-bit matmuls through nf4_mma's kernel
     ":nf4_matmul": (nf4_matmul, "MMA_KERNEL", False),  # through nf4_matmul's own kernel
     ":serial": (launch_order, "PROGRAMMATIC", False),  # each kernel launched after the last has drained
-    ":stored_b": (packed, "LORA_B_COPY", False),  # packed's kernels read LoRA B as stored (fp32), not a copy
+    ":b_copy": (packed, "LORA_B_COPY", True),  # packed's kernels read LoRA B from a copy in the compute dtype
 }
 
 
@@ -82,8 +82,8 @@ def engine_for(name: str, **options):
     """The engine `name` names: `bf16_copy`, `bf16_copy:unfused` for its torch-ops decode step, `packed:mma`
     and `packed:nf4_matmul` for `packed` with nf4_mma's kernel and without it (an engine without either
     suffix runs with the switch as it is: VRFT_NF4_MMA), `...:serial` without programmatic dependent launch
-    (vrft.kernels.launch_order), `packed:stored_b` with its kernels reading LoRA B as stored rather than
-    `KernelLinear`'s copy in the compute dtype; suffixes stack (`packed:mma:serial`)."""
+    (vrft.kernels.launch_order), `packed:b_copy` with its kernels reading LoRA B from `KernelLinear`'s
+    copy in the compute dtype (`packed.LORA_B_COPY`); suffixes stack (`packed:mma:serial`)."""
     from vrft.rollout.engines import ROLLOUT_ENGINES
 
     for suffix, switch in SWITCHES.items():

@@ -6,9 +6,9 @@ matmul with the LoRA term. Timed three ways: every launch after the last has dra
 programmatic launch (`pdl`: each kernel's start overlaps the last one's end), and with the 4-bit kernel's
 K loop also running beside `lora_input` (`pdl_x_ready`, what the engine does). Each chain is also timed
 without its `lora_input` (and without the LoRA term), the time the overlap could hide at best, and once with
-the LoRA term but no `lora_input` launch (`pdl_x_ready_lora_term_only`). Each chain runs with nf4_mma's
-`x_shared` off and at 32 KB (`_x_shared`, the default), which `launch` applies only where the kernel waits
-for x (not with `x_ready`).
+the LoRA term but no `lora_input` launch (`pdl_x_ready_lora_term_only`). Each chain also runs with nf4_mma's
+`x_shared` at 32 KB (`_x_shared`), which `launch` applies only where the kernel waits for x (not with
+`x_ready`).
 
     python bench/rollout/launch_overlap.py --out $OUT/launch_overlap.json
 """
@@ -32,9 +32,8 @@ from vrft.kernels.decode_fusions import add_rms_norm  # noqa: E402
 from vrft.kernels.lora_input import lora_input  # noqa: E402
 
 LAYERS, ROWS, HIDDEN, GATE_UP, RANK = 28, 16, 3584, 2 * 18944, 64
-# name suffix -> switches of nf4_mma's defaults the chain runs with (the names from before x_shared was a
-# default: the plain name loads x at each step)
-DEFAULTS_VARIANTS = {"": {"x_shared": 0}, "_x_shared": {"x_shared": 32768}}
+# name suffix -> switches of nf4_mma's defaults the chain runs with
+DEFAULTS_VARIANTS = {"": {}, "_x_shared": {"x_shared": 32768}}
 
 
 def chain(with_lora: bool, x_ready: bool, launch_lora_input: bool = True):

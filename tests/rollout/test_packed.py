@@ -89,7 +89,7 @@ def test_planner_counts_no_weight_copy_and_no_decode_scratch_for_packed():
     dequant = estimate(SHAPE, footprint(), workload(rollout_engine="dequant"), Calibration())
     packed = estimate(SHAPE, footprint(), workload(rollout_engine="packed"), Calibration())
     # dequant holds one bf16 matrix of scratch while decoding; packed no weights (its prefill's scratch is
-    # in `prefill`), only the bf16 A and B matrices of the fused adapters (20_000 in `footprint`)
+    # in `prefill`), only the bf16 A matrices of the fused adapters (20_000 in `footprint`)
     assert dequant.components["rollout_engine"] == 8192 * 2
     assert packed.components["rollout_engine"] == 20_000 * 2
     assert packed.components["prefill"] == dequant.components["prefill"]
@@ -162,15 +162,15 @@ def test_q_k_v_and_gate_up_share_one_x_a_product_when_all_have_an_adapter():
     assert partial.gate.shared[1] == slice(0, 8) and partial.up.shared[1] == slice(8, 12)  # ranks may differ
 
 
-def test_the_kernel_reads_lora_b_rounded_to_the_compute_dtype_once(monkeypatch):
+def test_with_lora_b_copy_the_kernel_reads_b_rounded_to_the_compute_dtype_once(monkeypatch):
     torch.manual_seed(0)
+    assert kernel_layer(16, 8).lora_b.dtype == torch.float32  # off by default: B as stored
+    monkeypatch.setattr(packed_module, "LORA_B_COPY", True)  # the benchmarks' `:b_copy`
     op = kernel_layer(16, 8)
     stored = op.loras[0].b  # fp32, as the adapters train
     # the kernel rounds B to bf16 before its products: a copy rounded once holds the same values
     assert op.lora_b.dtype == torch.bfloat16 and torch.equal(op.lora_b, stored.to(torch.bfloat16))
     assert op.segment()[3] is op.lora_b
-    monkeypatch.setattr(packed_module, "LORA_B_COPY", False)  # the benchmarks' `:stored_b`
-    assert kernel_layer(16, 8).lora_b.dtype == torch.float32
 
 
 def test_projections_of_one_input_share_one_kernel_launch_whose_table_points_at_their_weights():

@@ -43,7 +43,10 @@ log = logging.getLogger(__name__)
 KERNEL_ROWS = 64  # decode batches up to this many rows use the kernel; more rows (prefill) dequantise once
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 PACKED_FIX = "set algorithm.rollout_engine=dequant (same memory, no kernel) or auto"
-LORA_B_COPY = True  # False: the kernel reads each fused adapter's B as stored (benchmarks compare the two)
+# True: the kernel reads each fused adapter's B from a copy in the compute dtype (`KernelLinear`). Off until the
+# device has measured it and run the GPU tests with it on (no machine could be started in the session that
+# wrote it); the benchmarks' `:b_copy` engines turn it on
+LORA_B_COPY = False
 
 
 class _OncePerInput:
