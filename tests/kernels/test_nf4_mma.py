@@ -55,8 +55,8 @@ def test_codes_and_x_take_the_same_permutation_of_each_blocks_columns(blocks):
 @pytest.mark.parametrize("arch", [90, 89])
 @pytest.mark.parametrize(
     "extras",
-    [{}, {"lora_rank": 64, "segments": 3, "bias": True}, {"lora_rank": 64, "lora_b": "fp32"}],
-    ids=["plain", "engine", "fp32_b"],
+    [{}, {"lora_rank": 64, "segments": 3, "bias": True}, {"lora_rank": 64, "segments": 3, "lora_b": "X"}],
+    ids=["plain", "engine", "b_copy"],
 )
 def test_the_main_loop_moves_no_code_through_shared_memory_and_keeps_four_programs_per_multiprocessor(
     arch, extras

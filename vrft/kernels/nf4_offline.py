@@ -71,10 +71,10 @@ def compile_kernel(
 
 def compile_mma(config: dict, arch: int = 90, dtype: str = "bf16", nested: bool = True, bias: bool = False,
                 lora_rank: int = 0, segments: int = 0, x_ready: bool = False,
-                in_features: int = 3584, lora_b: str = "X"):  # fmt: skip
+                in_features: int = 3584, lora_b: str = "fp32"):  # fmt: skip
     """`nf4_mma`'s kernel compiled for `sm_<arch>` with `config` (as `nf4_mma.launch_config` returns it);
     the other arguments as `compile_kernel`'s (`in_features`: K, which sets the K slice's length; `lora_b`:
-    B's element type, "X" the compute dtype as the packed engine passes it, or "fp32" as the adapter trains)."""
+    B's element type, "fp32" as the adapter trains, or "X" the compute dtype as `packed.LORA_B_COPY` passes it)."""
     # as a launch finds them: the CUDA caching allocator starts each block 512-byte aligned
     constants = nf4_mma.kernel_constants(
         config, nested, 256 if nested else 1, bias, lora_rank, segments, True, in_features
