@@ -116,6 +116,19 @@ def kernel_layer(
     return KernelLinear(PackedLinear(base, bias_values, loras, torch.bfloat16))
 
 
+def test_the_planner_counts_the_b_copy_only_where_it_is_made(monkeypatch):
+    from vrft.planner.footprint import weight_footprint
+
+    cfg = config("model=tiny", "precision=int4")
+    stored, _ = weight_footprint(cfg)
+    monkeypatch.setattr(packed_module, "LORA_B_COPY", True)
+    copied, _ = weight_footprint(cfg)
+    # every adapter of the default targets sits on a 4-bit language-model projection: with the copy the
+    # engine holds all of A and B again, without it A only
+    assert copied.fused_lora_params == copied.adapter_params
+    assert 0 < stored.fused_lora_params < copied.fused_lora_params
+
+
 def test_shared_lora_input_is_each_projections_product_computed_once_per_input():
     torch.manual_seed(0)
     a_q, a_k, a_v = torch.randn(8, 24), torch.randn(4, 24), torch.randn(4, 24)
