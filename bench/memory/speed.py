@@ -15,7 +15,6 @@ import torch
 
 from vrft.kernels import launch_order, nf4_matmul
 from vrft.precision.accounting import weight_bytes
-from vrft.rollout import packed
 from vrft.rollout.batch import build_prompts
 from vrft.rollout.decoder import text_parts
 from vrft.rollout.engines import build_rollout_engine
@@ -59,7 +58,6 @@ SWITCHES = {
     ":mma": (nf4_matmul, "MMA_KERNEL", True),  # the 4-bit matmuls through nf4_mma's kernel
     ":nf4_matmul": (nf4_matmul, "MMA_KERNEL", False),  # through nf4_matmul's own kernel
     ":serial": (launch_order, "PROGRAMMATIC", False),  # each kernel launched after the last has drained
-    ":b_copy": (packed, "LORA_B_COPY", True),  # packed's kernels read LoRA B from a copy in the compute dtype
 }
 
 
@@ -82,8 +80,7 @@ def engine_for(name: str, **options):
     """The engine `name` names: `bf16_copy`, `bf16_copy:unfused` for its torch-ops decode step, `packed:mma`
     and `packed:nf4_matmul` for `packed` with nf4_mma's kernel and without it (an engine without either
     suffix runs with the switch as it is: VRFT_NF4_MMA), `...:serial` without programmatic dependent launch
-    (vrft.kernels.launch_order), `packed:b_copy` with its kernels reading LoRA B from `KernelLinear`'s
-    copy in the compute dtype (`packed.LORA_B_COPY`); suffixes stack (`packed:mma:serial`)."""
+    (vrft.kernels.launch_order); suffixes stack (`packed:mma:serial`)."""
     from vrft.rollout.engines import ROLLOUT_ENGINES
 
     for suffix, switch in SWITCHES.items():

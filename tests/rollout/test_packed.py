@@ -14,7 +14,6 @@ from tests.rollout.test_engines import rows, teacher_forced_logprobs
 from vrft.kernels import nf4_segments
 from vrft.models.policy import LoraSpec, ModelSpec, attach_lora, load_base_model, load_processor_for
 from vrft.planner.planning import resolve_auto
-from vrft.rollout import packed as packed_module
 from vrft.rollout.engines import ROLLOUT_ENGINES, PackedEngine
 from vrft.rollout.generate import generate_rollout
 from vrft.rollout.packed import KernelLinear, SharedLoraInput, group_projections, packed_unavailable
@@ -116,19 +115,6 @@ def kernel_layer(
     return KernelLinear(PackedLinear(base, bias_values, loras, torch.bfloat16))
 
 
-def test_the_planner_counts_the_b_copy_only_where_it_is_made(monkeypatch):
-    from vrft.planner.footprint import weight_footprint
-
-    cfg = config("model=tiny", "precision=int4")
-    stored, _ = weight_footprint(cfg)
-    monkeypatch.setattr(packed_module, "LORA_B_COPY", True)
-    copied, _ = weight_footprint(cfg)
-    # every adapter of the default targets sits on a 4-bit language-model projection: with the copy the
-    # engine holds all of A and B again, without it A only
-    assert copied.fused_lora_params == copied.adapter_params
-    assert 0 < stored.fused_lora_params < copied.fused_lora_params
-
-
 def test_shared_lora_input_is_each_projections_product_computed_once_per_input():
     torch.manual_seed(0)
     a_q, a_k, a_v = torch.randn(8, 24), torch.randn(4, 24), torch.randn(4, 24)
@@ -175,17 +161,6 @@ def test_q_k_v_and_gate_up_share_one_x_a_product_when_all_have_an_adapter():
     assert partial.gate.shared[1] == slice(0, 8) and partial.up.shared[1] == slice(8, 12)  # ranks may differ
 
 
-def test_with_lora_b_copy_the_kernel_reads_b_rounded_to_the_compute_dtype_once(monkeypatch):
-    torch.manual_seed(0)
-    assert kernel_layer(16, 8).lora_b.dtype == torch.float32  # off by default: B as stored
-    monkeypatch.setattr(packed_module, "LORA_B_COPY", True)  # the benchmarks' `:b_copy`
-    op = kernel_layer(16, 8)
-    stored = op.loras[0].b  # fp32, as the adapters train
-    # the kernel rounds B to bf16 before its products: a copy rounded once holds the same values
-    assert op.lora_b.dtype == torch.bfloat16 and torch.equal(op.lora_b, stored.to(torch.bfloat16))
-    assert op.segment()[3] is op.lora_b
-
-
 def test_projections_of_one_input_share_one_kernel_launch_whose_table_points_at_their_weights():
     torch.manual_seed(0)
     layer = SimpleNamespace(
@@ -211,7 +186,7 @@ def test_projections_of_one_input_share_one_kernel_launch_whose_table_points_at_
         assert row[fields["packed"]] == weight.data.data_ptr()
         assert row[fields["absmax"]] == weight.quant_state.absmax.data_ptr()
         assert row[fields["absmax2"]] == weight.quant_state.state2.absmax.data_ptr()
-        assert row[fields["bias"]] == op.bias.data_ptr() and row[fields["lora_b"]] == op.lora_b.data_ptr()
+        assert row[fields["bias"]] == op.bias.data_ptr() and row[fields["lora_b"]] == op.loras[0].b.data_ptr()
         # each weight reads its own columns of the shared x A^T, of its own rank
         assert (row[fields["lora_column"]], row[fields["lora_rank"]]) == (
             op.shared[1].start,
@@ -277,28 +252,25 @@ def test_packed_engine_greedy_tokens_match_generate_on_int4_weights():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("switch", ["launch_order.PROGRAMMATIC", "packed.LORA_B_COPY"])
-def test_switches_change_no_token_and_no_log_prob(switch, monkeypatch):
-    # PROGRAMMATIC (vrft.kernels.launch_order) only lets a kernel start before the one before it has
-    # drained; each waits for its inputs. LORA_B_COPY hands the kernel B already rounded to bf16, which its
-    # epilogue would do itself. Either way the decode step computes the same numbers: the same greedy tokens
-    # and bit-identical log-probs (the same products, the same summation order).
+def test_programmatic_launch_changes_no_token_and_no_log_prob(monkeypatch):
+    # vrft.kernels.launch_order only lets a kernel start before the one before it has drained; each waits
+    # for its inputs, so the decode step computes the same numbers with the overlap and without it: the
+    # same greedy tokens and bit-identical log-probs (the same kernels, the same summation order).
     from vrft.kernels import launch_order
 
     policy, processor = int4_tiny_policy()
     device = torch.device("cuda")
     # on an H100 or H200 the first run below overlaps its launches; older cards never do
     assert launch_order.programmatic(device) is (torch.cuda.get_device_capability(device)[0] >= 9)
-    module = {"launch_order": launch_order, "packed": packed_module}[switch.split(".")[0]]
     runs = {}
-    for on in (True, False):
-        monkeypatch.setattr(module, switch.split(".")[1], on)
+    for programmatic in (True, False):
+        monkeypatch.setattr(launch_order, "PROGRAMMATIC", programmatic)
         engine = PackedEngine()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             rollout = generate_rollout(
                 policy, processor, rows(), "{problem}", 2, GREEDY, device, engine=engine
             )
         assert engine.last_stats["cuda_graph"] == 1.0  # the graph captured the launches as they were asked
-        runs[on] = (rollout.completion_ids, engine.last_logprobs)
+        runs[programmatic] = (rollout.completion_ids, engine.last_logprobs)
     assert torch.equal(runs[True][0], runs[False][0])
     assert torch.equal(runs[True][1], runs[False][1])

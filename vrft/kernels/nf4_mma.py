@@ -117,7 +117,7 @@ MMA_DEFAULTS = {
     # step with an adapter) 64.1 -> 62.7 in the chain and slower in the engine's step (5.27 ms against
     # 5.16, 5.41 / 5.42 against 5.35 / 5.34, 5.44 against 5.37 in three runs), so `launch` turns it off there,
     # and on 32-row tiles (over 16 rows), which no run timed with it. Off by default until the whole GPU suite
-    # has run with 32768 here (its kernel variants passed the GPU tests; no machine could be started since)
+    # has run with 32768 here (its kernel variants passed the GPU tests; the device time ran out first)
     "x_shared": 0,
 }
 # the load variants off: the kernel as first timed, which the sweep and the tests measure them against

@@ -56,7 +56,7 @@ class WeightFootprint:
     lm_linear_params: int  # parameters of the language model's projections (what a bf16 copy holds)
     dequant_params: int  # the largest quantised projection (0 if none): scratch of its dequantisation
     adapter_params: int  # trainable LoRA parameters
-    fused_lora_params: int  # the A (and B: LORA_B_COPY) matrices of adapters on quantised LM projections
+    fused_lora_a_params: int  # the A matrices of adapters on quantised language-model projections
     adapter_bytes_per_param: int  # 4 for fp32 adapters, 2 for bf16
     optimizer_bytes_per_param: float  # optimizer state per trainable parameter
     optimizer_paged: bool  # paged (managed) state sits outside PyTorch's reserved pool
@@ -183,9 +183,8 @@ def _rollout_bytes(shape: ModelShape, weights: WeightFootprint, work: Workload, 
     )
     # packed: decode steps read the 4-bit weights in place (its prefill's scratch matrix is counted above);
     # it holds the A matrices of the fused adapters in the compute dtype, concatenated per shared input
-    # (vrft.rollout.packed.SharedLoraInput): a copy even of bf16 adapters, for all but o and down; and with
-    # `packed.LORA_B_COPY` the B matrices too, counted as copies (over by r x out x 2 bytes for bf16 adapters)
-    packed = weights.fused_lora_params * a
+    # (vrft.rollout.packed.SharedLoraInput): a copy even of bf16 adapters, for all but o and down
+    packed = weights.fused_lora_a_params * a
     engine = {"bf16_copy": weights.lm_linear_params * a, "dequant": scratch_matrix, "packed": packed}.get(
         work.rollout_engine, 0
     )

@@ -19,7 +19,6 @@ from transformers import AutoConfig
 from vrft.models.policy import VISION_TARGETS
 from vrft.models.presets import PRESETS, model_class, preset_config
 from vrft.planner.estimator import ModelShape, WeightFootprint
-from vrft.rollout import packed as packed_engine
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +73,7 @@ def _footprint(name_or_path: str, precision_yaml: str, target_modules: str, rank
     packed = {id(module.weight) for name, module in model.named_modules() if storage[name]}  # bias: plain
     tensors = [*(p for p in model.parameters() if id(p) not in packed), *model.buffers()]  # buffers: rotary
     weight_bytes = sum(t.numel() * t.element_size() for t in tensors)
-    lm_params, largest, adapter, fused_a, fused_b = 0, 0, 0, 0, 0  # largest: the biggest quantised projection
+    lm_params, largest, adapter, fused_a = 0, 0, 0, 0  # largest: the biggest quantised projection
     int8_layers: set[str] = set()
     target = re.compile(target_modules)
     for name, module in model.named_modules():
@@ -94,20 +93,9 @@ def _footprint(name_or_path: str, precision_yaml: str, target_modules: str, rank
             adapter += rank * (module.in_features + module.out_features)
             if storage[name] and ".language_model." in f".{name}":
                 fused_a += rank * module.in_features
-                fused_b += rank * module.out_features
     adapter_bytes = torch.empty(0, dtype=precision.adapter_dtype).element_size()
     compute_bytes = torch.empty(0, dtype=precision.compute_dtype).element_size()
-    return (
-        weight_bytes,
-        lm_params,
-        largest,
-        adapter,
-        fused_a,
-        fused_b,
-        adapter_bytes,
-        compute_bytes,
-        len(int8_layers),
-    )
+    return weight_bytes, lm_params, largest, adapter, fused_a, adapter_bytes, compute_bytes, len(int8_layers)
 
 
 # Optimizer state per trainable parameter, by class name: (bytes per fp32 parameter, paged).
@@ -138,7 +126,7 @@ def weight_footprint(cfg: DictConfig) -> tuple[WeightFootprint, int]:
     target = str(lora.target_modules)
     if lora.get("train_vision"):
         target = f"({target})|({VISION_TARGETS})"
-    weight_bytes, lm_params, largest, adapter, fused_a, fused_b, adapter_bytes, compute_bytes, int8_layers = (
+    weight_bytes, lm_params, largest, adapter, fused_a, adapter_bytes, compute_bytes, int8_layers = (
         _footprint(str(cfg.model.name_or_path), precision_yaml, target, int(lora.r))
     )
     state, paged = optimizer_state(cfg.get("optimizer"))
@@ -147,7 +135,7 @@ def weight_footprint(cfg: DictConfig) -> tuple[WeightFootprint, int]:
         lm_linear_params=lm_params,
         dequant_params=largest,
         adapter_params=adapter,
-        fused_lora_params=fused_a + (fused_b if packed_engine.LORA_B_COPY else 0),  # else B as stored
+        fused_lora_a_params=fused_a,
         adapter_bytes_per_param=adapter_bytes,
         optimizer_bytes_per_param=state * adapter_bytes / 4,  # state follows the parameter dtype
         optimizer_paged=paged,

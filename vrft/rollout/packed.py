@@ -43,10 +43,6 @@ log = logging.getLogger(__name__)
 KERNEL_ROWS = 64  # decode batches up to this many rows use the kernel; more rows (prefill) dequantise once
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 PACKED_FIX = "set algorithm.rollout_engine=dequant (same memory, no kernel) or auto"
-# True: the kernel reads each fused adapter's B from a copy in the compute dtype (`KernelLinear`). Off until the
-# device has measured it and run the GPU tests with it on (no machine could be started in the session that
-# wrote it); the benchmarks' `:b_copy` engines turn it on
-LORA_B_COPY = False
 
 
 class _OncePerInput:
@@ -136,26 +132,22 @@ class KernelLinear(LinearOp):
         # every call, two copies per projection per decode step (1.3 ms of a 7B step, profiled); cast A once
         # per rollout instead. The product is the same.
         self.shared: tuple[SharedLoraInput, slice] | None = None  # the fused adapter's x A^T, and its columns
-        # B in the compute dtype, also once per rollout: the kernel rounds B to it before its products (as
-        # autocast does), so a copy rounded here gives the same bits and halves the bytes an fp32 B costs each
-        # decode step (8.5 of a layer's 64 us of gate/up went to the LoRA term: bench/rollout/results.md).
-        self.lora_b: Tensor | None = None
         if self.loras:
             a = self.loras[0].a
             dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else a.dtype
             own = SharedLoraInput([a.to(dtype)])
             self.shared = (own, own.columns[0])
-            self.lora_b = self.loras[0].b.to(self.dtype) if LORA_B_COPY else self.loras[0].b
         self.grouped: tuple[KernelGroup, slice] | None = None  # one launch with others, and its columns
 
     def segment(self) -> tuple:
         """This projection as a weight of a `KernelGroup`: `(packed, quant_state, bias, lora_b, lora_column)`."""
         weight = self.base.weight
+        lora_b = self.loras[0].b if self.loras else None
         return (
             weight.data,
             weight.quant_state,
             self.bias,
-            self.lora_b,
+            lora_b,
             self.shared[1].start if self.shared else None,
         )
 
@@ -173,7 +165,7 @@ class KernelLinear(LinearOp):
             lora = ()  # the first adapter, fused: (x A^T, B, scale)
             if self.shared is not None:
                 group, columns = self.shared
-                lora = (group.product(x, rows)[:, columns], self.lora_b, self.loras[0].scale)
+                lora = (group.product(x, rows)[:, columns], self.loras[0].b, self.loras[0].scale)
             y = matmul_4bit(rows, weight.data, weight.quant_state, self.bias, *lora, x_ready=bool(lora))
         for lora in extra:  # a second active adapter (rare): added as `dequant` does
             y = y + lora(rows).to(y.dtype)
