@@ -25,9 +25,9 @@ one dot per 64-weight quantisation block into a fresh fp32 sum, scaled by the bl
 loop into shared memory (`absmax_shared`, at most `SCALES_BYTES`); with `x_shared` (off by default: see
 `MMA_DEFAULTS`), where the kernel waits for `x` (no `x_ready`) and the tile has 16 rows, so is the
 program's K slice of `x` (each warp then reads its x there rather than through L1). These are the only
-shared memory the loop reads. The next loop step's codes are loaded before this step's are used in the source, though ptxas issues those
-loads only ~4/5 into the step (sm_90 SASS); the `prefetch` variant pins them to its top. `mma.sync` runs on
-sm_80 and later: the RTX 4090 (sm_89) too.
+shared memory the loop reads. The next loop step's codes are loaded before this step's are used in the
+source, though ptxas issues those loads only ~4/5 into the step (sm_90 SASS); the `prefetch` variant pins
+them to its top. `mma.sync` runs on sm_80 and later: the RTX 4090 (sm_89) too.
 
 Measured on the H200 (bench/rollout/results.md, "A kernel without shared memory"): 130 us per 7B decoder
 layer at 16 rows against `nf4_matmul`'s 154 (gate/up 31.6 against 35.6 us: 23% of the bandwidth bound, not
