@@ -4,6 +4,7 @@
 # `packed` with each kernel side by side. Carry .whl; results in $OUT. VRFT_NF4_MMA as set by the caller
 # (unset: on).
 #   bash bench/rollout/device_mma_rows.sh tests    # ~4 min
+#   TESTS_S=380 DIST_S=190 bash bench/rollout/device_mma_rows.sh suite   # all of it, test_distributed apart
 #   bash bench/rollout/device_mma_rows.sh rows     # ~3-6 min
 #   bash bench/rollout/device_mma_rows.sh overlap  # launch_overlap.py, ~1 min
 #   TESTS_S=320 ROWS_S=250 bash bench/rollout/device_mma_rows.sh tests rows   # both in one call
@@ -22,6 +23,14 @@ for part in "${@:-usage}"; do
             > "$OUT/gpu_tests.log" 2>&1
         tail -3 "$OUT/gpu_tests.log"
         ;;
+    suite)  # the whole GPU suite in two runs: test_distributed's FSDP int4 test alone takes minutes
+        timeout "${TESTS_S:-380}" python3 -m pytest -q -p no:cacheprovider -m gpu tests -rfE --durations=15 \
+            --ignore=tests/test_distributed.py > "$OUT/gpu_tests.log" 2>&1
+        tail -3 "$OUT/gpu_tests.log"
+        timeout "${DIST_S:-200}" python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_distributed.py -rfE \
+            --durations=0 > "$OUT/gpu_tests_distributed.log" 2>&1
+        tail -3 "$OUT/gpu_tests_distributed.log"
+        ;;
     rows)
         timeout "${ROWS_S:-560}" python3 bench/rollout/packed.py --out "$OUT" --rows "${ROWS:-16g,24g,16g_G16}" \
             --engines "${ENGINES:-bf16_copy,packed:nf4_matmul,packed:mma}" \
@@ -32,7 +41,7 @@ for part in "${@:-usage}"; do
         timeout "${OVERLAP_S:-120}" python3 bench/rollout/launch_overlap.py --out "$OUT/launch_overlap.json"
         ;;
     *)
-        echo "usage: $0 tests|rows|overlap [...]" >&2
+        echo "usage: $0 tests|suite|rows|overlap [...]" >&2
         exit 2
         ;;
     esac
