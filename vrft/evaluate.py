@@ -25,11 +25,11 @@ from vrft.evaluation.adapters import check_adapter
 from vrft.evaluation.records import PredictionLog, PredictionWriter
 from vrft.evaluation.rows import EvalRowDataset, EvalRows, prepare_rows
 from vrft.evaluation.table import comparison_table
-from vrft.kernels.nf4_matmul import check_mma_switch
+from vrft.kernels.nf4_matmul import check_mma_switch, mma_unavailable
 from vrft.modules.scoring import RewardSet
 from vrft.paths import config_dir
 from vrft.rollout.engines import build_rollout_engine
-from vrft.rollout.packed import mma_unavailable, packed_unavailable
+from vrft.rollout.packed import packed_unavailable
 from vrft.setup import build_run
 
 log = logging.getLogger(__name__)

@@ -115,7 +115,7 @@ def test_matmul_4bit_takes_this_kernel_only_when_switched_on(monkeypatch):
     state = types.SimpleNamespace(quant_type="nf4", blocksize=64)
     x = torch.zeros(16, 1024, dtype=torch.bfloat16)
     monkeypatch.setattr(nf4_matmul, "MMA_KERNEL", False)
-    assert nf4_matmul.mma_unsupported(state, x) == "nf4_matmul.MMA_KERNEL is off"
+    assert nf4_matmul.mma_unsupported(state, x) == "VRFT_NF4_MMA=0"
     monkeypatch.setattr(nf4_matmul, "MMA_KERNEL", True)
     assert "33 rows" in nf4_matmul.mma_unsupported(state, torch.zeros(33, 1024, dtype=torch.bfloat16))
     reason = nf4_matmul.mma_unsupported(state, x)

@@ -105,11 +105,19 @@ def check_mma_switch() -> None:
 KERNEL_SWITCHES = ("GATHER", "TRANSPOSED", "DECODE", "SCALE_AFTER", "num_warps", "num_stages")  # passed as is
 
 
+def mma_unavailable(rows: int | None = None) -> str | None:
+    """Why calls on `rows` rows (None: any number) would not go to `nf4_mma`'s kernel in this install, whatever
+    the weight (None: they would; the weight's own checks are `mma_unsupported`'s)."""
+    if not MMA_KERNEL:
+        return f"{MMA_SWITCH}=0"
+    return (rows is not None and nf4_mma.rows_unsupported(rows)) or nf4_mma.environment_unsupported()
+
+
 def mma_unsupported(quant_state, x: Tensor) -> str | None:
     """Why a call on `x [rows, K]` does not go to `nf4_mma`'s kernel (None: it does)."""
-    if not MMA_KERNEL:
-        return "nf4_matmul.MMA_KERNEL is off"
-    return nf4_mma.unsupported(quant_state.quant_type, quant_state.blocksize, x.dtype, x.shape[1], x.shape[0])
+    return mma_unavailable(x.shape[0]) or nf4_mma.unsupported(
+        quant_state.quant_type, quant_state.blocksize, x.dtype, x.shape[1], x.shape[0]
+    )
 
 
 def environment_unsupported(device: torch.device | str | None = None) -> str | None:

@@ -142,9 +142,14 @@ def unsupported(
         return f"compute dtype {dtype}"
     if in_features % BLOCKSIZE:
         return f"in_features {in_features} is not a multiple of 64"
+    return rows_unsupported(rows) or environment_unsupported()
+
+
+def rows_unsupported(rows: int) -> str | None:
+    """Why a call on `rows` rows (a decode batch's sequences) is too wide for this kernel (None: it is not)."""
     if rows > MAX_ROWS:
-        return f"{rows} rows > {MAX_ROWS}"
-    return environment_unsupported()
+        return f"{rows} rows a call (nf4_mma's kernel takes up to {MAX_ROWS}; wider calls go to nf4_matmul's)"
+    return None
 
 
 def environment_unsupported() -> str | None:

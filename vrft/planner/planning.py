@@ -22,6 +22,7 @@ from vrft.distributed import (
     strategy_name,
     world_size,
 )
+from vrft.kernels.nf4_matmul import mma_unavailable
 from vrft.models.policy import ModelSpec
 from vrft.modules.settings import GRPOSettings
 from vrft.paths import config_dir
@@ -34,7 +35,7 @@ from vrft.planner.estimator import (
     estimate,
 )
 from vrft.planner.footprint import model_config, model_shape, weight_footprint
-from vrft.rollout.packed import PACKED_FIX, mma_unavailable, packed_unavailable
+from vrft.rollout.packed import PACKED_FIX, packed_unavailable
 from vrft.runtime.cuda import device_total_gb
 
 log = logging.getLogger(__name__)

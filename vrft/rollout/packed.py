@@ -23,7 +23,6 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from vrft.kernels import nf4_matmul, nf4_mma
 from vrft.kernels.lora_input import lora_input
 from vrft.kernels.nf4_matmul import (
     MAX_LORA_RANK,
@@ -263,19 +262,6 @@ def packed_unavailable(precision_name: str, precision_cfg) -> str | None:
     cfg = precision_cfg or {}
     dtype = DTYPES.get(str(cfg.get("compute_dtype", "bf16")), torch.float32)
     return layout_unsupported(str(cfg.get("quant_type", "nf4")), 64, dtype, 64)
-
-
-def mma_unavailable(rows: int | None = None) -> str | None:
-    """Why `packed`'s decode batches of `rows` sequences (None: any width) would not go through nf4_mma's
-    kernel here, or None if they would (its layout checks are `packed_unavailable`'s)."""
-    if not nf4_matmul.MMA_KERNEL:
-        return f"{nf4_matmul.MMA_SWITCH}=0"
-    if rows is not None and rows > nf4_mma.MAX_ROWS:
-        return (
-            f"decode batches of {rows} sequences (nf4_mma's kernel takes up to {nf4_mma.MAX_ROWS}; wider ones go "
-            "to nf4_matmul's)"
-        )
-    return nf4_mma.environment_unsupported()
 
 
 class PackedEngine(StaticDecodeEngine):
