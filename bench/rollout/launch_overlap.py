@@ -7,8 +7,9 @@ programmatic launch (`pdl`: each kernel's start overlaps the last one's end), an
 K loop also running beside `lora_input` (`pdl_x_ready`, what the engine does). Each chain is also timed
 without its `lora_input` (and without the LoRA term), the time the overlap could hide at best, and once with
 the LoRA term but no `lora_input` launch (`pdl_x_ready_lora_term_only`). Each chain also runs with nf4_mma's
-`x_shared` at 32 KB (`_x_shared`), which `launch` applies only where the kernel waits for x (not with
-`x_ready`).
+`x_shared` off (`_x_shared_off`); on by default, `launch` applies it only where the kernel waits for x (not
+with `x_ready`). Before it was on by default (results/x_shared_overlap_call/) the variant was `_x_shared`,
+the same chains with it on.
 
     python bench/rollout/launch_overlap.py --out $OUT/launch_overlap.json
 """
@@ -33,7 +34,7 @@ from vrft.kernels.lora_input import lora_input  # noqa: E402
 
 LAYERS, ROWS, HIDDEN, GATE_UP, RANK = 28, 16, 3584, 2 * 18944, 64
 # name suffix -> switches of nf4_mma's defaults the chain runs with
-DEFAULTS_VARIANTS = {"": {}, "_x_shared": {"x_shared": 32768}}
+DEFAULTS_VARIANTS = {"": {}, "_x_shared_off": {"x_shared": 0}}
 
 
 def chain(with_lora: bool, x_ready: bool, launch_lora_input: bool = True):

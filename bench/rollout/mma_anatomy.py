@@ -63,11 +63,13 @@ from vrft.kernels.workspace import multiprocessors  # noqa: E402
 DEVICE = torch.device("cuda")
 # the engine's launches (`matmul_4bit_segments` over gate+up and over q+k+v), and down and o alone
 SHAPES = {"gate_up": (37888, 3584), "down": (3584, 18944), "q_k_v": (4608, 3584), "o": (3584, 3584)}
-# `--kernels`: name -> launch_config choices: the defaults and x_shared at 32 and 64 KB (gate+up's K split
-# 2 -> 4 for 32 KB; 64 KB keeps 2 with three programs a multiprocessor). At commit aca2679
-# (results/x_shared_kernels_call/) also 16 programs a multiprocessor (split 4, no x_shared)
+# `--kernels`: name -> launch_config choices: the defaults (x_shared at 32 KB since the sixteenth session),
+# without x_shared, and x_shared at 32 and 64 KB (gate+up's K split 2 -> 4 for 32 KB; 64 KB keeps 2 with three
+# programs a multiprocessor). At commit aca2679 (results/x_shared_kernels_call/, `kernel` then without
+# x_shared) also 16 programs a multiprocessor (split 4, no x_shared)
 KERNEL_VARIANTS = {
     "kernel": {},
+    "kernel_x_shared_off": {"x_shared": 0},
     "kernel_x_shared_32k": {"x_shared": 32768},
     "kernel_x_shared_64k": {"x_shared": 65536},
 }

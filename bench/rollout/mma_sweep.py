@@ -48,11 +48,12 @@ DEVICE = torch.device("cuda")
 # now the default. The one before this (results/x_shared_call/, H100, 554e681): each program's K slice of x
 # in shared memory (`x_shared`), then off: 108.3 us per layer at 32 KB against 115.7, 108.2 at 64 KB, 118.1
 # at 16 KB, 107.2 at 32 KB with 4 programs a multiprocessor, 131.1 with two blocks a step (still off by
-# default: MMA_DEFAULTS says why). This one: the defaults against x_shared at 32 and 64 KB and with 4
-# programs a multiprocessor.
+# default: MMA_DEFAULTS says why). This one, written while it was off: the defaults against x_shared at 32
+# and 64 KB and with 4 programs a multiprocessor; x_shared is on by default (32 KB) since the sixteenth
+# session, so the second variant is the one without it.
 VARIANTS = [
     MMA_DEFAULTS,
-    {**MMA_DEFAULTS, "x_shared": 32768},
+    {**MMA_DEFAULTS, "x_shared": 0},
     {**MMA_DEFAULTS, "x_shared": 65536},
     {**MMA_DEFAULTS, "x_shared": 32768, "programs_per_sm": 4},
 ]

@@ -180,9 +180,9 @@ def test_launch_passes_the_kernel_each_of_its_parameters_once(monkeypatch):
     )
     assert arguments["iters_per_split"] == 2 and arguments["split_k"] == 2  # 4 steps of 256 columns
     assert arguments["PDL"] is False  # off the GPU: vrft.kernels.launch_order
-    # x's K slices in shared memory (`x_shared`, here switched on) where `launch` picks the config: only
-    # where the kernel waits for x (not with `x_ready`) and on 16-row tiles, what was timed (MMA_DEFAULTS)
-    monkeypatch.setitem(nf4_mma.MMA_DEFAULTS, "x_shared", 32768)
+    # x's K slices in shared memory (`x_shared`, on by default) where `launch` picks the config: only where
+    # the kernel waits for x (not with `x_ready`) and on 16-row tiles, what was timed (MMA_DEFAULTS)
+    assert nf4_mma.MMA_DEFAULTS["x_shared"] == 32768
     for rows, x_ready, shared in ((16, False, True), (8, False, True), (16, True, False), (17, False, False)):
         x = torch.zeros(rows, 1024, dtype=torch.bfloat16)
         lora_in = torch.zeros(rows, 64, dtype=torch.bfloat16)

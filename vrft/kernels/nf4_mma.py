@@ -22,8 +22,8 @@ Decoding: `nf4_decode.PRMT_DECODE_PTX` (byte permutes over the code book as eigh
 one dot per 64-weight quantisation block into a fresh fp32 sum, scaled by the block's fp32 absmax
 (`SCALE_AFTER` in `nf4_matmul`: a weight is `bf16(code) * absmax`, within one bf16 rounding of
 `dequantize_4bit`'s; tests/kernels). The absmax of every block of a tile's K slice is worked out before the
-loop into shared memory (`absmax_shared`, at most `SCALES_BYTES`); with `x_shared` (off by default: see
-`MMA_DEFAULTS`), where the kernel waits for `x` (no `x_ready`) and the tile has 16 rows, so is the
+loop into shared memory (`absmax_shared`, at most `SCALES_BYTES`); with `x_shared` (`MMA_DEFAULTS`), where
+the kernel waits for `x` (no `x_ready`) and the tile has 16 rows, so is the
 program's K slice of `x` (each warp then reads its x there rather than through L1). These are the only
 shared memory the loop reads. The next loop step's codes are loaded before this step's are used in the
 source, though ptxas issues those loads only ~4/5 into the step (sm_90 SASS); the `prefetch` variant pins
@@ -116,9 +116,10 @@ MMA_DEFAULTS = {
     # `x_ready` (the K loop already runs beside `lora_input`: every launch of the packed engine's decode
     # step with an adapter) 64.1 -> 62.7 in the chain and slower in the engine's step (5.27 ms against
     # 5.16, 5.41 / 5.42 against 5.35 / 5.34, 5.44 against 5.37 in three runs), so `launch` turns it off there,
-    # and on 32-row tiles (over 16 rows), which no run timed with it. Off by default until the whole GPU suite
-    # has run with 32768 here (its kernel variants passed the GPU tests; the device time ran out first)
-    "x_shared": 0,
+    # and on 32-row tiles (over 16 rows), which no run timed with it. So it serves the decode steps without
+    # an adapter (the base model's evaluation): bench/rollout/launch_overlap.py's gate/up chain without
+    # LoRA, 1523.6 -> 1449.5 us for 28 layers (results/x_shared_overlap_call/, H100)
+    "x_shared": 32768,
 }
 # the load variants off: the kernel as first timed, which the sweep and the tests measure them against
 PLAIN_LOADS = {
