@@ -192,10 +192,12 @@ def test_launch_passes_the_kernel_each_of_its_parameters_once(monkeypatch):
 
 
 def test_calls_outside_the_kernel_say_why():
-    assert "blocksize 128" in nf4_mma.unsupported("nf4", 128, torch.bfloat16, 1024, 16)
-    assert "33 rows" in nf4_mma.unsupported("nf4", 64, torch.bfloat16, 1024, 33)
-    assert "multiple of 64" in nf4_mma.unsupported("nf4", 64, torch.bfloat16, 1000, 16)
-    assert "float32" in nf4_mma.unsupported("nf4", 64, torch.float32, 1024, 16)
+    assert "blocksize 128" in nf4_mma.unsupported("nf4", 128, torch.bfloat16, 1024)
+    assert "multiple of 64" in nf4_mma.unsupported("nf4", 64, torch.bfloat16, 1000)
+    assert "float32" in nf4_mma.unsupported("nf4", 64, torch.float32, 1024)
+    assert nf4_mma.unsupported("fp4", 64, torch.float16, 1024) is None
+    assert "33 rows" in nf4_mma.rows_unsupported(33)
+    assert nf4_mma.rows_unsupported(32) is None
 
 
 @pytest.mark.gpu

@@ -116,7 +116,7 @@ def mma_unavailable(rows: int | None = None) -> str | None:
 def mma_unsupported(quant_state, x: Tensor) -> str | None:
     """Why a call on `x [rows, K]` does not go to `nf4_mma`'s kernel (None: it does)."""
     return mma_unavailable(x.shape[0]) or nf4_mma.unsupported(
-        quant_state.quant_type, quant_state.blocksize, x.dtype, x.shape[1], x.shape[0]
+        quant_state.quant_type, quant_state.blocksize, x.dtype, x.shape[1]
     )
 
 

@@ -131,10 +131,9 @@ PLAIN_LOADS = {
 }
 
 
-def unsupported(
-    quant_type: str, blocksize: int, dtype: torch.dtype, in_features: int, rows: int
-) -> str | None:
-    """Why this kernel does not take a call (None: it does); the caller then uses `nf4_matmul`'s."""
+def unsupported(quant_type: str, blocksize: int, dtype: torch.dtype, in_features: int) -> str | None:
+    """Why this kernel does not take a weight's calls (None: it does; the row count and the install are
+    `rows_unsupported`'s and `environment_unsupported`'s); the caller then uses `nf4_matmul`'s."""
     if quant_type not in ("nf4", "fp4"):
         return f"quant_type {quant_type!r}"
     if blocksize != BLOCKSIZE:
@@ -143,7 +142,7 @@ def unsupported(
         return f"compute dtype {dtype}"
     if in_features % BLOCKSIZE:
         return f"in_features {in_features} is not a multiple of 64"
-    return rows_unsupported(rows) or environment_unsupported()
+    return None
 
 
 def rows_unsupported(rows: int) -> str | None:
