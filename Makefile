@@ -7,6 +7,11 @@ STAMP := $(VENV)/.vrft-installed
 TORCH_VERSION ?= 2.13.0
 ARGS ?=
 PYTEST_ARGS ?=
+# `make train`'s figures (README) hang on float rounding: unpinned, torch's CPU kernels, MKL and oneDNN each
+# take the widest vector code the CPU has (AVX2, AVX-512, AMX), whose sums round differently, so the sampled
+# completions and the figures change with the CPU. Pinned to their AVX2 code and two threads (what CI has),
+# a CPU with AVX-512 or AMX computes as one with AVX2 only. `make train CPU_PINS=` runs unpinned.
+CPU_PINS ?= ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2 DNNL_MAX_CPU_ISA=AVX2 OMP_NUM_THREADS=2
 
 .DEFAULT_GOAL := help
 .PHONY: help install train test test-fast lint format clean
@@ -24,7 +29,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 train: install ## Run the default job (tiny model, synthetic data, CPU is fine); extra overrides via ARGS="..."
-	$(PY) -m vrft.train $(ARGS)
+	$(CPU_PINS) $(PY) -m vrft.train $(ARGS)
 
 test: install ## Run the test suite (CPU; GPU tests are skipped without CUDA)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
