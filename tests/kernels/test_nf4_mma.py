@@ -117,7 +117,9 @@ def test_matmul_4bit_takes_this_kernel_only_when_switched_on(monkeypatch):
     monkeypatch.setattr(nf4_matmul, "MMA_KERNEL", False)
     assert nf4_matmul.mma_unsupported(state, x) == "VRFT_NF4_MMA=0"
     monkeypatch.setattr(nf4_matmul, "MMA_KERNEL", True)
-    assert "33 rows" in nf4_matmul.mma_unsupported(state, torch.zeros(33, 1024, dtype=torch.bfloat16))
+    assert "batches of 33 sequences" in nf4_matmul.mma_unsupported(
+        state, torch.zeros(33, 1024, dtype=torch.bfloat16)
+    )
     reason = nf4_matmul.mma_unsupported(state, x)
     assert reason is None or "Gluon" in reason  # None where this Triton has Gluon
 
@@ -196,7 +198,7 @@ def test_calls_outside_the_kernel_say_why():
     assert "multiple of 64" in nf4_mma.unsupported("nf4", 64, torch.bfloat16, 1000)
     assert "float32" in nf4_mma.unsupported("nf4", 64, torch.float32, 1024)
     assert nf4_mma.unsupported("fp4", 64, torch.float16, 1024) is None
-    assert "33 rows" in nf4_mma.rows_unsupported(33)
+    assert "batches of 33 sequences" in nf4_mma.rows_unsupported(33)
     assert nf4_mma.rows_unsupported(32) is None
 
 

@@ -137,7 +137,7 @@ def test_rollout_engine_auto_takes_the_bf16_copy_for_decode_batches_wider_than_n
     picked = [r.getMessage() for r in caplog.records if "rollout_engine=auto picked" in r.getMessage()]
     assert narrow.algorithm.rollout_engine == "packed"
     assert wide.algorithm.rollout_engine == "bf16_copy"
-    assert "decode batches of 64 sequences (rollout_batch_size x group_size), more than the 32" in picked[1]
+    assert "decode batches of 64 sequences (nf4_mma's kernel takes up to 32" in picked[1]
 
 
 def test_training_refuses_before_loading_the_model(tmp_path, monkeypatch):

@@ -148,7 +148,10 @@ def unsupported(quant_type: str, blocksize: int, dtype: torch.dtype, in_features
 def rows_unsupported(rows: int) -> str | None:
     """Why a call on `rows` rows (a decode batch's sequences) is too wide for this kernel (None: it is not)."""
     if rows > MAX_ROWS:
-        return f"{rows} rows a call (nf4_mma's kernel takes up to {MAX_ROWS}; wider calls go to nf4_matmul's)"
+        return (
+            f"decode batches of {rows} sequences (nf4_mma's kernel takes up to {MAX_ROWS}; wider ones go to "
+            "nf4_matmul's)"
+        )
     return None
 
 

@@ -23,7 +23,6 @@ from vrft.distributed import (
     world_size,
 )
 from vrft.kernels.nf4_matmul import mma_unavailable
-from vrft.kernels.nf4_mma import MAX_ROWS, rows_unsupported
 from vrft.models.policy import ModelSpec
 from vrft.modules.settings import GRPOSettings
 from vrft.paths import config_dir
@@ -271,13 +270,7 @@ def resolve_rollout_engine(cfg: DictConfig, quiet: bool = False) -> DictConfig:
         # a rollout decodes rollout_batch_size x G sequences at a time: wider than nf4_mma's kernel takes,
         # packed's matmuls go to nf4_matmul's, slower than the bf16 copy (bench/rollout/results.md)
         algorithm = cfg.algorithm
-        rows = algorithm.group_size * algorithm.get("rollout_batch_size", 1)
-        slow_packed = mma_unavailable(rows)
-        if slow_packed and slow_packed == rows_unsupported(rows):
-            slow_packed = (
-                f"decode batches of {rows} sequences (rollout_batch_size x group_size), more than the "
-                f"{MAX_ROWS} nf4_mma's kernel takes"
-            )
+        slow_packed = mma_unavailable(algorithm.group_size * algorithm.get("rollout_batch_size", 1))
         order = AUTO_ENGINES_WITHOUT_MMA if slow_packed else AUTO_ENGINES
         chosen = next(name for name in order if reasons[name] is None)
         skipped = [f"not {name}: {reasons[name]}" for name in order[: order.index(chosen)]]
