@@ -1,12 +1,18 @@
-"""Attention of one decode token per sequence over its KV cache, split along the cache (flash decoding).
+"""Attention of one decode token per sequence over its prompt's keys and values and its own, split along the
+cache (flash decoding), each prompt's keys and values read once for its G sequences.
 
 Why hand-written: at decode, SDPA's fused kernels (cuDNN on the H200) run one program per (sequence, KV
-head) query tile over the whole cache and took 28 us per 7B layer at 16 sequences, 0.8 ms of a decode step,
-for ~24 MB of keys and values a layer (bench/rollout/results.md). Here each (sequence, KV head) is split
-into slices of the cache that run side by side, every query head of the group in one tile, and a slice
-stops at the step's column (read on the device, so the launch is the same in every CUDA-graph replay): the
-columns not yet written are never read. The last slice of a tile to arrive (an atomic counter it resets)
-merges the slices' softmax partials, as `nf4_epilogue.store_output` adds up K slices.
+head) query tile over the whole cache and took 28 us per 7B layer at 16 sequences, 0.8 ms of a decode step
+(bench/rollout/results.md). And a GRPO rollout decodes G completions of one prompt side by side: their
+caches begin with the same prompt, so the static engines keep each prompt's keys and values once
+(`vrft.rollout.decoder.DecodeState`) rather than G copies, and this kernel reads them once for all G: a tile
+is (prompt, KV head, up to `SEQUENCES_PER_TILE` of its sequences), every query head of those sequences side
+by side in one tensor-core product with each block of the prompt's keys. The generated columns differ per
+sequence and are read by programs of one sequence each. Both kinds of program work on slices of their
+columns side by side; a generated slice stops at the step's column (read on the device, so the launch is
+the same in every CUDA-graph replay): the columns not yet written are never read. The last program of a
+tile to arrive (an atomic counter it resets) merges the slices' softmax partials, as
+`nf4_epilogue.store_output` adds up K slices.
 
 Numerics: scores and the softmax in fp32; the probabilities are rounded to the cache's dtype for the
 tensor-core product with the values, as flash attention does; the output is rounded once. fp32 caches (the
@@ -27,12 +33,14 @@ try:
 except ImportError:  # CPU-only installs: the decoder's SDPA runs instead
     triton = None
 
-# Measured at the 7B shape, 16 sequences (bench/rollout/attention_sweep.py, results/tuning_call): 64 columns
-# per step, 8 warps and 4 slices per (sequence, KV head) took 14.0-14.6 us against SDPA's 21.8-22.2; 4 warps
-# 15.0-15.8, 32 columns 14.8-15.3, 128 columns 19.8-21.4, 8 slices 15.5-16.4, one slice 21.4-24.2.
+# Measured at the 7B shape, 16 sequences, one cache per sequence (bench/rollout/attention_sweep.py,
+# results/tuning_call): 64 columns per step, 8 warps and 4 slices per (sequence, KV head) took 14.0-14.6 us
+# against SDPA's 21.8-22.2; 4 warps 15.0-15.8, 32 columns 14.8-15.3, 128 columns 19.8-21.4.
 BLOCK_L = 64  # cache columns per loop step
 NUM_WARPS = 8
-PROGRAMS_PER_SM = 2  # the split aims at this many programs per multiprocessor
+PROGRAMS_PER_SM = 2  # the slices aim at this many programs per multiprocessor
+QUERY_ROWS = 64  # the most query rows (sequences x query heads per KV head) a tile's prompt programs take
+MAX_PROMPT_SLICES = 8  # what the last program of a tile merges stays small
 
 
 def unsupported(head_dim: int) -> str | None:
@@ -46,35 +54,18 @@ if triton is not None:
     from vrft.kernels.launch_order import wait_for_inputs
 
     @triton.jit
-    def _decode_attention_kernel(
-        q_ptr, keys_ptr, values_ptr, valid_ptr, column_ptr, out_ptr, partial_ptr, stats_ptr, counter_ptr,
-        kv_heads, groups, columns_per_split, scale, stride_qn, stride_qh, stride_cn, stride_ch, stride_cl,
-        stride_valid, BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr, HEAD_DIM: tl.constexpr,
-        SPLIT: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
-    ):  # fmt: skip
-        wait_for_inputs(PDL)
-        tile, split = tl.program_id(0), tl.program_id(1)
-        splits = tl.num_programs(1)
-        row, head = tile // kv_heads, tile % kv_heads
-        group = tl.arange(0, BLOCK_G)
+    def _attend(q, keys_ptr, values_ptr, valid_ptr, cache, start, stop, best, total, acc, scale, stride_cl,
+                BLOCK_L: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+                MASKED: tl.constexpr):  # fmt: skip
+        """The running softmax `(best, total, acc)` of queries `q [rows, hd]` taken over the cache columns
+        `start .. stop` at `cache` (+ column x `stride_cl`); with MASKED, only those `valid_ptr` marks."""
         dim = tl.arange(0, HEAD_DIM)
-        mask_g = group < groups
-        q = tl.load(
-            q_ptr + row * stride_qn + head * stride_qh + group[:, None] * HEAD_DIM + dim[None, :],
-            mask=mask_g[:, None],
-            other=0.0,
-        )
-        cache = row.to(tl.int64) * stride_cn + head * stride_ch
-        end = tl.load(column_ptr) + 1  # the step's token was written at `column`; later columns are empty
-        start = split * columns_per_split
-        stop = tl.minimum(start + columns_per_split, end)
-        best = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)  # running max score per query head
-        total = tl.zeros((BLOCK_G,), dtype=tl.float32)  # running sum of exp(score - best)
-        acc = tl.zeros((BLOCK_G, HEAD_DIM), dtype=tl.float32)
         for first in range(start, stop, BLOCK_L):
             column = first + tl.arange(0, BLOCK_L)
             inside = column < stop
-            usable = inside & (tl.load(valid_ptr + row * stride_valid + column, mask=inside, other=0) != 0)
+            usable = inside
+            if MASKED:
+                usable = inside & (tl.load(valid_ptr + column, mask=inside, other=0) != 0)
             slots = cache + column[:, None] * stride_cl + dim[None, :]
             keys = tl.load(keys_ptr + slots, mask=inside[:, None], other=0.0)
             score = tl.dot(q, tl.trans(keys), input_precision=PRECISION)
@@ -87,85 +78,218 @@ if triton is not None:
             total = total * decay + tl.sum(weight, 1)
             acc = acc * decay[:, None] + tl.dot(weight.to(values.dtype), values, input_precision=PRECISION)
             best = new_best
-        outputs = out_ptr + ((row * kv_heads + head) * groups + group[:, None]) * HEAD_DIM + dim[None, :]
-        if SPLIT:
-            local = group[:, None] * HEAD_DIM + dim[None, :]
-            partials = partial_ptr + tile.to(tl.int64) * splits * BLOCK_G * HEAD_DIM + local
-            stats = stats_ptr + tile.to(tl.int64) * splits * 2 * BLOCK_G + group
-            tl.store(partials + split * BLOCK_G * HEAD_DIM, acc)
-            tl.store(stats + split * 2 * BLOCK_G, best)
-            tl.store(stats + split * 2 * BLOCK_G + BLOCK_G, total)
-            tl.debug_barrier()  # every thread's partial is written before the release below
-            arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel")
-            if arrived == splits - 1:  # the last slice of this tile: merge the slices, reset the counter
-                best = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
-                for other in range(splits):
-                    best = tl.maximum(best, tl.load(stats + other * 2 * BLOCK_G, cache_modifier=".cg"))
-                shift = tl.where(best == float("-inf"), 0.0, best)
-                total = tl.zeros((BLOCK_G,), dtype=tl.float32)
-                acc = tl.zeros((BLOCK_G, HEAD_DIM), dtype=tl.float32)
-                for other in range(splits):
-                    its_best = tl.load(stats + other * 2 * BLOCK_G, cache_modifier=".cg")
-                    decay = tl.exp(its_best - shift)
-                    total += decay * tl.load(stats + other * 2 * BLOCK_G + BLOCK_G, cache_modifier=".cg")
-                    its_acc = tl.load(partials + other * BLOCK_G * HEAD_DIM, cache_modifier=".cg")
-                    acc += decay[:, None] * its_acc
-                tl.atomic_xchg(counter_ptr + tile, 0)
-                out = acc / total[:, None]
-                tl.store(outputs, out.to(out_ptr.dtype.element_ty), mask=mask_g[:, None])
-        else:
-            out = acc / total[:, None]
-            tl.store(outputs, out.to(out_ptr.dtype.element_ty), mask=mask_g[:, None])
+        return best, total, acc
+
+    @triton.jit
+    def _save_partial(partials, stats, rows, mask, best, total, acc, HEAD_DIM: tl.constexpr,
+                      BLOCK_Q: tl.constexpr):  # fmt: skip
+        """A slice's partial softmax for query rows `rows` (of the tile's BLOCK_Q) into its slot."""
+        dim = tl.arange(0, HEAD_DIM)
+        tl.store(partials + rows[:, None] * HEAD_DIM + dim[None, :], acc, mask=mask[:, None])
+        tl.store(stats + rows, best, mask=mask)
+        tl.store(stats + BLOCK_Q + rows, total, mask=mask)
+
+    @triton.jit
+    def _prompt_slice(q_ptr, keys_ptr, values_ptr, valid_ptr, partials, stats, first, held, prompt, head, groups,
+                      start, stop, scale, stride_qn, stride_qh, stride_pn, stride_ph, stride_pl,
+                      BLOCK_Q: tl.constexpr, BLOCK_L: tl.constexpr, HEAD_DIM: tl.constexpr,
+                      PRECISION: tl.constexpr):  # fmt: skip
+        """Prompt columns `start .. stop` for every query row of the tile (sequence x groups + query head)."""
+        dim = tl.arange(0, HEAD_DIM)
+        rows = tl.arange(0, BLOCK_Q)
+        mask = rows < held * groups
+        queries = (first + rows // groups) * stride_qn + head * stride_qh + (rows % groups) * HEAD_DIM
+        q = tl.load(q_ptr + queries[:, None] + dim[None, :], mask=mask[:, None], other=0.0)
+        best, total, acc = _attend(
+            q, keys_ptr, values_ptr, valid_ptr, prompt.to(tl.int64) * stride_pn + head * stride_ph, start, stop,
+            tl.full((BLOCK_Q,), float("-inf"), dtype=tl.float32), tl.zeros((BLOCK_Q,), dtype=tl.float32),
+            tl.zeros((BLOCK_Q, HEAD_DIM), dtype=tl.float32), scale, stride_pl, BLOCK_L, HEAD_DIM, PRECISION, True,
+        )  # fmt: skip
+        _save_partial(partials, stats, rows, mask, best, total, acc, HEAD_DIM, BLOCK_Q)
+
+    @triton.jit
+    def _generated_slice(q_ptr, keys_ptr, values_ptr, partials, stats, row, own, head, groups, start, stop, scale,
+                         stride_qn, stride_qh, stride_cn, stride_ch, stride_cl, BLOCK_Q: tl.constexpr,
+                         BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         PRECISION: tl.constexpr):  # fmt: skip
+        """Generated columns `start .. stop` of sequence `row` (the tile's `own`-th) for its query heads."""
+        dim = tl.arange(0, HEAD_DIM)
+        heads = tl.arange(0, BLOCK_G)
+        mask = heads < groups
+        q = tl.load(q_ptr + row * stride_qn + head * stride_qh + heads[:, None] * HEAD_DIM + dim[None, :],
+                    mask=mask[:, None], other=0.0)  # fmt: skip
+        best, total, acc = _attend(
+            q, keys_ptr, values_ptr, keys_ptr, row.to(tl.int64) * stride_cn + head * stride_ch, start, stop,
+            tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32), tl.zeros((BLOCK_G,), dtype=tl.float32),
+            tl.zeros((BLOCK_G, HEAD_DIM), dtype=tl.float32), scale, stride_cl, BLOCK_L, HEAD_DIM, PRECISION, False,
+        )  # fmt: skip
+        _save_partial(partials, stats, own * groups + heads, mask, best, total, acc, HEAD_DIM, BLOCK_Q)
+
+    @triton.jit
+    def _decode_attention_kernel(
+        q_ptr, keys_ptr, values_ptr, prompt_keys_ptr, prompt_values_ptr, prompt_valid_ptr, column_ptr,
+        out_ptr, partial_ptr, stats_ptr, counter_ptr, kv_heads, groups, group_size, chunks, sequences,
+        prompt_columns, prompt_per_slice, generated_per_slice, prompt_slices, slots, scale, stride_qn,
+        stride_qh, stride_on, stride_oh, stride_cn, stride_ch, stride_cl, stride_pn, stride_ph, stride_pl,
+        stride_valid, BLOCK_Q: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr,
+        HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
+    ):  # fmt: skip
+        wait_for_inputs(PDL)
+        tile, program = tl.program_id(0), tl.program_id(1)
+        head = tile % kv_heads
+        chunk = (tile // kv_heads) % chunks
+        prompt = tile // (kv_heads * chunks)
+        first = prompt * group_size + chunk * sequences  # the tile's first sequence
+        held = tl.minimum(sequences, group_size - chunk * sequences)  # how many sequences it holds
+        partials = partial_ptr + tile.to(tl.int64) * slots * BLOCK_Q * HEAD_DIM  # [slots, BLOCK_Q, hd]
+        stats = stats_ptr + tile.to(tl.int64) * slots * 2 * BLOCK_Q  # [slots, 2, BLOCK_Q]: best, total
+        if program < prompt_slices:
+            start = program * prompt_per_slice
+            _prompt_slice(
+                q_ptr, prompt_keys_ptr, prompt_values_ptr, prompt_valid_ptr + prompt * stride_valid,
+                partials + program * BLOCK_Q * HEAD_DIM, stats + program * 2 * BLOCK_Q, first, held, prompt,
+                head, groups, start, tl.minimum(start + prompt_per_slice, prompt_columns), scale, stride_qn,
+                stride_qh, stride_pn, stride_ph, stride_pl, BLOCK_Q, BLOCK_L, HEAD_DIM, PRECISION,
+            )  # fmt: skip
+        else:  # slice `part` of the tile's `own`-th sequence's generated columns
+            own = (program - prompt_slices) % sequences
+            part = (program - prompt_slices) // sequences
+            if own < held:
+                end = (
+                    tl.load(column_ptr) + 1
+                )  # the step's token was written at `column`; later ones are empty
+                start = part * generated_per_slice
+                slot = prompt_slices + part
+                _generated_slice(
+                    q_ptr, keys_ptr, values_ptr, partials + slot * BLOCK_Q * HEAD_DIM, stats + slot * 2 * BLOCK_Q,
+                    first + own, own, head, groups, start, tl.minimum(start + generated_per_slice, end), scale,
+                    stride_qn, stride_qh, stride_cn, stride_ch, stride_cl, BLOCK_Q, BLOCK_G, BLOCK_L, HEAD_DIM,
+                    PRECISION,
+                )  # fmt: skip
+        tl.debug_barrier()  # every thread's partial is written before the release below
+        arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel")
+        if (
+            arrived == tl.num_programs(1) - 1
+        ):  # the last program of the tile: merge the slices, reset the counter
+            _merge(out_ptr, partials, stats, first, held, head, groups, slots, stride_on, stride_oh, BLOCK_Q,
+                   HEAD_DIM)  # fmt: skip
+            tl.atomic_xchg(counter_ptr + tile, 0)
+
+    @triton.jit
+    def _merge(out_ptr, partials, stats, first, held, head, groups, slots, stride_on, stride_oh,
+               BLOCK_Q: tl.constexpr, HEAD_DIM: tl.constexpr):  # fmt: skip
+        """The tile's output: its `slots` partial softmaxes merged, each query row's from the slices that
+        saw it (a generated slot holds each sequence's rows of its slice)."""
+        dim = tl.arange(0, HEAD_DIM)
+        rows = tl.arange(0, BLOCK_Q)
+        mask = rows < held * groups
+        best = tl.full((BLOCK_Q,), float("-inf"), dtype=tl.float32)
+        for slot in range(slots):
+            its_best = tl.load(
+                stats + slot * 2 * BLOCK_Q + rows, mask=mask, other=float("-inf"), cache_modifier=".cg"
+            )
+            best = tl.maximum(best, its_best)
+        shift = tl.where(best == float("-inf"), 0.0, best)
+        total = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_Q, HEAD_DIM), dtype=tl.float32)
+        for slot in range(slots):
+            its_best = tl.load(
+                stats + slot * 2 * BLOCK_Q + rows, mask=mask, other=float("-inf"), cache_modifier=".cg"
+            )
+            decay = tl.exp(its_best - shift)
+            its_total = tl.load(stats + slot * 2 * BLOCK_Q + BLOCK_Q + rows, mask=mask, other=0.0,
+                                cache_modifier=".cg")  # fmt: skip
+            total += decay * its_total
+            its_acc = tl.load(partials + slot * BLOCK_Q * HEAD_DIM + rows[:, None] * HEAD_DIM + dim[None, :],
+                              mask=mask[:, None], other=0.0, cache_modifier=".cg")  # fmt: skip
+            acc += decay[:, None] * its_acc
+        out = acc / total[:, None]
+        outputs = (first + rows // groups) * stride_on + head * stride_oh + (rows % groups) * HEAD_DIM
+        tl.store(
+            out_ptr + outputs[:, None] + dim[None, :], out.to(out_ptr.dtype.element_ty), mask=mask[:, None]
+        )
+
+
+def layout(count: int, prompts: int, groups: int) -> tuple[int, int, int]:
+    """How a launch groups query rows: `(sequences a tile holds, tiles per prompt and KV head, BLOCK_Q)`:
+    as many of a prompt's sequences as keep a tile's query rows within `QUERY_ROWS` (at least one)."""
+    group_size = count // prompts
+    sequences = max(1, min(group_size, QUERY_ROWS // groups))
+    chunks = -(-group_size // sequences)
+    return sequences, chunks, max(16, triton.next_power_of_2(sequences * groups))
 
 
 def decode_attention(
     q: Tensor,
     keys: Tensor,
     values: Tensor,
-    valid: Tensor,
     column: Tensor,
     scale: float,
-    splits: int | None = None,
+    prompt_keys: Tensor,
+    prompt_values: Tensor,
+    prompt_valid: Tensor,
+    slices: tuple[int, int] | None = None,
     block_l: int = BLOCK_L,
     num_warps: int = NUM_WARPS,
 ) -> Tensor:
-    """Softmax attention of `q` over the cache columns `0..column` that `valid` marks.
+    """Softmax attention of `q` over its prompt's columns that `prompt_valid` marks and its own generated
+    columns `0..column`.
 
     Args:
-        q: `[N, kv_heads, groups, hd]`, the query heads that share a KV head side by side (contiguous rows).
-        keys, values: `[N, kv_heads, Lmax, hd]` caches (unit last stride, one layout).
-        valid: `[N, Lmax]` bool, the columns a query may attend to (padding off).
-        column: `[1]` long, the step's column: later columns are not read.
-        splits: slices of the cache per (sequence, KV head); default: enough for `PROGRAMS_PER_SM`.
+        q: `[N, kv_heads, groups, hd]`, the query heads that share a KV head side by side (contiguous);
+            `N = P x G`, the G sequences of a prompt in consecutive rows.
+        keys, values: `[N, kv_heads, steps, hd]` the generated tokens' caches (unit last stride, one layout).
+        column: `[1]` long, the step's generated column: later columns are not read.
+        prompt_keys, prompt_values: `[P, kv_heads, Lp, hd]` each prompt's cache (one layout).
+        prompt_valid: `[P, Lp]` bool, the prompt columns a query may attend to (padding off).
+        slices: `(prompt slices, generated slices per sequence)` a tile's columns are split into; default:
+            enough for `PROGRAMS_PER_SM`.
         block_l, num_warps: columns per loop step and warps per program (benchmarks).
     Returns:
         `[N, kv_heads, groups, hd]` in `q`'s dtype (what SDPA returns for these inputs).
     """
     count, kv_heads, groups, head_dim = q.shape
-    capacity = keys.shape[2]
+    prompts, _, prompt_columns, _ = prompt_keys.shape
     if (
-        keys.stride() != values.stride()
+        not q.is_contiguous()
+        or keys.stride() != values.stride()
         or keys.stride(-1) != 1
-        or q.stride(-1) != 1
-        or q.stride(2) != head_dim
+        or prompt_keys.stride() != prompt_values.stride()
+        or prompt_keys.stride(-1) != 1
     ):
-        raise ValueError(f"decode_attention needs unit-stride heads: q {q.stride()}, keys {keys.stride()}")
-    tiles = count * kv_heads
-    blocks = triton.cdiv(capacity, block_l)
-    if splits is None:
-        splits = max(1, min(blocks, triton.cdiv(PROGRAMS_PER_SM * multiprocessors(q.device), tiles)))
-    columns_per_split = triton.cdiv(blocks, splits) * block_l
-    splits = triton.cdiv(capacity, columns_per_split)
-    block_g = max(16, triton.next_power_of_2(groups))
+        raise ValueError(
+            f"decode_attention needs contiguous q and unit-stride caches: q {q.stride()}, keys {keys.stride()}, "
+            f"prompt keys {prompt_keys.stride()}"
+        )
+    if count % prompts:
+        raise ValueError(f"{count} sequences are not G each of {prompts} prompts")
+    sequences, chunks, block_q = layout(count, prompts, groups)
+    tiles = prompts * chunks * kv_heads
+    prompt_blocks = triton.cdiv(prompt_columns, block_l)
+    generated_blocks = triton.cdiv(keys.shape[2], block_l)
+    if slices is None:
+        budget = triton.cdiv(PROGRAMS_PER_SM * multiprocessors(q.device), tiles)
+        prompt_slices = max(1, min(prompt_blocks, MAX_PROMPT_SLICES, budget // 2))
+        generated_slices = max(1, min(generated_blocks, (budget - prompt_slices) // sequences))
+    else:
+        prompt_slices, generated_slices = slices
+    prompt_per_slice = triton.cdiv(prompt_blocks, prompt_slices) * block_l
+    prompt_slices = triton.cdiv(prompt_columns, prompt_per_slice)  # none empty
+    generated_per_slice = triton.cdiv(generated_blocks, generated_slices) * block_l
+    generated_slices = triton.cdiv(keys.shape[2], generated_per_slice)
+    slots = prompt_slices + generated_slices
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    # partial [tiles, splits, block_g, hd] fp32 and the arrival counters, as a split-K matmul's; per slice
-    # also its running max and sum [2, block_g]
-    partial, counters = split_workspace(q, (tiles, 1, splits), block_g, head_dim)
-    stats = q.new_empty(tiles * splits * 2 * block_g if splits > 1 else 1, dtype=torch.float32)
-    _decode_attention_kernel[(tiles, splits)](
-        q, keys, values, valid.view(torch.uint8), column, out, partial, stats, counters, kv_heads, groups,
-        columns_per_split, scale, q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
-        valid.stride(0), BLOCK_G=block_g, BLOCK_L=block_l, HEAD_DIM=head_dim, SPLIT=splits > 1,
+    # per tile and slot the partial [block_q, hd] fp32 and its running max and sum [2, block_q]; the
+    # arrival counters, as a split-K matmul's
+    partial, counters = split_workspace(q, (tiles, 1, slots), block_q, head_dim)
+    stats = q.new_empty(tiles * slots * 2 * block_q, dtype=torch.float32)
+    _decode_attention_kernel[(tiles, prompt_slices + sequences * generated_slices)](
+        q, keys, values, prompt_keys, prompt_values, prompt_valid.view(torch.uint8), column, out, partial, stats,
+        counters, kv_heads, groups, count // prompts, chunks, sequences, prompt_columns, prompt_per_slice,
+        generated_per_slice, prompt_slices, slots, scale, q.stride(0), q.stride(1), out.stride(0),
+        out.stride(1), keys.stride(0), keys.stride(1), keys.stride(2), prompt_keys.stride(0),
+        prompt_keys.stride(1), prompt_keys.stride(2), prompt_valid.stride(0), BLOCK_Q=block_q,
+        BLOCK_G=max(16, triton.next_power_of_2(groups)), BLOCK_L=block_l, HEAD_DIM=head_dim,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 caches: no TF32 rounding
         num_warps=num_warps, **launch_options(q.device),
     )  # fmt: skip

@@ -195,19 +195,26 @@ def prefill(
 
 @dataclass
 class DecodeState:
-    """Static buffers one decode step reads and updates in place (what a CUDA graph replays over)."""
+    """Static buffers one decode step reads and updates in place (what a CUDA graph replays over).
 
-    keys: list[Tensor]  # per layer [N, kv_heads, Lmax, hd]
-    values: list[Tensor]  # per layer [N, kv_heads, Lmax, hd]
-    valid: Tensor  # [N, Lmax] bool: cache columns a query may attend to
+    A prompt's keys and values are kept once for the G sequences sampled from it (rows `p G .. p G + G - 1`
+    of the `N = P G`), as the prefill made them; each sequence's own cache holds only its generated tokens.
+    """
+
+    keys: list[Tensor]  # per layer [N, kv_heads, steps, hd]: the generated tokens' keys
+    values: list[Tensor]  # per layer [N, kv_heads, steps, hd]
+    prompt_keys: list[Tensor]  # per layer [P, kv_heads, Lp, hd]
+    prompt_values: list[Tensor]  # per layer [P, kv_heads, Lp, hd]
+    prompt_valid: Tensor  # [P, Lp] bool: the prompt's real tokens (left padding off)
     tokens: Tensor  # [N] the token fed to the next step
     positions: Tensor  # [N] its M-RoPE (text) position
-    column: Tensor  # [1] long: the cache column it is written to
+    column: Tensor  # [1] long: the generated-cache column it is written to
 
 
 @torch.no_grad()
 def decode_step(weights: DecoderWeights, state: DecodeState, ops: DecodeOps | None = None) -> Tensor:
-    """Feed `state.tokens`, write their keys/values at `state.column`; returns next-token logits `[N, V]` fp32.
+    """Feed `state.tokens`, write their keys/values at generated column `state.column`; returns next-token
+    logits `[N, V]` fp32.
 
     Shapes are fixed and the cache index is a device tensor, so the step is capturable in a CUDA graph.
     `ops` (default: torch's) computes the element-wise stages and the attention; each residual add is done
@@ -217,11 +224,8 @@ def decode_step(weights: DecoderWeights, state: DecodeState, ops: DecodeOps | No
     hidden = F.embedding(state.tokens[:, None], weights.embed)  # [N, 1, H]
     count = hidden.shape[0]
     cos, sin = text_cos_sin(weights, state.positions)
-    state.valid.index_fill_(1, state.column, True)
     groups = weights.num_heads // weights.num_kv_heads
-    attend = ops.attention(
-        state.valid, state.keys, state.values, state.column, 1 / math.sqrt(weights.head_dim)
-    )
+    attend = ops.attention(state, 1 / math.sqrt(weights.head_dim))
     after_mlp = [layer.input_norm for layer in weights.layers[1:]] + [weights.norm]  # the norm that follows
     hidden, x = ops.add_rms_norm(hidden, None, weights.layers[0].input_norm, weights.eps)
     for index, layer in enumerate(weights.layers):

@@ -78,21 +78,35 @@ class DecodeOps:
         """`silu(gate) * up`, `[..., intermediate]` each."""
         return F.silu(gate) * up
 
-    def attention(
-        self, valid: Tensor, keys: list[Tensor], values: list[Tensor], column: Tensor, scale: float
-    ) -> Callable[[Tensor, int], Tensor]:
+    def attention(self, state, scale: float) -> Callable[[Tensor, int], Tensor]:
         """This step's attention: `(q [N, kv_heads, groups, hd], layer) -> [N, kv_heads, groups, hd]`, over
-        the columns of the layer's caches (`keys[layer]`, `values[layer]`: `[N, kv_heads, Lmax, hd]`) that
-        `valid [N, Lmax]` marks; `column` (`[1]` long) is the step's (the fused attention reads no later one)."""
+        `state`'s (a `vrft.rollout.decoder.DecodeState`) prompt columns that its `prompt_valid` marks, each
+        prompt's shared by its G rows, and each row's own generated columns up to `state.column` (the fused
+        attention reads no later one). Here each row's cache is the two put together (on the CPU, and in
+        the benchmarks' torch decode step)."""
+        group = state.keys[0].shape[0] // state.prompt_valid.shape[0]
+        generated = torch.arange(state.keys[0].shape[2], device=state.column.device) <= state.column
+        valid = torch.cat(
+            (
+                state.prompt_valid.repeat_interleave(group, dim=0),
+                generated.expand(state.keys[0].shape[0], -1),
+            ),
+            dim=1,
+        )
         masks: dict[torch.dtype, Tensor] = {}
 
         def attend(q: Tensor, layer: int) -> Tensor:
             if q.dtype not in masks:  # additive, once per step: SDPA makes it from a boolean mask every call
                 mask = torch.zeros(valid.shape, dtype=q.dtype, device=q.device)
                 masks[q.dtype] = mask.masked_fill_(~valid, float("-inf"))[:, None, None, :]
-            return F.scaled_dot_product_attention(
-                q, keys[layer], values[layer], attn_mask=masks[q.dtype], scale=scale
+            keys, values = (
+                torch.cat((prompt.repeat_interleave(group, dim=0), own), dim=2)
+                for prompt, own in (
+                    (state.prompt_keys[layer], state.keys[layer]),
+                    (state.prompt_values[layer], state.values[layer]),
+                )
             )
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=masks[q.dtype], scale=scale)
 
         return attend
 
@@ -129,14 +143,21 @@ class FusedDecodeOps(DecodeOps):
             return super().silu_mul(gate, up)
         return decode_fusions.silu_mul(gate, up)
 
-    def attention(
-        self, valid: Tensor, keys: list[Tensor], values: list[Tensor], column: Tensor, scale: float
-    ) -> Callable[[Tensor, int], Tensor]:
-        fallback = super().attention(valid, keys, values, column, scale)
+    def attention(self, state, scale: float) -> Callable[[Tensor, int], Tensor]:
+        fallback = super().attention(state, scale)
 
         def attend(q: Tensor, layer: int) -> Tensor:
-            if q.dtype != keys[layer].dtype or not q.is_contiguous():
+            if q.dtype != state.keys[layer].dtype or not q.is_contiguous():
                 return fallback(q, layer)
-            return decode_attention(q, keys[layer], values[layer], valid, column, scale)
+            return decode_attention(
+                q,
+                state.keys[layer],
+                state.values[layer],
+                state.column,
+                scale,
+                state.prompt_keys[layer],
+                state.prompt_values[layer],
+                state.prompt_valid,
+            )
 
         return attend

@@ -1,5 +1,6 @@
-"""The static engines (`bf16_copy`, `dequant`): prefill once per prompt, copy its KV cache to its G rows,
-then fixed-shape decode steps over vrft's own decoder (`vrft.rollout.decoder`), replayed as a CUDA graph."""
+"""The static engines (`bf16_copy`, `dequant`, `packed`): prefill once per prompt, keep its KV cache once for
+its G rows, then fixed-shape decode steps over vrft's own decoder (`vrft.rollout.decoder`), replayed as a
+CUDA graph."""
 
 from __future__ import annotations
 
@@ -69,27 +70,22 @@ def prompt_inputs(policy: nn.Module, prompts: PromptBatch) -> tuple[Tensor, Tens
 def grouped_state(
     weights, prompts: PromptBatch, positions: Tensor, prompt_cache: list, group_size: int, steps: int
 ) -> DecodeState:
-    """The decode state of `P*G` sequences: each prompt's KV cache (`[P, heads, Lp, dim]` per layer) copied
-    to its G rows of static buffers with room for `steps` new tokens."""
+    """The decode state of `P*G` sequences: each prompt's KV cache (`[P, heads, Lp, dim]` per layer, kept as
+    the prefill made it, once for its G rows) and static buffers for `steps` generated tokens a row."""
     device = prompts.input_ids.device
-    count, length = prompts.input_ids.shape[0] * group_size, prompts.input_ids.shape[1]
-    capacity = length + steps
-    shape = (count, weights.num_kv_heads, capacity, weights.head_dim)
-    state = DecodeState(
-        keys=[],
-        values=[],
-        valid=torch.zeros(count, capacity, dtype=torch.bool, device=device),
+    count = prompts.input_ids.shape[0] * group_size
+    shape = (count, weights.num_kv_heads, steps, weights.head_dim)
+    # zeros, not empty: the torch attention multiplies the unwritten columns by a zero probability
+    return DecodeState(
+        keys=[torch.zeros(shape, dtype=weights.dtype, device=device) for _ in prompt_cache],
+        values=[torch.zeros(shape, dtype=weights.dtype, device=device) for _ in prompt_cache],
+        prompt_keys=[keys.contiguous() for keys, _ in prompt_cache],
+        prompt_values=[values.contiguous() for _, values in prompt_cache],
+        prompt_valid=prompts.attention_mask.bool(),
         tokens=torch.zeros(count, dtype=torch.long, device=device),
         positions=(positions[0, :, -1] + 1).repeat_interleave(group_size),
-        column=torch.full((1,), length, dtype=torch.long, device=device),
+        column=torch.zeros(1, dtype=torch.long, device=device),
     )
-    for keys, values in prompt_cache:
-        for store, source in ((state.keys, keys), (state.values, values)):
-            buffer = torch.zeros(shape, dtype=weights.dtype, device=device)
-            buffer[:, :, :length] = source.repeat_interleave(group_size, dim=0)
-            store.append(buffer)
-    state.valid[:, :length] = prompts.attention_mask.bool().repeat_interleave(group_size, dim=0)
-    return state
 
 
 class TokenChooser:
