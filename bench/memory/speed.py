@@ -124,7 +124,10 @@ def decode_speed(module, rows: list[dict], engines: list[str], tokens: int) -> d
                 seconds[n] = time.perf_counter() - start
             step = (seconds[tokens] - seconds[1]) / (tokens - 1)
             weights = step_weight_bytes(policy, dense=name.split(":")[0] == "bf16_copy")
-            kv = layers * count * (prompts.input_ids.shape[1] + tokens / 2) * kv_width * 2
+            # keys and values read at the average step: the static engines keep each prompt's once for its
+            # G rows (vrft.rollout.decoder.DecodeState), `hf` G copies
+            prompt_rows = count if name.split(":")[0] == "hf" else prompts.input_ids.shape[0]
+            kv = layers * (prompt_rows * prompts.input_ids.shape[1] + count * tokens / 2) * kv_width * 2
             results[name] = {
                 "step_ms": step * 1e3,
                 "tokens_per_s": count / step,

@@ -1,20 +1,24 @@
-"""Decode attention at Qwen2-VL-7B's shape: `vrft.kernels.decode_attention` by split against SDPA (GPU).
+"""Decode attention at Qwen2-VL-7B's shape: `vrft.kernels.decode_attention` by slices against SDPA (GPU).
 
-    python bench/rollout/attention_sweep.py --out attention.json [--rows 16] [--columns 640,700]
+    python bench/rollout/attention_sweep.py --out attention.json [--prompts 2] [--group 8] [--columns 0,63,127]
 
-Per (sequences, cache columns, step column): us per call of the decoder's torch attention (`DecodeOps`: SDPA
-with its additive mask, whichever backend torch picks: cuDNN on the H200) and of the kernel at each split
-(and by columns per loop step, warps and split), each timed by `kernel_sweep.time_us` (Triton's CUDA-graph
-timer) over 3 layers' caches, one call per layer as a decode step makes them. The figures in
-results/tuning_call/ were taken by this script at commit a5a2dd9, which timed with its own CUDA-graph loop.
+Per (prompts x G sequences, prompt columns, the step's generated column): us per call of the decoder's torch
+attention (`DecodeOps`: SDPA over each row's prompt and generated columns put together, whichever backend
+torch picks) and of the kernel at each `(prompt slices, generated slices)` (and by columns per loop step and
+warps), each timed by `kernel_sweep.time_us` (Triton's CUDA-graph timer) over 3 layers' caches, one call per
+layer as a decode step makes them. The figures in results/tuning_call/ were taken by this script at commit
+a5a2dd9 (one cache per sequence, the prompt's columns copied to each), which timed with its own CUDA-graph
+loop.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from kernel_sweep import time_us  # this folder's kernel benchmark (the script's folder is on sys.path)
@@ -31,40 +35,81 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--rows", type=int, default=16)
-    parser.add_argument("--capacity", type=int, default=768, help="cache columns (prompt + new tokens)")
-    parser.add_argument("--columns", default="640,700,767", help="the step's column, comma-separated")
-    parser.add_argument("--splits", default="1,2,4,8,12,16")
+    parser.add_argument("--prompts", type=int, default=2)
+    parser.add_argument("--group", type=int, default=8, help="G: sequences per prompt")
+    parser.add_argument("--prompt-columns", type=int, default=606, help="prompt tokens (512 image tokens)")
+    parser.add_argument("--steps", type=int, default=128, help="generated columns a sequence has room for")
+    parser.add_argument("--columns", default="0,63,127", help="the step's generated column, comma-separated")
+    parser.add_argument("--slices", default="1:1,2:1,4:1,4:2,8:1,8:2,8:4,16:2")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="a file holding the kernel before the prompt's cache was shared (`git show 404a651:vrft/kernels/"
+        "decode_attention.py`): timed too, on one cache per sequence with the prompt copied into each",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
-    shape = (args.rows, KV_HEADS, args.capacity, HEAD_DIM)
-    caches = [
-        (
-            torch.randn(shape, dtype=torch.bfloat16, device="cuda"),
-            torch.randn(shape, dtype=torch.bfloat16, device="cuda"),
-        )
-        for _ in range(LAYERS)
-    ]
-    q = torch.randn(args.rows, KV_HEADS, GROUPS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
-    valid = torch.ones(args.rows, args.capacity, dtype=torch.bool, device="cuda")
+    count = args.prompts * args.group
+
+    def cache(rows: int, columns: int) -> torch.Tensor:
+        return torch.randn(rows, KV_HEADS, columns, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
+
+    state = SimpleNamespace(
+        keys=[cache(count, args.steps) for _ in range(LAYERS)],
+        values=[cache(count, args.steps) for _ in range(LAYERS)],
+        prompt_keys=[cache(args.prompts, args.prompt_columns) for _ in range(LAYERS)],
+        prompt_values=[cache(args.prompts, args.prompt_columns) for _ in range(LAYERS)],
+        prompt_valid=torch.ones(args.prompts, args.prompt_columns, dtype=torch.bool, device="cuda"),
+        column=torch.zeros(1, dtype=torch.long, device="cuda"),
+    )
+    q = torch.randn(count, KV_HEADS, GROUPS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
     scale = HEAD_DIM**-0.5
-    keys, values = [k for k, _ in caches], [v for _, v in caches]
+    calls = [
+        (q, state.keys[layer], state.values[layer], state.column, scale, state.prompt_keys[layer],
+         state.prompt_values[layer], state.prompt_valid)
+        for layer in range(LAYERS)
+    ]  # fmt: skip
+    baseline = old_calls = None
+    if args.baseline:
+        spec = importlib.util.spec_from_file_location("baseline_attention", args.baseline)
+        baseline = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(baseline)
+        valid = torch.ones(count, args.prompt_columns + args.steps, dtype=torch.bool, device="cuda")
+        at = torch.zeros(1, dtype=torch.long, device="cuda")
+        old_calls = [
+            (
+                q,
+                *(torch.cat((p.repeat_interleave(args.group, 0), g), dim=2) for p, g in pairs),
+                valid,
+                at,
+                scale,
+            )
+            for pairs in (
+                ((state.prompt_keys[i], state.keys[i]), (state.prompt_values[i], state.values[i]))
+                for i in range(LAYERS)
+            )
+        ]
     results = []
     for column in (int(c) for c in args.columns.split(",")):
-        at = torch.tensor([column], device="cuda")
-        valid[:, column + 1 :] = False
-        attend = DecodeOps().attention(valid, keys, values, at, scale)
-        row = {"rows": args.rows, "capacity": args.capacity, "column": column}
+        state.column.fill_(column)
+        attend = DecodeOps().attention(state, scale)
+        row = {
+            "sequences": count,
+            "group": args.group,
+            "prompt_columns": args.prompt_columns,
+            "column": column,
+        }
         row["sdpa_us"] = time_us(attend, [(q, layer) for layer in range(LAYERS)])
-        calls = [(q, *cache) for cache in caches]
-        kernel = dict(valid=valid, column=at, scale=scale)
-        for splits in [*(int(s) for s in args.splits.split(",")), None]:
-            row[f"kernel_split{splits or '_default'}_us"] = time_us(
-                decode_attention, calls, **kernel, splits=splits
-            )
-        for block_l, warps, splits in itertools.product((32, 64, 128), (2, 4, 8), (4, 8)):
-            row[f"kernel_block{block_l}_warps{warps}_split{splits}_us"] = time_us(
-                decode_attention, calls, **kernel, splits=splits, block_l=block_l, num_warps=warps
+        if baseline is not None:  # its cache columns: the prompt's, then the generated ones up to `column`
+            at.fill_(args.prompt_columns + column)
+            row["baseline_us"] = time_us(baseline.decode_attention, old_calls)
+        chosen = [tuple(int(n) for n in pair.split(":")) for pair in args.slices.split(",")]
+        for slices in [*chosen, None]:
+            name = f"{slices[0]}_{slices[1]}" if slices else "_default"
+            row[f"kernel_slices{name}_us"] = time_us(decode_attention, calls, slices=slices)
+        for block_l, warps in itertools.product((32, 64, 128), (4, 8)):
+            row[f"kernel_block{block_l}_warps{warps}_us"] = time_us(
+                decode_attention, calls, block_l=block_l, num_warps=warps
             )
         results.append(row)
         print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}))

@@ -109,9 +109,8 @@ def workload(**changes) -> Workload:
 def test_components_hand_computed():
     plan = estimate(SHAPE, footprint(), workload(), Calibration())
     parts = plan.components
-    assert parts["kv_cache"] == kv_cache_bytes(
-        SHAPE, 8, 16 + 16
-    )  # 2 prompts x G=4, 16 prompt + 16 new tokens
+    # 2 prompts' 16 tokens kept once for their G = 4 rows, and 8 rows' 16 new tokens each
+    assert parts["kv_cache"] == kv_cache_bytes(SHAPE, 2, 16) + kv_cache_bytes(SHAPE, 8, 16)
     assert parts["rollout_engine"] == 1_000_000 * 2  # the bf16 copy of the language model
     assert parts["adapter"] == parts["gradients"] == 50_000 * 4
     assert parts["optimizer"] == 100_000 and plan.paged_gb == pytest.approx(100_000 / 2**30)
@@ -126,7 +125,11 @@ def test_components_hand_computed():
 def test_memory_grows_with_group_size_and_shrinks_with_checkpointing_and_engine():
     base = estimate(SHAPE, footprint(), workload(), Calibration())
     bigger = estimate(SHAPE, footprint(), workload(group_size=8), Calibration())
-    assert bigger.components["kv_cache"] == 2 * base.components["kv_cache"]
+    # the rows' new tokens double; the prompts' cache is the same (kept once per prompt)
+    generated = kv_cache_bytes(SHAPE, 8, 16)
+    assert bigger.components["kv_cache"] == base.components["kv_cache"] + generated
+    generate = estimate(SHAPE, footprint(), workload(rollout_engine="hf"), Calibration())
+    assert generate.components["kv_cache"] > base.components["kv_cache"]  # G copies of each prompt's cache
     no_checkpointing = estimate(SHAPE, footprint(), workload(gradient_checkpointing=False), Calibration())
     assert no_checkpointing.components["activations"] > base.components["activations"]
     assert any("checkpointing is off" in note for note in no_checkpointing.notes)

@@ -173,10 +173,10 @@ def _rollout_bytes(shape: ModelShape, weights: WeightFootprint, work: Workload, 
         kv = kv_cache_bytes(shape, n, lt, a) * cal.dynamic_kv_factor
         rows = n  # generate expands the inputs G times before its prefill
         decode = kv + sampling
-    else:
-        kv = kv_cache_bytes(shape, n, lt, a)
-        rows = work.rollout_batch_size  # one prefill per prompt, its cache copied to the G rows
-        decode = kv + kv_cache_bytes(shape, rows, lp, a) + sampling
+    else:  # one prefill per prompt; its cache kept once for the G rows, each row's own for its new tokens
+        rows = work.rollout_batch_size
+        kv = kv_cache_bytes(shape, rows, lp, a) + kv_cache_bytes(shape, n, work.max_new_tokens, a)
+        decode = kv + sampling
     prefill = max(
         vision_bytes(shape, rows, work.image_tokens, cal, a),
         layer_forward_bytes(shape, rows * lp, cal, a) + kv_cache_bytes(shape, rows, lp, a) + scratch_matrix,
