@@ -7,6 +7,7 @@
 #   TESTS_S=380 DIST_S=190 bash bench/rollout/device_mma_rows.sh suite   # all of it, test_distributed apart
 #   bash bench/rollout/device_mma_rows.sh rows     # ~3-6 min
 #   bash bench/rollout/device_mma_rows.sh overlap  # launch_overlap.py, ~1 min
+#   bash bench/rollout/device_mma_rows.sh attention  # attention_sweep.py (BASELINE: the old kernel's file)
 #   TESTS_S=320 ROWS_S=250 bash bench/rollout/device_mma_rows.sh tests rows   # both in one call
 #   TESTS="tests/kernels tests/rollout" bash bench/rollout/device_mma_rows.sh tests   # some of the suite
 # ENGINES and PROFILED override the engines timed and profiled (bench/memory/speed.py's names and suffixes):
@@ -37,11 +38,15 @@ for part in "${@:-usage}"; do
             --profiled "${PROFILED:-packed:nf4_matmul,packed:mma}" --timeout "${ROW_TIMEOUT:-170}" \
             | grep -v "^{" | tail -45
         ;;
+    attention)
+        timeout "${ATTENTION_S:-150}" python3 bench/rollout/attention_sweep.py --out "$OUT/attention_sweep.json" \
+            ${BASELINE:+--baseline "$BASELINE"} ${ATTENTION_ARGS:-}
+        ;;
     overlap)
         timeout "${OVERLAP_S:-120}" python3 bench/rollout/launch_overlap.py --out "$OUT/launch_overlap.json"
         ;;
     *)
-        echo "usage: $0 tests|suite|rows|overlap [...]" >&2
+        echo "usage: $0 tests|suite|rows|attention|overlap [...]" >&2
         exit 2
         ;;
     esac
