@@ -14,7 +14,9 @@
 #   ENGINES=bf16_copy,bf16_copy:serial,packed,packed:serial PROFILED=packed ROWS=16g ...   # launch overlap
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
-export PYTHONPATH="$PWD:/tmp/site" PYTHONUNBUFFERED=1
+# BASE_TREE: a folder holding another commit's vrft/ (`git archive <commit> vrft | tar -x -C <folder>`),
+# imported before this tree's: the rows of that code, in the same call, as a baseline
+export PYTHONPATH="${BASE_TREE:+$PWD/$BASE_TREE:}$PWD:/tmp/site" PYTHONUNBUFFERED=1
 OUT=${OUT:-bench-out}
 mkdir -p "$OUT"
 for part in "${@:-usage}"; do

@@ -88,7 +88,7 @@ def test_decode_attention_is_softmax_attention_and_replays_in_a_graph(
     out = eager_equal_to_replays(
         lambda: decode_attention(q, keys, values, at, scale, prompt_keys, prompt_values, prompt_valid, slices)
     )
-    assert_close_to_exact(out, *[t.cpu() for t in inputs], scale)
+    assert_close_to_exact(out.cpu(), *[t.cpu() for t in inputs], scale)  # the fp64 reference on the CPU
 
 
 INTERPRETED = """

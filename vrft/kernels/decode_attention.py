@@ -40,7 +40,13 @@ BLOCK_L = 64  # cache columns per loop step
 NUM_WARPS = 8
 PROGRAMS_PER_SM = 2  # the slices aim at this many programs per multiprocessor
 QUERY_ROWS = 64  # the most query rows (sequences x query heads per KV head) a tile's prompt programs take
-MAX_PROMPT_SLICES = 8  # what the last program of a tile merges stays small
+# The slices, from bench/rollout/attention_sweep.py at the 7B shape, 2 prompts of 606 columns x G = 8, 128
+# generated columns (results/shared_prompt_call/, H100): (prompt, generated) slices (8, 1) 11.9-12.3 us a
+# layer, (4, 1) 12.7-13.3, (8, 2) 14.7-16.0, (4, 2) 14.6-14.9, (16, 2) 15.8-15.9 (the old kernel, one cache
+# a sequence with the prompt copied into each: 18.2-19.0). A second slice of a sequence's generated columns
+# cost more than it saved at 2 blocks, so a generated slice takes up to GENERATED_BLOCKS.
+MAX_PROMPT_SLICES = 8
+GENERATED_BLOCKS = 8
 
 
 def unsupported(head_dim: int) -> str | None:
@@ -270,7 +276,9 @@ def decode_attention(
     if slices is None:
         budget = triton.cdiv(PROGRAMS_PER_SM * multiprocessors(q.device), tiles)
         prompt_slices = max(1, min(prompt_blocks, MAX_PROMPT_SLICES, budget // 2))
-        generated_slices = max(1, min(generated_blocks, (budget - prompt_slices) // sequences))
+        generated_slices = max(
+            1, min(triton.cdiv(generated_blocks, GENERATED_BLOCKS), (budget - prompt_slices) // sequences)
+        )
     else:
         prompt_slices, generated_slices = slices
     prompt_per_slice = triton.cdiv(prompt_blocks, prompt_slices) * block_l
