@@ -11,8 +11,9 @@
 - `packed`: as `dequant`, but the decode steps multiply the packed 4-bit weights in a fused Triton kernel
   (`vrft.rollout.packed`): no bf16 matrix is written. Needs Triton and a CUDA GPU of compute capability 8.0+.
 
-The static engines prefill each prompt once (not G times), copy its KV cache to its G rows, and sample with
-the same distribution as `generate` (temperature, top-p, min/max new tokens), so their completions are
+The static engines prefill each prompt once (not G times), keep its KV cache once for its G rows (each row
+holds only its generated tokens' keys and values; the decode attention reads the prompt's once for the G
+rows: `vrft.kernels.decode_attention`), and sample with the same distribution as `generate` (temperature, top-p, min/max new tokens), so their completions are
 samples of the training-time policy; `tests/rollout/test_engines.py` checks greedy equality.
 """
 

@@ -85,18 +85,19 @@ class DecodeOps:
         attention reads no later one). Here each row's cache is the two put together (on the CPU, and in
         the benchmarks' torch decode step)."""
         group = state.keys[0].shape[0] // state.prompt_valid.shape[0]
-        generated = torch.arange(state.keys[0].shape[2], device=state.column.device) <= state.column
-        valid = torch.cat(
-            (
-                state.prompt_valid.repeat_interleave(group, dim=0),
-                generated.expand(state.keys[0].shape[0], -1),
-            ),
-            dim=1,
-        )
         masks: dict[torch.dtype, Tensor] = {}
 
         def attend(q: Tensor, layer: int) -> Tensor:
-            if q.dtype not in masks:  # additive, once per step: SDPA makes it from a boolean mask every call
+            if (
+                q.dtype not in masks
+            ):  # additive, once per step (SDPA makes it from a boolean mask every call);
+                # made at the first call, so that the fused ops' fallback launches nothing unless it runs
+                steps = state.keys[0].shape[2]
+                generated = torch.arange(steps, device=q.device) <= state.column
+                valid = torch.cat(
+                    (state.prompt_valid.repeat_interleave(group, dim=0), generated.expand(q.shape[0], -1)),
+                    dim=1,
+                )
                 mask = torch.zeros(valid.shape, dtype=q.dtype, device=q.device)
                 masks[q.dtype] = mask.masked_fill_(~valid, float("-inf"))[:, None, None, :]
             keys, values = (
