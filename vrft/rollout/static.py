@@ -10,6 +10,7 @@ import time
 import torch
 from torch import Tensor, nn
 
+from vrft.kernels import decode_sampling
 from vrft.rollout.base import RolloutEngine, Sampling, top_p_filter
 from vrft.rollout.batch import PromptBatch
 from vrft.rollout.decoder import (
@@ -21,6 +22,7 @@ from vrft.rollout.decoder import (
     prefill,
     text_parts,
 )
+from vrft.rollout.stages import FusedDecodeOps
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +92,19 @@ def grouped_state(
 
 class TokenChooser:
     """Picks each decode step's tokens into static buffers: the body a CUDA graph replays, so everything
-    happens in place on tensors allocated once (no host sync, no new shapes)."""
+    happens in place on tensors allocated once (no host sync, no new shapes).
 
-    def __init__(self, state: DecodeState, sampling: Sampling, eos_ids: list[int], pad_id: int):
+    With `fused` (the decode step's fused ops run: CUDA with Triton), one kernel does it
+    (`vrft.kernels.decode_sampling`), drawing from its own Philox stream seeded once per rollout from
+    torch's generator; top-p below 1 keeps the torch ops (their sort).
+    """
+
+    def __init__(
+        self, state: DecodeState, sampling: Sampling, eos_ids: list[int], pad_id: int, fused: bool = False
+    ):
         count, device = state.tokens.shape[0], state.tokens.device
+        self.fused = fused and not (sampling.do_sample and sampling.top_p < 1.0)
+        self.seed = torch.randint(2**62, (1,), device=device) if self.fused else None
         self.state, self.sampling, self.pad_id, self.num_eos = state, sampling, pad_id, len(eos_ids)
         self.completion = torch.full(
             (count, sampling.max_new_tokens), pad_id, dtype=torch.long, device=device
@@ -116,6 +127,13 @@ class TokenChooser:
     def choose(self, next_logits: Tensor) -> None:
         """Sample (or argmax) the next token of every row from `[P*G, V]` logits and record it."""
         sampling, count = self.sampling, self.completion.shape[0]
+        if self.fused:
+            decode_sampling.choose(
+                next_logits, self._suppression(next_logits), self.eos, self.seed, self.step, self.min_new,
+                self.done, self.state.tokens, self.completion, self.logprobs, sampling.temperature, self.pad_id,
+                sampling.do_sample,
+            )  # fmt: skip
+            return
         scaled = next_logits / sampling.temperature if sampling.do_sample else next_logits
         record = torch.log_softmax(
             scaled, dim=-1
@@ -170,12 +188,12 @@ class StaticDecodeEngine(RolloutEngine):
         del embeds
         state = grouped_state(weights, prompts, positions, prompt_cache, group_size, sampling.max_new_tokens)
         del prompt_cache
-        tokens = TokenChooser(state, sampling, eos_ids, pad_id)
+        ops = decode_ops(weights, device, self.fused_decode)
+        tokens = TokenChooser(state, sampling, eos_ids, pad_id, fused=isinstance(ops, FusedDecodeOps))
         tokens.choose(logits.repeat_interleave(group_size, dim=0))
         del logits
         sync()
         decode_start = time.perf_counter()
-        ops = decode_ops(weights, device, self.fused_decode)
         taken, graph = self._decode(lambda: tokens.choose(decode_step(weights, state, ops)), tokens, sampling)
         sync()
         end = time.perf_counter()
