@@ -33,9 +33,11 @@ try:
 except ImportError:  # CPU-only installs: the decoder's SDPA runs instead
     triton = None
 
-# Measured at the 7B shape, 16 sequences, one cache per sequence (bench/rollout/attention_sweep.py,
-# results/tuning_call): 64 columns per step, 8 warps and 4 slices per (sequence, KV head) took 14.0-14.6 us
-# against SDPA's 21.8-22.2; 4 warps 15.0-15.8, 32 columns 14.8-15.3, 128 columns 19.8-21.4.
+# Measured at the 7B shape, 16 sequences (bench/rollout/attention_sweep.py): with one cache per sequence
+# (results/tuning_call) 64 columns per step, 8 warps and 4 slices per (sequence, KV head) took 14.0-14.6 us
+# against SDPA's 21.8-22.2 (4 warps 15.0-15.8, 32 columns 14.8-15.3, 128 columns 19.8-21.4); with the
+# prompt's cache shared (results/shared_prompt_call/ab/new) 64 columns took 11.9-12.3 us with 8 or 4 warps,
+# 32 columns 12.7-13.0, 128 columns 12.4-12.8.
 BLOCK_L = 64  # cache columns per loop step
 NUM_WARPS = 8
 PROGRAMS_PER_SM = 2  # the slices aim at this many programs per multiprocessor

@@ -13,7 +13,8 @@
 
 The static engines prefill each prompt once (not G times), keep its KV cache once for its G rows (each row
 holds only its generated tokens' keys and values; the decode attention reads the prompt's once for the G
-rows: `vrft.kernels.decode_attention`), and sample with the same distribution as `generate` (temperature, top-p, min/max new tokens), so their completions are
+rows: `vrft.kernels.decode_attention`), and sample with the same distribution as `generate` (temperature,
+top-p, min/max new tokens; on CUDA in one kernel: `vrft.kernels.decode_sampling`), so their completions are
 samples of the training-time policy; `tests/rollout/test_engines.py` checks greedy equality.
 """
 

@@ -88,10 +88,9 @@ class DecodeOps:
         masks: dict[torch.dtype, Tensor] = {}
 
         def attend(q: Tensor, layer: int) -> Tensor:
-            if (
-                q.dtype not in masks
-            ):  # additive, once per step (SDPA makes it from a boolean mask every call);
-                # made at the first call, so that the fused ops' fallback launches nothing unless it runs
+            # the mask additive, once per step (SDPA makes it from a boolean mask every call), and made at the
+            # first call, so that the fused ops' fallback launches nothing unless it runs
+            if q.dtype not in masks:
                 steps = state.keys[0].shape[2]
                 generated = torch.arange(steps, device=q.device) <= state.column
                 valid = torch.cat(
