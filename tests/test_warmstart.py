@@ -55,6 +55,22 @@ def test_key_ignores_the_grpo_phase_and_follows_the_warm_start():
     assert warm_start_key(config("task=detection")) != base
 
 
+def test_key_follows_the_cpu_arithmetic_pins(monkeypatch):
+    # `make train` pins torch's, MKL's and oneDNN's CPU code (the Makefile's CPU_PINS); a warm start made
+    # unpinned is another adapter, so the pinned run must not reuse it.
+    for name in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "DNNL_MAX_CPU_ISA", "OMP_NUM_THREADS", "VRFT_UNRELATED"):
+        monkeypatch.delenv(name, raising=False)
+    unpinned = warm_start_key(config())
+    monkeypatch.setenv("VRFT_UNRELATED", "1")
+    assert warm_start_key(config()) == unpinned
+    keys = {unpinned}
+    for name, value in (("ATEN_CPU_CAPABILITY", "avx2"), ("MKL_CBWR", "AVX2"), ("DNNL_MAX_CPU_ISA", "AVX2"),
+                        ("OMP_NUM_THREADS", "2")):  # fmt: skip
+        monkeypatch.setenv(name, value)
+        keys.add(warm_start_key(config()))
+    assert len(keys) == 5  # each pin changes the key
+
+
 def test_made_once_then_reused(tmp_path, monkeypatch):
     monkeypatch.setenv("VRFT_CACHE", str(tmp_path))
     calls = []

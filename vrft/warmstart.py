@@ -28,8 +28,16 @@ from vrft.setup import build_run
 log = logging.getLogger(__name__)
 
 
+# The environment that picks the CPU code torch, MKL and oneDNN run (the `Makefile`'s CPU_PINS): their
+# AVX-512 / AMX code rounds sums otherwise than their AVX2 code, and the thread count splits the sums, so
+# a warm start trained under other settings is another adapter (a `make train` after an unpinned run would
+# otherwise reuse the unpinned run's warm start and print other figures).
+NUMERICS_ENV = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "DNNL_MAX_CPU_ISA", "OMP_NUM_THREADS")
+
+
 def warm_start_key(cfg: DictConfig) -> str:
-    """Hash of what determines the warm start: its own settings, the model, the data and the task.
+    """Hash of what determines the warm start: its own settings, the model, the data, the task, and the
+    environment variables that pick the CPU's arithmetic (`NUMERICS_ENV`).
 
     The GRPO phase's precision, optimizer, seed and steps are left out on purpose: every run that differs only
     in those starts from the same warm start (the precision comparison relies on that).
@@ -47,6 +55,7 @@ def warm_start_key(cfg: DictConfig) -> str:
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "data": OmegaConf.to_container(cfg.data, resolve=True),
         "task": cfg.task.name,
+        "numerics": {name: os.environ.get(name) for name in NUMERICS_ENV},
     }
     # The data module's batch size follows the GRPO settings; the warm start sets its own.
     for key in ("batch_size", "val_split", "val_batch_size", "num_workers"):
