@@ -38,7 +38,6 @@ except ImportError:  # CPU-only installs: TokenChooser's torch ops run instead
 
 BLOCK = 1024  # vocabulary columns per loop step
 PROGRAMS_PER_SM = 2  # the vocabulary split aims at this many programs per multiprocessor
-STATS = 5  # per slice: max and sum of exp of the scaled logits, best key, its column, its scaled logit
 
 
 if triton is not None:
@@ -97,6 +96,8 @@ if triton is not None:
                 best = block_best
                 best_column = tl.argmax(key, 0) + first
                 best_scaled = tl.max(tl.where(column == best_column, scaled, float("-inf")), 0)
+        # the slice's partial, 8 fp32 words (5 used): max and sum of exp of the scaled logits, the best key,
+        # its column and its scaled logit
         slot = partial_ptr + (row * parts + part) * 8
         tl.store(slot + 0, most)
         tl.store(slot + 1, total)
