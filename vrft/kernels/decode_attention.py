@@ -6,8 +6,8 @@ head) query tile over the whole cache and took 28 us per 7B layer at 16 sequence
 (bench/rollout/results.md). And a GRPO rollout decodes G completions of one prompt side by side: their
 caches begin with the same prompt, so the static engines keep each prompt's keys and values once
 (`vrft.rollout.decoder.DecodeState`) rather than G copies, and this kernel reads them once for all G: a tile
-is (prompt, KV head, up to `SEQUENCES_PER_TILE` of its sequences), every query head of those sequences side
-by side in one tensor-core product with each block of the prompt's keys. The generated columns differ per
+is (prompt, KV head, as many of its sequences as keep the tile within `QUERY_ROWS` query rows), every query
+head of those sequences side by side in one tensor-core product with each block of the prompt's keys. The generated columns differ per
 sequence and are read by programs of one sequence each. Both kinds of program work on slices of their
 columns side by side; a generated slice stops at the step's column (read on the device, so the launch is
 the same in every CUDA-graph replay): the columns not yet written are never read. The last program of a
@@ -163,9 +163,8 @@ if triton is not None:
             own = (program - prompt_slices) % sequences
             part = (program - prompt_slices) // sequences
             if own < held:
-                end = (
-                    tl.load(column_ptr) + 1
-                )  # the step's token was written at `column`; later ones are empty
+                # the step's token was written at `column`; the later columns are empty
+                end = tl.load(column_ptr) + 1
                 start = part * generated_per_slice
                 slot = prompt_slices + part
                 _generated_slice(
@@ -176,9 +175,8 @@ if triton is not None:
                 )  # fmt: skip
         tl.debug_barrier()  # every thread's partial is written before the release below
         arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel")
-        if (
-            arrived == tl.num_programs(1) - 1
-        ):  # the last program of the tile: merge the slices, reset the counter
+        # the last program of the tile to arrive merges the slices and resets the counter
+        if arrived == tl.num_programs(1) - 1:
             _merge(out_ptr, partials, stats, first, held, head, groups, slots, stride_on, stride_oh, BLOCK_Q,
                    HEAD_DIM)  # fmt: skip
             tl.atomic_xchg(counter_ptr + tile, 0)
