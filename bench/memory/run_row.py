@@ -13,6 +13,7 @@ same model (`--speed`), their log-prob agreement with the training-time forward,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -30,6 +31,7 @@ from omegaconf import open_dict  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fast_init import fast_random_preset  # noqa: E402
+from memory_trace import phase_trace, summarise  # noqa: E402
 from rows import compose_row  # noqa: E402
 from speed import decode_kernel_profile, decode_speed, logprob_agreement  # noqa: E402
 
@@ -37,18 +39,69 @@ import vrft.models.policy  # noqa: E402
 from vrft.planner.planning import plan_config, precision_name, resolve_auto  # noqa: E402
 from vrft.train import fit  # noqa: E402
 
+ALLOCATOR_COUNTERS = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")
+
+
+class PhaseProbe:
+    """Wraps the module's `PhaseTracker`: per phase its wall-clock span (to match a GPU clock log), the
+    allocator's cudaMalloc / cudaFree / retry counts within it, and (`trace`) the allocations live at the
+    peak of the last step's rollout (`memory_trace.summarise`)."""
+
+    def __init__(self, tracker, trace: bool = False, steps: int = 2):
+        self.tracker, self.trace, self.steps = tracker, trace, steps
+        self.records: list[dict] = []
+        self.rollouts = 0
+        self.rollout_trace: dict | None = None
+
+    def __getattr__(self, name):
+        return getattr(self.tracker, name)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str, device: torch.device):
+        cuda = device.type == "cuda"
+        before = torch.cuda.memory_stats(device) if cuda else {}
+        record = {"phase": name, "start": time.time(), "start_allocated_gb": 0.0}
+        if cuda:
+            record["start_allocated_gb"] = torch.cuda.memory_allocated(device) / 2**30
+        if name == "rollout":
+            self.rollouts += 1
+        traced = cuda and self.trace and name == "rollout" and self.rollouts == self.steps
+        with contextlib.ExitStack() as stack:
+            trace = stack.enter_context(phase_trace()) if traced else None
+            stack.enter_context(self.tracker(name, device))
+            yield
+        record["end"] = time.time()
+        if cuda:
+            after = torch.cuda.memory_stats(device)
+            record.update({key: after.get(key, 0) - before.get(key, 0) for key in ALLOCATOR_COUNTERS})
+        if trace is not None:
+            self.rollout_trace = summarise(trace.snapshot, trace.start_allocated)
+        self.records.append(record)
+
 
 class StepProbe(L.Callback):
     """Per optimizer step: wall time, the module's phase peaks and the logged metrics; at the end of training
     (before Lightning's teardown moves the model back to the CPU) the decode-speed probe, if asked."""
 
-    def __init__(self, engines: list[str], tokens: int, profiled: list[str] | None = None):
+    def __init__(
+        self,
+        engines: list[str],
+        tokens: int,
+        profiled: list[str] | None = None,
+        phase_probe: dict | None = None,
+    ):
+        self.phase_probe = phase_probe  # PhaseProbe's arguments (None: no probe)
+        self.phases: PhaseProbe | None = None
         self.steps: list[dict] = []
         self.start = 0.0
         self.engines, self.tokens, self.profiled = engines, tokens, profiled or []
         self.speed: dict | None = None
         self.agreement: dict | None = None
         self.profile: dict | None = None
+
+    def on_train_start(self, trainer, pl_module):
+        if self.phase_probe is not None:
+            self.phases = pl_module.phases = PhaseProbe(pl_module.phases, **self.phase_probe)
 
     def on_train_end(self, trainer, pl_module):
         if not self.engines:
@@ -162,6 +215,14 @@ def main() -> None:
     parser.add_argument(
         "--concurrent", type=int, default=1, help="rows sharing the GPU (timings then overlap)"
     )
+    parser.add_argument(
+        "--phase-stats", action="store_true", help="per phase: wall-clock span, cudaMalloc/cudaFree counts"
+    )
+    parser.add_argument(
+        "--trace-rollout",
+        action="store_true",
+        help="the allocations live at the last rollout's peak, by site",
+    )
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     vrft.models.policy.random_preset = fast_random_preset  # seconds instead of minutes for 7B
@@ -179,7 +240,11 @@ def main() -> None:
         },
     }
     engines = [e for e in args.speed.split(",") if e]
-    probe, module = StepProbe(engines, args.speed_tokens, [e for e in args.profile.split(",") if e]), None
+    phase_probe = None
+    if args.phase_stats or args.trace_rollout:
+        phase_probe = {"trace": args.trace_rollout, "steps": int(cfg.trainer.max_steps)}
+    profiled = [e for e in args.profile.split(",") if e]
+    probe, module = StepProbe(engines, args.speed_tokens, profiled, phase_probe), None
     start = time.perf_counter()
     try:
         from vrft import setup as setup_module
@@ -198,6 +263,9 @@ def main() -> None:
     record["plan"] = plan_record(cfg, record["config"]["prompt_tokens"], record["config"]["image_tokens"])
     record["speed"], record["agreement"], record["profile"] = probe.speed, probe.agreement, probe.profile
     record["concurrent_rows"] = args.concurrent
+    if probe.phases is not None:
+        record["phase_stats"] = probe.phases.records
+        record["rollout_trace"] = probe.phases.rollout_trace
     args.out.write_text(json.dumps(record, indent=2))
     print(
         json.dumps({k: record.get(k) for k in ("name", "measured", "plan", "speed", "error")}, default=str)[

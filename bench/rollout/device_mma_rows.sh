@@ -10,6 +10,8 @@
 #   bash bench/rollout/device_mma_rows.sh attention  # attention_sweep.py (BASELINE: the old kernel's file)
 #   TESTS_S=320 ROWS_S=250 bash bench/rollout/device_mma_rows.sh tests rows   # both in one call
 #   TESTS="tests/kernels tests/rollout" bash bench/rollout/device_mma_rows.sh tests   # some of the suite
+# ROW_ARGS: more run_row.py arguments ("--phase-stats", "--trace-rollout"); CLOCKS=1 logs nvidia-smi's clocks
+# to $OUT/clocks.csv while the rows run.
 # ENGINES and PROFILED override the engines timed and profiled (bench/memory/speed.py's names and suffixes):
 #   ENGINES=bf16_copy,bf16_copy:serial,packed,packed:serial PROFILED=packed ROWS=16g ...   # launch overlap
 set -uo pipefail
@@ -35,10 +37,16 @@ for part in "${@:-usage}"; do
         tail -3 "$OUT/gpu_tests_distributed.log"
         ;;
     rows)
+        if [ -n "${CLOCKS:-}" ]; then  # the GPU's clocks, power and throttle reasons every 200 ms
+            nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active \
+                --format=csv,nounits -lms 200 > "$OUT/clocks.csv" 2>&1 &
+            clocks=$!
+        fi
         timeout "${ROWS_S:-560}" python3 bench/rollout/packed.py --out "$OUT" --rows "${ROWS:-16g,24g,16g_G16}" \
             --engines "${ENGINES:-bf16_copy,packed:nf4_matmul,packed:mma}" \
             --profiled "${PROFILED:-packed:nf4_matmul,packed:mma}" --timeout "${ROW_TIMEOUT:-170}" \
-            | grep -v "^{" | tail -45
+            ${ROW_ARGS:+--row-args "$ROW_ARGS"} | grep -v "^{" | tail -45
+        if [ -n "${CLOCKS:-}" ]; then kill "$clocks"; fi
         ;;
     attention)
         timeout "${ATTENTION_S:-150}" python3 bench/rollout/attention_sweep.py --out "$OUT/attention_sweep.json" \

@@ -197,6 +197,9 @@ def main() -> None:
     parser.add_argument(
         "--profiled", default=PROFILED, help=f"engines profiled by kernel (default {PROFILED})"
     )
+    parser.add_argument(
+        "--row-args", default="", help="more arguments of run_row.py, e.g. '--phase-stats --trace-rollout'"
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     images = Path("/tmp/vrft-bench/images")
@@ -209,6 +212,7 @@ def main() -> None:
         command = [sys.executable, str(MEMORY / "run_row.py"), "--name", f"qwen2vl-7b_int4_{name}"]
         command += ["--images", str(images), "--out", str(path)]
         command += ["--speed", args.engines, "--profile", args.profiled] if timed else []
+        command += args.row_args.split()
         try:
             subprocess.run([*command, "--", *overrides], timeout=args.timeout, check=False)
         except subprocess.TimeoutExpired:

@@ -49,12 +49,35 @@ def run_steps(device, sample: bool, steps: int = 3, slices=None, min_new: int = 
     return logits, completion, logprobs, done, step, tokens
 
 
+def torch_path(logits, steps: int, sample: bool, temperature: float = 0.7, min_new: int = 2):
+    """`TokenChooser`'s torch ops (the reference) run for `steps` steps on `case`'s inputs: the chooser."""
+    from types import SimpleNamespace
+
+    from vrft.rollout.base import Sampling
+    from vrft.rollout.static import TokenChooser
+
+    done = case("cpu")[3]
+    sampling = Sampling(sample, temperature, 1.0, steps, min_new, tuple(SUPPRESSED))
+    chooser = TokenChooser(SimpleNamespace(tokens=torch.zeros(ROWS, dtype=torch.long)), sampling, EOS, PAD)
+    chooser.done.copy_(done)
+    for _ in range(steps):
+        chooser.choose(logits)
+    return chooser
+
+
 def check_steps(logits, completion, logprobs, done, step, tokens, sample: bool, temperature: float = 0.7):
-    """What the torch path would have written, step by step (`TokenChooser.choose`'s ops)."""
+    """The kernel's writes against the torch path's: greedy, the same tokens, stops and log-probs; drawn, what
+    must hold of every draw (the torch path draws other tokens from its own generator)."""
     steps = completion.shape[1]
     assert int(step) == steps
-    scaled = logits / temperature if sample else logits
-    record = torch.log_softmax(scaled, dim=-1)
+    assert torch.equal(tokens, completion[:, -1])
+    if not sample:
+        reference = torch_path(logits, steps, sample, temperature)
+        assert torch.equal(completion, reference.completion)
+        assert torch.equal(done, reference.done)
+        torch.testing.assert_close(logprobs, reference.logprobs, atol=1e-5, rtol=0)
+        return
+    record = torch.log_softmax(logits / temperature, dim=-1)
     stopped = torch.zeros(ROWS, dtype=torch.bool)
     stopped[-1] = True
     for index in range(steps):
@@ -63,20 +86,12 @@ def check_steps(logits, completion, logprobs, done, step, tokens, sample: bool, 
         if index < 2:  # min_new_tokens: no EOS yet
             assert not bool(torch.isin(token[~stopped], torch.tensor(EOS)).any())
         assert bool((token[stopped] == PAD).all())
-        if not sample:
-            weights = scaled + torch.where(
-                torch.isin(torch.arange(VOCAB), torch.tensor(SUPPRESSED)), -torch.inf, 0
-            )
-            if index < 2:
-                weights[:, EOS] = -torch.inf
-            assert torch.equal(token[~stopped], weights.argmax(dim=-1)[~stopped])
         # the recorded log-prob is the unsuppressed log-softmax's at the token (the pad's once stopped)
         torch.testing.assert_close(
             logprobs[:, index], record.gather(1, token[:, None])[:, 0], atol=1e-5, rtol=0
         )
         stopped |= torch.isin(token, torch.tensor(EOS))
     assert torch.equal(done, stopped)
-    assert torch.equal(tokens, completion[:, -1])
 
 
 INTERPRETED = """
@@ -195,3 +210,19 @@ def test_graph_replays_draw_what_eager_steps_draw():
         graph.replay()
     for name, value in eager_buffers.items():
         torch.testing.assert_close(replayed_buffers[name], value, rtol=0, atol=0)
+
+
+def test_only_a_sampling_chooser_takes_a_seed_from_torch():
+    # The fused kernel's seed comes from torch's generator once per rollout; greedy decoding draws nothing,
+    # so it leaves the generator where it was (what the training draws next does not depend on the engine).
+    from types import SimpleNamespace
+
+    from vrft.rollout.base import Sampling
+    from vrft.rollout.static import TokenChooser
+
+    state = SimpleNamespace(tokens=torch.zeros(2, dtype=torch.long))
+    for sample in (False, True):
+        torch.manual_seed(0)
+        before = torch.get_rng_state()
+        TokenChooser(state, Sampling(do_sample=sample, max_new_tokens=2), EOS, PAD, fused=True)
+        assert torch.equal(torch.get_rng_state(), before) is not sample

@@ -104,7 +104,13 @@ class TokenChooser:
     ):
         count, device = state.tokens.shape[0], state.tokens.device
         self.fused = fused and not (sampling.do_sample and sampling.top_p < 1.0)
-        self.seed = torch.randint(2**62, (1,), device=device) if self.fused else None
+        self.seed: Tensor | None = (
+            None  # the fused kernel's draw seed (greedy decoding takes none from torch)
+        )
+        if self.fused and sampling.do_sample:
+            self.seed = torch.randint(2**62, (1,), device=device)
+        elif self.fused:
+            self.seed = torch.zeros(1, dtype=torch.long, device=device)
         self.state, self.sampling, self.pad_id, self.num_eos = state, sampling, pad_id, len(eos_ids)
         self.completion = torch.full(
             (count, sampling.max_new_tokens), pad_id, dtype=torch.long, device=device
