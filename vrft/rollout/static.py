@@ -104,9 +104,8 @@ class TokenChooser:
     ):
         count, device = state.tokens.shape[0], state.tokens.device
         self.fused = fused and not (sampling.do_sample and sampling.top_p < 1.0)
-        self.seed: Tensor | None = (
-            None  # the fused kernel's draw seed (greedy decoding takes none from torch)
-        )
+        # the fused kernel's draw seed, from torch's generator only where it draws (not for greedy decoding)
+        self.seed: Tensor | None = None
         if self.fused and sampling.do_sample:
             self.seed = torch.randint(2**62, (1,), device=device)
         elif self.fused:
