@@ -65,11 +65,22 @@ def runs_table(folder: Path, samples) -> list[str]:
     return lines
 
 
+def sites(trace: dict) -> list[str]:
+    lines = [
+        f"  {site['gb']:7.3f} GiB {site['blocks']:5d} blocks  {site['site']}"
+        for site in trace.get("sites", [])
+    ]
+    return lines + [f"  {trace.get('other_sites_gb', 0.0):7.3f} GiB elsewhere"]
+
+
 def traces_table(folder: Path) -> list[str]:
     lines = []
     for path in sorted(folder.glob("trace_*.json")):
         record = json.loads(path.read_text())
         trace = record.get("rollout_trace") or {}
+        if not trace and not record.get("kept_trace"):
+            lines.append(f"{path.stem}: no trace{'  ERROR ' + record['error'] if 'error' in record else ''}")
+            continue
         plan = record.get("plan") or {}
         measured = (record.get("measured") or {}).get("phases", {}).get("rollout", {})
         components = plan.get("components_gb", {})
@@ -82,9 +93,15 @@ def traces_table(folder: Path) -> list[str]:
         )
         terms = ("kv_cache", "prefill", "rollout_engine")
         lines.append("  planned: " + ", ".join(f"{t} {components.get(t, float('nan')):.3f}" for t in terms))
-        for site in trace.get("sites", []):
-            lines.append(f"  {site['gb']:7.3f} GiB {site['blocks']:5d} blocks  {site['site']}")
-        lines.append(f"  {trace.get('other_sites_gb', 0.0):7.3f} GiB elsewhere")
+        lines += sites(trace)
+        kept = record.get("kept_trace")
+        if kept:
+            lines.append(
+                f"  the first step's allocations still live at the second rollout's start: "
+                f"{kept.get('end_over_start_gb', float('nan')):.3f} GiB over the first rollout's start "
+                f"({kept.get('start_allocated_gb', float('nan')):.3f})"
+            )
+            lines += sites(kept)
     return lines
 
 
