@@ -1,5 +1,6 @@
 """The planner's arithmetic: hand-computed sizes, bytes of quantised layers, the tiny model's footprint."""
 
+import dataclasses
 import math
 
 import pytest
@@ -14,6 +15,7 @@ from vrft.planner.estimator import (
     Workload,
     estimate,
     kv_cache_bytes,
+    vision_patches,
 )
 from vrft.planner.footprint import _footprint, optimizer_state
 from vrft.precision.accounting import weight_bytes
@@ -155,3 +157,23 @@ def test_int8_layers_keep_their_inputs_through_checkpointing():
 )
 def test_optimizer_state_by_class(target, expected):
     assert optimizer_state(OmegaConf.create({"_target_": target})) == expected
+
+
+def test_rollout_phase_hand_computed():
+    # resident + kept workspaces + engine + the prompts' pixels + the larger of prefill and decode, where a
+    # static engine's decode holds the KV cache, one step's sampling buffers and its CUDA graph's outputs
+    cal = Calibration()
+    resident = 10 * 2**20 + 50_000 * 4 + cal.kept_workspaces_gb * 2**30
+    pixels = 2 * vision_patches(8, SHAPE) * 3 * SHAPE.temporal_patch_size * SHAPE.patch_size**2 * 4
+    plan = estimate(SHAPE, footprint(), workload(rollout_engine="packed"), cal)
+    decode = plan.components["kv_cache"] + 8 * 1000 * 4 * 3 + 8 * 2 * cal.decode_graph_mlp * 128 * 2
+    assert decode > plan.components["prefill"]
+    assert plan.phases["rollout"] == pytest.approx(resident + 20_000 * 2 + pixels + decode)
+    # bf16_copy: making the copy (one matrix's LoRA sum in fp32 beside its bf16 copy) where that is larger
+    wide = dataclasses.replace(SHAPE, hidden=512, intermediate=4096)
+    copy = estimate(wide, footprint(), workload(), cal)
+    merging = (4 + 2) * 512 * 4096
+    decode = copy.components["kv_cache"] + 8 * 1000 * 4 * 3 + 8 * 2 * cal.decode_graph_mlp * 4096 * 2
+    pixels = 2 * vision_patches(8, wide) * 3 * wide.temporal_patch_size * wide.patch_size**2 * 4
+    assert merging > pixels + max(copy.components["prefill"], decode)
+    assert copy.phases["rollout"] == pytest.approx(resident + 1_000_000 * 2 + merging)

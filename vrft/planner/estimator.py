@@ -6,8 +6,11 @@ the few coefficients that depend on how PyTorch and transformers hold intermedia
 fields, fitted to the benchmark measurements in `bench/memory/` (see `bench/README.md`).
 
 Phases (steady state, i.e. after the first optimizer step created the optimizer state):
-- rollout: resident + rollout engine's weights + KV cache + prefill work (vision tower, prompt activations)
-- reference: resident + stored rollouts + a no-grad forward of one micro-batch + log-prob chunk
+- rollout: resident + kept workspaces + rollout engine's weights + the prompts' pixels + the larger of the
+  prefill work (vision tower, prompt activations) and the decode steps' (KV cache, sampling, the CUDA graph's
+  outputs); for `bf16_copy`, or its copy's making (one matrix's LoRA merge in fp32) if that is larger
+- reference: resident + kept workspaces + stored rollouts + a no-grad forward of one micro-batch + log-prob
+  chunk
 - update: resident + gradients + stored rollouts + checkpointed activations + one layer's recompute
   + log-prob chunk backward
 where resident = weights + adapter + optimizer state (paged optimizer state lives outside PyTorch's pool).
@@ -118,6 +121,14 @@ class Calibration:
     reserved_factor: float = 1.02  # reserved / allocated at the peak (allocator rounding, fragmentation)
     reserved_factor_int8: float = 1.11  # int8 matmuls' many differently sized temporaries fragment the pool
     reserved_extra_gb: float = 0.05  # cuBLAS workspaces, small-block pools
+    # Allocated on first use and kept (cuBLAS / cuBLASLt workspaces, ...): the second step's rollout began at
+    # 0.104 GiB over the weights and the adapter on an H100 and an H200 (bench/rollout/results.md, "The
+    # planner's rollout terms"). Added to the rollout and reference phases; the update's coefficients above
+    # were fitted to peaks that held it already.
+    kept_workspaces_gb: float = 0.1
+    # A static engine's CUDA graph keeps every layer's decode-step outputs in its pool: per sequence and
+    # layer, in MLP widths (7B, 16 sequences: 0.061 GiB of kernel outputs live at the rollout's peak)
+    decode_graph_mlp: float = 4.0
     cuda_context_gb: float = 0.6  # CUDA context and kernels: outside PyTorch's pool, but on the card
 
 
@@ -169,6 +180,8 @@ def _rollout_bytes(shape: ModelShape, weights: WeightFootprint, work: Workload, 
     scratch_matrix = weights.dequant_params * a  # one quantised matrix dequantised for its matmul
     n, lp, lt = work.sequences, work.prompt_tokens, work.total_tokens
     sampling = n * shape.vocab * 4 * 3  # fp32 logits, probabilities, noise of one step
+    patch_dim = 3 * shape.temporal_patch_size * shape.patch_size**2
+    pixels = work.rollout_batch_size * vision_patches(work.image_tokens, shape) * patch_dim * 4  # the prompts'
     if work.rollout_engine == "hf":
         kv = kv_cache_bytes(shape, n, lt, a) * cal.dynamic_kv_factor
         rows = n  # generate expands the inputs G times before its prefill
@@ -176,7 +189,7 @@ def _rollout_bytes(shape: ModelShape, weights: WeightFootprint, work: Workload, 
     else:  # one prefill per prompt; its cache kept once for the G rows, each row's own for its new tokens
         rows = work.rollout_batch_size
         kv = kv_cache_bytes(shape, rows, lp, a) + kv_cache_bytes(shape, n, work.max_new_tokens, a)
-        decode = kv + sampling
+        decode = kv + sampling + n * shape.layers * cal.decode_graph_mlp * shape.intermediate * a
     prefill = max(
         vision_bytes(shape, rows, work.image_tokens, cal, a),
         layer_forward_bytes(shape, rows * lp, cal, a) + kv_cache_bytes(shape, rows, lp, a) + scratch_matrix,
@@ -188,11 +201,14 @@ def _rollout_bytes(shape: ModelShape, weights: WeightFootprint, work: Workload, 
     engine = {"bf16_copy": weights.lm_linear_params * a, "dequant": scratch_matrix, "packed": packed}.get(
         work.rollout_engine, 0
     )
+    # bf16_copy merges LoRA into each matrix in fp32 before its copy is made: the largest one's fp32 sum
+    # beside its copy, while (nearly) every other copy exists (vrft.rollout.weights.linear_op)
+    merging = (4 + a) * shape.hidden * shape.intermediate if work.rollout_engine == "bf16_copy" else 0
     return {
         "kv_cache": kv,
         "prefill": prefill,
         "rollout_engine": engine,
-        "peak": engine + max(prefill, decode),
+        "peak": engine + max(merging, pixels + max(prefill, decode)),
     }
 
 
@@ -249,9 +265,10 @@ def estimate(shape: ModelShape, weights: WeightFootprint, work: Workload, cal: C
     # Whole on every rank, also under FSDP: micro-batches accumulate under FSDP's `no_sync`, which keeps the
     # adapter's gradients unsharded until the step's last backward reduce-scatters them.
     gradients = weights.adapter_params * weights.adapter_bytes_per_param
+    kept = cal.kept_workspaces_gb * GIB
     phases = {
-        "rollout": resident + rollout["peak"],
-        "reference": resident + update["reference"] if update["reference"] is not None else 0.0,
+        "rollout": resident + kept + rollout["peak"],
+        "reference": resident + kept + update["reference"] if update["reference"] is not None else 0.0,
         "update": resident + gradients + update["update"],
     }
     peak_phase = max(phases, key=phases.get)

@@ -150,9 +150,12 @@ def linear_op(module: nn.Module, merge: bool, dtype: torch.dtype) -> LinearOp:
     if merge:
         weight = dense_weight(base)
         if loras:
-            weight = weight.float()
+            # summed in place in one fp32 copy (a dense model's own weight copied first): with `weight + scale *
+            # (b @ a)` three fp32 matrices were live at once, the 7B gate's 0.63 GiB on top of the copies
+            # already made (bench/rollout/results.md, "The planner's rollout terms")
+            weight = weight.to(torch.float32, copy=isinstance(weight, nn.Parameter))
             for lora in loras:
-                weight = weight + lora.scale * (lora.b.float() @ lora.a.float())
+                weight.addmm_(lora.b.float(), lora.a.float(), alpha=lora.scale)
         return DenseLinear(weight.to(dtype), bias)
     if type(base) is nn.Linear and base.weight.dtype == dtype and not loras:
         return DenseLinear(base.weight, bias)  # already dense: no per-step work
