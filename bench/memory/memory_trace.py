@@ -63,10 +63,9 @@ def _site(frames: list[dict]) -> str:
     return inner if own is None or own is named[0] else f"{inner} <- {label(own)}"
 
 
-def summarise(snapshot: dict, start_allocated: int = 0, top: int = 25, at_end: bool = False) -> dict:
-    """The traced span's peak of allocated bytes over its start (`start_allocated`, what was live before
-    the trace), and the blocks live at that moment (`at_end`: at the trace's end instead) that the trace saw
-    allocated, by allocating site."""
+def summarise(snapshot: dict, start_allocated: int = 0, top: int = 25) -> dict:
+    """The traced phase's peak of allocated bytes over its start (`start_allocated`, what was live before
+    the trace), and the blocks live at that moment that the trace saw allocated, by allocating site."""
     events = [e for trace in snapshot.get("device_traces", []) for e in trace]
     live: dict[int, tuple[int, int]] = {}  # address -> (size, event index)
     current = peak = 0
@@ -81,8 +80,6 @@ def summarise(snapshot: dict, start_allocated: int = 0, top: int = 25, at_end: b
         elif action == "free_requested":  # blocks allocated before the trace are freed too
             live.pop(event.get("addr"), None)
             current -= size
-    if at_end:
-        peak_index = len(events) - 1
     # the live set at the peak: replay up to it
     at_peak: dict[int, int] = {}
     for index, event in enumerate(events[: peak_index + 1]):
@@ -101,7 +98,6 @@ def summarise(snapshot: dict, start_allocated: int = 0, top: int = 25, at_end: b
         "events": len(events),
         "start_allocated_gb": start_allocated / GIB,
         "peak_over_start_gb": peak / GIB,
-        "end_over_start_gb": current / GIB,
         "peak_allocated_gb": (start_allocated + peak) / GIB,
         "peak_at_event": peak_index,
         "sites": [{"site": site, "gb": size / GIB, "blocks": count} for site, (size, count) in ranked[:top]],

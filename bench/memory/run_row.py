@@ -47,15 +47,11 @@ class PhaseProbe:
     allocator's cudaMalloc / cudaFree / retry counts within it, and (`trace`) the allocations live at the
     peak of the last step's rollout (`memory_trace.summarise`)."""
 
-    def __init__(self, tracker, trace: bool = False, steps: int = 2, between: bool = False):
-        self.tracker, self.trace, self.steps, self.between = tracker, trace, steps, between
+    def __init__(self, tracker, trace: bool = False, steps: int = 2):
+        self.tracker, self.trace, self.steps = tracker, trace, steps
         self.records: list[dict] = []
         self.rollouts = 0
         self.rollout_trace: dict | None = None
-        # `between`: what the first step allocated that is still live when the second rollout starts
-        self.kept_trace: dict | None = None
-        self._between: contextlib.ExitStack | None = None
-        self._first = None
 
     def __getattr__(self, name):
         return getattr(self.tracker, name)
@@ -69,13 +65,6 @@ class PhaseProbe:
             record["start_allocated_gb"] = torch.cuda.memory_allocated(device) / 2**30
         if name == "rollout":
             self.rollouts += 1
-            if cuda and self.between and self.rollouts == 1:
-                self._between = contextlib.ExitStack()
-                self._first = self._between.enter_context(phase_trace())
-            elif self._between is not None and self.rollouts == 2:
-                self._between.close()
-                self.kept_trace = summarise(self._first.snapshot, self._first.start_allocated, at_end=True)
-                self._between = None
         traced = cuda and self.trace and name == "rollout" and self.rollouts == self.steps
         with contextlib.ExitStack() as stack:
             trace = stack.enter_context(phase_trace()) if traced else None
@@ -234,11 +223,6 @@ def main() -> None:
         action="store_true",
         help="the allocations live at the last rollout's peak, by site",
     )
-    parser.add_argument(
-        "--trace-kept",
-        action="store_true",
-        help="the allocations of the first step still live when the second rollout starts, by site",
-    )
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     vrft.models.policy.random_preset = fast_random_preset  # seconds instead of minutes for 7B
@@ -257,9 +241,8 @@ def main() -> None:
     }
     engines = [e for e in args.speed.split(",") if e]
     phase_probe = None
-    if args.phase_stats or args.trace_rollout or args.trace_kept:
-        steps = int(cfg.trainer.max_steps)
-        phase_probe = {"trace": args.trace_rollout, "steps": steps, "between": args.trace_kept}
+    if args.phase_stats or args.trace_rollout:
+        phase_probe = {"trace": args.trace_rollout, "steps": int(cfg.trainer.max_steps)}
     profiled = [e for e in args.profile.split(",") if e]
     probe, module = StepProbe(engines, args.speed_tokens, profiled, phase_probe), None
     start = time.perf_counter()
@@ -283,7 +266,6 @@ def main() -> None:
     if probe.phases is not None:
         record["phase_stats"] = probe.phases.records
         record["rollout_trace"] = probe.phases.rollout_trace
-        record["kept_trace"] = probe.phases.kept_trace
     args.out.write_text(json.dumps(record, indent=2))
     print(
         json.dumps({k: record.get(k) for k in ("name", "measured", "plan", "speed", "error")}, default=str)[

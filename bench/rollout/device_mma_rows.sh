@@ -45,7 +45,7 @@ for part in "${@:-usage}"; do
         timeout "${ROWS_S:-560}" python3 bench/rollout/packed.py --out "$OUT" --rows "${ROWS:-16g,24g,16g_G16}" \
             --engines "${ENGINES:-bf16_copy,packed:nf4_matmul,packed:mma}" \
             --profiled "${PROFILED:-packed:nf4_matmul,packed:mma}" --timeout "${ROW_TIMEOUT:-170}" \
-            ${ROW_ARGS:+--row-args "$ROW_ARGS"} | grep -v "^{" | tail -45
+            ${ROW_ARGS:+--row-args="$ROW_ARGS"} | grep -v "^{" | tail -45
         if [ -n "${CLOCKS:-}" ]; then kill "$clocks"; fi
         ;;
     attention)

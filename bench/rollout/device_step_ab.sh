@@ -6,7 +6,6 @@
 # for the planner's rollout terms. Carry .whl; results in $OUT.
 #   BASE_TREE=bench/rollout/baseline_<commit> ROW=16g ORDER="base new new base" bash bench/rollout/device_step_ab.sh
 #   ORDER="" TRACE_ROWS="16g 24g" bash bench/rollout/device_step_ab.sh      # the traces alone
-#   ORDER="" KEPT_ROWS=16g ...   # what the first step leaves allocated when the second starts (--trace-kept)
 # BASE_TREE: `git archive <commit> vrft | tar -x -C <folder>`, imported before this tree's for "base" runs.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
@@ -34,12 +33,6 @@ for row in ${TRACE_ROWS:-}; do
         --images "$images" --out "$OUT/trace_$row.json" --trace-rollout -- $(overrides "$row") \
         > "$OUT/trace_$row.log" 2>&1
     echo "trace $row: exit $? after ${SECONDS} s"
-done
-for row in ${KEPT_ROWS:-}; do
-    PYTHONPATH="$PWD:/tmp/site" timeout "${ROW_S:-150}" python3 bench/memory/run_row.py --name "kept_$row" \
-        --images "$images" --out "$OUT/trace_kept_$row.json" --trace-kept -- $(overrides "$row") \
-        > "$OUT/trace_kept_$row.log" 2>&1
-    echo "kept $row: exit $? after ${SECONDS} s"
 done
 kill "$clocks"
 python3 bench/rollout/step_ab.py "$OUT" | tee "$OUT/step_ab.txt"

@@ -78,7 +78,7 @@ def traces_table(folder: Path) -> list[str]:
     for path in sorted(folder.glob("trace_*.json")):
         record = json.loads(path.read_text())
         trace = record.get("rollout_trace") or {}
-        if not trace and not record.get("kept_trace"):
+        if not trace:
             lines.append(f"{path.stem}: no trace{'  ERROR ' + record['error'] if 'error' in record else ''}")
             continue
         plan = record.get("plan") or {}
@@ -94,14 +94,6 @@ def traces_table(folder: Path) -> list[str]:
         terms = ("kv_cache", "prefill", "rollout_engine")
         lines.append("  planned: " + ", ".join(f"{t} {components.get(t, float('nan')):.3f}" for t in terms))
         lines += sites(trace)
-        kept = record.get("kept_trace")
-        if kept:
-            lines.append(
-                f"  the first step's allocations still live at the second rollout's start: "
-                f"{kept.get('end_over_start_gb', float('nan')):.3f} GiB over the first rollout's start "
-                f"({kept.get('start_allocated_gb', float('nan')):.3f})"
-            )
-            lines += sites(kept)
     return lines
 
 
