@@ -8,6 +8,8 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+import vrft.cli  # noqa: F401  (registers the resolvers the configs use, as `python -m vrft.train` does)
+
 CONF = str(Path(__file__).resolve().parents[2] / "conf")
 # Every row: completions forced to 256 tokens, 2 prompts x G per rollout, LoRA r=64 on all LM projections,
 # one rollout per optimizer step (accumulating 16 prompts only adds stored rollouts, which the planner
