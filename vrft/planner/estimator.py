@@ -181,7 +181,8 @@ def _rollout_bytes(shape: ModelShape, weights: WeightFootprint, work: Workload, 
     n, lp, lt = work.sequences, work.prompt_tokens, work.total_tokens
     sampling = n * shape.vocab * 4 * 3  # fp32 logits, probabilities, noise of one step
     patch_dim = 3 * shape.temporal_patch_size * shape.patch_size**2
-    pixels = work.rollout_batch_size * vision_patches(work.image_tokens, shape) * patch_dim * 4  # the prompts'
+    # the prompts' pixel values (fp32), held through the rollout
+    pixels = work.rollout_batch_size * vision_patches(work.image_tokens, shape) * patch_dim * 4
     if work.rollout_engine == "hf":
         kv = kv_cache_bytes(shape, n, lt, a) * cal.dynamic_kv_factor
         rows = n  # generate expands the inputs G times before its prefill
