@@ -24,7 +24,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-# module type -> function returning its dense weight [out, in] (any float dtype)
+# module type -> function returning its dense weight [out, in] (any float dtype) as a new tensor, which the
+# bf16 copy may change in place (`linear_op` adds LoRA into it when it is already fp32)
 DEQUANTIZERS: dict[type, Callable[[nn.Module], Tensor]] = {}
 
 
