@@ -292,3 +292,29 @@ def test_decode_ops_are_torchs_off_cuda_or_when_asked_and_say_why(fp32_policy, c
     assert "Triton is not installed" in caplog.text or "run on CUDA, the decoder is on cpu" in caplog.text
     assert type(decode_ops(weights, torch.device("cuda"), fused=False)) is DecodeOps
     assert Bf16CopyEngine(fused_decode=False).fused_decode is False
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_bf16_copy_merges_lora_without_touching_the_policy(dtype):
+    # The copy adds scale * B A into an fp32 matrix in place; a dense fp32 base must be copied first, not
+    # changed under the policy that trains on it.
+    from peft import LoraConfig, get_peft_model
+
+    from vrft.rollout.weights import linear_op
+
+    torch.manual_seed(0)
+    policy = get_peft_model(
+        torch.nn.Sequential(torch.nn.Linear(48, 32)), LoraConfig(r=4, lora_alpha=8, target_modules=["0"])
+    )
+    layer = policy.base_model.model[0]
+    torch.nn.init.normal_(layer.lora_B["default"].weight)  # peft starts B at zero
+    base = layer.base_layer.weight.detach().clone()
+    a, b = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
+    with torch.no_grad():
+        op = linear_op(layer, merge=True, dtype=dtype)
+    assert torch.equal(layer.base_layer.weight, base)
+    expected = base.double() + 2.0 * (b.double() @ a.double())  # scale = alpha / r
+    # fp32 sums of 4-term products; then one rounding to the copy's dtype (bf16: 2^-8 relative)
+    tolerance = 1e-5 if dtype == torch.float32 else 2**-8
+    torch.testing.assert_close(op.weight.double(), expected, rtol=tolerance, atol=1e-6)
+    assert op.weight.dtype == dtype
