@@ -120,7 +120,7 @@ class Calibration:
     dynamic_kv_factor: float = 1.5  # generate's growing cache: copies while concatenating, fragmentation
     reserved_factor: float = 1.02  # reserved / allocated at the peak (allocator rounding, fragmentation)
     reserved_factor_int8: float = 1.11  # int8 matmuls' many differently sized temporaries fragment the pool
-    reserved_extra_gb: float = 0.05  # cuBLAS workspaces, small-block pools
+    reserved_extra_gb: float = 0.05  # small-block pools, rounding (the workspaces are `kept_workspaces_gb`)
     # Allocated on first use and kept (cuBLAS / cuBLASLt workspaces, ...): the second step's rollout began at
     # 0.104 GiB over the weights and the adapter on an H100 and an H200 (bench/rollout/results.md, "The
     # planner's rollout terms"). Added to the rollout and reference phases; the update's coefficients above
