@@ -166,6 +166,7 @@ def test_rollout_phase_hand_computed():
     resident = 10 * 2**20 + 50_000 * 4 + cal.kept_workspaces_gb * 2**30
     pixels = 2 * vision_patches(8, SHAPE) * 3 * SHAPE.temporal_patch_size * SHAPE.patch_size**2 * 4
     plan = estimate(SHAPE, footprint(), workload(rollout_engine="packed"), cal)
+    assert plan.components["kept_workspaces"] == cal.kept_workspaces_gb * 2**30  # shown in the report
     decode = plan.components["kv_cache"] + 8 * 1000 * 4 * 3 + 8 * 2 * cal.decode_graph_mlp * 128 * 2
     assert decode > plan.components["prefill"]
     assert plan.phases["rollout"] == pytest.approx(resident + 20_000 * 2 + pixels + decode)

@@ -126,8 +126,11 @@ class Calibration:
     # planner's rollout terms"). Added to the rollout and reference phases; the update's coefficients above
     # were fitted to peaks that held it already.
     kept_workspaces_gb: float = 0.1
-    # A static engine's CUDA graph keeps every layer's decode-step outputs in its pool: per sequence and
-    # layer, in MLP widths (7B, 16 sequences: 0.061 GiB of kernel outputs live at the rollout's peak)
+    # What a static engine's decode step leaves allocated in every layer, per sequence and layer, in MLP
+    # widths: `packed`'s per-layer caches (`_OncePerInput` in vrft/rollout/packed.py) hold each layer's last
+    # inputs and kernel outputs, so the captured step (the CUDA graph's pool) cannot reuse one layer's blocks
+    # for the next (7B, 16 sequences: 0.061 GiB live at the rollout's peak). `bf16_copy` keeps no such cache:
+    # for it the term is a bound, not a measurement.
     decode_graph_mlp: float = 4.0
     cuda_context_gb: float = 0.6  # CUDA context and kernels: outside PyTorch's pool, but on the card
 
@@ -281,6 +284,7 @@ def estimate(shape: ModelShape, weights: WeightFootprint, work: Workload, cal: C
         "adapter": adapter,
         "gradients": gradients,
         "optimizer": optimizer,
+        "kept_workspaces": kept,
         **{key: rollout[key] for key in ("kv_cache", "rollout_engine", "prefill")},
         **{key: update[key] for key in ("stored_rollouts", "activations", "logprob_buffers", "vision_tower")},
     }

@@ -16,6 +16,7 @@ LABELS = {
     "adapter": "LoRA adapter",
     "gradients": "LoRA gradients",
     "optimizer": "optimizer state",
+    "kept_workspaces": "library workspaces (cuBLAS, kept)",
     "gathered_layer": "gathered layer (fsdp, unsharded)",
     "kv_cache": "KV cache (rollout)",
     "rollout_engine": "rollout engine weights / scratch",
