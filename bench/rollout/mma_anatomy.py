@@ -2,6 +2,7 @@
 
     python bench/rollout/mma_anatomy.py --out mma_anatomy.json [--rows 16]
     python bench/rollout/mma_anatomy.py --out mma_kernels.json --kernels   # KERNEL_VARIANTS only
+    python bench/rollout/mma_anatomy.py --out lut.json --stages decode,decode_lut,decode_x,decode_lut_x
 
 Why: the 4-bit kernel runs at ~1.2 TB/s on the H200 and on the H100 alike (bench/rollout/results.md), so
 neither card's bandwidth bounds it, and sweeps of tiles, warps, register caps, K splits and load orders
@@ -15,6 +16,8 @@ by removing the others: `nf4_mma._mma_4bit_kernel`'s loop rebuilt from its own h
   `loads_persistent_P` (and `_wide_`) on a fixed grid of P programs a multiprocessor, each streaming item
   after item with no cold start;
 - `decode`: + decoding (byte permutes) and the tensor-core products against a constant operand;
+  `decode_lut` decodes by table lookups instead (`lut_decode.py`; its sums must equal `decode`'s, bit for
+  bit, and `decode_lut_x`'s `decode_x`'s: `same_sums`);
 - `decode_x`: + `x`'s loads and operands (the products are then the real ones); `decode_x_hot` reads the
   first step's x at every step (an L1 hit);
 - `scaled`: + each block's absmax (the words, a step ahead) and the scaling: the kernel's loop before
@@ -47,6 +50,7 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1] / "memory"))
 from kernel_sweep import Log, packed_bytes, packed_copies, time_us  # noqa: E402
+from lut_decode import code_pair_table, decode_lut  # noqa: E402
 from speed import device_bandwidth  # noqa: E402
 
 from vrft.kernels.nf4_mma import (  # noqa: E402
@@ -80,7 +84,9 @@ STAGES = {
     "loads_wide": (0, 0, 0, 1, 1, 0),
     "loads_wide_ahead2": (0, 0, 0, 2, 1, 0),
     "decode": (1, 0, 0, 1, 0, 0),
+    "decode_lut": (2, 0, 0, 1, 0, 0),  # decode 2: lut_decode's table lookups instead of byte permutes
     "decode_x": (1, 1, 0, 1, 0, 0),
+    "decode_lut_x": (2, 1, 0, 1, 0, 0),
     "decode_x_hot": (1, 1, 0, 1, 0, 1),
     "scaled": (1, 1, 1, 1, 0, 0),
 }
@@ -112,6 +118,9 @@ def _anatomy_kernel(
     row_blocks = rows_s * (K // 64)
     offset = gl.load(offset_ptr)
     tables = _byte_tables(code_ptr, DTYPE, gl.num_warps())
+    lut = 0
+    if DECODE == 2:
+        lut = code_pair_table(code_ptr, DTYPE, gl.num_warps())
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
     bits = gl.zeros([BLOCK_N, 8 * BLOCKS], gl.int32, WORDS)
     # the operand without x: a different constant in each column, so that the compiler cannot merge the
@@ -143,7 +152,10 @@ def _anatomy_kernel(
             absmax_next = _absmax_word(absmax_ptr, absmax2_ptr, row_blocks + ahead * BLOCKS, None,
                                        NESTED_BLOCKSIZE)  # fmt: skip
         if DECODE:
-            codes = _decode(words, tables, BLOCK_N, BLOCKS, DTYPE)
+            if DECODE == 2:
+                codes = decode_lut(words, lut, BLOCK_N, BLOCKS, DTYPE)
+            else:
+                codes = _decode(words, tables, BLOCK_N, BLOCKS, DTYPE)
             if LOAD_X:
                 # x_steps 0 (HOT_X): the first step's x at every step, an L1 hit; a run-time 0, so that the
                 # compiler cannot hoist the loads out of the loop
@@ -294,7 +306,27 @@ def anatomy(stage: str, config: dict):
             num_warps=config["num_warps"], **({"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {}),
         )  # fmt: skip
 
+    launch.outputs = outputs  # what the last call stored (`same_sums`)
     return launch
+
+
+# stages that compute the same products in another way: their sums must be equal, bit for bit
+SAME_SUMS = (("decode", "decode_lut"), ("decode_x", "decode_lut_x"))
+
+
+def same_sums(launchers: dict, call: tuple) -> dict[str, bool]:
+    """For each pair of `SAME_SUMS` among `launchers`, whether one call of each on `call` stored the same
+    sums (the table lookups decode the same bf16 codes into the same registers as the byte permutes)."""
+    found = {}
+    for first, second in SAME_SUMS:
+        if first in launchers and second in launchers:
+            sums = []
+            for stage in (first, second):
+                launchers[stage](*call)
+                torch.cuda.synchronize()
+                sums.append(launchers[stage].outputs["sums"].clone())
+            found[f"{first} = {second}"] = bool(torch.equal(sums[0], sums[1]))
+    return found
 
 
 def main() -> None:
@@ -302,6 +334,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--rows", type=int, default=16)
     parser.add_argument("--kernels", action="store_true", help="KERNEL_VARIANTS only, no stages")
+    parser.add_argument(
+        "--stages", default="", help="comma-separated STAGES to time (default: all, and more)"
+    )
     args = parser.parse_args()
     log = Log(args.out.with_suffix(".log"))
     torch.manual_seed(0)
@@ -321,8 +356,14 @@ def main() -> None:
                 launchers[variant] = matmul_4bit_mma
                 configs[variant] = launch_config(args.rows, out_features, in_features, DEVICE, **choices)
             entry["configs"] = configs
+        elif args.stages:
+            launchers = {stage: anatomy(stage, config) for stage in args.stages.split(",")}
+            entry["same_sums"] = same_sums(launchers, calls[0])
+            log(f"{name}: {entry['same_sums']}")
         else:
             launchers = {stage: anatomy(stage, config) for stage in STAGES}
+            entry["same_sums"] = same_sums(launchers, calls[0])
+            log(f"{name}: {entry['same_sums']}")
             for wide in (False, True):
                 for per_sm in (5, 8):
                     name_p = f"loads{'_wide' if wide else ''}_persistent_{per_sm}"
