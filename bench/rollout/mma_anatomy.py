@@ -314,7 +314,7 @@ def anatomy(stage: str, config: dict):
 SAME_SUMS = (("decode", "decode_lut"), ("decode_x", "decode_lut_x"))
 
 
-def same_sums(launchers: dict, call: tuple) -> dict[str, bool]:
+def same_sums(launchers: dict, call: tuple, config: dict) -> dict[str, bool]:
     """For each pair of `SAME_SUMS` among `launchers`, whether one call of each on `call` stored the same
     sums (the table lookups decode the same bf16 codes into the same registers as the byte permutes)."""
     found = {}
@@ -322,7 +322,7 @@ def same_sums(launchers: dict, call: tuple) -> dict[str, bool]:
         if first in launchers and second in launchers:
             sums = []
             for stage in (first, second):
-                launchers[stage](*call)
+                launchers[stage](*call, config=config)
                 torch.cuda.synchronize()
                 sums.append(launchers[stage].outputs["sums"].clone())
             found[f"{first} = {second}"] = bool(torch.equal(sums[0], sums[1]))
@@ -358,11 +358,11 @@ def main() -> None:
             entry["configs"] = configs
         elif args.stages:
             launchers = {stage: anatomy(stage, config) for stage in args.stages.split(",")}
-            entry["same_sums"] = same_sums(launchers, calls[0])
+            entry["same_sums"] = same_sums(launchers, calls[0], config)
             log(f"{name}: {entry['same_sums']}")
         else:
             launchers = {stage: anatomy(stage, config) for stage in STAGES}
-            entry["same_sums"] = same_sums(launchers, calls[0])
+            entry["same_sums"] = same_sums(launchers, calls[0], config)
             log(f"{name}: {entry['same_sums']}")
             for wide in (False, True):
                 for per_sm in (5, 8):
