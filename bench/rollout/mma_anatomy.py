@@ -216,6 +216,80 @@ def _persistent_loads_kernel(
 
 
 @gluon.jit
+def _persistent_decode_kernel(
+    packed_ptr, code_ptr, sums_ptr, K, tiles, split_k, iters_per_split,
+    DECODE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCKS: gl.constexpr,
+    MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr, WORDS: gl.constexpr,
+):  # fmt: skip
+    """The `decode` stage on the persistent loads' fixed grid: each program decodes (DECODE 1: byte permutes,
+    2: `lut_decode`'s table, filled once per program) and multiplies every step of its items against a
+    constant operand, into one sum."""
+    DTYPE: gl.constexpr = gl.bfloat16
+    STEP: gl.constexpr = 64 * BLOCKS
+    program = gl.program_id(0)
+    programs = gl.num_programs(0)
+    rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, WORDS))
+    words_w = gl.arange(0, 8 * BLOCKS, layout=gl.SliceLayout(0, WORDS))
+    total = (tiles * split_k - program + programs - 1) // programs * iters_per_split
+    tables = _byte_tables(code_ptr, DTYPE, gl.num_warps())
+    lut = 0
+    if DECODE == 2:
+        lut = code_pair_table(code_ptr, DTYPE, gl.num_warps())
+    constant_k = gl.arange(0, 64, layout=gl.SliceLayout(1, B))
+    constant_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, B))
+    constant = (constant_k[:, None] * 0 + constant_m[None, :]).to(DTYPE)
+    acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
+    zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
+    words_next = gl.load(_item_step_pointers(packed_ptr, 0, program, programs, K, split_k, iters_per_split,
+                                             rows, words_w, BLOCK_N, STEP))  # fmt: skip
+    for index in range(total):
+        words = words_next
+        following = gl.minimum(index + 1, total - 1)
+        words_next = gl.load(_item_step_pointers(packed_ptr, following, program, programs, K, split_k,
+                                                 iters_per_split, rows, words_w, BLOCK_N, STEP))  # fmt: skip
+        if DECODE == 2:
+            codes = decode_lut(words, lut, BLOCK_N, BLOCKS, DTYPE)
+        else:
+            codes = _decode(words, tables, BLOCK_N, BLOCKS, DTYPE)
+        for block in gl.static_range(BLOCKS):
+            acc += mma_v2(gl.convert_layout(codes[block], A), constant, zero)
+    local = (
+        gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))[:, None] * BLOCK_M
+        + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))[None, :]
+    )
+    gl.store(sums_ptr + program * (BLOCK_N * BLOCK_M) + local, acc)
+
+
+def persistent_decode(config: dict, decode: int, programs_per_sm: int):
+    """`_persistent_decode_kernel` launched as `anatomy` launches the stages, on `programs_per_sm` programs per
+    multiprocessor."""
+    block_m, block_n, blocks, split_k = (
+        config["BLOCK_M"],
+        config["BLOCK_N"],
+        config["BLOCKS"],
+        config["SPLIT_K"],
+    )
+    mma, operand_a, operand_b, words, _, _ = layouts(block_n, block_m, blocks, config["num_warps"])
+    outputs = {}
+
+    def launch(x, packed, state, config=None):
+        out_features, in_features = state.shape
+        steps = in_features // (64 * blocks)
+        grid = (programs_per_sm * multiprocessors(x.device),)
+        if "sums" not in outputs:
+            outputs["sums"] = torch.empty(grid[0] * block_n * block_m, dtype=torch.float32, device=x.device)
+        _persistent_decode_kernel[grid](
+            packed.reshape(-1).view(torch.int32), state.code, outputs["sums"], in_features,
+            out_features // block_n, split_k, triton.cdiv(steps, split_k), DECODE=decode, BLOCK_M=block_m,
+            BLOCK_N=block_n, BLOCKS=blocks, MMA=mma, A=operand_a, B=operand_b, WORDS=words,
+            num_warps=config["num_warps"], **({"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {}),
+        )  # fmt: skip
+
+    launch.outputs = outputs
+    return launch
+
+
+@gluon.jit
 def _item_step_pointers(packed_ptr, index, program, programs, K, split_k, iters_per_split, rows, words_w,
                         BLOCK_N: gl.constexpr, STEP: gl.constexpr):  # fmt: skip
     """The codes' addresses of a persistent program's `index`-th step: item, its tile and K slice, the step
@@ -311,7 +385,13 @@ def anatomy(stage: str, config: dict):
 
 
 # stages that compute the same products in another way: their sums must be equal, bit for bit
-SAME_SUMS = (("decode", "decode_lut"), ("decode_x", "decode_lut_x"))
+SAME_SUMS = (
+    ("decode", "decode_lut"),
+    ("decode_x", "decode_lut_x"),
+    ("decode_persistent_4", "decode_lut_persistent_4"),
+)
+# persistent decode stages (`persistent_decode`): name -> (decode, programs per multiprocessor)
+PERSISTENT_DECODE = {"decode_persistent_4": (1, 4), "decode_lut_persistent_4": (2, 4)}
 
 
 def same_sums(launchers: dict, call: tuple, config: dict) -> dict[str, bool]:
@@ -357,7 +437,12 @@ def main() -> None:
                 configs[variant] = launch_config(args.rows, out_features, in_features, DEVICE, **choices)
             entry["configs"] = configs
         elif args.stages:
-            launchers = {stage: anatomy(stage, config) for stage in args.stages.split(",")}
+            launchers = {
+                stage: persistent_decode(config, *PERSISTENT_DECODE[stage])
+                if stage in PERSISTENT_DECODE
+                else anatomy(stage, config)
+                for stage in args.stages.split(",")
+            }
             entry["same_sums"] = same_sums(launchers, calls[0], config)
             log(f"{name}: {entry['same_sums']}")
         else:
