@@ -189,19 +189,33 @@ def _anatomy_kernel(
 
 
 @gluon.jit
-def _persistent_loads_kernel(
-    packed_ptr, bits_ptr, K, tiles, split_k, iters_per_split,
-    BLOCK_N: gl.constexpr, BLOCKS: gl.constexpr, WORDS: gl.constexpr,
+def _persistent_kernel(
+    packed_ptr, code_ptr, bits_ptr, sums_ptr, K, tiles, split_k, iters_per_split,
+    DECODE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCKS: gl.constexpr,
+    MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr, WORDS: gl.constexpr,
 ):  # fmt: skip
-    """The `loads` stage with a fixed grid: each program streams the steps of its (tile, K slice) items, items
+    """The `loads` stage (DECODE 0) or the `decode` stage (1: byte permutes, 2: `lut_decode`'s table, filled
+    once per program) on a fixed grid: each program streams the steps of its (tile, K slice) items, items
     `program, program + programs, ...`, one after the other, the next step's codes (the next item's first
-    step at an item's end) always in flight; no program starts cold after the first."""
+    step at an item's end) always in flight; no program starts cold after the first. The decode stage
+    multiplies every step against a constant operand, into one sum."""
+    DTYPE: gl.constexpr = gl.bfloat16
     STEP: gl.constexpr = 64 * BLOCKS
     program = gl.program_id(0)
     programs = gl.num_programs(0)
     rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, WORDS))
     words_w = gl.arange(0, 8 * BLOCKS, layout=gl.SliceLayout(0, WORDS))
     total = (tiles * split_k - program + programs - 1) // programs * iters_per_split
+    tables, lut = 0, 0
+    if DECODE == 1:
+        tables = _byte_tables(code_ptr, DTYPE, gl.num_warps())
+    if DECODE == 2:
+        lut = code_pair_table(code_ptr, DTYPE, gl.num_warps())
+    constant_k = gl.arange(0, 64, layout=gl.SliceLayout(1, B))
+    constant_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, B))
+    constant = (constant_k[:, None] * 0 + constant_m[None, :]).to(DTYPE)
+    acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
+    zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
     bits = gl.zeros([BLOCK_N, 8 * BLOCKS], gl.int32, WORDS)
     words_next = gl.load(_item_step_pointers(packed_ptr, 0, program, programs, K, split_k, iters_per_split,
                                              rows, words_w, BLOCK_N, STEP))  # fmt: skip
@@ -210,83 +224,24 @@ def _persistent_loads_kernel(
         following = gl.minimum(index + 1, total - 1)
         words_next = gl.load(_item_step_pointers(packed_ptr, following, program, programs, K, split_k,
                                                  iters_per_split, rows, words_w, BLOCK_N, STEP))  # fmt: skip
-        bits = bits ^ words
-    local = rows[:, None] * (8 * BLOCKS) + words_w[None, :]
-    gl.store(bits_ptr + program * (BLOCK_N * 8 * BLOCKS) + local, bits)
-
-
-@gluon.jit
-def _persistent_decode_kernel(
-    packed_ptr, code_ptr, sums_ptr, K, tiles, split_k, iters_per_split,
-    DECODE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCKS: gl.constexpr,
-    MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr, WORDS: gl.constexpr,
-):  # fmt: skip
-    """The `decode` stage on the persistent loads' fixed grid: each program decodes (DECODE 1: byte permutes,
-    2: `lut_decode`'s table, filled once per program) and multiplies every step of its items against a
-    constant operand, into one sum."""
-    DTYPE: gl.constexpr = gl.bfloat16
-    STEP: gl.constexpr = 64 * BLOCKS
-    program = gl.program_id(0)
-    programs = gl.num_programs(0)
-    rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, WORDS))
-    words_w = gl.arange(0, 8 * BLOCKS, layout=gl.SliceLayout(0, WORDS))
-    total = (tiles * split_k - program + programs - 1) // programs * iters_per_split
-    tables = _byte_tables(code_ptr, DTYPE, gl.num_warps())
-    lut = 0
-    if DECODE == 2:
-        lut = code_pair_table(code_ptr, DTYPE, gl.num_warps())
-    constant_k = gl.arange(0, 64, layout=gl.SliceLayout(1, B))
-    constant_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, B))
-    constant = (constant_k[:, None] * 0 + constant_m[None, :]).to(DTYPE)
-    acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
-    zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
-    words_next = gl.load(_item_step_pointers(packed_ptr, 0, program, programs, K, split_k, iters_per_split,
-                                             rows, words_w, BLOCK_N, STEP))  # fmt: skip
-    for index in range(total):
-        words = words_next
-        following = gl.minimum(index + 1, total - 1)
-        words_next = gl.load(_item_step_pointers(packed_ptr, following, program, programs, K, split_k,
-                                                 iters_per_split, rows, words_w, BLOCK_N, STEP))  # fmt: skip
-        if DECODE == 2:
-            codes = decode_lut(words, lut, BLOCK_N, BLOCKS, DTYPE)
+        if DECODE == 0:
+            bits = bits ^ words
         else:
-            codes = _decode(words, tables, BLOCK_N, BLOCKS, DTYPE)
-        for block in gl.static_range(BLOCKS):
-            acc += mma_v2(gl.convert_layout(codes[block], A), constant, zero)
-    local = (
-        gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))[:, None] * BLOCK_M
-        + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))[None, :]
-    )
-    gl.store(sums_ptr + program * (BLOCK_N * BLOCK_M) + local, acc)
-
-
-def persistent_decode(config: dict, decode: int, programs_per_sm: int):
-    """`_persistent_decode_kernel` launched as `anatomy` launches the stages, on `programs_per_sm` programs per
-    multiprocessor."""
-    block_m, block_n, blocks, split_k = (
-        config["BLOCK_M"],
-        config["BLOCK_N"],
-        config["BLOCKS"],
-        config["SPLIT_K"],
-    )
-    mma, operand_a, operand_b, words, _, _ = layouts(block_n, block_m, blocks, config["num_warps"])
-    outputs = {}
-
-    def launch(x, packed, state, config=None):
-        out_features, in_features = state.shape
-        steps = in_features // (64 * blocks)
-        grid = (programs_per_sm * multiprocessors(x.device),)
-        if "sums" not in outputs:
-            outputs["sums"] = torch.empty(grid[0] * block_n * block_m, dtype=torch.float32, device=x.device)
-        _persistent_decode_kernel[grid](
-            packed.reshape(-1).view(torch.int32), state.code, outputs["sums"], in_features,
-            out_features // block_n, split_k, triton.cdiv(steps, split_k), DECODE=decode, BLOCK_M=block_m,
-            BLOCK_N=block_n, BLOCKS=blocks, MMA=mma, A=operand_a, B=operand_b, WORDS=words,
-            num_warps=config["num_warps"], **({"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {}),
-        )  # fmt: skip
-
-    launch.outputs = outputs
-    return launch
+            if DECODE == 2:
+                codes = decode_lut(words, lut, BLOCK_N, BLOCKS, DTYPE)
+            else:
+                codes = _decode(words, tables, BLOCK_N, BLOCKS, DTYPE)
+            for block in gl.static_range(BLOCKS):
+                acc += mma_v2(gl.convert_layout(codes[block], A), constant, zero)
+    if DECODE == 0:
+        local_bits = rows[:, None] * (8 * BLOCKS) + words_w[None, :]
+        gl.store(bits_ptr + program * (BLOCK_N * 8 * BLOCKS) + local_bits, bits)
+    else:
+        local = (
+            gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))[:, None] * BLOCK_M
+            + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))[None, :]
+        )
+        gl.store(sums_ptr + program * (BLOCK_N * BLOCK_M) + local, acc)
 
 
 @gluon.jit
@@ -303,25 +258,35 @@ def _item_step_pointers(packed_ptr, index, program, programs, K, split_k, iters_
     return packed_ptr + row_words[:, None] + words_w[None, :] + step * (STEP // 8)
 
 
-def persistent_loads(config: dict, wide: bool, programs_per_sm: int):
-    """`_persistent_loads_kernel` launched as `anatomy` launches the stages, on `programs_per_sm` programs per
-    multiprocessor."""
-    block_n, blocks, split_k = config["BLOCK_N"], config["BLOCKS"], config["SPLIT_K"]
-    words = wide_words() if wide else layouts(block_n, config["BLOCK_M"], blocks, config["num_warps"])[3]
+def persistent(config: dict, programs_per_sm: int, wide: bool = False, decode: int = 0):
+    """`_persistent_kernel` launched as `anatomy` launches the stages, on `programs_per_sm` programs per
+    multiprocessor: the loads (`decode` 0; `wide`: `wide_words`' layout) or the decode stage (1, 2)."""
+    block_m, block_n, blocks, split_k = (
+        config["BLOCK_M"],
+        config["BLOCK_N"],
+        config["BLOCKS"],
+        config["SPLIT_K"],
+    )
+    mma, operand_a, operand_b, words, _, _ = layouts(block_n, block_m, blocks, config["num_warps"])
+    if wide:
+        words = wide_words()
     outputs = {}
 
     def launch(x, packed, state, config=None):
         out_features, in_features = state.shape
         steps = in_features // (64 * blocks)
         grid = (programs_per_sm * multiprocessors(x.device),)
-        if "bits" not in outputs:
+        if "sums" not in outputs:  # one buffer for every call: what they hold is read by `same_sums` only
+            outputs["sums"] = torch.empty(grid[0] * block_n * block_m, dtype=torch.float32, device=x.device)
             outputs["bits"] = torch.empty(grid[0] * block_n * 8 * blocks, dtype=torch.int32, device=x.device)
-        _persistent_loads_kernel[grid](
-            packed.reshape(-1).view(torch.int32), outputs["bits"], in_features, out_features // block_n, split_k,
-            triton.cdiv(steps, split_k), BLOCK_N=block_n, BLOCKS=blocks, WORDS=words,
-            num_warps=config["num_warps"],
+        _persistent_kernel[grid](
+            packed.reshape(-1).view(torch.int32), state.code, outputs["bits"], outputs["sums"], in_features,
+            out_features // block_n, split_k, triton.cdiv(steps, split_k), DECODE=decode, BLOCK_M=block_m,
+            BLOCK_N=block_n, BLOCKS=blocks, MMA=mma, A=operand_a, B=operand_b, WORDS=words,
+            num_warps=config["num_warps"], **({"maxnreg": config["maxnreg"]} if decode and config.get("maxnreg") else {}),
         )  # fmt: skip
 
+    launch.outputs = outputs
     return launch
 
 
@@ -390,7 +355,7 @@ SAME_SUMS = (
     ("decode_x", "decode_lut_x"),
     ("decode_persistent_4", "decode_lut_persistent_4"),
 )
-# persistent decode stages (`persistent_decode`): name -> (decode, programs per multiprocessor)
+# persistent decode stages (`persistent`): name -> (decode, programs per multiprocessor)
 PERSISTENT_DECODE = {"decode_persistent_4": (1, 4), "decode_lut_persistent_4": (2, 4)}
 
 
@@ -438,7 +403,7 @@ def main() -> None:
             entry["configs"] = configs
         elif args.stages:
             launchers = {
-                stage: persistent_decode(config, *PERSISTENT_DECODE[stage])
+                stage: persistent(config, PERSISTENT_DECODE[stage][1], decode=PERSISTENT_DECODE[stage][0])
                 if stage in PERSISTENT_DECODE
                 else anatomy(stage, config)
                 for stage in args.stages.split(",")
@@ -452,7 +417,7 @@ def main() -> None:
             for wide in (False, True):
                 for per_sm in (5, 8):
                     name_p = f"loads{'_wide' if wide else ''}_persistent_{per_sm}"
-                    launchers[name_p] = persistent_loads(config, wide, per_sm)
+                    launchers[name_p] = persistent(config, per_sm, wide)
             launchers["kernel"] = matmul_4bit_mma
         for stage, kernel in launchers.items():
             us = time_us(kernel, calls, config=configs.get(stage, config))
