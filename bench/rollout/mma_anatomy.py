@@ -190,15 +190,18 @@ def _anatomy_kernel(
 
 @gluon.jit
 def _persistent_kernel(
-    packed_ptr, code_ptr, bits_ptr, sums_ptr, K, tiles, split_k, iters_per_split,
-    DECODE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCKS: gl.constexpr,
-    MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr, WORDS: gl.constexpr,
+    x_ptr, packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, bits_ptr, sums_ptr,
+    K, stride_xm, tiles, split_k, iters_per_split,
+    DECODE: gl.constexpr, SCALED: gl.constexpr, NESTED_BLOCKSIZE: gl.constexpr, BLOCK_M: gl.constexpr,
+    BLOCK_N: gl.constexpr, BLOCKS: gl.constexpr, MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr,
+    WORDS: gl.constexpr, XL: gl.constexpr,
 ):  # fmt: skip
     """The `loads` stage (DECODE 0) or the `decode` stage (1: byte permutes, 2: `lut_decode`'s table, filled
     once per program) on a fixed grid: each program streams the steps of its (tile, K slice) items, items
     `program, program + programs, ...`, one after the other, the next step's codes (the next item's first
     step at an item's end) always in flight; no program starts cold after the first. The decode stage
-    multiplies every step against a constant operand, into one sum."""
+    multiplies every step against a constant operand, into one sum; with SCALED, as the `scaled` stage,
+    against x's step (loaded where used) and scaled by each block's absmax (the words, a step ahead)."""
     DTYPE: gl.constexpr = gl.bfloat16
     STEP: gl.constexpr = 64 * BLOCKS
     program = gl.program_id(0)
@@ -217,6 +220,16 @@ def _persistent_kernel(
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
     zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
     bits = gl.zeros([BLOCK_N, 8 * BLOCKS], gl.int32, WORDS)
+    columns_x = gl.arange(0, STEP, layout=gl.SliceLayout(1, XL))
+    rows_x = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, XL))
+    x_ptrs = x_ptr + (rows_x.to(gl.int64) * stride_xm)[None, :] + columns_x[:, None]
+    rows_s = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
+    offset = 0.0
+    absmax_next = (0, 0.0)
+    if SCALED:
+        offset = gl.load(offset_ptr)
+        absmax_next = _item_absmax(absmax_ptr, absmax2_ptr, 0, program, programs, K, split_k, iters_per_split,
+                                   rows_s, NESTED_BLOCKSIZE, BLOCK_N, BLOCKS)  # fmt: skip
     words_next = gl.load(_item_step_pointers(packed_ptr, 0, program, programs, K, split_k, iters_per_split,
                                              rows, words_w, BLOCK_N, STEP))  # fmt: skip
     for index in range(total):
@@ -227,12 +240,25 @@ def _persistent_kernel(
         if DECODE == 0:
             bits = bits ^ words
         else:
+            absmax_word, scale2, operands = 0, 0.0, 0
+            if SCALED:
+                absmax_word, scale2 = absmax_next
+                absmax_next = _item_absmax(absmax_ptr, absmax2_ptr, following, program, programs, K, split_k,
+                                           iters_per_split, rows_s, NESTED_BLOCKSIZE, BLOCK_N, BLOCKS)  # fmt: skip
+                _, step = _item_step(index, program, programs, K, split_k, iters_per_split, STEP)
+                operands = _x_operands(gl.load(x_ptrs + step * STEP), BLOCK_M, BLOCKS, B)
             if DECODE == 2:
                 codes = decode_lut(words, lut, BLOCK_N, BLOCKS, DTYPE)
             else:
                 codes = _decode(words, tables, BLOCK_N, BLOCKS, DTYPE)
             for block in gl.static_range(BLOCKS):
-                acc += mma_v2(gl.convert_layout(codes[block], A), constant, zero)
+                a = gl.convert_layout(codes[block], A)
+                if SCALED:
+                    product = mma_v2(a, gl.convert_layout(operands[block], B), zero)
+                    quantised = (absmax_word >> (block * 8)) & 0xFF  # a step's blocks: one aligned word
+                    acc += product * (gl.load(code2_ptr + quantised) * scale2 + offset)[:, None]
+                else:
+                    acc += mma_v2(a, constant, zero)
     if DECODE == 0:
         local_bits = rows[:, None] * (8 * BLOCKS) + words_w[None, :]
         gl.store(bits_ptr + program * (BLOCK_N * 8 * BLOCKS) + local_bits, bits)
@@ -245,29 +271,45 @@ def _persistent_kernel(
 
 
 @gluon.jit
+def _item_step(index, program, programs, K, split_k, iters_per_split, STEP: gl.constexpr):
+    """A persistent program's `index`-th step: the tile of its item, and the step within K."""
+    item = program + (index // iters_per_split) * programs
+    step = gl.minimum((item % split_k) * iters_per_split + index % iters_per_split, K // STEP - 1)
+    return item // split_k, step
+
+
+@gluon.jit
+def _item_absmax(absmax_ptr, absmax2_ptr, index, program, programs, K, split_k, iters_per_split, rows_s,
+                 NESTED_BLOCKSIZE: gl.constexpr, BLOCK_N: gl.constexpr, BLOCKS: gl.constexpr):  # fmt: skip
+    """`_absmax_word` of a persistent program's `index`-th step (the tile's rows `rows_s`, local)."""
+    tile, step = _item_step(index, program, programs, K, split_k, iters_per_split, 64 * BLOCKS)
+    first_block = (tile * BLOCK_N + rows_s) * (K // 64) + step * BLOCKS
+    return _absmax_word(absmax_ptr, absmax2_ptr, first_block, None, NESTED_BLOCKSIZE)
+
+
+@gluon.jit
 def _item_step_pointers(packed_ptr, index, program, programs, K, split_k, iters_per_split, rows, words_w,
                         BLOCK_N: gl.constexpr, STEP: gl.constexpr):  # fmt: skip
     """The codes' addresses of a persistent program's `index`-th step: item, its tile and K slice, the step
     (K a multiple of 32)."""
-    item = program + (index // iters_per_split) * programs
-    tile = item // split_k
-    step = gl.minimum((item % split_k) * iters_per_split + index % iters_per_split, K // STEP - 1)
+    tile, step = _item_step(index, program, programs, K, split_k, iters_per_split, STEP)
     # rows start 16-byte aligned where K is a multiple of 32 (every Qwen2-VL projection): said, so that a
     # thread's four words are one 16-byte load
     row_words = gl.multiple_of((tile * BLOCK_N + rows).to(gl.int64) * (K // 8), 4)
     return packed_ptr + row_words[:, None] + words_w[None, :] + step * (STEP // 8)
 
 
-def persistent(config: dict, programs_per_sm: int, wide: bool = False, decode: int = 0):
+def persistent(config: dict, programs_per_sm: int, wide: bool = False, decode: int = 0, scaled: bool = False):
     """`_persistent_kernel` launched as `anatomy` launches the stages, on `programs_per_sm` programs per
-    multiprocessor: the loads (`decode` 0; `wide`: `wide_words`' layout) or the decode stage (1, 2)."""
+    multiprocessor: the loads (`decode` 0; `wide`: `wide_words`' layout) or the decode stage (1, 2; `scaled`:
+    the `scaled` stage)."""
     block_m, block_n, blocks, split_k = (
         config["BLOCK_M"],
         config["BLOCK_N"],
         config["BLOCKS"],
         config["SPLIT_K"],
     )
-    mma, operand_a, operand_b, words, _, _ = layouts(block_n, block_m, blocks, config["num_warps"])
+    mma, operand_a, operand_b, words, x_layout, _ = layouts(block_n, block_m, blocks, config["num_warps"])
     if wide:
         words = wide_words()
     outputs = {}
@@ -279,10 +321,13 @@ def persistent(config: dict, programs_per_sm: int, wide: bool = False, decode: i
         if "sums" not in outputs:  # one buffer for every call: what they hold is read by `same_sums` only
             outputs["sums"] = torch.empty(grid[0] * block_n * block_m, dtype=torch.float32, device=x.device)
             outputs["bits"] = torch.empty(grid[0] * block_n * 8 * blocks, dtype=torch.int32, device=x.device)
+        state2 = state.state2
         _persistent_kernel[grid](
-            packed.reshape(-1).view(torch.int32), state.code, outputs["bits"], outputs["sums"], in_features,
-            out_features // block_n, split_k, triton.cdiv(steps, split_k), DECODE=decode, BLOCK_M=block_m,
-            BLOCK_N=block_n, BLOCKS=blocks, MMA=mma, A=operand_a, B=operand_b, WORDS=words,
+            x, packed.reshape(-1).view(torch.int32), state.absmax, state.code, state2.absmax, state2.code,
+            state.offset, outputs["bits"], outputs["sums"], in_features, x.stride(0), out_features // block_n,
+            split_k, triton.cdiv(steps, split_k), DECODE=decode, SCALED=scaled,
+            NESTED_BLOCKSIZE=state2.blocksize, BLOCK_M=block_m, BLOCK_N=block_n, BLOCKS=blocks, MMA=mma,
+            A=operand_a, B=operand_b, WORDS=words, XL=x_layout,
             num_warps=config["num_warps"], **({"maxnreg": config["maxnreg"]} if decode and config.get("maxnreg") else {}),
         )  # fmt: skip
 
@@ -354,9 +399,15 @@ SAME_SUMS = (
     ("decode", "decode_lut"),
     ("decode_x", "decode_lut_x"),
     ("decode_persistent_4", "decode_lut_persistent_4"),
+    ("scaled_persistent_4", "scaled_lut_persistent_4"),
 )
-# persistent decode stages (`persistent`): name -> (decode, programs per multiprocessor)
-PERSISTENT_DECODE = {"decode_persistent_4": (1, 4), "decode_lut_persistent_4": (2, 4)}
+# persistent decode stages (`persistent`): name -> (decode, programs per multiprocessor, scaled)
+PERSISTENT_DECODE = {
+    "decode_persistent_4": (1, 4, False),
+    "decode_lut_persistent_4": (2, 4, False),
+    "scaled_persistent_4": (1, 4, True),
+    "scaled_lut_persistent_4": (2, 4, True),
+}
 
 
 def same_sums(launchers: dict, call: tuple, config: dict) -> dict[str, bool]:
@@ -403,7 +454,12 @@ def main() -> None:
             entry["configs"] = configs
         elif args.stages:
             launchers = {
-                stage: persistent(config, PERSISTENT_DECODE[stage][1], decode=PERSISTENT_DECODE[stage][0])
+                stage: persistent(
+                    config,
+                    PERSISTENT_DECODE[stage][1],
+                    decode=PERSISTENT_DECODE[stage][0],
+                    scaled=PERSISTENT_DECODE[stage][2],
+                )
                 if stage in PERSISTENT_DECODE
                 else anatomy(stage, config)
                 for stage in args.stages.split(",")
