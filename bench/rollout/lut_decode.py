@@ -1,8 +1,9 @@
 """A candidate decode for `nf4_mma`'s K loop: each packed byte looked up in a shared-memory table of code pairs,
-for `mma_anatomy.py`'s `decode_lut` stages. Not used by vrft yet. On the H100, on the kernel's grid, the
-table's fill (once per program) cost more than the 3.5-4 loop steps of the K split saved. On a persistent
-grid, which fills it once per program for many items, the decode stage of gate+up took 34.3 us against the
-kernel's 40.7 (bench/rollout/results.md, "Decoding by table lookups").
+for `mma_anatomy.py`'s `decode_lut` stages. Not used by vrft. On the H100, on the kernel's grid, the table's
+fill (once per program) cost more than the 3.5-4 loop steps of the K split saved. On a persistent grid the
+decode stage alone was faster: gate+up 34.3 us against the kernel's 40.7. With x and the absmax in the loop
+it was no faster than the byte permutes (128 registers, a spill, shared loads beside x's):
+bench/rollout/results.md, "Decoding by table lookups".
 
 Why: the 4-bit kernel is bound by the instructions it issues, not by its bytes (bench/rollout/results.md,
 "Where the 4-bit kernel's time goes"), and the byte-permute decode (`nf4_decode.PRMT_DECODE_PTX`) takes 21
