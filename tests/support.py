@@ -1,8 +1,25 @@
-"""Helpers for tests that run the real CLI."""
+"""Helpers for tests that run the real CLI, and for tests of the benchmarks' scripts."""
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import lightning as L
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench_module(path: str):
+    """A script under `bench/` (`path` from the repository root) imported as a module: `bench/` is not a
+    package. Registered in `sys.modules` first, where its dataclasses look their module up."""
+    name = "bench_" + "_".join(Path(path).with_suffix("").parts[1:])
+    spec = importlib.util.spec_from_file_location(name, ROOT / path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def length_reward(completions: list[str], solutions: list[str], **columns) -> list[float]:

@@ -2,23 +2,11 @@
 hand-made allocator histories and clock logs: what they report is what the planner's terms are checked
 against (bench/rollout/results.md, "The planner's rollout terms")."""
 
-import importlib.util
-import sys
 from datetime import datetime
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _bench(path: str):
-    name = f"bench_{Path(path).stem}"
-    spec = importlib.util.spec_from_file_location(name, ROOT / path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from tests.support import bench_module
 
 
 def frames(name: str, line: int) -> list[dict]:
@@ -30,7 +18,7 @@ def frames(name: str, line: int) -> list[dict]:
 
 
 def test_the_peak_and_what_is_live_there():
-    trace = _bench("bench/memory/memory_trace.py")
+    trace = bench_module("bench/memory/memory_trace.py")
     events = [
         {"action": "alloc", "addr": 1, "size": 100, "frames": frames("cache", 10)},
         {"action": "alloc", "addr": 2, "size": 50, "frames": frames("logits", 20)},
@@ -53,7 +41,7 @@ def test_the_peak_and_what_is_live_there():
 
 
 def test_a_phase_gets_the_clock_samples_within_its_span(tmp_path):
-    step_ab = _bench("bench/rollout/step_ab.py")
+    step_ab = bench_module("bench/rollout/step_ab.py")
     start = datetime(2026, 12, 6, 10, 0, 0).timestamp()
     log = tmp_path / "clocks.csv"
     lines = ["timestamp, clocks.current.sm [MHz], clocks.current.memory [MHz], power.draw [W], temp, reasons"]

@@ -4,13 +4,13 @@ definition, the experiments through Hydra."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from tests.support import bench_module
 from vrft.models.policy import ModelSpec
 from vrft.models.presets import CHECKPOINT_PRESETS, model_class, preset_config
 
@@ -18,10 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _bench(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / "learning" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_module(f"bench/learning/{name}.py")
 
 
 def _matrix():
