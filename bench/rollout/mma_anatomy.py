@@ -93,6 +93,33 @@ STAGES = {
 
 
 @gluon.jit
+def _constant_operand(BLOCK_M: gl.constexpr, B: gl.constexpr, DTYPE: gl.constexpr):
+    """The B operand without x: a different constant in each column, so that the compiler cannot merge the
+    products of the two 8-column halves."""
+    constant_k = gl.arange(0, 64, layout=gl.SliceLayout(1, B))
+    constant_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, B))
+    return (constant_k[:, None] * 0 + constant_m[None, :]).to(DTYPE)
+
+
+@gluon.jit
+def _scaled(product, absmax_word, byte, code2_ptr, scale2, offset):
+    """A block's product times its absmax: byte `byte` of the step's absmax word, looked up in the second
+    level's code book and scaled as `dequantize_4bit` does."""
+    quantised = (absmax_word >> (byte * 8)) & 0xFF
+    return product * (gl.load(code2_ptr + quantised) * scale2 + offset)[:, None]
+
+
+@gluon.jit
+def _store_sums(sums_ptr, program, acc, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, MMA: gl.constexpr):
+    """Each program's own sums, stored so that nothing is optimised away."""
+    local = (
+        gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))[:, None] * BLOCK_M
+        + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))[None, :]
+    )
+    gl.store(sums_ptr + program * (BLOCK_N * BLOCK_M) + local, acc)
+
+
+@gluon.jit
 def _anatomy_kernel(
     x_ptr, packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, sums_ptr, bits_ptr,
     K, stride_xm, iters_per_split, x_steps,
@@ -123,11 +150,7 @@ def _anatomy_kernel(
         lut = code_pair_table(code_ptr, DTYPE, gl.num_warps())
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
     bits = gl.zeros([BLOCK_N, 8 * BLOCKS], gl.int32, WORDS)
-    # the operand without x: a different constant in each column, so that the compiler cannot merge the
-    # products of the two 8-column halves
-    constant_k = gl.arange(0, 64, layout=gl.SliceLayout(1, B))
-    constant_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, B))
-    constant = (constant_k[:, None] * 0 + constant_m[None, :]).to(DTYPE)
+    constant = _constant_operand(BLOCK_M, B, DTYPE)
     first = pid_k * iters_per_split
     last = gl.minimum(first + iters_per_split, K // STEP)
     words_next = gl.load(word_ptrs + first * (8 * BLOCKS))
@@ -170,17 +193,12 @@ def _anatomy_kernel(
                     b = constant
                 product = mma_v2(a, b, zero)
                 if SCALE:
-                    quantised = (absmax_word >> ((first_block % 4 + block) * 8)) & 0xFF
-                    acc += product * (gl.load(code2_ptr + quantised) * scale2 + offset)[:, None]
+                    acc += _scaled(product, absmax_word, first_block % 4 + block, code2_ptr, scale2, offset)
                 else:
                     acc += product
         else:
             bits = bits ^ words
-    local = (
-        gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))[:, None] * BLOCK_M
-        + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))[None, :]
-    )
-    gl.store(sums_ptr + program * (BLOCK_N * BLOCK_M) + local, acc)
+    _store_sums(sums_ptr, program, acc, BLOCK_N, BLOCK_M, MMA)
     local_bits = (
         gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, WORDS))[:, None] * (8 * BLOCKS)
         + gl.arange(0, 8 * BLOCKS, layout=gl.SliceLayout(0, WORDS))[None, :]
@@ -214,9 +232,7 @@ def _persistent_kernel(
         tables = _byte_tables(code_ptr, DTYPE, gl.num_warps())
     if DECODE == 2:
         lut = code_pair_table(code_ptr, DTYPE, gl.num_warps())
-    constant_k = gl.arange(0, 64, layout=gl.SliceLayout(1, B))
-    constant_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, B))
-    constant = (constant_k[:, None] * 0 + constant_m[None, :]).to(DTYPE)
+    constant = _constant_operand(BLOCK_M, B, DTYPE)
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
     zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
     bits = gl.zeros([BLOCK_N, 8 * BLOCKS], gl.int32, WORDS)
@@ -255,19 +271,15 @@ def _persistent_kernel(
                 a = gl.convert_layout(codes[block], A)
                 if SCALED:
                     product = mma_v2(a, gl.convert_layout(operands[block], B), zero)
-                    quantised = (absmax_word >> (block * 8)) & 0xFF  # a step's blocks: one aligned word
-                    acc += product * (gl.load(code2_ptr + quantised) * scale2 + offset)[:, None]
+                    # a step's blocks: bytes 0-3 of one aligned word
+                    acc += _scaled(product, absmax_word, block, code2_ptr, scale2, offset)
                 else:
                     acc += mma_v2(a, constant, zero)
     if DECODE == 0:
         local_bits = rows[:, None] * (8 * BLOCKS) + words_w[None, :]
         gl.store(bits_ptr + program * (BLOCK_N * 8 * BLOCKS) + local_bits, bits)
     else:
-        local = (
-            gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))[:, None] * BLOCK_M
-            + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))[None, :]
-        )
-        gl.store(sums_ptr + program * (BLOCK_N * BLOCK_M) + local, acc)
+        _store_sums(sums_ptr, program, acc, BLOCK_N, BLOCK_M, MMA)
 
 
 @gluon.jit
