@@ -13,8 +13,9 @@ from unittest import mock
 
 import torch
 
-from vrft.kernels import launch_order, nf4_matmul
+from vrft.kernels import decode_fusions, launch_order, nf4_matmul
 from vrft.precision.accounting import weight_bytes
+from vrft.rollout import packed, stages
 from vrft.rollout.batch import build_prompts
 from vrft.rollout.decoder import text_parts
 from vrft.rollout.engines import build_rollout_engine
@@ -61,6 +62,40 @@ SWITCHES = {
 }
 
 
+class _AdapterFree(packed.KernelLinear):
+    """A `KernelLinear` that drops its adapters: the 4-bit matmul alone (`:no_lora`)."""
+
+    def __init__(self, op):
+        super().__init__(op)
+        self.loras, self.shared = [], None
+
+
+_ZEROS: dict = {}
+
+
+def _zero_product(inputs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`lora_input`'s result shape as a view of a zero buffer (made at the first, eager, decode step): no
+    launch in the captured step (`:free_lora_input`)."""
+    key = (inputs.device, inputs.dtype)
+    if key not in _ZEROS:
+        _ZEROS[key] = torch.zeros(64, 512, device=inputs.device, dtype=inputs.dtype)
+    return _ZEROS[key][: inputs.shape[0], : weight.shape[0]]
+
+
+# Ablations: the decode step with one part taken out, which then computes wrong tokens (timing only).
+# What the step would take if that part cost nothing: what is left to gain there.
+ABLATIONS = {
+    ":no_lora": (packed, "KernelLinear", _AdapterFree),  # no adapter: no x A^T, no LoRA term
+    # no `lora_input` launch: the LoRA term reads zeros (the 4-bit kernel still promises x_ready, so its K
+    # loop may read the previous step's x: the timing of the engine's chain without that launch)
+    ":free_lora_input": (packed, "lora_input", _zero_product),
+    ":free_attention": (stages, "decode_attention", lambda q, *args, **kwargs: q),  # q for the output
+    ":free_norm": (decode_fusions, "add_rms_norm", lambda hidden, delta, weight, eps: (hidden, hidden)),
+    ":free_silu": (decode_fusions, "silu_mul", lambda gate, up: gate),
+}
+SWITCHES.update(ABLATIONS)
+
+
 class _WithSwitch:
     """An engine whose `generate` runs with `module.attribute` set to `value` (its CUDA graph is captured
     inside `generate`, so the graph holds the kernels as launched then), the switch put back after."""
@@ -80,7 +115,8 @@ def engine_for(name: str, **options):
     """The engine `name` names: `bf16_copy`, `bf16_copy:unfused` for its torch-ops decode step, `packed:mma`
     and `packed:nf4_matmul` for `packed` with nf4_mma's kernel and without it (an engine without either
     suffix runs with the switch as it is: VRFT_NF4_MMA), `...:serial` without programmatic dependent launch
-    (vrft.kernels.launch_order); suffixes stack (`packed:mma:serial`)."""
+    (vrft.kernels.launch_order), `ABLATIONS`' suffixes with a part of the step taken out; suffixes stack
+    (`packed:mma:serial`)."""
     from vrft.rollout.engines import ROLLOUT_ENGINES
 
     for suffix, switch in SWITCHES.items():
