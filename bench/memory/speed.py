@@ -13,7 +13,7 @@ from unittest import mock
 
 import torch
 
-from vrft.kernels import decode_fusions, launch_order, nf4_matmul
+from vrft.kernels import decode_fusions, launch_order, nf4_matmul, nf4_mma
 from vrft.precision.accounting import weight_bytes
 from vrft.rollout import packed, stages
 from vrft.rollout.batch import build_prompts
@@ -94,6 +94,14 @@ ABLATIONS = {
     ":free_silu": (decode_fusions, "silu_mul", lambda gate, up: gate),
 }
 SWITCHES.update(ABLATIONS)
+# nf4_mma's K split aimed at other counts of programs a multiprocessor (MMA_DEFAULTS' programs_per_sm: 8;
+# `:pps8` is the default again, a second run of it in the same call)
+SWITCHES.update(
+    {
+        f":pps{count}": (nf4_mma, "MMA_DEFAULTS", {**nf4_mma.MMA_DEFAULTS, "programs_per_sm": count})
+        for count in (4, 6, 8, 12)
+    }
+)
 
 
 class _WithSwitch:
