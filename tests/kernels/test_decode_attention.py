@@ -94,18 +94,16 @@ def test_decode_attention_is_softmax_attention_and_replays_in_a_graph(
 INTERPRETED = """
 import sys, torch
 from tests.kernels.test_decode_attention import CASES, case
-from vrft.kernels import decode_attention
+from vrft.kernels.decode_attention import decode_attention
 results = []
 for *shape, slices in CASES[2:]:
     head_dim = shape[4]
     for dtype in (torch.float16, torch.float32):  # the interpreter has no bf16 arithmetic (numpy has none)
         inputs = case(*shape, dtype, "cpu")
         q, keys, values, at, prompt_keys, prompt_values, prompt_valid = inputs
-        for early in (False, True):  # a prompt slice's first block loaded before the wait, or after
-            decode_attention.PROMPT_EARLY = early
-            out = decode_attention.decode_attention(q, keys, values, at, head_dim**-0.5, prompt_keys,
-                                                    prompt_values, prompt_valid, slices)
-            results.append((out, inputs, head_dim**-0.5))
+        out = decode_attention(q, keys, values, at, head_dim**-0.5, prompt_keys, prompt_values, prompt_valid,
+                               slices)
+        results.append((out, inputs, head_dim**-0.5))
 torch.save(results, sys.argv[1])
 """
 
