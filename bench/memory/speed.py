@@ -13,7 +13,7 @@ from unittest import mock
 
 import torch
 
-from vrft.kernels import decode_attention, decode_fusions, launch_order, lora_input, nf4_matmul, nf4_mma
+from vrft.kernels import decode_fusions, launch_order, nf4_matmul, nf4_mma
 from vrft.precision.accounting import weight_bytes
 from vrft.rollout import packed, stages
 from vrft.rollout.batch import build_prompts
@@ -94,12 +94,6 @@ ABLATIONS = {
     ":free_silu": (decode_fusions, "silu_mul", lambda gate, up: gate),
 }
 SWITCHES.update(ABLATIONS)
-SWITCHES.update(
-    {
-        ":a_early": (lora_input, "A_EARLY", True),  # lora_input's first A tile loaded before its wait
-        ":prompt_early": (decode_attention, "PROMPT_EARLY", True),  # the prompt's first block, likewise
-    }
-)
 # nf4_mma's K split aimed at other counts of programs a multiprocessor (MMA_DEFAULTS' programs_per_sm: 8;
 # `:pps8` is the default again, a second run of it in the same call)
 SWITCHES.update(

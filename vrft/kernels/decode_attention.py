@@ -49,9 +49,6 @@ QUERY_ROWS = 64  # the most query rows (sequences x query heads per KV head) a t
 # cost more than it saved at 2 blocks, so a generated slice takes up to GENERATED_BLOCKS.
 MAX_PROMPT_SLICES = 8
 GENERATED_BLOCKS = 8
-# A prompt slice's first block of keys and values loaded before the kernel waits for the one before
-# (vrft.kernels.launch_order): a switch while it is timed (bench/memory/speed.py's `:prompt_early`)
-PROMPT_EARLY = False
 
 
 def unsupported(head_dim: int) -> str | None:
@@ -70,41 +67,26 @@ if triton is not None:
                 MASKED: tl.constexpr):  # fmt: skip
         """The running softmax `(best, total, acc)` of queries `q [rows, hd]` taken over the cache columns
         `start .. stop` at `cache` (+ column x `stride_cl`); with MASKED, only those `valid_ptr` marks."""
-        for first in range(start, stop, BLOCK_L):
-            keys, values, usable = _columns(
-                keys_ptr, values_ptr, valid_ptr, cache, first, stop, stride_cl, BLOCK_L, HEAD_DIM, MASKED
-            )
-            best, total, acc = _softmax_step(q, keys, values, usable, best, total, acc, scale, PRECISION)
-        return best, total, acc
-
-    @triton.jit
-    def _columns(keys_ptr, values_ptr, valid_ptr, cache, first, stop, stride_cl, BLOCK_L: tl.constexpr,
-                 HEAD_DIM: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
-        """The keys and values `[BLOCK_L, hd]` of cache columns `first ..` (zeros from `stop`), and which of
-        them a query may attend to."""
         dim = tl.arange(0, HEAD_DIM)
-        column = first + tl.arange(0, BLOCK_L)
-        inside = column < stop
-        usable = inside
-        if MASKED:
-            usable = inside & (tl.load(valid_ptr + column, mask=inside, other=0) != 0)
-        slots = cache + column[:, None] * stride_cl + dim[None, :]
-        keys = tl.load(keys_ptr + slots, mask=inside[:, None], other=0.0)
-        values = tl.load(values_ptr + slots, mask=inside[:, None], other=0.0)
-        return keys, values, usable
-
-    @triton.jit
-    def _softmax_step(q, keys, values, usable, best, total, acc, scale, PRECISION: tl.constexpr):
-        """The running softmax `(best, total, acc)` taken over one block of columns (`_columns`)."""
-        score = tl.dot(q, tl.trans(keys), input_precision=PRECISION)
-        score = tl.where(usable[None, :], score * scale, float("-inf"))
-        new_best = tl.maximum(best, tl.max(score, 1))
-        shift = tl.where(new_best == float("-inf"), 0.0, new_best)  # nothing usable yet: no inf - inf
-        weight = tl.exp(score - shift[:, None])
-        decay = tl.exp(best - shift)
-        total = total * decay + tl.sum(weight, 1)
-        acc = acc * decay[:, None] + tl.dot(weight.to(values.dtype), values, input_precision=PRECISION)
-        return new_best, total, acc
+        for first in range(start, stop, BLOCK_L):
+            column = first + tl.arange(0, BLOCK_L)
+            inside = column < stop
+            usable = inside
+            if MASKED:
+                usable = inside & (tl.load(valid_ptr + column, mask=inside, other=0) != 0)
+            slots = cache + column[:, None] * stride_cl + dim[None, :]
+            keys = tl.load(keys_ptr + slots, mask=inside[:, None], other=0.0)
+            score = tl.dot(q, tl.trans(keys), input_precision=PRECISION)
+            score = tl.where(usable[None, :], score * scale, float("-inf"))
+            new_best = tl.maximum(best, tl.max(score, 1))
+            shift = tl.where(new_best == float("-inf"), 0.0, new_best)  # nothing usable yet: no inf - inf
+            weight = tl.exp(score - shift[:, None])
+            decay = tl.exp(best - shift)
+            values = tl.load(values_ptr + slots, mask=inside[:, None], other=0.0)
+            total = total * decay + tl.sum(weight, 1)
+            acc = acc * decay[:, None] + tl.dot(weight.to(values.dtype), values, input_precision=PRECISION)
+            best = new_best
+        return best, total, acc
 
     @triton.jit
     def _save_partial(partials, stats, rows, mask, best, total, acc, HEAD_DIM: tl.constexpr,
@@ -119,33 +101,17 @@ if triton is not None:
     def _prompt_slice(q_ptr, keys_ptr, values_ptr, valid_ptr, partials, stats, first, held, prompt, head, groups,
                       start, stop, scale, stride_qn, stride_qh, stride_pn, stride_ph, stride_pl,
                       BLOCK_Q: tl.constexpr, BLOCK_L: tl.constexpr, HEAD_DIM: tl.constexpr,
-                      PRECISION: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr):  # fmt: skip
-        """Prompt columns `start .. stop` for every query row of the tile (sequence x groups + query head).
-
-        Waits for the kernel before (`wait_for_inputs`) itself: with EARLY, after loading the slice's first
-        block of columns, which no kernel of a decode step writes (the prefill did)."""
+                      PRECISION: tl.constexpr):  # fmt: skip
+        """Prompt columns `start .. stop` for every query row of the tile (sequence x groups + query head)."""
         dim = tl.arange(0, HEAD_DIM)
         rows = tl.arange(0, BLOCK_Q)
         mask = rows < held * groups
         queries = (first + rows // groups) * stride_qn + head * stride_qh + (rows % groups) * HEAD_DIM
-        cache = prompt.to(tl.int64) * stride_pn + head * stride_ph
-        best = tl.full((BLOCK_Q,), float("-inf"), dtype=tl.float32)
-        total = tl.zeros((BLOCK_Q,), dtype=tl.float32)
-        acc = tl.zeros((BLOCK_Q, HEAD_DIM), dtype=tl.float32)
-        if EARLY:  # a slice is never empty (`decode_attention`)
-            keys, values, usable = _columns(
-                keys_ptr, values_ptr, valid_ptr, cache, start, stop, stride_pl, BLOCK_L, HEAD_DIM, True
-            )
-            wait_for_inputs(PDL)
-            q = tl.load(q_ptr + queries[:, None] + dim[None, :], mask=mask[:, None], other=0.0)
-            best, total, acc = _softmax_step(q, keys, values, usable, best, total, acc, scale, PRECISION)
-            start += BLOCK_L
-        else:
-            wait_for_inputs(PDL)
-            q = tl.load(q_ptr + queries[:, None] + dim[None, :], mask=mask[:, None], other=0.0)
+        q = tl.load(q_ptr + queries[:, None] + dim[None, :], mask=mask[:, None], other=0.0)
         best, total, acc = _attend(
-            q, keys_ptr, values_ptr, valid_ptr, cache, start, stop, best, total, acc, scale, stride_pl, BLOCK_L,
-            HEAD_DIM, PRECISION, True,
+            q, keys_ptr, values_ptr, valid_ptr, prompt.to(tl.int64) * stride_pn + head * stride_ph, start, stop,
+            tl.full((BLOCK_Q,), float("-inf"), dtype=tl.float32), tl.zeros((BLOCK_Q,), dtype=tl.float32),
+            tl.zeros((BLOCK_Q, HEAD_DIM), dtype=tl.float32), scale, stride_pl, BLOCK_L, HEAD_DIM, PRECISION, True,
         )  # fmt: skip
         _save_partial(partials, stats, rows, mask, best, total, acc, HEAD_DIM, BLOCK_Q)
 
@@ -174,8 +140,9 @@ if triton is not None:
         prompt_columns, prompt_per_slice, generated_per_slice, prompt_slices, slots, scale, stride_qn,
         stride_qh, stride_on, stride_oh, stride_cn, stride_ch, stride_cl, stride_pn, stride_ph, stride_pl,
         stride_valid, BLOCK_Q: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr,
-        HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr,
+        HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
+        wait_for_inputs(PDL)
         tile, program = tl.program_id(0), tl.program_id(1)
         head = tile % kv_heads
         chunk = (tile // kv_heads) % chunks
@@ -190,10 +157,9 @@ if triton is not None:
                 q_ptr, prompt_keys_ptr, prompt_values_ptr, prompt_valid_ptr + prompt * stride_valid,
                 partials + program * BLOCK_Q * HEAD_DIM, stats + program * 2 * BLOCK_Q, first, held, prompt,
                 head, groups, start, tl.minimum(start + prompt_per_slice, prompt_columns), scale, stride_qn,
-                stride_qh, stride_pn, stride_ph, stride_pl, BLOCK_Q, BLOCK_L, HEAD_DIM, PRECISION, PDL, EARLY,
+                stride_qh, stride_pn, stride_ph, stride_pl, BLOCK_Q, BLOCK_L, HEAD_DIM, PRECISION,
             )  # fmt: skip
         else:  # slice `part` of the tile's `own`-th sequence's generated columns
-            wait_for_inputs(PDL)
             own = (program - prompt_slices) % sequences
             part = (program - prompt_slices) // sequences
             if own < held:
@@ -333,6 +299,6 @@ def decode_attention(
         prompt_keys.stride(1), prompt_keys.stride(2), prompt_valid.stride(0), BLOCK_Q=block_q,
         BLOCK_G=max(16, triton.next_power_of_2(groups)), BLOCK_L=block_l, HEAD_DIM=head_dim,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 caches: no TF32 rounding
-        EARLY=PROMPT_EARLY, num_warps=num_warps, **launch_options(q.device),
+        num_warps=num_warps, **launch_options(q.device),
     )  # fmt: skip
     return out

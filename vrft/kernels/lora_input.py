@@ -29,9 +29,6 @@ STEP = 128  # columns of K per loop step
 # against 5.4 at 14 (two-step slices) and 8.5 unsplit; K = 18944 split 16 7.2 us against 8.0 at 32.
 STEPS_PER_SLICE = 4
 MAX_SPLIT = 16
-# The first loop step's A tile loaded before the kernel waits for x's writer (vrft.kernels.launch_order): a
-# switch while it is timed (bench/memory/speed.py's `:a_early`)
-A_EARLY = False
 
 
 if triton is not None:
@@ -42,49 +39,33 @@ if triton is not None:
     def _lora_input_kernel(
         x_ptr, a_ptr, partial_ptr, counter_ptr, y_ptr, M, R, K, stride_xm, stride_am, stride_ym,
         iters_per_split, split_k, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-        SPLIT: tl.constexpr, PDL: tl.constexpr, A_EARLY: tl.constexpr,
+        SPLIT: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
+        wait_for_inputs(PDL)
         pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rows_n = pid_n * BLOCK_R + tl.arange(0, BLOCK_R)
         mask_m, mask_n = rows_m < M, rows_n < R
         acc = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)  # A as the left operand: the ranks are wider
         first = pid_k * iters_per_split
-        last = tl.minimum(first + iters_per_split, tl.cdiv(K, BLOCK_K))
-        if A_EARLY:  # A is a constant of the decode step: its first step loads while the kernel before ends
-            a = _a_step(a_ptr, rows_n, mask_n, first, K, stride_am, BLOCK_K)
-            wait_for_inputs(PDL)
-            acc = tl.dot(a, _x_step(x_ptr, rows_m, mask_m, first, K, stride_xm, BLOCK_K), acc)
-            first += 1
-        else:
-            wait_for_inputs(PDL)
-        for step in range(first, last):
-            a = _a_step(a_ptr, rows_n, mask_n, step, K, stride_am, BLOCK_K)
-            acc = tl.dot(a, _x_step(x_ptr, rows_m, mask_m, step, K, stride_xm, BLOCK_K), acc)
+        for step in range(first, tl.minimum(first + iters_per_split, tl.cdiv(K, BLOCK_K))):
+            column = step * BLOCK_K + tl.arange(0, BLOCK_K)
+            mask_k = column < K
+            a = tl.load(
+                a_ptr + rows_n[:, None].to(tl.int64) * stride_am + column[None, :],
+                mask=mask_n[:, None] & mask_k[None, :],
+                other=0.0,
+            )
+            x = tl.load(
+                x_ptr + rows_m[None, :].to(tl.int64) * stride_xm + column[:, None],
+                mask=mask_m[None, :] & mask_k[:, None],
+                other=0.0,
+            )
+            acc = tl.dot(a, x, acc)
         store_output(
             tl.trans(acc), pid_m, pid_n, pid_k, rows_m, rows_n, mask_m, mask_n, partial_ptr, counter_ptr,
             split_k, y_ptr, y_ptr, stride_ym, BLOCK_M, BLOCK_R, SPLIT, False,
         )  # fmt: skip
-
-    @triton.jit
-    def _a_step(a_ptr, rows_n, mask_n, step, K, stride_am, BLOCK_K: tl.constexpr):
-        """A's `[BLOCK_R, BLOCK_K]` tile of loop step `step` (zeros past K)."""
-        column = step * BLOCK_K + tl.arange(0, BLOCK_K)
-        return tl.load(
-            a_ptr + rows_n[:, None].to(tl.int64) * stride_am + column[None, :],
-            mask=mask_n[:, None] & (column < K)[None, :],
-            other=0.0,
-        )
-
-    @triton.jit
-    def _x_step(x_ptr, rows_m, mask_m, step, K, stride_xm, BLOCK_K: tl.constexpr):
-        """x's `[BLOCK_K, BLOCK_M]` tile (columns down) of loop step `step` (zeros past K)."""
-        column = step * BLOCK_K + tl.arange(0, BLOCK_K)
-        return tl.load(
-            x_ptr + rows_m[None, :].to(tl.int64) * stride_xm + column[:, None],
-            mask=mask_m[None, :] & (column < K)[:, None],
-            other=0.0,
-        )
 
 
 def lora_input(x: Tensor, a: Tensor, split_k: int | None = None) -> Tensor:
@@ -111,6 +92,6 @@ def lora_input(x: Tensor, a: Tensor, split_k: int | None = None) -> Tensor:
     _lora_input_kernel[grid](
         x, a, partial, counters, y, rows, ranks, in_features, x.stride(0), a.stride(0), y.stride(0),
         triton.cdiv(steps, split_k), split_k, BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=STEP, SPLIT=split_k > 1,
-        A_EARLY=A_EARLY, **launch_options(x.device),
+        **launch_options(x.device),
     )  # fmt: skip
     return y
