@@ -90,8 +90,9 @@ ABLATIONS = {
     # loop may read the previous step's x: the timing of the engine's chain without that launch)
     ":free_lora_input": (packed, "lora_input", _zero_product),
     ":free_attention": (stages, "decode_attention", lambda q, *args, **kwargs: q),  # q for the output
+    # the residual add and RMSNorm: the hidden state passes on as it came
     ":free_norm": (decode_fusions, "add_rms_norm", lambda hidden, delta, weight, eps: (hidden, hidden)),
-    ":free_silu": (decode_fusions, "silu_mul", lambda gate, up: gate),
+    ":free_silu": (decode_fusions, "silu_mul", lambda gate, up: gate),  # the gate for silu(gate) * up
 }
 SWITCHES.update(ABLATIONS)
 # nf4_mma's K split aimed at other counts of programs a multiprocessor (MMA_DEFAULTS' programs_per_sm: 8;
