@@ -95,6 +95,22 @@ ABLATIONS = {
     ":free_silu": (decode_fusions, "silu_mul", lambda gate, up: gate),  # the gate for silu(gate) * up
 }
 SWITCHES.update(ABLATIONS)
+
+
+def _waiting_for_x(matmul):
+    """`matmul` (`matmul_4bit` or `matmul_4bit_segments`) called with `x_ready` off: the K loop waits for x's
+    writer, as a 4-bit launch must where no `lora_input` launch stands between the two."""
+    return lambda *args, x_ready=False, **kwargs: matmul(*args, x_ready=False, **kwargs)
+
+
+# With `:free_lora_input`, what an `x A^T` computed outside its own launch could give at best: the K loop
+# then waits for x (stack both: `packed:free_lora_input:x_waits:x_waits_grouped`)
+SWITCHES.update(
+    {
+        ":x_waits": (packed, "matmul_4bit", _waiting_for_x(packed.matmul_4bit)),
+        ":x_waits_grouped": (packed, "matmul_4bit_segments", _waiting_for_x(packed.matmul_4bit_segments)),
+    }
+)
 # nf4_mma's K split aimed at other counts of programs a multiprocessor (MMA_DEFAULTS' programs_per_sm: 8;
 # `:pps8` is the default again, a second run of it in the same call)
 SWITCHES.update(
