@@ -74,12 +74,12 @@ _ZEROS: dict = {}
 
 
 def _zero_product(inputs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """`lora_input`'s result shape as a view of a zero buffer (made at the first, eager, decode step): no
-    launch in the captured step (`:free_lora_input`)."""
-    key = (inputs.device, inputs.dtype)
+    """Zeros of `lora_input`'s result shape `[rows, ranks]`, one tensor per shape, made at the first (eager)
+    decode step, so that the captured step has no launch for it (`:free_lora_input`)."""
+    key = (inputs.device, inputs.dtype, inputs.shape[0], weight.shape[0])
     if key not in _ZEROS:
-        _ZEROS[key] = torch.zeros(64, 512, device=inputs.device, dtype=inputs.dtype)
-    return _ZEROS[key][: inputs.shape[0], : weight.shape[0]]
+        _ZEROS[key] = torch.zeros(key[2:], device=inputs.device, dtype=inputs.dtype)
+    return _ZEROS[key]
 
 
 # Ablations: the decode step with one part taken out, which then computes wrong tokens (timing only).
