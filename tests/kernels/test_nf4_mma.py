@@ -387,46 +387,6 @@ def test_matmul_4bit_routes_decode_batches_here_and_wider_ones_to_its_own_kernel
         torch.testing.assert_close(routed, expected, rtol=0, atol=0)
 
 
-def test_the_benchmarks_engine_suffixes_set_the_switch_for_a_generate_and_put_it_back(monkeypatch):
-    # bench/memory/speed.py: `packed:mma` / `packed:nf4_matmul` time the packed engine with either kernel in
-    # one run; the switch holds during `generate` (where the engine captures its CUDA graph) and only then.
-    import sys
-    from pathlib import Path
-
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "bench" / "memory"))
-    speed = __import__("speed")
-    from vrft.kernels import launch_order
-
-    monkeypatch.setattr(nf4_matmul, "MMA_KERNEL", False)
-    seen = []
-    # (on `bf16_copy`, which builds without CUDA: `packed` refuses a machine without Triton before it starts;
-    # `:serial` turns programmatic dependent launch off, and stacks on the kernel's suffix)
-    for name, expected in (
-        ("bf16_copy:mma", (True, True)),
-        ("bf16_copy:nf4_matmul", (False, True)),
-        ("bf16_copy:mma:serial", (True, False)),
-    ):
-        engine = speed.engine_for(name)
-        inner = engine._engine if name.count(":") == 1 else engine._engine._engine
-        assert type(inner).__name__ == "Bf16CopyEngine", type(inner)
-        monkeypatch.setattr(
-            inner, "generate", lambda *a, **k: seen.append((nf4_matmul.MMA_KERNEL, launch_order.PROGRAMMATIC))
-        )
-        engine.generate()
-        assert seen[-1] == expected, name
-        assert nf4_matmul.MMA_KERNEL is False and launch_order.PROGRAMMATIC is True
-    # "% of bound" is of the card the run has: the H100 of results/default_on_call/ has 3.35 TB/s
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    for name, bandwidth in (
-        ("NVIDIA H100 80GB HBM3", 3.35e12),
-        ("NVIDIA H200", 4.8e12),
-        ("NVIDIA GeForce RTX 4090", 1.008e12),
-    ):
-        monkeypatch.setattr(torch.cuda, "get_device_name", lambda name=name: name)
-        assert speed.device_bandwidth() == (name, bandwidth)
-    sys.modules.pop("speed", None)
-
-
 @needs_triton
 def test_every_variant_of_the_sweep_compiles_for_sm_90(monkeypatch):
     # bench/rollout/mma_sweep.py runs on a scarce device: a variant that does not compile (a misspelt switch
