@@ -438,14 +438,14 @@ def test_every_stage_of_the_anatomy_compiles_for_sm_90(monkeypatch):
             assert multiplies == bool(decode), stage
             assert ("LDG.E.128" in loads) == bool(load_x or wide), (stage, loads)
             assert ("LDG.E.64" in loads) == (not wide), (stage, loads)
-        for wide in (False, True):
+        mma, operand_a, operand_b, _, x_layout, _ = nf4_mma.layouts(64, 16, 4, 4)
+        for wide in (False, True):  # the persistent kernel's loads stage (`anatomy.persistent`, DECODE 0)
             words = anatomy.wide_words() if wide else nf4_mma.layouts(64, 16, 4, 4)[3]
-            compiled = compile_gluon(
-                anatomy._persistent_loads_kernel,
-                {"BLOCK_N": 64, "BLOCKS": 4, "WORDS": words},
-                {"packed_ptr": "i32", "bits_ptr": "i32"},
-                4,
-            )
+            constants = {
+                "DECODE": 0, "SCALED": False, "NESTED_BLOCKSIZE": 256, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCKS": 4,
+                "MMA": mma, "A": operand_a, "B": operand_b, "WORDS": words, "XL": x_layout,
+            }  # fmt: skip
+            compiled = compile_gluon(anatomy._persistent_kernel, constants, pointers, 4)
             loads = {mnemonic(text) for _, text in instructions(sass(compiled)) if "LDG" in text}
             assert loads == {"LDG.E.128" if wide else "LDG.E.64"}, loads
         for name, choices in anatomy.KERNEL_VARIANTS.items():  # `--kernels`: the kernel's own switches
