@@ -133,6 +133,22 @@ def test_shared_lora_input_is_each_projections_product_computed_once_per_input()
     torch.testing.assert_close(group.product(x, rows), 2 * fresh)
 
 
+def test_a_launch_that_alone_reads_an_x_a_product_is_given_a_and_its_own_counters(monkeypatch):
+    # `FUSED_LORA_INPUT`: the 4-bit launch computes x A^T itself (`nf4_mma.launch`'s `lora_a`), with counters
+    # of its own, kept for every later call (a CUDA graph holds their address) and made on x's device.
+    from vrft.kernels import nf4_mma
+    from vrft.rollout import packed
+
+    group = SharedLoraInput([torch.randn(8, 24), torch.randn(4, 24)])
+    rows = torch.randn(6, 24)
+    a, counters = group.fused(rows)
+    assert a is group.weight and counters.dtype == torch.int32 and not counters.any()
+    assert counters.shape == (nf4_mma.SYNC_WORDS,) and counters.device == rows.device
+    assert group.fused(rows)[1] is counters
+    monkeypatch.setattr(packed, "FUSED_LORA_INPUT", False)  # bench/memory/speed.py's `:lora_launch`
+    assert group.fused(rows) is None
+
+
 def test_q_k_v_and_gate_up_share_one_x_a_product_when_all_have_an_adapter():
     layer = SimpleNamespace(
         q=kernel_layer(24, 8), k=kernel_layer(8, 8), v=kernel_layer(8, 8), o=kernel_layer(24, 8),

@@ -23,7 +23,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from vrft.kernels.lora_input import lora_input
+from vrft.kernels import nf4_mma
+from vrft.kernels.lora_input import lora_product
 from vrft.kernels.nf4_matmul import (
     MAX_LORA_RANK,
     check_mma_switch,
@@ -40,6 +41,11 @@ from vrft.rollout.weights import LinearOp, PackedLinear, dense_weight
 log = logging.getLogger(__name__)
 
 KERNEL_ROWS = 64  # decode batches up to this many rows use the kernel; more rows (prefill) dequantise once
+# An adapter's `x A^T` computed in the 4-bit launch that reads it (`nf4_mma.launch`'s `lora_a`), where only that
+# launch reads it: no launch of its own (bench/rollout/results.md). Benchmarks switch it off to time the
+# difference (bench/memory/speed.py's `:lora_launch`); read at each call, so a CUDA graph keeps what was set
+# when it was captured.
+FUSED_LORA_INPUT = True
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 PACKED_FIX = "set algorithm.rollout_engine=dequant (same memory, no kernel) or auto"
 
@@ -78,6 +84,16 @@ class SharedLoraInput:
         ends = list(itertools.accumulate(a.shape[0] for a in lora_as))
         self.columns = [slice(end - a.shape[0], end) for a, end in zip(lora_as, ends, strict=True)]
         self._product = _OncePerInput()
+        self._counters: Tensor | None = None
+
+    def fused(self, rows: Tensor) -> tuple[Tensor, Tensor] | None:
+        """What a 4-bit launch that alone reads this `x A^T` takes to compute it itself (`matmul_4bit`'s
+        `lora_a`: A and the call site's own counters), or None where `FUSED_LORA_INPUT` is off."""
+        if not FUSED_LORA_INPUT:
+            return None
+        if self._counters is None or self._counters.device != rows.device:
+            self._counters = torch.zeros(nf4_mma.SYNC_WORDS, dtype=torch.int32, device=rows.device)
+        return self.weight, self._counters
 
     def product(self, x: Tensor, rows: Tensor) -> Tensor:
         """`rows [M, in] -> [M, sum of ranks]`, computed once per input `x` (of which `rows` is the 2-D view).
@@ -88,13 +104,7 @@ class SharedLoraInput:
         lets it start early), so the matmul that reads the product may promise `x_ready`
         (`nf4_mma.launch`): its K loop then runs while `lora_input` works."""
 
-        def compute():
-            inputs = rows.to(self.weight.dtype)
-            if inputs.is_cuda and inputs.shape[0] <= KERNEL_ROWS and inputs.dtype in DTYPES.values():
-                return lora_input(inputs, self.weight)
-            return F.linear(inputs, self.weight)
-
-        return self._product.get(x, compute)
+        return self._product.get(x, lambda: lora_product(rows, self.weight))
 
 
 class KernelGroup:
@@ -114,6 +124,9 @@ class KernelGroup:
         """`rows [M, in] -> [M, sum of out_features]` (M <= KERNEL_ROWS), once per input `x`."""
 
         def compute():
+            fused = None if self.lora is None else self.lora.fused(rows)  # the group alone reads its x A^T
+            if fused is not None:
+                return matmul_4bit_segments(rows, self.segments, None, self.scale, lora_a=fused)
             lora_in = None if self.lora is None else self.lora.product(x, rows)
             return matmul_4bit_segments(rows, self.segments, lora_in, self.scale, x_ready=lora_in is not None)
 
@@ -161,11 +174,15 @@ class KernelLinear(LinearOp):
             extra = self.loras
         else:
             weight, extra = self.base.weight, self.loras[1:]
-            lora = ()  # the first adapter, fused: (x A^T, B, scale)
+            lora, fused = (), None  # the first adapter, fused: (x A^T, B, scale)
             if self.shared is not None:
                 group, columns = self.shared
-                lora = (group.product(x, rows)[:, columns], self.loras[0].b, self.loras[0].scale)
-            y = matmul_4bit(rows, weight.data, weight.quant_state, self.bias, *lora, x_ready=bool(lora))
+                # x A^T computed in this launch where no other projection reads it (a group of one)
+                fused = group.fused(rows) if len(group.columns) == 1 else None
+                lora_in = None if fused is not None else group.product(x, rows)[:, columns]
+                lora = (lora_in, self.loras[0].b, self.loras[0].scale)
+            y = matmul_4bit(rows, weight.data, weight.quant_state, self.bias, *lora,
+                            x_ready=bool(lora) and fused is None, lora_a=fused)  # fmt: skip
         for lora in extra:  # a second active adapter (rare): added as `dequant` does
             y = y + lora(rows).to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
