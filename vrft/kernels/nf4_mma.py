@@ -741,8 +741,8 @@ def launch(first, out_features, table, rank, x, lora_in, lora_scale, config, x_r
 
     `lora_a` (with `lora_in` None): `(A [R, K] in x's dtype, counters)`, and the launch computes `lora_in =
     x A^T` itself (`fused_input_shares` says how and why), `counters` (`SYNC_WORDS` int32 zeros) being this
-    call site's own: no other launch may use them. Where the shares would not fit (`fused_input_shares`),
-    `lora_input` computes it first.
+    call's own: no launch that may overlap this one (the one just before or after it) may use them. Where the
+    shares would not fit (`fused_input_shares`), `lora_input` computes it first.
     """
     packed, quant_state, bias, lora_b = first
     rows, in_features = x.shape

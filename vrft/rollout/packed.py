@@ -84,16 +84,23 @@ class SharedLoraInput:
         ends = list(itertools.accumulate(a.shape[0] for a in lora_as))
         self.columns = [slice(end - a.shape[0], end) for a, end in zip(lora_as, ends, strict=True)]
         self._product = _OncePerInput()
-        self._counters: Tensor | None = None
+        self._counters: Tensor | None = None  # two sets, taken in turn (`fused`)
+        self._calls = 0
 
     def fused(self, rows: Tensor) -> tuple[Tensor, Tensor] | None:
         """What a 4-bit launch that alone reads this `x A^T` takes to compute it itself (`matmul_4bit`'s
-        `lora_a`: A and the call site's own counters), or None where `FUSED_LORA_INPUT` is off."""
+        `lora_a`: A and counters of the call site's own), or None where `FUSED_LORA_INPUT` is off.
+
+        The counters are two sets taken in turn: a launch takes its first counter before it waits for the
+        kernel before it, which may be this site's previous launch (two calls back to back, eager), still
+        about to reset its counters; the one before that has finished (vrft.kernels.launch_order). A CUDA
+        graph keeps the set it captured, and its replays do not overlap."""
         if not FUSED_LORA_INPUT:
             return None
         if self._counters is None or self._counters.device != rows.device:
-            self._counters = torch.zeros(nf4_mma.SYNC_WORDS, dtype=torch.int32, device=rows.device)
-        return self.weight, self._counters
+            self._counters = torch.zeros(2, nf4_mma.SYNC_WORDS, dtype=torch.int32, device=rows.device)
+        self._calls += 1
+        return self.weight, self._counters[self._calls % 2]
 
     def product(self, x: Tensor, rows: Tensor) -> Tensor:
         """`rows [M, in] -> [M, sum of ranks]`, computed once per input `x` (of which `rows` is the 2-D view).
