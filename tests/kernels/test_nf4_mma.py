@@ -201,6 +201,20 @@ def test_launch_passes_the_kernel_each_of_its_parameters_once(monkeypatch):
         first = (packed, state, torch.zeros(384), lora_b)
         nf4_mma.launch(first, (384,), None, 64, x, lora_in, 2.0, None, x_ready=x_ready)
         assert (bound["arguments"].arguments["X_STEPS"] > 0) == shared, (rows, x_ready)
+    # `lora_a`: the launch computes x A^T itself, in 2 slices of 8 steps (lora_input's: 1024 columns are 8 of
+    # its 128-column steps, 4 a slice) of one chunk, into a product of its own, and waits for x
+    a, counters = (
+        torch.zeros(64, 1024, dtype=torch.bfloat16),
+        torch.zeros(nf4_mma.SYNC_WORDS, dtype=torch.int32),
+    )
+    x = torch.zeros(16, 1024, dtype=torch.bfloat16)
+    nf4_mma.launch((packed, state, None, lora_b), (384,), None, 64, x, None, 2.0, None, x_ready=True,
+                   lora_a=(a, counters))  # fmt: skip
+    arguments = bound["arguments"].arguments
+    assert arguments["FUSED_INPUT"] and not arguments["X_READY"] and arguments["sync_ptr"] is counters
+    assert (arguments["lora_slices"], arguments["lora_steps"], arguments["lora_ranks"]) == (2, 8, 64)
+    assert arguments["lora_a_ptr"] is a and arguments["lora_in_ptr"].shape == (16, 64)
+    assert arguments["lora_partial_ptr"].numel() == 2 * 64 * 16  # one [64, 16] fp32 tile a slice and chunk
 
 
 def test_calls_outside_the_kernel_say_why():
