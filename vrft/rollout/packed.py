@@ -3,10 +3,11 @@
 The static decoder's `dequant` form (`vrft.rollout.weights.PackedLinear`) dequantises each matrix to bf16
 before its matmul; here the decode steps (at most `KERNEL_ROWS` rows) go through the fused kernel of
 `vrft.kernels.nf4_matmul`, which decodes the packed codes in registers and never writes the bf16 matrix.
-The LoRA term stays unmerged, as in `dequant`: `x A^T` is one small matmul (`vrft.kernels.lora_input`)
-and the kernel adds `scale * (x A^T) B^T` before its single rounding of the output. Projections that read
-the same input (q/k/v, gate/up) share one `x A^T` over their concatenated A matrices (`SharedLoraInput`)
-and one kernel launch (`KernelGroup`).
+The LoRA term stays unmerged, as in `dequant`: the kernel adds `scale * (x A^T) B^T` before its single
+rounding of the output. Projections that read the same input (q/k/v, gate/up) share one `x A^T` over their
+concatenated A matrices (`SharedLoraInput`) and one kernel launch (`KernelGroup`). Where one launch alone
+reads an `x A^T` (every decode-step launch, once grouped), that launch computes it too (`nf4_mma.launch`'s
+`lora_a`, `FUSED_LORA_INPUT`); elsewhere it is one small matmul first (`vrft.kernels.lora_input`).
 
 The prefill (the prompt, G-fold shared: hundreds of rows) is compute-bound: there the kernel would decode
 every weight once per 64-row tile, so it dequantises each matrix once instead (one matrix of bf16 scratch,
