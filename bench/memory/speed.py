@@ -61,6 +61,7 @@ SWITCHES = {
     ":serial": (launch_order, "PROGRAMMATIC", False),  # each kernel launched after the last has drained
     # each adapter's x A^T in a `lora_input` launch of its own, as before the 4-bit launch computed it
     ":lora_launch": (packed, "FUSED_LORA_INPUT", False),
+    ":fused_lora_input": (packed, "FUSED_LORA_INPUT", True),  # x A^T in the 4-bit launch that reads it
 }
 
 

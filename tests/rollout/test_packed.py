@@ -140,6 +140,7 @@ def test_a_launch_that_alone_reads_an_x_a_product_is_given_a_and_its_own_counter
     from vrft.kernels import nf4_mma
     from vrft.rollout import packed
 
+    monkeypatch.setattr(packed, "FUSED_LORA_INPUT", True)  # bench/memory/speed.py's `:fused_lora_input`
     group = SharedLoraInput([torch.randn(8, 24), torch.randn(4, 24)])
     rows = torch.randn(6, 24)
     a, counters = group.fused(rows)

@@ -45,8 +45,9 @@ KERNEL_ROWS = 64  # decode batches up to this many rows use the kernel; more row
 # An adapter's `x A^T` computed in the 4-bit launch that reads it (`nf4_mma.launch`'s `lora_a`), where only that
 # launch reads it: no launch of its own (bench/rollout/results.md). Benchmarks switch it off to time the
 # difference (bench/memory/speed.py's `:lora_launch`); read at each call, so a CUDA graph keeps what was set
-# when it was captured.
-FUSED_LORA_INPUT = True
+# when it was captured. Off until its GPU tests have run (bench/rollout/results.md, "x A^T in the 4-bit
+# launch"): `packed:fused_lora_input` in speed.py times it on.
+FUSED_LORA_INPUT = False
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 PACKED_FIX = "set algorithm.rollout_engine=dequant (same memory, no kernel) or auto"
 
