@@ -248,7 +248,11 @@ GREEDY = dict(do_sample=False, max_new_tokens=10, min_new_tokens=10)
 
 
 @pytest.mark.gpu
-def test_packed_engine_greedy_tokens_match_generate_on_int4_weights():
+@pytest.mark.parametrize("fused_lora_input", [False, True])
+def test_packed_engine_greedy_tokens_match_generate_on_int4_weights(fused_lora_input, monkeypatch):
+    from vrft.rollout import packed
+
+    monkeypatch.setattr(packed, "FUSED_LORA_INPUT", fused_lora_input)  # x A^T in the 4-bit launch, or its own
     policy, processor = int4_tiny_policy()
     device, greedy = torch.device("cuda"), GREEDY
     engine = PackedEngine()
@@ -271,12 +275,15 @@ def test_packed_engine_greedy_tokens_match_generate_on_int4_weights():
 
 
 @pytest.mark.gpu
-def test_programmatic_launch_changes_no_token_and_no_log_prob(monkeypatch):
+@pytest.mark.parametrize("fused_lora_input", [False, True])
+def test_programmatic_launch_changes_no_token_and_no_log_prob(fused_lora_input, monkeypatch):
     # vrft.kernels.launch_order only lets a kernel start before the one before it has drained; each waits
     # for its inputs, so the decode step computes the same numbers with the overlap and without it: the
     # same greedy tokens and bit-identical log-probs (the same kernels, the same summation order).
     from vrft.kernels import launch_order
+    from vrft.rollout import packed
 
+    monkeypatch.setattr(packed, "FUSED_LORA_INPUT", fused_lora_input)  # with it, the shares' wait (nf4_mma)
     policy, processor = int4_tiny_policy()
     device = torch.device("cuda")
     # on an H100 or H200 the first run below overlaps its launches; older cards never do
