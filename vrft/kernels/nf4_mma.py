@@ -331,11 +331,10 @@ if gluon is not None:
         pid_n = gl.program_id(0)
         pid_m = gl.program_id(1)
         pid_k = gl.program_id(2)
-        if (
-            FUSED_INPUT
-        ):  # the first programs to start compute a share of x A^T each, before anything of their own
-            # tile is loaded (held through the share, the tile's first codes and scales pushed the K loop into
-            # spills, sm_90). The counters are this launch's own (`launch`): no other kernel touches them.
+        # With FUSED_INPUT the first programs to start compute a share of x A^T each, before anything of their
+        # own tile is loaded (held through the share, the tile's first codes and scales pushed the K loop into
+        # spills, sm_90). The counters are this launch's own (`launch`): no other kernel touches them.
+        if FUSED_INPUT:
             ticket = gl.atomic_add(sync_ptr + _TICKETS, 1, sem="relaxed")
             if ticket < gl.cdiv(lora_ranks, 64) * lora_slices:
                 wait_for_inputs(PDL)  # x is the kernel before's output
@@ -436,9 +435,7 @@ if gluon is not None:
                 lora_in_ptr, lora_b_ptr, y_ptr, SEGMENTS, BLOCK_N,
             )  # fmt: skip
         if LORA_RANK > 0:
-            if (
-                FUSED_INPUT
-            ):  # every chunk of x A^T written (long since, as a rule: the shares ran before the loops)
+            if FUSED_INPUT:  # every chunk of x A^T written (as a rule long since: the shares ran first)
                 _wait_for_lora_input(sync_ptr, gl.cdiv(lora_ranks, 64))
             acc = _lora_term(acc, pid_m, pid_k, split_k, rows_s, M, N, lora_in_ptr, lora_b_ptr, lora_scale,
                              lora_rank, stride_lm, DTYPE, BLOCK_M, BLOCK_N, MMA, A, B, FUSED_INPUT)  # fmt: skip
@@ -778,6 +775,8 @@ def launch(first, out_features, table, rank, x, lora_in, lora_scale, config, x_r
     state2 = quant_state.state2 if nested else quant_state
     if lora_in is not None and lora_in.stride(1) != 1:
         lora_in = lora_in.contiguous()
+    if fused is not None and grid[0] * grid[1] * grid[2] < triton.cdiv(fused[0].shape[0], 64) * fused[2]:
+        lora_in, fused = lora_product(x, fused[0]), None  # fewer programs than shares: x A^T computed first
     constants = kernel_constants(
         config, nested, state2.blocksize if nested else 1, bias is not None,
         max(16, triton.next_power_of_2(rank)) if rank else 0, 0 if table is None else len(out_features),
@@ -785,10 +784,6 @@ def launch(first, out_features, table, rank, x, lora_in, lora_scale, config, x_r
     )  # fmt: skip
     if fused is not None:
         a, sync, slices, lora_steps = fused
-        if grid[0] * grid[1] * grid[2] < triton.cdiv(a.shape[0], 64) * slices:
-            raise ValueError(
-                "fewer programs than x A^T shares"
-            )  # fused_input_shares sees to it: a bug if seen
         lora_partial = x.new_empty(slices * triton.cdiv(a.shape[0], 64) * 64 * block_m, dtype=torch.float32)
         fused_args = (a, lora_partial, sync, a.shape[0], a.stride(0), lora_steps, slices)
     else:
