@@ -215,6 +215,16 @@ def test_launch_passes_the_kernel_each_of_its_parameters_once(monkeypatch):
     assert (arguments["lora_slices"], arguments["lora_steps"], arguments["lora_ranks"]) == (2, 8, 64)
     assert arguments["lora_a_ptr"] is a and arguments["lora_in_ptr"].shape == (16, 64)
     assert arguments["lora_partial_ptr"].numel() == 2 * 64 * 16  # one [64, 16] fp32 tile a slice and chunk
+    # a launch with fewer programs than shares (one tile of 64 rows split 2; two chunks x two slices) is
+    # given the product, computed first, as without `lora_a`
+    small = types.SimpleNamespace(**{**vars(state), "shape": (64, 1024)})
+    a = torch.randn(128, 1024, dtype=torch.bfloat16)
+    x = torch.randn(16, 1024, dtype=torch.bfloat16)
+    nf4_mma.launch((packed[: 64 * 512], small, None, torch.zeros(64, 128)), (64,), None, 128, x, None, 2.0,
+                   None, lora_a=(a, counters))  # fmt: skip
+    arguments = bound["arguments"].arguments
+    assert bound["grid"] == (1, 1, 2) and not arguments["FUSED_INPUT"]
+    torch.testing.assert_close(arguments["lora_in_ptr"], x @ a.T, rtol=0, atol=0)
 
 
 def test_calls_outside_the_kernel_say_why():
