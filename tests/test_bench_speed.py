@@ -55,7 +55,7 @@ def test_the_ablations_take_their_part_out_for_a_generate_and_put_it_back(monkey
     from vrft.rollout import packed, stages
 
     def current():
-        return stages.decode_attention, decode_fusions.silu_mul, packed.lora_product, packed.matmul_4bit
+        return stages.decode_attention, decode_fusions.silu_mul, packed.lora_input, packed.matmul_4bit
 
     before = current()
     # on `bf16_copy`, which builds without CUDA (`packed` refuses a machine without Triton); suffixes stack

@@ -59,9 +59,6 @@ SWITCHES = {
     ":mma": (nf4_matmul, "MMA_KERNEL", True),  # the 4-bit matmuls through nf4_mma's kernel
     ":nf4_matmul": (nf4_matmul, "MMA_KERNEL", False),  # through nf4_matmul's own kernel
     ":serial": (launch_order, "PROGRAMMATIC", False),  # each kernel launched after the last has drained
-    # each adapter's x A^T in a `lora_input` launch of its own, as before the 4-bit launch computed it
-    ":lora_launch": (packed, "FUSED_LORA_INPUT", False),
-    ":fused_lora_input": (packed, "FUSED_LORA_INPUT", True),  # x A^T in the 4-bit launch that reads it
 }
 
 
@@ -90,9 +87,8 @@ def _zero_product(inputs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 ABLATIONS = {
     ":no_lora": (packed, "KernelLinear", _AdapterFree),  # no adapter: no x A^T, no LoRA term
     # no `lora_input` launch: the LoRA term reads zeros (the 4-bit kernel still promises x_ready, so its K
-    # loop may read the previous step's x: the timing of the engine's chain without that launch). Only where
-    # a `lora_input` launch is made: stack it on `:lora_launch` (`packed:lora_launch:free_lora_input`)
-    ":free_lora_input": (packed, "lora_product", _zero_product),
+    # loop may read the previous step's x: the timing of the engine's chain without that launch)
+    ":free_lora_input": (packed, "lora_input", _zero_product),
     ":free_attention": (stages, "decode_attention", lambda q, *args, **kwargs: q),  # q for the output
     # the residual add and RMSNorm: the hidden state passes on as it came
     ":free_norm": (decode_fusions, "add_rms_norm", lambda hidden, delta, weight, eps: (hidden, hidden)),

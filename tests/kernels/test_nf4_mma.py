@@ -11,7 +11,6 @@ import torch
 from tests.kernels.graphs import eager_equal_to_replays
 from tests.kernels.test_nf4_matmul import assert_within_rounding, bnb_functional, dequantised, quantised
 from vrft.kernels import nf4_matmul, nf4_mma, nf4_segments
-from vrft.kernels.lora_input import lora_input
 from vrft.kernels.nf4_matmul import reference_matmul
 from vrft.kernels.nf4_mma import PLAIN_LOADS
 
@@ -54,14 +53,7 @@ def test_codes_and_x_take_the_same_permutation_of_each_blocks_columns(blocks):
 
 @needs_triton
 @pytest.mark.parametrize("arch", [90, 89])
-@pytest.mark.parametrize(
-    "extras",
-    [
-        {},
-        {"lora_rank": 64, "segments": 3, "bias": True},
-        {"lora_rank": 64, "segments": 3, "fused_input": True},
-    ],
-)
+@pytest.mark.parametrize("extras", [{}, {"lora_rank": 64, "segments": 3, "bias": True}])
 def test_the_main_loop_moves_no_code_through_shared_memory_and_keeps_four_programs_per_multiprocessor(
     arch, extras
 ):
@@ -74,8 +66,6 @@ def test_the_main_loop_moves_no_code_through_shared_memory_and_keeps_four_progra
 
     config = {**nf4_mma.launch_config(16, 18944, 3584, torch.device("meta")), "SPLIT_K": 4}
     for x_ready, x_reads in ((False, 16), (True, 0)):  # as `launch` chooses with it on: off with x_ready
-        if x_ready and extras.get("fused_input"):
-            continue  # a launch that computes its own x A^T waits for x (the kernel before wrote it)
         chosen = {**config, "x_shared": 0 if x_ready else 32768}
         compiled = compile_mma(chosen, arch=arch, x_ready=x_ready, **extras)
         loop = main_loop_opcodes(sass(compiled))
@@ -201,30 +191,6 @@ def test_launch_passes_the_kernel_each_of_its_parameters_once(monkeypatch):
         first = (packed, state, torch.zeros(384), lora_b)
         nf4_mma.launch(first, (384,), None, 64, x, lora_in, 2.0, None, x_ready=x_ready)
         assert (bound["arguments"].arguments["X_STEPS"] > 0) == shared, (rows, x_ready)
-    # `lora_a`: the launch computes x A^T itself, in 2 slices of 8 steps (lora_input's: 1024 columns are 8 of
-    # its 128-column steps, 4 a slice) of one chunk, into a product of its own, and waits for x
-    a, counters = (
-        torch.zeros(64, 1024, dtype=torch.bfloat16),
-        torch.zeros(nf4_mma.SYNC_WORDS, dtype=torch.int32),
-    )
-    x = torch.zeros(16, 1024, dtype=torch.bfloat16)
-    nf4_mma.launch((packed, state, None, lora_b), (384,), None, 64, x, None, 2.0, None, x_ready=True,
-                   lora_a=(a, counters))  # fmt: skip
-    arguments = bound["arguments"].arguments
-    assert arguments["FUSED_INPUT"] and not arguments["X_READY"] and arguments["sync_ptr"] is counters
-    assert (arguments["lora_slices"], arguments["lora_steps"], arguments["lora_ranks"]) == (2, 8, 64)
-    assert arguments["lora_a_ptr"] is a and arguments["lora_in_ptr"].shape == (16, 64)
-    assert arguments["lora_partial_ptr"].numel() == 2 * 64 * 16  # one [64, 16] fp32 tile a slice and chunk
-    # a launch with fewer programs than shares (one tile of 64 rows split 2; two chunks x two slices) is
-    # given the product, computed first, as without `lora_a`
-    small = types.SimpleNamespace(**{**vars(state), "shape": (64, 1024)})
-    a = torch.randn(128, 1024, dtype=torch.bfloat16)
-    x = torch.randn(16, 1024, dtype=torch.bfloat16)
-    nf4_mma.launch((packed[: 64 * 512], small, None, torch.zeros(64, 128)), (64,), None, 128, x, None, 2.0,
-                   None, lora_a=(a, counters))  # fmt: skip
-    arguments = bound["arguments"].arguments
-    assert bound["grid"] == (1, 1, 2) and not arguments["FUSED_INPUT"]
-    torch.testing.assert_close(arguments["lora_in_ptr"], x @ a.T, rtol=0, atol=0)
 
 
 def test_calls_outside_the_kernel_say_why():
@@ -378,105 +344,6 @@ def test_fused_lora_term_and_split_k_reduction_under_graph_replay(split_k, rank)
     assert_within_rounding(
         eager, x, dequantised(packed, state), reference, state.code, lora=(2.0, lora_in, lora_b)
     )
-
-
-def fused_lora_bound(x, a, lora_in):
-    """`lora_in` as `assert_within_rounding`'s `lora` bound takes it where the kernel computes `x A^T` itself
-    (`nf4_mma.launch`'s `lora_a`): its fp32 sum of K products, in another order than the reference's, is off
-    by at most K 2^-24 of sum_k |x_k a_k| before the one rounding to bf16 that the bound already counts
-    (2u of |lora_in|). Added to |lora_in| as (K 2^-24 / 2u) of that sum, the bound's adapter term grows by
-    at least that much."""
-    unit = torch.finfo(x.dtype).eps / 2
-    reordering = x.shape[1] * 2**-24 / (2 * unit) * (x.float().abs() @ a.float().abs().T)
-    return lora_in.abs() + reordering
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("rows", [8, 16, 32])
-@pytest.mark.parametrize("rank, in_features", [(8, 1024), (64, 3584), (128, 1280), (64, 18944)])
-def test_a_launch_that_computes_its_own_x_a_product_under_graph_replay(rows, rank, in_features):
-    # `lora_a`: the first programs to start compute x A^T in shares (one or two chunks of 64 ranks, 2 to 16
-    # K slices here), the LoRA term waits for them. Under replay the counters must come back to zero.
-    torch.manual_seed(0)
-    packed, state = quantised(384, in_features)
-    x = torch.randn(rows, in_features, dtype=torch.bfloat16, device="cuda")
-    a = (torch.randn(rank, in_features, device="cuda") * 0.05).to(torch.bfloat16)
-    lora_b = torch.randn(384, rank, device="cuda") * 0.05
-    counters = torch.zeros(nf4_mma.SYNC_WORDS, dtype=torch.int32, device="cuda")
-    assert nf4_mma.fused_input_shares(rows, rank, in_features, x.device) is not None  # the fused path runs
-
-    def call():
-        return nf4_mma.launch(
-            (packed, state, None, lora_b), (384,), None, rank, x, None, 2.0, None, lora_a=(a, counters)
-        )
-
-    y = eager_equal_to_replays(call)
-    torch.cuda.synchronize()
-    assert not counters.any()
-    lora_in = x.float() @ a.float().T
-    reference = (reference_matmul(x, packed, state).float() + 2.0 * lora_in @ lora_b.T).to(torch.bfloat16)
-    bound_in = fused_lora_bound(x, a, lora_in)
-    assert_within_rounding(
-        y, x, dequantised(packed, state), reference, state.code, lora=(2.0, bound_in, lora_b)
-    )
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("rows", [8, 32])
-def test_a_segments_launch_computes_the_shared_x_a_product_each_weight_reads_its_columns(rows):
-    # q/k/v as the packed engine launches them: their A matrices stacked (ranks 16, 16, 64: two chunks of
-    # 64), each weight reading its columns; and where the shares would not fit the GPU at once, `lora_input`
-    # first and the kernel given its product: the same as passing that product.
-    torch.manual_seed(0)
-    sizes = (384, 128, 136)
-    weights, biases, lora_bs, x, _, group = segments_case(sizes, rows, 1280)
-    a = (torch.randn(sum(SEGMENT_RANKS), 1280, device="cuda") * 0.05).to(torch.bfloat16)
-    counters = torch.zeros(nf4_mma.SYNC_WORDS, dtype=torch.int32, device="cuda")
-
-    def call():
-        return nf4_mma.launch(group.first, group.out_features, group.table, group.lora_rank, x, None, 2.0, None,
-                              lora_a=(a, counters))  # fmt: skip
-
-    together = eager_equal_to_replays(call)
-    assert not counters.any()
-    lora_in = x.float() @ a.float().T
-    column = 0
-    for (packed, state), bias, lora_b, start, rank in zip(
-        weights, biases, lora_bs, SEGMENT_STARTS, SEGMENT_RANKS, strict=True
-    ):
-        n = state.shape[0]
-        own = lora_in[:, start : start + rank]
-        reference = reference_matmul(x, packed, state).float() + bias.float() + 2.0 * own @ lora_b.T
-        bound_in = fused_lora_bound(x, a[start : start + rank], own)
-        assert_within_rounding(together[:, column : column + n], x, dequantised(packed, state),
-                               reference.to(torch.bfloat16), state.code, lora=(2.0, bound_in, lora_b))  # fmt: skip
-        column += n
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(nf4_mma, "multiprocessors", lambda device: 1)  # two chunks would not fit: lora_input
-        assert nf4_mma.fused_input_shares(rows, a.shape[0], 1280, x.device) is None
-        fallback = call()
-    product = lora_input(x, a)
-    given = nf4_mma.launch(group.first, group.out_features, group.table, group.lora_rank, x, product, 2.0, None,
-                           x_ready=True)  # fmt: skip
-    torch.testing.assert_close(fallback, given, rtol=0, atol=0)
-
-
-def test_the_x_a_shares_are_lora_input_s_slices_and_fit_the_gpu_at_once(monkeypatch):
-    # `fused_input_shares`: K sliced as `lora_input` slices it (512 columns, at most 16 slices), one share per
-    # slice and chunk of 64 ranks; None where the shares would outnumber the multiprocessors (the wait for
-    # them could then hang), over 32 rows (not this kernel's) or past the counters' chunks.
-    monkeypatch.setattr(nf4_mma, "multiprocessors", lambda device: 132)  # an H100
-    device = torch.device("meta")
-    assert nf4_mma.fused_input_shares(16, 192, 3584, device) == (7, 8)  # q/k/v of 7B: 21 shares
-    assert nf4_mma.fused_input_shares(16, 128, 3584, device) == (7, 8)  # gate/up
-    assert nf4_mma.fused_input_shares(16, 64, 18944, device) == (16, 19)  # down: 296 steps, 16 slices
-    assert nf4_mma.fused_input_shares(8, 8, 64, device) == (1, 1)  # the tiny model: one share
-    assert nf4_mma.fused_input_shares(33, 64, 3584, device) is None
-    assert nf4_mma.fused_input_shares(16, 13 * 64, 3584, device) == (7, 8)  # 16 counters: 13 chunks at most
-    assert nf4_mma.fused_input_shares(16, 14 * 64, 3584, device) is None
-    monkeypatch.setattr(nf4_mma, "multiprocessors", lambda device: 20)
-    assert nf4_mma.fused_input_shares(16, 192, 3584, device) is None  # 21 shares on 20 multiprocessors
-    assert nf4_mma.fused_input_shares(16, 128, 3584, device) == (7, 8)
 
 
 @pytest.mark.gpu

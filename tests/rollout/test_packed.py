@@ -133,25 +133,6 @@ def test_shared_lora_input_is_each_projections_product_computed_once_per_input()
     torch.testing.assert_close(group.product(x, rows), 2 * fresh)
 
 
-def test_a_launch_that_alone_reads_an_x_a_product_is_given_a_and_its_own_counters(monkeypatch):
-    # `FUSED_LORA_INPUT`: the 4-bit launch computes x A^T itself (`nf4_mma.launch`'s `lora_a`), with counters
-    # of its own, made on x's device: two sets taken in turn, so that two launches back to back never share
-    # one, the same two for every later call.
-    from vrft.kernels import nf4_mma
-    from vrft.rollout import packed
-
-    monkeypatch.setattr(packed, "FUSED_LORA_INPUT", True)  # bench/memory/speed.py's `:fused_lora_input`
-    group = SharedLoraInput([torch.randn(8, 24), torch.randn(4, 24)])
-    rows = torch.randn(6, 24)
-    a, counters = group.fused(rows)
-    assert a is group.weight and counters.dtype == torch.int32 and not counters.any()
-    assert counters.shape == (nf4_mma.SYNC_WORDS,) and counters.device == rows.device
-    second, third = group.fused(rows)[1], group.fused(rows)[1]
-    assert second.data_ptr() != counters.data_ptr() and third.data_ptr() == counters.data_ptr()
-    monkeypatch.setattr(packed, "FUSED_LORA_INPUT", False)  # bench/memory/speed.py's `:lora_launch`
-    assert group.fused(rows) is None
-
-
 def test_q_k_v_and_gate_up_share_one_x_a_product_when_all_have_an_adapter():
     layer = SimpleNamespace(
         q=kernel_layer(24, 8), k=kernel_layer(8, 8), v=kernel_layer(8, 8), o=kernel_layer(24, 8),
@@ -248,11 +229,7 @@ GREEDY = dict(do_sample=False, max_new_tokens=10, min_new_tokens=10)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fused_lora_input", [False, True])
-def test_packed_engine_greedy_tokens_match_generate_on_int4_weights(fused_lora_input, monkeypatch):
-    from vrft.rollout import packed
-
-    monkeypatch.setattr(packed, "FUSED_LORA_INPUT", fused_lora_input)  # x A^T in the 4-bit launch, or its own
+def test_packed_engine_greedy_tokens_match_generate_on_int4_weights():
     policy, processor = int4_tiny_policy()
     device, greedy = torch.device("cuda"), GREEDY
     engine = PackedEngine()
@@ -275,15 +252,12 @@ def test_packed_engine_greedy_tokens_match_generate_on_int4_weights(fused_lora_i
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fused_lora_input", [False, True])
-def test_programmatic_launch_changes_no_token_and_no_log_prob(fused_lora_input, monkeypatch):
+def test_programmatic_launch_changes_no_token_and_no_log_prob(monkeypatch):
     # vrft.kernels.launch_order only lets a kernel start before the one before it has drained; each waits
     # for its inputs, so the decode step computes the same numbers with the overlap and without it: the
     # same greedy tokens and bit-identical log-probs (the same kernels, the same summation order).
     from vrft.kernels import launch_order
-    from vrft.rollout import packed
 
-    monkeypatch.setattr(packed, "FUSED_LORA_INPUT", fused_lora_input)  # with it, the shares' wait (nf4_mma)
     policy, processor = int4_tiny_policy()
     device = torch.device("cuda")
     # on an H100 or H200 the first run below overlaps its launches; older cards never do

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 
 from vrft.kernels.launch_order import launch_options
 from vrft.kernels.workspace import split_workspace
@@ -96,12 +95,3 @@ def lora_input(x: Tensor, a: Tensor, split_k: int | None = None) -> Tensor:
         **launch_options(x.device),
     )  # fmt: skip
     return y
-
-
-def lora_product(x: Tensor, a: Tensor) -> Tensor:
-    """`x [M, K] @ a^T` in `a`'s dtype: `lora_input` where it takes the call (CUDA, at most 64 rows, a 16-bit
-    dtype), `F.linear` elsewhere (CPU, prefill rows, fp32)."""
-    x = x.to(a.dtype)
-    if x.is_cuda and x.shape[0] <= 64 and x.dtype in (torch.bfloat16, torch.float16):
-        return lora_input(x, a)
-    return F.linear(x, a)

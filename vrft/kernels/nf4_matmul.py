@@ -49,7 +49,6 @@ except ImportError:  # CPU-only installs: supports() says why, reference_matmul 
 
 from vrft.kernels import nf4_mma
 from vrft.kernels.launch_order import launch_options
-from vrft.kernels.lora_input import lora_product
 from vrft.kernels.nf4_decode import DECODE_BYTES, DECODE_PRMT
 from vrft.kernels.nf4_segments import Segments
 from vrft.kernels.workspace import launch_outputs, multiprocessors
@@ -316,7 +315,6 @@ def matmul_4bit(
     lora_scale: float = 1.0,
     config: dict | None = None,
     x_ready: bool = False,
-    lora_a: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """`x [M, K] @ W^T [K, N] (+ bias [N]) (+ lora_scale * lora_in [M, r] @ lora_b^T [r, N])` -> `[M, N]`.
 
@@ -324,21 +322,14 @@ def matmul_4bit(
     weight's compute dtype; `lora_in` and `lora_b` are rounded to it and their product summed in fp32, as
     autocast computes an adapter. `config` overrides `launch_config` (benchmarks sweep it). `x_ready`
     promises that the kernel launched last did not write `x` (`nf4_mma.launch` says what it buys).
-    `lora_a` instead of `lora_in`: `(A [r, K], counters)`, and `lora_in = x A^T` is computed here, in the
-    4-bit launch where `nf4_mma` takes the call (`nf4_mma.launch` says how), else by `lora_input` first.
     """
-    if lora_in is None and lora_a is not None:
-        rank = lora_a[0].shape[0]
-    else:
-        rank, lora_a = (0 if lora_in is None else lora_in.shape[1]), None
+    rank = 0 if lora_in is None else lora_in.shape[1]
     if rank > MAX_LORA_RANK:
         raise ValueError(f"LoRA rank {rank} > {MAX_LORA_RANK} is not fused; apply it outside matmul_4bit")
-    if rank:
+    if lora_in is not None:
         lora_b = lora_b.contiguous()
     first = (packed, quant_state, bias, lora_b)
-    return _launch(
-        x, first, (quant_state.shape[0],), None, rank, lora_in, lora_scale, config, x_ready, lora_a
-    )
+    return _launch(x, first, (quant_state.shape[0],), None, rank, lora_in, lora_scale, config, x_ready)
 
 
 def matmul_4bit_segments(
@@ -348,35 +339,31 @@ def matmul_4bit_segments(
     lora_scale: float = 1.0,
     config: dict | None = None,
     x_ready: bool = False,
-    lora_a: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """`matmul_4bit` of `x` by each weight of `group`, their outputs side by side: `[M, sum of N]`.
 
     `lora_in` (with adapters) is the weights' shared `x A^T`, each reading the columns its table row names;
-    all adapters have `lora_scale`. Or `lora_a`, `(A, counters)` with A the weights' A matrices stacked in
-    those columns, as `matmul_4bit` takes it. The outputs equal separate `matmul_4bit` calls with the same
-    `config` (and `x_ready`).
+    all adapters have `lora_scale`. The outputs equal separate `matmul_4bit` calls with the same `config`
+    (and `x_ready`).
     """
     if group.lora_rank > MAX_LORA_RANK:
         raise ValueError(f"LoRA rank {group.lora_rank} > {MAX_LORA_RANK} is not fused")
-    return _launch(x, group.first, group.out_features, group.table, group.lora_rank, lora_in, lora_scale, config,
-                   x_ready, lora_a if lora_in is None else None)  # fmt: skip
+    return _launch(
+        x, group.first, group.out_features, group.table, group.lora_rank, lora_in, lora_scale, config, x_ready
+    )
 
 
-def _launch(x, first, out_features, table, rank, lora_in, lora_scale, config, x_ready, lora_a=None) -> Tensor:
+def _launch(x, first, out_features, table, rank, lora_in, lora_scale, config, x_ready) -> Tensor:
     """One launch of the kernel over the weights `out_features` lists (several: their `table`).
 
     With `MMA_KERNEL` on and no `config`, calls that `nf4_mma` takes (CUDA, up to 32 rows, blocksize 64: the
-    decode batches) go to its kernel, which measured faster; a `config` always means this one. `lora_a`
-    (`matmul_4bit`'s) goes with them; here `x A^T` is computed first, by `lora_input` on decode batches.
+    decode batches) go to its kernel, which measured faster; a `config` always means this one.
     """
     packed, quant_state, bias, lora_b = first
     rows, in_features = x.shape
     blocksize = quant_state.blocksize
     if config is None and x.is_cuda and mma_unsupported(quant_state, x) is None:
-        return nf4_mma.launch(first, out_features, table, rank, x, lora_in, lora_scale, None, x_ready, lora_a)
-    if lora_a is not None:
-        lora_in = lora_product(x, lora_a[0])
+        return nf4_mma.launch(first, out_features, table, rank, x, lora_in, lora_scale, None, x_ready)
     if x.stride(1) != 1:
         x = x.contiguous()
     config = config or launch_config(rows, sum(out_features), in_features, blocksize, x.device)

@@ -64,7 +64,6 @@ except ImportError:  # CPU-only installs, or a Triton without Gluon: `unsupporte
     gluon = None
 
 from vrft.kernels.launch_order import launch_options
-from vrft.kernels.lora_input import MAX_SPLIT, STEP, STEPS_PER_SLICE, lora_product
 from vrft.kernels.nf4_decode import PRMT_DECODE_PTX
 from vrft.kernels.workspace import launch_outputs, multiprocessors
 
@@ -313,9 +312,7 @@ if gluon is not None:
     def _mma_4bit_kernel(
         x_ptr, packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, bias_ptr,
         lora_in_ptr, lora_b_ptr, lora_scale, partial_ptr, counter_ptr, y_ptr, segments_ptr,
-        lora_a_ptr, lora_partial_ptr, sync_ptr,
         M, N, K, stride_xm, stride_lm, stride_ym, lora_rank, iters_per_split, split_k,
-        lora_ranks, stride_am, lora_steps, lora_slices,
         NESTED: gl.constexpr, NESTED_BLOCKSIZE: gl.constexpr, HAS_BIAS: gl.constexpr,
         LORA_RANK: gl.constexpr, SEGMENTS: gl.constexpr,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCKS: gl.constexpr, SPLIT: gl.constexpr,
@@ -324,23 +321,12 @@ if gluon is not None:
         X_STEPS: gl.constexpr, XP: gl.constexpr, X_SHARED: gl.constexpr,
         MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr, WORDS: gl.constexpr, XL: gl.constexpr,
         SECTORS: gl.constexpr, PDL: gl.constexpr, X_READY: gl.constexpr,
-        FUSED_INPUT: gl.constexpr, LA: gl.constexpr, LX: gl.constexpr,
     ):  # fmt: skip
         DTYPE: gl.constexpr = x_ptr.dtype.element_ty
         STEP: gl.constexpr = 64 * BLOCKS  # columns per loop step
         pid_n = gl.program_id(0)
         pid_m = gl.program_id(1)
         pid_k = gl.program_id(2)
-        # With FUSED_INPUT the first programs to start compute a share of x A^T each, before anything of their
-        # own tile is loaded (held through the share, the tile's first codes and scales pushed the K loop into
-        # spills, sm_90). The counters are this launch's own (`launch`): no other kernel touches them.
-        if FUSED_INPUT:
-            ticket = gl.atomic_add(sync_ptr + _TICKETS, 1, sem="relaxed")
-            if ticket < gl.cdiv(lora_ranks, 64) * lora_slices:
-                wait_for_inputs(PDL)  # x is the kernel before's output
-                _lora_input_share(x_ptr, lora_a_ptr, lora_partial_ptr, lora_in_ptr, sync_ptr, ticket, M,
-                                  lora_ranks, K, stride_xm, stride_am, stride_lm, lora_steps, lora_slices,
-                                  BLOCK_M, MMA, A, B, LA, LX)  # fmt: skip
         tile_n = pid_n
         if SEGMENTS > 0:  # several weights in one launch: this tile's weight, its rows local to that weight
             # (the outputs' pointers it also returns are read again after the loop: held through it they cost
@@ -435,76 +421,10 @@ if gluon is not None:
                 lora_in_ptr, lora_b_ptr, y_ptr, SEGMENTS, BLOCK_N,
             )  # fmt: skip
         if LORA_RANK > 0:
-            if FUSED_INPUT:  # every chunk of x A^T written (as a rule long since: the shares ran first)
-                _wait_for_lora_input(sync_ptr, gl.cdiv(lora_ranks, 64))
             acc = _lora_term(acc, pid_m, pid_k, split_k, rows_s, M, N, lora_in_ptr, lora_b_ptr, lora_scale,
-                             lora_rank, stride_lm, DTYPE, BLOCK_M, BLOCK_N, MMA, A, B, FUSED_INPUT)  # fmt: skip
+                             lora_rank, stride_lm, DTYPE, BLOCK_M, BLOCK_N, MMA, A, B)  # fmt: skip
         _store(acc, pid_n, pid_m, pid_k, tile_n, M, N, partial_ptr, counter_ptr, split_k, bias_ptr, y_ptr,
                stride_ym, BLOCK_M, BLOCK_N, SPLIT, HAS_BIAS, MMA)  # fmt: skip
-        if FUSED_INPUT:  # the last program to finish leaves the launch's counters at zero for the next one
-            programs = gl.num_programs(0) * gl.num_programs(1) * gl.num_programs(2)
-            if gl.atomic_add(sync_ptr + _FINISHED, 1, sem="acq_rel") == programs - 1:
-                gl.atomic_xchg(sync_ptr + _TICKETS, 0)
-                gl.atomic_xchg(sync_ptr + _CHUNKS_DONE, 0)
-                gl.atomic_xchg(sync_ptr + _FINISHED, 0)
-
-    @gluon.jit
-    def _lora_input_share(x_ptr, a_ptr, partial_ptr, product_ptr, sync_ptr, work, M, R, K, stride_xm, stride_am,
-                          stride_pm, steps, slices, BLOCK_M: gl.constexpr, MMA: gl.constexpr, A: gl.constexpr,
-                          B: gl.constexpr, LA: gl.constexpr, LX: gl.constexpr):  # fmt: skip
-        """Share `work` of `x A^T` (`lora_input`'s product, [M, R]): 64 ranks of A over one K slice of `steps`
-        64-column steps, summed in fp32 on the tensor cores. The last share of a chunk of ranks to arrive adds
-        the slices up in order (`lora_input`'s reduction), writes the chunk to `product_ptr` rounded once to x's
-        dtype, and counts the chunk done."""
-        chunks = gl.cdiv(R, 64)
-        chunk = work % chunks
-        part = work // chunks
-        ranks_a = chunk * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, LA))
-        columns_a = gl.arange(0, 64, layout=gl.SliceLayout(0, LA))
-        columns_x = gl.arange(0, 64, layout=gl.SliceLayout(1, LX))
-        rows_x = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, LX))
-        a_ptrs = a_ptr + (ranks_a.to(gl.int64) * stride_am)[:, None] + columns_a[None, :]
-        x_ptrs = x_ptr + (rows_x.to(gl.int64) * stride_xm)[None, :] + columns_x[:, None]
-        mask_a = (ranks_a < R)[:, None]
-        mask_x = (rows_x < M)[None, :]
-        acc = gl.zeros([64, BLOCK_M], gl.float32, MMA)
-        first = part * steps
-        for step in range(first, gl.minimum(first + steps, K // 64)):
-            a = gl.load(a_ptrs + step * 64, mask=mask_a, other=0.0)
-            x = gl.load(x_ptrs + step * 64, mask=mask_x, other=0.0)
-            acc = mma_v2(gl.convert_layout(a, A), gl.convert_layout(x, B), acc)
-        # the slices' sums: [slices, chunks, 64, BLOCK_M] fp32, this chunk's tile of each slice in order
-        local = (
-            gl.arange(0, 64, layout=gl.SliceLayout(1, MMA))[:, None] * BLOCK_M
-            + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))[None, :]
-        )
-        tiles = partial_ptr + chunk * (64 * BLOCK_M) + local
-        slice_stride = chunks * (64 * BLOCK_M)
-        gl.store(tiles + part * slice_stride, acc)
-        gl.thread_barrier()  # every thread's sums are written before the release below
-        if gl.atomic_add(sync_ptr + _CHUNK_ARRIVALS + chunk, 1, sem="acq_rel") == slices - 1:
-            total = gl.zeros([64, BLOCK_M], gl.float32, MMA)
-            for index in range(slices):
-                total += gl.load(tiles + index * slice_stride, cache_modifier=".cg")
-            gl.atomic_xchg(sync_ptr + _CHUNK_ARRIVALS + chunk, 0)
-            ranks = chunk * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, MMA))
-            rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
-            gl.store(
-                product_ptr + (rows.to(gl.int64) * stride_pm)[None, :] + ranks[:, None],
-                total.to(product_ptr.dtype.element_ty),
-                mask=(ranks < R)[:, None] & (rows < M)[None, :],
-            )
-            gl.thread_barrier()  # the chunk is written before it is counted done
-            gl.atomic_add(sync_ptr + _CHUNKS_DONE, 1, sem="release")
-
-    @gluon.jit
-    def _wait_for_lora_input(sync_ptr, chunks):
-        """Spin until `chunks` chunks of the launch's `x A^T` are written (`_lora_input_share`). It cannot
-        hang: each chunk's shares belong to the first programs to take a ticket, which are running and wait
-        for nothing (`launch` keeps the shares within the programs that a GPU holds at once)."""
-        done = gl.atomic_add(sync_ptr + _CHUNKS_DONE, 0, sem="acquire")
-        while done < chunks:
-            done = gl.atomic_add(sync_ptr + _CHUNKS_DONE, 0, sem="acquire")
 
     @gluon.jit
     def _step(acc, words, step, x_ptrs, mask_x, xs, code2_ptr, absmax_ptr, absmax2_ptr, offset, row_blocks,
@@ -618,7 +538,7 @@ if gluon is not None:
     @gluon.jit
     def _lora_term(acc, pid_m, pid_k, split_k, rows_n, M, N, lora_in_ptr, lora_b_ptr, lora_scale, lora_rank,
                    stride_lm, DTYPE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                   MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr, FUSED_INPUT: gl.constexpr):  # fmt: skip
+                   MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr):  # fmt: skip
         """`acc` plus this K slice's share of `scale * (x A^T) B^T`, as `nf4_epilogue.lora_term`: 16 ranks a
         dot, the chunks dealt out over the tile's slices from the last one backwards; both operands rounded
         to the compute dtype, summed in fp32. Loaded straight into the MMA's operand layouts (once a tile)."""
@@ -634,11 +554,8 @@ if gluon is not None:
             b = gl.load(lora_b_ptr + (rows_b * lora_rank)[:, None] + (start + ranks_b)[None, :],
                         mask=mask_b & in_rank_b, other=0.0).to(DTYPE)  # fmt: skip
             in_rank_x = (start + ranks_x < lora_rank)[:, None]
-            xa_ptrs = lora_in_ptr + (rows_x.to(gl.int64) * stride_lm)[None, :] + (start + ranks_x)[:, None]
-            if FUSED_INPUT:  # written in this launch, by other programs: read past this multiprocessor's L1
-                xa = gl.load(xa_ptrs, mask=mask_x & in_rank_x, other=0.0, cache_modifier=".cg").to(DTYPE)
-            else:
-                xa = gl.load(xa_ptrs, mask=mask_x & in_rank_x, other=0.0).to(DTYPE)
+            xa = gl.load(lora_in_ptr + (rows_x.to(gl.int64) * stride_lm)[None, :] + (start + ranks_x)[:, None],
+                         mask=mask_x & in_rank_x, other=0.0).to(DTYPE)  # fmt: skip
             acc += lora_scale * mma_v2(b, xa, zero)
         return acc
 
@@ -684,9 +601,6 @@ if gluon is not None:
     # `_slice_scales`' buffer as rows: the same row-major bytes, the leading axis an index
     SCALE_ROW_SHARED = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, [0]))
     HALVES_CONSTRAINTS = gl.constexpr(",".join(["=h"] * 8 + ["r"] * 9))
-    # the words of a launch's counters for its own x A^T (`FUSED_INPUT`; `SYNC_WORDS` in all): tickets taken,
-    # chunks of ranks written, programs finished, then one arrival count per chunk
-    _TICKETS, _CHUNKS_DONE, _FINISHED, _CHUNK_ARRIVALS = (gl.constexpr(i) for i in range(4))
 
 
 def launch_config(rows: int, out_features: int, in_features: int, device: torch.device, **choices) -> dict:
@@ -727,35 +641,18 @@ def matmul_4bit_mma(
     return launch((packed, quant_state, bias, None), (quant_state.shape[0],), None, 0, x, None, 1.0, config)
 
 
-def launch(first, out_features, table, rank, x, lora_in, lora_scale, config, x_ready: bool = False,
-           lora_a: tuple[Tensor, Tensor] | None = None) -> Tensor:  # fmt: skip
+def launch(first, out_features, table, rank, x, lora_in, lora_scale, config, x_ready: bool = False) -> Tensor:
     """One launch over the weights `out_features` lists (several: their segment `table`), as
     `nf4_matmul._launch` takes them: `first` the first weight's `(packed, quant_state, bias, lora_b)`.
 
     `x_ready`: the caller's promise that the kernel launched just before this one did not write `x` (it
     computed `lora_in` from `x`, as `lora_input` does after waiting for x's writer). The K loop then overlaps
     that kernel; only the LoRA term and the outputs wait for it (vrft.kernels.launch_order).
-
-    `lora_a` (with `lora_in` None): `(A [R, K] in x's dtype, counters)`, and the launch computes `lora_in =
-    x A^T` itself (`fused_input_shares` says how and why), `counters` (`SYNC_WORDS` int32 zeros) being this
-    call's own: no launch that may overlap this one (the one just before or after it) may use them. Where the
-    shares would not fit (`fused_input_shares`), `lora_input` computes it first.
     """
     packed, quant_state, bias, lora_b = first
     rows, in_features = x.shape
     if x.stride(1) != 1:
         x = x.contiguous()
-    fused = None  # (A, counters, slices, steps) where this launch computes x A^T
-    if lora_a is not None and lora_in is None:
-        a, counters = lora_a
-        shares = fused_input_shares(rows, a.shape[0], in_features, x.device)
-        if shares is None or a.dtype != x.dtype or a.shape[1] != in_features or a.stride(1) != 1:
-            # x's writer finished before the launch below starts (lora_input waits for it, cuBLAS too)
-            lora_in, x_ready = lora_product(x, a), True
-        else:
-            fused = (a, counters, *shares)
-            lora_in = torch.empty(rows, a.shape[0], dtype=x.dtype, device=x.device)
-            x_ready = False  # the kernel just before wrote x
     if config is None:  # x_shared only where the kernel waits for x, and on 16-row tiles (MMA_DEFAULTS)
         timed = not x_ready and rows <= 16
         config = launch_config(
@@ -775,63 +672,22 @@ def launch(first, out_features, table, rank, x, lora_in, lora_scale, config, x_r
     state2 = quant_state.state2 if nested else quant_state
     if lora_in is not None and lora_in.stride(1) != 1:
         lora_in = lora_in.contiguous()
-    if fused is not None and grid[0] * grid[1] * grid[2] < triton.cdiv(fused[0].shape[0], 64) * fused[2]:
-        lora_in, fused = lora_product(x, fused[0]), None  # fewer programs than shares: x A^T computed first
     constants = kernel_constants(
         config, nested, state2.blocksize if nested else 1, bias is not None,
         max(16, triton.next_power_of_2(rank)) if rank else 0, 0 if table is None else len(out_features),
-        quant_state.absmax.data_ptr() % 4 == 0, in_features, fused_input=fused is not None,
+        quant_state.absmax.data_ptr() % 4 == 0, in_features,
     )  # fmt: skip
-    if fused is not None:
-        a, sync, slices, lora_steps = fused
-        lora_partial = x.new_empty(slices * triton.cdiv(a.shape[0], 64) * 64 * block_m, dtype=torch.float32)
-        fused_args = (a, lora_partial, sync, a.shape[0], a.stride(0), lora_steps, slices)
-    else:
-        fused_args = (y, partial, counters, 0, 0, 1, 1)
     _mma_4bit_kernel[grid](
         x, packed.reshape(-1).view(torch.int32), quant_state.absmax, quant_state.code, state2.absmax, state2.code,
         quant_state.offset if nested else quant_state.absmax, bias if bias is not None else y,
         lora_in if rank else y, lora_b if rank else y, float(lora_scale), partial, counters, y,
-        table if table is not None else counters, *fused_args[:3],
+        table if table is not None else counters,
         rows, out_features[0], in_features, x.stride(0), lora_in.stride(0) if rank else 0, y.stride(0), rank,
-        triton.cdiv(steps, split_k), split_k, *fused_args[3:], **constants,
+        triton.cdiv(steps, split_k), split_k, **constants,
         num_warps=warps, **({"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {}),
         X_READY=x_ready, **launch_options(x.device),
     )  # fmt: skip
     return y
-
-
-# A launch's counters for its own x A^T (`launch`'s `lora_a`): tickets, chunks done, programs finished and
-# an arrival count for each chunk of 64 ranks (three adapters of MAX_LORA_RANK 256 at most: 12 chunks)
-SYNC_WORDS = 16
-
-
-def fused_input_shares(
-    rows: int, ranks: int, in_features: int, device: torch.device
-) -> tuple[int, int] | None:
-    """How a launch computes `x A^T` itself (`launch`'s `lora_a`): `(slices, steps)`, K cut into `slices`
-    slices of `steps` 64-column steps, each slice of each chunk of 64 ranks a share; None where it does not.
-
-    Why: beside its own launch (`lora_input`), `x A^T` cost ~5 us of a 7B decode step's critical path per
-    projection input, 0.6 ms a step (bench/rollout/results.md, "The decode step with parts taken out"): the
-    4-bit kernel could only start once every `lora_input` program had waited for x's writer. Here the first
-    programs of the 4-bit launch to start (each takes a ticket) compute one share each before their own
-    tile, and the last share of a chunk to arrive adds the slices up as `lora_input` does; the LoRA term
-    after each K loop waits until every chunk is written. K is sliced as `lora_input` slices it.
-
-    The wait cannot hang while every share's program can run beside the waiting ones: the shares go to the
-    first programs to start, so there are at most as many as a GPU holds at once (one program per
-    multiprocessor at least), and never more than the launch has programs (its tiles times its K split,
-    which `launch_config` sizes to several per multiprocessor). Where more would be needed: None."""
-    chunks = -(-ranks // 64)
-    if rows > MAX_ROWS or in_features % 64 or chunks + 3 > SYNC_WORDS:
-        return None
-    slices = min(MAX_SPLIT, max(1, -(-in_features // STEP) // STEPS_PER_SLICE))
-    steps = -(-in_features // 64 // slices)
-    slices = -(-in_features // 64 // steps)  # no empty slice
-    if chunks * slices > multiprocessors(device):
-        return None
-    return slices, steps
 
 
 # the most shared memory the slice's scales may take (absmax_shared): a K slice longer than this many
@@ -897,11 +753,10 @@ def slice_x(config: dict, in_features: int) -> dict:
 
 
 def kernel_constants(config: dict, nested: bool, nested_blocksize: int, has_bias: bool, lora_rank: int,
-                     segments: int, absmax_aligned: bool, in_features: int, fused_input: bool = False) -> dict:  # fmt: skip
+                     segments: int, absmax_aligned: bool, in_features: int) -> dict:  # fmt: skip
     """The kernel's compile-time arguments for launch config `config` and a call's facts (`LORA_RANK` 0 or a
     power of two >= 16; `segments` 0 for one weight; `absmax_aligned`: the absmax bytes start at a multiple
-    of 4; `in_features` K; `fused_input`: the launch computes its x A^T, `launch`'s `lora_a`): what `launch`
-    passes and `nf4_offline.compile_mma` compiles with."""
+    of 4; `in_features` K): what `launch` passes and `nf4_offline.compile_mma` compiles with."""
     block_n, block_m, blocks = config["BLOCK_N"], config["BLOCK_M"], config["BLOCKS"]
     # one absmax word a row and step: a step's BLOCKS bytes lie in one aligned word and one second-level block
     absmax_words = (
@@ -918,15 +773,4 @@ def kernel_constants(config: dict, nested: bool, nested_blocksize: int, has_bias
         "CLAMP_ROWS": config.get("clamp_rows", False),
         **slice_scales(config, in_features), **slice_x(config, in_features),
         "MMA": mma, "A": operand_a, "B": operand_b, "WORDS": words, "XL": x_layout, "SECTORS": sectors,
-        "FUSED_INPUT": fused_input, **fused_input_layouts(block_m, config["num_warps"]),
     }  # fmt: skip
-
-
-def fused_input_layouts(block_m: int, warps: int) -> dict:
-    """How a share of x A^T (`_lora_input_share`) loads a step of A (`[64 ranks, 64 columns]`, 16 bytes of a
-    row a thread) and of x (`[64 columns, block_m rows]`, 16 bytes of a row a thread) before the MMA's
-    layouts take them."""
-    return {
-        "LA": gl.BlockedLayout([1, 8], [4, 8], [warps, 1], [1, 0]),
-        "LX": gl.BlockedLayout([8, 1], [8, 4], [1, warps], [0, 1]),
-    }

@@ -3,11 +3,10 @@
 The static decoder's `dequant` form (`vrft.rollout.weights.PackedLinear`) dequantises each matrix to bf16
 before its matmul; here the decode steps (at most `KERNEL_ROWS` rows) go through the fused kernel of
 `vrft.kernels.nf4_matmul`, which decodes the packed codes in registers and never writes the bf16 matrix.
-The LoRA term stays unmerged, as in `dequant`: the kernel adds `scale * (x A^T) B^T` before its single
-rounding of the output. Projections that read the same input (q/k/v, gate/up) share one `x A^T` over their
-concatenated A matrices (`SharedLoraInput`) and one kernel launch (`KernelGroup`). Where one launch alone
-reads an `x A^T` (every decode-step launch, once grouped), that launch computes it too (`nf4_mma.launch`'s
-`lora_a`, `FUSED_LORA_INPUT`); elsewhere it is one small matmul first (`vrft.kernels.lora_input`).
+The LoRA term stays unmerged, as in `dequant`: `x A^T` is one small matmul (`vrft.kernels.lora_input`)
+and the kernel adds `scale * (x A^T) B^T` before its single rounding of the output. Projections that read
+the same input (q/k/v, gate/up) share one `x A^T` over their concatenated A matrices (`SharedLoraInput`)
+and one kernel launch (`KernelGroup`).
 
 The prefill (the prompt, G-fold shared: hundreds of rows) is compute-bound: there the kernel would decode
 every weight once per 64-row tile, so it dequantises each matrix once instead (one matrix of bf16 scratch,
@@ -24,8 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from vrft.kernels import nf4_mma
-from vrft.kernels.lora_input import lora_product
+from vrft.kernels.lora_input import lora_input
 from vrft.kernels.nf4_matmul import (
     MAX_LORA_RANK,
     check_mma_switch,
@@ -42,12 +40,6 @@ from vrft.rollout.weights import LinearOp, PackedLinear, dense_weight
 log = logging.getLogger(__name__)
 
 KERNEL_ROWS = 64  # decode batches up to this many rows use the kernel; more rows (prefill) dequantise once
-# An adapter's `x A^T` computed in the 4-bit launch that reads it (`nf4_mma.launch`'s `lora_a`), where only that
-# launch reads it: no launch of its own (bench/rollout/results.md). Benchmarks switch it off to time the
-# difference (bench/memory/speed.py's `:lora_launch`); read at each call, so a CUDA graph keeps what was set
-# when it was captured. Off until its GPU tests have run (bench/rollout/results.md, "x A^T in the 4-bit
-# launch"): `packed:fused_lora_input` in speed.py times it on.
-FUSED_LORA_INPUT = False
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 PACKED_FIX = "set algorithm.rollout_engine=dequant (same memory, no kernel) or auto"
 
@@ -86,23 +78,6 @@ class SharedLoraInput:
         ends = list(itertools.accumulate(a.shape[0] for a in lora_as))
         self.columns = [slice(end - a.shape[0], end) for a, end in zip(lora_as, ends, strict=True)]
         self._product = _OncePerInput()
-        self._counters: Tensor | None = None  # two sets, taken in turn (`fused`)
-        self._calls = 0
-
-    def fused(self, rows: Tensor) -> tuple[Tensor, Tensor] | None:
-        """What a 4-bit launch that alone reads this `x A^T` takes to compute it itself (`matmul_4bit`'s
-        `lora_a`: A and counters of the call site's own), or None where `FUSED_LORA_INPUT` is off.
-
-        The counters are two sets taken in turn: a launch takes its first counter before it waits for the
-        kernel before it, which may be this site's previous launch (two calls back to back, eager), still
-        about to reset its counters; the one before that has finished (vrft.kernels.launch_order). A CUDA
-        graph keeps the set it captured, and its replays do not overlap."""
-        if not FUSED_LORA_INPUT:
-            return None
-        if self._counters is None or self._counters.device != rows.device:
-            self._counters = torch.zeros(2, nf4_mma.SYNC_WORDS, dtype=torch.int32, device=rows.device)
-        self._calls += 1
-        return self.weight, self._counters[self._calls % 2]
 
     def product(self, x: Tensor, rows: Tensor) -> Tensor:
         """`rows [M, in] -> [M, sum of ranks]`, computed once per input `x` (of which `rows` is the 2-D view).
@@ -113,7 +88,13 @@ class SharedLoraInput:
         lets it start early), so the matmul that reads the product may promise `x_ready`
         (`nf4_mma.launch`): its K loop then runs while `lora_input` works."""
 
-        return self._product.get(x, lambda: lora_product(rows, self.weight))
+        def compute():
+            inputs = rows.to(self.weight.dtype)
+            if inputs.is_cuda and inputs.shape[0] <= KERNEL_ROWS and inputs.dtype in DTYPES.values():
+                return lora_input(inputs, self.weight)
+            return F.linear(inputs, self.weight)
+
+        return self._product.get(x, compute)
 
 
 class KernelGroup:
@@ -133,9 +114,6 @@ class KernelGroup:
         """`rows [M, in] -> [M, sum of out_features]` (M <= KERNEL_ROWS), once per input `x`."""
 
         def compute():
-            fused = None if self.lora is None else self.lora.fused(rows)  # the group alone reads its x A^T
-            if fused is not None:
-                return matmul_4bit_segments(rows, self.segments, None, self.scale, lora_a=fused)
             lora_in = None if self.lora is None else self.lora.product(x, rows)
             return matmul_4bit_segments(rows, self.segments, lora_in, self.scale, x_ready=lora_in is not None)
 
@@ -183,15 +161,11 @@ class KernelLinear(LinearOp):
             extra = self.loras
         else:
             weight, extra = self.base.weight, self.loras[1:]
-            lora, fused = (), None  # the first adapter, fused: (x A^T, B, scale)
+            lora = ()  # the first adapter, fused: (x A^T, B, scale)
             if self.shared is not None:
                 group, columns = self.shared
-                # x A^T computed in this launch where no other projection reads it (a group of one)
-                fused = group.fused(rows) if len(group.columns) == 1 else None
-                lora_in = None if fused is not None else group.product(x, rows)[:, columns]
-                lora = (lora_in, self.loras[0].b, self.loras[0].scale)
-            y = matmul_4bit(rows, weight.data, weight.quant_state, self.bias, *lora,
-                            x_ready=bool(lora) and fused is None, lora_a=fused)  # fmt: skip
+                lora = (group.product(x, rows)[:, columns], self.loras[0].b, self.loras[0].scale)
+            y = matmul_4bit(rows, weight.data, weight.quant_state, self.bias, *lora, x_ready=bool(lora))
         for lora in extra:  # a second active adapter (rare): added as `dequant` does
             y = y + lora(rows).to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
