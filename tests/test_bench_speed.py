@@ -58,16 +58,24 @@ def test_the_ablations_take_their_part_out_for_a_generate_and_put_it_back(monkey
         return stages.decode_attention, decode_fusions.silu_mul, packed.lora_input, packed.matmul_4bit
 
     before = current()
+    monkeypatch.setattr(packed, "FOLD_SILU", True)  # `:free_silu` turns the folded SiLU off too
     # on `bf16_copy`, which builds without CUDA (`packed` refuses a machine without Triton); suffixes stack
     engine = speed.engine_for("bf16_copy:free_lora_input:x_waits:free_attention:free_silu")
     inner = innermost(engine)
     assert type(inner).__name__ == "Bf16CopyEngine"
     seen = []
-    monkeypatch.setattr(inner, "generate", lambda *a, **k: seen.append(current()))
+    monkeypatch.setattr(inner, "generate", lambda *a, **k: seen.append((current(), packed.FOLD_SILU)))
     engine.generate()
-    attention, silu_mul, product, matmul = seen[0]
-    assert all(during is not original for during, original in zip(seen[0], before, strict=True))
-    assert current() == before
+    (attention, silu_mul, product, matmul), folded = seen[0]
+    assert all(during is not original for during, original in zip(seen[0][0], before, strict=True))
+    assert not folded
+    assert current() == before and packed.FOLD_SILU is True
+    for suffix, fold in ((":fold_silu", True), (":unfold_silu", False)):
+        monkeypatch.setattr(packed, "FOLD_SILU", not fold)
+        engine = speed.engine_for("bf16_copy" + suffix)
+        monkeypatch.setattr(innermost(engine), "generate", lambda *a, **k: seen.append(packed.FOLD_SILU))
+        engine.generate()
+        assert seen[-1] is fold and packed.FOLD_SILU is not fold
     q, gate = torch.randn(2, 4), torch.randn(3, 5)
     assert attention(q, "keys", "values") is q and silu_mul(gate, None) is gate
     zeros = product(torch.ones(5, 8), torch.ones(7, 8))

@@ -8,6 +8,7 @@ Bandwidth: the bytes of weights one decode step must read, as the engine stores 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from unittest import mock
 
@@ -87,12 +88,14 @@ def _zero_product(inputs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 ABLATIONS = {
     ":no_lora": (packed, "KernelLinear", _AdapterFree),  # no adapter: no x A^T, no LoRA term
     # no `lora_input` launch: the LoRA term reads zeros (the 4-bit kernel still promises x_ready, so its K
-    # loop may read the previous step's x: the timing of the engine's chain without that launch)
+    # loop may read the previous step's x: a timing that flatters the engine's chain without that launch by
+    # ~0.4 ms, bench/rollout/results.md, "x A^T in the 4-bit launch"; `:x_waits` below takes that away)
     ":free_lora_input": (packed, "lora_input", _zero_product),
     ":free_attention": (stages, "decode_attention", lambda q, *args, **kwargs: q),  # q for the output
     # the residual add and RMSNorm: the hidden state passes on as it came
     ":free_norm": (decode_fusions, "add_rms_norm", lambda hidden, delta, weight, eps: (hidden, hidden)),
-    ":free_silu": (decode_fusions, "silu_mul", lambda gate, up: gate),  # the gate for silu(gate) * up
+    # the gate for silu(gate) * up, and not folded into the gate/up launch either
+    ":free_silu": [(decode_fusions, "silu_mul", lambda gate, up: gate), (packed, "FOLD_SILU", False)],
 }
 SWITCHES.update(ABLATIONS)
 
@@ -111,6 +114,8 @@ SWITCHES.update(
         ":x_waits_grouped": (packed, "matmul_4bit_segments", _waiting_for_x(packed.matmul_4bit_segments)),
     }
 )
+# silu(gate) * up written by the gate/up launch (packed.FOLD_SILU) or by a SiLU launch of its own
+SWITCHES.update({":fold_silu": (packed, "FOLD_SILU", True), ":unfold_silu": (packed, "FOLD_SILU", False)})
 # nf4_mma's K split aimed at other counts of programs a multiprocessor (MMA_DEFAULTS' programs_per_sm: 8;
 # `:pps8` is the default again, a second run of it in the same call)
 SWITCHES.update(
@@ -123,16 +128,19 @@ SWITCHES.update(
 
 class _WithSwitch:
     """An engine whose `generate` runs with `module.attribute` set to `value` (its CUDA graph is captured
-    inside `generate`, so the graph holds the kernels as launched then), the switch put back after."""
+    inside `generate`, so the graph holds the kernels as launched then), the switch put back after; a
+    `SWITCHES` entry that is a list sets each of its switches."""
 
-    def __init__(self, engine, module, attribute: str, value: bool):
-        self._engine, self._switch = engine, (module, attribute, value)
+    def __init__(self, engine, switch):
+        self._engine, self._switches = engine, switch if isinstance(switch, list) else [switch]
 
     def __getattr__(self, name):
         return getattr(self._engine, name)
 
     def generate(self, *args, **kwargs):
-        with mock.patch.object(*self._switch):
+        with contextlib.ExitStack() as stack:
+            for switch in self._switches:
+                stack.enter_context(mock.patch.object(*switch))
             return self._engine.generate(*args, **kwargs)
 
 
@@ -146,7 +154,7 @@ def engine_for(name: str, **options):
 
     for suffix, switch in SWITCHES.items():
         if name.endswith(suffix):
-            return _WithSwitch(engine_for(name.removesuffix(suffix), **options), *switch)
+            return _WithSwitch(engine_for(name.removesuffix(suffix), **options), switch)
     if name.endswith(UNFUSED):
         return ROLLOUT_ENGINES[name.removesuffix(UNFUSED)](fused_decode=False, **options)
     return ROLLOUT_ENGINES[name](**options) if options else build_rollout_engine(name)

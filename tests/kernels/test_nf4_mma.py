@@ -53,7 +53,14 @@ def test_codes_and_x_take_the_same_permutation_of_each_blocks_columns(blocks):
 
 @needs_triton
 @pytest.mark.parametrize("arch", [90, 89])
-@pytest.mark.parametrize("extras", [{}, {"lora_rank": 64, "segments": 3, "bias": True}])
+@pytest.mark.parametrize(
+    "extras",
+    [
+        {},
+        {"lora_rank": 64, "segments": 3, "bias": True},
+        {"lora_rank": 64, "segments": 2, "silu_pairs": True},
+    ],
+)
 def test_the_main_loop_moves_no_code_through_shared_memory_and_keeps_four_programs_per_multiprocessor(
     arch, extras
 ):
@@ -191,6 +198,22 @@ def test_launch_passes_the_kernel_each_of_its_parameters_once(monkeypatch):
         first = (packed, state, torch.zeros(384), lora_b)
         nf4_mma.launch(first, (384,), None, 64, x, lora_in, 2.0, None, x_ready=x_ready)
         assert (bound["arguments"].arguments["X_STEPS"] > 0) == shared, (rows, x_ready)
+    # a gate and an up weight with `silu_pairs`: one output of the gate's width, and the sums through the
+    # workspace even unsplit
+    table = torch.zeros(2, len(nf4_segments.SEGMENT_FIELDS), dtype=torch.int64)
+    x = torch.zeros(16, 1024, dtype=torch.bfloat16)
+    lora_in = torch.zeros(16, 128, dtype=torch.bfloat16)
+    unsplit = {**config, "SPLIT_K": 1}
+    y = nf4_mma.launch((packed, state, None, lora_b), (384, 384), table, 64, x, lora_in, 2.0, unsplit,
+                       silu_pairs=True)  # fmt: skip
+    arguments = bound["arguments"].arguments
+    assert y.shape == (16, 384) and bound["grid"] == (12, 1, 1)
+    assert arguments["SILU_PAIRS"] and arguments["SEGMENTS"] == 2
+    assert arguments["partial_ptr"].numel() == 12 * 16 * 64
+    for sizes, bias in (((384, 384, 384), None), ((384, 128), None), ((384, 384), torch.zeros(384))):
+        with pytest.raises(ValueError, match="silu_pairs takes two weights of one shape without bias"):
+            nf4_mma.launch((packed, state, bias, lora_b), sizes, table, 64, x, lora_in, 2.0, unsplit,
+                           silu_pairs=True)  # fmt: skip
 
 
 def test_calls_outside_the_kernel_say_why():
@@ -369,6 +392,47 @@ def test_one_launch_over_several_weights_equals_their_own_launches(rows):
         alone = nf4_mma.launch((packed, state, bias, lora_b), (n,), None, rank, x, lora_in, 2.0, config)
         torch.testing.assert_close(together[:, column : column + n], alone, rtol=0, atol=0)
         column += n
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [8, 16, 17, 32])
+@pytest.mark.parametrize("split_k", [1, 2, 3])
+@pytest.mark.parametrize("rank", [0, 64])
+def test_the_gate_up_launch_writes_silu_gate_times_up_bit_for_bit_under_graph_replay(rows, split_k, rank):
+    # `silu_pairs`: the gate's and the up's sums of a tile go through the workspace, the last of their K
+    # slices rounds both as the unfolded launch's store does and applies decode_fusions' SiLU: bit for bit
+    # `silu_mul` of the two outputs of the same launch without it (the same partials, summed in the same
+    # order; the same fp32 SiLU). 136 rows a weight so a tile runs past its end, K = 1280 so a split of 3
+    # has a short last slice, 17 rows for the 32-row tiles; each replay of a graph must give it again
+    # (the pair counters back at zero).
+    from vrft.kernels import decode_fusions
+
+    torch.manual_seed(0)
+    sizes = (136, 136)
+    weights = [quantised(n, 1280) for n in sizes]
+    lora_bs = [torch.randn(n, 64, device="cuda") * 0.05 if rank else None for n in sizes]
+    x = torch.randn(rows, 1280, dtype=torch.bfloat16, device="cuda")
+    product = torch.randn(rows, 128, device="cuda").to(torch.bfloat16) if rank else None
+    group = nf4_segments.segments(
+        [(p, s, None, lb, c) for (p, s), lb, c in zip(weights, lora_bs, (0, 64), strict=True)]
+    )
+    config = {**nf4_mma.launch_config(rows, sum(sizes), 1280, x.device), "SPLIT_K": split_k}
+
+    def call(silu_pairs):
+        return nf4_mma.launch(
+            group.first, group.out_features, group.table, group.lora_rank, x, product, 2.0, config,
+            silu_pairs=silu_pairs,
+        )  # fmt: skip
+
+    folded = eager_equal_to_replays(lambda: call(True))
+    both = call(False)
+    assert folded.shape == (rows, 136)
+    torch.testing.assert_close(folded, decode_fusions.silu_mul(both[:, :136], both[:, 136:]), rtol=0, atol=0)
+    if split_k == 2 and rank:  # matmul_4bit_silu, no config: the launch as `launch` configures it
+        routed = nf4_matmul.matmul_4bit_silu(x, group, product, 2.0, x_ready=True)
+        unfolded = nf4_matmul.matmul_4bit_segments(x, group, product, 2.0, x_ready=True)
+        expected = decode_fusions.silu_mul(unfolded[:, :136], unfolded[:, 136:])
+        torch.testing.assert_close(routed, expected, rtol=0, atol=0)
 
 
 @pytest.mark.gpu

@@ -208,6 +208,59 @@ def test_projections_of_one_input_share_one_kernel_launch_whose_table_points_at_
         nf4_segments.segments([layer.o.segment(), kernel_layer(12, 8).segment()])
 
 
+def test_the_gate_writes_silu_gate_times_up_in_the_gate_up_launch_where_switched_on(monkeypatch):
+    # The routing on the CPU (the launch itself needs CUDA: its GPU tests are in tests/kernels): a gate
+    # grouped with its up hands the decoder `silu(gate) * up` from one `matmul_4bit_silu` call a input, with
+    # the group's shared x A^T; nothing where FOLD_SILU is off, for the up, or for other groups.
+    from vrft.kernels import nf4_matmul
+    from vrft.rollout import packed
+
+    torch.manual_seed(0)
+    layer = SimpleNamespace(q=kernel_layer(24, 8), k=kernel_layer(8, 8), v=kernel_layer(8, 8),
+                            gate=kernel_layer(40, 8), up=kernel_layer(40, 8))  # fmt: skip
+    group_projections(layer)
+    x = torch.randn(2, 1, 24)
+    rows = x.reshape(-1, 24)
+    assert "not on a CUDA device" in nf4_matmul.silu_pairs_unsupported(rows, layer.gate.grouped[0].segments)
+    assert "not two weights of one shape" in nf4_matmul.silu_pairs_unsupported(
+        rows, layer.q.grouped[0].segments
+    )
+    unequal = SimpleNamespace(q=kernel_layer(24, 8), k=kernel_layer(8, 8), v=kernel_layer(8, 8),
+                              gate=kernel_layer(40, 8), up=kernel_layer(48, 8))  # fmt: skip
+    group_projections(unequal)
+    assert "not two weights of one shape" in nf4_matmul.silu_pairs_unsupported(
+        rows, unequal.gate.grouped[0].segments
+    )
+
+    def off_cuda(rows, group):  # the CPU's reason taken away, the others kept
+        reason = nf4_matmul.silu_pairs_unsupported(rows, group)
+        return None if reason == "x is not on a CUDA device" else reason
+
+    calls = []
+
+    def launch(rows, group, lora_in, scale, x_ready):
+        calls.append((rows, group, lora_in, scale, x_ready))
+        return torch.full((rows.shape[0], group.out_features[0]), float(len(calls)))
+
+    monkeypatch.setattr(packed, "silu_pairs_unsupported", off_cuda)
+    monkeypatch.setattr(packed, "matmul_4bit_silu", launch)
+    monkeypatch.setattr(packed, "FOLD_SILU", False)
+    assert layer.gate.silu_mul_with(layer.up, x) is None and not calls
+    monkeypatch.setattr(packed, "FOLD_SILU", True)
+    gated = layer.gate.silu_mul_with(layer.up, x)
+    assert gated.shape == (2, 1, 40) and len(calls) == 1
+    called_rows, group, lora_in, scale, x_ready = calls[0]
+    assert torch.equal(called_rows, rows) and group is layer.gate.grouped[0].segments
+    torch.testing.assert_close(lora_in, rows @ layer.gate.shared[0].weight.T)  # gate's and up's A together
+    assert scale == 2.0 and x_ready
+    again = layer.gate.silu_mul_with(layer.up, x)
+    assert again.data_ptr() == gated.data_ptr() and len(calls) == 1  # once per input
+    assert layer.up.silu_mul_with(layer.gate, x) is None  # the kernel's order: gate first
+    assert layer.q.silu_mul_with(layer.k, x) is None  # three weights: not a gate/up pair
+    assert layer.gate.silu_mul_with(layer.up, torch.randn(65, 24)) is None  # prefill rows: dequantised
+    assert unequal.gate.silu_mul_with(unequal.up, x) is None
+
+
 def int4_tiny_policy():
     """The tiny model in int4 on CUDA with a trained-looking LoRA adapter, and its processor."""
     from vrft.precision import Int4Precision
@@ -249,6 +302,39 @@ def test_packed_engine_greedy_tokens_match_generate_on_int4_weights():
     # summation order: the 7B bench measured at most 0.09 nats over 28 layers; 2 tiny layers stay far below.
     assert torch.equal(fast.completion_ids[:, 0], reference.completion_ids[:, 0])
     torch.testing.assert_close(engine.last_logprobs, expected.float(), atol=0.05, rtol=0)
+
+
+@pytest.mark.gpu
+def test_the_folded_silu_changes_no_token_and_no_log_prob(monkeypatch):
+    # `silu(gate) * up` written by the gate/up launch (packed.FOLD_SILU) is bit for bit what the SiLU launch
+    # computes from the two rounded outputs (tests/kernels/test_nf4_mma.py), so the rollout is the same:
+    # the same greedy tokens and bit-identical log-probs; and the fold did run, once a layer and step.
+    from vrft.rollout import packed
+
+    policy, processor = int4_tiny_policy()
+    device = torch.device("cuda")
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return packed_silu(*args, **kwargs)
+
+    packed_silu = packed.matmul_4bit_silu
+    monkeypatch.setattr(packed, "matmul_4bit_silu", counted)
+    runs = {}
+    for fold in (True, False):
+        monkeypatch.setattr(packed, "FOLD_SILU", fold)
+        calls.clear()
+        engine = PackedEngine()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            rollout = generate_rollout(
+                policy, processor, rows(), "{problem}", 2, GREEDY, device, engine=engine
+            )
+        assert engine.last_stats["cuda_graph"] == 1.0
+        assert bool(calls) == fold, len(calls)
+        runs[fold] = (rollout.completion_ids, engine.last_logprobs)
+    assert torch.equal(runs[True][0], runs[False][0])
+    assert torch.equal(runs[True][1], runs[False][1])
 
 
 @pytest.mark.gpu

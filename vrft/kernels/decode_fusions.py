@@ -138,15 +138,20 @@ if triton is not None:
         column = tile * BLOCK + tl.arange(0, BLOCK)
         mask = column < columns
         gate = tl.load(gate_ptr + row * stride_g + column, mask=mask, other=0.0)
+        up = tl.load(up_ptr + row * stride_u + column, mask=mask, other=0.0)
+        tl.store(out_ptr + row * stride_o + column, silu_times(gate, up, PTX), mask=mask)
+
+    @triton.jit
+    def silu_times(gate, up, PTX: tl.constexpr):
+        """`silu(gate) * up` of two 16-bit tensors, in their dtype, rounded where torch rounds (the module
+        docstring). Creates no tensor of its own, so `nf4_mma`'s Gluon kernel calls it too (`fold_silu`)."""
         dtype: tl.constexpr = gate.dtype
         gate = gate.to(tl.float32)
         if PTX:  # torch's silu: x / (1 + expf(-x)), IEEE division
             silu = tl.math.div_rn(gate, 1.0 + libdevice.exp(-gate))
         else:
             silu = gate / (1.0 + tl.exp(-gate))
-        up = tl.load(up_ptr + row * stride_u + column, mask=mask, other=0.0)
-        out = silu.to(dtype).to(tl.float32) * up.to(tl.float32)
-        tl.store(out_ptr + row * stride_o + column, out.to(dtype), mask=mask)
+        return (silu.to(dtype).to(tl.float32) * up.to(tl.float32)).to(dtype)
 
 
 def _rows(x: Tensor) -> Tensor:

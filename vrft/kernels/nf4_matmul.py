@@ -353,6 +353,35 @@ def matmul_4bit_segments(
     )
 
 
+def silu_pairs_unsupported(x: Tensor, group: Segments) -> str | None:
+    """Why `matmul_4bit_silu` cannot take this call (None: it can): the gate and up weights of `group`,
+    on `x [rows, K]`."""
+    first_state = group.first[1]
+    if len(group.out_features) != 2 or len(set(group.out_features)) != 1 or group.first[2] is not None:
+        return "the group is not two weights of one shape without bias (a gate and an up projection)"
+    if not x.is_cuda:
+        return "x is not on a CUDA device"
+    return mma_unsupported(first_state, x)
+
+
+def matmul_4bit_silu(
+    x: Tensor, group: Segments, lora_in: Tensor | None = None, lora_scale: float = 1.0, x_ready: bool = False
+) -> Tensor:
+    """`silu(x W_gate^T) * (x W_up^T)` `[M, N]` in one launch of `nf4_mma`'s kernel, `group` the gate and up
+    weights (with their adapters, as `matmul_4bit_segments`): the SiLU's own launch folded into the matmul's
+    split-K epilogue (`nf4_mma._store_silu_pairs`). Bit for bit `decode_fusions.silu_mul` of the two halves
+    of `matmul_4bit_segments`' output; `silu_pairs_unsupported` must be None."""
+    reason = silu_pairs_unsupported(x, group)
+    if reason is not None:
+        raise ValueError(f"the SiLU cannot be folded into this launch: {reason}")
+    if group.lora_rank > MAX_LORA_RANK:
+        raise ValueError(f"LoRA rank {group.lora_rank} > {MAX_LORA_RANK} is not fused")
+    return nf4_mma.launch(
+        group.first, group.out_features, group.table, group.lora_rank, x, lora_in, lora_scale, None, x_ready,
+        silu_pairs=True,
+    )  # fmt: skip
+
+
 def _launch(x, first, out_features, table, rank, lora_in, lora_scale, config, x_ready) -> Tensor:
     """One launch of the kernel over the weights `out_features` lists (several: their `table`).
 

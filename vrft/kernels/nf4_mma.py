@@ -57,6 +57,7 @@ try:
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
     # triton.jit functions that create no tensor of their own, so a Gluon kernel can call them
+    from vrft.kernels.decode_fusions import silu_times
     from vrft.kernels.launch_order import wait_for_inputs
     from vrft.kernels.nf4_epilogue import finish_output
     from vrft.kernels.nf4_segments import segment
@@ -314,7 +315,7 @@ if gluon is not None:
         lora_in_ptr, lora_b_ptr, lora_scale, partial_ptr, counter_ptr, y_ptr, segments_ptr,
         M, N, K, stride_xm, stride_lm, stride_ym, lora_rank, iters_per_split, split_k,
         NESTED: gl.constexpr, NESTED_BLOCKSIZE: gl.constexpr, HAS_BIAS: gl.constexpr,
-        LORA_RANK: gl.constexpr, SEGMENTS: gl.constexpr,
+        LORA_RANK: gl.constexpr, SEGMENTS: gl.constexpr, SILU_PAIRS: gl.constexpr,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCKS: gl.constexpr, SPLIT: gl.constexpr,
         ABSMAX_WORDS: gl.constexpr, PREFETCH: gl.constexpr, CLAMP_ROWS: gl.constexpr,
         SLICE_BLOCKS: gl.constexpr, SCALES: gl.constexpr, SCALES_SHARED: gl.constexpr,
@@ -416,15 +417,21 @@ if gluon is not None:
         if X_READY:
             wait_for_inputs(PDL)
         if SEGMENTS > 0:  # the outputs' pointers, read only now
-            _, _, _, _, _, bias_ptr, lora_in_ptr, lora_b_ptr, y_ptr, lora_rank, _, _ = segment(
+            _, _, _, _, _, bias_ptr, lora_in_ptr, lora_b_ptr, y_segment, lora_rank, _, _ = segment(
                 segments_ptr, pid_n, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, bias_ptr,
                 lora_in_ptr, lora_b_ptr, y_ptr, SEGMENTS, BLOCK_N,
             )  # fmt: skip
+            if not SILU_PAIRS:  # (paired, the two weights write one output from its first column)
+                y_ptr = y_segment
         if LORA_RANK > 0:
             acc = _lora_term(acc, pid_m, pid_k, split_k, rows_s, M, N, lora_in_ptr, lora_b_ptr, lora_scale,
                              lora_rank, stride_lm, DTYPE, BLOCK_M, BLOCK_N, MMA, A, B)  # fmt: skip
-        _store(acc, pid_n, pid_m, pid_k, tile_n, M, N, partial_ptr, counter_ptr, split_k, bias_ptr, y_ptr,
-               stride_ym, BLOCK_M, BLOCK_N, SPLIT, HAS_BIAS, MMA)  # fmt: skip
+        if SILU_PAIRS:
+            _store_silu_pairs(acc, pid_n, pid_m, pid_k, tile_n, M, N, partial_ptr, counter_ptr, split_k, y_ptr,
+                              stride_ym, BLOCK_M, BLOCK_N, MMA)  # fmt: skip
+        else:
+            _store(acc, pid_n, pid_m, pid_k, tile_n, M, N, partial_ptr, counter_ptr, split_k, bias_ptr, y_ptr,
+                   stride_ym, BLOCK_M, BLOCK_N, SPLIT, HAS_BIAS, MMA)  # fmt: skip
 
     @gluon.jit
     def _step(acc, words, step, x_ptrs, mask_x, xs, code2_ptr, absmax_ptr, absmax2_ptr, offset, row_blocks,
@@ -585,6 +592,42 @@ if gluon is not None:
             _finish(acc, pid_m, tile_n, M, N, bias_ptr, y_ptr, stride_ym, BLOCK_M, BLOCK_N, HAS_BIAS)
 
     @gluon.jit
+    def _store_silu_pairs(acc, pid_n, pid_m, pid_k, tile_n, M, N, partial_ptr, counter_ptr, split_k, y_ptr,
+                          stride_ym, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, MMA: gl.constexpr):  # fmt: skip
+        """`y[rows_m, rows_n] = silu(gate) * up` of a launch over two weights of one shape, gate then up
+        (`launch`'s `silu_pairs`): as `_store`, the K slices' sums go through the workspace (even unsplit),
+        but one counter serves gate tile `tile_n` and up tile `tile_n` together, and the last of their
+        2 `split_k` slices to arrive adds up both, rounds each to the output dtype as `_store` would, and
+        writes `decode_fusions.silu_times` of the two: the SiLU launch's work, without its launch."""
+        tiles = gl.num_programs(0)
+        half = tiles // 2  # the gate's tiles, then the up's
+        local = (
+            gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))[:, None] * BLOCK_M
+            + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))[None, :]
+        )
+        TILE: gl.constexpr = BLOCK_M * BLOCK_N
+        own = (pid_m * tiles + pid_n).to(gl.int64) * split_k + pid_k
+        gl.store(partial_ptr + own * TILE + local, acc)
+        gl.thread_barrier()  # every thread's partial is written before the release below
+        pair = pid_m * half + tile_n
+        arrived = gl.atomic_add(counter_ptr + pair, 1, sem="acq_rel")
+        if arrived == 2 * split_k - 1:
+            gates = partial_ptr + (pid_m * tiles + tile_n).to(gl.int64) * split_k * TILE + local
+            ups = gates + half * split_k * TILE
+            gate = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
+            up = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
+            for split in range(split_k):
+                gate += gl.load(gates + split * TILE, cache_modifier=".cg")
+                up += gl.load(ups + split * TILE, cache_modifier=".cg")
+            gl.atomic_xchg(counter_ptr + pair, 0)
+            DTYPE: gl.constexpr = y_ptr.dtype.element_ty
+            product = silu_times(gate.to(DTYPE), up.to(DTYPE), True)
+            # finish_output rounds to y's dtype again: a 16-bit value is itself there
+            _finish(
+                product.to(gl.float32), pid_m, tile_n, M, N, y_ptr, y_ptr, stride_ym, BLOCK_M, BLOCK_N, False
+            )
+
+    @gluon.jit
     def _finish(acc, pid_m, tile_n, M, N, bias_ptr, y_ptr, stride_ym, BLOCK_M: gl.constexpr,
                 BLOCK_N: gl.constexpr, HAS_BIAS: gl.constexpr):  # fmt: skip
         """`nf4_epilogue.finish_output` of `acc [BLOCK_N, BLOCK_M]` turned round (a relabelling of registers)."""
@@ -641,16 +684,27 @@ def matmul_4bit_mma(
     return launch((packed, quant_state, bias, None), (quant_state.shape[0],), None, 0, x, None, 1.0, config)
 
 
-def launch(first, out_features, table, rank, x, lora_in, lora_scale, config, x_ready: bool = False) -> Tensor:
+def launch(first, out_features, table, rank, x, lora_in, lora_scale, config, x_ready: bool = False,
+           silu_pairs: bool = False) -> Tensor:  # fmt: skip
     """One launch over the weights `out_features` lists (several: their segment `table`), as
     `nf4_matmul._launch` takes them: `first` the first weight's `(packed, quant_state, bias, lora_b)`.
 
     `x_ready`: the caller's promise that the kernel launched just before this one did not write `x` (it
     computed `lora_in` from `x`, as `lora_input` does after waiting for x's writer). The K loop then overlaps
     that kernel; only the LoRA term and the outputs wait for it (vrft.kernels.launch_order).
+
+    `silu_pairs`: the two weights are a gate and an up projection of one shape without bias, and the launch
+    returns `silu(gate) * up` `[M, N]` instead of the two outputs side by side (`_store_silu_pairs`).
     """
     packed, quant_state, bias, lora_b = first
     rows, in_features = x.shape
+    if silu_pairs and (
+        table is None or len(out_features) != 2 or len(set(out_features)) != 1 or bias is not None
+    ):
+        raise ValueError(
+            f"silu_pairs takes two weights of one shape without bias (a gate and an up projection), not "
+            f"out_features {tuple(out_features)}{' with a bias' if bias is not None else ''}"
+        )
     if x.stride(1) != 1:
         x = x.contiguous()
     if config is None:  # x_shared only where the kernel waits for x, and on 16-row tiles (MMA_DEFAULTS)
@@ -667,7 +721,8 @@ def launch(first, out_features, table, rank, x, lora_in, lora_scale, config, x_r
     if rows > block_m:
         raise ValueError(f"{rows} rows > BLOCK_M={block_m}")
     grid = (sum(triton.cdiv(n, block_n) for n in out_features), 1, split_k)
-    y, partial, counters = launch_outputs(x, sum(out_features), grid, block_m, block_n)
+    width = out_features[0] if silu_pairs else sum(out_features)
+    y, partial, counters = launch_outputs(x, width, grid, block_m, block_n, through_workspace=silu_pairs)
     nested = quant_state.nested
     state2 = quant_state.state2 if nested else quant_state
     if lora_in is not None and lora_in.stride(1) != 1:
@@ -675,7 +730,7 @@ def launch(first, out_features, table, rank, x, lora_in, lora_scale, config, x_r
     constants = kernel_constants(
         config, nested, state2.blocksize if nested else 1, bias is not None,
         max(16, triton.next_power_of_2(rank)) if rank else 0, 0 if table is None else len(out_features),
-        quant_state.absmax.data_ptr() % 4 == 0, in_features,
+        quant_state.absmax.data_ptr() % 4 == 0, in_features, silu_pairs,
     )  # fmt: skip
     _mma_4bit_kernel[grid](
         x, packed.reshape(-1).view(torch.int32), quant_state.absmax, quant_state.code, state2.absmax, state2.code,
@@ -753,10 +808,12 @@ def slice_x(config: dict, in_features: int) -> dict:
 
 
 def kernel_constants(config: dict, nested: bool, nested_blocksize: int, has_bias: bool, lora_rank: int,
-                     segments: int, absmax_aligned: bool, in_features: int) -> dict:  # fmt: skip
+                     segments: int, absmax_aligned: bool, in_features: int,
+                     silu_pairs: bool = False) -> dict:  # fmt: skip
     """The kernel's compile-time arguments for launch config `config` and a call's facts (`LORA_RANK` 0 or a
     power of two >= 16; `segments` 0 for one weight; `absmax_aligned`: the absmax bytes start at a multiple
-    of 4; `in_features` K): what `launch` passes and `nf4_offline.compile_mma` compiles with."""
+    of 4; `in_features` K; `silu_pairs` as `launch`'s): what `launch` passes and `nf4_offline.compile_mma`
+    compiles with."""
     block_n, block_m, blocks = config["BLOCK_N"], config["BLOCK_M"], config["BLOCKS"]
     # one absmax word a row and step: a step's BLOCKS bytes lie in one aligned word and one second-level block
     absmax_words = (
@@ -768,8 +825,8 @@ def kernel_constants(config: dict, nested: bool, nested_blocksize: int, has_bias
     )
     return {
         "NESTED": nested, "NESTED_BLOCKSIZE": nested_blocksize, "HAS_BIAS": has_bias, "LORA_RANK": lora_rank,
-        "SEGMENTS": segments, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCKS": blocks,
-        "SPLIT": config["SPLIT_K"] > 1, "ABSMAX_WORDS": absmax_words, "PREFETCH": config.get("prefetch", 0),
+        "SEGMENTS": segments, "SILU_PAIRS": silu_pairs, "BLOCK_M": block_m, "BLOCK_N": block_n,
+        "BLOCKS": blocks, "SPLIT": config["SPLIT_K"] > 1, "ABSMAX_WORDS": absmax_words, "PREFETCH": config.get("prefetch", 0),
         "CLAMP_ROWS": config.get("clamp_rows", False),
         **slice_scales(config, in_features), **slice_x(config, in_features),
         "MMA": mma, "A": operand_a, "B": operand_b, "WORDS": words, "XL": x_layout, "SECTORS": sectors,

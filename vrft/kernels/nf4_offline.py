@@ -71,12 +71,13 @@ def compile_kernel(
 
 def compile_mma(config: dict, arch: int = 90, dtype: str = "bf16", nested: bool = True, bias: bool = False,
                 lora_rank: int = 0, segments: int = 0, x_ready: bool = False,
-                in_features: int = 3584):  # fmt: skip
+                in_features: int = 3584, silu_pairs: bool = False):  # fmt: skip
     """`nf4_mma`'s kernel compiled for `sm_<arch>` with `config` (as `nf4_mma.launch_config` returns it);
-    the other arguments as `compile_kernel`'s (`in_features`: K, which sets the K slice's length)."""
+    the other arguments as `compile_kernel`'s (`in_features`: K, which sets the K slice's length;
+    `silu_pairs` as `nf4_mma.launch`'s)."""
     # as a launch finds them: the CUDA caching allocator starts each block 512-byte aligned
     constants = nf4_mma.kernel_constants(
-        config, nested, 256 if nested else 1, bias, lora_rank, segments, True, in_features
+        config, nested, 256 if nested else 1, bias, lora_rank, segments, True, in_features, silu_pairs
     ) | {"PDL": arch >= 90, "X_READY": x_ready}  # as a launch on that card: vrft.kernels.launch_order
     pointers = {
         **_POINTERS, "lora_b_ptr": "fp32", "packed_ptr": "i32", "absmax_ptr": "u8" if nested else "fp32",

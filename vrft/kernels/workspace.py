@@ -21,14 +21,16 @@ def multiprocessors(device: torch.device) -> int:
 
 
 def split_workspace(
-    x: Tensor, grid: tuple[int, int, int], block_m: int, block_n: int
+    x: Tensor, grid: tuple[int, int, int], block_m: int, block_n: int, through_workspace: bool = False
 ) -> tuple[Tensor, Tensor]:
     """What a split-K launch over `grid` (tiles along N, tiles along M, K slices) reduces through, for
     `nf4_epilogue.store_output`: `(partial, counters)`, an fp32 workspace of every slice's `[block_m,
-    block_n]` sums (one placeholder element without a split) and at least one arrival counter per tile,
-    at zero (each launch leaves them so; shared by every launch on the device)."""
+    block_n]` sums (one placeholder element without a split, unless `through_workspace`: the sums of
+    unsplit tiles pass through it too) and at least one arrival counter per tile, at zero (each launch
+    leaves them so; shared by every launch on the device)."""
     tiles, split_k = grid[0] * grid[1], grid[2]
-    partial = x.new_empty(tiles * split_k * block_m * block_n if split_k > 1 else 1, dtype=torch.float32)
+    whole = split_k > 1 or through_workspace
+    partial = x.new_empty(tiles * split_k * block_m * block_n if whole else 1, dtype=torch.float32)
     counters = _COUNTERS.get(x.device)
     if counters is None or counters.numel() < tiles:
         counters = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=x.device)
@@ -36,8 +38,15 @@ def split_workspace(
     return partial, counters
 
 
-def launch_outputs(x: Tensor, width: int, grid: tuple[int, int, int], block_m: int, block_n: int):
+def launch_outputs(
+    x: Tensor,
+    width: int,
+    grid: tuple[int, int, int],
+    block_m: int,
+    block_n: int,
+    through_workspace: bool = False,
+):
     """What a 4-bit matmul launch over `grid` writes: `(y [rows, width] in x's dtype, partial, counters)`,
     the last two from `split_workspace`."""
     y = torch.empty(x.shape[0], width, dtype=x.dtype, device=x.device)
-    return (y, *split_workspace(x, grid, block_m, block_n))
+    return (y, *split_workspace(x, grid, block_m, block_n, through_workspace))

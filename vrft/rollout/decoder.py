@@ -236,7 +236,10 @@ def decode_step(weights: DecoderWeights, state: DecodeState, ops: DecodeOps | No
         # folded into the query-length axis of that head ([N, kv_heads, groups, hd]).
         out = attend(q.reshape(count, weights.num_kv_heads, groups, weights.head_dim), index)
         hidden, x = ops.add_rms_norm(hidden, layer.o(out.reshape(count, 1, -1)), layer.post_norm, weights.eps)
-        delta = layer.down(ops.silu_mul(layer.gate(x), layer.up(x)))
+        gated = layer.gate.silu_mul_with(layer.up, x)
+        if gated is None:
+            gated = ops.silu_mul(layer.gate(x), layer.up(x))
+        delta = layer.down(gated)
         hidden, x = ops.add_rms_norm(hidden, delta, after_mlp[index], weights.eps)
     state.positions.add_(1)
     state.column.add_(1)

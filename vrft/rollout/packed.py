@@ -31,6 +31,8 @@ from vrft.kernels.nf4_matmul import (
     layout_unsupported,
     matmul_4bit,
     matmul_4bit_segments,
+    matmul_4bit_silu,
+    silu_pairs_unsupported,
     supports,
 )
 from vrft.kernels.nf4_segments import segments, segments_unsupported
@@ -41,6 +43,9 @@ log = logging.getLogger(__name__)
 
 KERNEL_ROWS = 64  # decode batches up to this many rows use the kernel; more rows (prefill) dequantise once
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# The decode step's `silu(gate) * up` written by the gate/up launch itself (`matmul_4bit_silu`) where
+# `nf4_mma` serves it, instead of a SiLU launch of its own after it: one launch fewer a layer.
+FOLD_SILU = False
 PACKED_FIX = "set algorithm.rollout_engine=dequant (same memory, no kernel) or auto"
 
 
@@ -109,6 +114,7 @@ class KernelGroup:
         ends = list(itertools.accumulate(self.segments.out_features))
         self.columns = [slice(end - n, end) for n, end in zip(self.segments.out_features, ends, strict=True)]
         self._output = _OncePerInput()
+        self._gated = _OncePerInput()
 
     def output(self, x: Tensor, rows: Tensor) -> Tensor:
         """`rows [M, in] -> [M, sum of out_features]` (M <= KERNEL_ROWS), once per input `x`."""
@@ -118,6 +124,18 @@ class KernelGroup:
             return matmul_4bit_segments(rows, self.segments, lora_in, self.scale, x_ready=lora_in is not None)
 
         return self._output.get(x, compute)
+
+    def gated(self, x: Tensor, rows: Tensor) -> Tensor | None:
+        """`silu(gate) * up` `[M, out_features]` of a gate/up group in its one launch (`matmul_4bit_silu`),
+        once per input `x`; None where `FOLD_SILU` is off or the launch cannot write it."""
+        if not FOLD_SILU or silu_pairs_unsupported(rows, self.segments) is not None:
+            return None
+
+        def compute():
+            lora_in = None if self.lora is None else self.lora.product(x, rows)
+            return matmul_4bit_silu(rows, self.segments, lora_in, self.scale, x_ready=lora_in is not None)
+
+        return self._gated.get(x, compute)
 
 
 class KernelLinear(LinearOp):
@@ -149,6 +167,21 @@ class KernelLinear(LinearOp):
             lora_b,
             self.shared[1].start if self.shared else None,
         )
+
+    def silu_mul_with(self, up: LinearOp, x: Tensor) -> Tensor | None:
+        rows = x.reshape(-1, x.shape[-1])
+        paired = getattr(up, "grouped", None)
+        if (
+            rows.shape[0] > KERNEL_ROWS
+            or self.grouped is None
+            or paired is None
+            or paired[0] is not self.grouped[0]
+        ):
+            return None
+        if self.grouped[1].start != 0:  # the kernel's order: the gate's tiles first, then the up's
+            return None
+        gated = self.grouped[0].gated(x, rows)
+        return None if gated is None else gated.reshape(*x.shape[:-1], self.out_features)
 
     def __call__(self, x: Tensor) -> Tensor:
         """`x [..., in] -> [..., out]` in the decoder's dtype."""

@@ -77,6 +77,11 @@ class LinearOp:
     def __call__(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def silu_mul_with(self, up: LinearOp, x: Tensor) -> Tensor | None:
+        """`silu(self(x)) * up(x)` where this op (a gate projection) computes it in one launch with `up`, or
+        None: the decoder then calls both and its own SiLU."""
+        return None
+
 
 class DenseLinear(LinearOp):
     """A dense (possibly LoRA-merged) weight; the `merged` engine's layer."""
