@@ -215,6 +215,7 @@ def test_the_gate_writes_silu_gate_times_up_in_the_gate_up_launch_where_switched
     from vrft.kernels import nf4_matmul
     from vrft.rollout import packed
 
+    assert packed.FOLD_SILU is True  # on by default: its GPU tests passed (bench/rollout/results.md)
     torch.manual_seed(0)
     layer = SimpleNamespace(q=kernel_layer(24, 8), k=kernel_layer(8, 8), v=kernel_layer(8, 8),
                             gate=kernel_layer(40, 8), up=kernel_layer(40, 8))  # fmt: skip
