@@ -211,7 +211,7 @@ def test_launch_passes_the_kernel_each_of_its_parameters_once(monkeypatch):
     assert arguments["SILU_PAIRS"] and arguments["SEGMENTS"] == 2
     assert arguments["partial_ptr"].numel() == 12 * 16 * 64
     for sizes, bias in (((384, 384, 384), None), ((384, 128), None), ((384, 384), torch.zeros(384))):
-        with pytest.raises(ValueError, match="silu_pairs takes two weights of one shape without bias"):
+        with pytest.raises(ValueError, match="silu_pairs: takes two weights of one shape without bias"):
             nf4_mma.launch((packed, state, bias, lora_b), sizes, table, 64, x, lora_in, 2.0, unsplit,
                            silu_pairs=True)  # fmt: skip
 

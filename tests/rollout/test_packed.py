@@ -223,13 +223,13 @@ def test_the_gate_writes_silu_gate_times_up_in_the_gate_up_launch_where_switched
     x = torch.randn(2, 1, 24)
     rows = x.reshape(-1, 24)
     assert "not on a CUDA device" in nf4_matmul.silu_pairs_unsupported(rows, layer.gate.grouped[0].segments)
-    assert "not two weights of one shape" in nf4_matmul.silu_pairs_unsupported(
+    assert "takes two weights of one shape" in nf4_matmul.silu_pairs_unsupported(
         rows, layer.q.grouped[0].segments
     )
     unequal = SimpleNamespace(q=kernel_layer(24, 8), k=kernel_layer(8, 8), v=kernel_layer(8, 8),
                               gate=kernel_layer(40, 8), up=kernel_layer(48, 8))  # fmt: skip
     group_projections(unequal)
-    assert "not two weights of one shape" in nf4_matmul.silu_pairs_unsupported(
+    assert "takes two weights of one shape" in nf4_matmul.silu_pairs_unsupported(
         rows, unequal.gate.grouped[0].segments
     )
 

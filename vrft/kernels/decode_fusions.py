@@ -144,7 +144,8 @@ if triton is not None:
     @triton.jit
     def silu_times(gate, up, PTX: tl.constexpr):
         """`silu(gate) * up` of two 16-bit tensors, in their dtype, rounded where torch rounds (the module
-        docstring). Creates no tensor of its own, so `nf4_mma`'s Gluon kernel calls it too (`fold_silu`)."""
+        docstring). Creates no tensor of its own, so `nf4_mma`'s Gluon kernel calls it too
+        (`_store_silu_pairs`)."""
         dtype: tl.constexpr = gate.dtype
         gate = gate.to(tl.float32)
         if PTX:  # torch's silu: x / (1 + expf(-x)), IEEE division

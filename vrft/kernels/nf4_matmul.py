@@ -356,12 +356,12 @@ def matmul_4bit_segments(
 def silu_pairs_unsupported(x: Tensor, group: Segments) -> str | None:
     """Why `matmul_4bit_silu` cannot take this call (None: it can): the gate and up weights of `group`,
     on `x [rows, K]`."""
-    first_state = group.first[1]
-    if len(group.out_features) != 2 or len(set(group.out_features)) != 1 or group.first[2] is not None:
-        return "the group is not two weights of one shape without bias (a gate and an up projection)"
+    reason = nf4_mma.silu_pairs_unsupported(group.out_features, group.table, group.first[2])
+    if reason is not None:
+        return f"nf4_mma's launch {reason}"
     if not x.is_cuda:
         return "x is not on a CUDA device"
-    return mma_unsupported(first_state, x)
+    return mma_unsupported(group.first[1], x)
 
 
 def matmul_4bit_silu(

@@ -676,6 +676,17 @@ def launch_config(rows: int, out_features: int, in_features: int, device: torch.
     }
 
 
+def silu_pairs_unsupported(out_features, table, bias) -> str | None:
+    """Why a launch over the weights `out_features` lists cannot write `silu(gate) * up` (`launch`'s
+    `silu_pairs`), or None: it takes two weights of one shape in one segment table, without bias."""
+    if table is None or len(out_features) != 2 or len(set(out_features)) != 1 or bias is not None:
+        return (
+            f"takes two weights of one shape without bias (a gate and an up projection), not out_features "
+            f"{tuple(out_features)}{' with a bias' if bias is not None else ''}"
+        )
+    return None
+
+
 def matmul_4bit_mma(
     x: Tensor, packed: Tensor, quant_state, bias: Tensor | None = None, config: dict | None = None
 ):
@@ -698,13 +709,9 @@ def launch(first, out_features, table, rank, x, lora_in, lora_scale, config, x_r
     """
     packed, quant_state, bias, lora_b = first
     rows, in_features = x.shape
-    if silu_pairs and (
-        table is None or len(out_features) != 2 or len(set(out_features)) != 1 or bias is not None
-    ):
-        raise ValueError(
-            f"silu_pairs takes two weights of one shape without bias (a gate and an up projection), not "
-            f"out_features {tuple(out_features)}{' with a bias' if bias is not None else ''}"
-        )
+    reason = silu_pairs_unsupported(out_features, table, bias) if silu_pairs else None
+    if reason is not None:
+        raise ValueError(f"silu_pairs: {reason}")
     if x.stride(1) != 1:
         x = x.contiguous()
     if config is None:  # x_shared only where the kernel waits for x, and on 16-row tiles (MMA_DEFAULTS)
@@ -826,8 +833,8 @@ def kernel_constants(config: dict, nested: bool, nested_blocksize: int, has_bias
     return {
         "NESTED": nested, "NESTED_BLOCKSIZE": nested_blocksize, "HAS_BIAS": has_bias, "LORA_RANK": lora_rank,
         "SEGMENTS": segments, "SILU_PAIRS": silu_pairs, "BLOCK_M": block_m, "BLOCK_N": block_n,
-        "BLOCKS": blocks, "SPLIT": config["SPLIT_K"] > 1, "ABSMAX_WORDS": absmax_words, "PREFETCH": config.get("prefetch", 0),
-        "CLAMP_ROWS": config.get("clamp_rows", False),
+        "BLOCKS": blocks, "SPLIT": config["SPLIT_K"] > 1, "ABSMAX_WORDS": absmax_words,
+        "PREFETCH": config.get("prefetch", 0), "CLAMP_ROWS": config.get("clamp_rows", False),
         **slice_scales(config, in_features), **slice_x(config, in_features),
         "MMA": mma, "A": operand_a, "B": operand_b, "WORDS": words, "XL": x_layout, "SECTORS": sectors,
     }  # fmt: skip
