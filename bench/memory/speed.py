@@ -128,8 +128,8 @@ SWITCHES.update(
 
 class _WithSwitch:
     """An engine whose `generate` runs with `module.attribute` set to `value` (its CUDA graph is captured
-    inside `generate`, so the graph holds the kernels as launched then), the switch put back after; a
-    `SWITCHES` entry that is a list sets each of its switches."""
+    inside `generate`, so the graph holds the kernels as launched then), the switch put back after:
+    `switch` is a `SWITCHES` entry, one `(module, attribute, value)` or a list of them."""
 
     def __init__(self, engine, switch):
         self._engine, self._switches = engine, switch if isinstance(switch, list) else [switch]
