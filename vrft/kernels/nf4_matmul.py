@@ -382,6 +382,43 @@ def matmul_4bit_silu(
     )  # fmt: skip
 
 
+def rope_unsupported(
+    x: Tensor, group: Segments, cos: Tensor, sin: Tensor, keys: Tensor, values: Tensor
+) -> str | None:
+    """Why `matmul_4bit_rope` cannot take this call (None: it can): the q, k and v weights of `group` on
+    `x [rows, K]`, a decode step's angles and caches."""
+    reason = nf4_mma.rope_unsupported(group.out_features, group.table, x, cos, sin, keys, values)
+    if reason is not None:
+        return f"nf4_mma's launch {reason}"
+    if not x.is_cuda:
+        return "x is not on a CUDA device"
+    return mma_unsupported(group.first[1], x)
+
+
+def matmul_4bit_rope(
+    x: Tensor,
+    group: Segments,
+    lora_in: Tensor | None,
+    lora_scale: float,
+    x_ready: bool,
+    rope: tuple[Tensor, Tensor, Tensor, Tensor, Tensor],
+) -> Tensor:
+    """The q/k/v projections of a decode step and its rotary stage in one launch of `nf4_mma`'s kernel:
+    `rope` is `(cos, sin, keys, values, column)` as `decode_fusions.rope_into_cache` takes them; returns q
+    rotated `[M, Nq]` and writes k rotated and v into the caches at `column`, bit for bit what
+    `rope_into_cache` writes from `matmul_4bit_segments`' output (`nf4_mma._store_rope`);
+    `rope_unsupported` must be None."""
+    reason = rope_unsupported(x, group, *rope[:4])
+    if reason is not None:
+        raise ValueError(f"the rotary stage cannot be folded into this launch: {reason}")
+    if group.lora_rank > MAX_LORA_RANK:
+        raise ValueError(f"LoRA rank {group.lora_rank} > {MAX_LORA_RANK} is not fused")
+    return nf4_mma.launch(
+        group.first, group.out_features, group.table, group.lora_rank, x, lora_in, lora_scale, None, x_ready,
+        rope=rope,
+    )  # fmt: skip
+
+
 def _launch(x, first, out_features, table, rank, lora_in, lora_scale, config, x_ready) -> Tensor:
     """One launch of the kernel over the weights `out_features` lists (several: their `table`).
 
