@@ -363,58 +363,29 @@ def test_packed_engine_greedy_tokens_match_generate_on_int4_weights():
 
 
 @pytest.mark.gpu
-def test_the_folded_silu_changes_no_token_and_no_log_prob(monkeypatch):
-    # `silu(gate) * up` written by the gate/up launch (packed.FOLD_SILU) is bit for bit what the SiLU launch
-    # computes from the two rounded outputs (tests/kernels/test_nf4_mma.py), so the rollout is the same:
-    # the same greedy tokens and bit-identical log-probs; and the fold did run, once a layer and step.
+@pytest.mark.parametrize(
+    "switch, entry", [("FOLD_SILU", "matmul_4bit_silu"), ("FOLD_ROPE", "matmul_4bit_rope")]
+)
+def test_a_stage_folded_into_its_launch_changes_no_token_and_no_log_prob(monkeypatch, switch, entry):
+    # `silu(gate) * up` written by the gate/up launch (packed.FOLD_SILU), q rotated and k and v in the cache
+    # written by the q/k/v launch (packed.FOLD_ROPE): bit for bit what the stage's own launch computes
+    # (tests/kernels/test_nf4_mma.py), so the rollout is the same: the same greedy tokens and bit-identical
+    # log-probs; and the fold did run.
     from vrft.rollout import packed
 
     policy, processor = int4_tiny_policy()
     device = torch.device("cuda")
     calls = []
+    launch = getattr(packed, entry)
 
     def counted(*args, **kwargs):
         calls.append(args[0].shape)
-        return packed_silu(*args, **kwargs)
+        return launch(*args, **kwargs)
 
-    packed_silu = packed.matmul_4bit_silu
-    monkeypatch.setattr(packed, "matmul_4bit_silu", counted)
+    monkeypatch.setattr(packed, entry, counted)
     runs = {}
     for fold in (True, False):
-        monkeypatch.setattr(packed, "FOLD_SILU", fold)
-        calls.clear()
-        engine = PackedEngine()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            rollout = generate_rollout(
-                policy, processor, rows(), "{problem}", 2, GREEDY, device, engine=engine
-            )
-        assert engine.last_stats["cuda_graph"] == 1.0
-        assert bool(calls) == fold, len(calls)
-        runs[fold] = (rollout.completion_ids, engine.last_logprobs)
-    assert torch.equal(runs[True][0], runs[False][0])
-    assert torch.equal(runs[True][1], runs[False][1])
-
-
-@pytest.mark.gpu
-def test_the_folded_rotary_stage_changes_no_token_and_no_log_prob(monkeypatch):
-    # As the folded SiLU's: q rotated and k and v in the cache written by the q/k/v launch
-    # (packed.FOLD_ROPE) are bit for bit the rotary launch's (tests/kernels/test_nf4_mma.py), so the rollout
-    # is the same, and the fold did run.
-    from vrft.rollout import packed
-
-    policy, processor = int4_tiny_policy()
-    device = torch.device("cuda")
-    calls = []
-    packed_rope = packed.matmul_4bit_rope
-
-    def counted(*args, **kwargs):
-        calls.append(args[0].shape)
-        return packed_rope(*args, **kwargs)
-
-    monkeypatch.setattr(packed, "matmul_4bit_rope", counted)
-    runs = {}
-    for fold in (True, False):
-        monkeypatch.setattr(packed, "FOLD_ROPE", fold)
+        monkeypatch.setattr(packed, switch, fold)
         calls.clear()
         engine = PackedEngine()
         with torch.autocast("cuda", dtype=torch.bfloat16):
