@@ -575,25 +575,43 @@ if gluon is not None:
         return acc
 
     @gluon.jit
+    def _tile_offsets(BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, MMA: gl.constexpr):
+        """Each accumulator element's offset in a tile's `[BLOCK_N, BLOCK_M]` slot of the split-K workspace."""
+        return (
+            gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))[:, None] * BLOCK_M
+            + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))[None, :]
+        )
+
+    @gluon.jit
+    def _arrive(acc, slot_ptrs, counter_ptr):
+        """Store this K slice's sums at `slot_ptrs` and count its arrival at `counter_ptr`; returns the count
+        before it (the arrival that sees `arrivals - 1` is the last and adds the slices up)."""
+        gl.store(slot_ptrs, acc)
+        gl.thread_barrier()  # every thread's partial is written before the release below
+        return gl.atomic_add(counter_ptr, 1, sem="acq_rel")
+
+    @gluon.jit
+    def _slices_sum(slot_ptrs, split_k, TILE: gl.constexpr, acc):
+        """The sum of a tile's `split_k` slices from its first slice's `slot_ptrs` (read past L1: other
+        programs wrote them), in slice order, shaped and laid out as `acc`."""
+        total = gl.zeros_like(acc)
+        for split in range(split_k):
+            total += gl.load(slot_ptrs + split * TILE, cache_modifier=".cg")
+        return total
+
+    @gluon.jit
     def _store(acc, pid_n, pid_m, pid_k, tile_n, M, N, partial_ptr, counter_ptr, split_k, bias_ptr, y_ptr,
                stride_ym, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, SPLIT: gl.constexpr,
                HAS_BIAS: gl.constexpr, MMA: gl.constexpr):  # fmt: skip
         """`y[rows_m, rows_n] = (sum over K slices of acc [BLOCK_N, BLOCK_M])^T (+ bias)`, as
         `nf4_epilogue.store_output`: the last slice of a tile to arrive adds the partials up."""
         if SPLIT:
+            TILE: gl.constexpr = BLOCK_M * BLOCK_N
             tile = pid_m * gl.num_programs(0) + pid_n
-            local = (
-                gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))[:, None] * BLOCK_M
-                + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))[None, :]
-            )
-            partials = partial_ptr + tile.to(gl.int64) * (split_k * BLOCK_M * BLOCK_N) + local
-            gl.store(partials + pid_k * (BLOCK_M * BLOCK_N), acc)
-            gl.thread_barrier()  # every thread's partial is written before the release below
-            arrived = gl.atomic_add(counter_ptr + tile, 1, sem="acq_rel")
+            slots = partial_ptr + tile.to(gl.int64) * (split_k * TILE) + _tile_offsets(BLOCK_M, BLOCK_N, MMA)
+            arrived = _arrive(acc, slots + pid_k * TILE, counter_ptr + tile)
             if arrived == split_k - 1:
-                total = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
-                for split in range(split_k):
-                    total += gl.load(partials + split * (BLOCK_M * BLOCK_N), cache_modifier=".cg")
+                total = _slices_sum(slots, split_k, TILE, acc)
                 gl.atomic_xchg(counter_ptr + tile, 0)
                 _finish(total, pid_m, tile_n, M, N, bias_ptr, y_ptr, stride_ym, BLOCK_M, BLOCK_N, HAS_BIAS)
         else:
@@ -609,24 +627,15 @@ if gluon is not None:
         writes `decode_fusions.silu_times` of the two: the SiLU launch's work, without its launch."""
         tiles = gl.num_programs(0)
         half = tiles // 2  # the gate's tiles, then the up's
-        local = (
-            gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))[:, None] * BLOCK_M
-            + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))[None, :]
-        )
+        local = _tile_offsets(BLOCK_M, BLOCK_N, MMA)
         TILE: gl.constexpr = BLOCK_M * BLOCK_N
         own = (pid_m * tiles + pid_n).to(gl.int64) * split_k + pid_k
-        gl.store(partial_ptr + own * TILE + local, acc)
-        gl.thread_barrier()  # every thread's partial is written before the release below
         pair = pid_m * half + tile_n
-        arrived = gl.atomic_add(counter_ptr + pair, 1, sem="acq_rel")
+        arrived = _arrive(acc, partial_ptr + own * TILE + local, counter_ptr + pair)
         if arrived == 2 * split_k - 1:
             gates = partial_ptr + (pid_m * tiles + tile_n).to(gl.int64) * split_k * TILE + local
-            ups = gates + half * split_k * TILE
-            gate = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
-            up = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
-            for split in range(split_k):
-                gate += gl.load(gates + split * TILE, cache_modifier=".cg")
-                up += gl.load(ups + split * TILE, cache_modifier=".cg")
+            gate = _slices_sum(gates, split_k, TILE, acc)
+            up = _slices_sum(gates + half * split_k * TILE, split_k, TILE, acc)
             gl.atomic_xchg(counter_ptr + pair, 0)
             DTYPE: gl.constexpr = y_ptr.dtype.element_ty
             product = silu_times(gate.to(DTYPE), up.to(DTYPE), True)
@@ -652,17 +661,16 @@ if gluon is not None:
         DTYPE: gl.constexpr = y_ptr.dtype.element_ty
         lanes = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
         columns = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
-        local = lanes[:, None] * BLOCK_M + columns[None, :]
+        local = _tile_offsets(BLOCK_M, BLOCK_N, MMA)
         base = pid_m * tiles
-        gl.store(partial_ptr + ((base + pid_n).to(gl.int64) * split_k + pid_k) * TILE + local, acc)
-        gl.thread_barrier()  # every thread's partial is written before the release below
         rotated = pid_n < q_tiles + k_tiles
         first_tile = pid_n
         arrivals = split_k
         if rotated:
             first_tile = pid_n - pid_n % GROUP
             arrivals = GROUP * split_k
-        arrived = gl.atomic_add(counter_ptr + base + first_tile, 1, sem="acq_rel")
+        slot = partial_ptr + ((base + pid_n).to(gl.int64) * split_k + pid_k) * TILE + local
+        arrived = _arrive(acc, slot, counter_ptr + base + first_tile)
         if arrived == arrivals - 1:
             rows = pid_m * BLOCK_M + columns  # x's rows: the output's
             in_rows = (rows < M)[None, :]
@@ -679,11 +687,8 @@ if gluon is not None:
                         + (partner_tiles + (partner % BLOCK_N) * BLOCK_M)[:, None]
                         + columns[None, :]
                     )
-                    own = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
-                    other = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
-                    for split in range(split_k):
-                        own += gl.load(own_ptrs + split * TILE, cache_modifier=".cg")
-                        other += gl.load(partner_ptrs + split * TILE, cache_modifier=".cg")
+                    own = _slices_sum(own_ptrs, split_k, TILE, acc)
+                    other = _slices_sum(partner_ptrs, split_k, TILE, acc)
                     weight_tile = tile
                     if tile >= q_tiles:
                         weight_tile = tile - q_tiles
@@ -712,10 +717,9 @@ if gluon is not None:
                         ]
                         gl.store(keys_ptr + slots + column * stride_cl, out, mask=mask)
             else:
-                own_ptrs = partial_ptr + (base + pid_n).to(gl.int64) * split_k * TILE + local
-                own = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
-                for split in range(split_k):
-                    own += gl.load(own_ptrs + split * TILE, cache_modifier=".cg")
+                own = _slices_sum(
+                    partial_ptr + (base + pid_n).to(gl.int64) * split_k * TILE + local, split_k, TILE, acc
+                )
                 feature = (pid_n - q_tiles - k_tiles) * BLOCK_N + lanes
                 if HAS_BIAS:
                     own += gl.load(bias_ptr + feature, mask=feature < N, other=0.0).to(gl.float32)[:, None]
