@@ -123,11 +123,15 @@ class KernelGroup:
         self._output = _OncePerInput()
         self._gated = _OncePerInput()
 
+    def _lora_in(self, x: Tensor, rows: Tensor) -> Tensor | None:
+        """The group's shared `x A^T` (once per input `x`), None without adapters."""
+        return None if self.lora is None else self.lora.product(x, rows)
+
     def output(self, x: Tensor, rows: Tensor) -> Tensor:
         """`rows [M, in] -> [M, sum of out_features]` (M <= KERNEL_ROWS), once per input `x`."""
 
         def compute():
-            lora_in = None if self.lora is None else self.lora.product(x, rows)
+            lora_in = self._lora_in(x, rows)
             return matmul_4bit_segments(rows, self.segments, lora_in, self.scale, x_ready=lora_in is not None)
 
         return self._output.get(x, compute)
@@ -139,7 +143,7 @@ class KernelGroup:
             return None
 
         def compute():
-            lora_in = None if self.lora is None else self.lora.product(x, rows)
+            lora_in = self._lora_in(x, rows)
             return matmul_4bit_silu(rows, self.segments, lora_in, self.scale, x_ready=lora_in is not None)
 
         return self._gated.get(x, compute)
@@ -150,7 +154,7 @@ class KernelGroup:
         launch cannot do it. Not kept per input: each call writes the caches."""
         if not FOLD_ROPE or rope_unsupported(rows, self.segments, *rope[:4]) is not None:
             return None
-        lora_in = None if self.lora is None else self.lora.product(x, rows)
+        lora_in = self._lora_in(x, rows)
         return matmul_4bit_rope(rows, self.segments, lora_in, self.scale, lora_in is not None, rope)
 
 
