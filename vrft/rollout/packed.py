@@ -51,9 +51,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # the gate/up launch").
 FOLD_SILU = True
 # The decode step's rotary stage (q rotated, k rotated and v into the KV cache) written by the q/k/v launch
-# itself (`matmul_4bit_rope`) where `nf4_mma` serves it, instead of a launch of its own after it. Off: its GPU
-# tests pass (the same bits), its speed is not measured yet (bench/rollout/results.md, "The rotary stage in
-# the q/k/v launch").
+# itself (`matmul_4bit_rope`) where `nf4_mma` serves it, instead of a launch of its own after it. Off: the same
+# bits, but slower (7B int4, 16 sequences, H100: 5.26 ms a decode step against 5.06; bench/rollout/results.md,
+# "The rotary fold timed"). The branch `rope-removal` removes it once its GPU tests have run.
 FOLD_ROPE = False
 PACKED_FIX = "set algorithm.rollout_engine=dequant (same memory, no kernel) or auto"
 
