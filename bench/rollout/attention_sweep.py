@@ -1,14 +1,14 @@
-"""Decode attention at Qwen2-VL-7B's shape: `vrft.kernels.decode_attention` by slices against SDPA (GPU).
+"""Decode attention at Qwen2-VL-7B's shape: `vrft.kernels.decode_attention` by slices against torch's (GPU).
 
     python bench/rollout/attention_sweep.py --out attention.json [--prompts 2] [--group 8] [--columns 0,63,127]
 
 Per (prompts x G sequences, prompt columns, the step's generated column): us per call of the decoder's torch
-attention (`DecodeOps`: SDPA over each row's prompt and generated columns put together, whichever backend
-torch picks) and of the kernel at each `(prompt slices, generated slices)` (and by columns per loop step and
-warps), each timed by `kernel_sweep.time_us` (Triton's CUDA-graph timer) over 3 layers' caches, one call per
-layer as a decode step makes them. The figures in results/tuning_call/ were taken by this script at commit
-a5a2dd9 (one cache per sequence, the prompt's columns copied to each), which timed with its own CUDA-graph
-loop.
+attention (`DecodeOps`, `torch_us`: each prompt's G rows as one batch over its cache, fp32; until the
+twenty-sixth session SDPA over each row's prompt and generated columns put together, `sdpa_us`) and of the
+kernel at each `(prompt slices, generated slices)` (and by columns per loop step and warps), each timed by
+`kernel_sweep.time_us` (Triton's CUDA-graph timer) over 3 layers' caches, one call per layer as a decode step
+makes them. The figures in results/tuning_call/ were taken by this script at commit a5a2dd9 (one cache per
+sequence, the prompt's columns copied to each), which timed with its own CUDA-graph loop.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def main() -> None:
             "prompt_columns": args.prompt_columns,
             "column": column,
         }
-        row["sdpa_us"] = time_us(attend, [(q, layer) for layer in range(LAYERS)])
+        row["torch_us"] = time_us(attend, [(q, layer) for layer in range(LAYERS)])
         if baseline is not None:  # its cache columns: the prompt's, then the generated ones up to `column`
             at.fill_(args.prompt_columns + column)
             row["baseline_us"] = time_us(baseline.decode_attention, old_calls)

@@ -1,9 +1,11 @@
 """Decode attention split along the cache (vrft.kernels.decode_attention) against softmax attention in fp64."""
 
 import importlib.util
+from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.kernels.graphs import eager_equal_to_replays
 from tests.kernels.interpreter import interpreted
@@ -89,6 +91,46 @@ def test_decode_attention_is_softmax_attention_and_replays_in_a_graph(
         lambda: decode_attention(q, keys, values, at, scale, prompt_keys, prompt_values, prompt_valid, slices)
     )
     assert_close_to_exact(out.cpu(), *[t.cpu() for t in inputs], scale)  # the fp64 reference on the CPU
+
+
+class LargestTensor(TorchDispatchMode):
+    """The most elements any op's output has while the mode is on."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "prompts, group, kv_heads, groups, head_dim, prompt_columns, steps, column, slices", CASES
+)
+def test_the_torch_decode_attention_reads_each_prompts_cache_once(
+    prompts, group, kv_heads, groups, head_dim, prompt_columns, steps, column, slices, dtype
+):
+    """`DecodeOps.attention` (the CPU's, and the fused ops' fallback) is within the fused kernel's bound of
+    fp64 attention, and makes no tensor as large as every row's whole cache: the copy of each prompt's keys
+    and values for each of its G rows, put together with the row's own, that the attention once made."""
+    from vrft.rollout.stages import DecodeOps
+
+    inputs = case(prompts, group, kv_heads, groups, head_dim, prompt_columns, steps, column, dtype, "cpu")
+    q, keys, values, at, prompt_keys, prompt_values, prompt_valid = inputs
+    state = SimpleNamespace(
+        keys=[keys], values=[values], prompt_keys=[prompt_keys], prompt_values=[prompt_values],
+        prompt_valid=prompt_valid, column=at,
+    )  # fmt: skip
+    attend = DecodeOps().attention(state, head_dim**-0.5)
+    with LargestTensor() as largest:
+        out = attend(q, 0)
+    assert_close_to_exact(out, *inputs, head_dim**-0.5)
+    assert largest.numel < keys.shape[0] * kv_heads * (prompt_columns + steps) * head_dim
 
 
 INTERPRETED = """

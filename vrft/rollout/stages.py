@@ -82,31 +82,51 @@ class DecodeOps:
         """This step's attention: `(q [N, kv_heads, groups, hd], layer) -> [N, kv_heads, groups, hd]`, over
         `state`'s (a `vrft.rollout.decoder.DecodeState`) prompt columns that its `prompt_valid` marks, each
         prompt's shared by its G rows, and each row's own generated columns up to `state.column` (the fused
-        attention reads no later one). Here each row's cache is the two put together (on the CPU, and in
-        the benchmarks' torch decode step)."""
-        group = state.keys[0].shape[0] // state.prompt_valid.shape[0]
-        masks: dict[torch.dtype, Tensor] = {}
+        attention reads no later one). What the static engines run on the CPU, the fused ops' fallback and
+        the benchmarks' torch decode step.
+
+        A prompt's G rows query its keys and values as one batch of G x groups queries, so its cache is read
+        once, not copied for each row; each row's own columns are read as a batch of its groups queries. One
+        softmax spans both parts: scores, probabilities and sums in fp32, the output rounded once. Not SDPA:
+        one call needs a key tensor per row (the prompt's repeated G times, the copy this avoids), and two
+        calls cannot be merged, as SDPA returns no log-sum-exp."""
+        masks: dict[torch.device, Tensor] = {}
 
         def attend(q: Tensor, layer: int) -> Tensor:
-            # the mask additive, once per step (SDPA makes it from a boolean mask every call), and made at the
-            # first call, so that the fused ops' fallback launches nothing unless it runs
-            if q.dtype not in masks:
-                steps = state.keys[0].shape[2]
-                generated = torch.arange(steps, device=q.device) <= state.column
+            prompt_keys, prompt_values = state.prompt_keys[layer], state.prompt_values[layer]
+            keys, values = state.keys[layer], state.values[layer]
+            prompts, kv_heads, prompt_columns, head_dim = prompt_keys.shape
+            count, _, groups, _ = q.shape
+            group = count // prompts
+
+            def per_prompt(x: Tensor) -> Tensor:  # [N, kv, groups, c] -> [P, kv, G groups, c]
+                x = x.reshape(prompts, group, kv_heads, groups, x.shape[-1]).transpose(1, 2)
+                return x.reshape(prompts, kv_heads, group * groups, -1)
+
+            def per_row(x: Tensor) -> Tensor:  # the inverse
+                x = x.reshape(prompts, kv_heads, group, groups, x.shape[-1]).transpose(1, 2)
+                return x.reshape(count, kv_heads, groups, -1)
+
+            # the additive mask, made once a step at the first call (the fused ops' fallback launches nothing
+            # unless it runs)
+            if q.device not in masks:
+                generated = torch.arange(keys.shape[2], device=q.device) <= state.column
                 valid = torch.cat(
-                    (state.prompt_valid.repeat_interleave(group, dim=0), generated.expand(q.shape[0], -1)),
-                    dim=1,
+                    (state.prompt_valid.repeat_interleave(group, dim=0), generated.expand(count, -1)), dim=1
                 )
-                mask = torch.zeros(valid.shape, dtype=q.dtype, device=q.device)
-                masks[q.dtype] = mask.masked_fill_(~valid, float("-inf"))[:, None, None, :]
-            keys, values = (
-                torch.cat((prompt.repeat_interleave(group, dim=0), own), dim=2)
-                for prompt, own in (
-                    (state.prompt_keys[layer], state.keys[layer]),
-                    (state.prompt_values[layer], state.values[layer]),
-                )
+                mask = torch.zeros(valid.shape, dtype=torch.float32, device=q.device)
+                masks[q.device] = mask.masked_fill_(~valid, float("-inf"))[:, None, None, :]
+            query = q.float() * scale
+            scores = torch.cat(
+                (
+                    per_row(per_prompt(query) @ prompt_keys.float().transpose(-1, -2)),
+                    query @ keys.float().transpose(-1, -2),
+                ),
+                dim=-1,
             )
-            return F.scaled_dot_product_attention(q, keys, values, attn_mask=masks[q.dtype], scale=scale)
+            probs = (scores + masks[q.device]).softmax(dim=-1)
+            out = per_row(per_prompt(probs[..., :prompt_columns]) @ prompt_values.float())
+            return out.add_(probs[..., prompt_columns:] @ values.float()).to(q.dtype)
 
         return attend
 
