@@ -244,9 +244,9 @@ def test_decoder_rms_norm_is_the_policys_norm_bit_for_bit(dtype):
 @pytest.mark.gpu
 def test_fused_decode_ops_give_the_torch_decode_steps_logits_on_cuda():
     # One decode step's element-wise stages and attention in Triton (FusedDecodeOps) against torch's
-    # (DecodeOps, SDPA), teacher forced over the same tokens from the same prefill. The fused RMSNorm sums in
+    # (DecodeOps), teacher forced over the same tokens from the same prefill. The fused RMSNorm sums in
     # another order, so a rare 16-bit value rounds one step away (tests/kernels/test_decode_fusions.py), and
-    # both attentions round their probabilities to bf16 (2^-8 relative) at different places; through two
+    # the kernel rounds its attention probabilities to bf16 (2^-8 relative) where torch's keeps fp32; through two
     # small layers that moves logits of magnitude ~1 by ~1e-2 at most, while a wrong rotation, cache column,
     # mask or norm moves them by ~1: 2^-4 separates the two.
     from vrft.rollout.base import Sampling
