@@ -116,8 +116,6 @@ SWITCHES.update(
 )
 # silu(gate) * up written by the gate/up launch (packed.FOLD_SILU) or by a SiLU launch of its own
 SWITCHES.update({":fold_silu": (packed, "FOLD_SILU", True), ":unfold_silu": (packed, "FOLD_SILU", False)})
-# the rotary stage written by the q/k/v launch (packed.FOLD_ROPE) or by a launch of its own
-SWITCHES.update({":fold_rope": (packed, "FOLD_ROPE", True), ":unfold_rope": (packed, "FOLD_ROPE", False)})
 # nf4_mma's K split aimed at other counts of programs a multiprocessor (MMA_DEFAULTS' programs_per_sm: 8;
 # `:pps8` is the default again, a second run of it in the same call)
 SWITCHES.update(

@@ -59,8 +59,6 @@ def test_codes_and_x_take_the_same_permutation_of_each_blocks_columns(blocks):
         {},
         {"lora_rank": 64, "segments": 3, "bias": True},
         {"lora_rank": 64, "segments": 2, "silu_pairs": True},
-        {"lora_rank": 64, "segments": 3, "bias": True, "rope_head_dim": 128},
-        {"lora_rank": 64, "segments": 3, "bias": True, "rope_head_dim": 32},
     ],
 )
 def test_the_main_loop_moves_no_code_through_shared_memory_and_keeps_four_programs_per_multiprocessor(
@@ -212,23 +210,6 @@ def test_launch_passes_the_kernel_each_of_its_parameters_once(monkeypatch):
     assert y.shape == (16, 384) and bound["grid"] == (12, 1, 1)
     assert arguments["SILU_PAIRS"] and arguments["SEGMENTS"] == 2
     assert arguments["partial_ptr"].numel() == 12 * 16 * 64
-    # q, k and v with `rope`: q's width out, the angles' and caches' strides and each weight's tiles bound
-    table = torch.zeros(3, len(nf4_segments.SEGMENT_FIELDS), dtype=torch.int64)
-    angles = torch.zeros(16, 1, 128, dtype=torch.bfloat16)
-    keys = torch.zeros(16, 1, 9, 128, dtype=torch.bfloat16)
-    rope = (angles, angles, keys, torch.zeros_like(keys), torch.tensor([2]))
-    y = nf4_mma.launch((packed, state, torch.zeros(384), lora_b), (384, 128, 128), table, 64, x, lora_in, 2.0,
-                       unsplit, rope=rope)  # fmt: skip
-    arguments = bound["arguments"].arguments
-    assert y.shape == (16, 384) and bound["grid"] == (10, 1, 1)
-    assert arguments["ROPE_HEAD_DIM"] == 128 and arguments["ROPE_GROUP"] == 2
-    assert (arguments["q_tiles"], arguments["k_tiles"], arguments["stride_cs"]) == (6, 2, 128)
-    assert (arguments["stride_cn"], arguments["stride_ch"], arguments["stride_cl"]) == (9 * 128, 9 * 128, 128)
-    assert arguments["partial_ptr"].numel() == 10 * 16 * 64
-    with pytest.raises(ValueError, match="rope: the caches' shape"):
-        nf4_mma.launch((packed, state, None, lora_b), (384, 256, 256), table, 64, x, lora_in, 2.0, unsplit,
-                       rope=rope)  # fmt: skip
-    table = torch.zeros(2, len(nf4_segments.SEGMENT_FIELDS), dtype=torch.int64)
     for sizes, bias in (((384, 384, 384), None), ((384, 128), None), ((384, 384), torch.zeros(384))):
         with pytest.raises(ValueError, match="silu_pairs: takes two weights of one shape without bias"):
             nf4_mma.launch((packed, state, bias, lora_b), sizes, table, 64, x, lora_in, 2.0, unsplit,
@@ -452,60 +433,6 @@ def test_the_gate_up_launch_writes_silu_gate_times_up_bit_for_bit_under_graph_re
         unfolded = nf4_matmul.matmul_4bit_segments(x, group, product, 2.0, x_ready=True)
         expected = decode_fusions.silu_mul(unfolded[:, :136], unfolded[:, 136:])
         torch.testing.assert_close(routed, expected, rtol=0, atol=0)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("head_dim", [128, 64, 16])
-@pytest.mark.parametrize("rows", [8, 17])
-@pytest.mark.parametrize("split_k", [1, 3])
-def test_the_q_k_v_launch_writes_the_rotary_stage_bit_for_bit_under_graph_replay(head_dim, rows, split_k):
-    # `rope`: q rotated, k rotated and v written into the caches by the q/k/v launch, bit for bit what
-    # decode_fusions.rope_into_cache writes from the same launch's unrotated outputs (the same partials
-    # summed in the same order, the bias added and rounded as the store does, the same rotary arithmetic).
-    # Heads of 128 columns span two 64-row tiles (one counter for both), of 64 one tile, of 16 four heads a
-    # tile, and k's 32 columns end inside its tile; K = 1280 so a split of 3 has a short last slice; bias and
-    # LoRA as Qwen2's q/k/v have them; replays of a graph write the same again (counters back at zero).
-    from vrft.kernels import decode_fusions
-
-    torch.manual_seed(0)
-    heads, kv_heads = 4, 2
-    sizes = (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)
-    weights = [quantised(n, 1280) for n in sizes]
-    biases = [torch.randn(n, dtype=torch.bfloat16, device="cuda") for n in sizes]
-    lora_bs = [torch.randn(n, 16, device="cuda") * 0.05 for n in sizes]
-    x = torch.randn(rows, 1280, dtype=torch.bfloat16, device="cuda")
-    product = torch.randn(rows, 48, device="cuda").to(torch.bfloat16)
-    group = nf4_segments.segments(
-        [(p, s, b, lb, c) for (p, s), b, lb, c in zip(weights, biases, lora_bs, (0, 16, 32), strict=True)]
-    )
-    config = {**nf4_mma.launch_config(rows, sum(sizes), 1280, x.device), "SPLIT_K": split_k}
-    angles = torch.randn(rows, 1, head_dim, device="cuda") * 3
-    cos, sin = angles.cos().to(torch.bfloat16), angles.sin().to(torch.bfloat16)
-    start = torch.randn(2, rows, kv_heads, 10, head_dim, dtype=torch.bfloat16, device="cuda")
-    caches = torch.cat([start, start])  # keys and values for the folded launch, the same for the reference
-    column = torch.tensor([4], device="cuda")
-
-    def launch(rope=None):
-        return nf4_mma.launch(
-            group.first, group.out_features, group.table, group.lora_rank, x, product, 2.0, config, rope=rope
-        )
-
-    folded = eager_equal_to_replays(lambda: launch((cos, sin, caches[0], caches[1], column)))
-    y = launch()
-    q, k, v = (part[:, None] for part in y.split(sizes, dim=1))
-    expected = decode_fusions.rope_into_cache(q, k, v, cos, sin, caches[2], caches[3], column)
-    assert folded.shape == (rows, sizes[0])
-    torch.testing.assert_close(folded.view(rows, heads, 1, head_dim), expected, rtol=0, atol=0)
-    torch.testing.assert_close(caches[0], caches[2], rtol=0, atol=0)  # every column: the step's and the rest
-    torch.testing.assert_close(caches[1], caches[3], rtol=0, atol=0)
-    if split_k == 1 and rows == 8:  # matmul_4bit_rope, no config: the launch as `launch` configures it
-        rope = (cos, sin, caches[0], caches[1], column)
-        routed = nf4_matmul.matmul_4bit_rope(x, group, product, 2.0, True, rope)
-        unrotated = nf4_matmul.matmul_4bit_segments(x, group, product, 2.0, x_ready=True)
-        q, k, v = (part[:, None] for part in unrotated.split(sizes, dim=1))
-        expected = decode_fusions.rope_into_cache(q, k, v, cos, sin, caches[2], caches[3], column)
-        torch.testing.assert_close(routed.view(rows, heads, 1, head_dim), expected, rtol=0, atol=0)
-        torch.testing.assert_close(caches[0], caches[2], rtol=0, atol=0)
 
 
 @pytest.mark.gpu

@@ -262,63 +262,6 @@ def test_the_gate_writes_silu_gate_times_up_in_the_gate_up_launch_where_switched
     assert unequal.gate.silu_mul_with(unequal.up, x) is None
 
 
-def test_the_q_projection_writes_the_rotary_stage_in_the_q_k_v_launch_where_switched_on(monkeypatch):
-    # The routing on the CPU, as the SiLU's above: a q grouped with its k and v hands the decoder q rotated
-    # from one `matmul_4bit_rope` call (which writes k and v into the caches), with the group's x A^T and
-    # the step's angles and caches; nothing where FOLD_ROPE is off, for the k, for the gate/up group, or
-    # where the caches do not match the weights.
-    from vrft.kernels import nf4_matmul
-    from vrft.rollout import packed
-
-    torch.manual_seed(0)
-    layer = SimpleNamespace(q=kernel_layer(32, 8, bias=True), k=kernel_layer(16, 8, bias=True),
-                            v=kernel_layer(16, 8, bias=True), gate=kernel_layer(40, 8), up=kernel_layer(40, 8))  # fmt: skip
-    group_projections(layer)
-    x = torch.randn(2, 1, 24, dtype=torch.bfloat16)
-    rows = x.reshape(-1, 24)
-    angles = torch.randn(2, 1, 8)
-    rope = (angles.cos().bfloat16(), angles.sin().bfloat16(), torch.zeros(2, 2, 5, 8, dtype=torch.bfloat16),
-            torch.zeros(2, 2, 5, 8, dtype=torch.bfloat16), torch.tensor([3]))  # fmt: skip
-    group = layer.q.grouped[0].segments
-    assert "not on a CUDA device" in nf4_matmul.rope_unsupported(rows, group, *rope[:4])
-    assert "takes three weights" in nf4_matmul.rope_unsupported(
-        rows, layer.gate.grouped[0].segments, *rope[:4]
-    )
-    wide = torch.zeros(2, 1, 5, 8, dtype=torch.bfloat16)  # one KV head where k has two
-    assert "does not match k's 16 columns" in nf4_matmul.rope_unsupported(
-        rows, group, rope[0], rope[1], wide, wide
-    )
-
-    def off_cuda(rows, group, *tensors):  # the CPU's reason taken away, the others kept
-        reason = nf4_matmul.rope_unsupported(rows, group, *tensors)
-        return None if reason == "x is not on a CUDA device" else reason
-
-    calls = []
-
-    def launch(rows, group, lora_in, scale, x_ready, rope):
-        calls.append((rows, group, lora_in, scale, x_ready, rope))
-        return torch.zeros(rows.shape[0], group.out_features[0], dtype=rows.dtype)
-
-    monkeypatch.setattr(packed, "rope_unsupported", off_cuda)
-    monkeypatch.setattr(packed, "matmul_4bit_rope", launch)
-    monkeypatch.setattr(packed, "FOLD_ROPE", False)
-    assert layer.q.rope_into_cache_with(layer.k, layer.v, x, rope) is None and not calls
-    monkeypatch.setattr(packed, "FOLD_ROPE", True)
-    q = layer.q.rope_into_cache_with(layer.k, layer.v, x, rope)
-    assert q.shape == (2, 4, 1, 8) and len(calls) == 1  # [rows, heads, 1, head_dim], as rope_into_cache's
-    called_rows, called_group, lora_in, scale, x_ready, called_rope = calls[0]
-    assert torch.equal(called_rows, rows) and called_group is group and called_rope is rope
-    torch.testing.assert_close(
-        lora_in, rows.float() @ layer.q.shared[0].weight.float().T, rtol=0.02, atol=0.05
-    )
-    assert scale == 2.0 and x_ready
-    assert layer.k.rope_into_cache_with(layer.q, layer.v, x, rope) is None  # the kernel's order: q first
-    assert layer.q.rope_into_cache_with(layer.v, layer.k, x, rope) is None
-    assert layer.gate.rope_into_cache_with(layer.up, layer.up, x, rope) is None
-    assert layer.q.rope_into_cache_with(layer.k, layer.v, torch.randn(65, 24), rope) is None  # prefill rows
-    assert len(calls) == 1
-
-
 def int4_tiny_policy():
     """The tiny model in int4 on CUDA with a trained-looking LoRA adapter, and its processor."""
     from vrft.precision import Int4Precision
@@ -363,29 +306,25 @@ def test_packed_engine_greedy_tokens_match_generate_on_int4_weights():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(
-    "switch, entry", [("FOLD_SILU", "matmul_4bit_silu"), ("FOLD_ROPE", "matmul_4bit_rope")]
-)
-def test_a_stage_folded_into_its_launch_changes_no_token_and_no_log_prob(monkeypatch, switch, entry):
-    # `silu(gate) * up` written by the gate/up launch (packed.FOLD_SILU), q rotated and k and v in the cache
-    # written by the q/k/v launch (packed.FOLD_ROPE): bit for bit what the stage's own launch computes
-    # (tests/kernels/test_nf4_mma.py), so the rollout is the same: the same greedy tokens and bit-identical
-    # log-probs; and the fold did run.
+def test_the_folded_silu_changes_no_token_and_no_log_prob(monkeypatch):
+    # `silu(gate) * up` written by the gate/up launch (packed.FOLD_SILU) is bit for bit what the SiLU launch
+    # computes from the two rounded outputs (tests/kernels/test_nf4_mma.py), so the rollout is the same:
+    # the same greedy tokens and bit-identical log-probs; and the fold did run, once a layer and step.
     from vrft.rollout import packed
 
     policy, processor = int4_tiny_policy()
     device = torch.device("cuda")
     calls = []
-    launch = getattr(packed, entry)
 
     def counted(*args, **kwargs):
         calls.append(args[0].shape)
-        return launch(*args, **kwargs)
+        return packed_silu(*args, **kwargs)
 
-    monkeypatch.setattr(packed, entry, counted)
+    packed_silu = packed.matmul_4bit_silu
+    monkeypatch.setattr(packed, "matmul_4bit_silu", counted)
     runs = {}
     for fold in (True, False):
-        monkeypatch.setattr(packed, switch, fold)
+        monkeypatch.setattr(packed, "FOLD_SILU", fold)
         calls.clear()
         engine = PackedEngine()
         with torch.autocast("cuda", dtype=torch.bfloat16):

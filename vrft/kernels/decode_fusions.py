@@ -115,24 +115,18 @@ if triton is not None:
         else:
             source = k_ptr + row * stride_k + kv_head * HEAD_DIM
         x = tl.load(source + index)
-        y = rope_rotate(x, tl.load(source + partner), index < half, cos, sin, PTX)
+        dtype: tl.constexpr = x.dtype
+        other = tl.load(source + partner)
+        rotated = tl.where(index < half, -other, other)
+        first = (x.to(tl.float32) * cos).to(dtype)
+        second = (rotated.to(tl.float32) * sin).to(dtype)
+        y = _add(first.to(tl.float32), second.to(tl.float32), PTX).to(dtype)
         if head < HEADS:
             tl.store(out_ptr + (row * HEADS + head) * HEAD_DIM + index, y)
         else:
             slot = row * stride_cn + kv_head * stride_ch + tl.load(column_ptr) * stride_cl + index
             tl.store(keys_ptr + slot, y)
             tl.store(values_ptr + slot, tl.load(v_ptr + row * stride_v + kv_head * HEAD_DIM + index))
-
-    @triton.jit
-    def rope_rotate(x, other, first_half, cos, sin, PTX: tl.constexpr):
-        """`x cos + rotate_half(x) sin` of 16-bit `x`, `other` the value of its partner column (the other half
-        of its head; negated where `first_half`): each product rounded to x's dtype, then their sum, as torch
-        computes it. Creates no tensor of its own, so `nf4_mma`'s Gluon kernel calls it too (`_store_rope`)."""
-        dtype: tl.constexpr = x.dtype
-        rotated = tl.where(first_half, -other, other)
-        first = (x.to(tl.float32) * cos.to(tl.float32)).to(dtype)
-        second = (rotated.to(tl.float32) * sin.to(tl.float32)).to(dtype)
-        return _add(first.to(tl.float32), second.to(tl.float32), PTX).to(dtype)
 
     @triton.jit
     def _silu_mul_kernel(

@@ -356,32 +356,12 @@ def matmul_4bit_segments(
 def silu_pairs_unsupported(x: Tensor, group: Segments) -> str | None:
     """Why `matmul_4bit_silu` cannot take this call (None: it can): the gate and up weights of `group`,
     on `x [rows, K]`."""
-    return _fold_unsupported(
-        x, group, nf4_mma.silu_pairs_unsupported(group.out_features, group.table, group.first[2])
-    )
-
-
-def _fold_unsupported(x: Tensor, group: Segments, launch_reason: str | None) -> str | None:
-    """Why a launch that folds a stage into `group`'s matmul cannot take `x` (None: it can), `launch_reason`
-    being what `nf4_mma` said of the weights."""
-    if launch_reason is not None:
-        return f"nf4_mma's launch {launch_reason}"
+    reason = nf4_mma.silu_pairs_unsupported(group.out_features, group.table, group.first[2])
+    if reason is not None:
+        return f"nf4_mma's launch {reason}"
     if not x.is_cuda:
         return "x is not on a CUDA device"
     return mma_unsupported(group.first[1], x)
-
-
-def _folded_launch(x, group: Segments, lora_in, lora_scale, x_ready, reason: str | None, stage: str, **fold):
-    """`nf4_mma.launch` of `group` on `x` with a stage folded in (`fold`: its `silu_pairs` or `rope`), where
-    `reason` (the stage's `..._unsupported`) is None; else a ValueError naming the stage and the reason."""
-    if reason is not None:
-        raise ValueError(f"the {stage} cannot be folded into this launch: {reason}")
-    if group.lora_rank > MAX_LORA_RANK:
-        raise ValueError(f"LoRA rank {group.lora_rank} > {MAX_LORA_RANK} is not fused")
-    return nf4_mma.launch(
-        group.first, group.out_features, group.table, group.lora_rank, x, lora_in, lora_scale, None, x_ready,
-        **fold,
-    )  # fmt: skip
 
 
 def matmul_4bit_silu(
@@ -392,34 +372,14 @@ def matmul_4bit_silu(
     split-K epilogue (`nf4_mma._store_silu_pairs`). Bit for bit `decode_fusions.silu_mul` of the two halves
     of `matmul_4bit_segments`' output; `silu_pairs_unsupported` must be None."""
     reason = silu_pairs_unsupported(x, group)
-    return _folded_launch(x, group, lora_in, lora_scale, x_ready, reason, "SiLU", silu_pairs=True)
-
-
-def rope_unsupported(
-    x: Tensor, group: Segments, cos: Tensor, sin: Tensor, keys: Tensor, values: Tensor
-) -> str | None:
-    """Why `matmul_4bit_rope` cannot take this call (None: it can): the q, k and v weights of `group` on
-    `x [rows, K]`, a decode step's angles and caches."""
-    return _fold_unsupported(
-        x, group, nf4_mma.rope_unsupported(group.out_features, group.table, x, cos, sin, keys, values)
-    )
-
-
-def matmul_4bit_rope(
-    x: Tensor,
-    group: Segments,
-    lora_in: Tensor | None,
-    lora_scale: float,
-    x_ready: bool,
-    rope: tuple[Tensor, Tensor, Tensor, Tensor, Tensor],
-) -> Tensor:
-    """The q/k/v projections of a decode step and its rotary stage in one launch of `nf4_mma`'s kernel:
-    `rope` is `(cos, sin, keys, values, column)` as `decode_fusions.rope_into_cache` takes them; returns q
-    rotated `[M, Nq]` and writes k rotated and v into the caches at `column`, bit for bit what
-    `rope_into_cache` writes from `matmul_4bit_segments`' output (`nf4_mma._store_rope`);
-    `rope_unsupported` must be None."""
-    reason = rope_unsupported(x, group, *rope[:4])
-    return _folded_launch(x, group, lora_in, lora_scale, x_ready, reason, "rotary stage", rope=rope)
+    if reason is not None:
+        raise ValueError(f"the SiLU cannot be folded into this launch: {reason}")
+    if group.lora_rank > MAX_LORA_RANK:
+        raise ValueError(f"LoRA rank {group.lora_rank} > {MAX_LORA_RANK} is not fused")
+    return nf4_mma.launch(
+        group.first, group.out_features, group.table, group.lora_rank, x, lora_in, lora_scale, None, x_ready,
+        silu_pairs=True,
+    )  # fmt: skip
 
 
 def _launch(x, first, out_features, table, rank, lora_in, lora_scale, config, x_ready) -> Tensor:

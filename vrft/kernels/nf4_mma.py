@@ -57,7 +57,7 @@ try:
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
     # triton.jit functions that create no tensor of their own, so a Gluon kernel can call them
-    from vrft.kernels.decode_fusions import rope_rotate, silu_times
+    from vrft.kernels.decode_fusions import silu_times
     from vrft.kernels.launch_order import wait_for_inputs
     from vrft.kernels.nf4_epilogue import finish_output
     from vrft.kernels.nf4_segments import segment
@@ -314,11 +314,8 @@ if gluon is not None:
         x_ptr, packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, bias_ptr,
         lora_in_ptr, lora_b_ptr, lora_scale, partial_ptr, counter_ptr, y_ptr, segments_ptr,
         M, N, K, stride_xm, stride_lm, stride_ym, lora_rank, iters_per_split, split_k,
-        cos_ptr, sin_ptr, keys_ptr, values_ptr, column_ptr, stride_cs, stride_cn, stride_ch, stride_cl,
-        q_tiles, k_tiles,
         NESTED: gl.constexpr, NESTED_BLOCKSIZE: gl.constexpr, HAS_BIAS: gl.constexpr,
         LORA_RANK: gl.constexpr, SEGMENTS: gl.constexpr, SILU_PAIRS: gl.constexpr,
-        ROPE_HEAD_DIM: gl.constexpr, ROPE_GROUP: gl.constexpr,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCKS: gl.constexpr, SPLIT: gl.constexpr,
         ABSMAX_WORDS: gl.constexpr, PREFETCH: gl.constexpr, CLAMP_ROWS: gl.constexpr,
         SLICE_BLOCKS: gl.constexpr, SCALES: gl.constexpr, SCALES_SHARED: gl.constexpr,
@@ -424,17 +421,12 @@ if gluon is not None:
                 segments_ptr, pid_n, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, bias_ptr,
                 lora_in_ptr, lora_b_ptr, y_ptr, SEGMENTS, BLOCK_N,
             )  # fmt: skip
-            if not SILU_PAIRS and ROPE_HEAD_DIM == 0:  # (paired or rotated: one output from its first column)
+            if not SILU_PAIRS:  # (paired, the two weights write one output from its first column)
                 y_ptr = y_segment
         if LORA_RANK > 0:
             acc = _lora_term(acc, pid_m, pid_k, split_k, rows_s, M, N, lora_in_ptr, lora_b_ptr, lora_scale,
                              lora_rank, stride_lm, DTYPE, BLOCK_M, BLOCK_N, MMA, A, B)  # fmt: skip
-        if ROPE_HEAD_DIM > 0:
-            _store_rope(acc, pid_n, pid_m, pid_k, M, N, partial_ptr, counter_ptr, split_k, bias_ptr, y_ptr,
-                        stride_ym, cos_ptr, sin_ptr, keys_ptr, values_ptr, column_ptr, stride_cs, stride_cn,
-                        stride_ch, stride_cl, q_tiles, k_tiles, HAS_BIAS, ROPE_HEAD_DIM, ROPE_GROUP, BLOCK_M,
-                        BLOCK_N, MMA)  # fmt: skip
-        elif SILU_PAIRS:
+        if SILU_PAIRS:
             _store_silu_pairs(acc, pid_n, pid_m, pid_k, tile_n, M, N, partial_ptr, counter_ptr, split_k, y_ptr,
                               stride_ym, BLOCK_M, BLOCK_N, MMA)  # fmt: skip
         else:
@@ -645,94 +637,6 @@ if gluon is not None:
             )
 
     @gluon.jit
-    def _store_rope(acc, pid_n, pid_m, pid_k, M, N, partial_ptr, counter_ptr, split_k, bias_ptr, y_ptr, stride_ym,
-                    cos_ptr, sin_ptr, keys_ptr, values_ptr, column_ptr, stride_cs, stride_cn, stride_ch, stride_cl,
-                    q_tiles, k_tiles, HAS_BIAS: gl.constexpr, HEAD_DIM: gl.constexpr, GROUP: gl.constexpr,
-                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, MMA: gl.constexpr):  # fmt: skip
-        """The rotary stage of a q/k/v launch (`launch`'s `rope`): q rotated into `y`, k rotated and v into the
-        KV cache at the step's column, as `decode_fusions.rope_into_cache` writes them from the unrotated
-        outputs. The K slices' sums go through the workspace (even unsplit). A q or k head's columns lie in
-        `GROUP` tiles (one where a tile holds whole heads), which share one counter: the last of their
-        `GROUP split_k` slices to arrive adds up each column's sums and its partner's (the other half of its
-        head), adds the bias and rounds both as `_store` would, and rotates (`decode_fusions.rope_rotate`).
-        A v tile's last slice adds up, rounds and writes its columns into the value cache."""
-        tiles = gl.num_programs(0)
-        TILE: gl.constexpr = BLOCK_M * BLOCK_N
-        DTYPE: gl.constexpr = y_ptr.dtype.element_ty
-        lanes = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
-        columns = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
-        local = _tile_offsets(BLOCK_M, BLOCK_N, MMA)
-        base = pid_m * tiles
-        rotated = pid_n < q_tiles + k_tiles
-        first_tile = pid_n
-        arrivals = split_k
-        if rotated:
-            first_tile = pid_n - pid_n % GROUP
-            arrivals = GROUP * split_k
-        slot = partial_ptr + ((base + pid_n).to(gl.int64) * split_k + pid_k) * TILE + local
-        arrived = _arrive(acc, slot, counter_ptr + base + first_tile)
-        if arrived == arrivals - 1:
-            rows = pid_m * BLOCK_M + columns  # x's rows: the output's
-            in_rows = (rows < M)[None, :]
-            column = gl.load(column_ptr)
-            if rotated:
-                for g in gl.static_range(GROUP):
-                    tile = first_tile + g
-                    within = g * BLOCK_N + lanes  # the column's place in the group (a whole number of heads)
-                    partner = within ^ (HEAD_DIM // 2)
-                    own_ptrs = partial_ptr + (base + tile).to(gl.int64) * split_k * TILE + local
-                    partner_tiles = (base + first_tile + partner // BLOCK_N).to(gl.int64) * split_k * TILE
-                    partner_ptrs = (
-                        partial_ptr
-                        + (partner_tiles + (partner % BLOCK_N) * BLOCK_M)[:, None]
-                        + columns[None, :]
-                    )
-                    own = _slices_sum(own_ptrs, split_k, TILE, acc)
-                    other = _slices_sum(partner_ptrs, split_k, TILE, acc)
-                    weight_tile = tile
-                    if tile >= q_tiles:
-                        weight_tile = tile - q_tiles
-                    feature = weight_tile * BLOCK_N + lanes  # the column of its weight (q's or k's)
-                    partner_feature = feature - within + partner
-                    in_weight = (feature < N)[:, None]
-                    if HAS_BIAS:
-                        own += gl.load(bias_ptr + feature, mask=feature < N, other=0.0).to(gl.float32)[
-                            :, None
-                        ]
-                        other += gl.load(bias_ptr + partner_feature, mask=partner_feature < N,
-                                         other=0.0).to(gl.float32)[:, None]  # fmt: skip
-                    dim = feature % HEAD_DIM
-                    mask = in_weight & in_rows
-                    angles = (rows * stride_cs)[None, :] + dim[:, None]
-                    cos = gl.load(cos_ptr + angles, mask=mask, other=0.0)
-                    sin = gl.load(sin_ptr + angles, mask=mask, other=0.0)
-                    out = rope_rotate(
-                        own.to(DTYPE), other.to(DTYPE), (dim < HEAD_DIM // 2)[:, None], cos, sin, True
-                    )
-                    if tile < q_tiles:
-                        gl.store(y_ptr + (rows * stride_ym)[None, :] + feature[:, None], out, mask=mask)
-                    else:
-                        slots = (rows * stride_cn)[None, :] + ((feature // HEAD_DIM) * stride_ch + dim)[
-                            :, None
-                        ]
-                        gl.store(keys_ptr + slots + column * stride_cl, out, mask=mask)
-            else:
-                own = _slices_sum(
-                    partial_ptr + (base + pid_n).to(gl.int64) * split_k * TILE + local, split_k, TILE, acc
-                )
-                feature = (pid_n - q_tiles - k_tiles) * BLOCK_N + lanes
-                if HAS_BIAS:
-                    own += gl.load(bias_ptr + feature, mask=feature < N, other=0.0).to(gl.float32)[:, None]
-                dim = feature % HEAD_DIM
-                slots = (rows * stride_cn)[None, :] + ((feature // HEAD_DIM) * stride_ch + dim)[:, None]
-                gl.store(
-                    values_ptr + slots + column * stride_cl,
-                    own.to(DTYPE),
-                    mask=(feature < N)[:, None] & in_rows,
-                )
-            gl.atomic_xchg(counter_ptr + base + first_tile, 0)
-
-    @gluon.jit
     def _finish(acc, pid_m, tile_n, M, N, bias_ptr, y_ptr, stride_ym, BLOCK_M: gl.constexpr,
                 BLOCK_N: gl.constexpr, HAS_BIAS: gl.constexpr):  # fmt: skip
         """`nf4_epilogue.finish_output` of `acc [BLOCK_N, BLOCK_M]` turned round (a relabelling of registers)."""
@@ -792,36 +696,6 @@ def silu_pairs_unsupported(out_features, table, bias) -> str | None:
     return None
 
 
-def rope_unsupported(out_features, table, x: Tensor, cos: Tensor, sin: Tensor, keys: Tensor,
-                     values: Tensor) -> str | None:  # fmt: skip
-    """Why a launch over the weights `out_features` lists cannot write the rotary stage (`launch`'s `rope`),
-    or None: it takes q, k and v weights in one segment table, k and v of one shape, whole heads of the
-    caches' head size, and caches and angles in x's dtype with a row per row of x."""
-    if table is None or len(out_features) != 3 or out_features[1] != out_features[2]:
-        return (
-            f"takes three weights, q, k and v, k and v of one shape, not out_features {tuple(out_features)}"
-        )
-    head_dim = keys.shape[-1]
-    if (
-        keys.dim() != 4
-        or keys.shape != values.shape
-        or keys.stride() != values.stride()
-        or keys.stride(-1) != 1
-    ):
-        return "the key and value caches need one [rows, kv_heads, columns, head_dim] layout, head_dim contiguous"
-    if head_dim < 2 or head_dim & (head_dim - 1) or out_features[0] % head_dim:
-        return f"head_dim {head_dim} is not a power of two dividing q's {out_features[0]} columns"
-    if out_features[1] != keys.shape[1] * head_dim or keys.shape[0] != x.shape[0]:
-        return (
-            f"the caches' shape {tuple(keys.shape)} does not match k's {out_features[1]} columns and x's rows"
-        )
-    if cos.shape[-1] != head_dim or cos.numel() != x.shape[0] * head_dim or cos.stride() != sin.stride():
-        return "cos and sin need one layout with head_dim angles a row of x"
-    if cos.stride(-1) != 1 or len({x.dtype, keys.dtype, cos.dtype, sin.dtype}) > 1:
-        return "cos, sin and the caches need x's dtype, the angles contiguous"
-    return None
-
-
 def matmul_4bit_mma(
     x: Tensor, packed: Tensor, quant_state, bias: Tensor | None = None, config: dict | None = None
 ):
@@ -831,7 +705,7 @@ def matmul_4bit_mma(
 
 
 def launch(first, out_features, table, rank, x, lora_in, lora_scale, config, x_ready: bool = False,
-           silu_pairs: bool = False, rope: tuple | None = None) -> Tensor:  # fmt: skip
+           silu_pairs: bool = False) -> Tensor:  # fmt: skip
     """One launch over the weights `out_features` lists (several: their segment `table`), as
     `nf4_matmul._launch` takes them: `first` the first weight's `(packed, quant_state, bias, lora_b)`.
 
@@ -841,19 +715,12 @@ def launch(first, out_features, table, rank, x, lora_in, lora_scale, config, x_r
 
     `silu_pairs`: the two weights are a gate and an up projection of one shape without bias, and the launch
     returns `silu(gate) * up` `[M, N]` instead of the two outputs side by side (`_store_silu_pairs`).
-
-    `rope`: `(cos, sin, keys, values, column)` of a decode step, for a q/k/v launch (as
-    `decode_fusions.rope_into_cache` takes them): the launch returns q rotated `[M, Nq]` and writes k rotated
-    and v into the caches at `column` (`_store_rope`; `rope_unsupported` says what it takes).
     """
     packed, quant_state, bias, lora_b = first
     rows, in_features = x.shape
     reason = silu_pairs_unsupported(out_features, table, bias) if silu_pairs else None
     if reason is not None:
         raise ValueError(f"silu_pairs: {reason}")
-    reason = rope_unsupported(out_features, table, x, *rope[:4]) if rope is not None else None
-    if reason is not None:
-        raise ValueError(f"rope: {reason}")
     if x.stride(1) != 1:
         x = x.contiguous()
     if config is None:  # x_shared only where the kernel waits for x, and on 16-row tiles (MMA_DEFAULTS)
@@ -870,17 +737,8 @@ def launch(first, out_features, table, rank, x, lora_in, lora_scale, config, x_r
     if rows > block_m:
         raise ValueError(f"{rows} rows > BLOCK_M={block_m}")
     grid = (sum(triton.cdiv(n, block_n) for n in out_features), 1, split_k)
-    width = out_features[0] if silu_pairs or rope is not None else sum(out_features)
-    through = silu_pairs or rope is not None
-    y, partial, counters = launch_outputs(x, width, grid, block_m, block_n, through_workspace=through)
-    if rope is not None:
-        cos, sin, keys, values, column = rope
-        cos, sin = cos.reshape(-1, cos.shape[-1]), sin.reshape(-1, sin.shape[-1])
-        rope_arguments = (cos, sin, keys, values, column, cos.stride(0), *keys.stride()[:3],
-                          triton.cdiv(out_features[0], block_n), triton.cdiv(out_features[1], block_n))  # fmt: skip
-        head_dim = keys.shape[-1]
-    else:
-        rope_arguments, head_dim = (y, y, y, y, counters, 0, 0, 0, 0, 0, 0), 0
+    width = out_features[0] if silu_pairs else sum(out_features)
+    y, partial, counters = launch_outputs(x, width, grid, block_m, block_n, through_workspace=silu_pairs)
     nested = quant_state.nested
     state2 = quant_state.state2 if nested else quant_state
     if lora_in is not None and lora_in.stride(1) != 1:
@@ -888,7 +746,7 @@ def launch(first, out_features, table, rank, x, lora_in, lora_scale, config, x_r
     constants = kernel_constants(
         config, nested, state2.blocksize if nested else 1, bias is not None,
         max(16, triton.next_power_of_2(rank)) if rank else 0, 0 if table is None else len(out_features),
-        quant_state.absmax.data_ptr() % 4 == 0, in_features, silu_pairs, head_dim,
+        quant_state.absmax.data_ptr() % 4 == 0, in_features, silu_pairs,
     )  # fmt: skip
     _mma_4bit_kernel[grid](
         x, packed.reshape(-1).view(torch.int32), quant_state.absmax, quant_state.code, state2.absmax, state2.code,
@@ -896,7 +754,7 @@ def launch(first, out_features, table, rank, x, lora_in, lora_scale, config, x_r
         lora_in if rank else y, lora_b if rank else y, float(lora_scale), partial, counters, y,
         table if table is not None else counters,
         rows, out_features[0], in_features, x.stride(0), lora_in.stride(0) if rank else 0, y.stride(0), rank,
-        triton.cdiv(steps, split_k), split_k, *rope_arguments, **constants,
+        triton.cdiv(steps, split_k), split_k, **constants,
         num_warps=warps, **({"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {}),
         X_READY=x_ready, **launch_options(x.device),
     )  # fmt: skip
@@ -966,12 +824,12 @@ def slice_x(config: dict, in_features: int) -> dict:
 
 
 def kernel_constants(config: dict, nested: bool, nested_blocksize: int, has_bias: bool, lora_rank: int,
-                     segments: int, absmax_aligned: bool, in_features: int, silu_pairs: bool = False,
-                     rope_head_dim: int = 0) -> dict:  # fmt: skip
+                     segments: int, absmax_aligned: bool, in_features: int,
+                     silu_pairs: bool = False) -> dict:  # fmt: skip
     """The kernel's compile-time arguments for launch config `config` and a call's facts (`LORA_RANK` 0 or a
     power of two >= 16; `segments` 0 for one weight; `absmax_aligned`: the absmax bytes start at a multiple
-    of 4; `in_features` K; `silu_pairs` as `launch`'s; `rope_head_dim` the head size of its `rope`, 0
-    without): what `launch` passes and `nf4_offline.compile_mma` compiles with."""
+    of 4; `in_features` K; `silu_pairs` as `launch`'s): what `launch` passes and `nf4_offline.compile_mma`
+    compiles with."""
     block_n, block_m, blocks = config["BLOCK_N"], config["BLOCK_M"], config["BLOCKS"]
     # one absmax word a row and step: a step's BLOCKS bytes lie in one aligned word and one second-level block
     absmax_words = (
@@ -983,8 +841,7 @@ def kernel_constants(config: dict, nested: bool, nested_blocksize: int, has_bias
     )
     return {
         "NESTED": nested, "NESTED_BLOCKSIZE": nested_blocksize, "HAS_BIAS": has_bias, "LORA_RANK": lora_rank,
-        "SEGMENTS": segments, "SILU_PAIRS": silu_pairs, "ROPE_HEAD_DIM": rope_head_dim,
-        "ROPE_GROUP": max(1, rope_head_dim // block_n), "BLOCK_M": block_m, "BLOCK_N": block_n,
+        "SEGMENTS": segments, "SILU_PAIRS": silu_pairs, "BLOCK_M": block_m, "BLOCK_N": block_n,
         "BLOCKS": blocks, "SPLIT": config["SPLIT_K"] > 1, "ABSMAX_WORDS": absmax_words,
         "PREFETCH": config.get("prefetch", 0), "CLAMP_ROWS": config.get("clamp_rows", False),
         **slice_scales(config, in_features), **slice_x(config, in_features),

@@ -29,7 +29,6 @@ _POINTERS = {  # kernel argument -> element type; "X" is the compute dtype
     "x_ptr": "X", "bias_ptr": "X", "lora_in_ptr": "X", "lora_b_ptr": "X", "y_ptr": "X",
     "code_ptr": "fp32", "absmax2_ptr": "fp32", "code2_ptr": "fp32", "offset_ptr": "fp32",
     "partial_ptr": "fp32", "counter_ptr": "i32", "segments_ptr": "i64",
-    "cos_ptr": "X", "sin_ptr": "X", "keys_ptr": "X", "values_ptr": "X", "column_ptr": "i64",
 }  # fmt: skip
 _ALIGNED = ("K", "N", "stride_xm", "stride_ym")  # multiples of 16 on the Qwen shapes: Triton specialises them
 
@@ -72,22 +71,13 @@ def compile_kernel(
 
 def compile_mma(config: dict, arch: int = 90, dtype: str = "bf16", nested: bool = True, bias: bool = False,
                 lora_rank: int = 0, segments: int = 0, x_ready: bool = False,
-                in_features: int = 3584, silu_pairs: bool = False, rope_head_dim: int = 0):  # fmt: skip
+                in_features: int = 3584, silu_pairs: bool = False):  # fmt: skip
     """`nf4_mma`'s kernel compiled for `sm_<arch>` with `config` (as `nf4_mma.launch_config` returns it);
     the other arguments as `compile_kernel`'s (`in_features`: K, which sets the K slice's length;
-    `silu_pairs` and `rope_head_dim` as `nf4_mma.kernel_constants`')."""
+    `silu_pairs` as `nf4_mma.launch`'s)."""
     # as a launch finds them: the CUDA caching allocator starts each block 512-byte aligned
     constants = nf4_mma.kernel_constants(
-        config,
-        nested,
-        256 if nested else 1,
-        bias,
-        lora_rank,
-        segments,
-        True,
-        in_features,
-        silu_pairs,
-        rope_head_dim,
+        config, nested, 256 if nested else 1, bias, lora_rank, segments, True, in_features, silu_pairs
     ) | {"PDL": arch >= 90, "X_READY": x_ready}  # as a launch on that card: vrft.kernels.launch_order
     pointers = {
         **_POINTERS, "lora_b_ptr": "fp32", "packed_ptr": "i32", "absmax_ptr": "u8" if nested else "fp32",

@@ -229,10 +229,9 @@ def decode_step(weights: DecoderWeights, state: DecodeState, ops: DecodeOps | No
     after_mlp = [layer.input_norm for layer in weights.layers[1:]] + [weights.norm]  # the norm that follows
     hidden, x = ops.add_rms_norm(hidden, None, weights.layers[0].input_norm, weights.eps)
     for index, layer in enumerate(weights.layers):
-        rope = (cos, sin, state.keys[index], state.values[index], state.column)
-        q = layer.q.rope_into_cache_with(layer.k, layer.v, x, rope)
-        if q is None:
-            q = ops.rope_into_cache(layer.q(x), layer.k(x), layer.v(x), *rope)
+        q = ops.rope_into_cache(
+            layer.q(x), layer.k(x), layer.v(x), cos, sin, state.keys[index], state.values[index], state.column
+        )
         # Grouped-query attention without copying the cache: the query heads that share a KV head are
         # folded into the query-length axis of that head ([N, kv_heads, groups, hd]).
         out = attend(q.reshape(count, weights.num_kv_heads, groups, weights.head_dim), index)

@@ -30,10 +30,8 @@ from vrft.kernels.nf4_matmul import (
     environment_unsupported,
     layout_unsupported,
     matmul_4bit,
-    matmul_4bit_rope,
     matmul_4bit_segments,
     matmul_4bit_silu,
-    rope_unsupported,
     silu_pairs_unsupported,
     supports,
 )
@@ -50,11 +48,6 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # 7B int4, 16 sequences, H100: 5.08 ms a decode step against 5.17 (bench/rollout/results.md, "The SiLU in
 # the gate/up launch").
 FOLD_SILU = True
-# The decode step's rotary stage (q rotated, k rotated and v into the KV cache) written by the q/k/v launch
-# itself (`matmul_4bit_rope`) where `nf4_mma` serves it, instead of a launch of its own after it. Off: the same
-# bits, but slower (7B int4, 16 sequences, H100: 5.26 ms a decode step against 5.06; bench/rollout/results.md,
-# "The rotary fold timed"). The branch `rope-removal` removes it once its GPU tests have run.
-FOLD_ROPE = False
 PACKED_FIX = "set algorithm.rollout_engine=dequant (same memory, no kernel) or auto"
 
 
@@ -150,15 +143,6 @@ class KernelGroup:
 
         return self._gated.get(x, compute)
 
-    def rotated(self, x: Tensor, rows: Tensor, rope: tuple) -> Tensor | None:
-        """q rotated `[M, Nq]` of a q/k/v group in its one launch, k rotated and v written into the caches
-        (`matmul_4bit_rope`; `rope`: cos, sin, keys, values, column); None where `FOLD_ROPE` is off or the
-        launch cannot do it. Not kept per input: each call writes the caches."""
-        if not FOLD_ROPE or rope_unsupported(rows, self.segments, *rope[:4]) is not None:
-            return None
-        lora_in = self._lora_in(x, rows)
-        return matmul_4bit_rope(rows, self.segments, lora_in, self.scale, lora_in is not None, rope)
-
 
 class KernelLinear(LinearOp):
     """A `PackedLinear` over a bitsandbytes `Linear4bit` whose decode-step matmuls run the fused kernel."""
@@ -204,22 +188,6 @@ class KernelLinear(LinearOp):
             return None
         gated = self.grouped[0].gated(x, rows)
         return None if gated is None else gated.reshape(*x.shape[:-1], self.out_features)
-
-    def rope_into_cache_with(self, k: LinearOp, v: LinearOp, x: Tensor, rope: tuple) -> Tensor | None:
-        rows = x.reshape(-1, x.shape[-1])
-        groups = {id(getattr(op, "grouped", None) and op.grouped[0]) for op in (self, k, v)}
-        if (
-            rows.shape[0] > KERNEL_ROWS
-            or self.grouped is None
-            or len(groups) != 1
-            or self.grouped[1].start != 0
-        ):
-            return None  # (the kernel's order: q's tiles first, then k's, then v's)
-        if [op.grouped[1].start for op in (k, v)] != [self.out_features, self.out_features + k.out_features]:
-            return None
-        q = self.grouped[0].rotated(x, rows, rope)
-        head_dim = rope[2].shape[-1]
-        return None if q is None else q.view(rows.shape[0], self.out_features // head_dim, 1, head_dim)
 
     def __call__(self, x: Tensor) -> Tensor:
         """`x [..., in] -> [..., out]` in the decoder's dtype."""

@@ -82,12 +82,6 @@ class LinearOp:
         None: the decoder then calls both and its own SiLU."""
         return None
 
-    def rope_into_cache_with(self, k: LinearOp, v: LinearOp, x: Tensor, rope: tuple) -> Tensor | None:
-        """`DecodeOps.rope_into_cache(self(x), k(x), v(x), *rope)` where this op (a q projection) computes it
-        in one launch with `k` and `v` (`rope`: cos, sin, keys, values, column), or None: the decoder then
-        calls the three and its own rotary stage."""
-        return None
-
 
 class DenseLinear(LinearOp):
     """A dense (possibly LoRA-merged) weight; the `merged` engine's layer."""
