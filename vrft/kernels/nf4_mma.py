@@ -577,7 +577,8 @@ if gluon is not None:
     @gluon.jit
     def _arrive(acc, slot_ptrs, counter_ptr):
         """Store this K slice's sums at `slot_ptrs` and count its arrival at `counter_ptr`; returns the count
-        before it (the arrival that sees `arrivals - 1` is the last and adds the slices up)."""
+        before it (the arrival that sees the number of slices sharing the counter, less one, is the last: it
+        adds them up)."""
         gl.store(slot_ptrs, acc)
         gl.thread_barrier()  # every thread's partial is written before the release below
         return gl.atomic_add(counter_ptr, 1, sem="acq_rel")
