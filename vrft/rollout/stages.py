@@ -90,42 +90,40 @@ class DecodeOps:
         softmax spans both parts: scores, probabilities and sums in fp32, the output rounded once. Not SDPA:
         one call needs a key tensor per row (the prompt's repeated G times, the copy this avoids), and two
         calls cannot be merged, as SDPA returns no log-sum-exp."""
-        masks: dict[torch.device, Tensor] = {}
+        prompts, kv_heads, prompt_columns, _ = state.prompt_keys[0].shape
+        count = state.keys[0].shape[0]
+        group = count // prompts
+        mask: Tensor | None = None  # additive, [N, 1, 1, prompt and generated columns]
+
+        def per_prompt(x: Tensor) -> Tensor:  # [N, kv, groups, c] -> [P, kv, G groups, c]
+            x = x.reshape(prompts, group, kv_heads, -1, x.shape[-1]).transpose(1, 2)
+            return x.reshape(prompts, kv_heads, -1, x.shape[-1])
+
+        def per_row(x: Tensor) -> Tensor:  # the inverse
+            x = x.reshape(prompts, kv_heads, group, -1, x.shape[-1]).transpose(1, 2)
+            return x.reshape(count, kv_heads, -1, x.shape[-1])
 
         def attend(q: Tensor, layer: int) -> Tensor:
-            prompt_keys, prompt_values = state.prompt_keys[layer], state.prompt_values[layer]
+            nonlocal mask
             keys, values = state.keys[layer], state.values[layer]
-            prompts, kv_heads, prompt_columns, head_dim = prompt_keys.shape
-            count, _, groups, _ = q.shape
-            group = count // prompts
-
-            def per_prompt(x: Tensor) -> Tensor:  # [N, kv, groups, c] -> [P, kv, G groups, c]
-                x = x.reshape(prompts, group, kv_heads, groups, x.shape[-1]).transpose(1, 2)
-                return x.reshape(prompts, kv_heads, group * groups, -1)
-
-            def per_row(x: Tensor) -> Tensor:  # the inverse
-                x = x.reshape(prompts, kv_heads, group, groups, x.shape[-1]).transpose(1, 2)
-                return x.reshape(count, kv_heads, groups, -1)
-
-            # the additive mask, made once a step at the first call (the fused ops' fallback launches nothing
-            # unless it runs)
-            if q.device not in masks:
+            # made once a step, at the first call (the fused ops' fallback launches nothing unless it runs)
+            if mask is None:
                 generated = torch.arange(keys.shape[2], device=q.device) <= state.column
                 valid = torch.cat(
                     (state.prompt_valid.repeat_interleave(group, dim=0), generated.expand(count, -1)), dim=1
                 )
-                mask = torch.zeros(valid.shape, dtype=torch.float32, device=q.device)
-                masks[q.device] = mask.masked_fill_(~valid, float("-inf"))[:, None, None, :]
+                mask = torch.zeros(valid.shape, device=q.device).masked_fill_(~valid, float("-inf"))
+                mask = mask[:, None, None, :]
             query = q.float() * scale
             scores = torch.cat(
                 (
-                    per_row(per_prompt(query) @ prompt_keys.float().transpose(-1, -2)),
+                    per_row(per_prompt(query) @ state.prompt_keys[layer].float().transpose(-1, -2)),
                     query @ keys.float().transpose(-1, -2),
                 ),
                 dim=-1,
             )
-            probs = (scores + masks[q.device]).softmax(dim=-1)
-            out = per_row(per_prompt(probs[..., :prompt_columns]) @ prompt_values.float())
+            probs = (scores + mask).softmax(dim=-1)
+            out = per_row(per_prompt(probs[..., :prompt_columns]) @ state.prompt_values[layer].float())
             return out.add_(probs[..., prompt_columns:] @ values.float()).to(q.dtype)
 
         return attend
