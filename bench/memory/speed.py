@@ -14,7 +14,7 @@ from unittest import mock
 
 import torch
 
-from vrft.kernels import decode_fusions, launch_order, lora_input, nf4_matmul, nf4_mma
+from vrft.kernels import decode_fusions, launch_order, nf4_matmul, nf4_mma
 from vrft.precision.accounting import weight_bytes
 from vrft.rollout import packed, stages
 from vrft.rollout.batch import build_prompts
@@ -124,10 +124,6 @@ SWITCHES.update(
         for count in (4, 6, 8, 12)
     }
 )
-
-
-# lora_input's programs over fewer ranks each (lora_input.RANK_BLOCK, 64 by default): more programs a launch
-SWITCHES.update({f":lora_rb{ranks}": (lora_input, "RANK_BLOCK", ranks) for ranks in (16, 32)})
 
 
 class _WithSwitch:

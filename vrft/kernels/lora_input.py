@@ -29,8 +29,6 @@ STEP = 128  # columns of K per loop step
 # against 5.4 at 14 (two-step slices) and 8.5 unsplit; K = 18944 split 16 7.2 us against 8.0 at 32.
 STEPS_PER_SLICE = 4
 MAX_SPLIT = 16
-# Rows of A (ranks) a program multiplies; fewer ranks a program means more programs on the same K slices.
-RANK_BLOCK = 64
 
 
 if triton is not None:
@@ -84,7 +82,7 @@ def lora_input(x: Tensor, a: Tensor, split_k: int | None = None) -> Tensor:
     if x.stride(1) != 1:
         x = x.contiguous()
     block_m = max(16, triton.next_power_of_2(rows))
-    block_r = min(RANK_BLOCK, max(16, triton.next_power_of_2(ranks)))
+    block_r = 64 if ranks > 32 else max(16, triton.next_power_of_2(ranks))
     steps = triton.cdiv(in_features, STEP)
     if split_k is None:
         split_k = min(MAX_SPLIT, max(1, steps // STEPS_PER_SLICE))
