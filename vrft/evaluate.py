@@ -28,7 +28,7 @@ from vrft.evaluation.table import comparison_table
 from vrft.kernels.nf4_matmul import check_mma_switch, mma_unavailable
 from vrft.modules.scoring import RewardSet
 from vrft.paths import config_dir
-from vrft.rollout.engines import build_rollout_engine
+from vrft.rollout.engines import build_rollout_engine, check_rollout_engine
 from vrft.rollout.packed import packed_unavailable
 from vrft.setup import build_run
 
@@ -143,7 +143,7 @@ def decode(cfg: DictConfig, model: dict, dataset: EvalRowDataset, writer: Predic
     if engine == "auto":
         precision = str(getattr(trainer.precision_plugin, "name", ""))  # vrft's plugins name their mode
         engine = auto_engine(precision, cfg.precision, trainer.strategy.root_device.type, cfg.batch_size)
-    module.eval_engine = build_rollout_engine(engine)
+    module.eval_engine = build_rollout_engine(engine, "rollout_engine")
     if cfg.min_new_tokens:
         module.eval_generation = {"min_new_tokens": cfg.min_new_tokens}
     loader = DataLoader(dataset, batch_size=cfg.batch_size, collate_fn=list, num_workers=0)
@@ -156,6 +156,7 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
     for key in ("batch_size", "max_new_tokens"):  # before any model loads, not in the first batch
         if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
             raise ValueError(f"{key}={cfg[key]!r} must be an integer >= 1, e.g. {key}=8")
+    check_rollout_engine(cfg.rollout_engine, "rollout_engine")
     if cfg.rollout_engine in ("packed", "auto"):  # auto may pick packed once the model is loaded
         check_mma_switch()
     models = evaluated_models(cfg)

@@ -274,3 +274,13 @@ def test_a_bad_nf4_mma_switch_is_named_before_loading_when_the_engine_may_be_pac
         with pytest.raises(ValueError, match="VRFT_NF4_MMA='yes' is neither 0 nor 1"):
             run(tmp_path / engine, "classification", "disk", None, f"rollout_engine={engine}")
     assert decoder.rows == []
+
+
+def test_a_misspelt_engine_is_named_by_its_key_before_loading(tmp_path, monkeypatch):
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded although rollout_engine names no engine")
+
+    monkeypatch.setattr(vrft.evaluate, "build_run", must_not_load)
+    listed = r"\['bf16_copy', 'dequant', 'hf', 'packed', 'auto'\]"
+    with pytest.raises(ValueError, match=rf"^rollout_engine='fast' is not one of {listed}; hf is plain"):
+        run(tmp_path, "classification", "disk", None, "rollout_engine=fast")

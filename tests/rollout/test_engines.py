@@ -14,6 +14,7 @@ from vrft.rollout.engines import (
     DequantEngine,
     HFGenerate,
     build_rollout_engine,
+    check_rollout_engine,
 )
 from vrft.rollout.generate import generate_rollout
 
@@ -167,6 +168,9 @@ def test_engine_registry_names_every_choice_and_rejects_unknown():
     assert isinstance(build_rollout_engine("hf"), HFGenerate)
     with pytest.raises(ValueError, match="algorithm.rollout_engine='vllm'.*bf16_copy"):
         build_rollout_engine("vllm")
+    with pytest.raises(ValueError, match="^algorithm.rollout_engine='auto' is not one of .*'packed'\\]"):
+        build_rollout_engine("auto")  # resolved before an engine is built; the registry has no `auto`
+    check_rollout_engine("auto")  # where a setting may still say auto
 
 
 def test_unsupported_generation_setting_names_the_fix(fp32_policy):

@@ -10,6 +10,7 @@ from hydra import compose, initialize_config_dir
 
 import vrft.models.policy
 import vrft.modules.policy_module
+import vrft.train
 from tests.rollout.test_engines import rows, teacher_forced_logprobs
 from vrft.kernels import nf4_segments
 from vrft.models.policy import LoraSpec, ModelSpec, attach_lora, load_base_model, load_processor_for
@@ -62,6 +63,18 @@ def test_explicit_packed_fails_before_loading_with_the_reason(tmp_path, monkeypa
         fit(cfg)
     with pytest.raises(ValueError, match="algorithm.rollout_engine=packed cannot run here"):
         PackedEngine()
+
+
+def test_a_misspelt_engine_fails_before_the_warm_start_and_the_load(tmp_path, monkeypatch):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the warm start or the model load ran although rollout_engine names no engine")
+
+    for module in (vrft.models.policy, vrft.modules.policy_module):
+        monkeypatch.setattr(module, "load_base_model", must_not_run)
+    monkeypatch.setattr(vrft.train, "apply_warm_start", must_not_run)
+    cfg = config("model=tiny", "algorithm.rollout_engine=fast", f"run_dir={tmp_path}")
+    with pytest.raises(ValueError, match=r"^algorithm.rollout_engine='fast' is not one of \[.*'auto'\]"):
+        fit(cfg)
 
 
 def test_a_bad_nf4_mma_switch_fails_before_loading_naming_the_value(tmp_path, monkeypatch):

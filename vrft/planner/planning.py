@@ -35,6 +35,7 @@ from vrft.planner.estimator import (
     estimate,
 )
 from vrft.planner.footprint import model_config, model_shape, weight_footprint
+from vrft.rollout.engines import check_rollout_engine
 from vrft.rollout.packed import PACKED_FIX, packed_unavailable
 from vrft.runtime.cuda import device_total_gb
 
@@ -245,6 +246,7 @@ def resolve_rollout_engine(cfg: DictConfig, quiet: bool = False) -> DictConfig:
     explicit `packed` that cannot run fails here, before loading.
     """
     engine = OmegaConf.select(cfg, "algorithm.rollout_engine")
+    check_rollout_engine(engine)  # a misspelt engine fails here, not after a warm start or the model's load
     packed_reason = None
     if engine in ("auto", "packed"):
         packed_reason = packed_unavailable(precision_name(cfg.precision), cfg.precision)

@@ -43,12 +43,20 @@ ROLLOUT_ENGINES: dict[str, type[RolloutEngine]] = {
 }
 
 
-def build_rollout_engine(name: str) -> RolloutEngine:
-    """The engine registered under `name` (the value of `algorithm.rollout_engine`)."""
-    if name not in ROLLOUT_ENGINES:
-        raise ValueError(
-            f"algorithm.rollout_engine='{name}' is not one of {sorted(ROLLOUT_ENGINES)}; "
-            "hf is plain generate, bf16_copy the fastest (+2 bytes per LM parameter), dequant the leanest, "
-            "packed dequant's memory through a fused 4-bit kernel (CUDA + Triton)"
-        )
+def check_rollout_engine(name: str, key: str = "algorithm.rollout_engine", auto: bool = True) -> None:
+    """Raise `ValueError` naming `key` unless `name` is a registered engine (or `auto`, where `auto` may
+    stand): the entry points call it before anything loads."""
+    if name in ROLLOUT_ENGINES or (auto and name == "auto"):
+        return
+    names = sorted(ROLLOUT_ENGINES) + (["auto"] if auto else [])
+    raise ValueError(
+        f"{key}='{name}' is not one of {names}; hf is plain generate, bf16_copy the fastest (+2 bytes per "
+        "LM parameter), dequant the leanest, packed dequant's memory through a fused 4-bit kernel (CUDA + "
+        "Triton)" + (", auto the fastest that fits here" if auto else "")
+    )
+
+
+def build_rollout_engine(name: str, key: str = "algorithm.rollout_engine") -> RolloutEngine:
+    """The engine registered under `name` (the value of `key`)."""
+    check_rollout_engine(name, key, auto=False)
     return ROLLOUT_ENGINES[name]()
