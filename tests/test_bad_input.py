@@ -49,6 +49,9 @@ CASES = [
     (["task.rewards.accuracy.fn.compat=maybe"], "task.rewards.accuracy.fn.compat='maybe' is not true or false"),
     (["task=detection", "task.strict=sometimes"], "task.rewards.confidence.fn.strict='sometimes' is not true or false"),
     (["ckpt_path=/no/such.ckpt"], "ckpt_path='/no/such.ckpt' is not a file"),
+    (["trainer.max_steps=-5"], "trainer.max_steps=-5 must be >= 0, or -1 for no limit (train by epochs)"),
+    (["trainer.max_epochs=-2"], "trainer.max_epochs=-2 must be >= 0, or -1 for no limit (train by steps)"),
+    (["trainer.num_nodes=0"], "trainer.num_nodes=0 must be >= 1"),
 ]  # fmt: skip
 
 
@@ -68,6 +71,7 @@ def test_bad_setting_is_named_before_loading(overrides, message):
         ["task=grounding"],
         ["algorithm=sft"],
         ["+hw=rtx4090", "precision=int4"],
+        ["trainer.max_steps=-1", "trainer.max_epochs=1"],  # the floors themselves: -1 is "no limit"
     ],
 )
 def test_good_settings_pass(overrides):

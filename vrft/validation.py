@@ -65,8 +65,25 @@ def validate(cfg: DictConfig) -> None:
         if flag in (cfg.get("trainer") or {}):
             raise ValueError(f"trainer.{flag} is set by vrft, not by Lightning; use {owner}")
     _check_node(cfg, "")
+    _check_trainer_counts(cfg.get("trainer") or {})
     if cfg.get("ckpt_path") is not None:
         check_resume(cfg, Path(str(cfg.ckpt_path)))
+
+
+# Lightning's Trainer refuses these below their floor only when it is built, after a warm start may have
+# trained, and in its own words: checked here with the other settings. The floor and what it means.
+TRAINER_FLOORS = {
+    "max_steps": (-1, "must be >= 0, or -1 for no limit (train by epochs)"),
+    "max_epochs": (-1, "must be >= 0, or -1 for no limit (train by steps)"),
+    "num_nodes": (1, "must be >= 1"),
+}
+
+
+def _check_trainer_counts(trainer) -> None:
+    for key, (floor, rule) in TRAINER_FLOORS.items():
+        value = trainer.get(key)  # the types were checked against the Trainer's signature before
+        if isinstance(value, int) and not isinstance(value, bool) and value < floor:
+            raise ValueError(f"trainer.{key}={value} {rule}")
 
 
 def check_missing(cfg: DictConfig) -> None:
