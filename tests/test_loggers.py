@@ -1,10 +1,18 @@
-"""The loggers of a run: metrics.csv survives a run resumed into its own folder."""
+"""The loggers of a run: metrics.csv survives a run resumed into its own folder; W&B's credentials are
+looked for before anything loads."""
 
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
-from vrft.loggers import CSVLogger
+import pytest
+from hydra import compose, initialize_config_dir
+
+import vrft.train
+from vrft.loggers import CSVLogger, check_wandb_login
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 def logged(save_dir, steps: range) -> None:
@@ -28,3 +36,52 @@ def test_resumed_run_keeps_the_rows_before_its_checkpoint(tmp_path):
     assert [row["train/kl"] for row in rows(tmp_path)][:3] == ["", "", "0.5"]
     logged(tmp_path, range(1, 3))  # a fresh run from step 1 replaces every row
     assert [int(row["step"]) for row in rows(tmp_path)] == [1, 2]
+
+
+def config(*overrides: str):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+@pytest.fixture
+def no_wandb_login(tmp_path, monkeypatch):
+    """No W&B credentials anywhere wandb looks (its key variable, a netrc in HOME, its settings folder)."""
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "NETRC"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "home" / "wandb"))
+
+
+@pytest.mark.parametrize("loggers", ["logger=wandb", "logger=[wandb,tensorboard]"])
+def test_wandb_without_credentials_fails_before_the_warm_start_naming_the_fixes(
+    tmp_path, monkeypatch, no_wandb_login, loggers
+):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the warm start ran although W&B has no credentials")
+
+    monkeypatch.setattr(vrft.train, "apply_warm_start", must_not_run)
+    with pytest.raises(
+        ValueError, match=r"^logger=wandb found no W&B credentials .*WANDB_MODE=offline"
+    ) as error:
+        vrft.train.fit(config(loggers, f"run_dir={tmp_path / 'run'}"))
+    assert "wandb login" in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, mode",
+    [
+        (["logger=wandb"], "offline"),  # the README's way without an account
+        (["logger=wandb"], "disabled"),
+        (["logger=wandb", "+logger.wandb.offline=true"], None),  # the logger's own switch
+        (["logger=tensorboard"], None),  # no W&B at all
+    ],
+)
+def test_runs_that_need_no_wandb_credentials_pass(monkeypatch, no_wandb_login, overrides, mode):
+    if mode:
+        monkeypatch.setenv("WANDB_MODE", mode)
+    check_wandb_login(config(*overrides))
+
+
+def test_a_key_in_the_environment_is_found(monkeypatch, no_wandb_login):
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)  # a key of the right form; verify=False sends nothing
+    check_wandb_login(config("logger=wandb"))

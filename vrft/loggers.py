@@ -4,6 +4,7 @@ that follow from the config rather than from `conf/trainer/`."""
 from __future__ import annotations
 
 import csv
+import os
 
 from hydra.utils import instantiate
 from lightning.pytorch import loggers as lightning_loggers
@@ -25,6 +26,40 @@ def build_loggers(cfg: DictConfig) -> list[Logger]:
         nodes = {"logger": nodes}
     loggers = [instantiate(node) for node in nodes.values() if node]
     return sorted(loggers, key=lambda logger: not isinstance(logger, lightning_loggers.CSVLogger))
+
+
+# WANDB_MODE values under which wandb never asks for credentials
+WANDB_OFFLINE_MODES = ("offline", "dryrun", "disabled")
+
+
+def check_wandb_login(cfg: DictConfig) -> None:
+    """Where the run logs to W&B online, find its credentials now, before a warm start or the model load.
+
+    Without this, wandb looks for them when the logger first starts its run, inside the trainer's setup,
+    and a job without a terminal stops there with wandb's `UsageError` and the trace through Lightning.
+    `wandb.login` is wandb's own lookup (WANDB_API_KEY, the netrc, `wandb login`'s settings): at a
+    terminal it asks for a key as `wandb.init` would; elsewhere it raises, and the message says the fixes.
+    `verify=False`: no request to the server.
+    """
+    nodes = cfg.get("logger") or {}
+    if "_target_" in nodes:
+        nodes = {"logger": nodes}
+    online = [
+        node
+        for node in nodes.values()
+        if node and str(node.get("_target_", "")).endswith("WandbLogger") and not node.get("offline")
+    ]
+    if not online or os.environ.get("WANDB_MODE", "").lower() in WANDB_OFFLINE_MODES:
+        return
+    import wandb  # only runs that log to W&B pay for its import
+
+    try:
+        wandb.login(verify=False)
+    except wandb.errors.Error as error:
+        raise ValueError(
+            f"logger=wandb found no W&B credentials ({error}); run `wandb login` or set WANDB_API_KEY, or log "
+            "offline with WANDB_MODE=offline and upload later with `wandb sync <run>/wandb/offline-run-*`"
+        ) from None
 
 
 def run_trainer_settings(cfg: DictConfig) -> dict:

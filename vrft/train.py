@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from vrft.callbacks import RunConfigLogging, RunSettingsInCheckpoint, RunSummary
 from vrft.cli import check_composes, config_hash, user_errors
 from vrft.distributed import check_distributed, check_strategy
+from vrft.loggers import check_wandb_login
 from vrft.paths import config_dir
 from vrft.planner.planning import budget_gb, plan_config, precision_name, resolve_auto
 from vrft.planner.report import enforce_plan
@@ -58,6 +59,7 @@ def fit(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, RunSummary]:
     check_writable(run_dir)  # before the model loads (or a warm start trains): a full disk fails now
     check_fresh_run(cfg)  # a run started again without ckpt_path= would overwrite the folder's checkpoints
     check_distributed(cfg)  # devices, strategy and prompt split of a multi-process run, before loading
+    check_wandb_login(cfg)  # W&B credentials, before a warm start trains (wandb asks only at setup)
     cfg = resolve_auto(cfg)  # precision=auto / rollout_engine=auto -> what the planner says fits
     check_strategy(cfg.trainer, cfg.precision)  # again, for the precision `auto` chose
     verdict = enforce_plan(cfg)  # refuse, before the model loads, a run the planner says will not fit
