@@ -153,9 +153,12 @@ def decode(cfg: DictConfig, model: dict, dataset: EvalRowDataset, writer: Predic
 
 def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
     """Evaluate the base model and each adapter of `cfg` on `cfg.split`; returns `{model: metrics}`."""
-    for key in ("batch_size", "max_new_tokens"):  # before any model loads, not in the first batch
+    for key in ("batch_size", "max_new_tokens", "max_rows"):  # before any model loads, not in the first batch
+        if key == "max_rows" and cfg[key] is None:  # every row
+            continue
         if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
-            raise ValueError(f"{key}={cfg[key]!r} must be an integer >= 1, e.g. {key}=8")
+            unset = ", or null for every row" if key == "max_rows" else ""
+            raise ValueError(f"{key}={cfg[key]!r} must be an integer >= 1{unset}, e.g. {key}=8")
     check_rollout_engine(cfg.rollout_engine, "rollout_engine")
     if cfg.rollout_engine in ("packed", "auto"):  # auto may pick packed once the model is loaded
         check_mma_switch()

@@ -217,11 +217,12 @@ def test_one_adapter_without_brackets_is_one_adapter(tmp_path, monkeypatch):
     assert list(results) == ["base", str(adapter)]
 
 
-@pytest.mark.parametrize("override", ["batch_size=0", "max_new_tokens=-1"])
+@pytest.mark.parametrize("override", ["batch_size=0", "max_new_tokens=-1", "max_rows=0"])
 def test_a_decoding_budget_below_one_is_named_before_loading(tmp_path, monkeypatch, override):
     decoder = install(monkeypatch, StubDecoder(perfect))
     key, value = override.split("=")
-    with pytest.raises(ValueError, match=rf"^{key}={value} must be an integer >= 1, e.g. {key}=8$"):
+    unset = ", or null for every row" if key == "max_rows" else ""
+    with pytest.raises(ValueError, match=rf"^{key}={value} must be an integer >= 1{unset}, e.g. {key}=8$"):
         run(tmp_path, "classification", "disk", None, override)
     assert decoder.rows == []
 
