@@ -246,7 +246,8 @@ def resolve_rollout_engine(cfg: DictConfig, quiet: bool = False) -> DictConfig:
     explicit `packed` that cannot run fails here, before loading.
     """
     engine = OmegaConf.select(cfg, "algorithm.rollout_engine")
-    check_rollout_engine(engine)  # a misspelt engine fails here, not after a warm start or the model's load
+    if engine is not None:  # (algorithm=sft samples nothing)
+        check_rollout_engine(engine)  # a misspelt engine fails here, not after a warm start or the load
     packed_reason = None
     if engine in ("auto", "packed"):
         packed_reason = packed_unavailable(precision_name(cfg.precision), cfg.precision)
