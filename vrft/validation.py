@@ -79,7 +79,7 @@ TRAINER_FLOORS = {
 }
 
 
-def _check_trainer_counts(trainer: DictConfig | dict) -> None:
+def _check_trainer_counts(trainer) -> None:
     for key, (floor, rule) in TRAINER_FLOORS.items():
         value = trainer.get(key)  # the types were checked against the Trainer's signature before
         if isinstance(value, int) and not isinstance(value, bool) and value < floor:
