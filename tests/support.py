@@ -7,8 +7,15 @@ import sys
 from pathlib import Path
 
 import lightning as L
+from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def train_config(*overrides: str):
+    """`conf/train.yaml` composed with `overrides`, as `python -m vrft.train` composes it (no Hydra run)."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
 
 
 def bench_module(path: str):

@@ -13,20 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import vrft.cli  # noqa: F401  (registers the box_convention resolver the task configs use)
+from tests.support import train_config as config
 from vrft.resume import CHECKPOINT_KEY, check_fresh_run, resume_settings
 from vrft.validation import check_command_line, validate
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = str(ROOT / "conf")
-
-
-def config(*overrides: str):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose("train", overrides=list(overrides))
 
 
 # (overrides, text the one-line error must contain)

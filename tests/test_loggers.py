@@ -4,15 +4,12 @@ looked for before anything loads."""
 from __future__ import annotations
 
 import csv
-from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 import vrft.train
+from tests.support import train_config as config
 from vrft.loggers import CSVLogger, check_wandb_login
-
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 def logged(save_dir, steps: range) -> None:
@@ -36,11 +33,6 @@ def test_resumed_run_keeps_the_rows_before_its_checkpoint(tmp_path):
     assert [row["train/kl"] for row in rows(tmp_path)][:3] == ["", "", "0.5"]
     logged(tmp_path, range(1, 3))  # a fresh run from step 1 replaces every row
     assert [int(row["step"]) for row in rows(tmp_path)] == [1, 2]
-
-
-def config(*overrides: str):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose("train", overrides=list(overrides))
 
 
 @pytest.fixture

@@ -7,17 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from peft import PeftModel
 from transformers import AutoModelForImageTextToText
 
 import vrft.warmstart
+from tests.support import train_config as config
 from vrft.models.presets import tiny_checkpoint
 from vrft.precision import merge_and_requantize
 from vrft.train import fit
 from vrft.warmstart import apply_warm_start, make_warm_start, warm_start_key
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
 # The learning test's guard, held-out gains after 45 GRPO steps (bench/learning/warmstart_test_seeds.py
 # measures them over seeds): neither accuracy nor format falls by more than its margin.
 ACCURACY_MARGIN = -0.05
@@ -32,11 +31,6 @@ LEARNING_RUN = (
     "~callbacks.progress",
     "~callbacks.checkpoint",
 )
-
-
-def config(*overrides: str):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose("train", overrides=list(overrides))
 
 
 def test_key_ignores_the_grpo_phase_and_follows_the_warm_start():

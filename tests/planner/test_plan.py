@@ -8,23 +8,17 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 import vrft.models.policy
 import vrft.modules.policy_module
 import vrft.planner.planning
+from tests.support import train_config as config
 from vrft.planner.planning import precision_name, resolve_auto, verdict
 from vrft.planner.report import PlanDoesNotFit
 from vrft.train import fit
 
 ROOT = Path(__file__).resolve().parents[2]
-CONF = str(ROOT / "conf")
 PROFILES = ["cpu", "rtx4090", "rtx4080-16g", "a100-80g", "h100-80g"]
-
-
-def config(*overrides: str):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose("train", overrides=list(overrides))
 
 
 def plan_cli(*overrides: str) -> subprocess.CompletedProcess:

@@ -1,17 +1,16 @@
 """The `packed` rollout engine: where it runs, how `auto` and an explicit choice behave where it cannot."""
 
 import logging
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 import vrft.models.policy
 import vrft.modules.policy_module
 import vrft.train
 from tests.rollout.test_engines import rows, teacher_forced_logprobs
+from tests.support import train_config as config
 from vrft.kernels import nf4_segments
 from vrft.models.policy import LoraSpec, ModelSpec, attach_lora, load_base_model, load_processor_for
 from vrft.planner.planning import resolve_auto
@@ -21,13 +20,7 @@ from vrft.rollout.packed import KernelLinear, SharedLoraInput, group_projections
 from vrft.rollout.weights import LoraTerm, PackedLinear
 from vrft.train import fit
 
-CONF = str(Path(__file__).resolve().parents[2] / "conf")
 needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without CUDA")
-
-
-def config(*overrides: str):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose("train", overrides=list(overrides))
 
 
 def test_packed_is_registered():
