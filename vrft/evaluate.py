@@ -153,12 +153,14 @@ def decode(cfg: DictConfig, model: dict, dataset: EvalRowDataset, writer: Predic
 
 def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
     """Evaluate the base model and each adapter of `cfg` on `cfg.split`; returns `{model: metrics}`."""
-    for key in ("batch_size", "max_new_tokens", "max_rows"):  # before any model loads, not in the first batch
-        if key == "max_rows" and cfg[key] is None:  # every row
+    # before any model loads, not in the first batch; the text is what null means where it may be null
+    for key, null in (("batch_size", None), ("max_new_tokens", None), ("max_rows", "every row")):
+        value = cfg[key]
+        if value is None and null:
             continue
-        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
-            unset = ", or null for every row" if key == "max_rows" else ""
-            raise ValueError(f"{key}={cfg[key]!r} must be an integer >= 1{unset}, e.g. {key}=8")
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            unset = f", or null for {null}" if null else ""
+            raise ValueError(f"{key}={value!r} must be an integer >= 1{unset}, e.g. {key}=8")
     check_rollout_engine(cfg.rollout_engine, "rollout_engine")
     if cfg.rollout_engine in ("packed", "auto"):  # auto may pick packed once the model is loaded
         check_mma_switch()

@@ -21,11 +21,17 @@ def build_loggers(cfg: DictConfig) -> list[Logger]:
     CSV comes first because Lightning's `trainer.logger` (the first) is where `run_summary.json` points for
     metrics, and `metrics.csv` is what `python -m vrft.report` reads.
     """
+    loggers = [instantiate(node) for node in _logger_nodes(cfg)]
+    return sorted(loggers, key=lambda logger: not isinstance(logger, lightning_loggers.CSVLogger))
+
+
+def _logger_nodes(cfg: DictConfig) -> list[DictConfig]:
+    """The logger nodes of `cfg.logger`: a name -> node mapping (`logger=[wandb,tensorboard]`), or one node
+    with a `_target_`; the empty ones left out."""
     nodes = cfg.get("logger") or {}
     if "_target_" in nodes:
         nodes = {"logger": nodes}
-    loggers = [instantiate(node) for node in nodes.values() if node]
-    return sorted(loggers, key=lambda logger: not isinstance(logger, lightning_loggers.CSVLogger))
+    return [node for node in nodes.values() if node]
 
 
 # WANDB_MODE values under which wandb never asks for credentials
@@ -41,13 +47,10 @@ def check_wandb_login(cfg: DictConfig) -> None:
     terminal it asks for a key as `wandb.init` would; elsewhere it raises, and the message says the fixes.
     `verify=False`: no request to the server.
     """
-    nodes = cfg.get("logger") or {}
-    if "_target_" in nodes:
-        nodes = {"logger": nodes}
     online = [
         node
-        for node in nodes.values()
-        if node and str(node.get("_target_", "")).endswith("WandbLogger") and not node.get("offline")
+        for node in _logger_nodes(cfg)
+        if str(node.get("_target_", "")).endswith("WandbLogger") and not node.get("offline")
     ]
     if not online or os.environ.get("WANDB_MODE", "").lower() in WANDB_OFFLINE_MODES:
         return
