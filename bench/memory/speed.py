@@ -124,6 +124,17 @@ SWITCHES.update(
         for count in (4, 6, 8, 12)
     }
 )
+# nf4_mma on a persistent grid of at most `count` programs a multiprocessor (MMA_DEFAULTS' persistent: 0, the
+# plain grid), the K split aimed at `split` programs a multiprocessor as above (`:persistent4_pps16`)
+SWITCHES.update(
+    {
+        f":persistent{count}" + (f"_pps{split}" if split != 8 else ""): (
+            nf4_mma, "MMA_DEFAULTS", {**nf4_mma.MMA_DEFAULTS, "persistent": count, "programs_per_sm": split}
+        )
+        for count in (2, 3, 4)
+        for split in (8, 12, 16)
+    }
+)  # fmt: skip
 
 
 class _WithSwitch:
