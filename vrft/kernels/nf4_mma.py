@@ -476,6 +476,25 @@ if gluon is not None:
         return _load(word_ptrs + (item % split_k) * iters_per_split * (8 * BLOCKS), mask_w, 0)
 
     @gluon.jit
+    def _prefetch_item_absmax(item, split_k, iters_per_split, segments_ptr, packed_ptr, absmax_ptr, absmax2_ptr,
+                              code2_ptr, offset_ptr, bias_ptr, lora_in_ptr, lora_b_ptr, y_ptr, N, K,
+                              SEGMENTS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCKS: gl.constexpr,
+                              WORDS: gl.constexpr, SCALES: gl.constexpr):  # fmt: skip
+        """Ask L2 for the absmax of item `item`'s rows and K slice (the sectors of its first and last block
+        a row), an item before its scales are worked out: there they would otherwise come from DRAM while
+        the program waits."""
+        _, item_absmax, _, _, _, n, tile_n, _, _ = _tile_words(
+            segments_ptr, item // split_k, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, bias_ptr,
+            lora_in_ptr, lora_b_ptr, y_ptr, N, K, SEGMENTS, False, BLOCK_N, BLOCKS, WORDS,
+        )  # fmt: skip
+        rows = gl.minimum(tile_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, SCALES)), n - 1)
+        first = (item % split_k) * iters_per_split * BLOCKS
+        last = gl.minimum(first + iters_per_split * BLOCKS, K // 64) - 1
+        row_start = item_absmax + rows.to(gl.int64) * (K // 64)
+        _prefetch_l2(row_start + first)
+        _prefetch_l2(row_start + last)
+
+    @gluon.jit
     def _x_pointers(x_ptr, pid_m, M, stride_xm, CLAMP_ROWS: gl.constexpr, STEP: gl.constexpr,
                     BLOCK_M: gl.constexpr, XL: gl.constexpr):  # fmt: skip
         """x's rows of tile `pid_m`, one step's columns `[STEP, BLOCK_M]`: `(x_ptrs, mask_x)` (with CLAMP_ROWS
@@ -642,6 +661,11 @@ if gluon is not None:
             last = gl.minimum(first + iters_per_split, steps)
             table = _slice_table(item_absmax, item_absmax2, item_code2, offset, tile_n, n, K // 64, first, last,
                                  NESTED, NESTED_BLOCKSIZE, BLOCK_N, BLOCKS, SLICE_BLOCKS, SCALES)  # fmt: skip
+            _prefetch_item_absmax(
+                gl.minimum(item + programs, items - 1), split_k, iters_per_split, segments_ptr, packed_ptr,
+                absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, bias_ptr, lora_in_ptr, lora_b_ptr, y_ptr, N, K,
+                SEGMENTS, BLOCK_N, BLOCKS, WORDS, SCALES,
+            )  # fmt: skip
             gl.thread_barrier()  # every warp has read the item before's scales (not every store has a barrier)
             buffer.store(table)
             gl.thread_barrier()
