@@ -64,6 +64,8 @@ VARIANTS = [
     {**PLAIN_GRID, "persistent": 4, "programs_per_sm": 12},
     {**PLAIN_GRID, "persistent": 4, "programs_per_sm": 16},
     {**PLAIN_GRID, "persistent": 3, "programs_per_sm": 12},
+    {**PLAIN_GRID, "persistent": 4, "persistent_even": False},
+    {**PLAIN_GRID, "persistent": 4, "programs_per_sm": 16, "persistent_even": False},
 ]
 
 

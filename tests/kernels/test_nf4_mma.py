@@ -128,6 +128,8 @@ def test_a_persistent_grid_deals_the_items_out_evenly_and_only_where_it_can_take
     assert 0 < programs <= 4 * 4 < items
     most = -(-items // programs)
     assert programs * (most - 1) < items <= programs * most
+    filled = nf4_mma.launch_config(16, 37888, 3584, meta, x_shared=0, persistent=4, persistent_even=False)
+    assert filled["PROGRAMS"] == 4 * 4  # every slot, some programs an item more than others
     # off by default, where x's slice is in shared memory (the kernel waits for x), where the slice's scales
     # would not fit in shared memory (down unsplit: 74 steps), and where each item has a program anyway
     assert nf4_mma.launch_config(16, 37888, 3584, meta)["PROGRAMS"] == 0

@@ -128,6 +128,10 @@ MMA_DEFAULTS = {
     # it then deals them out evenly. The nineteenth session measured a stage of the kernel on such a grid at
     # -7-8% on gate/up and down (bench/rollout/results.md, "Decoding by table lookups")
     "persistent": 0,
+    # how: True, the fewest programs that still give each the same number of items, give or take one (gate/up
+    # of 7B on 132 multiprocessors: 1184 items, 3 each on 395 programs); False, every slot `persistent` allows
+    # filled (528 programs, 2 or 3 items each)
+    "persistent_even": True,
 }
 # the load variants off: the kernel as first timed, which the sweep and the tests measure them against
 PLAIN_LOADS = {
@@ -883,9 +887,10 @@ def launch_config(rows: int, out_features: int, in_features: int, device: torch.
     scales_fit = chosen["absmax_shared"] and 0 < _slice_blocks(steps, split_k, blocks, chosen["BLOCK_N"])
     if chosen["persistent"] and not chosen["x_shared"] and scales_fit:
         items = tiles * split_k
-        rounds = triton.cdiv(items, chosen["persistent"] * multiprocessors(device))
-        if rounds > 1:  # as many items a program, give or take one
-            programs = triton.cdiv(items, rounds)
+        slots = chosen["persistent"] * multiprocessors(device)
+        rounds = triton.cdiv(items, slots)
+        if rounds > 1:  # (even: as many items a program, give or take one)
+            programs = triton.cdiv(items, rounds) if chosen["persistent_even"] else slots
     return {
         "BLOCK_M": block_m,
         "BLOCK_N": chosen["BLOCK_N"],
@@ -899,6 +904,7 @@ def launch_config(rows: int, out_features: int, in_features: int, device: torch.
         "absmax_shared": chosen["absmax_shared"],
         "x_shared": chosen["x_shared"],
         "persistent": chosen["persistent"],
+        "persistent_even": chosen["persistent_even"],
         "PROGRAMS": programs,  # the persistent grid's programs (0: the plain grid)
     }
 
