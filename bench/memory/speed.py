@@ -124,21 +124,6 @@ SWITCHES.update(
         for count in (4, 6, 8, 12)
     }
 )
-# nf4_mma on a persistent grid of at most `count` programs a multiprocessor (MMA_DEFAULTS' persistent: 0, the
-# plain grid), the K split aimed at `split` programs a multiprocessor as above (`:persistent4_pps16`), the
-# items dealt out evenly or every slot filled (`_fill`: persistent_even False)
-SWITCHES.update(
-    {
-        f":persistent{count}" + (f"_pps{split}" if split != 8 else "") + ("" if even else "_fill"): (
-            nf4_mma,
-            "MMA_DEFAULTS",
-            {**nf4_mma.MMA_DEFAULTS, "persistent": count, "programs_per_sm": split, "persistent_even": even},
-        )
-        for count in (2, 3, 4)
-        for split in (8, 12, 16)
-        for even in (True, False)
-    }
-)  # fmt: skip
 
 
 class _WithSwitch:

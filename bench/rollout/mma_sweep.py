@@ -50,22 +50,12 @@ DEVICE = torch.device("cuda")
 # at 16 KB, 107.2 at 32 KB with 4 programs a multiprocessor, 131.1 with two blocks a step (still off by
 # default: MMA_DEFAULTS says why). This one, written while it was off: the defaults against x_shared at 32
 # and 64 KB and with 4 programs a multiprocessor; x_shared is on by default (32 KB) since the sixteenth
-# session, so the second variant is the one without it. (That list: MMA_DEFAULTS, then x_shared at 0, at
-# 65536, and at 32768 with programs_per_sm 4.) This one (twenty-eighth session): the persistent grid
-# (`persistent`, programs a multiprocessor at most), against the kernel as the engine's adapter launches run
-# it (`x_shared` 0: they promise `x_ready`), with the K split aimed at 8, 12 and 16 programs a multiprocessor.
-PLAIN_GRID = {**MMA_DEFAULTS, "x_shared": 0}
+# session, so the second variant is the one without it.
 VARIANTS = [
     MMA_DEFAULTS,
-    PLAIN_GRID,
-    {**PLAIN_GRID, "persistent": 4},
-    {**PLAIN_GRID, "persistent": 3},
-    {**PLAIN_GRID, "persistent": 2},
-    {**PLAIN_GRID, "persistent": 4, "programs_per_sm": 12},
-    {**PLAIN_GRID, "persistent": 4, "programs_per_sm": 16},
-    {**PLAIN_GRID, "persistent": 3, "programs_per_sm": 12},
-    {**PLAIN_GRID, "persistent": 4, "persistent_even": False},
-    {**PLAIN_GRID, "persistent": 4, "programs_per_sm": 16, "persistent_even": False},
+    {**MMA_DEFAULTS, "x_shared": 0},
+    {**MMA_DEFAULTS, "x_shared": 65536},
+    {**MMA_DEFAULTS, "x_shared": 32768, "programs_per_sm": 4},
 ]
 
 

@@ -118,52 +118,6 @@ def test_the_load_variants_compile_to_fewer_loads_a_prefetch_and_no_masked_loads
     assert loops["plain"]["CS2R"] >= 40 and "CS2R" not in loops["clamp"], loops
 
 
-@needs_triton
-def test_a_persistent_grid_deals_the_items_out_evenly_and_only_where_it_can_take_them():
-    # `persistent`: at most that many programs a multiprocessor (4 on the meta device: workspace), the
-    # (tile, K slice) items dealt out so that each program takes as many as the others, give or take one
-    meta = torch.device("meta")
-    config = nf4_mma.launch_config(16, 37888, 3584, meta, x_shared=0, persistent=4)
-    items, programs = 592 * config["SPLIT_K"], config["PROGRAMS"]
-    assert 0 < programs <= 4 * 4 < items
-    most = -(-items // programs)
-    assert programs * (most - 1) < items <= programs * most
-    filled = nf4_mma.launch_config(16, 37888, 3584, meta, x_shared=0, persistent=4, persistent_even=False)
-    assert filled["PROGRAMS"] == 4 * 4  # every slot, some programs an item more than others
-    # off by default, where x's slice is in shared memory (the kernel waits for x), where the slice's scales
-    # would not fit in shared memory (down unsplit: 74 steps), and where each item has a program anyway
-    assert nf4_mma.launch_config(16, 37888, 3584, meta)["PROGRAMS"] == 0
-    assert nf4_mma.launch_config(16, 37888, 3584, meta, persistent=4)["PROGRAMS"] == 0
-    down = nf4_mma.launch_config(16, 3584, 18944, meta, x_shared=0, persistent=4)
-    assert down["SPLIT_K"] == 1 and down["PROGRAMS"] == 0
-    assert nf4_mma.launch_config(16, 128, 1024, meta, x_shared=0, persistent=4)["PROGRAMS"] == 0
-
-
-@needs_triton
-@pytest.mark.parametrize("arch", [90, 89])
-def test_the_persistent_grid_runs_the_plain_grids_k_loop_with_four_programs_per_multiprocessor(arch):
-    # The loop over items wraps the same K loop (the same instructions, no spill in it), and the registers
-    # still leave four programs a multiprocessor: what the persistent grid is sized by.
-    from vrft.kernels.nf4_offline import compile_mma, main_loop_opcodes, registers, sass
-
-    meta = torch.device("meta")
-    config = {**nf4_mma.launch_config(16, 37888, 3584, meta, x_shared=0, persistent=4), "SPLIT_K": 2}
-    assert config["PROGRAMS"] > 0
-    extras = {"x_ready": True, "lora_rank": 64, "segments": 2, "silu_pairs": True}
-    persistent = compile_mma(config, arch=arch, **extras)
-    plain = compile_mma({**config, "PROGRAMS": 0}, arch=arch, **extras)
-    loop = main_loop_opcodes(sass(persistent), innermost=True)
-    plain_loop = main_loop_opcodes(sass(plain))
-    # the same loads, decode and products; the step's address arithmetic differs by a few integer
-    # instructions (the plain loop clamps its look-ahead, the persistent one peels its last step instead:
-    # 547 against 545 on sm_90, 527 against 570 on sm_89)
-    for kind in ("HMMA", "PRMT", "LDG", "LDS", "FFMA"):
-        assert loop[kind] == plain_loop[kind], (kind, loop, plain_loop)
-    assert sum(loop.values()) <= sum(plain_loop.values()) + 16, (loop, plain_loop)
-    assert not {"LDL", "STL", "BAR", "STS"} & set(loop), loop
-    assert registers(persistent)["programs_per_sm"] >= 4, registers(persistent)
-
-
 def test_matmul_4bit_takes_this_kernel_only_when_switched_on(monkeypatch):
     state = types.SimpleNamespace(quant_type="nf4", blocksize=64)
     x = torch.zeros(16, 1024, dtype=torch.bfloat16)
@@ -479,51 +433,6 @@ def test_the_gate_up_launch_writes_silu_gate_times_up_bit_for_bit_under_graph_re
         unfolded = nf4_matmul.matmul_4bit_segments(x, group, product, 2.0, x_ready=True)
         expected = decode_fusions.silu_mul(unfolded[:, :136], unfolded[:, 136:])
         torch.testing.assert_close(routed, expected, rtol=0, atol=0)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("rows", [8, 17])
-@pytest.mark.parametrize("split_k", [1, 2, 3])
-@pytest.mark.parametrize("x_ready", [False, True])
-def test_a_persistent_grid_changes_no_bit_of_the_output_under_graph_replay(
-    monkeypatch, rows, split_k, x_ready
-):
-    # Programs that take item after item (`persistent`) compute the plain grid's items, each summed in the
-    # same order: the same bits. The multiprocessor count patched to 2, so that 2 or 3 programs take every
-    # item of a segments launch with bias and LoRA (a tile past a weight's end, K = 1280 so a split of 3
-    # has a short last slice, 8 and 17 rows so x ends inside a tile), crossing from weight to weight; and of
-    # a gate/up launch that writes silu(gate) * up. Each replay of a graph gives it again (the split-K
-    # counters back at zero).
-    torch.manual_seed(0)
-    sizes = (384, 128, 136)
-    weights, biases, lora_bs, x, product, group = segments_case(sizes, rows, 1280)
-    gate_up = [(*quantised(136, 1280), None, torch.randn(136, 16, device="cuda") * 0.05, c) for c in (0, 16)]
-    pair = nf4_segments.segments(gate_up)
-    monkeypatch.setattr(nf4_mma, "multiprocessors", lambda device: 2)
-    outputs = {}
-    for count in (0, 1, 2):
-        choices = {"x_shared": 0, "persistent": count}
-        config = {**nf4_mma.launch_config(rows, sum(sizes), 1280, x.device, **choices), "SPLIT_K": split_k}
-        config["PROGRAMS"] = min(config["PROGRAMS"], 2 * count) if count else 0
-        assert (config["PROGRAMS"] > 0) == (count > 0), config
-
-        def segments_call(config=config):
-            return nf4_mma.launch(group.first, group.out_features, group.table, group.lora_rank, x, product,
-                                  2.0, config, x_ready=x_ready)  # fmt: skip
-
-        def silu_call(config=config):
-            return nf4_mma.launch(pair.first, pair.out_features, pair.table, pair.lora_rank, x, product, 2.0,
-                                  config, x_ready=x_ready, silu_pairs=True)  # fmt: skip
-
-        outputs[count] = (eager_equal_to_replays(segments_call), eager_equal_to_replays(silu_call))
-    for count in (1, 2):
-        assert torch.equal(outputs[count][0], outputs[0][0]), count
-        assert torch.equal(outputs[count][1], outputs[0][1]), count
-    packed, state = weights[0]  # and against bitsandbytes, alone
-    config = nf4_mma.launch_config(rows, 384, 1280, x.device, x_shared=0, persistent=1)
-    assert config["PROGRAMS"] > 0
-    y = nf4_mma.launch((packed, state, None, None), (384,), None, 0, x, None, 1.0, config)
-    assert_within_rounding(y, x, dequantised(packed, state), reference_matmul(x, packed, state), state.code)
 
 
 @pytest.mark.gpu

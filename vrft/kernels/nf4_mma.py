@@ -121,17 +121,6 @@ MMA_DEFAULTS = {
     # an adapter (the base model's evaluation): bench/rollout/launch_overlap.py's gate/up chain without
     # LoRA, 1523.6 -> 1449.5 us for 28 layers (results/x_shared_overlap_call/, H100)
     "x_shared": 32768,
-    # a persistent grid, this many programs a multiprocessor at most (0: the plain grid, one program per tile
-    # and K slice): each program takes item after item (`_persistent_items`), the next item's first codes
-    # loaded during the item before's last step. `launch_config` uses it only where the slice's scales are
-    # in shared memory, x is not (`x_shared` 0, as with `x_ready`), and the items outnumber the programs;
-    # it then deals them out evenly. The nineteenth session measured a stage of the kernel on such a grid at
-    # -7-8% on gate/up and down (bench/rollout/results.md, "Decoding by table lookups")
-    "persistent": 0,
-    # how: True, the fewest programs that still give each the same number of items, give or take one (gate/up
-    # of 7B on 132 multiprocessors: 1184 items, 3 each on 395 programs); False, every slot `persistent` allows
-    # filled (528 programs, 2 or 3 items each)
-    "persistent_even": True,
 }
 # the load variants off: the kernel as first timed, which the sweep and the tests measure them against
 PLAIN_LOADS = {
@@ -324,39 +313,7 @@ if gluon is not None:
     def _mma_4bit_kernel(
         x_ptr, packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, bias_ptr,
         lora_in_ptr, lora_b_ptr, lora_scale, partial_ptr, counter_ptr, y_ptr, segments_ptr,
-        M, N, K, stride_xm, stride_lm, stride_ym, lora_rank, iters_per_split, split_k, tiles,
-        NESTED: gl.constexpr, NESTED_BLOCKSIZE: gl.constexpr, HAS_BIAS: gl.constexpr,
-        LORA_RANK: gl.constexpr, SEGMENTS: gl.constexpr, SILU_PAIRS: gl.constexpr,
-        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCKS: gl.constexpr, SPLIT: gl.constexpr,
-        ABSMAX_WORDS: gl.constexpr, PREFETCH: gl.constexpr, CLAMP_ROWS: gl.constexpr,
-        SLICE_BLOCKS: gl.constexpr, SCALES: gl.constexpr, SCALES_SHARED: gl.constexpr,
-        X_STEPS: gl.constexpr, XP: gl.constexpr, X_SHARED: gl.constexpr,
-        MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr, WORDS: gl.constexpr, XL: gl.constexpr,
-        SECTORS: gl.constexpr, PDL: gl.constexpr, X_READY: gl.constexpr, PERSISTENT: gl.constexpr,
-    ):  # fmt: skip
-        if PERSISTENT:  # a fixed grid, each program taking (tile, K slice) item after item
-            _persistent_items(
-                x_ptr, packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, bias_ptr,
-                lora_in_ptr, lora_b_ptr, lora_scale, partial_ptr, counter_ptr, y_ptr, segments_ptr,
-                M, N, K, stride_xm, stride_lm, stride_ym, lora_rank, iters_per_split, split_k, tiles,
-                NESTED, NESTED_BLOCKSIZE, HAS_BIAS, LORA_RANK, SEGMENTS, SILU_PAIRS, BLOCK_M, BLOCK_N, BLOCKS,
-                SPLIT, CLAMP_ROWS, SLICE_BLOCKS, SCALES, SCALES_SHARED, MMA, A, B, WORDS, XL, PDL, X_READY,
-            )  # fmt: skip
-        else:
-            _one_item(
-                x_ptr, packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, bias_ptr,
-                lora_in_ptr, lora_b_ptr, lora_scale, partial_ptr, counter_ptr, y_ptr, segments_ptr,
-                M, N, K, stride_xm, stride_lm, stride_ym, lora_rank, iters_per_split, split_k, tiles,
-                NESTED, NESTED_BLOCKSIZE, HAS_BIAS, LORA_RANK, SEGMENTS, SILU_PAIRS, BLOCK_M, BLOCK_N, BLOCKS,
-                SPLIT, ABSMAX_WORDS, PREFETCH, CLAMP_ROWS, SLICE_BLOCKS, SCALES, SCALES_SHARED, X_STEPS, XP,
-                X_SHARED, MMA, A, B, WORDS, XL, SECTORS, PDL, X_READY,
-            )  # fmt: skip
-
-    @gluon.jit
-    def _one_item(
-        x_ptr, packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, bias_ptr,
-        lora_in_ptr, lora_b_ptr, lora_scale, partial_ptr, counter_ptr, y_ptr, segments_ptr,
-        M, N, K, stride_xm, stride_lm, stride_ym, lora_rank, iters_per_split, split_k, tiles,
+        M, N, K, stride_xm, stride_lm, stride_ym, lora_rank, iters_per_split, split_k,
         NESTED: gl.constexpr, NESTED_BLOCKSIZE: gl.constexpr, HAS_BIAS: gl.constexpr,
         LORA_RANK: gl.constexpr, SEGMENTS: gl.constexpr, SILU_PAIRS: gl.constexpr,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCKS: gl.constexpr, SPLIT: gl.constexpr,
@@ -366,20 +323,47 @@ if gluon is not None:
         MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr, WORDS: gl.constexpr, XL: gl.constexpr,
         SECTORS: gl.constexpr, PDL: gl.constexpr, X_READY: gl.constexpr,
     ):  # fmt: skip
-        """The kernel on its grid of (tile, 1, K slice) programs: one item a program."""
         DTYPE: gl.constexpr = x_ptr.dtype.element_ty
         STEP: gl.constexpr = 64 * BLOCKS  # columns per loop step
         pid_n = gl.program_id(0)
         pid_m = gl.program_id(1)
         pid_k = gl.program_id(2)
-        packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, N, tile_n, word_ptrs, mask_w = _tile_words(
-            segments_ptr, pid_n, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, bias_ptr,
-            lora_in_ptr, lora_b_ptr, y_ptr, N, K, SEGMENTS, CLAMP_ROWS, BLOCK_N, BLOCKS, WORDS,
-        )  # fmt: skip
-        x_ptrs, mask_x = _x_pointers(x_ptr, pid_m, M, stride_xm, CLAMP_ROWS, STEP, BLOCK_M, XL)
-        rows_s, row_blocks, mask_s = _absmax_rows(tile_n, N, K, CLAMP_ROWS, BLOCK_N, MMA)
-        if CLAMP_ROWS:  # unmasked loads (`_tile_words`)
-            mask_w, mask_x, mask_s = None, None, None
+        tile_n = pid_n
+        if SEGMENTS > 0:  # several weights in one launch: this tile's weight, its rows local to that weight
+            # (the outputs' pointers it also returns are read again after the loop: held through it they cost
+            # ~20 registers; these loads, unused, are dropped)
+            packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, _, _, _, _, _, N, tile_n = segment(
+                segments_ptr, pid_n, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, bias_ptr,
+                lora_in_ptr, lora_b_ptr, y_ptr, SEGMENTS, BLOCK_N,
+            )  # fmt: skip
+        # the packed words of this tile's rows, one step's worth: [BLOCK_N, 8 BLOCKS]
+        rows_w = tile_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, WORDS))
+        words_w = gl.arange(0, 8 * BLOCKS, layout=gl.SliceLayout(0, WORDS))
+        if CLAMP_ROWS:  # rows past the end read the last row (their sums are never stored): unmasked loads,
+            # whose registers need no zeroing first (`_load`)
+            rows_w = gl.minimum(rows_w, N - 1)
+            mask_w = None
+        else:
+            mask_w = (rows_w < N)[:, None]
+        word_ptrs = packed_ptr + (rows_w.to(gl.int64) * (K // 8))[:, None] + words_w[None, :]
+        # x's rows, one step's columns: [STEP, BLOCK_M]
+        columns_x = gl.arange(0, STEP, layout=gl.SliceLayout(1, XL))
+        rows_x = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, XL))
+        if CLAMP_ROWS:
+            rows_x = gl.minimum(rows_x, M - 1)
+            mask_x = None
+        else:
+            mask_x = (rows_x < M)[None, :]
+        x_ptrs = x_ptr + (rows_x.to(gl.int64) * stride_xm)[None, :] + columns_x[:, None]
+        # the absmax rows, in the accumulator's layout
+        rows_s = tile_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
+        blocks_per_row = K // 64
+        if CLAMP_ROWS:
+            row_blocks = gl.minimum(rows_s, N - 1) * blocks_per_row
+            mask_s = None
+        else:
+            row_blocks = rows_s * blocks_per_row
+            mask_s = rows_s < N
         offset = 0.0
         if NESTED:
             offset = gl.load(offset_ptr)
@@ -395,7 +379,7 @@ if gluon is not None:
         words_next = _load(word_ptrs + first * (8 * BLOCKS), mask_w, 0)
         scales = 0  # SLICE_BLOCKS only
         if SLICE_BLOCKS > 0:  # every scale of the tile's K slice, worked out once, kept in shared memory
-            scales = _slice_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset, tile_n, N, K // 64, first,
+            scales = _slice_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset, tile_n, N, blocks_per_row, first,
                                    last, NESTED, NESTED_BLOCKSIZE, BLOCK_N, BLOCKS, SLICE_BLOCKS, SCALES,
                                    SCALES_SHARED)  # fmt: skip
         elif ABSMAX_WORDS:  # the step's absmax bytes as one word a row, loaded a step ahead as the codes are
@@ -432,104 +416,6 @@ if gluon is not None:
                         B)  # fmt: skip
         if X_READY:
             wait_for_inputs(PDL)
-        _item_output(
-            acc, pid_n, pid_m, pid_k, tile_n, rows_s, M, N, segments_ptr, packed_ptr, absmax_ptr, absmax2_ptr,
-            code2_ptr, offset_ptr, bias_ptr, lora_in_ptr, lora_b_ptr, lora_scale, lora_rank, stride_lm,
-            partial_ptr, counter_ptr, split_k, gl.num_programs(0), y_ptr, stride_ym, DTYPE, LORA_RANK, SEGMENTS,
-            SILU_PAIRS, BLOCK_M, BLOCK_N, SPLIT, HAS_BIAS, MMA, A, B,
-        )  # fmt: skip
-
-    @gluon.jit
-    def _tile_words(segments_ptr, pid_n, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, bias_ptr,
-                    lora_in_ptr, lora_b_ptr, y_ptr, N, K, SEGMENTS: gl.constexpr, CLAMP_ROWS: gl.constexpr,
-                    BLOCK_N: gl.constexpr, BLOCKS: gl.constexpr, WORDS: gl.constexpr):  # fmt: skip
-        """Output tile `pid_n`'s weight (with SEGMENTS, its own pointers, out_features `N` and tile index
-        `tile_n` within it) and the addresses of its rows' packed words of a loop step's first block,
-        `[BLOCK_N, 8 BLOCKS]` (`mask_w`: the rows inside the weight; with CLAMP_ROWS the caller drops it):
-        `(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, N, tile_n, word_ptrs, mask_w)`."""
-        tile_n = pid_n
-        if SEGMENTS > 0:  # several weights in one launch: this tile's weight, its rows local to that weight
-            # (the outputs' pointers it also returns are read again after the loop: held through it they cost
-            # ~20 registers; these loads, unused, are dropped)
-            packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, _, _, _, _, _, N, tile_n = segment(
-                segments_ptr, pid_n, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, bias_ptr,
-                lora_in_ptr, lora_b_ptr, y_ptr, SEGMENTS, BLOCK_N,
-            )  # fmt: skip
-        rows_w = tile_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, WORDS))
-        words_w = gl.arange(0, 8 * BLOCKS, layout=gl.SliceLayout(0, WORDS))
-        mask_w = (rows_w < N)[:, None]
-        if CLAMP_ROWS:  # rows past the end read the last row (their sums are never stored): unmasked loads,
-            # whose registers need no zeroing first (`_load`; the caller drops the mask)
-            rows_w = gl.minimum(rows_w, N - 1)
-        word_ptrs = packed_ptr + (rows_w.to(gl.int64) * (K // 8))[:, None] + words_w[None, :]
-        return packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, N, tile_n, word_ptrs, mask_w
-
-    @gluon.jit
-    def _item_first_words(item, split_k, iters_per_split, segments_ptr, packed_ptr, absmax_ptr, absmax2_ptr,
-                          code2_ptr, offset_ptr, bias_ptr, lora_in_ptr, lora_b_ptr, y_ptr, N, K,
-                          SEGMENTS: gl.constexpr, CLAMP_ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
-                          BLOCKS: gl.constexpr, WORDS: gl.constexpr):  # fmt: skip
-        """The packed words of the first loop step of item `item` (tile `item // split_k`, K slice
-        `item % split_k`) of a persistent grid."""
-        _, _, _, _, _, _, _, word_ptrs, mask_w = _tile_words(
-            segments_ptr, item // split_k, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, bias_ptr,
-            lora_in_ptr, lora_b_ptr, y_ptr, N, K, SEGMENTS, CLAMP_ROWS, BLOCK_N, BLOCKS, WORDS,
-        )  # fmt: skip
-        if CLAMP_ROWS:
-            mask_w = None
-        return _load(word_ptrs + (item % split_k) * iters_per_split * (8 * BLOCKS), mask_w, 0)
-
-    @gluon.jit
-    def _prefetch_item_absmax(item, split_k, iters_per_split, segments_ptr, packed_ptr, absmax_ptr, absmax2_ptr,
-                              code2_ptr, offset_ptr, bias_ptr, lora_in_ptr, lora_b_ptr, y_ptr, N, K,
-                              SEGMENTS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCKS: gl.constexpr,
-                              WORDS: gl.constexpr, SCALES: gl.constexpr):  # fmt: skip
-        """Ask L2 for the absmax of item `item`'s rows and K slice (the sectors of its first and last block
-        a row), an item before its scales are worked out: there they would otherwise come from DRAM while
-        the program waits."""
-        _, item_absmax, _, _, _, n, tile_n, _, _ = _tile_words(
-            segments_ptr, item // split_k, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, bias_ptr,
-            lora_in_ptr, lora_b_ptr, y_ptr, N, K, SEGMENTS, False, BLOCK_N, BLOCKS, WORDS,
-        )  # fmt: skip
-        rows = gl.minimum(tile_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, SCALES)), n - 1)
-        first = (item % split_k) * iters_per_split * BLOCKS
-        last = gl.minimum(first + iters_per_split * BLOCKS, K // 64) - 1
-        row_start = item_absmax + rows.to(gl.int64) * (K // 64)
-        _prefetch_l2(row_start + first)
-        _prefetch_l2(row_start + last)
-
-    @gluon.jit
-    def _x_pointers(x_ptr, pid_m, M, stride_xm, CLAMP_ROWS: gl.constexpr, STEP: gl.constexpr,
-                    BLOCK_M: gl.constexpr, XL: gl.constexpr):  # fmt: skip
-        """x's rows of tile `pid_m`, one step's columns `[STEP, BLOCK_M]`: `(x_ptrs, mask_x)` (with CLAMP_ROWS
-        the caller drops the mask: `_unclamped`)."""
-        columns_x = gl.arange(0, STEP, layout=gl.SliceLayout(1, XL))
-        rows_x = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, XL))
-        mask_x = (rows_x < M)[None, :]
-        if CLAMP_ROWS:
-            rows_x = gl.minimum(rows_x, M - 1)
-        return x_ptr + (rows_x.to(gl.int64) * stride_xm)[None, :] + columns_x[:, None], mask_x
-
-    @gluon.jit
-    def _absmax_rows(tile_n, N, K, CLAMP_ROWS: gl.constexpr, BLOCK_N: gl.constexpr, MMA: gl.constexpr):
-        """The tile's rows in the accumulator's layout, their first quantisation blocks and `mask_s` (the
-        rows inside the weight; with CLAMP_ROWS the caller drops it): `(rows_s, row_blocks, mask_s)`."""
-        rows_s = tile_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
-        blocks_per_row = K // 64
-        if CLAMP_ROWS:
-            row_blocks = gl.minimum(rows_s, N - 1) * blocks_per_row
-        else:
-            row_blocks = rows_s * blocks_per_row
-        return rows_s, row_blocks, rows_s < N
-
-    @gluon.jit
-    def _item_output(acc, pid_n, pid_m, pid_k, tile_n, rows_s, M, N, segments_ptr, packed_ptr, absmax_ptr,
-                     absmax2_ptr, code2_ptr, offset_ptr, bias_ptr, lora_in_ptr, lora_b_ptr, lora_scale, lora_rank,
-                     stride_lm, partial_ptr, counter_ptr, split_k, tiles, y_ptr, stride_ym, DTYPE: gl.constexpr,
-                     LORA_RANK: gl.constexpr, SEGMENTS: gl.constexpr, SILU_PAIRS: gl.constexpr,
-                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr,
-                     MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr):  # fmt: skip
-        """After an item's K loop: its LoRA term, then its sums stored (through the split-K workspace)."""
         if SEGMENTS > 0:  # the outputs' pointers, read only now
             _, _, _, _, _, bias_ptr, lora_in_ptr, lora_b_ptr, y_segment, lora_rank, _, _ = segment(
                 segments_ptr, pid_n, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, bias_ptr,
@@ -541,11 +427,11 @@ if gluon is not None:
             acc = _lora_term(acc, pid_m, pid_k, split_k, rows_s, M, N, lora_in_ptr, lora_b_ptr, lora_scale,
                              lora_rank, stride_lm, DTYPE, BLOCK_M, BLOCK_N, MMA, A, B)  # fmt: skip
         if SILU_PAIRS:
-            _store_silu_pairs(acc, pid_n, pid_m, pid_k, tile_n, M, N, partial_ptr, counter_ptr, split_k, tiles,
-                              y_ptr, stride_ym, BLOCK_M, BLOCK_N, MMA)  # fmt: skip
+            _store_silu_pairs(acc, pid_n, pid_m, pid_k, tile_n, M, N, partial_ptr, counter_ptr, split_k, y_ptr,
+                              stride_ym, BLOCK_M, BLOCK_N, MMA)  # fmt: skip
         else:
-            _store(acc, pid_n, pid_m, pid_k, tile_n, M, N, partial_ptr, counter_ptr, split_k, tiles, bias_ptr,
-                   y_ptr, stride_ym, BLOCK_M, BLOCK_N, SPLIT, HAS_BIAS, MMA)  # fmt: skip
+            _store(acc, pid_n, pid_m, pid_k, tile_n, M, N, partial_ptr, counter_ptr, split_k, bias_ptr, y_ptr,
+                   stride_ym, BLOCK_M, BLOCK_N, SPLIT, HAS_BIAS, MMA)  # fmt: skip
 
     @gluon.jit
     def _step(acc, words, step, x_ptrs, mask_x, xs, code2_ptr, absmax_ptr, absmax2_ptr, offset, row_blocks,
@@ -591,115 +477,16 @@ if gluon is not None:
         BLOCK_N]` in shared memory, block-major so that a step reads a block's scales of its rows as one
         row: worked out before the K loop by all the program's threads, where the loop otherwise loads,
         looks up and waits for them at every step."""
-        table = _slice_table(absmax_ptr, absmax2_ptr, code2_ptr, offset, tile_n, N, blocks_per_row, first, last,
-                             NESTED, NESTED_BLOCKSIZE, BLOCK_N, BLOCKS, SLICE_BLOCKS, SCALES)  # fmt: skip
+        slice_blocks = first * BLOCKS + gl.arange(0, SLICE_BLOCKS, layout=gl.SliceLayout(1, SCALES))
+        rows = tile_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, SCALES))
+        mask = (slice_blocks < last * BLOCKS)[:, None] & (rows < N)[None, :]
+        blocks = (rows.to(gl.int64) * blocks_per_row)[None, :] + slice_blocks[:, None]
+        table = _absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset, blocks, mask, NESTED, NESTED_BLOCKSIZE)
         scales = gl.allocate_shared_memory(gl.float32, [SLICE_BLOCKS, BLOCK_N], SCALES_SHARED, table)
         # Written once: one barrier here, where the compiler would put one before the first read, inside the
         # loop, at every step. The rows are then read one at a time, through a view whose layout is a row's.
         gl.thread_barrier()
         return scales._reinterpret(gl.float32, [SLICE_BLOCKS, BLOCK_N], SCALE_ROW_SHARED)
-
-    @gluon.jit
-    def _slice_table(absmax_ptr, absmax2_ptr, code2_ptr, offset, tile_n, N, blocks_per_row, first, last,
-                     NESTED: gl.constexpr, NESTED_BLOCKSIZE: gl.constexpr, BLOCK_N: gl.constexpr,
-                     BLOCKS: gl.constexpr, SLICE_BLOCKS: gl.constexpr, SCALES: gl.constexpr):  # fmt: skip
-        """`_slice_scales`' values, `[SLICE_BLOCKS, BLOCK_N]` in registers (zeros past the slice and the rows)."""
-        slice_blocks = first * BLOCKS + gl.arange(0, SLICE_BLOCKS, layout=gl.SliceLayout(1, SCALES))
-        rows = tile_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, SCALES))
-        mask = (slice_blocks < last * BLOCKS)[:, None] & (rows < N)[None, :]
-        blocks = (rows.to(gl.int64) * blocks_per_row)[None, :] + slice_blocks[:, None]
-        return _absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset, blocks, mask, NESTED, NESTED_BLOCKSIZE)
-
-    @gluon.jit
-    def _persistent_items(
-        x_ptr, packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, bias_ptr,
-        lora_in_ptr, lora_b_ptr, lora_scale, partial_ptr, counter_ptr, y_ptr, segments_ptr,
-        M, N, K, stride_xm, stride_lm, stride_ym, lora_rank, iters_per_split, split_k, tiles,
-        NESTED: gl.constexpr, NESTED_BLOCKSIZE: gl.constexpr, HAS_BIAS: gl.constexpr,
-        LORA_RANK: gl.constexpr, SEGMENTS: gl.constexpr, SILU_PAIRS: gl.constexpr,
-        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCKS: gl.constexpr, SPLIT: gl.constexpr,
-        CLAMP_ROWS: gl.constexpr, SLICE_BLOCKS: gl.constexpr, SCALES: gl.constexpr,
-        SCALES_SHARED: gl.constexpr, MMA: gl.constexpr, A: gl.constexpr, B: gl.constexpr, WORDS: gl.constexpr,
-        XL: gl.constexpr, PDL: gl.constexpr, X_READY: gl.constexpr,
-    ):  # fmt: skip
-        """The kernel on a fixed grid (`persistent`): program p takes the items (tile, K slice) p, p + P, ..
-        of `tiles * split_k` (P programs), each as `_one_item` takes its one, with the slice's scales in
-        shared memory (`absmax_shared`; `launch_config` keeps x out of it). Why: a program of the plain grid
-        starts cold, its first codes and scales loaded only once it is placed; here the next item's first
-        codes are loaded during the last step of the item before, and the code book's table words are
-        worked out once a program."""
-        DTYPE: gl.constexpr = x_ptr.dtype.element_ty
-        STEP: gl.constexpr = 64 * BLOCKS
-        program = gl.program_id(0)
-        programs = gl.num_programs(0)
-        items = tiles * split_k
-        steps = K // STEP
-        tables = _byte_tables(code_ptr, DTYPE, gl.num_warps())
-        x_ptrs, mask_x = _x_pointers(x_ptr, 0, M, stride_xm, CLAMP_ROWS, STEP, BLOCK_M, XL)
-        if CLAMP_ROWS:  # unmasked loads (`_tile_words`)
-            mask_x = None
-        buffer = gl.allocate_shared_memory(gl.float32, [SLICE_BLOCKS, BLOCK_N], SCALES_SHARED)
-        scales = buffer._reinterpret(gl.float32, [SLICE_BLOCKS, BLOCK_N], SCALE_ROW_SHARED)
-        # the first item's first codes: constant inputs, loaded before the wait (vrft.kernels.launch_order)
-        words_next = _item_first_words(
-            program, split_k, iters_per_split, segments_ptr, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr,
-            offset_ptr, bias_ptr, lora_in_ptr, lora_b_ptr, y_ptr, N, K, SEGMENTS, CLAMP_ROWS, BLOCK_N, BLOCKS, WORDS,
-        )  # fmt: skip
-        if not X_READY:
-            wait_for_inputs(PDL)
-        for item in range(program, items, programs):
-            pid_n = item // split_k
-            pid_k = item % split_k
-            item_packed, item_absmax, item_absmax2, item_code2, item_offset, n, tile_n, word_ptrs, mask_w = (
-                _tile_words(segments_ptr, pid_n, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                            bias_ptr, lora_in_ptr, lora_b_ptr, y_ptr, N, K, SEGMENTS, CLAMP_ROWS, BLOCK_N, BLOCKS,
-                            WORDS)
-            )  # fmt: skip
-            rows_s, row_blocks, mask_s = _absmax_rows(tile_n, n, K, CLAMP_ROWS, BLOCK_N, MMA)
-            if CLAMP_ROWS:  # unmasked loads (`_tile_words`)
-                mask_w, mask_s = None, None
-            offset = 0.0
-            if NESTED:
-                offset = gl.load(item_offset)
-            first = pid_k * iters_per_split
-            last = gl.minimum(first + iters_per_split, steps)
-            table = _slice_table(item_absmax, item_absmax2, item_code2, offset, tile_n, n, K // 64, first, last,
-                                 NESTED, NESTED_BLOCKSIZE, BLOCK_N, BLOCKS, SLICE_BLOCKS, SCALES)  # fmt: skip
-            _prefetch_item_absmax(
-                gl.minimum(item + programs, items - 1), split_k, iters_per_split, segments_ptr, packed_ptr,
-                absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, bias_ptr, lora_in_ptr, lora_b_ptr, y_ptr, N, K,
-                SEGMENTS, BLOCK_N, BLOCKS, WORDS, SCALES,
-            )  # fmt: skip
-            gl.thread_barrier()  # every warp has read the item before's scales (not every store has a barrier)
-            buffer.store(table)
-            gl.thread_barrier()
-            acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
-            for step in range(first, last - 1):
-                words = words_next
-                words_next = _load(word_ptrs + (step + 1) * (8 * BLOCKS), mask_w, 0)
-                acc = _step(acc, words, step, x_ptrs, mask_x, 0, item_code2, item_absmax, item_absmax2, offset,
-                            row_blocks, mask_s, 0, 0.0, scales, step - first, tables, BLOCK_N, BLOCK_M, BLOCKS,
-                            NESTED, NESTED_BLOCKSIZE, False, SLICE_BLOCKS, 0, DTYPE, MMA, XL, A, B)  # fmt: skip
-            # the item's last step, with the next item's first codes on their way (the last item asks for
-            # its own again rather than taking a branch)
-            words = words_next
-            following = gl.minimum(item + programs, items - 1)
-            words_next = _item_first_words(
-                following, split_k, iters_per_split, segments_ptr, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr,
-                offset_ptr, bias_ptr, lora_in_ptr, lora_b_ptr, y_ptr, N, K, SEGMENTS, CLAMP_ROWS, BLOCK_N, BLOCKS,
-                WORDS,
-            )  # fmt: skip
-            acc = _step(acc, words, last - 1, x_ptrs, mask_x, 0, item_code2, item_absmax, item_absmax2, offset,
-                        row_blocks, mask_s, 0, 0.0, scales, last - 1 - first, tables, BLOCK_N, BLOCK_M, BLOCKS,
-                        NESTED, NESTED_BLOCKSIZE, False, SLICE_BLOCKS, 0, DTYPE, MMA, XL, A, B)  # fmt: skip
-            if X_READY:
-                wait_for_inputs(PDL)
-            _item_output(
-                acc, pid_n, 0, pid_k, tile_n, rows_s, M, n, segments_ptr, packed_ptr, absmax_ptr, absmax2_ptr,
-                code2_ptr, offset_ptr, bias_ptr, lora_in_ptr, lora_b_ptr, lora_scale, lora_rank, stride_lm,
-                partial_ptr, counter_ptr, split_k, tiles, y_ptr, stride_ym, DTYPE, LORA_RANK, SEGMENTS,
-                SILU_PAIRS, BLOCK_M, BLOCK_N, SPLIT, HAS_BIAS, MMA, A, B,
-            )  # fmt: skip
 
     @gluon.jit
     def _slice_x(x_ptr, pid_m, M, stride_xm, first, last, DTYPE: gl.constexpr, STEP: gl.constexpr,
@@ -806,14 +593,14 @@ if gluon is not None:
         return total
 
     @gluon.jit
-    def _store(acc, pid_n, pid_m, pid_k, tile_n, M, N, partial_ptr, counter_ptr, split_k, tiles, bias_ptr, y_ptr,
+    def _store(acc, pid_n, pid_m, pid_k, tile_n, M, N, partial_ptr, counter_ptr, split_k, bias_ptr, y_ptr,
                stride_ym, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, SPLIT: gl.constexpr,
                HAS_BIAS: gl.constexpr, MMA: gl.constexpr):  # fmt: skip
         """`y[rows_m, rows_n] = (sum over K slices of acc [BLOCK_N, BLOCK_M])^T (+ bias)`, as
         `nf4_epilogue.store_output`: the last slice of a tile to arrive adds the partials up."""
         if SPLIT:
             TILE: gl.constexpr = BLOCK_M * BLOCK_N
-            tile = pid_m * tiles + pid_n
+            tile = pid_m * gl.num_programs(0) + pid_n
             slots = partial_ptr + tile.to(gl.int64) * (split_k * TILE) + _tile_offsets(BLOCK_M, BLOCK_N, MMA)
             arrived = _arrive(acc, slots + pid_k * TILE, counter_ptr + tile)
             if arrived == split_k - 1:
@@ -824,13 +611,14 @@ if gluon is not None:
             _finish(acc, pid_m, tile_n, M, N, bias_ptr, y_ptr, stride_ym, BLOCK_M, BLOCK_N, HAS_BIAS)
 
     @gluon.jit
-    def _store_silu_pairs(acc, pid_n, pid_m, pid_k, tile_n, M, N, partial_ptr, counter_ptr, split_k, tiles,
-                          y_ptr, stride_ym, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, MMA: gl.constexpr):  # fmt: skip
+    def _store_silu_pairs(acc, pid_n, pid_m, pid_k, tile_n, M, N, partial_ptr, counter_ptr, split_k, y_ptr,
+                          stride_ym, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, MMA: gl.constexpr):  # fmt: skip
         """`y[rows_m, rows_n] = silu(gate) * up` of a launch over two weights of one shape, gate then up
         (`launch`'s `silu_pairs`): as `_store`, the K slices' sums go through the workspace (even unsplit),
         but one counter serves gate tile `tile_n` and up tile `tile_n` together, and the last of their
         2 `split_k` slices to arrive adds up both, rounds each to the output dtype as `_store` would, and
         writes `decode_fusions.silu_times` of the two: the SiLU launch's work, without its launch."""
+        tiles = gl.num_programs(0)
         half = tiles // 2  # the gate's tiles, then the up's
         local = _tile_offsets(BLOCK_M, BLOCK_N, MMA)
         TILE: gl.constexpr = BLOCK_M * BLOCK_N
@@ -883,14 +671,6 @@ def launch_config(rows: int, out_features: int, in_features: int, device: torch.
     while chosen["x_shared"] and x_slice_bytes(steps, split_k, blocks, block_m) > chosen["x_shared"]:
         split_k += 1  # until the slice of x fits (at one step a slice it always does)
     split_k = triton.cdiv(steps, triton.cdiv(steps, split_k))  # no empty slice: each reads its first step
-    programs = 0
-    scales_fit = chosen["absmax_shared"] and 0 < _slice_blocks(steps, split_k, blocks, chosen["BLOCK_N"])
-    if chosen["persistent"] and not chosen["x_shared"] and scales_fit:
-        items = tiles * split_k
-        slots = chosen["persistent"] * multiprocessors(device)
-        rounds = triton.cdiv(items, slots)
-        if rounds > 1:  # (even: as many items a program, give or take one)
-            programs = triton.cdiv(items, rounds) if chosen["persistent_even"] else slots
     return {
         "BLOCK_M": block_m,
         "BLOCK_N": chosen["BLOCK_N"],
@@ -903,9 +683,6 @@ def launch_config(rows: int, out_features: int, in_features: int, device: torch.
         "clamp_rows": chosen["clamp_rows"],
         "absmax_shared": chosen["absmax_shared"],
         "x_shared": chosen["x_shared"],
-        "persistent": chosen["persistent"],
-        "persistent_even": chosen["persistent_even"],
-        "PROGRAMS": programs,  # the persistent grid's programs (0: the plain grid)
     }
 
 
@@ -960,12 +737,9 @@ def launch(first, out_features, table, rank, x, lora_in, lora_scale, config, x_r
         raise ValueError(f"SPLIT_K={split_k} leaves a K slice empty or K={in_features} is not whole steps")
     if rows > block_m:
         raise ValueError(f"{rows} rows > BLOCK_M={block_m}")
-    tiles = sum(triton.cdiv(n, block_n) for n in out_features)
-    grid = (tiles, 1, split_k)  # the items; with a persistent grid, its programs take them in turn
+    grid = (sum(triton.cdiv(n, block_n) for n in out_features), 1, split_k)
     width = out_features[0] if silu_pairs else sum(out_features)
     y, partial, counters = launch_outputs(x, width, grid, block_m, block_n, through_workspace=silu_pairs)
-    if config.get("PROGRAMS"):  # (never more programs than items: each loads its first before its loop)
-        grid = (min(config["PROGRAMS"], tiles * split_k), 1, 1)
     nested = quant_state.nested
     state2 = quant_state.state2 if nested else quant_state
     if lora_in is not None and lora_in.stride(1) != 1:
@@ -981,7 +755,7 @@ def launch(first, out_features, table, rank, x, lora_in, lora_scale, config, x_r
         lora_in if rank else y, lora_b if rank else y, float(lora_scale), partial, counters, y,
         table if table is not None else counters,
         rows, out_features[0], in_features, x.stride(0), lora_in.stride(0) if rank else 0, y.stride(0), rank,
-        triton.cdiv(steps, split_k), split_k, tiles, **constants,
+        triton.cdiv(steps, split_k), split_k, **constants,
         num_warps=warps, **({"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {}),
         X_READY=x_ready, **launch_options(x.device),
     )  # fmt: skip
@@ -999,21 +773,14 @@ def slice_scales(config: dict, in_features: int) -> dict:
     them in: distributed while worked out, shared after."""
     block_n, blocks, warps = config["BLOCK_N"], config["BLOCKS"], config["num_warps"]
     steps = in_features // (64 * blocks)
-    slice_blocks = (
-        _slice_blocks(steps, config["SPLIT_K"], blocks, block_n) if config.get("absmax_shared") else 0
-    )
+    slice_blocks = triton.next_power_of_2(triton.cdiv(steps, config["SPLIT_K"]) * blocks)
+    if not config.get("absmax_shared") or slice_blocks * block_n * 4 > SCALES_BYTES:
+        slice_blocks = 0
     return {
         "SLICE_BLOCKS": slice_blocks,
         "SCALES": gl.BlockedLayout([1, max(1, block_n // 32)], [1, 32], [warps, 1], [1, 0]),
         "SCALES_SHARED": gl.SwizzledSharedLayout(1, 1, 1, [1, 0]),
     }
-
-
-def _slice_blocks(steps: int, split_k: int, blocks: int, block_n: int) -> int:
-    """The quantisation blocks a row of a K slice keeps in shared memory, to a power of two (0: more than
-    SCALES_BYTES would take)."""
-    slice_blocks = triton.next_power_of_2(triton.cdiv(steps, split_k) * blocks)
-    return 0 if slice_blocks * block_n * 4 > SCALES_BYTES else slice_blocks
 
 
 def x_slice_bytes(steps: int, split_k: int, blocks: int, block_m: int) -> int:
@@ -1078,7 +845,6 @@ def kernel_constants(config: dict, nested: bool, nested_blocksize: int, has_bias
         "SEGMENTS": segments, "SILU_PAIRS": silu_pairs, "BLOCK_M": block_m, "BLOCK_N": block_n,
         "BLOCKS": blocks, "SPLIT": config["SPLIT_K"] > 1, "ABSMAX_WORDS": absmax_words,
         "PREFETCH": config.get("prefetch", 0), "CLAMP_ROWS": config.get("clamp_rows", False),
-        "PERSISTENT": config.get("PROGRAMS", 0) > 0,
         **slice_scales(config, in_features), **slice_x(config, in_features),
         "MMA": mma, "A": operand_a, "B": operand_b, "WORDS": words, "XL": x_layout, "SECTORS": sectors,
     }  # fmt: skip

@@ -156,29 +156,19 @@ def instructions(code: str) -> list[tuple[int, str]]:
     return listed
 
 
-def main_loop(code: str, innermost: bool = False) -> list[str]:
+def main_loop(code: str) -> list[str]:
     """The instructions of the longest loop in `code` that runs tensor-core MMAs, in order.
 
     The loop is found as a backward branch whose body holds an (H)GMMA or HMMA: the K loop of the kernel.
-    `innermost`: only loops with no loop inside (the K loop of `nf4_mma`'s persistent grid, inside the loop
-    over its items).
     """
     listed = instructions(code)
-    loops = []
+    longest: list[str] = []
     for address, text in listed:
         branch = re.search(r"BRA\s+0x([0-9a-f]+)", text)
         if branch and int(branch.group(1), 16) < address:
-            loops.append((int(branch.group(1), 16), address))
-    longest: list[str] = []
-    for start, end in loops:
-        nested = any(
-            start <= inner < inner_end < end
-            for inner, inner_end in loops
-            if (inner, inner_end) != (start, end)
-        )
-        body = [t for a, t in listed if start <= a <= end]
-        if (not innermost or not nested) and any("MMA" in t for t in body) and len(body) > len(longest):
-            longest = body
+            body = [t for a, t in listed if int(branch.group(1), 16) <= a <= address]
+            if any("MMA" in t for t in body) and len(body) > len(longest):
+                longest = body
     return longest
 
 
@@ -192,6 +182,6 @@ def opcode(instruction: str) -> str:
     return mnemonic(instruction).split(".")[0]
 
 
-def main_loop_opcodes(code: str, innermost: bool = False) -> collections.Counter:
+def main_loop_opcodes(code: str) -> collections.Counter:
     """Opcode counts (`PRMT`, `LOP3`, `SHFL`, ...) of the K loop (`main_loop`)."""
-    return collections.Counter(opcode(text) for text in main_loop(code, innermost))
+    return collections.Counter(opcode(text) for text in main_loop(code))
