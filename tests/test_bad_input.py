@@ -46,6 +46,26 @@ CASES = [
     (["trainer.max_steps=-5"], "trainer.max_steps=-5 must be >= 0, or -1 for no limit (train by epochs)"),
     (["trainer.max_epochs=-2"], "trainer.max_epochs=-2 must be >= 0, or -1 for no limit (train by steps)"),
     (["trainer.num_nodes=0"], "trainer.num_nodes=0 must be >= 1"),
+    # taken and trained wrongly, or refused only once the model or the Trainer is built
+    (["optimizer.lr=0"], "optimizer.lr=0 must be > 0"),
+    (["optimizer.lr=-1e-4"], "optimizer.lr=-0.0001 must be > 0"),
+    (["warm_start.optimizer.lr=0"], "warm_start.optimizer.lr=0 must be > 0"),
+    (["optimizer.weight_decay=-1"], "optimizer.weight_decay=-1 must be >= 0"),
+    (["algorithm.max_grad_norm=-1"], "algorithm.max_grad_norm=-1 must be > 0, or null for no clipping"),
+    (["algorithm=sft", "algorithm.max_grad_norm=-1"], "algorithm.max_grad_norm=-1 must be > 0, or null"),
+    (["algorithm.advantage_eps=0"], "algorithm.advantage_eps=0 must be > 0"),
+    (["scheduler=cosine", "trainer.max_steps=-1", "trainer.max_epochs=2"], "scheduler.num_training_steps=-1 must be >= 1"),
+    (["callbacks.checkpoint.every_n_train_steps=-5"], "callbacks.checkpoint.every_n_train_steps=-5 must be >= 0"),
+    (["data.num_workers=-1"], "data.num_workers=-1 must be >= 0"),
+    (["data.val_batch_size=0"], "data.val_batch_size=0 must be >= 1"),
+    (["warm_start.steps=-5"], "warm_start.steps=-5 must be >= 1, or warm_start=none"),
+    (["lora.dropout=1.5"], "lora.dropout=1.5 must be in [0, 1)"),
+    (["lora.target_modules='(q_proj'"], "lora.target_modules='(q_proj' is not a regular expression"),
+    (["model.max_pixels=-1"], "model.max_pixels=-1 must be >= 784"),
+    (["model.min_pixels=0"], "model.min_pixels=0 must be >= 784"),
+    (["trainer.devices=0"], "trainer.devices=0 is not a device count"),
+    (["trainer.devices=-2"], "trainer.devices=-2 is not a device count"),
+    (["trainer.devices=two"], "trainer.devices='two' is not a device count"),
 ]  # fmt: skip
 
 
@@ -66,6 +86,13 @@ def test_bad_setting_is_named_before_loading(overrides, message):
         ["algorithm=sft"],
         ["+hw=rtx4090", "precision=int4"],
         ["trainer.max_steps=-1", "trainer.max_epochs=1"],  # the floors themselves: -1 is "no limit"
+        ["scheduler=cosine"],
+        ["algorithm.max_grad_norm=null"],
+        ["trainer.devices=auto"],
+        ["trainer.devices=-1"],
+        ["trainer.devices=[0,1]"],
+        ["trainer.devices='0,1'"],
+        ["callbacks.checkpoint.every_n_train_steps=0"],
     ],
 )
 def test_good_settings_pass(overrides):
@@ -115,6 +142,21 @@ def test_resume_with_other_model_lora_or_precision_is_refused(tmp_path, resumed,
     validate(config("lora.r=4", f"ckpt_path={path}"))  # the same settings resume
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         validate(config("lora.r=4", resumed, f"ckpt_path={path}"))
+
+
+def test_resume_from_a_checkpoint_already_at_max_steps_is_refused(tmp_path):
+    # Lightning would load it and stop at once: no training, no checkpoint, exit 0
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {}, "global_step": 4, CHECKPOINT_KEY: resume_settings(config())}, path)
+    validate(config("trainer.max_steps=5", f"ckpt_path={path}"))
+    validate(config("trainer.max_steps=-1", "trainer.max_epochs=3", f"ckpt_path={path}"))  # by epochs
+    for steps in (4, 2):
+        with pytest.raises(ValueError) as error:
+            validate(config(f"trainer.max_steps={steps}", f"ckpt_path={path}"))
+        assert (
+            f"is at step 4 and trainer.max_steps={steps}: nothing is left to train; raise trainer.max_steps"
+            in str(error.value)
+        )
 
 
 def test_resume_compares_with_the_run_folder_config_of_an_older_checkpoint(tmp_path):

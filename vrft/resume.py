@@ -70,8 +70,11 @@ def _unreadable(path: Path, error: Exception) -> str:
 
 
 def check_resume(cfg: DictConfig, path: Path) -> None:
-    """The checkpoint is readable and was trained with this run's model, LoRA and precision."""
-    saved = _read_checkpoint(path).get(CHECKPOINT_KEY)
+    """The checkpoint is readable, was trained with this run's model, LoRA and precision, and leaves this run
+    steps to train."""
+    checkpoint = _read_checkpoint(path)
+    _check_steps_left(checkpoint.get("global_step"), OmegaConf.select(cfg, "trainer.max_steps"), path)
+    saved = checkpoint.get(CHECKPOINT_KEY)
     if saved is None:
         saved = _settings_beside(path)
     if saved is None:
@@ -91,6 +94,16 @@ def check_resume(cfg: DictConfig, path: Path) -> None:
                 f"ckpt_path='{path}' was trained with {key}={saved[key]!r} but this run has {key}={value!r}; "
                 f"resume with {fix}, or drop ckpt_path to start a new run"
             )
+
+
+def _check_steps_left(step: Any, max_steps: Any, path: Path) -> None:
+    # Lightning loads a checkpoint already at trainer.max_steps and stops at once: no training, no checkpoint,
+    # no message, exit 0.
+    if isinstance(step, int) and isinstance(max_steps, int) and 0 <= max_steps <= step:
+        raise ValueError(
+            f"ckpt_path='{path}' is at step {step} and trainer.max_steps={max_steps}: nothing is left to train; "
+            f"raise trainer.max_steps above {step} to go on"
+        )
 
 
 def _settings_beside(path: Path) -> dict | None:

@@ -66,6 +66,8 @@ def validate(cfg: DictConfig) -> None:
             raise ValueError(f"trainer.{flag} is set by vrft, not by Lightning; use {owner}")
     _check_node(cfg, "")
     _check_trainer_counts(cfg.get("trainer") or {})
+    _check_ranges(cfg, "")
+    _check_devices((cfg.get("trainer") or {}).get("devices"))
     if cfg.get("ckpt_path") is not None:
         check_resume(cfg, Path(str(cfg.ckpt_path)))
 
@@ -84,6 +86,64 @@ def _check_trainer_counts(trainer) -> None:
         value = trainer.get(key)  # the types were checked against the Trainer's signature before
         if isinstance(value, int) and not isinstance(value, bool) and value < floor:
             raise ValueError(f"trainer.{key}={value} {rule}")
+
+
+# Values whose consumer refuses them only once it is built, in its own words (torch's optimizers, Lightning,
+# the DataLoader), or takes them and trains wrongly: a negative gradient norm flips the gradients, a cosine
+# schedule over -1 steps swings the learning rate between 0 and full. Keyed by a node's name and its key,
+# wherever the node sits (`optimizer.lr` and `warm_start.optimizer.lr`): the test and the rule.
+RANGES = {
+    ("optimizer", "lr"): (lambda v: v > 0, "must be > 0, e.g. 1e-5 (0 trains nothing)"),
+    ("optimizer", "weight_decay"): (lambda v: v >= 0, "must be >= 0"),
+    ("algorithm", "max_grad_norm"): (
+        lambda v: v > 0,
+        "must be > 0, or null for no clipping (a negative norm flips the gradients: torch scales them by it)",
+    ),
+    ("scheduler", "num_training_steps"): (
+        lambda v: v >= 1,
+        "must be >= 1: the cosine schedule's length in optimizer steps (it follows trainer.max_steps, -1 when "
+        "training by epochs); set scheduler.num_training_steps=<steps>, or use scheduler=constant",
+    ),
+    ("checkpoint", "every_n_train_steps"): (lambda v: v >= 0, "must be >= 0 (0: none by step count)"),
+    ("data", "num_workers"): (lambda v: v >= 0, "must be >= 0 (0: load in the main process)"),
+    ("data", "val_batch_size"): (lambda v: v >= 1, "must be >= 1"),
+    ("warm_start", "steps"): (lambda v: v >= 1, "must be >= 1, or warm_start=none for no warm start"),
+}
+
+
+def _check_ranges(node: DictConfig, prefix: str) -> None:
+    name = prefix.rstrip(".").rsplit(".", 1)[-1]
+    for key in node.keys() if isinstance(node, DictConfig) else ():
+        try:
+            value = node[key]
+        except Exception:
+            continue  # unresolvable here: the real run resolves and checks it
+        if isinstance(value, DictConfig):
+            _check_ranges(value, f"{prefix}{key}.")
+            continue
+        rule = RANGES.get((name, key))
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if rule is not None and number and not rule[0](value):
+            raise ValueError(f"{prefix}{key}={value} {rule[1]}")
+
+
+def _check_devices(devices: Any) -> None:
+    """`trainer.devices` as Lightning takes it: a count >= 1 or -1 (all), 'auto', a list of indices, or
+    their text ('2', '0,1'); Lightning itself says so only once the Trainer is built, after a warm start."""
+    if devices is None or isinstance(devices, ListConfig | list):
+        return
+    text = str(devices).strip()
+    if isinstance(devices, bool) or text == "auto":
+        return
+    count = text.rstrip(",").split(",")
+    if all(part.strip().lstrip("-").isdigit() for part in count) and (
+        len(count) > 1 or int(count[0]) in (-1,) or int(count[0]) >= 1
+    ):
+        return
+    raise ValueError(
+        f"trainer.devices={devices!r} is not a device count; pass a count >= 1 (trainer.devices=2), -1 for every "
+        "GPU, 'auto', or the GPUs' indices (trainer.devices=[0,1])"
+    )
 
 
 def check_missing(cfg: DictConfig) -> None:

@@ -57,6 +57,12 @@ class ModelSpec:
     seed: int = 0
 
     def __post_init__(self):
+        for key in ("min_pixels", "max_pixels"):  # the image processor's smallest image: one 28 x 28 patch
+            if getattr(self, key) < 28 * 28:
+                raise ValueError(
+                    f"model.{key}={getattr(self, key)} must be >= 784 (one 28 x 28 patch; visual tokens per image "
+                    "= pixels / 784), e.g. model.max_pixels=401408"
+                )
         if self.min_pixels > self.max_pixels:
             raise ValueError(
                 f"model.min_pixels={self.min_pixels} exceeds model.max_pixels={self.max_pixels}; lower min_pixels"
@@ -108,6 +114,17 @@ class LoraSpec:
             raise ValueError(f"lora.r={self.r} must be >= 1 (the adapter's rank; 64 is Visual-RFT's)")
         if self.alpha <= 0 and not self.full:
             raise ValueError(f"lora.alpha={self.alpha} must be > 0 (the adapter's scale is alpha / r)")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(
+                f"lora.dropout={self.dropout} must be in [0, 1) (0 keeps the rollout deterministic)"
+            )
+        try:
+            re.compile(self.target_modules)
+        except re.error as error:
+            raise ValueError(
+                f"lora.target_modules={self.target_modules!r} is not a regular expression ({error}); peft matches "
+                "it against module names, e.g. lora.target_modules='.*language_model.*\\.(q_proj|v_proj)'"
+            ) from None
 
     def peft_config(self) -> LoraConfig:
         target = self.target_modules

@@ -79,6 +79,17 @@ class GRPOSettings:
         for key in ("max_bad_steps", "stall_steps"):
             if getattr(self, key) < 1:
                 raise ValueError(f"algorithm.{key}={getattr(self, key)} must be >= 1")
+        if not self.advantage_eps > 0:
+            # A group whose rewards are all equal has std 0: the advantages would divide by zero (NaN losses).
+            raise ValueError(
+                f"algorithm.advantage_eps={self.advantage_eps} must be > 0: it keeps the advantages finite where "
+                "a group's rewards are all equal; e.g. algorithm.advantage_eps=1e-4"
+            )
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(
+                f"algorithm.max_grad_norm={self.max_grad_norm} must be > 0, or null for no clipping (a negative "
+                "norm flips the gradients: torch scales them by it)"
+            )
         if self.rollout_is_cap is not None and not self.rollout_is_cap >= 1:
             raise ValueError(
                 f"algorithm.rollout_is_cap={self.rollout_is_cap} must be >= 1 (2.0 is a common cap) or null "
