@@ -161,3 +161,40 @@ def test_enforce_false_starts_anyway(tmp_path, monkeypatch):
     )
     with pytest.raises(Loaded):
         fit(cfg)
+
+
+def test_the_search_skips_changes_the_run_would_refuse_and_names_each_key_once():
+    # rollout_batch_size=1 with 4 completions a prompt leaves 4 sequences, which an update micro-batch of 16
+    # does not divide: a candidate GRPO would refuse. It used to end the search in that refusal's error, for a
+    # run whose own settings are fine; the micro-batch, halved twice on the way, was named twice.
+    cfg = config(
+        "+hw=rtx4080-16g", "model=qwen2vl-7b", "precision=bf16", "algorithm.group_size=4",
+        "algorithm.rollout_batch_size=4", "algorithm.update_micro_batch_size=16",
+    )  # fmt: skip
+    result = verdict(cfg)
+    assert not result.fits and result.suggestion
+    keys = [change.split("=", 1)[0] for change in result.suggestion]
+    assert len(keys) == len(set(keys)), result.suggestion
+    fixed = vrft.planner.planning._with(cfg, result.suggestion)
+    assert verdict(fixed).fits, result.suggestion
+
+
+def test_no_suggestion_where_no_change_is_enough():
+    # a budget nothing fits: no list of changes that still does not fit, printed as if it did
+    result = verdict(config("memory_cap_gb=0.05"))
+    assert not result.fits and result.suggestion == []
+
+
+@pytest.mark.parametrize(
+    ("override", "shown"),
+    [
+        ("hw.memory_gb=-5", "-5"),
+        ("hw.memory_gb=0", "0"),
+        ("hw.memory_gb=24GB", "'24GB'"),
+        ("memory_cap_gb=0", "0"),
+    ],
+)
+def test_a_budget_that_is_not_a_positive_number_is_named(override, shown):
+    key = override.split("=")[0]
+    with pytest.raises(ValueError, match=f"{key}={shown} is not a memory budget; pass GiB as a number > 0"):
+        verdict(config("+hw=rtx4090", override))

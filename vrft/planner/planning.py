@@ -105,6 +105,14 @@ def plan_config(cfg: DictConfig, calibration: Calibration | None = None) -> Memo
 def budget_gb(cfg: DictConfig) -> tuple[float | None, str]:
     """The memory budget (GiB) and where it comes from: hw profile, memory cap, or the CUDA device."""
     hw = cfg.get("hw") or {}
+    for key, value in (("hw.memory_gb", hw.get("memory_gb")), ("memory_cap_gb", cfg.get("memory_cap_gb"))):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int | float) or value <= 0
+        ):
+            raise ValueError(
+                f"{key}={value!r} is not a memory budget; pass GiB as a number > 0 (e.g. {key}=24), or null for "
+                "the CUDA device's own memory"
+            )
     if hw.get("memory_gb"):
         return float(hw.memory_gb), f"hw={hw.get('name', '?')}"
     if cfg.get("memory_cap_gb"):
@@ -200,17 +208,36 @@ def verdict(cfg: DictConfig, calibration: Calibration | None = None, max_changes
     applied: list[str] = []
     current = cfg
     for _ in range(max_changes):
-        options = _candidates(current)
-        for change in options:  # a single change that is enough, least harmful first
-            if plan_config(_with(current, [change]), calibration).device_gb <= budget:
-                result.suggestion = [*applied, change]
+        planned = {}  # each candidate's device GiB, least harmful first; none for a run vrft would refuse
+        for change in _candidates(current):
+            gb = _planned_gb(_with(current, [change]), calibration)
+            if gb is not None:
+                planned[change] = gb
+        for change, gb in planned.items():  # a single change that is enough
+            if gb <= budget:
+                result.suggestion = _merged([*applied, change])
                 return result
-        if not options:
+        if not planned:
             break
-        applied.append(options[0])  # otherwise take the least harmful and look again
-        current = _with(current, [options[0]])
-    result.suggestion = applied
-    return result
+        first = next(iter(planned))  # otherwise take the least harmful and look again
+        applied.append(first)
+        current = _with(current, [first])
+    return result  # none is enough: no suggestion (report.py says so), not changes that still do not fit
+
+
+def _planned_gb(cfg: DictConfig, calibration: Calibration | None) -> float | None:
+    """The plan's device GiB, or None where the settings break one of the run's own rules (a candidate such
+    as `rollout_batch_size=1` whose sequences the micro-batch no longer divides): never suggested."""
+    try:
+        return plan_config(cfg, calibration).device_gb
+    except ValueError:
+        return None
+
+
+def _merged(changes: list[str]) -> list[str]:
+    """The changes with each key once, at its last value (the greedy search may halve a key twice)."""
+    last = {change.split("=", 1)[0]: change for change in changes}
+    return list(last.values())
 
 
 def resolve_precision(cfg: DictConfig, quiet: bool = False) -> DictConfig:
