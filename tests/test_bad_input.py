@@ -182,6 +182,26 @@ def test_fresh_run_over_an_earlier_runs_checkpoints_is_refused(tmp_path):
     check_fresh_run(cfg)  # resuming into its own folder
 
 
+def test_fresh_run_over_an_earlier_runs_final_adapter_or_with_a_file_for_checkpoints_is_refused(tmp_path):
+    # an earlier run that kept no checkpoint still left its adapter; a file where the checkpoints go would
+    # fail only after training
+    cfg = config()
+    cfg.run_dir = str(tmp_path)
+    (tmp_path / "adapter" / "final").mkdir(parents=True)
+    check_fresh_run(cfg)  # an empty folder: nothing to lose
+    (tmp_path / "adapter" / "final" / "adapter_model.safetensors").write_bytes(b"weights")
+    with pytest.raises(ValueError, match=r"adapter/final' already holds the final adapter of an earlier run"):
+        check_fresh_run(cfg)
+    cfg.ckpt_path = str(tmp_path / "last.ckpt")
+    check_fresh_run(cfg)  # resuming: the run goes on and writes its adapter again
+    other = config()
+    other.run_dir = str(tmp_path / "other")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "checkpoints").write_text("not a folder")
+    with pytest.raises(ValueError, match=r"callbacks.checkpoint.dirpath='.*checkpoints' is a file"):
+        check_fresh_run(other)
+
+
 def test_unquoted_equals_in_a_value_names_the_quoting():
     with pytest.raises(ValueError, match="""quote the value: "ckpt_path='runs/lr=1e-3/last.ckpt'\""""):
         check_command_line(["ckpt_path=runs/lr=1e-3/last.ckpt"])

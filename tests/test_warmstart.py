@@ -121,6 +121,37 @@ def test_applies_to_the_tiny_model_only_and_never_over_a_users_adapter(monkeypat
     assert apply_warm_start(config("warm_start=none")) == []
 
 
+def test_a_dataset_without_the_held_out_split_is_named_before_the_warm_start_trains(monkeypatch, tmp_path):
+    # a train-only dataset on disk (what `vrft.data.build k-shot` writes): the warm start's held-out callback
+    # would find no `test` split only after the warm start had trained
+    import datasets
+
+    def trains(cfg):
+        raise AssertionError("the warm start trained")
+
+    monkeypatch.setattr(vrft.warmstart, "make_warm_start", trains)
+    rows = {"image": ["a.png"], "problem": ["what?"], "solution": ["<answer>x</answer>"]}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows)}).save_to_disk(str(tmp_path / "kshot"))
+    cfg = config("data=disk", f"data.path={tmp_path / 'kshot'}", f"run_dir={tmp_path}")
+    with pytest.raises(ValueError) as error:
+        apply_warm_start(cfg)
+    assert str(error.value).startswith(
+        "warm_start.callbacks.held_out_reward.split='test' is not in the dataset at data.path="
+    )
+    assert "(splits: ['train']); set warm_start.callbacks.held_out_reward.split=<a held-out split>" in str(
+        error.value
+    )
+    monkeypatch.setattr(vrft.warmstart, "make_warm_start", lambda cfg: Path("/cache/warm/adapter/final"))
+    apply_warm_start(
+        config(
+            "data=disk",
+            f"data.path={tmp_path / 'kshot'}",
+            "warm_start.callbacks.held_out_reward.split=train",
+            f"run_dir={tmp_path}",
+        )
+    )
+
+
 @pytest.mark.slow
 def test_warm_start_then_grpo_keeps_the_held_out_reward_and_deploys(tmp_path):
     """The default run, shortened: SFT warm start, then 45 GRPO steps; GRPO must not lose held-out reward.

@@ -69,11 +69,12 @@ def _unreadable(path: Path, error: Exception) -> str:
     return (text.strip().split(". ")[0] or type(error).__name__)[:120]
 
 
-def check_resume(cfg: DictConfig, path: Path) -> None:
-    """The checkpoint is readable, was trained with this run's model, LoRA and precision, and leaves this run
-    steps to train."""
+def check_resume(cfg: DictConfig, path: Path, training: bool = True) -> None:
+    """The checkpoint is readable, was trained with this run's model, LoRA and precision, and (`training`: a
+    run that resumes it, not `vrft.evaluate`) leaves this run steps to train."""
     checkpoint = _read_checkpoint(path)
-    _check_steps_left(checkpoint.get("global_step"), OmegaConf.select(cfg, "trainer.max_steps"), path)
+    if training:
+        _check_steps_left(checkpoint.get("global_step"), OmegaConf.select(cfg, "trainer.max_steps"), path)
     saved = checkpoint.get(CHECKPOINT_KEY)
     if saved is None:
         saved = _settings_beside(path)
@@ -119,10 +120,20 @@ def check_fresh_run(cfg: DictConfig) -> None:
     """A run without `ckpt_path` does not write over the checkpoints an earlier run left in its folder.
 
     Its `step-N.ckpt` and `last.ckpt` would replace theirs one by one: a run started again with the same
-    `hydra.run.dir` and without `ckpt_path=` would silently lose the checkpoints it meant to resume from.
+    `hydra.run.dir` and without `ckpt_path=` would silently lose the checkpoints it meant to resume from. Where
+    the earlier run kept none, its final adapter is what would be lost. And a file where the checkpoints go
+    would fail the run only when it first saves.
     """
     folder = OmegaConf.select(cfg, "callbacks.checkpoint.dirpath", default=None)
-    if cfg.get("ckpt_path") or folder is None or not any(Path(folder).glob("*.ckpt")):
+    if cfg.get("ckpt_path"):
+        return
+    if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
+        raise ValueError(
+            f"callbacks.checkpoint.dirpath='{folder}' is a file, where the run's checkpoints go; point it at a "
+            "folder (callbacks.checkpoint.dirpath=<folder>), or choose another hydra.run.dir"
+        )
+    if folder is None or not any(Path(folder).glob("*.ckpt")):
+        _check_final_adapter(cfg)
         return
     last = Path(folder) / "last.ckpt"
     # the newest by time: by name, step-step=9.ckpt sorts after step-step=10.ckpt
@@ -131,3 +142,15 @@ def check_fresh_run(cfg: DictConfig) -> None:
         f"'{folder}' already holds checkpoints of an earlier run, which this run would overwrite; resume it "
         f"with ckpt_path='{resume}', or choose another hydra.run.dir"
     )
+
+
+def _check_final_adapter(cfg: DictConfig) -> None:
+    adapters = OmegaConf.select(cfg, "callbacks.adapter.dirpath", default=None)
+    final = Path(adapters) / "final" if adapters is not None else None
+    if final is not None and final.is_dir() and any(final.iterdir()):
+        # an earlier run that kept no checkpoint (callbacks.checkpoint.save_last=false, save_top_k=0) still
+        # left its adapter, which this run's would replace
+        raise ValueError(
+            f"'{final}' already holds the final adapter of an earlier run, which this run would overwrite; "
+            "choose another hydra.run.dir, or move that folder away first"
+        )

@@ -21,6 +21,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from vrft.data.loading import load_visual_rft
 from vrft.paths import cache_key, cache_root
 from vrft.runtime.rng import isolated_rng
 from vrft.setup import build_run
@@ -169,7 +170,26 @@ def apply_warm_start(cfg: DictConfig) -> list[L.Callback]:
     if cfg.lora.get("init_adapter") is not None:
         log.info("warm start skipped: the run starts from lora.init_adapter=%s", cfg.lora.init_adapter)
         return []
+    check_held_out_splits(cfg)
     adapter = make_warm_start(cfg)
     with open_dict(cfg):
         cfg.lora.init_adapter = str(adapter)
     return [instantiate(node) for node in (warm.get("callbacks") or {}).values()]
+
+
+def check_held_out_splits(cfg: DictConfig) -> None:
+    """The split each warm-start callback scores (`warm_start.callbacks.<name>.split`) is in the dataset on
+    disk: checked before the warm start trains (minutes), where the callback would find it missing only once
+    GRPO starts. A train-only dataset (`python -m vrft.data.build k-shot`) has none held out."""
+    path = OmegaConf.select(cfg, "data.path", default=None)
+    callbacks = OmegaConf.select(cfg, "warm_start.callbacks", default=None) or {}
+    wanted = {name: node.get("split") for name, node in callbacks.items() if node.get("split")}
+    if path is None or not wanted or not Path(str(path)).expanduser().exists():
+        return  # synthetic data has its held-out split; a missing path is the data module's to name
+    splits = list(load_visual_rft(str(path)))
+    for name, split in wanted.items():
+        if split not in splits:
+            raise ValueError(
+                f"warm_start.callbacks.{name}.split='{split}' is not in the dataset at data.path='{path}' "
+                f"(splits: {splits}); set warm_start.callbacks.{name}.split=<a held-out split>, or warm_start=none"
+            )

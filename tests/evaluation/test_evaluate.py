@@ -285,3 +285,17 @@ def test_a_misspelt_engine_is_named_by_its_key_before_loading(tmp_path, monkeypa
     listed = r"\['bf16_copy', 'dequant', 'hf', 'packed', 'auto'\]"
     with pytest.raises(ValueError, match=rf"^rollout_engine='fast' is not one of {listed}; hf is plain"):
         run(tmp_path, "classification", "disk", None, "rollout_engine=fast")
+
+
+@pytest.mark.parametrize("content", [None, b"not a checkpoint\n"], ids=["missing", "garbage"])
+def test_an_unreadable_checkpoint_is_named_before_any_row_is_decoded(tmp_path, monkeypatch, content):
+    # It used to be found only when its column came, after the base model had decoded every row (and a
+    # garbage file ended in torch's unpickling traceback).
+    decoder = install(monkeypatch, StubDecoder(perfect))
+    path = tmp_path / "last.ckpt"
+    if content is not None:
+        path.write_bytes(content)
+    reason = "is not a file" if content is None else "is not a readable Lightning checkpoint"
+    with pytest.raises(ValueError, match=rf"^ckpt_path='{path}' {reason}"):
+        run(tmp_path, "classification", "disk", None, f"ckpt_path={path}")
+    assert decoder.rows == []
