@@ -228,3 +228,25 @@ def test_cli_exits_2_with_one_line(tmp_path, overrides, message):
     assert result.returncode == 2, result.stderr[-2000:]
     assert "vrft: error: " in result.stderr and message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_prompt_template_field_that_is_not_a_column_is_named_before_loading(tmp_path):
+    # each prompt is template.format(**row): `{question}` used to stop the run at its first prompt ("vrft:
+    # error: question"), after the model had loaded and the warm start had trained
+    import datasets
+
+    from vrft.train import check_prompt_fields
+
+    rows = {"image": ["a.png"], "problem": ["what?"], "solution": ["<answer>x</answer>"]}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows)}).save_to_disk(str(tmp_path / "data"))
+    disk = ("data=disk", f"data.path={tmp_path / 'data'}")
+    check_prompt_fields(config(*disk))  # {problem}
+    check_prompt_fields(config(*disk, "algorithm.prompt_template='Q: {problem} ({solution!r:.3})'"))
+    with pytest.raises(ValueError) as error:
+        check_prompt_fields(config(*disk, "algorithm.prompt_template='{question}'"))
+    assert str(error.value).startswith(
+        "algorithm.prompt_template='{question}' asks for ['question'], not a column"
+    )
+    assert "(columns: ['image', 'problem', 'solution'])" in str(error.value)
+    with pytest.raises(ValueError, match=r"algorithm.prompt_template='\{problem' is not a format string"):
+        check_prompt_fields(config("algorithm.prompt_template='{problem'"))  # the synthetic data: braces only

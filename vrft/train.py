@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vrft.callbacks import RunConfigLogging, RunSettingsInCheckpoint, RunSummary
 from vrft.cli import check_composes, config_hash, user_errors
+from vrft.data.loading import check_template_fields
 from vrft.distributed import check_distributed, check_strategy
 from vrft.loggers import check_wandb_login
 from vrft.paths import config_dir
@@ -51,6 +52,18 @@ def planner_prediction(cfg: DictConfig, verdict=None) -> dict:
     }
 
 
+def check_prompt_fields(cfg: DictConfig) -> None:
+    """`algorithm.prompt_template` names columns of the dataset on disk (`data.path`), before anything loads;
+    for the synthetic data, only its braces (a missing `data.path` is the data module's to name)."""
+    template = OmegaConf.select(cfg, "algorithm.prompt_template", default=None)
+    if template is None:
+        return
+    path = OmegaConf.select(cfg, "data.path", default=None)
+    if path is not None and not Path(str(path)).expanduser().exists():
+        return
+    check_template_fields(str(template), None if path is None else str(path))
+
+
 def fit(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, RunSummary]:
     """Build the run described by `cfg` and fit it; returns the trainer, the module and the run summary."""
     validate(cfg)  # every setting, and the checkpoint to resume from, before anything loads
@@ -60,6 +73,7 @@ def fit(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, RunSummary]:
     check_fresh_run(cfg)  # a run started again without ckpt_path= would overwrite the folder's checkpoints
     check_distributed(cfg)  # devices, strategy and prompt split of a multi-process run, before loading
     check_wandb_login(cfg)  # W&B credentials, before a warm start trains (wandb asks only at setup)
+    check_prompt_fields(cfg)  # the prompt template's fields, against the dataset's columns
     cfg = resolve_auto(cfg)  # precision=auto / rollout_engine=auto -> what the planner says fits
     check_strategy(cfg.trainer, cfg.precision)  # again, for the precision `auto` chose
     verdict = enforce_plan(cfg)  # refuse, before the model loads, a run the planner says will not fit

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+import string
 from pathlib import Path
 
 import datasets
@@ -11,6 +12,30 @@ from PIL import Image
 
 REQUIRED_COLUMNS = ("image", "problem", "solution")
 _SPLIT_FROM_FILE = re.compile(r"^(?P<split>[A-Za-z0-9_]+?)(-\d+-of-\d+)?$")
+
+
+def check_template_fields(
+    template: str, path: str | Path | None, key: str = "algorithm.prompt_template"
+) -> None:
+    """Every `{field}` of a prompt template is a column of the dataset at `path` (each row's prompt is
+    `template.format(**row)`): a misnamed field would stop the run at its first prompt, after the model has
+    loaded and a warm start has trained. `path` None (the synthetic data): the template's braces only."""
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name}
+    except ValueError as error:  # a lone brace
+        raise ValueError(
+            f"{key}={template!r} is not a format string ({error}); name columns in braces, e.g. {key}='{{problem}}' "
+            "(double a literal brace: '{{{{' and '}}}}')"
+        ) from None
+    if not fields or path is None:
+        return
+    columns = sorted({column for split in load_visual_rft(path).values() for column in split.column_names})
+    missing = sorted(field for field in fields if field.split(".")[0].split("[")[0] not in columns)
+    if missing:
+        raise ValueError(
+            f"{key}={template!r} asks for {missing}, not a column of the dataset at data.path='{path}' (columns: "
+            f"{columns}); name columns in braces, e.g. {key}='{{problem}}'"
+        )
 
 
 def load_visual_rft(path: str | Path) -> datasets.DatasetDict:
