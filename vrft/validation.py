@@ -119,7 +119,8 @@ def _check_ranges(node: DictConfig, prefix: str) -> None:
         except Exception:
             continue  # unresolvable here: the real run resolves and checks it
         if isinstance(value, DictConfig):
-            _check_ranges(value, f"{prefix}{key}.")
+            if not OmegaConf.is_interpolation(node, key):  # (`algorithm.optimizer: ${optimizer}` is named
+                _check_ranges(value, f"{prefix}{key}.")  # where it is set, at `optimizer`)
             continue
         rule = RANGES.get((name, key))
         number = isinstance(value, int | float) and not isinstance(value, bool)
@@ -137,7 +138,7 @@ def _check_devices(devices: Any) -> None:
         return
     count = text.rstrip(",").split(",")
     if all(part.strip().lstrip("-").isdigit() for part in count) and (
-        len(count) > 1 or int(count[0]) in (-1,) or int(count[0]) >= 1
+        len(count) > 1 or int(count[0]) == -1 or int(count[0]) >= 1
     ):
         return
     raise ValueError(
