@@ -9,6 +9,8 @@ names the key, the bad value and the fix (the CLI prints it and exits 2). What i
   with TRL's names mapped to vrft's), and scalars of the wrong type (`optimizer.lr=fast`,
   `algorithm.group_size=abc`), read from the target's own signature and type hints;
 - the settings dataclasses' own checks (`GRPOSettings`, `LoraSpec`, `ModelSpec` `__post_init__`);
+- numbers outside what their consumer takes (`RANGES`: `trainer.max_steps`, `optimizer.lr`, ...) and
+  `trainer.devices`;
 - `ckpt_path`: a readable Lightning checkpoint, trained with this run's model, LoRA shape and precision
   (`vrft.resume.check_resume`).
 
@@ -65,34 +67,21 @@ def validate(cfg: DictConfig) -> None:
         if flag in (cfg.get("trainer") or {}):
             raise ValueError(f"trainer.{flag} is set by vrft, not by Lightning; use {owner}")
     _check_node(cfg, "")
-    _check_trainer_counts(cfg.get("trainer") or {})
     _check_ranges(cfg, "")
     _check_devices((cfg.get("trainer") or {}).get("devices"))
     if cfg.get("ckpt_path") is not None:
         check_resume(cfg, Path(str(cfg.ckpt_path)))
 
 
-# Lightning's Trainer refuses these below their floor only when it is built, after a warm start may have
-# trained, and in its own words: checked here with the other settings. The floor and what it means.
-TRAINER_FLOORS = {
-    "max_steps": (-1, "must be >= 0, or -1 for no limit (train by epochs)"),
-    "max_epochs": (-1, "must be >= 0, or -1 for no limit (train by steps)"),
-    "num_nodes": (1, "must be >= 1"),
-}
-
-
-def _check_trainer_counts(trainer) -> None:
-    for key, (floor, rule) in TRAINER_FLOORS.items():
-        value = trainer.get(key)  # the types were checked against the Trainer's signature before
-        if isinstance(value, int) and not isinstance(value, bool) and value < floor:
-            raise ValueError(f"trainer.{key}={value} {rule}")
-
-
-# Values whose consumer refuses them only once it is built, in its own words (torch's optimizers, Lightning,
-# the DataLoader), or takes them and trains wrongly: a negative gradient norm flips the gradients, a cosine
-# schedule over -1 steps swings the learning rate between 0 and full. Keyed by a node's name and its key,
-# wherever the node sits (`optimizer.lr` and `warm_start.optimizer.lr`): the test and the rule.
+# Values whose consumer refuses them only once it is built (after a warm start may have trained), in its own
+# words (Lightning's Trainer, torch's optimizers, the DataLoader), or takes them and trains wrongly: a
+# negative gradient norm flips the gradients, a cosine schedule over -1 steps swings the learning rate
+# between 0 and full. Keyed by a node's name and its key, wherever the node sits (`optimizer.lr` and
+# `warm_start.optimizer.lr`): the test and the rule.
 RANGES = {
+    ("trainer", "max_steps"): (lambda v: v >= -1, "must be >= 0, or -1 for no limit (train by epochs)"),
+    ("trainer", "max_epochs"): (lambda v: v >= -1, "must be >= 0, or -1 for no limit (train by steps)"),
+    ("trainer", "num_nodes"): (lambda v: v >= 1, "must be >= 1"),
     ("optimizer", "lr"): (lambda v: v > 0, "must be > 0, e.g. 1e-5 (0 trains nothing)"),
     ("optimizer", "weight_decay"): (lambda v: v >= 0, "must be >= 0"),
     ("algorithm", "max_grad_norm"): (
