@@ -140,11 +140,49 @@ def test_checkpoint_of_something_else_is_named(tmp_path):
     ],
 )
 def test_resume_with_other_model_lora_or_precision_is_refused(tmp_path, resumed, message):
+    # without a warm start: the lora node's shape is the adapter's
     path = tmp_path / "last.ckpt"
-    torch.save({"state_dict": {}, CHECKPOINT_KEY: resume_settings(config("lora.r=4"))}, path)
-    validate(config("lora.r=4", f"ckpt_path={path}"))  # the same settings resume
+    trained = ("warm_start=none", "lora.r=4")
+    torch.save({"state_dict": {}, CHECKPOINT_KEY: resume_settings(config(*trained))}, path)
+    validate(config(*trained, f"ckpt_path={path}"))  # the same settings resume
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
-        validate(config("lora.r=4", resumed, f"ckpt_path={path}"))
+        validate(config(*trained, resumed, f"ckpt_path={path}"))
+
+
+def test_a_run_from_a_warm_start_records_and_resumes_with_the_adapters_shape(tmp_path):
+    # The warm start's recipe (r=16, lm_head too) is the adapter GRPO trains, whatever lora.r says: the
+    # checkpoint records that shape, and is compared with it before the warm start is made again.
+    settings = resume_settings(config("lora.r=4"))
+    assert (settings["lora.r"], settings["lora.alpha"], settings["lora.starts_from"]) == (16, 32, "adapter")
+    assert settings["lora.target_modules"].endswith("|lm_head")
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {}, CHECKPOINT_KEY: settings}, path)
+    validate(config(f"ckpt_path={path}"))  # lora.r=64, the node's default: not what the adapter has
+    with pytest.raises(ValueError) as error:
+        validate(config("warm_start=none", f"ckpt_path={path}"))  # a fresh r=64 adapter
+    assert (
+        "was trained with lora.r=16 but this run has lora.r=64; resume with the adapter its run started from "
+        "(the same lora.init_adapter, or the same warm_start)"
+    ) in str(error.value)
+
+
+def test_a_run_from_an_adapter_folder_records_that_adapters_shape(tmp_path):
+    from peft import LoraConfig
+
+    LoraConfig(r=8, lora_alpha=24, target_modules=["q_proj", "v_proj"]).save_pretrained(tmp_path)
+    settings = resume_settings(config(f"lora.init_adapter={tmp_path}"))
+    assert settings["lora.r"] == 8 and settings["lora.alpha"] == 24
+    assert settings["lora.target_modules"] == ["q_proj", "v_proj"]  # peft's set, in a stable order
+
+
+def test_an_older_checkpoint_of_a_warm_started_run_still_resumes(tmp_path):
+    # Its record (no lora.starts_from) holds the lora node's r=64 where the adapter had the warm start's 16.
+    settings = resume_settings(config())
+    settings |= {"lora.r": 64, "lora.alpha": 128}
+    del settings["lora.starts_from"]
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {}, CHECKPOINT_KEY: settings}, path)
+    validate(config(f"ckpt_path={path}"))
 
 
 def test_resume_from_a_checkpoint_already_at_max_steps_is_refused(tmp_path):
@@ -164,11 +202,11 @@ def test_resume_from_a_checkpoint_already_at_max_steps_is_refused(tmp_path):
 
 def test_resume_compares_with_the_run_folder_config_of_an_older_checkpoint(tmp_path):
     (tmp_path / "checkpoints").mkdir()
-    OmegaConf.save(config("lora.r=4"), tmp_path / "config.yaml")
+    OmegaConf.save(config("warm_start=none", "lora.r=4"), tmp_path / "config.yaml")
     path = tmp_path / "checkpoints" / "last.ckpt"
     torch.save({"state_dict": {}}, path)  # written before checkpoints carried their settings
     with pytest.raises(ValueError, match="was trained with lora.r=4 but this run has lora.r=16"):
-        validate(config("lora.r=16", f"ckpt_path={path}"))
+        validate(config("warm_start=none", "lora.r=16", f"ckpt_path={path}"))
 
 
 def test_fresh_run_over_an_earlier_runs_checkpoints_is_refused(tmp_path):

@@ -28,7 +28,7 @@ from vrft.evaluation.table import comparison_table
 from vrft.kernels.nf4_matmul import check_mma_switch, mma_unavailable
 from vrft.modules.scoring import RewardSet
 from vrft.paths import config_dir
-from vrft.resume import check_resume
+from vrft.resume import check_resume, checkpoint_lora
 from vrft.rollout.engines import build_rollout_engine, check_rollout_engine
 from vrft.rollout.packed import packed_unavailable
 from vrft.setup import build_run
@@ -129,6 +129,7 @@ def decode(cfg: DictConfig, model: dict, dataset: EvalRowDataset, writer: Predic
     """
     with open_dict(cfg):
         cfg.lora.init_adapter = model["adapter"]
+        cfg.lora = {**cfg.lora, **model.get("lora", {})}
     run = build_run(
         cfg,
         extra_callbacks=[writer],
@@ -170,8 +171,10 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
     for model in models.values():
         if model["adapter"]:
             check_adapter(model["adapter"], spec)
-        if model["ckpt_path"]:  # readable, and of this model, LoRA and precision: before any row is decoded
+        if model["ckpt_path"]:  # readable, and of this model and precision: before any row is decoded
             check_resume(cfg, Path(model["ckpt_path"]), training=False)
+            # its adapter's shape is the one it trained (a warm start's r=16, say), whatever lora.* says here
+            model["lora"] = checkpoint_lora(Path(model["ckpt_path"]))
     rows = load_rows(cfg)
     out = output_dir(cfg)
     predictions = PredictionLog(out / "predictions.jsonl")

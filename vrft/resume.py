@@ -12,7 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from peft import LoraConfig
+
+from vrft.warmstart import warm_start_skipped
 
 # The settings a resumed run must share with its checkpoint (the LoRA shape, the base, how it is stored).
 RESUME_KEYS = (
@@ -24,17 +28,56 @@ RESUME_KEYS = (
     "lora.full",
 )
 CHECKPOINT_KEY = "vrft_resume"  # where RunSettingsInCheckpoint stores `resume_settings` in a .ckpt
+# The adapter's shape. A run that starts from an adapter (lora.init_adapter, or a warm start) trains that
+# adapter's shape, not the lora node's: these keys then hold the adapter's own values.
+LORA_SHAPE_KEYS = ("lora.r", "lora.alpha", "lora.target_modules")
+# "adapter" or "fresh"; checkpoints of older vrft lack it, and their LORA_SHAPE_KEYS are the lora node's even
+# where the run started from an adapter.
+STARTS_FROM_KEY = "lora.starts_from"
 
 
 def resume_settings(cfg: DictConfig) -> dict[str, Any]:
     """The settings a checkpoint must share with a run that resumes from it (flat keys)."""
     settings = {key: OmegaConf.select(cfg, key) for key in RESUME_KEYS}
+    start = starting_adapter(cfg)
+    settings[STARTS_FROM_KEY] = "fresh" if start is None else "adapter"
+    if start is not None:
+        targets = start.target_modules
+        if not isinstance(targets, str):  # a list in the adapter's config: peft keeps it as a set
+            targets = sorted(targets)
+        settings |= dict(zip(LORA_SHAPE_KEYS, (start.r, start.lora_alpha, targets), strict=True))
     precision = cfg.get("precision")
     if precision is not None:
         for key, value in OmegaConf.to_container(precision, resolve=True).items():
             if not isinstance(value, dict | list):
                 settings[f"precision.{key}"] = value
     return settings
+
+
+def starting_adapter(cfg: DictConfig) -> LoraConfig | None:
+    """The peft config of the adapter the run starts from, or None for a fresh adapter (or full fine-tuning).
+
+    That is `lora.init_adapter`'s, or, where the warm start will apply (before it is made), the one its recipe
+    (`warm_start.lora`) makes. Its r, alpha and targets are the ones the run trains.
+    """
+    if OmegaConf.select(cfg, "lora.full", default=False):
+        return None
+    folder = OmegaConf.select(cfg, "lora.init_adapter", default=None)
+    if folder is not None:
+        path = Path(str(folder)).expanduser()
+        # a folder that is not an adapter is named by vrft.models.policy.attach_lora when the model loads
+        return LoraConfig.from_pretrained(str(path)) if (path / "adapter_config.json").is_file() else None
+    if warm_start_skipped(cfg) is None:
+        return instantiate(cfg.warm_start.lora).peft_config()
+    return None
+
+
+def checkpoint_lora(path: Path) -> dict[str, Any]:
+    """The LoRA settings (`lora.<key>`: value) a vrft checkpoint was trained with, to rebuild its adapter
+    (`vrft.evaluate ckpt_path=`); empty where the checkpoint records none."""
+    saved = _saved_settings(_read_checkpoint(path), path) or {}
+    lora = {key: value for key, value in saved.items() if key.startswith("lora.") and key != STARTS_FROM_KEY}
+    return {key.removeprefix("lora."): value for key, value in lora.items()}
 
 
 def _read_checkpoint(path: Path) -> dict:
@@ -75,22 +118,25 @@ def check_resume(cfg: DictConfig, path: Path, training: bool = True) -> None:
     checkpoint = _read_checkpoint(path)
     if training:
         _check_steps_left(checkpoint.get("global_step"), OmegaConf.select(cfg, "trainer.max_steps"), path)
-    saved = checkpoint.get(CHECKPOINT_KEY)
-    if saved is None:
-        saved = _settings_beside(path)
+    saved = _saved_settings(checkpoint, path)
     if saved is None:
         return  # a checkpoint of an older vrft with no config beside it: Lightning's own load checks it
     current = resume_settings(cfg)
     auto = str(OmegaConf.select(cfg, "precision._target_", default="")).endswith("AutoPrecision")
+    adapter_start = "adapter" in (current[STARTS_FROM_KEY], saved.get(STARTS_FROM_KEY))
+    # an older record's LoRA keys are the lora node's, not the starting adapter's: nothing to compare them with
+    old_record = STARTS_FROM_KEY not in saved and current[STARTS_FROM_KEY] == "adapter"
     for key, value in current.items():
-        if key not in saved or (auto and key.startswith("precision.")):
+        if key not in saved or key == STARTS_FROM_KEY or (auto and key.startswith("precision.")):
             continue
+        if (key in LORA_SHAPE_KEYS and old_record) or (key.startswith("lora.") and not training):
+            continue  # vrft.evaluate builds the checkpoint's own adapter (checkpoint_lora)
         if saved[key] != value:
-            fix = (
-                f"{key}={saved[key]!r}"
-                if not key.startswith("precision.")
-                else "the precision it was trained with"
-            )
+            fix = f"{key}={saved[key]!r}"
+            if key.startswith("precision."):
+                fix = "the precision it was trained with"
+            elif key in LORA_SHAPE_KEYS and adapter_start:
+                fix = "the adapter its run started from (the same lora.init_adapter, or the same warm_start)"
             raise ValueError(
                 f"ckpt_path='{path}' was trained with {key}={saved[key]!r} but this run has {key}={value!r}; "
                 f"resume with {fix}, or drop ckpt_path to start a new run"
@@ -105,6 +151,11 @@ def _check_steps_left(step: Any, max_steps: Any, path: Path) -> None:
             f"ckpt_path='{path}' is at step {step} and trainer.max_steps={max_steps}: nothing is left to train; "
             f"raise trainer.max_steps above {step} to go on"
         )
+
+
+def _saved_settings(checkpoint: dict, path: Path) -> dict | None:
+    saved = checkpoint.get(CHECKPOINT_KEY)
+    return _settings_beside(path) if saved is None else saved
 
 
 def _settings_beside(path: Path) -> dict | None:

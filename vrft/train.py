@@ -21,7 +21,7 @@ from vrft.paths import config_dir
 from vrft.planner.planning import budget_gb, plan_config, precision_name, resolve_auto
 from vrft.planner.report import enforce_plan
 from vrft.quiet import silence_upstream_noise
-from vrft.resume import CHECKPOINT_KEY, check_fresh_run, resume_settings
+from vrft.resume import CHECKPOINT_KEY, check_fresh_run, resume_settings, starting_adapter
 from vrft.runtime.checkpoint_io import check_writable
 from vrft.runtime.cuda import apply_memory_cap, configure_allocator
 from vrft.runtime.failures import internal_failure
@@ -79,6 +79,15 @@ def fit(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, RunSummary]:
     verdict = enforce_plan(cfg)  # refuse, before the model loads, a run the planner says will not fit
     apply_memory_cap(cfg.get("memory_cap_gb"))  # a bigger GPU behaves like the profile's card
     warm_start_callbacks = apply_warm_start(cfg)  # sets lora.init_adapter (made once, then cached)
+    start = starting_adapter(cfg)
+    if start is not None:
+        log.info(
+            "training the adapter at lora.init_adapter=%s with its own r=%s, alpha=%s and targets (lora.r, "
+            "lora.alpha and lora.target_modules shape fresh adapters only)",
+            cfg.lora.init_adapter,
+            start.r,
+            start.lora_alpha,
+        )
     summary = RunSummary(
         run_dir,
         info={

@@ -160,21 +160,30 @@ def apply_warm_start(cfg: DictConfig) -> list[L.Callback]:
     (`warm_start.models`) and the run does not already start from an adapter of the user's. The callbacks
     (`warm_start.callbacks`) report the reward before and after GRPO.
     """
-    warm = cfg.get("warm_start")
-    if not warm:  # warm_start=none (an empty node), or null
+    skipped = warm_start_skipped(cfg)
+    if skipped is not None:
+        if cfg.get("warm_start"):
+            log.info("warm start skipped: %s", skipped)
         return []
-    name = cfg.model.name_or_path
-    if name not in warm.models:
-        log.info("warm start skipped: model '%s' is not in warm_start.models=%s", name, list(warm.models))
-        return []
-    if cfg.lora.get("init_adapter") is not None:
-        log.info("warm start skipped: the run starts from lora.init_adapter=%s", cfg.lora.init_adapter)
-        return []
+    warm = cfg.warm_start
     check_held_out_splits(cfg)
     adapter = make_warm_start(cfg)
     with open_dict(cfg):
         cfg.lora.init_adapter = str(adapter)
     return [instantiate(node) for node in (warm.get("callbacks") or {}).values()]
+
+
+def warm_start_skipped(cfg: DictConfig) -> str | None:
+    """Why the warm start of `cfg` does not apply, or None where it does (see `apply_warm_start`)."""
+    warm = cfg.get("warm_start")
+    if not warm:  # warm_start=none (an empty node), or null
+        return "no warm start is set (warm_start=none)"
+    name = cfg.model.name_or_path
+    if name not in warm.models:
+        return f"model '{name}' is not in warm_start.models={list(warm.models)}"
+    if cfg.lora.get("init_adapter") is not None:
+        return f"the run starts from lora.init_adapter={cfg.lora.init_adapter}"
+    return None
 
 
 def check_held_out_splits(cfg: DictConfig) -> None:

@@ -10,8 +10,12 @@ from __future__ import annotations
 import json
 import sys
 
+import lightning
 import pytest
+import torch
 from hydra.utils import instantiate
+from peft import get_peft_model
+from transformers import AutoModelForImageTextToText
 
 import vrft.evaluate
 from tests.evaluation.support import (
@@ -28,9 +32,12 @@ from tests.evaluation.support import (
     schema_rows,
     write_dataset,
 )
+from tests.support import train_config
 from vrft.evaluate import evaluate
 from vrft.evaluation.adapters import check_adapter
 from vrft.kernels import nf4_matmul, nf4_mma
+from vrft.models.presets import tiny_checkpoint
+from vrft.resume import CHECKPOINT_KEY, resume_settings
 
 
 def perfect(row, adapted):
@@ -299,3 +306,34 @@ def test_an_unreadable_checkpoint_is_named_before_any_row_is_decoded(tmp_path, m
     with pytest.raises(ValueError, match=rf"^ckpt_path='{path}' {reason}"):
         run(tmp_path, "classification", "disk", None, f"ckpt_path={path}")
     assert decoder.rows == []
+
+
+def test_a_checkpoint_of_a_warm_started_run_evaluates_with_the_adapter_it_trained(tmp_path, monkeypatch):
+    # `make train` trains the warm start's adapter (r=16, lm_head too), not the lora node's r=64: the
+    # checkpoint's own shape is built, where the lora node's used to fail its load after the base's rows.
+    cfg = train_config()  # the default run, whose warm start applies
+    spec = instantiate(cfg.warm_start.lora)  # the adapter it trains: the warm start's recipe
+    base = AutoModelForImageTextToText.from_pretrained(tiny_checkpoint(), dtype=torch.float32)
+    torch.manual_seed(0)
+    trained = {
+        f"policy.{name}": torch.randn_like(parameter)
+        for name, parameter in get_peft_model(base, spec.peft_config()).named_parameters()
+        if "lora_" in name
+    }
+    path = tmp_path / "last.ckpt"
+    written = {"pytorch-lightning_version": lightning.__version__, "global_step": 5, "epoch": 0}
+    torch.save({**written, "state_dict": trained, CHECKPOINT_KEY: resume_settings(cfg)}, path)
+    policies = []
+
+    class Recording(StubDecoder):
+        def __call__(self, policy, *args, **kwargs):
+            policies.append(policy)
+            return super().__call__(policy, *args, **kwargs)
+
+    decoder = install(monkeypatch, Recording(perfect))
+    results, _ = run(tmp_path, "classification", "disk", None, f"ckpt_path={path}")
+    assert set(results) == {"base", str(path)}
+    assert len(decoder.rows) == 2 * len(schema_rows("classification"))  # every row, by both models
+    loaded = dict(policies[-1].named_parameters())
+    key = "base_model.model.lm_head.lora_A.default.weight"
+    assert torch.equal(loaded[key], trained[f"policy.{key}"])  # the checkpoint's weights, at its rank 16
