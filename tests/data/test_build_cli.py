@@ -77,3 +77,37 @@ def test_missing_images_name_the_command_line_switch_that_skips_them(tmp_path, c
 )
 def test_a_count_below_its_minimum_is_named(tmp_path, capsys, flag, message):
     assert message in refused_detection_build(tmp_path, capsys, *flag)
+
+
+@pytest.mark.parametrize("where", ["the source", "inside the source", "a folder with files", "a file"])
+def test_out_over_an_existing_folder_or_its_own_source_is_refused_before_building(tmp_path, capsys, where):
+    # save_to_disk wrote into an existing dataset's folder (mixing their files) or failed on its own source.
+    source = tmp_path / "flowers"
+    datasets.DatasetDict({"train": classification_set({"rose": 4, "tulip": 3})}).save_to_disk(source)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("kept")
+    (tmp_path / "a.txt").write_text("kept")
+    out = {
+        "the source": source,
+        "inside the source": source / "one_shot",
+        "a folder with files": tmp_path / "full",
+        "a file": tmp_path / "a.txt",
+    }[where]
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    capsys.readouterr()  # the source's save_to_disk bar
+    with pytest.raises(SystemExit) as exit_info:
+        main(["k-shot", "--dataset", str(source), "--k", "1", "--out", str(out)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    reason = "is inside the input" if "source" in where else "is an existing"
+    assert error.startswith(f"vrft: error: --out {out} {reason}")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written
+    assert len(load_visual_rft(source)["train"]) == 7
+
+
+def test_out_may_be_an_empty_folder(tmp_path):
+    source = tmp_path / "flowers"
+    datasets.DatasetDict({"train": classification_set({"rose": 4, "tulip": 3})}).save_to_disk(source)
+    (tmp_path / "empty").mkdir()
+    main(["k-shot", "--dataset", str(source), "--k", "1", "--out", str(tmp_path / "empty")])
+    assert len(load_visual_rft(tmp_path / "empty")["train"]) == 2

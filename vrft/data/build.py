@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import datasets
 
@@ -106,10 +107,27 @@ def build(args: argparse.Namespace) -> datasets.DatasetDict:
     )
 
 
+def check_out(args: argparse.Namespace) -> None:
+    """`--out` is a new (or empty) folder outside every input: save_to_disk would write into an existing
+    dataset's folder, mixing its files with the new ones, and cannot write over the dataset it reads."""
+    out = Path(args.out).expanduser().resolve()
+    inputs = [getattr(args, name, None) for name in ("dataset", "images", "annotations", "json")]
+    for source in filter(None, inputs):
+        folder = Path(source).expanduser().resolve()
+        if out == folder or folder in out.parents:
+            raise ValueError(f"--out {args.out} is inside the input {source}; pass a folder outside it")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        kind = "folder that is not empty" if out.is_dir() else "file"
+        raise ValueError(
+            f"--out {args.out} is an existing {kind}; pass a new folder, or move that one away first"
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point; input errors print one line naming the value and the fix."""
     args = _parser().parse_args(argv)
     try:
+        check_out(args)  # before any image is read
         dataset = build(args)
     except (ValueError, FileNotFoundError) as error:
         print(f"vrft: error: {error}", file=sys.stderr)
