@@ -198,6 +198,21 @@ def test_bad_rows_are_listed_by_number_before_decoding_or_skipped(tmp_path, monk
     assert json.loads((tmp_path / "skip" / "out" / "metrics.json").read_text())["skipped_rows"] == [1, 2]
 
 
+def test_a_row_whose_image_cannot_be_decoded_is_named_before_decoding_or_skipped(tmp_path, monkeypatch):
+    # It used to stop the run in the batch that met it, after the rows before; on_bad_row=skip did not skip it.
+    decoder = install(monkeypatch, StubDecoder(perfect))
+    rows = schema_rows("detection")
+    rows[2]["image"] = {"bytes": b"not an image", "path": "broken.jpg"}
+    with pytest.raises(
+        ValueError, match=r"1 bad row\(s\) in split 'test' \(rows 2\); row 2: image 'broken.jpg' could not be"
+    ):
+        run(tmp_path, "detection", rows=rows)
+    assert decoder.rows == []
+    results, _ = run(tmp_path / "skip", "detection", "disk", rows, "on_bad_row=skip")
+    assert sorted(decoder.rows) == [0, 1, 3]
+    assert json.loads((tmp_path / "skip" / "out" / "metrics.json").read_text())["skipped_rows"] == [2]
+
+
 def test_adapter_of_another_model_is_refused_before_loading(tmp_path, monkeypatch):
     decoder = install(monkeypatch, StubDecoder(perfect))
     adapter = random_adapter(tmp_path / "adapter")

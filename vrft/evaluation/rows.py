@@ -104,9 +104,9 @@ def prepare_rows(
     on_bad_row: str = "error",
     max_rows: int | None = None,
 ) -> EvalRows:
-    """Check and complete the first `max_rows` rows of `table` for `task`'s metric; nothing is decoded.
+    """Check and complete the first `max_rows` rows of `table` for `task`'s metric; nothing is decoded by a model.
 
-    Bad rows (unparseable solution; detection: no category) raise one `ValueError` listing them by row
+    Bad rows (unparseable solution; detection: no category; an image that cannot be decoded) raise one `ValueError` listing them by row
     number, or with `on_bad_row="skip"` are left out and reported in `EvalRows.bad`.
     """
     if on_bad_row not in ON_BAD_ROW:
@@ -115,6 +115,7 @@ def prepare_rows(
     if count == 0:
         raise ValueError(f"split '{split}' is empty; choose a split with rows (split=...)")
     text = table.select_columns([c for c in ("problem", "solution", "category") if c in table.column_names])
+    images = table.select_columns(["image"])  # undecoded (bytes or a path): each is opened once here
     rows = EvalRows(table, split)
     for index in range(count):
         row = text[index]
@@ -122,6 +123,8 @@ def prepare_rows(
             check_problem(row.get("problem"))
             if check_solution is not None:
                 check_solution(row["solution"])
+            # as training's data module does at setup: a bad file is named now, not in the batch that meets it
+            decode_image(images[index]["image"])
             rows.columns[index] = _derived(row, task, index)
         except ValueError as error:
             rows.bad.append((index, str(error)))
