@@ -15,8 +15,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import vrft.cli  # noqa: F401  (registers the box_convention resolver the task configs use)
 from tests.support import train_config as config
+from vrft.cli import check_composes  # importing vrft.cli registers the resolvers the task configs use
+from vrft.paths import cache_root
 from vrft.resume import CHECKPOINT_KEY, check_fresh_run, resume_settings
 from vrft.validation import check_command_line, validate
 
@@ -269,6 +270,36 @@ def test_cli_exits_2_with_one_line(tmp_path, overrides, message):
     assert result.returncode == 2, result.stderr[-2000:]
     assert "vrft: error: " in result.stderr and message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_run_folder_that_is_a_file_is_named_before_hydra_makes_it(tmp_path):
+    # Hydra made the folder before vrft's code ran: mkdir's FileExistsError traceback, exit 1
+    (tmp_path / "run").write_text("notes")
+    result = run_cli(cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"vrft: error: hydra.run.dir '{tmp_path / 'run'}' is a file; pass hydra.run.dir=<a folder>" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr
+    with pytest.raises(ValueError, match=r"hydra.run.dir '.*run/sub' is under '.*run', which is a file"):
+        check_composes("evaluate", [f"hydra.run.dir={tmp_path / 'run' / 'sub'}"])
+    check_composes("train", [f"hydra.run.dir={tmp_path / 'new' / 'run'}"])  # folders still to make
+
+
+def test_a_cache_folder_that_is_a_file_is_named_by_its_variable(tmp_path, monkeypatch):
+    (tmp_path / "cache").write_text("notes")
+    for cache, where in (
+        ("cache", "is a file"),
+        ("cache/vrft", f"is under '{tmp_path / 'cache'}', which is a file"),
+    ):
+        monkeypatch.setenv("VRFT_CACHE", str(tmp_path / cache))
+        with pytest.raises(ValueError) as error:
+            cache_root()
+        assert str(error.value) == (
+            f"the cache folder (VRFT_CACHE) '{tmp_path / cache}' {where}; set VRFT_CACHE=<a folder>"
+        )
+    monkeypatch.setenv("VRFT_CACHE", str(tmp_path / "new"))
+    assert cache_root() == tmp_path / "new"
 
 
 def test_a_prompt_template_field_that_is_not_a_column_is_named_before_loading(tmp_path):

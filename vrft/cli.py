@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from hydra.errors import InstantiationException
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -14,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vrft.models.policy import LANGUAGE_MODEL_TARGETS
 from vrft.models.presets import box_convention
-from vrft.paths import cache_key, config_dir, job_folder
+from vrft.paths import cache_key, check_folder, config_dir, job_folder
 from vrft.runtime.checkpoint_io import CheckpointWriteError
 from vrft.runtime.failures import TrainingFailure
 
@@ -42,9 +43,11 @@ def check_composes(config_name: str, arguments: Sequence[str]) -> None:
 
     try:
         with initialize_config_dir(str(config_dir()), version_base="1.3"):
-            compose(config_name, overrides=list(arguments))
+            cfg = compose(config_name, overrides=list(arguments), return_hydra_config=True)
     except HydraException as error:
         raise ValueError(str(error)) from None
+    # Hydra makes the run folder before vrft's code runs: a file there ends in mkdir's traceback
+    check_folder(Path(cfg.hydra.run.dir), "hydra.run.dir", "pass hydra.run.dir=<a folder>")
 
 
 def root_cause(error: BaseException) -> BaseException:

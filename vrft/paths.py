@@ -12,7 +12,19 @@ KEY_LENGTH = 12  # hex digits: enough to tell configs apart, short enough to rea
 def cache_root() -> Path:
     """Where built artefacts (tiny model, synthetic data, warm starts) are cached: `$VRFT_CACHE`, else
     `~/.cache/vrft`."""
-    return Path(os.environ.get("VRFT_CACHE", Path.home() / ".cache" / "vrft"))
+    root = Path(os.environ.get("VRFT_CACHE", Path.home() / ".cache" / "vrft"))
+    check_folder(root, "the cache folder (VRFT_CACHE)", "set VRFT_CACHE=<a folder>")
+    return root
+
+
+def check_folder(folder: Path, what: str, fix: str) -> None:
+    """`folder` is a folder, or can be made one: neither it nor the nearest part of its path that exists is a
+    file. mkdir would otherwise fail with errno's words and no key; `what` and `fix` name them."""
+    folder = Path(folder).expanduser()
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        where = "is a file" if existing == folder else f"is under '{existing}', which is a file"
+        raise ValueError(f"{what} '{folder}' {where}; {fix}")
 
 
 def cache_key(text: str) -> str:
