@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -322,3 +323,24 @@ def test_a_prompt_template_field_that_is_not_a_column_is_named_before_loading(tm
     assert "(columns: ['image', 'problem', 'solution'])" in str(error.value)
     with pytest.raises(ValueError, match=r"algorithm.prompt_template='\{problem' is not a format string"):
         check_prompt_fields(config("algorithm.prompt_template='{problem'"))  # the synthetic data: braces only
+
+
+def test_a_run_that_kept_no_checkpoint_does_not_print_a_checkpoints_folder(tmp_path, monkeypatch, capsys):
+    # save_top_k=0 with save_last=false writes none: the line named an empty (or missing) folder
+    import vrft.train
+
+    def fitted(run_dir):
+        summary = types.SimpleNamespace(
+            summary={"checkpoint_dir": str(run_dir / "checkpoints")}, path="s.json"
+        )
+        return types.SimpleNamespace(callback_metrics={}), None, summary
+
+    cfg = config()
+    cfg.run_dir = str(tmp_path)
+    monkeypatch.setattr(vrft.train, "fit", lambda cfg: fitted(tmp_path))
+    vrft.train.train(cfg)
+    assert "  checkpoints: none kept (callbacks.checkpoint: save_top_k, save_last" in capsys.readouterr().out
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
+    vrft.train.train(cfg)
+    assert f"  checkpoints: {tmp_path / 'checkpoints'}\n" in capsys.readouterr().out

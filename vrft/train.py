@@ -133,9 +133,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Run one training job described by `cfg`; prints where its outputs are and returns the final metrics."""
     trainer, _, summary = fit(cfg)
     info = summary.summary
+    checkpoints = info.get("checkpoint_dir")
+    if checkpoints is None or not any(Path(checkpoints).glob("*.ckpt")):
+        # save_top_k=0 with save_last=false, or a run shorter than every_n_train_steps without save_last
+        checkpoints = "none kept (callbacks.checkpoint: save_top_k, save_last, every_n_train_steps)"
     print(
         f"\nrun folder: {cfg.run_dir}\n  metrics: {info.get('metrics_dir')}\n"
-        f"  checkpoints: {info.get('checkpoint_dir')}\n  adapter: {Path(cfg.run_dir) / 'adapter' / 'final'}\n"
+        f"  checkpoints: {checkpoints}\n  adapter: {Path(cfg.run_dir) / 'adapter' / 'final'}\n"
         f"  summary: {summary.path}\n  curves: {Path(cfg.run_dir) / 'curves.png'}  (python -m vrft.report <run>)"
     )
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
