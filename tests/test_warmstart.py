@@ -201,3 +201,31 @@ def test_warm_start_then_grpo_keeps_the_held_out_reward_and_deploys(tmp_path):
     base = AutoModelForImageTextToText.from_pretrained(tiny_checkpoint(), dtype=torch.float32)
     reloaded = PeftModel.from_pretrained(base, final)
     assert list(reloaded.peft_config) == ["default"]
+
+
+def test_the_checks_before_training_load_the_dataset_on_disk_once(tmp_path, monkeypatch):
+    # the prompt template's fields and the warm start's held-out split each loaded it (a JSON set is parsed
+    # each time); the data module's own load comes after, with the model
+    import datasets
+
+    import vrft.train
+
+    class Built(Exception):
+        pass
+
+    def build_run(cfg, *args, **kwargs):
+        raise Built
+
+    rows = {"image": ["a.png"], "problem": ["what?"], "solution": ["<answer>x</answer>"]}
+    table = datasets.Dataset.from_dict(rows)
+    datasets.DatasetDict({"train": table, "test": table}).save_to_disk(str(tmp_path / "data"))
+    loads = []
+    load_from_disk = datasets.load_from_disk
+    monkeypatch.setattr(datasets, "load_from_disk", lambda path: loads.append(path) or load_from_disk(path))
+    monkeypatch.setattr(vrft.warmstart, "make_warm_start", lambda cfg: Path("/cache/warm/adapter/final"))
+    monkeypatch.setattr(vrft.train, "build_run", build_run)
+    cfg = config("data=disk", f"data.path={tmp_path / 'data'}", f"run_dir={tmp_path / 'run'}")
+    with pytest.raises(Built):
+        vrft.train.fit(cfg)
+    assert loads == [str(tmp_path / "data")]
+    assert cfg.lora.init_adapter == "/cache/warm/adapter/final"  # the warm start applied, its split checked

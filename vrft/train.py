@@ -6,6 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
+import datasets
 import hydra
 import lightning as L
 import torch
@@ -14,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vrft.callbacks import RunConfigLogging, RunSettingsInCheckpoint, RunSummary
 from vrft.cli import check_composes, config_hash, user_errors
-from vrft.data.loading import check_template_fields
+from vrft.data.loading import check_template_fields, load_visual_rft
 from vrft.distributed import check_distributed, check_strategy
 from vrft.loggers import check_wandb_login
 from vrft.paths import config_dir
@@ -52,16 +53,25 @@ def planner_prediction(cfg: DictConfig, verdict=None) -> dict:
     }
 
 
-def check_prompt_fields(cfg: DictConfig) -> None:
-    """`algorithm.prompt_template` names columns of the dataset on disk (`data.path`), before anything loads;
-    for the synthetic data, only its braces (a missing `data.path` is the data module's to name)."""
+def dataset_on_disk(cfg: DictConfig) -> datasets.DatasetDict | None:
+    """The dataset at `data.path`, loaded once for the checks before training; None for the synthetic data,
+    or a missing `data.path` (the data module's to name)."""
+    path = OmegaConf.select(cfg, "data.path", default=None)
+    if path is None or not Path(str(path)).expanduser().exists():
+        return None
+    return load_visual_rft(str(path))
+
+
+def check_prompt_fields(cfg: DictConfig, dataset: datasets.DatasetDict | None = None) -> None:
+    """`algorithm.prompt_template` names columns of the dataset on disk (`data.path`; `dataset` where it is
+    loaded already), before anything loads; for the synthetic data, only its braces."""
     template = OmegaConf.select(cfg, "algorithm.prompt_template", default=None)
     if template is None:
         return
     path = OmegaConf.select(cfg, "data.path", default=None)
     if path is not None and not Path(str(path)).expanduser().exists():
         return
-    check_template_fields(str(template), None if path is None else str(path))
+    check_template_fields(str(template), None if path is None else str(path), dataset=dataset)
 
 
 def fit(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, RunSummary]:
@@ -73,12 +83,15 @@ def fit(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, RunSummary]:
     check_fresh_run(cfg)  # a run started again without ckpt_path= would overwrite the folder's checkpoints
     check_distributed(cfg)  # devices, strategy and prompt split of a multi-process run, before loading
     check_wandb_login(cfg)  # W&B credentials, before a warm start trains (wandb asks only at setup)
-    check_prompt_fields(cfg)  # the prompt template's fields, against the dataset's columns
+    on_disk = dataset_on_disk(cfg)  # one load for the checks of the prompt's fields and the held-out split
+    check_prompt_fields(cfg, on_disk)  # the prompt template's fields, against the dataset's columns
     cfg = resolve_auto(cfg)  # precision=auto / rollout_engine=auto -> what the planner says fits
     check_strategy(cfg.trainer, cfg.precision)  # again, for the precision `auto` chose
     verdict = enforce_plan(cfg)  # refuse, before the model loads, a run the planner says will not fit
     apply_memory_cap(cfg.get("memory_cap_gb"))  # a bigger GPU behaves like the profile's card
-    warm_start_callbacks = apply_warm_start(cfg)  # sets lora.init_adapter (made once, then cached)
+    # sets lora.init_adapter (made once, then cached)
+    warm_start_callbacks = apply_warm_start(cfg, None if on_disk is None else list(on_disk))
+    del on_disk  # the data module loads its own (a memory-mapped folder, or JSON parsed once more)
     start = starting_adapter(cfg)
     if start is not None:
         log.info(

@@ -153,12 +153,13 @@ def make_warm_start(cfg: DictConfig) -> Path:
     return adapter
 
 
-def apply_warm_start(cfg: DictConfig) -> list[L.Callback]:
+def apply_warm_start(cfg: DictConfig, splits: list[str] | None = None) -> list[L.Callback]:
     """Point `cfg.lora.init_adapter` at the warm start of `cfg` when one applies; returns its callbacks.
 
     The warm start applies when `cfg.warm_start` is set, the model is one it is made for
     (`warm_start.models`) and the run does not already start from an adapter of the user's. The callbacks
-    (`warm_start.callbacks`) report the reward before and after GRPO.
+    (`warm_start.callbacks`) report the reward before and after GRPO. `splits`: the splits of the dataset on
+    disk, where the caller has loaded it already.
     """
     skipped = warm_start_skipped(cfg)
     if skipped is not None:
@@ -166,7 +167,7 @@ def apply_warm_start(cfg: DictConfig) -> list[L.Callback]:
             log.info("warm start skipped: %s", skipped)
         return []
     warm = cfg.warm_start
-    check_held_out_splits(cfg)
+    check_held_out_splits(cfg, splits)
     adapter = make_warm_start(cfg)
     with open_dict(cfg):
         cfg.lora.init_adapter = str(adapter)
@@ -186,7 +187,7 @@ def warm_start_skipped(cfg: DictConfig) -> str | None:
     return None
 
 
-def check_held_out_splits(cfg: DictConfig) -> None:
+def check_held_out_splits(cfg: DictConfig, splits: list[str] | None = None) -> None:
     """The split each warm-start callback scores (`warm_start.callbacks.<name>.split`) is in the dataset on
     disk: checked before the warm start trains (minutes), where the callback would find it missing only once
     GRPO starts. A train-only dataset (`python -m vrft.data.build k-shot`) has none held out."""
@@ -195,7 +196,7 @@ def check_held_out_splits(cfg: DictConfig) -> None:
     wanted = {name: node.get("split") for name, node in callbacks.items() if node.get("split")}
     if path is None or not wanted or not Path(str(path)).expanduser().exists():
         return  # synthetic data has its held-out split; a missing path is the data module's to name
-    splits = list(load_visual_rft(str(path)))
+    splits = list(load_visual_rft(str(path))) if splits is None else splits
     for name, split in wanted.items():
         if split not in splits:
             raise ValueError(

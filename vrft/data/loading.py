@@ -15,11 +15,15 @@ _SPLIT_FROM_FILE = re.compile(r"^(?P<split>[A-Za-z0-9_]+?)(-\d+-of-\d+)?$")
 
 
 def check_template_fields(
-    template: str, path: str | Path | None, key: str = "algorithm.prompt_template"
+    template: str,
+    path: str | Path | None,
+    key: str = "algorithm.prompt_template",
+    dataset: datasets.DatasetDict | None = None,
 ) -> None:
     """Every `{field}` of a prompt template is a column of the dataset at `path` (each row's prompt is
     `template.format(**row)`): a misnamed field would stop the run at its first prompt, after the model has
-    loaded and a warm start has trained. `path` None (the synthetic data): the template's braces only."""
+    loaded and a warm start has trained. `path` None (the synthetic data): the template's braces only.
+    `dataset`: that dataset, where the caller has loaded it already."""
     try:
         fields = {name for _, name, _, _ in string.Formatter().parse(template) if name}
     except ValueError as error:  # a lone brace
@@ -29,7 +33,8 @@ def check_template_fields(
         ) from None
     if not fields or path is None:
         return
-    columns = sorted({column for split in load_visual_rft(path).values() for column in split.column_names})
+    dataset = load_visual_rft(path) if dataset is None else dataset
+    columns = sorted({column for split in dataset.values() for column in split.column_names})
     missing = sorted(field for field in fields if field.split(".")[0].split("[")[0] not in columns)
     if missing:
         raise ValueError(
