@@ -17,7 +17,10 @@ import torch
 from omegaconf import OmegaConf
 
 from tests.support import train_config as config
-from vrft.cli import check_composes  # importing vrft.cli registers the resolvers the task configs use
+from vrft.cli import (
+    check_composes,
+    check_sweep,
+)  # importing vrft.cli registers the resolvers the task configs use
 from vrft.paths import cache_root
 from vrft.resume import CHECKPOINT_KEY, check_fresh_run, resume_settings
 from vrft.validation import check_command_line, validate
@@ -271,6 +274,40 @@ def test_cli_exits_2_with_one_line(tmp_path, overrides, message):
     assert result.returncode == 2, result.stderr[-2000:]
     assert "vrft: error: " in result.stderr and message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_every_job_of_a_sweep_is_checked_before_the_first_starts(tmp_path):
+    # Hydra composes a job when it starts: a bad value in the last job was found after the others trained
+    started = []
+
+    def check(cfg):
+        started.append((cfg.optimizer.lr, cfg.seed))
+        validate(cfg)
+
+    sweep = ["-m", "seed=0,1", "optimizer.lr=1e-3,-1", f"hydra.sweep.dir={tmp_path}"]
+    with pytest.raises(ValueError) as error:
+        check_sweep("train", sweep, check)
+    assert str(error.value).startswith(
+        f"2 of the sweep's 4 jobs would fail (checked before any starts): job 1 (seed=0 optimizer.lr=-1 "
+        f"hydra.sweep.dir={tmp_path}): optimizer.lr=-1 must be > 0"
+    )
+    assert f"; job 3 (seed=1 optimizer.lr=-1 hydra.sweep.dir={tmp_path}): optimizer.lr=-1 must" in str(
+        error.value
+    )
+    assert started == [(1e-3, 0), (-1, 0), (1e-3, 1), (-1, 1)]  # each job composed, and checked
+    started.clear()
+    check_sweep("train", ["-m", "seed=0,1", "optimizer.lr=1e-3,1e-4"], check)
+    assert len(started) == 4
+    check_sweep("train", ["seed=0", "optimizer.lr=-1"], check)  # not a sweep: validate() checks it in the run
+    assert len(started) == 4
+
+
+def test_a_sweep_with_a_bad_job_exits_2_before_any_job_starts(tmp_path):
+    result = run_cli("-m", "optimizer.lr=1e-3,-1", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "vrft: error: 1 of the sweep's 2 jobs would fail (checked before any starts): job 1" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "sweep").exists()  # job 0 did not start
 
 
 def test_a_run_folder_that_is_a_file_is_named_before_hydra_makes_it(tmp_path):

@@ -50,6 +50,49 @@ def check_composes(config_name: str, arguments: Sequence[str]) -> None:
     check_folder(Path(cfg.hydra.run.dir), "hydra.run.dir", "pass hydra.run.dir=<a folder>")
 
 
+def check_sweep(config_name: str, arguments: Sequence[str], check: Callable[[DictConfig], None]) -> None:
+    """Each job of a multirun (`-m`, Hydra's basic sweeper) passes `check` before the first job starts: Hydra
+    composes a job only when it starts, so a bad value in the last job would be found after the others had
+    trained. A bad one is named with its job's overrides. Other sweepers (`hparams_search=...`) choose their
+    jobs as they go, and other Hydra flags are left to Hydra."""
+    if not {"-m", "--multirun"} & set(arguments) or any(
+        a.startswith("-") and a not in ("-m", "--multirun") for a in arguments
+    ):
+        return
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    lines = [a for a in arguments if not a.startswith("-")]
+    parser = OverridesParser.create()
+    try:
+        fixed = [o.input_line for o in parser.parse_overrides(lines) if not o.is_sweep_override()]
+        with initialize_config_dir(str(config_dir()), version_base="1.3"):
+            sweeper = compose(config_name, overrides=fixed, return_hydra_config=True).hydra.sweeper
+            if not str(sweeper.get("_target_", "")).endswith(".BasicSweeper"):
+                return
+            params = [f"{key}={value}" for key, value in (sweeper.get("params") or {}).items()]
+            (jobs,) = BasicSweeper.split_arguments(parser.parse_overrides([*params, *lines]), None)
+            configs = [compose(config_name, overrides=job) for job in jobs]
+    except HydraException:
+        return  # Hydra names its own errors when it parses the sweep
+    bad = []
+    for number, (job, cfg) in enumerate(zip(jobs, configs, strict=True)):
+        try:
+            check(cfg)
+        except USER_ERRORS as error:
+            message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+            bad.append(f"job {number} ({' '.join(job)}): {message}")
+    if bad:
+        more = f"; and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise ValueError(
+            f"{len(bad)} of the sweep's {len(jobs)} jobs would fail (checked before any starts): "
+            + "; ".join(bad[:3])
+            + more
+        )
+
+
 def root_cause(error: BaseException) -> BaseException:
     """The innermost cause (Hydra wraps errors raised inside instantiated constructors)."""
     while error.__cause__ is not None:

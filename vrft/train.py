@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from vrft.callbacks import RunConfigLogging, RunSettingsInCheckpoint, RunSummary
-from vrft.cli import check_composes, config_hash, user_errors
+from vrft.cli import check_composes, check_sweep, config_hash, user_errors
 from vrft.data.loading import check_template_fields, load_visual_rft
 from vrft.distributed import check_distributed, check_strategy
 from vrft.loggers import check_wandb_login
@@ -169,4 +169,5 @@ def main(cfg: DictConfig) -> float | None:
 if __name__ == "__main__":
     user_errors(check_command_line)(sys.argv[1:])  # before Hydra parses the overrides
     user_errors(check_composes)("train", sys.argv[1:])
+    user_errors(check_sweep)("train", sys.argv[1:], validate)  # every job of a -m sweep, before the first
     main()
