@@ -198,3 +198,23 @@ def test_a_budget_that_is_not_a_positive_number_is_named(override, shown):
     key = override.split("=")[0]
     with pytest.raises(ValueError, match=f"{key}={shown} is not a memory budget; pass GiB as a number > 0"):
         verdict(config("+hw=rtx4090", override))
+
+
+def test_the_planned_adapter_is_the_one_the_run_starts_from(tmp_path):
+    # a run from an adapter (the warm start, or lora.init_adapter) trains that adapter's rank and targets
+    from peft import LoraConfig
+
+    from vrft.planner.footprint import weight_footprint
+
+    def adapter_params(*overrides):
+        return weight_footprint(config(*overrides))[0].adapter_params
+
+    warm = adapter_params("lora.r=4")  # the tiny model's warm start applies: its r=16, lm_head too
+    assert warm == adapter_params(
+        "warm_start=none", "lora.r=16", "lora.target_modules='(${lora_targets:})|lm_head'"
+    )
+    assert warm != adapter_params("warm_start=none", "lora.r=4")
+    LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]).save_pretrained(tmp_path)
+    assert adapter_params(f"lora.init_adapter={tmp_path}") == adapter_params(
+        "warm_start=none", "lora.r=8", r"lora.target_modules='.*\.(q_proj|v_proj)'"
+    )

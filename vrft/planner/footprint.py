@@ -19,6 +19,7 @@ from transformers import AutoConfig
 from vrft.models.policy import VISION_TARGETS
 from vrft.models.presets import PRESETS, model_class, preset_config
 from vrft.planner.estimator import ModelShape, WeightFootprint
+from vrft.resume import starting_adapter
 
 log = logging.getLogger(__name__)
 
@@ -119,15 +120,25 @@ def optimizer_state(optimizer_cfg) -> tuple[float, bool]:
     return OPTIMIZER_STATE.get(target, (8.0, False))
 
 
+def _as_regex(targets: str | list[str] | set[str]) -> str:
+    # peft reads a list of names as "the module's name, or its last parts": one full-match regex for both
+    if isinstance(targets, str):
+        return targets
+    return rf"(.*\.)?({'|'.join(re.escape(name) for name in sorted(targets))})"
+
+
 def weight_footprint(cfg: DictConfig) -> tuple[WeightFootprint, int]:
     """The model's footprint under `cfg.precision` and `cfg.lora`, and the activation element size."""
     precision_yaml = OmegaConf.to_yaml(cfg.precision, resolve=True)
     lora = cfg.lora
-    target = str(lora.target_modules)
+    target, rank = str(lora.target_modules), int(lora.r)
     if lora.get("train_vision"):
         target = f"({target})|({VISION_TARGETS})"
+    start = starting_adapter(cfg)
+    if start is not None:  # a run from an adapter trains that adapter's rank and targets, not the lora node's
+        target, rank = _as_regex(start.target_modules), int(start.r)
     weight_bytes, lm_params, largest, adapter, fused_a, adapter_bytes, compute_bytes, int8_layers = (
-        _footprint(str(cfg.model.name_or_path), precision_yaml, target, int(lora.r))
+        _footprint(str(cfg.model.name_or_path), precision_yaml, target, rank)
     )
     state, paged = optimizer_state(cfg.get("optimizer"))
     footprint = WeightFootprint(
