@@ -73,6 +73,8 @@ def check_sweep(config_name: str, arguments: Sequence[str], check: Callable[[Dic
             if not str(sweeper.get("_target_", "")).endswith(".BasicSweeper"):
                 return
             params = [f"{key}={value}" for key, value in (sweeper.get("params") or {}).items()]
+            # the basic sweeper's own expansion (params first, as its sweep() puts them): Hydra has no public
+            # call that lists a sweep's jobs without launching them
             (jobs,) = BasicSweeper.split_arguments(parser.parse_overrides([*params, *lines]), None)
             configs = [compose(config_name, overrides=job) for job in jobs]
     except HydraException:

@@ -9,6 +9,7 @@ GIoU. The base model and every adapter of `adapters=[...]` are decoded in turn; 
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import sys
@@ -127,6 +128,7 @@ def decode(cfg: DictConfig, model: dict, dataset: EvalRowDataset, writer: Predic
 
     Returns the rollout engine that decoded them.
     """
+    cfg = copy.deepcopy(cfg)  # this model's LoRA, not the next one's
     with open_dict(cfg):
         cfg.lora.init_adapter = model["adapter"]
         cfg.lora = {**cfg.lora, **model.get("lora", {})}

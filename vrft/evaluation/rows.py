@@ -104,10 +104,11 @@ def prepare_rows(
     on_bad_row: str = "error",
     max_rows: int | None = None,
 ) -> EvalRows:
-    """Check and complete the first `max_rows` rows of `table` for `task`'s metric; nothing is decoded by a model.
+    """Check and complete the first `max_rows` rows of `table` for `task`'s metric; no model runs.
 
-    Bad rows (unparseable solution; detection: no category; an image that cannot be decoded) raise one `ValueError` listing them by row
-    number, or with `on_bad_row="skip"` are left out and reported in `EvalRows.bad`.
+    Bad rows (unparseable solution; detection: no category; an image that cannot be decoded) raise one
+    `ValueError` listing them by row number, or with `on_bad_row="skip"` are left out and reported in
+    `EvalRows.bad`.
     """
     if on_bad_row not in ON_BAD_ROW:
         raise ValueError(f"on_bad_row='{on_bad_row}' is not one of: {', '.join(ON_BAD_ROW)}")
