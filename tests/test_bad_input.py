@@ -305,7 +305,9 @@ def test_every_job_of_a_sweep_is_checked_before_the_first_starts(tmp_path):
 def test_a_sweep_with_a_bad_job_exits_2_before_any_job_starts(tmp_path):
     result = run_cli("-m", "optimizer.lr=1e-3,-1", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
-    assert "vrft: error: 1 of the sweep's 2 jobs would fail (checked before any starts): job 1" in result.stderr
+    assert (
+        "vrft: error: 1 of the sweep's 2 jobs would fail (checked before any starts): job 1" in result.stderr
+    )
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "sweep").exists()  # job 0 did not start
 
@@ -381,3 +383,21 @@ def test_a_run_that_kept_no_checkpoint_does_not_print_a_checkpoints_folder(tmp_p
     (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
     vrft.train.train(cfg)
     assert f"  checkpoints: {tmp_path / 'checkpoints'}\n" in capsys.readouterr().out
+
+
+def test_an_export_output_under_a_file_is_named_before_the_merge(tmp_path, capsys, monkeypatch):
+    # makedirs' NotADirectoryError traceback came after the base had loaded and the adapter merged
+    import vrft.export
+
+    def merges(*args):
+        raise AssertionError("the merge ran")
+
+    monkeypatch.setattr(vrft.export, "export", merges)
+    (tmp_path / "notes").write_text("kept")
+    with pytest.raises(SystemExit) as exit_info:
+        vrft.export.main([str(tmp_path / "adapter"), str(tmp_path / "notes" / "merged")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        f"vrft: error: output '{tmp_path / 'notes' / 'merged'}' is under '{tmp_path / 'notes'}', which is a "
+        "file; pass a new folder\n"
+    )

@@ -27,6 +27,7 @@ from transformers import BitsAndBytesConfig
 
 from vrft.models.policy import ModelSpec, load_base_model
 from vrft.models.processor import load_processor, save_processor
+from vrft.paths import check_folder
 from vrft.precision import merge_and_requantize
 from vrft.quiet import silence_upstream_noise
 
@@ -123,6 +124,10 @@ def main(argv: list[str] | None = None) -> None:
     silence_upstream_noise()
     if args.output.exists():
         parser.exit(2, f"vrft: error: output '{args.output}' exists; pass a new folder\n")
+    try:  # a file on its path: makedirs would fail only after the merge
+        check_folder(args.output, "output", "pass a new folder")
+    except ValueError as error:
+        parser.exit(2, f"vrft: error: {error}\n")
     try:
         folder = export(args.adapter, args.output, args.dtype, args.int4, args.base)
     except FileNotFoundError as error:
