@@ -79,7 +79,9 @@ def test_a_count_below_its_minimum_is_named(tmp_path, capsys, flag, message):
     assert message in refused_detection_build(tmp_path, capsys, *flag)
 
 
-@pytest.mark.parametrize("where", ["the source", "inside the source", "a folder with files", "a file"])
+@pytest.mark.parametrize(
+    "where", ["the source", "inside the source", "a folder with files", "a file", "under a file"]
+)
 def test_out_over_an_existing_folder_or_its_own_source_is_refused_before_building(tmp_path, capsys, where):
     # save_to_disk wrote into an existing dataset's folder (mixing their files) or failed on its own source.
     source = tmp_path / "flowers"
@@ -92,6 +94,7 @@ def test_out_over_an_existing_folder_or_its_own_source_is_refused_before_buildin
         "inside the source": source / "one_shot",
         "a folder with files": tmp_path / "full",
         "a file": tmp_path / "a.txt",
+        "under a file": tmp_path / "a.txt" / "one_shot",
     }[where]
     before = sorted(p.name for p in tmp_path.rglob("*"))
     capsys.readouterr()  # the source's save_to_disk bar
@@ -100,6 +103,10 @@ def test_out_over_an_existing_folder_or_its_own_source_is_refused_before_buildin
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     reason = "is inside the input" if "source" in where else "is an existing"
+    if where == "a file":
+        out, reason = f"'{out.resolve()}'", "is a file"
+    if where == "under a file":
+        out, reason = f"'{out.resolve()}'", f"is under '{tmp_path.resolve() / 'a.txt'}', which is a file"
     assert error.startswith(f"vrft: error: --out {out} {reason}")
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written
     assert len(load_visual_rft(source)["train"]) == 7

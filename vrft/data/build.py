@@ -19,6 +19,7 @@ import datasets
 from vrft.data.builders import build_detection_rows, build_grounding_rows, subsample_k_shot
 from vrft.data.eval_splits import CATEGORY_SETS, build_detection_eval_rows
 from vrft.data.loading import load_visual_rft
+from vrft.paths import check_folder
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -116,10 +117,11 @@ def check_out(args: argparse.Namespace) -> None:
         folder = Path(source).expanduser().resolve()
         if out == folder or folder in out.parents:
             raise ValueError(f"--out {args.out} is inside the input {source}; pass a folder outside it")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        kind = "folder that is not empty" if out.is_dir() else "file"
+    check_folder(out, "--out", "pass a new folder")  # a file there, or on its path
+    if out.is_dir() and any(out.iterdir()):
         raise ValueError(
-            f"--out {args.out} is an existing {kind}; pass a new folder, or move that one away first"
+            f"--out {args.out} is an existing folder that is not empty; pass a new folder, or move that one "
+            "away first"
         )
 
 
