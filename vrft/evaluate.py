@@ -174,9 +174,9 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
         if model["adapter"]:
             check_adapter(model["adapter"], spec)
         if model["ckpt_path"]:  # readable, and of this model and precision: before any row is decoded
-            check_resume(cfg, Path(model["ckpt_path"]), training=False)
+            saved = check_resume(cfg, Path(model["ckpt_path"]), training=False)
             # its adapter's shape is the one it trained (a warm start's r=16, say), whatever lora.* says here
-            model["lora"] = checkpoint_lora(Path(model["ckpt_path"]))
+            model["lora"] = checkpoint_lora(saved)
     rows = load_rows(cfg)
     out = output_dir(cfg)
     predictions = PredictionLog(out / "predictions.jsonl")

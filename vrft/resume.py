@@ -72,12 +72,11 @@ def starting_adapter(cfg: DictConfig) -> LoraConfig | None:
     return None
 
 
-def checkpoint_lora(path: Path) -> dict[str, Any]:
-    """The LoRA settings (`lora.<key>`: value) a vrft checkpoint was trained with, to rebuild its adapter
-    (`vrft.evaluate ckpt_path=`); empty where the checkpoint records none."""
-    saved = _saved_settings(_read_checkpoint(path), path) or {}
-    lora = {key: value for key, value in saved.items() if key.startswith("lora.") and key != STARTS_FROM_KEY}
-    return {key.removeprefix("lora."): value for key, value in lora.items()}
+def checkpoint_lora(saved: dict | None) -> dict[str, Any]:
+    """The LoRA settings (`lora.<key>`: value) a vrft checkpoint was trained with, from the settings that
+    `check_resume` returns, to rebuild its adapter (`vrft.evaluate ckpt_path=`); empty where it records none."""
+    lora = {key: value for key, value in (saved or {}).items() if key.startswith("lora.")}
+    return {key.removeprefix("lora."): value for key, value in lora.items() if key != STARTS_FROM_KEY}
 
 
 def _read_checkpoint(path: Path) -> dict:
@@ -112,15 +111,16 @@ def _unreadable(path: Path, error: Exception) -> str:
     return (text.strip().split(". ")[0] or type(error).__name__)[:120]
 
 
-def check_resume(cfg: DictConfig, path: Path, training: bool = True) -> None:
+def check_resume(cfg: DictConfig, path: Path, training: bool = True) -> dict | None:
     """The checkpoint is readable, was trained with this run's model, LoRA and precision, and (`training`: a
-    run that resumes it, not `vrft.evaluate`) leaves this run steps to train."""
+    run that resumes it, not `vrft.evaluate`) leaves this run steps to train. Returns the settings it
+    records (None for an older checkpoint with no config beside it), read once for `checkpoint_lora`."""
     checkpoint = _read_checkpoint(path)
     if training:
         _check_steps_left(checkpoint.get("global_step"), OmegaConf.select(cfg, "trainer.max_steps"), path)
     saved = _saved_settings(checkpoint, path)
     if saved is None:
-        return  # a checkpoint of an older vrft with no config beside it: Lightning's own load checks it
+        return None  # a checkpoint of an older vrft with no config beside it: Lightning's own load checks it
     current = resume_settings(cfg)
     auto = str(OmegaConf.select(cfg, "precision._target_", default="")).endswith("AutoPrecision")
     adapter_start = "adapter" in (current[STARTS_FROM_KEY], saved.get(STARTS_FROM_KEY))
@@ -141,6 +141,7 @@ def check_resume(cfg: DictConfig, path: Path, training: bool = True) -> None:
                 f"ckpt_path='{path}' was trained with {key}={saved[key]!r} but this run has {key}={value!r}; "
                 f"resume with {fix}, or drop ckpt_path to start a new run"
             )
+    return saved
 
 
 def _check_steps_left(step: Any, max_steps: Any, path: Path) -> None:
