@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from pathlib import Path
 
 KEY_LENGTH = 12  # hex digits: enough to tell configs apart, short enough to read in a folder name
@@ -25,6 +26,23 @@ def check_folder(folder: Path, what: str, fix: str) -> None:
     if existing is not None and not existing.is_dir():
         where = "is a file" if existing == folder else f"is under '{existing}', which is a file"
         raise ValueError(f"{what} '{folder}' {where}; {fix}")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """`path` holds `text` or what it held before, never a part of it: a temporary file in the same folder,
+    fsync, rename. For the JSON a later command reads back (held-out results, evaluation settings and
+    predictions), where a stop or a full disk mid-write would leave a file that neither run can read."""
+    path = Path(path)
+    fd, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, "w") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        Path(partial).unlink(missing_ok=True)
+        raise
 
 
 def cache_key(text: str) -> str:
