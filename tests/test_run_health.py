@@ -90,10 +90,65 @@ def test_sigterm_mid_step_exits_143_naming_the_resume_and_keeps_the_checkpoint(t
     cfg = config(tmp_path, "trainer.max_steps=4", "callbacks.checkpoint.every_n_train_steps=10")
     code, err = run_cli_main(cfg, capsys)
     assert code == 143, err  # Lightning's SystemExit without a code would exit 0, like a finished run
-    assert "vrft: stopped by SIGTERM" in err and "ckpt_path=<run>/checkpoints/last.ckpt" in err
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert f"vrft: stopped by SIGTERM; training checkpointed step 2: resume with ckpt_path={last}" in err
     # Lightning finishes the running step, then `Checkpoints` saves it (and last.ckpt) before stopping.
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt", "step-step=2.ckpt"]
-    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+    assert torch.load(last, weights_only=False)["global_step"] == 2
+
+
+def interrupted_in_step_2(monkeypatch, presses: int) -> None:
+    """Ctrl-C pressed `presses` times in the middle of step 2 (SIGINT to this process, as the terminal sends)."""
+    step = GRPOModule.training_step
+
+    def pressed(self, batch, batch_idx):
+        if self.trainer.global_step == 1:
+            for _ in range(presses):
+                os.kill(os.getpid(), signal.SIGINT)
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(GRPOModule, "training_step", pressed)
+
+
+def test_ctrl_c_finishes_the_running_step_checkpoints_it_and_names_the_resume(tmp_path, monkeypatch, capsys):
+    # Before, Ctrl-C raised KeyboardInterrupt mid-step and Lightning exited 1 with no checkpoint since the
+    # last due one: here none is due before step 10, so steps 1 and 2 were lost.
+    interrupted_in_step_2(monkeypatch, presses=1)
+    cfg = config(tmp_path, "trainer.max_steps=4", "callbacks.checkpoint.every_n_train_steps=10")
+    code, err = run_cli_main(cfg, capsys)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert code == 130, err
+    assert "Ctrl-C again to stop at once" in err
+    assert f"vrft: stopped by Ctrl-C; training checkpointed step 2: resume with ckpt_path={last}" in err
+    assert torch.load(last, weights_only=False)["global_step"] == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the CLI put Python's back
+
+
+def test_a_second_ctrl_c_stops_at_once_and_says_the_step_is_lost(tmp_path, monkeypatch, capsys):
+    interrupted_in_step_2(monkeypatch, presses=2)
+    cfg = config(tmp_path, "trainer.max_steps=4", "callbacks.checkpoint.every_n_train_steps=10")
+    code, err = run_cli_main(cfg, capsys)
+    assert code == 130, err
+    assert (
+        "vrft: stopped by Ctrl-C at once; the running step or batch is lost; no checkpoint was written" in err
+    )
+    assert not list((tmp_path / "checkpoints").glob("*.ckpt"))  # a half-done step is never saved
+
+
+def test_a_sigterm_before_any_step_finished_names_no_checkpoint(tmp_path, capsys):
+    # It used to say "training checkpointed its last finished step" where there was none.
+    callback = Checkpoints(dirpath=tmp_path, filename="step-{step}", save_last=True)
+    trainer = SimpleNamespace(fast_dev_run=False, sanity_checking=False, global_step=0)
+    callback._save_checkpoint = lambda trainer, path: pytest.fail("a step-0 checkpoint was written")
+
+    def stopped(*_args):
+        callback.on_exception(trainer, None, SIGTERMException())
+        raise SIGTERMException()
+
+    with pytest.raises(SystemExit) as exit_info:
+        user_errors(stopped)()
+    assert exit_info.value.code == 143
+    assert "vrft: stopped by SIGTERM; no checkpoint was written at the stop" in capsys.readouterr().err
 
 
 def test_only_a_sigterm_saves_a_checkpoint_between_the_due_ones(tmp_path):

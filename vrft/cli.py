@@ -18,6 +18,7 @@ from vrft.models.presets import box_convention
 from vrft.paths import cache_key, check_folder, config_dir, job_folder
 from vrft.runtime.checkpoint_io import CheckpointWriteError
 from vrft.runtime.failures import TrainingFailure
+from vrft.runtime.interrupt import StopRecord, keyboard_stops
 
 # `${box_convention:${model.name_or_path}}` lets a task follow the model's box coordinates.
 OmegaConf.register_new_resolver("box_convention", box_convention, replace=True)
@@ -105,42 +106,64 @@ def root_cause(error: BaseException) -> BaseException:
 def user_errors(main: Callable) -> Callable:
     """Turn input errors into `vrft: error: ...` and exit code 2, and failures inside training
     (`TrainingFailure`: phase, step, safe checkpoint) into `vrft: internal failure: ...` and exit code 1;
-    a SIGTERM into `vrft: stopped by SIGTERM` and exit code 143; `VRFT_TRACEBACK=1` shows the traceback."""
+    a SIGTERM into `vrft: stopped by SIGTERM` and exit code 143, Ctrl-C into `vrft: stopped by Ctrl-C` and
+    exit code 130 (the first one stops training after its running step: `vrft.runtime.interrupt`), each
+    naming the checkpoint to resume from; `VRFT_TRACEBACK=1` shows the traceback."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
-        try:
-            return main(*args, **kwargs)
-        except SIGTERMException:
-            # Lightning stops after the running step or batch by raising SystemExit without a code: exit 0,
-            # which a job chain or scheduler would read as a finished run.
-            print(
-                "vrft: stopped by SIGTERM; training checkpointed its last finished step, evaluation kept the "
-                "predictions.jsonl written so far: resume with ckpt_path=<run>/checkpoints/last.ckpt, or "
-                "evaluate again with resume=<its folder>",
-                file=sys.stderr,
-            )
-            sys.exit(128 + signal.SIGTERM)
-        except TrainingFailure as failure:
-            if os.environ.get("VRFT_TRACEBACK"):
-                raise
-            print(f"vrft: internal failure: {failure}", file=sys.stderr)
-            print(
-                "(set VRFT_TRACEBACK=1 to see the traceback, and include it in a bug report)", file=sys.stderr
-            )
-            sys.exit(1)
-        except (InstantiationException, *USER_ERRORS) as error:
-            if os.environ.get("VRFT_TRACEBACK"):
-                raise
-            cause = root_cause(error)
-            if isinstance(error, InstantiationException) and not isinstance(cause, USER_ERRORS):
-                raise
-            message = cause.args[0] if isinstance(cause, KeyError) and cause.args else str(cause)
-            print(f"vrft: error: {message}", file=sys.stderr)
-            print("(set VRFT_TRACEBACK=1 to see the traceback)", file=sys.stderr)
-            sys.exit(2)
+        with keyboard_stops() as stop:
+            try:
+                return main(*args, **kwargs)
+            except SIGTERMException:
+                # Lightning stops after the running step or batch by raising SystemExit without a code: exit
+                # 0, which a job chain or scheduler would read as a finished run.
+                cause = "Ctrl-C" if stop.ctrl_c else "SIGTERM"
+                print(f"vrft: stopped by {cause}; {stopped_with(stop)}", file=sys.stderr)
+                sys.exit(128 + (signal.SIGINT if stop.ctrl_c else signal.SIGTERM))
+            except (KeyboardInterrupt, SystemExit):
+                # A second Ctrl-C, or one outside a fit: Python's KeyboardInterrupt, which Lightning turns
+                # into sys.exit(1) inside a fit; a SystemExit with no Ctrl-C pressed is someone else's.
+                if not stop.ctrl_c:
+                    raise
+                print(
+                    f"vrft: stopped by Ctrl-C at once; the running step or batch is lost; {stopped_with(stop)}",
+                    file=sys.stderr,
+                )
+                sys.exit(128 + signal.SIGINT)
+            except TrainingFailure as failure:
+                if os.environ.get("VRFT_TRACEBACK"):
+                    raise
+                print(f"vrft: internal failure: {failure}", file=sys.stderr)
+                print(
+                    "(set VRFT_TRACEBACK=1 to see the traceback, and include it in a bug report)",
+                    file=sys.stderr,
+                )
+                sys.exit(1)
+            except (InstantiationException, *USER_ERRORS) as error:
+                if os.environ.get("VRFT_TRACEBACK"):
+                    raise
+                cause = root_cause(error)
+                if isinstance(error, InstantiationException) and not isinstance(cause, USER_ERRORS):
+                    raise
+                message = cause.args[0] if isinstance(cause, KeyError) and cause.args else str(cause)
+                print(f"vrft: error: {message}", file=sys.stderr)
+                print("(set VRFT_TRACEBACK=1 to see the traceback)", file=sys.stderr)
+                sys.exit(2)
 
     return wrapper
+
+
+def stopped_with(stop: StopRecord) -> str:
+    """What a stopped command kept and how to go on from it (the CLI's last line)."""
+    if stop.saved is not None:
+        step, path = stop.saved
+        return f"training checkpointed step {step}: resume with ckpt_path={path}"
+    return (
+        "no checkpoint was written at the stop (no step had finished since the last one): a run resumes "
+        "from its last checkpoint, if it kept one, with ckpt_path=<run>/checkpoints/last.ckpt; an evaluation "
+        "kept the predictions.jsonl written so far: evaluate again with resume=<its folder>"
+    )
 
 
 def config_hash(cfg: DictConfig) -> str:

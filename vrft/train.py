@@ -26,6 +26,7 @@ from vrft.resume import CHECKPOINT_KEY, check_fresh_run, resume_settings, starti
 from vrft.runtime.checkpoint_io import check_writable
 from vrft.runtime.cuda import apply_memory_cap, configure_allocator
 from vrft.runtime.failures import internal_failure
+from vrft.runtime.interrupt import stops_between_steps
 from vrft.runtime.oom import explain_out_of_memory
 from vrft.runtime.ranks import stop_other_ranks
 from vrft.setup import build_run
@@ -122,7 +123,8 @@ def fit(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, RunSummary]:
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=False)
     try:
-        trainer.fit(module, datamodule=run.datamodule, ckpt_path=cfg.ckpt_path)
+        with stops_between_steps():  # a first Ctrl-C stops after the running step and checkpoints it
+            trainer.fit(module, datamodule=run.datamodule, ckpt_path=cfg.ckpt_path)
     except torch.OutOfMemoryError as error:
         explained = explain_out_of_memory(
             error,

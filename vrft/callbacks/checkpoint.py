@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from vrft.runtime.interrupt import note_saved
 
 
 class Checkpoints(ModelCheckpoint):
@@ -15,7 +19,9 @@ class Checkpoints(ModelCheckpoint):
     checkpoint were lost. Lightning's own `save_on_exception` saves on *any* exception, including an
     out-of-memory error or a failure in the middle of a step, whose half-done state a resume must not start
     from; so the save is kept for the SIGTERM alone, where the step has finished (GRPO optimizes manually:
-    one `training_step` is one whole optimizer step).
+    one `training_step` is one whole optimizer step). A first Ctrl-C stops the same way
+    (`vrft.runtime.interrupt`). The checkpoint written is recorded for the CLI's last line; before any step
+    has finished there is nothing to save.
     """
 
     def __init__(self, **kwargs):
@@ -25,5 +31,9 @@ class Checkpoints(ModelCheckpoint):
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
-        if isinstance(exception, SIGTERMException):
-            super().on_exception(trainer, pl_module, exception)
+        if not isinstance(exception, SIGTERMException) or trainer.global_step == 0:
+            return
+        super().on_exception(trainer, pl_module, exception)
+        path = self.last_model_path or self.format_checkpoint_name(self._monitor_candidates(trainer))
+        if path and Path(path).is_file():
+            note_saved(trainer.global_step, Path(path))
