@@ -200,3 +200,81 @@ def test_job_folders_are_named_by_overrides_and_stay_short():
     long_a, long_b = "a=" + "x" * 300, "a=" + "x" * 299 + "y"
     assert len(job_folder(long_a, 0)) <= MAX_JOB_FOLDER_CHARS
     assert job_folder(long_a, 0) != job_folder(long_b, 0)  # the hash tells apart what the cut hides
+
+
+def export_error(capsys, *arguments: str) -> str:
+    """What `python -m vrft.export` prints when it refuses `arguments` (exit 2)."""
+    from vrft.export import main as export_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        export_main(list(arguments))
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "config", ["{}", '{"base_model_name_or_path": null}', '{"base_model_name_or_path": "ti']
+)
+def test_export_names_an_adapter_config_without_a_readable_base(tmp_path, capsys, monkeypatch, config):
+    # KeyError, TypeError and JSONDecodeError tracebacks before
+    import vrft.export
+
+    monkeypatch.setattr(vrft.export, "load_base_model", lambda *args: pytest.fail("the base loaded"))
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(config)
+    error = export_error(capsys, str(adapter), str(tmp_path / "merged"))
+    if config.endswith("}"):
+        assert error == (
+            f"vrft: error: adapter '{adapter}' records no base model (base_model_name_or_path); "
+            "pass --base <model folder>\n"
+        )
+    else:
+        assert error.startswith(f"vrft: error: '{adapter / 'adapter_config.json'}' is not valid JSON (")
+        assert error.count("\n") == 1
+    assert not (tmp_path / "merged").exists()
+
+
+def test_export_names_a_missing_base_by_the_option_or_file_that_set_it(tmp_path, capsys, monkeypatch):
+    # --base used to be named `model.name_or_path`, a key export does not have
+    import vrft.export
+
+    monkeypatch.setattr(vrft.export, "load_base_model", lambda *args: pytest.fail("the base loaded"))
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/gone/model"}))
+    fix = "pass --base <a local Qwen2-VL / Qwen2.5-VL checkpoint folder>"
+    assert export_error(capsys, str(adapter), str(tmp_path / "a"), "--base", "/nonexistent/model") == (
+        f"vrft: error: --base '/nonexistent/model' does not exist; {fix}\n"
+    )
+    assert export_error(capsys, str(adapter), str(tmp_path / "b")) == (
+        f"vrft: error: adapter '{adapter}' records base model '/gone/model', which does not exist; {fix}\n"
+    )
+
+
+def test_report_leaves_out_what_a_run_stopped_mid_write_cut(tmp_path, capsys):
+    # a cut last row (ValueError) and a cut held_out.json (JSONDecodeError) stopped the whole report
+    (tmp_path / "logs").mkdir()
+    metrics = tmp_path / "logs" / "metrics.csv"
+    metrics.write_text("step,train/reward,train/loss\n0,1.0,2.5\n1,1.5,2.25\n2,3.1e")
+    (tmp_path / "held_out.json").write_text('{"before": {"reward/total": 0.5}, "aft')
+    report_main([str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert "  steps             2\n  train/reward      1.5\n  train/loss        2.25\n" in out
+    assert (tmp_path / "curves.png").is_file()
+    assert err.splitlines()[0] == (
+        f"vrft: warning: '{metrics}': skipped 1 unreadable value(s) (a run stopped mid-write cuts its last row)"
+    )
+    assert err.splitlines()[1].startswith(
+        f"vrft: warning: '{tmp_path / 'held_out.json'}' is not valid JSON ("
+    )
+    assert len(err.splitlines()) == 2
+
+
+def test_report_names_a_folder_that_does_not_exist(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        report_main([str(tmp_path / "nope")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        f"vrft: error: '{tmp_path / 'nope'}' does not exist; pass a run folder or a folder of runs\n"
+    )

@@ -34,14 +34,56 @@ from vrft.quiet import silence_upstream_noise
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def adapter_base(adapter: Path) -> str:
-    """The base checkpoint recorded in the adapter's `adapter_config.json`."""
+def adapter_config(adapter: Path) -> dict:
+    """The adapter's `adapter_config.json`, read before anything loads: peft would fail on it minutes later."""
     config = adapter / "adapter_config.json"
     if not config.is_file():
         raise FileNotFoundError(
             f"'{adapter}' has no adapter_config.json; pass a peft adapter folder such as <run>/adapter/final"
         )
-    return json.loads(config.read_text())["base_model_name_or_path"]
+    try:
+        settings = json.loads(config.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"'{config}' is not valid JSON ({error}); pass an intact peft adapter folder such as "
+            "<run>/adapter/final"
+        ) from None
+    return settings if isinstance(settings, dict) else {}
+
+
+def adapter_base(adapter: Path) -> str:
+    """The base checkpoint recorded in the adapter's `adapter_config.json`."""
+    base = adapter_config(adapter).get("base_model_name_or_path")
+    if not isinstance(base, str) or not base:
+        raise ValueError(
+            f"adapter '{adapter}' records no base model (base_model_name_or_path); pass --base <model folder>"
+        )
+    return base
+
+
+def base_model(adapter: Path, base: str | None = None) -> str:
+    """The base to merge into: `base` (`--base`), else the one the adapter records; checked before the load.
+
+    The loader's own error names `model.name_or_path`, a key export does not have: a missing base is named
+    here by where it came from.
+    """
+    if base is None:
+        base = adapter_base(adapter)
+        source = f"adapter '{adapter}' records base model '{base}', which"
+    else:
+        adapter_config(adapter)  # an unreadable config is named before the load, as it is without --base
+        source = f"--base '{base}'"
+    spec = ModelSpec(name_or_path=base)
+    if spec.is_random_preset:  # built in memory: no folder to check
+        return base
+    try:
+        spec.folder()
+    except FileNotFoundError:
+        reason = "has no config.json" if Path(base).expanduser().exists() else "does not exist"
+        raise FileNotFoundError(
+            f"{source} {reason}; pass --base <a local Qwen2-VL / Qwen2.5-VL checkpoint folder>"
+        ) from None
+    return base
 
 
 def untie_output_embeddings(model: torch.nn.Module) -> None:
@@ -79,7 +121,7 @@ def export(
     adapter: Path, output: Path, dtype: str = "bf16", int4: bool = False, base: str | None = None
 ) -> Path:
     """Write the merged model (and its processor) to `output`; returns `output`."""
-    base = base or adapter_base(adapter)
+    base = base_model(adapter, base)
     model = merged_model(adapter, base).to(DTYPES[dtype])
     source = processor_folder(adapter, base)
     size = json.loads((source / "preprocessor_config.json").read_text()).get("size", {})
@@ -130,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"vrft: error: {error}\n")
     try:
         folder = export(args.adapter, args.output, args.dtype, args.int4, args.base)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, ValueError) as error:
         shutil.rmtree(args.output, ignore_errors=True)
         parser.exit(2, f"vrft: error: {error}\n")
     kind = "4-bit (bitsandbytes nf4)" if args.int4 else args.dtype

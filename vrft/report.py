@@ -12,6 +12,7 @@ import argparse
 import csv
 import json
 import math
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -31,20 +32,37 @@ PANELS = {
 TIME_KEYS = ("time/rollout_s", "time/reference_s", "time/update_s")
 
 
-def read_curves(run_dir: Path) -> Curves:
-    """Every numeric column of `<run>/logs/metrics.csv` as (step, value) pairs, in step order."""
+def read_curves(run_dir: Path, notes: list[str] | None = None) -> Curves:
+    """Every numeric column of `<run>/logs/metrics.csv` as (step, value) pairs, in step order.
+
+    A value that is not a number is skipped, counted in one line appended to `notes`: a run stopped
+    mid-write leaves its last row cut (`2,3.1e`), and the rows before it still make a table.
+    """
     path = Path(run_dir) / "logs" / "metrics.csv"
     curves: Curves = {}
     if not path.is_file():
         return curves
+    unreadable = 0
     with path.open() as file:
         for row in csv.DictReader(file):
             if not row.get("step"):
                 continue
-            step = int(float(row["step"]))
+            try:
+                step = int(float(row["step"]))
+            except ValueError:
+                unreadable += 1
+                continue
             for key, text in row.items():
-                if key != "step" and text not in ("", None):
+                if key in ("step", None) or text in ("", None):
+                    continue
+                try:
                     curves.setdefault(key, []).append((step, float(text)))
+                except ValueError:
+                    unreadable += 1
+    if unreadable and notes is not None:
+        notes.append(
+            f"'{path}': skipped {unreadable} unreadable value(s) (a run stopped mid-write cuts its last row)"
+        )
     return curves
 
 
@@ -52,9 +70,12 @@ def _last(curves: Curves, key: str) -> float | None:
     return curves[key][-1][1] if curves.get(key) else None
 
 
-def run_results(run_dir: Path) -> dict[str, float | int | None]:
-    """A run's row: steps, last train metrics, peak memory, seconds per step, held-out results."""
-    curves = read_curves(run_dir)
+def run_results(run_dir: Path, notes: list[str] | None = None) -> dict[str, float | int | None]:
+    """A run's row: steps, last train metrics, peak memory, seconds per step, held-out results.
+
+    What cannot be read (a value in metrics.csv, held_out.json) is left out and named in `notes`.
+    """
+    curves = read_curves(run_dir, notes)
     steps = len(curves.get("train/reward", curves.get("train/loss", [])))
     row: dict[str, float | int | None] = {"steps": steps}
     for key in ("train/reward", "train/loss", "train/kl", "train/completion_length"):
@@ -66,7 +87,12 @@ def run_results(run_dir: Path) -> dict[str, float | int | None]:
     row["seconds_per_step"] = sum(per_step) / steps if steps and any(per_step) else None
     held_out = Path(run_dir) / "held_out.json"
     if held_out.is_file():
-        results = json.loads(held_out.read_text())
+        try:
+            results = json.loads(held_out.read_text())
+        except ValueError as error:  # cut: a run stopped mid-write, before vrft wrote it atomically
+            results = {}
+            if notes is not None:
+                notes.append(f"'{held_out}' is not valid JSON ({error}); its held-out results are left out")
         for stage in ("before", "after", "merged"):
             for key, value in (results.get(stage) or {}).items():
                 row[f"held_out/{stage}/{key}"] = value
@@ -140,14 +166,21 @@ def _cell(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def report(folder: Path, labels: dict[Path, str] | None = None) -> tuple[dict[str, dict], Path]:
-    """Results of the run(s) in `folder` and the plot written: `curves.png` (one run) or `comparison.png`."""
+def report(
+    folder: Path, labels: dict[Path, str] | None = None, notes: list[str] | None = None
+) -> tuple[dict[str, dict], Path]:
+    """Results of the run(s) in `folder` and the plot written: `curves.png` (one run) or `comparison.png`.
+
+    What could not be read is left out of both and named in `notes`, one line each.
+    """
+    if not folder.exists():
+        raise FileNotFoundError(f"'{folder}' does not exist; pass a run folder or a folder of runs")
     runs = find_runs(folder)
     if not runs:
         raise FileNotFoundError(f"'{folder}' holds no run (no logs/metrics.csv in it or its subfolders)")
     labels = labels or {}
     names = {run: labels.get(run, run.name if run != folder else folder.name) for run in runs}
-    rows = {names[run]: run_results(run) for run in runs}
+    rows = {names[run]: run_results(run, notes) for run in runs}
     curves = {names[run]: read_curves(run) for run in runs}
     if len(runs) == 1 and runs[0] == folder:
         return rows, plot_runs(curves, folder / "curves.png", str(folder))
@@ -159,10 +192,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m vrft.report", description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path, help="a run folder, or a folder of runs (Hydra multirun)")
     args = parser.parse_args(argv)
+    notes: list[str] = []
     try:
-        rows, plot = report(args.folder)
+        rows, plot = report(args.folder, notes=notes)
     except FileNotFoundError as error:
         parser.exit(2, f"vrft: error: {error}\n")
+    for note in notes:
+        print(f"vrft: warning: {note}", file=sys.stderr)
     print(format_table(rows))
     print(f"plot: {plot}")
 
