@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import warnings
@@ -66,6 +67,27 @@ class ModelSpec:
         if self.min_pixels > self.max_pixels:
             raise ValueError(
                 f"model.min_pixels={self.min_pixels} exceeds model.max_pixels={self.max_pixels}; lower min_pixels"
+            )
+        self._check_not_quantised()
+
+    def _check_not_quantised(self) -> None:
+        # A pre-quantised folder (`vrft.export --int4`, or a hub 4-bit upload) loads through transformers'
+        # quantiser, not vrft's precision plugins: the rollout engines and QAT would see weights they did not
+        # pack, and bitsandbytes failed deep inside the first forward (CPU) instead.
+        config = Path(self.name_or_path).expanduser() / "config.json"
+        if self.name_or_path in PRESETS or not config.is_file():
+            return  # a missing folder is named by `folder()`
+        try:
+            quantisation = json.loads(config.read_text()).get("quantization_config")
+        except (OSError, ValueError, AttributeError):
+            return  # transformers names an unreadable config.json when it loads it
+        if quantisation:
+            method = quantisation.get("quant_method", "?") if isinstance(quantisation, dict) else "?"
+            raise ValueError(
+                f"model.name_or_path='{self.name_or_path}' holds pre-quantised weights (quantization_config: "
+                f"{method}); vrft quantises an unquantised checkpoint itself: point model.name_or_path at the "
+                "bf16/fp16 model and pick precision=int4 (or int8), e.g. the folder `vrft.export` writes "
+                "without --int4"
             )
 
     @property
