@@ -197,3 +197,33 @@ def test_a_run_without_reward_spread_warns_and_counts_it(tmp_path, caplog):
     assert warnings["no_reward_spread"] == 1
     assert "every group's completions got the same reward" in caplog.text
     assert "the format reward never matched" in caplog.text
+
+
+def test_run_summary_json_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    # written in place, a stop or a full disk mid-write left a cut run_summary.json
+    from vrft.callbacks.summary import RunSummary
+
+    summary = RunSummary(str(tmp_path), {"config_hash": "abc"})
+    summary.write()
+    written = (tmp_path / "run_summary.json").read_text()
+
+    def disk_full(source, target):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", disk_full)
+    summary.summary["steps"] = 3
+    with pytest.raises(OSError, match="No space left"):
+        summary.write()
+    assert (tmp_path / "run_summary.json").read_text() == written
+    assert [p.name for p in tmp_path.iterdir()] == ["run_summary.json"]  # no partial file left behind
+
+
+def test_a_gpu_profile_without_a_gpu_says_the_run_goes_on_on_the_cpu(tmp_path, monkeypatch, caplog):
+    from vrft.train import warn_gpu_profile_without_gpu
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with caplog.at_level("WARNING", logger="vrft.train"):
+        warn_gpu_profile_without_gpu(config(tmp_path, "+hw=cpu"))
+        assert not caplog.records  # the CPU profile: nothing to say
+        warn_gpu_profile_without_gpu(config(tmp_path, "+hw=rtx4090"))
+    assert "hw=rtx4090 describes a 24 GB GPU, but torch sees none" in caplog.text

@@ -75,10 +75,26 @@ def check_prompt_fields(cfg: DictConfig, dataset: datasets.DatasetDict | None = 
     check_template_fields(str(template), None if path is None else str(path), dataset=dataset)
 
 
+def warn_gpu_profile_without_gpu(cfg: DictConfig) -> None:
+    """A GPU profile (`+hw=rtx4090`) on a machine where torch sees no GPU trains on the CPU: say so at the start,
+    not after an hour of one step a minute."""
+    memory = OmegaConf.select(cfg, "hw.memory_gb", default=None)
+    accelerator = str(OmegaConf.select(cfg, "trainer.accelerator", default="auto"))
+    if memory is None or accelerator not in ("auto", "gpu", "cuda") or torch.cuda.is_available():
+        return
+    log.warning(
+        "hw=%s describes a %s GB GPU, but torch sees none (torch.cuda.is_available() is False): the run goes "
+        "on on the CPU, far slower than the profile's figures; install a CUDA build of torch, or drop +hw",
+        OmegaConf.select(cfg, "hw.name", default="?"),
+        memory,
+    )
+
+
 def fit(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, RunSummary]:
     """Build the run described by `cfg` and fit it; returns the trainer, the module and the run summary."""
     validate(cfg)  # every setting, and the checkpoint to resume from, before anything loads
     configure_allocator()  # expandable segments, before anything touches CUDA
+    warn_gpu_profile_without_gpu(cfg)
     run_dir = Path(cfg.run_dir)
     check_writable(run_dir)  # before the model loads (or a warm start trains): a full disk fails now
     check_fresh_run(cfg)  # a run started again without ckpt_path= would overwrite the folder's checkpoints
