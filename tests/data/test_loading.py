@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from vrft.data.datamodule import VisualRFTDataModule
-from vrft.data.loading import decode_image, load_visual_rft
+from vrft.data.loading import check_problem, decode_image, load_visual_rft
 from vrft.rewards import check_classification_solution
 
 FEATURES = datasets.Features(
@@ -166,3 +166,70 @@ def test_json_rows_missing_image_or_problem_are_named_by_row(tmp_path):
     message = str(error.value)
     assert "2 bad row(s)" in message and "row 1: the row has no image" in message
     assert "row 2: problem None is empty" in message
+
+
+def test_a_saved_split_without_rows_is_named_with_the_fix(tmp_path):
+    # datasets saves an empty split but cannot load it back: IndexError from concatenating no arrow files
+    empty = datasets.Dataset.from_dict(make_rows(0), features=FEATURES)
+    full = datasets.Dataset.from_dict(make_rows(), features=FEATURES)
+    datasets.DatasetDict({"train": full, "test": empty}).save_to_disk(tmp_path / "saved")
+    with pytest.raises(ValueError) as error:
+        load_visual_rft(tmp_path / "saved")
+    assert str(error.value) == (
+        f"data.path='{tmp_path / 'saved'}' has split(s) ['test'] with no rows, which datasets cannot load back; "
+        "drop the split before save_to_disk (del dataset[split]) or give it rows"
+    )
+    empty.save_to_disk(tmp_path / "one")  # a single Dataset reads as split train
+    with pytest.raises(ValueError, match=r"data.path='.*one' has split\(s\) \['train'\] with no rows"):
+        load_visual_rft(tmp_path / "one")
+
+
+@pytest.mark.parametrize("cut", ["dataset_dict.json", "train/state.json", "train/data-00000-of-00001.arrow"])
+def test_a_save_to_disk_folder_cut_short_is_named(saved, cut):
+    # a copy or a write stopped part way: datasets' words named a place in a file, not the folder
+    path, _ = saved
+    file = path / cut
+    file.write_bytes(file.read_bytes()[:10])
+    with pytest.raises(
+        ValueError, match=rf"data.path='{path}' is a save_to_disk folder that could not be read \("
+    ):
+        load_visual_rft(path)
+
+
+def test_json_rows_whose_image_is_not_one_path_are_bad_rows(tmp_path):
+    # a list (multi-image files) or a number stopped the load with pathlib's TypeError, whatever on_bad_row said
+    Image.new("RGB", (10, 10), (255, 0, 0)).save(tmp_path / "a.png")
+    row = {"image": "a.png", "problem": "what?", "solution": "<answer>red</answer>"}
+    rows = [row, {**row, "image": ["a.png"]}, {**row, "image": 3}, row]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    path = str(tmp_path / "data.jsonl")
+    module = VisualRFTDataModule(path=path, check_solution=check_classification_solution)
+    with pytest.raises(ValueError) as error:
+        module.setup("fit")
+    message = str(error.value)
+    assert "2 bad row(s)" in message
+    assert "row 1: image ['a.png'] is not a path; image must be one path string" in message
+    assert "row 2: image 3 is not a path" in message
+    module = VisualRFTDataModule(
+        path=path, check_solution=check_classification_solution, on_bad_row="skip", batch_size=1
+    )
+    module.setup("fit")
+    assert module.skipped_rows == {"train": 2}
+    assert next(iter(module.train_dataloader()))[0]["image"].getpixel((5, 5)) == (255, 0, 0)
+    (tmp_path / "lists.jsonl").write_text(json.dumps({**row, "image": ["a.png", "a.png"]}))
+    with pytest.raises(
+        ValueError, match=r"every row of split 'train' is bad; first problem: image \['a.png'"
+    ):
+        VisualRFTDataModule(path=str(tmp_path / "lists.jsonl"), on_bad_row="skip", batch_size=1).setup("fit")
+
+
+def test_a_problem_that_is_not_a_string_is_named_as_such(tmp_path):
+    # a list read "problem ['a', 'b'] is empty"
+    with pytest.raises(
+        ValueError, match=r"^problem \['a', 'b'\] is not a string; give every row the question"
+    ):
+        check_problem(["a", "b"])
+    with pytest.raises(ValueError, match=r"^problem None is empty"):
+        check_problem(None)
+    with pytest.raises(ValueError, match=r"^problem ' ' is empty"):
+        check_problem(" ")

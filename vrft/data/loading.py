@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import io
+import json
 import re
 import string
 from pathlib import Path
 
 import datasets
+import pyarrow
 from PIL import Image
 
 REQUIRED_COLUMNS = ("image", "problem", "solution")
@@ -50,7 +52,8 @@ def load_visual_rft(path: str | Path) -> datasets.DatasetDict:
     - a parquet file, or a folder of them as downloaded from the Hub (`data/train-00000-of-00001.parquet`),
       the split taken from each file name;
     - a JSON or JSONL file whose `image` column holds paths relative to the file (split `train`).
-    Images are kept undecoded (`{"bytes", "path"}`) so that a bad file is reported per row, not by pyarrow.
+    Images are kept undecoded (`{"bytes", "path"}`) so that a bad file is reported per row, not by pyarrow;
+    so is a JSON row whose image is not one path (a list, a number), kept as it is for `decode_image` to name.
     """
     path = Path(path).expanduser()
     if not path.exists():
@@ -58,10 +61,8 @@ def load_visual_rft(path: str | Path) -> datasets.DatasetDict:
             f"data.path='{path}' does not exist; point it at a save_to_disk folder, a parquet file or folder, "
             "or a JSON/JSONL file with image, problem and solution"
         )
-    if (path / "dataset_dict.json").exists():
-        dataset = datasets.load_from_disk(str(path))
-    elif (path / "state.json").exists():
-        dataset = datasets.DatasetDict({"train": datasets.load_from_disk(str(path))})
+    if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+        dataset = _load_saved(path)
     elif path.suffix == ".parquet" or (path.is_dir() and any(path.rglob("*.parquet"))):
         dataset = _load_parquet(path)
     elif path.suffix in (".json", ".jsonl"):
@@ -82,6 +83,33 @@ def load_visual_rft(path: str | Path) -> datasets.DatasetDict:
         if isinstance(table.features["image"], datasets.Image):
             dataset[split] = table.cast_column("image", datasets.Image(decode=False))
     return dataset
+
+
+def _load_saved(path: Path) -> datasets.DatasetDict:
+    """A `save_to_disk` folder: a DatasetDict, or a single Dataset as split `train`."""
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except IndexError:
+        # datasets concatenates a split's arrow files, and a split saved without rows has none to concatenate
+        splits = {"train": path} if (path / "state.json").is_file() else {f.name: f for f in path.iterdir()}
+        empty = sorted(split for split, folder in splits.items() if _saved_without_rows(folder))
+        if not empty:
+            raise
+        raise ValueError(
+            f"data.path='{path}' has split(s) {empty} with no rows, which datasets cannot load back; drop the "
+            "split before save_to_disk (del dataset[split]) or give it rows"
+        ) from None
+    except (json.JSONDecodeError, pyarrow.ArrowInvalid) as error:
+        # datasets' words for a cut-short JSON or arrow file name a position in it, not the folder
+        raise ValueError(
+            f"data.path='{path}' is a save_to_disk folder that could not be read ({error}); it was probably "
+            "copied or written in part: copy it again, or save_to_disk again"
+        ) from None
+    return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
+
+
+def _saved_without_rows(folder: Path) -> bool:
+    return (folder / "state.json").is_file() and not any(folder.glob("*.arrow"))
 
 
 def _load_parquet(path: Path) -> datasets.DatasetDict:
@@ -110,12 +138,14 @@ def _load_json(path: Path) -> datasets.DatasetDict:
     base = path.parent
 
     def absolute(row):
-        if row["image"] is None:  # a row without an image: reported by row number when rows are checked
-            return {"image": None}
+        if not isinstance(row["image"], str):  # None, a list, a number: named by row when rows are checked
+            return {"image": row["image"]}
         image = Path(row["image"]).expanduser()
         return {"image": str(image if image.is_absolute() else base / image)}
 
     dataset = dataset.map(absolute)
+    if not isinstance(dataset["train"].features["image"], datasets.Value):
+        return dataset  # a list or a number among the paths, which an image column cannot hold
     return dataset.cast_column("image", datasets.Image(decode=False))
 
 
@@ -124,7 +154,11 @@ def check_problem(problem: object) -> None:
 
     A JSON row without the field reads as None, which the prompt would show as the word "None".
     """
-    if not isinstance(problem, str) or not problem.strip():
+    if problem is not None and not isinstance(problem, str):
+        raise ValueError(
+            f"problem {problem!r} is not a string; give every row the question to ask as one string"
+        )
+    if problem is None or not problem.strip():
         raise ValueError(f"problem {problem!r} is empty; give every row the question to ask")
 
 
@@ -137,6 +171,11 @@ def decode_image(image) -> Image.Image:
         return image.convert("RGB")
     if image is None:
         raise ValueError("the row has no image; give it an image path (JSON) or image bytes")
+    if not isinstance(image, (dict, str, Path)):  # a JSON row's list or number
+        raise ValueError(
+            f"image {image!r} is not a path; image must be one path string, so give each image a row "
+            "of its own"
+        )
     source = image.get("path") if isinstance(image, dict) else str(image)
     try:
         if isinstance(image, dict) and image.get("bytes"):
