@@ -118,3 +118,35 @@ def test_out_may_be_an_empty_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     main(["k-shot", "--dataset", str(source), "--k", "1", "--out", str(tmp_path / "empty")])
     assert len(load_visual_rft(tmp_path / "empty")["train"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("command", "option"),
+    [("detection", "--annotations"), ("detection-eval", "--annotations"), ("grounding", "--json")],
+)
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [(b'{"images": [', "Expecting value"), (b"\x89PNG\r\n", "'utf-8'")],
+    ids=["cut short", "not text"],
+)
+def test_a_json_input_that_does_not_parse_is_named(tmp_path, capsys, command, option, content, problem):
+    # json's words alone ("Expecting value: line 1 column 13 (char 12)") named no file
+    _, images = write_coco(tmp_path)
+    (tmp_path / "cut.json").write_bytes(content)
+    source = str(tmp_path / "cut.json")
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, option, source, "--images", str(images), "--out", str(tmp_path / "x")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith(f"vrft: error: {option} {source} is not valid JSON ({problem}")
+
+
+def test_max_images_below_one_is_named(tmp_path, capsys):
+    # --max-images 0 read "no image ... was found"
+    annotations, images = write_coco(tmp_path)
+    command = ["detection-eval", "--annotations", str(annotations), "--images", str(images)]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--categories", "cat", "--max-images", "0", "--out", str(tmp_path / "x")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith(
+        "vrft: error: --max-images 0 must be at least 1 (images sampled); leave it out to keep every image"
+    )

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -85,6 +86,11 @@ def build(args: argparse.Namespace) -> datasets.DatasetDict:
             on_missing=args.on_missing,
         )
     if args.command == "detection-eval":
+        if args.max_images is not None and args.max_images < 1:
+            raise ValueError(
+                f"--max-images {args.max_images} must be at least 1 (images sampled); leave it out to keep every "
+                "image"
+            )
         return build_detection_eval_rows(
             args.annotations,
             args.images,
@@ -125,12 +131,30 @@ def check_out(args: argparse.Namespace) -> None:
         )
 
 
+JSON_INPUTS = {"detection": "annotations", "detection-eval": "annotations", "grounding": "json"}
+
+
+def _not_json(args: argparse.Namespace, error: ValueError) -> str:
+    """The one-line error for a JSON input of `args` that does not parse."""
+    option = JSON_INPUTS.get(args.command)
+    if option is None:  # not this command's own JSON file
+        return str(error)
+    return (
+        f"--{option} {getattr(args, option)} is not valid JSON ({error}); pass the JSON file, downloaded or "
+        "copied whole"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point; input errors print one line naming the value and the fix."""
     args = _parser().parse_args(argv)
     try:
         check_out(args)  # before any image is read
         dataset = build(args)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        # ValueErrors whose words name a place in the file but not the file
+        print(f"vrft: error: {_not_json(args, error)}", file=sys.stderr)
+        sys.exit(2)
     except (ValueError, FileNotFoundError) as error:
         print(f"vrft: error: {error}", file=sys.stderr)
         sys.exit(2)
