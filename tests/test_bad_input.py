@@ -401,3 +401,21 @@ def test_an_export_output_under_a_file_is_named_before_the_merge(tmp_path, capsy
         f"vrft: error: output '{tmp_path / 'notes' / 'merged'}' is under '{tmp_path / 'notes'}', which is a "
         "file; pass a new folder\n"
     )
+
+
+def test_a_cache_folder_with_a_quoted_tilde_or_an_empty_value_is_read_as_meant(tmp_path, monkeypatch):
+    # VRFT_CACHE='~/cache' (quoted: no shell expands it) was written under the home folder but renamed
+    # into place as './~/cache', which failed and left a .partial folder; VRFT_CACHE= built it in the cwd
+    from vrft.data.datamodule import VisualRFTDataModule
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    monkeypatch.setenv("VRFT_CACHE", "~/cache")
+    assert cache_root() == tmp_path / "cache"
+    module = VisualRFTDataModule(synthetic={"task": "classification", "num_train": 2, "num_test": 1})
+    folder = module.dataset_path()
+    assert folder.parent == tmp_path / "cache" and (folder / "dataset_dict.json").is_file()
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [folder.name]  # no .partial left
+    monkeypatch.setenv("VRFT_CACHE", "")
+    assert cache_root() == tmp_path / ".cache" / "vrft"

@@ -12,8 +12,9 @@ KEY_LENGTH = 12  # hex digits: enough to tell configs apart, short enough to rea
 
 def cache_root() -> Path:
     """Where built artefacts (tiny model, synthetic data, warm starts) are cached: `$VRFT_CACHE`, else
-    `~/.cache/vrft`."""
-    root = Path(os.environ.get("VRFT_CACHE", Path.home() / ".cache" / "vrft"))
+    `~/.cache/vrft`. A leading `~` is expanded (a quoted `VRFT_CACHE='~/x'` reaches Python unexpanded), and an
+    empty `VRFT_CACHE=` counts as unset rather than as the current folder."""
+    root = Path(os.environ.get("VRFT_CACHE") or Path.home() / ".cache" / "vrft").expanduser()
     check_folder(root, "the cache folder (VRFT_CACHE)", "set VRFT_CACHE=<a folder>")
     return root
 
