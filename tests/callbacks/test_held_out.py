@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from types import SimpleNamespace
 
+import pytest
 import torch
 from PIL import Image
 
@@ -87,3 +89,22 @@ def test_held_out_json_is_written_after_each_measurement(tmp_path, monkeypatch):
     }
     final = json.loads(path.read_text())
     assert final["rollout_engine"] == "bf16_copy" and list(final)[3:] == ["before", "after", "merged"]
+
+
+def test_held_out_json_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    # written in place, a stop or a full disk mid-write left a cut file that vrft.report could not read
+    check = HeldOutReward(dirpath=str(tmp_path))
+    check._rows, check.results = ROWS, {"before": {"reward/total": 0.5}}
+    trainer = SimpleNamespace(is_global_zero=True)
+    check.write(trainer)
+    written = (tmp_path / "held_out.json").read_text()
+
+    def disk_full(source, target):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", disk_full)
+    check.results["after"] = {"reward/total": 1.0}
+    with pytest.raises(OSError, match="No space left"):
+        check.write(trainer)
+    assert (tmp_path / "held_out.json").read_text() == written
+    assert [p.name for p in tmp_path.iterdir()] == ["held_out.json"]  # no partial file left behind

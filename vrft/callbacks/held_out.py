@@ -12,6 +12,7 @@ from typing_extensions import override
 from vrft.callbacks.progress import progress_task
 from vrft.data.datamodule import RowDataset
 from vrft.data.loading import load_visual_rft
+from vrft.paths import write_atomic
 from vrft.precision import merge_and_requantize
 from vrft.rollout.engines import build_rollout_engine
 from vrft.rollout.generate import generate_rollout
@@ -162,7 +163,7 @@ class HeldOutReward(L.Callback):
             "rows": len(self._rows),
             "rollout_engine": self.rollout_engine or "hf",
         }
-        path.write_text(json.dumps({**settings, **self.results}, indent=2))
+        write_atomic(path, json.dumps({**settings, **self.results}, indent=2))
 
     def measure_deployed(self, module) -> dict[str, float]:
         """`measure` on a merged, re-quantised copy of the policy (the model a user would deploy)."""

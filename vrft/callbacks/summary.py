@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
 from vrft.models.sharded import is_sharded
+from vrft.paths import write_atomic
 from vrft.runtime.ranks import reduce_over_ranks
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ class RunSummary(L.Callback):
         if rank_zero_only.rank != 0:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(self.summary, indent=2, default=str))
+        write_atomic(self.path, json.dumps(self.summary, indent=2, default=str))
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

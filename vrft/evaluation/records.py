@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from typing_extensions import override
 
 from vrft.modules.scoring import RewardSet
+from vrft.paths import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,9 @@ class PredictionLog:
         self.records: list[dict] = []
         if self.path.exists():
             self.records = _read_complete_lines(self.path)
-            # Rewrite without a half-written last line, so that appending continues a valid file.
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+            # Rewrite without a half-written last line, so that appending continues a valid file; whole or
+            # not at all, since a stop or a full disk mid-rewrite would lose the rows already decoded.
+            write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def done(self, model: str) -> set[int]:
         """Row indices of `model` already decoded."""
