@@ -8,6 +8,7 @@ decoder runs end to end in `test_readme.py`.
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import lightning
@@ -35,6 +36,7 @@ from tests.evaluation.support import (
 from tests.support import train_config
 from vrft.evaluate import evaluate
 from vrft.evaluation.adapters import check_adapter
+from vrft.evaluation.records import PredictionLog
 from vrft.kernels import nf4_matmul, nf4_mma
 from vrft.models.presets import tiny_checkpoint
 from vrft.resume import CHECKPOINT_KEY, resume_settings
@@ -352,3 +354,21 @@ def test_a_checkpoint_of_a_warm_started_run_evaluates_with_the_adapter_it_traine
     loaded = dict(policies[-1].named_parameters())
     key = "base_model.model.lm_head.lora_A.default.weight"
     assert torch.equal(loaded[key], trained[f"policy.{key}"])  # the checkpoint's weights, at its rank 16
+
+
+def test_a_resume_that_fails_mid_rewrite_keeps_every_prediction(tmp_path, monkeypatch):
+    # PredictionLog rewrote predictions.jsonl in place on resume: a stop or a full disk then lost the rows
+    path = tmp_path / "predictions.jsonl"
+    lines = "".join(json.dumps({"model": "base", "row_index": i}) + "\n" for i in range(3))
+    path.write_text(lines + '{"model": "base", "row_ind')  # the cut line a resume drops
+
+    def disk_full(source, target):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        PredictionLog(path)
+    assert path.read_text() == lines + '{"model": "base", "row_ind'
+    assert [p.name for p in tmp_path.iterdir()] == ["predictions.jsonl"]  # no partial file left behind
+    monkeypatch.undo()
+    assert PredictionLog(path).done("base") == {0, 1, 2} and path.read_text() == lines
