@@ -4,15 +4,22 @@
 names the key, the bad value and the fix (the CLI prints it and exits 2). What it checks:
 
 - mandatory values left at `???` (`model=local` without `model.name_or_path`);
+- keys a `+key=value` override adds where nothing reads them (`+max_steps=5` for `trainer.max_steps=5`):
+  under a node with a `_target_` the target's signature decides; elsewhere the key must be one the config
+  composed without the user's additions has;
 - Lightning flags that vrft owns (`trainer.gradient_clip_val`, ...), pointing at vrft's setting;
 - every config node with a `_target_`: keys the target does not take (`+algorithm.num_generations`,
   with TRL's names mapped to vrft's), and scalars of the wrong type (`optimizer.lr=fast`,
   `algorithm.group_size=abc`), read from the target's own signature and type hints;
 - the settings dataclasses' own checks (`GRPOSettings`, `LoraSpec`, `ModelSpec` `__post_init__`);
-- numbers outside what their consumer takes (`RANGES`: `trainer.max_steps`, `optimizer.lr`, ...) and
-  `trainer.devices`;
+- numbers outside what their consumer takes (`RANGES`: `trainer.max_steps`, `optimizer.lr`, `loss.beta`,
+  `seed`, ...; under a node without a `_target_` also their type), `trainer.devices`, and the starting
+  adapter (`lora.init_adapter`);
 - `ckpt_path`: a readable Lightning checkpoint, trained with this run's model, LoRA shape and precision
   (`vrft.resume.check_resume`).
+
+`check_settings(cfg)` is all of it but the checkpoint, for `vrft.evaluate`, which reads its `ckpt_path` as a
+model to evaluate, not a run to resume.
 
 `check_command_line` runs before Hydra parses the overrides: an unquoted `=` inside a value (a
 checkpoint path such as `runs/lr=1e-3/last.ckpt`) is a Hydra grammar error that names no fix.
@@ -29,11 +36,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import OverrideParseException
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from vrft.paths import config_dir
 from vrft.resume import check_resume
 
 # Lightning Trainer flags that vrft's loop replaces (manual optimisation, the precision plugin).
@@ -62,15 +73,26 @@ _HYDRA_KEYS = ("_target_", "_partial_", "_convert_", "_recursive_", "_args_")
 
 def validate(cfg: DictConfig) -> None:
     """Raise `ValueError` (one line: key, value, fix) for the first bad setting of `cfg`."""
+    check_settings(cfg)
+    if cfg.get("ckpt_path") is not None:
+        check_resume(cfg, Path(str(cfg.ckpt_path)))
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """`validate` without the checkpoint to resume from: every setting, the `+key` overrides of the running
+    Hydra job (none outside one), and the starting adapter."""
     check_missing(cfg)
+    if HydraConfig.initialized():
+        job = HydraConfig.get()
+        check_added_keys(cfg, job.job.config_name, list(job.overrides.task))
     for flag, owner in OWNED_TRAINER_FLAGS.items():
         if flag in (cfg.get("trainer") or {}):
             raise ValueError(f"trainer.{flag} is set by vrft, not by Lightning; use {owner}")
+    _check_ranges(cfg, "")  # first: `seed=abc` is named at seed, not at algorithm.rollout_seed=${seed}
     _check_node(cfg, "")
-    _check_ranges(cfg, "")
     _check_devices((cfg.get("trainer") or {}).get("devices"))
-    if cfg.get("ckpt_path") is not None:
-        check_resume(cfg, Path(str(cfg.ckpt_path)))
+    _check_new_tokens(cfg)
+    _check_init_adapter(OmegaConf.select(cfg, "lora.init_adapter", default=None))
 
 
 # Values whose consumer refuses them only once it is built (after a warm start may have trained), in its own
@@ -97,6 +119,28 @@ RANGES = {
     ("data", "num_workers"): (lambda v: v >= 0, "must be >= 0 (0: load in the main process)"),
     ("data", "val_batch_size"): (lambda v: v >= 1, "must be >= 1"),
     ("warm_start", "steps"): (lambda v: v >= 1, "must be >= 1, or warm_start=none for no warm start"),
+    # Lightning seeds numpy with it, whose seeds are unsigned 32-bit integers.
+    ("", "seed"): (lambda v: isinstance(v, int) and 0 <= v < 2**32, "must be an integer in [0, 2**32 - 1]"),
+    ("scheduler", "num_warmup_steps"): (lambda v: v >= 0, "must be >= 0 (0: no warmup)"),
+    ("algorithm", "min_new_tokens"): (lambda v: v >= 0, "must be >= 0 (0: a completion may stop at once)"),
+    ("", "min_new_tokens"): (lambda v: v >= 0, "must be >= 0 (0: a completion may stop at once)"),
+    # PolicyLoss checks them too, but only once built: after a warm start may have trained.
+    ("loss", "beta"): (lambda v: v >= 0, "must be >= 0: 0 disables the KL penalty, Visual-RFT uses 0.04"),
+    ("loss", "epsilon"): (lambda v: v > 0, "must be > 0 (PPO uses 0.2)"),
+    ("loss", "epsilon_high"): (
+        lambda v: v >= 0,
+        "must be >= 0, or null for loss.epsilon (DAPO uses 0.28): below 0 the ratio's upper clip 1 + epsilon_high "
+        "is under 1 and rows with a positive advantage get no gradient",
+    ),
+    # the planner's workload: a negative count shrinks the plan until any run "fits"
+    ("plan", "prompt_text_tokens"): (
+        lambda v: v >= 1,
+        "must be >= 1: the chat template and question tokens of a prompt besides its image",
+    ),
+    ("plan", "image_tokens"): (
+        lambda v: v >= 1,
+        "must be >= 1, or null for the most an image can take (model.max_pixels / 784)",
+    ),
 }
 
 
@@ -112,9 +156,13 @@ def _check_ranges(node: DictConfig, prefix: str) -> None:
                 _check_ranges(value, f"{prefix}{key}.")  # where it is set, at `optimizer`)
             continue
         rule = RANGES.get((name, key))
+        if rule is None or value is None:
+            continue
         number = isinstance(value, int | float) and not isinstance(value, bool)
-        if rule is not None and number and not rule[0](value):
+        if number and not rule[0](value):
             raise ValueError(f"{prefix}{key}={value} {rule[1]}")
+        if not number and "_target_" not in node:  # a target's node is typed by its signature (_check_type)
+            raise ValueError(f"{prefix}{key}={value!r} is not a number; it {rule[1]}")
 
 
 def _check_devices(devices: Any) -> None:
@@ -134,6 +182,99 @@ def _check_devices(devices: Any) -> None:
         f"trainer.devices={devices!r} is not a device count; pass a count >= 1 (trainer.devices=2), -1 for every "
         "GPU, 'auto', or the GPUs' indices (trainer.devices=[0,1])"
     )
+
+
+def _check_new_tokens(cfg: DictConfig) -> None:
+    """`vrft.evaluate`'s own budget (GRPOSettings checks `algorithm.*`'s): generate would warn and stop at max."""
+    low, high = cfg.get("min_new_tokens"), cfg.get("max_new_tokens")
+    if (
+        isinstance(low, int) and isinstance(high, int) and low > high >= 1
+    ):  # a max below 1 is named by evaluate
+        raise ValueError(
+            f"min_new_tokens={low} exceeds max_new_tokens={high}; lower min_new_tokens or raise max_new_tokens"
+        )
+
+
+def _check_init_adapter(folder: Any) -> None:
+    """The adapter a run starts from, read only once the model has loaded (after a warm start)."""
+    if folder is None:
+        return
+    path = Path(str(folder)).expanduser()
+    if not path.is_dir():
+        raise ValueError(
+            f"lora.init_adapter='{folder}' is not a folder; point it at a peft adapter folder such as "
+            "<run_dir>/adapter/final, or set lora.init_adapter=null for a fresh adapter"
+        )
+    if not (path / "adapter_config.json").is_file():
+        raise ValueError(
+            f"lora.init_adapter='{folder}' has no adapter_config.json; point it at a peft adapter folder such as "
+            "<run_dir>/adapter/final"
+        )
+
+
+def check_added_keys(cfg: DictConfig, config_name: str, overrides: Sequence[str]) -> None:
+    """`+key=value` overrides that add a key nothing reads (Hydra adds any key with `+`): a typo'd
+    `+max_steps=5` would train with the default `trainer.max_steps`. A key is known when the config composed
+    from conf/ without the user's `+key` additions has it (the one extra composition); keys added under a
+    node with a `_target_`, or nodes with their own `_target_`, are left to `_check_target`, which checks them
+    against the target's signature. Config-group selections (`+hw=rtx4090`, `+experiment=...`) are not keys."""
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    added = [
+        override
+        for override in parsed
+        if (override.is_add() or override.is_force_add())
+        and override.package is None
+        and not override.key_or_group.startswith("hydra")
+        and not (config_dir() / override.key_or_group.replace(".", "/")).is_dir()  # a group, not a key
+    ]
+    if not added:
+        return
+    kept = [override.input_line for override in parsed if override not in added]
+    if GlobalHydra.instance().is_initialized():  # inside a Hydra run, or a caller's initialize block
+        base = compose(config_name, overrides=kept)
+    else:
+        with initialize_config_dir(str(config_dir()), version_base="1.3"):
+            base = compose(config_name, overrides=kept)
+    for override in added:
+        key = override.key_or_group
+        if OmegaConf.select(base, key, default=_ABSENT, throw_on_resolution_failure=False) is not _ABSENT:
+            continue
+        parent = key.rpartition(".")[0]
+        for node in (OmegaConf.select(cfg, parent) if parent else cfg, OmegaConf.select(cfg, key)):
+            if isinstance(node, DictConfig) and "_target_" in node:
+                break
+        else:
+            raise ValueError(
+                _unknown_added_key(key, override.input_line, _dotted_keys(base, ""), config_name)
+            )
+
+
+_ABSENT = object()
+
+
+def _unknown_added_key(key: str, line: str, known: list[str], config_name: str) -> str:
+    name = key.rsplit(".", 1)[-1]
+    trl = TRL_NAMES.get(name)
+    if trl is not None and trl not in known:  # a TRL name with no single vrft key (max_prompt_length)
+        return f"{key} is TRL's name, not a vrft setting ({line} adds a key nothing reads); vrft's setting is {trl}"
+    close = [trl] if trl is not None else difflib.get_close_matches(key, known, n=1)
+    fix = (
+        f"did you mean {close[0]}?"
+        if close
+        else f"see the settings with python -m vrft.{config_name} --cfg job"
+    )
+    return f"{key} is not a vrft setting ({line} adds a key nothing reads); {fix}"
+
+
+def _dotted_keys(node: DictConfig, prefix: str) -> list[str]:
+    """Every key of `node` as a dotted path, nodes and leaves (interpolations are not resolved)."""
+    keys = []
+    for key in node:
+        keys.append(f"{prefix}{key}")
+        child = None if OmegaConf.is_interpolation(node, key) else node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_none():
+            keys += _dotted_keys(child, f"{prefix}{key}.")
+    return keys
 
 
 def check_missing(cfg: DictConfig) -> None:
@@ -252,6 +393,9 @@ def _scalar_kind(hint: Any) -> tuple[type | None, bool]:
 
 def _check_type(node: DictConfig, key: str, prefix: str, param: tuple[Any, Any]) -> None:
     hint, default = param
+    if typing.get_origin(hint) is typing.Literal:
+        _check_choice(node, key, prefix, typing.get_args(hint))
+        return
     kind, optional = _scalar_kind(hint)
     if kind is None:
         return
@@ -274,6 +418,16 @@ def _check_type(node: DictConfig, key: str, prefix: str, param: tuple[Any, Any])
         else f"write {word}"
     )
     raise ValueError(f"{prefix}{key}={value!r} is not {word}; {fix}")
+
+
+def _check_choice(node: DictConfig, key: str, prefix: str, choices: tuple) -> None:
+    """A value a `Literal[...]` hint names (`data.on_bad_row`), refused only when its consumer is built."""
+    try:
+        value = node[key]
+    except Exception:  # an interpolation that only resolves inside a Hydra run
+        return
+    if value not in choices:
+        raise ValueError(f"{prefix}{key}={value!r} is not one of: {', '.join(map(str, choices))}")
 
 
 def _build(cls: type, node: DictConfig, prefix: str, keys: list[str]) -> None:

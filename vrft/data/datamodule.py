@@ -8,6 +8,7 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal, get_args
 
 import lightning as L
 import torch
@@ -19,6 +20,8 @@ from vrft.data.synthetic import write_synthetic_dataset
 from vrft.paths import cache_key, cache_root
 
 log = logging.getLogger(__name__)
+# What a bad row does; a Literal so that vrft.validation reads the choices from the signature before loading.
+OnBadRow = Literal["error", "skip"]
 
 
 class RowDataset(Dataset):
@@ -70,7 +73,7 @@ class VisualRFTDataModule(L.LightningDataModule):
         batch_size: int = 2,
         val_batch_size: int = 8,
         check_solution: Callable[[str], None] | None = None,
-        on_bad_row: str = "error",
+        on_bad_row: OnBadRow = "error",
         verify_images: bool = True,
         max_train_rows: int | None = None,
         max_val_rows: int | None = None,
@@ -82,8 +85,8 @@ class VisualRFTDataModule(L.LightningDataModule):
             raise ValueError(
                 "set exactly one of data.path (a dataset on disk) or data.synthetic (generated data)"
             )
-        if on_bad_row not in ("error", "skip"):
-            raise ValueError(f"data.on_bad_row='{on_bad_row}' is not one of: error, skip")
+        if on_bad_row not in get_args(OnBadRow):
+            raise ValueError(f"data.on_bad_row='{on_bad_row}' is not one of: {', '.join(get_args(OnBadRow))}")
         self.path = path
         self.synthetic = dict(synthetic) if synthetic is not None else None
         self.train_split = train_split

@@ -67,6 +67,12 @@ class PolicyLoss:
             )
         if epsilon <= 0:
             raise ValueError(f"loss.epsilon={epsilon} must be > 0 (PPO uses 0.2)")
+        if epsilon_high is not None and epsilon_high < 0:
+            # clamp(ratio, 1 - epsilon, 1 + epsilon_high) with an upper bound below 1 zeroes the gradient of
+            # every row with a positive advantage
+            raise ValueError(
+                f"loss.epsilon_high={epsilon_high} must be >= 0, or null for loss.epsilon (DAPO uses 0.28)"
+            )
         self.beta = beta
         self.epsilon = epsilon
         self.epsilon_high = epsilon if epsilon_high is None else epsilon_high
