@@ -81,6 +81,9 @@ CASES = [
     (["seed=abc"], "^seed='abc' is not a number"),
     (["scheduler.num_warmup_steps=-5"], "scheduler.num_warmup_steps=-5 must be >= 0"),
     (["algorithm.min_new_tokens=-3"], "algorithm.min_new_tokens=-3 must be >= 0"),
+    (["warm_start=none", "lora.target_modules=nothing_here"], "lora.target_modules='nothing_here' matches no module of model.name_or_path='tiny'"),
+    (["model=qwen2vl-7b", "lora.target_modules=nothing_here"], "matches no module of model.name_or_path='qwen2vl-7b'"),
+    (["warm_start.lora.target_modules=nothing_here"], "warm_start.lora.target_modules='nothing_here' matches no module"),
 ]  # fmt: skip
 
 
