@@ -227,3 +227,17 @@ def test_a_gpu_profile_without_a_gpu_says_the_run_goes_on_on_the_cpu(tmp_path, m
         assert not caplog.records  # the CPU profile: nothing to say
         warn_gpu_profile_without_gpu(config(tmp_path, "+hw=rtx4090"))
     assert "hw=rtx4090 describes a 24 GB GPU, but torch sees none" in caplog.text
+
+
+def test_an_atomically_written_file_is_readable_as_write_text_made_it(tmp_path):
+    # mkstemp makes its file owner-only (0600): the run summary and results became unreadable to a group.
+    from vrft.paths import write_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_atomic(tmp_path / "summary.json", "{}")
+        (tmp_path / "plain.json").write_text("{}")
+    finally:
+        os.umask(old)
+    mode = (tmp_path / "summary.json").stat().st_mode & 0o777
+    assert mode == (tmp_path / "plain.json").stat().st_mode & 0o777 == 0o644

@@ -28,11 +28,12 @@ from vrft.evaluation.rows import EvalRowDataset, EvalRows, prepare_rows
 from vrft.evaluation.table import comparison_table
 from vrft.kernels.nf4_matmul import check_mma_switch, mma_unavailable
 from vrft.modules.scoring import RewardSet
-from vrft.paths import config_dir
+from vrft.paths import config_dir, write_atomic
 from vrft.resume import check_resume, checkpoint_lora
 from vrft.rollout.engines import build_rollout_engine, check_rollout_engine
 from vrft.rollout.packed import packed_unavailable
 from vrft.setup import build_run
+from vrft.validation import check_settings
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ def output_dir(cfg: DictConfig) -> Path:
             f"'{out}' already holds predictions.jsonl; pass resume=true to continue it, or another hydra.run.dir"
         )
     out.mkdir(parents=True, exist_ok=True)
-    saved_file.write_text(json.dumps(settings, indent=2))
+    write_atomic(saved_file, json.dumps(settings, indent=2))
     return out
 
 
@@ -157,6 +158,7 @@ def decode(cfg: DictConfig, model: dict, dataset: EvalRowDataset, writer: Predic
 
 def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
     """Evaluate the base model and each adapter of `cfg` on `cfg.split`; returns `{model: metrics}`."""
+    check_settings(cfg)  # train's checks (but its ckpt_path's, read below as a model to evaluate)
     # before any model loads, not in the first batch; the text is what null means where it may be null
     for key, null in (("batch_size", None), ("max_new_tokens", None), ("max_rows", "every row")):
         value = cfg[key]
@@ -222,8 +224,8 @@ def report(cfg: DictConfig, out: Path, rows: EvalRows, results: dict, speed: dic
         "results": results,
         "speed": speed,  # rows/s of the passes this run decoded
     }
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
-    (out / "results.md").write_text(table + "\n")
+    write_atomic(out / "metrics.json", json.dumps(summary, indent=2))
+    write_atomic(out / "results.md", table + "\n")
     skipped_note = f", {len(skipped)} bad row(s) skipped" if skipped else ""
     print(f"\n{cfg.task.name} on split '{cfg.split}' ({len(rows.indices)} rows{skipped_note}):")
     print(table)

@@ -36,6 +36,7 @@ def write_atomic(path: Path, text: str) -> None:
     path = Path(path)
     fd, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it owner-only; write_text's file followed the umask
         with os.fdopen(fd, "w") as file:
             file.write(text)
             file.flush()
@@ -44,6 +45,12 @@ def write_atomic(path: Path, text: str) -> None:
     except BaseException:
         Path(partial).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def cache_key(text: str) -> str:

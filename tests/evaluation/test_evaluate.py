@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import lightning
 import pytest
@@ -372,3 +373,25 @@ def test_a_resume_that_fails_mid_rewrite_keeps_every_prediction(tmp_path, monkey
     assert [p.name for p in tmp_path.iterdir()] == ["predictions.jsonl"]  # no partial file left behind
     monkeypatch.undo()
     assert PredictionLog(path).done("base") == {0, 1, 2} and path.read_text() == lines
+
+
+def test_results_files_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    # evaluation.json, metrics.json and results.md were written in place: a stop mid-write left them cut
+    install(monkeypatch, StubDecoder(perfect))
+    run(tmp_path, "detection")
+    out = tmp_path / "out"
+    written = {name: (out / name).read_text() for name in ("evaluation.json", "metrics.json", "results.md")}
+    replace = os.replace
+    for name in written:
+
+        def disk_full(source, target, name=name):
+            if Path(target).name == name:
+                raise OSError(28, "No space left on device")
+            replace(source, target)
+
+        monkeypatch.setattr(os, "replace", disk_full)
+        with pytest.raises(OSError, match="No space left"):
+            data = ["data=disk", f"data.path={tmp_path / 'data-disk'}"]
+            evaluate(eval_config(tmp_path / "again", "task=detection", *data, f"resume={out}"))
+        assert (out / name).read_text() == written[name]
+    assert not list(out.glob(".*.partial"))
