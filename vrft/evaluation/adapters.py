@@ -21,7 +21,8 @@ from vrft.models.presets import PRESETS, model_class, preset_config
 _PREFIX = "base_model.model."
 
 
-def _meta_model(spec: ModelSpec) -> torch.nn.Module:
+def meta_model(spec: ModelSpec) -> torch.nn.Module:
+    """`spec`'s model built on the meta device: its module names and shapes without weights (0.05 s for 7B)."""
     is_preset = spec.name_or_path in PRESETS
     config = preset_config(spec.name_or_path) if is_preset else AutoConfig.from_pretrained(spec.folder())
     with torch.device("meta"):
@@ -50,7 +51,7 @@ def check_adapter(adapter: str | Path, spec: ModelSpec) -> None:
             "<run_dir>/adapter/final"
         )
     trained_on = json.loads(config_file.read_text()).get("base_model_name_or_path") or "unknown"
-    modules = dict(_meta_model(spec).named_modules())
+    modules = dict(meta_model(spec).named_modules())
     for name, shape in adapter_shapes(folder).items():
         problem = _mismatch(name.removeprefix(_PREFIX), shape, modules)
         if problem is not None:

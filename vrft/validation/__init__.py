@@ -23,6 +23,9 @@ model to evaluate, not a run to resume.
 
 `check_command_line` runs before Hydra parses the overrides: an unquoted `=` inside a value (a
 checkpoint path such as `runs/lr=1e-3/last.ckpt`) is a Hydra grammar error that names no fix.
+
+The command line's own checks are in `vrft.validation.overrides`, the starting adapter's in
+`vrft.validation.adapter`.
 """
 
 from __future__ import annotations
@@ -30,48 +33,21 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
-import re
 import types
 import typing
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import OverrideParseException
-from hydra.utils import get_object, instantiate
+from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from vrft.evaluation.adapters import _meta_model
-from vrft.models.presets import PRESETS
-from vrft.paths import config_dir
-from vrft.resume import check_resume, starting_adapter
+from vrft.resume import check_resume
+from vrft.validation.adapter import check_init_adapter, check_target_modules
+from vrft.validation.overrides import OWNED_TRAINER_FLAGS, TRL_NAMES, check_added_keys, check_command_line
 
-# Lightning Trainer flags that vrft's loop replaces (manual optimisation, the precision plugin).
-OWNED_TRAINER_FLAGS = {
-    "gradient_clip_val": "algorithm.max_grad_norm (vrft clips the adapter's gradients itself)",
-    "gradient_clip_algorithm": "algorithm.max_grad_norm (vrft clips by norm)",
-    "accumulate_grad_batches": "algorithm.prompts_per_step (prompts accumulated into one optimizer step)",
-    "precision": "the precision group, e.g. precision=bf16 or precision=int4",
-}
-# TRL GRPOConfig names a TRL user types, and vrft's key for each.
-TRL_NAMES = {
-    "num_generations": "algorithm.group_size",
-    "max_completion_length": "algorithm.max_new_tokens",
-    "max_prompt_length": "model.max_pixels (images) and the prompt template",
-    "learning_rate": "optimizer.lr",
-    "beta": "loss.beta",
-    "epsilon": "loss.epsilon",
-    "epsilon_high": "loss.epsilon_high",
-    "gradient_accumulation_steps": "algorithm.prompts_per_step",
-    "per_device_train_batch_size": "algorithm.rollout_batch_size",
-    "max_steps": "trainer.max_steps",
-    "seed": "seed",
-}
+__all__ = ["check_added_keys", "check_command_line", "check_missing", "check_settings", "validate"]
+
 _HYDRA_KEYS = ("_target_", "_partial_", "_convert_", "_recursive_", "_args_")
 
 
@@ -96,8 +72,8 @@ def check_settings(cfg: DictConfig) -> None:
     _check_node(cfg, "")
     _check_devices((cfg.get("trainer") or {}).get("devices"))
     _check_new_tokens(cfg)
-    _check_init_adapter(OmegaConf.select(cfg, "lora.init_adapter", default=None))
-    _check_target_modules(cfg)
+    check_init_adapter(OmegaConf.select(cfg, "lora.init_adapter", default=None))
+    check_target_modules(cfg)
 
 
 # Values whose consumer refuses them only once it is built (after a warm start may have trained), in its own
@@ -198,117 +174,6 @@ def _check_new_tokens(cfg: DictConfig) -> None:
         raise ValueError(
             f"min_new_tokens={low} exceeds max_new_tokens={high}; lower min_new_tokens or raise max_new_tokens"
         )
-
-
-def _check_init_adapter(folder: Any) -> None:
-    """The adapter a run starts from, read only once the model has loaded (after a warm start)."""
-    if folder is None:
-        return
-    path = Path(str(folder)).expanduser()
-    if not path.is_dir():
-        raise ValueError(
-            f"lora.init_adapter='{folder}' is not a folder; point it at a peft adapter folder such as "
-            "<run_dir>/adapter/final, or set lora.init_adapter=null for a fresh adapter"
-        )
-    if not (path / "adapter_config.json").is_file():
-        raise ValueError(
-            f"lora.init_adapter='{folder}' has no adapter_config.json; point it at a peft adapter folder such as "
-            "<run_dir>/adapter/final"
-        )
-
-
-def _check_target_modules(cfg: DictConfig) -> None:
-    """The fresh adapter's `target_modules` regex matches a module of the model, built on the meta device
-    (0.05 s for 7B; peft says so only once the weights have loaded). The adapter a run starts from brings its
-    own targets; where that is the warm start's, its recipe's pattern is the one that makes it."""
-    if OmegaConf.select(cfg, "model._target_", default=None) is None or OmegaConf.select(cfg, "lora") is None:
-        return
-    start = "warm_start.lora" if OmegaConf.select(cfg, "lora.init_adapter", default=None) is None else None
-    prefix = "lora" if starting_adapter(cfg) is None else start
-    pattern = OmegaConf.select(cfg, f"{prefix}.target_modules", default=None) if prefix else None
-    if not isinstance(pattern, str):
-        return
-    spec = instantiate(cfg.model)
-    if (
-        spec.name_or_path not in PRESETS
-        and not (Path(spec.name_or_path).expanduser() / "config.json").is_file()
-    ):
-        return  # a model folder that is not there: the model's own check names it
-    model = _meta_model(spec)
-    if any(re.fullmatch(pattern, name) for name, _ in model.named_modules()):
-        return
-    linear = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
-    example = next((name for name in linear if "language_model" in name), linear[0])
-    raise ValueError(
-        f"{prefix}.target_modules='{pattern}' matches no module of model.name_or_path='{spec.name_or_path}'; "
-        f"it is a full-match regex over module names such as '{example}' (the default, ${{lora_targets:}}, "
-        "adapts every language-model projection)"
-    )
-
-
-def check_added_keys(cfg: DictConfig, config_name: str, overrides: Sequence[str]) -> None:
-    """`+key=value` overrides that add a key nothing reads (Hydra adds any key with `+`): a typo'd
-    `+max_steps=5` would train with the default `trainer.max_steps`. A key is known when the config composed
-    from conf/ without the user's `+key` additions has it (the one extra composition); keys added under a
-    node with a `_target_`, or nodes with their own `_target_`, are left to `_check_target`, which checks them
-    against the target's signature. Config-group selections (`+hw=rtx4090`, `+experiment=...`) are not keys."""
-    parsed = OverridesParser.create().parse_overrides(list(overrides))
-    added = [
-        override
-        for override in parsed
-        if (override.is_add() or override.is_force_add())
-        and override.package is None
-        and not override.key_or_group.startswith("hydra")
-        and not (config_dir() / override.key_or_group.replace(".", "/")).is_dir()  # a group, not a key
-    ]
-    if not added:
-        return
-    kept = [override.input_line for override in parsed if override not in added]
-    if GlobalHydra.instance().is_initialized():  # inside a Hydra run, or a caller's initialize block
-        base = compose(config_name, overrides=kept)
-    else:
-        with initialize_config_dir(str(config_dir()), version_base="1.3"):
-            base = compose(config_name, overrides=kept)
-    for override in added:
-        key = override.key_or_group
-        if OmegaConf.select(base, key, default=_ABSENT, throw_on_resolution_failure=False) is not _ABSENT:
-            continue
-        parent = key.rpartition(".")[0]
-        for node in (OmegaConf.select(cfg, parent) if parent else cfg, OmegaConf.select(cfg, key)):
-            if isinstance(node, DictConfig) and "_target_" in node:
-                break
-        else:
-            raise ValueError(
-                _unknown_added_key(key, override.input_line, _dotted_keys(base, ""), config_name)
-            )
-
-
-_ABSENT = object()
-
-
-def _unknown_added_key(key: str, line: str, known: list[str], config_name: str) -> str:
-    name = key.rsplit(".", 1)[-1]
-    trl = TRL_NAMES.get(name)
-    if trl is not None and trl not in known:  # a TRL name with no single vrft key (max_prompt_length)
-        return f"{key} is TRL's name, not a vrft setting ({line} adds a key nothing reads); vrft's setting is {trl}"
-    close = [trl] if trl is not None else difflib.get_close_matches(key, known, n=1)
-    fix = (
-        f"did you mean {close[0]}?"
-        if close
-        else f"see the settings with python -m vrft.{config_name} --cfg job"
-    )
-    return f"{key} is not a vrft setting ({line} adds a key nothing reads); {fix}"
-
-
-def _dotted_keys(node: DictConfig, prefix: str) -> list[str]:
-    """Every key of `node` as a dotted path, nodes and leaves (interpolations are not resolved)."""
-    keys = []
-    for key in node:
-        keys.append(f"{prefix}{key}")
-        child = None if OmegaConf.is_interpolation(node, key) else node._get_node(key)
-        if isinstance(child, DictConfig) and not child._is_none():
-            keys += _dotted_keys(child, f"{prefix}{key}.")
-    return keys
 
 
 def check_missing(cfg: DictConfig) -> None:
@@ -486,26 +351,3 @@ def _build(cls: type, node: DictConfig, prefix: str, keys: list[str]) -> None:
         if "." in written and " " not in written:
             message = f"{prefix}{written.rsplit('.', 1)[1]}{message[len(written) :]}"
         raise ValueError(message) from None
-
-
-def check_command_line(arguments: Sequence[str]) -> None:
-    """Overrides Hydra would reject without naming the fix: an unquoted `=` in a value, owned trainer flags."""
-    parser = OverridesParser.create()
-    for argument in arguments:
-        if argument.startswith("-") or "=" not in argument:
-            continue
-        key, _, value = argument.partition("=")
-        flag = key.lstrip("+~").removeprefix("trainer.")
-        if key.lstrip("+~").startswith("trainer.") and flag in OWNED_TRAINER_FLAGS:
-            raise ValueError(
-                f"trainer.{flag} is set by vrft, not by Lightning; use {OWNED_TRAINER_FLAGS[flag]}"
-            )
-        if "=" not in value:
-            continue
-        try:
-            parser.parse_overrides([argument])
-        except OverrideParseException:
-            raise ValueError(
-                f"override '{argument}' has '=' in its value, which Hydra reads as a second assignment; "
-                f"""quote the value: "{key}='{value}'" (the double quotes keep the single ones from the shell)"""
-            ) from None
