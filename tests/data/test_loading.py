@@ -221,6 +221,14 @@ def test_json_rows_whose_image_is_not_one_path_are_bad_rows(tmp_path):
         ValueError, match=r"every row of split 'train' is bad; first problem: image \['a.png'"
     ):
         VisualRFTDataModule(path=str(tmp_path / "lists.jsonl"), on_bad_row="skip", batch_size=1).setup("fit")
+    # only numbers: an int64 column, which datasets cannot cast to an image column (pyarrow's traceback)
+    (tmp_path / "numbers.jsonl").write_text(json.dumps({**row, "image": 5}))
+    with pytest.raises(
+        ValueError, match=r"every row of split 'train' is bad; first problem: image 5 is not a"
+    ):
+        VisualRFTDataModule(path=str(tmp_path / "numbers.jsonl"), on_bad_row="skip", batch_size=1).setup(
+            "fit"
+        )
 
 
 def test_a_problem_that_is_not_a_string_is_named_as_such(tmp_path):

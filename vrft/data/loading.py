@@ -144,8 +144,9 @@ def _load_json(path: Path) -> datasets.DatasetDict:
         return {"image": str(image if image.is_absolute() else base / image)}
 
     dataset = dataset.map(absolute)
-    if not isinstance(dataset["train"].features["image"], datasets.Value):
-        return dataset  # a list or a number among the paths, which an image column cannot hold
+    feature = dataset["train"].features["image"]
+    if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string", "null")):
+        return dataset  # lists or numbers (among the paths, or only them), which an image column cannot hold
     return dataset.cast_column("image", datasets.Image(decode=False))
 
 
