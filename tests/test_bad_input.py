@@ -71,6 +71,23 @@ CASES = [
     (["trainer.devices=0"], "trainer.devices=0 is not a device count"),
     (["trainer.devices=-2"], "trainer.devices=-2 is not a device count"),
     (["trainer.devices=two"], "trainer.devices='two' is not a device count"),
+    # refused before only once the loss, the data module or the model was built (after a warm start)
+    (["loss.beta=-1"], "loss.beta=-1 must be >= 0"),
+    (["loss.epsilon=0"], "loss.epsilon=0 must be > 0"),
+    (["loss.epsilon_high=-0.5"], "loss.epsilon_high=-0.5 must be >= 0, or null for loss.epsilon"),
+    (["loss=dapo", "loss.epsilon_high=-0.5"], "loss.epsilon_high=-0.5 must be >= 0"),
+    (["data.on_bad_row=Skip"], "data.on_bad_row='Skip' is not one of: error, skip"),
+    (["lora.init_adapter=/nonexistent/adapter"], "lora.init_adapter='/nonexistent/adapter' is not a folder"),
+    (["plan.prompt_text_tokens=-5"], "plan.prompt_text_tokens=-5 must be >= 1"),
+    (["plan.image_tokens=-1"], "plan.image_tokens=-1 must be >= 1, or null"),
+    (["plan.prompt_text_tokens=abc"], "plan.prompt_text_tokens='abc' is not a number"),
+    (["seed=-1"], "seed=-1 must be an integer in [0, 2**32 - 1]"),
+    (["seed=abc"], "^seed='abc' is not a number"),
+    (["scheduler.num_warmup_steps=-5"], "scheduler.num_warmup_steps=-5 must be >= 0"),
+    (["algorithm.min_new_tokens=-3"], "algorithm.min_new_tokens=-3 must be >= 0"),
+    (["warm_start=none", "lora.target_modules=nothing_here"], "lora.target_modules='nothing_here' matches no module of model.name_or_path='tiny'"),
+    (["model=qwen2vl-7b", "lora.target_modules=nothing_here"], "matches no module of model.name_or_path='qwen2vl-7b'"),
+    (["warm_start.lora.target_modules=nothing_here"], "warm_start.lora.target_modules='nothing_here' matches no module"),
 ]  # fmt: skip
 
 

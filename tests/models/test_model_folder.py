@@ -15,7 +15,9 @@ def test_a_pre_quantised_folder_is_refused_naming_the_unquantised_model(tmp_path
     folder.mkdir()
     quantised = {"model_type": "qwen2_vl", "quantization_config": {"quant_method": "bitsandbytes"}}
     (folder / "config.json").write_text(json.dumps(quantised))
-    with pytest.raises(ValueError, match=r"holds pre-quantised weights \(quantization_config: bitsandbytes\)"):
+    with pytest.raises(
+        ValueError, match=r"holds pre-quantised weights \(quantization_config: bitsandbytes\)"
+    ):
         ModelSpec(name_or_path=str(folder))
     (folder / "config.json").write_text(json.dumps({"model_type": "qwen2_vl"}))
     assert ModelSpec(name_or_path=str(folder)).folder() == folder  # the bf16 export's config passes
