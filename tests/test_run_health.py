@@ -115,13 +115,14 @@ def test_ctrl_c_finishes_the_running_step_checkpoints_it_and_names_the_resume(tm
     # last due one: here none is due before step 10, so steps 1 and 2 were lost.
     interrupted_in_step_2(monkeypatch, presses=1)
     cfg = config(tmp_path, "trainer.max_steps=4", "callbacks.checkpoint.every_n_train_steps=10")
+    handler = signal.getsignal(signal.SIGINT)
     code, err = run_cli_main(cfg, capsys)
     last = tmp_path / "checkpoints" / "last.ckpt"
     assert code == 130, err
     assert "Ctrl-C again to stop at once" in err
     assert f"vrft: stopped by Ctrl-C; training checkpointed step 2: resume with ckpt_path={last}" in err
     assert torch.load(last, weights_only=False)["global_step"] == 2
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the CLI put Python's back
+    assert signal.getsignal(signal.SIGINT) is handler  # the CLI put back the handler it found
 
 
 def test_a_second_ctrl_c_stops_at_once_and_says_the_step_is_lost(tmp_path, monkeypatch, capsys):
