@@ -242,3 +242,20 @@ def test_an_atomically_written_file_is_readable_as_write_text_made_it(tmp_path):
         os.umask(old)
     mode = (tmp_path / "summary.json").stat().st_mode & 0o777
     assert mode == (tmp_path / "plain.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_an_atomically_written_file_fsyncs_its_folder_after_the_rename(tmp_path, monkeypatch):
+    # Without the folder's fsync a power cut after the rename can leave the old file (or none) in place.
+    from vrft.paths import write_atomic
+
+    synced = []
+    real_fsync = os.fsync
+
+    def record(fd):
+        synced.append("folder" if os.path.isdir(f"/proc/self/fd/{fd}") else "file")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    write_atomic(tmp_path / "summary.json", "{}")
+    assert synced == ["file", "folder"]
+    assert (tmp_path / "summary.json").read_text() == "{}"

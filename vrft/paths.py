@@ -5,7 +5,10 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 KEY_LENGTH = 12  # hex digits: enough to tell configs apart, short enough to read in a folder name
 
@@ -29,22 +32,41 @@ def check_folder(folder: Path, what: str, fix: str) -> None:
         raise ValueError(f"{what} '{folder}' {where}; {fix}")
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """`path` holds `text` or what it held before, never a part of it: a temporary file in the same folder,
-    fsync, rename. For the JSON a later command reads back (held-out results, evaluation settings and
-    predictions), where a stop or a full disk mid-write would leave a file that neither run can read."""
+@contextmanager
+def atomic_file(path: Path, mode: str = "w") -> Iterator[IO]:
+    """A file opened for writing that becomes `path` only once the block ends without an error: it is made in
+    the same folder (so the rename is atomic on every POSIX filesystem), fsynced, renamed over `path`, and the
+    folder is fsynced (the rename is durable only once the folder entry is on disk). An error, a stop or a full
+    disk mid-write leaves `path` as it was and removes the partial file. The one home of this for checkpoints
+    (`AtomicCheckpointIO`) and for the JSON a later command reads back."""
     path = Path(path)
     fd, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it owner-only; write_text's file followed the umask
-        with os.fdopen(fd, "w") as file:
-            file.write(text)
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it owner-only; a plain open follows the umask
+        with os.fdopen(fd, mode) as file:
+            yield file
             file.flush()
             os.fsync(file.fileno())
         os.replace(partial, path)
     except BaseException:
         Path(partial).unlink(missing_ok=True)
         raise
+    _fsync_folder(path.parent)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """`path` holds `text` or what it held before, never a part of it (`atomic_file`): for the held-out
+    results, run summary, evaluation settings and predictions, which a later command reads back."""
+    with atomic_file(path) as file:
+        file.write(text)
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:

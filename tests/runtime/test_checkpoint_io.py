@@ -93,3 +93,24 @@ def test_the_cli_refuses_an_unwritable_run_folder_before_loading_the_model(tmp_p
     code, stderr = run_cli_main(config(tmp_path / "run"), capsys)
     assert code == 2
     assert "vrft: error: could not write checkpoint" in stderr and "hydra.run.dir" in stderr
+
+
+def test_a_checkpoint_follows_the_umask_and_its_rename_is_made_durable(tmp_path, monkeypatch):
+    # The temporary file was owner-only (mkstemp's 0600), so a checkpoint another user of the group would
+    # resume or export from was unreadable; and a rename is on disk only once its folder is fsynced.
+    synced_folders = []
+    real_fsync = os.fsync
+
+    def record(fd):
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            synced_folders.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    old = os.umask(0o022)
+    try:
+        AtomicCheckpointIO().save_checkpoint({"step": 1}, tmp_path / "last.ckpt")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "last.ckpt").stat().st_mode & 0o777 == 0o644
+    assert synced_folders == [str(tmp_path)]

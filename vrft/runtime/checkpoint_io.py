@@ -11,7 +11,6 @@ and stops the run with one line (`CheckpointWriteError`) instead of a traceback.
 from __future__ import annotations
 
 import errno
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,8 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from typing_extensions import override
+
+from vrft.paths import atomic_file
 
 ADVICE = {
     errno.ENOSPC: "the disk is full: free space there or set hydra.run.dir to a folder with room",
@@ -46,15 +47,6 @@ class CheckpointWriteError(OSError):
         return self.strerror
 
 
-def _fsync_folder(folder: Path) -> None:
-    # The rename itself is durable only once the folder entry is on disk.
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class AtomicCheckpointIO(TorchCheckpointIO):
     """`TorchCheckpointIO` whose saves are atomic: temporary file in the destination folder, fsync, rename."""
 
@@ -63,23 +55,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO.save_checkpoint takes no storage_options")
         path = Path(path)
-        partial = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-            with os.fdopen(fd, "wb") as file:
+            with atomic_file(path, "wb") as file:
                 torch.save(checkpoint, file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(partial, path)
-            partial = None
-            _fsync_folder(path.parent)
         except OSError as error:
             # Raised in the except block, not `from`: the CLI prints this one's message (as for OOM).
             raise CheckpointWriteError(path, error)  # noqa: B904
-        finally:
-            if partial is not None:
-                Path(partial).unlink(missing_ok=True)
 
 
 def check_writable(folder: Path) -> None:
