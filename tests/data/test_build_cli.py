@@ -148,5 +148,5 @@ def test_max_images_below_one_is_named(tmp_path, capsys):
         main([*command, "--categories", "cat", "--max-images", "0", "--out", str(tmp_path / "x")])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.startswith(
-        "vrft: error: --max-images 0 must be at least 1 (images sampled); leave it out to keep every image"
+        "vrft: error: max_images=0 must be at least 1 (images sampled); leave it out to keep every image\n"
     )

@@ -31,6 +31,16 @@ def test_lvis_asks_only_where_presence_or_absence_is_known(tmp_path):
     assert rows["image_id"] == [1, 4]
 
 
+@pytest.mark.parametrize("max_images", [0, -1])
+def test_max_images_below_one_is_refused_by_the_builder(tmp_path, max_images):
+    # only the command line checked it: a Python call with 0 read "no image ... was found", -1 random.sample's words
+    annotations, images = write_coco(tmp_path)
+    with pytest.raises(
+        ValueError, match=rf"^max_images={max_images} must be at least 1 \(images sampled\); leave"
+    ):
+        build_detection_eval_rows(annotations, images, "cat", max_images=max_images)
+
+
 def test_named_category_sets_and_the_command(tmp_path, capsys):
     assert category_list("coco-8") == CATEGORY_SETS["coco-8"] and len(CATEGORY_SETS["lvis-rare"]) == 6
     annotations, images = write_coco(tmp_path)

@@ -86,11 +86,6 @@ def build(args: argparse.Namespace) -> datasets.DatasetDict:
             on_missing=args.on_missing,
         )
     if args.command == "detection-eval":
-        if args.max_images is not None and args.max_images < 1:
-            raise ValueError(
-                f"--max-images {args.max_images} must be at least 1 (images sampled); leave it out to keep every "
-                "image"
-            )
         return build_detection_eval_rows(
             args.annotations,
             args.images,

@@ -66,6 +66,10 @@ def build_detection_eval_rows(
     Rows carry `category`, `image_id`, `width` and `height` besides `image`, `problem`, `solution`.
     """
     check_coord_convention(coord_convention)
+    if max_images is not None and max_images < 1:
+        raise ValueError(
+            f"max_images={max_images} must be at least 1 (images sampled); leave it out to keep every image"
+        )
     with open(annotation_json) as file:
         coco = json.load(file)
     ids_by_name = {category["name"]: category["id"] for category in coco.get("categories", [])}
