@@ -59,6 +59,20 @@ def test_jsonl_with_relative_image_paths(tmp_path):
     assert decode_image(loaded["train"][0]["image"]).getpixel((5, 5)) == (0, 255, 0)
 
 
+def test_json_image_objects_resolve_beside_the_file(tmp_path, monkeypatch):
+    # {"path": ...}, the datasets Image feature's form, was read from the working folder, not the file's
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    Image.new("RGB", (10, 10), (0, 255, 0)).save(tmp_path / "data" / "images" / "a.png")
+    Image.new("RGB", (10, 10), (0, 0, 255)).save(tmp_path / "b.png")
+    images = [{"bytes": None, "path": "images/a.png"}, {"bytes": None, "path": str(tmp_path / "b.png")}]
+    rows = [{"image": image, "problem": "what?", "solution": "<answer>x</answer>"} for image in images]
+    (tmp_path / "data" / "rows.json").write_text(json.dumps(rows))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    loaded = load_visual_rft(tmp_path / "data" / "rows.json")["train"]
+    assert [decode_image(row["image"]).getpixel((5, 5)) for row in loaded] == [(0, 255, 0), (0, 0, 255)]
+
+
 def test_missing_columns_are_named(tmp_path):
     datasets.DatasetDict(
         {"train": datasets.Dataset.from_dict({"image": ["x"], "question": ["q"]})}

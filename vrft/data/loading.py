@@ -51,7 +51,8 @@ def load_visual_rft(path: str | Path) -> datasets.DatasetDict:
     - a `DatasetDict.save_to_disk` folder (as the reference loads) or a single saved `Dataset` (split `train`);
     - a parquet file, or a folder of them as downloaded from the Hub (`data/train-00000-of-00001.parquet`),
       the split taken from each file name;
-    - a JSON or JSONL file whose `image` column holds paths relative to the file (split `train`).
+    - a JSON or JSONL file whose `image` column holds paths (or `{"path": ...}` objects) relative to the file
+      (split `train`).
     Images are kept undecoded (`{"bytes", "path"}`) so that a bad file is reported per row, not by pyarrow;
     so is a JSON row whose image is not one path (a list, a number), kept as it is for `decode_image` to name.
     """
@@ -137,11 +138,19 @@ def _load_json(path: Path) -> datasets.DatasetDict:
         return dataset  # load_visual_rft names the missing column
     base = path.parent
 
+    def beside_the_file(image: str) -> str:
+        image = Path(image).expanduser()
+        return str(image if image.is_absolute() else base / image)
+
     def absolute(row):
-        if not isinstance(row["image"], str):  # None, a list, a number: named by row when rows are checked
-            return {"image": row["image"]}
-        image = Path(row["image"]).expanduser()
-        return {"image": str(image if image.is_absolute() else base / image)}
+        image = row["image"]
+        if isinstance(image, str):
+            return {"image": beside_the_file(image)}
+        if isinstance(image, dict) and isinstance(image.get("path"), str):
+            # the datasets Image feature's {"bytes", "path"} form: its path is relative to the file too, not
+            # to wherever training starts
+            return {"image": {**image, "path": beside_the_file(image["path"])}}
+        return {"image": image}  # None, a list, a number: named by row when rows are checked
 
     dataset = dataset.map(absolute)
     feature = dataset["train"].features["image"]
