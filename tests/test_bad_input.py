@@ -273,7 +273,8 @@ def test_unquoted_equals_in_a_value_names_the_quoting():
 
 def run_cli(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {key: value for key, value in os.environ.items() if key != "VRFT_TRACEBACK"}
-    command = [sys.executable, "-m", "vrft.train", f"hydra.run.dir={cwd / 'run'}", *overrides]
+    # the overrides first: Hydra's parser takes its flags (`-m`) only before the first override
+    command = [sys.executable, "-m", "vrft.train", *overrides, f"hydra.run.dir={cwd / 'run'}"]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
 
 
@@ -319,12 +320,35 @@ def test_every_job_of_a_sweep_is_checked_before_the_first_starts(tmp_path):
     assert len(started) == 4
 
 
-def test_a_sweep_with_a_bad_job_exits_2_before_any_job_starts(tmp_path):
-    result = run_cli("-m", "optimizer.lr=1e-3,-1", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert (
-        "vrft: error: 1 of the sweep's 2 jobs would fail (checked before any starts): job 1" in result.stderr
+def test_a_sweep_names_an_added_key_nothing_reads_before_any_job_starts():
+    # validate() reads a run's `+key` additions from the running Hydra job, and before a sweep starts there
+    # is none: each job failed only as it started, after the ones before it had trained.
+    with pytest.raises(ValueError) as error:
+        check_sweep("train", ["-m", "seed=0,1", "+max_steps=5"], validate)
+    typo = "max_steps is not a vrft setting (+max_steps=5 adds a key nothing reads); did you mean trainer.max_steps?"
+    assert str(error.value) == (
+        f"2 of the sweep's 2 jobs would fail (checked before any starts): job 0 (seed=0 +max_steps=5): {typo}; "
+        f"job 1 (seed=1 +max_steps=5): {typo}"
     )
+    checked = []
+    check_sweep(
+        "train", ["-m", "seed=0,1", "++trainer.max_steps=5", "+hw=rtx4090", "precision=int4"], checked.append
+    )
+    assert len(checked) == 2  # a key something reads, and a config group, pass
+
+
+@pytest.mark.parametrize(
+    ("sweep", "message"),
+    [
+        ("optimizer.lr=1e-3,-1", "1 of the sweep's 2 jobs would fail (checked before any starts): job 1"),
+        ("+max_steps=1,2", "job 0 (+max_steps=1 hydra.sweep.dir="),
+    ],
+    ids=["bad value", "added key nothing reads"],
+)
+def test_a_sweep_with_a_bad_job_exits_2_before_any_job_starts(tmp_path, sweep, message):
+    result = run_cli("-m", sweep, f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "vrft: error: " in result.stderr and message in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "sweep").exists()  # job 0 did not start
 

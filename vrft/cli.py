@@ -19,6 +19,7 @@ from vrft.paths import cache_key, check_folder, config_dir, job_folder
 from vrft.runtime.checkpoint_io import CheckpointWriteError
 from vrft.runtime.failures import TrainingFailure
 from vrft.runtime.interrupt import StopRecord, keyboard_stops
+from vrft.validation.overrides import check_added_keys
 
 # `${box_convention:${model.name_or_path}}` lets a task follow the model's box coordinates.
 OmegaConf.register_new_resolver("box_convention", box_convention, replace=True)
@@ -52,10 +53,12 @@ def check_composes(config_name: str, arguments: Sequence[str]) -> None:
 
 
 def check_sweep(config_name: str, arguments: Sequence[str], check: Callable[[DictConfig], None]) -> None:
-    """Each job of a multirun (`-m`, Hydra's basic sweeper) passes `check` before the first job starts: Hydra
-    composes a job only when it starts, so a bad value in the last job would be found after the others had
-    trained. A bad one is named with its job's overrides. Other sweepers (`hparams_search=...`) choose their
-    jobs as they go, and other Hydra flags are left to Hydra."""
+    """Each job of a multirun (`-m`, Hydra's basic sweeper) passes `check` and `check_added_keys` before the
+    first job starts: Hydra composes a job only when it starts, so a bad value in the last job would be found
+    after the others had trained. `check` alone cannot see a job's `+key` additions (a run's check reads them
+    from the running Hydra job, and there is none yet): they are checked here from the job's overrides. A
+    bad job is named with its overrides. Other sweepers (`hparams_search=...`) choose their jobs as they go,
+    and other Hydra flags are left to Hydra."""
     if not {"-m", "--multirun"} & set(arguments) or any(
         a.startswith("-") and a not in ("-m", "--multirun") for a in arguments
     ):
@@ -83,6 +86,7 @@ def check_sweep(config_name: str, arguments: Sequence[str], check: Callable[[Dic
     bad = []
     for number, (job, cfg) in enumerate(zip(jobs, configs, strict=True)):
         try:
+            check_added_keys(cfg, config_name, job)
             check(cfg)
         except USER_ERRORS as error:
             message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
