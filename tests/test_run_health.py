@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 from pathlib import Path
@@ -77,7 +78,10 @@ def test_an_error_inside_a_phase_is_an_internal_failure_with_step_and_safe_check
     assert "ValueError" in json.loads((tmp_path / "run_summary.json").read_text())["error"]
 
 
-def test_sigterm_mid_step_exits_143_naming_the_resume_and_keeps_the_checkpoint(tmp_path, monkeypatch, capsys):
+def test_sigterm_mid_step_exits_143_naming_the_resume_and_keeps_the_checkpoint(
+    tmp_path, monkeypatch, capsys, caplog
+):
+    caplog.set_level(logging.INFO, logger="lightning.pytorch")
     step = GRPOModule.training_step
 
     def terminated_in_step_2(self, batch, batch_idx):
@@ -95,6 +99,7 @@ def test_sigterm_mid_step_exits_143_naming_the_resume_and_keeps_the_checkpoint(t
     # Lightning finishes the running step, then `Checkpoints` saves it (and last.ckpt) before stopping.
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt", "step-step=2.ckpt"]
     assert torch.load(last, weights_only=False)["global_step"] == 2
+    assert "Received SIGTERM: 15" in caplog.text  # Lightning's line is true here: only Ctrl-C's is dropped
 
 
 def interrupted_in_step_2(monkeypatch, presses: int) -> None:
@@ -110,9 +115,12 @@ def interrupted_in_step_2(monkeypatch, presses: int) -> None:
     monkeypatch.setattr(GRPOModule, "training_step", pressed)
 
 
-def test_ctrl_c_finishes_the_running_step_checkpoints_it_and_names_the_resume(tmp_path, monkeypatch, capsys):
+def test_ctrl_c_finishes_the_running_step_checkpoints_it_and_names_the_resume(
+    tmp_path, monkeypatch, capsys, caplog
+):
     # Before, Ctrl-C raised KeyboardInterrupt mid-step and Lightning exited 1 with no checkpoint since the
     # last due one: here none is due before step 10, so steps 1 and 2 were lost.
+    caplog.set_level(logging.INFO, logger="lightning.pytorch")
     interrupted_in_step_2(monkeypatch, presses=1)
     cfg = config(tmp_path, "trainer.max_steps=4", "callbacks.checkpoint.every_n_train_steps=10")
     handler = signal.getsignal(signal.SIGINT)
@@ -123,6 +131,8 @@ def test_ctrl_c_finishes_the_running_step_checkpoints_it_and_names_the_resume(tm
     assert f"vrft: stopped by Ctrl-C; training checkpointed step 2: resume with ckpt_path={last}" in err
     assert torch.load(last, weights_only=False)["global_step"] == 2
     assert signal.getsignal(signal.SIGINT) is handler  # the CLI put back the handler it found
+    # Lightning's "Received SIGTERM: 15" and "An SIGTERMException was raised" told of a signal nobody sent
+    assert "SIGTERM" not in caplog.text and "SIGTERM" not in err
 
 
 def test_a_second_ctrl_c_stops_at_once_and_says_the_step_is_lost(tmp_path, monkeypatch, capsys):

@@ -9,7 +9,7 @@ due checkpoint was gone.
 Why not Lightning's own handling: it turns a KeyboardInterrupt into an immediate `sys.exit(1)` after
 calling the callbacks' `on_exception`, possibly in the middle of an optimizer step, whose half-updated
 state a checkpoint must not hold. Its SIGTERM handling already stops between steps; this routes the first
-Ctrl-C there.
+Ctrl-C there, and hides Lightning's lines about a SIGTERM for that stop: the user sent none.
 
 The state is the process's: one command runs one job at a time (a Hydra sweep runs its jobs in turn).
 """
@@ -17,6 +17,7 @@ The state is the process's: one command runs one job at a time (a Hydra sweep ru
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 import sys
 import threading
@@ -36,6 +37,35 @@ class StopRecord:
 
 STOP = StopRecord()
 
+# Where Lightning logs the SIGTERM a first Ctrl-C is routed through: "Received SIGTERM: 15" (its signal
+# handler) and "An SIGTERMException was raised ..., saved checkpoint to ..." (ModelCheckpoint, through
+# rank_zero_info; fabric's name where only fabric set the logger up).
+_SIGTERM_LOGGERS = (
+    "lightning.pytorch.trainer.connectors.signal_connector",
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning.fabric.utilities.rank_zero",
+)
+
+
+class _DropSigtermLines(logging.Filter):
+    """Drops Lightning's lines that tell of a SIGTERM while a Ctrl-C stops the run: vrft's own lines say
+    Ctrl-C and name the checkpoint."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "SIGTERM" not in record.getMessage()
+
+
+_DROP_SIGTERM_LINES = _DropSigtermLines()
+
+
+def _hide_sigterm_lines(hide: bool) -> None:
+    for name in _SIGTERM_LOGGERS:
+        logger = logging.getLogger(name)
+        if hide:
+            logger.addFilter(_DROP_SIGTERM_LINES)  # once: addFilter skips a filter it has
+        else:
+            logger.removeFilter(_DROP_SIGTERM_LINES)
+
 
 def _on_ctrl_c(signum, frame) -> None:
     STOP.ctrl_c += 1
@@ -47,6 +77,7 @@ def _on_ctrl_c(signum, frame) -> None:
             file=sys.stderr,
             flush=True,
         )
+        _hide_sigterm_lines(True)  # until the fit ends (`stops_between_steps`): a real SIGTERM keeps them
         sigterm(signal.SIGTERM, frame)  # Lightning's handler: it sets the flag its loops check between steps
         return
     raise KeyboardInterrupt
@@ -77,6 +108,7 @@ def stops_between_steps() -> Iterator[None]:
         yield
     finally:
         STOP.graceful = False
+        _hide_sigterm_lines(False)
 
 
 def note_saved(step: int, path: Path) -> None:
