@@ -74,15 +74,8 @@ def base_model(adapter: Path, base: str | None = None) -> str:
         adapter_config(adapter)  # an unreadable config is named before the load, as it is without --base
         source = f"--base '{base}'"
     spec = ModelSpec(name_or_path=base)
-    if spec.is_random_preset:  # built in memory: no folder to check
-        return base
-    try:
-        spec.folder()
-    except FileNotFoundError:
-        reason = "has no config.json" if Path(base).expanduser().exists() else "does not exist"
-        raise FileNotFoundError(
-            f"{source} {reason}; pass --base <a local Qwen2-VL / Qwen2.5-VL checkpoint folder>"
-        ) from None
+    if not spec.is_random_preset:  # a random preset is built in memory: no folder to check
+        spec.folder(what=source, fix="pass --base <a local Qwen2-VL / Qwen2.5-VL checkpoint folder>")
     return base
 
 

@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from peft import LoraConfig
 
+from vrft.models.policy import is_adapter_folder
 from vrft.warmstart import warm_start_skipped
 
 # The settings a resumed run must share with its checkpoint (the LoRA shape, the base, how it is stored).
@@ -65,8 +66,9 @@ def starting_adapter(cfg: DictConfig) -> LoraConfig | None:
     folder = OmegaConf.select(cfg, "lora.init_adapter", default=None)
     if folder is not None:
         path = Path(str(folder)).expanduser()
-        # a folder that is not an adapter is named by vrft.models.policy.attach_lora when the model loads
-        return LoraConfig.from_pretrained(str(path)) if (path / "adapter_config.json").is_file() else None
+        # a folder that is no adapter is named by vrft.models.policy.init_adapter_folder, in validation and
+        # again where the adapter loads; a description of the run (the planner, a checkpoint's record) goes on
+        return LoraConfig.from_pretrained(str(path)) if is_adapter_folder(path) else None
     if warm_start_skipped(cfg) is None:
         return instantiate(cfg.warm_start.lora).peft_config()
     return None

@@ -21,3 +21,16 @@ def test_a_pre_quantised_folder_is_refused_naming_the_unquantised_model(tmp_path
         ModelSpec(name_or_path=str(folder))
     (folder / "config.json").write_text(json.dumps({"model_type": "qwen2_vl"}))
     assert ModelSpec(name_or_path=str(folder)).folder() == folder  # the bf16 export's config passes
+
+
+def test_a_missing_folder_is_named_by_the_name_its_caller_gives_it(tmp_path):
+    # `vrft.export` names its base `--base`: `model.name_or_path` is a key export does not have
+    gone = ModelSpec(name_or_path=str(tmp_path / "gone"))
+    with pytest.raises(
+        FileNotFoundError, match=r"^model.name_or_path='.*gone' does not exist; set it to a local"
+    ):
+        gone.folder()
+    with pytest.raises(FileNotFoundError, match=r"^--base '.*gone' does not exist; pass --base <folder>$"):
+        gone.folder(what=f"--base '{gone.name_or_path}'", fix="pass --base <folder>")
+    with pytest.raises(FileNotFoundError, match=r"^--base '.*' has no config.json; pass --base <folder>$"):
+        ModelSpec(name_or_path=str(tmp_path)).folder(what=f"--base '{tmp_path}'", fix="pass --base <folder>")

@@ -94,17 +94,25 @@ class ModelSpec:
     def is_random_preset(self) -> bool:
         return self.name_or_path in PRESETS and self.name_or_path not in CHECKPOINT_PRESETS
 
-    def folder(self) -> Path:
-        """The checkpoint folder to load (building the tiny or small preset on first use)."""
+    def folder(self, what: str | None = None, fix: str | None = None) -> Path:
+        """The checkpoint folder to load (building the tiny or small preset on first use).
+
+        Args:
+            what: how a missing folder's error names the value, for callers whose user set it by another
+                name than `model.name_or_path` (`vrft.export`'s `--base`); e.g. "--base '/models/x'".
+            fix: what that error tells the user to do instead; None: set `model.name_or_path`.
+        """
         if self.name_or_path in CHECKPOINT_PRESETS:
             return preset_checkpoint(self.name_or_path, self.seed)
         folder = Path(self.name_or_path).expanduser()
         if not (folder / "config.json").exists():
             reason = "does not exist" if not folder.exists() else "has no config.json"
-            raise FileNotFoundError(
-                f"model.name_or_path='{self.name_or_path}' {reason}; set it to a local Hugging Face checkpoint "
-                f"folder of Qwen2-VL / Qwen2.5-VL (with config.json and weights) or to a preset: {', '.join(PRESETS)}"
+            what = what or f"model.name_or_path='{self.name_or_path}'"
+            fix = fix or (
+                "set it to a local Hugging Face checkpoint folder of Qwen2-VL / Qwen2.5-VL (with config.json and "
+                f"weights) or to a preset: {', '.join(PRESETS)}"
             )
+            raise FileNotFoundError(f"{what} {reason}; {fix}")
         return folder
 
 
@@ -200,6 +208,32 @@ def load_processor_for(spec: ModelSpec):
     return load_processor(spec.folder(), spec.min_pixels, spec.max_pixels)
 
 
+def is_adapter_folder(folder: Path) -> bool:
+    """`folder` holds a peft adapter (its `adapter_config.json`): what `init_adapter_folder` requires."""
+    return (folder / "adapter_config.json").is_file()
+
+
+def init_adapter_folder(init_adapter: str | Path) -> Path:
+    """`lora.init_adapter` as the peft adapter folder it must be, or a `ValueError` naming it.
+
+    `vrft.validation` calls it before the model loads; `attach_lora` calls it again because tests and the
+    Python API reach it without validation, and peft, given a folder without `adapter_config.json`, looks
+    the path up on the Hub and then fails naming no setting.
+    """
+    folder = Path(str(init_adapter)).expanduser()
+    if not folder.is_dir():
+        raise ValueError(
+            f"lora.init_adapter='{init_adapter}' is not a folder; point it at a peft adapter folder such as "
+            "<run_dir>/adapter/final, or set lora.init_adapter=null for a fresh adapter"
+        )
+    if not is_adapter_folder(folder):
+        raise ValueError(
+            f"lora.init_adapter='{init_adapter}' has no adapter_config.json; point it at a peft adapter folder "
+            "such as <run_dir>/adapter/final"
+        )
+    return folder
+
+
 def attach_lora(model: torch.nn.Module, lora: LoraSpec, gradient_checkpointing: bool) -> PeftModel:
     """Wrap `model` with a LoRA adapter (fresh, or `lora.init_adapter`); only adapter weights require grad."""
     if not lora.train_vision:
@@ -211,12 +245,7 @@ def attach_lora(model: torch.nn.Module, lora: LoraSpec, gradient_checkpointing: 
     if lora.full:
         return _unfreeze_targets(model, lora)
     if lora.init_adapter is not None:
-        folder = Path(lora.init_adapter).expanduser()
-        if not (folder / "adapter_config.json").exists():
-            raise FileNotFoundError(
-                f"lora.init_adapter='{lora.init_adapter}' has no adapter_config.json; point it at a peft adapter "
-                "folder such as <run_dir>/adapter/final"
-            )
+        folder = init_adapter_folder(lora.init_adapter)
         with warnings.catch_warnings():
             # On the meta device (an FSDP rank that receives rank 0's weights) torch warns once per adapter
             # matrix that loading into it is a no-op: it is, and rank 0's values arrive before sharding.

@@ -69,11 +69,11 @@ def check_settings(cfg: DictConfig) -> None:
         if flag in (cfg.get("trainer") or {}):
             raise ValueError(f"trainer.{flag} is set by vrft, not by Lightning; use {owner}")
     _check_ranges(cfg, "")  # first: `seed=abc` is named at seed, not at algorithm.rollout_seed=${seed}
-    _check_node(cfg, "")
+    built = _check_node(cfg, "")
     _check_devices((cfg.get("trainer") or {}).get("devices"))
     _check_new_tokens(cfg)
     check_init_adapter(OmegaConf.select(cfg, "lora.init_adapter", default=None))
-    check_target_modules(cfg)
+    check_target_modules(cfg, built.get("model"))
 
 
 # Values whose consumer refuses them only once it is built (after a warm start may have trained), in its own
@@ -201,19 +201,29 @@ def _first_missing(node: DictConfig, prefix: str) -> str | None:
     return None
 
 
-def _check_node(node: DictConfig, prefix: str) -> None:
-    """Walk the config; check every `_target_` node against its target (interpolated nodes are skipped)."""
+def _check_node(node: DictConfig, prefix: str) -> dict[str, Any]:
+    """Walk the config; check every `_target_` node against its target (interpolated nodes are skipped).
+
+    Returns the settings objects built on the way by their key (`model`: the `ModelSpec`), for later checks
+    that need one: building it again would repeat its `__post_init__` checks.
+    """
+    built = {}
     if "_target_" in node:
-        _check_target(node, prefix)
+        settings = _check_target(node, prefix)
+        if settings is not None:
+            built[prefix.rstrip(".")] = settings
     for key in node:
         if OmegaConf.is_interpolation(node, key) or OmegaConf.is_missing(node, key):
             continue
         child = node._get_node(key)
         if isinstance(child, DictConfig) and not child._is_none():
-            _check_node(child, f"{prefix}{key}.")
+            built |= _check_node(child, f"{prefix}{key}.")
+    return built
 
 
-def _check_target(node: DictConfig, prefix: str) -> None:
+def _check_target(node: DictConfig, prefix: str) -> Any:
+    """The node's keys and values against its target's signature; returns the settings object it built to
+    run that object's own checks (None where it built none)."""
     path = str(node["_target_"])
     try:
         target = get_object(path)
@@ -235,9 +245,10 @@ def _check_target(node: DictConfig, prefix: str) -> None:
             raise ValueError(_unknown_key(f"{prefix}{key}", key, path, params))
         _check_type(node, key, prefix, params[key])
     if settings is not None:
-        _build(settings, node, prefix, keys=[k for k in node if k in _parameters(settings)])
-    elif dataclasses.is_dataclass(target) and path.startswith("vrft."):
-        _build(target, node, prefix, keys=[k for k in node if k not in _HYDRA_KEYS])
+        return _build(settings, node, prefix, keys=[k for k in node if k in _parameters(settings)])
+    if dataclasses.is_dataclass(target) and path.startswith("vrft."):
+        return _build(target, node, prefix, keys=[k for k in node if k not in _HYDRA_KEYS])
+    return None
 
 
 def _unknown_key(full_key: str, key: str, target: str, params: dict) -> str:
@@ -329,19 +340,20 @@ def _check_choice(node: DictConfig, key: str, prefix: str, choices: tuple) -> No
         raise ValueError(f"{prefix}{key}={value!r} is not one of: {', '.join(map(str, choices))}")
 
 
-def _build(cls: type, node: DictConfig, prefix: str, keys: list[str]) -> None:
-    """Construct the settings dataclass from the node's scalars, so that its `__post_init__` checks run."""
+def _build(cls: type, node: DictConfig, prefix: str, keys: list[str]) -> Any:
+    """Construct the settings dataclass from the node's scalars, so that its `__post_init__` checks run;
+    returns it, or None where it cannot be built here."""
     values = {}
     for key in keys:
         try:
             value = node[key]
         except Exception:
-            return  # unresolvable here: the real run builds and checks it
+            return None  # unresolvable here: the real run builds and checks it
         if isinstance(value, DictConfig | ListConfig):
-            return  # nested nodes are instantiated by Hydra; the dataclass is checked when it is built
+            return None  # nested nodes are instantiated by Hydra; the dataclass is checked when it is built
         values[key] = value
     try:
-        cls(**values)
+        return cls(**values)
     except TypeError as error:
         raise ValueError(f"{prefix.rstrip('.')}: {error}") from None
     except ValueError as error:

@@ -8,43 +8,35 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from vrft.evaluation.adapters import meta_model
+from vrft.models.policy import ModelSpec, init_adapter_folder
 from vrft.models.presets import PRESETS
 from vrft.resume import starting_adapter
 
 
 def check_init_adapter(folder: Any) -> None:
     """The adapter a run starts from, read only once the model has loaded (after a warm start)."""
-    if folder is None:
-        return
-    path = Path(str(folder)).expanduser()
-    if not path.is_dir():
-        raise ValueError(
-            f"lora.init_adapter='{folder}' is not a folder; point it at a peft adapter folder such as "
-            "<run_dir>/adapter/final, or set lora.init_adapter=null for a fresh adapter"
-        )
-    if not (path / "adapter_config.json").is_file():
-        raise ValueError(
-            f"lora.init_adapter='{folder}' has no adapter_config.json; point it at a peft adapter folder such as "
-            "<run_dir>/adapter/final"
-        )
+    if folder is not None:
+        init_adapter_folder(folder)
 
 
-def check_target_modules(cfg: DictConfig) -> None:
+def check_target_modules(cfg: DictConfig, spec: ModelSpec | None) -> None:
     """The fresh adapter's `target_modules` regex matches a module of the model, built on the meta device
     (0.05 s for 7B; peft says so only once the weights have loaded). The adapter a run starts from brings its
-    own targets; where that is the warm start's, its recipe's pattern is the one that makes it."""
-    if OmegaConf.select(cfg, "model._target_", default=None) is None or OmegaConf.select(cfg, "lora") is None:
+    own targets; where that is the warm start's, its recipe's pattern is the one that makes it.
+
+    `spec` is `cfg.model` as the settings check built it, None where it built none (no model node, or one
+    that resolves only inside the run): then the run's own load names a bad pattern.
+    """
+    if spec is None or OmegaConf.select(cfg, "lora") is None:
         return
     start = "warm_start.lora" if OmegaConf.select(cfg, "lora.init_adapter", default=None) is None else None
     prefix = "lora" if starting_adapter(cfg) is None else start
     pattern = OmegaConf.select(cfg, f"{prefix}.target_modules", default=None) if prefix else None
     if not isinstance(pattern, str):
         return
-    spec = instantiate(cfg.model)
     if (
         spec.name_or_path not in PRESETS
         and not (Path(spec.name_or_path).expanduser() / "config.json").is_file()
