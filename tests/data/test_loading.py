@@ -50,6 +50,25 @@ def test_hub_parquet_layout_loads_like_save_to_disk(saved, tmp_path):
     assert loaded["train"][1]["solution"] == "<answer>blue</answer>"
 
 
+@pytest.mark.parametrize(
+    ("train_file", "test_file"),
+    [
+        # older push_to_hub appended the shard's fingerprint: both splits were read as one split "train"
+        ("data/train-00000-of-00001-6f3e1b8a2c1d.parquet", "data/test-00000-of-00001-0a9b8c7d6e5f.parquet"),
+        # the Hub's refs/convert/parquet layout: both files were read as one split "0000"
+        ("default/train/0000.parquet", "default/test/0000.parquet"),
+    ],
+)
+def test_hub_parquet_split_names(saved, tmp_path, train_file, test_file):
+    _, dataset = saved
+    for name, rows in ((train_file, 4), (test_file, 2)):
+        (tmp_path / "hub" / name).parent.mkdir(parents=True, exist_ok=True)
+        dataset["train"].select(range(rows)).to_parquet(tmp_path / "hub" / name)
+    loaded = load_visual_rft(tmp_path / "hub")
+    assert sorted(loaded) == ["test", "train"]
+    assert len(loaded["train"]) == 4 and len(loaded["test"]) == 2
+
+
 def test_jsonl_with_relative_image_paths(tmp_path):
     (tmp_path / "images").mkdir()
     Image.new("RGB", (10, 10), (0, 255, 0)).save(tmp_path / "images" / "a.png")

@@ -13,7 +13,11 @@ import pyarrow
 from PIL import Image
 
 REQUIRED_COLUMNS = ("image", "problem", "solution")
-_SPLIT_FROM_FILE = re.compile(r"^(?P<split>[A-Za-z0-9_]+?)(-\d+-of-\d+)?$")
+# `train-00000-of-00001`, with the fingerprint older `push_to_hub` appended (`train-00000-of-00001-1a2b3c4d.parquet`,
+# still on many Hub repos); a bare shard number (`0000.parquet`, the Hub's refs/convert/parquet layout
+# `default/train/0000.parquet`) takes its split from the folder (`partial-train` for a cut conversion).
+_SPLIT_FROM_FILE = re.compile(r"^(?P<split>[A-Za-z0-9_]+?)(-\d+-of-\d+(-[0-9a-f]+)?)?$")
+_SHARD_NUMBER = re.compile(r"^\d+$")
 
 
 def check_template_fields(
@@ -117,7 +121,10 @@ def _load_parquet(path: Path) -> datasets.DatasetDict:
     files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
     by_split: dict[str, list[str]] = {}
     for file in files:
-        match = _SPLIT_FROM_FILE.match(file.stem)
+        stem = file.stem
+        if _SHARD_NUMBER.match(stem) and file.parent != path:
+            stem = file.parent.name.removeprefix("partial-")
+        match = _SPLIT_FROM_FILE.match(stem)
         split = match.group("split") if match and path.is_dir() else "train"
         by_split.setdefault(split, []).append(str(file))
     return datasets.load_dataset("parquet", data_files=by_split)
