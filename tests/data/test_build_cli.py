@@ -1,7 +1,10 @@
 """`python -m vrft.data.build`: real data to a folder that `data=disk` trains on."""
 
+import json
+
 import datasets
 import pytest
+from PIL import Image
 
 from tests.data.test_builders import classification_set, write_coco
 from vrft.data.build import main
@@ -40,6 +43,18 @@ def test_k_shot_command_keeps_k_per_class(tmp_path):
         "<answer>rose</answer>",
         "<answer>tulip</answer>",
     ]
+
+
+def test_k_shot_of_a_json_row_without_solution_is_one_line(tmp_path, capsys):
+    # a JSON row with "solution": null stopped k-shot with an AttributeError trace from extract_answer
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    solutions = ["<answer>rose</answer>", None, "<answer>tulip</answer>"]
+    rows = [{"image": "a.png", "problem": "which flower?", "solution": s} for s in solutions]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["k-shot", "--dataset", str(tmp_path / "rows.json"), "--k", "1", "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "1 row(s) have no solution string (rows 1; row 1 holds None)" in capsys.readouterr().err
 
 
 def refused_detection_build(tmp_path, capsys, *flags: str) -> str:

@@ -231,8 +231,18 @@ def subsample_k_shot(
     if k < 1:
         raise ValueError(f"k={k} must be at least 1 (rows per class)")
     label_fn = label_fn or (lambda solution: extract_answer(solution) or solution.strip())
+    solutions = dataset["solution"]  # one column: no image is decoded
+    # a JSON row without a solution reads as None: named here, not as a trace from inside the label function
+    missing = [index for index, solution in enumerate(solutions) if not isinstance(solution, str)]
+    if missing:
+        rows = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
+        raise ValueError(
+            f"{len(missing)} row(s) have no solution string (rows {rows}; row {missing[0]} holds "
+            f"{solutions[missing[0]]!r}); give every row its label as <answer>label</answer>, or drop those rows "
+            "first with Dataset.filter"
+        )
     by_label: dict[str, list[int]] = {}
-    for index, solution in enumerate(dataset["solution"]):  # one column: no image is decoded
+    for index, solution in enumerate(solutions):
         by_label.setdefault(label_fn(solution), []).append(index)
     short = {label: len(indices) for label, indices in by_label.items() if len(indices) < k}
     if short:
