@@ -55,3 +55,9 @@ def test_classification_and_grounding():
     )
     # IoU 1 and 0; GIoU 1 and 0 - (300x100 hull - 2x100x100 union) / hull = -1/3.
     assert metrics["miou"] == pytest.approx(0.5) and metrics["giou"] == pytest.approx((1 - 1 / 3) / 2)
+
+
+def test_classes_given_as_one_string_are_refused():
+    # its letters became the known classes: an answer with the word "a" named another class and was wrong
+    with pytest.raises(ValueError, match="task.classes='daisy,rose' is one string"):
+        ClassificationEvaluator(classes="daisy,rose")

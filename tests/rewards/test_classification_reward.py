@@ -74,3 +74,12 @@ def test_name_and_normalisation():
     assert reward_name(accuracy_reward) == "accuracy"
     assert normalize_label("  Pink_Prim rose ") == "pinkprimrose"
     assert "compat=True" in repr(AccuracyReward(compat=True))
+
+
+def test_classes_given_as_one_string_are_refused():
+    # task.classes="rose,tulip" made every letter a known class: "a daisy" named the class "a" and scored 0
+    with pytest.raises(ValueError, match=r"task.classes='daisy,rose' is one string.*task.classes=\[daisy"):
+        AccuracyReward(classes="daisy,rose")
+    assert AccuracyReward(classes=["daisy", "rose"])(
+        ["<answer>a daisy</answer>"], ["<answer>daisy</answer>"]
+    ) == [1.0]

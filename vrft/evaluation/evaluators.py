@@ -18,6 +18,7 @@ from vrft.evaluation.metrics import (
     grounding_miou,
 )
 from vrft.evaluation.rows import detection_category
+from vrft.rewards.classification import check_classes
 from vrft.rewards.parsing import extract_answer, parse_detection_answer, parse_grounding_box, read_answer
 
 
@@ -34,7 +35,7 @@ class ClassificationEvaluator:
 
     def __init__(self, compat: bool = False, classes: Sequence[str] | None = None):
         self.compat = compat
-        self.classes = list(classes) if classes is not None else None
+        self.classes = check_classes(classes)
 
     def answer(self, completion: str) -> str | None:
         """The answer text the reward compares (None when there is none)."""

@@ -108,6 +108,19 @@ def label_key(text: str) -> str:
     return "".join(label_words(text))
 
 
+def check_classes(classes: Sequence[str] | None) -> list[str] | None:
+    """``classes`` as a list, or ``ValueError`` for one string: its letters would become the known classes, so
+    an answer with a one-letter word ("a daisy") would name "another class" and score 0."""
+    if classes is None:
+        return None
+    if isinstance(classes, str):
+        raise ValueError(
+            f"task.classes={classes!r} is one string, not a list of class names; write the list, e.g. "
+            "task.classes=[daisy,rose,tulip], or null to take the classes from the solutions"
+        )
+    return [str(name) for name in classes]
+
+
 class AccuracyReward(Reward):
     """1.0 when the ``<answer>`` of the completion names the solution's class, else 0.0.
 
@@ -127,7 +140,7 @@ class AccuracyReward(Reward):
 
     def __init__(self, compat: bool = False, classes: Sequence[str] | None = None) -> None:
         self.compat = compat
-        self.classes = list(classes) if classes is not None else None
+        self.classes = check_classes(classes)
         self._class_keys = {label_key(name) for name in self.classes or ()}
 
     def score_batch(self, completions: list[str], solutions: list[str]) -> list[float]:
