@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import datasets
 import pytest
+from PIL import Image
 
 from tests.evaluation.support import CAT, schema_rows
 from vrft.data.builders import detection_prompt
-from vrft.evaluation.rows import category_from_prompt, detection_category, prepare_rows
+from vrft.evaluation.evaluators import DetectionEvaluator
+from vrft.evaluation.rows import EvalRowDataset, category_from_prompt, detection_category, prepare_rows
 from vrft.rewards import check_detection_solution
 
 
@@ -58,3 +60,33 @@ def test_row_without_a_problem_is_listed_instead_of_asking_none():
         ValueError, match=r"1 bad row\(s\) in split 'test' \(rows 1\); row 1: problem None is empty"
     ):
         prepare_rows(table, "test", "detection", check_detection_solution)
+
+
+def detection_table_of_two_sizes(image_ids: list) -> datasets.Dataset:
+    rows = schema_rows("detection")
+    for row in rows[2:]:  # the second image, asked about both categories, is wider than the first
+        row["image"] = Image.new("RGB", (80, 56), (30, 30, 200))
+    table = datasets.Dataset.from_list(rows).cast_column("image", datasets.Image(decode=False))
+    return table.add_column("image_id", image_ids)
+
+
+def test_null_image_ids_fall_back_to_content_hashes():
+    # every null id was one COCO image: the metric refused it (two sizes) only after the whole split was decoded
+    rows = prepare_rows(
+        detection_table_of_two_sizes([None] * 4), "test", "detection", check_detection_solution
+    )
+    ids = [rows.columns[i]["image_id"] for i in rows.indices]
+    assert None not in ids and ids[0] == ids[1] != ids[2] == ids[3]
+    dataset = EvalRowDataset(rows, rows.indices)
+    truth = [dataset[position] for position in range(len(dataset))]
+    assert DetectionEvaluator()([row["solution"] for row in truth], truth)["map"] == pytest.approx(1.0)
+
+
+def test_an_image_id_shared_by_images_of_two_sizes_is_a_bad_row_before_decoding():
+    table = detection_table_of_two_sizes([7, 7, 7, 7])
+    with pytest.raises(
+        ValueError, match=r"rows 2, 3\); row 2: image_id 7 is also row 0's, whose image is 56x56"
+    ):
+        prepare_rows(table, "test", "detection", check_detection_solution)
+    rows = prepare_rows(table, "test", "detection", check_detection_solution, on_bad_row="skip")
+    assert rows.indices == [0, 1] and [index for index, _ in rows.bad] == [2, 3]

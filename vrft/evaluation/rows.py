@@ -3,9 +3,9 @@
 Visual-RFT's own data has only `image`, `problem` and `solution`. What a metric needs besides is derived
 here, once, for every row: the detection category (a `category` column, else the name the prompt quotes
 after "category", else the one class named in the solution's entries), the COCO image id (an `image_id`
-column, else a hash of the image's bytes, so one image asked about several categories is one COCO image)
-and the class of a classification row (its ground-truth label). Rows that cannot be evaluated are listed
-by row number before anything is decoded.
+column, else, or where it is null, a hash of the image's bytes, so one image asked about several categories
+is one COCO image) and the class of a classification row (its ground-truth label). Rows that cannot be
+evaluated are listed by row number before anything is decoded.
 """
 
 from __future__ import annotations
@@ -106,9 +106,9 @@ def prepare_rows(
 ) -> EvalRows:
     """Check and complete the first `max_rows` rows of `table` for `task`'s metric; no model runs.
 
-    Bad rows (unparseable solution; detection: no category; an image that cannot be decoded) raise one
-    `ValueError` listing them by row number, or with `on_bad_row="skip"` are left out and reported in
-    `EvalRows.bad`.
+    Bad rows (unparseable solution; detection: no category, an `image_id` shared with an image of another
+    size; an image that cannot be decoded) raise one `ValueError` listing them by row number, or with
+    `on_bad_row="skip"` are left out and reported in `EvalRows.bad`.
     """
     if on_bad_row not in ON_BAD_ROW:
         raise ValueError(f"on_bad_row='{on_bad_row}' is not one of: {', '.join(ON_BAD_ROW)}")
@@ -118,6 +118,7 @@ def prepare_rows(
     text = table.select_columns([c for c in ("problem", "solution", "category") if c in table.column_names])
     images = table.select_columns(["image"])  # undecoded (bytes or a path): each is opened once here
     rows = EvalRows(table, split)
+    sizes: dict[int, tuple[int, int]] = {}  # row index -> (width, height) of its decoded image
     for index in range(count):
         row = text[index]
         try:
@@ -125,12 +126,13 @@ def prepare_rows(
             if check_solution is not None:
                 check_solution(row["solution"])
             # as training's data module does at setup: a bad file is named now, not in the batch that meets it
-            decode_image(images[index]["image"])
+            sizes[index] = decode_image(images[index]["image"]).size
             rows.columns[index] = _derived(row, task, index)
         except ValueError as error:
             rows.bad.append((index, str(error)))
     if task == "detection" and rows.columns:
         _add_image_ids(table, rows)
+        _check_image_sizes(rows, sizes)
     _report_bad(rows, on_bad_row)
     return rows
 
@@ -149,10 +151,31 @@ def _add_image_ids(table: datasets.Dataset, rows: EvalRows) -> None:
         ids = table.select_columns(["image_id"])[: max(rows.columns) + 1]["image_id"]
         for index, derived in rows.columns.items():
             derived["image_id"] = ids[index]
-        return
     images = table.select_columns(["image"])
     for index, derived in rows.columns.items():
-        derived["image_id"] = image_content_id(images[index]["image"])
+        # a row whose image_id is null (a JSON row without one) would share the id None with every other such
+        # row, merging their images into one COCO image: it gets the content hash, as without the column
+        if derived.get("image_id") is None:
+            derived["image_id"] = image_content_id(images[index]["image"])
+
+
+def _check_image_sizes(rows: EvalRows, sizes: dict[int, tuple[int, int]]) -> None:
+    """Rows whose `image_id` is shared by images of another size become bad rows: COCO would take them for one
+    image, and the metric would refuse them only after every row had been decoded."""
+    first: dict[object, int] = {}  # image id -> the first row that has it
+    for index, derived in list(rows.columns.items()):
+        other = first.setdefault(derived["image_id"], index)
+        if sizes[other] != sizes[index]:
+            (w1, h1), (w2, h2) = sizes[other], sizes[index]
+            rows.bad.append(
+                (
+                    index,
+                    f"image_id {derived['image_id']!r} is also row {other}'s, whose image is {w1}x{h1}, not "
+                    f"{w2}x{h2}; give each image its own image_id",
+                )
+            )
+            del rows.columns[index]
+    rows.bad.sort()
 
 
 def _report_bad(rows: EvalRows, on_bad_row: str) -> None:
