@@ -35,6 +35,18 @@ def test_resumed_run_keeps_the_rows_before_its_checkpoint(tmp_path):
     assert [int(row["step"]) for row in rows(tmp_path)] == [1, 2]
 
 
+def test_resumed_run_that_logs_skipped_rows_at_step_0_keeps_the_rows_before_its_checkpoint(tmp_path):
+    # data.on_bad_row=skip logs the dropped rows at step 0 before any optimizer step, a resumed run too;
+    # metrics.csv is flushed after every row (flush_logs_every_n_steps=1)
+    for steps in (range(1, 4), range(2, 5)):  # a run to step 3, resumed from its step-1 checkpoint
+        logger = CSVLogger(tmp_path, name="logs", version="", flush_logs_every_n_steps=1)
+        logger.log_metrics({"data/skipped_rows_train": 2.0}, step=0)
+        for step in steps:
+            logger.log_metrics({"train/reward": float(step)}, step=step)
+    assert [int(row["step"]) for row in rows(tmp_path)] == [0, 1, 2, 3, 4]
+    assert rows(tmp_path)[0]["data/skipped_rows_train"] == "2.0"
+
+
 @pytest.fixture
 def no_wandb_login(tmp_path, monkeypatch):
     """No W&B credentials anywhere wandb looks (its key variable, a netrc in HOME, its settings folder)."""

@@ -102,14 +102,30 @@ class _KeepEarlierRowsWriter(ExperimentWriter):
     @override
     def save(self) -> None:
         if self._earlier is not None and self.metrics:
+            # Step 0 holds what a run logs before its first optimizer step (the rows data.on_bad_row=skip
+            # dropped), a resumed run too: it says nothing about which steps are trained again, so the merge
+            # waits for the first optimizer step's row, and the new step-0 rows replace the earlier ones.
+            trained = [row["step"] for row in self.metrics if row["step"] > 0]
+            if not trained:
+                return  # kept in self.metrics, written with the first step's row
             # Rows at or after the first new step are the steps this run trains again (a resume from an
             # earlier checkpoint, or a fresh run from step 1): the new rows replace them.
-            first = min(row["step"] for row in self.metrics)
-            kept = [row for row in self._earlier if row.get("step") and float(row["step"]) < first]
-            self.metrics = [{k: v for k, v in row.items() if v != ""} for row in kept] + self.metrics
+            first = min(trained)
+            setup = [row for row in self.metrics if row["step"] == 0]
+            kept = [row for row in self._earlier if _kept(row.get("step"), first, bool(setup))]
+            kept = [{k: v for k, v in row.items() if v != ""} for row in kept]
+            self.metrics = setup + kept + [row for row in self.metrics if row["step"] != 0]
             self._earlier = None
             self._fs.rm_file(self.metrics_file_path)  # written again, kept rows first, under one header
         super().save()
+
+
+def _kept(step: str | None, first: int, setup_logged: bool) -> bool:
+    """An earlier metrics.csv row at `step` survives a run whose first optimizer step is `first` (its step-0
+    row only where this run logged none)."""
+    if not step:
+        return False
+    return float(step) < first and (float(step) > 0 or not setup_logged)
 
 
 class CSVLogger(lightning_loggers.CSVLogger):

@@ -73,10 +73,12 @@ class RunSummary(L.Callback):
         datamodule = trainer.datamodule
         if datamodule is not None and hasattr(datamodule, "skipped_rows"):
             self.summary["skipped_rows"] = datamodule.skipped_rows
-            if trainer.logger is not None and any(datamodule.skipped_rows.values()):
-                trainer.logger.log_metrics(
-                    {f"data/skipped_rows_{k}": v for k, v in datamodule.skipped_rows.items()}
-                )
+            if any(datamodule.skipped_rows.values()):
+                # at step 0, before any optimizer step: a resumed run logs it again there (metrics.csv keeps
+                # one such row), not under the step it resumes at, which holds that step's metrics
+                skipped = {f"data/skipped_rows_{k}": v for k, v in datamodule.skipped_rows.items()}
+                for logger in trainer.loggers:
+                    logger.log_metrics(skipped, step=0)
         self.write()
 
     def record_health(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
