@@ -180,9 +180,10 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
             # its adapter's shape is the one it trained (a warm start's r=16, say), whatever lora.* says here
             model["lora"] = checkpoint_lora(saved)
     rows = load_rows(cfg)
+    evaluator = instantiate(cfg.task.evaluator)
+    evaluator.check_rows([rows.columns[i] for i in rows.indices], cfg.split)
     out = output_dir(cfg)
     predictions = PredictionLog(out / "predictions.jsonl")
-    evaluator = instantiate(cfg.task.evaluator)
     rewards = RewardSet(instantiate(cfg.task.rewards))
     speed = {}
     for label, model in models.items():

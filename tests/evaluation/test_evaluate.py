@@ -201,6 +201,19 @@ def test_bad_rows_are_listed_by_number_before_decoding_or_skipped(tmp_path, monk
     assert json.loads((tmp_path / "skip" / "out" / "metrics.json").read_text())["skipped_rows"] == [1, 2]
 
 
+def test_categories_no_row_asks_about_are_named_before_decoding(tmp_path, monkeypatch):
+    # a misspelt category had no AP: left out of the average, or the average NaN, after the whole split decoded
+    decoder = install(monkeypatch, StubDecoder(perfect))
+    with pytest.raises(
+        ValueError,
+        match=r"categories names \['bus'\], which no row of split 'test' asks about \(rows ask about",
+    ):
+        run(tmp_path, "detection", "disk", None, "task.evaluator.categories=[cat,bus]")
+    assert decoder.rows == []
+    results, _ = run(tmp_path / "one", "detection", "disk", None, "task.evaluator.categories=cat")
+    assert results["base"]["map"] == pytest.approx(1.0) and "map/cat" in results["base"]
+
+
 def test_a_row_whose_image_cannot_be_decoded_is_named_before_decoding_or_skipped(tmp_path, monkeypatch):
     # It used to stop the run in the batch that met it, after the rows before; on_bad_row=skip did not skip it.
     decoder = install(monkeypatch, StubDecoder(perfect))

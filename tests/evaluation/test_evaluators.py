@@ -2,6 +2,7 @@
 
 import pytest
 
+from tests.evaluation.support import CAT
 from vrft.evaluation.evaluators import ClassificationEvaluator, DetectionEvaluator, GroundingEvaluator
 
 ROWS = [
@@ -61,3 +62,16 @@ def test_classes_given_as_one_string_are_refused():
     # its letters became the known classes: an answer with the word "a" named another class and was wrong
     with pytest.raises(ValueError, match="task.classes='daisy,rose' is one string"):
         ClassificationEvaluator(classes="daisy,rose")
+
+
+def test_detection_categories_as_one_string_are_a_comma_separated_list():
+    # categories="cat" averaged over the letters c, a, t: no row asks about them, so mAP was NaN
+    rows = [
+        {"solution": CAT, "category": "cat", "row_index": 0, "image_size": (56, 56)},
+        {"solution": CAT, "category": "fire hydrant", "row_index": 1, "image_size": (56, 56)},
+    ]
+    assert DetectionEvaluator(categories="cat").categories == ["cat"]
+    assert DetectionEvaluator(categories="cat, fire hydrant").categories == ["cat", "fire hydrant"]
+    assert DetectionEvaluator(categories="cat")([CAT, CAT], rows)["map"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match=r"names \['dog'\], which no row of split 'test'"):
+        DetectionEvaluator(categories="cat,dog").check_rows(rows, "test")

@@ -1,8 +1,9 @@
 """Task evaluators: the metric Visual-RFT reports, computed from greedy completions and dataset rows.
 
 Each evaluator is a callable `(completions, rows) -> dict[str, float]` with one completion per row, and
-`answer(completion)` gives the parsed answer that `predictions.jsonl` records; the task config picks it,
-and both the validation loop and `python -m vrft.evaluate` use it.
+`answer(completion)` gives the parsed answer that `predictions.jsonl` records, and `check_rows(rows, split)`
+refuses settings the rows cannot meet before `python -m vrft.evaluate` decodes any; the task config picks
+it, and both the validation loop and `python -m vrft.evaluate` use it.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ class ClassificationEvaluator:
         self.compat = compat
         self.classes = check_classes(classes)
 
+    def check_rows(self, rows: Sequence[dict], split: str) -> None:
+        """Nothing to check before decoding: every row has a label (its solution was checked)."""
+
     def answer(self, completion: str) -> str | None:
         """The answer text the reward compares (None when there is none)."""
         return read_answer(completion, self.compat)
@@ -63,6 +67,9 @@ class GroundingEvaluator:
 
     name = "grounding"
 
+    def check_rows(self, rows: Sequence[dict], split: str) -> None:
+        """Nothing to check before decoding: every row has a box (its solution was checked)."""
+
     def answer(self, completion: str) -> list[float] | None:
         """The first box of the answer, or None when there is none."""
         text = read_answer(completion, False, allow_unclosed=True)
@@ -86,14 +93,29 @@ class DetectionEvaluator:
 
     Args:
         coord_convention: `qwen2vl` (0..1000 grid) or `absolute` (pixels, Qwen2.5-VL).
-        categories: categories to average over; default every category in the rows.
+        categories: categories to average over; default every category in the rows. One string is a
+            comma-separated list, as `vrft.data.build --categories` takes (`categories=cat` is `[cat]`, not
+            the letters c, a, t).
     """
 
     name = "detection"
 
-    def __init__(self, coord_convention: str = "qwen2vl", categories: Sequence[str] | None = None):
+    def __init__(self, coord_convention: str = "qwen2vl", categories: Sequence[str] | str | None = None):
         self.coord_convention = coord_convention
-        self.categories = list(categories) if categories else None
+        if isinstance(categories, str):
+            categories = [name.strip() for name in categories.split(",") if name.strip()]
+        self.categories = [str(name) for name in categories] if categories else None
+
+    def check_rows(self, rows: Sequence[dict], split: str) -> None:
+        """Raise `ValueError` before decoding when `categories` names one that no row asks about: its AP is
+        undefined, so a misspelt name would leave it out of the average (or make the average NaN) unnoticed."""
+        asked = {row["category"] for row in rows}
+        unknown = [name for name in self.categories or () if name not in asked]
+        if unknown:
+            raise ValueError(
+                f"task.evaluator.categories names {unknown}, which no row of split '{split}' asks about (rows ask "
+                f"about {sorted(asked)}); fix the names, or categories=null to average over every category"
+            )
 
     def answer(self, completion: str) -> list[dict] | None:
         """The boxes and confidences read from the answer ([] for "No Objects", None when unreadable)."""
