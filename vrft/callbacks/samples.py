@@ -10,6 +10,7 @@ import numpy as np
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from typing_extensions import override
 
+from vrft.paths import write_atomic
 from vrft.visualize import answer_boxes, draw_sample
 
 
@@ -51,6 +52,28 @@ class CompletionSamples(L.Callback):
         self.coord_convention = coord_convention
         self._last_step = -1
         self._table = None
+
+    @override
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero and self.path.is_file():
+            self.keep_records_through(trainer.global_step)
+
+    def keep_records_through(self, step: int) -> None:
+        """Drop the records of `samples.jsonl` after `step`, where this run starts.
+
+        A run resumed into its own folder from an earlier checkpoint (or started again there) trains those
+        steps again and records their samples anew: appended, each step would appear twice. A line cut by a
+        kill, which the next record would be appended to, goes too.
+        """
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+                kept.append(line + "\n")
+        write_atomic(self.path, "".join(kept))
 
     @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
