@@ -1,8 +1,11 @@
 """Visual-RFT data as users have it: save_to_disk folders, Hub parquet layouts, JSON with image paths."""
 
+import io
 import json
 
 import datasets
+import pyarrow
+import pyarrow.parquet
 import pytest
 from PIL import Image
 
@@ -67,6 +70,18 @@ def test_hub_parquet_split_names(saved, tmp_path, train_file, test_file):
     loaded = load_visual_rft(tmp_path / "hub")
     assert sorted(loaded) == ["test", "train"]
     assert len(loaded["train"]) == 4 and len(loaded["test"]) == 2
+
+
+def test_parquet_with_encoded_image_bytes(tmp_path):
+    # pandas or pyarrow write images as a plain binary column: each row was refused as "not a path"
+    encoded = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(encoded, "PNG")
+    table = pyarrow.table(
+        {"image": [encoded.getvalue()], "problem": ["which colour?"], "solution": ["<answer>red</answer>"]}
+    )
+    pyarrow.parquet.write_table(table, tmp_path / "rows.parquet")
+    loaded = load_visual_rft(tmp_path / "rows.parquet")["train"]
+    assert decode_image(loaded[0]["image"]).getpixel((1, 1)) == (200, 0, 0)
 
 
 def test_jsonl_with_relative_image_paths(tmp_path):

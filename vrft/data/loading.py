@@ -54,7 +54,7 @@ def load_visual_rft(path: str | Path) -> datasets.DatasetDict:
 
     - a `DatasetDict.save_to_disk` folder (as the reference loads) or a single saved `Dataset` (split `train`);
     - a parquet file, or a folder of them as downloaded from the Hub (`data/train-00000-of-00001.parquet`),
-      the split taken from each file name;
+      the split taken from each file name; its image column an Image feature or the encoded bytes;
     - a JSON or JSONL file whose `image` column holds paths (or `{"path": ...}` objects) relative to the file
       (split `train`).
     Images are kept undecoded (`{"bytes", "path"}`) so that a bad file is reported per row, not by pyarrow;
@@ -85,7 +85,10 @@ def load_visual_rft(path: str | Path) -> datasets.DatasetDict:
                 "the Visual-RFT schema image/problem/solution: rename your columns with "
                 "Dataset.rename_column or build the rows with vrft.data.builders"
             )
-        if isinstance(table.features["image"], datasets.Image):
+        feature = table.features["image"]
+        # raw encoded bytes (a parquet file written by pandas or pyarrow) are what the Image feature stores too
+        raw_bytes = isinstance(feature, datasets.Value) and feature.dtype in ("binary", "large_binary")
+        if isinstance(feature, datasets.Image) or raw_bytes:
             dataset[split] = table.cast_column("image", datasets.Image(decode=False))
     return dataset
 
