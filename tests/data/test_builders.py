@@ -230,6 +230,16 @@ def test_grounding_errors(tmp_path):
     assert len(build_grounding_rows(path, on_missing="skip")["train"]) == 1
 
 
+@pytest.mark.parametrize(("key", "value"), [("image", None), ("instruction", 5), ("instruction", "  ")])
+def test_grounding_entry_without_a_usable_image_or_instruction_is_named(tmp_path, key, value):
+    # an image of null stopped the build with a TypeError from the path join, an instruction of 5 went into the prompt
+    good = {"image": "imgs/a.jpg", "instruction": "x", "box": [20, 10, 60, 40]}
+    with pytest.raises(
+        ValueError, match=rf"entries \[1\] .* not a non-empty string \(entry 1: {key} {value!r}\)"
+    ):
+        build_grounding_rows(write_lisa(tmp_path, [good, good | {key: value}]))
+
+
 def test_an_underscore_spells_a_space_in_a_category_name(tmp_path):
     path, image_dir = write_coco(tmp_path)
     coco = json.loads(path.read_text())

@@ -290,6 +290,20 @@ def build_grounding_rows(
             f"entries {bad[:5]} of '{json_path}' lack image, instruction or box; each entry needs all three "
             "(box as [x1, y1, x2, y2] in pixels)"
         )
+    # null or a number stopped the build with a TypeError from the path join (image) or from pyarrow (instruction)
+    not_text = [
+        (index, key, entry[key])
+        for index, entry in enumerate(entries)
+        for key in ("image", "instruction")
+        if not (isinstance(entry[key], str) and entry[key].strip())
+    ]
+    if not_text:
+        index, key, value = not_text[0]
+        raise ValueError(
+            f"entries {sorted({i for i, _, _ in not_text})[:5]} of '{json_path}' have an image or instruction that "
+            f"is not a non-empty string (entry {index}: {key} {value!r}); give each entry its image's file name "
+            "and its instruction as one string"
+        )
     base = Path(image_dir) if image_dir is not None else Path(json_path).parent
     paths = {index: base / entry["image"] for index, entry in enumerate(entries)}
     missing = _missing_files(paths, on_missing, json_path)
