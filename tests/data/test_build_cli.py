@@ -1,6 +1,7 @@
 """`python -m vrft.data.build`: real data to a folder that `data=disk` trains on."""
 
 import json
+import re
 
 import datasets
 import pytest
@@ -165,3 +166,37 @@ def test_max_images_below_one_is_named(tmp_path, capsys):
     assert capsys.readouterr().err.startswith(
         "vrft: error: max_images=0 must be at least 1 (images sampled); leave it out to keep every image\n"
     )
+
+
+@pytest.mark.parametrize("command", ["detection", "detection-eval"])
+@pytest.mark.parametrize(
+    ("place", "field", "value", "words"),
+    [
+        (
+            "annotations",
+            "bbox",
+            None,
+            r"annotations\[0\] \(id 1\) has bbox None, not \[x, y, width, height\]",
+        ),
+        ("annotations", "bbox", ["1", "2", "3", "4"], r"annotations\[0\] \(id 1\) has bbox \['1'"),
+        ("annotations", "category_id", ..., r"annotations\[0\] \(id 1\) has no category_id"),
+        ("images", "width", ..., r"images\[0\] \(id 1\) has no width"),
+        ("images", "width", 0, r"images\[0\] \(id 1\) has size 0x"),
+        ("categories", "name", 5, r"categories\[0\] \(id 1\) has name 5, not a string"),
+    ],
+)
+def test_a_bad_annotation_entry_is_one_line(tmp_path, capsys, command, place, field, value, words):
+    # each stopped the build with a KeyError, TypeError or ZeroDivisionError trace from inside the builder
+    annotations, images = write_coco(tmp_path)
+    coco = json.loads(annotations.read_text())
+    entry = coco[place][0]
+    if value is ...:
+        del entry[field]
+    else:
+        entry[field] = value
+    annotations.write_text(json.dumps(coco))
+    flags = ["--annotations", str(annotations), "--images", str(images), "--out", str(tmp_path / "x")]
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, *flags])
+    assert exit_info.value.code == 2
+    assert re.search(words, capsys.readouterr().err)

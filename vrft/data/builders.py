@@ -16,6 +16,7 @@ from pathlib import Path
 import datasets
 from PIL import Image
 
+from vrft.data.annotations import read_coco
 from vrft.rewards.boxes import check_coord_convention, pixels_to_convention
 from vrft.rewards.parsing import extract_answer, format_detection_answer, format_grounding_answer
 
@@ -138,8 +139,7 @@ def build_detection_rows(
         )
     if no_objects < 0:
         raise ValueError(f"no_objects={no_objects} must be 0 or more ('No Objects' rows per class)")
-    with open(annotation_json) as file:
-        coco = json.load(file)
+    coco = read_coco(annotation_json)
     ids_by_name = {category["name"]: category["id"] for category in coco.get("categories", [])}
     # `fire_hydrant` for `fire hydrant`: the spelling a comma-separated command-line list invites.
     underscored = {name.replace(" ", "_"): name for name in ids_by_name}

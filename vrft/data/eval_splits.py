@@ -9,13 +9,13 @@ where the file says it is present (it has a box) or absent (`neg_category_ids`).
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Sequence
 from pathlib import Path
 
 import datasets
 
+from vrft.data.annotations import read_coco
 from vrft.data.builders import (
     _boxes_by_image_and_category,
     _detection_row,
@@ -70,8 +70,7 @@ def build_detection_eval_rows(
         raise ValueError(
             f"max_images={max_images} must be at least 1 (images sampled); leave it out to keep every image"
         )
-    with open(annotation_json) as file:
-        coco = json.load(file)
+    coco = read_coco(annotation_json)
     ids_by_name = {category["name"]: category["id"] for category in coco.get("categories", [])}
     chosen = category_list(categories) or list(ids_by_name)
     if unknown := [name for name in chosen if name not in ids_by_name]:
