@@ -58,6 +58,43 @@ def test_completions_come_from_the_chosen_engine_and_plain_generate_by_default()
     assert check.engine.last_stats["steps"] >= 1
 
 
+def fake_trainer(global_step: int) -> SimpleNamespace:
+    forward_context = contextlib.nullcontext
+    return SimpleNamespace(
+        is_global_zero=True,
+        global_step=global_step,
+        precision_plugin=SimpleNamespace(forward_context=forward_context),
+    )
+
+
+def run_check(folder, global_step: int, reward: float, monkeypatch) -> HeldOutReward:
+    """A held-out check over a run that starts at `global_step`; the policy scores `reward` each time."""
+    check = HeldOutReward(dirpath=str(folder))
+    monkeypatch.setattr(check, "rows", lambda trainer: ROWS)
+    monkeypatch.setattr(check, "measure", lambda module, rows: {"reward/total": reward})
+    trainer, module = fake_trainer(global_step), SimpleNamespace(rewards=None)
+    check.on_train_start(trainer, module)
+    check.on_train_end(trainer, module)
+    return check
+
+
+def test_a_run_resumed_into_its_folder_keeps_the_before_measured_before_grpo(tmp_path, monkeypatch, capsys):
+    run_check(
+        tmp_path, 0, 0.5, monkeypatch
+    )  # the run before it was stopped (its "after": a checkpoint later)
+    resumed = run_check(tmp_path, 2, 0.75, monkeypatch)
+    assert resumed.results["before"] == {"reward/total": 0.5}  # not the step-2 checkpoint's 0.75
+    assert json.loads((tmp_path / "held_out.json").read_text())["before"] == {"reward/total": 0.5}
+    assert "  metric                  before   after   change" in capsys.readouterr().out
+
+
+def test_a_run_resumed_elsewhere_says_its_before_is_the_checkpoints(tmp_path, monkeypatch, capsys):
+    resumed = run_check(tmp_path, 2, 0.75, monkeypatch)
+    assert resumed.results["before"] == {"reward/total": 0.75}
+    assert json.loads((tmp_path / "held_out.json").read_text())["before_step"] == 2
+    assert "  metric                  step 2   after   change" in capsys.readouterr().out
+
+
 def test_held_out_json_is_written_after_each_measurement(tmp_path, monkeypatch):
     check = HeldOutReward(dirpath=str(tmp_path), measure_merged=True, rollout_engine="bf16_copy")
     path = tmp_path / "held_out.json"
@@ -71,9 +108,7 @@ def test_held_out_json_is_written_after_each_measurement(tmp_path, monkeypatch):
 
         return fake
 
-    trainer = SimpleNamespace(
-        is_global_zero=True, precision_plugin=SimpleNamespace(forward_context=contextlib.nullcontext)
-    )
+    trainer = fake_trainer(global_step=0)
     module = SimpleNamespace(rewards=None)
     monkeypatch.setattr(check, "rows", lambda trainer: ROWS)
     monkeypatch.setattr(check, "measure", measure("before"))

@@ -64,6 +64,8 @@ class HeldOutReward(L.Callback):
         self.rollout_engine = rollout_engine
         self.engine = build_rollout_engine(rollout_engine) if rollout_engine else None
         self.results: dict[str, dict[str, float]] = {}
+        self.before_step = 0  # the optimizer step "before" was measured at (a resumed run's checkpoint)
+        self.start_step = 0  # the step this run started from (a resumed run's checkpoint)
         self._train_rewards: list[float] = []
 
     def rows(self, trainer: L.Trainer) -> list[dict]:
@@ -125,10 +127,33 @@ class HeldOutReward(L.Callback):
         if not hasattr(pl_module, "rewards"):
             return  # an algorithm without rewards (SFT): nothing to compare
         self._rows = self.rows(trainer)
-        # The precision plugin's autocast, as in validation: quantised and bf16 bases compute as in training.
-        with trainer.precision_plugin.forward_context():
-            self.results["before"] = self.measure(pl_module, self._rows)
+        self.start_step = trainer.global_step
+        earlier = self.earlier_before(trainer.global_step)
+        if earlier is not None:
+            self.results["before"], self.before_step = earlier
+        else:
+            # The precision plugin's autocast, as in validation: quantised and bf16 bases compute as in training.
+            with trainer.precision_plugin.forward_context():
+                self.results["before"] = self.measure(pl_module, self._rows)
+            self.before_step = trainer.global_step
         self.write(trainer)
+
+    def earlier_before(self, step: int) -> tuple[dict[str, float], int] | None:
+        """A run resumed into its own folder (at `step` > 0) keeps the "before" that the run it resumes
+        measured there (`held_out.json`, same split, rows and engine) and its step: measured anew, "before"
+        would be the checkpoint's policy, and the earlier measurement before GRPO would be overwritten."""
+        path = Path(self.dirpath) / "held_out.json" if self.dirpath is not None else None
+        if step == 0 or path is None or not path.is_file():
+            return None
+        try:
+            earlier = json.loads(path.read_text())
+        except ValueError:
+            return None
+        same = dict(split=self.split, rows=len(self._rows), rollout_engine=self.rollout_engine or "hf")
+        before, before_step = earlier.get("before"), earlier.get("before_step", 0)
+        if any(earlier.get(k) != v for k, v in same.items()) or not isinstance(before, dict):
+            return None
+        return (before, before_step) if isinstance(before_step, int) and before_step <= step else None
 
     @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -163,6 +188,8 @@ class HeldOutReward(L.Callback):
             "rows": len(self._rows),
             "rollout_engine": self.rollout_engine or "hf",
         }
+        if self.before_step:
+            settings["before_step"] = self.before_step
         write_atomic(path, json.dumps({**settings, **self.results}, indent=2))
 
     def measure_deployed(self, module) -> dict[str, float]:
@@ -178,17 +205,20 @@ class HeldOutReward(L.Callback):
         """The before/after table as text."""
         before, after = self.results["before"], self.results["after"]
         merged = self.results.get("merged")
+        # a run resumed in another folder measured "before" at its checkpoint, not before GRPO
+        start = "before" if self.before_step == 0 else f"step {self.before_step}"
         lines = [
             f"\nheld-out '{self.split}' ({len(self._rows)} rows; sampled x{self.samples_per_row}, and greedy):",
-            f"  {'metric':<22}{'before':>8}{'after':>8}{'change':>9}" + (f"{'merged':>9}" if merged else ""),
+            f"  {'metric':<22}{start:>8}{'after':>8}{'change':>9}" + (f"{'merged':>9}" if merged else ""),
         ]
         for key in before:
             line = f"  {key:<22}{before[key]:>8.3f}{after[key]:>8.3f}{after[key] - before[key]:>+9.3f}"
             lines.append(line + (f"{merged[key]:>9.3f}" if merged else ""))
         train = self.results.get("train")
+        resumed = f" of this run, from step {self.start_step + 1}" if self.start_step else ""
         if train:
             lines.append(
                 f"  {'train/reward':<22}{train['first']:>8.3f}{train['last']:>8.3f}"
-                f"{train['last'] - train['first']:>+9.3f}  (first and last optimizer step)"
+                f"{train['last'] - train['first']:>+9.3f}  (first and last optimizer step{resumed})"
             )
         return "\n".join(lines)
