@@ -125,7 +125,8 @@ def _load_parquet(path: Path) -> datasets.DatasetDict:
     by_split: dict[str, list[str]] = {}
     for file in files:
         stem = file.stem
-        if _SHARD_NUMBER.match(stem):  # a shard number names no split: its folder does, or it is the one split
+        # a shard number names no split: its folder does, or it is the one split
+        if _SHARD_NUMBER.match(stem):
             stem = file.parent.name.removeprefix("partial-") if file.parent != path else "train"
         match = _SPLIT_FROM_FILE.match(stem)
         split = match.group("split") if match and path.is_dir() else "train"
