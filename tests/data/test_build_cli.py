@@ -200,3 +200,12 @@ def test_a_bad_annotation_entry_is_one_line(tmp_path, capsys, command, place, fi
         main([command, *flags])
     assert exit_info.value.code == 2
     assert re.search(words, capsys.readouterr().err)
+
+
+def test_detection_categories_with_spaces_after_commas(tmp_path, capsys):
+    # "cat, dog" asked for a category " dog", which the file does not have
+    annotations, images = write_coco(tmp_path)
+    out = tmp_path / "two"
+    command = ["detection", "--annotations", str(annotations), "--images", str(images)]
+    main([*command, "--categories", "cat, dog", "--out", str(out)])
+    assert set(load_visual_rft(out)["train"]["category"]) == {"cat", "dog"}

@@ -18,7 +18,7 @@ from pathlib import Path
 import datasets
 
 from vrft.data.builders import build_detection_rows, build_grounding_rows, subsample_k_shot
-from vrft.data.eval_splits import CATEGORY_SETS, build_detection_eval_rows
+from vrft.data.eval_splits import CATEGORY_SETS, build_detection_eval_rows, category_list
 from vrft.data.loading import load_visual_rft
 from vrft.paths import check_folder
 
@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
 def build(args: argparse.Namespace) -> datasets.DatasetDict:
     """The DatasetDict a parsed command line asks for."""
     if args.command == "detection":
-        categories = args.categories.split(",") if args.categories else None
+        categories = category_list(args.categories)  # "cat, dog" is cat and dog, not cat and " dog"
         return build_detection_rows(
             args.annotations,
             args.images,
