@@ -159,9 +159,16 @@ def test_checkpoint_of_something_else_is_named(tmp_path):
         ("lora.r=8", "was trained with lora.r=4 but this run has lora.r=8; resume with lora.r=4"),
         ("model=qwen2vl-2b", "was trained with model.name_or_path='tiny'"),
         ("precision=bf16", "was trained with precision._target_='vrft.precision.Fp32Precision'"),
+        # Lightning restores the optimizer's state, learning rate included: the new one was silently ignored
+        (
+            "optimizer.lr=0.005",
+            "was trained with optimizer.lr=0.0005 but this run has optimizer.lr=0.005; resume with "
+            "optimizer.lr=0.0005, or start a new run from its adapter (lora.init_adapter=",
+        ),
+        ("optimizer=adamw8bit", "was trained with optimizer._target_='torch.optim.AdamW'"),
     ],
 )
-def test_resume_with_other_model_lora_or_precision_is_refused(tmp_path, resumed, message):
+def test_resume_with_other_model_lora_precision_or_optimizer_is_refused(tmp_path, resumed, message):
     # without a warm start: the lora node's shape is the adapter's
     path = tmp_path / "last.ckpt"
     trained = ("warm_start=none", "lora.r=4")

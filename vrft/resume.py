@@ -19,7 +19,8 @@ from peft import LoraConfig
 from vrft.models.policy import is_adapter_folder
 from vrft.warmstart import warm_start_skipped
 
-# The settings a resumed run must share with its checkpoint (the LoRA shape, the base, how it is stored).
+# The settings a resumed run must share with its checkpoint (the LoRA shape, the base, how it is stored;
+# `resume_settings` adds the precision's and the optimizer's).
 RESUME_KEYS = (
     "model.name_or_path",
     "lora.r",
@@ -47,11 +48,14 @@ def resume_settings(cfg: DictConfig) -> dict[str, Any]:
         if not isinstance(targets, str):  # a list in the adapter's config: peft keeps it as a set
             targets = sorted(targets)
         settings |= dict(zip(LORA_SHAPE_KEYS, (start.r, start.lora_alpha, targets), strict=True))
-    precision = cfg.get("precision")
-    if precision is not None:
-        for key, value in OmegaConf.to_container(precision, resolve=True).items():
-            if not isinstance(value, dict | list):
-                settings[f"precision.{key}"] = value
+    # The optimizer's too: Lightning restores its state from the checkpoint, learning rate and weight decay
+    # included, so another value would be silently ignored (and another class fails to load that state).
+    for group in ("precision", "optimizer"):
+        node = cfg.get(group)
+        if node is not None:
+            for key, value in OmegaConf.to_container(node, resolve=True).items():
+                if not isinstance(value, dict | list):
+                    settings[f"{group}.{key}"] = value
     return settings
 
 
@@ -131,17 +135,25 @@ def check_resume(cfg: DictConfig, path: Path, training: bool = True) -> dict | N
     for key, value in current.items():
         if key not in saved or key == STARTS_FROM_KEY or (auto and key.startswith("precision.")):
             continue
-        if (key in LORA_SHAPE_KEYS and old_record) or (key.startswith("lora.") and not training):
-            continue  # vrft.evaluate builds the checkpoint's own adapter (checkpoint_lora)
+        if (key in LORA_SHAPE_KEYS and old_record) or (
+            key.startswith(("lora.", "optimizer.")) and not training
+        ):
+            continue  # vrft.evaluate builds the checkpoint's own adapter (checkpoint_lora), and trains nothing
         if saved[key] != value:
-            fix = f"{key}={saved[key]!r}"
+            fix, other = f"{key}={saved[key]!r}", "drop ckpt_path to start a new run"
             if key.startswith("precision."):
                 fix = "the precision it was trained with"
             elif key in LORA_SHAPE_KEYS and adapter_start:
                 fix = "the adapter its run started from (the same lora.init_adapter, or the same warm_start)"
+            elif key.startswith("optimizer."):
+                # Lightning would restore the checkpoint's optimizer state over it, without a word
+                other = (
+                    "start a new run from its adapter (lora.init_adapter=<run>/adapter/step-N, no ckpt_path): "
+                    "resuming restores the checkpoint's optimizer, its settings included"
+                )
             raise ValueError(
                 f"ckpt_path='{path}' was trained with {key}={saved[key]!r} but this run has {key}={value!r}; "
-                f"resume with {fix}, or drop ckpt_path to start a new run"
+                f"resume with {fix}, or {other}"
             )
     return saved
 
