@@ -248,6 +248,17 @@ def test_adapter_of_another_model_is_refused_before_loading(tmp_path, monkeypatc
     )
 
 
+@pytest.mark.parametrize("cut", ["adapter_config.json", "adapter_model.safetensors"])
+def test_an_adapter_copied_in_part_is_named_before_loading(tmp_path, cut):
+    # a cut-short config read "Expecting ',' delimiter" without a file name; cut-short weights a SafetensorError trace
+    adapter = random_adapter(tmp_path / "adapter")
+    whole = (adapter / cut).read_bytes()
+    (adapter / cut).write_bytes(whole[: len(whole) // 2])
+    spec = instantiate(eval_config(tmp_path, "model=tiny").model)
+    with pytest.raises(ValueError, match=rf"'{adapter / cut}' .*copied or written in part"):
+        check_adapter(adapter, spec)
+
+
 def test_one_adapter_without_brackets_is_one_adapter(tmp_path, monkeypatch):
     adapter = random_adapter(tmp_path / "adapter")
     install(monkeypatch, StubDecoder(perfect))

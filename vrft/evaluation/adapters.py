@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig
 
 from vrft.models.policy import ModelSpec
@@ -37,8 +37,14 @@ def adapter_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
             f"adapter '{folder}' has no adapter_model.safetensors; point adapters= at a peft adapter folder "
             "such as <run_dir>/adapter/final"
         )
-    with safe_open(str(weights), framework="pt") as file:
-        return {name: tuple(file.get_slice(name).get_shape()) for name in file.keys()}  # noqa: SIM118
+    try:
+        with safe_open(str(weights), framework="pt") as file:
+            return {name: tuple(file.get_slice(name).get_shape()) for name in file.keys()}  # noqa: SIM118
+    except SafetensorError as error:  # a file copied in part: safetensors' words name no file
+        raise ValueError(
+            f"adapter weights '{weights}' could not be read ({error}); the file was probably copied or written in "
+            "part: copy the adapter folder again"
+        ) from None
 
 
 def check_adapter(adapter: str | Path, spec: ModelSpec) -> None:
@@ -50,7 +56,13 @@ def check_adapter(adapter: str | Path, spec: ModelSpec) -> None:
             f"adapter '{adapter}' has no adapter_config.json; point adapters= at a peft adapter folder such as "
             "<run_dir>/adapter/final"
         )
-    trained_on = json.loads(config_file.read_text()).get("base_model_name_or_path") or "unknown"
+    try:
+        trained_on = json.loads(config_file.read_text()).get("base_model_name_or_path") or "unknown"
+    except (json.JSONDecodeError, AttributeError) as error:  # cut short, or not a JSON object
+        raise ValueError(
+            f"adapter config '{config_file}' is not a peft adapter config ({error}); the file was probably copied "
+            "or written in part: copy the adapter folder again"
+        ) from None
     modules = dict(meta_model(spec).named_modules())
     for name, shape in adapter_shapes(folder).items():
         problem = _mismatch(name.removeprefix(_PREFIX), shape, modules)
