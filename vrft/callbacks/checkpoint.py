@@ -26,6 +26,12 @@ class Checkpoints(ModelCheckpoint):
 
     def __init__(self, **kwargs):
         kwargs.setdefault("save_on_exception", True)
+        # A resumed run writes its checkpoints under their own names. With Lightning's version counter, a name
+        # already taken (a step the resumed run trains again; last.ckpt after a resume from the first
+        # checkpoint, or in a moved run folder, where the checkpoint's own record of last.ckpt differs) got
+        # `-v1`: last.ckpt kept the older step, and the next resume from it, as vrft says to, silently went
+        # back and trained those steps again. A fresh run never overwrites (vrft.resume.check_fresh_run).
+        kwargs.setdefault("enable_version_counter", False)
         super().__init__(**kwargs)
 
     def on_exception(
