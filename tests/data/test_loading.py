@@ -176,6 +176,20 @@ def test_bad_rows_skipped_and_counted(tmp_path):
     assert len(module.splits["train"]) == 2
 
 
+def test_bad_validation_images_are_found_at_setup(tmp_path):
+    # only the training split's images were decoded at setup: a bad validation image stopped the run at the
+    # first validation, after training steps, even with on_bad_row=skip
+    bad = load_visual_rft(write_with_bad_rows(tmp_path))["train"]
+    good = datasets.Dataset.from_dict(make_rows(4), features=FEATURES)
+    datasets.DatasetDict({"train": good, "test": bad}).save_to_disk(tmp_path / "with_val")
+    settings = {"path": str(tmp_path / "with_val"), "val_split": "test", "batch_size": 1}
+    with pytest.raises(ValueError, match=r"bad row\(s\) in split 'test'.*row 1: image 'broken.jpg'"):
+        VisualRFTDataModule(**settings).setup("fit")
+    module = VisualRFTDataModule(**settings, on_bad_row="skip")
+    module.setup("fit")
+    assert module.skipped_rows["test"] == 1 and len(module.splits["val"]) == 3
+
+
 @pytest.mark.parametrize(
     ("content", "problem"),
     [

@@ -60,7 +60,8 @@ class VisualRFTDataModule(L.LightningDataModule):
         check_solution: the task's solution checker; raises `ValueError` for a ground truth the reward
             cannot parse.
         on_bad_row: `error` stops before training and lists the bad rows; `skip` drops them and logs the count.
-        verify_images: decode every training image once at setup, so a bad file is found before step one.
+        verify_images: decode every image of the training and validation splits once at setup, so a bad file is
+            found before step one.
         max_train_rows / max_val_rows: use only the first rows of each split (quick runs).
     """
 
@@ -142,9 +143,9 @@ class VisualRFTDataModule(L.LightningDataModule):
                 raise ValueError(
                     f"split '{split}' of dataset '{path}' is empty; point data.path at a dataset with rows"
                 )
-            self.splits[role] = RowDataset(
-                table, self._good_rows(table, count, split, verify=role == "train")
-            )
+            # the validation split's images too: a bad one stopped the run at the first validation, after
+            # training steps, even with data.on_bad_row=skip
+            self.splits[role] = RowDataset(table, self._good_rows(table, count, split))
         train = self.splits.get("train")
         if train is not None and len(train) < self.batch_size:
             raise ValueError(
@@ -152,7 +153,7 @@ class VisualRFTDataModule(L.LightningDataModule):
                 f"{self.batch_size} prompts; lower algorithm.rollout_batch_size or add data"
             )
 
-    def _good_rows(self, table, count: int, split: str, verify: bool) -> list[int]:
+    def _good_rows(self, table, count: int, split: str) -> list[int]:
         bad: list[tuple[int, str]] = []
         text = table.select_columns(["problem", "solution"])[:count]
         problems, solutions = text["problem"], text["solution"]
@@ -164,7 +165,7 @@ class VisualRFTDataModule(L.LightningDataModule):
                     self.check_solution(solutions[index])
             except ValueError as error:
                 reason = str(error)
-            if reason is None and verify and self.verify_images:
+            if reason is None and self.verify_images:
                 try:
                     decode_image(table[index]["image"])
                 except ValueError as error:
