@@ -75,3 +75,14 @@ def test_detection_categories_as_one_string_are_a_comma_separated_list():
     assert DetectionEvaluator(categories="cat")([CAT, CAT], rows)["map"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match=r"names \['dog'\], which no row of split 'test'"):
         DetectionEvaluator(categories="cat,dog").check_rows(rows, "test")
+
+
+def test_detection_rows_with_a_null_image_id_are_one_image_each():
+    # training's validation rows carry the dataset's image_id column as it is: its nulls were one COCO image,
+    # refused for its two sizes (or merged when the sizes agreed) in the middle of training
+    rows = [
+        {"solution": CAT, "category": "cat", "row_index": 0, "image_size": (56, 56), "image_id": None},
+        {"solution": CAT, "category": "cat", "row_index": 1, "image_size": (80, 56), "image_id": None},
+        {"solution": CAT, "category": "cat", "row_index": 2, "image_size": (56, 56), "image_id": 0},
+    ]
+    assert DetectionEvaluator()([CAT, CAT, CAT], rows)["map"] == pytest.approx(1.0)

@@ -89,7 +89,8 @@ class DetectionEvaluator:
 
     The category of a row is its `category` column, else the one its prompt names (see
     `vrft.evaluation.rows.detection_category`); the image id is the row's `image_id` (one image asked
-    about several categories) or else its row index; the image size comes from the decoded image.
+    about several categories) or, where it has none or a null, its row index; the image size comes from the
+    decoded image.
 
     Args:
         coord_convention: `qwen2vl` (0..1000 grid) or `absolute` (pixels, Qwen2.5-VL).
@@ -129,7 +130,11 @@ class DetectionEvaluator:
         predictions, truth, categories = [], [], []
         for completion, row in zip(completions, rows, strict=True):
             category = detection_category(row)
-            image_id = row.get("image_id", row["row_index"])
+            image_id = row.get("image_id")
+            if (
+                image_id is None
+            ):  # no column, or a null in it (training's validation rows): one image per row,
+                image_id = f"row {row['row_index']}"  # named apart from the column's own ids
             width, height = row["image_size"]
             predictions.append(BoxSet.from_answer(completion, image_id, category, width, height))
             truth.append(BoxSet.from_answer(row["solution"], image_id, category, width, height))
