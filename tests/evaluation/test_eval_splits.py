@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.data.test_builders import write_coco
@@ -75,3 +77,13 @@ def test_named_category_sets_and_the_command(tmp_path, capsys):
             ]
         )
     assert "not in" in capsys.readouterr().err
+
+
+def test_an_underscore_spells_a_space_in_a_category_name(tmp_path):
+    # `fire_hydrant` worked for the training set's builder but was an unknown category here
+    annotations, images = write_coco(tmp_path)
+    coco = json.loads(annotations.read_text())
+    coco["categories"][1]["name"] = "hot dog"
+    annotations.write_text(json.dumps(coco))
+    rows = build_detection_eval_rows(annotations, images, "cat,hot_dog")["test"]
+    assert set(rows["category"]) == {"cat", "hot dog"} and "category 'hot dog'" in rows["problem"][1]

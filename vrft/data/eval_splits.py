@@ -72,7 +72,9 @@ def build_detection_eval_rows(
         )
     coco = read_coco(annotation_json)
     ids_by_name = {category["name"]: category["id"] for category in coco.get("categories", [])}
-    chosen = category_list(categories) or list(ids_by_name)
+    # `fire_hydrant` for `fire hydrant`, as `build_detection_rows` reads it (the training set's command line)
+    underscored = {name.replace(" ", "_"): name for name in ids_by_name}
+    chosen = [underscored.get(name, name) for name in category_list(categories) or list(ids_by_name)]
     if unknown := [name for name in chosen if name not in ids_by_name]:
         available = ", ".join(sorted(ids_by_name)[:50]) + (" ..." if len(ids_by_name) > 50 else "")
         raise ValueError(
