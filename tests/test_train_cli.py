@@ -210,3 +210,21 @@ def test_sft_algorithm_logs_loss_and_writes_checkpoints_and_adapter(tmp_path):
     assert (run_dir / "adapter" / "final" / "adapter_config.json").is_file()
     summary = json.loads((run_dir / "run_summary.json").read_text())
     assert summary["global_step"] == 3
+
+
+def test_a_sweeper_that_optimises_a_metric_the_run_did_not_log_is_named():
+    # hparams_search=tiny_optuna with a misspelt optimized_metric trained the trial, then failed inside the
+    # sweeper ("Return value must be float-castable. Got 'None'") with a traceback naming no metric
+    from omegaconf import OmegaConf
+
+    from vrft.train import optimized_value
+
+    metrics = {"train/reward": 1.5, "train/loss": 0.1}
+    cfg = OmegaConf.create({"optimized_metric": "train/rewrd"})
+    optuna = "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
+    with pytest.raises(ValueError) as error:
+        optimized_value(cfg, metrics, optuna)
+    assert "optimized_metric='train/rewrd' is not a metric this run logged" in str(error.value)
+    assert "set optimized_metric to one of: train/loss, train/reward" in str(error.value)
+    assert optimized_value(cfg, metrics, None) is None  # a single run or a grid: nothing optimises it
+    assert optimized_value(OmegaConf.create({"optimized_metric": "train/reward"}), metrics, optuna) == 1.5

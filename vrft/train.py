@@ -10,6 +10,8 @@ import datasets
 import hydra
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -176,12 +178,37 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 
+def optimizing_sweeper() -> str | None:
+    """The `_target_` of the Hydra sweeper running this job where it optimises the job's return value (a
+    multirun of `hparams_search=tiny_optuna`); None for a single run or the basic sweeper's grid."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    target = str(HydraConfig.get().sweeper.get("_target_", ""))
+    return None if target.endswith(".BasicSweeper") else target
+
+
+def optimized_value(cfg: DictConfig, metrics: dict[str, float], sweeper: str | None) -> float | None:
+    """The job's `optimized_metric` from its final `metrics`.
+
+    A sweeper that optimises it (`sweeper`) needs a number: without this check a misspelt name (or one the
+    algorithm does not log: `algorithm=sft` has no `train/reward`) trained the trial and then failed in the
+    sweeper, as "Return value must be float-castable. Got 'None'" and a traceback, naming no metric.
+    """
+    name = cfg.get("optimized_metric")
+    if name is None or name in metrics or sweeper is None:
+        return metrics.get(name)
+    raise ValueError(
+        f"optimized_metric={name!r} is not a metric this run logged, so the sweeper ({sweeper}) has no value "
+        f"to optimise; set optimized_metric to one of: {', '.join(sorted(metrics))}"
+    )
+
+
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 @user_errors
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns the metric a sweep optimises (`optimized_metric`)."""
     metrics = train(cfg)
-    return metrics.get(cfg.get("optimized_metric"))
+    return optimized_value(cfg, metrics, optimizing_sweeper())
 
 
 if __name__ == "__main__":
