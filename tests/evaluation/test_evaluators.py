@@ -86,3 +86,16 @@ def test_detection_rows_with_a_null_image_id_are_one_image_each():
         {"solution": CAT, "category": "cat", "row_index": 2, "image_size": (56, 56), "image_id": 0},
     ]
     assert DetectionEvaluator()([CAT, CAT, CAT], rows)["map"] == pytest.approx(1.0)
+
+
+def test_detection_check_rows_names_rows_without_a_category_before_decoding():
+    # training's validation rows reach the check as they are on disk: the metric stopped on such a row at the
+    # first validation, after training steps
+    rows = [
+        {"problem": "Find every cat.", "solution": CAT, "category": "cat", "row_index": 0},
+        {"problem": "Detect the category 'cat'.", "solution": CAT, "row_index": 1},
+        {"problem": "Find every thing.", "solution": "<answer>No Objects</answer>", "row_index": 2},
+    ]
+    with pytest.raises(ValueError, match=r"split 'val': 1 row\(s\) \(rows 2\) have no detection category"):
+        DetectionEvaluator().check_rows(rows, "val")
+    DetectionEvaluator(categories="cat").check_rows(rows[:2], "val")  # from the column, or the prompt

@@ -108,9 +108,21 @@ class DetectionEvaluator:
         self.categories = [str(name) for name in categories] if categories else None
 
     def check_rows(self, rows: Sequence[dict], split: str) -> None:
-        """Raise `ValueError` before decoding when `categories` names one that no row asks about: its AP is
-        undefined, so a misspelt name would leave it out of the average (or make the average NaN) unnoticed."""
-        asked = {row["category"] for row in rows}
+        """Raise `ValueError` before decoding when a row asks about no category (the metric would stop on it),
+        or when `categories` names one that no row asks about: its AP is undefined, so a misspelt name would
+        leave it out of the average (or make the average NaN) unnoticed. `vrft.evaluate` passes rows whose
+        category is derived already; training passes its validation split's rows as they are on disk."""
+        asked, missing = set(), []
+        for number, row in enumerate(rows):
+            try:
+                asked.add(detection_category(row))
+            except ValueError as error:
+                missing.append((row.get("row_index", number), str(error)))
+        if missing:
+            listed = ", ".join(str(index) for index, _ in missing[:20]) + (
+                " ..." if len(missing) > 20 else ""
+            )
+            raise ValueError(f"split '{split}': {len(missing)} row(s) (rows {listed}) have {missing[0][1]}")
         unknown = [name for name in self.categories or () if name not in asked]
         if unknown:
             raise ValueError(
