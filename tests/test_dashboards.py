@@ -252,6 +252,21 @@ def test_export_names_a_missing_base_by_the_option_or_file_that_set_it(tmp_path,
     )
 
 
+def test_export_of_a_lora_full_runs_weights_says_they_load_as_they_are(tmp_path, capsys):
+    # `lora=full` writes the model itself to adapter/final: "has no adapter_config.json; pass a peft adapter
+    # folder such as <run>/adapter/final" named the folder the user had passed
+    final = tmp_path / "run" / "adapter" / "final"
+    final.mkdir(parents=True)
+    (final / "config.json").write_text("{}")
+    (final / "model.safetensors").write_bytes(b"")
+    error = export_error(capsys, str(final), str(tmp_path / "merged"))
+    assert error.startswith(
+        f"vrft: error: '{final}' holds a whole model (config.json; a lora=full run's weights)"
+    )
+    assert f"AutoModelForImageTextToText.from_pretrained('{final}')" in error
+    assert f"from '{tmp_path / 'run' / 'processor'}'" in error and error.count("\n") == 1
+
+
 def test_report_leaves_out_what_a_run_stopped_mid_write_cut(tmp_path, capsys):
     # a cut last row (ValueError) and a cut held_out.json (JSONDecodeError) stopped the whole report
     (tmp_path / "logs").mkdir()

@@ -37,6 +37,14 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 def adapter_config(adapter: Path) -> dict:
     """The adapter's `adapter_config.json`, read before anything loads: peft would fail on it minutes later."""
     config = adapter / "adapter_config.json"
+    if not config.is_file() and (adapter / "config.json").is_file():
+        # `lora=full` (algorithm=sft) writes the trained model itself where a LoRA run writes its adapter
+        processor = adapter.parent.parent / "processor"
+        raise ValueError(
+            f"'{adapter}' holds a whole model (config.json; a lora=full run's weights), not a peft adapter: there "
+            f"is nothing to merge; it loads as it is with AutoModelForImageTextToText.from_pretrained('{adapter}'), "
+            f"and its run's processor with AutoTokenizer / Qwen2VLImageProcessorPil from '{processor}'"
+        )
     if not config.is_file():
         raise FileNotFoundError(
             f"'{adapter}' has no adapter_config.json; pass a peft adapter folder such as <run>/adapter/final"
