@@ -89,3 +89,22 @@ def test_runs_that_need_no_wandb_credentials_pass(monkeypatch, no_wandb_login, o
 def test_a_key_in_the_environment_is_found(monkeypatch, no_wandb_login):
     monkeypatch.setenv("WANDB_API_KEY", "0" * 40)  # a key of the right form; verify=False sends nothing
     check_wandb_login(config("logger=wandb"))
+
+
+def test_resumed_tensorboard_run_hides_the_earlier_runs_steps_after_its_checkpoint(tmp_path):
+    # both runs' event files sit in one folder: TensorBoard showed both runs' points for steps 2 and 3
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from vrft.loggers import TensorBoardLogger
+
+    for start, offset in ((0, 0.0), (1, 10.0)):  # a run to step 3, resumed from its step-1 checkpoint
+        logger = TensorBoardLogger(tmp_path, name="tensorboard", version="")
+        if start:
+            logger.resume_from_step(start)
+        for step in range(start + 1, 4 + start):
+            logger.log_metrics({"train/reward": offset + step}, step=step)
+        logger.finalize("success")
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    points = [(event.step, event.value) for event in events.Scalars("train/reward")]
+    assert points == [(1, 1.0), (2, 12.0), (3, 13.0), (4, 14.0)]

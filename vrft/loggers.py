@@ -144,3 +144,17 @@ class CSVLogger(lightning_loggers.CSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _KeepEarlierRowsWriter(log_dir=self.log_dir)
         return self._experiment
+
+
+class TensorBoardLogger(lightning_loggers.TensorBoardLogger):
+    """Lightning's `TensorBoardLogger`, except that a run resumed into its own folder hides the events the
+    earlier run wrote after the checkpoint's step (`resume_from_step`), as metrics.csv drops those rows.
+
+    Both runs' event files sit in the one folder: TensorBoard showed both runs' points for every step trained
+    again, each curve zigzagging between them.
+    """
+
+    def resume_from_step(self, step: int) -> None:
+        """Hide the events at steps after `step` that an earlier run wrote here (SummaryWriter's `purge_step`);
+        before this logger writes its first event."""
+        self._kwargs["purge_step"] = step + 1

@@ -158,6 +158,12 @@ def check_resume(cfg: DictConfig, path: Path, training: bool = True) -> dict | N
     return saved
 
 
+def checkpoint_step(path: Path) -> int | None:
+    """The optimizer step a checkpoint holds (None where it records none); reads its index only."""
+    step = _read_checkpoint(path).get("global_step")
+    return step if isinstance(step, int) else None
+
+
 def _check_steps_left(step: Any, max_steps: Any, path: Path) -> None:
     # Lightning loads a checkpoint already at trainer.max_steps and stops at once: no training, no checkpoint,
     # no message, exit 0.

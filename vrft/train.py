@@ -19,12 +19,12 @@ from vrft.callbacks import RunConfigLogging, RunSettingsInCheckpoint, RunSummary
 from vrft.cli import check_composes, check_sweep, config_hash, user_errors
 from vrft.data.loading import check_template_fields, load_visual_rft
 from vrft.distributed import check_distributed, check_strategy
-from vrft.loggers import check_wandb_login
+from vrft.loggers import TensorBoardLogger, check_wandb_login
 from vrft.paths import config_dir
 from vrft.planner.planning import budget_gb, plan_config, precision_name, resolve_auto
 from vrft.planner.report import enforce_plan
 from vrft.quiet import silence_upstream_noise
-from vrft.resume import CHECKPOINT_KEY, check_fresh_run, resume_settings, starting_adapter
+from vrft.resume import CHECKPOINT_KEY, check_fresh_run, checkpoint_step, resume_settings, starting_adapter
 from vrft.runtime.checkpoint_io import check_writable
 from vrft.runtime.cuda import apply_memory_cap, configure_allocator
 from vrft.runtime.failures import internal_failure
@@ -140,6 +140,10 @@ def fit(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, RunSummary]:
     if rank_zero_only.rank == 0:  # Lightning's launcher runs this script once per rank: one writer
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=False)
+    if cfg.ckpt_path is not None and (resumed_at := checkpoint_step(Path(str(cfg.ckpt_path)))) is not None:
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):  # before its first event (fit start)
+                logger.resume_from_step(resumed_at)
     try:
         with stops_between_steps():  # a first Ctrl-C stops after the running step and checkpoints it
             trainer.fit(module, datamodule=run.datamodule, ckpt_path=cfg.ckpt_path)
