@@ -9,6 +9,7 @@ import pytest
 
 import vrft.train
 from tests.support import train_config as config
+from tests.test_train_cli import FAST
 from vrft.loggers import CSVLogger, check_wandb_login
 
 
@@ -108,3 +109,25 @@ def test_resumed_tensorboard_run_hides_the_earlier_runs_steps_after_its_checkpoi
     events.Reload()
     points = [(event.step, event.value) for event in events.Scalars("train/reward")]
     assert points == [(1, 1.0), (2, 12.0), (3, 13.0), (4, 14.0)]
+
+
+def test_validation_metrics_are_logged_at_the_optimizer_step_of_the_training_rows(tmp_path):
+    # Two batches an optimizer step: Lightning's own logging step counts batches under manual optimization,
+    # so the validation after step 2 of this run was written at step 3, past the run's last step.
+    run_dir = tmp_path / "run"
+    overrides = [o for o in FAST if not o.startswith(("trainer.max_steps", "algorithm.prompts_per_step"))]
+    cfg = config(
+        *overrides,
+        "algorithm.prompts_per_step=4",
+        "trainer.max_steps=2",
+        "data.val_split=test",
+        "trainer.val_check_interval=2",  # batches: one optimizer step
+        f"run_dir={run_dir}",
+    )
+    vrft.train.fit(cfg)
+    with (run_dir / "logs" / "metrics.csv").open(newline="") as file:
+        table = list(csv.DictReader(file))
+    train_steps = {int(row["step"]) for row in table if row.get("train/reward")}
+    val_steps = [int(row["step"]) for row in table if row.get("val/map") or row.get("val/accuracy")]
+    assert train_steps == {1, 2}
+    assert val_steps == [1, 2]

@@ -182,11 +182,18 @@ class PolicyModule(L.LightningModule):
         if self.evaluator is None or not self.predictions:
             return
         metrics = self.evaluator([p["completion"] for p in self.predictions], self.predictions)
-        for key, value in metrics.items():
+        values = {f"val/{key}": float(value) for key, value in metrics.items()}
+        # Loggers get the optimizer step, as the training rows do (`GRPOModule.log_step`): under manual
+        # optimization Lightning's own step counts batches, so a validation after step 2 of a run with two
+        # batches a step was plotted at step 4. `self.log` feeds the progress bar and checkpoint monitors.
+        for logger in self.loggers:
+            logger.log_metrics(values, step=self.global_step)
+        for key, value in values.items():
             self.log(
-                f"val/{key}",
-                float(value),
-                prog_bar=key in ("accuracy", "map", "miou"),
+                key,
+                value,
+                prog_bar=key.removeprefix("val/") in ("accuracy", "map", "miou"),
+                logger=False,
                 batch_size=len(self.predictions),
             )
 
