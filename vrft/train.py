@@ -12,6 +12,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -77,6 +78,41 @@ def check_prompt_fields(cfg: DictConfig, dataset: datasets.DatasetDict | None = 
     check_template_fields(str(template), None if path is None else str(path), dataset=dataset)
 
 
+def check_validation_rows(cfg: DictConfig, dataset: datasets.DatasetDict | None) -> None:
+    """The validation split (`data.val_split`) against the task's metric, before anything loads: the metric
+    first runs at the first validation, after training steps, where a detection row that asks about no
+    category stopped the run and a misspelt `task.evaluator.categories` made `val/map` NaN. Only the text
+    columns are read; the rows `data.on_bad_row=skip` would drop are left out as the data module leaves them."""
+    split = OmegaConf.select(cfg, "data.val_split", default=None)
+    node = OmegaConf.select(cfg, "algorithm.evaluator", default=None)
+    if dataset is None or split is None or split not in dataset or node is None:
+        return  # synthetic data, no validation or no metric; a missing split is the data module's to name
+    check_rows = getattr(instantiate(node), "check_rows", None)  # a task's own evaluator may have none
+    if check_rows is None:
+        return
+    table = dataset[split]
+    limit = OmegaConf.select(cfg, "data.max_val_rows", default=None)
+    count = len(table) if limit is None else min(limit, len(table))
+    columns = [c for c in ("problem", "solution", "category") if c in table.column_names]
+    text = table.select_columns(columns)[:count]
+    rows = [{**{c: text[c][i] for c in columns}, "row_index": i} for i in range(count)]
+    # a problem or solution that is no string is the data module's to name (or to skip)
+    rows = [row for row in rows if isinstance(row["problem"], str) and isinstance(row["solution"], str)]
+    check_solution = OmegaConf.select(cfg, "data.check_solution", default=None)
+    if OmegaConf.select(cfg, "data.on_bad_row", default="error") == "skip" and check_solution is not None:
+        check = instantiate(check_solution)
+        rows = [row for row in rows if _solution_ok(check, row["solution"])]
+    check_rows(rows, split)
+
+
+def _solution_ok(check, solution) -> bool:
+    try:
+        check(solution)
+    except ValueError:
+        return False
+    return True
+
+
 def warn_gpu_profile_without_gpu(cfg: DictConfig) -> None:
     """A GPU profile (`+hw=rtx4090`) on a machine where torch sees no GPU trains on the CPU: say so at the start,
     not after an hour of one step a minute."""
@@ -104,6 +140,7 @@ def fit(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, RunSummary]:
     check_wandb_login(cfg)  # W&B credentials, before a warm start trains (wandb asks only at setup)
     on_disk = dataset_on_disk(cfg)  # one load for the checks of the prompt's fields and the held-out split
     check_prompt_fields(cfg, on_disk)  # the prompt template's fields, against the dataset's columns
+    check_validation_rows(cfg, on_disk)  # the validation rows against the task's metric
     cfg = resolve_auto(cfg)  # precision=auto / rollout_engine=auto -> what the planner says fits
     check_strategy(cfg.trainer, cfg.precision)  # again, for the precision `auto` chose
     verdict = enforce_plan(cfg)  # refuse, before the model loads, a run the planner says will not fit
