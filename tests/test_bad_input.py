@@ -467,3 +467,27 @@ def test_a_cache_folder_with_a_quoted_tilde_or_an_empty_value_is_read_as_meant(t
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [folder.name]  # no .partial left
     monkeypatch.setenv("VRFT_CACHE", "")
     assert cache_root() == tmp_path / ".cache" / "vrft"
+
+
+def test_resume_with_precision_auto_compares_what_auto_picked(tmp_path, monkeypatch):
+    # validation skips precision=auto (it resolves later, with the planner): a fp32 checkpoint resumed in
+    # whatever auto picked (bf16 here: no memory budget on the CPU) went on without a word
+    import vrft.train
+
+    class Built(Exception):
+        pass
+
+    def build_run(cfg, *args, **kwargs):
+        raise Built
+
+    monkeypatch.setattr(vrft.train, "build_run", build_run)
+    monkeypatch.setattr(vrft.train, "apply_warm_start", lambda cfg, splits: [])
+    path = tmp_path / "last.ckpt"
+    trained = ("warm_start=none", "lora.r=4", f"run_dir={tmp_path / 'run'}")
+    torch.save({"state_dict": {}, CHECKPOINT_KEY: resume_settings(config(*trained))}, path)
+    with pytest.raises(Built):
+        vrft.train.fit(config(*trained, f"ckpt_path={path}"))  # the same precision resumes
+    with pytest.raises(
+        ValueError, match="was trained with precision._target_='vrft.precision.Fp32Precision'"
+    ):
+        vrft.train.fit(config(*trained, "precision=auto", f"ckpt_path={path}"))

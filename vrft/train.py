@@ -25,7 +25,14 @@ from vrft.paths import config_dir
 from vrft.planner.planning import budget_gb, plan_config, precision_name, resolve_auto
 from vrft.planner.report import enforce_plan
 from vrft.quiet import silence_upstream_noise
-from vrft.resume import CHECKPOINT_KEY, check_fresh_run, checkpoint_step, resume_settings, starting_adapter
+from vrft.resume import (
+    CHECKPOINT_KEY,
+    check_fresh_run,
+    check_resume,
+    checkpoint_step,
+    resume_settings,
+    starting_adapter,
+)
 from vrft.runtime.checkpoint_io import check_writable
 from vrft.runtime.cuda import apply_memory_cap, configure_allocator
 from vrft.runtime.failures import internal_failure
@@ -141,7 +148,11 @@ def fit(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, RunSummary]:
     on_disk = dataset_on_disk(cfg)  # one load for the checks of the prompt's fields and the held-out split
     check_prompt_fields(cfg, on_disk)  # the prompt template's fields, against the dataset's columns
     check_validation_rows(cfg, on_disk)  # the validation rows against the task's metric
+    auto_precision = precision_name(cfg.precision) == "auto"
     cfg = resolve_auto(cfg)  # precision=auto / rollout_engine=auto -> what the planner says fits
+    if auto_precision and cfg.get("ckpt_path") is not None:
+        # validation could not compare precision=auto with the checkpoint's: compare what auto picked
+        check_resume(cfg, Path(str(cfg.ckpt_path)))
     check_strategy(cfg.trainer, cfg.precision)  # again, for the precision `auto` chose
     verdict = enforce_plan(cfg)  # refuse, before the model loads, a run the planner says will not fit
     apply_memory_cap(cfg.get("memory_cap_gb"))  # a bigger GPU behaves like the profile's card
