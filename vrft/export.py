@@ -25,7 +25,7 @@ import torch
 from peft import PeftModel
 from transformers import BitsAndBytesConfig
 
-from vrft.models.policy import ModelSpec, load_base_model
+from vrft.models.policy import ModelSpec, is_adapter_folder, load_base_model
 from vrft.models.processor import load_processor, save_processor
 from vrft.paths import check_folder
 from vrft.precision import merge_and_requantize
@@ -37,7 +37,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 def adapter_config(adapter: Path) -> dict:
     """The adapter's `adapter_config.json`, read before anything loads: peft would fail on it minutes later."""
     config = adapter / "adapter_config.json"
-    if not config.is_file() and (adapter / "config.json").is_file():
+    if not is_adapter_folder(adapter) and (adapter / "config.json").is_file():
         # `lora=full` (algorithm=sft) writes the trained model itself where a LoRA run writes its adapter
         processor = adapter.parent.parent / "processor"
         raise ValueError(
@@ -45,7 +45,7 @@ def adapter_config(adapter: Path) -> dict:
             f"is nothing to merge; it loads as it is with AutoModelForImageTextToText.from_pretrained('{adapter}'), "
             f"and its run's processor with AutoTokenizer / Qwen2VLImageProcessorPil from '{processor}'"
         )
-    if not config.is_file():
+    if not is_adapter_folder(adapter):
         raise FileNotFoundError(
             f"'{adapter}' has no adapter_config.json; pass a peft adapter folder such as <run>/adapter/final"
         )

@@ -99,3 +99,9 @@ def test_detection_check_rows_names_rows_without_a_category_before_decoding():
     with pytest.raises(ValueError, match=r"split 'val': 1 row\(s\) \(rows 2\) have no detection category"):
         DetectionEvaluator().check_rows(rows, "val")
     DetectionEvaluator(categories="cat").check_rows(rows[:2], "val")  # from the column, or the prompt
+
+
+def test_detection_categories_take_a_named_set_as_vrft_data_build_does():
+    from vrft.data.eval_splits import CATEGORY_SETS
+
+    assert DetectionEvaluator(categories="coco-8").categories == list(CATEGORY_SETS["coco-8"])

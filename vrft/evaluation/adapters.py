@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig
 
-from vrft.models.policy import ModelSpec
+from vrft.models.policy import ModelSpec, is_adapter_folder
 from vrft.models.presets import PRESETS, model_class, preset_config
 
 _PREFIX = "base_model.model."
@@ -51,7 +51,7 @@ def check_adapter(adapter: str | Path, spec: ModelSpec) -> None:
     """Raise `ValueError` naming the adapter and the model when the adapter's LoRA shapes do not fit it."""
     folder = Path(adapter).expanduser()
     config_file = folder / "adapter_config.json"
-    if not config_file.exists():
+    if not is_adapter_folder(folder):
         raise FileNotFoundError(
             f"adapter '{adapter}' has no adapter_config.json; point adapters= at a peft adapter folder such as "
             "<run_dir>/adapter/final"

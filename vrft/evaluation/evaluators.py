@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from vrft.data.eval_splits import category_list
 from vrft.evaluation.metrics import (
     BoxSet,
     classification_accuracy,
@@ -95,7 +96,7 @@ class DetectionEvaluator:
     Args:
         coord_convention: `qwen2vl` (0..1000 grid) or `absolute` (pixels, Qwen2.5-VL).
         categories: categories to average over; default every category in the rows. One string is a
-            comma-separated list, as `vrft.data.build --categories` takes (`categories=cat` is `[cat]`, not
+            comma-separated list or a named set (`coco-8`), as `vrft.data.build --categories` takes (`categories=cat` is `[cat]`, not
             the letters c, a, t).
     """
 
@@ -103,8 +104,7 @@ class DetectionEvaluator:
 
     def __init__(self, coord_convention: str = "qwen2vl", categories: Sequence[str] | str | None = None):
         self.coord_convention = coord_convention
-        if isinstance(categories, str):
-            categories = [name.strip() for name in categories.split(",") if name.strip()]
+        categories = category_list(categories)  # one string: a comma list or a named set, as vrft.data.build
         self.categories = [str(name) for name in categories] if categories else None
 
     def check_rows(self, rows: Sequence[dict], split: str) -> None:
