@@ -74,7 +74,7 @@ def check_sweep(config_name: str, arguments: Sequence[str], check: Callable[[Dic
         fixed = [o.input_line for o in parser.parse_overrides(lines) if not o.is_sweep_override()]
         with initialize_config_dir(str(config_dir()), version_base="1.3"):
             sweeper = compose(config_name, overrides=fixed, return_hydra_config=True).hydra.sweeper
-            if not str(sweeper.get("_target_", "")).endswith(".BasicSweeper"):
+            if not is_basic_sweeper(str(sweeper.get("_target_", ""))):
                 return
             params = [f"{key}={value}" for key, value in (sweeper.get("params") or {}).items()]
             # the basic sweeper's own expansion (params first, as its sweep() puts them): Hydra has no public
@@ -98,6 +98,20 @@ def check_sweep(config_name: str, arguments: Sequence[str], check: Callable[[Dic
             + "; ".join(bad[:3])
             + more
         )
+
+
+def is_basic_sweeper(target: str) -> bool:
+    """Whether a `hydra.sweeper._target_` is Hydra's basic sweeper (the grid of `-m`, which ignores what a job
+    returns), decided by the class the name resolves to, not by its ending: `hydra_plugins.mine.BasicSweeper`
+    is another sweeper, whose jobs `check_sweep` cannot list and which may optimise what a job returns. A
+    target that does not resolve (a plugin not installed) is not the basic sweeper; Hydra names it."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra._internal.utils import _locate
+
+    try:
+        return _locate(target) is BasicSweeper
+    except (ImportError, ValueError):  # ValueError: not a dotted name (an empty part)
+        return False
 
 
 def root_cause(error: BaseException) -> BaseException:
