@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vrft.callbacks import RunConfigLogging, RunSettingsInCheckpoint, RunSummary
 from vrft.cli import check_composes, check_sweep, config_hash, user_errors
+from vrft.data.datamodule import text_faults
 from vrft.data.loading import check_template_fields, load_visual_rft
 from vrft.distributed import check_distributed, check_strategy
 from vrft.loggers import TensorBoardLogger, check_wandb_login
@@ -89,7 +90,8 @@ def check_validation_rows(cfg: DictConfig, dataset: datasets.DatasetDict | None)
     """The validation split (`data.val_split`) against the task's metric, before anything loads: the metric
     first runs at the first validation, after training steps, where a detection row that asks about no
     category stopped the run and a misspelt `task.evaluator.categories` made `val/map` NaN. Only the text
-    columns are read; the rows `data.on_bad_row=skip` would drop are left out as the data module leaves them."""
+    columns are read, of the rows the data module keeps (`vrft.data.datamodule.text_faults`): the others are
+    its to name, or to drop under `data.on_bad_row=skip`."""
     split = OmegaConf.select(cfg, "data.val_split", default=None)
     node = OmegaConf.select(cfg, "algorithm.evaluator", default=None)
     if dataset is None or split is None or split not in dataset or node is None:
@@ -100,24 +102,12 @@ def check_validation_rows(cfg: DictConfig, dataset: datasets.DatasetDict | None)
     table = dataset[split]
     limit = OmegaConf.select(cfg, "data.max_val_rows", default=None)
     count = len(table) if limit is None else min(limit, len(table))
+    check_solution = OmegaConf.select(cfg, "data.check_solution", default=None)
+    faults = text_faults(table, count, None if check_solution is None else instantiate(check_solution))
     columns = [c for c in ("problem", "solution", "category") if c in table.column_names]
     text = table.select_columns(columns)[:count]
-    rows = [{**{c: text[c][i] for c in columns}, "row_index": i} for i in range(count)]
-    # a problem or solution that is no string is the data module's to name (or to skip)
-    rows = [row for row in rows if isinstance(row["problem"], str) and isinstance(row["solution"], str)]
-    check_solution = OmegaConf.select(cfg, "data.check_solution", default=None)
-    if OmegaConf.select(cfg, "data.on_bad_row", default="error") == "skip" and check_solution is not None:
-        check = instantiate(check_solution)
-        rows = [row for row in rows if _solution_ok(check, row["solution"])]
+    rows = [{**{c: text[c][i] for c in columns}, "row_index": i} for i in range(count) if i not in faults]
     check_rows(rows, split)
-
-
-def _solution_ok(check, solution) -> bool:
-    try:
-        check(solution)
-    except ValueError:
-        return False
-    return True
 
 
 def warn_gpu_profile_without_gpu(cfg: DictConfig) -> None:

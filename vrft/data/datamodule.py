@@ -24,6 +24,23 @@ log = logging.getLogger(__name__)
 OnBadRow = Literal["error", "skip"]
 
 
+def text_faults(table, count: int, check_solution: Callable[[str], None] | None) -> dict[int, str]:
+    """The rows among the first `count` of `table` that the data module refuses by their text, each with why:
+    a missing, blank or non-string problem (`check_problem`), or a solution the task's `check_solution` cannot
+    parse. The one rule for which rows are bad: `vrft.train` checks the validation rows the data module keeps
+    against the task's metric before anything loads, so the two read it here rather than each its own copy."""
+    text = table.select_columns(["problem", "solution"])[:count]
+    faults = {}
+    for index, (problem, solution) in enumerate(zip(text["problem"], text["solution"], strict=True)):
+        try:
+            check_problem(problem)
+            if check_solution is not None:
+                check_solution(solution)
+        except ValueError as error:
+            faults[index] = str(error)
+    return faults
+
+
 class RowDataset(Dataset):
     """Rows of one split as dicts with a decoded RGB `image`; `indices` selects the rows kept."""
 
@@ -154,17 +171,10 @@ class VisualRFTDataModule(L.LightningDataModule):
             )
 
     def _good_rows(self, table, count: int, split: str) -> list[int]:
+        faults = text_faults(table, count, self.check_solution)
         bad: list[tuple[int, str]] = []
-        text = table.select_columns(["problem", "solution"])[:count]
-        problems, solutions = text["problem"], text["solution"]
         for index in range(count):
-            reason = None
-            try:
-                check_problem(problems[index])
-                if self.check_solution is not None:
-                    self.check_solution(solutions[index])
-            except ValueError as error:
-                reason = str(error)
+            reason = faults.get(index)
             if reason is None and self.verify_images:
                 try:
                     decode_image(table[index]["image"])
