@@ -88,6 +88,46 @@ def test_both_conventions_on_a_non_square_image():
         detection_map(grid_prediction, grid_truth, ["cat"], coord_convention="xywh")
 
 
+def test_a_detection_on_a_crowd_region_is_ignored_not_a_false_positive():
+    # The 0.9 detection lies inside the crowd region (its crowd IoU, the share inside, is 1): ignored, as the
+    # official COCO evaluation does, so the exact 0.8 one alone gives AP 1. Without the region it is the
+    # false positive ranked first of test_false_positive_ranked_first_halves_precision: 0.5.
+    truth = [BoxSet(1, "cat", SIZE, SIZE, boxes=[(0, 0, 100, 100)], crowd_boxes=[(500, 500, 900, 900)])]
+    predictions = [boxes(1, "cat", (600, 600, 700, 700), (0, 0, 100, 100), scores=[0.9, 0.8])]
+    assert detection_map(predictions, truth, ["cat"])["map"] == pytest.approx(1.0)
+    # A quarter of this one lies in the region (crowd IoU 0.25 < .50): a false positive again.
+    predictions = [boxes(1, "cat", (450, 450, 550, 550), (0, 0, 100, 100), scores=[0.9, 0.8])]
+    assert detection_map(predictions, truth, ["cat"])["map"] == pytest.approx(0.5)
+
+
+def test_where_a_category_is_not_exhaustive_unmatched_detections_are_ignored():
+    # LVIS not_exhaustive_category_ids: the 0.9 detection matches no box and is ignored (even one reaching
+    # past the image), the exact 0.8 one gives AP 1. Exhaustively annotated, the first is a false positive.
+    truth = [BoxSet(1, "cat", SIZE, SIZE, boxes=[(0, 0, 100, 100)], exhaustive=False)]
+    for stray in ((500, 500, 600, 600), (900, 900, 1200, 1300)):
+        predictions = [boxes(1, "cat", stray, (0, 0, 100, 100), scores=[0.9, 0.8])]
+        assert detection_map(predictions, truth, ["cat"])["map"] == pytest.approx(1.0)
+    exhaustive = [boxes(1, "cat", (0, 0, 100, 100))]
+    assert detection_map(predictions, exhaustive, ["cat"])["map"] == pytest.approx(0.5)
+    # The box itself still counts: missed, it is AP 0 (the unmatched detection costs nothing, finds nothing).
+    missed = [boxes(1, "cat", (500, 500, 600, 600), scores=[0.9])]
+    assert detection_map(missed, truth, ["cat"])["map"] == 0.0
+
+
+def test_ground_truth_in_pixels_is_compared_unrounded():
+    # On a 2000 x 2000 image one grid step is 2 pixels. The true box [0, 0, 100, 133.2] is [0, 0, 50, 67] on the
+    # grid, i.e. [0, 0, 100, 134] pixels. The prediction [0, 0, 50, 50] (pixels [0, 0, 100, 100]) has IoU
+    # 100 / 133.2 = 0.7508 with the exact box (thresholds .50 to .75: 6 of 10) but 100 / 134 = 0.7463 with
+    # the rounded one (.50 to .70: 5 of 10).
+    predictions = [BoxSet(1, "cat", 2000, 2000, boxes=[(0, 0, 50, 50)], scores=[0.9])]
+    exact = [BoxSet(1, "cat", 2000, 2000, boxes=[(0, 0, 100, 133.2)], in_pixels=True)]
+    rounded = [BoxSet(1, "cat", 2000, 2000, boxes=[(0, 0, 50, 67)])]
+    assert detection_map(predictions, exact, ["cat"])["map"] == pytest.approx(0.6)
+    assert detection_map(predictions, rounded, ["cat"])["map"] == pytest.approx(0.5)
+    # pixels whatever the task's convention
+    assert detection_map(predictions, exact, ["cat"], coord_convention="absolute")["map"] == 0.0
+
+
 def test_box_set_from_answer_reads_completions_and_solutions():
     completion = "<think>t</think><answer>[{'Position': [0, 0, 100, 100], 'Confidence': 0.75}]</answer>"
     predicted = BoxSet.from_answer(completion, 1, "cat", SIZE, SIZE)
@@ -112,6 +152,8 @@ def test_inconsistent_inputs_are_named():
         BoxSet(1, "cat", 10, 10, boxes=[(0, 0, 1, 1)], scores=[])
     with pytest.raises(ValueError, match="pixel size"):
         BoxSet(1, "cat", 0, 10)
+    with pytest.raises(ValueError, match=r"crowd_boxes of image 1 must be \[x1, y1, x2, y2\]"):
+        BoxSet(1, "cat", 10, 10, crowd_boxes=[(0, 0, 1)])
 
 
 def test_classification_accuracy_uses_the_reward_rule():
