@@ -105,3 +105,46 @@ def test_detection_categories_take_a_named_set_as_vrft_data_build_does():
     from vrft.data.eval_splits import CATEGORY_SETS
 
     assert DetectionEvaluator(categories="coco-8").categories == list(CATEGORY_SETS["coco-8"])
+
+
+def _answer(*boxes_and_scores) -> str:
+    entries = ", ".join(
+        f"{{'Position': {list(box)}, 'Confidence': {score}}}" for box, score in boxes_and_scores
+    )
+    return f"<think>x</think><answer>[{entries}]</answer>"
+
+
+def test_detection_ground_truth_columns_of_built_rows_give_the_official_numbers():
+    # 2000 x 2000 image, one grid step 2 pixels: the annotated box [0, 0, 100, 133.2] is written [0, 0, 50, 67]
+    # ([0, 0, 100, 134] pixels). The answer [0, 0, 50, 50] has IoU 0.7508 with the exact box (6 of the 10
+    # thresholds) and 0.7463 with the rounded one (5 of 10).
+    grid = {
+        "solution": "<answer>[{'Position': [0, 0, 50, 67], 'Confidence': 1}]</answer>",
+        "category": "cat",
+        "row_index": 0,
+        "image_size": (2000, 2000),
+    }
+    answer = [_answer(((0, 0, 50, 50), 0.9))]
+    assert DetectionEvaluator()(answer, [grid])["map"] == pytest.approx(0.5)
+    exact = grid | {"pixel_boxes": [[0.0, 0.0, 100.0, 133.2]]}
+    assert DetectionEvaluator()(answer, [exact])["map"] == pytest.approx(0.6)
+    # the columns hold null in records of rows without them: as without the columns
+    nulls = grid | {"pixel_boxes": None, "crowd_boxes": None, "not_exhaustive": None}
+    assert DetectionEvaluator()(answer, [nulls])["map"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    ("column", "value"), [("crowd_boxes", [[500.0, 500.0, 900.0, 900.0]]), ("not_exhaustive", True)]
+)
+def test_detection_stray_box_is_ignored_on_a_crowd_region_or_a_not_exhaustive_category(column, value):
+    # The 0.9 box matches nothing: a false positive ranked first (AP 0.5), unless it lies on a crowd region
+    # (COCO) or the category is not exhaustively annotated in the image (LVIS): then it is ignored (AP 1).
+    row = {
+        "solution": "<answer>[{'Position': [0, 0, 100, 100], 'Confidence': 1}]</answer>",
+        "category": "cat",
+        "row_index": 0,
+        "image_size": (1000, 1000),
+    }
+    answer = [_answer(((600, 600, 700, 700), 0.9), ((0, 0, 100, 100), 0.8))]
+    assert DetectionEvaluator()(answer, [row])["map"] == pytest.approx(0.5)
+    assert DetectionEvaluator()(answer, [row | {column: value}])["map"] == pytest.approx(1.0)

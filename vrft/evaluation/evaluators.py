@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 from vrft.data.eval_splits import category_list
 from vrft.evaluation.metrics import (
@@ -91,7 +92,9 @@ class DetectionEvaluator:
     The category of a row is its `category` column, else the one its prompt names (see
     `vrft.evaluation.rows.detection_category`); the image id is the row's `image_id` (one image asked
     about several categories) or, where it has none or a null, its row index; the image size comes from the
-    decoded image.
+    decoded image. The ground truth is the solution's boxes, or where the row has them (rows built by
+    `vrft.data.build`) what the official COCO/LVIS evaluation reads: the annotation file's exact
+    `pixel_boxes`, its `crowd_boxes` and the LVIS `not_exhaustive` flag (see `BoxSet`).
 
     Args:
         coord_convention: `qwen2vl` (0..1000 grid) or `absolute` (pixels, Qwen2.5-VL).
@@ -149,7 +152,7 @@ class DetectionEvaluator:
                 image_id = f"row {row['row_index']}"  # named apart from the column's own ids
             width, height = row["image_size"]
             predictions.append(BoxSet.from_answer(completion, image_id, category, width, height))
-            truth.append(BoxSet.from_answer(row["solution"], image_id, category, width, height))
+            truth.append(_truth(row, image_id, category, width, height))
             categories.append(category)
         result = detection_map(
             predictions, truth, self.categories or sorted(set(categories)), self.coord_convention
@@ -160,3 +163,11 @@ class DetectionEvaluator:
                 metrics[f"map/{name}"] = values["map"]
                 metrics[f"map_50/{name}"] = values["map_50"]
         return metrics
+
+
+def _truth(row: dict, image_id: int | str, category: str, width: int, height: int) -> BoxSet:
+    """The ground truth of a detection row; each column the row lacks (or holds null in) leaves the default."""
+    truth = BoxSet.from_answer(row["solution"], image_id, category, width, height)
+    if row.get("pixel_boxes") is not None:  # the solution's boxes are these, rounded to the grid
+        truth = replace(truth, boxes=row["pixel_boxes"], scores=None, in_pixels=True)
+    return replace(truth, crowd_boxes=row.get("crowd_boxes") or (), exhaustive=not row.get("not_exhaustive"))

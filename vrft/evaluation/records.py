@@ -2,7 +2,8 @@
 
 One JSON object per line: which model (`model`: "base" or the adapter), which row (`row_index`), the raw
 `completion`, the parsed `answer`, the per-row `reward` (the task's weighted total) and its parts, plus what
-the metric needs (`solution`, `category`, `image_id`, `image_size`). A line cut off by an interrupted write
+the metric needs (`solution`, `category`, `image_id`, `image_size`, and where the row has them
+`pixel_boxes`, `crowd_boxes`, `not_exhaustive`). A line cut off by an interrupted write
 is dropped when the file is read back, so a resumed run decodes that row again.
 """
 
@@ -25,6 +26,8 @@ from vrft.paths import write_atomic
 log = logging.getLogger(__name__)
 
 RECORD_KEYS = ("row_index", "solution", "category", "image_id", "image_size")
+# Written only where the row has them (rows built by vrft.data.build): the official COCO/LVIS ground truth.
+OPTIONAL_RECORD_KEYS = ("pixel_boxes", "crowd_boxes", "not_exhaustive")
 
 
 class PredictionLog:
@@ -112,6 +115,7 @@ class PredictionWriter(L.Callback):
         for i, (completion, row) in enumerate(zip(completions, batch, strict=True)):
             record = {"model": self.model, **{k: row.get(k) for k in RECORD_KEYS}}
             record["image_size"] = list(row["image_size"])
+            record |= {k: row[k] for k in OPTIONAL_RECORD_KEYS if row.get(k) is not None}
             record |= {"completion": completion, "answer": self.answer(completion), "reward": float(total[i])}
             record["rewards"] = {name: float(values[i]) for name, values in parts.items()}
             records.append(record)
