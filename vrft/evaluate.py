@@ -12,8 +12,9 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import sys
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import hydra
 from hydra.utils import instantiate
@@ -41,13 +42,16 @@ BASE = "base"
 
 
 def evaluated_models(cfg: DictConfig) -> dict[str, dict]:
-    """`{label: {"adapter", "ckpt_path"}}` in table order: the base model first, then each adapter."""
+    """`{label: {"adapter", "ckpt_path"}}` in table order: the base model first, then each adapter (a folder
+    named twice, in any spelling, once)."""
     listed = cfg.adapters or []
     if isinstance(listed, str):  # `adapters=<folder>` without brackets: one adapter, not its characters
         listed = [listed]
     adapters = [*([cfg.adapter] if cfg.adapter else []), *listed]
     models = {BASE: {"adapter": None, "ckpt_path": None}} if cfg.include_base else {}
-    models |= {str(a): {"adapter": str(a), "ckpt_path": None} for a in adapters}
+    for adapter in map(str, adapters):
+        if not any(same_folder(adapter, model["adapter"]) for model in models.values() if model["adapter"]):
+            models[adapter_label(adapter)] = {"adapter": adapter, "ckpt_path": None}
     if cfg.ckpt_path:
         models[str(cfg.ckpt_path)] = {"adapter": None, "ckpt_path": str(cfg.ckpt_path)}
     if not models:
@@ -55,6 +59,30 @@ def evaluated_models(cfg: DictConfig) -> dict[str, dict]:
             "include_base=false and no adapters= or ckpt_path=: name at least one model to evaluate"
         )
     return models
+
+
+def adapter_label(spelling: str) -> str:
+    """An adapter's row in the table and its `model` in predictions.jsonl: the folder as `adapters=` spells it,
+    without a trailing `/` or a leading `./` (spellings without them keep the labels they always had)."""
+    return str(PurePath(spelling))
+
+
+def same_folder(spelling: str, other: str) -> bool:
+    """Whether two spellings (relative or absolute, `~`, a trailing `/`) name the same folder."""
+    return Path(os.path.expanduser(spelling)).resolve() == Path(os.path.expanduser(other)).resolve()
+
+
+def saved_labels(models: dict[str, dict], saved: set[str]) -> dict[str, dict]:
+    """`models` with each adapter under the label its folder already has in a resumed predictions.jsonl
+    (`saved`): resuming with another spelling of the folder (absolute for relative, say) would decode its rows
+    again and show it as a second adapter."""
+    relabelled = {}
+    for label, model in models.items():
+        if model["adapter"] and label not in saved:
+            same = sorted(s for s in saved - {BASE} if same_folder(s, model["adapter"]))
+            label = same[0] if same else label
+        relabelled[label] = model
+    return relabelled
 
 
 def load_rows(cfg: DictConfig) -> EvalRows:
@@ -186,6 +214,7 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
         check_rows([rows.columns[i] for i in rows.indices], cfg.split)
     out = output_dir(cfg)
     predictions = PredictionLog(out / "predictions.jsonl")
+    models = saved_labels(models, {record["model"] for record in predictions.records})
     rewards = RewardSet(instantiate(cfg.task.rewards))
     speed = {}
     for label, model in models.items():

@@ -266,6 +266,41 @@ def test_one_adapter_without_brackets_is_one_adapter(tmp_path, monkeypatch):
     assert list(results) == ["base", str(adapter)]
 
 
+@pytest.mark.parametrize(
+    ("first", "again", "label"),
+    [("{a}", "{a}/", "{a}"), ("adapter/", "{a}", "adapter"), ("{a}", "./adapter", "{a}")],
+    ids=["trailing slash", "absolute for relative", "relative for absolute"],
+)
+def test_a_resume_knows_an_adapter_by_its_folder_however_it_is_spelt(
+    tmp_path, monkeypatch, first, again, label
+):
+    # `adapters=<folder>/` on resume was another label than `adapters=<folder>`: its rows were decoded again
+    # and it showed as a second adapter in the table
+    adapter = random_adapter(tmp_path / "adapter")
+    monkeypatch.chdir(tmp_path)
+    data = write_dataset(schema_rows("classification"), tmp_path / "data", "disk")
+    overrides = ["task=classification", "data=disk", f"data.path={data}"]
+    install(monkeypatch, StubDecoder(perfect))
+    evaluate(eval_config(tmp_path / "out", *overrides, f"adapters={first.format(a=adapter)}"))
+    decoder = install(monkeypatch, StubDecoder(perfect))
+    resumed = f"resume={tmp_path / 'out'}"
+    results = evaluate(
+        eval_config(tmp_path / "again", *overrides, f"adapters={again.format(a=adapter)}", resumed)
+    )
+    label = label.format(a=adapter)
+    assert decoder.rows == []  # nothing decoded again
+    assert list(results) == ["base", label]
+    assert {r["model"] for r in read_predictions(tmp_path / "out")} == {"base", label}
+    assert f"| metric (%) | base | {label} | Δ vs base |" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_one_folder_named_twice_is_one_adapter(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    adapter = tmp_path / "adapter"
+    cfg = eval_config(tmp_path / "out", f"adapters=[{adapter}/,./adapter,{adapter}]")
+    assert list(vrft.evaluate.evaluated_models(cfg)) == ["base", str(adapter)]
+
+
 @pytest.mark.parametrize("override", ["batch_size=0", "max_new_tokens=-1", "max_rows=0"])
 def test_a_decoding_budget_below_one_is_named_before_loading(tmp_path, monkeypatch, override):
     decoder = install(monkeypatch, StubDecoder(perfect))
