@@ -20,7 +20,7 @@ from vrft.models.policy import is_adapter_folder
 from vrft.warmstart import warm_start_skipped
 
 # The settings a resumed run must share with its checkpoint (the LoRA shape, the base, how it is stored;
-# `resume_settings` adds the precision's and the optimizer's).
+# `resume_settings` adds the precision's, the optimizer's and ALGORITHM_KEYS).
 RESUME_KEYS = (
     "model.name_or_path",
     "lora.r",
@@ -33,13 +33,34 @@ CHECKPOINT_KEY = "vrft_resume"  # where RunSettingsInCheckpoint stores `resume_s
 # The adapter's shape. A run that starts from an adapter (lora.init_adapter, or a warm start) trains that
 # adapter's shape, not the lora node's: these keys then hold the adapter's own values.
 LORA_SHAPE_KEYS = ("lora.r", "lora.alpha", "lora.target_modules")
+# The GRPO loop's settings that shape what a step trains: its completions (generation), their advantages and
+# the update. With another value a resumed run trains its remaining steps unlike its first ones, while
+# config.yaml, written again at the resume, records only the new value. The memory knobs (rollout_batch_size,
+# update_micro_batch_size, logprob_chunk_size, rollout_engine) split the same work otherwise and may change
+# on a resume, to fit another card; so may what is only watched (max_bad_steps, stall_steps, the samples).
+ALGORITHM_KEYS = (
+    "group_size",
+    "temperature",
+    "top_p",
+    "max_new_tokens",
+    "min_new_tokens",
+    "prompt_template",
+    "rollout_seed",
+    "prompts_per_step",
+    "num_iterations",
+    "scale_rewards",
+    "advantage_eps",
+    "max_grad_norm",
+    "rollout_is_cap",
+)
 # "adapter" or "fresh"; checkpoints of older vrft lack it, and their LORA_SHAPE_KEYS are the lora node's even
 # where the run started from an adapter.
 STARTS_FROM_KEY = "lora.starts_from"
 
 
 def resume_settings(cfg: DictConfig) -> dict[str, Any]:
-    """The settings a checkpoint must share with a run that resumes from it (flat keys)."""
+    """The settings a checkpoint must share with a run that resumes from it (flat keys): the model, the LoRA
+    shape, the precision, the optimizer and what the GRPO loop trains with (`ALGORITHM_KEYS`)."""
     settings = {key: OmegaConf.select(cfg, key) for key in RESUME_KEYS}
     start = starting_adapter(cfg)
     settings[STARTS_FROM_KEY] = "fresh" if start is None else "adapter"
@@ -48,6 +69,10 @@ def resume_settings(cfg: DictConfig) -> dict[str, Any]:
         if not isinstance(targets, str):  # a list in the adapter's config: peft keeps it as a set
             targets = sorted(targets)
         settings |= dict(zip(LORA_SHAPE_KEYS, (start.r, start.lora_alpha, targets), strict=True))
+    algorithm = cfg.get("algorithm") or {}
+    for key in ALGORITHM_KEYS:
+        if key in algorithm:  # algorithm=sft has no rollout
+            settings[f"algorithm.{key}"] = OmegaConf.select(cfg, f"algorithm.{key}")
     # The optimizer's too: Lightning restores its state from the checkpoint, learning rate and weight decay
     # included, so another value would be silently ignored (and another class fails to load that state).
     for group in ("precision", "optimizer"):
@@ -136,7 +161,7 @@ def check_resume(cfg: DictConfig, path: Path, training: bool = True) -> dict | N
         if key not in saved or key == STARTS_FROM_KEY or (auto and key.startswith("precision.")):
             continue
         if (key in LORA_SHAPE_KEYS and old_record) or (
-            key.startswith(("lora.", "optimizer.")) and not training
+            key.startswith(("lora.", "optimizer.", "algorithm.")) and not training
         ):
             continue  # vrft.evaluate builds the checkpoint's own adapter (checkpoint_lora), and trains nothing
         if saved[key] != value:
@@ -150,6 +175,11 @@ def check_resume(cfg: DictConfig, path: Path, training: bool = True) -> dict | N
                 other = (
                     "start a new run from its adapter (lora.init_adapter=<run>/adapter/step-N, no ckpt_path): "
                     "resuming restores the checkpoint's optimizer, its settings included"
+                )
+            elif key.startswith("algorithm."):
+                other = (
+                    "start a new run from its adapter (lora.init_adapter=<run>/adapter/step-N, no ckpt_path) to "
+                    "train on with another value: a resumed run goes on as its checkpoint's run trained"
                 )
             raise ValueError(
                 f"ckpt_path='{path}' was trained with {key}={saved[key]!r} but this run has {key}={value!r}; "

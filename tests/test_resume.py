@@ -1,0 +1,61 @@
+"""What a resume compares with its checkpoint before loading (`vrft.resume`), and reads of the checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vrft.cli  # noqa: F401  (importing it registers the resolvers the configs use)
+from tests.support import train_config as config
+from vrft.resume import CHECKPOINT_KEY, resume_settings
+from vrft.validation import validate
+
+TRAINED = ("warm_start=none", "lora.r=4")
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    """A checkpoint of a run with `TRAINED`'s settings, at step 2."""
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {}, "global_step": 2, CHECKPOINT_KEY: resume_settings(config(*TRAINED))}, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("resumed", "message"),
+    [
+        # min_new_tokens=8 forces every completion to 8 tokens: the resumed steps trained on other rollouts
+        ("algorithm.min_new_tokens=8", "was trained with algorithm.min_new_tokens=0 but this run has "),
+        ("algorithm.temperature=0.7", "was trained with algorithm.temperature=1.0 but this run has "),
+        ("algorithm.group_size=2", "was trained with algorithm.group_size=4 but this run has "),
+        ("algorithm.max_new_tokens=32", "was trained with algorithm.max_new_tokens=24 but this run has "),
+        ("seed=3", "was trained with algorithm.rollout_seed=0 but this run has algorithm.rollout_seed=3"),
+    ],
+)
+def test_resume_with_another_rollout_setting_is_refused_naming_the_checkpoints_value(
+    checkpoint, resumed, message
+):
+    validate(config(*TRAINED, f"ckpt_path={checkpoint}"))  # the same settings resume
+    with pytest.raises(ValueError) as error:
+        validate(config(*TRAINED, resumed, f"ckpt_path={checkpoint}"))
+    key, value = message.split("was trained with ")[1].split(" but")[0].split("=")
+    assert message in str(error.value)
+    assert f"; resume with {key}={value}, or start a new run from its adapter (lora.init_adapter=" in str(
+        error.value
+    )
+
+
+@pytest.mark.parametrize(
+    "resumed",
+    ["algorithm.rollout_batch_size=2", "algorithm.update_micro_batch_size=4", "algorithm.stall_steps=9"],
+)
+def test_resume_with_another_memory_or_watch_setting_goes_on(checkpoint, resumed):
+    # how the same work is split (to fit another card), or what is only watched
+    validate(config(*TRAINED, resumed, f"ckpt_path={checkpoint}"))
+
+
+def test_a_checkpoint_that_records_no_rollout_settings_still_resumes(checkpoint):
+    # written before the algorithm's settings were recorded
+    settings = {k: v for k, v in resume_settings(config(*TRAINED)).items() if not k.startswith("algorithm.")}
+    torch.save({"state_dict": {}, CHECKPOINT_KEY: settings}, checkpoint)
+    validate(config(*TRAINED, "algorithm.min_new_tokens=8", f"ckpt_path={checkpoint}"))
