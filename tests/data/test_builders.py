@@ -56,7 +56,18 @@ def write_coco(tmp_path, images=SIZES, lvis=False, annotations=None):
 def test_detection_rows_from_coco(tmp_path):
     path, image_dir = write_coco(tmp_path)
     rows = build_detection_rows(path, image_dir, categories=["cat", "dog"])["train"]
-    assert rows.column_names == ["image", "problem", "solution", "category", "image_id", "width", "height"]
+    assert rows.column_names == [
+        "image",
+        "problem",
+        "solution",
+        "category",
+        "image_id",
+        "width",
+        "height",
+        "pixel_boxes",
+        "crowd_boxes",
+        "not_exhaustive",
+    ]
     assert [(r["category"], r["image_id"]) for r in rows.remove_columns("image")] == [
         ("cat", 1),
         ("cat", 2),
@@ -71,6 +82,9 @@ def test_detection_rows_from_coco(tmp_path):
     )
     assert first["problem"] == detection_prompt("cat")
     assert first["image"].size == (200, 100) and (first["width"], first["height"]) == (200, 100)
+    # the file's boxes as xyxy pixels, unrounded, for the official evaluation; no crowd region, exhaustive
+    assert first["pixel_boxes"] == [[20.0, 10.0, 60.0, 40.0], [100.0, 50.0, 150.0, 100.0]]
+    assert (first["crowd_boxes"], first["not_exhaustive"]) == ([], False)
     for solution in rows["solution"]:
         check_detection_solution(solution)
         assert iou_reward([solution], [solution]) == [1.0]

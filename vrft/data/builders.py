@@ -11,6 +11,7 @@ import json
 import math
 import random
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
@@ -86,11 +87,17 @@ def _nested_sample(pool: list, count: int, seed: int, key: str) -> list:
     return [item for item in pool if item in chosen]
 
 
+# Inferred from rows whose lists are all empty (no crowd region among them), the type would be a list of nulls.
+_PIXEL_BOXES = datasets.Sequence(datasets.Sequence(datasets.Value("float64")))
+
+
 def _to_dataset(rows: list[dict], split: str) -> datasets.DatasetDict:
-    # Paths become a lazily decoded Image column; every other column's type is inferred.
-    return datasets.DatasetDict(
-        {split: datasets.Dataset.from_list(rows).cast_column("image", datasets.Image())}
-    )
+    # Paths become a lazily decoded Image column, box lists float pixels; every other column's type is inferred.
+    table = datasets.Dataset.from_list(rows).cast_column("image", datasets.Image())
+    for column in ("pixel_boxes", "crowd_boxes"):
+        if column in table.column_names:
+            table = table.cast_column(column, _PIXEL_BOXES)
+    return datasets.DatasetDict({split: table})
 
 
 def _image_path(image: dict, image_dir: Path) -> Path:
@@ -129,8 +136,10 @@ def build_detection_rows(
             category is absent (for LVIS: listed in ``neg_category_ids``); 0 adds none.
         on_missing: "error" stops on missing image files; "skip" drops their rows.
 
-    Crowd annotations are left out, as COCO evaluation ignores them. Rows carry ``category``,
-    ``image_id``, ``width`` and ``height`` for ``vrft.evaluation.metrics.detection_map``.
+    Solutions hold the non-crowd boxes. Rows carry ``category``, ``image_id``, ``width`` and ``height``,
+    and for the official COCO/LVIS evaluation (``DetectionEvaluator``) ``pixel_boxes`` (the file's boxes,
+    unrounded), ``crowd_boxes`` (its ``iscrowd`` regions) and ``not_exhaustive`` (LVIS
+    ``not_exhaustive_category_ids``).
     """
     check_coord_convention(coord_convention)
     if shots is not None and shots < 1:
@@ -148,9 +157,8 @@ def build_detection_rows(
         available = ", ".join(sorted(ids_by_name)[:50]) + (" ..." if len(ids_by_name) > 50 else "")
         raise ValueError(f"categories {unknown} are not in '{annotation_json}'; available: {available}")
     images = {image["id"]: image for image in coco.get("images", [])}
-    boxes = _boxes_by_image_and_category(
-        coco, images, {ids_by_name[name] for name in chosen}, coord_convention
-    )
+    annotated = _annotated_boxes(coco, images, {ids_by_name[name] for name in chosen}, coord_convention)
+    boxes = {pair: truth for pair, truth in annotated.items() if truth.boxes}
     used = sorted(images) if no_objects else sorted({image_id for image_id, _ in boxes})
     paths = {image_id: _image_path(images[image_id], Path(image_dir)) for image_id in used}
     missing = _missing_files(paths, on_missing, annotation_json)
@@ -165,7 +173,11 @@ def build_detection_rows(
                 f"lower shots to {len(positives)} or drop '{name}' from categories"
             )
         for i in _nested_sample(positives, len(positives) if shots is None else shots, seed, name):
-            rows.append(_detection_row(images[i], paths[i], name, boxes[(i, category_id)], coord_convention))
+            rows.append(
+                _detection_row(
+                    images[i], paths[i], category_id, name, boxes[(i, category_id)], coord_convention
+                )
+            )
         negatives = [
             i for i in present if (i, category_id) not in boxes and _known_absent(images[i], category_id)
         ]
@@ -175,7 +187,16 @@ def build_detection_rows(
                 f"no_objects={no_objects}; lower no_objects to {len(negatives)}"
             )
         for i in _nested_sample(negatives, no_objects, seed, f"{name}:absent"):
-            rows.append(_detection_row(images[i], paths[i], name, [], coord_convention))
+            rows.append(
+                _detection_row(
+                    images[i],
+                    paths[i],
+                    category_id,
+                    name,
+                    annotated.get((i, category_id), AnnotatedBoxes()),
+                    coord_convention,
+                )
+            )
     if not rows:
         raise ValueError(
             f"no detection rows: none of {chosen} has a box in an image found in '{image_dir}'; "
@@ -184,11 +205,26 @@ def build_detection_rows(
     return _to_dataset(rows, split)
 
 
-def _boxes_by_image_and_category(coco: dict, images: dict, wanted: set, coord_convention: str) -> dict:
-    """``{(image_id, category_id): [[x1, y1, x2, y2] in the convention, ...]}`` for the wanted categories."""
-    boxes: dict[tuple, list[list[int]]] = {}
+@dataclass
+class AnnotatedBoxes:
+    """What an annotation file says about one category in one image.
+
+    The solution holds ``boxes``, rounded to the model's convention; the official COCO/LVIS evaluation
+    compares with ``pixel_boxes`` and ignores detections on ``crowd_boxes``, so rows carry both.
+    """
+
+    boxes: list[list[int]] = field(default_factory=list)  # [N, 4] xyxy in the convention: the solution's
+    pixel_boxes: list[list[float]] = field(default_factory=list)  # [M, 4] xyxy pixels, M >= N (none vanish)
+    crowd_boxes: list[list[float]] = field(default_factory=list)  # [C, 4] xyxy pixels of iscrowd regions
+
+
+def _annotated_boxes(
+    coco: dict, images: dict, wanted: set, coord_convention: str
+) -> dict[tuple, AnnotatedBoxes]:
+    """``{(image_id, category_id): AnnotatedBoxes}`` for the wanted categories' annotations."""
+    annotated: dict[tuple, AnnotatedBoxes] = {}
     for annotation in coco.get("annotations", []):
-        if annotation["category_id"] not in wanted or annotation.get("iscrowd", 0):
+        if annotation["category_id"] not in wanted:
             continue
         image = images.get(annotation["image_id"])
         if image is None:
@@ -196,22 +232,39 @@ def _boxes_by_image_and_category(coco: dict, images: dict, wanted: set, coord_co
                 f"annotation {annotation.get('id')!r} refers to image {annotation['image_id']!r}, which the "
                 "file does not list under 'images'; fix the annotation file"
             )
-        x, y, w, h = annotation["bbox"]
-        box = pixels_to_convention([x, y, x + w, y + h], image["width"], image["height"], coord_convention)
+        x, y, w, h = (float(value) for value in annotation["bbox"])
+        pixels = [x, y, x + w, y + h]
+        entry = annotated.setdefault((image["id"], annotation["category_id"]), AnnotatedBoxes())
+        if annotation.get("iscrowd", 0):
+            entry.crowd_boxes.append(pixels)
+            continue
+        entry.pixel_boxes.append(pixels)
+        box = pixels_to_convention(pixels, image["width"], image["height"], coord_convention)
         if box[2] > box[0] and box[3] > box[1]:  # boxes thinner than one grid step vanish when rounded
-            boxes.setdefault((image["id"], annotation["category_id"]), []).append(box)
-    return boxes
+            entry.boxes.append(box)
+    return annotated
 
 
-def _detection_row(image: dict, path: Path, category: str, boxes: list, coord_convention: str) -> dict:
+def _not_exhaustive(image: dict, category_id: int) -> bool:
+    # LVIS: the category is in the image but not every instance has a box; unmatched detections are ignored.
+    return category_id in image.get("not_exhaustive_category_ids", [])
+
+
+def _detection_row(
+    image: dict, path: Path, category_id: int, category: str, truth: AnnotatedBoxes, coord_convention: str
+) -> dict:
     return {
         "image": str(path),
         "problem": detection_prompt(category, coord_convention),
-        "solution": format_detection_answer(boxes),
+        "solution": format_detection_answer(truth.boxes),
         "category": category,
         "image_id": image["id"],
         "width": image["width"],
         "height": image["height"],
+        # what `DetectionEvaluator` gives the official evaluation instead of the solution's rounded boxes
+        "pixel_boxes": truth.pixel_boxes,
+        "crowd_boxes": truth.crowd_boxes,
+        "not_exhaustive": _not_exhaustive(image, category_id),
     }
 
 

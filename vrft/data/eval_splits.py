@@ -17,7 +17,8 @@ import datasets
 
 from vrft.data.annotations import read_coco
 from vrft.data.builders import (
-    _boxes_by_image_and_category,
+    AnnotatedBoxes,
+    _annotated_boxes,
     _detection_row,
     _image_path,
     _known_absent,
@@ -63,7 +64,10 @@ def build_detection_eval_rows(
             category, so each sampled image is asked about each of them.
         on_missing: "error" stops on missing image files; "skip" drops their rows.
 
-    Rows carry `category`, `image_id`, `width` and `height` besides `image`, `problem`, `solution`.
+    Rows carry `category`, `image_id`, `width` and `height` besides `image`, `problem`, `solution`, and what
+    the official COCO/LVIS evaluation reads: `pixel_boxes` (the file's boxes; the solution rounds them to the
+    model's grid), `crowd_boxes` (COCO `iscrowd` regions: detections on them are ignored) and
+    `not_exhaustive` (LVIS `not_exhaustive_category_ids`: detections matching no box are ignored).
     """
     check_coord_convention(coord_convention)
     if max_images is not None and max_images < 1:
@@ -82,7 +86,7 @@ def build_detection_eval_rows(
             f"(named sets: {', '.join(CATEGORY_SETS)})"
         )
     images = {image["id"]: image for image in coco.get("images", [])}
-    boxes = _boxes_by_image_and_category(coco, images, {ids_by_name[n] for n in chosen}, coord_convention)
+    annotated = _annotated_boxes(coco, images, {ids_by_name[n] for n in chosen}, coord_convention)
     image_ids = sorted(images)
     if max_images is not None and max_images < len(image_ids):
         image_ids = sorted(random.Random(seed).sample(image_ids, max_images))
@@ -92,13 +96,10 @@ def build_detection_eval_rows(
     for i in (i for i in image_ids if i not in missing):
         for name in chosen:
             category_id = ids_by_name[name]
-            present = (i, category_id) in boxes
-            if present or _known_absent(images[i], category_id):
-                rows.append(
-                    _detection_row(
-                        images[i], paths[i], name, boxes.get((i, category_id), []), coord_convention
-                    )
-                )
+            truth = annotated.get((i, category_id), AnnotatedBoxes())
+            # present: a box, even one too thin for the grid (the official evaluation still counts it)
+            if truth.pixel_boxes or _known_absent(images[i], category_id):
+                rows.append(_detection_row(images[i], paths[i], category_id, name, truth, coord_convention))
     if not rows:
         raise ValueError(f"no evaluation rows: no image of '{annotation_json}' was found in '{image_dir}'")
     return _to_dataset(rows, split)
