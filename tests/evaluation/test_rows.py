@@ -90,3 +90,25 @@ def test_an_image_id_shared_by_images_of_two_sizes_is_a_bad_row_before_decoding(
         prepare_rows(table, "test", "detection", check_detection_solution)
     rows = prepare_rows(table, "test", "detection", check_detection_solution, on_bad_row="skip")
     assert rows.indices == [0, 1] and [index for index, _ in rows.bad] == [2, 3]
+
+
+def test_unreadable_ground_truth_columns_are_bad_rows_before_decoding():
+    # the columns vrft.data.build writes are optional (null is as absent), but a hand-made value the metric
+    # cannot read is named before any row is decoded, not at the metric after all of them
+    table = datasets.Dataset.from_list(schema_rows("detection")).cast_column(
+        "image", datasets.Image(decode=False)
+    )
+    table = table.add_column("pixel_boxes", [None, [[0.0, 0.0, 5.0, 5.0]], [[1.0, 2.0]], None])
+    table = table.add_column("not_exhaustive", [None, False, False, True])
+    with pytest.raises(
+        ValueError, match=r"rows 2\); row 2: pixel_boxes \[\[1\.0, 2\.0\]\], not a list of \[x1, y1, x2, y2\]"
+    ):
+        prepare_rows(table, "test", "detection", check_detection_solution)
+    rows = [{"problem": "p", "category": "cat", "solution": CAT, "crowd_boxes": "everywhere"}]
+    with pytest.raises(ValueError, match=r"\(rows 0\) have crowd_boxes 'everywhere', not a list of \["):
+        DetectionEvaluator().check_rows(rows, "val")
+    with pytest.raises(ValueError, match=r"have not_exhaustive 'yes', not true or false"):
+        DetectionEvaluator().check_rows([{"category": "cat", "not_exhaustive": "yes"}], "val")
+    DetectionEvaluator().check_rows([{"category": "cat", "pixel_boxes": None, "not_exhaustive": None}], "val")
+    good = prepare_rows(table.select([0, 1, 3]), "test", "detection", check_detection_solution)
+    assert good.indices == [0, 1, 2]

@@ -20,7 +20,7 @@ from vrft.evaluation.metrics import (
     grounding_giou,
     grounding_miou,
 )
-from vrft.evaluation.rows import detection_category
+from vrft.evaluation.rows import check_truth_columns, detection_category
 from vrft.rewards.classification import check_classes
 from vrft.rewards.parsing import extract_answer, parse_detection_answer, parse_grounding_box, read_answer
 
@@ -111,14 +111,16 @@ class DetectionEvaluator:
         self.categories = [str(name) for name in categories] if categories else None
 
     def check_rows(self, rows: Sequence[dict], split: str) -> None:
-        """Raise `ValueError` before decoding when a row asks about no category (the metric would stop on it),
-        or when `categories` names one that no row asks about: its AP is undefined, so a misspelt name would
+        """Raise `ValueError` before decoding when a row asks about no category or holds unreadable ground-truth
+        columns (`vrft.evaluation.rows.check_truth_columns`; the metric would stop on either), or when
+        `categories` names one that no row asks about: its AP is undefined, so a misspelt name would
         leave it out of the average (or make the average NaN) unnoticed. `vrft.evaluate` passes rows whose
         category is derived already; training passes its validation split's rows as they are on disk."""
         asked, missing = set(), []
         for number, row in enumerate(rows):
             try:
                 asked.add(detection_category(row))
+                check_truth_columns(row)
             except ValueError as error:
                 missing.append((row.get("row_index", number), str(error)))
         if missing:

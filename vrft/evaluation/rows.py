@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from vrft.rewards.parsing import extract_answer
 log = logging.getLogger(__name__)
 
 ON_BAD_ROW = ("error", "skip")
+# Optional detection columns of rows built by vrft.data.build: the ground truth as the official evaluation has it.
+TRUTH_COLUMNS = ("pixel_boxes", "crowd_boxes", "not_exhaustive")
 # The reference prompt: "Detect all objects belonging to the category '{category}' in the image, ...".
 _PROMPT_CATEGORY = re.compile(
     r"\bcategor(?:y|ies)\s*[:=]?\s*['\"‘“]([^'\"’”\n]{1,100})['\"’”]", re.IGNORECASE
@@ -64,6 +67,28 @@ def detection_category(row: dict) -> str:
         f"no detection category: no 'category' column, the prompt quotes no name after \"category\" and "
         f"{found}; add a 'category' column"
     )
+
+
+def _is_box(value: object) -> bool:
+    return (
+        isinstance(value, list | tuple)
+        and len(value) == 4
+        and all(isinstance(n, int | float) and not isinstance(n, bool) and math.isfinite(n) for n in value)
+    )
+
+
+def check_truth_columns(row: dict) -> None:
+    """Raise `ValueError` when a detection row's optional ground-truth columns (`vrft.data.build` writes them
+    for the official COCO/LVIS evaluation) hold what the metric cannot read; absent or null, each is fine."""
+    for column in ("pixel_boxes", "crowd_boxes"):
+        boxes = row.get(column)
+        if boxes is not None and not (isinstance(boxes, list | tuple) and all(map(_is_box, boxes))):
+            raise ValueError(
+                f"{column} {boxes!r}, not a list of [x1, y1, x2, y2] pixel boxes; fix the column or remove it"
+            )
+    flag = row.get("not_exhaustive")
+    if flag is not None and not isinstance(flag, bool):
+        raise ValueError(f"not_exhaustive {flag!r}, not true or false; fix the column or remove it")
 
 
 def image_content_id(image) -> str:
@@ -107,7 +132,7 @@ def prepare_rows(
     """Check and complete the first `max_rows` rows of `table` for `task`'s metric; no model runs.
 
     Bad rows (unparseable solution; detection: no category, an `image_id` shared with an image of another
-    size; an image that cannot be decoded) raise one `ValueError` listing them by row number, or with
+    size, unreadable `TRUTH_COLUMNS`; an image that cannot be decoded) raise one `ValueError` listing them by row number, or with
     `on_bad_row="skip"` are left out and reported in `EvalRows.bad`.
     """
     if on_bad_row not in ON_BAD_ROW:
@@ -115,7 +140,8 @@ def prepare_rows(
     count = len(table) if max_rows is None else min(max_rows, len(table))
     if count == 0:
         raise ValueError(f"split '{split}' is empty; choose a split with rows (split=...)")
-    text = table.select_columns([c for c in ("problem", "solution", "category") if c in table.column_names])
+    read = ("problem", "solution", "category", *TRUTH_COLUMNS)
+    text = table.select_columns([c for c in read if c in table.column_names])
     images = table.select_columns(["image"])  # undecoded (bytes or a path): each is opened once here
     rows = EvalRows(table, split)
     sizes: dict[int, tuple[int, int]] = {}  # row index -> (width, height) of its decoded image
@@ -141,6 +167,7 @@ def _derived(row: dict, task: str, index: int) -> dict:
     derived = {"row_index": index}
     if task == "detection":
         derived["category"] = detection_category(row)
+        check_truth_columns(row)
     elif task == "classification":
         derived["category"] = extract_answer(row["solution"]) or ""
     return derived
