@@ -87,12 +87,12 @@ def _nested_sample(pool: list, count: int, seed: int, key: str) -> list:
     return [item for item in pool if item in chosen]
 
 
-# Inferred from rows whose lists are all empty (no crowd region among them), the type would be a list of nulls.
+# Inferred from rows whose lists are all empty (no crowd region among them), the type would be list of null.
 _PIXEL_BOXES = datasets.Sequence(datasets.Sequence(datasets.Value("float64")))
 
 
 def _to_dataset(rows: list[dict], split: str) -> datasets.DatasetDict:
-    # Paths become a lazily decoded Image column, box lists float pixels; every other column's type is inferred.
+    # Paths become a lazily decoded Image column, box lists float pixels; other columns' types are inferred.
     table = datasets.Dataset.from_list(rows).cast_column("image", datasets.Image())
     for column in ("pixel_boxes", "crowd_boxes"):
         if column in table.column_names:
@@ -133,7 +133,8 @@ def build_detection_rows(
         categories: category names to keep, in order; None keeps all.
         shots: images sampled per category (k-shot, seeded); None keeps every image with a box.
         no_objects: also add this many "No Objects" rows per category, from images where the
-            category is absent (for LVIS: listed in ``neg_category_ids``); 0 adds none.
+            category is absent (no box or crowd region; for LVIS: listed in ``neg_category_ids``); 0 adds
+            none.
         on_missing: "error" stops on missing image files; "skip" drops their rows.
 
     Solutions hold the non-crowd boxes. Rows carry ``category``, ``image_id``, ``width`` and ``height``,
@@ -178,8 +179,9 @@ def build_detection_rows(
                     images[i], paths[i], category_id, name, boxes[(i, category_id)], coord_convention
                 )
             )
+        # not an image with a crowd region or a box too thin for the grid: "No Objects" would be a wrong label
         negatives = [
-            i for i in present if (i, category_id) not in boxes and _known_absent(images[i], category_id)
+            i for i in present if (i, category_id) not in annotated and _known_absent(images[i], category_id)
         ]
         if no_objects > len(negatives):
             raise ValueError(
@@ -188,14 +190,7 @@ def build_detection_rows(
             )
         for i in _nested_sample(negatives, no_objects, seed, f"{name}:absent"):
             rows.append(
-                _detection_row(
-                    images[i],
-                    paths[i],
-                    category_id,
-                    name,
-                    annotated.get((i, category_id), AnnotatedBoxes()),
-                    coord_convention,
-                )
+                _detection_row(images[i], paths[i], category_id, name, AnnotatedBoxes(), coord_convention)
             )
     if not rows:
         raise ValueError(
