@@ -95,7 +95,8 @@ def test_an_underscore_spells_a_space_in_a_category_name(tmp_path):
 
 def test_rows_carry_crowd_regions_and_boxes_too_thin_for_the_grid(tmp_path):
     # image 2's only dog is a crowd region: asked ("No Objects"), the region carried. A cat 0.02 pixels wide
-    # (a third of a grid step) vanishes on the grid of the 64 x 64 image 4 but is still a box the official evaluation counts.
+    # (a third of a grid step) vanishes on the grid of the 64 x 64 image 4 but is still a box the official
+    # evaluation counts.
     annotations, images = write_coco(tmp_path)
     coco = json.loads(annotations.read_text())
     coco["annotations"].append({"id": 7, "image_id": 4, "category_id": 1, "bbox": [1, 2, 0.02, 10]})
@@ -112,7 +113,8 @@ def test_rows_carry_crowd_regions_and_boxes_too_thin_for_the_grid(tmp_path):
 
 def _built_map(tmp_path, annotations, images, answer: str) -> tuple[float, float]:
     """mAP of `answer` on every row of `detection-eval` on `annotations`, through vrft.evaluate's path (rows,
-    predictions.jsonl records, evaluator): with the rows' ground-truth columns, and from the solutions alone."""
+    predictions.jsonl records, evaluator): with the rows' ground-truth columns, and from the solutions
+    alone."""
     out = tmp_path / "eval"
     command = [
         "detection-eval",

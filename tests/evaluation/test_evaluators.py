@@ -115,9 +115,9 @@ def _answer(*boxes_and_scores) -> str:
 
 
 def test_detection_ground_truth_columns_of_built_rows_give_the_official_numbers():
-    # 2000 x 2000 image, one grid step 2 pixels: the annotated box [0, 0, 100, 133.2] is written [0, 0, 50, 67]
-    # ([0, 0, 100, 134] pixels). The answer [0, 0, 50, 50] has IoU 0.7508 with the exact box (6 of the 10
-    # thresholds) and 0.7463 with the rounded one (5 of 10).
+    # 2000 x 2000 image, one grid step 2 pixels: the annotated box [0, 0, 100, 133.2] is written
+    # [0, 0, 50, 67] ([0, 0, 100, 134] pixels). The answer [0, 0, 50, 50] has IoU 0.7508 with the exact box
+    # (6 of the 10 thresholds) and 0.7463 with the rounded one (5 of 10).
     grid = {
         "solution": "<answer>[{'Position': [0, 0, 50, 67], 'Confidence': 1}]</answer>",
         "category": "cat",

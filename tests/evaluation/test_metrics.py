@@ -115,8 +115,8 @@ def test_where_a_category_is_not_exhaustive_unmatched_detections_are_ignored():
 
 
 def test_ground_truth_in_pixels_is_compared_unrounded():
-    # On a 2000 x 2000 image one grid step is 2 pixels. The true box [0, 0, 100, 133.2] is [0, 0, 50, 67] on the
-    # grid, i.e. [0, 0, 100, 134] pixels. The prediction [0, 0, 50, 50] (pixels [0, 0, 100, 100]) has IoU
+    # On a 2000 x 2000 image one grid step is 2 pixels. The true box [0, 0, 100, 133.2] is [0, 0, 50, 67] on
+    # the grid, i.e. [0, 0, 100, 134] pixels. The prediction [0, 0, 50, 50] (pixels [0, 0, 100, 100]) has IoU
     # 100 / 133.2 = 0.7508 with the exact box (thresholds .50 to .75: 6 of 10) but 100 / 134 = 0.7463 with
     # the rounded one (.50 to .70: 5 of 10).
     predictions = [BoxSet(1, "cat", 2000, 2000, boxes=[(0, 0, 50, 50)], scores=[0.9])]

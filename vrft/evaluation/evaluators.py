@@ -111,9 +111,9 @@ class DetectionEvaluator:
         self.categories = [str(name) for name in categories] if categories else None
 
     def check_rows(self, rows: Sequence[dict], split: str) -> None:
-        """Raise `ValueError` before decoding when a row asks about no category or holds unreadable ground-truth
-        columns (`vrft.evaluation.rows.check_truth_columns`; the metric would stop on either), or when
-        `categories` names one that no row asks about: its AP is undefined, so a misspelt name would
+        """Raise `ValueError` before decoding when a row asks about no category or holds unreadable
+        ground-truth columns (`vrft.evaluation.rows.check_truth_columns`; the metric would stop on either),
+        or when `categories` names one that no row asks about: its AP is undefined, so a misspelt name would
         leave it out of the average (or make the average NaN) unnoticed. `vrft.evaluate` passes rows whose
         category is derived already; training passes its validation split's rows as they are on disk."""
         asked, missing = set(), []
@@ -168,7 +168,7 @@ class DetectionEvaluator:
 
 
 def _truth(row: dict, image_id: int | str, category: str, width: int, height: int) -> BoxSet:
-    """The ground truth of a detection row; each column the row lacks (or holds null in) leaves the default."""
+    """The ground truth of a detection row; a column the row lacks (or holds null in) leaves the default."""
     truth = BoxSet.from_answer(row["solution"], image_id, category, width, height)
     if row.get("pixel_boxes") is not None:  # the solution's boxes are these, rounded to the grid
         truth = replace(truth, boxes=row["pixel_boxes"], scores=None, in_pixels=True)

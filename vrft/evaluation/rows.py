@@ -27,7 +27,7 @@ from vrft.rewards.parsing import extract_answer
 log = logging.getLogger(__name__)
 
 ON_BAD_ROW = ("error", "skip")
-# Optional detection columns of rows built by vrft.data.build: the ground truth as the official evaluation has it.
+# Optional detection columns of rows built by vrft.data.build: the ground truth of the official evaluation.
 TRUTH_COLUMNS = ("pixel_boxes", "crowd_boxes", "not_exhaustive")
 # The reference prompt: "Detect all objects belonging to the category '{category}' in the image, ...".
 _PROMPT_CATEGORY = re.compile(
@@ -132,8 +132,8 @@ def prepare_rows(
     """Check and complete the first `max_rows` rows of `table` for `task`'s metric; no model runs.
 
     Bad rows (unparseable solution; detection: no category, an `image_id` shared with an image of another
-    size, unreadable `TRUTH_COLUMNS`; an image that cannot be decoded) raise one `ValueError` listing them by row number, or with
-    `on_bad_row="skip"` are left out and reported in `EvalRows.bad`.
+    size, unreadable `TRUTH_COLUMNS`; an image that cannot be decoded) raise one `ValueError` listing them by
+    row number, or with `on_bad_row="skip"` are left out and reported in `EvalRows.bad`.
     """
     if on_bad_row not in ON_BAD_ROW:
         raise ValueError(f"on_bad_row='{on_bad_row}' is not one of: {', '.join(ON_BAD_ROW)}")
