@@ -98,10 +98,12 @@ def test_resumed_tensorboard_run_hides_the_earlier_runs_steps_after_its_checkpoi
 
     from vrft.loggers import TensorBoardLogger
 
+    # The logger finds the step itself, as metrics.csv's writer does: the first optimizer step it logs. The
+    # hyperparameters and the step-0 rows come first (they said nothing of it) and both runs' stay.
     for start, offset in ((0, 0.0), (1, 10.0)):  # a run to step 3, resumed from its step-1 checkpoint
-        logger = TensorBoardLogger(tmp_path, name="tensorboard", version="")
-        if start:
-            logger.resume_from_step(start)
+        logger = TensorBoardLogger(tmp_path, name="tensorboard", version="", default_hp_metric=False)
+        logger.log_hyperparams({"lr": 1e-4})
+        logger.log_metrics({"data/skipped_rows_train": offset}, step=0)
         for step in range(start + 1, 4 + start):
             logger.log_metrics({"train/reward": offset + step}, step=step)
         logger.finalize("success")
@@ -109,6 +111,7 @@ def test_resumed_tensorboard_run_hides_the_earlier_runs_steps_after_its_checkpoi
     events.Reload()
     points = [(event.step, event.value) for event in events.Scalars("train/reward")]
     assert points == [(1, 1.0), (2, 12.0), (3, 13.0), (4, 14.0)]
+    assert [event.value for event in events.Scalars("data/skipped_rows_train")] == [0.0, 10.0]
 
 
 def test_validation_metrics_are_logged_at_the_optimizer_step_of_the_training_rows(tmp_path):
@@ -131,3 +134,24 @@ def test_validation_metrics_are_logged_at_the_optimizer_step_of_the_training_row
     val_steps = [int(row["step"]) for row in table if row.get("val/map") or row.get("val/accuracy")]
     assert train_steps == {1, 2}
     assert val_steps == [1, 2]
+
+
+def test_a_run_resumed_into_its_folder_shows_each_step_once_in_tensorboard(tmp_path):
+    # the logger finds the step itself: vrft.train gives it nothing
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    overrides = [o for o in FAST if not o.startswith("trainer.max_steps")]
+    vrft.train.fit(config(*overrides, "logger=tensorboard", "trainer.max_steps=2", f"run_dir={run_dir}"))
+    checkpoint = run_dir / "checkpoints" / "step-step=1.ckpt"
+    resumed = config(
+        *overrides,
+        "logger=tensorboard",
+        "trainer.max_steps=3",
+        f"run_dir={run_dir}",
+        f"ckpt_path='{checkpoint}'",
+    )
+    vrft.train.fit(resumed)
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert [event.step for event in events.Scalars("train/reward")] == [1, 2, 3]

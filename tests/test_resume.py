@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -59,3 +61,28 @@ def test_a_checkpoint_that_records_no_rollout_settings_still_resumes(checkpoint)
     settings = {k: v for k, v in resume_settings(config(*TRAINED)).items() if not k.startswith("algorithm.")}
     torch.save({"state_dict": {}, CHECKPOINT_KEY: settings}, checkpoint)
     validate(config(*TRAINED, "algorithm.min_new_tokens=8", f"ckpt_path={checkpoint}"))
+
+
+def test_a_resume_reads_the_checkpoints_index_once(tmp_path, monkeypatch):
+    # validation's check, the comparison after precision=auto resolved and TensorBoard's step each read it
+    import vrft.resume
+    import vrft.train
+
+    reads = []
+    read = vrft.resume._read_checkpoint
+    monkeypatch.setattr(vrft.resume, "_read_checkpoint", lambda path: reads.append(path) or read(path))
+    monkeypatch.setattr(vrft.train, "apply_warm_start", lambda cfg, splits: [])
+    fitted = []
+    trainer = SimpleNamespace(loggers=[], fit=lambda module, **kwargs: fitted.append(kwargs["ckpt_path"]))
+    monkeypatch.setattr(
+        vrft.train,
+        "build_run",
+        lambda cfg, callbacks: SimpleNamespace(trainer=trainer, module=None, datamodule=None),
+    )
+    resumed = (*TRAINED, "precision=auto", "logger=tensorboard", f"run_dir={tmp_path / 'run'}")
+    path = tmp_path / "last.ckpt"
+    picked = vrft.train.resolve_auto(config(*resumed))  # what auto picks here (bf16: no budget on the CPU)
+    torch.save({"state_dict": {}, "global_step": 2, CHECKPOINT_KEY: resume_settings(picked)}, path)
+    vrft.train.fit(config(*resumed, f"ckpt_path={path}"))
+    assert fitted == [str(path)]
+    assert reads == [path]

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Mapping
 
 from hydra.utils import instantiate
 from lightning.pytorch import loggers as lightning_loggers
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 from typing_extensions import override
 
@@ -148,13 +150,31 @@ class CSVLogger(lightning_loggers.CSVLogger):
 
 class TensorBoardLogger(lightning_loggers.TensorBoardLogger):
     """Lightning's `TensorBoardLogger`, except that a run resumed into its own folder hides the events the
-    earlier run wrote after the checkpoint's step (`resume_from_step`), as metrics.csv drops those rows.
+    earlier run wrote at and after its own first optimizer step, as metrics.csv drops those rows
+    (`CSVLogger`).
 
     Both runs' event files sit in the one folder: TensorBoard showed both runs' points for every step trained
     again, each curve zigzagging between them.
     """
 
-    def resume_from_step(self, step: int) -> None:
-        """Hide the events at steps after `step` that an earlier run wrote here (SummaryWriter's `purge_step`);
-        before this logger writes its first event."""
-        self._kwargs["purge_step"] = step + 1
+    _earlier_hidden = False  # whether this run's first optimizer step has marked where earlier events end
+
+    @override
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        if not self._earlier_hidden and step is not None and step > 0:
+            self._hide_earlier_events_from(step)
+        super().log_metrics(metrics, step)
+
+    def _hide_earlier_events_from(self, step: int) -> None:
+        # What SummaryWriter(purge_step=step) writes as its file opens: TensorBoard, reading the folder's event
+        # files in order, drops each event at `step` or later read before this one. Written at the first
+        # optimizer step instead, as metrics.csv's writer merges there: the hyperparameters and the step-0
+        # rows come first, before the checkpoint, and the step it holds, has loaded.
+        try:
+            from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+        except ImportError:  # Lightning writes with tensorboardX where tensorboard is not installed
+            from tensorboardX.proto.event_pb2 import Event, SessionLog
+        start = Event(step=step, session_log=SessionLog(status=SessionLog.START))
+        self.experiment._get_file_writer().add_event(start)
+        self._earlier_hidden = True

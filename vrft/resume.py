@@ -143,15 +143,24 @@ def _unreadable(path: Path, error: Exception) -> str:
 
 
 def check_resume(cfg: DictConfig, path: Path, training: bool = True) -> dict | None:
-    """The checkpoint is readable, was trained with this run's model, LoRA and precision, and (`training`: a
-    run that resumes it, not `vrft.evaluate`) leaves this run steps to train. Returns the settings it
-    records (None for an older checkpoint with no config beside it), read once for `checkpoint_lora`."""
+    """The checkpoint is readable, was trained with this run's model, LoRA, precision and rollout settings
+    (`compare_settings`), and (`training`: a run that resumes it, not `vrft.evaluate`) leaves this run steps to
+    train. Returns the settings it records (None for an older checkpoint with no config beside it): its index
+    is read here only, and `checkpoint_lora` and the comparison after `precision=auto` resolves read these."""
     checkpoint = _read_checkpoint(path)
     if training:
         _check_steps_left(checkpoint.get("global_step"), OmegaConf.select(cfg, "trainer.max_steps"), path)
     saved = _saved_settings(checkpoint, path)
-    if saved is None:
-        return None  # a checkpoint of an older vrft with no config beside it: Lightning's own load checks it
+    # None: a checkpoint of an older vrft with no config beside it, which Lightning's own load checks
+    if saved is not None:
+        compare_settings(cfg, saved, path, training)
+    return saved
+
+
+def compare_settings(cfg: DictConfig, saved: dict, path: Path, training: bool = True) -> None:
+    """Raise `ValueError` naming the checkpoint's value and the fix where `cfg` differs from the settings
+    `saved` that `check_resume` read from the checkpoint at `path`. A `precision=auto` of `cfg` is not compared
+    (it resolves later, with the planner: compare again then, with what it picked)."""
     current = resume_settings(cfg)
     auto = str(OmegaConf.select(cfg, "precision._target_", default="")).endswith("AutoPrecision")
     adapter_start = "adapter" in (current[STARTS_FROM_KEY], saved.get(STARTS_FROM_KEY))
@@ -185,13 +194,6 @@ def check_resume(cfg: DictConfig, path: Path, training: bool = True) -> dict | N
                 f"ckpt_path='{path}' was trained with {key}={saved[key]!r} but this run has {key}={value!r}; "
                 f"resume with {fix}, or {other}"
             )
-    return saved
-
-
-def checkpoint_step(path: Path) -> int | None:
-    """The optimizer step a checkpoint holds (None where it records none); reads its index only."""
-    step = _read_checkpoint(path).get("global_step")
-    return step if isinstance(step, int) else None
 
 
 def _check_steps_left(step: Any, max_steps: Any, path: Path) -> None:

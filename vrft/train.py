@@ -21,7 +21,7 @@ from vrft.cli import check_composes, check_sweep, config_hash, user_errors
 from vrft.data.datamodule import text_faults
 from vrft.data.loading import check_template_fields, load_visual_rft
 from vrft.distributed import check_distributed, check_strategy
-from vrft.loggers import TensorBoardLogger, check_wandb_login
+from vrft.loggers import check_wandb_login
 from vrft.paths import config_dir
 from vrft.planner.planning import budget_gb, plan_config, precision_name, resolve_auto
 from vrft.planner.report import enforce_plan
@@ -30,7 +30,7 @@ from vrft.resume import (
     CHECKPOINT_KEY,
     check_fresh_run,
     check_resume,
-    checkpoint_step,
+    compare_settings,
     resume_settings,
     starting_adapter,
 )
@@ -41,7 +41,7 @@ from vrft.runtime.interrupt import stops_between_steps
 from vrft.runtime.oom import explain_out_of_memory
 from vrft.runtime.ranks import stop_other_ranks
 from vrft.setup import build_run
-from vrft.validation import check_command_line, validate
+from vrft.validation import check_command_line, check_settings, validate
 from vrft.warmstart import apply_warm_start
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,11 @@ def warn_gpu_profile_without_gpu(cfg: DictConfig) -> None:
 
 def fit(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, RunSummary]:
     """Build the run described by `cfg` and fit it; returns the trainer, the module and the run summary."""
-    validate(cfg)  # every setting, and the checkpoint to resume from, before anything loads
+    # validate(cfg), its two halves: every setting, and the checkpoint to resume from, before anything loads;
+    # the checkpoint's index is read once, and what it records kept for the comparison after precision=auto
+    check_settings(cfg)
+    ckpt_path = None if cfg.get("ckpt_path") is None else Path(str(cfg.ckpt_path))
+    saved = None if ckpt_path is None else check_resume(cfg, ckpt_path)
     configure_allocator()  # expandable segments, before anything touches CUDA
     warn_gpu_profile_without_gpu(cfg)
     run_dir = Path(cfg.run_dir)
@@ -140,9 +144,9 @@ def fit(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, RunSummary]:
     check_validation_rows(cfg, on_disk)  # the validation rows against the task's metric
     auto_precision = precision_name(cfg.precision) == "auto"
     cfg = resolve_auto(cfg)  # precision=auto / rollout_engine=auto -> what the planner says fits
-    if auto_precision and cfg.get("ckpt_path") is not None:
-        # validation could not compare precision=auto with the checkpoint's: compare what auto picked
-        check_resume(cfg, Path(str(cfg.ckpt_path)))
+    if auto_precision and saved is not None:
+        # check_resume could not compare precision=auto with the checkpoint's: compare what auto picked
+        compare_settings(cfg, saved, ckpt_path)
     check_strategy(cfg.trainer, cfg.precision)  # again, for the precision `auto` chose
     verdict = enforce_plan(cfg)  # refuse, before the model loads, a run the planner says will not fit
     apply_memory_cap(cfg.get("memory_cap_gb"))  # a bigger GPU behaves like the profile's card
@@ -178,10 +182,6 @@ def fit(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, RunSummary]:
     if rank_zero_only.rank == 0:  # Lightning's launcher runs this script once per rank: one writer
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=False)
-    if cfg.ckpt_path is not None and (resumed_at := checkpoint_step(Path(str(cfg.ckpt_path)))) is not None:
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):  # before its first event (fit start)
-                logger.resume_from_step(resumed_at)
     try:
         with stops_between_steps():  # a first Ctrl-C stops after the running step and checkpoints it
             trainer.fit(module, datamodule=run.datamodule, ckpt_path=cfg.ckpt_path)
