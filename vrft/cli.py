@@ -57,8 +57,8 @@ def check_sweep(config_name: str, arguments: Sequence[str], check: Callable[[Dic
     first job starts: Hydra composes a job only when it starts, so a bad value in the last job would be found
     after the others had trained. `check` alone cannot see a job's `+key` additions (a run's check reads them
     from the running Hydra job, and there is none yet): they are checked here from the job's overrides. A
-    bad job is named with its overrides. Other sweepers (`hparams_search=...`) choose their jobs as they go,
-    and other Hydra flags are left to Hydra."""
+    bad job is named with its overrides. Other sweepers (`hparams_search=...`) choose their jobs as they go:
+    only what they optimise is checked (`check_optimized_metric`). Other Hydra flags are left to Hydra."""
     if not {"-m", "--multirun"} & set(arguments) or any(
         a.startswith("-") and a not in ("-m", "--multirun") for a in arguments
     ):
@@ -71,10 +71,17 @@ def check_sweep(config_name: str, arguments: Sequence[str], check: Callable[[Dic
     lines = [a for a in arguments if not a.startswith("-")]
     parser = OverridesParser.create()
     try:
-        fixed = [o.input_line for o in parser.parse_overrides(lines) if not o.is_sweep_override()]
+        overrides = parser.parse_overrides(lines)
+        fixed = [o.input_line for o in overrides if not o.is_sweep_override()]
         with initialize_config_dir(str(config_dir()), version_base="1.3"):
-            sweeper = compose(config_name, overrides=fixed, return_hydra_config=True).hydra.sweeper
+            composed = compose(config_name, overrides=fixed, return_hydra_config=True)
+            sweeper = composed.hydra.sweeper
             if not is_basic_sweeper(str(sweeper.get("_target_", ""))):
+                swept = [
+                    *(sweeper.get("params") or {}),
+                    *(o.key_or_group for o in overrides if o.is_sweep_override()),
+                ]
+                check_optimized_metric(composed, str(sweeper.get("_target_")), swept)
                 return
             params = [f"{key}={value}" for key, value in (sweeper.get("params") or {}).items()]
             # the basic sweeper's own expansion (params first, as its sweep() puts them): Hydra has no public
@@ -98,6 +105,55 @@ def check_sweep(config_name: str, arguments: Sequence[str], check: Callable[[Dic
             + "; ".join(bad[:3])
             + more
         )
+
+
+# Where a sweep changes one of these, what a trial validates with is not the composed config's to say.
+_VALIDATION_ROOTS = ("optimized_metric", "data", "algorithm", "trainer", "task", "callbacks")
+_UNSETTLED = object()
+
+
+def check_optimized_metric(cfg: DictConfig, sweeper: str, swept: Sequence[str]) -> None:
+    """Refuse, before the first trial, a validation metric (`optimized_metric=val/...`) in a search whose runs
+    never validate: the sweeper (`sweeper`, which optimises what a job returns) found it missing only after
+    the first trial had trained. Only what the composed config settles is refused. Nothing is checked where a
+    swept key may change it (a key under `_VALIDATION_ROOTS`, or a config group's choice, which may set
+    anything), where the deciding value is an interpolation (it may follow a swept key), or where a class not
+    vrft's (the algorithm, a callback) may log a `val/...` of its own. Other names (a misspelt `train/...`, a
+    task's per-class metric) hang on the algorithm's code and on the data: the run names them after the
+    first trial (`vrft.train.optimized_value`)."""
+    name = cfg.get("optimized_metric")
+    if not isinstance(name, str) or not name.startswith("val/"):
+        return
+    for key in (key.lstrip("+~") for key in swept):
+        if key.split(".")[0] in _VALIDATION_ROOTS or ("." not in key and (config_dir() / key).is_dir()):
+            return
+    callbacks = [node for node in (cfg.get("callbacks") or {}).values() if isinstance(node, DictConfig)]
+    targets = [OmegaConf.select(cfg, "algorithm._target_"), *(node.get("_target_") for node in callbacks)]
+    if not all(str(target).startswith("vrft.") for target in targets):
+        return
+    if _settled(cfg, "data.val_split") is None:
+        why = "data.val_split=null: no validation split"
+    elif _settled(cfg, "algorithm.evaluator") is None:
+        why = "algorithm.evaluator=null: no metric to validate with"
+    elif _settled(cfg, "trainer.limit_val_batches") == 0:
+        why = "trainer.limit_val_batches=0"
+    else:
+        return
+    raise ValueError(
+        f"optimized_metric={name!r} is a validation metric, and the search's runs never validate ({why}), so "
+        f"the sweeper ({sweeper}) would have no value to optimise once the first trial had trained; validate "
+        "with data.val_split=<a split> (and trainer.val_check_interval), or optimise a training metric: "
+        "train/loss (every algorithm), train/reward (GRPO)"
+    )
+
+
+def _settled(cfg: DictConfig, key: str):
+    """The value at dotted `key` as the config writes it; `_UNSETTLED` where it is absent or interpolated."""
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent)
+    if not isinstance(node, DictConfig) or leaf not in node or OmegaConf.is_interpolation(node, leaf):
+        return _UNSETTLED
+    return node[leaf]
 
 
 def is_basic_sweeper(target: str) -> bool:

@@ -62,8 +62,8 @@ def evaluated_models(cfg: DictConfig) -> dict[str, dict]:
 
 
 def adapter_label(spelling: str) -> str:
-    """An adapter's row in the table and its `model` in predictions.jsonl: the folder as `adapters=` spells it,
-    without a trailing `/` or a leading `./` (spellings without them keep the labels they always had)."""
+    """An adapter's row in the table and its `model` in predictions.jsonl: the folder as `adapters=` spells
+    it, without a trailing `/` or a leading `./` (spellings without them keep the labels they always had)."""
     return str(PurePath(spelling))
 
 
