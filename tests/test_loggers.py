@@ -6,11 +6,12 @@ from __future__ import annotations
 import csv
 
 import pytest
+from hydra.utils import instantiate
 
 import vrft.train
 from tests.support import train_config as config
 from tests.test_train_cli import FAST
-from vrft.loggers import CSVLogger, check_wandb_login
+from vrft.loggers import CSVLogger, WandbLogger, check_wandb_login
 
 
 def logged(save_dir, steps: range) -> None:
@@ -90,6 +91,27 @@ def test_runs_that_need_no_wandb_credentials_pass(monkeypatch, no_wandb_login, o
 def test_a_key_in_the_environment_is_found(monkeypatch, no_wandb_login):
     monkeypatch.setenv("WANDB_API_KEY", "0" * 40)  # a key of the right form; verify=False sends nothing
     check_wandb_login(config("logger=wandb"))
+
+
+def test_a_run_resumed_into_its_folder_goes_on_in_the_same_wandb_run(tmp_path, no_wandb_login):
+    # each resume started a new W&B run: one run's curves split into one W&B run per resume. Offline (no
+    # network here; online the id is kept the same way), as wandb.init's own mode: wandb reads WANDB_MODE
+    # once per process, and an earlier test's wandb.login may have read it already.
+    offline = ("logger=wandb", "+logger.wandb.mode=offline")
+    run_dir = tmp_path / "run"
+    logger = instantiate(config(*offline, f"run_dir={run_dir}").logger.wandb)
+    assert isinstance(logger, WandbLogger) and logger.version is None  # a first run: wandb chooses the id
+    first_id = logger.experiment.id
+    logger.experiment.finish()
+    assert (run_dir / "wandb" / "vrft-run-id").read_text() == f"{first_id}\n"
+    # ckpt_path= into the same folder
+    resumed = instantiate(config(*offline, f"run_dir={run_dir}").logger.wandb)
+    assert resumed.version == first_id and resumed._wandb_init["resume"] == "allow"
+    assert resumed.experiment.id == first_id
+    resumed.experiment.finish()
+    # a run in another folder is a W&B run of its own; an id given is the user's
+    assert WandbLogger(project="vrft", save_dir=tmp_path / "other", mode="offline").version is None
+    assert WandbLogger(project="vrft", save_dir=run_dir, id="chosen1", mode="offline").version == "chosen1"
 
 
 def test_resumed_tensorboard_run_hides_the_earlier_runs_steps_after_its_checkpoint(tmp_path):

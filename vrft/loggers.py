@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import os
 from collections.abc import Mapping
+from pathlib import Path
 
 from hydra.utils import instantiate
 from lightning.pytorch import loggers as lightning_loggers
@@ -15,6 +16,8 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 from typing_extensions import override
+
+from vrft.paths import write_atomic
 
 
 def build_loggers(cfg: DictConfig) -> list[Logger]:
@@ -77,7 +80,12 @@ def run_trainer_settings(cfg: DictConfig) -> dict:
 
 
 class WandbLogger(lightning_loggers.WandbLogger):
-    """Lightning's `WandbLogger` without its `anonymous=None` argument.
+    """Lightning's `WandbLogger`, except that a run resumed into its own folder (`ckpt_path=` with the same
+    `hydra.run.dir`) goes on in the same W&B run, and without Lightning's `anonymous=None` argument.
+
+    The W&B run's id is kept in `<save_dir>/wandb/vrft-run-id` when the run starts; a later run in that folder
+    passes it to `wandb.init` (`id=`, with Lightning's `resume="allow"`). Without it each resume started a new
+    W&B run: the curves split into one run per resume. An `id` given (`+logger.wandb.id=...`) is kept.
 
     Lightning always passes `anonymous` to `wandb.init`; wandb 0.31 deprecated the setting and warns on any
     value, `None` included, in every run. Dropping the key is what a run without `anonymous` would send.
@@ -86,6 +94,29 @@ class WandbLogger(lightning_loggers.WandbLogger):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._wandb_init.pop("anonymous", None)
+        if self._wandb_init.get("id") is None:
+            self._id = self._wandb_init["id"] = self.earlier_run_id()
+
+    @property
+    def run_id_file(self) -> Path:
+        """Where this folder's W&B run id is kept, beside the folders wandb writes (`<save_dir>/wandb`)."""
+        return Path(self._save_dir or ".") / "wandb" / "vrft-run-id"
+
+    def earlier_run_id(self) -> str | None:
+        """The id of the W&B run an earlier run in this folder logged to; None where none did."""
+        path = self.run_id_file
+        return (path.read_text().strip() or None) if path.is_file() else None
+
+    @property
+    @override
+    @rank_zero_experiment
+    def experiment(self):
+        started = self._experiment is not None
+        experiment = super().experiment
+        if not started and experiment.id:  # the id wandb chose, or the earlier run's it resumed
+            self.run_id_file.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.run_id_file, f"{experiment.id}\n")
+        return experiment
 
 
 class _KeepEarlierRowsWriter(ExperimentWriter):
