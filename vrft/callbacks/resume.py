@@ -8,11 +8,12 @@ import lightning as L
 
 
 class RunSettingsInCheckpoint(L.Callback):
-    """Stores `settings` (`vrft.validation.resume_settings`) under `checkpoint[key]`.
+    """Stores `settings` (`vrft.resume.resume_settings`) under `checkpoint[key]`.
 
-    `vrft.validation.check_resume` compares them with the resuming run before any weight loads, so that a
+    `vrft.resume.check_resume` compares them with the resuming run before any weight loads, so that a
     different LoRA rank, model or precision is one line naming the key instead of a shape mismatch deep
-    inside `load_state_dict`. Plain Python values only: the checkpoint still loads with `weights_only=True`.
+    inside `load_state_dict`, and another optimizer or rollout setting is not silently trained with. Plain
+    Python values only: the checkpoint still loads with `weights_only=True`.
     """
 
     def __init__(self, settings: dict[str, Any], key: str = "vrft_resume"):
