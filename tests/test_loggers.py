@@ -112,6 +112,9 @@ def test_a_run_resumed_into_its_folder_goes_on_in_the_same_wandb_run(tmp_path, n
     # a run in another folder is a W&B run of its own; an id given is the user's
     assert WandbLogger(project="vrft", save_dir=tmp_path / "other", mode="offline").version is None
     assert WandbLogger(project="vrft", save_dir=run_dir, id="chosen1", mode="offline").version == "chosen1"
+    disabled = WandbLogger(project="vrft", save_dir=tmp_path / "disabled", mode="disabled")
+    disabled.experiment.finish()  # a stand-in run with an id of its own, which no later run could resume
+    assert not disabled.run_id_file.exists()
 
 
 def test_resumed_tensorboard_run_hides_the_earlier_runs_steps_after_its_checkpoint(tmp_path):

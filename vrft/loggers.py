@@ -113,7 +113,8 @@ class WandbLogger(lightning_loggers.WandbLogger):
     def experiment(self):
         started = self._experiment is not None
         experiment = super().experiment
-        if not started and experiment.id:  # the id wandb chose, or the earlier run's it resumed
+        # the id wandb chose, or the earlier run's it resumed; WANDB_MODE=disabled's stand-in run logs nowhere
+        if not started and not getattr(experiment, "disabled", False):
             self.run_id_file.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(self.run_id_file, f"{experiment.id}\n")
         return experiment
