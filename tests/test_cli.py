@@ -105,3 +105,18 @@ def test_a_grid_optimises_nothing_so_its_metric_is_not_checked():
     checked = []
     check_sweep("train", ["-m", "seed=0,1", "optimized_metric=val/accuracy"], checked.append)
     assert len(checked) == 2
+
+
+@pytest.mark.parametrize(("target", "optimises"), [(BASIC, False), (OPTUNA, True), (NAMESAKE, True)])
+def test_train_asks_a_job_for_its_metric_under_any_sweeper_but_the_basic_one(monkeypatch, target, optimises):
+    # vrft.train.optimizing_sweeper: the old test of the name's ending took a user's namesake for the grid, so
+    # a misspelt optimized_metric went unnamed until the sweeper failed on the job's None
+    from types import SimpleNamespace
+
+    from hydra.types import RunMode
+
+    import vrft.train
+
+    job = SimpleNamespace(mode=RunMode.MULTIRUN, sweeper={"_target_": target})
+    monkeypatch.setattr(vrft.train, "HydraConfig", SimpleNamespace(initialized=lambda: True, get=lambda: job))
+    assert vrft.train.optimizing_sweeper() == (target if optimises else None)

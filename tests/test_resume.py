@@ -32,6 +32,12 @@ def checkpoint(tmp_path):
         ("algorithm.group_size=2", "was trained with algorithm.group_size=4 but this run has "),
         ("algorithm.max_new_tokens=32", "was trained with algorithm.max_new_tokens=24 but this run has "),
         ("seed=3", "was trained with algorithm.rollout_seed=0 but this run has algorithm.rollout_seed=3"),
+        # the loss: its KL weight (0 also drops the reference forward) and its class
+        ("loss.beta=0.1", "was trained with loss.beta=0.04 but this run has "),
+        (
+            "loss=dapo",
+            "was trained with loss._target_='vrft.modules.losses.SequenceMeanLoss' but this run has ",
+        ),
     ],
 )
 def test_resume_with_another_rollout_setting_is_refused_naming_the_checkpoints_value(
@@ -40,7 +46,7 @@ def test_resume_with_another_rollout_setting_is_refused_naming_the_checkpoints_v
     validate(config(*TRAINED, f"ckpt_path={checkpoint}"))  # the same settings resume
     with pytest.raises(ValueError) as error:
         validate(config(*TRAINED, resumed, f"ckpt_path={checkpoint}"))
-    key, value = message.split("was trained with ")[1].split(" but")[0].split("=")
+    key, value = message.split("was trained with ")[1].split(" but")[0].split("=", 1)
     assert message in str(error.value)
     assert f"; resume with {key}={value}, or start a new run from its adapter (lora.init_adapter=" in str(
         error.value
@@ -86,3 +92,12 @@ def test_a_resume_reads_the_checkpoints_index_once(tmp_path, monkeypatch):
     vrft.train.fit(config(*resumed, f"ckpt_path={path}"))
     assert fitted == [str(path)]
     assert reads == [path]
+
+
+def test_an_sft_resume_compares_no_loss(tmp_path):
+    # algorithm=sft trains on the solutions: the GRPO loss node is composed but nothing reads it
+    sft = ("algorithm=sft", "lora.r=4")
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {}, "global_step": 2, CHECKPOINT_KEY: resume_settings(config(*sft))}, path)
+    assert not any(key.startswith("loss.") for key in resume_settings(config(*sft)))
+    validate(config(*sft, "loss.beta=0.1", f"ckpt_path={path}"))

@@ -60,7 +60,7 @@ STARTS_FROM_KEY = "lora.starts_from"
 
 def resume_settings(cfg: DictConfig) -> dict[str, Any]:
     """The settings a checkpoint must share with a run that resumes from it (flat keys): the model, the LoRA
-    shape, the precision, the optimizer and what the GRPO loop trains with (`ALGORITHM_KEYS`)."""
+    shape, the precision, the optimizer and what the GRPO loop trains with (`ALGORITHM_KEYS`, the loss)."""
     settings = {key: OmegaConf.select(cfg, key) for key in RESUME_KEYS}
     start = starting_adapter(cfg)
     settings[STARTS_FROM_KEY] = "fresh" if start is None else "adapter"
@@ -74,8 +74,9 @@ def resume_settings(cfg: DictConfig) -> dict[str, Any]:
         if key in algorithm:  # algorithm=sft has no rollout
             settings[f"algorithm.{key}"] = OmegaConf.select(cfg, f"algorithm.{key}")
     # The optimizer's too: Lightning restores its state from the checkpoint, learning rate and weight decay
-    # included, so another value would be silently ignored (and another class fails to load that state).
-    for group in ("precision", "optimizer"):
+    # included, so another value would be silently ignored (and another class fails to load that state). The
+    # GRPO loss's (its class, KL weight, clipping) as the loop's settings: another value trains otherwise.
+    for group in ("precision", "optimizer", *(["loss"] if "loss" in algorithm else [])):
         node = cfg.get(group)
         if node is not None:
             for key, value in OmegaConf.to_container(node, resolve=True).items():
@@ -170,7 +171,7 @@ def compare_settings(cfg: DictConfig, saved: dict, path: Path, training: bool = 
         if key not in saved or key == STARTS_FROM_KEY or (auto and key.startswith("precision.")):
             continue
         if (key in LORA_SHAPE_KEYS and old_record) or (
-            key.startswith(("lora.", "optimizer.", "algorithm.")) and not training
+            key.startswith(("lora.", "optimizer.", "algorithm.", "loss.")) and not training
         ):
             continue  # vrft.evaluate builds the checkpoint's own adapter (checkpoint_lora), and trains nothing
         if saved[key] != value:
@@ -185,7 +186,7 @@ def compare_settings(cfg: DictConfig, saved: dict, path: Path, training: bool = 
                     "start a new run from its adapter (lora.init_adapter=<run>/adapter/step-N, no ckpt_path): "
                     "resuming restores the checkpoint's optimizer, its settings included"
                 )
-            elif key.startswith("algorithm."):
+            elif key.startswith(("algorithm.", "loss.")):
                 other = (
                     "start a new run from its adapter (lora.init_adapter=<run>/adapter/step-N, no ckpt_path) to "
                     "train on with another value: a resumed run goes on as its checkpoint's run trained"

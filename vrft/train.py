@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from vrft.callbacks import RunConfigLogging, RunSettingsInCheckpoint, RunSummary
-from vrft.cli import check_composes, check_sweep, config_hash, user_errors
+from vrft.cli import check_composes, check_sweep, config_hash, is_basic_sweeper, user_errors
 from vrft.data.datamodule import text_faults
 from vrft.data.loading import check_template_fields, load_visual_rft
 from vrft.distributed import check_distributed, check_strategy
@@ -226,7 +226,7 @@ def optimizing_sweeper() -> str | None:
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return None
     target = str(HydraConfig.get().sweeper.get("_target_", ""))
-    return None if target.endswith(".BasicSweeper") else target
+    return None if is_basic_sweeper(target) else target
 
 
 def optimized_value(cfg: DictConfig, metrics: dict[str, float], sweeper: str | None) -> float | None:
