@@ -1,8 +1,8 @@
 """Every setting of a run checked before anything heavy (warm start, model, data) happens.
 
-`validate(cfg)` runs both halves, `check_settings(cfg)` and `vrft.resume.check_resume`; `vrft.train.fit` calls
-them first, keeping the checkpoint's settings that `check_resume` read. Each problem is a `ValueError` whose one line
-names the key, the bad value and the fix (the CLI prints it and exits 2). What it checks:
+`validate(cfg)` runs both halves, `check_settings(cfg)` and `vrft.resume.check_resume`; `vrft.train.fit`
+calls them first, keeping the checkpoint's settings that `check_resume` read. Each problem is a `ValueError`
+whose one line names the key, the bad value and the fix (the CLI prints it and exits 2). What it checks:
 
 - mandatory values left at `???` (`model=local` without `model.name_or_path`);
 - keys a `+key=value` override adds where nothing reads them (`+max_steps=5` for `trainer.max_steps=5`):
