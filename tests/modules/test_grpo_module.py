@@ -9,6 +9,8 @@ from vrft.modules.grpo import GRPOModule, GRPOSettings
 from vrft.modules.losses import SequenceMeanLoss, k3_kl
 from vrft.modules.scoring import WeightedReward
 from vrft.rewards import AccuracyReward, format_reward
+from vrft.rollout.batch import Rollout, build_prompts, completion_mask
+from vrft.rollout.tokens import stop_token_ids
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +118,32 @@ def test_disabled_adapter_gives_base_model_logprobs(module):
 def test_bad_settings_are_named(settings, message):
     with pytest.raises(ValueError, match=message):
         GRPOSettings(**settings)
+
+
+def test_truncated_fraction_counts_completions_without_a_stop_token(module, monkeypatch):
+    # max_new_tokens=6. A completion whose <|im_end|> is its 6th token ended on its own: it is as long as one
+    # cut at the limit, which the old count (length >= max_new_tokens) also called truncated.
+    tokenizer = module.processor.tokenizer
+    eos, pad = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.pad_token_id
+    completion_ids = torch.tensor(
+        [
+            [100, 101, 102, 103, 104, eos],  # ends at the limit
+            [100, 101, 102, 103, 104, 105],  # cut at the limit
+            [eos, pad, pad, pad, pad, pad],  # empty: EOS first
+            [200, eos, pad, pad, pad, pad],
+            [100, 101, 102, 103, 104, 105],  # cut at the limit
+            [300, 301, 302, 303, 304, pad],  # <|endoftext|> (Qwen2's pad) is a stop token too
+        ]
+    )
+    fixed = Rollout(
+        prompts=build_prompts(module.processor, rows(), module.prompt_template, module.device),
+        group_size=3,
+        completion_ids=completion_ids,
+        completion_mask=completion_mask(completion_ids, stop_token_ids(tokenizer)),
+        completions=[""] * 6,
+        rows=rows(),
+    )
+    monkeypatch.setattr(module, "generate", lambda *args, **kwargs: fixed)
+    stats = module.rollout(rows()).stats
+    assert stats["truncated_count"] == 2.0
+    assert stats["completion_length_max"] == 6.0

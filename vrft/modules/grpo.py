@@ -27,6 +27,7 @@ from vrft.modules.settings import GRPOSettings
 from vrft.modules.step_metrics import step_metrics, step_totals
 from vrft.rollout.batch import Rollout
 from vrft.rollout.engines import build_rollout_engine
+from vrft.rollout.tokens import stop_token_ids, truncated_completions
 from vrft.runtime.phases import PhaseTracker
 from vrft.runtime.ranks import gradient_sync, reduce_over_ranks
 from vrft.runtime.rng import prompt_seed, seeded_rng
@@ -129,12 +130,15 @@ class GRPOModule(PolicyModule):
         self.policy.train()
         seconds = time.perf_counter() - start
         lengths = rollout.completion_mask.sum(1).float()
+        stops = stop_token_ids(self.processor.tokenizer)
         rollout.stats.update(
             rollout_seconds=seconds,
             generated_tokens=float(lengths.sum()),
             completion_length_sum=float(lengths.sum()),
             completion_length_max=float(lengths.max()),
-            truncated_count=float((lengths >= s.max_new_tokens).sum()),
+            truncated_count=float(
+                truncated_completions(rollout.completion_ids, rollout.completion_mask, stops).sum()
+            ),
             rollout_peak_gb=peak_memory_gb(self.device),
         )
         return rollout

@@ -19,6 +19,14 @@ def stop_token_ids(tokenizer) -> list[int]:
     return [tokenizer.convert_tokens_to_ids(token) for token in STOP_TOKENS]
 
 
+def truncated_completions(completion_ids: Tensor, mask: Tensor, stop_ids: list[int]) -> Tensor:
+    """`[N]` True where a completion `[N, C]` has no stop token under its mask: generation cut it at
+    `max_new_tokens`. Its length alone cannot tell: a completion whose stop token is the last one allowed
+    is as long as a cut one."""
+    stops = torch.isin(completion_ids, torch.tensor(stop_ids, device=completion_ids.device))
+    return ~(stops & mask.bool()).any(1)
+
+
 def suppressed_token_ids(tokenizer) -> list[int]:
     """Sorted ids of the added special tokens a completion must not contain: all but the stop tokens.
 
