@@ -49,3 +49,43 @@ def test_reward_set_rejects_nan_naming_the_reward():
     rewards = RewardSet({"broken": WeightedReward(lambda c, s, **k: [float("nan")] * len(c))})
     with pytest.raises(ValueError, match="reward 'broken' returned nan"):
         rewards(["a"], ["b"], {})
+
+
+@pytest.mark.parametrize("value", [float("inf"), "1.0", [1.0], object()])
+def test_reward_set_refuses_values_that_are_not_finite_numbers_naming_the_reward(value):
+    # A NaN or inf reward is refused, not read as 0: a reward that scores garbage is a bug to fix, and None
+    # already means "no opinion". A string or list raised a bare TypeError (or passed, for "1.0").
+    rewards = RewardSet({"broken": WeightedReward(lambda c, s, **k: [value] * len(c))})
+    with pytest.raises(
+        ValueError, match="reward 'broken' returned .* for completion 'a'; a reward returns a finite"
+    ):
+        rewards(["a"], ["b"], {})
+
+
+def test_reward_set_refuses_a_weighted_sum_past_float32():
+    # Each value and weight is finite, but 2 x 3e38 is inf in float32: every advantage of the group was NaN.
+    rewards = RewardSet({"huge": WeightedReward(lambda c, s, **k: [3e38] * len(c), weight=2.0)})
+    with pytest.raises(
+        ValueError, match=r"weighted sum of the rewards \(huge\) is not finite for completion 'a'"
+    ):
+        rewards(["a", "b"], ["x", "y"], {})
+
+
+@pytest.mark.parametrize("weight", [float("nan"), float("inf")])
+def test_reward_set_refuses_a_weight_that_is_not_finite(weight):
+    with pytest.raises(ValueError, match=r"task.rewards.format.weight=(nan|inf) is not a finite number"):
+        RewardSet({"format": WeightedReward(lambda c, s, **k: [1.0] * len(c), weight=weight)})
+
+
+def test_reward_set_sums_in_float64():
+    # 1e8 + 1 - 1e8 is 0 in float32 (the old sum) and 1 in float64: totals of rewards on different scales keep
+    # their small terms.
+    rewards = RewardSet(
+        {
+            "big": WeightedReward(lambda c, s, **k: [1e8] * len(c)),
+            "small": WeightedReward(lambda c, s, **k: [1.0, 0.0]),
+            "minus": WeightedReward(lambda c, s, **k: [1e8] * len(c), weight=-1.0),
+        }
+    )
+    total, _ = rewards(["a", "b"], ["x", "y"], {})
+    assert total.tolist() == [1.0, 0.0]

@@ -35,6 +35,12 @@ class RewardSet:
         self.rewards = {
             name: r if isinstance(r, WeightedReward) else WeightedReward(**r) for name, r in rewards.items()
         }
+        for name, reward in self.rewards.items():
+            if not math.isfinite(reward.weight):
+                # A NaN or infinite weight makes every advantage NaN: each step would be skipped as non-finite.
+                raise ValueError(
+                    f"task.rewards.{name}.weight={reward.weight} is not a finite number; use e.g. 1.0"
+                )
 
     @property
     def names(self) -> list[str]:
@@ -51,15 +57,41 @@ class RewardSet:
                 raise ValueError(
                     f"reward '{name}' returned {len(values)} values for {len(completions)} completions"
                 )
-            for i, value in enumerate(values):
-                if value is not None and not math.isfinite(value):
-                    raise ValueError(
-                        f"reward '{name}' returned {value} for completion {completions[i][:200]!r}; "
-                        "rewards must be finite (fix the reward function)"
-                    )
-            per_reward[name] = torch.tensor([0.0 if v is None else float(v) for v in values])
-        total = sum(self.rewards[name].weight * values for name, values in per_reward.items())
-        return total, per_reward
+            per_reward[name] = torch.tensor(
+                [
+                    0.0 if value is None else _finite_value(name, value, completions[i])
+                    for i, value in enumerate(values)
+                ],
+                dtype=torch.float64,
+            )
+        # Weighted and summed in float64; the float32 result is what advantages are computed from, so it is the
+        # one checked: a sum (or a value) past float32's range would be inf there, and every advantage NaN.
+        total = sum(self.rewards[name].weight * values for name, values in per_reward.items()).float()
+        if not bool(torch.isfinite(total).all()):
+            raise ValueError(
+                f"the weighted sum of the rewards ({', '.join(self.names)}) is not finite for completion "
+                f"{completions[int((~torch.isfinite(total)).nonzero()[0])][:200]!r}; scale the rewards or their "
+                "weights (task.rewards.<name>.weight) down"
+            )
+        return total, {name: values.float() for name, values in per_reward.items()}
+
+
+def _finite_value(name: str, value: object, completion: str) -> float:
+    """A reward's value as a float; NaN, inf and non-numbers are a bug in the reward and raise, naming it.
+
+    Refused rather than read as 0: a reward that silently scores NaN as 0 trains on a wrong signal, and
+    None already says "no opinion".
+    """
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or isinstance(value, str) or not math.isfinite(number):
+        raise ValueError(
+            f"reward '{name}' returned {value!r} for completion {completion[:200]!r}; a reward returns a "
+            "finite number, or None for no opinion (fix the reward function)"
+        )
+    return number
 
 
 def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-4, scale: bool = True) -> Tensor:
