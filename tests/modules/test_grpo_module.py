@@ -113,6 +113,12 @@ def test_disabled_adapter_gives_base_model_logprobs(module):
         # Measured: temperature=0 divided the log-probs by zero and trained on NaN from step 1.
         ({"temperature": 0.0}, "algorithm.temperature=0.0.*set algorithm.temperature>0"),
         ({"max_bad_steps": 0}, "algorithm.max_bad_steps=0 must be >= 1"),
+        (
+            {"min_new_tokens": 8, "max_new_tokens": 4},
+            "min_new_tokens=8 must be between 0 and algorithm.max_new_tokens=4; lower min_new_tokens",
+        ),
+        # Measured: generate took -1 silently, as 0; a negative minimum is a typo, not a setting.
+        ({"min_new_tokens": -1}, "min_new_tokens=-1 must be between 0 and"),
     ],
 )
 def test_bad_settings_are_named(settings, message):

@@ -97,9 +97,12 @@ class GRPOSettings:
             )
         if self.num_iterations < 1:
             raise ValueError(f"algorithm.num_iterations={self.num_iterations} must be >= 1")
-        if self.min_new_tokens > self.max_new_tokens:
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            # `generate` takes a negative minimum silently (as 0): a typo would go unnoticed.
             raise ValueError(
-                f"algorithm.min_new_tokens={self.min_new_tokens} exceeds max_new_tokens={self.max_new_tokens}"
+                f"algorithm.min_new_tokens={self.min_new_tokens} must be between 0 and "
+                f"algorithm.max_new_tokens={self.max_new_tokens}; lower min_new_tokens (0 lets a completion end "
+                "whenever it stops) or raise max_new_tokens"
             )
 
     @property
