@@ -306,3 +306,21 @@ def test_a_problem_that_is_not_a_string_is_named_as_such(tmp_path):
         check_problem(None)
     with pytest.raises(ValueError, match=r"^problem ' ' is empty"):
         check_problem(" ")
+
+
+def test_an_image_the_processor_refuses_for_its_aspect_ratio_is_a_bad_row(tmp_path):
+    # Measured: Qwen2-VL's processor raised "absolute aspect ratio must be smaller than 200, got 300.0" for a
+    # 1x300 image at the first rollout that drew the row, after setup had passed it.
+    table = make_rows(3)
+    table["image"][1] = Image.new("RGB", (300, 1))
+    path = tmp_path / "thin"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(table, features=FEATURES)}).save_to_disk(path)
+    module = VisualRFTDataModule(path=str(path), check_solution=check_classification_solution)
+    with pytest.raises(
+        ValueError, match=r"row 1: image .* is 300x1 pixels, a side more than 200 times the other"
+    ):
+        module.setup("fit")
+    # 200x1 is the processor's limit, still accepted
+    assert decode_image(Image.new("RGB", (200, 1))).size == (200, 1)
+    with pytest.raises(ValueError, match=r"the row's image is 1x201 pixels.*data.on_bad_row=skip"):
+        decode_image(Image.new("RGB", (1, 201)))

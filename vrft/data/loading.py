@@ -13,6 +13,9 @@ import pyarrow
 from PIL import Image
 
 REQUIRED_COLUMNS = ("image", "problem", "solution")
+# Qwen2-VL's and Qwen2.5-VL's image processors refuse a longer side over 200 times the shorter one
+# (`smart_resize`): such a row would stop the run at its first rollout instead of at the row checks.
+MAX_ASPECT_RATIO = 200
 # `train-00000-of-00001`, with the fingerprint older `push_to_hub` appended (`train-00000-of-00001-1a2b3c4d.parquet`,
 # still on many Hub repos); a bare shard number (`0000.parquet`, the Hub's refs/convert/parquet layout
 # `default/train/0000.parquet`) takes its split from the folder (`partial-train` for a cut conversion).
@@ -186,10 +189,11 @@ def check_problem(problem: object) -> None:
 def decode_image(image) -> Image.Image:
     """An RGB PIL image from a PIL image, an undecoded `{"bytes", "path"}` dict, or a path.
 
-    Raises `ValueError` naming the file and the cause when it cannot be decoded.
+    Raises `ValueError` naming the file and the cause when it cannot be decoded, or when one side is more than
+    `MAX_ASPECT_RATIO` times the other (the model's processor would refuse it at the rollout).
     """
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return _check_aspect_ratio(image.convert("RGB"), "the row's image")
     if image is None:
         raise ValueError("the row has no image; give it an image path (JSON) or image bytes")
     if not isinstance(image, (dict, str, Path)):  # a JSON row's list or number
@@ -204,6 +208,17 @@ def decode_image(image) -> Image.Image:
         else:
             opened = Image.open(source)
         opened.load()
-        return opened.convert("RGB")
+        decoded = opened.convert("RGB")
     except (OSError, ValueError, TypeError, AttributeError) as error:
         raise ValueError(f"image '{source}' could not be decoded ({error})") from None
+    return _check_aspect_ratio(decoded, f"image '{source}'")
+
+
+def _check_aspect_ratio(image: Image.Image, name: str) -> Image.Image:
+    width, height = image.size
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ValueError(
+            f"{name} is {width}x{height} pixels, a side more than {MAX_ASPECT_RATIO} times the other, which the "
+            "Qwen2-VL processor refuses; crop or pad the image, or drop the row (data.on_bad_row=skip)"
+        )
+    return image
