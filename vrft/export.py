@@ -23,9 +23,11 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
-from transformers import BitsAndBytesConfig
+from transformers import AutoConfig, BitsAndBytesConfig
 
+from vrft.evaluation.adapters import adapter_shapes, meta_model
 from vrft.models.policy import ModelSpec, is_adapter_folder, load_base_model
+from vrft.models.presets import model_class
 from vrft.models.processor import load_processor, save_processor
 from vrft.paths import check_folder
 from vrft.precision import merge_and_requantize
@@ -46,9 +48,7 @@ def adapter_config(adapter: Path) -> dict:
             f"and its run's processor with AutoTokenizer / Qwen2VLImageProcessorPil from '{processor}'"
         )
     if not is_adapter_folder(adapter):
-        raise FileNotFoundError(
-            f"'{adapter}' has no adapter_config.json; pass a peft adapter folder such as <run>/adapter/final"
-        )
+        raise FileNotFoundError(f"'{adapter}' {not_an_adapter(adapter)}")
     try:
         settings = json.loads(config.read_text())
     except json.JSONDecodeError as error:
@@ -57,6 +57,37 @@ def adapter_config(adapter: Path) -> dict:
             "<run>/adapter/final"
         ) from None
     return settings if isinstance(settings, dict) else {}
+
+
+def not_an_adapter(path: Path) -> str:
+    """Why `path` is no adapter folder and which folder to pass instead: a run folder and a checkpoint file
+    (the two paths a user holds after training) name their run's adapters."""
+    fix = "pass a peft adapter folder such as <run>/adapter/final"
+    if path.is_file():
+        run = path.parent.parent if path.parent.name == "checkpoints" else None
+        what = "is a Lightning checkpoint" if path.suffix == ".ckpt" else "is a file"
+        return f"{what}, not an adapter folder; {_run_adapters(run) if run else fix}"
+    if not path.exists():
+        return f"does not exist; {fix}"
+    if (path / "adapter").is_dir() or (path / "checkpoints").is_dir():
+        return f"is a run folder, not an adapter folder; {_run_adapters(path)}"
+    return f"has no adapter_config.json; {fix}"
+
+
+def _run_adapters(run: Path) -> str:
+    steps = sorted(
+        (folder for folder in (run / "adapter").glob("step-*") if is_adapter_folder(folder)),
+        key=lambda folder: int(folder.name.removeprefix("step-")) if folder.name[5:].isdigit() else -1,
+    )
+    if is_adapter_folder(run / "adapter" / "final"):
+        return f"pass its adapter '{run / 'adapter' / 'final'}' (or one of its {len(steps)} step-N adapters)"
+    if steps:
+        return f"it has no adapter/final (it stopped before the end): pass its latest, '{steps[-1]}'"
+    return (
+        f"run '{run}' saved no adapter (one is written with every checkpoint, "
+        "callbacks.checkpoint.every_n_train_steps, and at the end of training; it stopped before either): "
+        "pass another run's <run>/adapter/final"
+    )
 
 
 def adapter_base(adapter: Path) -> str:
@@ -81,10 +112,35 @@ def base_model(adapter: Path, base: str | None = None) -> str:
     else:
         adapter_config(adapter)  # an unreadable config is named before the load, as it is without --base
         source = f"--base '{base}'"
-    spec = ModelSpec(name_or_path=base)
-    if not spec.is_random_preset:  # a random preset is built in memory: no folder to check
-        spec.folder(what=source, fix="pass --base <a local Qwen2-VL / Qwen2.5-VL checkpoint folder>")
+    fix = "pass --base <a local Qwen2-VL / Qwen2.5-VL checkpoint folder>"
+    ModelSpec(name_or_path=base).config(what=source, fix=fix, weights=True)
+    check_adapter_fits(adapter, base)
     return base
+
+
+def check_adapter_fits(adapter: Path, base: str) -> None:
+    """A `ValueError` when the adapter's LoRA shapes do not fit `base` (another model, or another rank than its
+    config says), found on the meta device before the base loads; peft's own is a page of size mismatches."""
+    settings = adapter_config(adapter)
+    rank = None if settings.get("rank_pattern") else settings.get("r")
+    modules = dict(meta_model(ModelSpec(name_or_path=base)).named_modules())
+    for name, shape in adapter_shapes(adapter).items():
+        module_name, _, part = name.removeprefix("base_model.model.").rpartition(".lora_")
+        module = modules.get(module_name)
+        if module is None or part[:2] not in ("A.", "B."):
+            continue  # a module named by another transformers version: peft maps or names it
+        in_or_out, axis = ("in_features", 1) if part.startswith("A") else ("out_features", 0)
+        expected = getattr(module, in_or_out, None)
+        if expected is not None and shape[axis] != expected:
+            raise ValueError(
+                f"adapter '{adapter}' does not fit base '{base}': '{module_name}' has {in_or_out}={expected}, the "
+                f"adapter's lora_{part[0]} {shape[axis]}; pass --base <the model it was trained on>"
+            )
+        if rank is not None and shape[1 - axis] != rank:
+            raise ValueError(
+                f"adapter '{adapter}': its lora_{part[0]} of '{module_name}' has rank {shape[1 - axis]}, its "
+                f"adapter_config.json says r={rank}; the folder mixes two adapters: copy the adapter folder again"
+            )
 
 
 def untie_output_embeddings(model: torch.nn.Module) -> None:
@@ -148,10 +204,6 @@ def export(
 
 def type_of_model(folder: str):
     """The transformers class that loads the Qwen2-VL / Qwen2.5-VL checkpoint in `folder`."""
-    from transformers import AutoConfig
-
-    from vrft.models.presets import model_class
-
     return model_class(AutoConfig.from_pretrained(folder))
 
 
@@ -167,15 +219,25 @@ def main(argv: list[str] | None = None) -> None:
     silence_upstream_noise()
     if args.output.exists():
         parser.exit(2, f"vrft: error: output '{args.output}' exists; pass a new folder\n")
-    try:  # a file on its path: makedirs would fail only after the merge
+    try:  # a file on its path, or a place that cannot be written: saving would fail only after the merge
         check_folder(args.output, "output", "pass a new folder")
+        args.output.mkdir(parents=True)
     except ValueError as error:
         parser.exit(2, f"vrft: error: {error}\n")
+    except OSError as error:
+        parser.exit(
+            2,
+            f"vrft: error: output '{args.output}' cannot be made ({error.strerror}); pass a new folder "
+            "in a place you can write\n",
+        )
     try:
         folder = export(args.adapter, args.output, args.dtype, args.int4, args.base)
     except (FileNotFoundError, ValueError) as error:
         shutil.rmtree(args.output, ignore_errors=True)
         parser.exit(2, f"vrft: error: {error}\n")
+    except BaseException:  # no half-written model folder left that a later load would take for a whole one
+        shutil.rmtree(args.output, ignore_errors=True)
+        raise
     kind = "4-bit (bitsandbytes nf4)" if args.int4 else args.dtype
     print(
         f"merged model ({kind}) written to {folder}; load it with AutoModelForImageTextToText.from_pretrained"

@@ -21,6 +21,7 @@ from vrft.models.presets import (
     build_processor,
     model_class,
     preset_checkpoint,
+    preset_config,
     random_preset,
 )
 from vrft.models.processor import load_processor
@@ -115,6 +116,43 @@ class ModelSpec:
             raise FileNotFoundError(f"{what} {reason}; {fix}")
         return folder
 
+    def config(self, what: str | None = None, fix: str | None = None, weights: bool = False):
+        """The checkpoint's `PretrainedConfig`, read from config.json alone, or a `ValueError` naming it.
+
+        transformers accepts a config.json that is cut, of another architecture or missing its vision part, and
+        fails only later, deep in the planner or the load (a JSON OSError, `no attribute 'vision_config'`, or a
+        default 2B vision tower planned for a 7B). `what` and `fix` as in `folder()`; `weights`: the folder must
+        also hold weight files (a load, not a plan).
+        """
+        if self.is_random_preset:
+            return preset_config(self.name_or_path)
+        folder = self.folder(what, fix)
+        what = what or f"model.name_or_path='{self.name_or_path}'"
+        fix = fix or "point model.name_or_path at a Qwen2-VL / Qwen2.5-VL checkpoint folder as released"
+        try:
+            raw = json.loads((folder / "config.json").read_text())
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{what} has a config.json that cannot be read ({error}); {fix}") from None
+        model_type = raw.get("model_type") if isinstance(raw, dict) else None
+        if model_type not in ("qwen2_vl", "qwen2_5_vl"):
+            raise ValueError(
+                f"{what} is {f'a {model_type!r}' if model_type else 'an untyped'} checkpoint (config.json's "
+                f"model_type); vrft trains Qwen2-VL ('qwen2_vl') and Qwen2.5-VL ('qwen2_5_vl') models: {fix}"
+            )
+        text = raw.get("text_config") or raw
+        missing = [key for key in ("vision_config",) if not isinstance(raw.get(key), dict)]
+        missing += [key for key in ("hidden_size", "num_hidden_layers", "vocab_size") if key not in text]
+        if missing:
+            raise ValueError(
+                f"{what} has a partial config.json (no {', '.join(missing)}; transformers would fill in the 2B "
+                f"model's defaults); {fix}"
+            )
+        if weights and not any(folder.glob("*.safetensors")) and not any(folder.glob("pytorch_model*.bin")):
+            raise ValueError(
+                f"{what} has a config.json but no weights (*.safetensors or pytorch_model*.bin); {fix}"
+            )
+        return AutoConfig.from_pretrained(folder)
+
 
 @dataclass
 class LoraSpec:
@@ -180,12 +218,7 @@ def _load_base_model(spec: ModelSpec, dtype: torch.dtype, weights: bool) -> torc
         model = random_preset(spec.name_or_path, dtype, seed=spec.seed)  # on meta: the structure alone
     else:
         folder = spec.folder()
-        config = AutoConfig.from_pretrained(folder)
-        if config.model_type not in ("qwen2_vl", "qwen2_5_vl"):
-            raise ValueError(
-                f"model.name_or_path='{spec.name_or_path}' is a '{config.model_type}' checkpoint; vrft trains "
-                "Qwen2-VL ('qwen2_vl') and Qwen2.5-VL ('qwen2_5_vl') models"
-            )
+        config = spec.config(weights=weights)
         if weights:
             model = model_class(config).from_pretrained(
                 folder, dtype=dtype, attn_implementation=spec.attn_implementation

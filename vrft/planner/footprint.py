@@ -9,14 +9,12 @@ from __future__ import annotations
 import functools
 import logging
 import re
-from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from transformers import AutoConfig
 
-from vrft.models.policy import VISION_TARGETS
+from vrft.models.policy import VISION_TARGETS, ModelSpec
 from vrft.models.presets import PRESETS, model_class, preset_config
 from vrft.planner.estimator import ModelShape, WeightFootprint
 from vrft.resume import starting_adapter
@@ -25,16 +23,15 @@ log = logging.getLogger(__name__)
 
 
 def model_config(name_or_path: str):
-    """The `PretrainedConfig` of a preset or a checkpoint folder (reads config.json only)."""
-    if name_or_path in PRESETS:
+    """The `PretrainedConfig` of a preset or a checkpoint folder (reads config.json only: no weights needed)."""
+    if name_or_path in PRESETS:  # tiny and small too: planning does not build their checkpoints
         return preset_config(name_or_path)
-    folder = Path(name_or_path).expanduser()
-    if not (folder / "config.json").exists():
-        raise FileNotFoundError(
-            f"model.name_or_path='{name_or_path}' has no config.json to plan from; point it at a Qwen2-VL / "
-            f"Qwen2.5-VL checkpoint folder or a preset: {', '.join(PRESETS)}"
+    return ModelSpec(name_or_path=name_or_path).config(
+        fix=(
+            "point model.name_or_path at a Qwen2-VL / Qwen2.5-VL checkpoint folder (its config.json is all "
+            f"the plan reads) or a preset: {', '.join(PRESETS)}"
         )
-    return AutoConfig.from_pretrained(folder)
+    )
 
 
 def model_shape(config) -> ModelShape:
