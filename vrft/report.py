@@ -166,15 +166,26 @@ def _cell(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+class PlotNotWritten(OSError):
+    """The results were read but the plot could not be written; `rows` holds them for the table."""
+
+    def __init__(self, rows: dict[str, dict], message: str):
+        super().__init__(message)
+        self.rows = rows
+
+
 def report(
     folder: Path, labels: dict[Path, str] | None = None, notes: list[str] | None = None
 ) -> tuple[dict[str, dict], Path]:
     """Results of the run(s) in `folder` and the plot written: `curves.png` (one run) or `comparison.png`.
 
-    What could not be read is left out of both and named in `notes`, one line each.
+    What could not be read is left out of both and named in `notes`, one line each; a plot that cannot be
+    written raises `PlotNotWritten`, which carries the results.
     """
     if not folder.exists():
         raise FileNotFoundError(f"'{folder}' does not exist; pass a run folder or a folder of runs")
+    if (folder / "metrics.csv").is_file():
+        raise FileNotFoundError(f"'{folder}' is a run's logs folder; pass the run folder '{folder.parent}'")
     runs = find_runs(folder)
     if not runs:
         raise FileNotFoundError(f"'{folder}' holds no run (no logs/metrics.csv in it or its subfolders)")
@@ -182,9 +193,14 @@ def report(
     names = {run: labels.get(run, run.name if run != folder else folder.name) for run in runs}
     rows = {names[run]: run_results(run, notes) for run in runs}
     curves = {names[run]: read_curves(run) for run in runs}
-    if len(runs) == 1 and runs[0] == folder:
-        return rows, plot_runs(curves, folder / "curves.png", str(folder))
-    return rows, plot_runs(curves, folder / "comparison.png", f"{folder} ({len(runs)} runs)")
+    single = len(runs) == 1 and runs[0] == folder
+    path = folder / ("curves.png" if single else "comparison.png")
+    try:
+        return rows, plot_runs(curves, path, str(folder) if single else f"{folder} ({len(runs)} runs)")
+    except OSError as error:  # a read-only copy of a run, a full disk: the table is still worth printing
+        raise PlotNotWritten(
+            rows, f"the plot '{path}' could not be written ({error.strerror or error})"
+        ) from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -193,13 +209,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("folder", type=Path, help="a run folder, or a folder of runs (Hydra multirun)")
     args = parser.parse_args(argv)
     notes: list[str] = []
+    plot_error = None
     try:
         rows, plot = report(args.folder, notes=notes)
     except FileNotFoundError as error:
         parser.exit(2, f"vrft: error: {error}\n")
+    except PlotNotWritten as error:
+        rows, plot_error = error.rows, error
     for note in notes:
         print(f"vrft: warning: {note}", file=sys.stderr)
     print(format_table(rows))
+    if plot_error is not None:
+        parser.exit(
+            2, f"vrft: error: {plot_error}; the table above is complete: copy the run somewhere writable\n"
+        )
     print(f"plot: {plot}")
 
 

@@ -24,10 +24,25 @@ class CurvesPlot(L.Callback):
         self.dirpath = Path(dirpath)
 
     def plot(self) -> Path | None:
+        """Write `curves.png`; None when there is nothing to plot or it cannot be written.
+
+        The plot is a convenience: it runs while Lightning builds a checkpoint, so an error here (a full disk,
+        a `curves.png` that is a folder) would end the run and lose that checkpoint. It is logged instead.
+        """
         curves = read_curves(self.dirpath)
         if not curves:
             return None
-        return plot_runs({self.dirpath.name: curves}, self.dirpath / "curves.png", str(self.dirpath))
+        path = self.dirpath / "curves.png"
+        try:
+            return plot_runs({self.dirpath.name: curves}, path, str(self.dirpath))
+        except OSError as error:
+            log.warning(
+                "curves not written to %s (%s); `python -m vrft.report %s` draws them later",
+                path,
+                error.strerror or error,
+                self.dirpath,
+            )
+            return None
 
     @override
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
