@@ -7,7 +7,7 @@ from PIL import Image
 from vrft.models.policy import LoraSpec, ModelSpec
 from vrft.modules.grpo import GRPOModule, GRPOSettings
 from vrft.modules.losses import SequenceMeanLoss, k3_kl
-from vrft.modules.scoring import WeightedReward
+from vrft.modules.scoring import RewardSet, WeightedReward
 from vrft.rewards import AccuracyReward, format_reward
 from vrft.rollout.batch import Rollout, build_prompts, completion_mask
 from vrft.rollout.tokens import stop_token_ids
@@ -141,15 +141,32 @@ def test_truncated_fraction_counts_completions_without_a_stop_token(module, monk
             [300, 301, 302, 303, 304, pad],  # <|endoftext|> (Qwen2's pad) is a stop token too
         ]
     )
-    fixed = Rollout(
-        prompts=build_prompts(module.processor, rows(), module.prompt_template, module.device),
-        group_size=3,
-        completion_ids=completion_ids,
-        completion_mask=completion_mask(completion_ids, stop_token_ids(tokenizer)),
-        completions=[""] * 6,
-        rows=rows(),
-    )
+    fixed = fixed_rollout(module, completion_ids)
     monkeypatch.setattr(module, "generate", lambda *args, **kwargs: fixed)
     stats = module.rollout(rows()).stats
     assert stats["truncated_count"] == 2.0
     assert stats["completion_length_max"] == 6.0
+
+
+def fixed_rollout(module, completion_ids: torch.Tensor) -> Rollout:
+    """`completion_ids` `[6, C]` as the rollout of `rows()`, three completions per prompt, as `generate` returns it."""
+    tokenizer = module.processor.tokenizer
+    return Rollout(
+        prompts=build_prompts(module.processor, rows(), module.prompt_template, module.device),
+        group_size=3,
+        completion_ids=completion_ids,
+        completion_mask=completion_mask(completion_ids, stop_token_ids(tokenizer)),
+        completions=tokenizer.batch_decode(completion_ids, skip_special_tokens=True),
+        rows=rows(),
+    )
+
+
+def test_groups_of_equal_rewards_score_zero_advantages_and_count_as_flat(module, monkeypatch):
+    # Every completion scores 0.9 (e.g. a detection IoU 0.5 + confidence 0.4): no group has a spread. The old
+    # float32 mean of three 0.9s is not 0.9, and its residues over std + eps were advantages of 6e-4.
+    constant = RewardSet({"constant": WeightedReward(lambda c, s, **k: [0.9] * len(c))})
+    monkeypatch.setattr(module, "rewards", constant)
+    rollout = fixed_rollout(module, torch.tensor([[100, 101], [102, 103], [104, 105]] * 2))
+    module.score(rollout)
+    assert torch.equal(rollout.advantages, torch.zeros(6))
+    assert rollout.stats["group_zero_std_count"] == 2.0 and rollout.stats["advantage_sq_sum"] == 0.0

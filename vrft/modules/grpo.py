@@ -22,7 +22,7 @@ from vrft.models.policy import LoraSpec, ModelSpec
 from vrft.modules.health import TrainingHealth
 from vrft.modules.losses import PolicyLoss, StepTotals, truncated_importance_weights
 from vrft.modules.policy_module import PolicyModule
-from vrft.modules.scoring import RewardSet, group_advantages
+from vrft.modules.scoring import RewardSet, group_advantages, zero_spread_groups
 from vrft.modules.settings import GRPOSettings
 from vrft.modules.step_metrics import step_metrics, step_totals
 from vrft.rollout.batch import Rollout
@@ -165,7 +165,7 @@ class GRPOModule(PolicyModule):
         rollout.stats["reward_sum/total"] = float(total.sum())
         rollout.stats["reward_sq_sum/total"] = float((total**2).sum())
         rollout.stats["advantage_sq_sum"] = float((rollout.advantages**2).sum())
-        rollout.stats["group_zero_std_count"] = float((total.view(-1, s.group_size).std(1) == 0).sum())
+        rollout.stats["group_zero_std_count"] = float(zero_spread_groups(total, s.group_size).sum())
         self.samples = [
             {
                 "problem": rows[i].get("problem", ""),
