@@ -8,6 +8,7 @@ from vrft.models.policy import LoraSpec, ModelSpec
 from vrft.modules.grpo import GRPOModule, GRPOSettings
 from vrft.modules.losses import SequenceMeanLoss, k3_kl
 from vrft.modules.scoring import RewardSet, WeightedReward
+from vrft.modules.step_metrics import step_metrics, step_totals
 from vrft.rewards import AccuracyReward, format_reward
 from vrft.rollout.batch import Rollout, build_prompts, completion_mask
 from vrft.rollout.tokens import stop_token_ids
@@ -170,3 +171,18 @@ def test_groups_of_equal_rewards_score_zero_advantages_and_count_as_flat(module,
     module.score(rollout)
     assert torch.equal(rollout.advantages, torch.zeros(6))
     assert rollout.stats["group_zero_std_count"] == 2.0 and rollout.stats["advantage_sq_sum"] == 0.0
+
+
+def test_reward_std_of_equal_rewards_is_zero(module, monkeypatch):
+    # train/reward_std is sqrt(E[r^2] - E[r]^2) over the step; with float32 sums it logged 1e-3 for six rewards
+    # of 2.1702408 (measured), a spread that was not there.
+    constant = RewardSet({"constant": WeightedReward(lambda c, s, **k: [2.1702408467537326] * len(c))})
+    monkeypatch.setattr(module, "rewards", constant)
+    fixed = fixed_rollout(module, torch.tensor([[100, 101], [102, 103], [104, 105]] * 2))
+    monkeypatch.setattr(module, "generate", lambda *args, **kwargs: fixed)
+    rollout = module.rollout(rows())
+    module.score(rollout)
+    sums, peaks = step_totals([rollout], 0.0, {}, {"update_seconds": 0.0, "update_peak_gb": 0.0})
+    metrics = step_metrics(sums, peaks, group_size=3, world_size=1, reward_names=["constant"])
+    assert metrics["train/reward_std"] == 0.0
+    assert metrics["train/reward"] == pytest.approx(2.1702408467537326, rel=1e-7)  # float32's resolution

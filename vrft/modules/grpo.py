@@ -162,8 +162,10 @@ class GRPOModule(PolicyModule):
             self.device
         )
         rollout.stats.update({f"reward_sum/{name}": float(v.sum()) for name, v in per_reward.items()})
-        rollout.stats["reward_sum/total"] = float(total.sum())
-        rollout.stats["reward_sq_sum/total"] = float((total**2).sum())
+        # In float64: train/reward_std is sqrt(E[r^2] - E[r]^2), whose float32 cancellation logged a std of 1e-3
+        # for a step whose rewards were all 2.1702408.
+        rollout.stats["reward_sum/total"] = float(total.double().sum())
+        rollout.stats["reward_sq_sum/total"] = float((total.double() ** 2).sum())
         rollout.stats["advantage_sq_sum"] = float((rollout.advantages**2).sum())
         rollout.stats["group_zero_std_count"] = float(zero_spread_groups(total, s.group_size).sum())
         self.samples = [
