@@ -66,3 +66,17 @@ def test_loading_a_folder_without_weights_names_it(tmp_path):
     assert load_base_model(
         ModelSpec(name_or_path=str(tmp_path)), torch.float32, weights=False
     ).config.model_type
+
+
+def test_an_adapter_folder_as_the_model_names_its_base(tmp_path):
+    # "has no config.json; set it to a local Hugging Face checkpoint folder": a run's adapter/final is the
+    # folder a user holds after training, and it records the base that belongs in model.name_or_path
+    (tmp_path / "adapter_config.json").write_text(
+        json.dumps({"base_model_name_or_path": "/models/Qwen2-VL-2B"})
+    )
+    with pytest.raises(FileNotFoundError) as error:
+        ModelSpec(name_or_path=str(tmp_path)).folder()
+    assert str(error.value) == (
+        f"model.name_or_path='{tmp_path}' is a peft adapter (trained on '/models/Qwen2-VL-2B'), not a model; set "
+        "it to that base and pass the adapter as lora.init_adapter= (vrft.train) or adapters=[...] (vrft.evaluate)"
+    )

@@ -109,10 +109,18 @@ class ModelSpec:
         if not (folder / "config.json").exists():
             reason = "does not exist" if not folder.exists() else "has no config.json"
             what = what or f"model.name_or_path='{self.name_or_path}'"
-            fix = fix or (
+            default_fix = (
                 "set it to a local Hugging Face checkpoint folder of Qwen2-VL / Qwen2.5-VL (with config.json and "
                 f"weights) or to a preset: {', '.join(PRESETS)}"
             )
+            if is_adapter_folder(folder):  # a run's adapter/final: the base goes here, the adapter elsewhere
+                base = adapter_base_name(folder)
+                reason = f"is a peft adapter (trained on '{base}'), not a model"
+                default_fix = (
+                    "set it to that base and pass the adapter as lora.init_adapter= (vrft.train) or "
+                    "adapters=[...] (vrft.evaluate)"
+                )
+            fix = fix or default_fix
             raise FileNotFoundError(f"{what} {reason}; {fix}")
         return folder
 
@@ -244,6 +252,15 @@ def load_processor_for(spec: ModelSpec):
 def is_adapter_folder(folder: Path) -> bool:
     """`folder` holds a peft adapter (its `adapter_config.json`): what `init_adapter_folder` requires."""
     return (folder / "adapter_config.json").is_file()
+
+
+def adapter_base_name(folder: Path) -> str:
+    """The base an adapter folder records (`base_model_name_or_path`), or "an unrecorded model"."""
+    try:
+        base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        base = None
+    return base if isinstance(base, str) and base else "an unrecorded model"
 
 
 def init_adapter_folder(init_adapter: str | Path) -> Path:
