@@ -33,7 +33,7 @@ MAX_NEW_TOKENS = 4
 
 
 def one_step(
-    completion_ids: list[list[int]], rewards: list[float], tmp_path, **settings
+    completion_ids: list[list[int]], rewards: list[float], tmp_path, max_steps: int | None = None, **settings
 ) -> tuple[Rollout, dict]:
     """Train one policy update on one group of fixed completion tokens scored `rewards`; the rollout (as scoring
     left it) and the logged metrics."""
@@ -65,9 +65,10 @@ def one_step(
         rows=[ROW],
     )
     module.generate = lambda *args, **kwargs: rollout
-    trainer = bare_trainer("cpu", 1, VrftPrecision(), default_root_dir=tmp_path)
+    max_steps = max_steps or module.settings.num_iterations  # one update
+    trainer = bare_trainer("cpu", max_steps, VrftPrecision(), default_root_dir=tmp_path)
     trainer.fit(module, train_dataloaders=DataLoader([ROW], batch_size=1, collate_fn=list))
-    assert trainer.global_step == module.settings.num_iterations  # one update: num_iterations optimizer steps
+    assert trainer.global_step == max_steps
     return rollout, {key: float(value) for key, value in trainer.callback_metrics.items()}
 
 
@@ -106,3 +107,13 @@ def test_cut_completions_and_a_stale_rollout_without_reference_log_finite_metric
     assert metrics["train/completion_length"] == (4 + 4 + 4 + 1) / 4
     assert rollout.ref_logprobs is None and rollout.old_logprobs is not None
     assert metrics["train/kl"] == 0.0  # beta=0: no reference log-probs, no KL to report
+
+
+def test_the_last_update_stops_at_max_steps(tmp_path):
+    # num_iterations=3 in a 2-step run: the update stops after its second optimizer step. It took all three
+    # (global_step 3 of max_steps 2), past the run's LR schedule and step count.
+    eos = 151645
+    _, metrics = one_step(
+        [[100, eos], [300, 301, eos], [200, eos]], [1.0, 0.0, 0.5], tmp_path, max_steps=2, num_iterations=3
+    )  # one_step asserts global_step == max_steps
+    assert_finite(metrics)

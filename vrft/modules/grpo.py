@@ -211,7 +211,7 @@ class GRPOModule(PolicyModule):
         with self.phases("update", self.device):
             reset_peak_memory(self.device)
             start = time.perf_counter()
-            for _ in range(s.num_iterations):
+            for _ in range(self.iterations_left()):
                 loss_total, stat_sums, done = 0.0, {}, 0
                 for rollout in rollouts:
                     for first in range(0, rollout.num_sequences, s.update_micro_batch_size):
@@ -246,6 +246,18 @@ class GRPOModule(PolicyModule):
                 self.health.record_update(nonfinite, phase, self.global_step, self.trainer)
             update_seconds = time.perf_counter() - start
             self.log_step(rollouts, totals, loss_total, stat_sums, update_seconds)
+
+    def iterations_left(self) -> int:
+        """Optimizer steps this update takes: `num_iterations`, fewer where `trainer.max_steps` comes first.
+
+        Each iteration is an optimizer step, and a run (its LR schedule, its step count) is counted in them: an
+        update of 2 iterations at step 4 of a 5-step run took the run to 6.
+        """
+        iterations = self.settings.num_iterations
+        max_steps = self.trainer.max_steps
+        if max_steps is not None and max_steps > 0:
+            iterations = min(iterations, max(1, max_steps - self.global_step))
+        return iterations
 
     def mismatch_correction(
         self, rollout: Rollout, train_logprobs: Tensor, mask: Tensor, first: int, last: int
