@@ -1,7 +1,8 @@
 """`python -m vrft.export <adapter> <output>`: a trained adapter merged into its base, as a model folder.
 
-The output loads with `AutoModelForImageTextToText.from_pretrained(output)` and `AutoProcessor` in plain
-transformers, with no peft and no vrft:
+The output loads with `AutoModelForImageTextToText.from_pretrained(output)`, `AutoTokenizer` and
+`Qwen2VLImageProcessorPil` in plain transformers, with no peft and no vrft (`AutoProcessor` builds Qwen2-VL's
+video processor too, which needs torchvision, not a dependency of vrft):
 
 - default: the merged weights in bf16 (`--dtype fp32` keeps full precision);
 - `--int4`: the merged weights quantised again to 4 bits with bitsandbytes (nf4, double quantisation, the
@@ -240,7 +241,8 @@ def main(argv: list[str] | None = None) -> None:
         raise
     kind = "4-bit (bitsandbytes nf4)" if args.int4 else args.dtype
     print(
-        f"merged model ({kind}) written to {folder}; load it with AutoModelForImageTextToText.from_pretrained"
+        f"merged model ({kind}) written to {folder}; load it with AutoModelForImageTextToText.from_pretrained "
+        "(its processor with AutoTokenizer / Qwen2VLImageProcessorPil)"
     )
 
 
