@@ -99,3 +99,17 @@ def test_a_group_of_equal_rewards_gets_exactly_zero_advantages():
     assert torch.equal(group_advantages(rewards, 16), torch.zeros(16))
     assert torch.equal(group_advantages(rewards, 16, scale=False), torch.zeros(16))
     assert zero_spread_groups(torch.cat([rewards, torch.arange(16.0)]), 16).tolist() == [True, False]
+
+
+@pytest.mark.parametrize("error", [KeyError("category"), TypeError("unsupported operand")])
+def test_a_reward_that_raises_is_named(error):
+    # The CLI printed a bare KeyError as its key alone ("vrft: error: 'category'") and a TypeError as a
+    # traceback, neither naming the reward.
+    def broken(completions, solutions, **columns):
+        raise error
+
+    rewards = RewardSet({"length": WeightedReward(broken)})
+    with pytest.raises(
+        ValueError, match=f"reward 'length' raised {type(error).__name__}: .*fix the reward function"
+    ):
+        rewards(["a"], ["b"], {})

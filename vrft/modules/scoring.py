@@ -52,7 +52,17 @@ class RewardSet:
         """Score `N` completions. Returns the weighted total `[N]` and each reward's raw values `[N]`."""
         per_reward = {}
         for name, reward in self.rewards.items():
-            values = reward.fn(list(completions), list(solutions), **columns)
+            try:
+                values = reward.fn(list(completions), list(solutions), **columns)
+            except torch.OutOfMemoryError:
+                raise  # named by the run's out-of-memory handler, with the phase and what to lower
+            except Exception as error:
+                # A reward is the user's code: say which one failed (a bare KeyError printed only its key, a
+                # TypeError a traceback). SIGTERM and Ctrl-C are not `Exception`s and pass untouched.
+                raise ValueError(
+                    f"reward '{name}' raised {type(error).__name__}: {error}; fix the reward function "
+                    "(VRFT_TRACEBACK=1 shows where)"
+                ) from error
             if len(values) != len(completions):
                 raise ValueError(
                     f"reward '{name}' returned {len(values)} values for {len(completions)} completions"
