@@ -155,3 +155,25 @@ def test_a_base_folder_vrft_cannot_load_is_named_by_its_option(
     error = export_error(capsys, adapter, tmp_path / "out", "--base", base)
     assert error.startswith(f"vrft: error: --base '{base}' {problem}"), error
     assert error.endswith("pass --base <a local Qwen2-VL / Qwen2.5-VL checkpoint folder>\n")
+
+
+def test_the_4bit_export_keeps_the_vision_tower_and_lm_head_in_bf16(tmp_path):
+    # llm_int8_skip_modules=["visual"] matched no module name ("model.visual.blocks.0.attn.qkv"): the vision
+    # tower was quantised as well, and bitsandbytes' CPU forward failed on its first image
+    pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig, get_peft_model
+    from safetensors import safe_open
+    from transformers import AutoModelForImageTextToText
+
+    from vrft.models.presets import tiny_checkpoint
+
+    base = AutoModelForImageTextToText.from_pretrained(tiny_checkpoint(), dtype=torch.float32)
+    torch.manual_seed(0)
+    adapter = get_peft_model(base, LoraConfig(r=2, target_modules=r".*language_model.*\.q_proj"))
+    adapter.save_pretrained(tmp_path / "adapter")
+    merged = vrft.export.export(tmp_path / "adapter", tmp_path / "merged-int4", int4=True)
+    with safe_open(str(merged / "model.safetensors"), framework="pt") as weights:
+        names = list(weights.keys())  # noqa: SIM118 (a safetensors file has no __iter__)
+    quantised = {name.removesuffix(".weight.absmax") for name in names if name.endswith(".absmax")}
+    assert quantised and all(".layers." in name for name in quantised), sorted(quantised)[:3]
+    assert not any(name.startswith(("visual", "model.visual", "lm_head")) for name in quantised)

@@ -195,7 +195,10 @@ def export(
                 bnb_4bit_quant_type="nf4",
                 bnb_4bit_use_double_quant=True,
                 bnb_4bit_compute_dtype=torch.bfloat16,
-                llm_int8_skip_modules=["visual", "lm_head"],  # precision=int4's keep_vision / keep_lm_head
+                # precision=int4's keep_vision / keep_lm_head. transformers matches these from the start of a
+                # module's name or as its suffix: "visual" alone matched nothing ("model.visual.blocks.0...")
+                # and the vision tower was quantised too (and failed in bitsandbytes' CPU forward).
+                llm_int8_skip_modules=["model.visual", "lm_head"],
             )
             quantized = type_of_model(staging).from_pretrained(staging, quantization_config=quantization)
             quantized.save_pretrained(output)
