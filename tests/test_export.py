@@ -177,3 +177,13 @@ def test_the_4bit_export_keeps_the_vision_tower_and_lm_head_in_bf16(tmp_path):
     quantised = {name.removesuffix(".weight.absmax") for name in names if name.endswith(".absmax")}
     assert quantised and all(".layers." in name for name in quantised), sorted(quantised)[:3]
     assert not any(name.startswith(("visual", "model.visual", "lm_head")) for name in quantised)
+
+
+def test_an_adapter_without_its_weights_is_named_with_exports_own_words(tmp_path, capsys, no_load):
+    # "point adapters= at a peft adapter folder": evaluate's option, which export does not have
+    adapter = write_adapter(tmp_path / "adapter", "qwen2vl-2b", r=4, in_features=1536)
+    (adapter / "adapter_model.safetensors").unlink()
+    assert export_error(capsys, adapter, tmp_path / "out") == (
+        f"vrft: error: adapter '{adapter}' has no adapter_model.safetensors (its weights; a copy cut short?); "
+        "pass a whole peft adapter folder such as <run>/adapter/final\n"
+    )

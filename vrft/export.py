@@ -123,6 +123,13 @@ def check_adapter_fits(adapter: Path, base: str) -> None:
     """A `ValueError` when the adapter's LoRA shapes do not fit `base` (another model, or another rank than its
     config says), found on the meta device before the base loads; peft's own is a page of size mismatches."""
     settings = adapter_config(adapter)
+    if not (adapter / "adapter_model.safetensors").is_file():
+        if (adapter / "adapter_model.bin").is_file():
+            return  # peft's older format: read only by the load, which names a mismatch itself
+        raise FileNotFoundError(
+            f"adapter '{adapter}' has no adapter_model.safetensors (its weights; a copy cut short?); pass a "
+            "whole peft adapter folder such as <run>/adapter/final"
+        )
     rank = None if settings.get("rank_pattern") else settings.get("r")
     modules = dict(meta_model(ModelSpec(name_or_path=base)).named_modules())
     for name, shape in adapter_shapes(adapter).items():
