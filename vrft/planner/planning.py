@@ -119,7 +119,11 @@ def budget_gb(cfg: DictConfig) -> tuple[float | None, str]:
         return float(cfg.memory_cap_gb), "memory_cap_gb"
     accelerator = str(OmegaConf.select(cfg, "trainer.accelerator", default="auto"))
     total = device_total_gb() if accelerator in ("auto", "gpu", "cuda") else None
-    return (total, "this CUDA device") if total else (None, "no hw profile and no CUDA device")
+    if total:
+        return total, "this CUDA device"
+    name = hw.get("name")
+    profile = f"hw={name} sets no memory_gb" if name not in (None, "none") else "no hw profile"
+    return None, f"{profile} and no CUDA device"
 
 
 @dataclass
