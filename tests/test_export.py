@@ -187,3 +187,15 @@ def test_an_adapter_without_its_weights_is_named_with_exports_own_words(tmp_path
         f"vrft: error: adapter '{adapter}' has no adapter_model.safetensors (its weights; a copy cut short?); "
         "pass a whole peft adapter folder such as <run>/adapter/final\n"
     )
+
+
+def test_a_tiny_run_moved_to_another_machine_is_told_to_pass_the_preset(tmp_path, capsys, no_load):
+    # its adapter records the vrft cache folder it was trained in ("/root/.cache/vrft/tiny-91f30f707d30"):
+    # "does not exist; pass --base <a local Qwen2-VL / Qwen2.5-VL checkpoint folder>" named no folder to pass
+    adapter = write_adapter(
+        tmp_path / "adapter", str(tmp_path / "cache" / "tiny-91f30f707d30"), r=4, in_features=64
+    )
+    assert export_error(capsys, adapter, tmp_path / "out") == (
+        f"vrft: error: adapter '{adapter}' records base model '{tmp_path / 'cache' / 'tiny-91f30f707d30'}', which "
+        "does not exist; pass --base tiny (the built-in preset it was trained on, built again from its seed)\n"
+    )

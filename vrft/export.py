@@ -28,7 +28,7 @@ from transformers import AutoConfig, BitsAndBytesConfig
 
 from vrft.evaluation.adapters import adapter_shapes, meta_model
 from vrft.models.policy import ModelSpec, is_adapter_folder, load_base_model
-from vrft.models.presets import model_class
+from vrft.models.presets import CHECKPOINT_PRESETS, model_class
 from vrft.models.processor import load_processor, save_processor
 from vrft.paths import check_folder
 from vrft.precision import merge_and_requantize
@@ -114,6 +114,10 @@ def base_model(adapter: Path, base: str | None = None) -> str:
         adapter_config(adapter)  # an unreadable config is named before the load, as it is without --base
         source = f"--base '{base}'"
     fix = "pass --base <a local Qwen2-VL / Qwen2.5-VL checkpoint folder>"
+    preset = Path(base).name.rsplit("-", 1)[0]
+    if preset in CHECKPOINT_PRESETS and not Path(base).exists():
+        # a run of the tiny or small preset records its cache folder, which another machine does not have
+        fix = f"pass --base {preset} (the built-in preset it was trained on, built again from its seed)"
     ModelSpec(name_or_path=base).config(what=source, fix=fix, weights=True)
     check_adapter_fits(adapter, base)
     return base
