@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -80,3 +82,25 @@ def test_an_adapter_folder_as_the_model_names_its_base(tmp_path):
         f"model.name_or_path='{tmp_path}' is a peft adapter (trained on '/models/Qwen2-VL-2B'), not a model; set "
         "it to that base and pass the adapter as lora.init_adapter= (vrft.train) or adapters=[...] (vrft.evaluate)"
     )
+
+
+@pytest.mark.parametrize(
+    ("config", "problem"),
+    [
+        ('{"model_type": "qwen2_vl",', "has a config.json that cannot be read (Expecting"),
+        ('{"model_type": "llama", "hidden_size": 64}', "is a 'llama' checkpoint (config.json's model_type)"),
+    ],
+)
+def test_plan_names_the_folder_in_one_line_before_any_model_is_built(tmp_path, config, problem):
+    # the settings check builds the model on the meta device: an OSError or an AttributeError traceback from
+    # transformers ("'LlamaConfig' object has no attribute 'vision_config'"), exit 1
+    (tmp_path / "config.json").write_text(config)
+    result = subprocess.run(
+        [sys.executable, "-m", "vrft.plan", "model=local", f"model.name_or_path={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.startswith(f"vrft: error: model.name_or_path='{tmp_path}' {problem}"), result.stderr
+    assert "Traceback" not in result.stderr

@@ -19,7 +19,12 @@ def test_a_pre_quantised_folder_is_refused_naming_the_unquantised_model(tmp_path
         ValueError, match=r"holds pre-quantised weights \(quantization_config: bitsandbytes\)"
     ):
         ModelSpec(name_or_path=str(folder))
-    (folder / "config.json").write_text(json.dumps({"model_type": "qwen2_vl"}))
+    whole = {
+        "model_type": "qwen2_vl",
+        "vision_config": {"depth": 1},
+        "text_config": {"hidden_size": 64, "num_hidden_layers": 1, "vocab_size": 320},
+    }
+    (folder / "config.json").write_text(json.dumps(whole))
     assert ModelSpec(name_or_path=str(folder)).folder() == folder  # the bf16 export's config passes
 
 

@@ -96,7 +96,8 @@ class ModelSpec:
         return self.name_or_path in PRESETS and self.name_or_path not in CHECKPOINT_PRESETS
 
     def folder(self, what: str | None = None, fix: str | None = None) -> Path:
-        """The checkpoint folder to load (building the tiny or small preset on first use).
+        """The checkpoint folder to load (building the tiny or small preset on first use), its config.json
+        checked (`check_config`).
 
         Args:
             what: how a missing folder's error names the value, for callers whose user set it by another
@@ -106,13 +107,13 @@ class ModelSpec:
         if self.name_or_path in CHECKPOINT_PRESETS:
             return preset_checkpoint(self.name_or_path, self.seed)
         folder = Path(self.name_or_path).expanduser()
+        what = what or f"model.name_or_path='{self.name_or_path}'"
+        default_fix = (
+            "set it to a local Hugging Face checkpoint folder of Qwen2-VL / Qwen2.5-VL (with config.json and "
+            f"weights) or to a preset: {', '.join(PRESETS)}"
+        )
         if not (folder / "config.json").exists():
             reason = "does not exist" if not folder.exists() else "has no config.json"
-            what = what or f"model.name_or_path='{self.name_or_path}'"
-            default_fix = (
-                "set it to a local Hugging Face checkpoint folder of Qwen2-VL / Qwen2.5-VL (with config.json and "
-                f"weights) or to a preset: {', '.join(PRESETS)}"
-            )
             if is_adapter_folder(folder):  # a run's adapter/final: the base goes here, the adapter elsewhere
                 base = adapter_base_name(folder)
                 reason = f"is a peft adapter (trained on '{base}'), not a model"
@@ -120,46 +121,53 @@ class ModelSpec:
                     "set it to that base and pass the adapter as lora.init_adapter= (vrft.train) or "
                     "adapters=[...] (vrft.evaluate)"
                 )
-            fix = fix or default_fix
-            raise FileNotFoundError(f"{what} {reason}; {fix}")
+            raise FileNotFoundError(f"{what} {reason}; {fix or default_fix}")
+        check_config(folder, what, fix or default_fix)
         return folder
 
     def config(self, what: str | None = None, fix: str | None = None, weights: bool = False):
-        """The checkpoint's `PretrainedConfig`, read from config.json alone, or a `ValueError` naming it.
+        """The checkpoint's `PretrainedConfig` (`folder()` checks it first); `what` and `fix` as there.
 
-        transformers accepts a config.json that is cut, of another architecture or missing its vision part, and
-        fails only later, deep in the planner or the load (a JSON OSError, `no attribute 'vision_config'`, or a
-        default 2B vision tower planned for a 7B). `what` and `fix` as in `folder()`; `weights`: the folder must
-        also hold weight files (a load, not a plan).
+        `weights`: the folder must also hold weight files (a load, not a plan); transformers' own error names
+        no setting.
         """
         if self.is_random_preset:
             return preset_config(self.name_or_path)
         folder = self.folder(what, fix)
-        what = what or f"model.name_or_path='{self.name_or_path}'"
-        fix = fix or "point model.name_or_path at a Qwen2-VL / Qwen2.5-VL checkpoint folder as released"
-        try:
-            raw = json.loads((folder / "config.json").read_text())
-        except (OSError, ValueError) as error:
-            raise ValueError(f"{what} has a config.json that cannot be read ({error}); {fix}") from None
-        model_type = raw.get("model_type") if isinstance(raw, dict) else None
-        if model_type not in ("qwen2_vl", "qwen2_5_vl"):
-            raise ValueError(
-                f"{what} is {f'a {model_type!r}' if model_type else 'an untyped'} checkpoint (config.json's "
-                f"model_type); vrft trains Qwen2-VL ('qwen2_vl') and Qwen2.5-VL ('qwen2_5_vl') models: {fix}"
-            )
-        text = raw.get("text_config") or raw
-        missing = [key for key in ("vision_config",) if not isinstance(raw.get(key), dict)]
-        missing += [key for key in ("hidden_size", "num_hidden_layers", "vocab_size") if key not in text]
-        if missing:
-            raise ValueError(
-                f"{what} has a partial config.json (no {', '.join(missing)}; transformers would fill in the 2B "
-                f"model's defaults); {fix}"
-            )
         if weights and not any(folder.glob("*.safetensors")) and not any(folder.glob("pytorch_model*.bin")):
+            what = what or f"model.name_or_path='{self.name_or_path}'"
             raise ValueError(
-                f"{what} has a config.json but no weights (*.safetensors or pytorch_model*.bin); {fix}"
+                f"{what} has a config.json but no weights (*.safetensors or pytorch_model*.bin); "
+                f"{fix or 'point it at the whole checkpoint folder'}"
             )
         return AutoConfig.from_pretrained(folder)
+
+
+def check_config(folder: Path, what: str, fix: str) -> None:
+    """A `ValueError` naming `what` when `folder`'s config.json is no whole Qwen2-VL / Qwen2.5-VL config.
+
+    transformers accepts a config.json that is cut, of another architecture or missing its vision part, and
+    fails only later, deep in the planner or the load (a JSON OSError, `no attribute 'vision_config'`), or
+    fills in the 2B model's sizes: a plan of a 7B folder with a partial config planned a 2B vision tower.
+    """
+    try:
+        raw = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{what} has a config.json that cannot be read ({error}); {fix}") from None
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if model_type not in ("qwen2_vl", "qwen2_5_vl"):
+        raise ValueError(
+            f"{what} is {f'a {model_type!r}' if model_type else 'an untyped'} checkpoint (config.json's "
+            f"model_type); vrft trains Qwen2-VL ('qwen2_vl') and Qwen2.5-VL ('qwen2_5_vl') models: {fix}"
+        )
+    text = raw.get("text_config") or raw
+    missing = [key for key in ("vision_config",) if not isinstance(raw.get(key), dict)]
+    missing += [key for key in ("hidden_size", "num_hidden_layers", "vocab_size") if key not in text]
+    if missing:
+        raise ValueError(
+            f"{what} has a partial config.json (no {', '.join(missing)}; transformers would fill in the 2B "
+            f"model's defaults); {fix}"
+        )
 
 
 @dataclass
