@@ -9,9 +9,9 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 from vrft.callbacks import Checkpoints
 
 
-def fit(folder, max_steps: int, ckpt_path=None) -> None:
+def fit(folder, max_steps: int, ckpt_path=None, every: int = 1) -> None:
     checkpoints = Checkpoints(
-        dirpath=str(folder), filename="step-{step}", every_n_train_steps=1, save_last=True, save_top_k=-1
+        dirpath=str(folder), filename="step-{step}", every_n_train_steps=every, save_last=True, save_top_k=-1
     )
     trainer = L.Trainer(
         max_steps=max_steps,
@@ -39,3 +39,23 @@ def test_resume_from_the_first_checkpoint_or_a_moved_folder_updates_last_ckpt(tm
     assert step_of(tmp_path / "moved" / "last.ckpt") == 5
     names = sorted(path.name for path in (tmp_path / "moved").iterdir())
     assert names == ["last.ckpt", *(f"step-step={step}.ckpt" for step in range(1, 6))]  # no -v1 copies
+
+
+def test_the_runs_last_step_is_checkpointed_between_due_checkpoints(tmp_path):
+    # Lightning wrote last.ckpt at the end only where it had never written one: it stayed at step 4 of 5
+    fit(tmp_path / "run", 5, every=2)
+    assert step_of(tmp_path / "run" / "last.ckpt") == 5
+    names = sorted(path.name for path in (tmp_path / "run").iterdir())
+    assert names == ["last.ckpt", "step-step=2.ckpt", "step-step=4.ckpt", "step-step=5.ckpt"]
+    fit(tmp_path / "run", 7, ckpt_path=tmp_path / "run" / "last.ckpt", every=2)  # trains steps 6 and 7 on
+    assert step_of(tmp_path / "run" / "last.ckpt") == 7
+    assert (tmp_path / "run" / "step-step=6.ckpt").is_file() and (
+        tmp_path / "run" / "step-step=7.ckpt"
+    ).is_file()
+
+
+def test_a_run_ending_on_a_due_checkpoint_writes_it_once(tmp_path):
+    fit(tmp_path / "run", 4, every=2)
+    names = sorted(path.name for path in (tmp_path / "run").iterdir())
+    assert names == ["last.ckpt", "step-step=2.ckpt", "step-step=4.ckpt"]
+    assert step_of(tmp_path / "run" / "last.ckpt") == 4

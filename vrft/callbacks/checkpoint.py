@@ -12,7 +12,13 @@ from vrft.runtime.interrupt import note_saved
 
 
 class Checkpoints(ModelCheckpoint):
-    """`ModelCheckpoint` that also saves the last finished step when a SIGTERM stops the run.
+    """`ModelCheckpoint` that also saves the last step of the run, and the last finished step when a SIGTERM
+    stops it.
+
+    At the end of training Lightning writes `last.ckpt` only where it never wrote one: a 90-step run with
+    `every_n_train_steps=20` ended with `last.ckpt` at step 80, and steps 81-90 were only in the exported
+    adapter, so a resume to train on (a larger `trainer.max_steps`) went back ten steps. `on_train_end` saves
+    the final step as the others (`step-step=90.ckpt` and `last.ckpt`) where no checkpoint has it yet.
 
     A scheduler's kill (or a preemption) reaches Lightning as a SIGTERM: it finishes the running optimizer
     step and raises `SIGTERMException`. Without this, the steps since the last `every_n_train_steps`
@@ -33,6 +39,13 @@ class Checkpoints(ModelCheckpoint):
         # back and trained those steps again. A fresh run never overwrites (vrft.resume.check_fresh_run).
         kwargs.setdefault("enable_version_counter", False)
         super().__init__(**kwargs)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step > 0 and not self._should_skip_saving_checkpoint(trainer):
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+        super().on_train_end(trainer, pl_module)
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
