@@ -9,7 +9,22 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 from vrft.callbacks import Checkpoints
 
 
-def fit(folder, max_steps: int, ckpt_path=None, every: int = 1) -> None:
+class TwoStepsABatch(BoringModel):
+    """Two optimizer steps per batch, as GRPO's update with num_iterations=2 takes."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        for _ in range(2):
+            self.manual_backward(self(batch).sum())
+            optimizer.step()
+            optimizer.zero_grad()
+
+
+def fit(folder, max_steps: int, ckpt_path=None, every: int = 1, model=None) -> None:
     checkpoints = Checkpoints(
         dirpath=str(folder), filename="step-{step}", every_n_train_steps=every, save_last=True, save_top_k=-1
     )
@@ -22,7 +37,7 @@ def fit(folder, max_steps: int, ckpt_path=None, every: int = 1) -> None:
         limit_val_batches=0,
         accelerator="cpu",
     )
-    trainer.fit(BoringModel(), ckpt_path=ckpt_path)
+    trainer.fit(model or BoringModel(), ckpt_path=ckpt_path)
 
 
 def step_of(path) -> int:
@@ -59,3 +74,11 @@ def test_a_run_ending_on_a_due_checkpoint_writes_it_once(tmp_path):
     names = sorted(path.name for path in (tmp_path / "run").iterdir())
     assert names == ["last.ckpt", "step-step=2.ckpt", "step-step=4.ckpt"]
     assert step_of(tmp_path / "run" / "last.ckpt") == 4
+
+
+def test_a_batch_of_several_steps_passing_a_due_step_is_saved(tmp_path):
+    # steps 2, 4, 6, 8 with a checkpoint due every 3: Lightning saved only at 6, the one multiple it landed on
+    fit(tmp_path / "run", 8, every=3, model=TwoStepsABatch())
+    names = sorted(path.name for path in (tmp_path / "run").iterdir())
+    assert names == ["last.ckpt", "step-step=4.ckpt", "step-step=6.ckpt", "step-step=8.ckpt"]
+    assert step_of(tmp_path / "run" / "last.ckpt") == 8
