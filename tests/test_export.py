@@ -109,7 +109,7 @@ def test_an_adapter_of_another_model_or_rank_is_refused_before_the_base_loads(tm
     other = write_adapter(tmp_path / "other", "qwen2vl-2b", r=4, in_features=64)
     assert export_error(capsys, other, tmp_path / "out") == (
         f"vrft: error: adapter '{other}' does not fit base 'qwen2vl-2b': "
-        f"'{Q_PROJ.removeprefix('base_model.model.')}' has in_features=1536, the adapter's lora_A 64; "
+        f"'{Q_PROJ.removeprefix('base_model.model.')}' has in_features=1536, the adapter's lora_A has 64; "
         "pass --base <the model it was trained on>\n"
     )
     mixed = write_adapter(tmp_path / "mixed", "qwen2vl-2b", r=4, in_features=1536, rank_in_weights=16)

@@ -26,7 +26,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoConfig, BitsAndBytesConfig
 
-from vrft.evaluation.adapters import adapter_shapes, meta_model
+from vrft.evaluation.adapters import adapter_shapes, shape_mismatch
 from vrft.models.policy import ModelSpec, is_adapter_folder, load_base_model
 from vrft.models.presets import CHECKPOINT_PRESETS, model_class
 from vrft.models.processor import load_processor, save_processor
@@ -134,23 +134,22 @@ def check_adapter_fits(adapter: Path, base: str) -> None:
             f"adapter '{adapter}' has no adapter_model.safetensors (its weights; a copy cut short?); pass a "
             "whole peft adapter folder such as <run>/adapter/final"
         )
-    rank = None if settings.get("rank_pattern") else settings.get("r")
-    modules = dict(meta_model(ModelSpec(name_or_path=base)).named_modules())
+    problem = shape_mismatch(adapter, ModelSpec(name_or_path=base), unknown_modules=True)
+    if problem is not None:
+        raise ValueError(
+            f"adapter '{adapter}' does not fit base '{base}': {problem}; pass --base <the model it was trained on>"
+        )
+    rank = (
+        None if settings.get("rank_pattern") else settings.get("r")
+    )  # the shapes against the adapter's own r
     for name, shape in adapter_shapes(adapter).items():
         module_name, _, part = name.removeprefix("base_model.model.").rpartition(".lora_")
-        module = modules.get(module_name)
-        if module is None or part[:2] not in ("A.", "B."):
-            continue  # a module named by another transformers version: peft maps or names it
-        in_or_out, axis = ("in_features", 1) if part.startswith("A") else ("out_features", 0)
-        expected = getattr(module, in_or_out, None)
-        if expected is not None and shape[axis] != expected:
+        if rank is None or part[:2] not in ("A.", "B."):
+            continue
+        held = shape[0 if part[0] == "A" else 1]  # lora_A is [r, in], lora_B [out, r]
+        if held != rank:
             raise ValueError(
-                f"adapter '{adapter}' does not fit base '{base}': '{module_name}' has {in_or_out}={expected}, the "
-                f"adapter's lora_{part[0]} {shape[axis]}; pass --base <the model it was trained on>"
-            )
-        if rank is not None and shape[1 - axis] != rank:
-            raise ValueError(
-                f"adapter '{adapter}': its lora_{part[0]} of '{module_name}' has rank {shape[1 - axis]}, its "
+                f"adapter '{adapter}': its lora_{part[0]} of '{module_name}' has rank {held}, its "
                 f"adapter_config.json says r={rank}; the folder mixes two adapters: copy the adapter folder again"
             )
 

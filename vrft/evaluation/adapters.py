@@ -63,24 +63,34 @@ def check_adapter(adapter: str | Path, spec: ModelSpec) -> None:
             f"adapter config '{config_file}' is not a peft adapter config ({error}); the file was probably copied "
             "or written in part: copy the adapter folder again"
         ) from None
+    problem = shape_mismatch(folder, spec)
+    if problem is not None:
+        raise ValueError(
+            f"adapter '{adapter}' (trained on '{trained_on}') does not fit model.name_or_path="
+            f"'{spec.name_or_path}': {problem}; evaluate it with the model it was trained on"
+        )
+
+
+def shape_mismatch(folder: Path, spec: ModelSpec, unknown_modules: bool = False) -> str | None:
+    """How the LoRA shapes of the adapter in `folder` first fail to fit `spec`'s model (built on the meta
+    device), in words; None where they fit. `unknown_modules`: a module the model lacks is passed over (a name of
+    another transformers version, which peft maps when it loads) instead of being the mismatch."""
     modules = dict(meta_model(spec).named_modules())
     for name, shape in adapter_shapes(folder).items():
-        problem = _mismatch(name.removeprefix(_PREFIX), shape, modules)
+        problem = _mismatch(name.removeprefix(_PREFIX), shape, modules, unknown_modules)
         if problem is not None:
-            raise ValueError(
-                f"adapter '{adapter}' (trained on '{trained_on}') does not fit model.name_or_path="
-                f"'{spec.name_or_path}': {problem}; evaluate it with the model it was trained on"
-            )
+            return problem
+    return None
 
 
-def _mismatch(name: str, shape: tuple[int, ...], modules: dict) -> str | None:
+def _mismatch(name: str, shape: tuple[int, ...], modules: dict, unknown_modules: bool) -> str | None:
     for part, axis, feature in ((".lora_A.", 1, "in_features"), (".lora_B.", 0, "out_features")):
         if part not in name:
             continue
         module_name = name.split(part)[0]
         module = modules.get(module_name)
         if module is None:
-            return f"the model has no module '{module_name}'"
+            return None if unknown_modules else f"the model has no module '{module_name}'"
         expected = getattr(module, feature, None)
         if expected is not None and shape[axis] != expected:
             return (
