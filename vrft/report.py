@@ -1,9 +1,9 @@
 """`python -m vrft.report <run or multirun folder>`: a table of a run's results and its curves, or of several.
 
 For one run (a folder with `logs/metrics.csv`) it prints the first and last value of the main metrics and
-writes `<run>/curves.png`: reward by component, KL, completion length and memory per optimizer step. For a
-folder of runs (a Hydra multirun) it prints one row per run and writes `<folder>/comparison.png`, each run's
-curves overlaid.
+writes `<run>/curves.png`: reward by component, KL (where `loss.beta` > 0), completion length and memory per
+optimizer step. For a folder of runs (a Hydra multirun) it prints one row per run and writes
+`<folder>/comparison.png`, each run's curves overlaid.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ PANELS = {
     "completion length (tokens)": ("train/completion_length",),
     "peak memory (GiB)": ("memory/update_peak_gb", "memory/rollout_peak_gb"),
 }
+# Why a panel can be empty: said on it, so that an empty axis does not read as a plotting bug.
+NOT_LOGGED = {"KL to the reference": "not logged: loss.beta=0 skips the reference forward"}
 TIME_KEYS = ("time/rollout_s", "time/reference_s", "time/update_s")
 
 
@@ -122,6 +124,9 @@ def plot_runs(runs: dict[str, Curves], path: Path, title: str) -> Path:
         axis.grid(alpha=0.3)
         if axis.lines:
             axis.legend(fontsize=7)
+        else:
+            note = NOT_LOGGED.get(panel, "not logged")
+            axis.text(0.5, 0.5, note, ha="center", va="center", transform=axis.transAxes, color="gray")
     figure.suptitle(title, fontsize=10)
     figure.savefig(path, dpi=80)
     plt.close(figure)

@@ -8,10 +8,12 @@ the optimizer step are the training code, run by a Lightning `Trainer` for one o
 
 from __future__ import annotations
 
+import csv
 import math
 
 import pytest
 import torch
+from lightning.pytorch.loggers import CSVLogger
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -36,7 +38,7 @@ def one_step(
     completion_ids: list[list[int]], rewards: list[float], tmp_path, max_steps: int | None = None, **settings
 ) -> tuple[Rollout, dict]:
     """Train one policy update on one group of fixed completion tokens scored `rewards`; the rollout (as scoring
-    left it) and the logged metrics."""
+    left it) and the logged metrics (`trainer.callback_metrics`; the CSV rows are in `logged_rows(tmp_path)`)."""
     torch.manual_seed(0)
     loss = settings.pop("loss", SequenceMeanLoss(beta=0.04))
     module = GRPOModule(
@@ -67,9 +69,16 @@ def one_step(
     module.generate = lambda *args, **kwargs: rollout
     max_steps = max_steps or module.settings.num_iterations  # one update
     trainer = bare_trainer("cpu", max_steps, VrftPrecision(), default_root_dir=tmp_path)
+    trainer.loggers = [CSVLogger(tmp_path, name="logs", version="")]
     trainer.fit(module, train_dataloaders=DataLoader([ROW], batch_size=1, collate_fn=list))
     assert trainer.global_step == max_steps
     return rollout, {key: float(value) for key, value in trainer.callback_metrics.items()}
+
+
+def logged_rows(tmp_path) -> list[dict]:
+    """The rows `one_step` logged to its CSV logger, one per policy update."""
+    with (tmp_path / "logs" / "metrics.csv").open() as file:
+        return list(csv.DictReader(file))
 
 
 def assert_finite(metrics: dict) -> None:
@@ -89,6 +98,7 @@ def test_a_group_of_identical_empty_completions_trains_a_zero_step(loss, scale_r
     # Every advantage is 0 (std 0 divided by std + eps, or not divided) and a fresh adapter is its reference
     # (KL and its gradient exactly 0): the loss is exactly 0, not NaN.
     assert metrics["train/loss"] == 0.0 and metrics["train/kl"] == 0.0
+    assert [float(row["train/kl"]) for row in logged_rows(tmp_path)] == [0.0]  # measured: beta=0.04
     assert metrics["train/advantage_std"] == 0.0 and metrics["train/zero_std_groups"] == 1.0
     assert metrics["train/completion_length"] == 1.0 and metrics["train/truncated_fraction"] == 0.0
 
@@ -106,7 +116,10 @@ def test_cut_completions_and_a_stale_rollout_without_reference_log_finite_metric
     assert metrics["train/truncated_fraction"] == 0.5
     assert metrics["train/completion_length"] == (4 + 4 + 4 + 1) / 4
     assert rollout.ref_logprobs is None and rollout.old_logprobs is not None
-    assert metrics["train/kl"] == 0.0  # beta=0: no reference log-probs, no KL to report
+    # beta=0: no reference log-probs, so no KL is measured and none is logged (a 0 would claim a measurement).
+    assert "train/kl" not in metrics
+    rows = logged_rows(tmp_path)
+    assert rows and all("train/kl" not in row for row in rows)
 
 
 def test_the_last_update_stops_at_max_steps(tmp_path):

@@ -37,8 +37,9 @@ def step_metrics(
     world_size: int,
     reward_names: Sequence[str],
 ) -> dict[str, float]:
-    """The logged metrics of one step from its (rank-reduced) sums and peaks: rewards, KL, lengths, timing,
-    throughput, memory; the rollout/training mismatch where the engine sampled from other weights."""
+    """The logged metrics of one step from its (rank-reduced) sums and peaks: rewards, KL (where measured),
+    lengths, timing, throughput, memory; the rollout/training mismatch where the engine sampled from other
+    weights."""
 
     def total(key: str) -> float:
         return sums.get(key, peaks.get(key, 0.0))
@@ -53,7 +54,9 @@ def step_metrics(
         "train/reward_std": max(total("reward_sq_sum/total") / n - mean_reward**2, 0.0) ** 0.5,
         "train/advantage_std": (total("advantage_sq_sum") / n) ** 0.5,
         "train/zero_std_groups": total("group_zero_std_count") / (n / group_size),
-        "train/kl": total("update/kl_sum") / tokens,
+        # Only where the loss measured it (loss.beta > 0): beta=0 skips the reference forward, and a 0 logged
+        # for it would read as "the policy has not moved from the reference".
+        **({"train/kl": total("update/kl_sum") / tokens} if "update/kl_sum" in sums else {}),
         "train/clip_fraction": total("update/clipped_sum") / tokens,
         "train/completion_length": total("completion_length_sum") / n,
         "train/completion_length_max": peaks["completion_length_max"],
