@@ -105,7 +105,8 @@ def test_a_run_resumed_into_its_folder_goes_on_in_the_same_wandb_run(tmp_path, n
     logger.experiment.finish()
     assert (run_dir / "wandb" / "vrft-run-id").read_text() == f"{first_id}\n"
     # ckpt_path= into the same folder
-    resumed = instantiate(config(*offline, f"run_dir={run_dir}").logger.wandb)
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    resumed = instantiate(config(*offline, f"run_dir={run_dir}", f"ckpt_path={checkpoint}").logger.wandb)
     assert resumed.version == first_id and resumed._wandb_init["resume"] == "allow"
     assert resumed.experiment.id == first_id
     resumed.experiment.finish()
@@ -115,6 +116,28 @@ def test_a_run_resumed_into_its_folder_goes_on_in_the_same_wandb_run(tmp_path, n
     disabled = WandbLogger(project="vrft", save_dir=tmp_path / "disabled", mode="disabled")
     disabled.experiment.finish()  # a stand-in run with an id of its own, which no later run could resume
     assert not disabled.run_id_file.exists()
+
+
+def test_a_fresh_run_into_a_folder_with_an_earlier_wandb_run_starts_its_own(tmp_path, no_wandb_login):
+    # check_fresh_run lets a run start again where the earlier one stopped before its first checkpoint; it read
+    # that run's id and joined its W&B run, two runs' curves in one.
+    offline = ("logger=wandb", "+logger.wandb.mode=offline")
+    run_dir = tmp_path / "run"
+    id_file = run_dir / "wandb" / "vrft-run-id"
+    earlier = instantiate(config(*offline, f"run_dir={run_dir}").logger.wandb)
+    earlier_id = earlier.experiment.id
+    earlier.experiment.finish()
+    fresh = instantiate(config(*offline, f"run_dir={run_dir}").logger.wandb)  # no ckpt_path
+    assert fresh.version is None  # wandb chooses a new id
+    fresh_id = fresh.experiment.id
+    fresh.experiment.finish()
+    assert fresh_id != earlier_id and id_file.read_text() == f"{fresh_id}\n"  # what a resume goes on in
+    # A fresh run that logs nowhere (WANDB_MODE=disabled) leaves no id behind for a resume of its checkpoints.
+    disabled = instantiate(
+        config("logger=wandb", "+logger.wandb.mode=disabled", f"run_dir={run_dir}").logger.wandb
+    )
+    disabled.experiment.finish()
+    assert not id_file.exists()
 
 
 def test_resumed_tensorboard_run_hides_the_earlier_runs_steps_after_its_checkpoint(tmp_path):

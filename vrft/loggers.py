@@ -83,18 +83,27 @@ class WandbLogger(lightning_loggers.WandbLogger):
     """Lightning's `WandbLogger`, except that a run resumed into its own folder (`ckpt_path=` with the same
     `hydra.run.dir`) goes on in the same W&B run, and without Lightning's `anonymous=None` argument.
 
-    The W&B run's id is kept in `<save_dir>/wandb/vrft-run-id` when the run starts; a later run in that folder
-    passes it to `wandb.init` (`id=`, with Lightning's `resume="allow"`). Without it each resume started a new
-    W&B run: the curves split into one run per resume. An `id` given (`+logger.wandb.id=...`) is kept.
+    The W&B run's id is kept in `<save_dir>/wandb/vrft-run-id` when the run starts; a run that resumes a
+    checkpoint in that folder passes it to `wandb.init` (`id=`, with Lightning's `resume="allow"`). Without it
+    each resume started a new W&B run: the curves split into one run per resume. A fresh run in the folder
+    (`check_fresh_run` lets one start where the earlier run stopped before its first checkpoint, which left
+    an id) starts a W&B run of its own, whose id replaces the earlier one: it joined the earlier W&B run,
+    two runs' curves in one. An `id` given (`+logger.wandb.id=...`) is kept.
 
     Lightning always passes `anonymous` to `wandb.init`; wandb 0.31 deprecated the setting and warns on any
     value, `None` included, in every run. Dropping the key is what a run without `anonymous` would send.
+
+    Args:
+        resume_from: the checkpoint this run resumes (`ckpt_path`, which the config passes); None for a fresh
+            run. Only a resumed run goes on in the W&B run of `<save_dir>/wandb/vrft-run-id`.
+        *args, **kwargs: Lightning's `WandbLogger` arguments (the ones it does not take go to `wandb.init`).
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, resume_from: str | Path | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self._wandb_init.pop("anonymous", None)
-        if self._wandb_init.get("id") is None:
+        self.resuming = resume_from is not None
+        if self._wandb_init.get("id") is None and self.resuming:
             self._id = self._wandb_init["id"] = self.earlier_run_id()
 
     @property
@@ -113,10 +122,15 @@ class WandbLogger(lightning_loggers.WandbLogger):
     def experiment(self):
         started = self._experiment is not None
         experiment = super().experiment
+        if started:
+            return experiment
         # the id wandb chose, or the earlier run's it resumed; WANDB_MODE=disabled's stand-in run logs nowhere
-        if not started and not getattr(experiment, "disabled", False):
+        if not getattr(experiment, "disabled", False):
             self.run_id_file.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(self.run_id_file, f"{experiment.id}\n")
+        elif not self.resuming:
+            # the earlier run's id would outlive this fresh run, and a resume of this run's checkpoints join it
+            self.run_id_file.unlink(missing_ok=True)
         return experiment
 
 
