@@ -74,7 +74,10 @@ def build_run(
     sharded = strategy_name(cfg.trainer) == "fsdp"
     # FSDPStrategy takes only an FSDPPrecision: the plugin's FSDP form, same arguments (vrft.precision.fsdp).
     precision = instantiate(fsdp_precision_config(cfg.precision) if sharded else cfg.precision)
-    datamodule = instantiate(cfg.data, **(data_overrides or {}))
     module = instantiate(cfg.algorithm, _convert_="object")
+    # The data module refuses, at setup and before the model loads, a row whose prompt would not fit the
+    # model's context: it asks the module, which owns the processor and the completion budget.
+    overrides = {"prompt_budget": module.prompt_budget, **(data_overrides or {})}
+    datamodule = instantiate(cfg.data, **overrides)
     trainer = build_trainer(cfg, precision, extra_callbacks, **trainer_options)
     return Run(cfg=cfg, precision=precision, datamodule=datamodule, module=module, trainer=trainer)

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from vrft.data.loading import check_problem, decode_image, load_visual_rft
+from vrft.data.prompt_length import PromptBudget, length_faults
 from vrft.data.sampler import ResumableSampler
 from vrft.data.synthetic import write_synthetic_dataset
 from vrft.paths import cache_key, cache_root
@@ -80,6 +81,9 @@ class VisualRFTDataModule(L.LightningDataModule):
         verify_images: decode every image of the training and validation splits once at setup, so a bad file is
             found before step one.
         max_train_rows / max_val_rows: use only the first rows of each split (quick runs).
+        prompt_budget: returns what a prompt may take of the model's context (`PromptBudget`); rows past it
+            are bad rows. Called once at setup, before the model loads (`vrft.setup.build_run` passes the
+            policy module's); None checks no lengths.
     """
 
     def __init__(
@@ -97,6 +101,7 @@ class VisualRFTDataModule(L.LightningDataModule):
         max_val_rows: int | None = None,
         num_workers: int = 0,
         shuffle: bool = True,
+        prompt_budget: Callable[[], PromptBudget | None] | None = None,
     ):
         super().__init__()
         if (path is None) == (synthetic is None):
@@ -117,6 +122,7 @@ class VisualRFTDataModule(L.LightningDataModule):
         self.max_rows = {"train": max_train_rows, "val": max_val_rows}
         self.num_workers = num_workers
         self.shuffle = shuffle
+        self.prompt_budget = prompt_budget
         self.skipped_rows: dict[str, int] = {}
         self.splits: dict[str, RowDataset] = {}
         self._resume: dict | None = None  # {"epoch", "batches"} from a checkpoint, applied to the next loader
@@ -146,6 +152,7 @@ class VisualRFTDataModule(L.LightningDataModule):
             return
         path = self.dataset_path()
         dataset = load_visual_rft(path)
+        budget = None if self.prompt_budget is None else self.prompt_budget()
         for role, split in (("train", self.train_split), ("val", self.val_split)):
             if split is None:
                 continue
@@ -162,7 +169,7 @@ class VisualRFTDataModule(L.LightningDataModule):
                 )
             # the validation split's images too: a bad one stopped the run at the first validation, after
             # training steps, even with data.on_bad_row=skip
-            self.splits[role] = RowDataset(table, self._good_rows(table, count, split))
+            self.splits[role] = RowDataset(table, self._good_rows(table, count, split, role, budget))
         train = self.splits.get("train")
         if train is not None and len(train) < self.batch_size:
             raise ValueError(
@@ -170,18 +177,19 @@ class VisualRFTDataModule(L.LightningDataModule):
                 f"{self.batch_size} prompts; lower algorithm.rollout_batch_size or add data"
             )
 
-    def _good_rows(self, table, count: int, split: str) -> list[int]:
+    def _good_rows(self, table, count: int, split: str, role: str, budget: PromptBudget | None) -> list[int]:
         faults = text_faults(table, count, self.check_solution)
-        bad: list[tuple[int, str]] = []
+        sizes: dict[int, tuple[int, int]] = {}  # of the images decoded here: the length check reuses them
         for index in range(count):
-            reason = faults.get(index)
-            if reason is None and self.verify_images:
+            if index not in faults and self.verify_images:
                 try:
-                    decode_image(table[index]["image"])
+                    sizes[index] = decode_image(table[index]["image"]).size
                 except ValueError as error:
-                    reason = str(error)
-            if reason is not None:
-                bad.append((index, reason))
+                    faults[index] = str(error)
+        if budget is not None:
+            good = [index for index in range(count) if index not in faults]
+            faults.update(length_faults(table, good, budget, role, sizes))
+        bad = sorted(faults.items())
         if bad and self.on_bad_row == "error":
             listed = "; ".join(f"row {i}: {reason}" for i, reason in bad[:5])
             raise ValueError(

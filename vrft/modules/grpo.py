@@ -89,6 +89,13 @@ class GRPOModule(PolicyModule):
         ranks = self._trainer.world_size if self._trainer is not None else 1
         return self.settings.rollouts_per_step // ranks
 
+    @override
+    def completion_budgets(self) -> dict[str, tuple[int, str | None]]:
+        return {
+            **super().completion_budgets(),
+            "train": (self.settings.max_new_tokens, "algorithm.max_new_tokens"),
+        }
+
     # ------------------------------------------------------------------------------------------ the loop
     @override
     def training_step(self, batch: list[dict], batch_idx: int) -> None:

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
+from vrft.data.prompt_length import PromptBudget
 from vrft.models.policy import (
     REFERENCE_ADAPTER,
     LoraSpec,
@@ -82,7 +83,29 @@ class PolicyModule(L.LightningModule):
         base = load_base_model(self.model_spec, dtype, weights)
         self.policy = attach_lora(base, self.lora_spec, self.model_spec.gradient_checkpointing)
         self.policy.train()  # from_pretrained returns eval mode; training mode turns gradient checkpointing on
-        self.processor = load_processor_for(self.model_spec)
+        if self.processor is None:  # prompt_budget may have loaded it for the data module's row checks
+            self.processor = load_processor_for(self.model_spec)
+
+    def completion_budgets(self) -> dict[str, tuple[int, str | None]]:
+        """Split role -> (tokens a completion may add after the prompt, the setting that says so): validation
+        decodes `eval_max_new_tokens`; training rows, by default, nothing (an algorithm that generates says)."""
+        return {"train": (0, None), "val": (self.eval_max_new_tokens, "algorithm.eval_max_new_tokens")}
+
+    def prompt_budget(self) -> PromptBudget:
+        """What a row's prompt may take of the model's context, for the data module's row checks at setup,
+        before the model loads: the processor (loaded here once, kept for the run) and config.json's
+        `max_position_embeddings` (under `text_config` in transformers 5, at the top in older configs)."""
+        if self.processor is None:
+            self.processor = load_processor_for(self.model_spec)
+        config = self.model_spec.config()
+        context = getattr(getattr(config, "text_config", None), "max_position_embeddings", None)
+        return PromptBudget(
+            processor=self.processor,
+            prompt_template=self.prompt_template,
+            context=context or getattr(config, "max_position_embeddings", None),
+            completions=self.completion_budgets(),
+            max_pixels=self.model_spec.max_pixels,
+        )
 
     @contextlib.contextmanager
     def reference_policy(self) -> Iterator[None]:
