@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from transformers import AutoConfig
 
 from vrft.models.policy import ModelSpec, is_adapter_folder
 from vrft.models.presets import PRESETS, model_class, preset_config
@@ -23,8 +22,9 @@ _PREFIX = "base_model.model."
 
 def meta_model(spec: ModelSpec) -> torch.nn.Module:
     """`spec`'s model built on the meta device: its module names and shapes without weights (0.05 s for 7B)."""
+    # Every preset's config is at hand: `spec.config()` would build the tiny or small checkpoint on disk first.
     is_preset = spec.name_or_path in PRESETS
-    config = preset_config(spec.name_or_path) if is_preset else AutoConfig.from_pretrained(spec.folder())
+    config = preset_config(spec.name_or_path) if is_preset else spec.config()
     with torch.device("meta"):
         return model_class(config)._from_config(config)
 
