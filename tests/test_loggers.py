@@ -162,6 +162,32 @@ def test_resumed_tensorboard_run_hides_the_earlier_runs_steps_after_its_checkpoi
     assert [event.value for event in events.Scalars("data/skipped_rows_train")] == [0.0, 10.0]
 
 
+def test_the_purge_marker_opens_the_event_file_of_the_first_optimizer_step(tmp_path):
+    # SummaryWriter(purge_step=...), torch's public way to hide a crashed run's later events, writes it first
+    # in a file of its own. It was written with SummaryWriter's private _get_file_writer() into the file
+    # Lightning opened at the hyperparameters.
+    from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+    from tensorboard.compat.proto.event_pb2 import SessionLog
+
+    from vrft.loggers import TensorBoardLogger
+
+    logger = TensorBoardLogger(tmp_path, name="tensorboard", version="", default_hp_metric=False)
+    logger.log_hyperparams({"lr": 1e-4})
+    logger.log_metrics({"data/skipped_rows_train": 0.0}, step=0)
+    for step in (3, 4):  # resumed from a step-2 checkpoint
+        logger.log_metrics({"train/reward": float(step)}, step=step)
+    logger.finalize("success")
+    files = [
+        [event for event in LegacyEventFileLoader(str(path)).Load() if not event.HasField("file_version")]
+        for path in (tmp_path / "tensorboard").glob("events.out.tfevents.*")
+    ]
+    (marked,) = [events for events in files if any(event.HasField("session_log") for event in events)]
+    assert marked[0].session_log.status == SessionLog.START and marked[0].step == 3
+    assert [event.step for event in marked[1:]] == [3, 4]
+    (setup,) = [events for events in files if events is not marked]
+    assert setup and all(event.step == 0 for event in setup)  # the hyperparameters and the step-0 rows
+
+
 def test_validation_metrics_are_logged_at_the_optimizer_step_of_the_training_rows(tmp_path):
     # Two batches an optimizer step: Lightning's own logging step counts batches under manual optimization,
     # so the validation after step 2 of this run was written at step 3, past the run's last step.

@@ -200,7 +200,8 @@ class TensorBoardLogger(lightning_loggers.TensorBoardLogger):
     (`CSVLogger`).
 
     Both runs' event files sit in the one folder: TensorBoard showed both runs' points for every step trained
-    again, each curve zigzagging between them.
+    again, each curve zigzagging between them. Each run writes two event files: the hyperparameters and the
+    step-0 rows, then, from its first optimizer step on, one opened by `SummaryWriter(purge_step=...)`.
     """
 
     _earlier_hidden = False  # whether this run's first optimizer step has marked where earlier events end
@@ -213,14 +214,13 @@ class TensorBoardLogger(lightning_loggers.TensorBoardLogger):
         super().log_metrics(metrics, step)
 
     def _hide_earlier_events_from(self, step: int) -> None:
-        # What SummaryWriter(purge_step=step) writes as its file opens: TensorBoard, reading the folder's event
-        # files in order, drops each event at `step` or later read before this one. Written at the first
-        # optimizer step instead, as metrics.csv's writer merges there: the hyperparameters and the step-0
-        # rows come first, before the checkpoint, and the step it holds, has loaded.
-        try:
-            from tensorboard.compat.proto.event_pb2 import Event, SessionLog
-        except ImportError:  # Lightning writes with tensorboardX where tensorboard is not installed
-            from tensorboardX.proto.event_pb2 import Event, SessionLog
-        start = Event(step=step, session_log=SessionLog(status=SessionLog.START))
-        self.experiment._get_file_writer().add_event(start)
+        # SummaryWriter(purge_step=step) starts its event file with the marker TensorBoard reads as "drop each
+        # event at `step` or later read before this one": the earlier run's, whose files are named (timestamped)
+        # before this one. The marker goes in at the first optimizer step, where metrics.csv's writer merges,
+        # not when Lightning opens the writer at the hyperparameters: the step-0 rows come before the checkpoint,
+        # and so the step it holds, has loaded. Hence a second writer, of the class Lightning chose (torch's, or
+        # tensorboardX's) with the logger's options (`_kwargs`, what Lightning passes SummaryWriter).
+        writer = self.experiment
+        writer.close()  # this run's events so far stay, in their own file
+        self._experiment = type(writer)(log_dir=writer.get_logdir(), **{**self._kwargs, "purge_step": step})
         self._earlier_hidden = True
