@@ -22,7 +22,7 @@ from vrft.precision import (
     MixedInt8Precision,
     merge_and_requantize,
 )
-from vrft.precision.accounting import weight_bytes
+from vrft.precision.accounting import bitsandbytes_class, weight_bytes
 
 pytestmark = [
     pytest.mark.gpu,
@@ -43,14 +43,16 @@ def test_weights_quantise_on_the_move_and_full_precision_never_reaches_the_gpu(m
     plugin = make()
     model = plugin.convert_module(lora_model(plugin.load_dtype))
     largest_dense_layer = max(
-        m.weight.numel() * m.weight.element_size() for m in model.modules() if type(m).__name__ == layer_type
+        m.weight.numel() * m.weight.element_size()
+        for m in model.modules()
+        if (bitsandbytes_class(m) or type(m)).__name__ == layer_type
     )
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = torch.cuda.memory_allocated()
     model.to("cuda")
     torch.cuda.synchronize()
-    layers = [m for m in model.modules() if type(m).__name__ == layer_type]
+    layers = [m for m in model.modules() if (bitsandbytes_class(m) or type(m)).__name__ == layer_type]
     assert len(layers) == count
     assert all(m.weight.device.type == "cuda" and m.weight.dtype in (torch.uint8, torch.int8) for m in layers)
     # At most one layer's dense weight is in flight while bitsandbytes quantises (plus allocator rounding).

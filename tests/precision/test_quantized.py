@@ -10,12 +10,17 @@ from tiny_lora import LM_LINEARS_PER_LAYER, MERGER_LINEARS, VISION_LINEARS, base
 
 from vrft.precision import Int4Precision, Int8Precision, MixedInt8Precision
 from vrft.precision import backend as backend_module
-from vrft.precision.accounting import weight_bytes
+from vrft.precision.accounting import bitsandbytes_class, weight_bytes
 from vrft.precision.schemes import quantize_pending
 
 
+def layer_class_name(module: torch.nn.Module) -> str:
+    """The bitsandbytes class a layer is (vrft's subclasses count as their bitsandbytes base), else its own."""
+    return (bitsandbytes_class(module) or type(module)).__name__
+
+
 def layers_of(model, type_name: str) -> dict[str, torch.nn.Module]:
-    return {n: m for n, m in model.named_modules() if type(m).__name__ == type_name}
+    return {n: m for n, m in model.named_modules() if layer_class_name(m) == type_name}
 
 
 @pytest.mark.parametrize(("quant_type", "double_quant"), [("nf4", True), ("fp4", False)])
@@ -106,7 +111,7 @@ def test_mixed_keeps_first_last_and_named_layers_in_the_compute_dtype():
             if name.endswith("base_layer"):
                 assert type(module) is torch.nn.Linear and module.weight.dtype == torch.float16
     assert type(layers[1].mlp.down_proj.base_layer) is torch.nn.Linear
-    assert type(layers[1].mlp.up_proj.base_layer).__name__ == "Linear8bitLt"
+    assert layer_class_name(layers[1].mlp.up_proj.base_layer) == "Linear8bitLt"
 
 
 def test_mixed_default_keeps_must_leave_something_to_quantise():

@@ -113,10 +113,6 @@ class Calibration:
     vision_width: float = 14.0  # live tensors per patch in a vision block, in vision widths
     logits_forward_bytes: float = 10.0  # per chunk position and vocab entry, no grad (bf16 + fp32 + exp)
     logits_backward_bytes: float = 18.5  # ... with the backward (recomputed logits, softmax, gradients)
-    # bitsandbytes' int8 matmul keeps its inputs (fp16 copy + int8 codes) on the autograd context outside
-    # save_for_backward, so non-reentrant gradient checkpointing cannot drop them: every int8 layer keeps
-    # about this many bytes per input element of its projections (q, k, v, o, gate, up: hidden; down: MLP).
-    int8_input_bytes: float = 2.7
     dynamic_kv_factor: float = 1.5  # generate's growing cache: copies while concatenating, fragmentation
     reserved_factor: float = 1.02  # reserved / allocated at the peak (allocator rounding, fragmentation)
     reserved_factor_int8: float = 1.11  # int8 matmuls' many differently sized temporaries fragment the pool
@@ -236,8 +232,6 @@ def _update_bytes(shape: ModelShape, weights: WeightFootprint, work: Workload, c
     notes = []
     if work.gradient_checkpointing:
         saved = shape.layers * tokens * shape.hidden * a  # each layer's input, kept for the recompute
-        inputs = 6 * shape.hidden + shape.intermediate  # input widths of a layer's seven projections
-        saved += weights.int8_layers * tokens * inputs * cal.int8_input_bytes
         width = cal.layer_recompute_hidden * shape.hidden + cal.layer_recompute_mlp * shape.intermediate
         live = tokens * width * a  # one layer recomputed with autograd during the backward
     else:

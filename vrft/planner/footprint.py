@@ -79,11 +79,11 @@ def _footprint(name_or_path: str, precision_yaml: str, target_modules: str, rank
             continue
         count = module.in_features * module.out_features
         if storage[name]:
-            layer_bytes, keeps_int8_inputs = storage[name]
+            layer_bytes, int8_matmuls = storage[name]
             weight_bytes += layer_bytes
             largest = max(largest, count)
             layer = re.search(r"language_model\.layers\.(\d+)\.", name)
-            if layer and keeps_int8_inputs:
+            if layer and int8_matmuls:
                 int8_layers.add(layer.group(1))
         if ".language_model." in f".{name}" and "lm_head" not in name:
             lm_params += count

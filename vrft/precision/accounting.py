@@ -14,20 +14,21 @@ import torch
 from torch import Tensor
 
 
-def _from_bitsandbytes(obj: object) -> bool:
-    return type(obj).__module__.startswith("bitsandbytes")
+def bitsandbytes_class(obj: object) -> type | None:
+    """The bitsandbytes class `obj` is an instance of, or derives from (vrft's `FrozenInt8Linear` is a
+    `Linear8bitLt`); None for anything else."""
+    return next((cls for cls in type(obj).__mro__ if cls.__module__.startswith("bitsandbytes")), None)
 
 
 def is_quantized_param(param: Tensor) -> bool:
     """True for bitsandbytes weight parameters (`Params4bit`, `Int8Params`), quantised yet or not."""
-    return isinstance(param, torch.nn.Parameter) and _from_bitsandbytes(param)
+    return isinstance(param, torch.nn.Parameter) and bitsandbytes_class(param) is not None
 
 
 def quantized_layer_counts(module: torch.nn.Module) -> dict[str, int]:
-    """Number of bitsandbytes linear layers by class name, e.g. `{"Linear4bit": 196}`."""
-    counts = Counter(
-        type(m).__name__ for m in module.modules() if isinstance(m, torch.nn.Linear) and _from_bitsandbytes(m)
-    )
+    """Number of bitsandbytes linear layers by bitsandbytes class name, e.g. `{"Linear4bit": 196}`."""
+    classes = (bitsandbytes_class(m) for m in module.modules() if isinstance(m, torch.nn.Linear))
+    counts = Counter(cls.__name__ for cls in classes if cls is not None)
     return dict(sorted(counts.items()))
 
 

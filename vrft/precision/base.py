@@ -279,9 +279,9 @@ class VrftPrecision(Precision):
 
     # -------------------------------------------------------------------------------- storage
     def layer_storage(self, layer: torch.nn.Module) -> tuple[int, bool] | None:
-        """How this plugin stores a converted linear layer: `(weight bytes on the device, whether its int8
-        inputs stay alive past gradient checkpointing)`, or None for a layer it leaves dense (the planner
-        counts those as ordinary parameters). The floating modes quantise nothing."""
+        """How this plugin stores a converted linear layer: `(weight bytes on the device, whether it multiplies
+        in LLM.int8)`, or None for a layer it leaves dense (the planner counts those as ordinary parameters).
+        The floating modes quantise nothing."""
         return None
 
     # -------------------------------------------------------------------------------- summary

@@ -101,7 +101,7 @@ class QuantizedPrecision(VrftPrecision):
         scheme = scheme_of(layer)
         if scheme is None:
             return None
-        return scheme.storage_bytes(layer.out_features, layer.in_features), scheme.keeps_int8_inputs
+        return scheme.storage_bytes(layer.out_features, layer.in_features), scheme.int8_matmuls
 
     @override
     def convert_module(self, module: torch.nn.Module) -> torch.nn.Module:

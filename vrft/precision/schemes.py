@@ -21,6 +21,8 @@ import bitsandbytes.functional as F
 import torch
 from torch import Tensor
 
+from vrft.precision.int8_linear import FrozenInt8Linear
+
 QUANT_TYPES = ("nf4", "fp4")
 
 
@@ -131,8 +133,8 @@ class Int4Scheme:
             codes, statistics, requires_grad=False, device=codes.device, module=layer
         )
 
-    # Activations of a 4-bit layer are not kept in int8 past gradient checkpointing (see Int8Scheme).
-    keeps_int8_inputs: ClassVar[bool] = False
+    # 4-bit matmuls' temporaries are of few sizes: the allocator's usual rounding (see Int8Scheme).
+    int8_matmuls: ClassVar[bool] = False
 
     def storage_bytes(self, out_features: int, in_features: int) -> int:
         """Device bytes of an `[out, in]` weight in this scheme: packed codes and scales (bias not included)."""
@@ -174,10 +176,11 @@ class Int8Scheme:
                 "outlier decomposition off)"
             )
 
-    def quantized_layer(self, weight: Tensor, bias: Tensor | None) -> bnb.nn.Linear8bitLt:
-        """A `Linear8bitLt` holding `weight` `[out, in]`, quantised (rowwise, from fp16) on `.to(device)`."""
+    def quantized_layer(self, weight: Tensor, bias: Tensor | None) -> FrozenInt8Linear:
+        """A `Linear8bitLt` holding `weight` `[out, in]`, quantised (rowwise, from fp16) on `.to(device)`; its
+        backward keeps no copy of its input (`vrft.precision.int8_linear`)."""
         out_features, in_features = weight.shape
-        layer = bnb.nn.Linear8bitLt(
+        layer = FrozenInt8Linear(
             in_features,
             out_features,
             bias=bias is not None,
@@ -208,8 +211,9 @@ class Int8Scheme:
             )
         return F.int8_vectorwise_dequant(rows, scales)
 
-    # bitsandbytes' int8 matmul saves its int8-cast input for backward, beyond what checkpointing frees.
-    keeps_int8_inputs: ClassVar[bool] = True
+    # LLM.int8's many differently sized temporaries (input codes, outlier columns) fragment the allocator's
+    # pool: the planner reserves more over the allocated peak (`Calibration.reserved_factor_int8`).
+    int8_matmuls: ClassVar[bool] = True
 
     @staticmethod
     def storage_bytes(out_features: int, in_features: int) -> int:

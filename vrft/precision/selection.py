@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vrft.precision.accounting import bitsandbytes_class
+
 DECODER_LAYER = re.compile(r"(?:^|\.)language_model\.layers\.(\d+)$")
 
 
@@ -39,7 +41,7 @@ def quantizable_linears(module: torch.nn.Module) -> dict[str, torch.nn.Linear]:
         name: child
         for name, child in module.named_modules()
         if isinstance(child, torch.nn.Linear)
-        and not type(child).__module__.startswith("bitsandbytes")
+        and bitsandbytes_class(child) is None
         and not is_adapter(name, child)
     }
 
