@@ -67,6 +67,7 @@ ROWS = [
         ["+hw=rtx4090", "model=qwen2vl-7b", "precision=int4", "algorithm.group_size=16"],
     ),
     Row("qwen2vl-2b_int8_G8", ["+hw=rtx4090", "model=qwen2vl-2b", "precision=int8"], timeout=100),
+    Row("qwen2vl-7b_int8_G8", ["+hw=rtx4090", "model=qwen2vl-7b", "precision=int8"], timeout=240),
     Row("sweep_G4", [*SWEEP_2B, "algorithm.group_size=4"], timeout=80),
     Row("qwen25vl-7b_int4_G8_16g", ["+hw=rtx4080-16g", CAP_24, "model=qwen25vl-7b", "precision=int4"]),
     Row("qwen2vl-2b_mixed_G8", ["+hw=rtx4090", "model=qwen2vl-2b", "precision=mixed"], timeout=100),
