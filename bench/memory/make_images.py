@@ -13,7 +13,7 @@ import datasets
 import numpy as np
 from PIL import Image, ImageDraw
 
-from vrft.data.builders import classification_prompt
+from vrft.data.prompts import classification_prompt
 
 WIDTH, HEIGHT = 896, 448
 SPECIES = ("daisy", "tulip", "rose", "sunflower")

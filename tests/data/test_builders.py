@@ -1,4 +1,4 @@
-"""Builders for real data: COCO/LVIS detection rows, k-shot subsets, LISA grounding rows."""
+"""Builders for real data: COCO/LVIS detection rows, k-shot subsets, LISA grounding rows, the prompts."""
 
 from __future__ import annotations
 
@@ -8,13 +8,10 @@ import datasets
 import pytest
 from PIL import Image
 
-from vrft.data.builders import (
-    build_detection_rows,
-    build_grounding_rows,
-    classification_prompt,
-    detection_prompt,
-    subsample_k_shot,
-)
+from vrft.data.detection_rows import build_detection_rows
+from vrft.data.grounding_rows import build_grounding_rows
+from vrft.data.k_shot import subsample_k_shot
+from vrft.data.prompts import classification_prompt, detection_prompt
 from vrft.rewards import check_detection_solution, check_grounding_solution, iou_reward
 
 SIZES = {1: (200, 100), 2: (100, 100), 3: (50, 80), 4: (64, 64)}

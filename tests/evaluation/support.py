@@ -14,7 +14,7 @@ from peft import get_peft_model
 from PIL import Image
 from transformers import AutoModelForImageTextToText
 
-from vrft.data.builders import classification_prompt, detection_prompt, grounding_prompt
+from vrft.data.prompts import classification_prompt, detection_prompt, grounding_prompt
 from vrft.models.policy import LoraSpec
 from vrft.models.presets import tiny_checkpoint
 

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from tests.evaluation.support import CAT, schema_rows
-from vrft.data.builders import detection_prompt
+from vrft.data.prompts import detection_prompt
 from vrft.evaluation.evaluators import DetectionEvaluator
 from vrft.evaluation.rows import EvalRowDataset, category_from_prompt, detection_category, prepare_rows
 from vrft.rewards import check_detection_solution

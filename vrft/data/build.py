@@ -17,8 +17,10 @@ from pathlib import Path
 
 import datasets
 
-from vrft.data.builders import build_detection_rows, build_grounding_rows, subsample_k_shot
+from vrft.data.detection_rows import build_detection_rows
 from vrft.data.eval_splits import CATEGORY_SETS, build_detection_eval_rows, category_list
+from vrft.data.grounding_rows import build_grounding_rows
+from vrft.data.k_shot import subsample_k_shot
 from vrft.data.loading import load_visual_rft
 from vrft.paths import check_folder
 

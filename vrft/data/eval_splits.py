@@ -16,15 +16,8 @@ from pathlib import Path
 import datasets
 
 from vrft.data.annotations import read_coco
-from vrft.data.builders import (
-    AnnotatedBoxes,
-    _annotated_boxes,
-    _detection_row,
-    _image_path,
-    _known_absent,
-    _missing_files,
-    _to_dataset,
-)
+from vrft.data.detection_rows import AnnotatedBoxes, annotated_boxes, detection_row, image_path, known_absent
+from vrft.data.rows import missing_files, to_dataset
 from vrft.rewards.boxes import check_coord_convention
 
 # The category settings the paper reports: COCO few-shot (8 classes) and LVIS rare (6 classes), as listed
@@ -86,20 +79,20 @@ def build_detection_eval_rows(
             f"(named sets: {', '.join(CATEGORY_SETS)})"
         )
     images = {image["id"]: image for image in coco.get("images", [])}
-    annotated = _annotated_boxes(coco, images, {ids_by_name[n] for n in chosen}, coord_convention)
+    annotated = annotated_boxes(coco, images, {ids_by_name[n] for n in chosen}, coord_convention)
     image_ids = sorted(images)
     if max_images is not None and max_images < len(image_ids):
         image_ids = sorted(random.Random(seed).sample(image_ids, max_images))
-    paths = {i: _image_path(images[i], Path(image_dir)) for i in image_ids}
-    missing = _missing_files(paths, on_missing, annotation_json)
+    paths = {i: image_path(images[i], Path(image_dir)) for i in image_ids}
+    missing = missing_files(paths, on_missing, annotation_json)
     rows = []
     for i in (i for i in image_ids if i not in missing):
         for name in chosen:
             category_id = ids_by_name[name]
             truth = annotated.get((i, category_id), AnnotatedBoxes())
             # present: a box, even one too thin for the grid (the official evaluation still counts it)
-            if truth.pixel_boxes or _known_absent(images[i], category_id):
-                rows.append(_detection_row(images[i], paths[i], category_id, name, truth, coord_convention))
+            if truth.pixel_boxes or known_absent(images[i], category_id):
+                rows.append(detection_row(images[i], paths[i], category_id, name, truth, coord_convention))
     if not rows:
         raise ValueError(f"no evaluation rows: no image of '{annotation_json}' was found in '{image_dir}'")
-    return _to_dataset(rows, split)
+    return to_dataset(rows, split)

@@ -86,7 +86,7 @@ def load_visual_rft(path: str | Path) -> datasets.DatasetDict:
             raise ValueError(
                 f"dataset '{path}' split '{split}' lacks column(s) {missing} (has {table.column_names}); vrft reads "
                 "the Visual-RFT schema image/problem/solution: rename your columns with "
-                "Dataset.rename_column or build the rows with vrft.data.builders"
+                "Dataset.rename_column or build the rows with python -m vrft.data.build"
             )
         feature = table.features["image"]
         # raw encoded bytes (a parquet file written by pandas or pyarrow) are what the Image feature stores too

@@ -15,7 +15,7 @@ import datasets
 import numpy as np
 from PIL import Image, ImageDraw
 
-from vrft.data.builders import classification_prompt, detection_prompt, grounding_prompt
+from vrft.data.prompts import classification_prompt, detection_prompt, grounding_prompt
 from vrft.rewards.boxes import check_coord_convention, pixels_to_convention
 from vrft.rewards.parsing import format_detection_answer, format_grounding_answer
 

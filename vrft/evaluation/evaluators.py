@@ -13,13 +13,8 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from vrft.data.eval_splits import category_list
-from vrft.evaluation.metrics import (
-    BoxSet,
-    classification_accuracy,
-    detection_map,
-    grounding_giou,
-    grounding_miou,
-)
+from vrft.evaluation.answer_metrics import classification_accuracy, grounding_giou, grounding_miou
+from vrft.evaluation.mean_ap import BoxSet, detection_map
 from vrft.evaluation.rows import check_truth_columns, detection_category
 from vrft.rewards.classification import check_classes
 from vrft.rewards.parsing import extract_answer, parse_detection_answer, parse_grounding_box, read_answer
