@@ -290,7 +290,11 @@ def run_cli(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
     [
         (["optimizer.lr=fast"], "optimizer.lr='fast' is not a number"),
         (["ckpt_path=runs/lr=1e-3/last.ckpt"], "quote the value"),
-        (["precision=int5"], "Could not find 'precision/int5'"),  # Hydra's own error, exit 2 all the same
+        (
+            ["precision=in4"],
+            "vrft: error: precision=in4: no such option in conf/precision; choose one of auto, bf16, fp16, "
+            "fp32, int4, int4_qat, int8, mixed, mixed_tiny; did you mean int4?\n",
+        ),
     ],
     ids=["typed value", "unquoted equals", "no such option"],
 )

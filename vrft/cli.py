@@ -19,7 +19,7 @@ from vrft.paths import cache_key, check_folder, config_dir, job_folder
 from vrft.runtime.checkpoint_io import CheckpointWriteError
 from vrft.runtime.failures import TrainingFailure
 from vrft.runtime.interrupt import StopRecord, keyboard_stops
-from vrft.validation.overrides import check_added_keys
+from vrft.validation.overrides import check_added_keys, check_config_groups
 
 # `${box_convention:${model.name_or_path}}` lets a task follow the model's box coordinates.
 OmegaConf.register_new_resolver("box_convention", box_convention, replace=True)
@@ -37,19 +37,35 @@ def check_composes(config_name: str, arguments: Sequence[str]) -> None:
     """Hydra's own errors about a command line (a config-group option that does not exist, a key missing
     from the config without `+`) raised as input errors, so they exit 2 like vrft's: Hydra exits 1 on them,
     as on a crash. Composes the config once ahead of Hydra (a fraction of a second); a command line with
-    Hydra flags (`--multirun`, `--cfg`, ...) is left to Hydra, whose sweeps compose per job."""
+    Hydra flags (`--multirun`, `--cfg`, ...) is left to Hydra, whose sweeps compose per job; its config-group
+    choices, a sweep's included, are checked all the same (`check_config_groups`)."""
+    check_config_groups(arguments)
     if any(argument.startswith("-") for argument in arguments):
         return
     from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
+    from hydra.errors import HydraException, MissingConfigException
 
     try:
         with initialize_config_dir(str(config_dir()), version_base="1.3"):
             cfg = compose(config_name, overrides=list(arguments), return_hydra_config=True)
+    except MissingConfigException as error:  # an option a config's own defaults list names
+        raise ValueError(missing_config_message(error)) from None
     except HydraException as error:
         raise ValueError(str(error)) from None
     # Hydra makes the run folder before vrft's code runs: a file there ends in mkdir's traceback
     check_folder(Path(cfg.hydra.run.dir), "hydra.run.dir", "pass hydra.run.dir=<a folder>")
+
+
+def missing_config_message(error: Exception) -> str:
+    """Hydra's `MissingConfigException` in one line: its message without the config search path, the options
+    it lists on one line (`check_config_groups` names the command line's own choices before this)."""
+    head, _, _ = str(error).partition("\nConfig search path:")
+    first, _, listed = head.partition("\n\nAvailable options in ")
+    options = getattr(error, "options", None)
+    if not listed or not options:
+        return " ".join(first.split())
+    group = listed.split(":", 1)[0]
+    return f"{first.strip()}; the options in {group}: {', '.join(options)}"
 
 
 def check_sweep(config_name: str, arguments: Sequence[str], check: Callable[[DictConfig], None]) -> None:

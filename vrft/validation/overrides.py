@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Sequence
+from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override, ValueType
 from hydra.errors import OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 
@@ -123,3 +125,78 @@ def check_command_line(arguments: Sequence[str]) -> None:
                 f"override '{argument}' has '=' in its value, which Hydra reads as a second assignment; "
                 f"""quote the value: "{key}='{value}'" (the double quotes keep the single ones from the shell)"""
             ) from None
+
+
+# Hydra flags that compose from another config tree: its groups are not conf/'s, so Hydra names their options.
+_OTHER_CONFIG_FLAGS = (
+    "-cp",
+    "-cn",
+    "-cd",
+    "--config-path",
+    "--config-name",
+    "--config-dir",
+    "--experimental-rerun",
+)
+
+
+def check_config_groups(arguments: Sequence[str]) -> None:
+    """Each config-group choice on the command line (`precision=int4`, `+hw=rtx4090`, `model@x=tiny`, each
+    choice of a sweep `precision=int4,bf16` or a list `callbacks=[a,b]`) is an option in `conf/<group>/`,
+    checked before Hydra composes: Hydra's own error spans a dozen lines ending in its config search path,
+    and a sweep names the bad choice only once its job starts. The error names the choice, the group and its
+    options, with the closest option where one is close. Deletions (`~group`), `null`, globs and keys that are
+    not groups (`trainer.max_steps=3`) are left to Hydra, as is everything where the config tree is not
+    conf/'s alone (`--config-dir`, `hydra.searchpath=...`)."""
+    if any(argument.split("=")[0] in _OTHER_CONFIG_FLAGS for argument in arguments):
+        return
+    parser = OverridesParser.create()
+    overrides = []
+    for argument in arguments:
+        if argument.startswith("-") or "=" not in argument:
+            continue
+        try:
+            (override,) = parser.parse_overrides([argument])
+        except OverrideParseException:
+            continue  # Hydra names its grammar errors (check_command_line the common one)
+        if override.key_or_group.startswith("hydra.searchpath"):
+            return
+        overrides.append(override)
+    for override in overrides:
+        group = override.key_or_group
+        folder = config_dir() / group
+        if override.is_delete() or override.is_hydra_override() or "." in group or not folder.is_dir():
+            continue
+        for choice in _group_choices(override):
+            if not any((folder / f"{choice}{suffix}").is_file() for suffix in (".yaml", ".yml")):
+                raise ValueError(_unknown_choice(override, choice, folder))
+
+
+def _group_choices(override: Override) -> list[str]:
+    """The options an override selects from its group: one, a list's, or a choice sweep's (not a glob's,
+    which selects only options that exist). A value that is no option name (null, a number) is Hydra's."""
+    if override.is_sweep_override():
+        if not override.is_choice_sweep() or override.value_type == ValueType.GLOB_CHOICE_SWEEP:
+            return []
+        return list(override.sweep_string_iterator())
+    value = override.value()
+    values = value if isinstance(value, list) else [value]
+    return [choice for choice in values if isinstance(choice, str)]
+
+
+def _unknown_choice(override: Override, choice: str, folder: Path) -> str:
+    options = sorted({path.stem for path in folder.iterdir() if path.suffix in (".yaml", ".yml")})
+    written = f"{override.get_key_element()}={choice}"
+    where = f"{written} (in {override.input_line})" if override.input_line != written else written
+    shown = "/".join(("conf", *folder.relative_to(config_dir()).parts))
+    if not options:
+        return f"{where}: {shown} holds no options"
+    close = difflib.get_close_matches(choice, options, n=3)
+    # every option as close as the closest: int5 is one letter from int4 and from int8, so neither is the guess
+    best = [option for option in close if _likeness(choice, option) == _likeness(choice, close[0])]
+    hint = f"; did you mean {' or '.join(sorted(best))}?" if close else ""
+    return f"{where}: no such option in {shown}; choose one of {', '.join(options)}{hint}"
+
+
+def _likeness(choice: str, option: str) -> float:
+    """The score `difflib.get_close_matches` ranks by."""
+    return difflib.SequenceMatcher(None, option, choice).ratio()
