@@ -17,6 +17,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from vrft.data.prompts import chat_prompt
+
 
 @dataclass
 class PromptBudget:
@@ -79,8 +81,7 @@ def length_faults(
             question = budget.prompt_template.format(**{c: text[c][index] for c in columns})
         except (KeyError, IndexError, ValueError, AttributeError):
             continue  # a template naming no column is vrft.train's check_prompt_fields' to name
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        prompts[index] = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        prompts[index] = chat_prompt(processor, question)
     if not prompts:
         return {}
     # One batched call: the fast tokenizer runs the rows in parallel. Each prompt holds one image placeholder,

@@ -4,6 +4,15 @@ from __future__ import annotations
 
 from vrft.rewards.boxes import check_coord_convention
 
+
+def chat_prompt(processor, question: str) -> str:
+    """`question` as the model reads it: a user turn of one image placeholder then the question, in the
+    processor's chat template, up to where the answer begins. The processor widens the placeholder to the
+    image's tokens; the rollout and the data module's length check both start from this text."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
 # The reference prompts, verbatim (including "tags.The" and, for grounding, "grouding" and the stray
 # ")"): the published checkpoints were trained on exactly this text.
 _DETECTION_PROMPT = (

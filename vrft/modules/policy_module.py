@@ -98,11 +98,11 @@ class PolicyModule(L.LightningModule):
         if self.processor is None:
             self.processor = load_processor_for(self.model_spec)
         config = self.model_spec.config()
-        context = getattr(getattr(config, "text_config", None), "max_position_embeddings", None)
+        text = getattr(config, "text_config", config)
         return PromptBudget(
             processor=self.processor,
             prompt_template=self.prompt_template,
-            context=context or getattr(config, "max_position_embeddings", None),
+            context=getattr(text, "max_position_embeddings", None),
             completions=self.completion_budgets(),
             max_pixels=self.model_spec.max_pixels,
         )

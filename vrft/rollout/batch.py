@@ -9,6 +9,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from vrft.data.prompts import chat_prompt
+
 
 @dataclass
 class PromptBatch:
@@ -79,9 +81,7 @@ def build_prompts(processor, rows: Sequence[dict], prompt_template: str, device:
     """Apply the chat template to each row's question and process its image."""
     texts, images = [], []
     for row in rows:
-        question = prompt_template.format(**row)
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        texts.append(processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+        texts.append(chat_prompt(processor, prompt_template.format(**row)))
         image = row["image"]
         images.append(image if isinstance(image, Image.Image) else Image.open(image))
     # Left padding puts every prompt's last token at the same position, where generation starts.
