@@ -32,7 +32,6 @@ The command line's own checks are in `vrft.validation.overrides`, the starting a
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import inspect
 import types
 import typing
@@ -46,6 +45,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from vrft.resume import check_resume
 from vrft.validation.adapter import check_init_adapter, check_target_modules
 from vrft.validation.overrides import OWNED_TRAINER_FLAGS, TRL_NAMES, check_added_keys, check_command_line
+from vrft.validation.spelling import closest
 
 __all__ = ["check_added_keys", "check_command_line", "check_missing", "check_settings", "validate"]
 
@@ -255,8 +255,9 @@ def _check_target(node: DictConfig, prefix: str) -> Any:
 def _unknown_key(full_key: str, key: str, target: str, params: dict) -> str:
     if key in TRL_NAMES and TRL_NAMES[key] != full_key:
         return f"{full_key} is TRL's name; vrft's setting is {TRL_NAMES[key]}"
-    close = difflib.get_close_matches(key, list(params), n=1)
-    hint = f"did you mean {full_key.rsplit('.', 1)[0]}.{close[0]}? " if close else ""
+    parent = full_key.rsplit(".", 1)[0]
+    close = " or ".join(f"{parent}.{name}" for name in closest(key, params))
+    hint = f"did you mean {close}? " if close else ""
     return f"{full_key} is not a setting of {target}; {hint}its settings: {', '.join(sorted(params))}"
 
 

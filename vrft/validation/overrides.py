@@ -3,7 +3,6 @@ the fix, Lightning flags that vrft owns, and `+key` additions that nothing reads
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from hydra.errors import OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 
 from vrft.paths import config_dir
+from vrft.validation.spelling import closest
 
 # Lightning Trainer flags that vrft's loop replaces (manual optimisation, the precision plugin).
 OWNED_TRAINER_FLAGS = {
@@ -84,9 +84,9 @@ def _unknown_added_key(key: str, line: str, known: list[str], config_name: str) 
     trl = TRL_NAMES.get(name)
     if trl is not None and trl not in known:  # a TRL name with no single vrft key (max_prompt_length)
         return f"{key} is TRL's name, not a vrft setting ({line} adds a key nothing reads); vrft's setting is {trl}"
-    close = [trl] if trl is not None else difflib.get_close_matches(key, known, n=1)
+    close = [trl] if trl is not None else closest(key, known)
     fix = (
-        f"did you mean {close[0]}?"
+        f"did you mean {' or '.join(close)}?"
         if close
         else f"see the settings with python -m vrft.{config_name} --cfg job"
     )
@@ -190,13 +190,6 @@ def _unknown_choice(override: Override, choice: str, folder: Path) -> str:
     shown = "/".join(("conf", *folder.relative_to(config_dir()).parts))
     if not options:
         return f"{where}: {shown} holds no options"
-    close = difflib.get_close_matches(choice, options, n=3)
-    # every option as close as the closest: int5 is one letter from int4 and from int8, so neither is the guess
-    best = [option for option in close if _likeness(choice, option) == _likeness(choice, close[0])]
-    hint = f"; did you mean {' or '.join(sorted(best))}?" if close else ""
+    close = closest(choice, options)
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
     return f"{where}: no such option in {shown}; choose one of {', '.join(options)}{hint}"
-
-
-def _likeness(choice: str, option: str) -> float:
-    """The score `difflib.get_close_matches` ranks by."""
-    return difflib.SequenceMatcher(None, option, choice).ratio()
